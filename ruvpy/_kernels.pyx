@@ -1,0 +1,173 @@
+# cython: language_level=3
+"""The kernel dispatcher: picks one ISA's kernel table at import and exposes the basic
+vector kernels (mainly for tests and benchmarks; the real users are the C drivers)."""
+import os
+
+import numpy as np
+
+from libc.stdint cimport uint16_t
+from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, rv_isa_name,
+                          rv_isa_from_name, rv_best_isa, rv_set_active_isa, rv_active_ops,
+                          rv_set_num_threads, rv_get_num_threads)
+from ruvpy._openmp_helpers cimport effective_n_threads, RV_OPENMP_ENABLED, omp_get_max_threads
+
+
+cdef const rv_ops *active_ops() noexcept nogil:
+    return rv_active_ops()
+
+
+cdef int num_threads() noexcept nogil:
+    return effective_n_threads(rv_get_num_threads())
+
+
+def _names(predicate):
+    return [rv_isa_name(i).decode() for i in range(RV_ISA_COUNT) if predicate(i)]
+
+
+def available_isas():
+    """ISAs this build has and this CPU runs, in preference order (slowest first)."""
+    return _names(rv_isa_supported)
+
+
+def built_isas():
+    return _names(rv_isa_built)
+
+
+def best_isa():
+    return rv_isa_name(rv_best_isa()).decode()
+
+
+def get_isa():
+    """The ISA whose kernels run now."""
+    return rv_active_ops().isa.decode()
+
+
+def set_isa(name):
+    """Switch every kernel to ISA `name` ("scalar", "avx2", "avx512", "neon")."""
+    if not isinstance(name, str):
+        raise TypeError(f"ISA name must be a str, got {type(name).__name__}")
+    cdef int isa = rv_isa_from_name(name.encode())
+    if isa < 0:
+        raise ValueError(f"unknown ISA {name!r}; known: scalar, avx2, avx512, neon")
+    if not rv_isa_built(isa):
+        raise RuntimeError(f"ISA {name!r} is not compiled into this build (built: {built_isas()})")
+    if rv_set_active_isa(isa) != 0:
+        raise RuntimeError(f"ISA {name!r} is not supported by this CPU (available: {available_isas()})")
+
+
+def set_num_threads(n):
+    """Threads for ruvpy's parallel kernels; None or 0 means all (OMP_NUM_THREADS / cores)."""
+    if n is None:
+        n = 0
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"thread count must be a non-negative int or None, got {n!r}")
+    rv_set_num_threads(int(n))
+
+
+def get_num_threads():
+    """Threads the parallel kernels use now."""
+    return num_threads()
+
+
+def openmp_enabled():
+    return bool(RV_OPENMP_ENABLED)
+
+
+def max_threads():
+    return omp_get_max_threads()
+
+
+def _select_from_environment():
+    requested = os.environ.get("RUVPY_ISA", "").strip().lower()
+    if not requested:
+        rv_set_active_isa(rv_best_isa())
+        return
+    try:
+        set_isa(requested)
+    except (ValueError, RuntimeError) as exc:
+        raise RuntimeError(f"RUVPY_ISA={requested!r}: {exc}") from None
+
+
+_select_from_environment()
+
+
+# ---- basic kernels, over contiguous float32 / binary16 arrays ----
+
+def _f32(x, name):
+    a = np.ascontiguousarray(x)
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got {a.dtype}")
+    return a.reshape(-1)
+
+
+def dot(a, b):
+    cdef const float[::1] x = _f32(a, "a")
+    cdef const float[::1] y = _f32(b, "b")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"dot: lengths differ ({x.shape[0]} vs {y.shape[0]})")
+    cdef float r
+    with nogil:
+        r = rv_active_ops().dot_f32(&x[0] if x.shape[0] else NULL, &y[0] if y.shape[0] else NULL, x.shape[0])
+    return r
+
+
+def axpy(float alpha, x, float[::1] y not None):
+    """y += alpha * x, in place."""
+    cdef const float[::1] xv = _f32(x, "x")
+    if xv.shape[0] != y.shape[0]:
+        raise ValueError(f"axpy: lengths differ ({xv.shape[0]} vs {y.shape[0]})")
+    if y.shape[0]:
+        with nogil:
+            rv_active_ops().axpy_f32(y.shape[0], alpha, &xv[0], &y[0])
+
+
+def scale(float alpha, float[::1] x not None):
+    """x *= alpha, in place."""
+    if x.shape[0]:
+        with nogil:
+            rv_active_ops().scale_f32(x.shape[0], alpha, &x[0])
+
+
+def vmax(x):
+    cdef const float[::1] xv = _f32(x, "x")
+    cdef float r
+    with nogil:
+        r = rv_active_ops().max_f32(&xv[0] if xv.shape[0] else NULL, xv.shape[0])
+    return r
+
+
+def sum_exp(x, float shift=0.0):
+    """(sum(exp(x - shift)), exp(x - shift))"""
+    cdef const float[::1] xv = _f32(x, "x")
+    out = np.empty(xv.shape[0], dtype=np.float32)
+    cdef float[::1] ov = out
+    cdef float s = 0
+    if xv.shape[0]:
+        with nogil:
+            s = rv_active_ops().sum_exp_f32(&xv[0], shift, &ov[0], xv.shape[0])
+    return s, out
+
+
+def f32_to_f16(x):
+    """float32 -> float16, round to nearest even (bit-exact with numpy)."""
+    cdef const float[::1] xv = _f32(x, "x")
+    out = np.empty(xv.shape[0], dtype=np.uint16)
+    cdef uint16_t[::1] ov = out
+    if xv.shape[0]:
+        with nogil:
+            rv_active_ops().f32_to_f16(&xv[0], &ov[0], xv.shape[0])
+    return out.view(np.float16).reshape(np.shape(x))
+
+
+def f16_to_f32(h):
+    """float16 -> float32 (exact)."""
+    a = np.ascontiguousarray(h)
+    if a.dtype != np.float16:
+        raise TypeError(f"h must be float16, got {a.dtype}")
+    cdef const uint16_t[::1] hv = a.reshape(-1).view(np.uint16)
+    out = np.empty(hv.shape[0], dtype=np.float32)
+    cdef float[::1] ov = out
+    if hv.shape[0]:
+        with nogil:
+            rv_active_ops().f16_to_f32(&hv[0], &ov[0], hv.shape[0])
+    return out.reshape(a.shape)

@@ -1,0 +1,29 @@
+# Mirror of csrc/kernels/rv_ops.h: the per-ISA kernel table.
+from libc.stdint cimport uint16_t
+
+cdef extern from "kernels/rv_ops.h" nogil:
+    ctypedef struct rv_ops:
+        const char *isa
+        int lanes
+        float (*dot_f32)(const float *a, const float *b, size_t n) noexcept nogil
+        void (*axpy_f32)(size_t n, float alpha, const float *x, float *y) noexcept nogil
+        void (*scale_f32)(size_t n, float alpha, float *x) noexcept nogil
+        float (*max_f32)(const float *x, size_t n) noexcept nogil
+        float (*sum_exp_f32)(const float *x, float shift, float *out, size_t n) noexcept nogil
+        void (*f32_to_f16)(const float *src, uint16_t *dst, size_t n) noexcept nogil
+        void (*f16_to_f32)(const uint16_t *src, float *dst, size_t n) noexcept nogil
+
+    enum:
+        RV_ISA_COUNT
+
+    # Only ruvpy._kernels links these; other modules use the cdef functions of _kernels.pxd.
+    int rv_isa_supported(int isa)
+    int rv_isa_built(int isa)
+    const char *rv_isa_name(int isa)
+    int rv_isa_from_name(const char *name)
+    int rv_best_isa()
+    const rv_ops *rv_ops_for(int isa)
+    int rv_set_active_isa(int isa)
+    const rv_ops *rv_active_ops()
+    void rv_set_num_threads(int n)
+    int rv_get_num_threads()

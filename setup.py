@@ -1,0 +1,141 @@
+"""Build ruvpy's extensions.
+
+Layout of the C sources (ruvpy/csrc):
+  kernels/ops_<isa>.c   one translation unit per ISA, compiled with that ISA's flags only
+                        (baseline, AVX2+FMA+F16C, AVX-512 on x86-64; NEON on aarch64).
+                        They all go into ruvpy._kernels, whose dispatcher picks one at import.
+  kernels/*.c           the dispatcher and other baseline code of ruvpy._kernels.
+  <name>/*.c            ISA-independent drivers (threading, tiling, bookkeeping) of the
+                        extension ruvpy._<name>; they call kernels through the ops table.
+
+Environment knobs:
+  RUVPY_NO_OPENMP=1     build without OpenMP (serial kernels).
+  RUVPY_BUILD_ONLY=a,b  build only these extensions (e.g. "_attention"), for quick rebuilds.
+  RUVPY_DEBUG=1         -O0 -g, for debugging.
+"""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+from glob import glob
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("ruvpy", "csrc")
+MACHINE = platform.machine().lower()
+IS_X86_64 = MACHINE in ("x86_64", "amd64")
+IS_AARCH64 = MACHINE in ("aarch64", "arm64")
+
+# Per-ISA flags. Never -march=native: a build must run on any CPU of its architecture.
+ISA_FLAGS = {
+    "scalar": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mf16c", "-mavx2"],
+    "neon": [],
+}
+if IS_X86_64:
+    BUILD_ISAS = ["scalar", "avx2", "avx512"]
+elif IS_AARCH64:
+    BUILD_ISAS = ["scalar", "neon"]
+else:
+    BUILD_ISAS = ["scalar"]
+
+DEBUG = os.environ.get("RUVPY_DEBUG") == "1"
+BASE_CFLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
+BASE_CFLAGS += ["-std=c11", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
+
+
+def isa_of(source):
+    """The ISA a kernel translation unit is built for, from its name (ops_avx2.c -> avx2)."""
+    stem = os.path.splitext(os.path.basename(source))[0]
+    for isa in ISA_FLAGS:
+        if stem.endswith("_" + isa):
+            return isa
+    return None
+
+
+def probe_openmp():
+    if os.environ.get("RUVPY_NO_OPENMP") == "1":
+        return []
+    cc = sysconfig.get_config_var("CC") or "cc"
+    cc = cc.split()[0]
+    code = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn n>0?0:1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(code)
+        try:
+            subprocess.run([cc, "-fopenmp", src, "-o", os.path.join(tmp, "probe")],
+                           check=True, capture_output=True)
+            return ["-fopenmp"]
+        except (OSError, subprocess.CalledProcessError):
+            warnings.warn("ruvpy: the C compiler has no OpenMP; building serial kernels")
+            return []
+
+
+OPENMP_FLAGS = probe_openmp()
+
+
+def extension_sources(name):
+    """Sources of ruvpy.<name>: its .pyx plus the C of csrc/<name without '_'>/."""
+    sources = [os.path.join("ruvpy", name + ".pyx")]
+    cdir = os.path.join(CSRC, name.lstrip("_"))
+    for c in sorted(glob(os.path.join(cdir, "*.c"))):
+        isa = isa_of(c)
+        if isa is None or isa in BUILD_ISAS:
+            sources.append(c)
+    return sources
+
+
+def make_extensions():
+    only = {s.strip() for s in os.environ.get("RUVPY_BUILD_ONLY", "").split(",") if s.strip()}
+    exts = []
+    for pyx in sorted(glob(os.path.join("ruvpy", "_*.pyx"))):
+        name = os.path.splitext(os.path.basename(pyx))[0]
+        if only and name not in only:
+            continue
+        exts.append(Extension(
+            "ruvpy." + name,
+            sources=extension_sources(name),
+            include_dirs=[CSRC],
+            define_macros=[("RUVPY_BUILD_ISAS", '"' + ",".join(BUILD_ISAS) + '"'),
+                           ("RUVPY_HAVE_OPENMP", "1" if OPENMP_FLAGS else "0")] +
+                          [("RUVPY_BUILD_" + isa.upper(), "1") for isa in BUILD_ISAS],
+            extra_compile_args=BASE_CFLAGS + OPENMP_FLAGS,
+            extra_link_args=OPENMP_FLAGS + ["-lm"],
+        ))
+    from Cython.Build import cythonize
+    return cythonize(exts, language_level=3, compiler_directives={
+        "boundscheck": False, "wraparound": False, "cdivision": True,
+        "initializedcheck": False, "embedsignature": True,
+    })
+
+
+class BuildExt(build_ext):
+    """Adds each ISA translation unit's own flags (the rest of the extension stays baseline)."""
+
+    def build_extensions(self):
+        compile_one = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            isa = isa_of(src)
+            extra = list(extra_postargs) + (ISA_FLAGS[isa] if isa else [])
+            return compile_one(obj, src, ext, cc_args, extra, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
+
+
+BUILD_INFO = {"isas": BUILD_ISAS, "openmp": bool(OPENMP_FLAGS), "cflags": BASE_CFLAGS,
+              "isa_flags": {k: ISA_FLAGS[k] for k in BUILD_ISAS}, "machine": MACHINE}
+with open(os.path.join(HERE, "ruvpy", "_build_info.py"), "w") as f:
+    f.write("# Written by setup.py; describes how this copy of ruvpy was built.\n")
+    f.write("BUILD_INFO = %r\n" % (BUILD_INFO,))
+
+setup(ext_modules=make_extensions(), cmdclass={"build_ext": BuildExt})
