@@ -2,6 +2,20 @@
 from libc.stdint cimport uint16_t
 
 cdef extern from "kernels/rv_ops.h" nogil:
+    enum:
+        RV_ATTN_CHUNK
+    size_t RV_ATTN_SCRATCH_FLOATS(int rows, int head_dim)
+
+    ctypedef struct rv_attn_state:
+        int rows
+        int head_dim
+        const float *q
+        ptrdiff_t q_stride
+        float *m
+        float *l
+        float *acc
+        float *scratch
+
     ctypedef struct rv_ops:
         const char *isa
         int lanes
@@ -12,6 +26,14 @@ cdef extern from "kernels/rv_ops.h" nogil:
         float (*sum_exp_f32)(const float *x, float shift, float *out, size_t n) noexcept nogil
         void (*f32_to_f16)(const float *src, uint16_t *dst, size_t n) noexcept nogil
         void (*f16_to_f32)(const uint16_t *src, float *dst, size_t n) noexcept nogil
+        void (*attend_chunk_f32)(rv_attn_state *st, const float *k, ptrdiff_t k_stride,
+                                 const float *v, ptrdiff_t v_stride, int n, const int *visible) noexcept nogil
+        void (*attend_chunk_f16)(rv_attn_state *st, const uint16_t *k, ptrdiff_t k_stride,
+                                 const uint16_t *v, ptrdiff_t v_stride, int n, const int *visible) noexcept nogil
+        void (*attn_merge)(int rows, int head_dim, float *m, float *l, float *acc,
+                           const float *m_other, const float *l_other, const float *acc_other) noexcept nogil
+        void (*attn_finalize)(int rows, int head_dim, const float *l, const float *acc,
+                              float *out, ptrdiff_t out_stride) noexcept nogil
 
     enum:
         RV_ISA_COUNT

@@ -19,6 +19,28 @@ typedef enum {
     RV_ISA_COUNT = 4
 } rv_isa_id;
 
+/* ---- attention building block ----
+ * Online-softmax state of `rows` query rows that share one KV head (a GQA group times some
+ * query tokens). Every attention path (contiguous, paged, quantized tiers) is a driver that
+ * walks its K/V in chunks of at most RV_ATTN_CHUNK tokens and folds each chunk in with
+ * attend_chunk_*; split contexts are combined with attn_merge, then attn_finalize divides.
+ * Start state: m = -INFINITY, l = 0, acc = 0. */
+#define RV_ATTN_CHUNK 64
+/* floats of scratch one state needs (scores for every row of a chunk + converted K/V chunk) */
+#define RV_ATTN_SCRATCH_FLOATS(rows, head_dim) \
+    ((size_t)(rows) * RV_ATTN_CHUNK + 2 * (size_t)RV_ATTN_CHUNK * (size_t)(head_dim) + 64)
+
+typedef struct rv_attn_state {
+    int rows;
+    int head_dim;
+    const float *q;        /* rows x head_dim, already multiplied by the softmax scale */
+    ptrdiff_t q_stride;    /* floats between query rows */
+    float *m;              /* [rows] running max score */
+    float *l;              /* [rows] running sum of exp(score - m) */
+    float *acc;            /* [rows x head_dim] running sum of exp(score - m) * v */
+    float *scratch;        /* RV_ATTN_SCRATCH_FLOATS(rows, head_dim) floats, 64-byte aligned */
+} rv_attn_state;
+
 typedef struct rv_ops {
     const char *isa;   /* "scalar", "avx2", "avx512", "neon" */
     int lanes;         /* float32 lanes of one vector */
@@ -32,6 +54,21 @@ typedef struct rv_ops {
     float (*sum_exp_f32)(const float *x, float shift, float *out, size_t n);
     void (*f32_to_f16)(const float *src, uint16_t *dst, size_t n);
     void (*f16_to_f32)(const uint16_t *src, float *dst, size_t n);
+
+    /* ---- attention (attention_impl.h) ----
+     * Fold n <= RV_ATTN_CHUNK keys/values into the state. Key j is at k + j*k_stride, value j
+     * at v + j*v_stride (strides in elements). Row r sees the first visible[r] keys of the
+     * chunk (visible == NULL: all n; 0: none, the row is untouched). */
+    void (*attend_chunk_f32)(rv_attn_state *st, const float *k, ptrdiff_t k_stride,
+                             const float *v, ptrdiff_t v_stride, int n, const int *visible);
+    void (*attend_chunk_f16)(rv_attn_state *st, const uint16_t *k, ptrdiff_t k_stride,
+                             const uint16_t *v, ptrdiff_t v_stride, int n, const int *visible);
+    /* (m, l, acc) of `into` <- combination of itself and `other` (same rows and head_dim) */
+    void (*attn_merge)(int rows, int head_dim, float *m, float *l, float *acc,
+                       const float *m_other, const float *l_other, const float *acc_other);
+    /* out row r (stride out_stride floats) = acc_r / l_r; rows that saw no key get zeros */
+    void (*attn_finalize)(int rows, int head_dim, const float *l, const float *acc,
+                          float *out, ptrdiff_t out_stride);
 } rv_ops;
 
 /* rv_dispatch.c */
