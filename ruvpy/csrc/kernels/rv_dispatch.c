@@ -94,20 +94,26 @@ static int tables_filled;
 static const rv_ops *active;
 static int num_threads;
 
-/* Called with the GIL held at import, before any kernel runs, so no locking is needed. */
+/* Called with the GIL held at import, before any kernel runs, so no locking is needed.
+ * Only tables this CPU supports are filled: each rv_fill_ops_<isa> is compiled with its ISA's
+ * flags, and the compiler does use them there (gcc stores the pointers with ymm/zmm moves),
+ * so calling it on an older CPU would be an illegal instruction at import. */
 static void fill_tables(void)
 {
     if (tables_filled)
         return;
     rv_fill_ops_scalar(&tables[RV_ISA_ID_SCALAR]);
 #ifdef RUVPY_BUILD_AVX2
-    rv_fill_ops_avx2(&tables[RV_ISA_ID_AVX2]);
+    if (rv_isa_supported(RV_ISA_ID_AVX2))
+        rv_fill_ops_avx2(&tables[RV_ISA_ID_AVX2]);
 #endif
 #ifdef RUVPY_BUILD_AVX512
-    rv_fill_ops_avx512(&tables[RV_ISA_ID_AVX512]);
+    if (rv_isa_supported(RV_ISA_ID_AVX512))
+        rv_fill_ops_avx512(&tables[RV_ISA_ID_AVX512]);
 #endif
 #ifdef RUVPY_BUILD_NEON
-    rv_fill_ops_neon(&tables[RV_ISA_ID_NEON]);
+    if (rv_isa_supported(RV_ISA_ID_NEON))
+        rv_fill_ops_neon(&tables[RV_ISA_ID_NEON]);
 #endif
     tables_filled = 1;
 }
