@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from glob import glob
 
+import numpy
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -103,7 +104,7 @@ def make_extensions():
         exts.append(Extension(
             "ruvpy." + name,
             sources=extension_sources(name),
-            include_dirs=[CSRC],
+            include_dirs=[CSRC, numpy.get_include()],
             define_macros=[("RUVPY_BUILD_ISAS", '"' + ",".join(BUILD_ISAS) + '"'),
                            ("RUVPY_HAVE_OPENMP", "1" if OPENMP_FLAGS else "0")] +
                           [("RUVPY_BUILD_" + isa.upper(), "1") for isa in BUILD_ISAS],
