@@ -1,0 +1,198 @@
+"""Read a Llama-family GGUF file: hyper-parameters, tokenizer tables and float32 weights.
+
+`gguf` (PyPI) parses the file and dequantizes each tensor to float32. The weights are then laid
+out for the forward pass in `llama.py`: pre-transposed and C-contiguous for `x @ W`, Q/K/V and
+gate/up fused into one matmul each, and the RMSNorm gains folded into the matmul that follows
+them (diag(g) @ W), so a layer costs four matmuls and a handful of element-wise ops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF token types (llama.cpp's llama_token_type).
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Llama-family model, read from the GGUF metadata."""
+
+    name: str
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    ffn_size: int
+    vocab_size: int
+    context_length: int
+    rope_base: float
+    rope_dim: int          # leading dims of each head that RoPE rotates (== head_dim for Llama)
+    rms_eps: float
+    bos_id: int | None
+    eos_id: int | None
+    add_bos: bool
+    tied_embeddings: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerData:
+    """The GGUF's own tokenizer tables (`tokenizer.ggml.*`)."""
+
+    model: str               # "gpt2" = byte-level BPE
+    pre: str                 # pre-tokenizer name, as llama.cpp spells it
+    tokens: list[str]
+    token_types: np.ndarray  # int32 [vocab]
+    merges: list[str]
+
+
+@dataclasses.dataclass
+class LlamaWeights:
+    """Float32 weights laid out for `x @ W` (each [in, out], C-contiguous)."""
+
+    qkv: list[np.ndarray]        # per layer [hidden, (H + 2 KVH) * head_dim], attn_norm folded in
+    attn_out: list[np.ndarray]   # per layer [H * head_dim, hidden]
+    gate_up: list[np.ndarray]    # per layer [hidden, 2 * ffn], ffn_norm folded in
+    down: list[np.ndarray]       # per layer [ffn, hidden]
+    output_norm: np.ndarray      # [hidden]
+    embedding_t: np.ndarray      # [hidden, vocab]: token_embd transposed (lookup = a column)
+    output_t: np.ndarray         # [hidden, vocab]: the LM head (the same array when tied)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [*self.qkv, *self.attn_out, *self.gate_up, *self.down, self.output_norm,
+                  self.embedding_t]
+        if self.output_t is not self.embedding_t:
+            arrays.append(self.output_t)
+        return sum(a.nbytes for a in arrays)
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _required(reader, key):
+    value = _field(reader, key)
+    if value is None:
+        raise ValueError(f"GGUF file lacks the metadata key {key!r}")
+    return value
+
+
+def read_config(reader) -> ModelConfig:
+    arch = _required(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; ruvpy.models runs "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    hidden = int(_required(reader, f"{arch}.embedding_length"))
+    heads = int(_required(reader, f"{arch}.attention.head_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ValueError(f"unsupported RoPE scaling {scaling!r} in the GGUF file")
+    tokens = _required(reader, "tokenizer.ggml.tokens")
+    embd = _tensor_info(reader, "token_embd.weight")
+    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens)))
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    config = ModelConfig(
+        name=str(_field(reader, "general.name", os.path.basename(reader.data.filename))),
+        architecture=arch,
+        num_layers=int(_required(reader, f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        hidden_size=hidden,
+        ffn_size=int(_required(reader, f"{arch}.feed_forward_length")),
+        vocab_size=vocab,
+        context_length=int(_required(reader, f"{arch}.context_length")),
+        rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_dim=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
+        rms_eps=float(_required(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        bos_id=None if bos is None else int(bos),
+        eos_id=None if eos is None else int(eos),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        tied_embeddings="output.weight" not in {t.name for t in reader.tensors},
+    )
+    if vocab != len(tokens) or tuple(int(s) for s in embd.shape) != (hidden, vocab):
+        raise ValueError(f"GGUF vocabulary mismatch: {len(tokens)} tokens, vocab_size {vocab}, "
+                         f"token_embd shape {list(embd.shape)}")
+    if heads % config.num_kv_heads or config.rope_dim > head_dim or config.rope_dim % 2:
+        raise ValueError(f"inconsistent attention shape in the GGUF file: {heads} heads, "
+                         f"{config.num_kv_heads} KV heads, head_dim {head_dim}, "
+                         f"rope dims {config.rope_dim}")
+    return config
+
+
+def read_tokenizer(reader) -> TokenizerData:
+    tokens = list(_required(reader, "tokenizer.ggml.tokens"))
+    types = _field(reader, "tokenizer.ggml.token_type")
+    types = (np.full(len(tokens), TOKEN_TYPE_NORMAL, np.int32) if types is None
+             else np.asarray(types, dtype=np.int32))
+    return TokenizerData(model=str(_required(reader, "tokenizer.ggml.model")),
+                         pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
+                         tokens=tokens, token_types=types,
+                         merges=list(_field(reader, "tokenizer.ggml.merges", []) or []))
+
+
+def _tensor_info(reader, name):
+    for tensor in reader.tensors:
+        if tensor.name == name:
+            return tensor
+    raise ValueError(f"GGUF file lacks the tensor {name!r}")
+
+
+def read_weights(reader, config: ModelConfig) -> LlamaWeights:
+    from gguf.quants import dequantize
+
+    by_name = {t.name: t for t in reader.tensors}
+
+    def load(name, shape):
+        tensor = by_name.get(name)
+        if tensor is None:
+            raise ValueError(f"GGUF file lacks the tensor {name!r}")
+        array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        if array.shape != shape:
+            raise ValueError(f"GGUF tensor {name!r} has shape {list(array.shape)}, "
+                             f"expected {list(shape)}")
+        return array
+
+    c = config
+    hidden, q_dim, kv_dim = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    qkv, attn_out, gate_up, down = [], [], [], []
+    for i in range(c.num_layers):
+        p = f"blk.{i}."
+        attn_norm = load(p + "attn_norm.weight", (hidden,))
+        ffn_norm = load(p + "ffn_norm.weight", (hidden,))
+        fused = np.concatenate([load(p + "attn_q.weight", (q_dim, hidden)),
+                                load(p + "attn_k.weight", (kv_dim, hidden)),
+                                load(p + "attn_v.weight", (kv_dim, hidden))])
+        qkv.append(np.ascontiguousarray(fused.T * attn_norm[:, None]))
+        attn_out.append(np.ascontiguousarray(load(p + "attn_output.weight", (hidden, q_dim)).T))
+        fused = np.concatenate([load(p + "ffn_gate.weight", (c.ffn_size, hidden)),
+                                load(p + "ffn_up.weight", (c.ffn_size, hidden))])
+        gate_up.append(np.ascontiguousarray(fused.T * ffn_norm[:, None]))
+        down.append(np.ascontiguousarray(load(p + "ffn_down.weight", (hidden, c.ffn_size)).T))
+    embedding_t = np.ascontiguousarray(load("token_embd.weight", (c.vocab_size, hidden)).T)
+    output_t = (embedding_t if c.tied_embeddings else
+                np.ascontiguousarray(load("output.weight", (c.vocab_size, hidden)).T))
+    return LlamaWeights(qkv=qkv, attn_out=attn_out, gate_up=gate_up, down=down,
+                        output_norm=load("output_norm.weight", (hidden,)),
+                        embedding_t=embedding_t, output_t=output_t)
+
+
+def open_gguf(path):
+    """A `gguf.GGUFReader` over `path` (memory-mapped, read-only)."""
+    from gguf import GGUFReader
+
+    return GGUFReader(os.fspath(path), "r")
