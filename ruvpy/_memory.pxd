@@ -1,0 +1,103 @@
+# ruvpy._memory for Cython users: the C layer (csrc/memory/rv_memory.h) and the classes'
+# C-level state, so kernels can take arena memory, pool buffers and per-thread scratch
+# without the GIL. Python users see the same objects through ruvpy.Arena & co.
+from cpython.object cimport PyObject
+from libc.stdint cimport uint64_t
+
+cdef extern from "memory/rv_memory.h" nogil:
+    enum:
+        RV_ALIGN
+        RV_POISON_BYTE
+        RV_POOL_CLASSES
+        RV_POOL_EMPTY
+        RV_POOL_FULL
+        RV_POOL_BUSY
+    size_t RV_POOL_MAX_BUFFERS_PER_CLASS
+
+    size_t rv_align_up(size_t n)
+    bint rv_mul_size(size_t a, size_t b, size_t *out)
+    void *rv_aligned_alloc(size_t nbytes)
+    void rv_aligned_free(void *block)
+
+    ctypedef struct rv_arena:
+        unsigned char *base
+        size_t capacity
+        size_t offset
+        size_t high_water
+        size_t allocation_count
+        size_t reset_count
+        int debug
+    void *rv_arena_bump(rv_arena *a, size_t nbytes)
+    void rv_arena_reset(rv_arena *a)
+
+    ctypedef struct rv_pool:
+        size_t max_buffers
+    ctypedef struct rv_pool_stats:
+        uint64_t hits, misses, allocations, returns, drops
+        size_t pooled_bytes, outstanding_bytes
+        size_t free_buffers[5]
+    const size_t rv_pool_class_bytes[5]
+    int rv_pool_class_for(size_t nbytes)
+    rv_pool *rv_pool_create(size_t max_buffers_per_class)
+    void rv_pool_destroy(rv_pool *p)
+    int rv_pool_pop(rv_pool *p, int c, int wait, void **out)
+    void *rv_pool_new_buffer(rv_pool *p, int c)
+    int rv_pool_push(rv_pool *p, int c, int wait, void *buffer)
+    void *rv_pool_acquire(rv_pool *p, int c)
+    void rv_pool_release(rv_pool *p, int c, void *buffer)
+    int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added)
+    void rv_pool_clear(rv_pool *p)
+    void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
+
+
+cdef class _Block:
+    """One 64-byte aligned block; freed when the last holder (arena, scratch or a numpy
+    array using it as its base) lets go."""
+    cdef void *ptr
+    cdef size_t nbytes
+
+
+cdef class Arena:
+    cdef rv_arena state
+    cdef _Block block          # None once closed
+    cdef object _alloc(self, object shape, object dtype, bint zero)
+    cdef int _check_open(self) except -1
+
+    # Raw arena memory for C code (nbytes rounded up to 64 bytes): NULL when closed or full.
+    # Valid until the next reset; the caller must hold a reference to the arena.
+    cdef inline void *bump(self, size_t nbytes) noexcept nogil:
+        if self.state.base == NULL:
+            return NULL
+        return rv_arena_bump(&self.state, nbytes)
+
+
+cdef class BufferPool:
+    cdef rv_pool *pool
+
+
+cdef class PooledBuffer:
+    cdef PyObject *owner       # the BufferPool (strong reference, managed by hand)
+    cdef rv_pool *pool
+    cdef unsigned char *data
+    cdef Py_ssize_t nbytes
+    cdef int size_class
+    cdef int exports           # live buffer-protocol views (memoryviews, arrays)
+    cdef int state             # _RELEASED, _LIVE or _RELEASE_PENDING (see _memory.pyx)
+    cdef void _give_back(self) noexcept
+    cdef int _check_live(self) except -1
+
+
+cdef class ScratchSpace:
+    cdef _Block block
+    cdef unsigned char *base
+    cdef readonly Py_ssize_t bytes_per_thread
+    cdef readonly Py_ssize_t stride            # bytes between threads' regions (64-aligned)
+    cdef readonly int max_threads
+
+    # Thread `thread`'s region (bytes_per_thread bytes, 64-byte aligned; threads never share
+    # a cache line), or NULL when thread is outside [0, max_threads).
+    cdef inline void *thread_ptr(self, int thread) noexcept nogil:
+        if thread < 0 or thread >= self.max_threads:
+            return NULL
+        return self.base + <size_t>thread * <size_t>self.stride
+

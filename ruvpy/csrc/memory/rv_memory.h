@@ -1,0 +1,138 @@
+/* ruvpy's memory layer in C: 64-byte aligned blocks, the arena's bump pointer and the
+ * size-classed buffer pool. ruvpy/_memory.pyx wraps them; its .pxd mirrors this header so
+ * that Cython code (and C drivers handed these structs) can use them without the GIL. */
+#ifndef RV_MEMORY_H
+#define RV_MEMORY_H
+
+#include <pthread.h>
+#include <string.h>
+
+#include "rv_common.h"
+
+/* ---- aligned blocks ------------------------------------------------------------------ */
+
+/* n rounded up to a multiple of RV_ALIGN; 0 when that overflows (callers treat 0 for n > 0
+ * as "too large"). */
+RV_INLINE size_t rv_align_up(size_t n)
+{
+    return n > SIZE_MAX - (RV_ALIGN - 1) ? 0 : (n + RV_ALIGN - 1) & ~(size_t)(RV_ALIGN - 1);
+}
+
+/* *out = a * b; nonzero when that overflows. */
+RV_INLINE int rv_mul_size(size_t a, size_t b, size_t *out)
+{
+    return __builtin_mul_overflow(a, b, out);
+}
+
+/* A block of at least nbytes (rounded up to RV_ALIGN), RV_ALIGN-aligned, uninitialised.
+ * NULL when out of memory or nbytes is absurd. nbytes == 0 gives one aligned line. */
+void *rv_aligned_alloc(size_t nbytes);
+void rv_aligned_free(void *block);
+
+/* The debug poison: all-ones bytes read as NaN in every float width (f16/f32/f64). */
+#define RV_POISON_BYTE 0xFF
+
+/* ---- arena: a bump pointer over one block ----------------------------------------------
+ * Not synchronised: the Python wrapper serialises it with the GIL (alloc never releases it);
+ * C code that bumps one arena from several threads must lock around it. */
+typedef struct {
+    unsigned char *base;        /* borrowed: the block belongs to the Python owner object */
+    size_t capacity;            /* multiple of RV_ALIGN */
+    size_t offset;              /* bytes used since the last reset, multiple of RV_ALIGN */
+    size_t high_water;          /* the largest offset ever reached */
+    size_t allocation_count;    /* allocations since the last reset */
+    size_t reset_count;
+    int debug;                  /* poison [0, high_water) on reset */
+} rv_arena;
+
+/* Start of nbytes of arena memory (the bump advances by nbytes rounded up to RV_ALIGN), or
+ * NULL, leaving the arena unchanged, when they do not fit. Every result is RV_ALIGN-aligned
+ * because base, capacity and offset are. */
+RV_INLINE void *rv_arena_bump(rv_arena *a, size_t nbytes)
+{
+    size_t remaining = a->capacity - a->offset;
+    if (RV_UNLIKELY(nbytes > remaining))
+        return NULL;
+    /* nbytes <= remaining and remaining is a multiple of RV_ALIGN: rounding cannot pass it */
+    unsigned char *p = a->base + a->offset;
+    a->offset += (nbytes + RV_ALIGN - 1) & ~(size_t)(RV_ALIGN - 1);
+    if (a->offset > a->high_water)
+        a->high_water = a->offset;
+    a->allocation_count++;
+    return p;
+}
+
+/* O(1): only the counters move, unless the arena poisons in debug mode. */
+RV_INLINE void rv_arena_reset(rv_arena *a)
+{
+    if (a->debug)
+        memset(a->base, RV_POISON_BYTE, a->high_water);
+    a->offset = 0;
+    a->allocation_count = 0;
+    a->reset_count++;
+}
+
+/* ---- buffer pool: per-size-class free lists, one mutex per class ------------------------ */
+
+#define RV_POOL_CLASSES 5
+#define RV_POOL_MAX_BUFFERS_PER_CLASS ((size_t)1 << 20)
+
+/* Results of the non-blocking steps (wait == 0) besides RV_OK / RV_ENOMEM. */
+#define RV_POOL_EMPTY 1    /* rv_pool_pop: no pooled buffer (a miss was counted) */
+#define RV_POOL_FULL 2     /* rv_pool_push: the class is full (a drop was counted) */
+#define RV_POOL_BUSY 3     /* wait == 0 and another thread holds the class lock */
+
+typedef struct {
+    pthread_mutex_t lock;
+    void **free_list;           /* max_buffers slots, `count` used */
+    size_t count;
+    size_t nbytes;              /* the class's buffer size */
+    /* counters, changed under `lock` except allocations and outstanding (atomic) */
+    uint64_t hits, misses, returns, drops;
+    uint64_t allocations;       /* buffers this class ever allocated (misses + prewarm) */
+    uint64_t outstanding;       /* buffers handed out and not yet returned or dropped */
+} __attribute__((aligned(RV_ALIGN))) rv_pool_class;  /* own cache line: no false sharing */
+
+typedef struct {
+    rv_pool_class cls[RV_POOL_CLASSES];
+    size_t max_buffers;
+} rv_pool;
+
+typedef struct {
+    uint64_t hits, misses, allocations, returns, drops;
+    size_t pooled_bytes, outstanding_bytes;
+    size_t free_buffers[RV_POOL_CLASSES];
+} rv_pool_stats;
+
+extern const size_t rv_pool_class_bytes[RV_POOL_CLASSES];  /* 1, 4, 16, 64, 256 KiB */
+
+/* The smallest class holding nbytes, or -1 when nbytes exceeds the largest. */
+int rv_pool_class_for(size_t nbytes);
+
+/* A pool keeping at most max_buffers_per_class (<= RV_POOL_MAX_BUFFERS_PER_CLASS) free
+ * buffers per class; NULL when out of memory or the limit is absurd. The struct is
+ * cache-line aligned, hence heap-allocated here rather than embedded in a Python object. */
+rv_pool *rv_pool_create(size_t max_buffers_per_class);
+void rv_pool_destroy(rv_pool *p);   /* frees the pooled buffers and the pool */
+
+/* The steps, for callers that want to hold the GIL only where it is cheap:
+ *   pop:  RV_OK (a pooled buffer in *out, hit counted), RV_POOL_EMPTY (miss counted), BUSY;
+ *   new_buffer: a fresh block for class c (allocation counted) or NULL;
+ *   push: RV_OK (pooled, return counted), RV_POOL_FULL (drop counted: the caller frees the
+ *         buffer with rv_aligned_free), BUSY. */
+int rv_pool_pop(rv_pool *p, int c, int wait, void **out);
+void *rv_pool_new_buffer(rv_pool *p, int c);
+int rv_pool_push(rv_pool *p, int c, int wait, void *buffer);
+
+/* Blocking one-call versions for nogil C code: a buffer of class c (NULL when out of memory);
+ * give it back (pooled or freed). */
+void *rv_pool_acquire(rv_pool *p, int c);
+void rv_pool_release(rv_pool *p, int c, void *buffer);
+
+/* Allocate and pool up to `count` buffers of class c, never beyond max_buffers; the number
+ * added in *added. RV_ENOMEM if an allocation failed (those made so far stay pooled). */
+int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added);
+void rv_pool_clear(rv_pool *p);                  /* free every pooled buffer */
+void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out);
+
+#endif
