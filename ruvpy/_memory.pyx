@@ -27,6 +27,8 @@ from cpython.long cimport PyLong_CheckExact
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cython.parallel cimport prange
+from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from ruvpy._openmp_helpers cimport omp_get_max_threads
@@ -94,8 +96,13 @@ cdef Py_ssize_t _dim(object d, object shape) except -1:
         if v >= 0:
             return v
         PyErr_Clear()   # OverflowError for huge ints: reported below as a ValueError
+    elif isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+        raise TypeError(f"shape entries must be ints, got {type(d).__name__} {d!r} in shape "
+                        f"{shape!r}")
     else:
-        _count_arg(d, "a shape entry")
+        d = int(d)
+        if 0 <= d <= PY_SSIZE_T_MAX:
+            return d
     if d < 0:
         raise ValueError(f"shape entries must be >= 0, got {d} in shape {shape!r}")
     raise ValueError(f"shape entry {d} in shape {shape!r} is too large")
@@ -533,7 +540,7 @@ cdef class BufferPool:
         list, never beyond max_buffers_per_class. Returns how many were added."""
         cdef size_t added = 0, want
         cdef int status
-        if size_class not in _SIZE_CLASSES or isinstance(size_class, bool):
+        if _count_arg(size_class, "size_class") not in _SIZE_CLASSES:
             raise ValueError(f"size_class must be one of {_SIZE_CLASSES}, got {size_class!r}")
         cdef int c = _SIZE_CLASSES.index(size_class)
         want = min(_count_arg(count, "count"), RV_POOL_MAX_BUFFERS_PER_CLASS)
@@ -565,6 +572,35 @@ cdef class BufferPool:
         s = self.stats()
         return (f"<ruvpy.BufferPool {s.pooled_bytes} bytes pooled, {s.outstanding_bytes} out, "
                 f"hit rate {s.hit_rate:.2f}>")
+
+
+def _hammer_pool(BufferPool pool, int threads, int iterations):
+    """Test hook: `threads` OpenMP threads each take two buffers, tag them, check the tags and
+    give them back, `iterations` times, entirely without the GIL (the most concurrency the
+    pool can see). Returns how many tags were found overwritten by another thread."""
+    cdef int t, i, c, clobbered = 0
+    cdef int64_t *first
+    cdef int64_t *second
+    if threads < 1 or iterations < 0:
+        raise ValueError("threads must be >= 1 and iterations >= 0")
+    with nogil:
+        for t in prange(threads, num_threads=threads, schedule="static", chunksize=1):
+            for i in range(iterations):
+                c = (i + t) % RV_POOL_CLASSES
+                first = <int64_t *>rv_pool_acquire(pool.pool, c)
+                second = <int64_t *>rv_pool_acquire(pool.pool, (c + 1) % RV_POOL_CLASSES)
+                if first == NULL or second == NULL:
+                    clobbered += 1   # out of memory: reported as a failure too
+                    continue
+                first[0] = t
+                first[1] = i
+                second[0] = -t
+                second[1] = -i
+                if first[0] != t or first[1] != i or second[0] != -t or second[1] != -i:
+                    clobbered += 1
+                rv_pool_release(pool.pool, c, first)
+                rv_pool_release(pool.pool, (c + 1) % RV_POOL_CLASSES, second)
+    return clobbered
 
 
 # ---------------------------------------------------------------------------------------
