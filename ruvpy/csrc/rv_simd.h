@@ -8,7 +8,7 @@
  *   rv_vf_hsum(v) rv_vf_hmax(v)                                       horizontal reductions
  *   rv_vf_load_f16(const uint16_t*) rv_vf_store_f16(uint16_t*, v)    fp16 <-> f32 (RNE)
  *   rv_vf_exp(v)                                                      exp, rel. err ~2 ulp;
- *                                                                     0 below -87.3, -inf -> 0
+ *                        0 below -87.3 (and for -inf), +inf above ln(FLT_MAX), NaN stays NaN
  */
 #ifndef RV_SIMD_H
 #define RV_SIMD_H
@@ -49,9 +49,10 @@ RV_INLINE rv_vf rv_vf_pow2i(rv_vf n)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
 RV_INLINE rv_vf rv_vf_round(rv_vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* r where x is not below lo (NaN lanes kept), else 0 */
 RV_INLINE rv_vf rv_vf_zero_below(rv_vf r, rv_vf x, float lo)
 {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_GE_OQ), r);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_NLT_UQ), r);
 }
 
 #elif defined(RV_ISA_AVX2)
@@ -98,7 +99,7 @@ RV_INLINE rv_vf rv_vf_pow2i(rv_vf n)
 RV_INLINE rv_vf rv_vf_round(rv_vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 RV_INLINE rv_vf rv_vf_zero_below(rv_vf r, rv_vf x, float lo)
 {
-    return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_GE_OQ));
+    return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_NLT_UQ));
 }
 
 #elif defined(RV_ISA_NEON)
@@ -127,7 +128,7 @@ RV_INLINE rv_vf rv_vf_pow2i(rv_vf n)
 RV_INLINE rv_vf rv_vf_round(rv_vf v) { return vrndnq_f32(v); }
 RV_INLINE rv_vf rv_vf_zero_below(rv_vf r, rv_vf x, float lo)
 {
-    return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(r), vcgeq_f32(x, vdupq_n_f32(lo))));
+    return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(r), vcltq_f32(x, vdupq_n_f32(lo))));
 }
 
 #elif defined(RV_ISA_SCALAR)
@@ -157,11 +158,13 @@ RV_INLINE rv_vf rv_vf_exp(rv_vf x) { return expf(x); }
 
 #ifndef RV_HAVE_NATIVE_EXP
 /* exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 (two-part ln2), exp(r) by a
- * degree-6 polynomial on |r| <= ln2/2. Inputs below -87.3 (including -inf) give exactly 0. */
+ * degree-6 polynomial on |r| <= ln2/2. Inputs below -87.3 (including -inf) give exactly 0;
+ * above ln(FLT_MAX) = 88.72 (including +inf) +inf; NaN gives NaN. */
 RV_INLINE rv_vf rv_vf_exp(rv_vf x)
 {
-    /* clamp so that n stays within a float exponent (|n| <= 127) */
-    rv_vf xc = rv_vf_min(rv_vf_max(x, rv_vf_set1(-87.3365478515625f)), rv_vf_set1(88.0f));
+    /* Clamp to [-87.34, 88.75] so that -126 <= n <= 128. The bound goes first in max/min:
+     * x86 returns the second operand when one is NaN, so NaN passes through. */
+    rv_vf xc = rv_vf_min(rv_vf_set1(88.75f), rv_vf_max(rv_vf_set1(-87.3365478515625f), x));
     rv_vf n = rv_vf_round(rv_vf_mul(xc, rv_vf_set1(1.44269504088896341f)));
     rv_vf r = rv_vf_fmadd(n, rv_vf_set1(-0.693359375f), xc);
     r = rv_vf_fmadd(n, rv_vf_set1(2.12194440e-4f), r);
@@ -173,7 +176,10 @@ RV_INLINE rv_vf rv_vf_exp(rv_vf x)
     p = rv_vf_fmadd(p, r, rv_vf_set1(5.0000001201e-1f));
     rv_vf r2 = rv_vf_mul(r, r);
     p = rv_vf_fmadd(p, r2, rv_vf_add(r, rv_vf_set1(1.0f)));
-    return rv_vf_zero_below(rv_vf_mul(p, rv_vf_pow2i(n)), x, -87.3365478515625f);
+    /* 2^128 has no float exponent: use 2^127 * 2 (exact; overflows to inf only when exp does) */
+    rv_vf n127 = rv_vf_min(n, rv_vf_set1(127.0f));
+    rv_vf y = rv_vf_mul(rv_vf_mul(p, rv_vf_pow2i(n127)), rv_vf_add(rv_vf_sub(n, n127), rv_vf_set1(1.0f)));
+    return rv_vf_zero_below(y, x, -87.3365478515625f);
 }
 #endif
 
