@@ -80,19 +80,22 @@ static float sum_exp_f32(const float *x, float shift, float *out, size_t n)
     return s;
 }
 
-/* The hardware converters quiet signalling NaNs; numpy keeps them. A vector holding a NaN is
- * redone with the bit-exact portable conversion so both directions match numpy exactly. */
+/* The hardware converters quiet signalling NaNs; numpy keeps them. So the vector loop only
+ * notes whether any lane was inf or NaN (v - v is 0 for finite v, NaN otherwise: one
+ * sub + add per vector, no per-vector reduction) and, if one was, the whole call is redone with
+ * the bit-exact portable conversion. Both directions then match numpy exactly. */
 static void f32_to_f16(const float *src, uint16_t *dst, size_t n)
 {
     size_t i = 0;
 #if RV_VW > 1
+    rv_vf special = rv_vf_zero();
     for (; i + RV_VW <= n; i += RV_VW) {
         rv_vf v = rv_vf_load(src + i);
         rv_vf_store_f16(dst + i, v);
-        if (RV_UNLIKELY(rv_vf_hsum(rv_vf_sub(v, v)) != 0.0f)) /* inf or NaN lane */
-            for (size_t j = i; j < i + RV_VW; j++)
-                dst[j] = rv_f32_to_f16(src[j]);
+        special = rv_vf_add(special, rv_vf_sub(v, v));
     }
+    if (RV_UNLIKELY(rv_vf_hsum(special) != 0.0f))
+        i = 0;
 #endif
     for (; i < n; i++)
         dst[i] = rv_f32_to_f16(src[i]);
@@ -102,13 +105,14 @@ static void f16_to_f32(const uint16_t *src, float *dst, size_t n)
 {
     size_t i = 0;
 #if RV_VW > 1
+    rv_vf special = rv_vf_zero();
     for (; i + RV_VW <= n; i += RV_VW) {
         rv_vf v = rv_vf_load_f16(src + i);
         rv_vf_store(dst + i, v);
-        if (RV_UNLIKELY(rv_vf_hsum(rv_vf_sub(v, v)) != 0.0f))
-            for (size_t j = i; j < i + RV_VW; j++)
-                dst[j] = rv_f16_to_f32(src[j]);
+        special = rv_vf_add(special, rv_vf_sub(v, v));
     }
+    if (RV_UNLIKELY(rv_vf_hsum(special) != 0.0f))
+        i = 0;
 #endif
     for (; i < n; i++)
         dst[i] = rv_f16_to_f32(src[i]);
