@@ -16,6 +16,30 @@ cdef extern from "kernels/rv_ops.h" nogil:
         float *acc
         float *scratch
 
+    ctypedef struct rv_kv_span:
+        const void *k
+        const void *v
+        ptrdiff_t k_stride
+        ptrdiff_t v_stride
+        int n
+
+    enum:
+        RV_ATTN_TILE_ROWS
+        RV_ATTN_TILE_KEYS
+    size_t RV_ATTN_TILE_SCRATCH_FLOATS(int head_dim)
+
+    ctypedef struct rv_attn_rows:
+        int rows
+        int head_dim
+        float scale
+        const float *const *q
+        float *const *out
+        const int *visible
+        const rv_kv_span *spans
+        int nspans
+        float *m_out
+        float *l_out
+
     ctypedef struct rv_ops:
         const char *isa
         int lanes
@@ -34,6 +58,12 @@ cdef extern from "kernels/rv_ops.h" nogil:
                            const float *m_other, const float *l_other, const float *acc_other) noexcept nogil
         void (*attn_finalize)(int rows, int head_dim, const float *l, const float *acc,
                               float *out, ptrdiff_t out_stride) noexcept nogil
+        void (*attend_spans_f32)(rv_attn_state *st, const rv_kv_span *spans, int nspans,
+                                 const int *visible) noexcept nogil
+        void (*attend_spans_f16)(rv_attn_state *st, const rv_kv_span *spans, int nspans,
+                                 const int *visible) noexcept nogil
+        void (*attend_rows_f32)(const rv_attn_rows *job, float *scratch) noexcept nogil
+        void (*attend_rows_f16)(const rv_attn_rows *job, float *scratch) noexcept nogil
 
     enum:
         RV_ISA_COUNT

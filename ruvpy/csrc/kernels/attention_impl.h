@@ -1,56 +1,412 @@
-/* Attention building blocks (see rv_ops.h), written once against rv_simd.h, compiled per ISA.
- * This is the straightforward version: row by row over a chunk. */
+/* Attention kernels (see rv_ops.h), written once against rv_simd.h, compiled per ISA.
+ *
+ * Two kernel families, because decode and prefill have opposite shapes:
+ *  - streaming (attend_chunk_*, attend_spans_*): a few query rows (one GQA group at decode)
+ *    against many keys. head_dim runs along the SIMD lanes; each K/V row is loaded once and used
+ *    by every row of the group; RV_VW keys' partial dot products are reduced together by one
+ *    transpose-add tree; the PV product is register-blocked (rows x head_dim vectors).
+ *  - tiled (attend_rows_*): up to RV_ATTN_TILE_ROWS query rows (prefill). Query rows run along
+ *    the lanes (Q packed transposed once), so the online softmax is vertical (no horizontal
+ *    reductions) and both Q.K^T and P.V are outer-product micro-kernels fed by broadcasts of
+ *    K / V elements from a packed fp32 tile (which also converts fp16 and avoids the 4 KiB
+ *    aliasing of NHD rows).
+ * The fp32 and fp16 variants are one always-inline body with a constant `f16` flag.
+ */
 #ifndef RV_ATTENTION_IMPL_H
 #define RV_ATTENTION_IMPL_H
 
+#include <float.h>
 #include <math.h>
 #include "rv_simd.h"
 #include "kernels/rv_ops.h"
 #include "kernels/basic_impl.h"
 
-/* Fold precomputed scores s[0..vis) of one row into (m, l, acc) with values at v (fp32). */
-RV_INLINE void fold_row_f32(int head_dim, float *s, int vis, const float *v, ptrdiff_t v_stride,
-                            float *m, float *l, float *acc)
+/* ---- per-ISA pieces the generic vocabulary does not have ----
+ * ATT_KG     keys per Q.K register block (streaming); divides RV_VW
+ * ATT_CB     head_dim vectors per P.V register block (streaming)
+ * ATT_T_MR   tiled micro-tile: keys (Q.K^T) or head_dim columns (P.V)
+ * ATT_T_NR   tiled micro-tile: row vectors
+ * att_slot(j)         where key j's partial vector goes so att_reduce yields keys in order
+ * att_reduce(p)       lane i = sum of the lanes of the vector in slot i (RV_VW vectors at p)
+ * att_select_lt(a,b,x,y)  lane-wise a < b ? x : y */
+#if defined(RV_ISA_AVX512)
+#define ATT_KG 4
+#define ATT_CB 4
+#define ATT_T_MR 6
+#define ATT_T_NR 4
+RV_INLINE int att_slot(int j) { return ((j & 3) << 2) | (j >> 2); }
+RV_INLINE rv_vf att_reduce(const float *p)
 {
-    float mx = max_f32(s, (size_t)vis);
-    float m_new = mx > *m ? mx : *m;
-    float corr = expf(*m - m_new);           /* exp(-inf) = 0 on the first chunk */
-    float sum = sum_exp_f32(s, m_new, s, (size_t)vis);
-    *l = *l * corr + sum;
+    __m512 y[8], z[4], w0, w1;
+    for (int i = 0; i < 8; i++) {   /* 256-bit halves: lanes 0-7 from slot 2i, 8-15 from 2i+1 */
+        __m512 a = _mm512_load_ps(p + 32 * i), b = _mm512_load_ps(p + 32 * i + 16);
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    }
+    for (int i = 0; i < 4; i++)     /* 128-bit lane L holds slot 4i+L */
+        z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+    w0 = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x44), _mm512_shuffle_ps(z[0], z[1], 0xEE));
+    w1 = _mm512_add_ps(_mm512_shuffle_ps(z[2], z[3], 0x44), _mm512_shuffle_ps(z[2], z[3], 0xEE));
+    /* lane 4L+p holds slot 4p+L */
+    return _mm512_add_ps(_mm512_shuffle_ps(w0, w1, 0x88), _mm512_shuffle_ps(w0, w1, 0xDD));
+}
+RV_INLINE rv_vf att_select_lt(rv_vf a, rv_vf b, rv_vf x, rv_vf y)
+{
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
+}
+
+#elif defined(RV_ISA_AVX2)
+#define ATT_KG 2
+#define ATT_CB 2
+#define ATT_T_MR 6
+#define ATT_T_NR 2
+RV_INLINE int att_slot(int j) { return ((j & 3) << 1) | (j >> 2); }
+RV_INLINE rv_vf att_reduce(const float *p)
+{
+    __m256 y[4], w0, w1;
+    for (int i = 0; i < 4; i++) {   /* 128-bit lane 0 from slot 2i, lane 1 from 2i+1 */
+        __m256 a = _mm256_load_ps(p + 16 * i), b = _mm256_load_ps(p + 16 * i + 8);
+        y[i] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    }
+    w0 = _mm256_add_ps(_mm256_shuffle_ps(y[0], y[1], 0x44), _mm256_shuffle_ps(y[0], y[1], 0xEE));
+    w1 = _mm256_add_ps(_mm256_shuffle_ps(y[2], y[3], 0x44), _mm256_shuffle_ps(y[2], y[3], 0xEE));
+    /* lane 4L+p holds slot 2p+L */
+    return _mm256_add_ps(_mm256_shuffle_ps(w0, w1, 0x88), _mm256_shuffle_ps(w0, w1, 0xDD));
+}
+RV_INLINE rv_vf att_select_lt(rv_vf a, rv_vf b, rv_vf x, rv_vf y)
+{
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+}
+
+#elif defined(RV_ISA_NEON)
+#define ATT_KG 4
+#define ATT_CB 4
+#define ATT_T_MR 6
+#define ATT_T_NR 4
+RV_INLINE int att_slot(int j) { return j; }
+RV_INLINE rv_vf att_reduce(const float *p)
+{
+    float32x4_t a = vpaddq_f32(vld1q_f32(p), vld1q_f32(p + 4));
+    float32x4_t b = vpaddq_f32(vld1q_f32(p + 8), vld1q_f32(p + 12));
+    return vpaddq_f32(a, b);
+}
+RV_INLINE rv_vf att_select_lt(rv_vf a, rv_vf b, rv_vf x, rv_vf y) { return vbslq_f32(vcltq_f32(a, b), x, y); }
+
+#else /* scalar */
+#define ATT_KG 1
+#define ATT_CB 4
+#define ATT_T_MR 4
+#define ATT_T_NR 1
+RV_INLINE int att_slot(int j) { (void)j; return 0; }
+RV_INLINE rv_vf att_reduce(const float *p) { return p[0]; }
+RV_INLINE rv_vf att_select_lt(rv_vf a, rv_vf b, rv_vf x, rv_vf y) { return a < b ? x : y; }
+#endif
+
+#define ATT_RB 4                /* query rows per streaming register block */
+#define ATT_KB RV_ATTN_CHUNK    /* keys per streaming block */
+#define ATT_TR RV_ATTN_TILE_ROWS
+#define ATT_TK RV_ATTN_TILE_KEYS
+
+#if (ATT_KB % 16) || (ATT_TR % 16) || (ATT_TK % 8)
+#error "attention block sizes must be multiples of the widest vector"
+#endif
+
+RV_INLINE int att_min(int a, int b) { return a < b ? a : b; }
+RV_INLINE int att_max(int a, int b) { return a > b ? a : b; }
+RV_INLINE int att_round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+/* K/V element access for either storage type (f16 is a compile-time constant) */
+RV_INLINE rv_vf att_load(const void *p, int i, const int f16)
+{
+    return f16 ? rv_vf_load_f16((const uint16_t *)p + i) : rv_vf_load((const float *)p + i);
+}
+RV_INLINE float att_load1(const void *p, int i, const int f16)
+{
+    return f16 ? rv_f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+RV_INLINE void att_prefetch(const void *p, int bytes)
+{
+    const char *c = (const char *)p;
+    for (int o = 0; o < bytes; o += 64)
+        __builtin_prefetch(c + o, 0, 3);
+}
+
+/* ---- walking a span list ---- */
+typedef struct {
+    const rv_kv_span *spans;
+    int nspans;
+    int si;      /* current span */
+    int off;     /* rows of it already taken */
+} att_cursor;
+
+/* Row pointers of the next min(max, remaining) keys; returns how many. */
+RV_INLINE int att_gather(att_cursor *cur, int max, const int f16, const void **kp, const void **vp)
+{
+    const ptrdiff_t es = f16 ? 2 : 4;
+    int n = 0;
+    while (n < max && cur->si < cur->nspans) {
+        const rv_kv_span *s = &cur->spans[cur->si];
+        int take = att_min(max - n, s->n - cur->off);
+        if (take > 0) {
+            const char *k = (const char *)s->k + (ptrdiff_t)cur->off * s->k_stride * es;
+            const char *v = (const char *)s->v + (ptrdiff_t)cur->off * s->v_stride * es;
+            for (int t = 0; t < take; t++) {
+                kp[n + t] = k + t * s->k_stride * es;
+                vp[n + t] = v + t * s->v_stride * es;
+            }
+            n += take;
+            cur->off += take;
+        }
+        if (cur->off >= s->n) {
+            cur->si++;
+            cur->off = 0;
+        }
+    }
+    return n;
+}
+
+/* ======================= streaming kernel (few rows, many keys) ======================= */
+
+/* Scores of NRB rows (q, q_stride) against keys kp[0..n) into s (row stride ATT_KB).
+ * kp must hold round_up(n, RV_VW) readable pointers (the driver pads with a valid one);
+ * part: ATT_RB * RV_VW * RV_VW floats, 64-byte aligned. */
+RV_INLINE void att_stream_qk(const int NRB, const float *q, ptrdiff_t q_stride, int d,
+                             const void *const *kp, const void *const *vp_prefetch, int n,
+                             float *s, float *part, const int f16)
+{
+    const int dv = d - d % RV_VW;
+    const int row_bytes = d * (f16 ? 2 : 4);
+    if (dv > 0) {
+        for (int j0 = 0; j0 < n; j0 += RV_VW) {
+            for (int jj = 0; jj < RV_VW && j0 + jj < n; jj += ATT_KG) {
+                const void *k[ATT_KG];
+                rv_vf a[ATT_RB][ATT_KG];
+#pragma GCC unroll 4
+                for (int t = 0; t < ATT_KG; t++) {
+                    k[t] = kp[j0 + jj + t];
+                    if (vp_prefetch)
+                        att_prefetch(vp_prefetch[j0 + jj + t], row_bytes);
+                }
+#pragma GCC unroll 4
+                for (int i = 0; i < NRB; i++)
+#pragma GCC unroll 4
+                    for (int t = 0; t < ATT_KG; t++)
+                        a[i][t] = rv_vf_zero();
+                for (int c = 0; c < dv; c += RV_VW) {
+                    rv_vf kv[ATT_KG];
+#pragma GCC unroll 4
+                    for (int t = 0; t < ATT_KG; t++)
+                        kv[t] = att_load(k[t], c, f16);
+#pragma GCC unroll 4
+                    for (int i = 0; i < NRB; i++) {
+                        rv_vf qv = rv_vf_load(q + i * q_stride + c);
+#pragma GCC unroll 4
+                        for (int t = 0; t < ATT_KG; t++)
+                            a[i][t] = rv_vf_fmadd(qv, kv[t], a[i][t]);
+                    }
+                }
+#pragma GCC unroll 4
+                for (int i = 0; i < NRB; i++)
+#pragma GCC unroll 4
+                    for (int t = 0; t < ATT_KG; t++)
+                        rv_vf_store(part + (i * RV_VW + att_slot(jj + t)) * RV_VW, a[i][t]);
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < NRB; i++)
+                rv_vf_store(s + i * ATT_KB + j0, att_reduce(part + i * RV_VW * RV_VW));
+        }
+    } else {
+        for (int i = 0; i < NRB; i++)
+            for (int j = 0; j < n; j++)
+                s[i * ATT_KB + j] = 0.0f;
+    }
+    if (dv < d) /* head_dim tail */
+        for (int i = 0; i < NRB; i++)
+            for (int j = 0; j < n; j++) {
+                float t = 0.0f;
+                for (int c = dv; c < d; c++)
+                    t += q[i * q_stride + c] * att_load1(kp[j], c, f16);
+                s[i * ATT_KB + j] += t;
+            }
+}
+
+/* acc rows [NRB] (stride d) = acc * corr + sum_j p[i][j] v_j over head_dim vectors [c0, c0+NCB) */
+RV_INLINE void att_stream_pv_block(const int NRB, const int NCB, float *acc, int d, int c0,
+                                   const float *p, const float *corr, const void *const *vp,
+                                   int n, const int f16)
+{
+    rv_vf a[ATT_RB][ATT_CB];
+#pragma GCC unroll 4
+    for (int i = 0; i < NRB; i++) {
+        rv_vf ci = rv_vf_set1(corr[i]);
+#pragma GCC unroll 4
+        for (int b = 0; b < NCB; b++)
+            a[i][b] = rv_vf_mul(rv_vf_load(acc + i * d + c0 + b * RV_VW), ci);
+    }
+    for (int j = 0; j < n; j++) {
+        rv_vf vv[ATT_CB];
+#pragma GCC unroll 4
+        for (int b = 0; b < NCB; b++)
+            vv[b] = att_load(vp[j], c0 + b * RV_VW, f16);
+#pragma GCC unroll 4
+        for (int i = 0; i < NRB; i++) {
+            rv_vf pi = rv_vf_set1(p[i * ATT_KB + j]);
+#pragma GCC unroll 4
+            for (int b = 0; b < NCB; b++)
+                a[i][b] = rv_vf_fmadd(pi, vv[b], a[i][b]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NRB; i++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NCB; b++)
+            rv_vf_store(acc + i * d + c0 + b * RV_VW, a[i][b]);
+}
+
+RV_INLINE void att_stream_pv(const int NRB, float *acc, int d, const float *p, const float *corr,
+                             const void *const *vp, int n, const int f16)
+{
+    const int dv = d - d % RV_VW;
+    int c0 = 0;
+    for (; c0 + ATT_CB * RV_VW <= dv; c0 += ATT_CB * RV_VW)
+        att_stream_pv_block(NRB, ATT_CB, acc, d, c0, p, corr, vp, n, f16);
+    for (; c0 < dv; c0 += RV_VW)
+        att_stream_pv_block(NRB, 1, acc, d, c0, p, corr, vp, n, f16);
+    if (dv < d) /* head_dim tail */
+        for (int i = 0; i < NRB; i++)
+            for (int c = dv; c < d; c++) {
+                float t = acc[i * d + c] * corr[i];
+                for (int j = 0; j < n; j++)
+                    t += p[i * ATT_KB + j] * att_load1(vp[j], c, f16);
+                acc[i * d + c] = t;
+            }
+}
+
+/* Online-softmax update of one row for its scores s[0..vis) of a block of n keys; leaves the
+ * weights in s[0..n) (0 for keys it does not see) and returns the rescale of its old state. */
+RV_INLINE float att_stream_softmax_row(float *s, int vis, int n, float *m, float *l)
+{
+    if (vis <= 0) {
+        for (int j = 0; j < n; j++)
+            s[j] = 0.0f;
+        return 1.0f;
+    }
+    int nv = att_round_up(vis, RV_VW);  /* s has room: ATT_KB is a multiple of RV_VW */
+    for (int j = vis; j < nv; j++)
+        s[j] = -INFINITY;
+    rv_vf mx = rv_vf_load(s);
+    for (int j = RV_VW; j < nv; j += RV_VW)
+        mx = rv_vf_max(mx, rv_vf_load(s + j));
+    float m_blk = rv_vf_hmax(mx);
+    float m_new = m_blk > *m ? m_blk : *m;
+    float corr = expf(*m - m_new);      /* 0 when the row had no key yet (m = -inf) */
+    rv_vf vm = rv_vf_set1(m_new), sum = rv_vf_zero();
+    for (int j = 0; j < nv; j += RV_VW) {
+        rv_vf e = rv_vf_exp(rv_vf_sub(rv_vf_load(s + j), vm));
+        rv_vf_store(s + j, e);
+        sum = rv_vf_add(sum, e);
+    }
+    for (int j = nv; j < n; j++)
+        s[j] = 0.0f;
+    *l = *l * corr + rv_vf_hsum(sum);
     *m = m_new;
-    if (corr != 1.0f)
-        scale_f32((size_t)head_dim, corr, acc);
-    for (int j = 0; j < vis; j++)
-        axpy_f32((size_t)head_dim, s[j], v + j * v_stride, acc);
+    return corr;
+}
+
+/* Fold keys [0, n) of the block (pointers kp/vp, padded to a multiple of RV_VW) into rows
+ * [r0, r0+NRB). vis[i] = keys of the block row r0+i sees. */
+RV_INLINE void att_stream_rows(const int NRB, rv_attn_state *st, int r0, const void *const *kp,
+                               const void *const *vp, const void *const *k_next, int n_next,
+                               int n, const int *vis, float *s, float *part, float *corr,
+                               const int f16)
+{
+    const int d = st->head_dim;
+    int n_eff = 0;
+    for (int i = 0; i < NRB; i++)
+        n_eff = att_max(n_eff, vis[i]);
+    if (n_eff == 0)
+        return;
+    /* V of this block is needed right after the scores: fetch it while they are computed */
+    att_stream_qk(NRB, st->q + r0 * st->q_stride, st->q_stride, d, kp, r0 == 0 ? vp : NULL,
+                  n_eff, s, part, f16);
+    for (int i = 0; i < NRB; i++)
+        corr[i] = att_stream_softmax_row(s + i * ATT_KB, vis[i], n_eff, &st->m[r0 + i], &st->l[r0 + i]);
+    if (r0 == 0 && k_next) /* and the next block's keys while the values are folded in */
+        for (int j = 0; j < n_next; j++)
+            att_prefetch(k_next[j], d * (f16 ? 2 : 4));
+    att_stream_pv(NRB, st->acc + (size_t)r0 * d, d, s, corr, vp, n_eff, f16);
+}
+
+RV_INLINE void att_stream_block(rv_attn_state *st, const void **kp, const void **vp, int n,
+                                const void *const *k_next, int n_next, const int *visible,
+                                int base, const int f16)
+{
+    float *s = st->scratch;                                    /* ATT_RB x ATT_KB scores */
+    float *part = s + ATT_RB * ATT_KB;                         /* ATT_RB x VW x VW, aligned */
+    float *corr = part + ATT_RB * RV_VW * RV_VW;
+    int vis[ATT_RB];
+    for (int t = n; t < att_round_up(n, RV_VW); t++) {         /* readable padding */
+        kp[t] = kp[n - 1];
+        vp[t] = vp[n - 1];
+    }
+    for (int r0 = 0; r0 < st->rows; r0 += ATT_RB) {
+        int nrb = att_min(ATT_RB, st->rows - r0);
+        for (int i = 0; i < nrb; i++)
+            vis[i] = visible ? att_max(0, att_min(n, visible[r0 + i] - base)) : n;
+        switch (nrb) {
+        case 4: att_stream_rows(4, st, r0, kp, vp, k_next, n_next, n, vis, s, part, corr, f16); break;
+        case 3: att_stream_rows(3, st, r0, kp, vp, k_next, n_next, n, vis, s, part, corr, f16); break;
+        case 2: att_stream_rows(2, st, r0, kp, vp, k_next, n_next, n, vis, s, part, corr, f16); break;
+        default: att_stream_rows(1, st, r0, kp, vp, k_next, n_next, n, vis, s, part, corr, f16); break;
+        }
+    }
+}
+
+RV_INLINE void att_stream_spans(rv_attn_state *st, const rv_kv_span *spans, int nspans,
+                                const int *visible, const int f16)
+{
+    const void *kp[2][ATT_KB + 16], *vp[2][ATT_KB + 16];
+    att_cursor cur = {spans, nspans, 0, 0};
+    int limit = 0x7fffffff;     /* keys past every row's visible prefix are never read */
+    if (visible) {
+        limit = 0;
+        for (int r = 0; r < st->rows; r++)
+            limit = att_max(limit, visible[r]);
+    }
+    int base = 0, b = 0;
+    int n = att_gather(&cur, att_min(ATT_KB, limit), f16, kp[b], vp[b]);
+    while (n > 0) {
+        int n_next = att_gather(&cur, att_min(ATT_KB, limit - base - n), f16, kp[b ^ 1], vp[b ^ 1]);
+        att_stream_block(st, kp[b], vp[b], n, n_next ? kp[b ^ 1] : NULL, n_next, visible, base, f16);
+        base += n;
+        n = n_next;
+        b ^= 1;
+    }
+}
+
+static void attend_spans_f32(rv_attn_state *st, const rv_kv_span *spans, int nspans, const int *visible)
+{
+    att_stream_spans(st, spans, nspans, visible, 0);
+}
+
+static void attend_spans_f16(rv_attn_state *st, const rv_kv_span *spans, int nspans, const int *visible)
+{
+    att_stream_spans(st, spans, nspans, visible, 1);
 }
 
 static void attend_chunk_f32(rv_attn_state *st, const float *k, ptrdiff_t k_stride,
                              const float *v, ptrdiff_t v_stride, int n, const int *visible)
 {
-    const int d = st->head_dim;
-    float *s = st->scratch;
-    for (int r = 0; r < st->rows; r++) {
-        int vis = visible ? (visible[r] < n ? visible[r] : n) : n;
-        if (vis <= 0)
-            continue;
-        const float *q = st->q + r * st->q_stride;
-        for (int j = 0; j < vis; j++)
-            s[j] = dot_f32(q, k + j * k_stride, (size_t)d);
-        fold_row_f32(d, s, vis, v, v_stride, &st->m[r], &st->l[r], st->acc + (size_t)r * d);
-    }
+    rv_kv_span span = {k, v, k_stride, v_stride, n};
+    att_stream_spans(st, &span, 1, visible, 0);
 }
 
 static void attend_chunk_f16(rv_attn_state *st, const uint16_t *k, ptrdiff_t k_stride,
                              const uint16_t *v, ptrdiff_t v_stride, int n, const int *visible)
 {
-    const int d = st->head_dim;
-    float *kf = st->scratch + (size_t)st->rows * RV_ATTN_CHUNK;
-    float *vf = kf + (size_t)RV_ATTN_CHUNK * d;
-    for (int j = 0; j < n; j++) {
-        f16_to_f32(k + j * k_stride, kf + (size_t)j * d, (size_t)d);
-        f16_to_f32(v + j * v_stride, vf + (size_t)j * d, (size_t)d);
-    }
-    attend_chunk_f32(st, kf, d, vf, d, n, visible);
+    rv_kv_span span = {k, v, k_stride, v_stride, n};
+    att_stream_spans(st, &span, 1, visible, 1);
 }
 
 static void attn_merge(int rows, int head_dim, float *m, float *l, float *acc,
@@ -81,12 +437,234 @@ static void attn_finalize(int rows, int head_dim, const float *l, const float *a
     }
 }
 
+/* ======================= tiled kernel (many rows: prefill) =======================
+ * Layout in scratch (RP = rows rounded up to RV_VW, dp = head_dim rounded up to ATT_T_MR):
+ *   Qt [d][ATT_TR]   scaled queries, transposed (padding rows 0)
+ *   Ot [dp][ATT_TR]  unnormalised output, transposed
+ *   St [ATT_TK+8][ATT_TR]  scores, then weights, of one key tile (key-major)
+ *   m, l, corr, visf [ATT_TR]
+ *   Kc, Vc [ATT_TK+8][dp]  the key tile's K and V rows as contiguous fp32 (zero padded) */
+
+/* St[j0+i][v0..v0+NR) = sum_c Kc[j0+i][c] * Qt[c][v0..]  for i < MR */
+RV_INLINE void att_tile_qk(const int MR, const int NR, int d, const float *Qt, const float *Kc,
+                           int dp, float *St, int j0, int v0)
+{
+    rv_vf acc[ATT_T_MR][ATT_T_NR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NR; t++)
+            acc[i][t] = rv_vf_zero();
+    const float *qp = Qt + v0 * RV_VW;
+    const float *kp = Kc + (size_t)j0 * dp;
+    for (int c = 0; c < d; c++) {
+        rv_vf qv[ATT_T_NR];
+#pragma GCC unroll 4
+        for (int t = 0; t < NR; t++)
+            qv[t] = rv_vf_load(qp + (size_t)c * ATT_TR + t * RV_VW);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++) {
+            rv_vf kb = rv_vf_set1(kp[i * dp + c]);
+#pragma GCC unroll 4
+            for (int t = 0; t < NR; t++)
+                acc[i][t] = rv_vf_fmadd(kb, qv[t], acc[i][t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NR; t++)
+            rv_vf_store(St + (size_t)(j0 + i) * ATT_TR + v0 * RV_VW + t * RV_VW, acc[i][t]);
+}
+
+/* Ot[c0+i][v0..v0+NR) = Ot * corr + sum_j Vc[j][c0+i] * St[j][v0..]  for i < MC */
+RV_INLINE void att_tile_pv(const int MC, const int NR, int n, const float *St, const float *Vc,
+                           int dp, float *Ot, const float *corr, int c0, int v0)
+{
+    rv_vf acc[ATT_T_MR][ATT_T_NR], cv[ATT_T_NR];
+#pragma GCC unroll 4
+    for (int t = 0; t < NR; t++)
+        cv[t] = rv_vf_load(corr + v0 * RV_VW + t * RV_VW);
+#pragma GCC unroll 8
+    for (int i = 0; i < MC; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NR; t++)
+            acc[i][t] = rv_vf_mul(rv_vf_load(Ot + (size_t)(c0 + i) * ATT_TR + v0 * RV_VW + t * RV_VW), cv[t]);
+    const float *vp = Vc + c0;
+    for (int j = 0; j < n; j++) {
+        rv_vf pv[ATT_T_NR];
+#pragma GCC unroll 4
+        for (int t = 0; t < NR; t++)
+            pv[t] = rv_vf_load(St + (size_t)j * ATT_TR + v0 * RV_VW + t * RV_VW);
+#pragma GCC unroll 8
+        for (int i = 0; i < MC; i++) {
+            rv_vf vb = rv_vf_set1(vp[(size_t)j * dp + i]);
+#pragma GCC unroll 4
+            for (int t = 0; t < NR; t++)
+                acc[i][t] = rv_vf_fmadd(vb, pv[t], acc[i][t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MC; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NR; t++)
+            rv_vf_store(Ot + (size_t)(c0 + i) * ATT_TR + v0 * RV_VW + t * RV_VW, acc[i][t]);
+}
+
+/* The NR-wide column of row vectors [v0, v0+nr) for every micro-tile of the key tile */
+RV_INLINE void att_tile_products(int nv, int d, int dp, int n, const float *Qt, const float *Kc,
+                                 const float *Vc, float *St, float *Ot, const float *corr, int phase)
+{
+    for (int v0 = 0; v0 < nv; v0 += ATT_T_NR) {
+        int nr = att_min(ATT_T_NR, nv - v0);
+        (void)nr;  /* unused where ATT_T_NR == 1 */
+        if (phase == 0) {
+            for (int j0 = 0; j0 < n; j0 += ATT_T_MR) { /* Kc is zero-padded past n */
+#if ATT_T_NR >= 4
+                if (nr == 4) { att_tile_qk(ATT_T_MR, 4, d, Qt, Kc, dp, St, j0, v0); continue; }
+                if (nr == 3) { att_tile_qk(ATT_T_MR, 3, d, Qt, Kc, dp, St, j0, v0); continue; }
+#endif
+#if ATT_T_NR >= 2
+                if (nr == 2) { att_tile_qk(ATT_T_MR, 2, d, Qt, Kc, dp, St, j0, v0); continue; }
+#endif
+                att_tile_qk(ATT_T_MR, 1, d, Qt, Kc, dp, St, j0, v0);
+            }
+        } else {
+            for (int c0 = 0; c0 < dp; c0 += ATT_T_MR) { /* Vc and Ot are padded to dp */
+#if ATT_T_NR >= 4
+                if (nr == 4) { att_tile_pv(ATT_T_MR, 4, n, St, Vc, dp, Ot, corr, c0, v0); continue; }
+                if (nr == 3) { att_tile_pv(ATT_T_MR, 3, n, St, Vc, dp, Ot, corr, c0, v0); continue; }
+#endif
+#if ATT_T_NR >= 2
+                if (nr == 2) { att_tile_pv(ATT_T_MR, 2, n, St, Vc, dp, Ot, corr, c0, v0); continue; }
+#endif
+                att_tile_pv(ATT_T_MR, 1, n, St, Vc, dp, Ot, corr, c0, v0);
+            }
+        }
+    }
+}
+
+/* Copy a row of d elements to fp32, zero-padding to dp */
+RV_INLINE void att_pack_row(float *dst, const void *src, int d, int dp, const int f16)
+{
+    int c = 0;
+    for (; c + RV_VW <= d; c += RV_VW)
+        rv_vf_store(dst + c, att_load(src, c, f16));
+    for (; c < d; c++)
+        dst[c] = att_load1(src, c, f16);
+    for (; c < dp; c++)
+        dst[c] = 0.0f;
+}
+
+RV_INLINE void att_rows_impl(const rv_attn_rows *job, float *scratch, const int f16)
+{
+    const int R = job->rows, d = job->head_dim;
+    const int RP = att_round_up(R, RV_VW), nv = RP / RV_VW;
+    const int dp = att_round_up(d, ATT_T_MR);
+    float *Qt = scratch;
+    float *Ot = Qt + (size_t)(d + 8) * ATT_TR;
+    float *St = Ot + (size_t)(d + 8) * ATT_TR;
+    float *m = St + (size_t)(ATT_TK + 8) * ATT_TR;
+    float *l = m + ATT_TR, *corr = l + ATT_TR, *visf = corr + ATT_TR;
+    float *Kc = visf + ATT_TR;
+    float *Vc = Kc + (size_t)(ATT_TK + 8) * dp;
+    const void *kp[ATT_TK], *vp[ATT_TK];
+
+    int maxvis = 0, minvis = 0x7fffffff;
+    for (int r = 0; r < R; r++) {
+        int vr = job->visible ? att_max(job->visible[r], 0) : 0x7fffffff;
+        maxvis = att_max(maxvis, vr);
+        minvis = att_min(minvis, vr);
+        visf[r] = vr > (1 << 24) ? 16777216.0f : (float)vr;   /* exact below 2^24 keys */
+    }
+    for (int r = R; r < RP; r++)
+        visf[r] = 0.0f;
+    for (int c = 0; c < d; c++) {
+        float *qt = Qt + (size_t)c * ATT_TR;
+        for (int r = 0; r < R; r++)
+            qt[r] = job->q[r][c] * job->scale;
+        for (int r = R; r < RP; r++)
+            qt[r] = 0.0f;
+    }
+    for (int i = 0; i < dp * ATT_TR; i += RV_VW)
+        rv_vf_store(Ot + i, rv_vf_zero());
+    for (int r = 0; r < RP; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+
+    att_cursor cur = {job->spans, job->nspans, 0, 0};
+    const rv_vf neg_inf = rv_vf_set1(-INFINITY), floor_m = rv_vf_set1(-FLT_MAX);
+    for (int j0 = 0; j0 < maxvis; j0 += ATT_TK) {
+        int n = att_gather(&cur, att_min(ATT_TK, maxvis - j0), f16, kp, vp);
+        if (n <= 0)
+            break;
+        for (int j = 0; j < n; j++) {
+            att_pack_row(Kc + (size_t)j * dp, kp[j], d, dp, f16);
+            att_pack_row(Vc + (size_t)j * dp, vp[j], d, dp, f16);
+        }
+        for (int j = n; j < att_round_up(n, ATT_T_MR); j++) {
+            for (int c = 0; c < dp; c++)
+                Kc[(size_t)j * dp + c] = 0.0f;
+        }
+        att_tile_products(nv, d, dp, n, Qt, Kc, Vc, St, Ot, corr, 0);
+
+        const int masked = j0 + n > minvis;
+        for (int v = 0; v < nv; v++) {
+            float *sv = St + v * RV_VW;
+            rv_vf vis_v = rv_vf_load(visf + v * RV_VW);
+            rv_vf mt = neg_inf;
+            for (int j = 0; j < n; j++) {
+                rv_vf x = rv_vf_load(sv + (size_t)j * ATT_TR);
+                if (masked) {
+                    x = att_select_lt(rv_vf_set1((float)(j0 + j)), vis_v, x, neg_inf);
+                    rv_vf_store(sv + (size_t)j * ATT_TR, x);
+                }
+                mt = rv_vf_max(mt, x);
+            }
+            rv_vf m_old = rv_vf_load(m + v * RV_VW);
+            rv_vf m_new = rv_vf_max(m_old, mt);
+            /* a row with no key yet keeps m = -inf; shifting by -FLT_MAX then gives exp = 0 */
+            rv_vf shift = rv_vf_max(m_new, floor_m);
+            rv_vf cr = rv_vf_exp(rv_vf_sub(m_old, shift));
+            rv_vf sum = rv_vf_zero();
+            for (int j = 0; j < n; j++) {
+                rv_vf e = rv_vf_exp(rv_vf_sub(rv_vf_load(sv + (size_t)j * ATT_TR), shift));
+                rv_vf_store(sv + (size_t)j * ATT_TR, e);
+                sum = rv_vf_add(sum, e);
+            }
+            rv_vf_store(l + v * RV_VW, rv_vf_add(rv_vf_mul(rv_vf_load(l + v * RV_VW), cr), sum));
+            rv_vf_store(m + v * RV_VW, m_new);
+            rv_vf_store(corr + v * RV_VW, cr);
+        }
+        att_tile_products(nv, d, dp, n, Qt, Kc, Vc, St, Ot, corr, 1);
+    }
+
+    for (int r = 0; r < R; r++) {
+        float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        float *o = job->out[r];
+        for (int c = 0; c < d; c++)
+            o[c] = Ot[(size_t)c * ATT_TR + r] * inv;
+        if (job->m_out)
+            job->m_out[r] = m[r];
+        if (job->l_out)
+            job->l_out[r] = l[r];
+    }
+}
+
+static void attend_rows_f32(const rv_attn_rows *job, float *scratch) { att_rows_impl(job, scratch, 0); }
+static void attend_rows_f16(const rv_attn_rows *job, float *scratch) { att_rows_impl(job, scratch, 1); }
+
 static void fill_attention_ops(rv_ops *ops)
 {
     ops->attend_chunk_f32 = attend_chunk_f32;
     ops->attend_chunk_f16 = attend_chunk_f16;
     ops->attn_merge = attn_merge;
     ops->attn_finalize = attn_finalize;
+    ops->attend_spans_f32 = attend_spans_f32;
+    ops->attend_spans_f16 = attend_spans_f16;
+    ops->attend_rows_f32 = attend_rows_f32;
+    ops->attend_rows_f16 = attend_rows_f16;
 }
 
 #endif

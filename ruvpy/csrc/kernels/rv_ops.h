@@ -26,9 +26,9 @@ typedef enum {
  * attend_chunk_*; split contexts are combined with attn_merge, then attn_finalize divides.
  * Start state: m = -INFINITY, l = 0, acc = 0. */
 #define RV_ATTN_CHUNK 64
-/* floats of scratch one state needs (scores for every row of a chunk + converted K/V chunk) */
-#define RV_ATTN_SCRATCH_FLOATS(rows, head_dim) \
-    ((size_t)(rows) * RV_ATTN_CHUNK + 2 * (size_t)RV_ATTN_CHUNK * (size_t)(head_dim) + 64)
+/* floats of scratch one state needs: scores/weights of every row for a chunk plus partial dot
+ * products (head_dim does not matter now; it stays an argument so callers need not change) */
+#define RV_ATTN_SCRATCH_FLOATS(rows, head_dim) ((size_t)(rows) * (RV_ATTN_CHUNK + 16) + 2048 + 64)
 
 typedef struct rv_attn_state {
     int rows;
@@ -40,6 +40,39 @@ typedef struct rv_attn_state {
     float *acc;            /* [rows x head_dim] running sum of exp(score - m) * v */
     float *scratch;        /* RV_ATTN_SCRATCH_FLOATS(rows, head_dim) floats, 64-byte aligned */
 } rv_attn_state;
+
+/* A run of n K/V rows: row j of the keys at k + j*k_stride elements, of the values at
+ * v + j*v_stride (elements are float or binary16, as the function taking it says). A list of
+ * spans is one logical key sequence (a paged cache's blocks in order, or one contiguous range);
+ * "key index" below counts over the whole list. Spans with n <= 0 are skipped. */
+typedef struct rv_kv_span {
+    const void *k;
+    const void *v;
+    ptrdiff_t k_stride;
+    ptrdiff_t v_stride;
+    int n;
+} rv_kv_span;
+
+/* Tiled attention of up to RV_ATTN_TILE_ROWS query rows (prefill), see attend_rows_*. */
+#define RV_ATTN_TILE_ROWS 64
+#define RV_ATTN_TILE_KEYS 64
+/* floats of scratch attend_rows_* needs (64-byte aligned) */
+#define RV_ATTN_TILE_SCRATCH_FLOATS(head_dim) \
+    (((size_t)(head_dim) + 8) * (2 * RV_ATTN_TILE_ROWS + 2 * (RV_ATTN_TILE_KEYS + 8)) + \
+     (size_t)(RV_ATTN_TILE_KEYS + 8) * RV_ATTN_TILE_ROWS + 8 * RV_ATTN_TILE_ROWS + 64)
+
+typedef struct rv_attn_rows {
+    int rows;                 /* 1..RV_ATTN_TILE_ROWS query rows */
+    int head_dim;
+    float scale;              /* softmax scale, applied here (q is NOT pre-scaled) */
+    const float *const *q;    /* [rows] query row pointers */
+    float *const *out;        /* [rows] output row pointers (may equal q's rows) */
+    const int *visible;       /* [rows] leading keys row r sees (causal); NULL: all keys */
+    const rv_kv_span *spans;  /* the keys and values, in order */
+    int nspans;
+    float *m_out;             /* optional [rows]: final running max (scaled scores), or NULL */
+    float *l_out;             /* optional [rows]: final sum of exp(score - max), or NULL */
+} rv_attn_rows;
 
 typedef struct rv_ops {
     const char *isa;   /* "scalar", "avx2", "avx512", "neon" */
@@ -69,6 +102,27 @@ typedef struct rv_ops {
     /* out row r (stride out_stride floats) = acc_r / l_r; rows that saw no key get zeros */
     void (*attn_finalize)(int rows, int head_dim, const float *l, const float *acc,
                           float *out, ptrdiff_t out_stride);
+
+    /* ---- attention, appended (attention_impl.h) ----
+     * attend_spans_*: like attend_chunk_* but over any number of keys given as spans (paged
+     * blocks or one long range): folds them all into st in RV_ATTN_CHUNK pieces, streaming each
+     * K/V row once for all st->rows rows (use it for decode: rows = the GQA group, or a few
+     * query tokens x group with per-row `visible` for causal). visible[r] counts keys over the
+     * whole span list (NULL: all). Scratch: RV_ATTN_SCRATCH_FLOATS(rows, head_dim). Fastest
+     * for rows <= 8; state semantics exactly as attend_chunk_* (merge/finalize apply). */
+    void (*attend_spans_f32)(rv_attn_state *st, const rv_kv_span *spans, int nspans,
+                             const int *visible);
+    void (*attend_spans_f16)(rv_attn_state *st, const rv_kv_span *spans, int nspans,
+                             const int *visible);
+    /* attend_rows_*: complete attention of job->rows (<= RV_ATTN_TILE_ROWS) query rows over
+     * the spans (flash attention 2: query rows x RV_ATTN_TILE_KEYS key tiles, online softmax,
+     * key tiles past every row's `visible` skipped, partial tiles masked exactly); writes the
+     * normalised output rows (rows that see no key get zeros) and, if asked, (m, l) so that
+     * partial results over disjoint key ranges can be merged: acc = out * l.
+     * For prefill put many rows in one call (e.g. 16 tokens x a GQA group of 4); it is slower
+     * than attend_spans_* for one or two rows. Scratch: RV_ATTN_TILE_SCRATCH_FLOATS(head_dim). */
+    void (*attend_rows_f32)(const rv_attn_rows *job, float *scratch);
+    void (*attend_rows_f16)(const rv_attn_rows *job, float *scratch);
 } rv_ops;
 
 /* rv_dispatch.c */

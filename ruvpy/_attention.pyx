@@ -1,0 +1,201 @@
+# cython: language_level=3
+"""Functional attention: ruvpy.attention(q, k, v, *, causal=True, scale=None, out=None).
+
+A thin layer: it checks shapes, dtypes and strides, then runs the C driver
+(csrc/attention/rv_attention.c) with the GIL released on the active ISA's kernel table.
+"""
+import numpy as np
+
+cimport numpy as cnp
+from libc.math cimport sqrt, isfinite
+from libc.stdint cimport uint64_t
+
+from ruvpy.c_ops cimport rv_ops
+from ruvpy._kernels cimport active_ops, num_threads
+
+cnp.import_array()
+
+cdef extern from "rv_common.h":
+    enum:
+        RV_OK
+        RV_ENOMEM
+        RV_EINVAL
+
+MAX_HEAD_DIM = 256
+# the tiled kernel compares key indices as float32: exact up to 2**24
+MAX_KV_LEN = 1 << 24
+
+
+cdef cnp.ndarray _kernel_layout(object x, str name):
+    """x as an ndarray the kernels can read in place: last axis contiguous and every stride a
+    whole number of elements. Anything else (a transposed or byte-strided view) is copied."""
+    cdef cnp.ndarray a = x if cnp.PyArray_Check(x) else np.asarray(x)
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be 3-D [tokens, heads, head_dim], got shape {(<object>a).shape}")
+    cdef Py_ssize_t item = a.itemsize
+    cdef int i
+    cdef bint ok = a.shape[2] <= 1 or a.strides[2] == item
+    for i in range(3):
+        if a.shape[i] > 1 and a.strides[i] % item != 0:
+            ok = False
+    return a if ok else np.ascontiguousarray(a)
+
+
+cdef inline ptrdiff_t _stride(cnp.ndarray a, int axis):
+    """element stride of an axis (0 for an axis of length 1, whose stride numpy leaves free)"""
+    return 0 if a.shape[axis] <= 1 else a.strides[axis] // a.itemsize
+
+
+cdef void _extent(cnp.ndarray a, char **lo, char **hi):
+    """the bytes [lo, hi) an array can touch"""
+    cdef char *base = <char *>cnp.PyArray_DATA(a)
+    cdef Py_ssize_t lo_off = 0, hi_off = a.itemsize, span
+    cdef int i
+    for i in range(a.ndim):
+        if a.shape[i] == 0:
+            lo[0] = base
+            hi[0] = base
+            return
+        span = (a.shape[i] - 1) * a.strides[i]
+        if span < 0:
+            lo_off += span
+        else:
+            hi_off += span
+    lo[0] = base + lo_off
+    hi[0] = base + hi_off
+
+
+cdef bint _overlap(cnp.ndarray a, cnp.ndarray b):
+    cdef char *alo
+    cdef char *ahi
+    cdef char *blo
+    cdef char *bhi
+    _extent(a, &alo, &ahi)
+    _extent(b, &blo, &bhi)
+    return alo < bhi and blo < ahi
+
+
+def attention(q, k, v, *, causal=True, scale=None, out=None):
+    """softmax(scale * q k^T + mask) v for every query head.
+
+    q: [q_len, num_heads, head_dim] float32. k, v: [kv_len, num_kv_heads, head_dim], both
+    float32 or both float16 (token-major "NHD"); num_heads must be a multiple of num_kv_heads
+    (MHA, GQA, MQA: query head h uses KV head h // (num_heads // num_kv_heads)).
+    causal: query i sits at position kv_len - q_len + i and sees keys 0 .. that position.
+    scale: defaults to 1 / sqrt(head_dim).
+    out: optional float32 array of q's shape; the result is written there and nothing is
+    allocated. Returns out (or a new array). head_dim may be 1..256 (multiples of 16 fastest).
+    Arrays whose last axis is not contiguous are copied first.
+    """
+    cdef cnp.ndarray qa = _kernel_layout(q, "q")
+    cdef cnp.ndarray ka = _kernel_layout(k, "k")
+    cdef cnp.ndarray va = _kernel_layout(v, "v")
+    if qa.dtype != np.float32:
+        raise TypeError(f"q must be float32, got {qa.dtype}")
+    if ka.dtype != va.dtype:
+        raise TypeError(f"k and v must have the same dtype, got {ka.dtype} and {va.dtype}")
+    if ka.dtype != np.float32 and ka.dtype != np.float16:
+        raise TypeError(f"k and v must be float32 or float16, got {ka.dtype}")
+    cdef Py_ssize_t q_len = qa.shape[0], num_heads = qa.shape[1], head_dim = qa.shape[2]
+    cdef Py_ssize_t kv_len = ka.shape[0], num_kv_heads = ka.shape[1]
+    qs, ks, vs = (<object>qa).shape, (<object>ka).shape, (<object>va).shape
+    if ks != vs:
+        raise ValueError(f"k and v shapes differ: k {ks}, v {vs}")
+    if ka.shape[2] != head_dim:
+        raise ValueError(f"head_dim differs: q {qs} has {head_dim}, k {ks} has {ka.shape[2]}")
+    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be 1..{MAX_HEAD_DIM}, got {head_dim} (q {qs})")
+    if kv_len < 1 or num_kv_heads < 1:
+        raise ValueError(f"k and v are empty: shape {ks}")
+    if kv_len > MAX_KV_LEN:
+        raise ValueError(f"kv_len {kv_len} exceeds the supported {MAX_KV_LEN} tokens")
+    if num_heads < 1 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}, q {qs}) must be a positive multiple of "
+                         f"num_kv_heads ({num_kv_heads}, k {ks})")
+    cdef bint is_causal = bool(causal)
+    if is_causal and q_len > kv_len:
+        raise ValueError(f"causal attention needs q_len <= kv_len, got q {qs} and k {ks}")
+    cdef double scl
+    if scale is None:
+        scl = 1.0 / sqrt(<double>head_dim)
+    else:
+        scl = float(scale)
+        if not isfinite(scl):
+            raise ValueError(f"scale must be finite, got {scale!r}")
+
+    cdef cnp.ndarray oa
+    if out is None:
+        oa = np.empty((q_len, num_heads, head_dim), dtype=np.float32)
+    else:
+        if not cnp.PyArray_Check(out):
+            raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+        oa = out
+        if oa.dtype != np.float32:
+            raise TypeError(f"out must be float32, got {oa.dtype}")
+        if (<object>oa).shape != qs:
+            raise ValueError(f"out has shape {(<object>oa).shape}, expected q's shape {qs}")
+        if not oa.flags.writeable:
+            raise ValueError("out is read-only")
+        if _kernel_layout(oa, "out") is not oa:
+            raise ValueError(f"out needs a contiguous last axis and whole-element strides, "
+                             f"got strides {(<object>oa).strides}")
+        if _overlap(oa, ka) or _overlap(oa, va):
+            raise ValueError("out overlaps k or v")
+        if _overlap(oa, qa) and (cnp.PyArray_DATA(oa) != cnp.PyArray_DATA(qa)
+                                   or (<object>oa).strides != (<object>qa).strides):
+            raise ValueError("out overlaps q without being q itself (in place is fine)")
+    if q_len == 0:
+        return oa
+
+    cdef rv_attn_args args
+    args.q = <const float *>cnp.PyArray_DATA(qa)
+    args.q_tok = _stride(qa, 0)
+    args.q_head = _stride(qa, 1)
+    args.k = cnp.PyArray_DATA(ka)
+    args.k_tok = _stride(ka, 0)
+    args.k_head = _stride(ka, 1)
+    args.v = cnp.PyArray_DATA(va)
+    args.v_tok = _stride(va, 0)
+    args.v_head = _stride(va, 1)
+    args.out = <float *>cnp.PyArray_DATA(oa)
+    args.o_tok = _stride(oa, 0)
+    args.o_head = _stride(oa, 1)
+    args.q_len = <int>q_len
+    args.kv_len = <int>kv_len
+    args.num_heads = <int>num_heads
+    args.num_kv_heads = <int>num_kv_heads
+    args.head_dim = <int>head_dim
+    args.kv_f16 = ka.dtype == np.float16
+    args.causal = is_causal
+    args.scale = <float>scl
+    cdef int status
+    with nogil:
+        status = rv_attention(active_ops(), num_threads(), &args)
+    if status == RV_ENOMEM:
+        raise MemoryError("attention: could not allocate its scratch buffer")
+    if status != RV_OK:
+        raise ValueError(f"attention: invalid arguments (q {qs}, k {ks})")
+    return oa
+
+
+def release_scratch():
+    """Free the calling thread's cached attention scratch (kept between calls otherwise)."""
+    rv_attention_release_scratch()
+
+
+def scratch_bytes():
+    """Bytes of attention scratch the calling thread holds."""
+    return rv_attention_scratch_bytes()
+
+
+def _stream_read(buf, int nthreads=0):
+    """Read every byte of a contiguous buffer with nthreads threads (0: ruvpy's thread count);
+    returns a checksum. Benchmarks time it to measure the machine's read bandwidth."""
+    cdef const unsigned char[::1] view = memoryview(buf).cast("B")
+    cdef int nt = nthreads if nthreads > 0 else num_threads()
+    cdef uint64_t r = 0
+    cdef size_t n = view.shape[0]
+    if n:
+        with nogil:
+            r = rv_stream_read(&view[0], n, nt)
+    return r
