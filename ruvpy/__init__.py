@@ -6,6 +6,7 @@ kernels that release the GIL.
 """
 from ruvpy import _kernels
 from ruvpy._kernels import get_isa, set_isa, available_isas, set_num_threads, get_num_threads
+from ruvpy._attention import attention
 from ruvpy._memory import (Arena, ArenaExhausted, ArenaStats, BufferPool, PooledBuffer, PoolStats,
                            ScratchSpace, MemoryManager)
 
