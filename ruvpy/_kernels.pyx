@@ -56,12 +56,15 @@ def set_isa(name):
 
 
 def set_num_threads(n):
-    """Threads for ruvpy's parallel kernels; None or 0 means all (OMP_NUM_THREADS / cores)."""
+    """Threads for ruvpy's parallel kernels; None or 0 means all (OMP_NUM_THREADS / cores).
+    More than there are is capped to that."""
     if n is None:
         n = 0
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"thread count must be a non-negative int or None, got {n!r}")
-    rv_set_num_threads(int(n))
+    if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)):
+        raise TypeError(f"thread count must be an int or None, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"thread count must be >= 0 (0 or None: all), got {n}")
+    rv_set_num_threads(<int>min(int(n), 2**31 - 1))
 
 
 def get_num_threads():
@@ -85,7 +88,8 @@ def _select_from_environment():
     try:
         set_isa(requested)
     except (ValueError, RuntimeError) as exc:
-        raise RuntimeError(f"RUVPY_ISA={requested!r}: {exc}") from None
+        raise RuntimeError(f"RUVPY_ISA={requested!r} cannot be used: {exc}; this machine can "
+                           f"run {', '.join(available_isas())} (unset RUVPY_ISA for the best)") from None
 
 
 _select_from_environment()
@@ -100,6 +104,23 @@ def _f32(x, name):
     return a.reshape(-1)
 
 
+def _inplace_f32(x, name):
+    """The flat contiguous float32 buffer an in-place kernel updates for array x: a view of x,
+    or for a non-contiguous x a copy that _write_back stores into x afterwards."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a float32 numpy array (updated in place), got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got {x.dtype}")
+    if not x.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place")
+    return x.reshape(-1) if x.flags.c_contiguous else np.ascontiguousarray(x).reshape(-1)
+
+
+def _write_back(x, flat):
+    if not x.flags.c_contiguous:
+        x[...] = flat.reshape(x.shape)
+
+
 def dot(a, b):
     cdef const float[::1] x = _f32(a, "a")
     cdef const float[::1] y = _f32(b, "b")
@@ -111,21 +132,27 @@ def dot(a, b):
     return r
 
 
-def axpy(float alpha, x, float[::1] y not None):
-    """y += alpha * x, in place."""
+def axpy(float alpha, x, y):
+    """y += alpha * x, in place (y: float32 array, x: float32 of the same size)."""
     cdef const float[::1] xv = _f32(x, "x")
-    if xv.shape[0] != y.shape[0]:
-        raise ValueError(f"axpy: lengths differ ({xv.shape[0]} vs {y.shape[0]})")
-    if y.shape[0]:
+    flat = _inplace_f32(y, "y")
+    cdef float[::1] yv = flat
+    if xv.shape[0] != yv.shape[0]:
+        raise ValueError(f"axpy: lengths differ ({xv.shape[0]} vs {yv.shape[0]})")
+    if yv.shape[0]:
         with nogil:
-            rv_active_ops().axpy_f32(y.shape[0], alpha, &xv[0], &y[0])
+            rv_active_ops().axpy_f32(yv.shape[0], alpha, &xv[0], &yv[0])
+    _write_back(y, flat)
 
 
-def scale(float alpha, float[::1] x not None):
-    """x *= alpha, in place."""
-    if x.shape[0]:
+def scale(float alpha, x):
+    """x *= alpha, in place (x: float32 array)."""
+    flat = _inplace_f32(x, "x")
+    cdef float[::1] xv = flat
+    if xv.shape[0]:
         with nogil:
-            rv_active_ops().scale_f32(x.shape[0], alpha, &x[0])
+            rv_active_ops().scale_f32(xv.shape[0], alpha, &xv[0])
+    _write_back(x, flat)
 
 
 def vmax(x):
