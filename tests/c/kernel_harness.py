@@ -1,0 +1,510 @@
+"""Reference vectors and build logic for the C kernel-table check (kernel_check.c).
+
+One set of float64 numpy references (written once per test session as a case file) checks the
+kernel table of every ISA: the x86 ones compiled natively, NEON cross-compiled with
+aarch64-linux-gnu-gcc and run under qemu-aarch64. test_kernels.py reuses the fp16 edge cases.
+
+Adding a kernel: write its runner in kernel_check.c (see the comment there), then a
+`cases_<name>(rng)` generator here yielding `(label, arrays)`; `write_cases` picks it up by name.
+"""
+import ast
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "ruvpy" / "csrc"
+KERNELS = CSRC / "kernels"
+
+F32_EPS = float(np.finfo(np.float32).eps)
+FLT_MIN = float(np.finfo(np.float32).tiny)
+# covers empty input, scalar-only, exactly one vector, vector + every tail length, unrolled loops
+LENGTHS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 66, 127, 128, 129,
+           255, 1000, 4099]
+
+
+# ---------------------------------------------------------------- what the build uses
+
+def _setup_literal(name):
+    """A literal assigned at the top of setup.py (so the harness compiles like the build)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise LookupError(f"setup.py has no literal {name}")
+
+
+ISA_FLAGS = _setup_literal("ISA_FLAGS")
+
+
+def base_cflags():
+    """The C flags setup.py built ruvpy with (recorded in ruvpy/_build_info.py)."""
+    from ruvpy._build_info import BUILD_INFO
+    return list(BUILD_INFO["cflags"])
+
+
+def rv_ops_fields():
+    """Names of the kernel slots of struct rv_ops, in order, from rv_ops.h."""
+    text = (KERNELS / "rv_ops.h").read_text()
+    body = re.search(r"typedef struct rv_ops \{(.*?)\} rv_ops;", text, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return re.findall(r"\(\s*\*\s*(\w+)\s*\)\s*\(", body)
+
+
+RV_ATTN_CHUNK = int(re.search(r"#define RV_ATTN_CHUNK (\d+)", (KERNELS / "rv_ops.h").read_text()).group(1))
+
+
+# ---------------------------------------------------------------- building and running
+
+class Target:
+    """A way to build and run kernel_check: a compiler, the ISAs linked in, a run prefix."""
+
+    def __init__(self, name, cc, isas, link_flags=(), run_prefix=()):
+        self.name, self.cc, self.isas = name, cc, list(isas)
+        self.link_flags, self.run_prefix = list(link_flags), list(run_prefix)
+
+    def available(self):
+        return shutil.which(self.cc) is not None and all(shutil.which(p) for p in self.run_prefix[:1])
+
+    def build(self, outdir):
+        """Compiles each source to an object (kernel files with their ISA's flags) and links.
+        Returns (binary, {source name: compiler stderr}) so callers can check for warnings."""
+        outdir = Path(outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        defines = [f"-DRUVPY_BUILD_{isa.upper()}=1" for isa in self.isas]
+        sources = [(HERE / "kernel_check.c", []), (KERNELS / "rv_dispatch.c", [])]
+        sources += [(KERNELS / f"ops_{isa}.c", ISA_FLAGS[isa]) for isa in self.isas]
+        objects, diagnostics = [], {}
+        for src, isa_flags in sources:
+            obj = outdir / (src.stem + ".o")
+            cmd = [self.cc, *base_cflags(), *isa_flags, *defines, f"-I{CSRC}", "-c", str(src), "-o", str(obj)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{self.name}: compiling {src.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
+            diagnostics[src.name] = proc.stderr
+            objects.append(str(obj))
+        binary = outdir / "kernel_check"
+        cmd = [self.cc, *objects, "-o", str(binary), *self.link_flags, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{self.name}: linking failed:\n{' '.join(cmd)}\n{proc.stderr}")
+        return binary, diagnostics
+
+    def run(self, binary, cases, isa, prefix=None):
+        cmd = [*(self.run_prefix if prefix is None else prefix), str(binary), str(cases), isa]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return CheckResult(isa, proc)
+
+
+class CheckResult:
+    """Parsed output of one kernel_check run."""
+
+    def __init__(self, isa, proc):
+        self.isa, self.returncode, self.stdout, self.stderr = isa, proc.returncode, proc.stdout, proc.stderr
+        self.unsupported = proc.returncode == 77
+        lines = proc.stdout.splitlines()
+        head = re.match(r"table (\w+) lanes (\d+) slots (\d+) best (\w+)", lines[0]) if lines else None
+        self.table, self.lanes, self.slots, self.best = (
+            (head.group(1), int(head.group(2)), int(head.group(3)), head.group(4)) if head else (None,) * 4)
+        if self.unsupported and lines:
+            self.best = re.search(r"best here: (\w+)", lines[0]).group(1)
+        self.passed = [ln[5:] for ln in lines if ln.startswith("PASS ")]
+        self.failed = [ln[5:] for ln in lines if ln.startswith("FAIL ")]
+        self.null_slots = [int(ln.split()[-1]) for ln in lines if ln.startswith("NULL slot")]
+        self.untested_slots = [int(ln.split()[-1]) for ln in lines if ln.startswith("UNTESTED slot")]
+
+    def problems(self, case_names):
+        """Everything wrong with this run, as text ('' if it passed every case of case_names,
+        the list write_cases returned)."""
+        out = []
+        names = rv_ops_fields()
+        out += [f"table slot {names[s] if s < len(names) else s} is NULL" for s in self.null_slots]
+        out += [f"FAIL {f}" for f in self.failed[:40]]
+        done = len(self.passed) + len(self.failed)
+        if self.returncode not in (0, 1) or done != len(case_names):
+            crashed = case_names[done] if done < len(case_names) else "after the last case"
+            out.append(f"exit code {self.returncode} after {done} of {len(case_names)} cases: "
+                       f"crashed in {crashed!r}; stderr: {self.stderr[-1000:]}")
+        return "\n".join(out)
+
+
+def native_target():
+    from ruvpy._build_info import BUILD_INFO
+    return Target("native", os.environ.get("CC", "cc").split()[0], BUILD_INFO["isas"])
+
+
+def aarch64_target():
+    """NEON: cross-compiled static binary under user-mode qemu."""
+    return Target("aarch64", "aarch64-linux-gnu-gcc", ["scalar", "neon"], link_flags=["-static"],
+                  run_prefix=["qemu-aarch64"])
+
+
+def runner_names(binary, target):
+    proc = subprocess.run([*target.run_prefix, str(binary), "--runners"], capture_output=True,
+                          text=True, check=True, timeout=60)
+    return proc.stdout.split()
+
+
+# ---------------------------------------------------------------- case file
+
+_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2,
+                np.dtype(np.float64): 3}
+
+
+def _str(s):
+    b = s.encode()
+    return struct.pack("<I", len(b)) + b
+
+
+def encode_case(kernel, label, arrays):
+    """One case in kernel_check.c's format. arrays: key -> ndarray, or a number (a parameter).
+    Native byte order: the file is read on little-endian machines only (x86-64, aarch64)."""
+    assert sys.byteorder == "little"
+    parts = [b"RVKC", _str(kernel), _str(label), struct.pack("<I", len(arrays))]
+    for key, value in arrays.items():
+        a = np.asarray(value, dtype=np.float64).reshape(1) if np.isscalar(value) else np.asarray(value)
+        if a.dtype == np.float16:
+            a = a.view(np.uint16)
+        a = np.ascontiguousarray(a.reshape(-1))
+        parts += [_str(key), struct.pack("<IQ", _DTYPE_CODES[a.dtype], a.size), a.tobytes()]
+    return b"".join(parts)
+
+
+def write_cases(path, seed=20240611):
+    """Writes every kernel's cases; returns their "kernel label" names in file order."""
+    names = []
+    with open(path, "wb") as f:
+        for kernel in rv_ops_fields():
+            gen = globals().get("cases_" + kernel)
+            if gen is None:
+                continue    # reported by the coverage test, not here
+            rng = np.random.default_rng([seed, len(kernel)])
+            for label, arrays in gen(rng):
+                f.write(encode_case(kernel, label, arrays))
+                names.append(f"{kernel} {label}")
+    return names
+
+
+# ---------------------------------------------------------------- references: basic kernels
+
+def _tol(values):
+    return np.asarray(values, dtype=np.float64)
+
+
+def cases_dot_f32(rng):
+    for n in LENGTHS:
+        # small integers: every partial sum is exact in float32, so any order gives the same
+        a = rng.integers(-8, 9, n).astype(np.float32)
+        b = rng.integers(-8, 9, n).astype(np.float32)
+        yield f"int n={n}", {"a": a, "b": b, "exact:r": np.float32([np.dot(a.astype(np.float64), b)])}
+        a = rng.standard_normal(n).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        yield f"normal n={n}", {"a": a, "b": b, **expect_dot(a, b)}
+    for n in (5, 37, 130):
+        a = np.ones(n, np.float32)
+        a[-1] = np.inf
+        yield f"inf at the tail n={n}", {"a": a, "b": np.ones(n, np.float32), "exact:r": np.float32([np.inf])}
+
+
+def expect_dot(a, b):
+    """Expected dot product and a tolerance for float32 accumulation (rounding errors grow
+    like sqrt(n); 2 sqrt(n) + 2 units is well above that, well below a missed element)."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    n = a.size
+    return {"expect:r": _tol([a64 @ b64]), "tol:r": _tol([(2 * np.sqrt(n) + 2) * F32_EPS * (np.abs(a64 * b64).sum()) + 1e-30])}
+
+
+def expect_axpy(alpha, x, y):
+    """alpha x + y; a fused or an unfused multiply-add rounds at most twice."""
+    ax = np.float64(np.float32(alpha)) * x.astype(np.float64)
+    return {"expect:y": ax + y, "tol:y": F32_EPS * (np.abs(ax) + np.abs(y)) + 1e-45}
+
+
+def cases_axpy_f32(rng):
+    for n in LENGTHS:
+        x = rng.integers(-100, 100, n).astype(np.float32)
+        y = rng.integers(-100, 100, n).astype(np.float32)
+        yield f"int n={n}", {"x": x, "y": y, "alpha": -3.0, "exact:y": (np.float32(-3) * x + y).astype(np.float32)}
+        x = rng.standard_normal(n).astype(np.float32)
+        y = rng.standard_normal(n).astype(np.float32)
+        alpha = float(np.float32(rng.standard_normal()))
+        yield f"normal n={n}", {"x": x, "y": y, "alpha": alpha, **expect_axpy(alpha, x, y)}
+
+
+def cases_scale_f32(rng):
+    # one rounded multiply: bit-exact with numpy's float32 product, subnormals and overflow too
+    for n in LENGTHS:
+        with np.errstate(over="ignore"):
+            x = (rng.standard_normal(n) * 10.0 ** rng.integers(-40, 39, n)).astype(np.float32)
+            alpha = float(np.float32(rng.uniform(-3, 3)))
+            yield f"n={n}", {"x": x, "alpha": alpha, "exact:x": np.float32(alpha) * x}
+
+
+def cases_max_f32(rng):
+    for n in LENGTHS:
+        if n == 0:
+            yield "empty", {"x": np.zeros(0, np.float32), "exact:r": np.float32([-np.inf])}
+            continue
+        for where in sorted({0, n // 2, n - 1}):   # the maximum first, inside, in the tail
+            x = rng.uniform(-1e6, 0.0, n).astype(np.float32)
+            x[where] = 3.5
+            yield f"max at {where} n={n}", {"x": x, "exact:r": np.float32([3.5])}
+    for n in (1, 9, 70):
+        yield f"all -inf n={n}", {"x": np.full(n, -np.inf, np.float32), "exact:r": np.float32([-np.inf])}
+        x = np.full(n, -np.inf, np.float32)
+        x[-1] = np.inf
+        yield f"+inf last n={n}", {"x": x, "exact:r": np.float32([np.inf])}
+
+
+def expect_exp(x, shift):
+    """exp(x - shift) with the difference rounded to float32 as the kernel forms it; ~2 ulp,
+    anything below FLT_MIN may flush to 0 (documented in rv_simd.h)."""
+    d = (x.astype(np.float32) - np.float32(shift)).astype(np.float64)
+    with np.errstate(over="ignore"):
+        e = np.exp(d)
+    e[e > np.finfo(np.float32).max] = np.inf
+    return e, 3e-7 * np.where(np.isfinite(e), e, 0.0) + FLT_MIN
+
+
+def expect_sum_exp(x, shift, out_key):
+    e, tol = expect_exp(x, shift)
+    arrays = {"expect:sum": _tol([e.sum()])}
+    finite_sum = e[np.isfinite(e)].sum()
+    arrays["tol:sum"] = _tol([(3e-7 + (x.size + 4) * F32_EPS) * finite_sum + x.size * FLT_MIN])
+    if out_key:
+        arrays[f"expect:{out_key}"], arrays[f"tol:{out_key}"] = e, tol
+    return arrays
+
+
+def cases_sum_exp_f32(rng):
+    for n in LENGTHS:
+        x = (rng.standard_normal(n) * 8).astype(np.float32)
+        shift = float(x.max()) if n else 0.0
+        for mode, out_key in ((0, "out"), (1, None), (2, "x")):
+            yield f"softmax-like mode={mode} n={n}", {"x": x, "shift": shift, "mode": mode,
+                                                      **expect_sum_exp(x, shift, out_key)}
+        yield f"zeros n={n}", {"x": np.zeros(n, np.float32), "shift": 0.0, "mode": 0,
+                               "exact:sum": np.float32([n]), "exact:out": np.ones(n, np.float32)}
+    # the whole range: underflow to 0 (and -inf), overflow to inf, NaN kept
+    x = np.concatenate([np.linspace(-110, 89.5, 4001), [-np.inf, -1e30, -88.0, -87.0, 88.7, 88.76, 1e30, np.inf]])
+    x = rng.permutation(x).astype(np.float32)
+    yield "full range", {"x": x, "shift": 0.0, "mode": 0, **expect_sum_exp(x, 0.0, "out")}
+    x = rng.uniform(-200, -90, 77).astype(np.float32)
+    x[::5] = -np.inf
+    yield "underflow", {"x": x, "shift": 0.0, "mode": 0, **expect_sum_exp(x, 0.0, "out")}
+    x = rng.uniform(-3, 3, 45).astype(np.float32)
+    x[[3, 40]] = np.nan
+    yield "nan", {"x": x, "shift": 0.5, "mode": 0, **expect_sum_exp(x, 0.5, "out")}
+
+
+# ---------------------------------------------------------------- references: fp16
+
+def all_halves():
+    """Every one of the 65,536 binary16 bit patterns (NaN payloads, sNaN, inf, subnormals, -0)."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+
+
+def fp16_edge_floats():
+    """float32 values at every rounding decision of float32 -> float16: the exact midpoint of
+    every pair of adjacent finite halves (ties to even at every exponent, subnormals included)
+    and the float32 neighbours of each, the overflow boundary (65504 / 65520), the smallest
+    subnormals (2^-24, the 2^-25 tie), float32 subnormals, signed zeros, infinities, NaNs."""
+    h = np.arange(0x7c00, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+    mid = ((h[:-1] + h[1:]) / 2).astype(np.float32)                  # exact: 12 significant bits
+    bits = mid.view(np.uint32)
+    near = np.concatenate([bits, bits - 1, bits + 1]).view(np.float32)
+    special = np.float32([
+        65504, 65519.996, 65520, np.nextafter(np.float32(65520), np.float32(np.inf)), 65536, 1e5, 3.4e38,
+        2.0 ** -24, 2.0 ** -25, np.nextafter(np.float32(2.0 ** -25), np.float32(0)),
+        np.nextafter(np.float32(2.0 ** -25), np.float32(1)), 3 * 2.0 ** -25, 2.0 ** -14, 2.0 ** -14 - 2.0 ** -25,
+        2.0 ** -26, 1e-45, 1e-40, 1.1754942e-38, 0.0, np.inf, 1.0, 0.5, 2048, 2049, 4097])
+    nans = np.uint32([0x7fc00000, 0x7f800001, 0x7fa00000, 0x7fbfffff, 0x7f802000, 0x7f801fff,
+                      0x7fffffff, 0x7fc00001]).view(np.float32)
+    both = np.concatenate([near, special, nans])
+    return np.concatenate([both, -both])
+
+
+def cases_f32_to_f16(rng):
+    yield "all halves", _f32_to_f16_case(all_halves().astype(np.float32))
+    yield "edges", _f32_to_f16_case(fp16_edge_floats())
+    yield "random bits", _f32_to_f16_case(rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32))
+    for n in LENGTHS:
+        x = rng.standard_normal(n).astype(np.float32) * 1000
+        if n:
+            x[-1] = np.float32(np.uint32(0x7fa00001).view(np.float32))   # a signalling NaN in the tail
+        yield f"n={n}", _f32_to_f16_case(x)
+
+
+def _f32_to_f16_case(x):
+    with np.errstate(over="ignore", invalid="ignore"):
+        return {"x": x, "exact:h": x.astype(np.float16).view(np.uint16)}
+
+
+def cases_f16_to_f32(rng):
+    h = all_halves()
+    yield "all halves", {"h": h, "exact:x": h.astype(np.float32)}
+    for n in LENGTHS:
+        h = rng.integers(0, 1 << 16, n, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        yield f"n={n}", {"h": h, "exact:x": h.astype(np.float32)}
+
+
+# ---------------------------------------------------------------- references: attention
+
+def attention_reference(q, k, v, visible):
+    """Float64 softmax attention of each query row over the first visible[r] keys.
+    Returns (out [rows, d], lse [rows]); a row that sees no key gives zeros and -inf."""
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    rows, d = q.shape
+    out, lse = np.zeros((rows, d)), np.full(rows, -np.inf)
+    for r in range(rows):
+        n = visible[r]
+        if n <= 0:
+            continue
+        s = k[:n] @ q[r]
+        m = s.max()
+        p = np.exp(s - m)
+        lse[r] = m + np.log(p.sum())
+        out[r] = (p / p.sum()) @ v[:n]
+    return out, lse
+
+
+def attention_tolerance(q, k, v, visible):
+    """Per-element tolerances for float32 attention: score errors of dot products (grow with
+    sqrt(d) and sum |q_i k_i|), exp (~2 ulp), float32 sums over the keys."""
+    q, k, v = (np.abs(a.astype(np.float64)) for a in (q, k, v))
+    rows, d = q.shape
+    tol_out, tol_lse = np.zeros((rows, d)), np.zeros(rows)
+    for r in range(rows):
+        n = visible[r]
+        if n <= 0:
+            continue
+        s_abs = (k[:n] @ q[r]).max()
+        weight_err = (np.sqrt(d) + 2) * F32_EPS * s_abs + 4e-7
+        sum_err = (2 * np.sqrt(n) + 2) * F32_EPS
+        tol_out[r] = (2 * weight_err + sum_err) * v[:n].max() + 1e-30
+        tol_lse[r] = 2 * weight_err + sum_err + 4 * F32_EPS * s_abs
+    return tol_out, tol_lse
+
+
+def _attention_case(rng, rows, d, T, chunk, visible_kind, kv_dtype, q_scale=1.0, trend=0.0):
+    """One attend_chunk case: K/V rows at a stride (as in a [tokens, kv_heads, d] cache),
+    query rows at a stride, optional per-row visible prefixes."""
+    q_stride, k_stride, v_stride = d + 3, 3 * d + 1, 2 * d
+    q_full = np.zeros(rows * q_stride, np.float32)
+    q = (rng.standard_normal((rows, d)) * q_scale / np.sqrt(d)).astype(np.float32)
+    q_full.reshape(rows, q_stride)[:, :d] = q
+    k = rng.standard_normal((T, d))
+    k += trend * np.arange(T)[:, None] * q[:1].astype(np.float64) / max(np.abs(q[0]).sum(), 1e-9)
+    v = rng.standard_normal((T, d))
+    k, v = k.astype(kv_dtype), v.astype(kv_dtype)
+    k_full = np.zeros(T * k_stride, kv_dtype)
+    v_full = np.zeros(T * v_stride, kv_dtype)
+    k_full.reshape(T, k_stride)[:, :d] = k
+    v_full.reshape(T, v_stride)[:, :d] = v
+    if visible_kind == "all":
+        visible = np.full(rows, T)
+    elif visible_kind == "causal":    # query r sits at position T - rows + r
+        visible = np.clip(T - rows + 1 + np.arange(rows), 0, T)
+    else:
+        visible = rng.integers(0, T + 1, rows)
+        visible[0] = 0
+        visible[-1] = T
+    out, lse = attention_reference(q, k, v, visible)
+    tol_out, tol_lse = attention_tolerance(q, k, v, visible)
+    arrays = {"rows": rows, "head_dim": d, "T": T, "chunk": chunk, "q_stride": q_stride,
+              "k_stride": k_stride, "v_stride": v_stride, "q": q_full, "k": k_full, "v": v_full,
+              "expect:out": out, "tol:out": tol_out, "expect:lse": lse, "tol:lse": tol_lse}
+    if visible_kind != "all":
+        arrays["visible"] = visible.astype(np.int32)
+    return arrays
+
+
+ATTENTION_SHAPES = [  # (rows, head_dim, T, chunk, visible)
+    (1, 1, 1, RV_ATTN_CHUNK, "all"), (1, 3, 70, RV_ATTN_CHUNK, "all"), (3, 4, 64, RV_ATTN_CHUNK, "causal"),
+    (8, 7, 65, 17, "random"), (2, 8, 129, RV_ATTN_CHUNK, "all"), (5, 16, 200, RV_ATTN_CHUNK, "causal"),
+    (4, 17, 33, 1, "random"), (1, 33, 150, 64, "all"), (6, 64, 100, RV_ATTN_CHUNK, "causal"),
+    (3, 64, 257, 31, "random"), (7, 100, 90, RV_ATTN_CHUNK, "all"), (2, 128, 300, RV_ATTN_CHUNK, "causal"),
+    (9, 3, 5, RV_ATTN_CHUNK, "causal"), (4, 256, 80, 40, "random"), (1, 255, 64, RV_ATTN_CHUNK, "all"),
+]
+
+
+def _attention_cases(rng, kv_dtype):
+    for rows, d, T, chunk, vis in ATTENTION_SHAPES:
+        yield f"rows={rows} d={d} T={T} chunk={chunk} {vis}", _attention_case(rng, rows, d, T, chunk, vis, kv_dtype)
+    # large score ranges and a maximum that grows / shrinks along the keys: the running max and
+    # the rescaling of earlier chunks matter
+    for trend in (0.5, -0.5):
+        yield f"trend={trend}", _attention_case(rng, 3, 24, 190, RV_ATTN_CHUNK, "causal", kv_dtype, q_scale=4.0, trend=trend)
+    yield "sharp", _attention_case(rng, 4, 32, 130, RV_ATTN_CHUNK, "all", kv_dtype, q_scale=30.0)
+
+
+def cases_attend_chunk_f32(rng):
+    return _attention_cases(rng, np.float32)
+
+
+def cases_attend_chunk_f16(rng):
+    return _attention_cases(rng, np.float16)
+
+
+def _state(rng, rows, d, lse_offsets, empty):
+    """A float32 online-softmax state (m, l, acc) per row; rows in `empty` saw no key."""
+    m = (rng.standard_normal(rows) + lse_offsets).astype(np.float32)
+    l = rng.uniform(0.5, 20, rows).astype(np.float32)
+    acc = (rng.standard_normal((rows, d)) * l[:, None]).astype(np.float32)
+    m[empty], l[empty], acc[empty] = -np.inf, 0, 0
+    return m, l, acc
+
+
+def _state_summary(m, l, acc):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(l > 0, m.astype(np.float64) + np.log(l.astype(np.float64)), -np.inf)
+        out = np.where(l[:, None] > 0, acc.astype(np.float64) / l[:, None], 0.0)
+    return lse, out
+
+
+def cases_attn_merge(rng):
+    # rows: ordinary, far apart both ways (one side underflows), self empty, other empty, both
+    offsets_a = np.array([0.0, 0.0, 120.0, -120.0, 0.0, 0.0, 0.0, 3.0])
+    offsets_b = np.array([0.5, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0])
+    rows = offsets_a.size
+    for d in (1, 5, 16, 64, 130):
+        a = _state(rng, rows, d, offsets_a, [4, 6])
+        b = _state(rng, rows, d, offsets_b, [5, 6])
+        (lse_a, out_a), (lse_b, out_b) = _state_summary(*a), _state_summary(*b)
+        lse = np.logaddexp(lse_a, lse_b)
+        with np.errstate(invalid="ignore"):
+            wa = np.nan_to_num(np.exp(lse_a - lse))
+            wb = np.nan_to_num(np.exp(lse_b - lse))
+        out = wa[:, None] * out_a + wb[:, None] * out_b
+        scale = np.maximum(np.abs(out_a), np.abs(out_b)).max(axis=1, keepdims=True)
+        finite_m = np.nan_to_num(np.maximum(np.abs(a[0]), np.abs(b[0])), posinf=0.0)
+        yield f"d={d}", {"rows": rows, "head_dim": d, "m": a[0], "l": a[1], "acc": a[2],
+                         "m_other": b[0], "l_other": b[1], "acc_other": b[2],
+                         "expect:out": out, "tol:out": np.broadcast_to(16 * F32_EPS * scale, out.shape) + 1e-30,
+                         "expect:lse": lse, "tol:lse": 16 * F32_EPS * (finite_m + 1.0).astype(np.float64)}
+
+
+def cases_attn_finalize(rng):
+    for d, gap in ((1, 0), (3, 2), (16, 0), (17, 5), (64, 16), (256, 1)):
+        rows = 5
+        l = rng.uniform(0.1, 50, rows).astype(np.float32)
+        l[2] = 0
+        acc = (rng.standard_normal((rows, d)) * 10).astype(np.float32)
+        acc[2] = 0
+        stride = d + gap
+        out_init = np.full((rows, stride), 7.25, np.float32)   # the gaps must keep this
+        want = out_init.astype(np.float64)
+        want[:, :d] = acc / np.where(l > 0, l, 1).astype(np.float64)[:, None]
+        tol = np.zeros_like(want)
+        tol[:, :d] = 2 * F32_EPS * np.abs(want[:, :d])
+        n = (rows - 1) * stride + d   # the last row's gap is not the kernel's
+        yield f"d={d} gap={gap}", {"rows": rows, "head_dim": d, "out_stride": stride, "l": l,
+                                   "acc": acc.reshape(-1), "out": out_init.reshape(-1)[:n],
+                                   "expect:out": want.reshape(-1)[:n], "tol:out": tol.reshape(-1)[:n]}

@@ -1,0 +1,212 @@
+"""ruvpy.info(), ISA selection (set_isa / RUVPY_ISA) and the thread count.
+
+The ISAs offered are checked against /proc/cpuinfo, and on x86-64 the import itself is run on
+emulated CPUs without AVX2 (qemu-x86_64 -cpu Nehalem): the proof that ruvpy works there."""
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ruvpy
+from ruvpy import _kernels as K
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE = platform.machine().lower()
+IS_X86_64 = MACHINE in ("x86_64", "amd64")
+KNOWN_ISAS = ["scalar", "avx2", "avx512", "neon"]
+
+
+def run_python(code, isa_env=None, prefix=()):
+    """Runs code in a fresh interpreter (optionally under an emulator) with RUVPY_ISA set to
+    isa_env (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "RUVPY_ISA"}
+    if isa_env is not None:
+        env["RUVPY_ISA"] = isa_env
+    return subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux reports them (an independent view of cpuid)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("needs /proc/cpuinfo")
+    m = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M)
+    return set(m.group(1).split())
+
+
+@pytest.fixture
+def restore_threads():
+    before = K.get_num_threads()
+    yield
+    K.set_num_threads(before)
+
+
+# ---- info() ----
+
+def test_info_reports_version_isa_openmp_threads_and_build():
+    info = ruvpy.info()
+    assert {"version", "isa", "isa_available", "openmp", "threads", "build"} <= info.keys()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert info["version"] == ruvpy.__version__ == re.search(r'^version = "(.+)"', pyproject, re.M).group(1)
+    assert info["isa"] == ruvpy.get_isa() and info["isa"] in info["isa_available"]
+    assert "scalar" in info["isa_available"]
+    assert set(info["isa_available"]) <= set(info["isa_built"]) <= set(KNOWN_ISAS)
+    assert isinstance(info["openmp"], bool) and info["openmp"] == info["build"]["openmp"]
+    assert isinstance(info["threads"], int) and 1 <= info["threads"] <= max(info["max_threads"], 1)
+    if not info["openmp"]:
+        assert info["threads"] == 1
+    build = info["build"]
+    assert build["isas"] == info["isa_built"]
+    flags = build["cflags"] + [f for isa_flags in build["isa_flags"].values() for f in isa_flags]
+    assert all(isinstance(f, str) for f in flags)
+    assert not any(f.startswith(("-march=native", "-mtune=native", "-mcpu=native")) for f in flags), \
+        "a build must run on any CPU of its architecture"
+    info["isa_available"].append("bogus")          # a fresh dict: callers cannot corrupt state
+    assert "bogus" not in ruvpy.info()["isa_available"]
+
+
+def test_available_isas_match_the_cpu():
+    flags = cpu_flags()
+    built = K.built_isas()
+    if IS_X86_64:
+        avx2 = {"avx2", "fma", "f16c"} <= flags
+        avx512 = avx2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+        expected = ["scalar"] + ["avx2"] * avx2 + ["avx512"] * avx512
+    elif MACHINE in ("aarch64", "arm64"):
+        expected = ["scalar"] + ["neon"] * ("asimd" in flags)
+    else:
+        expected = ["scalar"]
+    assert K.available_isas() == [isa for isa in expected if isa in built]
+
+
+def test_import_picks_the_best_available_isa():
+    proc = run_python("import ruvpy, ruvpy._kernels as K; print(ruvpy.get_isa(), K.best_isa(), K.available_isas()[-1])")
+    assert proc.returncode == 0, proc.stderr
+    isa, best, last = proc.stdout.split()
+    assert isa == best == last == K.available_isas()[-1]
+
+
+# ---- set_isa / get_isa ----
+
+def test_set_isa_round_trip():
+    before = ruvpy.get_isa()
+    try:
+        for isa in ruvpy.available_isas():
+            ruvpy.set_isa(isa)
+            assert ruvpy.get_isa() == isa == ruvpy.info()["isa"]
+            a = np.arange(37, dtype=np.float32)
+            assert K.dot(a, a) == float(np.dot(a.astype(np.int64), a.astype(np.int64)))
+    finally:
+        ruvpy.set_isa(before)
+
+
+def test_set_isa_rejects_bad_names_and_keeps_the_active_isa():
+    before = ruvpy.get_isa()
+    with pytest.raises(ValueError, match=r"unknown ISA 'sse9'.*scalar"):
+        ruvpy.set_isa("sse9")
+    for bad in (None, 2, b"scalar"):
+        with pytest.raises(TypeError):
+            ruvpy.set_isa(bad)
+    missing = [isa for isa in KNOWN_ISAS if isa not in ruvpy.available_isas()]
+    assert missing, "some ISA is always missing (neon on x86, avx2 on ARM)"
+    for isa in missing:
+        with pytest.raises(RuntimeError, match=isa):
+            ruvpy.set_isa(isa)
+    assert ruvpy.get_isa() == before
+
+
+# ---- RUVPY_ISA ----
+
+@pytest.mark.parametrize("value", ["scalar", " Scalar "])
+def test_ruvpy_isa_scalar_forces_the_scalar_kernels(value):
+    proc = run_python("import ruvpy; print(ruvpy.get_isa(), ruvpy.info()['isa'])", isa_env=value)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["scalar", "scalar"]
+
+
+def test_ruvpy_isa_empty_means_best():
+    proc = run_python("import ruvpy; print(ruvpy.get_isa())", isa_env="")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == K.best_isa()
+
+
+@pytest.mark.parametrize("value", ["bogus", "neon" if IS_X86_64 else "avx2"])
+def test_ruvpy_isa_unusable_value_fails_the_import_clearly(value):
+    proc = run_python("import ruvpy", isa_env=value)
+    assert proc.returncode != 0
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("RuntimeError: RUVPY_ISA=") and repr(value) in last_line
+    for isa in K.available_isas():                    # it says what would work
+        assert isa in last_line
+
+
+# ---- a CPU without AVX2 (emulated) ----
+
+def _emulated(code, cpu, isa_env=None):
+    if not IS_X86_64:
+        pytest.skip("x86-64 CPU models")
+    if not shutil.which("qemu-x86_64"):
+        pytest.skip("needs qemu-x86_64 (Debian: qemu-user)")
+    return run_python(code, isa_env, prefix=["qemu-x86_64", "-cpu", cpu])
+
+
+def test_import_and_kernels_on_a_cpu_without_avx():
+    """Nehalem: SSE4.2, no AVX. Importing must not execute an AVX instruction anywhere."""
+    code = """if True:
+        import numpy as np, ruvpy, ruvpy._kernels as K
+        print(ruvpy.get_isa(), ",".join(ruvpy.available_isas()))
+        x = np.arange(1, 40, dtype=np.float32)
+        assert K.dot(x, x) == float((x.astype(np.int64) ** 2).sum())
+        h = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        assert np.array_equal(K.f16_to_f32(h).view(np.uint32), h.astype(np.float32).view(np.uint32))
+        try:
+            ruvpy.set_isa("avx2")
+        except RuntimeError as e:
+            print("refused:", e)
+    """
+    proc = _emulated(code, "Nehalem")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "scalar scalar"
+    assert lines[1].startswith("refused:") and "not supported by this CPU" in lines[1]
+
+
+def test_ruvpy_isa_asking_for_avx2_on_a_cpu_without_it():
+    proc = _emulated("import ruvpy", "Nehalem", isa_env="avx2")
+    assert proc.returncode != 0
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert "RUVPY_ISA='avx2'" in last_line and "not supported by this CPU" in last_line and "scalar" in last_line
+
+
+# ---- threads ----
+
+def test_set_num_threads(restore_threads):
+    info = ruvpy.info()
+    ruvpy.set_num_threads(None)
+    all_threads = ruvpy.get_num_threads()
+    assert all_threads == (max(info["max_threads"], 1) if info["openmp"] else 1)
+    ruvpy.set_num_threads(1)
+    assert ruvpy.get_num_threads() == 1 == ruvpy.info()["threads"]
+    ruvpy.set_num_threads(np.int64(1))
+    assert ruvpy.get_num_threads() == 1
+    ruvpy.set_num_threads(0)
+    assert ruvpy.get_num_threads() == all_threads
+    ruvpy.set_num_threads(10**12)                  # more than there are: capped, not an error
+    assert ruvpy.get_num_threads() == all_threads
+
+
+@pytest.mark.parametrize("bad,error", [(-1, ValueError), (np.int32(-4), ValueError), (1.5, TypeError),
+                                       ("2", TypeError), (True, TypeError), ([1], TypeError)])
+def test_set_num_threads_bad_input(restore_threads, bad, error):
+    ruvpy.set_num_threads(1)
+    with pytest.raises(error):
+        ruvpy.set_num_threads(bad)
+    assert ruvpy.get_num_threads() == 1

@@ -1,0 +1,109 @@
+"""C-level tests of every ISA's kernel table (tests/c/kernel_check.c) against one set of float64
+numpy reference vectors: the x86 tables natively, the NEON table cross-compiled with
+aarch64-linux-gnu-gcc and run under qemu-aarch64, and the dispatcher on emulated x86 CPUs that
+lack AVX-512 or AVX2 (qemu-x86_64). Every kernel of rv_ops is exercised, the attention building
+block included; inputs and outputs sit against guard pages, so reading or writing past the end
+of an array crashes the check instead of passing unnoticed."""
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "c"))
+import kernel_harness as kh  # noqa: E402
+
+IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+CROSS_TOOLS = "aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)"
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """(case file, case names in order), written once for every target."""
+    path = tmp_path_factory.mktemp("kernel_cases") / "cases.bin"
+    return path, kh.write_cases(path)
+
+
+def _build(tmp_path_factory, target):
+    binary, diagnostics = target.build(tmp_path_factory.mktemp(target.name))
+    return target, binary, diagnostics
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    return _build(tmp_path_factory, kh.native_target())
+
+
+@pytest.fixture(scope="module")
+def aarch64(tmp_path_factory):
+    target = kh.aarch64_target()
+    if not target.available():
+        pytest.skip("needs " + CROSS_TOOLS)
+    return _build(tmp_path_factory, target)
+
+
+def _check(build, cases, isa, prefix=None):
+    target, binary, _ = build
+    path, names = cases
+    result = target.run(binary, path, isa, prefix)
+    if not result.unsupported:
+        problems = result.problems(names)
+        assert not problems, f"{target.name} {isa} kernel table:\n{problems}"
+        assert result.table == isa
+    return result
+
+
+@pytest.mark.parametrize("isa", kh.native_target().isas)
+def test_native_kernel_table(native, cases, isa):
+    result = _check(native, cases, isa)
+    if result.unsupported:
+        pytest.skip(f"this CPU cannot run {isa}")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "neon"])
+def test_aarch64_kernel_table_under_qemu(aarch64, cases, isa):
+    result = _check(aarch64, cases, isa)
+    assert not result.unsupported, f"{isa} must run on aarch64"
+    assert result.lanes == (4 if isa == "neon" else 1)
+    assert result.best == "neon", "the aarch64 dispatcher must prefer NEON"
+
+
+def test_every_rv_ops_kernel_is_checked(native, cases):
+    """A kernel appended to rv_ops needs a runner in kernel_check.c and cases in
+    kernel_harness.py (see the comments there); the check of the table fails until it has."""
+    target, binary, _ = native
+    fields = kh.rv_ops_fields()
+    runners = kh.runner_names(binary, target)
+    case_kernels = {name.split()[0] for name in cases[1]}
+    assert [f for f in fields if f not in runners] == [], "rv_ops kernels without a runner in tests/c/kernel_check.c"
+    assert [f for f in fields if f not in case_kernels] == [], "rv_ops kernels without cases in tests/c/kernel_harness.py"
+    result = target.run(binary, cases[0], "scalar")
+    assert result.slots == len(fields), "rv_ops.h parsed differently from the compiled struct"
+    assert result.untested_slots == []
+
+
+def test_kernel_sources_compile_without_warnings(native):
+    _, _, diagnostics = native
+    assert {src: text for src, text in diagnostics.items() if text} == {}
+
+
+def test_neon_sources_compile_without_warnings(aarch64):
+    _, _, diagnostics = aarch64
+    assert {src: text for src, text in diagnostics.items() if text} == {}
+
+
+# qemu's x86 CPU models: Nehalem has SSE4.2 but no AVX; Haswell has AVX2 + FMA + F16C but no
+# AVX-512. The dispatcher must offer exactly what the CPU has and choose the best of it.
+EMULATED_CPUS = [("Nehalem", ["scalar"]), ("Haswell-v4", ["scalar", "avx2"])]
+
+
+@pytest.mark.skipif(not IS_X86_64, reason="x86-64 CPU models")
+@pytest.mark.parametrize("cpu,runs", EMULATED_CPUS)
+def test_x86_dispatch_on_older_cpus(native, cases, cpu, runs):
+    if not shutil.which("qemu-x86_64"):
+        pytest.skip("needs qemu-x86_64 (Debian: qemu-user)")
+    for isa in native[0].isas:
+        result = _check(native, cases, isa, prefix=["qemu-x86_64", "-cpu", cpu])
+        assert result.unsupported == (isa not in runs), f"{isa} on {cpu}"
+        assert result.best == runs[-1]
