@@ -9,6 +9,7 @@ from ruvpy._kernels import get_isa, set_isa, available_isas, set_num_threads, ge
 from ruvpy._attention import attention
 from ruvpy._memory import (Arena, ArenaExhausted, ArenaStats, BufferPool, PooledBuffer, PoolStats,
                            ScratchSpace, MemoryManager)
+from ruvpy._kvcache import PagedKVCache, KVCacheFull, KVCacheStats, PagedKVStats
 
 __version__ = "0.1.0"
 

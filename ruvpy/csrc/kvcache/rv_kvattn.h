@@ -1,0 +1,64 @@
+/* Attention over a KV cache, in place: the ISA-independent driver shared by the paged and the
+ * two-tier caches. A cache describes its storage by a `fold` callback that folds keys
+ * [t0, t1) of one (sequence, kv head) into an online-softmax state, chunk by chunk, straight
+ * out of its blocks / tiers. The driver does everything else: it packs and scales the query
+ * rows of each KV head's GQA group, tiles long query runs (prefill), skips causally hidden
+ * key ranges, splits long contexts across threads (flash-decoding) and merges the splits, in
+ * one OpenMP region over (sequence, kv head, query tile, split). */
+#ifndef RV_KVATTN_H
+#define RV_KVATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rv_common.h"
+#include "kernels/rv_ops.h"
+
+/* One sequence's queries in a batched attention call. */
+typedef struct rv_kv_query {
+    int seq;            /* the cache's slot of the sequence */
+    int q_len;          /* query tokens; with causal masking they are the last q_len tokens */
+    int64_t kv_len;     /* tokens of the sequence in this layer */
+    const float *q;     /* [q_len, num_heads, head_dim] float32 */
+    float *out;         /* [q_len, num_heads, head_dim] float32 */
+} rv_kv_query;
+
+typedef struct rv_kv_source rv_kv_source;
+
+/* Fold keys [t0, t1) of (seq, head) into st. Row r of st sees key t iff row_pos == NULL or
+ * t <= row_pos[r] (rows are ordered by query token, so row_pos is non-decreasing).
+ * `extra` is the per-thread scratch the source asked for (extra_floats). */
+typedef void (*rv_kv_fold_fn)(const rv_kv_source *src, int seq, int head, int64_t t0, int64_t t1,
+                              rv_attn_state *st, const int64_t *row_pos, int *vis, float *extra,
+                              const rv_ops *ops);
+
+struct rv_kv_source {
+    const void *cache;
+    int layer;
+    int num_heads, num_kv_heads, head_dim;
+    rv_kv_fold_fn fold;
+    /* floats of per-thread scratch `fold` needs for states of `rows` rows (may be NULL) */
+    size_t (*extra_floats)(const rv_kv_source *src, int rows);
+    /* granularity the context splits align to (tokens; e.g. a cold group), >= 1 */
+    int split_align;
+};
+
+/* Visible counts of a chunk of n keys starting at absolute token a, for rows at row_pos:
+ * NULL when every row sees the whole chunk (the fast path of attend_chunk_*). */
+RV_INLINE const int *rv_kv_visible(const int64_t *row_pos, int rows, int64_t a, int n, int *vis)
+{
+    if (row_pos == NULL || a + n - 1 <= row_pos[0])
+        return NULL;
+    for (int r = 0; r < rows; r++) {
+        int64_t c = row_pos[r] + 1 - a;
+        vis[r] = c <= 0 ? 0 : (c >= n ? n : (int)c);
+    }
+    return vis;
+}
+
+/* out of every query = softmax(scale q k^T + causal mask) v over the source's keys.
+ * RV_OK, RV_ENOMEM (scratch) or RV_EINVAL (shapes). Threads: nthreads (>= 1). */
+int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, float scale,
+                 int causal, const rv_ops *ops, int nthreads);
+
+#endif

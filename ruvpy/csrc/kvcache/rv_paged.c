@@ -1,0 +1,518 @@
+/* The paged KV cache (see rv_paged.h). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvcache/rv_paged.h"
+#include "kvcache/rv_kvattn.h"
+#include "kvcache/rv_kvmem.h"
+
+/* ---- metadata allocations, counted in meta_bytes ---- */
+
+static void *meta_alloc(rv_paged *c, size_t nbytes)
+{
+    void *p = rv_kv_alloc(nbytes);
+    if (p)
+        c->meta_bytes += rv_kv_alloc_size(nbytes);
+    return p;
+}
+
+static void meta_free(rv_paged *c, void *p, size_t nbytes)
+{
+    if (p) {
+        rv_kv_free(p);
+        c->meta_bytes -= rv_kv_alloc_size(nbytes);
+    }
+}
+
+RV_INLINE unsigned char *block_ptr(const rv_paged *c, int32_t b)
+{
+    return c->pool + (size_t)b * c->block_bytes;
+}
+
+/* element offset of (layer, K=0/V=1, head) inside a block */
+RV_INLINE size_t head_offset(const rv_paged *c, int layer, int kv, int head)
+{
+    return (((size_t)layer * 2 + kv) * c->num_kv_heads + head) * c->head_elems;
+}
+
+size_t rv_paged_block_bytes(int num_layers, int num_kv_heads, int head_dim, int block_size, int dtype)
+{
+    size_t b;
+    if (num_layers <= 0 || num_kv_heads <= 0 || head_dim <= 0 || block_size <= 0 ||
+        rv_kv_mul((size_t)block_size * head_dim * (dtype == RV_KV_F32 ? 4 : 2),
+                  (size_t)num_layers * 2 * num_kv_heads, &b))
+        return 0;
+    return rv_kv_alloc_size(b);
+}
+
+int rv_paged_create(rv_paged **out, int num_layers, int num_kv_heads, int head_dim,
+                    int block_size, int64_t num_blocks, int dtype)
+{
+    *out = NULL;
+    if (num_layers <= 0 || num_kv_heads <= 0 || head_dim <= 0 || block_size <= 0 ||
+        num_blocks <= 0 || num_blocks > INT32_MAX || (dtype != RV_KV_F32 && dtype != RV_KV_F16))
+        return RV_EINVAL;
+    rv_paged *c = (rv_paged *)calloc(1, sizeof(rv_paged));
+    if (!c)
+        return RV_ENOMEM;
+    c->meta_bytes = sizeof(rv_paged);
+    c->num_layers = num_layers;
+    c->num_kv_heads = num_kv_heads;
+    c->head_dim = head_dim;
+    c->block_size = block_size;
+    c->dtype = dtype;
+    c->elem = dtype == RV_KV_F32 ? 4 : 2;
+    c->head_elems = (size_t)block_size * head_dim;
+    size_t pool, bb = rv_paged_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype);
+    if (!bb || rv_kv_mul(bb, (size_t)num_blocks, &pool))
+        goto fail_inval;
+    c->block_bytes = bb;
+    c->num_blocks = (int32_t)num_blocks;
+    c->pool = (unsigned char *)rv_kv_alloc(pool);
+    c->refcount = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)num_blocks);
+    c->free_stack = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)num_blocks);
+    if (!c->pool || !c->refcount || !c->free_stack) {
+        rv_paged_destroy(c);
+        return RV_ENOMEM;
+    }
+    c->pool_bytes = rv_kv_alloc_size(pool);
+    memset(c->refcount, 0, sizeof(int32_t) * (size_t)num_blocks);
+    /* the top of the stack is block 0, so blocks are taken in address order */
+    for (int32_t i = 0; i < c->num_blocks; i++)
+        c->free_stack[i] = c->num_blocks - 1 - i;
+    c->nfree = c->num_blocks;
+    *out = c;
+    return RV_OK;
+fail_inval:
+    free(c);
+    return RV_EINVAL;
+}
+
+static void seq_clear(rv_paged *c, rv_paged_seq *s)
+{
+    meta_free(c, s->blocks, sizeof(int32_t) * (size_t)s->cap);
+    meta_free(c, s->ntok, sizeof(int64_t) * (size_t)c->num_layers);
+    meta_free(c, s->snap_blocks, sizeof(int32_t) * (size_t)(s->snap_nblocks ? s->snap_nblocks : 1));
+    meta_free(c, s->snap_ntok, sizeof(int64_t) * (size_t)c->num_layers);
+    memset(s, 0, sizeof *s);
+}
+
+void rv_paged_destroy(rv_paged *c)
+{
+    if (!c)
+        return;
+    for (int i = 0; i < c->nslots; i++)
+        seq_clear(c, &c->seqs[i]);
+    rv_kv_free(c->seqs);
+    rv_kv_free(c->pool);
+    rv_kv_free(c->refcount);
+    rv_kv_free(c->free_stack);
+    free(c);
+}
+
+/* ---- blocks ---- */
+
+RV_INLINE int32_t block_take(rv_paged *c)
+{
+    int32_t b = c->free_stack[--c->nfree];
+    c->refcount[b] = 1;
+    return b;
+}
+
+RV_INLINE void block_drop(rv_paged *c, int32_t b)
+{
+    if (--c->refcount[b] == 0)
+        c->free_stack[c->nfree++] = b;
+}
+
+/* Release a table's blocks last to first, so the free stack hands them out again in order. */
+static void blocks_drop_all(rv_paged *c, const int32_t *blocks, int64_t n)
+{
+    for (int64_t i = n - 1; i >= 0; i--)
+        block_drop(c, blocks[i]);
+}
+
+/* ---- sequences ---- */
+
+static int slot_new(rv_paged *c, int *slot)
+{
+    for (int i = 0; i < c->nslots; i++)
+        if (!c->seqs[i].live) {
+            *slot = i;
+            return RV_OK;
+        }
+    if (c->nslots == c->slot_cap) {
+        int cap = c->slot_cap ? 2 * c->slot_cap : 8;
+        rv_paged_seq *s = (rv_paged_seq *)meta_alloc(c, sizeof(rv_paged_seq) * (size_t)cap);
+        if (!s)
+            return RV_ENOMEM;
+        if (c->nslots)
+            memcpy(s, c->seqs, sizeof(rv_paged_seq) * (size_t)c->nslots);
+        meta_free(c, c->seqs, sizeof(rv_paged_seq) * (size_t)c->slot_cap);
+        c->seqs = s;
+        c->slot_cap = cap;
+    }
+    memset(&c->seqs[c->nslots], 0, sizeof(rv_paged_seq));
+    *slot = c->nslots++;
+    return RV_OK;
+}
+
+/* make room for `need` table entries */
+static int table_reserve(rv_paged *c, rv_paged_seq *s, int64_t need)
+{
+    if (need <= s->cap)
+        return RV_OK;
+    int64_t cap = s->cap ? s->cap : 4;
+    while (cap < need)
+        cap *= 2;
+    int32_t *t = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)cap);
+    if (!t)
+        return RV_ENOMEM;
+    if (s->nblocks)
+        memcpy(t, s->blocks, sizeof(int32_t) * (size_t)s->nblocks);
+    meta_free(c, s->blocks, sizeof(int32_t) * (size_t)s->cap);
+    s->blocks = t;
+    s->cap = cap;
+    return RV_OK;
+}
+
+int rv_paged_add(rv_paged *c, int *slot)
+{
+    int i, rc = slot_new(c, &i);
+    if (rc)
+        return rc;
+    rv_paged_seq *s = &c->seqs[i];
+    s->ntok = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)c->num_layers);
+    if (!s->ntok || table_reserve(c, s, 4)) {
+        seq_clear(c, s);
+        return RV_ENOMEM;
+    }
+    memset(s->ntok, 0, sizeof(int64_t) * (size_t)c->num_layers);
+    s->live = 1;
+    *slot = i;
+    return RV_OK;
+}
+
+int rv_paged_fork(rv_paged *c, int parent, int *child)
+{
+    if (c->open_txns)
+        return RV_EINVAL;
+    int i, rc = rv_paged_add(c, &i);
+    if (rc)
+        return rc;
+    rv_paged_seq *p = &c->seqs[parent], *s = &c->seqs[i];   /* after add: seqs may move */
+    if (table_reserve(c, s, p->nblocks)) {
+        seq_clear(c, s);
+        return RV_ENOMEM;
+    }
+    memcpy(s->blocks, p->blocks, sizeof(int32_t) * (size_t)p->nblocks);
+    s->nblocks = p->nblocks;
+    memcpy(s->ntok, p->ntok, sizeof(int64_t) * (size_t)c->num_layers);
+    for (int64_t b = 0; b < s->nblocks; b++)
+        c->refcount[s->blocks[b]]++;
+    *child = i;
+    return RV_OK;
+}
+
+void rv_paged_release(rv_paged *c, int slot)
+{
+    rv_paged_seq *s = &c->seqs[slot];
+    if (s->in_txn) {
+        rv_paged_commit(c, slot);
+    }
+    blocks_drop_all(c, s->blocks, s->nblocks);
+    seq_clear(c, s);
+}
+
+/* ---- appends ---- */
+
+/* The first table index a write of this many tokens lands in (layer < 0: any layer). */
+static int64_t first_written_block(const rv_paged *c, const rv_paged_seq *s, int layer)
+{
+    int64_t lo = INT64_MAX;
+    for (int l = layer < 0 ? 0 : layer; l < (layer < 0 ? c->num_layers : layer + 1); l++)
+        if (s->ntok[l] < lo)
+            lo = s->ntok[l];
+    return lo / c->block_size;
+}
+
+static int64_t blocks_for(const rv_paged *c, int64_t tokens)
+{
+    return (tokens + c->block_size - 1) / c->block_size;
+}
+
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int64_t rv_paged_blocks_needed(const rv_paged *c, int nseq, const int *slots, const int64_t *n, int layer)
+{
+    int64_t need = 0, ncand = 0;
+    /* new blocks past each table's end, and how many shared blocks the writes land in */
+    for (int i = 0; i < nseq; i++) {
+        const rv_paged_seq *s = &c->seqs[slots[i]];
+        if (n[i] <= 0)
+            continue;
+        int64_t longest = 0;
+        for (int l = layer < 0 ? 0 : layer; l < (layer < 0 ? c->num_layers : layer + 1); l++)
+            if (s->ntok[l] + n[i] > longest)
+                longest = s->ntok[l] + n[i];
+        int64_t more = blocks_for(c, longest) - s->nblocks;
+        need += more > 0 ? more : 0;
+        for (int64_t b = first_written_block(c, s, layer); b < s->nblocks; b++)
+            ncand += c->refcount[s->blocks[b]] > 1;
+    }
+    if (ncand == 0)
+        return need;
+    /* Copy-on-write: the k writers of a block shared by r sequences copy it k times, except
+     * that when all r write, the last one finds it unshared (k - 1 copies). */
+    int32_t stack[64];
+    int32_t *cand = ncand <= 64 ? stack : (int32_t *)malloc(sizeof(int32_t) * (size_t)ncand);
+    if (!cand)
+        return INT64_MAX;   /* cannot count: report "does not fit" */
+    int64_t k = 0;
+    for (int i = 0; i < nseq; i++) {
+        const rv_paged_seq *s = &c->seqs[slots[i]];
+        if (n[i] <= 0)
+            continue;
+        for (int64_t b = first_written_block(c, s, layer); b < s->nblocks; b++)
+            if (c->refcount[s->blocks[b]] > 1)
+                cand[k++] = s->blocks[b];
+    }
+    qsort(cand, (size_t)k, sizeof(int32_t), cmp_i32);
+    for (int64_t a = 0; a < k;) {
+        int64_t e = a;
+        while (e < k && cand[e] == cand[a])
+            e++;
+        need += (e - a) - ((e - a) >= c->refcount[cand[a]] ? 1 : 0);
+        a = e;
+    }
+    if (cand != stack)
+        free(cand);
+    return need;
+}
+
+static void store_rows(const rv_paged *c, unsigned char *dst, const unsigned char *src, size_t n,
+                       int src_dtype, const rv_ops *ops)
+{
+    if (c->dtype == src_dtype)
+        memcpy(dst, src, n * c->elem);
+    else if (c->dtype == RV_KV_F16)
+        ops->f32_to_f16((const float *)src, (uint16_t *)dst, n);
+    else
+        ops->f16_to_f32((const uint16_t *)src, (float *)dst, n);
+}
+
+int rv_paged_append(rv_paged *c, int slot, int layer, const void *k, const void *v, int64_t n,
+                    int src_dtype, const rv_ops *ops)
+{
+    rv_paged_seq *s = &c->seqs[slot];
+    if (n <= 0)
+        return RV_OK;
+    if (rv_paged_blocks_needed(c, 1, &slot, &n, layer) > c->nfree)
+        return RV_EFULL;
+    const int64_t start = s->ntok[layer], end = start + n;
+    const int64_t want = blocks_for(c, end);
+    if (table_reserve(c, s, want))
+        return RV_ENOMEM;
+    /* copy-on-write of shared blocks the write lands in */
+    for (int64_t b = start / c->block_size; b < s->nblocks; b++) {
+        int32_t old = s->blocks[b];
+        if (c->refcount[old] > 1) {
+            int32_t fresh = block_take(c);
+            memcpy(block_ptr(c, fresh), block_ptr(c, old), c->block_bytes);
+            c->refcount[old]--;
+            s->blocks[b] = fresh;
+        }
+    }
+    while (s->nblocks < want)
+        s->blocks[s->nblocks++] = block_take(c);
+
+    const int kvh = c->num_kv_heads, d = c->head_dim, bs = c->block_size;
+    const size_t src_elem = src_dtype == RV_KV_F32 ? 4 : 2;
+    const size_t row = (size_t)kvh * d * src_elem;
+    for (int64_t t = start; t < end; t++) {
+        unsigned char *blk = block_ptr(c, s->blocks[t / bs]);
+        size_t slot_off = (size_t)(t % bs) * d;
+        const unsigned char *ks = (const unsigned char *)k + (size_t)(t - start) * row;
+        const unsigned char *vs = (const unsigned char *)v + (size_t)(t - start) * row;
+        for (int h = 0; h < kvh; h++) {
+            store_rows(c, blk + (head_offset(c, layer, 0, h) + slot_off) * c->elem,
+                       ks + (size_t)h * d * src_elem, (size_t)d, src_dtype, ops);
+            store_rows(c, blk + (head_offset(c, layer, 1, h) + slot_off) * c->elem,
+                       vs + (size_t)h * d * src_elem, (size_t)d, src_dtype, ops);
+        }
+    }
+    s->ntok[layer] = end;
+    return RV_OK;
+}
+
+void rv_paged_read(const rv_paged *c, int slot, int layer, void *k, void *v, int as_f32, const rv_ops *ops)
+{
+    const rv_paged_seq *s = &c->seqs[slot];
+    const int kvh = c->num_kv_heads, d = c->head_dim, bs = c->block_size;
+    const size_t out_elem = as_f32 ? 4 : c->elem;
+    const int out_dtype = as_f32 ? RV_KV_F32 : c->dtype;
+    for (int64_t t = 0; t < s->ntok[layer]; t++) {
+        const unsigned char *blk = block_ptr(c, s->blocks[t / bs]);
+        size_t slot_off = (size_t)(t % bs) * d;
+        for (int h = 0; h < kvh; h++) {
+            size_t o = ((size_t)t * kvh + h) * d * out_elem;
+            for (int kv = 0; kv < 2; kv++) {
+                const unsigned char *src = blk + (head_offset(c, layer, kv, h) + slot_off) * c->elem;
+                unsigned char *dst = (unsigned char *)(kv ? v : k) + o;
+                if (out_dtype == c->dtype)
+                    memcpy(dst, src, (size_t)d * c->elem);
+                else
+                    ops->f16_to_f32((const uint16_t *)src, (float *)dst, (size_t)d);
+            }
+        }
+    }
+}
+
+/* ---- transactions ----
+ * begin keeps a copy of the table and counts. During a transaction a sequence only grows:
+ * its old blocks are either still in its table or were left by a copy-on-write, which only
+ * happens to blocks another sequence still holds, so they stay alive (fork and release are
+ * refused while any transaction is open). Rollback takes a reference on the snapshot's
+ * blocks again and drops the current table's. */
+
+int rv_paged_begin(rv_paged *c, int slot)
+{
+    rv_paged_seq *s = &c->seqs[slot];
+    if (s->in_txn)
+        return RV_EINVAL;
+    int64_t n = s->nblocks ? s->nblocks : 1;
+    s->snap_blocks = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)n);
+    s->snap_ntok = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)c->num_layers);
+    if (!s->snap_blocks || !s->snap_ntok) {
+        meta_free(c, s->snap_blocks, sizeof(int32_t) * (size_t)n);
+        meta_free(c, s->snap_ntok, sizeof(int64_t) * (size_t)c->num_layers);
+        s->snap_blocks = NULL;
+        s->snap_ntok = NULL;
+        return RV_ENOMEM;
+    }
+    if (s->nblocks)
+        memcpy(s->snap_blocks, s->blocks, sizeof(int32_t) * (size_t)s->nblocks);
+    s->snap_nblocks = s->nblocks;
+    memcpy(s->snap_ntok, s->ntok, sizeof(int64_t) * (size_t)c->num_layers);
+    s->in_txn = 1;
+    c->open_txns++;
+    return RV_OK;
+}
+
+static void snapshot_free(rv_paged *c, rv_paged_seq *s)
+{
+    meta_free(c, s->snap_blocks, sizeof(int32_t) * (size_t)(s->snap_nblocks ? s->snap_nblocks : 1));
+    meta_free(c, s->snap_ntok, sizeof(int64_t) * (size_t)c->num_layers);
+    s->snap_blocks = NULL;
+    s->snap_ntok = NULL;
+    s->snap_nblocks = 0;
+    s->in_txn = 0;
+    c->open_txns--;
+}
+
+void rv_paged_commit(rv_paged *c, int slot)
+{
+    rv_paged_seq *s = &c->seqs[slot];
+    if (s->in_txn)
+        snapshot_free(c, s);
+}
+
+void rv_paged_rollback(rv_paged *c, int slot)
+{
+    rv_paged_seq *s = &c->seqs[slot];
+    if (!s->in_txn)
+        return;
+    /* the snapshot never has more blocks than the table (it only grew), so it fits */
+    for (int64_t b = 0; b < s->snap_nblocks; b++)
+        c->refcount[s->snap_blocks[b]]++;
+    blocks_drop_all(c, s->blocks, s->nblocks);
+    if (s->snap_nblocks)
+        memcpy(s->blocks, s->snap_blocks, sizeof(int32_t) * (size_t)s->snap_nblocks);
+    s->nblocks = s->snap_nblocks;
+    memcpy(s->ntok, s->snap_ntok, sizeof(int64_t) * (size_t)c->num_layers);
+    snapshot_free(c, s);
+}
+
+/* ---- attention straight out of the blocks ---- */
+
+static void paged_fold(const rv_kv_source *src, int seq, int head, int64_t t0, int64_t t1,
+                       rv_attn_state *st, const int64_t *row_pos, int *vis, float *extra,
+                       const rv_ops *ops)
+{
+    (void)extra;
+    const rv_paged *c = (const rv_paged *)src->cache;
+    const rv_paged_seq *s = &c->seqs[seq];
+    const int bs = c->block_size, d = c->head_dim;
+    const size_t ko = head_offset(c, src->layer, 0, head), vo = head_offset(c, src->layer, 1, head);
+    for (int64_t t = t0; t < t1;) {
+        int64_t off = t % bs;
+        int64_t n = bs - off;
+        if (n > t1 - t)
+            n = t1 - t;
+        if (n > RV_ATTN_CHUNK)
+            n = RV_ATTN_CHUNK;
+        const unsigned char *blk = block_ptr(c, s->blocks[t / bs]);
+        const int *v = rv_kv_visible(row_pos, st->rows, t, (int)n, vis);
+        if (c->dtype == RV_KV_F16) {
+            const uint16_t *b = (const uint16_t *)blk + off * d;
+            ops->attend_chunk_f16(st, b + ko, d, b + vo, d, (int)n, v);
+        } else {
+            const float *b = (const float *)blk + off * d;
+            ops->attend_chunk_f32(st, b + ko, d, b + vo, d, (int)n, v);
+        }
+        t += n;
+    }
+}
+
+int rv_paged_attend(const rv_paged *c, int layer, int num_heads, const rv_kv_query *queries, int nq,
+                    float scale, int causal, const rv_ops *ops, int nthreads)
+{
+    rv_kv_source src;
+    memset(&src, 0, sizeof src);
+    src.cache = c;
+    src.layer = layer;
+    src.num_heads = num_heads;
+    src.num_kv_heads = c->num_kv_heads;
+    src.head_dim = c->head_dim;
+    src.fold = paged_fold;
+    src.split_align = c->block_size;
+    return rv_kv_attend(&src, queries, nq, scale, causal, ops, nthreads);
+}
+
+void rv_paged_get_stats(const rv_paged *c, rv_paged_stats *st)
+{
+    memset(st, 0, sizeof *st);
+    st->blocks_free = c->nfree;
+    st->blocks_used = c->num_blocks - c->nfree;
+    for (int32_t b = 0; b < c->num_blocks; b++)
+        st->blocks_shared += c->refcount[b] > 1;
+    st->slots_used = st->blocks_used * c->block_size * c->num_layers;
+    /* a shared block's tokens are stored once: take its fullest holder per block */
+    int64_t *fill = (int64_t *)calloc((size_t)c->num_blocks, sizeof(int64_t));
+    for (int i = 0; i < c->nslots; i++) {
+        const rv_paged_seq *s = &c->seqs[i];
+        if (!s->live)
+            continue;
+        for (int64_t b = 0; b < s->nblocks; b++) {
+            int64_t f = 0;
+            for (int l = 0; l < c->num_layers; l++) {
+                int64_t in = s->ntok[l] - b * c->block_size;
+                f += in <= 0 ? 0 : (in >= c->block_size ? c->block_size : in);
+            }
+            if (!fill) {
+                st->tokens_stored += f;
+            } else if (f > fill[s->blocks[b]]) {
+                fill[s->blocks[b]] = f;
+            }
+        }
+    }
+    if (fill) {
+        for (int32_t b = 0; b < c->num_blocks; b++)
+            st->tokens_stored += fill[b];
+        free(fill);
+    }
+}

@@ -1,0 +1,101 @@
+/* The paged KV cache: one preallocated pool of fixed-size blocks shared by every layer and
+ * sequence, per-sequence block tables, reference-counted blocks with an O(1) free stack and
+ * copy-on-write forks.
+ *
+ * A block holds block_size token slots of every layer, K and V, laid out
+ * [layer][K, V][kv head][slot][head_dim], so the keys of one head in one block are
+ * contiguous (what the attention kernels stream). A sequence owns a table of block ids and a
+ * token count per layer (layers are appended one after another inside a model step).
+ * Blocks are only ever written past a sequence's last token, so after a fork only the block
+ * holding a sequence's write position can need copying: a write into a block whose reference
+ * count is above one first copies it (copy-on-write).
+ *
+ * Not synchronised: the Python wrapper serialises all calls on one cache. */
+#ifndef RV_PAGED_H
+#define RV_PAGED_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rv_common.h"
+#include "kernels/rv_ops.h"
+
+#define RV_KV_F32 0
+#define RV_KV_F16 1
+
+typedef struct {
+    int live;
+    int32_t *blocks;          /* block ids in token order */
+    int64_t nblocks, cap;
+    int64_t *ntok;            /* [num_layers] tokens per layer */
+    /* transaction snapshot (in_txn): the table and counts at begin */
+    int in_txn;
+    int32_t *snap_blocks;
+    int64_t snap_nblocks;
+    int64_t *snap_ntok;
+} rv_paged_seq;
+
+typedef struct {
+    int num_layers, num_kv_heads, head_dim, block_size, dtype;
+    size_t elem;              /* bytes per stored value */
+    size_t head_elems;        /* block_size * head_dim: one head's keys in one block */
+    size_t block_bytes;       /* multiple of RV_ALIGN */
+    int32_t num_blocks;
+    unsigned char *pool;      /* num_blocks * block_bytes */
+    int32_t *refcount;        /* [num_blocks] */
+    int32_t *free_stack;      /* [num_blocks]: free block ids, top at nfree - 1 */
+    int32_t nfree;
+    rv_paged_seq *seqs;       /* slots; dead ones are reused */
+    int nslots, slot_cap;
+    int open_txns;            /* sequences inside a transaction */
+    size_t meta_bytes;        /* every allocation besides the pool */
+    size_t pool_bytes;
+} rv_paged;
+
+/* Bytes of one block (every layer, K and V, rounded up to RV_ALIGN): the unit the pool is
+ * allocated in. 0 when the shape is invalid or too large. */
+size_t rv_paged_block_bytes(int num_layers, int num_kv_heads, int head_dim, int block_size, int dtype);
+
+int rv_paged_create(rv_paged **out, int num_layers, int num_kv_heads, int head_dim,
+                    int block_size, int64_t num_blocks, int dtype);
+void rv_paged_destroy(rv_paged *c);
+
+/* slot of a new empty sequence (RV_ENOMEM) */
+int rv_paged_add(rv_paged *c, int *slot);
+/* child shares every block of parent (RV_ENOMEM; RV_EINVAL while a transaction is open) */
+int rv_paged_fork(rv_paged *c, int parent, int *child);
+/* Drops the sequence's blocks. Callers must not release while a transaction is open (a
+ * rollback may need blocks the released sequence held). */
+void rv_paged_release(rv_paged *c, int slot);
+
+/* Free blocks that appending n[i] tokens to slots[i] (distinct) would take, in `layer` or
+ * (layer < 0) in every layer: new blocks plus exact copy-on-write copies. */
+int64_t rv_paged_blocks_needed(const rv_paged *c, int nseq, const int *slots, const int64_t *n, int layer);
+
+/* Append n tokens, k/v [n, kv heads, head_dim] contiguous, float32 (src_dtype RV_KV_F32) or
+ * float16 bits. RV_EFULL (pool) or RV_ENOMEM before anything changes. */
+int rv_paged_append(rv_paged *c, int slot, int layer, const void *k, const void *v, int64_t n,
+                    int src_dtype, const rv_ops *ops);
+
+/* Copy a layer's K/V into [len, kv heads, head_dim] arrays: float32 (as_f32) or the stored
+ * dtype. */
+void rv_paged_read(const rv_paged *c, int slot, int layer, void *k, void *v, int as_f32, const rv_ops *ops);
+
+/* Transactions (per sequence). begin: RV_ENOMEM or RV_EINVAL (already open). */
+int rv_paged_begin(rv_paged *c, int slot);
+void rv_paged_commit(rv_paged *c, int slot);
+void rv_paged_rollback(rv_paged *c, int slot);
+
+/* Attention of queries (their .seq are slots) over `layer`. */
+struct rv_kv_query;
+int rv_paged_attend(const rv_paged *c, int layer, int num_heads, const struct rv_kv_query *queries, int nq,
+                    float scale, int causal, const rv_ops *ops, int nthreads);
+
+typedef struct {
+    int64_t blocks_used, blocks_shared, blocks_free;
+    int64_t slots_used;       /* allocated token slots of used blocks, summed over layers */
+    int64_t tokens_stored;    /* distinct stored tokens (shared blocks once), over layers */
+} rv_paged_stats;
+void rv_paged_get_stats(const rv_paged *c, rv_paged_stats *st);
+
+#endif

@@ -1,0 +1,378 @@
+"""PagedKVCache: attention out of the blocks against a float64 reference, forks with
+copy-on-write, the pool's accounting under random operation sequences, transactions,
+export/import and bad input."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ruvpy import _kernels
+from ruvpy._kvcache import KVCacheFull, PagedKVCache
+
+
+def reference_attention(q, k, v, causal=True, scale=None):
+    """float64 softmax(scale q k^T + mask) v; q [L, H, d], k/v [n, KVH, d] (GQA groups)."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    L, H, d = q.shape
+    n, kvh, _ = k.shape
+    g = H // kvh
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.zeros((L, H, d))
+    pos = n - L + np.arange(L)
+    for h in range(H):
+        s = scale * q[:, h] @ k[:, h // g].T
+        if causal:
+            s = np.where(np.arange(n)[None, :] > pos[:, None], -np.inf, s)
+        s -= s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // g]
+    return out
+
+
+def random_kv(rng, n, kvh, d, dtype=np.float32):
+    return (rng.standard_normal((n, kvh, d)).astype(dtype),
+            rng.standard_normal((n, kvh, d)).astype(dtype))
+
+
+def snapshot(cache):
+    """Everything observable about a cache: stats and every sequence's K/V in every layer."""
+    st = cache.stats().as_dict()
+    kv = {s: [tuple(a.tobytes() for a in cache.get_kv(s, l)) for l in range(cache.num_layers)]
+          for s in cache.sequences()}
+    return st, kv
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+def test_paged_equals_contiguous_fp32(isa, block_size):
+    rng = np.random.default_rng(block_size)
+    kvh, H, d = 2, 6, 32
+    for length in (block_size - 1, block_size, block_size + 1, 2 * block_size + 3, 300):
+        if length < 1:
+            continue
+        cache = PagedKVCache(2, kvh, d, block_size=block_size, max_tokens=700, dtype="float32")
+        seq = cache.add_sequence()
+        k, v = random_kv(rng, length, kvh, d)
+        cut = length // 3   # two appends, the first ending mid-block
+        cache.append(seq, 1, k[:cut], v[:cut])
+        cache.append(seq, 1, k[cut:], v[cut:])
+        for q_len, causal in ((1, True), (min(length, 5), True), (length, True), (3, False)):
+            q = rng.standard_normal((q_len, H, d)).astype(np.float32)
+            out = cache.attention(seq, 1, q, causal=causal)
+            ref = reference_attention(q, k, v, causal=causal)
+            assert np.abs(out - ref).max() <= 1e-6, (block_size, length, q_len, causal)
+        got_k, got_v = cache.get_kv(seq, 1)
+        assert np.array_equal(got_k, k) and np.array_equal(got_v, v)
+
+
+def test_paged_fp16_blocks_and_inputs(isa):
+    rng = np.random.default_rng(1)
+    cache = PagedKVCache(1, 3, 64, block_size=16, max_tokens=256)
+    seq = cache.add_sequence()
+    k, v = random_kv(rng, 100, 3, 64)
+    cache.append(seq, 0, k[:50], v[:50])
+    cache.append(seq, 0, k[50:].astype(np.float16), v[50:].astype(np.float16))
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    got_k, got_v = cache.get_kv(seq, 0)
+    assert np.array_equal(got_k, k16.astype(np.float32)) and np.array_equal(got_v, v16.astype(np.float32))
+    q = rng.standard_normal((7, 9, 64)).astype(np.float32)
+    out = cache.attention(seq, 0, q, scale=0.2)
+    assert np.abs(out - reference_attention(q, k16, v16, scale=0.2)).max() < 2e-6
+
+
+def test_long_decode_split_across_threads(isa):
+    """Long contexts are split across threads and merged; the result must not change."""
+    rng = np.random.default_rng(2)
+    cache = PagedKVCache(1, 1, 16, block_size=16, max_tokens=5000, dtype="float32")
+    seq = cache.add_sequence()
+    k, v = random_kv(rng, 4999, 1, 16)
+    cache.append(seq, 0, k, v)
+    q = rng.standard_normal((1, 2, 16)).astype(np.float32)
+    ref = reference_attention(q, k, v)
+    before = _kernels.get_num_threads()
+    try:
+        for threads in (1, 2):
+            _kernels.set_num_threads(threads)
+            assert np.abs(cache.attention(seq, 0, q) - ref).max() <= 1e-6
+    finally:
+        _kernels.set_num_threads(before)
+
+
+def test_append_attend_matches_per_sequence_attention(isa):
+    """A mixed step (prefill of one sequence, decode of two) in one call."""
+    rng = np.random.default_rng(3)
+    kvh, H, d = 2, 4, 16
+    cache = PagedKVCache(3, kvh, d, block_size=16, max_tokens=400, dtype="float32")
+    seqs = [cache.add_sequence() for _ in range(3)]
+    history = {}
+    for s, n in zip(seqs, (0, 20, 33)):
+        history[s] = random_kv(rng, n, kvh, d)
+        if n:
+            cache.append(s, 2, *history[s])
+    counts = [9, 1, 1]
+    k, v = random_kv(rng, sum(counts), kvh, d)
+    q = rng.standard_normal((sum(counts), H, d)).astype(np.float32)
+    out = np.empty_like(q)
+    assert cache.append_attend(2, seqs, counts, q, k, v, out=out) is out
+    off = 0
+    for s, n in zip(seqs, counts):
+        full_k = np.concatenate([history[s][0], k[off:off + n]])
+        full_v = np.concatenate([history[s][1], v[off:off + n]])
+        ref = reference_attention(q[off:off + n], full_k, full_v)
+        assert np.abs(out[off:off + n] - ref).max() <= 1e-6
+        assert cache.seq_len(s, 2) == len(full_k)
+        off += n
+
+
+def test_fork_copy_on_write_leaves_parent_untouched(isa):
+    rng = np.random.default_rng(4)
+    cache = PagedKVCache(2, 2, 8, block_size=16, max_tokens=160)
+    parent = cache.add_sequence()
+    for layer in range(2):
+        cache.append(parent, layer, *random_kv(rng, 21, 2, 8))   # last block partly filled
+    before = [cache.get_kv(parent, l) for l in range(2)]
+    used = cache.stats().blocks_used
+    child = cache.fork(parent)
+    st = cache.stats()
+    assert st.blocks_used == used and st.blocks_shared == 2
+    assert cache.seq_len(child, 1) == 21
+    for layer in range(2):
+        cache.append(child, layer, *random_kv(rng, 3, 2, 8))
+    st = cache.stats()
+    assert st.blocks_used == used + 1 and st.blocks_shared == 1   # only the last block copied
+    for layer in range(2):
+        k, v = cache.get_kv(parent, layer)
+        assert np.array_equal(k, before[layer][0]) and np.array_equal(v, before[layer][1])
+        ck, _ = cache.get_kv(child, layer)
+        assert np.array_equal(ck[:21], k) and len(ck) == 24
+    # the parent now writes into its last block, which it holds alone again: no copy
+    cache.append(parent, 0, *random_kv(rng, 2, 2, 8))
+    assert cache.stats().blocks_used == used + 1
+    cache.free(parent)
+    cache.free(child)
+    st = cache.stats()
+    assert st.blocks_used == 0 and st.blocks_free == st.blocks_total
+
+
+def test_full_pool_raises_before_writing():
+    rng = np.random.default_rng(5)
+    cache = PagedKVCache(2, 1, 8, block_size=4, max_tokens=16)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(a, 0, *random_kv(rng, 10, 1, 8))
+    before = snapshot(cache)
+    with pytest.raises(KVCacheFull, match="requested"):
+        cache.append(b, 0, *random_kv(rng, 7, 1, 8))    # 2 blocks free, 2 needed... plus 1
+    assert snapshot(cache) == before
+    with pytest.raises(KVCacheFull):
+        cache.reserve([a, b], [3, 4])
+    assert snapshot(cache) == before
+    # exactly what fits does fit
+    cache.reserve([a, b], [2, 4])
+    cache.append(a, 0, *random_kv(rng, 2, 1, 8))
+    cache.append(b, 0, *random_kv(rng, 4, 1, 8))
+    assert cache.stats().blocks_free == 0
+    assert issubclass(KVCacheFull, MemoryError)
+
+
+def test_reserve_counts_copy_on_write_exactly():
+    rng = np.random.default_rng(6)
+    cache = PagedKVCache(1, 1, 4, block_size=4, max_tokens=12)   # 3 blocks
+    a = cache.add_sequence()
+    cache.append(a, 0, *random_kv(rng, 6, 1, 4))    # 2 blocks, the last half full
+    b = cache.fork(a)
+    # both write into the shared last block: one copy (the second writer holds it alone)
+    cache.reserve([a, b], [1, 1])
+    with pytest.raises(KVCacheFull):
+        cache.reserve([a, b], [3, 1])    # a needs a new block as well as... 2 > 1 free
+    cache.append(a, 0, *random_kv(rng, 1, 1, 4))
+    cache.append(b, 0, *random_kv(rng, 1, 1, 4))
+    assert cache.stats().blocks_free == 0
+
+
+def test_transactions_restore_exactly(isa):
+    rng = np.random.default_rng(7)
+    cache = PagedKVCache(2, 2, 8, block_size=8, max_tokens=200)
+    a = cache.add_sequence()
+    for layer in range(2):
+        cache.append(a, layer, *random_kv(rng, 13, 2, 8))
+    b = cache.fork(a)
+    c = cache.add_sequence()
+    before = snapshot(cache)
+    cache.begin([a, b, c])
+    with pytest.raises(RuntimeError, match="transaction"):
+        cache.free(c)
+    with pytest.raises(RuntimeError, match="transaction"):
+        cache.fork(a)
+    for layer in range(2):
+        counts = [5, 20, 3]
+        k, v = random_kv(rng, sum(counts), 2, 8)
+        q = rng.standard_normal((sum(counts), 4, 8)).astype(np.float32)
+        cache.append_attend(layer, [a, b, c], counts, q, k, v)
+    assert snapshot(cache) != before
+    cache.rollback([a, b, c])
+    assert snapshot(cache) == before
+    # and commit keeps
+    cache.begin([a])
+    cache.append(a, 0, *random_kv(rng, 2, 2, 8))
+    cache.commit([a])
+    assert cache.seq_len(a, 0) == 15
+    with pytest.raises(ValueError, match="not inside a transaction"):
+        cache.rollback([a])
+
+
+def test_export_import_round_trip():
+    rng = np.random.default_rng(8)
+    cache = PagedKVCache(3, 2, 8, block_size=8, max_tokens=100)
+    a = cache.add_sequence()
+    for layer, n in enumerate((11, 11, 10)):
+        cache.append(a, layer, *random_kv(rng, n, 2, 8))
+    meta, arrays = cache.export_sequence(a)
+    json.dumps(meta)
+    other = PagedKVCache(3, 2, 8, block_size=4, max_tokens=100)
+    b = other.import_sequence(meta, arrays)
+    for layer in range(3):
+        for x, y in zip(cache.get_kv(a, layer), other.get_kv(b, layer)):
+            assert np.array_equal(x, y)
+    before = snapshot(other)
+    bad_shape = dict(arrays, **{"k.1": arrays["k.1"][:-1]})
+    with pytest.raises(ValueError, match="k.1"):
+        other.import_sequence(meta, bad_shape)
+    with pytest.raises(ValueError, match="dtype"):
+        PagedKVCache(3, 2, 8, max_tokens=100, dtype="float32").import_sequence(meta, arrays)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        PagedKVCache(3, 1, 8, max_tokens=100).import_sequence(meta, arrays)
+    with pytest.raises(KVCacheFull):
+        PagedKVCache(3, 2, 8, block_size=4, max_tokens=8).import_sequence(meta, arrays)
+    assert snapshot(other) == before
+
+
+def test_bad_input_leaves_cache_unchanged():
+    rng = np.random.default_rng(9)
+    cache = PagedKVCache(2, 2, 8, block_size=4, max_tokens=64)
+    a = cache.add_sequence()
+    empty = cache.add_sequence()
+    cache.append(a, 0, *random_kv(rng, 5, 2, 8))
+    before = snapshot(cache)
+    q = np.zeros((1, 4, 8), np.float32)
+    k, v = random_kv(rng, 3, 2, 8)
+    with pytest.raises(KeyError, match="12345"):
+        cache.append(12345, 0, k, v)
+    with pytest.raises(KeyError):
+        cache.attention(999, 0, q)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        cache.append(a, 0, *random_kv(rng, 3, 3, 8))
+    with pytest.raises(TypeError, match="float32 or float16"):
+        cache.append(a, 0, k.astype(np.float64), v.astype(np.float64))
+    with pytest.raises(ValueError, match="same shape"):
+        cache.append(a, 0, k, v[:2])
+    with pytest.raises(ValueError, match="layer"):
+        cache.append(a, 2, k, v)
+    with pytest.raises(ValueError, match="empty"):
+        cache.attention(empty, 0, q)
+    with pytest.raises(ValueError, match="q_len"):
+        cache.attention(a, 0, np.zeros((6, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="num_heads"):
+        cache.attention(a, 0, np.zeros((1, 3, 8), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        cache.attention(a, 0, q.astype(np.float16))
+    with pytest.raises(ValueError, match="out"):
+        cache.attention(a, 0, q, out=np.zeros((2, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="add up"):
+        cache.append_attend(0, [a, empty], [1, 1], q, k[:2], v[:2])
+    with pytest.raises(ValueError, match="repeat"):
+        cache.append_attend(0, [a, a], [1, 1], np.zeros((2, 4, 8), np.float32), k[:2], v[:2])
+    with pytest.raises(KeyError):
+        cache.append_attend(0, [a, 77], [1, 1], np.zeros((2, 4, 8), np.float32), k[:2], v[:2])
+    with pytest.raises(KeyError):
+        cache.free(4242)
+    with pytest.raises(TypeError):
+        PagedKVCache(2, 2, 8, max_tokens=64, block_size=1.5)
+    with pytest.raises(ValueError):
+        PagedKVCache(2, 2, 8, max_tokens=0)
+    with pytest.raises(ValueError, match="dtype"):
+        PagedKVCache(2, 2, 8, max_tokens=64, dtype="int8")
+    assert snapshot(cache) == before
+
+
+def test_closed_cache_raises():
+    cache = PagedKVCache(1, 1, 8, max_tokens=16)
+    a = cache.add_sequence()
+    cache.close()
+    cache.close()
+    for call in (lambda: cache.add_sequence(), lambda: cache.stats(), lambda: cache.nbytes,
+                 lambda: cache.attention(a, 0, np.zeros((1, 1, 8), np.float32))):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+
+
+def test_stats_and_bytes():
+    rng = np.random.default_rng(10)
+    cache = PagedKVCache(4, 2, 16, block_size=16, max_tokens=320)
+    bpt = PagedKVCache.bytes_per_token(4, 2, 16, block_size=16)
+    st = cache.stats()
+    assert st.pool_bytes == 20 * st.bytes_per_block and bpt == st.bytes_per_block / 16
+    assert st.bytes_per_block == 4 * 2 * 2 * 16 * 16 * 2      # fp16, already 64-byte aligned
+    assert cache.nbytes == st.pool_bytes + st.metadata_bytes == st.bytes
+    a = cache.add_sequence()
+    for layer in range(4):
+        cache.append(a, layer, *random_kv(rng, 20, 2, 16))
+    st = cache.stats()
+    assert st.blocks_used == 2 and st.tokens == 20 and st.sequences[a]["tokens"] == 20
+    assert st.internal_fragmentation == pytest.approx(12 / 32)
+    assert st.tiers["paged"] == {"tokens": 20, "bytes": 2 * st.bytes_per_block}
+    json.dumps(st.as_dict())
+
+
+# ---- random operation sequences against a model of what the pool should hold ----
+
+OPS = st.lists(st.tuples(st.sampled_from(["add", "append", "fork", "free", "txn"]),
+                         st.integers(0, 1000), st.integers(0, 12)), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(OPS, st.sampled_from([1, 3, 8]))
+def test_random_operations_return_the_pool_to_full(ops, block_size):
+    rng = np.random.default_rng(0)
+    cache = PagedKVCache(2, 1, 4, block_size=block_size, max_tokens=48)
+    model = {}       # seq -> [tokens k per layer]
+    total = cache.stats().blocks_total
+    for op, pick, n in ops:
+        live = sorted(model)
+        target = live[pick % len(live)] if live else None
+        if op == "add" or target is None:
+            model[cache.add_sequence()] = [np.zeros((0, 1, 4), np.float32)] * 2
+        elif op == "append":
+            layer = pick % 2
+            k, v = random_kv(rng, n, 1, 4)
+            try:
+                cache.append(target, layer, k, v)
+                model[target][layer] = np.concatenate([model[target][layer], k.astype(np.float16).astype(np.float32)])
+            except KVCacheFull:
+                pass
+        elif op == "fork":
+            model[cache.fork(target)] = list(model[target])
+        elif op == "free":
+            cache.free(target)
+            del model[target]
+        else:   # a transaction that appends then rolls back
+            cache.begin([target])
+            try:
+                cache.append(target, 0, *random_kv(rng, n, 1, 4))
+            except KVCacheFull:
+                pass
+            cache.rollback([target])
+        st_ = cache.stats()
+        assert st_.blocks_used + st_.blocks_free == total
+        refs = cache.block_refcounts()
+        assert (refs >= 0).all()
+        held = np.zeros(total, np.int32)
+        for s in model:
+            np.add.at(held, cache.block_table(s), 1)
+        assert np.array_equal(refs, held)      # every reference is a table entry
+        for s, layers in model.items():
+            for layer in range(2):
+                assert np.array_equal(cache.get_kv(s, layer)[0], layers[layer])
+    for s in list(model):
+        cache.free(s)
+    st_ = cache.stats()
+    assert st_.blocks_free == total and st_.blocks_used == 0 and st_.blocks_shared == 0
