@@ -39,6 +39,8 @@ TURBO_BITS = (2.5, 3.5, 4.5)
 DEFAULT_MAX_TOKENS = 8192
 MAX_HEAD_DIM = 256
 MiB = 1 << 20
+METADATA_ALLOWANCE_MIN = 8 * 1024     # of a memory_budget, kept for the cache's bookkeeping
+METADATA_ALLOWANCE_MAX = MiB
 
 
 class IncompleteStepError(RuntimeError):
@@ -687,22 +689,27 @@ class Runtime:
     """
 
     _instances = itertools.count(1)
+    # until __init__ completes (a failed construction leaves a closed, printable object)
+    name = "Runtime"
+    _closed = True
+    _positions = {}
 
     def __init__(self, config):
         if not isinstance(config, RuntimeConfig):
             raise TypeError(f"Runtime needs a RuntimeConfig, got {type(config).__name__}")
-        from ruvpy._kvcache import PagedKVCache, TwoTierKVCache
+        from ruvpy import _kvcache
         from ruvpy._memory import MemoryManager
 
         self.config = cfg = config
         self.name = f"Runtime#{next(Runtime._instances)}"
-        self._closed = False
-        cache_class = PagedKVCache if cfg.kv_cache == "paged" else TwoTierKVCache
+        cache_class = _kvcache.PagedKVCache if cfg.kv_cache == "paged" else \
+            _kvcache.TwoTierKVCache
         options = cfg.cache_options()
         shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
         self.bytes_per_token = float(cache_class.bytes_per_token(*shape, **options))
-        self.capacity_tokens = self._kv_capacity()
-        self._cache = cache_class(*shape, max_tokens=self.capacity_tokens, **options)
+        self._cache = self._make_cache(cache_class, shape, options)
+        self.capacity_tokens = int(getattr(self._cache, "capacity_tokens", 0)) or \
+            self._kv_capacity()
         self._memory = MemoryManager(cfg.arena_bytes, cfg.scratch_bytes_per_thread,
                                      pool_buffers_per_class=cfg.pool_buffers_per_class)
         self._positions = {}         # sequence id -> tokens ever appended (next position)
@@ -710,12 +717,37 @@ class Runtime:
         self._step = None
         self._steps = self._rollbacks = self._attention_calls = self._arena_fallbacks = 0
         self._rss_at_start = _process_rss()
+        self._closed = False
+
+    def _make_cache(self, cache_class, shape, options):
+        """The KV cache, sized by max_tokens and/or memory_budget. Under a budget, token
+        storage gets the budget less a metadata allowance; should the cache still allocate
+        more than the budget, it is rebuilt smaller."""
+        cfg = self.config
+        capacity = self._kv_capacity()
+        for _ in range(8):
+            cache = cache_class(*shape, max_tokens=capacity, **options)
+            excess = 0 if cfg.memory_budget is None else cache.nbytes - cfg.memory_budget
+            if excess <= 0:
+                return cache
+            cache.close()
+            capacity -= max(1, math.ceil(excess / self.bytes_per_token))
+            if cfg.kv_cache == "paged":
+                capacity -= capacity % cfg.block_size
+            if capacity < 1:
+                break
+        raise ValueError(f"RuntimeConfig.memory_budget={cfg.memory_budget} bytes cannot hold a "
+                         f"{cfg.kv_cache} KV cache of even one token with its metadata")
 
     def _kv_capacity(self):
+        """Tokens the KV cache is built for: max_tokens, and what fits in the memory budget
+        less a metadata allowance (block tables, bookkeeping: 1/64 of it, 8 KiB..1 MiB)."""
         cfg = self.config
         capacity = cfg.max_tokens
         if cfg.memory_budget is not None:
-            fitting = int(cfg.memory_budget // self.bytes_per_token)
+            allowance = min(max(METADATA_ALLOWANCE_MIN, cfg.memory_budget // 64),
+                            METADATA_ALLOWANCE_MAX)
+            fitting = int(max(0, cfg.memory_budget - allowance) // self.bytes_per_token)
             if cfg.kv_cache == "paged":
                 fitting -= fitting % cfg.block_size
             if fitting < 1:
@@ -723,7 +755,8 @@ class Runtime:
                                  f"no token: one token of all {cfg.num_layers} layers costs "
                                  f"{self.bytes_per_token:.0f} bytes in a {cfg.kv_cache} cache"
                                  + (f" (blocks of {cfg.block_size})"
-                                    if cfg.kv_cache == "paged" else ""))
+                                    if cfg.kv_cache == "paged" else "")
+                                 + f", plus a {allowance}-byte metadata allowance")
             capacity = fitting if capacity is None else min(capacity, fitting)
         return DEFAULT_MAX_TOKENS if capacity is None else capacity
 
@@ -1002,9 +1035,10 @@ class Runtime:
             pool={k: v for k, v in memory.pool._asdict().items() if k != "free_buffers"},
             scratch_bytes=int(memory.scratch_bytes),
             kv={"kind": self.config.kv_cache, "capacity_tokens": self.capacity_tokens,
-                "bytes": kv_bytes, "bytes_per_token": self.bytes_per_token},
+                "bytes": kv_bytes, "bytes_per_token": self.bytes_per_token,
+                "details": _kv_details(kv)},
             tiers=_kv_tiers(kv),
-            layers=_kv_layers(kv, self.config.num_layers),
+            layers=_kv_layers(kv),
             sequences=[{"seq": s, "position": p, **_kv_sequence(kv, s)}
                        for s, p in self._positions.items()],
             budget_bytes=budget,
@@ -1027,12 +1061,22 @@ def _ranges(indices):
 
 
 def _kv_tiers(kv):
-    return {"all": {"tokens": kv.tokens, "bytes": kv.bytes}}
+    return {str(name): {"tokens": int(t["tokens"]), "bytes": int(t["bytes"])}
+            for name, t in kv.tiers.items()}
 
 
-def _kv_layers(kv, num_layers):
-    return [{"layer": i, "tokens": kv.tokens, "bytes": kv.bytes // num_layers} for i in range(num_layers)]
+def _kv_layers(kv):
+    return [{"layer": int(r["layer"]), "tokens": int(r["tokens"]), "bytes": int(r["bytes"])}
+            for r in kv.layers]
 
 
 def _kv_sequence(kv, seq):
-    return {"tokens": kv.sequences[seq], "bytes": 0}
+    row = kv.sequences.get(seq, {})
+    return {"tokens": int(row.get("tokens", 0)), "bytes": int(row.get("bytes", 0))}
+
+
+def _kv_details(kv):
+    """The cache-specific scalar fields of its stats (blocks, fragmentation, ...)."""
+    return {k: v for k, v in kv.as_dict().items()
+            if k not in ("tiers", "layers", "sequences", "bytes", "capacity_tokens", "kind")
+            and isinstance(v, (int, float, str, bool))}
