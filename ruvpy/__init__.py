@@ -10,6 +10,7 @@ from ruvpy._attention import attention
 from ruvpy._memory import (Arena, ArenaExhausted, ArenaStats, BufferPool, PooledBuffer, PoolStats,
                            ScratchSpace, MemoryManager)
 from ruvpy._kvcache import PagedKVCache, KVCacheFull, KVCacheStats, PagedKVStats
+from ruvpy.runtime import Runtime, RuntimeConfig, RuntimeStats, Step
 
 __version__ = "0.1.0"
 
