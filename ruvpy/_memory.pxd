@@ -4,20 +4,16 @@
 from cpython.object cimport PyObject
 from libc.stdint cimport uint64_t
 
+# Only the header's types and inline functions are declared here: rv_pool.c is linked into
+# ruvpy._memory alone, so other extensions reach the pool through the cdef functions below
+# (shared by Cython across modules).
 cdef extern from "memory/rv_memory.h" nogil:
     enum:
         RV_ALIGN
         RV_POISON_BYTE
         RV_POOL_CLASSES
-        RV_POOL_EMPTY
-        RV_POOL_FULL
-        RV_POOL_BUSY
-    size_t RV_POOL_MAX_BUFFERS_PER_CLASS
-
     size_t rv_align_up(size_t n)
     bint rv_mul_size(size_t a, size_t b, size_t *out)
-    void *rv_aligned_alloc(size_t nbytes)
-    void rv_aligned_free(void *block)
 
     ctypedef struct rv_arena:
         unsigned char *base
@@ -32,22 +28,12 @@ cdef extern from "memory/rv_memory.h" nogil:
 
     ctypedef struct rv_pool:
         size_t max_buffers
-    ctypedef struct rv_pool_stats:
-        uint64_t hits, misses, allocations, returns, drops
-        size_t pooled_bytes, outstanding_bytes
-        size_t free_buffers[5]
-    const size_t rv_pool_class_bytes[5]
-    int rv_pool_class_for(size_t nbytes)
-    rv_pool *rv_pool_create(size_t max_buffers_per_class)
-    void rv_pool_destroy(rv_pool *p)
-    int rv_pool_pop(rv_pool *p, int c, int wait, void **out)
-    void *rv_pool_new_buffer(rv_pool *p, int c)
-    int rv_pool_push(rv_pool *p, int c, int wait, void *buffer)
-    void *rv_pool_acquire(rv_pool *p, int c)
-    void rv_pool_release(rv_pool *p, int c, void *buffer)
-    int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added)
-    void rv_pool_clear(rv_pool *p)
-    void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
+
+
+# A 64-byte aligned buffer of at least nbytes from the pool's smallest fitting class, or NULL
+# (nbytes above 256 KiB, or out of memory); give it back with the same nbytes.
+cdef void *pool_acquire(BufferPool pool, size_t nbytes) noexcept nogil
+cdef void pool_release(BufferPool pool, void *buffer, size_t nbytes) noexcept nogil
 
 
 cdef class _Block:
@@ -60,7 +46,6 @@ cdef class _Block:
 cdef class Arena:
     cdef rv_arena state
     cdef _Block block          # None once closed
-    cdef object _alloc(self, object shape, object dtype, bint zero)
     cdef int _check_open(self) except -1
 
     # Raw arena memory for C code (nbytes rounded up to 64 bytes): NULL when closed or full.

@@ -28,7 +28,7 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cython.parallel cimport prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset
 
 from ruvpy._openmp_helpers cimport omp_get_max_threads
@@ -42,6 +42,8 @@ cdef extern from "Python.h":
     void _decref "Py_DECREF"(PyObject *o)
     # no `except`: the caller tells an error from a negative value itself (both are refused)
     Py_ssize_t _long_as_ssize "PyLong_AsSsize_t"(object o) noexcept
+    Py_ssize_t _ptr_as_ssize "PyLong_AsSsize_t"(PyObject *o) noexcept
+    bint _is_exact_int "PyLong_CheckExact"(PyObject *o) noexcept
     void PyErr_Clear() noexcept
 
 cdef extern from "numpy/arrayobject.h":
@@ -55,6 +57,24 @@ cdef extern from "numpy/arrayobject.h":
                                    cnp.npy_intp *dims, cnp.npy_intp *strides, void *data,
                                    int flags, PyObject *obj) noexcept
     int PyArray_SetBaseObject(PyArrayObject *arr, PyObject *base) noexcept   # steals `base`
+
+cdef extern from "memory/rv_memory.h" nogil:
+    size_t RV_POOL_MAX_BUFFERS_PER_CLASS
+    void *rv_aligned_alloc(size_t nbytes)
+    void rv_aligned_free(void *block)
+    ctypedef struct rv_pool_stats:
+        uint64_t hits, misses, allocations, returns, drops
+        size_t pooled_bytes, outstanding_bytes
+        size_t free_buffers[5]
+    const size_t rv_pool_class_bytes[5]
+    int rv_pool_class_for(size_t nbytes)
+    rv_pool *rv_pool_create(size_t max_buffers_per_class)
+    void rv_pool_destroy(rv_pool *p)
+    void *rv_pool_acquire(rv_pool *p, int c)
+    void rv_pool_release(rv_pool *p, int c, void *buffer)
+    int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added)
+    void rv_pool_clear(rv_pool *p)
+    void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
 
 cdef enum:
     # NumPy 1.x's limit (2.x allows 64): views must work on both
@@ -108,11 +128,44 @@ cdef Py_ssize_t _dim(object d, object shape) except -1:
     raise ValueError(f"shape entry {d} in shape {shape!r} is too large")
 
 
-cdef int _parse_shape(object shape, cnp.npy_intp *dims, size_t itemsize,
-                      size_t *nbytes) except -1:
+cdef inline int _parse_shape(object shape, cnp.npy_intp *dims, size_t itemsize,
+                             size_t *nbytes) except -1:
     """Fills dims from an int or a sequence of ints and nbytes with the array's size in bytes;
     returns ndim. Entries must be ints (numpy integers too), >= 0, and the product must fit
-    numpy's limits (it ignores zero entries, so do we)."""
+    numpy's limits (it ignores zero entries, so do we).
+
+    The fast path takes a tuple of plain non-negative ints without touching reference counts;
+    anything else goes to _parse_shape_checked, which also words the errors."""
+    cdef Py_ssize_t nd, i, d
+    cdef PyObject *item
+    cdef size_t product = itemsize
+    cdef bint overflow = False, empty = False
+    if type(shape) is not tuple:
+        return _parse_shape_checked(shape, dims, itemsize, nbytes)
+    nd = PyTuple_GET_SIZE(shape)
+    if nd > MAX_NDIM:
+        return _parse_shape_checked(shape, dims, itemsize, nbytes)
+    for i in range(nd):
+        item = PyTuple_GET_ITEM(shape, i)
+        if not _is_exact_int(item):
+            return _parse_shape_checked(shape, dims, itemsize, nbytes)
+        d = _ptr_as_ssize(item)
+        if d <= 0:
+            if d < 0:
+                PyErr_Clear()   # a huge int's OverflowError: reported by the checked path
+                return _parse_shape_checked(shape, dims, itemsize, nbytes)
+            empty = True
+        else:
+            overflow |= rv_mul_size(product, <size_t>d, &product)
+        dims[i] = d
+    if overflow or product > <size_t>PY_SSIZE_T_MAX:
+        return _parse_shape_checked(shape, dims, itemsize, nbytes)
+    nbytes[0] = 0 if empty else product
+    return <int>nd
+
+
+cdef int _parse_shape_checked(object shape, cnp.npy_intp *dims, size_t itemsize,
+                              size_t *nbytes) except -1:
     cdef Py_ssize_t nd, i, d
     cdef size_t product = itemsize
     cdef bint overflow = False, empty = False
@@ -257,6 +310,31 @@ class ArenaStats(namedtuple("ArenaStats", "capacity used remaining high_water_ma
         return self.used / self.capacity
 
 
+cdef inline object _arena_alloc(Arena self, object shape, object dtype, bint zero):
+    cdef cnp.npy_intp dims[MAX_NDIM]
+    cdef size_t nbytes
+    cdef cnp.dtype descr = _descr_for(dtype)
+    cdef int nd = _parse_shape(shape, dims, descr.itemsize, &nbytes)
+    cdef rv_arena *state = &self.state
+    cdef size_t offset = state.offset, high_water = state.high_water
+    if state.base == NULL:
+        raise ValueError("the arena is closed")
+    cdef void *data = rv_arena_bump(state, nbytes)
+    if data == NULL:
+        raise ArenaExhausted(nbytes, state.capacity - state.offset, state.capacity)
+    cdef PyObject *arr = _new_view(data, nd, dims, descr, <PyObject *>self.block)
+    if arr == NULL:
+        # Undo the bump unless a finaliser run by numpy's allocation bumped since.
+        if state.offset == offset + rv_align_up(nbytes):
+            state.offset = offset
+            state.high_water = high_water
+            state.allocation_count -= 1
+        _fail()
+    if zero:
+        memset(data, 0, nbytes)
+    return _steal(arr)
+
+
 cdef class Arena:
     """Arena(capacity_bytes, *, debug=False): a bump allocator over one 64-byte aligned
     block of capacity_bytes (rounded up to 64).
@@ -280,36 +358,14 @@ cdef class Arena:
         self.state.capacity = self.block.nbytes
         self.state.debug = bool(debug)
 
-    cdef object _alloc(self, object shape, object dtype, bint zero):
-        cdef cnp.npy_intp dims[MAX_NDIM]
-        cdef size_t nbytes
-        cdef cnp.dtype descr = _descr_for(dtype)
-        cdef int nd = _parse_shape(shape, dims, descr.itemsize, &nbytes)
-        cdef rv_arena before = self.state
-        if self.state.base == NULL:
-            raise ValueError("the arena is closed")
-        cdef void *data = rv_arena_bump(&self.state, nbytes)
-        if data == NULL:
-            raise ArenaExhausted(nbytes, self.state.capacity - self.state.offset,
-                                 self.state.capacity)
-        cdef PyObject *arr = _new_view(data, nd, dims, descr, <PyObject *>self.block)
-        if arr == NULL:
-            # Undo the bump unless a finaliser run by numpy's allocation bumped since.
-            if self.state.offset == before.offset + rv_align_up(nbytes):
-                self.state = before
-            _fail()
-        if zero:
-            memset(data, 0, nbytes)
-        return _steal(arr)
-
     def alloc(self, shape, dtype=np.float32):
         """A C-contiguous array of `shape` and `dtype` in arena memory (64-byte aligned,
         contents unspecified). ArenaExhausted when it does not fit."""
-        return self._alloc(shape, dtype, False)
+        return _arena_alloc(self, shape, dtype, False)
 
     def zeros(self, shape, dtype=np.float32):
         """alloc(), filled with zeros."""
-        return self._alloc(shape, dtype, True)
+        return _arena_alloc(self, shape, dtype, True)
 
     def reset(self):
         """Make the whole arena available again: O(1), whatever was allocated (in debug mode
@@ -572,6 +628,15 @@ cdef class BufferPool:
         s = self.stats()
         return (f"<ruvpy.BufferPool {s.pooled_bytes} bytes pooled, {s.outstanding_bytes} out, "
                 f"hit rate {s.hit_rate:.2f}>")
+
+
+cdef void *pool_acquire(BufferPool pool, size_t nbytes) noexcept nogil:
+    cdef int c = rv_pool_class_for(nbytes)
+    return rv_pool_acquire(pool.pool, c) if c >= 0 else NULL
+
+
+cdef void pool_release(BufferPool pool, void *buffer, size_t nbytes) noexcept nogil:
+    rv_pool_release(pool.pool, rv_pool_class_for(nbytes), buffer)
 
 
 def _hammer_pool(BufferPool pool, int threads, int iterations):

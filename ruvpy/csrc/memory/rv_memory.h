@@ -77,17 +77,12 @@ RV_INLINE void rv_arena_reset(rv_arena *a)
 #define RV_POOL_CLASSES 5
 #define RV_POOL_MAX_BUFFERS_PER_CLASS ((size_t)1 << 20)
 
-/* Results of the non-blocking steps (wait == 0) besides RV_OK / RV_ENOMEM. */
-#define RV_POOL_EMPTY 1    /* rv_pool_pop: no pooled buffer (a miss was counted) */
-#define RV_POOL_FULL 2     /* rv_pool_push: the class is full (a drop was counted) */
-#define RV_POOL_BUSY 3     /* wait == 0 and another thread holds the class lock */
-
 typedef struct {
     pthread_mutex_t lock;
     void **free_list;           /* max_buffers slots, `count` used */
     size_t count;
     size_t nbytes;              /* the class's buffer size */
-    /* counters, changed under `lock` except allocations and outstanding (atomic) */
+    /* counters: changed under `lock`, except allocations and outstanding (atomics) */
     uint64_t hits, misses, returns, drops;
     uint64_t allocations;       /* buffers this class ever allocated (misses + prewarm) */
     uint64_t outstanding;       /* buffers handed out and not yet returned or dropped */
@@ -115,17 +110,10 @@ int rv_pool_class_for(size_t nbytes);
 rv_pool *rv_pool_create(size_t max_buffers_per_class);
 void rv_pool_destroy(rv_pool *p);   /* frees the pooled buffers and the pool */
 
-/* The steps, for callers that want to hold the GIL only where it is cheap:
- *   pop:  RV_OK (a pooled buffer in *out, hit counted), RV_POOL_EMPTY (miss counted), BUSY;
- *   new_buffer: a fresh block for class c (allocation counted) or NULL;
- *   push: RV_OK (pooled, return counted), RV_POOL_FULL (drop counted: the caller frees the
- *         buffer with rv_aligned_free), BUSY. */
-int rv_pool_pop(rv_pool *p, int c, int wait, void **out);
-void *rv_pool_new_buffer(rv_pool *p, int c);
-int rv_pool_push(rv_pool *p, int c, int wait, void *buffer);
-
-/* Blocking one-call versions for nogil C code: a buffer of class c (NULL when out of memory);
- * give it back (pooled or freed). */
+/* A buffer of class c: a pooled one (a hit) or a new allocation (a miss), NULL when out of
+ * memory. Give it back with rv_pool_release: onto the free list (a return) or, when the class
+ * already holds max_buffers, freed (a drop). Both block on the class mutex only around the
+ * free-list step; allocation and freeing happen outside it. */
 void *rv_pool_acquire(rv_pool *p, int c);
 void rv_pool_release(rv_pool *p, int c, void *buffer);
 

@@ -70,76 +70,42 @@ void rv_pool_destroy(rv_pool *p)
     rv_aligned_free(p);
 }
 
-/* Take class c's lock: always when wait, else only if free right now. */
-static int lock_class(rv_pool_class *k, int wait)
-{
-    if (wait) {
-        pthread_mutex_lock(&k->lock);
-        return RV_OK;
-    }
-    return pthread_mutex_trylock(&k->lock) == 0 ? RV_OK : RV_POOL_BUSY;
-}
-
-int rv_pool_pop(rv_pool *p, int c, int wait, void **out)
-{
-    rv_pool_class *k = &p->cls[c];
-    if (lock_class(k, wait) != RV_OK)
-        return RV_POOL_BUSY;
-    int status;
-    if (k->count > 0) {
-        *out = k->free_list[--k->count];
-        k->hits++;
-        __atomic_fetch_add(&k->outstanding, 1, __ATOMIC_RELAXED);
-        status = RV_OK;
-    } else {
-        k->misses++;
-        status = RV_POOL_EMPTY;
-    }
-    pthread_mutex_unlock(&k->lock);
-    return status;
-}
-
-void *rv_pool_new_buffer(rv_pool *p, int c)
-{
-    rv_pool_class *k = &p->cls[c];
-    void *buffer = rv_aligned_alloc(k->nbytes);
-    if (buffer) {
-        __atomic_fetch_add(&k->allocations, 1, __ATOMIC_RELAXED);
-        __atomic_fetch_add(&k->outstanding, 1, __ATOMIC_RELAXED);
-    }
-    return buffer;
-}
-
-int rv_pool_push(rv_pool *p, int c, int wait, void *buffer)
-{
-    rv_pool_class *k = &p->cls[c];
-    if (lock_class(k, wait) != RV_OK)
-        return RV_POOL_BUSY;
-    int status;
-    if (k->count < p->max_buffers) {
-        k->free_list[k->count++] = buffer;
-        k->returns++;
-        status = RV_OK;
-    } else {
-        k->drops++;
-        status = RV_POOL_FULL;
-    }
-    __atomic_fetch_sub(&k->outstanding, 1, __ATOMIC_RELAXED);
-    pthread_mutex_unlock(&k->lock);
-    return status;
-}
-
 void *rv_pool_acquire(rv_pool *p, int c)
 {
+    rv_pool_class *k = &p->cls[c];
     void *buffer = NULL;
-    if (rv_pool_pop(p, c, 1, &buffer) == RV_OK)
-        return buffer;
-    return rv_pool_new_buffer(p, c);
+    pthread_mutex_lock(&k->lock);
+    if (k->count > 0) {
+        buffer = k->free_list[--k->count];
+        k->hits++;
+    } else {
+        k->misses++;
+    }
+    pthread_mutex_unlock(&k->lock);
+    if (!buffer) {
+        buffer = rv_aligned_alloc(k->nbytes);
+        if (!buffer)
+            return NULL;
+        __atomic_fetch_add(&k->allocations, 1, __ATOMIC_RELAXED);
+    }
+    __atomic_fetch_add(&k->outstanding, 1, __ATOMIC_RELAXED);
+    return buffer;
 }
 
 void rv_pool_release(rv_pool *p, int c, void *buffer)
 {
-    if (rv_pool_push(p, c, 1, buffer) == RV_POOL_FULL)
+    rv_pool_class *k = &p->cls[c];
+    pthread_mutex_lock(&k->lock);
+    int pooled = k->count < p->max_buffers;
+    if (pooled) {
+        k->free_list[k->count++] = buffer;
+        k->returns++;
+    } else {
+        k->drops++;
+    }
+    __atomic_fetch_sub(&k->outstanding, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&k->lock);
+    if (!pooled)
         rv_aligned_free(buffer);
 }
 
