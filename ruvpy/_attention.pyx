@@ -8,7 +8,7 @@ import numpy as np
 
 cimport numpy as cnp
 from libc.math cimport sqrt, isfinite
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint16_t, uint64_t
 
 from ruvpy.c_ops cimport rv_ops
 from ruvpy._kernels cimport active_ops, num_threads
@@ -199,3 +199,113 @@ def _stream_read(buf, int nthreads=0):
         with nogil:
             r = rv_stream_read(&view[0], n, nt)
     return r
+
+
+from libc.stdlib cimport malloc, free
+from ruvpy.c_ops cimport (rv_attn_state, rv_kv_span, rv_attn_rows, RV_ATTN_CHUNK,
+                          RV_ATTN_SCRATCH_FLOATS, RV_ATTN_TILE_ROWS, RV_ATTN_TILE_SCRATCH_FLOATS)
+
+
+def _kernel_attend(q, k_pool, v_pool, table, int n_tokens, visible=None, str mode="spans"):
+    """Test hook for the kernel table's attention block as a paged cache uses it: one KV head
+    whose K/V rows live in blocks k_pool[table[i]] ([num_blocks, block, head_dim], float32 or
+    float16). q: [rows, head_dim] float32, already scaled. visible: optional [rows] int counts.
+    mode: "spans" (attend_spans_*, all blocks at once), "chunks" (attend_chunk_* per block,
+    block <= RV_ATTN_CHUNK) or "rows" (attend_rows_*, rows <= RV_ATTN_TILE_ROWS, scale 1).
+    Returns the [rows, head_dim] float32 output. Single-threaded."""
+    cdef float[:, ::1] qv = np.ascontiguousarray(q, dtype=np.float32)
+    kp = np.ascontiguousarray(k_pool)
+    vp = np.ascontiguousarray(v_pool)
+    if kp.dtype != vp.dtype or kp.dtype not in (np.float32, np.float16) or kp.shape != vp.shape or kp.ndim != 3:
+        raise ValueError("k_pool and v_pool must be [blocks, block, head_dim] float32/float16 alike")
+    cdef int rows = qv.shape[0], d = qv.shape[1], block = kp.shape[1]
+    cdef int i, r, n
+    cdef int imode = {"spans": 0, "chunks": 1, "rows": 2}[mode]
+    if kp.shape[2] != d or rows < 1 or d < 1:
+        raise ValueError("shape mismatch")
+    cdef long[::1] tab = np.ascontiguousarray(table, dtype=np.int64).astype(np.int_)
+    cdef int nb = (n_tokens + block - 1) // block
+    if nb > tab.shape[0] or n_tokens < 0:
+        raise ValueError("table too short")
+    for i in range(nb):
+        if not 0 <= tab[i] < kp.shape[0]:
+            raise ValueError("bad block id")
+    cdef int[::1] vis
+    cdef const int *visp = NULL
+    if visible is not None:
+        vis = np.ascontiguousarray(visible, dtype=np.intc)
+        if vis.shape[0] != rows:
+            raise ValueError("visible needs one count per row")
+        visp = &vis[0]
+    if mode == "rows" and rows > RV_ATTN_TILE_ROWS or mode == "chunks" and block > RV_ATTN_CHUNK:
+        raise ValueError("too many rows / too long blocks for this mode")
+    cdef bint f16 = kp.dtype == np.float16
+    cdef const unsigned char[:, :, ::1] kb = kp.view(np.uint8)
+    cdef const unsigned char[:, :, ::1] vb = vp.view(np.uint8)
+    cdef Py_ssize_t es = kp.itemsize
+    out = np.zeros((rows, d), dtype=np.float32)
+    cdef float[:, ::1] ov = out
+    m = np.full(rows, -np.inf, dtype=np.float32)
+    l = np.zeros(rows, dtype=np.float32)
+    acc = np.zeros((rows, d), dtype=np.float32)
+    cdef float[::1] mv = m, lv = l
+    cdef float[:, ::1] accv = acc
+    cdef size_t nscratch = max(RV_ATTN_SCRATCH_FLOATS(rows, d), RV_ATTN_TILE_SCRATCH_FLOATS(d))
+    scratch_arr = np.zeros(nscratch + 16, dtype=np.float32)
+    cdef float[::1] sc = scratch_arr
+    cdef float *scratch = &sc[(16 - (<size_t>&sc[0] // 4) % 16) % 16]   # 64-byte aligned
+    cdef rv_kv_span *spans = <rv_kv_span *>malloc(sizeof(rv_kv_span) * (nb + 1))
+    cdef const float **qrows = <const float **>malloc(sizeof(float *) * rows)
+    cdef float **orows = <float **>malloc(sizeof(float *) * rows)
+    cdef int *cvis = <int *>malloc(sizeof(int) * rows)
+    if not spans or not qrows or not orows or not cvis:
+        free(spans); free(qrows); free(orows); free(cvis)
+        raise MemoryError()
+    cdef rv_attn_state st
+    cdef rv_attn_rows job
+    cdef const rv_ops *ops = active_ops()
+    try:
+        for i in range(nb):
+            n = min(block, n_tokens - i * block)
+            spans[i].k = &kb[tab[i], 0, 0]
+            spans[i].v = &vb[tab[i], 0, 0]
+            spans[i].k_stride = d
+            spans[i].v_stride = d
+            spans[i].n = n
+        for r in range(rows):
+            qrows[r] = &qv[r, 0]
+            orows[r] = &ov[r, 0]
+        with nogil:
+            if imode == 2:
+                job.rows = rows; job.head_dim = d; job.scale = 1.0
+                job.q = qrows; job.out = orows; job.visible = visp
+                job.spans = spans; job.nspans = nb; job.m_out = NULL; job.l_out = NULL
+                if f16:
+                    ops.attend_rows_f16(&job, scratch)
+                else:
+                    ops.attend_rows_f32(&job, scratch)
+            else:
+                st.rows = rows; st.head_dim = d; st.q = &qv[0, 0]; st.q_stride = d
+                st.m = &mv[0]; st.l = &lv[0]; st.acc = &accv[0, 0]; st.scratch = scratch
+                if imode == 0:
+                    if f16:
+                        ops.attend_spans_f16(&st, spans, nb, visp)
+                    else:
+                        ops.attend_spans_f32(&st, spans, nb, visp)
+                else:
+                    for i in range(nb):
+                        if visp != NULL:
+                            for r in range(rows):
+                                cvis[r] = max(0, min(spans[i].n, visp[r] - i * block))
+                        if f16:
+                            ops.attend_chunk_f16(&st, <const uint16_t *>spans[i].k, d,
+                                                 <const uint16_t *>spans[i].v, d, spans[i].n,
+                                                 cvis if visp != NULL else NULL)
+                        else:
+                            ops.attend_chunk_f32(&st, <const float *>spans[i].k, d,
+                                                 <const float *>spans[i].v, d, spans[i].n,
+                                                 cvis if visp != NULL else NULL)
+                ops.attn_finalize(rows, d, &lv[0], &accv[0, 0], &ov[0, 0], d)
+    finally:
+        free(spans); free(qrows); free(orows); free(cvis)
+    return out

@@ -1,0 +1,319 @@
+"""ruvpy.attention and the kernel table's attention block against a float64 numpy reference."""
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import ruvpy
+from ruvpy import _attention
+
+
+def reference(q, k, v, causal=True, scale=None):
+    """float64 softmax(scale q k^T + causal mask) v, GQA by head // group."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    q_len, heads, d = q.shape
+    kv_len, kv_heads, _ = k.shape
+    group = heads // kv_heads
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.zeros((q_len, heads, d))
+    seen = np.arange(kv_len)[None, :] <= (kv_len - q_len + np.arange(q_len))[:, None]
+    for h in range(heads):
+        s = q[:, h] @ k[:, h // group].T * scale
+        if causal:
+            s = np.where(seen, s, -np.inf)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // group]
+    return out
+
+
+def make(rng, q_len, kv_len, heads, kv_heads, d, dtype=np.float32):
+    q = rng.standard_normal((q_len, heads, d)).astype(np.float32)
+    k = rng.standard_normal((kv_len, kv_heads, d)).astype(dtype)
+    v = rng.standard_normal((kv_len, kv_heads, d)).astype(dtype)
+    return q, k, v
+
+
+def check(out, q, k, v, causal=True, scale=None):
+    """fp32 K/V: max abs error <= 2e-5; fp16: <= 2e-3 of the output scale (reference on the
+    same fp16-rounded K/V, which is what k, v hold)."""
+    ref = reference(q, k, v, causal, scale)
+    err = np.abs(out.astype(np.float64) - ref).max() if out.size else 0.0
+    if k.dtype == np.float16:
+        assert err <= 2e-3 * max(1.0, np.abs(ref).max()), err
+    else:
+        assert err <= 2e-5, err
+
+
+@st.composite
+def problems(draw):
+    """Shapes within the issue's ranges, bounded so the float64 reference stays quick."""
+    d = draw(st.integers(1, 256))
+    kv_heads = draw(st.integers(1, 2))
+    group = draw(st.integers(1, 8))
+    causal = draw(st.booleans())
+    budget = 6_000_000 // (d * kv_heads * group)          # q_len * kv_len budget
+    kv_len = draw(st.integers(1, max(1, min(2000, budget))))
+    q_max = min(300, max(1, budget // kv_len))
+    if causal:
+        q_max = min(q_max, kv_len)
+    q_len = draw(st.one_of(st.just(1), st.integers(1, q_max)))
+    dtype = draw(st.sampled_from([np.float32, np.float16]))
+    return q_len, kv_len, kv_heads * group, kv_heads, d, causal, dtype
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems(), seed=st.integers(0, 2**32 - 1))
+def test_matches_reference(isa, problem, seed):
+    q_len, kv_len, heads, kv_heads, d, causal, dtype = problem
+    q, k, v = make(np.random.default_rng(seed), q_len, kv_len, heads, kv_heads, d, dtype)
+    check(ruvpy.attention(q, k, v, causal=causal), q, k, v, causal)
+
+
+@pytest.mark.parametrize("q_len,kv_len,heads,kv_heads,d", [
+    (1, 4097, 32, 8, 128),   # decode, GQA group of 4 (streaming kernel, context splits)
+    (1, 3000, 9, 3, 64),     # decode, 3 KV heads on 2 threads
+    (1, 700, 32, 1, 64),     # MQA decode: 32 rows go to the tiled kernel
+    (3, 500, 4, 2, 48),      # a few query tokens: streaming with causal rows
+    (200, 260, 8, 2, 128),   # prefill with a cached prefix
+    (70, 70, 3, 1, 80),      # partial tiles, group of 3
+    (17, 1500, 2, 1, 256),   # few tiles, long context: tiled kernel with context splits
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_model_shapes(isa, q_len, kv_len, heads, kv_heads, d, dtype):
+    q, k, v = make(np.random.default_rng(q_len * 7 + d), q_len, kv_len, heads, kv_heads, d, dtype)
+    for causal in (True, False):
+        check(ruvpy.attention(q, k, v, causal=causal), q, k, v, causal)
+
+
+@pytest.mark.parametrize("q_len,kv_len,heads,kv_heads,d", [
+    (1, 5000, 9, 3, 64), (1, 3000, 8, 1, 128), (40, 900, 8, 2, 64), (5, 4000, 2, 1, 32)])
+def test_thread_counts_agree(isa, q_len, kv_len, heads, kv_heads, d):
+    q, k, v = make(np.random.default_rng(1), q_len, kv_len, heads, kv_heads, d)
+    before = ruvpy.get_num_threads()
+    try:
+        ruvpy.set_num_threads(1)
+        one = ruvpy.attention(q, k, v)
+        ruvpy.set_num_threads(2)
+        two = ruvpy.attention(q, k, v)
+    finally:
+        ruvpy.set_num_threads(before)
+    assert np.abs(one - two).max() <= 1e-6
+    check(two, q, k, v)
+
+
+def test_causal_offset_rule(isa):
+    """Query i sits at kv_len - q_len + i: the last query sees everything (as non-causal), the
+    first of a prefill over an empty cache only key 0 (so its output is v[0])."""
+    q, k, v = make(np.random.default_rng(2), 33, 33, 4, 2, 16)
+    causal = ruvpy.attention(q, k, v, causal=True)
+    full = ruvpy.attention(q, k, v, causal=False)
+    np.testing.assert_allclose(causal[-1], full[-1], atol=1e-6)
+    np.testing.assert_allclose(causal[0], v[0][[0, 0, 1, 1]], atol=1e-6)
+    assert np.abs(causal[:-1] - full[:-1]).max() > 1e-3
+    q2, k2, v2 = make(np.random.default_rng(3), 5, 40, 4, 2, 16)   # 35 cached tokens
+    check(ruvpy.attention(q2, k2, v2, causal=True), q2, k2, v2, True)
+
+
+@pytest.mark.parametrize("q_len", [1, 3, 80])
+def test_large_logits_exact(isa, q_len):
+    """Scores of +-1e4 (exact in float32) neither overflow nor underflow: ties average exactly,
+    a unique maximum takes all the weight, an all -1e4 row is still a proper average."""
+    d, kv_len = 16, 100
+    rng = np.random.default_rng(4)
+    k = np.sign(rng.standard_normal((kv_len, 1, d))).astype(np.float32)
+    v = rng.standard_normal((kv_len, 1, d)).astype(np.float32)
+    q = np.empty((q_len, 3, d), np.float32)
+    q[:, 0] = 625.0 * k[7, 0]                 # score 1e4 at key 7, others <= 1e4 - 1250
+    q[:, 1] = 0.0
+    q[:, 1, 0] = 1e4                          # scores +-1e4: ties among the positive keys
+    q[:, 2] = -625.0 * k[7, 0]                # score -1e4 at key 7
+    for causal in (False, True):
+        out = ruvpy.attention(q, k, v, causal=causal, scale=1.0)
+        assert np.isfinite(out).all()
+        check(out, q, k, v, causal, scale=1.0)
+    out = ruvpy.attention(q, k, v, causal=False, scale=1.0)
+    np.testing.assert_allclose(out[:, 0], np.broadcast_to(v[7, 0], (q_len, d)), atol=1e-6)
+    pos = k[:, 0, 0] > 0
+    np.testing.assert_allclose(out[:, 1], np.broadcast_to(v[pos, 0].mean(0), (q_len, d)), atol=1e-5)
+    uniform = ruvpy.attention(q, k, np.ones_like(v), causal=False, scale=-1.0)  # all near -1e4
+    np.testing.assert_allclose(uniform, 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_out_reuse_allocates_nothing(isa, dtype):
+    q, k, v = make(np.random.default_rng(5), 1, 3000, 32, 8, 128, dtype)
+    out = np.full(q.shape, np.nan, np.float32)
+    assert ruvpy.attention(q, k, v, out=out) is out
+    check(out, q, k, v)
+    q2 = q[::-1].copy() * 2
+    ruvpy.attention(q2, k, v, out=out)
+    check(out, q2, k, v)
+    held = _attention.scratch_bytes()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            ruvpy.attention(q, k, v, out=out)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < out.nbytes // 2, peak           # no output (or other array) allocated
+    assert _attention.scratch_bytes() == held     # the cached scratch is reused, not regrown
+    ruvpy.attention(q, k, v)                      # a fresh result when out is not given
+    check(ruvpy.attention(q, k, v), q, k, v)
+
+
+def test_in_place_on_q(isa):
+    q, k, v = make(np.random.default_rng(6), 50, 50, 4, 2, 32)
+    expect = reference(q, k, v)
+    ruvpy.attention(q, k, v, out=q)
+    assert np.abs(q - expect).max() <= 2e-5
+
+
+def test_non_contiguous_inputs(isa):
+    rng = np.random.default_rng(7)
+    q_len, kv_len, heads, kv_heads, d = 9, 120, 8, 2, 64
+    qkv = rng.standard_normal((q_len, (heads + 2 * 4) * d)).astype(np.float32)
+    q = qkv[:, :heads * d].reshape(q_len, heads, d)                 # fused projection: strided tokens
+    cache = rng.standard_normal((kv_len + 8, 4, d)).astype(np.float16)
+    k = cache[:kv_len, 1:3]                                          # a head slice of a bigger cache
+    v = cache[8:, ::2]
+    check(ruvpy.attention(q, k, v), q, k, v)
+    kt = np.ascontiguousarray(np.transpose(k.astype(np.float32), (0, 2, 1))).transpose(0, 2, 1)
+    check(ruvpy.attention(q, kt, v.astype(np.float32)), q, kt, v.astype(np.float32))  # last axis strided: copied
+    check(ruvpy.attention(q, k[::-1], v[::-1]), q, k[::-1], v[::-1])               # negative strides
+    out_big = np.zeros((q_len, heads, 2 * d), np.float32)
+    out = out_big[:, :, :d]
+    ruvpy.attention(q, k, v, out=out)
+    check(out, q, k, v)
+    assert not out_big[:, :, d:].any()
+
+
+def test_bad_input():
+    q, k, v = make(np.random.default_rng(8), 4, 10, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"k and v shapes differ.*\(10, 2, 16\).*\(9, 2, 16\)"):
+        ruvpy.attention(q, k, v[:9])
+    with pytest.raises(ValueError, match=r"head_dim differs.*\(4, 4, 16\).*\(10, 2, 8\)"):
+        ruvpy.attention(q, k[..., :8].copy(), v[..., :8].copy())
+    with pytest.raises(ValueError, match=r"multiple of num_kv_heads"):
+        ruvpy.attention(q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1))
+    with pytest.raises(ValueError, match=r"q_len <= kv_len.*\(4, 4, 16\).*\(3, 2, 16\)"):
+        ruvpy.attention(q, k[:3], v[:3], causal=True)
+    ruvpy.attention(q, k[:3], v[:3], causal=False)                 # fine without the mask
+    with pytest.raises(ValueError, match=r"empty.*\(0, 2, 16\)"):
+        ruvpy.attention(q, k[:0], v[:0], causal=False)
+    with pytest.raises(ValueError, match=r"3-D"):
+        ruvpy.attention(q[0], k, v)
+    with pytest.raises(ValueError, match=r"head_dim must be 1..256"):
+        z = np.zeros((1, 1, 257), np.float32)
+        ruvpy.attention(z, z, z)
+    with pytest.raises(TypeError, match=r"q must be float32, got float64"):
+        ruvpy.attention(q.astype(np.float64), k, v)
+    with pytest.raises(TypeError, match=r"q must be float32, got float64"):
+        ruvpy.attention(q.tolist(), k, v)       # no silent down-cast of float64 data
+    with pytest.raises(TypeError, match=r"float32 or float16, got int32"):
+        ruvpy.attention(q, k.astype(np.int32), v.astype(np.int32))
+    with pytest.raises(TypeError, match=r"same dtype"):
+        ruvpy.attention(q, k, v.astype(np.float16))
+    with pytest.raises(TypeError, match=r"out must be float32, got float64"):
+        ruvpy.attention(q, k, v, out=np.zeros(q.shape))
+    with pytest.raises(ValueError, match=r"out has shape \(4, 4, 8\), expected .*\(4, 4, 16\)"):
+        ruvpy.attention(q, k, v, out=np.zeros((4, 4, 8), np.float32))
+    with pytest.raises(TypeError, match=r"out must be a numpy array"):
+        ruvpy.attention(q, k, v, out=[0.0])
+    ro = np.zeros(q.shape, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"read-only"):
+        ruvpy.attention(q, k, v, out=ro)
+    with pytest.raises(ValueError, match=r"contiguous last axis"):
+        ruvpy.attention(q, k, v, out=np.zeros((16, 4, 4), np.float32).transpose(2, 1, 0))
+    kv = np.zeros((10, 2, 16), np.float32)
+    with pytest.raises(ValueError, match=r"overlaps k or v"):
+        ruvpy.attention(np.zeros((10, 2, 16), np.float32), kv, kv, out=kv)
+    with pytest.raises(ValueError, match=r"overlaps q"):
+        ruvpy.attention(q, k, v, out=q[::-1])
+    with pytest.raises(ValueError, match=r"finite"):
+        ruvpy.attention(q, k, v, scale=float("nan"))
+    out = np.zeros(q.shape, np.float32)
+    assert ruvpy.attention(q[:0], k, v, out=out[:0]).shape == (0, 4, 16)
+
+
+def test_concurrent_callers(isa):
+    """Python threads calling at once (each with its own cached scratch) get correct results."""
+    cases = [make(np.random.default_rng(10 + i), ql, kl, h, kh, d, dt)
+             for i, (ql, kl, h, kh, d, dt) in enumerate([
+                 (1, 2000, 8, 2, 64, np.float32), (64, 300, 4, 1, 32, np.float16),
+                 (1, 900, 9, 3, 64, np.float16), (100, 100, 4, 4, 96, np.float32)])]
+    expected = [reference(*c) for c in cases]
+    errors = []
+
+    def work(i):
+        try:
+            out = np.empty(cases[i][0].shape, np.float32)
+            for _ in range(6):
+                ruvpy.attention(*cases[i], out=out)
+                assert np.abs(out - expected[i]).max() <= 2e-3 * max(1, np.abs(expected[i]).max())
+        except Exception as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i % len(cases),)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+# ---- the kernel table's attention block, as a paged KV cache drives it ----
+
+def paged(rng, kv_len, block, d, dtype):
+    """K/V of one head in shuffled blocks of a pool, with their block table."""
+    nb = (kv_len + block - 1) // block
+    table = rng.permutation(nb + 3)[:nb]
+    kp = rng.standard_normal((nb + 3, block, d)).astype(dtype)
+    vp = rng.standard_normal((nb + 3, block, d)).astype(dtype)
+    k = kp[table].reshape(-1, d)[:kv_len]
+    v = vp[table].reshape(-1, d)[:kv_len]
+    return kp, vp, table, k, v
+
+
+@pytest.mark.parametrize("mode", ["spans", "chunks", "rows"])
+@pytest.mark.parametrize("rows,kv_len,block,d,causal", [
+    (4, 1000, 16, 128, False), (3, 77, 16, 64, True), (1, 300, 64, 5, False),
+    (40, 530, 16, 96, True), (64, 129, 32, 33, True), (8, 64, 7, 16, True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kernel_block_on_paged_kv(isa, mode, rows, kv_len, block, d, causal, dtype):
+    rng = np.random.default_rng(rows * 1000 + kv_len)
+    kp, vp, table, k, v = paged(rng, kv_len, block, d, dtype)
+    q = (rng.standard_normal((rows, d)) / np.sqrt(d)).astype(np.float32)
+    visible = None
+    if causal:  # rows = query tokens at the end of the sequence, one row each
+        visible = np.minimum(kv_len, kv_len - rows + 1 + np.arange(rows)).clip(0)
+    out = _attention._kernel_attend(q, kp, vp, table, kv_len, visible, mode)
+    ref = reference(q[:, None], k[:, None], v[:, None], causal=causal, scale=1.0)[:, 0]
+    if visible is not None:
+        ref[visible == 0] = 0.0
+    tol = 2e-3 * max(1, np.abs(ref).max()) if dtype == np.float16 else 2e-5
+    assert np.abs(out - ref).max() <= tol
+
+
+def test_kernel_block_rows_that_see_nothing(isa):
+    rng = np.random.default_rng(11)
+    kp, vp, table, k, v = paged(rng, 50, 16, 32, np.float32)
+    q = rng.standard_normal((6, 32)).astype(np.float32)
+    visible = np.array([0, 1, 0, 17, 50, 0])
+    for mode in ("spans", "chunks", "rows"):
+        out = _attention._kernel_attend(q, kp, vp, table, 50, visible, mode)
+        assert not out[visible == 0].any()
+        np.testing.assert_allclose(out[1], v[0], atol=1e-6)
+        for r in (3, 4):
+            ref = reference(q[r][None, None], k[:visible[r], None], v[:visible[r], None], False, 1.0)
+            assert np.abs(out[r] - ref[0, 0]).max() <= 2e-5
+
+
+def test_stream_read_checksum():
+    buf = np.arange(1 << 16, dtype=np.uint64)
+    assert _attention._stream_read(buf, 2) == int(buf.sum())
+    assert _attention._stream_read(buf[:5], 1) == 10
