@@ -269,6 +269,30 @@ def test_non_debug_reset_keeps_values():
     assert address(again) == address(arr)   # the same memory is handed out again
 
 
+def test_arena_shared_by_python_threads_hands_out_disjoint_memory():
+    threads, per_thread = 8, 1000
+    arena = Arena(threads * per_thread * 64)
+    arrays = [[] for _ in range(threads)]
+
+    def worker(t):
+        for i in range(per_thread):
+            arr = arena.alloc((16,), np.int32)
+            arr[:] = t * per_thread + i
+            arrays[t].append(arr)
+
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    flat = [arr for per in arrays for arr in per]
+    assert len({address(arr) for arr in flat}) == threads * per_thread
+    assert arena.stats().allocation_count == threads * per_thread
+    assert arena.stats().remaining == 0
+    for t, per in enumerate(arrays):
+        assert all((arr == t * per_thread + i).all() for i, arr in enumerate(per))
+
+
 @pytest.mark.parametrize("capacity, error", [
     (-1, ValueError), (0, ValueError), (1.5, TypeError), ("10", TypeError), (None, TypeError),
     (True, TypeError), (1 << 62, MemoryError), (1 << 70, MemoryError),
