@@ -386,7 +386,9 @@ class RuntimeStats:
 
     arena: capacity, used, remaining, high_water_mark, allocation_count, reset_count;
     pool: hits, misses, allocations, returns, drops, pooled_bytes, outstanding_bytes;
-    scratch_bytes; kv: kind, capacity_tokens, bytes (allocated now), tiers
+    scratch_bytes; kv: kind, capacity_tokens, tokens (held now), bytes (allocated now, all
+    tiers and metadata: what the budget caps), bytes_in_use (token storage in use),
+    bytes_per_token, details (the cache's own counters: blocks, fragmentation, ...); tiers
     {name: {tokens, bytes}}; layers [{layer, tokens, bytes}]; sequences [{seq, position,
     tokens, bytes}] (position: tokens ever appended = next RoPE position; tokens: held now,
     fewer after evictions); budget_bytes / budget_used_pct (None without a memory_budget);
@@ -423,6 +425,9 @@ class RuntimeStats:
         summary = [
             ("KV cache", f"{kv['kind']}, capacity {kv['capacity_tokens']} tokens, "
                          f"{_human_bytes(kv['bytes'])} allocated"),
+            ("KV in use", f"{kv['tokens']} tokens held ("
+                          f"{100 * kv['tokens'] / max(1, kv['capacity_tokens']):.1f}% of "
+                          f"capacity), {_human_bytes(kv['bytes_in_use'])} of token storage"),
             ("KV budget", budget),
             ("arena", f"{_human_bytes(a['used'])} used of {_human_bytes(a['capacity'])}, "
                       f"high water {_human_bytes(a['high_water_mark'])}"),
@@ -441,8 +446,8 @@ class RuntimeStats:
                  "\n".join(f"  {k.ljust(width)}  {v}" for k, v in summary)]
         parts.append(_table("KV tiers", ("tier", "tokens", "bytes"),
                             [(name, t["tokens"], t["bytes"]) for name, t in self.tiers.items()]))
-        parts.append(_table("KV per layer", ("layer", "tokens", "bytes"),
-                            [(r["layer"], r["tokens"], r["bytes"]) for r in self.layers]))
+        parts.append(_table("KV per layer", ("layers", "tokens", "bytes"),
+                            _layer_runs(self.layers)))
         parts.append(_table("KV per sequence", ("seq", "position", "tokens", "bytes"),
                             [(r["seq"], r["position"], r["tokens"], r["bytes"])
                              for r in self.sequences]))
@@ -450,6 +455,19 @@ class RuntimeStats:
 
     def __str__(self):
         return self.format()
+
+
+def _layer_runs(layers):
+    """Table rows for per-layer stats, consecutive layers with equal counts on one row
+    ("0-29", tokens, bytes: each)."""
+    rows = []
+    for r in layers:
+        if rows and rows[-1][1:] == [r["tokens"], r["bytes"]] and \
+                rows[-1][0][-1] == r["layer"] - 1:
+            rows[-1][0].append(r["layer"])
+        else:
+            rows.append([[r["layer"]], r["tokens"], r["bytes"]])
+    return [(_ranges(run), tokens, nbytes) for run, tokens, nbytes in rows]
 
 
 def _json_default(value):
@@ -1028,6 +1046,7 @@ class Runtime:
         memory = self._memory.stats()
         kv = self._cache.stats()
         kv_bytes = int(self._cache.nbytes)
+        tiers = _kv_tiers(kv)
         budget = self.config.memory_budget
         rss = _process_rss()
         return RuntimeStats(
@@ -1035,9 +1054,10 @@ class Runtime:
             pool={k: v for k, v in memory.pool._asdict().items() if k != "free_buffers"},
             scratch_bytes=int(memory.scratch_bytes),
             kv={"kind": self.config.kv_cache, "capacity_tokens": self.capacity_tokens,
-                "bytes": kv_bytes, "bytes_per_token": self.bytes_per_token,
-                "details": _kv_details(kv)},
-            tiers=_kv_tiers(kv),
+                "tokens": int(kv.tokens), "bytes": kv_bytes,
+                "bytes_in_use": sum(t["bytes"] for t in tiers.values()),
+                "bytes_per_token": self.bytes_per_token, "details": _kv_details(kv)},
+            tiers=tiers,
             layers=_kv_layers(kv),
             sequences=[{"seq": s, "position": p, **_kv_sequence(kv, s)}
                        for s, p in self._positions.items()],
