@@ -388,10 +388,10 @@ class RuntimeStats:
     pool: hits, misses, allocations, returns, drops, pooled_bytes, outstanding_bytes;
     scratch_bytes; kv: kind, capacity_tokens, tokens (held now), bytes (allocated now, all
     tiers and metadata: what the budget caps), bytes_in_use (token storage in use),
-    bytes_per_token, details (the cache's own counters: blocks, fragmentation, ...); tiers
-    {name: {tokens, bytes}}; layers [{layer, tokens, bytes}]; sequences [{seq, position,
+    bytes_per_token, details (the cache's own counters: blocks, fragmentation, ...), tiers
+    {name: {tokens, bytes}}, layers [{layer, tokens, bytes}], sequences [{seq, position,
     tokens, bytes}] (position: tokens ever appended = next RoPE position; tokens: held now,
-    fewer after evictions); budget_bytes / budget_used_pct (None without a memory_budget);
+    fewer after evictions; bytes: a shared block's bytes are split among its holders); budget_bytes / budget_used_pct (None without a memory_budget);
     rss_bytes / rss_growth_bytes (process resident memory, and its growth since the runtime
     was created); steps (committed), rollbacks, attention_calls, arena_fallbacks (attention
     outputs that did not fit the arena and were allocated by numpy).
@@ -401,9 +401,6 @@ class RuntimeStats:
     pool: dict
     scratch_bytes: int
     kv: dict
-    tiers: dict
-    layers: list
-    sequences: list
     budget_bytes: int | None
     budget_used_pct: float | None
     rss_bytes: int
@@ -445,12 +442,12 @@ class RuntimeStats:
         parts = ["ruvpy runtime memory",
                  "\n".join(f"  {k.ljust(width)}  {v}" for k, v in summary)]
         parts.append(_table("KV tiers", ("tier", "tokens", "bytes"),
-                            [(name, t["tokens"], t["bytes"]) for name, t in self.tiers.items()]))
+                            [(name, t["tokens"], t["bytes"]) for name, t in kv["tiers"].items()]))
         parts.append(_table("KV per layer", ("layers", "tokens", "bytes"),
-                            _layer_runs(self.layers)))
+                            _layer_runs(kv["layers"])))
         parts.append(_table("KV per sequence", ("seq", "position", "tokens", "bytes"),
                             [(r["seq"], r["position"], r["tokens"], r["bytes"])
-                             for r in self.sequences]))
+                             for r in kv["sequences"]]))
         return "\n\n".join(parts)
 
     def __str__(self):
@@ -1056,11 +1053,10 @@ class Runtime:
             kv={"kind": self.config.kv_cache, "capacity_tokens": self.capacity_tokens,
                 "tokens": int(kv.tokens), "bytes": kv_bytes,
                 "bytes_in_use": sum(t["bytes"] for t in tiers.values()),
-                "bytes_per_token": self.bytes_per_token, "details": _kv_details(kv)},
-            tiers=tiers,
-            layers=_kv_layers(kv),
-            sequences=[{"seq": s, "position": p, **_kv_sequence(kv, s)}
-                       for s, p in self._positions.items()],
+                "bytes_per_token": self.bytes_per_token, "details": _kv_details(kv),
+                "tiers": tiers, "layers": _kv_layers(kv),
+                "sequences": [{"seq": s, "position": p, **_kv_sequence(kv, s)}
+                              for s, p in self._positions.items()]},
             budget_bytes=budget,
             budget_used_pct=None if budget is None else 100.0 * kv_bytes / budget,
             rss_bytes=rss, rss_growth_bytes=rss - self._rss_at_start,
