@@ -132,53 +132,24 @@ cdef inline int _parse_shape(object shape, cnp.npy_intp *dims, size_t itemsize,
                              size_t *nbytes) except -1:
     """Fills dims from an int or a sequence of ints and nbytes with the array's size in bytes;
     returns ndim. Entries must be ints (numpy integers too), >= 0, and the product must fit
-    numpy's limits (it ignores zero entries, so do we).
-
-    The fast path takes a tuple of plain non-negative ints without touching reference counts;
-    anything else goes to _parse_shape_checked, which also words the errors."""
+    numpy's limits (it ignores zero entries, so do we). Plain non-negative ints are read
+    without touching reference counts; anything else goes through _dim."""
     cdef Py_ssize_t nd, i, d
     cdef PyObject *item
     cdef size_t product = itemsize
     cdef bint overflow = False, empty = False
     if type(shape) is not tuple:
-        return _parse_shape_checked(shape, dims, itemsize, nbytes)
-    nd = PyTuple_GET_SIZE(shape)
-    if nd > MAX_NDIM:
-        return _parse_shape_checked(shape, dims, itemsize, nbytes)
-    for i in range(nd):
-        item = PyTuple_GET_ITEM(shape, i)
-        if not _is_exact_int(item):
-            return _parse_shape_checked(shape, dims, itemsize, nbytes)
-        d = _ptr_as_ssize(item)
-        if d <= 0:
-            if d < 0:
-                PyErr_Clear()   # a huge int's OverflowError: reported by the checked path
-                return _parse_shape_checked(shape, dims, itemsize, nbytes)
-            empty = True
-        else:
-            overflow |= rv_mul_size(product, <size_t>d, &product)
-        dims[i] = d
-    if overflow or product > <size_t>PY_SSIZE_T_MAX:
-        return _parse_shape_checked(shape, dims, itemsize, nbytes)
-    nbytes[0] = 0 if empty else product
-    return <int>nd
-
-
-cdef int _parse_shape_checked(object shape, cnp.npy_intp *dims, size_t itemsize,
-                              size_t *nbytes) except -1:
-    cdef Py_ssize_t nd, i, d
-    cdef size_t product = itemsize
-    cdef bint overflow = False, empty = False
-    if type(shape) is not tuple:
-        if isinstance(shape, (tuple, list)):
-            shape = tuple(shape)
-        else:
-            shape = (shape,)   # one dimension; _dim says if it is not an int
+        # a list, or one dimension (_dim says if it is not an int)
+        shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
     nd = PyTuple_GET_SIZE(shape)
     if nd > MAX_NDIM:
         raise ValueError(f"at most {MAX_NDIM} dimensions, got {nd}")
     for i in range(nd):
-        d = _dim(<object>PyTuple_GET_ITEM(shape, i), shape)
+        item = PyTuple_GET_ITEM(shape, i)
+        d = _ptr_as_ssize(item) if _is_exact_int(item) else -1
+        if d < 0:
+            PyErr_Clear()   # a huge int's OverflowError: _dim reports it as a ValueError
+            d = _dim(<object>item, shape)
         dims[i] = d
         if d == 0:
             empty = True
@@ -358,15 +329,18 @@ cdef class Arena:
         self.state.capacity = self.block.nbytes
         self.state.debug = bool(debug)
 
+    @cython.binding(False)   # hot: called as a C method, no bound-method object
     def alloc(self, shape, dtype=np.float32):
         """A C-contiguous array of `shape` and `dtype` in arena memory (64-byte aligned,
         contents unspecified). ArenaExhausted when it does not fit."""
         return _arena_alloc(self, shape, dtype, False)
 
+    @cython.binding(False)
     def zeros(self, shape, dtype=np.float32):
         """alloc(), filled with zeros."""
         return _arena_alloc(self, shape, dtype, True)
 
+    @cython.binding(False)
     def reset(self):
         """Make the whole arena available again: O(1), whatever was allocated (in debug mode
         it also fills the used part with NaN bytes). Arrays from before alias new ones."""
@@ -461,6 +435,7 @@ cdef class PooledBuffer:
             rv_pool_release(self.pool, self.size_class, data)
         _decref(owner)   # last: it may free the pool
 
+    @cython.binding(False)
     def release(self):
         """Give the buffer back to its pool (once the last view of it is gone)."""
         if self.state != _LIVE:
@@ -479,6 +454,7 @@ cdef class PooledBuffer:
             raise ValueError("operation on a released PooledBuffer")
         return 0
 
+    @cython.binding(False)
     def array(self, shape=None, dtype=np.uint8):
         """A C-contiguous view of the buffer's first bytes as an array (shape None: as many
         `dtype` items as fit in nbytes). The buffer stays out of the pool while it lives."""
@@ -565,6 +541,7 @@ cdef class BufferPool:
         # Buffers hold a reference to their pool: none is out when this runs.
         rv_pool_destroy(self.pool)
 
+    @cython.binding(False)
     def acquire(self, nbytes):
         """A PooledBuffer of nbytes (<= 256 KiB) from the smallest size class that fits."""
         cdef Py_ssize_t n = _long_as_ssize(nbytes) if PyLong_CheckExact(nbytes) else -1
@@ -654,8 +631,12 @@ def _hammer_pool(BufferPool pool, int threads, int iterations):
                 c = (i + t) % RV_POOL_CLASSES
                 first = <int64_t *>rv_pool_acquire(pool.pool, c)
                 second = <int64_t *>rv_pool_acquire(pool.pool, (c + 1) % RV_POOL_CLASSES)
-                if first == NULL or second == NULL:
-                    clobbered += 1   # out of memory: reported as a failure too
+                if first == NULL or second == NULL:   # out of memory: counted as a failure
+                    clobbered += 1
+                    if first != NULL:
+                        rv_pool_release(pool.pool, c, first)
+                    if second != NULL:
+                        rv_pool_release(pool.pool, (c + 1) % RV_POOL_CLASSES, second)
                     continue
                 first[0] = t
                 first[1] = i
@@ -695,6 +676,7 @@ cdef class ScratchSpace:
         self.stride = stride
         self.max_threads = threads
 
+    @cython.binding(False)
     def get(self, thread_index, dtype=np.uint8):
         """Thread `thread_index`'s region as a 1-D array of as many `dtype` items as fit."""
         cdef cnp.npy_intp dims[1]

@@ -9,6 +9,8 @@ case; shown as "loop overhead"), so ratios are conservative.
 
 Targets (issue 2): arena alloc of a small array <= 0.5x numpy.empty of the same shape (alloc
 includes a reset every ARENA_RESET_EVERY allocations); pool acquire+release <= 1 us median.
+The "reference floors" rows bound what any Python-level allocator returning an ndarray can
+reach: a call taking two arguments, and creating + freeing one ndarray object (view()).
 
 OPENBLAS_NUM_THREADS defaults to 1 here: numpy's OpenBLAS otherwise keeps spinning threads
 that compete with the benchmark on a small machine (they slow every case alike).
@@ -68,7 +70,14 @@ class Case:
 
 def build_cases():
     f32 = np.float32
-    cases = [Case("loop", "loop overhead (empty body)", "pass", {})]
+    template = np.empty(64, f32)
+    cases = [
+        Case("reference floors", "loop overhead (empty body)", "pass", {}),
+        Case("reference floors", "dict.get(shape, f32): a 2-argument C call", "get(shape, f32)",
+             {"get": {}.get, "shape": (64,), "f32": f32}),
+        Case("reference floors", "ndarray.view(): any call returning a new ndarray",
+             "view()", {"view": template.view}),
+    ]
     arena = ruvpy.Arena(ARENA_RESET_EVERY * 16 * 64 * 4 + 4096)
     for shape in SMALL_SHAPES:
         group = f"alloc {shape} float32"
@@ -114,11 +123,13 @@ def main():
     by_group = {}
     for case in cases:
         by_group.setdefault(case.group, {})[case.name] = case.median
-    arena_ratios = {}
+    view_ns = next(v for k, v in by_group["reference floors"].items() if k.startswith("ndarray"))
+    arena_ratios, floor_ratios = {}, {}
     for shape in SMALL_SHAPES:
         group = by_group[f"alloc {shape} float32"]
         arena_ns = next(v for k, v in group.items() if k.startswith("Arena.alloc"))
         arena_ratios[str(shape)] = arena_ns / group["numpy.empty"]
+        floor_ratios[str(shape)] = view_ns / group["numpy.empty"]
     pool_ns = {f"{n // 1024} KiB": by_group[f"buffer of {n // 1024} KiB"]["pool acquire+release"]
                for n in POOL_SIZES}
 
@@ -133,7 +144,8 @@ def main():
     for shape, ratio in arena_ratios.items():
         verdict = "ok" if ratio <= ARENA_TARGET_RATIO else "MISSED"
         print(f"  arena alloc {shape}: {ratio:.2f}x numpy.empty (target <= "
-              f"{ARENA_TARGET_RATIO}x) {verdict}")
+              f"{ARENA_TARGET_RATIO}x) {verdict}; ndarray.view() alone: "
+              f"{floor_ratios[shape]:.2f}x")
     for size, ns in pool_ns.items():
         verdict = "ok" if ns <= POOL_TARGET_NS else "MISSED"
         print(f"  pool acquire+release {size}: {ns:.0f} ns (target <= {POOL_TARGET_NS:.0f} ns) "
@@ -153,6 +165,7 @@ def main():
         "arena_reset_every": ARENA_RESET_EVERY,
         "median_ns": by_group,
         "arena_over_numpy_empty": arena_ratios,
+        "ndarray_view_over_numpy_empty": floor_ratios,
         "pool_acquire_release_ns": pool_ns,
         "targets_met": {
             "arena_alloc_le_0.5x_numpy_empty": all(r <= ARENA_TARGET_RATIO
