@@ -348,6 +348,22 @@ def test_size_classes():
         pool.acquire(256 * KIB + 1)
 
 
+@settings(max_examples=200, deadline=None)
+@given(nbytes=st.integers(0, 256 * KIB), dtype=st.sampled_from([np.uint8, np.float32, np.int64]))
+def test_acquire_takes_the_smallest_class_that_fits(nbytes, dtype):
+    pool = BufferPool()
+    with pool.acquire(nbytes) as buf:
+        fitting = [c for c in BufferPool.SIZE_CLASSES if c >= nbytes]
+        assert buf.capacity == fitting[0] and buf.nbytes == nbytes
+        assert buf.address % ALIGN == 0
+        arr = buf.array(dtype=dtype)
+        assert arr.shape == (nbytes // np.dtype(dtype).itemsize,)
+        arr[...] = 7
+        assert (buf.array(dtype=dtype) == 7).all()
+        del arr
+    assert pool.stats().returns == 1
+
+
 def test_pool_accounting_hits_misses_returns_drops():
     pool = BufferPool(max_buffers_per_class=2)
     assert pool.stats() == PoolStats(0, 0, 0, 0, 0, 0, 0, (0,) * 5)
