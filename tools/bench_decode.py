@@ -239,13 +239,20 @@ def main(argv=None):
     parser.add_argument("--overhead-repeats", type=int, default=300,
                         help="steps per method for the overhead measurement")
     parser.add_argument("--caches", nargs="+", choices=list(CACHES), default=list(CACHES))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="RuntimeConfig.threads for ruvpy's kernels (default: the process "
+                             "setting)")
     parser.add_argument("--no-model", action="store_true",
                         help="only the Runtime overhead (no model needed)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        for options in CACHES.values():
+            options["threads"] = args.threads
     rng = np.random.default_rng(0)
     info = ruvpy.info()
-    results = {"isa": info["isa"], "threads": info["threads"], "decode": [], "overhead": []}
+    results = {"isa": info["isa"], "threads": args.threads or info["threads"], "decode": [],
+               "overhead": []}
     shape = (30, 9, 3, 64)        # SmolLM2-135M: layers, heads, kv heads, head_dim
 
     if not args.no_model:
@@ -268,7 +275,7 @@ def main(argv=None):
             bench_runtime_overhead(shape, cache_name, min(args.contexts), args.overhead_repeats,
                                    rng))
 
-    print(f"ruvpy {ruvpy.__version__}, ISA {info['isa']}, {info['threads']} threads")
+    print(f"ruvpy {ruvpy.__version__}, ISA {info['isa']}, {results['threads']} threads")
     if results["decode"]:
         print(_table(
             "\nSmolLM2-135M decode (median per token; ruvpy = attention + KV cache + step "
