@@ -391,6 +391,112 @@ static int alloc_state(rv_case *c, int rows, int d, state_bufs *s)
 ATTEND_RUNNER(attend_chunk_f32, float, in_f32)
 ATTEND_RUNNER(attend_chunk_f16, uint16_t, in_u16)
 
+/* The K/V span list of a case: "span_starts" / "span_lens" (i32) give, per span, its first
+ * token row in the k / v arrays and its length; the logical key order is the list order, so
+ * blocks can sit anywhere in memory, as in a paged cache. NULL (and an error) if malformed. */
+static rv_kv_span *case_spans(rv_case *c, const void *k, size_t nk, const void *v, size_t nv,
+                              ptrdiff_t ks, ptrdiff_t vs, int d, size_t elem, int *nspans)
+{
+    size_t ns = 0, nl = 0;
+    const int32_t *starts = in_i32_opt(c, "span_starts", &ns), *lens = in_i32_opt(c, "span_lens", &nl);
+    if (!starts || !lens || ns != nl || ns == 0) {
+        fail(c, "%s: needs span_starts and span_lens of one length", "spans");
+        return NULL;
+    }
+    rv_kv_span *spans = output(c, "_spans", DT_F64, ns * sizeof(rv_kv_span) / 8 + 1, 8);
+    if (!spans)
+        return NULL;
+    for (size_t i = 0; i < ns; i++) {
+        if (lens[i] > 0 && (starts[i] < 0 || nk < (size_t)((starts[i] + lens[i] - 1) * ks + d) ||
+                            nv < (size_t)((starts[i] + lens[i] - 1) * vs + d))) {
+            fail(c, "%s: a span reaches past k or v", "spans");
+            return NULL;
+        }
+        ptrdiff_t first = starts[i] < 0 ? 0 : starts[i];
+        spans[i] = (rv_kv_span){(const char *)k + first * ks * (ptrdiff_t)elem,
+                                (const char *)v + first * vs * (ptrdiff_t)elem, ks, vs, lens[i]};
+    }
+    *nspans = (int)ns;
+    return spans;
+}
+
+/* attend_spans_*: the same state and outputs as attend_chunk_*, keys from a span list;
+ * optional "visible" counts keys over the whole list */
+#define SPANS_RUNNER(NAME, T_KV, IN_KV)                                                         \
+    static int run_##NAME(const rv_ops *ops, rv_case *c)                                        \
+    {                                                                                           \
+        size_t nq = 0, nk = 0, nv = 0, nvis = 0;                                                \
+        int rows = (int)param(c, "rows"), d = (int)param(c, "head_dim"), nspans = 0;            \
+        ptrdiff_t qs = (ptrdiff_t)param(c, "q_stride"), ks = (ptrdiff_t)param(c, "k_stride");   \
+        ptrdiff_t vs = (ptrdiff_t)param(c, "v_stride");                                         \
+        const float *q = in_f32(c, "q", &nq);                                                   \
+        const T_KV *k = IN_KV(c, "k", &nk), *v = IN_KV(c, "v", &nv);                            \
+        const int32_t *visible = in_i32_opt(c, "visible", &nvis);                               \
+        state_bufs s;                                                                           \
+        if (c->error[0] || !q || !k || !v || rows < 1 || d < 1 || ks < d || vs < d ||           \
+            nq < (size_t)((rows - 1) * qs + d) || (visible && nvis != (size_t)rows) ||          \
+            alloc_state(c, rows, d, &s))                                                        \
+            return fail(c, "%s: malformed case", #NAME);                                        \
+        rv_kv_span *spans = case_spans(c, k, nk, v, nv, ks, vs, d, sizeof(T_KV), &nspans);      \
+        if (!spans)                                                                             \
+            return -1;                                                                          \
+        for (int r = 0; r < rows; r++)                                                          \
+            s.m[r] = -INFINITY;                                                                 \
+        rv_attn_state st = {rows, d, q, qs, s.m, s.l, s.acc, s.scratch};                        \
+        ops->NAME(&st, spans, nspans, visible);                                                 \
+        return report_state(c, rows, d, s.m, s.l, s.acc);                                      \
+    }
+SPANS_RUNNER(attend_spans_f32, float, in_f32)
+SPANS_RUNNER(attend_spans_f16, uint16_t, in_u16)
+
+/* attend_rows_*: complete attention of rows query rows (not pre-scaled; "scale") over a span
+ * list. "out" (rows x out_stride) is the output buffer's starting content: its gaps must
+ * survive; with in_place = 1 the query rows are read from it (q is then unused). With
+ * want_ml = 1 the kernel also returns (m, l), reported as "lse" (-inf where l == 0). */
+#define ROWS_RUNNER(NAME, T_KV, IN_KV)                                                          \
+    static int run_##NAME(const rv_ops *ops, rv_case *c)                                        \
+    {                                                                                           \
+        size_t nq = 0, nk = 0, nv = 0, nvis = 0, no = 0;                                        \
+        int rows = (int)param(c, "rows"), d = (int)param(c, "head_dim"), nspans = 0;            \
+        int in_place = param(c, "in_place") != 0, want_ml = param(c, "want_ml") != 0;           \
+        ptrdiff_t qs = (ptrdiff_t)param(c, "q_stride"), ks = (ptrdiff_t)param(c, "k_stride");   \
+        ptrdiff_t vs = (ptrdiff_t)param(c, "v_stride"), os = (ptrdiff_t)param(c, "out_stride"); \
+        float scale = (float)param(c, "scale");                                                 \
+        const float *q = in_f32(c, "q", &nq);                                                   \
+        const T_KV *k = IN_KV(c, "k", &nk), *v = IN_KV(c, "v", &nv);                            \
+        const int32_t *visible = in_i32_opt(c, "visible", &nvis);                               \
+        float *out = out_copy_f32(c, "out", &no);                                               \
+        float *scratch = output(c, "_scratch", DT_F32, RV_ATTN_TILE_SCRATCH_FLOATS(d), 64);     \
+        float *m = want_ml ? out_f32(c, "_m", (size_t)rows) : NULL;                             \
+        float *l = want_ml ? out_f32(c, "_l", (size_t)rows) : NULL;                             \
+        if (c->error[0] || !q || !k || !v || !out || !scratch || rows < 1 ||                    \
+            rows > RV_ATTN_TILE_ROWS || d < 1 || ks < d || vs < d || qs < d || os < d ||        \
+            nq < (size_t)((rows - 1) * qs + d) || no < (size_t)((rows - 1) * os + d) ||         \
+            (visible && nvis != (size_t)rows))                                                  \
+            return fail(c, "%s: malformed case", #NAME);                                        \
+        rv_kv_span *spans = case_spans(c, k, nk, v, nv, ks, vs, d, sizeof(T_KV), &nspans);      \
+        if (!spans)                                                                             \
+            return -1;                                                                          \
+        const float *qp[RV_ATTN_TILE_ROWS];                                                     \
+        float *op[RV_ATTN_TILE_ROWS];                                                           \
+        for (int r = 0; r < rows; r++) {                                                        \
+            op[r] = out + r * os;                                                               \
+            qp[r] = in_place ? op[r] : q + r * qs;                                              \
+        }                                                                                       \
+        rv_attn_rows job = {rows, d, scale, qp, op, visible, spans, nspans, m, l};              \
+        ops->NAME(&job, scratch);                                                               \
+        if (want_ml) {                                                                          \
+            float *lse = out_f32(c, "lse", (size_t)rows);                                       \
+            if (!lse)                                                                           \
+                return -1;                                                                      \
+            for (int r = 0; r < rows; r++)                                                      \
+                lse[r] = l[r] > 0 ? m[r] + logf(l[r]) : -INFINITY;                              \
+        }                                                                                       \
+        return 0;                                                                               \
+    }
+ROWS_RUNNER(attend_rows_f32, float, in_f32)
+ROWS_RUNNER(attend_rows_f16, uint16_t, in_u16)
+
 static int run_attn_merge(const rv_ops *ops, rv_case *c)
 {
     int rows = (int)param(c, "rows"), d = (int)param(c, "head_dim");
@@ -436,6 +542,7 @@ static const runner runners[] = {
     RUNNER(dot_f32), RUNNER(axpy_f32), RUNNER(scale_f32), RUNNER(max_f32), RUNNER(sum_exp_f32),
     RUNNER(f32_to_f16), RUNNER(f16_to_f32),
     RUNNER(attend_chunk_f32), RUNNER(attend_chunk_f16), RUNNER(attn_merge), RUNNER(attn_finalize),
+    RUNNER(attend_spans_f32), RUNNER(attend_spans_f16), RUNNER(attend_rows_f32), RUNNER(attend_rows_f16),
 };
 #define N_RUNNERS (sizeof runners / sizeof runners[0])
 

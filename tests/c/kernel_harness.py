@@ -393,37 +393,76 @@ def attention_tolerance(q, k, v, visible):
     return tol_out, tol_lse
 
 
-def _attention_case(rng, rows, d, T, chunk, visible_kind, kv_dtype, q_scale=1.0, trend=0.0):
-    """One attend_chunk case: K/V rows at a stride (as in a [tokens, kv_heads, d] cache),
-    query rows at a stride, optional per-row visible prefixes."""
-    q_stride, k_stride, v_stride = d + 3, 3 * d + 1, 2 * d
-    q_full = np.zeros(rows * q_stride, np.float32)
-    q = (rng.standard_normal((rows, d)) * q_scale / np.sqrt(d)).astype(np.float32)
-    q_full.reshape(rows, q_stride)[:, :d] = q
-    k = rng.standard_normal((T, d))
-    k += trend * np.arange(T)[:, None] * q[:1].astype(np.float64) / max(np.abs(q[0]).sum(), 1e-9)
-    v = rng.standard_normal((T, d))
-    k, v = k.astype(kv_dtype), v.astype(kv_dtype)
-    k_full = np.zeros(T * k_stride, kv_dtype)
-    v_full = np.zeros(T * v_stride, kv_dtype)
-    k_full.reshape(T, k_stride)[:, :d] = k
-    v_full.reshape(T, v_stride)[:, :d] = v
-    if visible_kind == "all":
-        visible = np.full(rows, T)
-    elif visible_kind == "causal":    # query r sits at position T - rows + r
-        visible = np.clip(T - rows + 1 + np.arange(rows), 0, T)
-    else:
-        visible = rng.integers(0, T + 1, rows)
-        visible[0] = 0
-        visible[-1] = T
-    out, lse = attention_reference(q, k, v, visible)
-    tol_out, tol_lse = attention_tolerance(q, k, v, visible)
-    arrays = {"rows": rows, "head_dim": d, "T": T, "chunk": chunk, "q_stride": q_stride,
-              "k_stride": k_stride, "v_stride": v_stride, "q": q_full, "k": k_full, "v": v_full,
-              "expect:out": out, "tol:out": tol_out, "expect:lse": lse, "tol:lse": tol_lse}
-    if visible_kind != "all":
-        arrays["visible"] = visible.astype(np.int32)
-    return arrays
+class AttentionProblem:
+    """Query rows and a logical key/value sequence with float64 expectations, laid out in
+    memory like a KV cache: token rows at a stride (other heads' columns in between) and, for
+    "blocks", 16-token blocks stored out of order as a span list. Everything the kernel must
+    not read (stride gaps, rows between blocks, query row gaps) holds NaN, so reading it shows."""
+
+    def __init__(self, rng, rows, d, T, visible_kind, kv_dtype, *, q_scale=1.0, trend=0.0,
+                 layout="one", scale=1.0):
+        self.rows, self.d, self.T, self.kv_dtype = rows, d, T, kv_dtype
+        q = rng.standard_normal((rows, d)) * q_scale / np.sqrt(d) / scale
+        self.q = q.astype(np.float32)
+        k = rng.standard_normal((T, d))
+        k += trend * np.arange(T)[:, None] * self.q[:1].astype(np.float64) / max(np.abs(self.q[0]).sum(), 1e-9)
+        self.k, self.v = k.astype(kv_dtype), rng.standard_normal((T, d)).astype(kv_dtype)
+        if visible_kind == "all":
+            self.visible = None
+        elif visible_kind == "causal":          # query r sits at position T - rows + r
+            self.visible = np.clip(T - rows + 1 + np.arange(rows), 0, T).astype(np.int32)
+        else:
+            self.visible = rng.integers(0, T + 1, rows).astype(np.int32)
+            self.visible[0], self.visible[-1] = 0, T
+        self.q_stride, self.k_stride, self.v_stride = d + 3, 3 * d + 1, 2 * d
+        self._layout(rng, layout)
+        q_scaled = self.q.astype(np.float64) * np.float32(scale)
+        visible = np.full(rows, T) if self.visible is None else self.visible
+        self.out, self.lse = attention_reference(q_scaled, self.k, self.v, visible)
+        self.tol_out, self.tol_lse = attention_tolerance(q_scaled, self.k, self.v, visible)
+
+    def _layout(self, rng, layout):
+        T = self.T
+        if layout == "one":
+            lens = [T]
+        else:                                   # blocks, a partial last one, empty spans
+            lens = [16] * (T // 16) + ([T % 16] if T % 16 else [])
+            for at in sorted(rng.integers(0, len(lens) + 1, 2), reverse=True):
+                lens.insert(at, 0)
+        lens = np.array(lens, np.int32)
+        starts = np.zeros(lens.size, np.int32)
+        row = 0
+        for i in (rng.permutation(lens.size) if layout != "one" else [0]):
+            starts[i] = row
+            row += lens[i] + (layout != "one")  # one unused row between stored blocks
+        logical = np.concatenate([[0], np.cumsum(lens)])
+        self.span_starts, self.span_lens = starts, lens
+        nan = np.array(np.nan, self.kv_dtype)
+        k_rows = np.full((max(row, 1), self.k_stride), nan, self.kv_dtype)
+        v_rows = np.full((max(row, 1), self.v_stride), nan, self.kv_dtype)
+        for i in range(lens.size):
+            k_rows[starts[i]:starts[i] + lens[i], :self.d] = self.k[logical[i]:logical[i + 1]]
+            v_rows[starts[i]:starts[i] + lens[i], :self.d] = self.v[logical[i]:logical[i + 1]]
+        last = max(row - (layout != "one"), 1)  # the arrays end with the last stored element
+        self.k_store = k_rows.reshape(-1)[:(last - 1) * self.k_stride + self.d]
+        self.v_store = v_rows.reshape(-1)[:(last - 1) * self.v_stride + self.d]
+
+    def q_store(self):
+        q = np.full((self.rows, self.q_stride), np.nan, np.float32)
+        q[:, :self.d] = self.q
+        return q.reshape(-1)[:(self.rows - 1) * self.q_stride + self.d]
+
+    def arrays(self, **params):
+        """The case arrays common to every attention runner."""
+        out = {"rows": self.rows, "head_dim": self.d, "q_stride": self.q_stride,
+               "k_stride": self.k_stride, "v_stride": self.v_stride, "q": self.q_store(),
+               "k": self.k_store, "v": self.v_store, **params}
+        if self.visible is not None:
+            out["visible"] = self.visible
+        return out
+
+    def state_expectations(self):
+        return {"expect:out": self.out, "tol:out": self.tol_out, "expect:lse": self.lse, "tol:lse": self.tol_lse}
 
 
 ATTENTION_SHAPES = [  # (rows, head_dim, T, chunk, visible)
@@ -435,22 +474,81 @@ ATTENTION_SHAPES = [  # (rows, head_dim, T, chunk, visible)
 ]
 
 
-def _attention_cases(rng, kv_dtype):
+def _attention_problems(rng, kv_dtype, layout="one"):
+    """(label, chunk, problem) over ATTENTION_SHAPES, plus large score ranges and a maximum
+    that grows / shrinks along the keys (the running max and the rescaling then matter)."""
     for rows, d, T, chunk, vis in ATTENTION_SHAPES:
-        yield f"rows={rows} d={d} T={T} chunk={chunk} {vis}", _attention_case(rng, rows, d, T, chunk, vis, kv_dtype)
-    # large score ranges and a maximum that grows / shrinks along the keys: the running max and
-    # the rescaling of earlier chunks matter
+        yield f"rows={rows} d={d} T={T} chunk={chunk} {vis}", chunk, AttentionProblem(rng, rows, d, T, vis, kv_dtype, layout=layout)
     for trend in (0.5, -0.5):
-        yield f"trend={trend}", _attention_case(rng, 3, 24, 190, RV_ATTN_CHUNK, "causal", kv_dtype, q_scale=4.0, trend=trend)
-    yield "sharp", _attention_case(rng, 4, 32, 130, RV_ATTN_CHUNK, "all", kv_dtype, q_scale=30.0)
+        yield f"trend={trend}", RV_ATTN_CHUNK, AttentionProblem(rng, 3, 24, 190, "causal", kv_dtype, q_scale=4.0,
+                                                                trend=trend, layout=layout)
+    yield "sharp", RV_ATTN_CHUNK, AttentionProblem(rng, 4, 32, 130, "all", kv_dtype, q_scale=30.0, layout=layout)
+
+
+def _chunk_cases(rng, kv_dtype):
+    # the runner feeds the keys in chunks and clips the "visible" counts to each chunk
+    for label, chunk, p in _attention_problems(rng, kv_dtype):
+        yield label, p.arrays(T=p.T, chunk=chunk, **p.state_expectations())
 
 
 def cases_attend_chunk_f32(rng):
-    return _attention_cases(rng, np.float32)
+    return _chunk_cases(rng, np.float32)
 
 
 def cases_attend_chunk_f16(rng):
-    return _attention_cases(rng, np.float16)
+    return _chunk_cases(rng, np.float16)
+
+
+def _spans_cases(rng, kv_dtype):
+    for layout in ("one", "blocks"):
+        for label, _, p in _attention_problems(rng, kv_dtype, layout):
+            yield f"{layout} {label}", p.arrays(span_starts=p.span_starts, span_lens=p.span_lens, **p.state_expectations())
+
+
+def cases_attend_spans_f32(rng):
+    return _spans_cases(rng, np.float32)
+
+
+def cases_attend_spans_f16(rng):
+    return _spans_cases(rng, np.float16)
+
+
+ROWS_SHAPES = [  # (rows, head_dim, T, visible): decode-sized to full prefill tiles
+    (1, 64, 100, "all"), (5, 7, 33, "causal"), (16, 64, 200, "causal"), (64, 64, 64, "causal"),
+    (64, 17, 130, "random"), (33, 128, 70, "causal"), (3, 256, 90, "random"), (8, 1, 10, "causal"),
+    (12, 3, 5, "causal"), (20, 16, 300, "all"), (7, 100, 65, "random"), (2, 4, 1, "all"),
+]
+
+
+def _rows_cases(rng, kv_dtype):
+    for i, (rows, d, T, vis) in enumerate(ROWS_SHAPES + [(4, 24, 190, "causal"), (6, 32, 130, "all")]):
+        extra = {"q_scale": 4.0, "trend": 0.5} if i == len(ROWS_SHAPES) else {"q_scale": 30.0} if i > len(ROWS_SHAPES) else {}
+        scale = float(np.float32(1 / np.sqrt(d)))
+        p = AttentionProblem(rng, rows, d, T, vis, kv_dtype, layout="blocks" if i % 2 else "one", scale=scale, **extra)
+        in_place, want_ml = i % 3 == 1, i % 4 != 3
+        out_stride = p.q_stride if in_place else d + 5 * (i % 2)
+        out = np.full((rows, out_stride), 7.25, np.float32)        # the gaps must keep this
+        if in_place:
+            out[:, :d] = p.q
+        want = out.astype(np.float64)
+        want[:, :d] = p.out
+        tol = np.zeros_like(want)
+        tol[:, :d] = p.tol_out
+        n = (rows - 1) * out_stride + d
+        arrays = p.arrays(scale=scale, span_starts=p.span_starts, span_lens=p.span_lens, out_stride=out_stride,
+                          in_place=int(in_place), want_ml=int(want_ml), out=out.reshape(-1)[:n],
+                          **{"expect:out": want.reshape(-1)[:n], "tol:out": tol.reshape(-1)[:n]})
+        if want_ml:
+            arrays.update({"expect:lse": p.lse, "tol:lse": p.tol_lse})
+        yield f"rows={rows} d={d} T={T} {vis}{' in place' if in_place else ''}{' +m,l' if want_ml else ''}", arrays
+
+
+def cases_attend_rows_f32(rng):
+    return _rows_cases(rng, np.float32)
+
+
+def cases_attend_rows_f16(rng):
+    return _rows_cases(rng, np.float16)
 
 
 def _state(rng, rows, d, lse_offsets, empty):
