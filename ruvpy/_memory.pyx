@@ -342,8 +342,8 @@ cdef class Arena:
 
     @cython.binding(False)
     def reset(self):
-        """Make the whole arena available again: O(1), whatever was allocated (in debug mode
-        it also fills the used part with NaN bytes). Arrays from before alias new ones."""
+        """Make the whole arena available again: O(1), whatever was allocated (debug mode
+        also refills everything ever used with NaN bytes). Arrays from before alias new ones."""
         self._check_open()
         rv_arena_reset(&self.state)
 
