@@ -61,7 +61,8 @@ def cmd_generate(args):
 
     started = time.perf_counter()
     try:
-        model = models.load(args.model, kv_cache=args.kv, **_runtime_options(args))
+        model = models.load(args.model, kv_cache=args.kv, blas_threads=args.blas_threads,
+                            **_runtime_options(args))
     except (FileNotFoundError, ValueError, TypeError) as exc:
         return _fail(str(exc))
     except ImportError as exc:
@@ -196,7 +197,10 @@ def build_parser():
                      help="cap on KV memory, e.g. 64M")
     gen.add_argument("--max-tokens", type=int, default=None, metavar="N",
                      help="KV capacity in tokens")
-    gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--threads", type=int, default=None, help="ruvpy kernel threads")
+    gen.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                     help="numpy BLAS threads during the model's steps (1 is fastest on a "
+                          "machine whose cores are busy)")
     gen.add_argument("--stats", action="store_true",
                      help="also print generation and runtime statistics as JSON")
 

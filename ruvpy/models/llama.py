@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import numpy as np
 
+from ruvpy.models.blas import find_blas
 from ruvpy.models.gguf_loader import LlamaWeights, ModelConfig
 from ruvpy.models.sampling import Sampler
 from ruvpy.models.tokenizer import GGUFTokenizer
@@ -60,13 +62,15 @@ class LlamaModel:
     prefill_chunk = 512
 
     def __init__(self, config: ModelConfig, weights: LlamaWeights, tokenizer: GGUFTokenizer,
-                 runtime, *, path=None):
+                 runtime, *, path=None, blas_threads=None):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
         self.runtime = runtime
         self.path = path
         self.last_generation = GenerationStats()
+        self._blas = None
+        self.blas_threads = blas_threads
         c = config
         self._q_dim = c.num_heads * c.head_dim
         self._qk_heads = c.num_heads + c.num_kv_heads
@@ -128,8 +132,36 @@ class LlamaModel:
                              f"(0..{self.config.vocab_size - 1})")
         return ids.astype(np.intp, copy=False)
 
+    @property
+    def blas_threads(self):
+        """Threads numpy's OpenBLAS uses during this model's steps (None: as it is set).
+        1 keeps decode fast on a machine whose cores are busy (see ruvpy/models/blas.py)."""
+        return self._blas_threads
+
+    @blas_threads.setter
+    def blas_threads(self, threads):
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"blas_threads must be None or an int >= 1, got {threads!r}")
+            if self._blas is None:
+                self._blas = find_blas()
+            if self._blas is None:
+                warnings.warn("ruvpy.models: numpy's BLAS is not an OpenBLAS ruvpy can find; "
+                              "blas_threads has no effect", RuntimeWarning, stacklevel=2)
+        self._blas_threads = threads
+
     def _step(self, seq, token_ids, last_only):
         ids = self._check_token_ids(token_ids)
+        if self._blas_threads is None or self._blas is None:
+            return self._run_step(seq, ids, last_only)
+        previous = self._blas.get()
+        self._blas.set(self._blas_threads)
+        try:
+            return self._run_step(seq, ids, last_only)
+        finally:
+            self._blas.set(previous)
+
+    def _run_step(self, seq, ids, last_only):
         c, w = self.config, self.weights
         n, q_dim, kv_dim, d = len(ids), self._q_dim, self._kv_dim, c.head_dim
         half = c.rope_dim // 2
@@ -228,7 +260,7 @@ class LlamaModel:
 
         return LlamaModel(self.config, self.weights, self.tokenizer,
                           make_runtime(self.config, kv_cache=kv_cache, **runtime_options),
-                          path=self.path)
+                          path=self.path, blas_threads=self.blas_threads)
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self):
