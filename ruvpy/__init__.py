@@ -9,7 +9,8 @@ from ruvpy._kernels import get_isa, set_isa, available_isas, set_num_threads, ge
 from ruvpy._attention import attention
 from ruvpy._memory import (Arena, ArenaExhausted, ArenaStats, BufferPool, PooledBuffer, PoolStats,
                            ScratchSpace, MemoryManager)
-from ruvpy._kvcache import PagedKVCache, KVCacheFull, KVCacheStats, PagedKVStats
+from ruvpy._kvcache import (PagedKVCache, TwoTierKVCache, KVCacheFull, KVCacheStats, PagedKVStats,
+                           TwoTierKVStats)
 from ruvpy.runtime import Runtime, RuntimeConfig, RuntimeStats, Step
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 # ruvpy._kvcache for Cython users: mirrors of the KV-cache C headers (csrc/kvcache/*.h).
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t
 from ruvpy.c_ops cimport rv_ops
 
 cdef extern from "rv_common.h" nogil:
@@ -66,3 +66,56 @@ cdef extern from "kvcache/rv_paged.h" nogil:
     int rv_paged_attend(const rv_paged *c, int layer, int num_heads, const rv_kv_query *queries,
                         int nq, float scale, int causal, const rv_ops *ops, int nthreads)
     void rv_paged_get_stats(const rv_paged *c, rv_paged_stats *st)
+
+cdef extern from "kvcache/rv_twotier.h" nogil:
+    enum:
+        RV_TT_Q8
+        RV_TT_Q4
+        RV_TT_TURBO
+
+    ctypedef struct rv_tt:
+        int num_layers, num_kv_heads, head_dim
+        int hot_tokens, group_tokens, cold
+        int64_t max_tokens
+        int64_t *used
+        int open_txns
+        size_t hot_bytes, cold_bytes, meta_bytes
+        int64_t cold_groups
+
+    ctypedef struct rv_tt_params:
+        int num_layers, num_kv_heads, head_dim
+        int hot_tokens, group_tokens, group_size, cold
+        double turbo_bits
+        int64_t max_tokens
+
+    ctypedef struct rv_tt_usage:
+        int64_t hot_tokens, cold_tokens
+        size_t hot_bytes, cold_bytes
+
+    int rv_tt_create(rv_tt **out, const rv_tt_params *p)
+    void rv_tt_destroy(rv_tt *c)
+    size_t rv_tt_group_alloc_bytes(const rv_tt_params *p)
+    size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens)
+    int rv_tt_add(rv_tt *c, int *slot)
+    int rv_tt_fork(rv_tt *c, int parent, int *child)
+    void rv_tt_release(rv_tt *c, int slot)
+    int64_t rv_tt_len(const rv_tt *c, int slot, int layer)
+    int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer)
+    void rv_tt_evict(rv_tt *c, int slot, int64_t n)
+    int rv_tt_append(rv_tt *c, int slot, int layer, const void *k, const void *v, int64_t n,
+                     int src_dtype, const rv_ops *ops)
+    int rv_tt_begin(rv_tt *c, int slot)
+    void rv_tt_commit(rv_tt *c, int slot, const rv_ops *ops)
+    void rv_tt_rollback(rv_tt *c, int slot)
+    int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops)
+    int rv_tt_attend(const rv_tt *c, int layer, int num_heads, const rv_kv_query *queries, int nq,
+                     float scale, int causal, const rv_ops *ops, int nthreads)
+    int64_t rv_tt_export_groups(const rv_tt *c, int slot, int layer)
+    size_t rv_tt_export_bytes(const rv_tt *c, int slot, int layer)
+    void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blobs, int64_t *sizes,
+                            int32_t *skip, uint16_t *hot_k, uint16_t *hot_v)
+    int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
+    int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs,
+                           const int64_t *sizes, int64_t ngroups, int32_t skip, const uint16_t *hot_k,
+                           const uint16_t *hot_v, int64_t hot_len)
+    void rv_tt_seq_usage(const rv_tt *c, int slot, int layer, rv_tt_usage *u)

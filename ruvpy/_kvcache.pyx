@@ -28,7 +28,8 @@ from ruvpy.c_ops cimport rv_ops
 
 cnp.import_array()
 
-__all__ = ["PagedKVCache", "TwoTierKVCache", "KVCacheFull", "KVCacheStats"]
+__all__ = ["PagedKVCache", "TwoTierKVCache", "KVCacheFull", "KVCacheStats", "PagedKVStats",
+           "TwoTierKVStats"]
 
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
@@ -68,6 +69,15 @@ class PagedKVStats(KVCacheStats):
     pool_bytes, metadata_bytes, internal_fragmentation (fraction of the used blocks' token
     slots, over all layers, that hold no token; shared blocks counted once); per sequence
     also "blocks" and "shared_blocks"."""
+
+
+class TwoTierKVStats(KVCacheStats):
+    """KVCacheStats of a TwoTierKVCache, plus: cold ("q8", "q4", "turbo"), hot_tokens_limit,
+    migration_batch, group_size, policy, cold_groups (allocated), hot_bytes, cold_bytes,
+    metadata_bytes, cold_bytes_per_token (cold bytes / cold tokens, all layers), fp16
+    bytes_per_token (what a token costs in the hot tier's format), compression_ratio (fp16
+    bytes of the cold tokens / their cold bytes), cold_bits_per_value, evicted_tokens (since
+    creation); tiers "hot" and "cold"; per sequence also "hot_tokens" and "cold_tokens"."""
 
 
 def _jsonable(x):
@@ -911,3 +921,354 @@ def _import_array(arrays, str name, tuple shape, dtype):
     if a.shape != shape:
         raise ValueError(f"import_sequence: {name!r} must have shape {shape}, got {a.shape}")
     return np.ascontiguousarray(a)
+
+
+_COLD_FORMATS = {"q8": RV_TT_Q8, "q4": RV_TT_Q4}
+_POLICIES = ("error", "evict-oldest")
+
+
+cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tokens, cold,
+                    group_size, migration_batch, max_tokens, turbo_bits) except -1:
+    p.num_layers = _positive_int(num_layers, "num_layers")
+    p.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
+    p.head_dim = _positive_int(head_dim, "head_dim")
+    if p.head_dim > 256:
+        raise ValueError(f"head_dim must be at most 256, got {head_dim}")
+    if isinstance(hot_tokens, (bool, np.bool_)) or not isinstance(hot_tokens, (int, np.integer)):
+        raise TypeError(f"hot_tokens must be an int, got {type(hot_tokens).__name__}")
+    if not 0 <= hot_tokens < 2**31 - 2**20:
+        raise ValueError(f"hot_tokens must be >= 0, got {hot_tokens}")
+    p.hot_tokens = hot_tokens
+    if cold not in _COLD_FORMATS:
+        raise ValueError(f"cold must be one of {sorted(_COLD_FORMATS)}, got {cold!r}")
+    p.cold = _COLD_FORMATS[cold]
+    p.group_size = _positive_int(group_size, "group_size")
+    p.group_tokens = _positive_int(migration_batch, "migration_batch")
+    if p.group_tokens > 2**20:
+        raise ValueError(f"migration_batch must be at most 2**20, got {migration_batch}")
+    p.max_tokens = 1 if max_tokens is None else max_tokens
+    p.turbo_bits = float(turbo_bits)
+    return 0
+
+
+cdef class TwoTierKVCache(_KVCache):
+    """TwoTierKVCache(num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+    group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5)
+
+    Per sequence and layer, the most recent tokens stay in an fp16 hot ring; once it holds
+    hot_tokens + migration_batch tokens, its oldest migration_batch tokens are quantized into
+    one immutable cold group: "q8" (int8) or "q4" (two 4-bit codes per byte). Keys are
+    quantized per channel over the group, values per token in channel groups of group_size,
+    scales and zero points in fp16; with q4, channels whose range over the group is more than
+    3x the median channel range of their head get 8-bit codes (keys) or an 8-bit residual
+    (values). Attention dequantizes the cold codes chunk by chunk inside the kernel and folds
+    them and the hot tokens into one online softmax.
+
+    max_tokens bounds the tokens held per layer, all sequences together. Policy "error":
+    appends past it raise KVCacheFull (nothing written); "evict-oldest": the oldest tokens are
+    dropped, exactly as many as needed -- first of the sequences being appended to (so each
+    keeps its newest tokens), then of the others, longest first. Forks share cold groups."""
+
+    cdef rv_tt *c
+    cdef readonly int hot_tokens
+    cdef readonly int group_size
+    cdef readonly int migration_batch
+    cdef readonly str cold
+    cdef readonly str policy
+    cdef readonly double turbo_bits
+    cdef readonly int64_t evicted_tokens
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                 group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5):
+        cdef rv_tt_params p
+        self._init_shape(num_layers, num_kv_heads, head_dim, max_tokens)
+        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                   migration_batch, max_tokens, turbo_bits)
+        if policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
+        self.hot_tokens = p.hot_tokens
+        self.group_size = p.group_size
+        self.migration_batch = p.group_tokens
+        self.cold = cold
+        self.policy = policy
+        self.turbo_bits = p.turbo_bits
+        self.evicted_tokens = 0
+        _check_status(rv_tt_create(&self.c, &p), "TwoTierKVCache")
+        self._closed = False
+
+    def __dealloc__(self):
+        rv_tt_destroy(self.c)
+        self.c = NULL
+
+    @classmethod
+    def bytes_per_token(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                        group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                        max_tokens=None):
+        """Bytes one cold token of one sequence costs across all layers: a cold group's
+        allocation (without outlier channels) divided by its tokens. A sequence's hot tier
+        adds up to hot_tier_bytes(...)."""
+        cdef rv_tt_params p
+        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                   migration_batch, max_tokens, turbo_bits)
+        return p.num_layers * rv_tt_group_alloc_bytes(&p) / p.group_tokens
+
+    @classmethod
+    def hot_tier_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                       group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                       max_tokens=None):
+        """The most one sequence's hot tier holds between steps, all layers: fp16 rings of
+        hot_tokens + migration_batch tokens. (A step that appends more grows them until it
+        ends.)"""
+        cdef rv_tt_params p
+        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                   migration_batch, max_tokens, turbo_bits)
+        return p.num_layers * rv_tt_hot_alloc_bytes(&p, p.hot_tokens + p.group_tokens)
+
+    @property
+    def capacity_tokens(self):
+        return self.max_tokens
+
+    cdef int _h_add(self) except -1:
+        cdef int slot
+        _check_status(rv_tt_add(self.c, &slot), "add_sequence")
+        return slot
+
+    cdef int _h_fork(self, int slot) except -1:
+        cdef int child
+        rc = rv_tt_fork(self.c, slot, &child)
+        if rc == RV_EFULL:
+            raise KVCacheFull(f"fork: the copy's {rv_tt_len(self.c, slot, 0)} tokens do not fit "
+                              f"max_tokens={self.max_tokens} (held: {self.c.used[0]} in layer 0)")
+        _check_status(rc, "fork")
+        return child
+
+    cdef int _h_release(self, int slot) except -1:
+        rv_tt_release(self.c, slot)
+        return 0
+
+    cdef int64_t _h_len(self, int slot, int layer) except -1:
+        return rv_tt_len(self.c, slot, layer)
+
+    cdef int _fullest_layer(self, int lo, int hi) noexcept:
+        cdef int l, best = lo
+        for l in range(lo, hi):
+            if self.c.used[l] > self.c.used[best]:
+                best = l
+        return best
+
+    cdef int _h_room(self, list ids, int *slots, int64_t *n, int nseq, int layer) except -1:
+        cdef int64_t requested = 0, over, take
+        cdef int i, bind, sl
+        cdef int lo = 0 if layer < 0 else layer
+        cdef int hi = self.num_layers if layer < 0 else layer + 1
+        for i in range(nseq):
+            requested += n[i]
+        bind = self._fullest_layer(lo, hi)
+        over = self.c.used[bind] + requested - self.max_tokens
+        if over <= 0:
+            return 0
+        where = f"layer {layer}" if layer >= 0 else "every layer"
+        if self.policy == "error" or requested > self.max_tokens:
+            raise KVCacheFull(
+                f"KV cache full: {requested} tokens requested for sequences {ids} in {where}, "
+                f"{self.max_tokens - self.c.used[bind]} free of max_tokens={self.max_tokens}"
+                + ("" if self.policy == "error" else " (more than the cache holds: eviction cannot help)")
+                + "; nothing was written")
+        # evict-oldest: the requesting sequences' oldest tokens first, then the others'
+        requesting = [slots[i] for i in range(nseq)]
+        others = sorted([x for x in self._slot_of.values() if x not in requesting],
+                        key=lambda x: -rv_tt_len(self.c, x, 0))
+        victims = requesting + others
+        while over > 0:
+            for sl in victims:
+                take = min(over, rv_tt_len(self.c, sl, bind))
+                if take > 0:
+                    rv_tt_evict(self.c, sl, take)
+                    self.evicted_tokens += take
+                    break
+            else:
+                raise AssertionError("evict-oldest: nothing left to evict")   # unreachable
+            bind = self._fullest_layer(lo, hi)
+            over = self.c.used[bind] + requested - self.max_tokens
+        return 0
+
+    cdef int _h_append(self, int slot, int layer, const void *k, const void *v, int64_t n,
+                       int dtype) except -1:
+        _check_status(rv_tt_append(self.c, slot, layer, k, v, n, 0 if dtype == RV_KV_F32 else 1,
+                                   active_ops()), "append")
+        return 0
+
+    cdef int _h_attend(self, int layer, int num_heads, rv_kv_query *queries, int nq, float scale,
+                       bint causal) except -1:
+        cdef int rc
+        with nogil:
+            rc = rv_tt_attend(self.c, layer, num_heads, queries, nq, scale, causal, active_ops(),
+                              num_threads())
+        _check_status(rc, "attention")
+        return 0
+
+    cdef int _h_begin(self, int slot) except -1:
+        _check_status(rv_tt_begin(self.c, slot), "begin")
+        return 0
+
+    cdef int _h_commit(self, int slot) except -1:
+        rv_tt_commit(self.c, slot, active_ops())
+        return 0
+
+    cdef int _h_rollback(self, int slot) except -1:
+        rv_tt_rollback(self.c, slot)
+        return 0
+
+    cdef int _h_read(self, int slot, int layer, k, v) except -1:
+        _check_status(rv_tt_read(self.c, slot, layer, <float *>cnp.PyArray_DATA(k),
+                                 <float *>cnp.PyArray_DATA(v), active_ops()), "get_kv")
+        return 0
+
+    cdef size_t _h_nbytes(self):
+        return self.c.hot_bytes + self.c.cold_bytes + self.c.meta_bytes
+
+    cdef object _h_stats(self):
+        cdef rv_tt_usage u
+        L = self.num_layers
+        layer_rows = [{"layer": l, "tokens": 0, "bytes": 0} for l in range(L)]
+        seqs = {}
+        hot_tokens = cold_tokens = tokens = 0
+        cold_token_layers = 0
+        for seq, slot in sorted(self._slot_of.items()):
+            entry = {"tokens": 0, "bytes": 0, "hot_tokens": 0, "cold_tokens": 0}
+            for l in range(L):
+                rv_tt_seq_usage(self.c, slot, l, &u)
+                entry["tokens"] = max(entry["tokens"], u.hot_tokens + u.cold_tokens)
+                entry["hot_tokens"] = max(entry["hot_tokens"], u.hot_tokens)
+                entry["cold_tokens"] = max(entry["cold_tokens"], u.cold_tokens)
+                entry["bytes"] += u.hot_bytes + u.cold_bytes
+                layer_rows[l]["tokens"] += u.hot_tokens + u.cold_tokens
+                layer_rows[l]["bytes"] += u.hot_bytes + u.cold_bytes
+                cold_token_layers += u.cold_tokens
+            seqs[seq] = entry
+            tokens += entry["tokens"]
+            hot_tokens += entry["hot_tokens"]
+            cold_tokens += entry["cold_tokens"]
+        fp16_token = 2 * 2 * self.num_kv_heads * self.head_dim      # K and V, one layer
+        cold_bytes = self.c.cold_bytes
+        return TwoTierKVStats(
+            kind="two-tier", num_layers=L, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            cold=self.cold, hot_tokens_limit=self.hot_tokens, migration_batch=self.migration_batch,
+            group_size=self.group_size, policy=self.policy, capacity_tokens=self.max_tokens,
+            tokens=tokens, bytes=self._h_nbytes(),
+            tiers={"hot": {"tokens": hot_tokens, "bytes": self.c.hot_bytes},
+                   "cold": {"tokens": cold_tokens, "bytes": cold_bytes}},
+            layers=layer_rows, sequences=seqs, cold_groups=self.c.cold_groups,
+            hot_bytes=self.c.hot_bytes, cold_bytes=cold_bytes, metadata_bytes=self.c.meta_bytes,
+            fp16_bytes_per_token=fp16_token * L,
+            cold_bytes_per_token=(cold_bytes / cold_token_layers * L) if cold_token_layers else 0.0,
+            compression_ratio=(fp16_token * cold_token_layers / cold_bytes) if cold_bytes else 0.0,
+            cold_bits_per_value=(8.0 * cold_bytes / (cold_token_layers * 2 * self.num_kv_heads *
+                                                     self.head_dim)) if cold_token_layers else 0.0,
+            evicted_tokens=self.evicted_tokens)
+
+    cdef dict _config_fields(self):
+        fields = {"kind": "two-tier", "num_layers": self.num_layers,
+                  "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "cold": self.cold,
+                  "migration_batch": self.migration_batch, "group_size": self.group_size}
+        if self.cold == "turbo":
+            fields["turbo_bits"] = self.turbo_bits
+        return fields
+
+    cdef tuple _h_export(self, int slot):
+        cdef int32_t skip
+        cdef int64_t ng, hot_len
+        meta = self._meta("two-tier")
+        meta.update(self._config_fields())
+        skips, lengths = [], []
+        arrays = {}
+        for l in range(self.num_layers):
+            ng = rv_tt_export_groups(self.c, slot, l)
+            blobs = np.empty(rv_tt_export_bytes(self.c, slot, l), dtype=np.uint8)
+            sizes = np.empty(ng, dtype=np.int64)
+            hot_len = rv_tt_len(self.c, slot, l) - rv_tt_cold_len(self.c, slot, l)
+            hot_k = np.empty((hot_len, self.num_kv_heads, self.head_dim), dtype=np.float16)
+            hot_v = np.empty_like(hot_k)
+            rv_tt_export_layer(self.c, slot, l, <unsigned char *>cnp.PyArray_DATA(blobs),
+                               <int64_t *>cnp.PyArray_DATA(sizes), &skip,
+                               <uint16_t *>cnp.PyArray_DATA(hot_k), <uint16_t *>cnp.PyArray_DATA(hot_v))
+            skips.append(skip if ng else 0)
+            lengths.append(rv_tt_len(self.c, slot, l))
+            arrays[f"cold.{l}"] = blobs
+            arrays[f"cold_sizes.{l}"] = sizes
+            arrays[f"hot_k.{l}"] = hot_k
+            arrays[f"hot_v.{l}"] = hot_v
+        meta["skip"] = skips
+        meta["lengths"] = lengths
+        return meta, arrays
+
+    cdef int _h_import(self, dict meta, arrays) except -1:
+        cdef int slot
+        cdef int64_t G = self.migration_batch
+        cdef int64_t off, size
+        cdef const unsigned char *base
+        lengths = _import_lengths(meta, self.num_layers)
+        skips = meta.get("skip")
+        if (not isinstance(skips, list) or len(skips) != self.num_layers or
+                any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < G for x in skips)):
+            raise ValueError(f"import_sequence: meta['skip'] must be {self.num_layers} ints in "
+                             f"[0, {G}), got {skips!r}")
+        layers = []
+        for l in range(self.num_layers):
+            try:
+                sizes = arrays[f"cold_sizes.{l}"]
+            except (KeyError, TypeError):
+                raise ValueError(f"import_sequence: array 'cold_sizes.{l}' is missing") from None
+            if not isinstance(sizes, np.ndarray) or sizes.dtype != np.int64 or sizes.ndim != 1:
+                raise ValueError(f"import_sequence: 'cold_sizes.{l}' must be a 1-d int64 array")
+            sizes = np.ascontiguousarray(sizes)
+            blobs = _import_array(arrays, f"cold.{l}", (int(sizes.sum()) if len(sizes) else 0,),
+                                  np.dtype(np.uint8))
+            ng = len(sizes)
+            hot_len = lengths[l] - (ng * G - skips[l])
+            if ng == 0 and skips[l]:
+                raise ValueError(f"import_sequence: layer {l} skips {skips[l]} tokens of no cold group")
+            if hot_len < 0:
+                raise ValueError(f"import_sequence: layer {l}: length {lengths[l]} is shorter than its "
+                                 f"{ng} cold groups of {G} tokens")
+            shape = (hot_len, self.num_kv_heads, self.head_dim)
+            hot_k = _import_array(arrays, f"hot_k.{l}", shape, _F16)
+            hot_v = _import_array(arrays, f"hot_v.{l}", shape, _F16)
+            off = 0
+            base = <const unsigned char *>cnp.PyArray_DATA(blobs)
+            for g in range(ng):
+                size = sizes[g]
+                if size <= 0 or size > blobs.shape[0] - off or rv_tt_validate_blob(self.c, base + off, size) != 0:
+                    raise ValueError(f"import_sequence: cold group {g} of layer {l} is malformed "
+                                     f"({size} bytes)")
+                off += size
+            layers.append((blobs, sizes, hot_k, hot_v, hot_len))
+        for l in range(self.num_layers):
+            if self.c.used[l] + lengths[l] > self.max_tokens:
+                raise KVCacheFull(f"import_sequence: {lengths[l]} tokens do not fit layer {l} "
+                                  f"({self.max_tokens - self.c.used[l]} free of {self.max_tokens}); "
+                                  f"nothing was written")
+        slot = self._h_add()
+        try:
+            for l, (blobs, sizes, hot_k, hot_v, hot_len) in enumerate(layers):
+                _check_status(rv_tt_import_layer(
+                    self.c, slot, l, <const unsigned char *>cnp.PyArray_DATA(blobs),
+                    <const int64_t *>cnp.PyArray_DATA(sizes), len(sizes), skips[l],
+                    <const uint16_t *>cnp.PyArray_DATA(hot_k), <const uint16_t *>cnp.PyArray_DATA(hot_v),
+                    hot_len), "import_sequence")
+        except BaseException:
+            rv_tt_release(self.c, slot)
+            raise
+        return slot
+
+    cdef int _h_close(self) except -1:
+        rv_tt_destroy(self.c)
+        self.c = NULL
+        return 0
+
+    def __repr__(self):
+        if self._closed:
+            return "<ruvpy.TwoTierKVCache (closed)>"
+        return (f"<ruvpy.TwoTierKVCache {self.num_layers} layers x {self.num_kv_heads} kv heads x "
+                f"{self.head_dim}, hot {self.hot_tokens} fp16 + cold {self.cold}, "
+                f"{len(self._slot_of)} sequences>")

@@ -1,5 +1,5 @@
 # Mirror of csrc/kernels/rv_ops.h: the per-ISA kernel table.
-from libc.stdint cimport uint16_t
+from libc.stdint cimport uint8_t, uint16_t
 
 cdef extern from "kernels/rv_ops.h" nogil:
     enum:
@@ -64,6 +64,11 @@ cdef extern from "kernels/rv_ops.h" nogil:
                                  const int *visible) noexcept nogil
         void (*attend_rows_f32)(const rv_attn_rows *job, float *scratch) noexcept nogil
         void (*attend_rows_f16)(const rv_attn_rows *job, float *scratch) noexcept nogil
+        void (*dequant_rows_channel)(const uint8_t *codes, ptrdiff_t row_bytes, int n, int d, int bits,
+                                     const float *scale, const float *zero, float *out) noexcept nogil
+        void (*dequant_rows_group)(const uint8_t *codes, ptrdiff_t row_bytes, int n, int d, int bits,
+                                   int group, const uint16_t *scale, const uint16_t *zero,
+                                   ptrdiff_t param_stride, float *out) noexcept nogil
 
     enum:
         RV_ISA_COUNT

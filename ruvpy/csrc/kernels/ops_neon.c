@@ -2,6 +2,7 @@
 #define RV_ISA_NEON 1
 #include "kernels/basic_impl.h"
 #include "kernels/attention_impl.h"
+#include "kernels/quant_impl.h"
 
 void rv_fill_ops_neon(rv_ops *ops)
 {
@@ -9,4 +10,5 @@ void rv_fill_ops_neon(rv_ops *ops)
     ops->lanes = RV_VW;
     fill_basic_ops(ops);
     fill_attention_ops(ops);
+    fill_quant_ops(ops);
 }

@@ -123,6 +123,18 @@ typedef struct rv_ops {
      * than attend_spans_* for one or two rows. Scratch: RV_ATTN_TILE_SCRATCH_FLOATS(head_dim). */
     void (*attend_rows_f32)(const rv_attn_rows *job, float *scratch);
     void (*attend_rows_f16)(const rv_attn_rows *job, float *scratch);
+
+    /* ---- KV quantization (quant_impl.h; the two-tier cache's cold store) ----
+     * Rows of d codes, row_bytes apart: 8-bit (a byte per code) or 4-bit (byte j holds channel
+     * j low and channel j + ceil(d/2) high). Outputs are n x d floats.
+     * dequant_rows_channel: keys, per-channel float parameters: scale[c] * code + zero[c].
+     * dequant_rows_group: values, per-token binary16 parameters for channel groups of `group`
+     * (param_stride elements from token to token): scale[t][c/group] * code + zero[t][c/group]. */
+    void (*dequant_rows_channel)(const uint8_t *codes, ptrdiff_t row_bytes, int n, int d, int bits,
+                                 const float *scale, const float *zero, float *out);
+    void (*dequant_rows_group)(const uint8_t *codes, ptrdiff_t row_bytes, int n, int d, int bits,
+                               int group, const uint16_t *scale, const uint16_t *zero,
+                               ptrdiff_t param_stride, float *out);
 } rv_ops;
 
 /* rv_dispatch.c */

@@ -4,6 +4,7 @@
 #define RV_KVMEM_H
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "rv_common.h"
 
@@ -23,6 +24,49 @@ RV_INLINE void *rv_kv_alloc(size_t nbytes)
 }
 
 RV_INLINE void rv_kv_free(void *p) { free(p); }
+
+/* rv_kv_alloc / rv_kv_free that add / subtract the real size to / from *counter */
+RV_INLINE void *rv_kv_alloc_counted(size_t nbytes, size_t *counter)
+{
+    void *p = rv_kv_alloc(nbytes);
+    if (p)
+        *counter += rv_kv_alloc_size(nbytes);
+    return p;
+}
+
+RV_INLINE void rv_kv_free_counted(void *p, size_t nbytes, size_t *counter)
+{
+    if (p) {
+        rv_kv_free(p);
+        *counter -= rv_kv_alloc_size(nbytes);
+    }
+}
+
+/* A slot for a new sequence in an array of per-sequence structs of `elem` bytes whose first
+ * member is `int live`: a dead one if any, else a new zeroed one at the end (the array grows
+ * by doubling; its bytes count in *meta). RV_OK or RV_ENOMEM; *seqs may move. */
+RV_INLINE int rv_kv_slot_new(void **seqs, int *nslots, int *cap, size_t elem, size_t *meta, int *slot)
+{
+    for (int i = 0; i < *nslots; i++)
+        if (!*(const int *)((const char *)*seqs + (size_t)i * elem)) {
+            *slot = i;
+            return RV_OK;
+        }
+    if (*nslots == *cap) {
+        int ncap = *cap ? 2 * *cap : 8;
+        void *grown = rv_kv_alloc_counted(elem * (size_t)ncap, meta);
+        if (!grown)
+            return RV_ENOMEM;
+        if (*nslots)
+            memcpy(grown, *seqs, elem * (size_t)*nslots);
+        rv_kv_free_counted(*seqs, elem * (size_t)*cap, meta);
+        *seqs = grown;
+        *cap = ncap;
+    }
+    memset((char *)*seqs + (size_t)*nslots * elem, 0, elem);
+    *slot = (*nslots)++;
+    return RV_OK;
+}
 
 /* *out = a * b, nonzero on overflow */
 RV_INLINE int rv_kv_mul(size_t a, size_t b, size_t *out) { return __builtin_mul_overflow(a, b, out); }

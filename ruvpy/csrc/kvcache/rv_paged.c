@@ -6,23 +6,9 @@
 #include "kvcache/rv_kvattn.h"
 #include "kvcache/rv_kvmem.h"
 
-/* ---- metadata allocations, counted in meta_bytes ---- */
-
-static void *meta_alloc(rv_paged *c, size_t nbytes)
-{
-    void *p = rv_kv_alloc(nbytes);
-    if (p)
-        c->meta_bytes += rv_kv_alloc_size(nbytes);
-    return p;
-}
-
-static void meta_free(rv_paged *c, void *p, size_t nbytes)
-{
-    if (p) {
-        rv_kv_free(p);
-        c->meta_bytes -= rv_kv_alloc_size(nbytes);
-    }
-}
+/* metadata allocations count in meta_bytes */
+#define meta_alloc(c, n) rv_kv_alloc_counted((n), &(c)->meta_bytes)
+#define meta_free(c, p, n) rv_kv_free_counted((p), (n), &(c)->meta_bytes)
 
 RV_INLINE unsigned char *block_ptr(const rv_paged *c, int32_t b)
 {
@@ -103,7 +89,7 @@ void rv_paged_destroy(rv_paged *c)
         return;
     for (int i = 0; i < c->nslots; i++)
         seq_clear(c, &c->seqs[i]);
-    rv_kv_free(c->seqs);
+    meta_free(c, c->seqs, sizeof(rv_paged_seq) * (size_t)c->slot_cap);
     rv_kv_free(c->pool);
     rv_kv_free(c->refcount);
     rv_kv_free(c->free_stack);
@@ -134,29 +120,6 @@ static void blocks_drop_all(rv_paged *c, const int32_t *blocks, int64_t n)
 
 /* ---- sequences ---- */
 
-static int slot_new(rv_paged *c, int *slot)
-{
-    for (int i = 0; i < c->nslots; i++)
-        if (!c->seqs[i].live) {
-            *slot = i;
-            return RV_OK;
-        }
-    if (c->nslots == c->slot_cap) {
-        int cap = c->slot_cap ? 2 * c->slot_cap : 8;
-        rv_paged_seq *s = (rv_paged_seq *)meta_alloc(c, sizeof(rv_paged_seq) * (size_t)cap);
-        if (!s)
-            return RV_ENOMEM;
-        if (c->nslots)
-            memcpy(s, c->seqs, sizeof(rv_paged_seq) * (size_t)c->nslots);
-        meta_free(c, c->seqs, sizeof(rv_paged_seq) * (size_t)c->slot_cap);
-        c->seqs = s;
-        c->slot_cap = cap;
-    }
-    memset(&c->seqs[c->nslots], 0, sizeof(rv_paged_seq));
-    *slot = c->nslots++;
-    return RV_OK;
-}
-
 /* make room for `need` table entries */
 static int table_reserve(rv_paged *c, rv_paged_seq *s, int64_t need)
 {
@@ -178,7 +141,8 @@ static int table_reserve(rv_paged *c, rv_paged_seq *s, int64_t need)
 
 int rv_paged_add(rv_paged *c, int *slot)
 {
-    int i, rc = slot_new(c, &i);
+    int i, rc = rv_kv_slot_new((void **)&c->seqs, &c->nslots, &c->slot_cap, sizeof(rv_paged_seq),
+                               &c->meta_bytes, &i);
     if (rc)
         return rc;
     rv_paged_seq *s = &c->seqs[i];

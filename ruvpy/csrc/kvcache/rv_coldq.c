@@ -1,0 +1,330 @@
+/* The q8 / q4 cold-group format (see rv_coldq.h). Encoding runs once per migrated group and
+ * is plain C; decoding runs in every attention call and goes through the kernel table. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rv_common.h"
+#include "rv_fp16.h"
+#include "kvcache/rv_coldq.h"
+
+typedef struct {
+    size_t kscale, kzero, vscale, vzero, kcodes, vcodes, counts, idx, voscale, vozero,
+        kcodes8, vcodes8, total;
+} seg_layout;
+
+static int row_bytes(const rv_coldq_cfg *cfg) { return cfg->bits == 8 ? cfg->head_dim : (cfg->head_dim + 1) / 2; }
+static int value_groups(const rv_coldq_cfg *cfg) { return (cfg->head_dim + cfg->group_size - 1) / cfg->group_size; }
+
+static void layout(const rv_coldq_cfg *cfg, int nk, int nv, seg_layout *L)
+{
+    const size_t d = (size_t)cfg->head_dim, G = (size_t)cfg->group_tokens;
+    const size_t ng = (size_t)value_groups(cfg), rb = (size_t)row_bytes(cfg);
+    size_t o = 0;
+    L->kscale = o;  o += 2 * d;
+    L->kzero = o;   o += 2 * d;
+    L->vscale = o;  o += 2 * G * ng;
+    L->vzero = o;   o += 2 * G * ng;
+    L->kcodes = o;  o += G * rb;
+    L->vcodes = o;  o += G * rb;
+    L->counts = o;  o += 2;
+    L->idx = o;     o += (size_t)(nk + nv);
+    o = (o + 1) & ~(size_t)1;
+    L->voscale = o; o += 2 * (size_t)nv;
+    L->vozero = o;  o += 2 * (size_t)nv;
+    L->kcodes8 = o; o += G * (size_t)nk;
+    L->vcodes8 = o; o += G * (size_t)nv;
+    L->total = (o + 1) & ~(size_t)1;
+}
+
+size_t rv_coldq_segment_bytes(const rv_coldq_cfg *cfg, int nk, int nv)
+{
+    seg_layout L;
+    layout(cfg, nk, nv, &L);
+    return L.total;
+}
+
+static size_t header_bytes(const rv_coldq_cfg *cfg) { return 4 * (size_t)cfg->num_kv_heads; }
+
+size_t rv_coldq_blob_bytes(const rv_coldq_cfg *cfg, const int *nk, const int *nv)
+{
+    size_t n = header_bytes(cfg);
+    for (int h = 0; h < cfg->num_kv_heads; h++)
+        n += rv_coldq_segment_bytes(cfg, nk ? nk[h] : 0, nv ? nv[h] : 0);
+    return n;
+}
+
+size_t rv_coldq_scratch_floats(const rv_coldq_cfg *cfg)
+{
+    /* ranges + sorted copy (2 d), outlier residuals (G x max_outliers) */
+    return 2 * (size_t)cfg->head_dim + (size_t)cfg->group_tokens * (cfg->max_outliers > 0 ? cfg->max_outliers : 1);
+}
+
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static int cmp_u8(const void *a, const void *b) { return (int)*(const uint8_t *)a - (int)*(const uint8_t *)b; }
+
+/* Channels of x [G][d] whose range over the tokens exceeds RV_COLDQ_OUTLIER_RATIO x the median
+ * range: the widest max_out of them, ascending. */
+static int pick_outliers(const rv_coldq_cfg *cfg, const float *x, uint8_t *idx, float *scratch)
+{
+    const int d = cfg->head_dim, G = cfg->group_tokens, max_out = cfg->max_outliers;
+    if (max_out <= 0)
+        return 0;
+    float *r = scratch, *sorted = scratch + d;
+    for (int c = 0; c < d; c++) {
+        float mn = x[c], mx = x[c];
+        for (int t = 1; t < G; t++) {
+            float v = x[(size_t)t * d + c];
+            mn = v < mn ? v : mn;
+            mx = v > mx ? v : mx;
+        }
+        r[c] = mx - mn;
+    }
+    memcpy(sorted, r, sizeof(float) * (size_t)d);
+    qsort(sorted, (size_t)d, sizeof(float), cmp_float);
+    const float thresh = RV_COLDQ_OUTLIER_RATIO * sorted[d / 2];
+    int n = 0;
+    while (n < max_out) {
+        int best = -1;
+        for (int c = 0; c < d; c++)
+            if (r[c] > thresh && r[c] > 0.0f && (best < 0 || r[c] > r[best]))
+                best = c;
+        if (best < 0)
+            break;
+        idx[n++] = (uint8_t)best;
+        r[best] = -1.0f;
+    }
+    qsort(idx, (size_t)n, 1, cmp_u8);
+    return n;
+}
+
+void rv_coldq_select(const rv_coldq_cfg *cfg, const float *kf, const float *vf, int *nk, uint8_t *kidx,
+                     int *nv, uint8_t *vidx, float *scratch)
+{
+    *nk = pick_outliers(cfg, kf, kidx, scratch);
+    *nv = pick_outliers(cfg, vf, vidx, scratch);
+}
+
+void rv_coldq_write_header(const rv_coldq_cfg *cfg, unsigned char *blob, const int *nk, const int *nv)
+{
+    uint32_t off = (uint32_t)header_bytes(cfg);
+    for (int h = 0; h < cfg->num_kv_heads; h++) {
+        memcpy(blob + 4 * (size_t)h, &off, 4);
+        off += (uint32_t)rv_coldq_segment_bytes(cfg, nk[h], nv[h]);
+    }
+}
+
+static uint32_t head_offset(const unsigned char *blob, int head)
+{
+    uint32_t off;
+    memcpy(&off, blob + 4 * (size_t)head, 4);
+    return off;
+}
+
+/* Asymmetric quantization parameters of [mn, mx] with levels 0..L, rounded to binary16 (the
+ * codes are computed against the rounded values, so decoding matches encoding). */
+static void params(float mn, float mx, int L, uint16_t *s16, uint16_t *z16, float *sf, float *zf)
+{
+    *s16 = rv_f32_to_f16((mx - mn) / (float)L);
+    *z16 = rv_f32_to_f16(mn);
+    *sf = rv_f16_to_f32(*s16);
+    *zf = rv_f16_to_f32(*z16);
+}
+
+static int code_of(float x, float sf, float zf, int L)
+{
+    if (!(sf > 0.0f) || !isfinite(sf))
+        return 0;
+    float c = rintf((x - zf) / sf);
+    return c <= 0.0f ? 0 : (c >= (float)L ? L : (int)c);   /* NaN x gives 0 */
+}
+
+RV_INLINE void put_code(uint8_t *row, int c, int code, int bits, int half)
+{
+    if (bits == 8)
+        row[c] = (uint8_t)code;
+    else if (c < half)
+        row[c] = (uint8_t)((row[c] & 0xF0) | code);
+    else
+        row[c - half] = (uint8_t)((row[c - half] & 0x0F) | (code << 4));
+}
+
+void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head, const float *kf,
+                          const float *vf, int nk, const uint8_t *kidx, int nv, const uint8_t *vidx,
+                          float *scratch)
+{
+    const int d = cfg->head_dim, G = cfg->group_tokens, bits = cfg->bits, gs = cfg->group_size;
+    const int ng = value_groups(cfg), rb = row_bytes(cfg), half = (d + 1) / 2;
+    const int L = bits == 8 ? 255 : 15;
+    seg_layout S;
+    layout(cfg, nk, nv, &S);
+    unsigned char *seg = blob + head_offset(blob, head);
+    uint16_t *kscale = (uint16_t *)(seg + S.kscale), *kzero = (uint16_t *)(seg + S.kzero);
+    uint16_t *vscale = (uint16_t *)(seg + S.vscale), *vzero = (uint16_t *)(seg + S.vzero);
+    uint8_t *kcodes = seg + S.kcodes, *vcodes = seg + S.vcodes;
+    uint16_t *voscale = (uint16_t *)(seg + S.voscale), *vozero = (uint16_t *)(seg + S.vozero);
+    uint8_t *kcodes8 = seg + S.kcodes8, *vcodes8 = seg + S.vcodes8;
+    signed char kout[256], vout[256];     /* channel -> outlier slot, or -1 (d <= 256) */
+    memset(kout, -1, sizeof kout);
+    memset(vout, -1, sizeof vout);
+    for (int o = 0; o < nk; o++)
+        kout[kidx[o]] = (signed char)o;
+    for (int o = 0; o < nv; o++)
+        vout[vidx[o]] = (signed char)o;
+    seg[S.counts] = (uint8_t)nk;
+    seg[S.counts + 1] = (uint8_t)nv;
+    memcpy(seg + S.idx, kidx, (size_t)nk);
+    memcpy(seg + S.idx + nk, vidx, (size_t)nv);
+    if ((nk + nv) & 1)
+        seg[S.idx + nk + nv] = 0;
+    memset(kcodes, 0, (size_t)G * rb);
+    memset(vcodes, 0, (size_t)G * rb);
+
+    /* keys: per channel over the G tokens; outlier channels in 8 bits */
+    for (int c = 0; c < d; c++) {
+        float mn = kf[c], mx = kf[c];
+        for (int t = 1; t < G; t++) {
+            float x = kf[(size_t)t * d + c];
+            mn = x < mn ? x : mn;
+            mx = x > mx ? x : mx;
+        }
+        int o = kout[c];
+        float sf, zf;
+        params(mn, mx, o >= 0 ? 255 : L, &kscale[c], &kzero[c], &sf, &zf);
+        for (int t = 0; t < G; t++) {
+            int code = code_of(kf[(size_t)t * d + c], sf, zf, o >= 0 ? 255 : L);
+            if (o >= 0)
+                kcodes8[(size_t)t * nk + o] = (uint8_t)code;
+            else
+                put_code(kcodes + (size_t)t * rb, c, code, bits, half);
+        }
+    }
+
+    /* values: per token in channel groups, outlier channels left out of the range */
+    float *resid = scratch;    /* [G][nv] */
+    for (int t = 0; t < G; t++) {
+        const float *x = vf + (size_t)t * d;
+        for (int gi = 0; gi < ng; gi++) {
+            int c0 = gi * gs, c1 = c0 + gs < d ? c0 + gs : d;
+            float mn = INFINITY, mx = -INFINITY;
+            for (int c = c0; c < c1; c++)
+                if (vout[c] < 0) {
+                    mn = x[c] < mn ? x[c] : mn;
+                    mx = x[c] > mx ? x[c] : mx;
+                }
+            if (mn > mx)
+                mn = mx = 0.0f;     /* every channel of the group is an outlier */
+            float sf, zf;
+            params(mn, mx, L, &vscale[(size_t)t * ng + gi], &vzero[(size_t)t * ng + gi], &sf, &zf);
+            for (int c = c0; c < c1; c++) {
+                if (vout[c] >= 0)
+                    resid[(size_t)t * nv + vout[c]] = x[c] - zf;    /* its 4-bit code stays 0 */
+                else
+                    put_code(vcodes + (size_t)t * rb, c, code_of(x[c], sf, zf, L), bits, half);
+            }
+        }
+    }
+    for (int o = 0; o < nv; o++) {
+        float mn = resid[o], mx = resid[o];
+        for (int t = 1; t < G; t++) {
+            float r = resid[(size_t)t * nv + o];
+            mn = r < mn ? r : mn;
+            mx = r > mx ? r : mx;
+        }
+        float sf, zf;
+        params(mn, mx, 255, &voscale[o], &vozero[o], &sf, &zf);
+        for (int t = 0; t < G; t++)
+            vcodes8[(size_t)t * nv + o] = (uint8_t)code_of(resid[(size_t)t * nv + o], sf, zf, 255);
+    }
+}
+
+void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int head, rv_coldq_head *h)
+{
+    const unsigned char *seg = blob + head_offset(blob, head);
+    seg_layout S;
+    layout(cfg, 0, 0, &S);
+    int nk = seg[S.counts], nv = seg[S.counts + 1];
+    layout(cfg, nk, nv, &S);
+    h->kscale = (const uint16_t *)(seg + S.kscale);
+    h->kzero = (const uint16_t *)(seg + S.kzero);
+    h->vscale = (const uint16_t *)(seg + S.vscale);
+    h->vzero = (const uint16_t *)(seg + S.vzero);
+    h->kcodes = seg + S.kcodes;
+    h->vcodes = seg + S.vcodes;
+    h->nk = nk;
+    h->nv = nv;
+    h->kidx = seg + S.idx;
+    h->vidx = seg + S.idx + nk;
+    h->voscale = (const uint16_t *)(seg + S.voscale);
+    h->vozero = (const uint16_t *)(seg + S.vozero);
+    h->kcodes8 = seg + S.kcodes8;
+    h->vcodes8 = seg + S.vcodes8;
+}
+
+void rv_coldq_key_params(const rv_coldq_cfg *cfg, const rv_coldq_head *h, float *kparams)
+{
+    const int d = cfg->head_dim;
+    for (int c = 0; c < d; c++) {
+        kparams[c] = rv_f16_to_f32(h->kscale[c]);
+        kparams[d + c] = rv_f16_to_f32(h->kzero[c]);
+    }
+}
+
+void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *h, const float *kparams, int a,
+                      int n, float *kf, float *vf, const rv_ops *ops)
+{
+    const int d = cfg->head_dim, rb = row_bytes(cfg), ng = value_groups(cfg);
+    ops->dequant_rows_channel(h->kcodes + (size_t)a * rb, rb, n, d, cfg->bits, kparams, kparams + d, kf);
+    for (int o = 0; o < h->nk; o++) {
+        const int c = h->kidx[o];
+        const float s = kparams[c], z = kparams[d + c];
+        const uint8_t *codes = h->kcodes8 + (size_t)a * h->nk + o;
+        for (int t = 0; t < n; t++)
+            kf[(size_t)t * d + c] = s * (float)codes[(size_t)t * h->nk] + z;
+    }
+    ops->dequant_rows_group(h->vcodes + (size_t)a * rb, rb, n, d, cfg->bits, cfg->group_size,
+                            h->vscale + (size_t)a * ng, h->vzero + (size_t)a * ng, ng, vf);
+    for (int o = 0; o < h->nv; o++) {
+        const int c = h->vidx[o];
+        const float s = rv_f16_to_f32(h->voscale[o]), z = rv_f16_to_f32(h->vozero[o]);
+        const uint8_t *codes = h->vcodes8 + (size_t)a * h->nv + o;
+        for (int t = 0; t < n; t++)
+            vf[(size_t)t * d + c] += s * (float)codes[(size_t)t * h->nv] + z;
+    }
+}
+
+static int valid_index_list(const uint8_t *idx, int n, int d)
+{
+    for (int i = 0; i < n; i++)
+        if (idx[i] >= d || (i && idx[i] <= idx[i - 1]))
+            return 0;
+    return 1;
+}
+
+int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t bytes)
+{
+    size_t expect = header_bytes(cfg);
+    if (bytes < expect)
+        return -1;
+    seg_layout S;
+    layout(cfg, 0, 0, &S);
+    for (int h = 0; h < cfg->num_kv_heads; h++) {
+        if (head_offset(blob, h) != expect || expect + S.counts + 2 > bytes)
+            return -1;
+        const unsigned char *seg = blob + expect;
+        int nk = seg[S.counts], nv = seg[S.counts + 1];
+        if (nk > cfg->max_outliers || nv > cfg->max_outliers)
+            return -1;
+        size_t seg_bytes = rv_coldq_segment_bytes(cfg, nk, nv);
+        if (expect + seg_bytes > bytes || !valid_index_list(seg + S.idx, nk, cfg->head_dim) ||
+            !valid_index_list(seg + S.idx + nk, nv, cfg->head_dim))
+            return -1;
+        expect += seg_bytes;
+    }
+    return expect == bytes ? 0 : -1;
+}

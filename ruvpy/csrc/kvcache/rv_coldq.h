@@ -1,0 +1,81 @@
+/* The q8 / q4 cold-group format of the two-tier cache (KIVI style, with dense-and-sparse
+ * outlier channels).
+ *
+ * A group holds `G` consecutive tokens (one migration batch) of one (sequence, layer), every
+ * KV head. Its blob starts with uint32 head_off[num_kv_heads] (byte offset of each head's
+ * segment), then the segments. A head segment, every binary16 field 2-byte aligned:
+ *
+ *   kscale[d], kzero[d]      f16  keys: per channel over the G tokens
+ *   vscale[G][ng], vzero[G][ng]  f16  values: per token, channel groups of group_size
+ *                                     (ng = ceil(d / group_size))
+ *   kcodes[G][rb], vcodes[G][rb] u8   rb = d (8 bits) or ceil(d/2) (4 bits, see quant_impl.h)
+ *   nk, nv                   u8   outlier channels of keys / values (4-bit only)
+ *   kidx[nk], vidx[nv]       u8   their channel numbers (ascending), then 1 pad byte if odd
+ *   voscale[nv], vozero[nv]  f16  values' outliers: 8-bit residual, per channel over G
+ *   kcodes8[G][nk], vcodes8[G][nv] u8
+ *
+ * Keys: each channel is quantized over the G tokens with its own scale/zero; an outlier key
+ * channel (range > RV_COLDQ_OUTLIER_RATIO x the median channel range of the head and group)
+ * gets 8-bit codes instead of 4-bit (its scale/zero sit in kscale/kzero; its 4-bit slot is 0).
+ * Values: each token is quantized in channel groups with the outlier channels left out of the
+ * group's range (their 4-bit code is 0, so they dequantize to the group's zero); the residual
+ * of an outlier value channel is stored in 8 bits per channel over the G tokens. */
+#ifndef RV_COLDQ_H
+#define RV_COLDQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/rv_ops.h"
+
+#define RV_COLDQ_OUTLIER_RATIO 3.0f
+
+typedef struct {
+    int num_kv_heads, head_dim;
+    int group_tokens;       /* G */
+    int group_size;         /* value channel group */
+    int bits;               /* 8 or 4 */
+    int max_outliers;       /* per head, group and K / V (0 for 8 bits) */
+} rv_coldq_cfg;
+
+/* Pointers into one head's segment. */
+typedef struct {
+    const uint16_t *kscale, *kzero, *vscale, *vzero;
+    const uint8_t *kcodes, *vcodes;
+    int nk, nv;
+    const uint8_t *kidx, *vidx;
+    const uint16_t *voscale, *vozero;
+    const uint8_t *kcodes8, *vcodes8;
+} rv_coldq_head;
+
+/* bytes of a head segment with nk / nv outlier channels */
+size_t rv_coldq_segment_bytes(const rv_coldq_cfg *cfg, int nk, int nv);
+/* bytes of a blob whose heads have nk[h] / nv[h] outliers (NULL: none) */
+size_t rv_coldq_blob_bytes(const rv_coldq_cfg *cfg, const int *nk, const int *nv);
+
+/* Floats of scratch rv_coldq_select and rv_coldq_encode_head need. */
+size_t rv_coldq_scratch_floats(const rv_coldq_cfg *cfg);
+
+/* Pass 1: choose the outlier channels of head h from its keys / values kf, vf [G][d]: writes
+ * nk, nv and the ascending channel numbers kidx / vidx (max_outliers each). */
+void rv_coldq_select(const rv_coldq_cfg *cfg, const float *kf, const float *vf, int *nk, uint8_t *kidx,
+                     int *nv, uint8_t *vidx, float *scratch);
+/* Pass 2: write the blob's header. */
+void rv_coldq_write_header(const rv_coldq_cfg *cfg, unsigned char *blob, const int *nk, const int *nv);
+/* Pass 2: quantize head h (kf, vf [G][d]) into its segment, outliers as chosen in pass 1. */
+void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head, const float *kf,
+                          const float *vf, int nk, const uint8_t *kidx, int nv, const uint8_t *vidx,
+                          float *scratch);
+
+void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int head, rv_coldq_head *h);
+
+/* Key scale/zero of a head as floats (2 x d), what rv_coldq_dequant takes. */
+void rv_coldq_key_params(const rv_coldq_cfg *cfg, const rv_coldq_head *h, float *kparams);
+/* Tokens [a, a + n) of head h as floats kf, vf [n][d]. */
+void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *h, const float *kparams, int a,
+                      int n, float *kf, float *vf, const rv_ops *ops);
+
+/* 0 if blob (of `bytes` bytes, from outside) is a well-formed group blob; -1 if not. */
+int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t bytes);
+
+#endif

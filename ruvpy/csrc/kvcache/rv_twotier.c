@@ -1,0 +1,703 @@
+/* The two-tier KV cache (see rv_twotier.h). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvcache/rv_twotier.h"
+#include "kvcache/rv_kvattn.h"
+#include "kvcache/rv_kvmem.h"
+
+#define meta_alloc(c, n) rv_kv_alloc_counted((n), &(c)->meta_bytes)
+#define meta_free(c, p, n) rv_kv_free_counted((p), (n), &(c)->meta_bytes)
+
+/* Tokens the attention fold dequantizes at a time: K and V of them (2 x 32 x head_dim floats)
+ * stay in L1/L2 while the kernel reads them. */
+#define TT_DQ_TOKENS 32
+
+static int params_valid(const rv_tt_params *p)
+{
+    return p->num_layers > 0 && p->num_kv_heads > 0 && p->head_dim > 0 && p->head_dim <= 256 &&
+           p->hot_tokens >= 0 && p->group_tokens > 0 && p->group_size > 0 && p->max_tokens > 0 &&
+           (p->cold == RV_TT_Q8 || p->cold == RV_TT_Q4);
+}
+
+static void coldq_cfg(const rv_tt_params *p, rv_coldq_cfg *q)
+{
+    q->num_kv_heads = p->num_kv_heads;
+    q->head_dim = p->head_dim;
+    q->group_tokens = p->group_tokens;
+    q->group_size = p->group_size < p->head_dim ? p->group_size : p->head_dim;
+    q->bits = p->cold == RV_TT_Q8 ? 8 : 4;
+    /* dense-and-sparse keys and values: up to head_dim / 16 outlier channels (at most 8) */
+    int most = p->head_dim / 16;
+    q->max_outliers = q->bits == 8 ? 0 : (most < 1 ? 1 : (most > 8 ? 8 : most));
+}
+
+size_t rv_tt_group_alloc_bytes(const rv_tt_params *p)
+{
+    if (!params_valid(p))
+        return 0;
+    rv_coldq_cfg q;
+    coldq_cfg(p, &q);
+    return rv_kv_alloc_size(RV_TT_GROUP_HDR + rv_coldq_blob_bytes(&q, NULL, NULL));
+}
+
+static size_t ring_bytes(int kvh, int d, int64_t cap) { return 2 * 2 * (size_t)kvh * (size_t)cap * (size_t)d; }
+
+size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens)
+{
+    return tokens > 0 ? rv_kv_alloc_size(ring_bytes(p->num_kv_heads, p->head_dim, tokens)) : 0;
+}
+
+int rv_tt_create(rv_tt **out, const rv_tt_params *p)
+{
+    *out = NULL;
+    if (!params_valid(p))
+        return RV_EINVAL;
+    rv_tt *c = (rv_tt *)calloc(1, sizeof(rv_tt));
+    if (!c)
+        return RV_ENOMEM;
+    c->meta_bytes = sizeof(rv_tt);
+    c->num_layers = p->num_layers;
+    c->num_kv_heads = p->num_kv_heads;
+    c->head_dim = p->head_dim;
+    c->hot_tokens = p->hot_tokens;
+    c->group_tokens = p->group_tokens;
+    c->cold = p->cold;
+    c->max_tokens = p->max_tokens;
+    coldq_cfg(p, &c->q);
+    c->used = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)p->num_layers);
+    if (!c->used) {
+        free(c);
+        return RV_ENOMEM;
+    }
+    memset(c->used, 0, sizeof(int64_t) * (size_t)p->num_layers);
+    *out = c;
+    return RV_OK;
+}
+
+/* ---- cold groups ---- */
+
+static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
+{
+    size_t n = RV_TT_GROUP_HDR + blob_bytes;
+    rv_tt_group *g = (rv_tt_group *)rv_kv_alloc(n);
+    if (!g)
+        return NULL;
+    g->refs = 1;
+    g->blob_bytes = blob_bytes;
+    g->alloc_bytes = rv_kv_alloc_size(n);
+    c->cold_bytes += g->alloc_bytes;
+    c->cold_groups++;
+    return g;
+}
+
+static void group_drop(rv_tt *c, rv_tt_group *g)
+{
+    if (--g->refs == 0) {
+        c->cold_bytes -= g->alloc_bytes;
+        c->cold_groups--;
+        rv_kv_free(g);
+    }
+}
+
+static int groups_push(rv_tt *c, rv_tt_layer *L, rv_tt_group *g)
+{
+    if (L->ngroups == L->gcap) {
+        int64_t cap = L->gcap ? 2 * L->gcap : 8;
+        rv_tt_group **a = (rv_tt_group **)meta_alloc(c, sizeof(rv_tt_group *) * (size_t)cap);
+        if (!a)
+            return RV_ENOMEM;
+        if (L->ngroups)
+            memcpy(a, L->groups, sizeof(rv_tt_group *) * (size_t)L->ngroups);
+        meta_free(c, L->groups, sizeof(rv_tt_group *) * (size_t)L->gcap);
+        L->groups = a;
+        L->gcap = cap;
+    }
+    L->groups[L->ngroups++] = g;
+    return RV_OK;
+}
+
+/* free the groups before `first` (evicted) and move the live ones to the front */
+static void groups_compact(rv_tt *c, rv_tt_layer *L)
+{
+    if (L->first == 0)
+        return;
+    for (int64_t i = 0; i < L->first; i++)
+        group_drop(c, L->groups[i]);
+    memmove(L->groups, L->groups + L->first, sizeof(rv_tt_group *) * (size_t)(L->ngroups - L->first));
+    L->ngroups -= L->first;
+    L->first = 0;
+}
+
+RV_INLINE int64_t cold_len(const rv_tt *c, const rv_tt_layer *L)
+{
+    return (L->ngroups - L->first) * c->group_tokens - L->skip;
+}
+
+/* ---- the hot ring ---- */
+
+RV_INLINE uint16_t *ring_row(const rv_tt *c, const rv_tt_layer *L, int kv, int head, int64_t pos)
+{
+    return L->hot + (((size_t)kv * c->num_kv_heads + head) * (size_t)L->hot_cap + (size_t)pos) * c->head_dim;
+}
+
+/* n rows of (kv, head) from ring position pos on (wrapping) into dst, contiguous */
+static void ring_gather(const rv_tt *c, const rv_tt_layer *L, int kv, int head, int64_t pos, int64_t n,
+                        uint16_t *dst)
+{
+    const size_t d = (size_t)c->head_dim;
+    int64_t first = L->hot_cap - pos < n ? L->hot_cap - pos : n;
+    memcpy(dst, ring_row(c, L, kv, head, pos), sizeof(uint16_t) * d * (size_t)first);
+    if (n > first)
+        memcpy(dst + d * (size_t)first, ring_row(c, L, kv, head, 0), sizeof(uint16_t) * d * (size_t)(n - first));
+}
+
+/* Re-allocate the ring with cap slots, keeping the n tokens from ring position base at
+ * positions 0..n-1. RV_ENOMEM leaves it as it was. */
+static int ring_resize(rv_tt *c, rv_tt_layer *L, int64_t cap, int64_t base, int64_t n)
+{
+    uint16_t *ring = NULL;
+    if (cap > 0) {
+        ring = (uint16_t *)rv_kv_alloc_counted(ring_bytes(c->num_kv_heads, c->head_dim, cap), &c->hot_bytes);
+        if (!ring)
+            return RV_ENOMEM;
+    }
+    rv_tt_layer moved = *L;
+    moved.hot = ring;
+    moved.hot_cap = cap;
+    for (int kv = 0; kv < 2 && n > 0; kv++)
+        for (int h = 0; h < c->num_kv_heads; h++)
+            ring_gather(c, L, kv, h, base, n, ring_row(c, &moved, kv, h, 0));
+    rv_kv_free_counted(L->hot, ring_bytes(c->num_kv_heads, c->head_dim, L->hot_cap), &c->hot_bytes);
+    L->hot = ring;
+    L->hot_cap = cap;
+    return RV_OK;
+}
+
+/* Slots the ring must keep: its tokens, and inside a transaction the ones evicted since begin
+ * (a rollback brings them back). Their first position is returned in *base. */
+static int64_t ring_kept(const rv_tt_layer *L, int in_txn, int64_t *base)
+{
+    int64_t back = in_txn ? L->txn_hot_evicted : 0;
+    *base = L->hot_cap ? ((L->hot_head - back) % L->hot_cap + L->hot_cap) % L->hot_cap : 0;
+    return back + L->hot_len;
+}
+
+/* room for `more` tokens after the hot tail */
+static int ring_reserve(rv_tt *c, rv_tt_layer *L, int in_txn, int64_t more)
+{
+    int64_t base, kept = ring_kept(L, in_txn, &base), need = kept + more;
+    if (need <= L->hot_cap)
+        return RV_OK;
+    const int64_t target = (int64_t)c->hot_tokens + c->group_tokens;
+    int64_t cap = L->hot_cap ? 2 * L->hot_cap : 16;
+    if (cap > target)
+        cap = target;
+    if (cap < need)
+        cap = need;
+    int64_t back = kept - L->hot_len;
+    if (ring_resize(c, L, cap, base, kept))
+        return RV_ENOMEM;
+    L->hot_head = back;
+    if (in_txn)
+        L->s_hot_head = 0;    /* the snapshot's head was `base` */
+    return RV_OK;
+}
+
+/* after migrating: give back what a burst (a long append) grew the ring to (best effort) */
+static void ring_shrink(rv_tt *c, rv_tt_layer *L)
+{
+    const int64_t target = (int64_t)c->hot_tokens + c->group_tokens;
+    if (L->hot_cap > target && L->hot_len <= target && ring_resize(c, L, target, L->hot_head, L->hot_len) == RV_OK)
+        L->hot_head = 0;
+}
+
+/* ---- migration: the oldest group_tokens hot tokens -> one cold group ---- */
+
+static rv_tt_group *encode_group(rv_tt *c, const rv_tt_layer *L, const rv_ops *ops)
+{
+    const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
+    const int mo = c->q.max_outliers > 0 ? c->q.max_outliers : 1;
+    rv_tt_group *g = NULL;
+    size_t rows = (size_t)G * d;
+    float *kf = (float *)malloc(sizeof(float) * (2 * rows + rv_coldq_scratch_floats(&c->q)));
+    uint16_t *h16 = (uint16_t *)malloc(sizeof(uint16_t) * 2 * rows);
+    int *counts = (int *)malloc(sizeof(int) * 2 * (size_t)kvh);
+    uint8_t *idx = (uint8_t *)malloc(2 * (size_t)kvh * mo);
+    if (!kf || !h16 || !counts || !idx)
+        goto done;
+    float *vf = kf + rows, *scratch = vf + rows;
+    int *nk = counts, *nv = counts + kvh;
+    uint8_t *kidx = idx, *vidx = idx + (size_t)kvh * mo;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            g = group_new(c, rv_coldq_blob_bytes(&c->q, nk, nv));
+            if (!g)
+                goto done;
+            rv_coldq_write_header(&c->q, RV_TT_BLOB(g), nk, nv);
+        }
+        for (int h = 0; h < kvh; h++) {
+            ring_gather(c, L, 0, h, L->hot_head, G, h16);
+            ring_gather(c, L, 1, h, L->hot_head, G, h16 + rows);
+            ops->f16_to_f32(h16, kf, 2 * rows);
+            if (pass == 0)
+                rv_coldq_select(&c->q, kf, vf, &nk[h], kidx + (size_t)h * mo, &nv[h], vidx + (size_t)h * mo, scratch);
+            else
+                rv_coldq_encode_head(&c->q, RV_TT_BLOB(g), h, kf, vf, nk[h], kidx + (size_t)h * mo, nv[h],
+                                     vidx + (size_t)h * mo, scratch);
+        }
+    }
+done:
+    free(kf);
+    free(h16);
+    free(counts);
+    free(idx);
+    return g;
+}
+
+static int migrate(rv_tt *c, rv_tt_layer *L, const rv_ops *ops)
+{
+    const int64_t G = c->group_tokens;
+    int rc = RV_OK;
+    while (L->hot_len >= (int64_t)c->hot_tokens + G) {
+        rv_tt_group *g = encode_group(c, L, ops);
+        if (!g || groups_push(c, L, g)) {
+            if (g)
+                group_drop(c, g);
+            rc = RV_ENOMEM;
+            break;
+        }
+        L->hot_head = (L->hot_head + G) % L->hot_cap;
+        L->hot_len -= G;
+    }
+    ring_shrink(c, L);
+    return rc;
+}
+
+/* ---- sequences ---- */
+
+static void layer_clear(rv_tt *c, rv_tt_layer *L)
+{
+    for (int64_t i = 0; i < L->ngroups; i++)
+        group_drop(c, L->groups[i]);
+    meta_free(c, L->groups, sizeof(rv_tt_group *) * (size_t)L->gcap);
+    rv_kv_free_counted(L->hot, ring_bytes(c->num_kv_heads, c->head_dim, L->hot_cap), &c->hot_bytes);
+    memset(L, 0, sizeof *L);
+}
+
+static void seq_clear(rv_tt *c, rv_tt_seq *s)
+{
+    if (s->layers) {
+        for (int l = 0; l < c->num_layers; l++)
+            layer_clear(c, &s->layers[l]);
+        meta_free(c, s->layers, sizeof(rv_tt_layer) * (size_t)c->num_layers);
+    }
+    memset(s, 0, sizeof *s);
+}
+
+void rv_tt_destroy(rv_tt *c)
+{
+    if (!c)
+        return;
+    for (int i = 0; i < c->nslots; i++)
+        seq_clear(c, &c->seqs[i]);
+    meta_free(c, c->seqs, sizeof(rv_tt_seq) * (size_t)c->slot_cap);
+    rv_kv_free(c->used);
+    free(c);
+}
+
+int rv_tt_add(rv_tt *c, int *slot)
+{
+    int i, rc = rv_kv_slot_new((void **)&c->seqs, &c->nslots, &c->slot_cap, sizeof(rv_tt_seq),
+                               &c->meta_bytes, &i);
+    if (rc)
+        return rc;
+    rv_tt_seq *s = &c->seqs[i];
+    s->layers = (rv_tt_layer *)meta_alloc(c, sizeof(rv_tt_layer) * (size_t)c->num_layers);
+    if (!s->layers)
+        return RV_ENOMEM;
+    memset(s->layers, 0, sizeof(rv_tt_layer) * (size_t)c->num_layers);
+    s->live = 1;
+    *slot = i;
+    return RV_OK;
+}
+
+int64_t rv_tt_len(const rv_tt *c, int slot, int layer)
+{
+    const rv_tt_layer *L = &c->seqs[slot].layers[layer];
+    return cold_len(c, L) + L->hot_len;
+}
+
+int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer)
+{
+    return cold_len(c, &c->seqs[slot].layers[layer]);
+}
+
+void rv_tt_release(rv_tt *c, int slot)
+{
+    rv_tt_seq *s = &c->seqs[slot];
+    for (int l = 0; l < c->num_layers; l++)
+        c->used[l] -= rv_tt_len(c, slot, l);
+    if (s->in_txn)
+        c->open_txns--;
+    seq_clear(c, s);
+}
+
+int rv_tt_fork(rv_tt *c, int parent, int *child)
+{
+    if (c->open_txns)
+        return RV_EINVAL;
+    for (int l = 0; l < c->num_layers; l++)
+        if (c->used[l] + rv_tt_len(c, parent, l) > c->max_tokens)
+            return RV_EFULL;
+    int i, rc = rv_tt_add(c, &i);
+    if (rc)
+        return rc;
+    for (int l = 0; l < c->num_layers; l++) {
+        const rv_tt_layer *P = &c->seqs[parent].layers[l];
+        rv_tt_layer *L = &c->seqs[i].layers[l];
+        for (int64_t g = P->first; g < P->ngroups; g++) {
+            if (groups_push(c, L, P->groups[g]))
+                goto fail;
+            P->groups[g]->refs++;
+        }
+        L->skip = P->skip;
+        if (P->hot_len) {
+            if (ring_reserve(c, L, 0, P->hot_len))
+                goto fail;
+            for (int kv = 0; kv < 2; kv++)
+                for (int h = 0; h < c->num_kv_heads; h++)
+                    ring_gather(c, P, kv, h, P->hot_head, P->hot_len, ring_row(c, L, kv, h, 0));
+            L->hot_len = P->hot_len;
+        }
+    }
+    for (int l = 0; l < c->num_layers; l++)
+        c->used[l] += rv_tt_len(c, i, l);
+    *child = i;
+    return RV_OK;
+fail:
+    seq_clear(c, &c->seqs[i]);
+    return RV_ENOMEM;
+}
+
+/* ---- eviction ---- */
+
+static void evict_layer(rv_tt *c, rv_tt_seq *s, rv_tt_layer *L, int layer, int64_t n)
+{
+    const int64_t G = c->group_tokens;
+    c->used[layer] -= n;
+    while (n > 0 && cold_len(c, L) > 0) {
+        int64_t take = G - L->skip < n ? G - L->skip : n;
+        L->skip += (int32_t)take;
+        n -= take;
+        if (L->skip == G) {
+            L->skip = 0;
+            L->first++;
+        }
+    }
+    if (n > 0) {
+        L->hot_head = (L->hot_head + n) % L->hot_cap;
+        L->hot_len -= n;
+        if (s->in_txn)
+            L->txn_hot_evicted += n;
+    }
+    if (!s->in_txn)
+        groups_compact(c, L);
+}
+
+void rv_tt_evict(rv_tt *c, int slot, int64_t n)
+{
+    rv_tt_seq *s = &c->seqs[slot];
+    for (int l = 0; l < c->num_layers; l++) {
+        int64_t len = rv_tt_len(c, slot, l);
+        evict_layer(c, s, &s->layers[l], l, n < len ? n : len);
+    }
+}
+
+/* ---- appends ---- */
+
+int rv_tt_append(rv_tt *c, int slot, int layer, const void *k, const void *v, int64_t n,
+                 int src_dtype, const rv_ops *ops)
+{
+    rv_tt_seq *s = &c->seqs[slot];
+    rv_tt_layer *L = &s->layers[layer];
+    if (n <= 0)
+        return RV_OK;
+    if (c->used[layer] + n > c->max_tokens)
+        return RV_EFULL;
+    if (ring_reserve(c, L, s->in_txn, n))
+        return RV_ENOMEM;
+    const int kvh = c->num_kv_heads, d = c->head_dim;
+    const size_t elem = src_dtype == 0 ? 4 : 2;
+    for (int64_t t = 0; t < n; t++) {
+        int64_t pos = (L->hot_head + L->hot_len + t) % L->hot_cap;
+        for (int h = 0; h < kvh; h++) {
+            size_t off = ((size_t)t * kvh + h) * d * elem;
+            for (int kv = 0; kv < 2; kv++) {
+                const void *src = (const char *)(kv ? v : k) + off;
+                uint16_t *dst = ring_row(c, L, kv, h, pos);
+                if (src_dtype == 0)
+                    ops->f32_to_f16((const float *)src, dst, (size_t)d);
+                else
+                    memcpy(dst, src, sizeof(uint16_t) * (size_t)d);
+            }
+        }
+    }
+    L->hot_len += n;
+    c->used[layer] += n;
+    if (!s->in_txn)
+        migrate(c, L, ops);   /* out of memory: the tokens stay hot, still correct */
+    return RV_OK;
+}
+
+/* ---- transactions ---- */
+
+int rv_tt_begin(rv_tt *c, int slot)
+{
+    rv_tt_seq *s = &c->seqs[slot];
+    if (s->in_txn)
+        return RV_EINVAL;
+    for (int l = 0; l < c->num_layers; l++) {
+        rv_tt_layer *L = &s->layers[l];
+        L->s_first = L->first;
+        L->s_skip = L->skip;
+        L->s_hot_head = L->hot_head;
+        L->s_hot_len = L->hot_len;
+        L->s_hot_cap = L->hot_cap;
+        L->txn_hot_evicted = 0;
+    }
+    s->in_txn = 1;
+    c->open_txns++;
+    return RV_OK;
+}
+
+void rv_tt_commit(rv_tt *c, int slot, const rv_ops *ops)
+{
+    rv_tt_seq *s = &c->seqs[slot];
+    if (!s->in_txn)
+        return;
+    s->in_txn = 0;
+    c->open_txns--;
+    for (int l = 0; l < c->num_layers; l++) {
+        rv_tt_layer *L = &s->layers[l];
+        L->txn_hot_evicted = 0;
+        groups_compact(c, L);
+        migrate(c, L, ops);
+    }
+}
+
+void rv_tt_rollback(rv_tt *c, int slot)
+{
+    rv_tt_seq *s = &c->seqs[slot];
+    if (!s->in_txn)
+        return;
+    for (int l = 0; l < c->num_layers; l++) {
+        rv_tt_layer *L = &s->layers[l];
+        int64_t now = rv_tt_len(c, slot, l);
+        L->first = L->s_first;
+        L->skip = L->s_skip;
+        L->hot_head = L->s_hot_head;
+        L->hot_len = L->s_hot_len;
+        L->txn_hot_evicted = 0;
+        c->used[l] += rv_tt_len(c, slot, l) - now;
+        /* give back what the transaction grew the ring to (best effort: a failed allocation
+         * keeps the larger ring, with the same tokens) */
+        if (L->hot_cap != L->s_hot_cap && ring_resize(c, L, L->s_hot_cap, L->hot_head, L->hot_len) == RV_OK)
+            L->hot_head = 0;
+    }
+    s->in_txn = 0;
+    c->open_txns--;
+}
+
+/* ---- reading ---- */
+
+int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops)
+{
+    const rv_tt_layer *L = &c->seqs[slot].layers[layer];
+    const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
+    float *tmp = (float *)malloc(sizeof(float) * (2 * (size_t)G * d + 2 * (size_t)d));
+    if (!tmp)
+        return RV_ENOMEM;
+    float *kf = tmp, *vf = tmp + (size_t)G * d, *kparams = vf + (size_t)G * d;
+    int64_t t = 0;
+    for (int64_t gi = L->first; gi < L->ngroups; gi++) {
+        int a = gi == L->first ? L->skip : 0;
+        for (int h = 0; h < kvh; h++) {
+            rv_coldq_head view;
+            rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h, &view);
+            rv_coldq_key_params(&c->q, &view, kparams);
+            rv_coldq_dequant(&c->q, &view, kparams, a, G - a, kf, vf, ops);
+            for (int j = 0; j < G - a; j++) {
+                size_t o = ((size_t)(t + j) * kvh + h) * d;
+                memcpy(k + o, kf + (size_t)j * d, sizeof(float) * d);
+                memcpy(v + o, vf + (size_t)j * d, sizeof(float) * d);
+            }
+        }
+        t += G - a;
+    }
+    for (int64_t i = 0; i < L->hot_len; i++, t++) {
+        int64_t pos = (L->hot_head + i) % L->hot_cap;
+        for (int h = 0; h < kvh; h++) {
+            size_t o = ((size_t)t * kvh + h) * d;
+            ops->f16_to_f32(ring_row(c, L, 0, h, pos), k + o, (size_t)d);
+            ops->f16_to_f32(ring_row(c, L, 1, h, pos), v + o, (size_t)d);
+        }
+    }
+    free(tmp);
+    return RV_OK;
+}
+
+/* ---- attention: cold groups dequantized chunk by chunk, then the hot ring, one state ---- */
+
+static size_t tt_extra_floats(const rv_kv_source *src, int rows)
+{
+    (void)rows;
+    return 2 * (size_t)TT_DQ_TOKENS * src->head_dim + 2 * (size_t)src->head_dim + 32;
+}
+
+static void tt_fold(const rv_kv_source *src, int seq, int head, int64_t t0, int64_t t1,
+                    rv_attn_state *st, const int64_t *row_pos, int *vis, float *extra,
+                    const rv_ops *ops)
+{
+    const rv_tt *c = (const rv_tt *)src->cache;
+    const rv_tt_layer *L = &c->seqs[seq].layers[src->layer];
+    const int d = c->head_dim, G = c->group_tokens;
+    const int64_t ncold = cold_len(c, L);
+    float *kf = extra, *vf = kf + (size_t)TT_DQ_TOKENS * d, *kparams = vf + (size_t)TT_DQ_TOKENS * d;
+    int64_t t = t0, group_loaded = -1;
+    rv_coldq_head view;
+    const int64_t cold_end = t1 < ncold ? t1 : ncold;
+    while (t < cold_end) {
+        int64_t gi = L->first + (t + L->skip) / G;
+        int a = (int)((t + L->skip) % G);
+        int n = G - a;
+        if (n > cold_end - t)
+            n = (int)(cold_end - t);
+        if (n > TT_DQ_TOKENS)
+            n = TT_DQ_TOKENS;
+        if (gi != group_loaded) {
+            rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), head, &view);
+            rv_coldq_key_params(&c->q, &view, kparams);
+            group_loaded = gi;
+        }
+        rv_coldq_dequant(&c->q, &view, kparams, a, n, kf, vf, ops);
+        ops->attend_chunk_f32(st, kf, d, vf, d, n, rv_kv_visible(row_pos, st->rows, t, n, vis));
+        t += n;
+    }
+    while (t < t1) {
+        int64_t pos = (L->hot_head + (t - ncold)) % L->hot_cap;
+        int64_t n = L->hot_cap - pos;
+        if (n > t1 - t)
+            n = t1 - t;
+        if (n > RV_ATTN_CHUNK)
+            n = RV_ATTN_CHUNK;
+        ops->attend_chunk_f16(st, ring_row(c, L, 0, head, pos), d, ring_row(c, L, 1, head, pos), d, (int)n,
+                              rv_kv_visible(row_pos, st->rows, t, (int)n, vis));
+        t += n;
+    }
+}
+
+int rv_tt_attend(const rv_tt *c, int layer, int num_heads, const rv_kv_query *queries, int nq,
+                 float scale, int causal, const rv_ops *ops, int nthreads)
+{
+    rv_kv_source src;
+    memset(&src, 0, sizeof src);
+    src.cache = c;
+    src.layer = layer;
+    src.num_heads = num_heads;
+    src.num_kv_heads = c->num_kv_heads;
+    src.head_dim = c->head_dim;
+    src.fold = tt_fold;
+    src.extra_floats = tt_extra_floats;
+    src.split_align = c->group_tokens;
+    return rv_kv_attend(&src, queries, nq, scale, causal, ops, nthreads);
+}
+
+/* ---- export / import ---- */
+
+int64_t rv_tt_export_groups(const rv_tt *c, int slot, int layer)
+{
+    const rv_tt_layer *L = &c->seqs[slot].layers[layer];
+    return L->ngroups - L->first;
+}
+
+size_t rv_tt_export_bytes(const rv_tt *c, int slot, int layer)
+{
+    const rv_tt_layer *L = &c->seqs[slot].layers[layer];
+    size_t n = 0;
+    for (int64_t g = L->first; g < L->ngroups; g++)
+        n += L->groups[g]->blob_bytes;
+    return n;
+}
+
+void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blobs, int64_t *sizes,
+                        int32_t *skip, uint16_t *hot_k, uint16_t *hot_v)
+{
+    const rv_tt_layer *L = &c->seqs[slot].layers[layer];
+    const int kvh = c->num_kv_heads, d = c->head_dim;
+    for (int64_t g = L->first; g < L->ngroups; g++) {
+        memcpy(blobs, RV_TT_BLOB(L->groups[g]), L->groups[g]->blob_bytes);
+        blobs += L->groups[g]->blob_bytes;
+        sizes[g - L->first] = (int64_t)L->groups[g]->blob_bytes;
+    }
+    *skip = L->skip;
+    for (int64_t i = 0; i < L->hot_len; i++) {
+        int64_t pos = (L->hot_head + i) % L->hot_cap;
+        for (int h = 0; h < kvh; h++) {
+            memcpy(hot_k + ((size_t)i * kvh + h) * d, ring_row(c, L, 0, h, pos), sizeof(uint16_t) * d);
+            memcpy(hot_v + ((size_t)i * kvh + h) * d, ring_row(c, L, 1, h, pos), sizeof(uint16_t) * d);
+        }
+    }
+}
+
+int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
+{
+    return rv_coldq_validate(&c->q, blob, bytes);
+}
+
+int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,
+                       int64_t ngroups, int32_t skip, const uint16_t *hot_k, const uint16_t *hot_v,
+                       int64_t hot_len)
+{
+    rv_tt_seq *s = &c->seqs[slot];
+    rv_tt_layer *L = &s->layers[layer];
+    const int kvh = c->num_kv_heads, d = c->head_dim;
+    for (int64_t g = 0; g < ngroups; g++) {
+        rv_tt_group *grp = group_new(c, (size_t)sizes[g]);
+        if (!grp || groups_push(c, L, grp)) {
+            if (grp)
+                group_drop(c, grp);
+            goto fail;
+        }
+        memcpy(RV_TT_BLOB(grp), blobs, (size_t)sizes[g]);
+        blobs += sizes[g];
+    }
+    L->skip = ngroups ? skip : 0;
+    if (hot_len > 0) {
+        if (ring_reserve(c, L, 0, hot_len))
+            goto fail;
+        for (int64_t i = 0; i < hot_len; i++)
+            for (int h = 0; h < kvh; h++) {
+                memcpy(ring_row(c, L, 0, h, i), hot_k + ((size_t)i * kvh + h) * d, sizeof(uint16_t) * d);
+                memcpy(ring_row(c, L, 1, h, i), hot_v + ((size_t)i * kvh + h) * d, sizeof(uint16_t) * d);
+            }
+        L->hot_len = hot_len;
+    }
+    c->used[layer] += rv_tt_len(c, slot, layer);
+    return RV_OK;
+fail:
+    layer_clear(c, L);
+    return RV_ENOMEM;
+}
+
+void rv_tt_seq_usage(const rv_tt *c, int slot, int layer, rv_tt_usage *u)
+{
+    const rv_tt_layer *L = &c->seqs[slot].layers[layer];
+    u->hot_tokens = L->hot_len;
+    u->cold_tokens = cold_len(c, L);
+    u->hot_bytes = L->hot ? rv_kv_alloc_size(ring_bytes(c->num_kv_heads, c->head_dim, L->hot_cap)) : 0;
+    u->cold_bytes = 0;
+    for (int64_t g = 0; g < L->ngroups; g++)
+        u->cold_bytes += L->groups[g]->alloc_bytes / (size_t)L->groups[g]->refs;
+}

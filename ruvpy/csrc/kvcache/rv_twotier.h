@@ -1,0 +1,134 @@
+/* The two-tier KV cache: per (sequence, layer) an fp16 hot ring of the most recent tokens and a
+ * cold list of immutable quantized groups of `group_tokens` tokens (one migration batch).
+ *
+ * Token order of a (sequence, layer): the live cold groups oldest first (the first `skip`
+ * tokens of the first one evicted), then the hot ring from hot_head. Appends go to the hot
+ * ring; outside a transaction, whenever the ring holds hot_tokens + group_tokens tokens its
+ * oldest group_tokens tokens are quantized into a new cold group (migration). Cold groups are
+ * reference counted: fork shares them and copies only the hot ring.
+ *
+ * Transactions: inside one a sequence never migrates (its hot ring grows instead) and
+ * evictions only move its counters (dropped groups are freed at commit, and the ring never
+ * reuses slots that a rollback would need), so rollback is exact; commit migrates.
+ *
+ * Hot ring memory: K then V, each [kv head][hot_cap][head_dim] binary16.
+ * Not synchronised: the Python wrapper serialises all calls on one cache. */
+#ifndef RV_TWOTIER_H
+#define RV_TWOTIER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rv_common.h"
+#include "kernels/rv_ops.h"
+#include "kvcache/rv_coldq.h"
+
+#define RV_TT_Q8 0
+#define RV_TT_Q4 1
+#define RV_TT_TURBO 2
+
+/* A cold group: this header, then its blob (the format's bytes) at RV_TT_GROUP_HDR. */
+#define RV_TT_GROUP_HDR 64
+typedef struct {
+    int32_t refs;
+    size_t blob_bytes;
+    size_t alloc_bytes;      /* what the allocation really took (header + blob, aligned) */
+} rv_tt_group;
+#define RV_TT_BLOB(g) ((unsigned char *)(g) + RV_TT_GROUP_HDR)
+
+typedef struct {
+    rv_tt_group **groups;    /* [0, first) are evicted ones awaiting a commit */
+    int64_t ngroups, gcap, first;
+    int32_t skip;            /* evicted leading tokens of groups[first] */
+    uint16_t *hot;
+    int64_t hot_cap, hot_head, hot_len;
+    /* transaction snapshot */
+    int64_t s_first, s_hot_head, s_hot_len, s_hot_cap;
+    int32_t s_skip;
+    int64_t txn_hot_evicted;  /* hot tokens evicted since begin (their slots stay reserved) */
+} rv_tt_layer;
+
+typedef struct {
+    int live, in_txn;
+    rv_tt_layer *layers;
+} rv_tt_seq;
+
+typedef struct {
+    int num_layers, num_kv_heads, head_dim;
+    int hot_tokens, group_tokens, cold;
+    rv_coldq_cfg q;          /* cold q8 / q4 */
+    int64_t max_tokens;
+    int64_t *used;           /* [num_layers] tokens held, all sequences */
+    rv_tt_seq *seqs;
+    int nslots, slot_cap;
+    int open_txns;
+    size_t hot_bytes, cold_bytes, meta_bytes;
+    int64_t cold_groups;     /* distinct groups allocated */
+} rv_tt;
+
+typedef struct {
+    int num_layers, num_kv_heads, head_dim;
+    int hot_tokens, group_tokens, group_size, cold;
+    double turbo_bits;
+    int64_t max_tokens;
+} rv_tt_params;
+
+int rv_tt_create(rv_tt **out, const rv_tt_params *p);
+void rv_tt_destroy(rv_tt *c);
+/* bytes one cold group without optional outlier parts really takes (header + blob, aligned);
+ * 0 for invalid parameters */
+size_t rv_tt_group_alloc_bytes(const rv_tt_params *p);
+/* bytes of a hot ring holding `tokens` tokens (aligned allocation) */
+size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens);
+
+int rv_tt_add(rv_tt *c, int *slot);
+/* RV_EFULL when the copy does not fit max_tokens; RV_EINVAL inside a transaction */
+int rv_tt_fork(rv_tt *c, int parent, int *child);
+/* callers must not release while a transaction is open */
+void rv_tt_release(rv_tt *c, int slot);
+
+int64_t rv_tt_len(const rv_tt *c, int slot, int layer);
+int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer);
+
+/* Drop the oldest min(n, length) tokens of slot in every layer. */
+void rv_tt_evict(rv_tt *c, int slot, int64_t n);
+
+/* Append n tokens (k/v [n, kv heads, head_dim], float32 or binary16 by src_dtype 0/1).
+ * RV_EFULL (max_tokens) or RV_ENOMEM before anything changes. Migrates outside transactions
+ * (a migration that runs out of memory leaves the tokens hot). */
+int rv_tt_append(rv_tt *c, int slot, int layer, const void *k, const void *v, int64_t n,
+                 int src_dtype, const rv_ops *ops);
+
+int rv_tt_begin(rv_tt *c, int slot);
+void rv_tt_commit(rv_tt *c, int slot, const rv_ops *ops);
+void rv_tt_rollback(rv_tt *c, int slot);
+
+/* Copy a layer's K/V dequantized into float32 [len, kv heads, head_dim]. RV_ENOMEM. */
+int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops);
+
+struct rv_kv_query;
+int rv_tt_attend(const rv_tt *c, int layer, int num_heads, const struct rv_kv_query *queries, int nq,
+                 float scale, int causal, const rv_ops *ops, int nthreads);
+
+/* export / import of one layer: its live cold groups' blobs and its hot tokens */
+int64_t rv_tt_export_groups(const rv_tt *c, int slot, int layer);   /* live groups */
+size_t rv_tt_export_bytes(const rv_tt *c, int slot, int layer);     /* their blob bytes */
+/* blobs back to back into `blobs`, sizes into `sizes`; the skip and hot K/V (binary16,
+ * [hot_len, kv heads, head_dim]) */
+void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blobs, int64_t *sizes,
+                        int32_t *skip, uint16_t *hot_k, uint16_t *hot_v);
+/* 0 if the blob is well formed for this cache */
+int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes);
+/* Fill layer `layer` of an empty sequence (validated data). RV_ENOMEM (the layer stays empty). */
+int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,
+                       int64_t ngroups, int32_t skip, const uint16_t *hot_k, const uint16_t *hot_v,
+                       int64_t hot_len);
+
+typedef struct {
+    int64_t hot_tokens, cold_tokens;   /* summed over layers */
+    size_t hot_bytes, cold_bytes;      /* allocations (a shared group's bytes split by refs) */
+} rv_tt_usage;
+/* usage of one sequence in one layer */
+void rv_tt_seq_usage(const rv_tt *c, int slot, int layer, rv_tt_usage *u);
+
+#endif

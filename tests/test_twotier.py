@@ -1,0 +1,364 @@
+"""TwoTierKVCache: token order across migration, attention over quantized codes against a
+float64 reference, quality of q8/q4 on K/V with outlier channels, bytes from allocations,
+eviction, transactions, forks, export/import and bad input."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ruvpy import _kernels
+from ruvpy._kvcache import KVCacheFull, TwoTierKVCache
+from test_kvcache import random_kv, reference_attention, snapshot
+
+
+def assert_close(out, ref, rel=4e-6):
+    """float32 attention vs the float64 reference, relative to the output's magnitude"""
+    assert np.abs(out - ref).max() <= rel * max(1.0, np.abs(ref).max())
+
+
+def cosine(a, b):
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def indexed_kv(start, n, kvh, d, rng):
+    """K random, V = the token's index in every channel: quantized per token, V survives
+    migration exactly (a constant group has scale 0), so get_kv shows the order."""
+    k = rng.standard_normal((n, kvh, d)).astype(np.float32)
+    v = np.broadcast_to(np.arange(start, start + n, dtype=np.float32)[:, None, None], (n, kvh, d)).copy()
+    return k, v
+
+
+def outlier_kv(rng, n, kvh, d, channels=4, factor=20.0):
+    """Random K/V with a few channels `factor` times larger (as real keys have), in K and V."""
+    k, v = random_kv(rng, n, kvh, d)
+    ck = rng.choice(d, channels, replace=False)
+    cv = rng.choice(d, channels, replace=False)
+    k[:, :, ck] *= factor
+    v[:, :, cv] *= factor
+    return k, v
+
+
+@pytest.mark.parametrize("cold", ["q8", "q4"])
+def test_order_preserved_across_migration(cold):
+    rng = np.random.default_rng(0)
+    cache = TwoTierKVCache(2, 2, 16, hot_tokens=10, migration_batch=8, cold=cold, max_tokens=1000)
+    seq = cache.add_sequence()
+    total = 0
+    for n in (1, 7, 3, 20, 1, 1, 40, 5):
+        for layer in range(2):
+            cache.append(seq, layer, *indexed_kv(total, n, 2, 16, rng))
+        total += n
+        st = cache.stats()
+        assert st.tiers["cold"]["tokens"] + st.tiers["hot"]["tokens"] == total
+        assert 10 <= st.tiers["hot"]["tokens"] < 18 or total < 18
+        for layer in range(2):
+            _, v = cache.get_kv(seq, layer)
+            assert np.array_equal(v[:, 0, 0], np.arange(total)), (n, layer)
+    assert cache.stats().tiers["cold"]["tokens"] == 64      # 78 tokens: 14 stay hot
+
+
+@pytest.mark.parametrize("cold", ["q8", "q4"])
+def test_attention_over_codes_equals_attention_over_their_values(isa, cold):
+    """The kernel reads the codes in place; it must compute exactly attention over what the
+    codes decode to (get_kv), for decode, causal prefill and GQA, across tiers."""
+    rng = np.random.default_rng(1)
+    kvh, H, d = 2, 6, 40
+    cache = TwoTierKVCache(1, kvh, d, hot_tokens=24, migration_batch=16, group_size=16, cold=cold,
+                           max_tokens=600)
+    seq = cache.add_sequence()
+    k, v = outlier_kv(rng, 333, kvh, d)
+    cache.append(seq, 0, k[:100], v[:100])
+    cache.append(seq, 0, k[100:], v[100:])
+    kk, vv = cache.get_kv(seq, 0)
+    for q_len, causal in ((1, True), (7, True), (333, True), (4, False)):
+        q = rng.standard_normal((q_len, H, d)).astype(np.float32)
+        out = cache.attention(seq, 0, q, causal=causal)
+        assert_close(out, reference_attention(q, kk, vv, causal=causal))
+
+
+@pytest.mark.parametrize("cold,bound", [("q8", 0.999), ("q4", 0.99)])
+def test_quality_with_outlier_channels(cold, bound):
+    rng = np.random.default_rng(2)
+    kvh, H, d = 4, 16, 128
+    cache = TwoTierKVCache(1, kvh, d, hot_tokens=64, cold=cold, max_tokens=4096)
+    seq = cache.add_sequence()
+    k, v = outlier_kv(rng, 2048, kvh, d)
+    cache.append(seq, 0, k, v)
+    assert cache.stats().tiers["cold"]["tokens"] >= 1920       # nearly all of it quantized
+    q = rng.standard_normal((32, H, d)).astype(np.float32)
+    out = cache.attention(seq, 0, q, causal=False)
+    assert cosine(out, reference_attention(q, k, v, causal=False)) >= bound
+
+
+def test_q4_stored_bytes_per_token():
+    """Codes + scales + outliers, from what was allocated, against fp16 K/V."""
+    rng = np.random.default_rng(3)
+    kvh, d = 8, 128
+    cache = TwoTierKVCache(2, kvh, d, hot_tokens=0, cold="q4", max_tokens=4096)
+    seq = cache.add_sequence()
+    for layer in range(2):
+        cache.append(seq, layer, *outlier_kv(rng, 1024, kvh, d))
+    st = cache.stats()
+    assert st.tiers["cold"]["tokens"] == 1024 and st.tiers["hot"]["tokens"] == 0
+    fp16 = 2 * 2 * kvh * d * 2                       # K and V, two layers
+    assert st.cold_bytes_per_token == st.tiers["cold"]["bytes"] / 1024
+    assert st.cold_bytes_per_token <= 0.32 * fp16
+    assert st.compression_ratio == pytest.approx(fp16 / st.cold_bytes_per_token)
+    assert cache.nbytes == st.hot_bytes + st.cold_bytes + st.metadata_bytes == st.bytes
+    # the classmethod is the same allocation size (groups without outliers), per token
+    assert TwoTierKVCache.bytes_per_token(2, kvh, d) <= st.cold_bytes_per_token
+    cache.free(seq)
+    st = cache.stats()
+    assert st.cold_bytes == 0 and st.hot_bytes == 0 and st.cold_groups == 0
+
+
+def test_eviction_keeps_the_newest_max_tokens(isa):
+    rng = np.random.default_rng(4)
+    cache = TwoTierKVCache(2, 1, 8, hot_tokens=6, migration_batch=4, max_tokens=50,
+                           policy="evict-oldest")
+    seq = cache.add_sequence()
+    total = 0
+    for n in (30, 7, 13, 1, 1, 22, 3, 50):
+        for layer in range(2):
+            cache.append(seq, layer, *indexed_kv(total, n, 1, 8, rng))
+        total += n
+        keep = min(total, 50)
+        assert cache.seq_len(seq, 0) == keep and cache.seq_len(seq, 1) == keep
+        for layer in range(2):
+            _, v = cache.get_kv(seq, layer)
+            assert np.array_equal(v[:, 0, 0], np.arange(total - keep, total))
+        assert cache.stats().evicted_tokens == total - keep
+    q = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    k, v = cache.get_kv(seq, 1)
+    assert_close(cache.attention(seq, 1, q), reference_attention(q, k, v))
+    with pytest.raises(KVCacheFull, match="eviction cannot help"):
+        cache.reserve([seq], [51])
+
+
+def test_eviction_takes_from_the_requesting_sequence_first():
+    rng = np.random.default_rng(5)
+    cache = TwoTierKVCache(1, 1, 4, hot_tokens=4, migration_batch=4, max_tokens=40,
+                           policy="evict-oldest")
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(a, 0, *indexed_kv(0, 20, 1, 4, rng))
+    cache.append(b, 0, *indexed_kv(0, 20, 1, 4, rng))
+    cache.reserve([b], [5])
+    assert cache.seq_len(a, 0) == 20 and cache.seq_len(b, 0) == 15
+    assert np.array_equal(cache.get_kv(b, 0)[1][:, 0, 0], np.arange(5, 20))
+    cache.reserve([b], [35])            # b has only 15: the rest comes from a, oldest first
+    assert cache.seq_len(b, 0) == 0 and cache.seq_len(a, 0) == 5
+    assert np.array_equal(cache.get_kv(a, 0)[1][:, 0, 0], np.arange(15, 20))
+
+
+def test_policy_error_raises_before_writing():
+    rng = np.random.default_rng(6)
+    cache = TwoTierKVCache(2, 2, 8, hot_tokens=4, migration_batch=4, max_tokens=30)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    for layer in range(2):
+        cache.append(a, layer, *random_kv(rng, 25, 2, 8))
+    before = snapshot(cache)
+    with pytest.raises(KVCacheFull, match="requested"):
+        cache.append(b, 0, *random_kv(rng, 6, 2, 8))
+    with pytest.raises(KVCacheFull):
+        cache.reserve([a, b], [3, 3])
+    with pytest.raises(KVCacheFull):
+        cache.fork(a)
+    q = np.zeros((6, 4, 8), np.float32)
+    with pytest.raises(KVCacheFull):
+        cache.append_attend(1, [b], [6], q, *random_kv(rng, 6, 2, 8))
+    assert snapshot(cache) == before
+    cache.reserve([a, b], [2, 3])
+
+
+@pytest.mark.parametrize("cold", ["q8", "q4"])
+def test_transactions_restore_exactly(cold):
+    rng = np.random.default_rng(7)
+    cache = TwoTierKVCache(2, 2, 8, hot_tokens=6, migration_batch=4, cold=cold, max_tokens=80,
+                           policy="evict-oldest")
+    a, b = cache.add_sequence(), cache.add_sequence()
+    for layer in range(2):
+        cache.append(a, layer, *random_kv(rng, 23, 2, 8))
+        cache.append(b, layer, *random_kv(rng, 9, 2, 8))
+    before = snapshot(cache)
+    cache.begin([a, b])
+    cache.reserve([a, b], [40, 5])         # evicts inside the transaction
+    for layer in range(2):
+        k, v = random_kv(rng, 45, 2, 8)
+        cache.append_attend(layer, [a, b], [40, 5], rng.standard_normal((45, 2, 8)).astype(np.float32), k, v)
+    assert cache.stats().tiers["hot"]["tokens"] > 40          # no migration inside
+    cache.rollback([a, b])
+    assert snapshot(cache) == before
+    # committed, the same appends migrate
+    cache.begin([a])
+    for layer in range(2):
+        cache.append(a, layer, *random_kv(rng, 30, 2, 8))
+    cache.commit([a])
+    assert cache.seq_len(a, 0) == 53 and cache.stats().sequences[a]["hot_tokens"] < 10
+
+
+def test_fork_shares_cold_groups_and_diverges(isa):
+    rng = np.random.default_rng(8)
+    cache = TwoTierKVCache(1, 2, 16, hot_tokens=8, migration_batch=8, max_tokens=200)
+    parent = cache.add_sequence()
+    cache.append(parent, 0, *random_kv(rng, 43, 2, 16))
+    cold_bytes = cache.stats().cold_bytes
+    child = cache.fork(parent)
+    assert cache.stats().cold_bytes == cold_bytes          # shared, not copied
+    before = cache.get_kv(parent, 0)
+    cache.append(child, 0, *random_kv(rng, 30, 2, 16))
+    after = cache.get_kv(parent, 0)
+    assert all(np.array_equal(x, y) for x, y in zip(before, after))
+    ck, _ = cache.get_kv(child, 0)
+    shared = cache.stats().sequences[parent]["cold_tokens"]       # the child's hot tail has
+    assert shared == 32 and len(ck) == 73                         # migrated since: requantized
+    assert np.array_equal(ck[:shared], before[0][:shared])
+    assert np.abs(ck[:43] - before[0]).max() < 0.5
+    cache.free(parent)
+    assert np.array_equal(cache.get_kv(child, 0)[0], ck)
+    cache.free(child)
+    st = cache.stats()
+    assert st.cold_groups == 0 and st.cold_bytes == 0 and st.hot_bytes == 0
+
+
+@pytest.mark.parametrize("cold", ["q8", "q4"])
+def test_export_import_round_trip(cold):
+    rng = np.random.default_rng(9)
+    make = lambda **kw: TwoTierKVCache(2, 2, 16, hot_tokens=8, migration_batch=8, cold=cold,
+                                       max_tokens=kw.pop("max_tokens", 200), **kw)
+    cache = make(policy="evict-oldest", max_tokens=60)
+    a = cache.add_sequence()
+    for n in (50, 21):                       # evicts 11: a skip in the first cold group
+        for layer in range(2):
+            cache.append(a, layer, *outlier_kv(rng, n, 2, 16))
+    meta, arrays = cache.export_sequence(a)
+    json.dumps(meta)
+    other = make()
+    b = other.import_sequence(meta, arrays)
+    for layer in range(2):
+        for x, y in zip(cache.get_kv(a, layer), other.get_kv(b, layer)):
+            assert np.array_equal(x, y)
+    before = snapshot(other)
+    broken = dict(arrays)
+    blob = arrays["cold.1"].copy()
+    blob[0] ^= 0x40                                               # the first head offset
+    broken["cold.1"] = blob
+    with pytest.raises(ValueError, match="malformed"):
+        other.import_sequence(meta, broken)
+    with pytest.raises(ValueError, match="hot_k.0"):
+        other.import_sequence(meta, dict(arrays, **{"hot_k.0": arrays["hot_k.0"][:-1]}))
+    with pytest.raises(ValueError, match="migration_batch"):
+        TwoTierKVCache(2, 2, 16, migration_batch=4, cold=cold, max_tokens=200).import_sequence(meta, arrays)
+    with pytest.raises(KVCacheFull):
+        make(max_tokens=30).import_sequence(meta, arrays)
+    assert snapshot(other) == before
+
+
+def test_append_attend_and_threads(isa):
+    rng = np.random.default_rng(10)
+    kvh, H, d = 2, 4, 32
+    cache = TwoTierKVCache(1, kvh, d, hot_tokens=32, migration_batch=32, max_tokens=5000)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(a, 0, *random_kv(rng, 3000, kvh, d))
+    counts = [1, 12]
+    k, v = random_kv(rng, 13, kvh, d)
+    q = rng.standard_normal((13, H, d)).astype(np.float32)
+    before = _kernels.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            _kernels.set_num_threads(threads)
+            c2 = TwoTierKVCache(1, kvh, d, hot_tokens=32, migration_batch=32, max_tokens=5000)
+            s2 = c2.import_sequence(*cache.export_sequence(a))
+            t2 = c2.add_sequence()
+            outs.append(c2.append_attend(0, [s2, t2], counts, q, k, v, out=np.empty_like(q)))
+            ka, va = c2.get_kv(s2, 0)
+            assert_close(outs[-1][:1], reference_attention(q[:1], ka, va))
+            kb, vb = c2.get_kv(t2, 0)
+            assert_close(outs[-1][1:], reference_attention(q[1:], kb, vb))
+    finally:
+        _kernels.set_num_threads(before)
+    assert np.abs(outs[0] - outs[1]).max() < 1e-5
+
+
+def test_bad_input_leaves_cache_unchanged():
+    rng = np.random.default_rng(11)
+    cache = TwoTierKVCache(2, 2, 8, hot_tokens=4, migration_batch=4, max_tokens=64)
+    a, empty = cache.add_sequence(), cache.add_sequence()
+    cache.append(a, 0, *random_kv(rng, 9, 2, 8))
+    before = snapshot(cache)
+    k, v = random_kv(rng, 3, 2, 8)
+    with pytest.raises(KeyError, match="31337"):
+        cache.append(31337, 0, k, v)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        cache.append(a, 0, *random_kv(rng, 3, 1, 8))
+    with pytest.raises(TypeError, match="float32 or float16"):
+        cache.append(a, 0, k.astype(np.int32), v.astype(np.int32))
+    with pytest.raises(ValueError, match="empty"):
+        cache.attention(empty, 0, np.zeros((1, 2, 8), np.float32))
+    with pytest.raises(ValueError, match="layer"):
+        cache.attention(a, 5, np.zeros((1, 2, 8), np.float32))
+    with pytest.raises(KVCacheFull):
+        cache.append(a, 0, *random_kv(rng, 56, 2, 8))
+    assert snapshot(cache) == before
+    for kwargs, exc in (({"cold": "q3"}, ValueError), ({"policy": "lru"}, ValueError),
+                        ({"migration_batch": 0}, ValueError), ({"hot_tokens": -1}, ValueError),
+                        ({"group_size": "32"}, TypeError)):
+        with pytest.raises(exc):
+            TwoTierKVCache(2, 2, 8, max_tokens=64, **kwargs)
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["append", "fork", "free", "txn", "evict"]),
+                         st.integers(0, 1000), st.integers(1, 20)), max_size=30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(OPS, st.sampled_from(["q8", "q4"]))
+def test_random_operations_keep_order_and_bytes(ops, cold):
+    """V = token index: after any mix of appends, forks, frees, rolled-back transactions and
+    evictions every sequence holds its newest tokens in order, and freeing everything gives
+    every byte back."""
+    rng = np.random.default_rng(0)
+    cache = TwoTierKVCache(1, 1, 4, hot_tokens=5, migration_batch=4, cold=cold, max_tokens=60,
+                           policy="evict-oldest")
+    model = {cache.add_sequence(): [0, 0]}       # seq -> [first kept index, next index]
+    for op, pick, n in ops:
+        live = sorted(model)
+        target = live[pick % len(live)] if live else None
+        if target is None:
+            model[cache.add_sequence()] = [0, 0]
+        elif op == "append":
+            lo, hi = model[target]
+            before = {s: cache.seq_len(s, 0) for s in model}
+            cache.append(target, 0, *indexed_kv(hi, n, 1, 4, rng))
+            model[target][1] = hi + n
+            for s in model:      # what eviction took, oldest first
+                if s != target:
+                    model[s][0] += before[s] - cache.seq_len(s, 0)
+            model[target][0] = model[target][1] - cache.seq_len(target, 0)
+        elif op == "fork":
+            try:
+                model[cache.fork(target)] = list(model[target])
+            except KVCacheFull:
+                pass
+        elif op == "free":
+            cache.free(target)
+            del model[target]
+        elif op == "txn":
+            snap = snapshot(cache)
+            cache.begin([target])
+            cache.append(target, 0, *indexed_kv(0, n, 1, 4, rng))
+            cache.rollback([target])
+            assert snapshot(cache) == snap
+        else:
+            cache.reserve([target], [n])
+            for s in model:
+                model[s][0] = model[s][1] - cache.seq_len(s, 0)
+        for s, (lo, hi) in model.items():
+            assert np.array_equal(cache.get_kv(s, 0)[1][:, 0, 0], np.arange(lo, hi))
+        assert sum(cache.seq_len(s, 0) for s in model) <= 60
+    for s in list(model):
+        cache.free(s)
+    st_ = cache.stats()
+    assert st_.hot_bytes == 0 and st_.cold_bytes == 0 and st_.cold_groups == 0 and st_.tokens == 0
