@@ -73,9 +73,11 @@ def cmd_generate(args):
     load_seconds = time.perf_counter() - started
     with model:
         prompt = model.chat_prompt(args.prompt) if args.chat else args.prompt
+        seq = model.new_sequence()   # kept until the memory table is printed
         try:
             model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, seed=args.seed, on_token=_stream_to_stdout)
+                           top_p=args.top_p, seed=args.seed, on_token=_stream_to_stdout,
+                           seq=seq)
         except ValueError as exc:
             return _fail(str(exc))
         finally:

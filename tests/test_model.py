@@ -153,7 +153,8 @@ def test_agrees_with_llamacpp(parts, reference, setup):
     expected = reference["greedy_ids"]
     agreement = sum(p == e for p, e in zip(picks, expected))
     overlap = _top10_overlap(prompt_logits, reference)
-    print(f"\n{setup}: top-10 overlap {overlap}/10, teacher-forced top-1 {agreement}/32")
+    print(f"\n{setup}: top-10 overlap {overlap}/10, teacher-forced top-1 {agreement}/32"
+          + (f", {_cold_tokens(stats)} of 36 tokens cold" if setup != "paged" else ""))
     assert int(np.argmax(prompt_logits)) == reference["final_logits_top10"][0][0]
     assert overlap >= 8
     assert agreement >= MIN_TEACHER_FORCED_AGREEMENT[setup]
@@ -254,6 +255,20 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(model, reference):
     # a top_p so small that only the most likely token survives is greedy decoding
     assert model.generate(prompt, 6, temperature=1.0, top_p=1e-9, seed=1) == \
         model.generate(prompt, 6)
+
+
+def test_generate_continues_a_kept_sequence(parts, reference):
+    """generate(seq=s) appends to s and keeps it: a second turn continues the context."""
+    first, second = reference["prompt_ids"], reference["greedy_ids"][:4]
+    with _model(parts, kv_dtype="float32") as model:
+        seq = model.new_sequence()
+        model.generate(first, 3, seq=seq)
+        turn1 = list(model.last_generation.token_ids)
+        assert model.runtime.position(seq) == len(first) + len(turn1) - 1
+        continued = model.generate([turn1[-1]] + second, 5, seq=seq)
+        at_once = model.generate(first + turn1 + second, 5)
+        assert model.runtime.sequences == [seq]             # generate freed only its own
+    assert continued == at_once
 
 
 def test_generate_rejects_bad_arguments(model):

@@ -198,11 +198,15 @@ class LlamaModel:
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=64, *, temperature=0.0, top_p=1.0, seed=None,
-                 on_token=None) -> str:
+                 on_token=None, seq=None) -> str:
         """Continue `prompt` (text, or token ids) by up to `max_new_tokens` tokens and return
         the new text. temperature 0 is greedy; otherwise temperature + top-p sampling with
         numpy Generator(seed). `on_token(piece)` receives each new piece of text as it is
-        produced. Stops at an end-of-generation token. Statistics: `self.last_generation`."""
+        produced. Stops at an end-of-generation token. Statistics: `self.last_generation`.
+
+        seq: None runs on a fresh sequence that is removed afterwards; a sequence id appends
+        the prompt and the generated tokens (but the last) to that sequence and keeps it (a
+        conversation can go on without recomputing its context)."""
         sampler = Sampler(temperature, top_p, seed)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -210,48 +214,55 @@ class LlamaModel:
         if not ids:
             raise ValueError("the prompt is empty: there is nothing to continue")
         self._check_token_ids(ids)
-        if len(ids) > self.config.context_length:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's "
-                             f"context length {self.config.context_length}")
+        position = 0 if seq is None else self.runtime.position(seq)
+        if position + len(ids) > self.config.context_length:
+            raise ValueError(f"the prompt has {len(ids)} tokens after {position}: more than the "
+                             f"model's context length {self.config.context_length}")
         stats = self.last_generation = GenerationStats(prompt_tokens=len(ids),
                                                        stop_reason="length")
         if max_new_tokens == 0:
             return ""
+        own_sequence = seq is None
+        if own_sequence:
+            seq = self.new_sequence()
+        try:
+            self._generate(seq, ids, position, max_new_tokens, sampler, on_token, stats)
+        finally:
+            if own_sequence:
+                self.remove_sequence(seq)
+        return self.detokenize(stats.token_ids)
+
+    def _generate(self, seq, ids, position, max_new_tokens, sampler, on_token, stats):
         stream = self.tokenizer.stream()
         generated = stats.token_ids
-        seq = self.new_sequence()
-        try:
-            start = time.perf_counter()
-            for begin in range(0, len(ids), self.prefill_chunk):
-                logits = self.forward_last(seq, ids[begin:begin + self.prefill_chunk])
-            stats.prefill_seconds = time.perf_counter() - start
-            position = len(ids)
-            while True:
-                token = sampler(logits)
-                if token in self.end_of_generation_ids:
-                    stats.stop_reason = "eos"
-                    break
-                generated.append(token)
-                piece = stream.feed(token)
-                if piece and on_token is not None:
-                    on_token(piece)
-                if len(generated) >= max_new_tokens:
-                    break
-                if position >= self.config.context_length:
-                    stats.stop_reason = "context"
-                    break
-                start = time.perf_counter()
-                logits = self.forward_last(seq, [token])
-                stats.decode_seconds += time.perf_counter() - start
-                stats.decode_steps += 1
-                position += 1
-        finally:
+        start = time.perf_counter()
+        for begin in range(0, len(ids), self.prefill_chunk):
+            logits = self.forward_last(seq, ids[begin:begin + self.prefill_chunk])
+        stats.prefill_seconds = time.perf_counter() - start
+        position += len(ids)
+        while True:
+            token = sampler(logits)
+            if token in self.end_of_generation_ids:
+                stats.stop_reason = "eos"
+                break
+            generated.append(token)
             stats.generated_tokens = len(generated)
-            self.remove_sequence(seq)
+            piece = stream.feed(token)
+            if piece and on_token is not None:
+                on_token(piece)
+            if len(generated) >= max_new_tokens:
+                break
+            if position >= self.config.context_length:
+                stats.stop_reason = "context"
+                break
+            start = time.perf_counter()
+            logits = self.forward_last(seq, [token])
+            stats.decode_seconds += time.perf_counter() - start
+            stats.decode_steps += 1
+            position += 1
         tail = stream.flush()
         if tail and on_token is not None:
             on_token(tail)
-        return self.detokenize(generated)
 
     def with_kv_cache(self, kv_cache="paged", **runtime_options) -> "LlamaModel":
         """A model sharing these weights and tokenizer over a new Runtime (another KV cache
