@@ -99,23 +99,36 @@ static const void *kv_at(const void *base, int f16, ptrdiff_t elems)
 /* keys query token t sees (absolute), causal */
 static int visible_of(const rv_attn_args *a, int t) { return a->kv_len - a->q_len + t + 1; }
 
-/* ---- streaming path: q_len * group <= STREAM_MAX_ROWS rows per KV head ---- */
+/* ---- streaming path: q_len * group <= STREAM_MAX_ROWS rows per KV head ----
+ * Work items are (token range, range of KV heads). Long contexts are split by tokens only, so
+ * that each item streams one contiguous stretch of the NHD tensors with attend_heads_* (every
+ * head of a token block together: heads share every page); short ones by heads as well. */
 static int attend_streaming(const rv_ops *ops, int nthreads, const rv_attn_args *a)
 {
     const int G = a->num_heads / a->num_kv_heads, KVH = a->num_kv_heads, d = a->head_dim;
     const int rows = a->q_len * G;
-    const int S = choose_splits(KVH, nthreads, a->kv_len);
-    const int items = KVH * S;
+    int S = 1, HG = 1;   /* token splits, head groups */
+    if (nthreads > 1) {
+        const int s_max = imax(1, a->kv_len / MIN_SPLIT_KEYS);
+        S = imin(4 * nthreads, s_max);          /* a few per thread: balance under load */
+        if (S >= nthreads)
+            S -= S % nthreads;
+        else
+            HG = imin(KVH, (nthreads + S - 1) / S);
+    }
+    const int items = S * HG;
     const int T = imin(nthreads, items);
     const size_t per_state = pad16((size_t)rows * d) + 2 * pad16((size_t)rows);
     const size_t per_thread = pad16(RV_ATTN_SCRATCH_FLOATS(rows, d)) + 16;
-    float *buf = thread_scratch(pad16((size_t)KVH * rows * d) + (size_t)items * per_state +
-                                (size_t)T * per_thread);
+    const size_t state_floats = pad16((sizeof(rv_attn_state) * (size_t)S * KVH + 3) / sizeof(float));
+    float *buf = thread_scratch(pad16((size_t)KVH * rows * d) + (size_t)S * KVH * per_state +
+                                (size_t)T * per_thread + state_floats);
     if (!buf)
         return RV_ENOMEM;
     float *qs = buf;
-    float *states = qs + pad16((size_t)KVH * rows * d);
-    float *kscratch = states + (size_t)items * per_state;
+    float *states_mem = qs + pad16((size_t)KVH * rows * d);      /* [S][KVH] (acc, m, l) */
+    float *kscratch = states_mem + (size_t)S * KVH * per_state;
+    rv_attn_state *states = (rv_attn_state *)(kscratch + (size_t)T * per_thread);
 
     /* scaled queries of each KV head's group, rows ordered (token, head in group) */
     for (int hk = 0; hk < KVH; hk++)
@@ -134,37 +147,43 @@ static int attend_streaming(const rv_ops *ops, int nthreads, const rv_attn_args 
         int vis[STREAM_MAX_ROWS];
 #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < items; it++) {
-            const int hk = it / S, s = it % S;
+            const int s = it / HG, hg = it % HG;
+            const int h0 = (int)((int64_t)KVH * hg / HG), h1 = (int)((int64_t)KVH * (hg + 1) / HG);
             const int k0 = split_begin(s, S, a->kv_len), k1 = split_begin(s + 1, S, a->kv_len);
-            float *acc = states + (size_t)it * per_state;
-            float *m = acc + pad16((size_t)rows * d), *l = m + pad16((size_t)rows);
-            rv_attn_state st = {rows, d, qs + (size_t)hk * rows * d, d, m, l, acc, ks};
-            for (int r = 0; r < rows; r++) {
-                m[r] = -INFINITY;
-                l[r] = 0.0f;
+            rv_attn_state *st = states + (size_t)s * KVH + h0;
+            for (int h = h0; h < h1; h++) {
+                float *acc = states_mem + ((size_t)s * KVH + h) * per_state;
+                float *m = acc + pad16((size_t)rows * d), *l = m + pad16((size_t)rows);
+                rv_attn_state init = {rows, d, qs + (size_t)h * rows * d, d, m, l, acc, ks};
+                st[h - h0] = init;
+                for (int r = 0; r < rows; r++) {
+                    m[r] = -INFINITY;
+                    l[r] = 0.0f;
+                }
+                memset(acc, 0, sizeof(float) * (size_t)rows * d);
             }
-            memset(acc, 0, sizeof(float) * (size_t)rows * d);
             const int *visible = NULL;
             if (a->causal && a->q_len > 1) {
                 for (int r = 0; r < rows; r++)
                     vis[r] = imax(0, imin(k1 - k0, visible_of(a, r / G) - k0));
                 visible = vis;
             }
-            rv_kv_span span = {kv_at(a->k, f16, hk * a->k_head + (ptrdiff_t)k0 * a->k_tok),
-                               kv_at(a->v, f16, hk * a->v_head + (ptrdiff_t)k0 * a->v_tok),
-                               a->k_tok, a->v_tok, k1 - k0};
+            const ptrdiff_t ko = h0 * a->k_head + (ptrdiff_t)k0 * a->k_tok;
+            const ptrdiff_t vo = h0 * a->v_head + (ptrdiff_t)k0 * a->v_tok;
             if (f16)
-                ops->attend_spans_f16(&st, &span, 1, visible);
+                ops->attend_heads_f16(st, h1 - h0, (const uint16_t *)a->k + ko, a->k_tok, a->k_head,
+                                      (const uint16_t *)a->v + vo, a->v_tok, a->v_head, k1 - k0, visible);
             else
-                ops->attend_spans_f32(&st, &span, 1, visible);
+                ops->attend_heads_f32(st, h1 - h0, (const float *)a->k + ko, a->k_tok, a->k_head,
+                                      (const float *)a->v + vo, a->v_tok, a->v_head, k1 - k0, visible);
         }
         /* implicit barrier: every split is done */
 #pragma omp for schedule(static)
         for (int hk = 0; hk < KVH; hk++) {
-            float *acc = states + (size_t)hk * S * per_state;
+            float *acc = states_mem + (size_t)hk * per_state;
             float *m = acc + pad16((size_t)rows * d), *l = m + pad16((size_t)rows);
             for (int s = 1; s < S; s++) {
-                const float *oacc = acc + (size_t)s * per_state;
+                const float *oacc = states_mem + ((size_t)s * KVH + hk) * per_state;
                 const float *om = oacc + pad16((size_t)rows * d), *ol = om + pad16((size_t)rows);
                 ops->attn_merge(rows, d, m, l, acc, om, ol, oacc);
             }

@@ -125,11 +125,66 @@ RV_INLINE float att_load1(const void *p, int i, const int f16)
     return f16 ? rv_f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-RV_INLINE void att_prefetch(const void *p, int bytes)
+/* Software prefetches go to L2 (locality 2): a block ahead is more than L1 holds, and T0
+ * prefetches that far ahead measured 4x slower (the lines are evicted before use). */
+#ifndef ATT_PF_LOCALITY
+#define ATT_PF_LOCALITY 2
+#endif
+RV_INLINE void att_prefetch_lines(const char *p, int lines)
 {
-    const char *c = (const char *)p;
-    for (int o = 0; o < bytes; o += 64)
-        __builtin_prefetch(c + o, 0, 3);
+    for (int i = 0; i < lines; i++)
+        __builtin_prefetch(p + 64 * i, 0, ATT_PF_LOCALITY);
+}
+
+/* The rows to prefetch while a block is folded in: one K row per key scored and one V row
+ * per key weighted, so the next block arrives just in time. Three ways to name them:
+ *  - list: row pointers (a span list's next chunk);
+ *  - range: one contiguous byte range streamed line by line (token-major storage whose heads
+ *    fill the token stride, e.g. NHD: the next token block is one stretch of memory);
+ *  - grid: (token, head) pairs taken token by token (a head slice of token-major storage).
+ * Memory order matters: on NHD data head-by-head reads were measured 4x slower than this. */
+typedef struct {
+    const void *const *kl, *const *vl;   /* list mode, else NULL */
+    const char *kb, *vb;                 /* range / grid mode: first row */
+    const char *kend, *vend;             /* range mode: end of the range, else NULL */
+    ptrdiff_t kt, kh, vt, vh;            /* grid strides in bytes */
+    int nh, total;                       /* grid: heads per token; rows in all */
+    int nk, nv;                          /* rows issued */
+    int lines;                           /* cache lines per row */
+} att_pf;
+
+RV_INLINE void att_pf_next(att_pf *pf, const void *const *list, const char **range,
+                           const char *end, ptrdiff_t tok, ptrdiff_t head, int *issued)
+{
+    if (*issued >= pf->total)
+        return;
+    if (end) {
+        const char *p = *range;
+        if (p < end)
+            att_prefetch_lines(p, pf->lines);
+        *range = p + 64 * pf->lines;
+    } else if (list) {
+        const char *p = (const char *)list[*issued];
+        att_prefetch_lines(p, pf->lines);
+        __builtin_prefetch(p + 64 * pf->lines - 1, 0, ATT_PF_LOCALITY);  /* unaligned rows */
+    } else {
+        const char *p = *range + (ptrdiff_t)(*issued / pf->nh) * tok + (ptrdiff_t)(*issued % pf->nh) * head;
+        att_prefetch_lines(p, pf->lines);
+        __builtin_prefetch(p + 64 * pf->lines - 1, 0, ATT_PF_LOCALITY);
+    }
+    (*issued)++;
+}
+
+RV_INLINE void att_pf_k(att_pf *pf)
+{
+    if (pf)
+        att_pf_next(pf, pf->kl, &pf->kb, pf->kend, pf->kt, pf->kh, &pf->nk);
+}
+
+RV_INLINE void att_pf_v(att_pf *pf)
+{
+    if (pf)
+        att_pf_next(pf, pf->vl, &pf->vb, pf->vend, pf->vt, pf->vh, &pf->nv);
 }
 
 /* ---- walking a span list ---- */
@@ -172,11 +227,10 @@ RV_INLINE int att_gather(att_cursor *cur, int max, const int f16, const void **k
  * kp must hold round_up(n, RV_VW) readable pointers (the driver pads with a valid one);
  * part: ATT_RB * RV_VW * RV_VW floats, 64-byte aligned. */
 RV_INLINE void att_stream_qk(const int NRB, const float *q, ptrdiff_t q_stride, int d,
-                             const void *const *kp, const void *const *vp_prefetch, int n,
-                             float *s, float *part, const int f16)
+                             const void *const *kp, att_pf *pf, int n, float *s, float *part,
+                             const int f16)
 {
     const int dv = d - d % RV_VW;
-    const int row_bytes = d * (f16 ? 2 : 4);
     if (dv > 0) {
         for (int j0 = 0; j0 < n; j0 += RV_VW) {
             for (int jj = 0; jj < RV_VW && j0 + jj < n; jj += ATT_KG) {
@@ -185,8 +239,7 @@ RV_INLINE void att_stream_qk(const int NRB, const float *q, ptrdiff_t q_stride, 
 #pragma GCC unroll 4
                 for (int t = 0; t < ATT_KG; t++) {
                     k[t] = kp[j0 + jj + t];
-                    if (vp_prefetch)
-                        att_prefetch(vp_prefetch[j0 + jj + t], row_bytes);
+                    att_pf_k(pf);
                 }
 #pragma GCC unroll 4
                 for (int i = 0; i < NRB; i++)
@@ -234,7 +287,7 @@ RV_INLINE void att_stream_qk(const int NRB, const float *q, ptrdiff_t q_stride, 
 /* acc rows [NRB] (stride d) = acc * corr + sum_j p[i][j] v_j over head_dim vectors [c0, c0+NCB) */
 RV_INLINE void att_stream_pv_block(const int NRB, const int NCB, float *acc, int d, int c0,
                                    const float *p, const float *corr, const void *const *vp,
-                                   int n, const int f16)
+                                   int n, att_pf *pf, const int f16)
 {
     rv_vf a[ATT_RB][ATT_CB];
 #pragma GCC unroll 4
@@ -246,6 +299,7 @@ RV_INLINE void att_stream_pv_block(const int NRB, const int NCB, float *acc, int
     }
     for (int j = 0; j < n; j++) {
         rv_vf vv[ATT_CB];
+        att_pf_v(pf);
 #pragma GCC unroll 4
         for (int b = 0; b < NCB; b++)
             vv[b] = att_load(vp[j], c0 + b * RV_VW, f16);
@@ -265,14 +319,14 @@ RV_INLINE void att_stream_pv_block(const int NRB, const int NCB, float *acc, int
 }
 
 RV_INLINE void att_stream_pv(const int NRB, float *acc, int d, const float *p, const float *corr,
-                             const void *const *vp, int n, const int f16)
+                             const void *const *vp, int n, att_pf *pf, const int f16)
 {
     const int dv = d - d % RV_VW;
     int c0 = 0;
-    for (; c0 + ATT_CB * RV_VW <= dv; c0 += ATT_CB * RV_VW)
-        att_stream_pv_block(NRB, ATT_CB, acc, d, c0, p, corr, vp, n, f16);
-    for (; c0 < dv; c0 += RV_VW)
-        att_stream_pv_block(NRB, 1, acc, d, c0, p, corr, vp, n, f16);
+    for (; c0 + ATT_CB * RV_VW <= dv; c0 += ATT_CB * RV_VW, pf = NULL)
+        att_stream_pv_block(NRB, ATT_CB, acc, d, c0, p, corr, vp, n, pf, f16);
+    for (; c0 < dv; c0 += RV_VW, pf = NULL)
+        att_stream_pv_block(NRB, 1, acc, d, c0, p, corr, vp, n, pf, f16);
     if (dv < d) /* head_dim tail */
         for (int i = 0; i < NRB; i++)
             for (int c = dv; c < d; c++) {
@@ -317,9 +371,8 @@ RV_INLINE float att_stream_softmax_row(float *s, int vis, int n, float *m, float
 /* Fold keys [0, n) of the block (pointers kp/vp, padded to a multiple of RV_VW) into rows
  * [r0, r0+NRB). vis[i] = keys of the block row r0+i sees. */
 RV_INLINE void att_stream_rows(const int NRB, rv_attn_state *st, int r0, const void *const *kp,
-                               const void *const *vp, const void *const *k_next, int n_next,
-                               int n, const int *vis, float *s, float *part, float *corr,
-                               const int f16)
+                               const void *const *vp, att_pf *pf, int n, const int *vis, float *s,
+                               float *part, float *corr, const int f16)
 {
     const int d = st->head_dim;
     int n_eff = 0;
@@ -327,20 +380,16 @@ RV_INLINE void att_stream_rows(const int NRB, rv_attn_state *st, int r0, const v
         n_eff = att_max(n_eff, vis[i]);
     if (n_eff == 0)
         return;
-    /* V of this block is needed right after the scores: fetch it while they are computed */
-    att_stream_qk(NRB, st->q + r0 * st->q_stride, st->q_stride, d, kp, r0 == 0 ? vp : NULL,
-                  n_eff, s, part, f16);
+    (void)n;
+    att_stream_qk(NRB, st->q + r0 * st->q_stride, st->q_stride, d, kp, pf, n_eff, s, part, f16);
     for (int i = 0; i < NRB; i++)
         corr[i] = att_stream_softmax_row(s + i * ATT_KB, vis[i], n_eff, &st->m[r0 + i], &st->l[r0 + i]);
-    if (r0 == 0 && k_next) /* and the next block's keys while the values are folded in */
-        for (int j = 0; j < n_next; j++)
-            att_prefetch(k_next[j], d * (f16 ? 2 : 4));
-    att_stream_pv(NRB, st->acc + (size_t)r0 * d, d, s, corr, vp, n_eff, f16);
+    att_stream_pv(NRB, st->acc + (size_t)r0 * d, d, s, corr, vp, n_eff, pf, f16);
 }
 
+/* Fold a block of n <= ATT_KB keys into st; pf (may be NULL) is advanced while doing it. */
 RV_INLINE void att_stream_block(rv_attn_state *st, const void **kp, const void **vp, int n,
-                                const void *const *k_next, int n_next, const int *visible,
-                                int base, const int f16)
+                                att_pf *pf, const int *visible, int base, const int f16)
 {
     float *s = st->scratch;                                    /* ATT_RB x ATT_KB scores */
     float *part = s + ATT_RB * ATT_KB;                         /* ATT_RB x VW x VW, aligned */
@@ -350,17 +399,27 @@ RV_INLINE void att_stream_block(rv_attn_state *st, const void **kp, const void *
         kp[t] = kp[n - 1];
         vp[t] = vp[n - 1];
     }
-    for (int r0 = 0; r0 < st->rows; r0 += ATT_RB) {
+    for (int r0 = 0; r0 < st->rows; r0 += ATT_RB, pf = NULL) { /* prefetch in the first pass */
         int nrb = att_min(ATT_RB, st->rows - r0);
         for (int i = 0; i < nrb; i++)
             vis[i] = visible ? att_max(0, att_min(n, visible[r0 + i] - base)) : n;
         switch (nrb) {
-        case 4: att_stream_rows(4, st, r0, kp, vp, k_next, n_next, n, vis, s, part, corr, f16); break;
-        case 3: att_stream_rows(3, st, r0, kp, vp, k_next, n_next, n, vis, s, part, corr, f16); break;
-        case 2: att_stream_rows(2, st, r0, kp, vp, k_next, n_next, n, vis, s, part, corr, f16); break;
-        default: att_stream_rows(1, st, r0, kp, vp, k_next, n_next, n, vis, s, part, corr, f16); break;
+        case 4: att_stream_rows(4, st, r0, kp, vp, pf, n, vis, s, part, corr, f16); break;
+        case 3: att_stream_rows(3, st, r0, kp, vp, pf, n, vis, s, part, corr, f16); break;
+        case 2: att_stream_rows(2, st, r0, kp, vp, pf, n, vis, s, part, corr, f16); break;
+        default: att_stream_rows(1, st, r0, kp, vp, pf, n, vis, s, part, corr, f16); break;
         }
     }
+}
+
+RV_INLINE int att_visible_limit(const int *visible, int rows, int n)
+{
+    if (!visible)
+        return n;
+    int limit = 0;
+    for (int r = 0; r < rows; r++)
+        limit = att_max(limit, visible[r]);
+    return att_min(limit, n);
 }
 
 RV_INLINE void att_stream_spans(rv_attn_state *st, const rv_kv_span *spans, int nspans,
@@ -368,21 +427,68 @@ RV_INLINE void att_stream_spans(rv_attn_state *st, const rv_kv_span *spans, int 
 {
     const void *kp[2][ATT_KB + 16], *vp[2][ATT_KB + 16];
     att_cursor cur = {spans, nspans, 0, 0};
-    int limit = 0x7fffffff;     /* keys past every row's visible prefix are never read */
-    if (visible) {
-        limit = 0;
-        for (int r = 0; r < st->rows; r++)
-            limit = att_max(limit, visible[r]);
-    }
+    /* keys past every row's visible prefix are never read */
+    const int limit = att_visible_limit(visible, st->rows, 0x7fffffff);
     int base = 0, b = 0;
     int n = att_gather(&cur, att_min(ATT_KB, limit), f16, kp[b], vp[b]);
     while (n > 0) {
         int n_next = att_gather(&cur, att_min(ATT_KB, limit - base - n), f16, kp[b ^ 1], vp[b ^ 1]);
-        att_stream_block(st, kp[b], vp[b], n, n_next ? kp[b ^ 1] : NULL, n_next, visible, base, f16);
+        att_pf pf = {kp[b ^ 1], vp[b ^ 1], NULL, NULL, NULL, NULL, 0, 0, 0, 0, 1, n_next, 0, 0,
+                     (st->head_dim * (f16 ? 2 : 4) + 63) / 64};
+        att_stream_block(st, kp[b], vp[b], n, &pf, visible, base, f16);
         base += n;
         n = n_next;
         b ^= 1;
     }
+}
+
+/* Several KV heads of token-major storage at once (see attend_heads_* in rv_ops.h): blocks of
+ * ATT_HB tokens, every head per block, the next block prefetched in memory order. */
+#ifndef ATT_HB
+#define ATT_HB 64
+#endif
+RV_INLINE void att_stream_heads(rv_attn_state *states, int nh, const void *k, ptrdiff_t k_tok,
+                                ptrdiff_t k_head, const void *v, ptrdiff_t v_tok, ptrdiff_t v_head,
+                                int n, const int *visible, const int f16)
+{
+    const ptrdiff_t es = f16 ? 2 : 4;
+    const int row_bytes = (int)(states[0].head_dim * es);
+    const char *kc = (const char *)k, *vc = (const char *)v;
+    const void *kp[ATT_KB + 16], *vp[ATT_KB + 16];
+    if (nh <= 0)
+        return;
+    /* heads fill each token's stride: the next block is one contiguous range of memory */
+    const int dense = k_head * es == row_bytes && v_head * es == row_bytes &&
+                      k_tok == nh * k_head && v_tok == nh * v_head;
+    n = att_visible_limit(visible, states[0].rows, n);
+    for (int b = 0; b < n; b += ATT_HB) {
+        const int nb = att_min(ATT_HB, n - b), e = b + nb, nn = att_min(ATT_HB, n - e);
+        const char *kn = kc + e * k_tok * es, *vn = vc + e * v_tok * es;
+        att_pf pf = {NULL, NULL, kn, vn, dense ? kn + (ptrdiff_t)nn * k_tok * es : NULL,
+                     dense ? vn + (ptrdiff_t)nn * v_tok * es : NULL, k_tok * es, k_head * es,
+                     v_tok * es, v_head * es, nh, nn * nh, 0, 0, (row_bytes + 63) / 64};
+        for (int h = 0; h < nh; h++) {
+            for (int j = 0; j < nb; j++) {
+                kp[j] = kc + ((ptrdiff_t)(b + j) * k_tok + h * k_head) * es;
+                vp[j] = vc + ((ptrdiff_t)(b + j) * v_tok + h * v_head) * es;
+            }
+            att_stream_block(&states[h], kp, vp, nb, &pf, visible, b, f16);
+        }
+    }
+}
+
+static void attend_heads_f32(rv_attn_state *states, int num_heads, const float *k, ptrdiff_t k_tok,
+                             ptrdiff_t k_head, const float *v, ptrdiff_t v_tok, ptrdiff_t v_head,
+                             int n, const int *visible)
+{
+    att_stream_heads(states, num_heads, k, k_tok, k_head, v, v_tok, v_head, n, visible, 0);
+}
+
+static void attend_heads_f16(rv_attn_state *states, int num_heads, const uint16_t *k,
+                             ptrdiff_t k_tok, ptrdiff_t k_head, const uint16_t *v, ptrdiff_t v_tok,
+                             ptrdiff_t v_head, int n, const int *visible)
+{
+    att_stream_heads(states, num_heads, k, k_tok, k_head, v, v_tok, v_head, n, visible, 1);
 }
 
 static void attend_spans_f32(rv_attn_state *st, const rv_kv_span *spans, int nspans, const int *visible)
@@ -665,6 +771,8 @@ static void fill_attention_ops(rv_ops *ops)
     ops->attend_spans_f16 = attend_spans_f16;
     ops->attend_rows_f32 = attend_rows_f32;
     ops->attend_rows_f16 = attend_rows_f16;
+    ops->attend_heads_f32 = attend_heads_f32;
+    ops->attend_heads_f16 = attend_heads_f16;
 }
 
 #endif
