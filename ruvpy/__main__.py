@@ -35,6 +35,18 @@ def _byte_size(text):
     return int(number * units[unit])
 
 
+def _blas_threads(text):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 1, got {text!r}")
+    return value
+
+
 # -- generate -----------------------------------------------------------------------------
 def _runtime_options(args):
     options = {}
@@ -200,9 +212,9 @@ def build_parser():
     gen.add_argument("--max-tokens", type=int, default=None, metavar="N",
                      help="KV capacity in tokens")
     gen.add_argument("--threads", type=int, default=None, help="ruvpy kernel threads")
-    gen.add_argument("--blas-threads", type=int, default=None, metavar="N",
-                     help="numpy BLAS threads during the model's steps (1 is fastest on a "
-                          "machine whose cores are busy)")
+    gen.add_argument("--blas-threads", type=_blas_threads, default="auto", metavar="N",
+                     help="numpy BLAS threads during the model's steps: auto (default: one "
+                          "for decode steps), or a count for every step")
     gen.add_argument("--stats", action="store_true",
                      help="also print generation and runtime statistics as JSON")
 

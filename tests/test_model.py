@@ -233,6 +233,38 @@ def test_forward_rejects_bad_input_and_keeps_the_sequence(parts, reference):
     np.testing.assert_allclose(continued, fresh, atol=1e-3)
 
 
+def test_blas_threads_pinned_per_step_and_restored(model, monkeypatch):
+    from ruvpy.models.blas import find_blas
+
+    blas = find_blas()
+    if blas is None:
+        pytest.skip("numpy's BLAS here is not an OpenBLAS (blas_threads is a no-op)")
+    seen = []
+    run_step = model._run_step
+
+    def spy(*args):
+        seen.append(blas.get())
+        return run_step(*args)
+
+    monkeypatch.setattr(model, "_run_step", spy)
+    before = blas.get()
+    seq = model.new_sequence()
+    try:
+        model.blas_threads = "auto"
+        model.forward(seq, list(range(100, 100 + model.single_thread_tokens + 1)))
+        model.forward(seq, [5])
+        model.blas_threads = 1
+        model.forward(seq, list(range(200, 240)))
+    finally:
+        model.blas_threads = 1
+        model.remove_sequence(seq)
+    assert seen == [before, 1, 1]
+    assert blas.get() == before
+    for bad in (0, -2, 1.5, "two", True):
+        with pytest.raises(ValueError, match="blas_threads"):
+            model.blas_threads = bad
+
+
 # -- generation -----------------------------------------------------------------------------
 def test_generate_stops_at_end_of_generation(model, reference):
     period = reference["greedy_ids"][1]                  # " Paris" then "."

@@ -62,7 +62,7 @@ class LlamaModel:
     prefill_chunk = 512
 
     def __init__(self, config: ModelConfig, weights: LlamaWeights, tokenizer: GGUFTokenizer,
-                 runtime, *, path=None, blas_threads=None):
+                 runtime, *, path=None, blas_threads="auto"):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -134,28 +134,38 @@ class LlamaModel:
 
     @property
     def blas_threads(self):
-        """Threads numpy's OpenBLAS uses during this model's steps (None: as it is set).
-        1 keeps decode fast on a machine whose cores are busy (see ruvpy/models/blas.py)."""
+        """Threads of numpy's OpenBLAS during this model's steps: "auto" (default) uses one
+        thread for steps of at most `single_thread_tokens` tokens (memory-bound matvecs, where
+        a second thread gains ~25% on an idle machine but busy-waiting workers lose 5-10x on
+        busy cores) and leaves larger (prefill) steps alone; an int pins every step; None
+        never touches it. The previous count is restored after each step."""
         return self._blas_threads
 
     @blas_threads.setter
     def blas_threads(self, threads):
-        if threads is not None:
+        if threads is not None and threads != "auto":
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"blas_threads must be None or an int >= 1, got {threads!r}")
-            if self._blas is None:
-                self._blas = find_blas()
-            if self._blas is None:
+                raise ValueError(f"blas_threads must be 'auto', None or an int >= 1, got "
+                                 f"{threads!r}")
+        if threads is not None and self._blas is None:
+            self._blas = find_blas()
+            if self._blas is None and threads != "auto":
                 warnings.warn("ruvpy.models: numpy's BLAS is not an OpenBLAS ruvpy can find; "
                               "blas_threads has no effect", RuntimeWarning, stacklevel=2)
         self._blas_threads = threads
 
+    #: steps of at most this many tokens run on one BLAS thread under blas_threads="auto"
+    single_thread_tokens = 16
+
     def _step(self, seq, token_ids, last_only):
         ids = self._check_token_ids(token_ids)
-        if self._blas_threads is None or self._blas is None:
+        threads = self._blas_threads
+        if threads == "auto":
+            threads = 1 if len(ids) <= self.single_thread_tokens else None
+        if threads is None or self._blas is None:
             return self._run_step(seq, ids, last_only)
         previous = self._blas.get()
-        self._blas.set(self._blas_threads)
+        self._blas.set(threads)
         try:
             return self._run_step(seq, ids, last_only)
         finally:
