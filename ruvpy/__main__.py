@@ -36,14 +36,14 @@ def _byte_size(text):
 
 
 def _blas_threads(text):
-    if text == "auto":
-        return text
+    if text == "keep":
+        return None
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'keep', got {text!r}")
     return value
 
 
@@ -212,9 +212,10 @@ def build_parser():
     gen.add_argument("--max-tokens", type=int, default=None, metavar="N",
                      help="KV capacity in tokens")
     gen.add_argument("--threads", type=int, default=None, help="ruvpy kernel threads")
-    gen.add_argument("--blas-threads", type=_blas_threads, default="auto", metavar="N",
-                     help="numpy BLAS threads during the model's steps: auto (default: one "
-                          "for decode steps), or a count for every step")
+    gen.add_argument("--blas-threads", type=_blas_threads, default=1, metavar="N",
+                     help="numpy BLAS threads during the model's steps (default 1: more gain "
+                          "little on idle cores and lose much on busy ones; 'keep' leaves "
+                          "numpy's setting)")
     gen.add_argument("--stats", action="store_true",
                      help="also print generation and runtime statistics as JSON")
 

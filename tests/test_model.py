@@ -66,8 +66,7 @@ def parts():
 def _model(parts, kv_cache="paged", **options):
     config, weights, tokenizer = parts
     runtime = make_runtime(config, kv_cache=kv_cache, max_tokens=MAX_TOKENS, **options)
-    # one BLAS thread: the suite shares two cores with other work (see models/blas.py)
-    return LlamaModel(config, weights, tokenizer, runtime, path=MODEL_PATH, blas_threads=1)
+    return LlamaModel(config, weights, tokenizer, runtime, path=MODEL_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +213,7 @@ def test_forward_rejects_bad_input_and_keeps_the_sequence(parts, reference):
     ids = reference["prompt_ids"]
     small = dataclasses.replace(parts[0], context_length=len(ids) + 2)
     runtime = make_runtime(small, max_tokens=MAX_TOKENS, kv_dtype="float32")
-    with LlamaModel(small, parts[1], parts[2], runtime, blas_threads=1) as model:
+    with LlamaModel(small, parts[1], parts[2], runtime) as model:
         seq = model.new_sequence()
         model.forward(seq, ids[:3])
         with pytest.raises(ValueError, match="non-empty"):
@@ -250,16 +249,18 @@ def test_blas_threads_pinned_per_step_and_restored(model, monkeypatch):
     before = blas.get()
     seq = model.new_sequence()
     try:
-        model.blas_threads = "auto"
-        model.forward(seq, list(range(100, 100 + model.single_thread_tokens + 1)))
-        model.forward(seq, [5])
-        model.blas_threads = 1
-        model.forward(seq, list(range(200, 240)))
+        model.forward(seq, [5])                 # the fixture's blas_threads=1
+        model.blas_threads = None               # numpy's own setting
+        model.forward(seq, [6])
+        blas.set(1)
+        model.blas_threads = 2
+        model.forward(seq, [7])
+        assert blas.get() == 1
     finally:
+        blas.set(before)
         model.blas_threads = 1
         model.remove_sequence(seq)
-    assert seen == [before, 1, 1]
-    assert blas.get() == before
+    assert seen == [1, before, 2]
     for bad in (0, -2, 1.5, "two", True):
         with pytest.raises(ValueError, match="blas_threads"):
             model.blas_threads = bad
@@ -352,8 +353,7 @@ def _run_cli(*args):
 
 @needs_model
 def test_cli_generate_end_to_end(reference):
-    result = _run_cli("generate", reference["text"], "-n", "4", "--max-tokens", "256",
-                      "--blas-threads", "1")
+    result = _run_cli("generate", reference["text"], "-n", "4", "--max-tokens", "256")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(" Paris")
     assert "tok/s" in result.stderr and "Traceback" not in result.stderr

