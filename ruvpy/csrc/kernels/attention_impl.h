@@ -445,7 +445,7 @@ RV_INLINE void att_stream_spans(rv_attn_state *st, const rv_kv_span *spans, int 
 /* Several KV heads of token-major storage at once (see attend_heads_* in rv_ops.h): blocks of
  * ATT_HB tokens, every head per block, the next block prefetched in memory order. */
 #ifndef ATT_HB
-#define ATT_HB 64
+#define ATT_HB 32
 #endif
 RV_INLINE void att_stream_heads(rv_attn_state *states, int nh, const void *k, ptrdiff_t k_tok,
                                 ptrdiff_t k_head, const void *v, ptrdiff_t v_tok, ptrdiff_t v_head,
