@@ -354,6 +354,30 @@ def test_missing_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
         models.load(kv_cache="bogus")
 
 
+def _write_gguf(path, arch, **metadata):
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in metadata.items():
+        writer.add_uint32(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_load_rejects_files_it_cannot_run(tmp_path):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a GGUF file" * 8)
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        models.load(garbage)
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'"):
+        models.load(_write_gguf(tmp_path / "gpt2.gguf", "gpt2"))
+    with pytest.raises(ValueError, match="lacks the metadata key 'llama.embedding_length'"):
+        models.load(_write_gguf(tmp_path / "llama.gguf", "llama", **{"llama.block_count": 1}))
+
+
 def _run_cli(*args):
     return subprocess.run([sys.executable, "-m", "ruvpy", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=300, check=False)

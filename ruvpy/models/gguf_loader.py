@@ -35,7 +35,6 @@ class ModelConfig:
     vocab_size: int
     context_length: int
     rope_base: float
-    rope_dim: int          # leading dims of each head that RoPE rotates (== head_dim for Llama)
     rms_eps: float
     bos_id: int | None
     eos_id: int | None
@@ -117,7 +116,6 @@ def read_config(reader) -> ModelConfig:
         vocab_size=vocab,
         context_length=int(_required(reader, f"{arch}.context_length")),
         rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rope_dim=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
         rms_eps=float(_required(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
         bos_id=None if bos is None else int(bos),
         eos_id=None if eos is None else int(eos),
@@ -127,10 +125,13 @@ def read_config(reader) -> ModelConfig:
     if vocab != len(tokens) or tuple(int(s) for s in embd.shape) != (hidden, vocab):
         raise ValueError(f"GGUF vocabulary mismatch: {len(tokens)} tokens, vocab_size {vocab}, "
                          f"token_embd shape {list(embd.shape)}")
-    if heads % config.num_kv_heads or config.rope_dim > head_dim or config.rope_dim % 2:
+    if heads % config.num_kv_heads or head_dim % 2:
         raise ValueError(f"inconsistent attention shape in the GGUF file: {heads} heads, "
-                         f"{config.num_kv_heads} KV heads, head_dim {head_dim}, "
-                         f"rope dims {config.rope_dim}")
+                         f"{config.num_kv_heads} KV heads, head_dim {head_dim}")
+    rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"partial RoPE ({rope_dim} of {head_dim} dims per head) is not "
+                         f"supported")
     return config
 
 
@@ -195,4 +196,7 @@ def open_gguf(path):
     """A `gguf.GGUFReader` over `path` (memory-mapped, read-only)."""
     from gguf import GGUFReader
 
-    return GGUFReader(os.fspath(path), "r")
+    try:
+        return GGUFReader(os.fspath(path), "r")
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable GGUF file: {exc}") from exc

@@ -2,7 +2,7 @@
 
 numpy does the matmuls (float32 weights, see gguf_loader.py); every KV append and every attention
 goes through `Runtime.step(...).attention(layer, q, k, v)`. RoPE follows llama.cpp's "normal" mode:
-it rotates ADJACENT pairs (x[2i], x[2i+1]) by pos * base^(-2i/rope_dim); the GGUF converter has
+it rotates ADJACENT pairs (x[2i], x[2i+1]) by pos * base^(-2i/head_dim); the GGUF converter has
 already permuted the Q/K weights so that this pairing is right.
 """
 from __future__ import annotations
@@ -75,8 +75,8 @@ class LlamaModel:
         self._q_dim = c.num_heads * c.head_dim
         self._qk_heads = c.num_heads + c.num_kv_heads
         self._kv_dim = c.num_kv_heads * c.head_dim
-        # cos/sin of pos * base^(-2i/rope_dim) for every position of the context
-        inv_freq = c.rope_base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
+        # cos/sin of pos * base^(-2i/head_dim) for every position of the context
+        inv_freq = c.rope_base ** (-np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
         angles = np.outer(np.arange(c.context_length, dtype=np.float64), inv_freq)
         self._rope_cos = np.cos(angles).astype(np.float32)
         self._rope_sin = np.sin(angles).astype(np.float32)
@@ -165,7 +165,6 @@ class LlamaModel:
     def _run_step(self, seq, ids, last_only):
         c, w = self.config, self.weights
         n, q_dim, kv_dim, d = len(ids), self._q_dim, self._kv_dim, c.head_dim
-        half = c.rope_dim // 2
         with self.runtime.step([seq], [n]) as step, np.errstate(over="ignore"):
             positions = np.asarray(step.positions)
             if positions[-1] >= c.context_length:
@@ -179,11 +178,9 @@ class LlamaModel:
                 qkv = _rms_normalize(x, c.rms_eps) @ w.qkv[layer]
                 # RoPE on adjacent pairs of Q and K together (one view over both)
                 raw = qkv[:, :q_dim + kv_dim].reshape(n, self._qk_heads, d)
-                even, odd = raw[..., 0:c.rope_dim:2], raw[..., 1:c.rope_dim:2]
-                qk[..., 0:c.rope_dim:2] = even * cos - odd * sin
-                qk[..., 1:c.rope_dim:2] = even * sin + odd * cos
-                if half * 2 < d:
-                    qk[..., c.rope_dim:] = raw[..., c.rope_dim:]
+                even, odd = raw[..., 0::2], raw[..., 1::2]
+                qk[..., 0::2] = even * cos - odd * sin
+                qk[..., 1::2] = even * sin + odd * cos
                 q = np.ascontiguousarray(qk[:, :c.num_heads])
                 k = np.ascontiguousarray(qk[:, c.num_heads:])
                 v = np.ascontiguousarray(qkv[:, q_dim + kv_dim:]).reshape(n, c.num_kv_heads, d)
