@@ -28,6 +28,9 @@ import threading
 
 import numpy as np
 
+from ruvpy import _kvcache
+from ruvpy._kvcache import KVCacheFull
+
 __all__ = ["RuntimeConfig", "Runtime", "Step", "RuntimeStats", "SequenceFileError",
            "IncompleteStepError", "KV_CACHE_KINDS"]
 
@@ -88,12 +91,20 @@ class RuntimeConfig:
     KV cache: kv_cache "paged" (fp16/fp32 blocks), "two-tier" (recent hot_tokens in fp16,
     older tokens packed as cold "q8"/"q4") or "turbo" (two-tier with TurboQuant cold store of
     turbo_bits 2.5/3.5/4.5 bits per value). max_tokens: token capacity of the cache (all
-    sequences together, per layer); memory_budget: bytes the KV cache may use -- the capacity
-    becomes what fits in it (bytes_per_token of the cache type), capped by max_tokens when
-    both are given; neither: 8192 tokens. policy: when the cache is full, "error" raises
-    KVCacheFull before anything is written; "evict-oldest" drops the oldest cold groups
-    (two-tier/turbo only; the paged cache keeps every token). block_size: tokens per paged
-    block. group_size / migration_batch: cold quantisation group and hot-to-cold batch.
+    sequences together, per layer). memory_budget: bytes the KV cache may allocate (storage
+    and metadata) -- the capacity becomes what fits in it, capped by max_tokens when both are
+    given; neither: 8192 tokens. A paged cache preallocates it: budget less a metadata
+    allowance (1/64, 8 KiB..1 MiB) over its bytes_per_token. A two-tier cache also keeps an
+    fp16 hot tier per sequence: the budget reserves hot tiers for max_sequences sequences
+    (1 if None) and sizes the cold store at its worst-case bytes per token (q4 outlier
+    channels included); adding a sequence whose hot tier no longer fits raises KVCacheFull.
+    (A step appending more than hot_tokens + migration_batch tokens to one sequence holds
+    them in fp16 until it ends: chunk long prefills to stay inside a tight budget.)
+    max_sequences: live sequences at once (None: as many as fit). policy: when the cache is
+    full, "error" raises KVCacheFull before anything is written; "evict-oldest" drops the
+    oldest tokens (two-tier/turbo only; the paged cache keeps every token). block_size:
+    tokens per paged block. group_size / migration_batch: cold quantisation group and
+    hot-to-cold batch.
 
     Memory: arena_bytes for step-scoped buffers (step.alloc, attention outputs),
     scratch_bytes_per_thread, pool_buffers_per_class for the BufferPool. threads: kernel
@@ -109,6 +120,7 @@ class RuntimeConfig:
     kv_dtype: str = "float16"
     memory_budget: int | None = None
     threads: int | None = None
+    max_sequences: int | None = None
     block_size: int = 16
     hot_tokens: int = 256
     cold: str | None = None
@@ -131,6 +143,7 @@ class RuntimeConfig:
         _int_field("max_tokens", self.max_tokens, optional=True)
         _int_field("memory_budget", self.memory_budget, optional=True)
         _int_field("threads", self.threads, optional=True)
+        _int_field("max_sequences", self.max_sequences, optional=True)
         _int_field("block_size", self.block_size)
         _int_field("hot_tokens", self.hot_tokens)
         _int_field("group_size", self.group_size)
@@ -690,6 +703,28 @@ def _sequence_id(seq):
     return int(seq)
 
 
+def _worst_cold_bytes_per_token(cache_class, cfg, options):
+    """Bytes per token (all layers) of a cold group at its largest: a one-layer probe cache
+    migrates one group of keys/values whose every head has as many outlier channels as the
+    q4 format allows (channel ranges 1000 vs 1 for all but the lower half)."""
+    group = cfg.migration_batch
+    probe_options = dict(options, hot_tokens=0, policy="error")
+    probe = cache_class(1, cfg.num_kv_heads, cfg.head_dim, max_tokens=2 * group,
+                        **probe_options)
+    try:
+        seq = probe.add_sequence()
+        wide = (np.arange(cfg.head_dim) < (cfg.head_dim - 1) // 2).astype(np.float32)
+        ranges = 1.0 + 999.0 * wide
+        signs = np.where(np.arange(group) % 2, 1.0, -1.0).astype(np.float32)
+        kv = (signs[:, None, None] * ranges[None, None, :] *
+              np.ones((group, cfg.num_kv_heads, 1), np.float32))
+        probe.append(seq, 0, kv, kv)
+        cold = probe.stats().tiers.get("cold", {}).get("bytes", 0)
+        return cfg.num_layers * cold / group
+    finally:
+        probe.close()
+
+
 def _process_rss():
     import psutil
     return psutil.Process().memory_info().rss
@@ -712,7 +747,6 @@ class Runtime:
     def __init__(self, config):
         if not isinstance(config, RuntimeConfig):
             raise TypeError(f"Runtime needs a RuntimeConfig, got {type(config).__name__}")
-        from ruvpy import _kvcache
         from ruvpy._memory import MemoryManager
 
         self.config = cfg = config
@@ -722,9 +756,19 @@ class Runtime:
         options = cfg.cache_options()
         shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
         self.bytes_per_token = float(cache_class.bytes_per_token(*shape, **options))
+        # What a memory budget must hold per token (worst case) and per sequence (the fp16 hot
+        # tier of a two-tier cache); public, read-only by convention
+        self.budget_bytes_per_token = self.bytes_per_token
+        self.hot_tier_bytes = 0
+        if cfg.kv_cache != "paged":
+            self.hot_tier_bytes = int(cache_class.hot_tier_bytes(*shape, **options))
+            if cfg.memory_budget is not None:
+                self.budget_bytes_per_token = max(
+                    self.bytes_per_token, _worst_cold_bytes_per_token(cache_class, cfg, options))
         self._cache = self._make_cache(cache_class, shape, options)
         self.capacity_tokens = int(getattr(self._cache, "capacity_tokens", 0)) or \
             self._kv_capacity()
+        self.max_sequences = self._sequence_limit()
         self._memory = MemoryManager(cfg.arena_bytes, cfg.scratch_bytes_per_thread,
                                      pool_buffers_per_class=cfg.pool_buffers_per_class)
         self._positions = {}         # sequence id -> tokens ever appended (next position)
@@ -746,7 +790,7 @@ class Runtime:
             if excess <= 0:
                 return cache
             cache.close()
-            capacity -= max(1, math.ceil(excess / self.bytes_per_token))
+            capacity -= max(1, math.ceil(excess / self.budget_bytes_per_token))
             if cfg.kv_cache == "paged":
                 capacity -= capacity % cfg.block_size
             if capacity < 1:
@@ -754,26 +798,55 @@ class Runtime:
         raise ValueError(f"RuntimeConfig.memory_budget={cfg.memory_budget} bytes cannot hold a "
                          f"{cfg.kv_cache} KV cache of even one token with its metadata")
 
+    def _metadata_allowance(self):
+        return min(max(METADATA_ALLOWANCE_MIN, self.config.memory_budget // 64),
+                   METADATA_ALLOWANCE_MAX)
+
     def _kv_capacity(self):
         """Tokens the KV cache is built for: max_tokens, and what fits in the memory budget
-        less a metadata allowance (block tables, bookkeeping: 1/64 of it, 8 KiB..1 MiB)."""
+        less a metadata allowance (block tables, bookkeeping) and the reserved hot tiers."""
         cfg = self.config
         capacity = cfg.max_tokens
         if cfg.memory_budget is not None:
-            allowance = min(max(METADATA_ALLOWANCE_MIN, cfg.memory_budget // 64),
-                            METADATA_ALLOWANCE_MAX)
-            fitting = int(max(0, cfg.memory_budget - allowance) // self.bytes_per_token)
+            allowance = self._metadata_allowance()
+            hot = self.hot_tier_bytes * (cfg.max_sequences or 1)
+            fitting = int(max(0, cfg.memory_budget - allowance - hot) //
+                          self.budget_bytes_per_token)
             if cfg.kv_cache == "paged":
                 fitting -= fitting % cfg.block_size
             if fitting < 1:
-                raise ValueError(f"RuntimeConfig.memory_budget={cfg.memory_budget} bytes holds "
-                                 f"no token: one token of all {cfg.num_layers} layers costs "
-                                 f"{self.bytes_per_token:.0f} bytes in a {cfg.kv_cache} cache"
-                                 + (f" (blocks of {cfg.block_size})"
-                                    if cfg.kv_cache == "paged" else "")
-                                 + f", plus a {allowance}-byte metadata allowance")
+                raise ValueError(
+                    f"RuntimeConfig.memory_budget={cfg.memory_budget} bytes holds no token: one "
+                    f"token of all {cfg.num_layers} layers costs "
+                    f"{self.budget_bytes_per_token:.0f} bytes in a {cfg.kv_cache} cache"
+                    + (f" (blocks of {cfg.block_size})" if cfg.kv_cache == "paged" else
+                       f", after fp16 hot tiers of {hot} bytes for "
+                       f"{cfg.max_sequences or 1} sequence(s)")
+                    + f" and a {allowance}-byte metadata allowance")
             capacity = fitting if capacity is None else min(capacity, fitting)
         return DEFAULT_MAX_TOKENS if capacity is None else capacity
+
+    def _sequence_limit(self):
+        """Live sequences allowed at once: max_sequences, and for a two-tier cache under a
+        budget, as many hot tiers as the budget holds next to a full cold store."""
+        cfg = self.config
+        if cfg.memory_budget is None or not self.hot_tier_bytes:
+            return cfg.max_sequences
+        spare = (cfg.memory_budget - self._metadata_allowance() -
+                 self.capacity_tokens * self.budget_bytes_per_token)
+        fitting = max(1, int(spare // self.hot_tier_bytes))
+        return fitting if cfg.max_sequences is None else min(fitting, cfg.max_sequences)
+
+    def _check_room_for_sequence(self, action):
+        if self.max_sequences is not None and len(self._positions) >= self.max_sequences:
+            why = (f"max_sequences={self.config.max_sequences}"
+                   if self.config.max_sequences == self.max_sequences else
+                   f"memory_budget={self.config.memory_budget} bytes has room for the fp16 hot "
+                   f"tiers ({self.hot_tier_bytes} bytes each) of {self.max_sequences} "
+                   f"sequence(s) next to a full cold store; set RuntimeConfig.max_sequences "
+                   f"to plan for more")
+            raise KVCacheFull(f"{self.name}: cannot {action}: {len(self._positions)} sequences "
+                              f"are live and {why}")
 
     # -- state checks -----------------------------------------------------------------------
     def _check_open(self):
@@ -804,6 +877,7 @@ class Runtime:
     def add_sequence(self):
         """A new, empty sequence; returns its id."""
         self._check_no_step("add a sequence")
+        self._check_room_for_sequence("add a sequence")
         seq = self._cache.add_sequence()
         self._positions[seq] = 0
         return seq
@@ -813,6 +887,7 @@ class Runtime:
         one appends); returns its id."""
         self._check_no_step("fork a sequence")
         seq = self._known(seq)
+        self._check_room_for_sequence("fork a sequence")
         child = self._cache.fork(seq)
         self._positions[child] = self._positions[seq]
         return child
@@ -1028,6 +1103,7 @@ class Runtime:
         position, meta = header.get("position"), header.get("meta")
         if type(position) is not int or position < 0 or not isinstance(meta, dict):
             raise SequenceFileError(f"{path}: the header's position/meta are malformed")
+        self._check_room_for_sequence("load a sequence")
         try:
             seq = self._cache.import_sequence(meta, arrays)
         except (ValueError, TypeError, KeyError) as exc:

@@ -220,6 +220,10 @@ from ruvpy._kvcache import KVCacheFull  # noqa: E402
 KINDS = {
     "paged16": dict(kv_cache="paged"),
     "paged32": dict(kv_cache="paged", kv_dtype="float32", block_size=8),
+    "two-tier-q8": dict(kv_cache="two-tier", cold="q8", hot_tokens=16, group_size=16,
+                        migration_batch=16),
+    "two-tier-q4": dict(kv_cache="two-tier", cold="q4", hot_tokens=16, group_size=16,
+                        migration_batch=16),
 }
 
 
@@ -253,14 +257,17 @@ def random_qkv(rng, n, cfg=None):
     return q, k, v
 
 
-def run_step(rt, seqs, n_tokens, rng, *, layers=None):
-    """One full step with random q/k/v; returns ({layer: (q, out copy)}, positions)."""
+def run_step(rt, seqs, n_tokens, rng):
+    """One full step with random q/k/v; returns ({layer: (q, out copy, {seq: (k, v)})},
+    positions), with the K/V each sequence held when that layer attended (a two-tier cache
+    may requantize at commit, so the history read after the step can differ slightly)."""
     outputs = {}
     with rt.step(seqs, n_tokens) as step:
         positions = step.positions.copy()
-        for layer in range(rt.config.num_layers) if layers is None else layers:
+        for layer in range(rt.config.num_layers):
             q, k, v = random_qkv(rng, sum(n_tokens), rt.config)
-            outputs[layer] = (q, step.attention(layer, q, k, v).copy())
+            out = step.attention(layer, q, k, v).copy()
+            outputs[layer] = (q, out, {seq: rt.get_kv(seq, layer) for seq in seqs})
     return outputs, positions
 
 
@@ -326,8 +333,8 @@ def test_mixed_prefill_and_decode_step_matches_reference(kind, isa):
             rows = slice(offsets[i], offsets[i + 1])
             np.testing.assert_array_equal(
                 positions[rows], np.arange(rt.position(seq) - n_tokens[i], rt.position(seq)))
-            for layer, (q, out) in outputs.items():
-                k, v = rt.get_kv(seq, layer)
+            for layer, (q, out, seen) in outputs.items():
+                k, v = seen[seq]
                 expected = reference_attention(q[rows], k, v)
                 np.testing.assert_allclose(out[rows], expected, rtol=1e-4, atol=2e-5)
                 # ... and the functional kernel on the concatenated history
@@ -338,7 +345,7 @@ def test_mixed_prefill_and_decode_step_matches_reference(kind, isa):
 @settings(max_examples=12, deadline=None)
 @given(history=st.lists(st.integers(0, 40), min_size=1, max_size=4),
        new=st.lists(st.integers(1, 20), min_size=4, max_size=4),
-       kind=st.sampled_from(["paged16", "paged32"]), seed=st.integers(0, 2**16))
+       kind=st.sampled_from(["paged16", "two-tier-q4"]), seed=st.integers(0, 2**16))
 def test_any_mix_of_sequences_matches_reference(history, new, kind, seed):
     rng = np.random.default_rng(seed)
     with make_runtime(kind, num_layers=1) as rt:
@@ -349,17 +356,17 @@ def test_any_mix_of_sequences_matches_reference(history, new, kind, seed):
         n_tokens = new[:len(seqs)]
         order = list(reversed(seqs))      # step order need not be creation order
         outputs, _ = run_step(rt, order, n_tokens, rng)
-        q, out = outputs[0]
+        q, out, seen = outputs[0]
         start = 0
         for seq, n in zip(order, n_tokens):
-            k, v = rt.get_kv(seq, 0)
+            k, v = seen[seq]
             np.testing.assert_allclose(out[start:start + n],
                                        reference_attention(q[start:start + n], k, v),
                                        rtol=1e-4, atol=2e-5)
             start += n
 
 
-@pytest.mark.parametrize("kind", ["paged16", "paged32"])
+@pytest.mark.parametrize("kind", ["paged16", "two-tier-q4"])
 def test_exception_inside_a_step_rolls_every_sequence_back(kind):
     rng = np.random.default_rng(2)
     with make_runtime(kind) as rt:
@@ -505,9 +512,9 @@ def test_fork_and_remove():
         parent_kv = [rt.get_kv(parent, layer) for layer in range(3)]
         outputs, positions = run_step(rt, [child], [2], rng)
         np.testing.assert_array_equal(positions, [21, 22])
-        for layer, (q, out) in outputs.items():
+        for layer, (q, out, seen) in outputs.items():
             np.testing.assert_array_equal(rt.get_kv(parent, layer)[0], parent_kv[layer][0])
-            k, v = rt.get_kv(child, layer)
+            k, v = seen[child]
             assert len(k) == 23
             np.testing.assert_allclose(out, reference_attention(q, k, v), rtol=1e-4, atol=2e-5)
         rt.remove_sequence(parent)
@@ -527,13 +534,22 @@ def test_fork_and_remove():
 def test_memory_budget_sizes_the_cache(kind):
     budget = 300_000
     with make_runtime(kind, max_tokens=None, memory_budget=budget) as rt:
-        per_token = rt.bytes_per_token
-        assert per_token == type(rt.cache).bytes_per_token(3, 2, 16, **rt.config.cache_options())
-        assert rt.capacity_tokens * per_token <= budget
-        # what the budget left out is at most a block and the metadata allowance
-        block = rt.config.block_size if kind.startswith("paged") else 1
+        assert rt.bytes_per_token == \
+            type(rt.cache).bytes_per_token(3, 2, 16, **rt.config.cache_options())
+        # the budget holds: the token storage at its worst-case cost per token, one hot tier
+        # (two-tier) and the metadata allowance; what it leaves out is less than a block
+        per_token = rt.budget_bytes_per_token
+        assert per_token >= rt.bytes_per_token
+        if kind.startswith("paged"):
+            assert per_token == rt.bytes_per_token and rt.hot_tier_bytes == 0
+            block = rt.config.block_size
+        else:
+            assert rt.hot_tier_bytes == type(rt.cache).hot_tier_bytes(
+                3, 2, 16, **rt.config.cache_options())
+            block = 1
         allowance = max(rtmod.METADATA_ALLOWANCE_MIN, budget // 64)
-        assert (rt.capacity_tokens + block) * per_token > budget - allowance
+        storage = budget - allowance - rt.hot_tier_bytes
+        assert rt.capacity_tokens * per_token <= storage < (rt.capacity_tokens + block) * per_token
         assert rt.cache.nbytes <= budget
         stats = rt.stats()
         assert stats.budget_bytes == budget
@@ -543,6 +559,27 @@ def test_memory_budget_sizes_the_cache(kind):
         assert rt.capacity_tokens == 64
     with pytest.raises(ValueError, match="holds no token"):
         make_runtime(kind, memory_budget=10)
+
+
+def test_a_two_tier_budget_admits_the_hot_tiers_it_holds():
+    with make_runtime("two-tier-q4", max_tokens=None, memory_budget=300_000) as rt:
+        assert rt.max_sequences == 1
+        a = rt.add_sequence()
+        with pytest.raises(KVCacheFull, match="hot"):
+            rt.add_sequence()
+        with pytest.raises(KVCacheFull, match="hot"):
+            rt.fork_sequence(a)
+        assert rt.sequences == [a]
+    with make_runtime("two-tier-q4", max_tokens=None, memory_budget=300_000,
+                      max_sequences=3) as rt:
+        assert rt.max_sequences == 3
+        seqs = [rt.add_sequence() for _ in range(3)]
+        assert (rt.capacity_tokens * rt.budget_bytes_per_token + 3 * rt.hot_tier_bytes
+                <= 300_000)
+        with pytest.raises(KVCacheFull, match="max_sequences=3"):
+            rt.add_sequence()
+        rt.remove_sequence(seqs[0])
+        rt.add_sequence()
 
 
 def test_a_full_budget_raises_kvcachefull_and_changes_nothing():
@@ -559,6 +596,26 @@ def test_a_full_budget_raises_kvcachefull_and_changes_nothing():
         assert rt.cache.nbytes <= 60_000
         run_step(rt, [b], [16], rng)       # what fits still works: the last free block
         assert rt.position(a) == capacity - 16 and rt.position(b) == 16
+
+
+def test_evict_oldest_keeps_decoding_within_the_budget():
+    rng = np.random.default_rng(9)
+    budget = 120_000
+    with make_runtime("two-tier-q4", max_tokens=None, memory_budget=budget,
+                      policy="evict-oldest") as rt:
+        a = rt.add_sequence()
+        total = rt.capacity_tokens + 100
+        for n in [64] * (total // 64) + [1] * (total % 64):
+            outputs, _ = run_step(rt, [a], [n], rng)
+            assert rt.cache.nbytes <= budget
+        assert rt.position(a) == total
+        assert rt.seq_len(a) < total        # the oldest tokens went
+        # what remains is attended exactly: reference over the surviving K/V
+        outputs, positions = run_step(rt, [a], [1], rng)
+        assert positions[0] == total
+        for layer, (q, out, seen) in outputs.items():
+            k, v = seen[a]
+            np.testing.assert_allclose(out, reference_attention(q, k, v), rtol=1e-4, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -592,6 +649,19 @@ def test_save_load_round_trip(kind, tmp_path):
         assert rt.position(c) == 46 and rt.seq_len(c) == 46
 
 
+def test_quantized_tiers_stay_quantized_on_disk(tmp_path):
+    rng = np.random.default_rng(11)
+    sizes = {}
+    for kind in ("paged16", "two-tier-q4"):
+        with make_runtime(kind) as rt:
+            a = rt.add_sequence()
+            run_step(rt, [a], [256], rng)
+            rt.save_sequence(a, tmp_path / kind)
+            sizes[kind] = os.path.getsize(tmp_path / kind)
+    # q4 codes (+ scales) for 240 of 256 tokens: well under half of fp16
+    assert sizes["two-tier-q4"] < 0.5 * sizes["paged16"]
+
+
 def test_corrupt_truncated_or_mismatched_files_change_nothing(tmp_path):
     rng = np.random.default_rng(12)
     path = tmp_path / "seq.ruvkv"
@@ -613,7 +683,8 @@ def test_corrupt_truncated_or_mismatched_files_change_nothing(tmp_path):
             rt.load_sequence(tmp_path / "missing")
         for kind, changes, words in (("paged32", {}, "kv_dtype: file 'float16', runtime 'float32'"),
                                      ("paged16", {"head_dim": 8}, "head_dim"),
-                                     ("paged16", {"num_layers": 2}, "num_layers")):
+                                     ("paged16", {"num_layers": 2}, "num_layers"),
+                                     ("two-tier-q4", {}, "kv_cache")):
             with make_runtime(kind, **changes) as other:
                 other_before = snapshot(other)
                 with pytest.raises(SequenceFileError, match=words):
@@ -628,7 +699,7 @@ def test_corrupt_truncated_or_mismatched_files_change_nothing(tmp_path):
 # statistics and threads
 # ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["paged16", "paged32"])
+@pytest.mark.parametrize("kind", ["paged16", "two-tier-q4"])
 def test_stats_report_the_runtime(kind):
     rng = np.random.default_rng(13)
     with make_runtime(kind, memory_budget=500_000) as rt:

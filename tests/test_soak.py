@@ -17,7 +17,10 @@ MiB = 1 << 20
 @pytest.mark.parametrize("options", [
     # enough budget for every token of the soak
     dict(kv_cache="paged", memory_budget=2 * 1024 * 1024),
-], ids=["paged-fits"])
+    # a budget the soak overruns: the oldest cold groups are evicted as it goes
+    dict(kv_cache="two-tier", cold="q4", hot_tokens=64, group_size=32, migration_batch=32,
+         policy="evict-oldest", memory_budget=256 * 1024, max_sequences=3),
+], ids=["paged-fits", "two-tier-q4-evicting"])
 def test_decode_soak(options):
     cfg = RuntimeConfig(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                         arena_bytes=1 * MiB, **options)
@@ -46,7 +49,10 @@ def test_decode_soak(options):
             # a branch lives for 50 steps out of every 100; the side sequence restarts
             # every 700 (alloc/free churn in the cache)
             if i % 100 == 10:
-                branch = rt.fork_sequence(main)
+                # a two-tier fork counts the copy's tokens against max_tokens: in a cache the
+                # soak keeps full by eviction it would not fit, so there a branch is new
+                branch = rt.fork_sequence(main) if cfg.kv_cache == "paged" else \
+                    rt.add_sequence()
             elif i % 100 == 60:
                 rt.remove_sequence(branch)
                 branch = None
