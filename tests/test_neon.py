@@ -25,22 +25,24 @@ def cases(tmp_path_factory):
     return path, kh.write_cases(path)
 
 
-def _build(tmp_path_factory, target):
-    binary, diagnostics = target.build(tmp_path_factory.mktemp(target.name))
-    return target, binary, diagnostics
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """kernel_check for this machine and, where the tools exist, for aarch64; cached across
+    test sessions in pytest's temporary directory (keyed by a hash of sources and flags)."""
+    targets = [kh.native_target()] + [t for t in [kh.aarch64_target()] if t.available()]
+    return kh.build_targets(targets, tmp_path_factory.getbasetemp().parent / "ruvpy-kernel-check")
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    return _build(tmp_path_factory, kh.native_target())
+def native(builds):
+    return builds["native"]
 
 
 @pytest.fixture(scope="module")
-def aarch64(tmp_path_factory):
-    target = kh.aarch64_target()
-    if not target.available():
+def aarch64(builds):
+    if "aarch64" not in builds:
         pytest.skip("needs " + CROSS_TOOLS)
-    return _build(tmp_path_factory, target)
+    return builds["aarch64"]
 
 
 def _check(build, cases, isa, prefix=None):

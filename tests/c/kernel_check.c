@@ -13,7 +13,7 @@
  * Case file: a sequence of cases, little-endian. A case is
  *   "RVKC" u32 | str kernel | str label | u32 n_arrays | n_arrays x (str key | u32 dtype |
  *   u64 count | count elements)       with str = u32 length + bytes, dtype 0 f32, 1 u16, 2 i32,
- *                                       3 f64 (dtypes match the DT_* enum below)
+ *                                       3 f64, 4 u8 (the DT_* enum below)
  * Keys: inputs by name ("x", "q", ...), scalar parameters as 1-element f64 arrays ("alpha"),
  * and for each output NAME either "exact:NAME" (bits must match) or "expect:NAME" (f64) with
  * "tol:NAME" (f64, absolute tolerance per element; NaN expects NaN, inf expects the same inf).
@@ -43,8 +43,8 @@
 
 /* ---- case storage ---- */
 
-enum { DT_F32 = 0, DT_U16 = 1, DT_I32 = 2, DT_F64 = 3, DT_COUNT };
-static const size_t dt_size[DT_COUNT] = {4, 2, 4, 8};
+enum { DT_F32 = 0, DT_U16 = 1, DT_I32 = 2, DT_F64 = 3, DT_U8 = 4, DT_COUNT };
+static const size_t dt_size[DT_COUNT] = {4, 2, 4, 8, 1};
 
 typedef struct {
     char *key;
@@ -185,6 +185,7 @@ static const void *input(rv_case *c, const char *key, uint32_t dtype, size_t *co
 static const float *in_f32(rv_case *c, const char *key, size_t *n) { return input(c, key, DT_F32, n, 1); }
 static const uint16_t *in_u16(rv_case *c, const char *key, size_t *n) { return input(c, key, DT_U16, n, 1); }
 /* optional: NULL (and no error) when the case has no such array */
+static const uint8_t *in_u8(rv_case *c, const char *key, size_t *n) { return input(c, key, DT_U8, n, 1); }
 static const int32_t *in_i32_opt(rv_case *c, const char *key, size_t *n) { return input(c, key, DT_I32, n, 0); }
 
 /* a scalar parameter (1-element f64 array); 0 and an error if missing */
@@ -497,6 +498,75 @@ SPANS_RUNNER(attend_spans_f16, uint16_t, in_u16)
 ROWS_RUNNER(attend_rows_f32, float, in_f32)
 ROWS_RUNNER(attend_rows_f16, uint16_t, in_u16)
 
+/* attend_heads_*: num_heads states over token-major K/V (key j of head h at
+ * k + j*k_tok + h*k_head). Head h's query rows start at q + h*rows*q_stride; states sit one
+ * after another in (m, l, acc) and share one scratch, so out / lse list head 0's rows first. */
+#define HEADS_RUNNER(NAME, T_KV, IN_KV)                                                         \
+    static int run_##NAME(const rv_ops *ops, rv_case *c)                                        \
+    {                                                                                           \
+        size_t nq = 0, nk = 0, nv = 0, nvis = 0;                                                \
+        int rows = (int)param(c, "rows"), d = (int)param(c, "head_dim");                        \
+        int heads = (int)param(c, "num_heads"), n = (int)param(c, "n");                         \
+        ptrdiff_t qs = (ptrdiff_t)param(c, "q_stride");                                         \
+        ptrdiff_t kt = (ptrdiff_t)param(c, "k_tok"), kh = (ptrdiff_t)param(c, "k_head");        \
+        ptrdiff_t vt = (ptrdiff_t)param(c, "v_tok"), vh = (ptrdiff_t)param(c, "v_head");        \
+        const float *q = in_f32(c, "q", &nq);                                                   \
+        const T_KV *k = IN_KV(c, "k", &nk), *v = IN_KV(c, "v", &nv);                            \
+        const int32_t *visible = in_i32_opt(c, "visible", &nvis);                               \
+        state_bufs s;                                                                           \
+        rv_attn_state *st = output(c, "_states", DT_F64,                                        \
+                                   (size_t)heads * sizeof(rv_attn_state) / 8 + 1, 8);           \
+        if (c->error[0] || !q || !k || !v || !st || rows < 1 || d < 1 || heads < 1 || n < 1 ||  \
+            nq < (size_t)((heads * rows - 1) * qs + d) ||                                       \
+            nk < (size_t)((n - 1) * kt + (heads - 1) * kh + d) ||                               \
+            nv < (size_t)((n - 1) * vt + (heads - 1) * vh + d) ||                               \
+            (visible && nvis != (size_t)rows) || alloc_state(c, heads * rows, d, &s))           \
+            return fail(c, "%s: malformed case", #NAME);                                        \
+        for (int r = 0; r < heads * rows; r++)                                                  \
+            s.m[r] = -INFINITY;                                                                 \
+        for (int h = 0; h < heads; h++)                                                         \
+            st[h] = (rv_attn_state){rows, d, q + (ptrdiff_t)h * rows * qs, qs, s.m + h * rows,  \
+                                    s.l + h * rows, s.acc + (size_t)h * rows * d, s.scratch};   \
+        ops->NAME(st, heads, k, kt, kh, v, vt, vh, n, visible);                                 \
+        return report_state(c, heads * rows, d, s.m, s.l, s.acc);                               \
+    }
+HEADS_RUNNER(attend_heads_f32, float, in_f32)
+HEADS_RUNNER(attend_heads_f16, uint16_t, in_u16)
+
+/* dequant_rows_*: n rows of d codes (bits 8 or 4), row_bytes apart, into "out" (n x d) */
+static int run_dequant_rows_channel(const rv_ops *ops, rv_case *c)
+{
+    size_t nc = 0, ns = 0, nz = 0;
+    int n = (int)param(c, "n"), d = (int)param(c, "head_dim"), bits = (int)param(c, "bits");
+    ptrdiff_t rb = (ptrdiff_t)param(c, "row_bytes");
+    const uint8_t *codes = in_u8(c, "codes", &nc);
+    const float *scale = in_f32(c, "scale", &ns), *zero = in_f32(c, "zero", &nz);
+    float *out = out_f32(c, "out", (size_t)(n > 0 ? n : 0) * (d > 0 ? d : 0));
+    if (c->error[0] || !codes || !scale || !zero || !out || n < 1 || d < 1 || (bits != 8 && bits != 4) ||
+        ns != (size_t)d || nz != (size_t)d || nc < (size_t)((n - 1) * rb + (bits == 8 ? d : (d + 1) / 2)))
+        return fail(c, "%s: malformed case", "dequant_rows_channel");
+    ops->dequant_rows_channel(codes, rb, n, d, bits, scale, zero, out);
+    return 0;
+}
+
+static int run_dequant_rows_group(const rv_ops *ops, rv_case *c)
+{
+    size_t nc = 0, ns = 0, nz = 0;
+    int n = (int)param(c, "n"), d = (int)param(c, "head_dim"), bits = (int)param(c, "bits");
+    int group = (int)param(c, "group");
+    ptrdiff_t rb = (ptrdiff_t)param(c, "row_bytes"), ps = (ptrdiff_t)param(c, "param_stride");
+    const uint8_t *codes = in_u8(c, "codes", &nc);
+    const uint16_t *scale = in_u16(c, "scale", &ns), *zero = in_u16(c, "zero", &nz);
+    float *out = out_f32(c, "out", (size_t)(n > 0 ? n : 0) * (d > 0 ? d : 0));
+    int groups = group > 0 ? (d + group - 1) / group : 0;
+    if (c->error[0] || !codes || !scale || !zero || !out || n < 1 || d < 1 || group < 1 ||
+        (bits != 8 && bits != 4) || ps < groups || ns < (size_t)((n - 1) * ps + groups) ||
+        nz < (size_t)((n - 1) * ps + groups) || nc < (size_t)((n - 1) * rb + (bits == 8 ? d : (d + 1) / 2)))
+        return fail(c, "%s: malformed case", "dequant_rows_group");
+    ops->dequant_rows_group(codes, rb, n, d, bits, group, scale, zero, ps, out);
+    return 0;
+}
+
 static int run_attn_merge(const rv_ops *ops, rv_case *c)
 {
     int rows = (int)param(c, "rows"), d = (int)param(c, "head_dim");
@@ -543,6 +613,7 @@ static const runner runners[] = {
     RUNNER(f32_to_f16), RUNNER(f16_to_f32),
     RUNNER(attend_chunk_f32), RUNNER(attend_chunk_f16), RUNNER(attn_merge), RUNNER(attn_finalize),
     RUNNER(attend_spans_f32), RUNNER(attend_spans_f16), RUNNER(attend_rows_f32), RUNNER(attend_rows_f16),
+    RUNNER(dequant_rows_channel), RUNNER(dequant_rows_group), RUNNER(attend_heads_f32), RUNNER(attend_heads_f16),
 };
 #define N_RUNNERS (sizeof runners / sizeof runners[0])
 
@@ -554,6 +625,7 @@ static double element(const rv_array *a, size_t i)
     case DT_F32: return ((const float *)a->data)[i];
     case DT_U16: return ((const uint16_t *)a->data)[i];
     case DT_I32: return ((const int32_t *)a->data)[i];
+    case DT_U8: return ((const uint8_t *)a->data)[i];
     default: return ((const double *)a->data)[i];
     }
 }

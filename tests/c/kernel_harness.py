@@ -8,12 +8,16 @@ Adding a kernel: write its runner in kernel_check.c (see the comment there), the
 `cases_<name>(rng)` generator here yielding `(label, arrays)`; `write_cases` picks it up by name.
 """
 import ast
+import concurrent.futures
+import hashlib
+import json
 import os
 import re
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,34 +77,85 @@ class Target:
     def available(self):
         return shutil.which(self.cc) is not None and all(shutil.which(p) for p in self.run_prefix[:1])
 
-    def build(self, outdir):
-        """Compiles each source to an object (kernel files with their ISA's flags) and links.
-        Returns (binary, {source name: compiler stderr}) so callers can check for warnings."""
-        outdir = Path(outdir)
-        outdir.mkdir(parents=True, exist_ok=True)
+    def _compiles(self):
+        """(source, compile command without its output) for each object of kernel_check."""
         defines = [f"-DRUVPY_BUILD_{isa.upper()}=1" for isa in self.isas]
         sources = [(HERE / "kernel_check.c", []), (KERNELS / "rv_dispatch.c", [])]
         sources += [(KERNELS / f"ops_{isa}.c", ISA_FLAGS[isa]) for isa in self.isas]
-        objects, diagnostics = [], {}
-        for src, isa_flags in sources:
-            obj = outdir / (src.stem + ".o")
-            cmd = [self.cc, *base_cflags(), *isa_flags, *defines, f"-I{CSRC}", "-c", str(src), "-o", str(obj)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+        return [(src, [self.cc, *base_cflags(), *flags, *defines, f"-I{CSRC}", "-c", str(src)])
+                for src, flags in sources]
+
+    def build_key(self):
+        """Hash of everything the binary depends on: compiler, commands, and the sources and
+        headers each object includes (as the compiler's -MM lists them)."""
+        h = hashlib.sha256()
+        version = subprocess.run([self.cc, "--version"], capture_output=True, text=True).stdout
+        h.update(f"{self.name}|{shutil.which(self.cc)}|{version}|{self.link_flags}".encode())
+        deps = set()
+        for _, cmd in self._compiles():
+            h.update(repr(cmd).encode())
+            proc = subprocess.run([*cmd[:-2], "-MM", cmd[-1]], capture_output=True, text=True, check=True)
+            deps.update(proc.stdout.replace("\\\n", " ").split(":", 1)[1].split())
+        for path in sorted(deps):
+            h.update(path.encode() + Path(path).read_bytes())
+        return h.hexdigest()[:20]
+
+    def build(self, cache_root, pool):
+        """Builds kernel_check under cache_root, or reuses the build of identical sources and
+        flags (a build of every ISA's kernels takes a minute on a busy machine). Objects compile
+        in parallel on `pool` (a concurrent.futures executor), kernel files with their ISA's
+        flags. Returns a future of (binary, {source name: compiler stderr}) for warning checks."""
+        cache_root = Path(cache_root)
+        cache_root.mkdir(parents=True, exist_ok=True)
+        final = cache_root / f"{self.name}-{self.build_key()}"
+        if (final / "diagnostics.json").exists():
+            os.utime(final)     # recently used: kept by _prune
+            done = concurrent.futures.Future()
+            done.set_result((final / "kernel_check", json.loads((final / "diagnostics.json").read_text())))
+            return done
+        work = Path(tempfile.mkdtemp(dir=cache_root, prefix=f"{self.name}-building-"))
+        compiles = [(src, [*cmd, "-o", str(work / (src.stem + ".o"))]) for src, cmd in self._compiles()]
+        futures = [pool.submit(subprocess.run, cmd, capture_output=True, text=True) for _, cmd in compiles]
+        return pool.submit(self._link, work, final, compiles, futures)
+
+    def _link(self, work, final, compiles, futures):
+        diagnostics = {}
+        for (src, cmd), future in zip(compiles, futures):
+            proc = future.result()
             if proc.returncode:
                 raise RuntimeError(f"{self.name}: compiling {src.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
             diagnostics[src.name] = proc.stderr
-            objects.append(str(obj))
-        binary = outdir / "kernel_check"
-        cmd = [self.cc, *objects, "-o", str(binary), *self.link_flags, "-lm"]
+        cmd = [self.cc, *(cmd[-1] for _, cmd in compiles), "-o", str(work / "kernel_check"), *self.link_flags, "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{self.name}: linking failed:\n{' '.join(cmd)}\n{proc.stderr}")
-        return binary, diagnostics
+        (work / "diagnostics.json").write_text(json.dumps(diagnostics))
+        try:
+            work.rename(final)
+        except OSError:         # a concurrent session finished the same build first
+            shutil.rmtree(work, ignore_errors=True)
+        _prune(final.parent, self.name)
+        return final / "kernel_check", diagnostics
 
     def run(self, binary, cases, isa, prefix=None):
         cmd = [*(self.run_prefix if prefix is None else prefix), str(binary), str(cases), isa]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         return CheckResult(isa, proc)
+
+
+def _prune(cache_root, name, keep=4):
+    """Drops all but the newest `keep` builds of a target."""
+    builds = sorted(cache_root.glob(f"{name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in builds[keep:]:
+        if "-building-" not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def build_targets(targets, cache_root):
+    """{target name: (target, binary, diagnostics)} for every target, built concurrently."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2) + len(targets)) as pool:
+        futures = {t.name: (t, t.build(cache_root, pool)) for t in targets}
+        return {name: (t, *future.result()) for name, (t, future) in futures.items()}
 
 
 class CheckResult:
@@ -155,7 +210,7 @@ def runner_names(binary, target):
 # ---------------------------------------------------------------- case file
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2,
-                np.dtype(np.float64): 3}
+                np.dtype(np.float64): 3, np.dtype(np.uint8): 4}
 
 
 def _str(s):
@@ -549,6 +604,118 @@ def cases_attend_rows_f32(rng):
 
 def cases_attend_rows_f16(rng):
     return _rows_cases(rng, np.float16)
+
+
+HEADS_SHAPES = [  # (heads, rows, head_dim, keys, visible, dense token rows)
+    (1, 1, 64, 100, "all", True), (3, 4, 64, 200, "causal", False), (2, 3, 7, 65, "random", False),
+    (4, 1, 128, 300, "all", True), (3, 2, 17, 33, "causal", True), (9, 1, 1, 5, "all", False),
+    (2, 8, 100, 130, "random", True),
+]
+
+
+def _heads_cases(rng, kv_dtype):
+    """Several KV heads of token-major ("NHD") storage: dense (heads fill the token's row) or
+    with gaps between heads and tokens (NaN, never to be read)."""
+    for heads, rows, d, n, vis, dense in HEADS_SHAPES:
+        k_head = d if dense else d + 1
+        k_tok = heads * k_head + (0 if dense else 2)
+        v_head, v_tok = (d, heads * d) if dense else (d + 2, heads * (d + 2) + 1)
+        q_stride = d + 3
+        q = (rng.standard_normal((heads, rows, d)) / np.sqrt(d)).astype(np.float32)
+        k = rng.standard_normal((n, heads, d)).astype(kv_dtype)
+        v = rng.standard_normal((n, heads, d)).astype(kv_dtype)
+        visible = {"all": None, "causal": np.clip(n - rows + 1 + np.arange(rows), 0, n),
+                   "random": np.r_[0, rng.integers(0, n + 1, rows - 1)][:rows]}[vis]
+        q_store = np.full((heads * rows, q_stride), np.nan, np.float32)
+        q_store[:, :d] = q.reshape(heads * rows, d)
+        stores = []
+        for data, tok, head in ((k, k_tok, k_head), (v, v_tok, v_head)):
+            store = np.full(n * tok, np.nan, kv_dtype)
+            for h in range(heads):
+                store.reshape(n, tok)[:, h * head:h * head + d] = data[:, h]
+            stores.append(store[:(n - 1) * tok + (heads - 1) * head + d])
+        seen = np.full(rows, n) if visible is None else visible
+        refs = [attention_reference(q[h], k[:, h], v[:, h], seen) for h in range(heads)]
+        tols = [attention_tolerance(q[h], k[:, h], v[:, h], seen) for h in range(heads)]
+        arrays = {"rows": rows, "head_dim": d, "num_heads": heads, "n": n, "q_stride": q_stride,
+                  "k_tok": k_tok, "k_head": k_head, "v_tok": v_tok, "v_head": v_head,
+                  "q": q_store.reshape(-1)[:(heads * rows - 1) * q_stride + d], "k": stores[0], "v": stores[1],
+                  "expect:out": np.concatenate([r[0] for r in refs]), "tol:out": np.concatenate([t[0] for t in tols]),
+                  "expect:lse": np.concatenate([r[1] for r in refs]), "tol:lse": np.concatenate([t[1] for t in tols])}
+        if visible is not None:
+            arrays["visible"] = visible.astype(np.int32)
+        yield f"heads={heads} rows={rows} d={d} n={n} {vis}{' dense' if dense else ''}", arrays
+
+
+def cases_attend_heads_f32(rng):
+    return _heads_cases(rng, np.float32)
+
+
+def cases_attend_heads_f16(rng):
+    return _heads_cases(rng, np.float16)
+
+
+# ---------------------------------------------------------------- references: KV quantization
+
+QUANT_DIMS = [1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 64, 65, 128]
+
+
+def quant_rows(rng, n, d, bits, row_bytes):
+    """n rows of random codes in the cold-store layout (8-bit: a byte per channel; 4-bit:
+    byte j = channel j | channel j + ceil(d/2) << 4), padding bytes and the unused high nibble
+    of an odd d filled with junk. Returns (bytes trimmed after the last row's code, codes [n, d])."""
+    codes = rng.integers(0, 256 if bits == 8 else 16, (n, d))
+    rows = np.full((n, row_bytes), 0xA5, np.uint8)
+    if bits == 8:
+        width = d
+        rows[:, :d] = codes
+    else:
+        width = (d + 1) // 2
+        high = np.full((n, width), 15)
+        high[:, :d - width] = codes[:, width:]
+        rows[:, :width] = codes[:, :width] | high << 4
+    return rows.reshape(-1)[:(n - 1) * row_bytes + width], codes
+
+
+def _expect_affine(codes, scale, zero):
+    """scale * code + zero; a fused or unfused multiply-add rounds at most twice."""
+    prod = codes * scale
+    return {"expect:out": (prod + zero).reshape(-1), "tol:out": (F32_EPS * (np.abs(prod) + np.abs(zero))).reshape(-1) + 1e-45}
+
+
+def cases_dequant_rows_channel(rng):
+    for bits in (8, 4):
+        for d in QUANT_DIMS:
+            n, width = 3, d if bits == 8 else (d + 1) // 2
+            row_bytes = width + (d % 3) * 5
+            data, codes = quant_rows(rng, n, d, bits, row_bytes)
+            scale = rng.uniform(1e-3, 0.1, d).astype(np.float32)
+            zero = rng.standard_normal(d).astype(np.float32)
+            yield f"bits={bits} d={d}", {"n": n, "head_dim": d, "bits": bits, "row_bytes": row_bytes,
+                                         "codes": data, "scale": scale, "zero": zero,
+                                         **_expect_affine(codes, scale.astype(np.float64), zero.astype(np.float64))}
+
+
+def cases_dequant_rows_group(rng):
+    for bits in (8, 4):
+        for d, group in [(d, g) for d in QUANT_DIMS for g in (32, 7)] + [(64, 64), (16, 1), (130, 16)]:
+            n, width = 3, d if bits == 8 else (d + 1) // 2
+            row_bytes = width + (d % 2) * 3
+            data, codes = quant_rows(rng, n, d, bits, row_bytes)
+            groups = -(-d // group)
+            stride = groups + (d % 3)
+            scale = np.full((n, stride), np.nan, np.float16)   # gaps between tokens: never read
+            zero = np.full((n, stride), np.nan, np.float16)
+            scale[:, :groups] = rng.uniform(1e-3, 0.1, (n, groups))
+            zero[:, :groups] = rng.standard_normal((n, groups))
+            per_channel = np.arange(d) // group
+            s64 = scale[:, per_channel].astype(np.float64)
+            z64 = zero[:, per_channel].astype(np.float64)
+            used = (n - 1) * stride + groups
+            yield f"bits={bits} d={d} group={group}", {
+                "n": n, "head_dim": d, "bits": bits, "group": group, "row_bytes": row_bytes,
+                "param_stride": stride, "codes": data, "scale": scale.reshape(-1)[:used],
+                "zero": zero.reshape(-1)[:used], **_expect_affine(codes, s64, z64)}
 
 
 def _state(rng, rows, d, lse_offsets, empty):
