@@ -2,9 +2,9 @@
 
 Lengths run from 0 to ~5000 so every vector tail, the unrolled main loops and empty input are
 covered. fp16 conversion must be bit-exact with numpy's astype over all 65,536 halves, millions
-of random float32 bit patterns and every rounding edge. The attention building block of the
-kernel table has no Python entry point of its own; tests/test_neon.py checks it (and every
-other table entry) in C on every ISA, NEON included.
+of random float32 bit patterns and every rounding edge. The rest of the kernel table (the
+attention and dequantization kernels, which Python reaches only through ruvpy.attention and the
+KV caches) is checked entry by entry in C by tests/test_neon.py, on every ISA, NEON included.
 """
 import sys
 from pathlib import Path

@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -191,8 +192,9 @@ class CheckResult:
 
 
 def native_target():
+    """This machine's ISAs, compiled with the compiler Python's extensions use (as setup.py)."""
     from ruvpy._build_info import BUILD_INFO
-    return Target("native", os.environ.get("CC", "cc").split()[0], BUILD_INFO["isas"])
+    return Target("native", (sysconfig.get_config_var("CC") or "cc").split()[0], BUILD_INFO["isas"])
 
 
 def aarch64_target():
