@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from ruvpy import _kvcache
+from ruvpy import _kernels, _kvcache
 from ruvpy._kvcache import KVCacheFull
 
 __all__ = ["RuntimeConfig", "Runtime", "Step", "RuntimeStats", "SequenceFileError",
@@ -438,6 +438,9 @@ class RuntimeStats:
             ("KV in use", f"{kv['tokens']} tokens held ("
                           f"{100 * kv['tokens'] / max(1, kv['capacity_tokens']):.1f}% of "
                           f"capacity), {_human_bytes(kv['bytes_in_use'])} of token storage"),
+            ("KV details", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in kv.get("details", {}).items()
+                                     if k not in _DETAILS_SHOWN_ELSEWHERE) or "-"),
             ("KV budget", budget),
             ("arena", f"{_human_bytes(a['used'])} used of {_human_bytes(a['capacity'])}, "
                       f"high water {_human_bytes(a['high_water_mark'])}"),
@@ -465,6 +468,10 @@ class RuntimeStats:
 
     def __str__(self):
         return self.format()
+
+
+# cache stats fields that format() leaves out of "KV details" (shown elsewhere or shape)
+_DETAILS_SHOWN_ELSEWHERE = {"num_layers", "num_kv_heads", "head_dim", "tokens"}
 
 
 def _layer_runs(layers):
@@ -983,7 +990,6 @@ class Runtime:
             self._step_lock.release()
             raise
         if self.config.threads is not None:
-            from ruvpy import _kernels
             step._threads_before = _kernels.get_num_threads()
             _kernels.set_num_threads(self.config.threads)
         self._step = step
@@ -1021,7 +1027,6 @@ class Runtime:
             self._arena_fallbacks += step._fallbacks
             self._memory.arena.reset()
             if step._threads_before is not None:
-                from ruvpy import _kernels
                 _kernels.set_num_threads(step._threads_before)
             self._step = None
             self._step_lock.release()

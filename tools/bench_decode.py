@@ -242,23 +242,27 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="RuntimeConfig.threads for ruvpy's kernels (default: the process "
                              "setting)")
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="numpy's OpenBLAS threads during model steps (ruvpy.models' "
+                             "default: 1)")
     parser.add_argument("--no-model", action="store_true",
                         help="only the Runtime overhead (no model needed)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads is not None:
+        ruvpy.set_num_threads(args.threads)     # the direct cache calls run with them too
         for options in CACHES.values():
             options["threads"] = args.threads
     rng = np.random.default_rng(0)
     info = ruvpy.info()
-    results = {"isa": info["isa"], "threads": args.threads or info["threads"], "decode": [],
-               "overhead": []}
+    results = {"isa": info["isa"], "threads": args.threads or info["threads"],
+               "blas_threads": args.blas_threads, "decode": [], "overhead": []}
     shape = (30, 9, 3, 64)        # SmolLM2-135M: layers, heads, kv heads, head_dim
 
     if not args.no_model:
         from ruvpy import models
 
-        base = models.load(max_tokens=256)
+        base = models.load(max_tokens=256, blas_threads=args.blas_threads)
         shape = (base.config.num_layers, base.config.num_heads, base.config.num_kv_heads,
                  base.config.head_dim)
         try:
@@ -275,7 +279,8 @@ def main(argv=None):
             bench_runtime_overhead(shape, cache_name, min(args.contexts), args.overhead_repeats,
                                    rng))
 
-    print(f"ruvpy {ruvpy.__version__}, ISA {info['isa']}, {results['threads']} threads")
+    print(f"ruvpy {ruvpy.__version__}, ISA {info['isa']}, {results['threads']} ruvpy threads, "
+          f"{args.blas_threads} BLAS threads")
     if results["decode"]:
         print(_table(
             "\nSmolLM2-135M decode (median per token; ruvpy = attention + KV cache + step "
