@@ -221,6 +221,56 @@ RV_INLINE int att_gather(att_cursor *cur, int max, const int f16, const void **k
     return n;
 }
 
+/* ---- register tiles: acc[i][t], i < NI scalars broadcast, t < NT vectors ----
+ * The P.V of the streaming kernel and both products of the tiled kernel are such outer-product
+ * updates. Always inlined with constant NI / NT, so the tile lives in registers. */
+#define ATT_TI 8
+#define ATT_TT 4
+#if ATT_RB > ATT_TI || ATT_T_MR > ATT_TI || ATT_CB > ATT_TT || ATT_T_NR > ATT_TT
+#error "register tile too small"
+#endif
+
+/* acc = src (row i at src + i*rs, vector t at + t*RV_VW), times row_scale[i] and/or
+ * vec_scale[t] when given; src NULL: zeros */
+RV_INLINE void att_tile_load(const int NI, const int NT, rv_vf acc[ATT_TI][ATT_TT], const float *src,
+                             ptrdiff_t rs, const float *row_scale, const rv_vf *vec_scale)
+{
+#pragma GCC unroll 8
+    for (int i = 0; i < NI; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            rv_vf x = src ? rv_vf_load(src + i * rs + t * RV_VW) : rv_vf_zero();
+            if (row_scale)
+                x = rv_vf_mul(x, rv_vf_set1(row_scale[i]));
+            if (vec_scale)
+                x = rv_vf_mul(x, vec_scale[t]);
+            acc[i][t] = x;
+        }
+}
+
+/* acc[i][t] += b[i * bs] * x[t] */
+RV_INLINE void att_tile_fma(const int NI, const int NT, rv_vf acc[ATT_TI][ATT_TT], const float *b,
+                            ptrdiff_t bs, const rv_vf *x)
+{
+#pragma GCC unroll 8
+    for (int i = 0; i < NI; i++) {
+        rv_vf bi = rv_vf_set1(b[i * bs]);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            acc[i][t] = rv_vf_fmadd(bi, x[t], acc[i][t]);
+    }
+}
+
+RV_INLINE void att_tile_store(const int NI, const int NT, rv_vf acc[ATT_TI][ATT_TT], float *dst,
+                              ptrdiff_t rs)
+{
+#pragma GCC unroll 8
+    for (int i = 0; i < NI; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            rv_vf_store(dst + i * rs + t * RV_VW, acc[i][t]);
+}
+
 /* ======================= streaming kernel (few rows, many keys) ======================= */
 
 /* Scores of NRB rows (q, q_stride) against keys kp[0..n) into s (row stride ATT_KB).
@@ -289,33 +339,17 @@ RV_INLINE void att_stream_pv_block(const int NRB, const int NCB, float *acc, int
                                    const float *p, const float *corr, const void *const *vp,
                                    int n, att_pf *pf, const int f16)
 {
-    rv_vf a[ATT_RB][ATT_CB];
-#pragma GCC unroll 4
-    for (int i = 0; i < NRB; i++) {
-        rv_vf ci = rv_vf_set1(corr[i]);
-#pragma GCC unroll 4
-        for (int b = 0; b < NCB; b++)
-            a[i][b] = rv_vf_mul(rv_vf_load(acc + i * d + c0 + b * RV_VW), ci);
-    }
+    rv_vf a[ATT_TI][ATT_TT];
+    att_tile_load(NRB, NCB, a, acc + c0, d, corr, NULL);
     for (int j = 0; j < n; j++) {
-        rv_vf vv[ATT_CB];
+        rv_vf vv[ATT_TT];
         att_pf_v(pf);
 #pragma GCC unroll 4
         for (int b = 0; b < NCB; b++)
             vv[b] = att_load(vp[j], c0 + b * RV_VW, f16);
-#pragma GCC unroll 4
-        for (int i = 0; i < NRB; i++) {
-            rv_vf pi = rv_vf_set1(p[i * ATT_KB + j]);
-#pragma GCC unroll 4
-            for (int b = 0; b < NCB; b++)
-                a[i][b] = rv_vf_fmadd(pi, vv[b], a[i][b]);
-        }
+        att_tile_fma(NRB, NCB, a, p + j, ATT_KB, vv);
     }
-#pragma GCC unroll 4
-    for (int i = 0; i < NRB; i++)
-#pragma GCC unroll 4
-        for (int b = 0; b < NCB; b++)
-            rv_vf_store(acc + i * d + c0 + b * RV_VW, a[i][b]);
+    att_tile_store(NRB, NCB, a, acc + c0, d);
 }
 
 RV_INLINE void att_stream_pv(const int NRB, float *acc, int d, const float *p, const float *corr,
@@ -447,6 +481,9 @@ RV_INLINE void att_stream_spans(rv_attn_state *st, const rv_kv_span *spans, int 
 #ifndef ATT_HB
 #define ATT_HB 32
 #endif
+#ifndef ATT_PF_AHEAD
+#define ATT_PF_AHEAD 1
+#endif
 RV_INLINE void att_stream_heads(rv_attn_state *states, int nh, const void *k, ptrdiff_t k_tok,
                                 ptrdiff_t k_head, const void *v, ptrdiff_t v_tok, ptrdiff_t v_head,
                                 int n, const int *visible, const int f16)
@@ -462,7 +499,9 @@ RV_INLINE void att_stream_heads(rv_attn_state *states, int nh, const void *k, pt
                       k_tok == nh * k_head && v_tok == nh * v_head;
     n = att_visible_limit(visible, states[0].rows, n);
     for (int b = 0; b < n; b += ATT_HB) {
-        const int nb = att_min(ATT_HB, n - b), e = b + nb, nn = att_min(ATT_HB, n - e);
+        /* prefetch the block ATT_PF_AHEAD blocks on (the first ones come on demand) */
+        const int nb = att_min(ATT_HB, n - b), e = att_min(n, b + ATT_PF_AHEAD * ATT_HB),
+                  nn = att_max(0, att_min(ATT_HB, n - e));
         const char *kn = kc + e * k_tok * es, *vn = vc + e * v_tok * es;
         att_pf pf = {NULL, NULL, kn, vn, dense ? kn + (ptrdiff_t)nn * k_tok * es : NULL,
                      dense ? vn + (ptrdiff_t)nn * v_tok * es : NULL, k_tok * es, k_head * es,
@@ -555,66 +594,38 @@ static void attn_finalize(int rows, int head_dim, const float *l, const float *a
 RV_INLINE void att_tile_qk(const int MR, const int NR, int d, const float *Qt, const float *Kc,
                            int dp, float *St, int j0, int v0)
 {
-    rv_vf acc[ATT_T_MR][ATT_T_NR];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
-        for (int t = 0; t < NR; t++)
-            acc[i][t] = rv_vf_zero();
+    rv_vf acc[ATT_TI][ATT_TT];
+    att_tile_load(MR, NR, acc, NULL, 0, NULL, NULL);
     const float *qp = Qt + v0 * RV_VW;
     const float *kp = Kc + (size_t)j0 * dp;
     for (int c = 0; c < d; c++) {
-        rv_vf qv[ATT_T_NR];
+        rv_vf qv[ATT_TT];
 #pragma GCC unroll 4
         for (int t = 0; t < NR; t++)
             qv[t] = rv_vf_load(qp + (size_t)c * ATT_TR + t * RV_VW);
-#pragma GCC unroll 8
-        for (int i = 0; i < MR; i++) {
-            rv_vf kb = rv_vf_set1(kp[i * dp + c]);
-#pragma GCC unroll 4
-            for (int t = 0; t < NR; t++)
-                acc[i][t] = rv_vf_fmadd(kb, qv[t], acc[i][t]);
-        }
+        att_tile_fma(MR, NR, acc, kp + c, dp, qv);
     }
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
-        for (int t = 0; t < NR; t++)
-            rv_vf_store(St + (size_t)(j0 + i) * ATT_TR + v0 * RV_VW + t * RV_VW, acc[i][t]);
+    att_tile_store(MR, NR, acc, St + (size_t)j0 * ATT_TR + v0 * RV_VW, ATT_TR);
 }
 
 /* Ot[c0+i][v0..v0+NR) = Ot * corr + sum_j Vc[j][c0+i] * St[j][v0..]  for i < MC */
 RV_INLINE void att_tile_pv(const int MC, const int NR, int n, const float *St, const float *Vc,
                            int dp, float *Ot, const float *corr, int c0, int v0)
 {
-    rv_vf acc[ATT_T_MR][ATT_T_NR], cv[ATT_T_NR];
+    rv_vf acc[ATT_TI][ATT_TT], cv[ATT_TT];
+    float *op = Ot + (size_t)c0 * ATT_TR + v0 * RV_VW;
 #pragma GCC unroll 4
     for (int t = 0; t < NR; t++)
         cv[t] = rv_vf_load(corr + v0 * RV_VW + t * RV_VW);
-#pragma GCC unroll 8
-    for (int i = 0; i < MC; i++)
-#pragma GCC unroll 4
-        for (int t = 0; t < NR; t++)
-            acc[i][t] = rv_vf_mul(rv_vf_load(Ot + (size_t)(c0 + i) * ATT_TR + v0 * RV_VW + t * RV_VW), cv[t]);
-    const float *vp = Vc + c0;
+    att_tile_load(MC, NR, acc, op, ATT_TR, NULL, cv);
     for (int j = 0; j < n; j++) {
-        rv_vf pv[ATT_T_NR];
+        rv_vf pv[ATT_TT];
 #pragma GCC unroll 4
         for (int t = 0; t < NR; t++)
             pv[t] = rv_vf_load(St + (size_t)j * ATT_TR + v0 * RV_VW + t * RV_VW);
-#pragma GCC unroll 8
-        for (int i = 0; i < MC; i++) {
-            rv_vf vb = rv_vf_set1(vp[(size_t)j * dp + i]);
-#pragma GCC unroll 4
-            for (int t = 0; t < NR; t++)
-                acc[i][t] = rv_vf_fmadd(vb, pv[t], acc[i][t]);
-        }
+        att_tile_fma(MC, NR, acc, Vc + (size_t)j * dp + c0, 1, pv);
     }
-#pragma GCC unroll 8
-    for (int i = 0; i < MC; i++)
-#pragma GCC unroll 4
-        for (int t = 0; t < NR; t++)
-            rv_vf_store(Ot + (size_t)(c0 + i) * ATT_TR + v0 * RV_VW + t * RV_VW, acc[i][t]);
+    att_tile_store(MC, NR, acc, op, ATT_TR);
 }
 
 /* The NR-wide column of row vectors [v0, v0+nr) for every micro-tile of the key tile */
