@@ -770,3 +770,53 @@ def test_steps_from_two_python_threads_do_not_interleave():
         t.join()
         assert errors and "another step is open" in errors[0]
         assert rt.position(a) == 1
+
+
+def test_outputs_too_large_for_the_arena_fall_back_to_numpy_and_are_counted():
+    from ruvpy import ArenaExhausted
+    rng = np.random.default_rng(18)
+    with make_runtime(arena_bytes=4096) as rt:
+        a = rt.add_sequence()
+        with rt.step([a], [20]) as step:     # 20 x 4 x 16 float32 = 5 KiB per output
+            with pytest.raises(ArenaExhausted, match="requested"):
+                step.alloc((2048,))
+            small = step.alloc((16,))
+            for layer in range(3):
+                q, k, v = random_qkv(rng, 20)
+                out = step.attention(layer, q, k, v)
+                np.testing.assert_allclose(out, reference_attention(q, *rt.get_kv(a, layer)),
+                                           rtol=1e-4, atol=2e-5)
+            assert small.shape == (16,)
+        stats = rt.stats()
+        assert stats.arena_fallbacks == 3 and stats.steps == 1
+        assert stats.arena["used"] == 0 and stats.arena["capacity"] == 4096
+
+
+def test_runtimes_in_parallel_python_threads_stay_independent():
+    """Each thread drives its own Runtime (the kernels release the GIL): every step's
+    attention still equals the reference over that runtime's own K/V."""
+    failures = []
+
+    def worker(seed):
+        try:
+            rng = np.random.default_rng(seed)
+            with make_runtime("two-tier-q8" if seed % 2 else "paged16") as rt:
+                seqs = [rt.add_sequence(), rt.add_sequence()]
+                for _ in range(15):
+                    outputs, _ = run_step(rt, seqs, [int(rng.integers(1, 9)), 1], rng)
+                    q, out, seen = outputs[2]
+                    n = len(q) - 1
+                    np.testing.assert_allclose(out[:n], reference_attention(q[:n], *seen[seqs[0]]),
+                                               rtol=1e-4, atol=2e-5)
+                    np.testing.assert_allclose(out[n:], reference_attention(q[n:], *seen[seqs[1]]),
+                                               rtol=1e-4, atol=2e-5)
+                assert rt.position(seqs[1]) == 15
+        except BaseException as exc:       # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
