@@ -81,6 +81,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
         int open_txns
         size_t hot_bytes, cold_bytes, meta_bytes
         int64_t cold_groups
+        int64_t evicted
 
     ctypedef struct rv_tt_params:
         int num_layers, num_kv_heads, head_dim

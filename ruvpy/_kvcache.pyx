@@ -944,8 +944,8 @@ cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tok
     p.cold = _COLD_FORMATS[cold]
     p.group_size = _positive_int(group_size, "group_size")
     p.group_tokens = _positive_int(migration_batch, "migration_batch")
-    if p.group_tokens > 2**20:
-        raise ValueError(f"migration_batch must be at most 2**20, got {migration_batch}")
+    if p.group_tokens > 4096:
+        raise ValueError(f"migration_batch must be at most 4096 tokens, got {migration_batch}")
     p.max_tokens = 1 if max_tokens is None else max_tokens
     p.turbo_bits = float(turbo_bits)
     return 0
@@ -976,7 +976,6 @@ cdef class TwoTierKVCache(_KVCache):
     cdef readonly str cold
     cdef readonly str policy
     cdef readonly double turbo_bits
-    cdef readonly int64_t evicted_tokens
 
     def __init__(self, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                  group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5):
@@ -992,7 +991,6 @@ cdef class TwoTierKVCache(_KVCache):
         self.cold = cold
         self.policy = policy
         self.turbo_bits = p.turbo_bits
-        self.evicted_tokens = 0
         _check_status(rv_tt_create(&self.c, &p), "TwoTierKVCache")
         self._closed = False
 
@@ -1084,7 +1082,6 @@ cdef class TwoTierKVCache(_KVCache):
                 take = min(over, rv_tt_len(self.c, sl, bind))
                 if take > 0:
                     rv_tt_evict(self.c, sl, take)
-                    self.evicted_tokens += take
                     break
             else:
                 raise AssertionError("evict-oldest: nothing left to evict")   # unreachable
@@ -1165,7 +1162,7 @@ cdef class TwoTierKVCache(_KVCache):
             compression_ratio=(fp16_token * cold_token_layers / cold_bytes) if cold_bytes else 0.0,
             cold_bits_per_value=(8.0 * cold_bytes / (cold_token_layers * 2 * self.num_kv_heads *
                                                      self.head_dim)) if cold_token_layers else 0.0,
-            evicted_tokens=self.evicted_tokens)
+            evicted_tokens=self.c.evicted)
 
     cdef dict _config_fields(self):
         fields = {"kind": "two-tier", "num_layers": self.num_layers,

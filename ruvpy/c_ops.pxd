@@ -40,6 +40,9 @@ cdef extern from "kernels/rv_ops.h" nogil:
         float *m_out
         float *l_out
 
+    ctypedef struct rv_qhead "struct rv_qhead":
+        pass
+
     ctypedef struct rv_ops:
         const char *isa
         int lanes
@@ -75,6 +78,8 @@ cdef extern from "kernels/rv_ops.h" nogil:
         void (*attend_heads_f16)(rv_attn_state *states, int num_heads, const uint16_t *k,
                                  ptrdiff_t k_tok, ptrdiff_t k_head, const uint16_t *v, ptrdiff_t v_tok,
                                  ptrdiff_t v_head, int n, const int *visible) noexcept nogil
+        void (*attend_qgroup)(rv_attn_state *st, const rv_qhead *h, int a, int n,
+                              const int *visible, float *scratch) noexcept nogil
 
     enum:
         RV_ISA_COUNT

@@ -720,6 +720,72 @@ def cases_dequant_rows_group(rng):
                 "zero": zero.reshape(-1)[:used], **_expect_affine(codes, s64, z64)}
 
 
+QGROUP_SHAPES = [  # (bits, head_dim, G, group_size, rows, key outliers, value outliers, a, n, visible)
+    (4, 128, 64, 32, 4, 2, 1, 0, 64, "all"), (4, 64, 64, 32, 3, 0, 0, 10, 40, "causal"),
+    (8, 64, 32, 32, 4, 0, 0, 0, 32, "all"), (8, 40, 48, 8, 7, 0, 0, 5, 43, "causal"),
+    (4, 40, 16, 16, 6, 1, 2, 3, 13, "random"), (4, 17, 33, 7, 5, 1, 1, 0, 33, "random"),
+    (8, 3, 5, 2, 1, 0, 0, 1, 4, "all"), (4, 256, 64, 64, 9, 8, 8, 0, 64, "causal"),
+    (4, 1, 2, 1, 2, 1, 0, 1, 1, "all"),
+]
+
+
+def cases_attend_qgroup(rng):
+    """A quantized group head in the cold-store layout (keys channel-major, values token-major,
+    junk in padding bytes) against float64 attention over what its codes decode to."""
+    for bits, d, G, gs, rows, nk, nv, a, n, vis_kind in QGROUP_SHAPES:
+        levels = 255 if bits == 8 else 15
+        krow = (G if bits == 8 else (G + 1) // 2) + 3
+        vrow = (d if bits == 8 else (d + 1) // 2) + 1
+        kbytes, kc = quant_rows(rng, d, G, bits, krow)                 # kc [d][G]
+        vbytes, vc = quant_rows(rng, G, d, bits, vrow)                 # vc [G][d]
+        kscale = rng.uniform(1e-3, 1.5 / levels, d).astype(np.float32)
+        kzero = (rng.standard_normal(d) * 0.5).astype(np.float32)
+        ng = -(-d // gs)
+        vscale = rng.uniform(1e-3, 1.5 / levels, (G, ng)).astype(np.float32)
+        vzero = (rng.standard_normal((G, ng)) * 0.5).astype(np.float32)
+        kidx = np.sort(rng.choice(d, nk, replace=False)).astype(np.uint8)
+        vidx = np.sort(rng.choice(d, nv, replace=False)).astype(np.uint8)
+        k8 = rng.integers(0, 256, (nk, G)).astype(np.uint8)
+        v8 = rng.integers(0, 256, (G, nv)).astype(np.uint8)
+        voscale = rng.uniform(1e-3, 0.02, nv).astype(np.float32)
+        vozero = rng.standard_normal(nv).astype(np.float32)
+        ks64, kz64 = kscale.astype(np.float64), kzero.astype(np.float64)
+        kcode = kc.T.astype(np.float64)                                # [G][d]
+        kcode[:, kidx] = k8.T
+        k_prod = kcode * ks64
+        keys, keys_abs = k_prod + kz64, np.abs(k_prod) + np.abs(kz64)
+        per_channel = np.arange(d) // gs
+        v_prod = vc * vscale[:, per_channel].astype(np.float64)
+        vz64 = vzero[:, per_channel].astype(np.float64)
+        values, values_abs = v_prod + vz64, np.abs(v_prod) + np.abs(vz64)
+        o_prod = v8 * voscale.astype(np.float64)
+        values[:, vidx] += o_prod + vozero
+        values_abs[:, vidx] += np.abs(o_prod) + np.abs(vozero.astype(np.float64))
+        q = (rng.standard_normal((rows, d)) * 2.0 / np.sqrt(d)).astype(np.float32)
+        if vis_kind == "all":
+            visible = None
+        elif vis_kind == "causal":
+            visible = np.clip(n - rows + 1 + np.arange(rows), 0, n).astype(np.int32)
+        else:
+            visible = rng.integers(0, n + 1, rows).astype(np.int32)
+            visible[0], visible[-1] = 0, n
+        vis = np.full(rows, n) if visible is None else visible
+        out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
+        # the kernel sums (q * scale) . code and q . zero apart: bound by |terms|, not |key|
+        tol_out, tol_lse = attention_tolerance(q, keys_abs[a:a + n], values_abs[a:a + n], vis)
+        arrays = {"rows": rows, "head_dim": d, "G": G, "bits": bits, "group_size": gs, "a": a, "n": n,
+                  "krow": krow, "vrow": vrow, "q": q, "kcodes": kbytes, "kscale": kscale, "kzero": kzero,
+                  "vcodes": vbytes, "vscale": vscale, "vzero": vzero,
+                  "expect:out": out, "tol:out": 2 * tol_out, "expect:lse": lse, "tol:lse": 2 * tol_lse}
+        if nk:
+            arrays.update(kidx=kidx, kcodes8=k8)
+        if nv:
+            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vcodes8=v8)
+        if visible is not None:
+            arrays["visible"] = visible
+        yield f"bits={bits} d={d} G={G} group={gs} rows={rows} outliers={nk}/{nv} tokens={a}+{n} {vis_kind}", arrays
+
+
 def _state(rng, rows, d, lse_offsets, empty):
     """A float32 online-softmax state (m, l, acc) per row; rows in `empty` saw no key."""
     m = (rng.standard_normal(rows) + lse_offsets).astype(np.float32)

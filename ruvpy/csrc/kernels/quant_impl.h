@@ -1,16 +1,24 @@
 /* KV-cache quantization kernels (see the "KV quantization" section of rv_ops.h), written once
- * against rv_simd.h and compiled per ISA. Included only by ops_<isa>.c.
+ * against rv_simd.h and compiled per ISA. Included only by ops_<isa>.c, after
+ * attention_impl.h (the fused kernel reuses its online-softmax row update).
  *
- * Code layout shared with csrc/kvcache/rv_twotier.c: a row of d codes is either d bytes
- * (8-bit) or ceil(d/2) bytes (4-bit), where byte j holds channel j in its low nibble and
- * channel j + ceil(d/2) in its high nibble -- so one vector of bytes unpacks to two vectors of
- * consecutive channels. */
+ * Code layouts (shared with csrc/kvcache/rv_coldq.c):
+ *  - a 4-bit row of n codes is ceil(n/2) bytes: byte j holds code j in its low nibble and code
+ *    j + ceil(n/2) in its high nibble, so one vector of bytes unpacks into two vectors of
+ *    consecutive codes; an 8-bit row is n bytes.
+ *  - keys are channel-major inside a group (a row per channel holding the group's tokens),
+ *    so query . key scores come out RV_VW tokens per vector with no horizontal sums;
+ *  - values are token-major (a row per token holding its channels), quantized per token in
+ *    channel groups. */
 #ifndef RV_QUANT_IMPL_H
 #define RV_QUANT_IMPL_H
 
 #include <string.h>
 #include "rv_simd.h"
 #include "kernels/rv_ops.h"
+#include "kernels/basic_impl.h"
+#include "kernels/attention_impl.h"
+#include "kvcache/rv_coldq.h"
 
 /* ---- RV_VW unsigned bytes as floats: whole bytes, low nibbles, high nibbles ---- */
 #if defined(RV_ISA_AVX512)
@@ -39,18 +47,27 @@ RV_INLINE rv_vf qk_lo4(const uint8_t *p) { return (float)(p[0] & 15); }
 RV_INLINE rv_vf qk_hi4(const uint8_t *p) { return (float)(p[0] >> 4); }
 #endif
 
-/* out[c] = code of channel c, c < d, for one row (8 or 4 bits) */
-RV_INLINE void qk_unpack_row(const uint8_t *row, int d, int bits, float *out)
+/* code i of a row of n codes (4 or 8 bits) */
+RV_INLINE float qk_code(const uint8_t *row, int i, int n, int bits)
+{
+    if (bits == 8)
+        return (float)row[i];
+    int half = (n + 1) / 2;
+    return (float)(i < half ? row[i] & 15 : row[i - half] >> 4);
+}
+
+/* out[i] = code i of a row of n codes */
+RV_INLINE void qk_unpack_row(const uint8_t *row, int n, int bits, float *out)
 {
     int j = 0;
     if (bits == 8) {
-        for (; j + RV_VW <= d; j += RV_VW)
+        for (; j + RV_VW <= n; j += RV_VW)
             rv_vf_store(out + j, qk_u8(row + j));
-        for (; j < d; j++)
+        for (; j < n; j++)
             out[j] = (float)row[j];
         return;
     }
-    const int half = (d + 1) / 2, hi_n = d - half;      /* hi_n <= half */
+    const int half = (n + 1) / 2, hi_n = n - half;      /* hi_n <= half */
     for (; j + RV_VW <= hi_n; j += RV_VW) {
         rv_vf_store(out + j, qk_lo4(row + j));
         rv_vf_store(out + half + j, qk_hi4(row + j));
@@ -61,7 +78,7 @@ RV_INLINE void qk_unpack_row(const uint8_t *row, int d, int bits, float *out)
         out[half + i] = (float)(row[i] >> 4);
 }
 
-/* Keys: per-channel parameters. out[t][c] = scale[c] * code[t][c] + zero[c]. */
+/* Token-major rows with per-channel parameters: out[t][c] = scale[c] * code[t][c] + zero[c]. */
 static void dequant_rows_channel(const uint8_t *codes, ptrdiff_t row_bytes, int n, int d, int bits,
                                  const float *scale, const float *zero, float *out)
 {
@@ -76,9 +93,9 @@ static void dequant_rows_channel(const uint8_t *codes, ptrdiff_t row_bytes, int 
     }
 }
 
-/* Values: per-token parameters for channel groups of `group` (the last may be shorter):
- * out[t][c] = scale[t][c / group] * code[t][c] + zero[t][c / group], parameters binary16,
- * param_stride elements between tokens. */
+/* Values: token-major rows with per-token binary16 parameters for channel groups of `group`
+ * (the last may be shorter): out[t][c] = scale[t][c / group] * code[t][c] + zero[t][c / group],
+ * param_stride elements from token to token. */
 static void dequant_rows_group(const uint8_t *codes, ptrdiff_t row_bytes, int n, int d, int bits,
                                int group, const uint16_t *scale, const uint16_t *zero,
                                ptrdiff_t param_stride, float *out)
@@ -100,10 +117,243 @@ static void dequant_rows_group(const uint8_t *codes, ptrdiff_t row_bytes, int n,
     }
 }
 
+/* ---- the fused kernel: attention straight out of a quantized group ---- */
+
+#define QK_NR RV_QATTN_ROWS      /* query rows per register block */
+
+/* s[r][t], t < G, = bias[r] + sum_c qs[r][c] code_c(t) for rows [0, NR), from channel-major
+ * key codes. */
+RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs, const float *bias,
+                         float *s, int s_stride)
+{
+    const int G = h->G, d = h->head_dim;
+    int j = 0, lo_end, hi_start;
+    if (h->bits == 4) {
+        const int half = (G + 1) / 2, hi_n = G - half;
+        for (; j + RV_VW <= hi_n; j += RV_VW) {
+            rv_vf lo[QK_NR], hi[QK_NR];
+            for (int r = 0; r < NR; r++)
+                lo[r] = hi[r] = rv_vf_set1(bias[r]);
+            for (int c = 0; c < d; c++) {
+                const uint8_t *b = h->kcodes + c * h->krow + j;
+                rv_vf xl = qk_lo4(b), xh = qk_hi4(b);
+                for (int r = 0; r < NR; r++) {
+                    rv_vf w = rv_vf_set1(qs[r * d + c]);
+                    lo[r] = rv_vf_fmadd(w, xl, lo[r]);
+                    hi[r] = rv_vf_fmadd(w, xh, hi[r]);
+                }
+            }
+            for (int r = 0; r < NR; r++) {
+                rv_vf_store(s + r * s_stride + j, lo[r]);
+                rv_vf_store(s + r * s_stride + half + j, hi[r]);
+            }
+        }
+        lo_end = half;
+        hi_start = half + j;
+    } else {
+        for (; j + RV_VW <= G; j += RV_VW) {
+            rv_vf acc[QK_NR];
+            for (int r = 0; r < NR; r++)
+                acc[r] = rv_vf_set1(bias[r]);
+            for (int c = 0; c < d; c++) {
+                rv_vf x = qk_u8(h->kcodes + c * h->krow + j);
+                for (int r = 0; r < NR; r++)
+                    acc[r] = rv_vf_fmadd(rv_vf_set1(qs[r * d + c]), x, acc[r]);
+            }
+            for (int r = 0; r < NR; r++)
+                rv_vf_store(s + r * s_stride + j, acc[r]);
+        }
+        lo_end = G;
+        hi_start = G;
+    }
+    /* tokens the vectors did not cover: [j, lo_end) and [hi_start, G) */
+    for (int t = j; t < G; t++) {
+        if (t == lo_end)
+            t = hi_start;
+        if (t >= G)
+            break;
+        for (int r = 0; r < NR; r++) {
+            float acc = bias[r];
+            for (int c = 0; c < d; c++)
+                acc += qs[r * d + c] * qk_code(h->kcodes + c * h->krow, t, G, h->bits);
+            s[r * s_stride + t] = acc;
+        }
+    }
+}
+
+/* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1, values dequantized in
+ * registers (token-major codes, per-token channel-group parameters as floats). */
+RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, const float *w,
+                         int w_stride, float *acc)
+{
+    const int d = h->head_dim, gs = h->group_size, ng = (d + gs - 1) / gs;
+    const float *vs = h->vscale, *vz = h->vzero;
+    if (h->bits == 4) {
+        const int half = (d + 1) / 2, hi_n = d - half;
+        int covered_lo = 0, covered_hi_from = half;   /* the vector loop did [0, covered_lo) and
+                                                         [half, covered_hi_from) */
+        if (gs % RV_VW == 0 && half % RV_VW == 0) {
+            int j = 0;
+            for (; j + RV_VW <= hi_n; j += RV_VW) {
+                const int gl = j / gs, gh = (half + j) / gs;
+                rv_vf al[QK_NR], ah[QK_NR];
+                for (int r = 0; r < NR; r++) {
+                    al[r] = rv_vf_load(acc + r * d + j);
+                    ah[r] = rv_vf_load(acc + r * d + half + j);
+                }
+                for (int t = 0; t < n; t++) {
+                    const int tok = a + t;
+                    const uint8_t *b = h->vcodes + tok * h->vrow + j;
+                    const float *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
+                    rv_vf xl = rv_vf_fmadd(qk_lo4(b), rv_vf_set1(ps[gl]), rv_vf_set1(pz[gl]));
+                    rv_vf xh = rv_vf_fmadd(qk_hi4(b), rv_vf_set1(ps[gh]), rv_vf_set1(pz[gh]));
+                    for (int r = 0; r < NR; r++) {
+                        rv_vf p = rv_vf_set1(w[r * w_stride + t]);
+                        al[r] = rv_vf_fmadd(p, xl, al[r]);
+                        ah[r] = rv_vf_fmadd(p, xh, ah[r]);
+                    }
+                }
+                for (int r = 0; r < NR; r++) {
+                    rv_vf_store(acc + r * d + j, al[r]);
+                    rv_vf_store(acc + r * d + half + j, ah[r]);
+                }
+            }
+            covered_lo = j;
+            covered_hi_from = half + j;
+        }
+        /* channels [covered_lo, half) and [covered_hi_from, d): one at a time */
+        for (int c = 0; c < d; c++) {
+            if ((c < half && c < covered_lo) || (c >= half && c < covered_hi_from))
+                continue;
+            const int gi = c / gs;
+            for (int r = 0; r < NR; r++) {
+                float sum = 0.0f;
+                for (int t = 0; t < n; t++) {
+                    const int tok = a + t;
+                    float x = qk_code(h->vcodes + tok * h->vrow, c, d, 4) * vs[(size_t)tok * ng + gi] +
+                              vz[(size_t)tok * ng + gi];
+                    sum += w[r * w_stride + t] * x;
+                }
+                acc[r * d + c] += sum;
+            }
+        }
+        return;
+    }
+    int j = 0;
+    if (gs % RV_VW == 0) {
+        for (; j + RV_VW <= d; j += RV_VW) {
+            const int g = j / gs;
+            rv_vf av[QK_NR];
+            for (int r = 0; r < NR; r++)
+                av[r] = rv_vf_load(acc + r * d + j);
+            for (int t = 0; t < n; t++) {
+                const int tok = a + t;
+                rv_vf x = rv_vf_fmadd(qk_u8(h->vcodes + tok * h->vrow + j), rv_vf_set1(vs[(size_t)tok * ng + g]),
+                                      rv_vf_set1(vz[(size_t)tok * ng + g]));
+                for (int r = 0; r < NR; r++)
+                    av[r] = rv_vf_fmadd(rv_vf_set1(w[r * w_stride + t]), x, av[r]);
+            }
+            for (int r = 0; r < NR; r++)
+                rv_vf_store(acc + r * d + j, av[r]);
+        }
+    }
+    for (int c = j; c < d; c++) {
+        const int gi = c / gs;
+        for (int r = 0; r < NR; r++) {
+            float sum = 0.0f;
+            for (int t = 0; t < n; t++) {
+                const int tok = a + t;
+                sum += w[r * w_stride + t] * ((float)h->vcodes[tok * h->vrow + c] * vs[(size_t)tok * ng + gi] +
+                                              vz[(size_t)tok * ng + gi]);
+            }
+            acc[r * d + c] += sum;
+        }
+    }
+}
+
+RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_qhead *h, int a, int n,
+                       const int *visible, float *scratch)
+{
+    const int d = h->head_dim, G = h->G;
+    const int s_stride = (G + 2 * RV_VW - 1) / RV_VW * RV_VW;   /* room for the softmax padding */
+    float *s = scratch, *qs = s + (size_t)QK_NR * s_stride, *qo = qs + (size_t)QK_NR * d;
+    float bias[QK_NR], corr[QK_NR];
+    int vis[QK_NR], n_eff = 0;
+    for (int r = 0; r < NR; r++) {
+        vis[r] = visible ? (visible[r0 + r] < n ? visible[r0 + r] : n) : n;
+        n_eff = vis[r] > n_eff ? vis[r] : n_eff;
+    }
+    if (n_eff <= 0)
+        return;
+    /* q . (scale * code + zero) = (q * scale) . code + q . zero: scale the queries once per
+     * group; outlier channels get their own 8-bit codes, so 0 in the 4-bit sum */
+    for (int r = 0; r < NR; r++) {
+        const float *q = st->q + (r0 + r) * st->q_stride;
+        float b = 0.0f;
+        for (int c = 0; c < d; c++) {
+            qs[r * d + c] = q[c] * h->kscale[c];
+            b += q[c] * h->kzero[c];
+        }
+        bias[r] = b;
+        for (int o = 0; o < h->nk; o++) {
+            qo[r * RV_COLDQ_MAX_OUTLIERS + o] = qs[r * d + h->kidx[o]];
+            qs[r * d + h->kidx[o]] = 0.0f;
+        }
+    }
+    qk_scores(NR, h, qs, bias, s, s_stride);
+    for (int o = 0; o < h->nk; o++) {
+        const uint8_t *codes = h->kcodes8 + (size_t)o * G;
+        for (int r = 0; r < NR; r++) {
+            const float coef = qo[r * RV_COLDQ_MAX_OUTLIERS + o];
+            float *sr = s + r * s_stride;
+            int t = 0;
+            for (; t + RV_VW <= G; t += RV_VW)
+                rv_vf_store(sr + t, rv_vf_fmadd(rv_vf_set1(coef), qk_u8(codes + t), rv_vf_load(sr + t)));
+            for (; t < G; t++)
+                sr[t] += coef * (float)codes[t];
+        }
+    }
+    /* the online softmax over tokens [a, a + n): weights left in s[r][a ..] */
+    for (int r = 0; r < NR; r++) {
+        corr[r] = att_stream_softmax_row(s + r * s_stride + a, vis[r], n_eff, &st->m[r0 + r], &st->l[r0 + r]);
+        if (corr[r] != 1.0f)
+            scale_f32((size_t)d, corr[r], st->acc + (size_t)(r0 + r) * d);
+    }
+    float *acc = st->acc + (size_t)r0 * d;
+    qk_values(NR, h, a, n_eff, s + a, s_stride, acc);
+    for (int o = 0; o < h->nv; o++) {
+        const int c = h->vidx[o];
+        for (int r = 0; r < NR; r++) {
+            float sum = 0.0f;
+            for (int t = 0; t < n_eff; t++)
+                sum += s[r * s_stride + a + t] *
+                       (h->voscale[o] * (float)h->vcodes8[(size_t)(a + t) * h->nv + o] + h->vozero[o]);
+            acc[r * d + c] += sum;
+        }
+    }
+}
+
+/* Fold tokens [a, a + n) of one KV head's quantized group into st. Row r sees tokens
+ * [a, a + visible[r]) (visible NULL: all n). */
+static void attend_qgroup(rv_attn_state *st, const struct rv_qhead *h, int a, int n, const int *visible,
+                          float *scratch)
+{
+    int r0 = 0;
+    for (; r0 + QK_NR <= st->rows; r0 += QK_NR)
+        qk_rows(QK_NR, st, r0, h, a, n, visible, scratch);
+    switch (st->rows - r0) {
+    case 3: qk_rows(3, st, r0, h, a, n, visible, scratch); break;
+    case 2: qk_rows(2, st, r0, h, a, n, visible, scratch); break;
+    case 1: qk_rows(1, st, r0, h, a, n, visible, scratch); break;
+    default: break;
+    }
+}
+
 static void fill_quant_ops(rv_ops *ops)
 {
     ops->dequant_rows_channel = dequant_rows_channel;
     ops->dequant_rows_group = dequant_rows_group;
+    ops->attend_qgroup = attend_qgroup;
 }
 
 #endif

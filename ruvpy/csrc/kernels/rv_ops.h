@@ -74,6 +74,8 @@ typedef struct rv_attn_rows {
     float *l_out;             /* optional [rows]: final sum of exp(score - max), or NULL */
 } rv_attn_rows;
 
+struct rv_qhead;   /* a quantized KV group's head: csrc/kvcache/rv_coldq.h */
+
 typedef struct rv_ops {
     const char *isa;   /* "scalar", "avx2", "avx512", "neon" */
     int lanes;         /* float32 lanes of one vector */
@@ -150,6 +152,15 @@ typedef struct rv_ops {
     void (*attend_heads_f16)(rv_attn_state *states, int num_heads, const uint16_t *k,
                              ptrdiff_t k_tok, ptrdiff_t k_head, const uint16_t *v, ptrdiff_t v_tok,
                              ptrdiff_t v_head, int n, const int *visible);
+
+    /* ---- KV quantization, appended (quant_impl.h) ----
+     * attend_qgroup: fold tokens [a, a + n) of one KV head of a quantized cold group (q8/q4,
+     * see struct rv_qhead) into st, reading the codes in place: scores from the channel-major
+     * key codes (the queries scaled per channel once), values dequantized in registers. Row r
+     * sees tokens [a, a + visible[r]) (NULL: all). State semantics as attend_chunk_*.
+     * Scratch: RV_QATTN_SCRATCH_FLOATS(G, head_dim) floats (rv_coldq.h). */
+    void (*attend_qgroup)(rv_attn_state *st, const struct rv_qhead *h, int a, int n,
+                          const int *visible, float *scratch);
 } rv_ops;
 
 /* rv_dispatch.c */

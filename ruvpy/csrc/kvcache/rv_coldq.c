@@ -13,20 +13,23 @@ typedef struct {
         kcodes8, vcodes8, total;
 } seg_layout;
 
-static int row_bytes(const rv_coldq_cfg *cfg) { return cfg->bits == 8 ? cfg->head_dim : (cfg->head_dim + 1) / 2; }
+/* bytes of a row of n codes */
+static int row_bytes(const rv_coldq_cfg *cfg, int n) { return cfg->bits == 8 ? n : (n + 1) / 2; }
+static int key_row(const rv_coldq_cfg *cfg) { return row_bytes(cfg, cfg->group_tokens); }     /* a channel */
+static int value_row(const rv_coldq_cfg *cfg) { return row_bytes(cfg, cfg->head_dim); }      /* a token */
 static int value_groups(const rv_coldq_cfg *cfg) { return (cfg->head_dim + cfg->group_size - 1) / cfg->group_size; }
 
 static void layout(const rv_coldq_cfg *cfg, int nk, int nv, seg_layout *L)
 {
     const size_t d = (size_t)cfg->head_dim, G = (size_t)cfg->group_tokens;
-    const size_t ng = (size_t)value_groups(cfg), rb = (size_t)row_bytes(cfg);
+    const size_t ng = (size_t)value_groups(cfg), kb = (size_t)key_row(cfg), vb = (size_t)value_row(cfg);
     size_t o = 0;
     L->kscale = o;  o += 2 * d;
     L->kzero = o;   o += 2 * d;
     L->vscale = o;  o += 2 * G * ng;
     L->vzero = o;   o += 2 * G * ng;
-    L->kcodes = o;  o += G * rb;
-    L->vcodes = o;  o += G * rb;
+    L->kcodes = o;  o += d * kb;
+    L->vcodes = o;  o += G * vb;
     L->counts = o;  o += 2;
     L->idx = o;     o += (size_t)(nk + nv);
     o = (o + 1) & ~(size_t)1;
@@ -144,6 +147,12 @@ static int code_of(float x, float sf, float zf, int L)
     return c <= 0.0f ? 0 : (c >= (float)L ? L : (int)c);   /* NaN x gives 0 */
 }
 
+RV_INLINE uint8_t code_at(const uint8_t *row, int i, int n, int bits)
+{
+    int half = (n + 1) / 2;
+    return bits == 8 ? row[i] : (uint8_t)(i < half ? row[i] & 15 : row[i - half] >> 4);
+}
+
 RV_INLINE void put_code(uint8_t *row, int c, int code, int bits, int half)
 {
     if (bits == 8)
@@ -159,7 +168,8 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
                           float *scratch)
 {
     const int d = cfg->head_dim, G = cfg->group_tokens, bits = cfg->bits, gs = cfg->group_size;
-    const int ng = value_groups(cfg), rb = row_bytes(cfg), half = (d + 1) / 2;
+    const int ng = value_groups(cfg), kb = key_row(cfg), vb = value_row(cfg);
+    const int khalf = (G + 1) / 2, vhalf = (d + 1) / 2;
     const int L = bits == 8 ? 255 : 15;
     seg_layout S;
     layout(cfg, nk, nv, &S);
@@ -182,8 +192,8 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
     memcpy(seg + S.idx + nk, vidx, (size_t)nv);
     if ((nk + nv) & 1)
         seg[S.idx + nk + nv] = 0;
-    memset(kcodes, 0, (size_t)G * rb);
-    memset(vcodes, 0, (size_t)G * rb);
+    memset(kcodes, 0, (size_t)d * kb);
+    memset(vcodes, 0, (size_t)G * vb);
 
     /* keys: per channel over the G tokens; outlier channels in 8 bits */
     for (int c = 0; c < d; c++) {
@@ -199,9 +209,9 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
         for (int t = 0; t < G; t++) {
             int code = code_of(kf[(size_t)t * d + c], sf, zf, o >= 0 ? 255 : L);
             if (o >= 0)
-                kcodes8[(size_t)t * nk + o] = (uint8_t)code;
+                kcodes8[(size_t)o * G + t] = (uint8_t)code;
             else
-                put_code(kcodes + (size_t)t * rb, c, code, bits, half);
+                put_code(kcodes + (size_t)c * kb, t, code, bits, khalf);
         }
     }
 
@@ -225,7 +235,7 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
                 if (vout[c] >= 0)
                     resid[(size_t)t * nv + vout[c]] = x[c] - zf;    /* its 4-bit code stays 0 */
                 else
-                    put_code(vcodes + (size_t)t * rb, c, code_of(x[c], sf, zf, L), bits, half);
+                    put_code(vcodes + (size_t)t * vb, c, code_of(x[c], sf, zf, L), bits, vhalf);
             }
         }
     }
@@ -266,35 +276,76 @@ void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int 
     h->vcodes8 = seg + S.vcodes8;
 }
 
-void rv_coldq_key_params(const rv_coldq_cfg *cfg, const rv_coldq_head *h, float *kparams)
+size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg)
 {
-    const int d = cfg->head_dim;
-    for (int c = 0; c < d; c++) {
-        kparams[c] = rv_f16_to_f32(h->kscale[c]);
-        kparams[d + c] = rv_f16_to_f32(h->kzero[c]);
-    }
+    return 2 * (size_t)cfg->head_dim + 2 * (size_t)cfg->group_tokens * value_groups(cfg) + 2 * RV_COLDQ_MAX_OUTLIERS;
 }
 
-void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *h, const float *kparams, int a,
-                      int n, float *kf, float *vf, const rv_ops *ops)
+void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *params, struct rv_qhead *q,
+                    const rv_ops *ops)
 {
-    const int d = cfg->head_dim, rb = row_bytes(cfg), ng = value_groups(cfg);
-    ops->dequant_rows_channel(h->kcodes + (size_t)a * rb, rb, n, d, cfg->bits, kparams, kparams + d, kf);
-    for (int o = 0; o < h->nk; o++) {
-        const int c = h->kidx[o];
-        const float s = kparams[c], z = kparams[d + c];
-        const uint8_t *codes = h->kcodes8 + (size_t)a * h->nk + o;
-        for (int t = 0; t < n; t++)
-            kf[(size_t)t * d + c] = s * (float)codes[(size_t)t * h->nk] + z;
+    const int d = cfg->head_dim;
+    const size_t nparam = (size_t)cfg->group_tokens * value_groups(cfg);
+    float *kscale = params, *kzero = kscale + d, *vscale = kzero + d, *vzero = vscale + nparam;
+    float *vos = vzero + nparam, *voz = vos + RV_COLDQ_MAX_OUTLIERS;
+    ops->f16_to_f32(v->kscale, kscale, (size_t)d);
+    ops->f16_to_f32(v->kzero, kzero, (size_t)d);
+    ops->f16_to_f32(v->vscale, vscale, nparam);
+    ops->f16_to_f32(v->vzero, vzero, nparam);
+    for (int o = 0; o < v->nv; o++) {
+        vos[o] = rv_f16_to_f32(v->voscale[o]);
+        voz[o] = rv_f16_to_f32(v->vozero[o]);
     }
-    ops->dequant_rows_group(h->vcodes + (size_t)a * rb, rb, n, d, cfg->bits, cfg->group_size,
-                            h->vscale + (size_t)a * ng, h->vzero + (size_t)a * ng, ng, vf);
-    for (int o = 0; o < h->nv; o++) {
-        const int c = h->vidx[o];
-        const float s = rv_f16_to_f32(h->voscale[o]), z = rv_f16_to_f32(h->vozero[o]);
-        const uint8_t *codes = h->vcodes8 + (size_t)a * h->nv + o;
-        for (int t = 0; t < n; t++)
-            vf[(size_t)t * d + c] += s * (float)codes[(size_t)t * h->nv] + z;
+    q->G = cfg->group_tokens;
+    q->head_dim = d;
+    q->bits = cfg->bits;
+    q->group_size = cfg->group_size;
+    q->kcodes = v->kcodes;
+    q->krow = key_row(cfg);
+    q->kscale = kscale;
+    q->kzero = kzero;
+    q->nk = v->nk;
+    q->kidx = v->kidx;
+    q->kcodes8 = v->kcodes8;
+    q->vcodes = v->vcodes;
+    q->vrow = value_row(cfg);
+    q->vscale = vscale;
+    q->vzero = vzero;
+    q->nv = v->nv;
+    q->vidx = v->vidx;
+    q->voscale = vos;
+    q->vozero = voz;
+    q->vcodes8 = v->vcodes8;
+}
+
+size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg)
+{
+    return rv_coldq_param_floats(cfg) + ((size_t)cfg->group_tokens * cfg->head_dim + 3) / 4;
+}
+
+void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf, float *vf, float *params,
+                      const rv_ops *ops)
+{
+    const int d = cfg->head_dim, G = cfg->group_tokens;
+    struct rv_qhead q;
+    rv_coldq_qhead(cfg, v, params, &q, ops);
+    /* keys are stored channel-major: transpose the codes to token-major bytes first */
+    uint8_t *codes = (uint8_t *)(params + rv_coldq_param_floats(cfg));
+    for (int c = 0; c < d; c++)
+        for (int t = 0; t < G; t++)
+            codes[(size_t)t * d + c] = code_at(q.kcodes + (size_t)c * q.krow, t, G, cfg->bits);
+    ops->dequant_rows_channel(codes, d, G, d, 8, q.kscale, q.kzero, kf);
+    for (int o = 0; o < q.nk; o++) {
+        const int c = q.kidx[o];
+        for (int t = 0; t < G; t++)
+            kf[(size_t)t * d + c] = q.kscale[c] * (float)q.kcodes8[(size_t)o * G + t] + q.kzero[c];
+    }
+    ops->dequant_rows_group(q.vcodes, q.vrow, G, d, cfg->bits, cfg->group_size, v->vscale, v->vzero,
+                            value_groups(cfg), vf);
+    for (int o = 0; o < q.nv; o++) {
+        const int c = q.vidx[o];
+        for (int t = 0; t < G; t++)
+            vf[(size_t)t * d + c] += q.voscale[o] * (float)q.vcodes8[(size_t)t * q.nv + o] + q.vozero[o];
     }
 }
 

@@ -8,11 +8,13 @@
  *   kscale[d], kzero[d]      f16  keys: per channel over the G tokens
  *   vscale[G][ng], vzero[G][ng]  f16  values: per token, channel groups of group_size
  *                                     (ng = ceil(d / group_size))
- *   kcodes[G][rb], vcodes[G][rb] u8   rb = d (8 bits) or ceil(d/2) (4 bits, see quant_impl.h)
+ *   kcodes[d][kb]            u8   keys channel-major: kb = G (8 bits) or ceil(G/2) (4 bits)
+ *   vcodes[G][vb]            u8   values token-major: vb = d or ceil(d/2) (4-bit rows: see
+ *                                 kernels/quant_impl.h)
  *   nk, nv                   u8   outlier channels of keys / values (4-bit only)
  *   kidx[nk], vidx[nv]       u8   their channel numbers (ascending), then 1 pad byte if odd
  *   voscale[nv], vozero[nv]  f16  values' outliers: 8-bit residual, per channel over G
- *   kcodes8[G][nk], vcodes8[G][nv] u8
+ *   kcodes8[nk][G], vcodes8[G][nv] u8
  *
  * Keys: each channel is quantized over the G tokens with its own scale/zero; an outlier key
  * channel (range > RV_COLDQ_OUTLIER_RATIO x the median channel range of the head and group)
@@ -29,6 +31,32 @@
 #include "kernels/rv_ops.h"
 
 #define RV_COLDQ_OUTLIER_RATIO 3.0f
+#define RV_COLDQ_MAX_OUTLIERS 8
+#define RV_COLDQ_MAX_GROUP 4096      /* tokens of a group (migration batch) at most */
+
+/* One KV head of a quantized group as the fused attention kernel (rv_ops.attend_qgroup,
+ * kernels/quant_impl.h) reads it: codes in place, parameters converted to float. */
+struct rv_qhead {
+    int G, head_dim, bits, group_size;
+    const uint8_t *kcodes;        /* channel-major: channel c's G codes at kcodes + c * krow */
+    ptrdiff_t krow;
+    const float *kscale, *kzero;  /* [head_dim] (outlier channels: their 8-bit parameters) */
+    int nk;
+    const uint8_t *kidx;          /* [nk] outlier key channels, ascending */
+    const uint8_t *kcodes8;       /* [nk][G] their 8-bit codes */
+    const uint8_t *vcodes;        /* token-major: token t's head_dim codes at vcodes + t * vrow */
+    ptrdiff_t vrow;
+    const float *vscale, *vzero;  /* [G][ceil(head_dim / group_size)] */
+    int nv;
+    const uint8_t *vidx;          /* [nv] outlier value channels */
+    const float *voscale, *vozero;/* [nv] their residuals' 8-bit parameters */
+    const uint8_t *vcodes8;       /* [G][nv] */
+};
+
+/* query rows the fused kernel keeps in registers at once, and the scratch it needs */
+#define RV_QATTN_ROWS 4
+#define RV_QATTN_SCRATCH_FLOATS(G, d) \
+    ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + (size_t)(d) + RV_COLDQ_MAX_OUTLIERS) + 64)
 
 typedef struct {
     int num_kv_heads, head_dim;
@@ -69,11 +97,15 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
 
 void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int head, rv_coldq_head *h);
 
-/* Key scale/zero of a head as floats (2 x d), what rv_coldq_dequant takes. */
-void rv_coldq_key_params(const rv_coldq_cfg *cfg, const rv_coldq_head *h, float *kparams);
-/* Tokens [a, a + n) of head h as floats kf, vf [n][d]. */
-void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *h, const float *kparams, int a,
-                      int n, float *kf, float *vf, const rv_ops *ops);
+/* floats of parameters rv_coldq_qhead converts */
+size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg);
+/* The head as the fused kernel reads it, its parameters converted into `params`. */
+void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *params, struct rv_qhead *q,
+                    const rv_ops *ops);
+/* All G tokens of the head as floats kf, vf [G][d] (params: rv_coldq_dequant_floats). */
+size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg);
+void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf, float *vf, float *params,
+                      const rv_ops *ops);
 
 /* 0 if blob (of `bytes` bytes, from outside) is a well-formed group blob; -1 if not. */
 int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t bytes);

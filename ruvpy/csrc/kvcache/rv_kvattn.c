@@ -44,6 +44,48 @@ static void state_init(rv_attn_state *st, float *base, int rows, int d)
     memset(st->acc, 0, sizeof(float) * (size_t)rows * d);
 }
 
+/* at most this many rows go to the streaming kernel (attend_spans_*), more to the tiles */
+#define KV_STREAM_MAX_ROWS 8
+
+size_t rv_kv_span_scratch_floats(int rows, int head_dim)
+{
+    if (rows <= KV_STREAM_MAX_ROWS)
+        return 0;
+    int block = rows < RV_ATTN_TILE_ROWS ? rows : RV_ATTN_TILE_ROWS;
+    return pad16(RV_ATTN_TILE_SCRATCH_FLOATS(head_dim)) + pad16((size_t)block * head_dim) +
+           2 * pad16((size_t)block) + pad16(2 * (size_t)block * sizeof(void *) / sizeof(float) + 1);
+}
+
+void rv_kv_fold_spans(rv_attn_state *st, const rv_kv_span *spans, int nspans, const int *visible,
+                      int f16, float *scratch, const rv_ops *ops)
+{
+    const int d = st->head_dim;
+    if (st->rows <= KV_STREAM_MAX_ROWS) {
+        (f16 ? ops->attend_spans_f16 : ops->attend_spans_f32)(st, spans, nspans, visible);
+        return;
+    }
+    /* tiles of up to RV_ATTN_TILE_ROWS rows: complete attention over the spans (normalised,
+     * with its m and l), merged into the state as acc = out * l */
+    const int block = st->rows < RV_ATTN_TILE_ROWS ? st->rows : RV_ATTN_TILE_ROWS;
+    float *tile = scratch, *out = tile + pad16(RV_ATTN_TILE_SCRATCH_FLOATS(d));
+    float *m = out + pad16((size_t)block * d), *l = m + pad16((size_t)block);
+    const float **qrow = (const float **)(l + pad16((size_t)block));
+    float **orow = (float **)(qrow + block);
+    for (int r0 = 0; r0 < st->rows; r0 += block) {
+        const int rows = st->rows - r0 < block ? st->rows - r0 : block;
+        for (int r = 0; r < rows; r++) {
+            qrow[r] = st->q + (r0 + r) * st->q_stride;
+            orow[r] = out + (size_t)r * d;
+        }
+        rv_attn_rows job = {rows, d, 1.0f /* st->q is scaled already */, qrow, orow,
+                            visible ? visible + r0 : NULL, spans, nspans, m, l};
+        (f16 ? ops->attend_rows_f16 : ops->attend_rows_f32)(&job, tile);
+        for (int r = 0; r < rows; r++)
+            ops->scale_f32((size_t)d, l[r], out + (size_t)r * d);
+        ops->attn_merge(rows, d, st->m + r0, st->l + r0, st->acc + (size_t)r0 * d, m, l, out);
+    }
+}
+
 static int64_t tile_key_end(const rv_kv_query *q, int i1, int causal)
 {
     return causal ? q->kv_len - q->q_len + i1 : q->kv_len;

@@ -56,6 +56,14 @@ RV_INLINE const int *rv_kv_visible(const int64_t *row_pos, int rows, int64_t a, 
     return vis;
 }
 
+/* Fold K/V spans (fp16 or fp32 rows, see rv_kv_span) into st with the kernel table's
+ * attention: attend_spans_* for a few rows (decode), attend_rows_* tiles merged into st for
+ * many (prefill). visible[r] counts keys over the whole span list (NULL: all). scratch:
+ * rv_kv_span_scratch_floats(rows, head_dim) floats, 64-byte aligned. */
+size_t rv_kv_span_scratch_floats(int rows, int head_dim);
+void rv_kv_fold_spans(rv_attn_state *st, const rv_kv_span *spans, int nspans, const int *visible,
+                      int f16, float *scratch, const rv_ops *ops);
+
 /* out of every query = softmax(scale q k^T + causal mask) v over the source's keys.
  * RV_OK, RV_ENOMEM (scratch) or RV_EINVAL (shapes). Threads: nthreads (>= 1). */
 int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, float scale,

@@ -403,32 +403,35 @@ void rv_paged_rollback(rv_paged *c, int slot)
 
 /* ---- attention straight out of the blocks ---- */
 
+/* spans handed to the kernel per call (a span is the part of a block in the range) */
+#define PAGED_SPANS 32
+
+static size_t paged_extra_floats(const rv_kv_source *src, int rows)
+{
+    return rv_kv_span_scratch_floats(rows, src->head_dim);
+}
+
 static void paged_fold(const rv_kv_source *src, int seq, int head, int64_t t0, int64_t t1,
                        rv_attn_state *st, const int64_t *row_pos, int *vis, float *extra,
                        const rv_ops *ops)
 {
-    (void)extra;
     const rv_paged *c = (const rv_paged *)src->cache;
     const rv_paged_seq *s = &c->seqs[seq];
     const int bs = c->block_size, d = c->head_dim;
-    const size_t ko = head_offset(c, src->layer, 0, head), vo = head_offset(c, src->layer, 1, head);
+    const size_t ko = head_offset(c, src->layer, 0, head) * c->elem, vo = head_offset(c, src->layer, 1, head) * c->elem;
+    rv_kv_span spans[PAGED_SPANS];
     for (int64_t t = t0; t < t1;) {
-        int64_t off = t % bs;
-        int64_t n = bs - off;
-        if (n > t1 - t)
-            n = t1 - t;
-        if (n > RV_ATTN_CHUNK)
-            n = RV_ATTN_CHUNK;
-        const unsigned char *blk = block_ptr(c, s->blocks[t / bs]);
-        const int *v = rv_kv_visible(row_pos, st->rows, t, (int)n, vis);
-        if (c->dtype == RV_KV_F16) {
-            const uint16_t *b = (const uint16_t *)blk + off * d;
-            ops->attend_chunk_f16(st, b + ko, d, b + vo, d, (int)n, v);
-        } else {
-            const float *b = (const float *)blk + off * d;
-            ops->attend_chunk_f32(st, b + ko, d, b + vo, d, (int)n, v);
+        const int64_t start = t;
+        int ns = 0;
+        while (t < t1 && ns < PAGED_SPANS && t - start < (1 << 24)) {
+            int64_t off = t % bs, n = bs - off < t1 - t ? bs - off : t1 - t;
+            const unsigned char *blk = block_ptr(c, s->blocks[t / bs]) + (size_t)off * d * c->elem;
+            rv_kv_span sp = {blk + ko, blk + vo, d, d, (int)n};
+            spans[ns++] = sp;
+            t += n;
         }
-        t += n;
+        rv_kv_fold_spans(st, spans, ns, rv_kv_visible(row_pos, st->rows, start, (int)(t - start), vis),
+                         c->dtype == RV_KV_F16, extra, ops);
     }
 }
 
@@ -443,6 +446,7 @@ int rv_paged_attend(const rv_paged *c, int layer, int num_heads, const rv_kv_que
     src.num_kv_heads = c->num_kv_heads;
     src.head_dim = c->head_dim;
     src.fold = paged_fold;
+    src.extra_floats = paged_extra_floats;
     src.split_align = c->block_size;
     return rv_kv_attend(&src, queries, nq, scale, causal, ops, nthreads);
 }

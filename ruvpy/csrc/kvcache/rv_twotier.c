@@ -10,10 +10,6 @@
 #define meta_alloc(c, n) rv_kv_alloc_counted((n), &(c)->meta_bytes)
 #define meta_free(c, p, n) rv_kv_free_counted((p), (n), &(c)->meta_bytes)
 
-/* Tokens the attention fold dequantizes at a time: K and V of them (2 x 32 x head_dim floats)
- * stay in L1/L2 while the kernel reads them. */
-#define TT_DQ_TOKENS 32
-
 static int params_valid(const rv_tt_params *p)
 {
     return p->num_layers > 0 && p->num_kv_heads > 0 && p->head_dim > 0 && p->head_dim <= 256 &&
@@ -409,10 +405,14 @@ static void evict_layer(rv_tt *c, rv_tt_seq *s, rv_tt_layer *L, int layer, int64
 void rv_tt_evict(rv_tt *c, int slot, int64_t n)
 {
     rv_tt_seq *s = &c->seqs[slot];
+    int64_t most = 0;
     for (int l = 0; l < c->num_layers; l++) {
-        int64_t len = rv_tt_len(c, slot, l);
-        evict_layer(c, s, &s->layers[l], l, n < len ? n : len);
+        int64_t len = rv_tt_len(c, slot, l), e = n < len ? n : len;
+        evict_layer(c, s, &s->layers[l], l, e);
+        most = e > most ? e : most;
     }
+    s->evicted += most;
+    c->evicted += most;
 }
 
 /* ---- appends ---- */
@@ -467,6 +467,7 @@ int rv_tt_begin(rv_tt *c, int slot)
         L->s_hot_cap = L->hot_cap;
         L->txn_hot_evicted = 0;
     }
+    s->s_evicted = s->evicted;
     s->in_txn = 1;
     c->open_txns++;
     return RV_OK;
@@ -506,6 +507,8 @@ void rv_tt_rollback(rv_tt *c, int slot)
         if (L->hot_cap != L->s_hot_cap && ring_resize(c, L, L->s_hot_cap, L->hot_head, L->hot_len) == RV_OK)
             L->hot_head = 0;
     }
+    c->evicted -= s->evicted - s->s_evicted;
+    s->evicted = s->s_evicted;
     s->in_txn = 0;
     c->open_txns--;
 }
@@ -516,20 +519,19 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
 {
     const rv_tt_layer *L = &c->seqs[slot].layers[layer];
     const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
-    float *tmp = (float *)malloc(sizeof(float) * (2 * (size_t)G * d + 2 * (size_t)d));
+    float *tmp = (float *)malloc(sizeof(float) * (2 * (size_t)G * d + rv_coldq_dequant_floats(&c->q)));
     if (!tmp)
         return RV_ENOMEM;
-    float *kf = tmp, *vf = tmp + (size_t)G * d, *kparams = vf + (size_t)G * d;
+    float *kf = tmp, *vf = tmp + (size_t)G * d, *params = vf + (size_t)G * d;
     int64_t t = 0;
     for (int64_t gi = L->first; gi < L->ngroups; gi++) {
         int a = gi == L->first ? L->skip : 0;
         for (int h = 0; h < kvh; h++) {
             rv_coldq_head view;
             rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h, &view);
-            rv_coldq_key_params(&c->q, &view, kparams);
-            rv_coldq_dequant(&c->q, &view, kparams, a, G - a, kf, vf, ops);
-            for (int j = 0; j < G - a; j++) {
-                size_t o = ((size_t)(t + j) * kvh + h) * d;
+            rv_coldq_dequant(&c->q, &view, kf, vf, params, ops);
+            for (int j = a; j < G; j++) {
+                size_t o = ((size_t)(t + j - a) * kvh + h) * d;
                 memcpy(k + o, kf + (size_t)j * d, sizeof(float) * d);
                 memcpy(v + o, vf + (size_t)j * d, sizeof(float) * d);
             }
@@ -550,10 +552,14 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
 
 /* ---- attention: cold groups dequantized chunk by chunk, then the hot ring, one state ---- */
 
+/* per-thread scratch of the fold: a group head's parameters as floats, the fused kernel's
+ * scratch, the span kernels' */
 static size_t tt_extra_floats(const rv_kv_source *src, int rows)
 {
-    (void)rows;
-    return 2 * (size_t)TT_DQ_TOKENS * src->head_dim + 2 * (size_t)src->head_dim + 32;
+    const rv_tt *c = (const rv_tt *)src->cache;
+    return ((rv_coldq_param_floats(&c->q) + 15) & ~(size_t)15) +
+           ((RV_QATTN_SCRATCH_FLOATS(c->group_tokens, c->head_dim) + 15) & ~(size_t)15) +
+           rv_kv_span_scratch_floats(rows, c->head_dim);
 }
 
 static void tt_fold(const rv_kv_source *src, int seq, int head, int64_t t0, int64_t t1,
@@ -564,37 +570,37 @@ static void tt_fold(const rv_kv_source *src, int seq, int head, int64_t t0, int6
     const rv_tt_layer *L = &c->seqs[seq].layers[src->layer];
     const int d = c->head_dim, G = c->group_tokens;
     const int64_t ncold = cold_len(c, L);
-    float *kf = extra, *vf = kf + (size_t)TT_DQ_TOKENS * d, *kparams = vf + (size_t)TT_DQ_TOKENS * d;
-    int64_t t = t0, group_loaded = -1;
-    rv_coldq_head view;
+    float *params = extra;
+    float *qscratch = params + ((rv_coldq_param_floats(&c->q) + 15) & ~(size_t)15);
+    float *sscratch = qscratch + ((RV_QATTN_SCRATCH_FLOATS(G, d) + 15) & ~(size_t)15);
+    /* cold: one fused kernel call per group (or the part of it in range) */
+    int64_t t = t0;
     const int64_t cold_end = t1 < ncold ? t1 : ncold;
     while (t < cold_end) {
         int64_t gi = L->first + (t + L->skip) / G;
         int a = (int)((t + L->skip) % G);
-        int n = G - a;
-        if (n > cold_end - t)
-            n = (int)(cold_end - t);
-        if (n > TT_DQ_TOKENS)
-            n = TT_DQ_TOKENS;
-        if (gi != group_loaded) {
-            rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), head, &view);
-            rv_coldq_key_params(&c->q, &view, kparams);
-            group_loaded = gi;
-        }
-        rv_coldq_dequant(&c->q, &view, kparams, a, n, kf, vf, ops);
-        ops->attend_chunk_f32(st, kf, d, vf, d, n, rv_kv_visible(row_pos, st->rows, t, n, vis));
+        int n = G - a < cold_end - t ? G - a : (int)(cold_end - t);
+        rv_coldq_head view;
+        struct rv_qhead qh;
+        rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), head, &view);
+        rv_coldq_qhead(&c->q, &view, params, &qh, ops);
+        ops->attend_qgroup(st, &qh, a, n, rv_kv_visible(row_pos, st->rows, t, n, vis), qscratch);
         t += n;
     }
-    while (t < t1) {
-        int64_t pos = (L->hot_head + (t - ncold)) % L->hot_cap;
-        int64_t n = L->hot_cap - pos;
-        if (n > t1 - t)
-            n = t1 - t;
-        if (n > RV_ATTN_CHUNK)
-            n = RV_ATTN_CHUNK;
-        ops->attend_chunk_f16(st, ring_row(c, L, 0, head, pos), d, ring_row(c, L, 1, head, pos), d, (int)n,
-                              rv_kv_visible(row_pos, st->rows, t, (int)n, vis));
-        t += n;
+    /* hot: the ring's part of the range, at most two runs (it wraps) */
+    if (t < t1) {
+        rv_kv_span spans[2];
+        int ns = 0;
+        const int64_t start = t;
+        while (t < t1) {
+            int64_t pos = (L->hot_head + (t - ncold)) % L->hot_cap;
+            int64_t n = L->hot_cap - pos < t1 - t ? L->hot_cap - pos : t1 - t;
+            rv_kv_span sp = {ring_row(c, L, 0, head, pos), ring_row(c, L, 1, head, pos), d, d, (int)n};
+            spans[ns++] = sp;
+            t += n;
+        }
+        rv_kv_fold_spans(st, spans, ns, rv_kv_visible(row_pos, st->rows, start, (int)(t - start), vis), 1,
+                         sscratch, ops);
     }
 }
 

@@ -51,6 +51,7 @@ typedef struct {
 typedef struct {
     int live, in_txn;
     rv_tt_layer *layers;
+    int64_t evicted, s_evicted;   /* tokens evicted from it (most of any layer); at begin */
 } rv_tt_seq;
 
 typedef struct {
@@ -64,6 +65,7 @@ typedef struct {
     int open_txns;
     size_t hot_bytes, cold_bytes, meta_bytes;
     int64_t cold_groups;     /* distinct groups allocated */
+    int64_t evicted;         /* tokens evicted, all sequences (a rollback takes its own back) */
 } rv_tt;
 
 typedef struct {
