@@ -726,20 +726,24 @@ def test_stats_report_the_runtime(kind):
 def test_thread_counts_agree_and_are_restored():
     """threads=1 and threads=2 (context splits, sequences and heads in parallel) give the
     same attention; the process-wide thread count is back after each step."""
-    from ruvpy import set_num_threads
-    from ruvpy import get_num_threads
+    from ruvpy import get_num_threads, set_num_threads
     results = []
+    previous = get_num_threads()
     set_num_threads(2)
-    for threads in (1, 2):
-        rng = np.random.default_rng(14)
-        with make_runtime(threads=threads) as rt:
-            seqs = [rt.add_sequence() for _ in range(3)]
-            run_step(rt, seqs, [300, 40, 5], rng)
-            with rt.step(seqs, [1, 1, 4]) as step:
-                assert get_num_threads() == threads
-                q, k, v = random_qkv(rng, 6)
-                results.append([step.attention(layer, q, k, v).copy() for layer in range(3)])
-            assert get_num_threads() == 2
+    try:
+        for threads in (1, 2):
+            rng = np.random.default_rng(14)
+            with make_runtime(threads=threads) as rt:
+                seqs = [rt.add_sequence() for _ in range(3)]
+                run_step(rt, seqs, [300, 40, 5], rng)
+                with rt.step(seqs, [1, 1, 4]) as step:
+                    assert get_num_threads() == threads
+                    q, k, v = random_qkv(rng, 6)
+                    results.append([step.attention(layer, q, k, v).copy()
+                                    for layer in range(3)])
+                assert get_num_threads() == 2
+    finally:
+        set_num_threads(previous)
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
