@@ -430,7 +430,8 @@ def test_bad_step_input_raises_clearly_and_changes_nothing():
                 ((0, q.astype(np.float64), k, v), TypeError, "q must be float32"),
                 ((0, q, k.astype(np.float16), v), TypeError, "float32 or both float16"),
                 ((0, q.tolist(), k, v), TypeError, "numpy array"),
-                ((3, q, k, v), ValueError, r"layer 3 is out of range \(the runtime has layers 0..2\)"),
+                ((3, q, k, v), ValueError,
+                 r"layer 3 is out of range \(the runtime has layers 0..2\)"),
                 ((-1, q, k, v), ValueError, "out of range"),
                 ((1.0, q, k, v), TypeError, "layer must be an int"),
             ]
