@@ -405,8 +405,9 @@ class RuntimeStats:
     {name: {tokens, bytes}}, layers [{layer, tokens, bytes}], sequences [{seq, position,
     tokens, bytes}] (position: tokens ever appended = next RoPE position; tokens: held now,
     fewer after evictions; bytes: a shared block's bytes are split among its holders);
-    budget_bytes / budget_used_pct (None without a memory_budget); rss_bytes / rss_growth_bytes (process resident memory, and its growth since the runtime
-    was created); steps (committed), rollbacks, attention_calls, arena_fallbacks (attention
+    budget_bytes / budget_used_pct (None without a memory_budget); rss_bytes /
+    rss_growth_bytes (process resident memory, and its growth since the runtime was
+    created); steps (committed), rollbacks, attention_calls, arena_fallbacks (attention
     outputs that did not fit the arena and were allocated by numpy).
     """
 
