@@ -73,11 +73,11 @@ size_t rv_attention_scratch_bytes(void)
     return block ? *(size_t *)block + RV_ALIGN : 0;
 }
 
-/* Context splits per work item: enough items for every thread (at least 4 each, a multiple of
- * the thread count so the shares are even), none shorter than MIN_SPLIT_KEYS keys. */
+/* Context splits per tile when tiles are few: enough items for every thread (at least 4 each,
+ * a multiple of the thread count so the shares are even), none shorter than MIN_SPLIT_KEYS. */
 static int choose_splits(int items, int nthreads, int kv_len)
 {
-    if (nthreads <= 1 || (items >= 4 * nthreads && items % nthreads == 0))
+    if (nthreads <= 1 || items >= 4 * nthreads)
         return 1;
     int s = (4 * nthreads + items - 1) / items;
     for (int t = s; t < s + nthreads; t++)
@@ -204,7 +204,7 @@ static int attend_tiled(const rv_ops *ops, int nthreads, const rv_attn_args *a)
     const int BQ = imax(1, RV_ATTN_TILE_ROWS / GB);     /* query tokens per tile */
     const int NQ = (a->q_len + BQ - 1) / BQ;
     const int tiles = KVH * NG * NQ;
-    const int S = tiles >= 4 * nthreads ? 1 : choose_splits(tiles, nthreads, a->kv_len);
+    const int S = choose_splits(tiles, nthreads, a->kv_len);
     const int items = tiles * S;
     const int T = imin(nthreads, items);
     const size_t per_thread = pad16(RV_ATTN_TILE_SCRATCH_FLOATS(d)) + 16;
