@@ -121,10 +121,22 @@ static void dequant_rows_group(const uint8_t *codes, ptrdiff_t row_bytes, int n,
 
 #define QK_NR RV_QATTN_ROWS      /* query rows per register block */
 
+/* Prefetching what the caller reads next, a few lines at a time while computing: into L2
+ * (a group ahead is more than L1 holds), as the attention kernels do. */
+typedef struct {
+    const char *p, *end;
+} qk_pf;
+
+RV_INLINE void qk_pf_lines(qk_pf *pf, int lines)
+{
+    for (int i = 0; i < lines && pf->p < pf->end; i++, pf->p += 64)
+        __builtin_prefetch(pf->p, 0, 2);
+}
+
 /* s[r][t], t < G, = bias[r] + sum_c qs[r][c] code_c(t) for rows [0, NR), from channel-major
  * key codes. */
 RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs, const float *bias,
-                         float *s, int s_stride)
+                         float *s, int s_stride, qk_pf *pf)
 {
     const int G = h->G, d = h->head_dim;
     int j = 0, lo_end, hi_start;
@@ -137,6 +149,7 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
             for (int c = 0; c < d; c++) {
                 const uint8_t *b = h->kcodes + c * h->krow + j;
                 rv_vf xl = qk_lo4(b), xh = qk_hi4(b);
+                qk_pf_lines(pf, 1);
                 for (int r = 0; r < NR; r++) {
                     rv_vf w = rv_vf_set1(qs[r * d + c]);
                     lo[r] = rv_vf_fmadd(w, xl, lo[r]);
@@ -157,6 +170,7 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
                 acc[r] = rv_vf_set1(bias[r]);
             for (int c = 0; c < d; c++) {
                 rv_vf x = qk_u8(h->kcodes + c * h->krow + j);
+                qk_pf_lines(pf, 1);
                 for (int r = 0; r < NR; r++)
                     acc[r] = rv_vf_fmadd(rv_vf_set1(qs[r * d + c]), x, acc[r]);
             }
@@ -272,7 +286,7 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
 }
 
 RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_qhead *h, int a, int n,
-                       const int *visible, float *scratch)
+                       const int *visible, float *scratch, qk_pf *pf)
 {
     const int d = h->head_dim, G = h->G;
     const int s_stride = (G + 2 * RV_VW - 1) / RV_VW * RV_VW;   /* room for the softmax padding */
@@ -300,7 +314,8 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
             qs[r * d + h->kidx[o]] = 0.0f;
         }
     }
-    qk_scores(NR, h, qs, bias, s, s_stride);
+    qk_scores(NR, h, qs, bias, s, s_stride, pf);
+    qk_pf_lines(pf, 1 << 30);     /* the rest of it */
     for (int o = 0; o < h->nk; o++) {
         const uint8_t *codes = h->kcodes8 + (size_t)o * G;
         for (int r = 0; r < NR; r++) {
@@ -338,13 +353,14 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
 static void attend_qgroup(rv_attn_state *st, const struct rv_qhead *h, int a, int n, const int *visible,
                           float *scratch)
 {
+    qk_pf pf = {(const char *)h->prefetch, (const char *)h->prefetch + (h->prefetch ? h->prefetch_bytes : 0)};
     int r0 = 0;
     for (; r0 + QK_NR <= st->rows; r0 += QK_NR)
-        qk_rows(QK_NR, st, r0, h, a, n, visible, scratch);
+        qk_rows(QK_NR, st, r0, h, a, n, visible, scratch, &pf);
     switch (st->rows - r0) {
-    case 3: qk_rows(3, st, r0, h, a, n, visible, scratch); break;
-    case 2: qk_rows(2, st, r0, h, a, n, visible, scratch); break;
-    case 1: qk_rows(1, st, r0, h, a, n, visible, scratch); break;
+    case 3: qk_rows(3, st, r0, h, a, n, visible, scratch, &pf); break;
+    case 2: qk_rows(2, st, r0, h, a, n, visible, scratch, &pf); break;
+    case 1: qk_rows(1, st, r0, h, a, n, visible, scratch, &pf); break;
     default: break;
     }
 }

@@ -276,6 +276,16 @@ void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int 
     h->vcodes8 = seg + S.vcodes8;
 }
 
+size_t rv_coldq_head_bytes(const rv_coldq_cfg *cfg, const unsigned char *blob, int head,
+                           const unsigned char **start)
+{
+    seg_layout S;
+    layout(cfg, 0, 0, &S);
+    const unsigned char *seg = blob + head_offset(blob, head);
+    *start = seg;
+    return rv_coldq_segment_bytes(cfg, seg[S.counts], seg[S.counts + 1]);
+}
+
 size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg)
 {
     return 2 * (size_t)cfg->head_dim + 2 * (size_t)cfg->group_tokens * value_groups(cfg) + 2 * RV_COLDQ_MAX_OUTLIERS;
@@ -316,6 +326,8 @@ void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *para
     q->voscale = vos;
     q->vozero = voz;
     q->vcodes8 = v->vcodes8;
+    q->prefetch = NULL;
+    q->prefetch_bytes = 0;
 }
 
 size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg)

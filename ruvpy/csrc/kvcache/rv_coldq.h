@@ -51,6 +51,10 @@ struct rv_qhead {
     const uint8_t *vidx;          /* [nv] outlier value channels */
     const float *voscale, *vozero;/* [nv] their residuals' 8-bit parameters */
     const uint8_t *vcodes8;       /* [G][nv] */
+    /* what the caller reads next (the next group's segment of this head): the kernel
+     * prefetches it into L2 while it computes, NULL for nothing */
+    const unsigned char *prefetch;
+    size_t prefetch_bytes;
 };
 
 /* query rows the fused kernel keeps in registers at once, and the scratch it needs */
@@ -99,6 +103,9 @@ void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int 
 
 /* floats of parameters rv_coldq_qhead converts */
 size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg);
+/* bytes of head `head`'s segment of a blob (what to prefetch of it) and where it starts */
+size_t rv_coldq_head_bytes(const rv_coldq_cfg *cfg, const unsigned char *blob, int head,
+                           const unsigned char **start);
 /* The head as the fused kernel reads it, its parameters converted into `params`. */
 void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *params, struct rv_qhead *q,
                     const rv_ops *ops);

@@ -20,11 +20,13 @@
 #define KV_PARALLEL_WORK ((int64_t)1 << 17)
 
 typedef struct {
-    int qi, head;
+    int qi;
+    int h0, nh;          /* KV heads h0 .. h0 + nh - 1 */
     int i0, i1;          /* query tokens [i0, i1) of query qi */
     int64_t t0, t1;      /* keys */
-    int nsplit;          /* pieces of this (query, head, tile) unit; the task is piece 0 .. */
-    size_t partial;      /* nsplit > 1: float offset of this piece's (m, l, acc) */
+    int nsplit;          /* pieces of this (query, tile, heads) unit, on its first piece; the
+                            other pieces have 0 */
+    size_t partial;      /* split: float offset of this piece's nh states */
 } kv_task;
 
 static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
@@ -32,8 +34,13 @@ static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 /* m (rows), l (rows), acc (rows x d) laid out in one float run */
 static size_t state_floats(int rows, int d) { return pad16((size_t)rows) * 2 + pad16((size_t)rows * d); }
 
-static void state_init(rv_attn_state *st, float *base, int rows, int d)
+static void state_init(rv_attn_state *st, float *base, int rows, int d, const float *q, float *scratch)
 {
+    st->rows = rows;
+    st->head_dim = d;
+    st->q = q;
+    st->q_stride = d;
+    st->scratch = scratch;
     st->m = base;
     st->l = base + pad16((size_t)rows);
     st->acc = base + 2 * pad16((size_t)rows);
@@ -44,12 +51,9 @@ static void state_init(rv_attn_state *st, float *base, int rows, int d)
     memset(st->acc, 0, sizeof(float) * (size_t)rows * d);
 }
 
-/* at most this many rows go to the streaming kernel (attend_spans_*), more to the tiles */
-#define KV_STREAM_MAX_ROWS 8
-
 size_t rv_kv_span_scratch_floats(int rows, int head_dim)
 {
-    if (rows <= KV_STREAM_MAX_ROWS)
+    if (rows <= RV_KV_STREAM_ROWS)
         return 0;
     int block = rows < RV_ATTN_TILE_ROWS ? rows : RV_ATTN_TILE_ROWS;
     return pad16(RV_ATTN_TILE_SCRATCH_FLOATS(head_dim)) + pad16((size_t)block * head_dim) +
@@ -60,7 +64,7 @@ void rv_kv_fold_spans(rv_attn_state *st, const rv_kv_span *spans, int nspans, co
                       int f16, float *scratch, const rv_ops *ops)
 {
     const int d = st->head_dim;
-    if (st->rows <= KV_STREAM_MAX_ROWS) {
+    if (st->rows <= RV_KV_STREAM_ROWS) {
         (f16 ? ops->attend_spans_f16 : ops->attend_spans_f32)(st, spans, nspans, visible);
         return;
     }
@@ -91,6 +95,31 @@ static int64_t tile_key_end(const rv_kv_query *q, int i1, int causal)
     return causal ? q->kv_len - q->q_len + i1 : q->kv_len;
 }
 
+/* the unit plan of one query tile: head groups and context pieces */
+static void plan_tile(int rows, int KVH, int64_t kend, int per_tile, int align, int *hg, int *nsplit,
+                      int64_t *piece)
+{
+    int64_t most = kend / KV_MIN_SPLIT > 1 ? kend / KV_MIN_SPLIT : 1;
+    if (rows <= RV_KV_STREAM_ROWS) {     /* every head in one task unless threads need more */
+        *nsplit = per_tile < most ? per_tile : (int)most;
+        int g = (per_tile + *nsplit - 1) / *nsplit;
+        *hg = g < KVH ? g : KVH;
+    } else {                             /* a head per task */
+        *hg = KVH;
+        int want = (per_tile + KVH - 1) / KVH;
+        *nsplit = want < most ? want : (int)most;
+    }
+    *piece = kend;
+    if (*nsplit > 1) {
+        int64_t p = (kend + *nsplit - 1) / *nsplit;
+        p = (p + align - 1) / align * align;
+        *nsplit = (int)((kend + p - 1) / p);
+        *piece = p;
+    }
+}
+
+static int head_begin(int g, int hg, int KVH) { return (int)((int64_t)KVH * g / hg); }
+
 int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, float scale,
                  int causal, const rv_ops *ops, int nthreads)
 {
@@ -105,62 +134,63 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
     kv_task *tasks = NULL;
     float *partials = NULL, *thread_scratch = NULL;
 
-    /* units = (query, kv head, tile); how many, and how much work in all */
-    int64_t units = 0, work = 0;
+    int64_t ntiles = 0, work = 0;
     for (int qi = 0; qi < nq; qi++) {
         const rv_kv_query *q = &queries[qi];
         if (q->q_len <= 0 || q->kv_len <= 0 || (causal && q->q_len > q->kv_len))
             return RV_EINVAL;
-        units += (int64_t)KVH * ((q->q_len + tq - 1) / tq);
+        ntiles += (q->q_len + tq - 1) / tq;
         work += (int64_t)q->q_len * g * KVH * q->kv_len * d;
     }
     if (nthreads < 1 || work < KV_PARALLEL_WORK)
         nthreads = 1;
-    /* split long contexts until every thread has a few tasks to balance */
-    int64_t want_tasks = nthreads > 1 ? 4 * (int64_t)nthreads : 1;
-    int split_for = (int)((want_tasks + units - 1) / units);
+    /* enough pieces for every thread to have a few (balance under load) */
+    const int64_t want = nthreads > 1 ? 4 * (int64_t)nthreads : 1;
+    const int per_tile = (int)((want + ntiles - 1) / ntiles);
     int align = src->split_align > 0 ? src->split_align : 1;
     if (align < RV_ATTN_CHUNK)
         align *= (RV_ATTN_CHUNK + align - 1) / align;
 
+    /* two passes over the plan: count, then fill */
     int64_t ntasks = 0;
-    size_t npartial = 0;
-    int rows_cap = 1;
+    size_t npartial = 0, qpack_max = 1, states_max = 1;
+    int rows_max = 1, nh_max = 1;
     for (int pass = 0; pass < 2; pass++) {
         int64_t k = 0;
         size_t off = 0;
         for (int qi = 0; qi < nq; qi++) {
             const rv_kv_query *q = &queries[qi];
             for (int i0 = 0; i0 < q->q_len; i0 += tq) {
-                int i1 = i0 + tq < q->q_len ? i0 + tq : q->q_len;
-                int rows = (i1 - i0) * g;
-                if (rows > rows_cap)
-                    rows_cap = rows;
-                int64_t kend = tile_key_end(q, i1, causal);
-                int nsplit = 1;
-                int64_t piece = kend;
-                if (split_for > 1 && kend >= 2 * KV_MIN_SPLIT) {
-                    int64_t most = kend / KV_MIN_SPLIT;
-                    nsplit = split_for < most ? split_for : (int)most;
-                    piece = (kend + nsplit - 1) / nsplit;
-                    piece = (piece + align - 1) / align * align;
-                    nsplit = (int)((kend + piece - 1) / piece);
-                }
-                for (int h = 0; h < KVH; h++) {
-                    for (int s = 0; s < nsplit; s++, k++) {
+                const int i1 = i0 + tq < q->q_len ? i0 + tq : q->q_len;
+                const int rows = (i1 - i0) * g;
+                const int64_t kend = tile_key_end(q, i1, causal);
+                int hg, nsplit;
+                int64_t piece;
+                plan_tile(rows, KVH, kend, per_tile, align, &hg, &nsplit, &piece);
+                for (int gi = 0; gi < hg; gi++) {
+                    const int h0 = head_begin(gi, hg, KVH), nh = head_begin(gi + 1, hg, KVH) - h0;
+                    if (pass == 0) {
+                        rows_max = rows > rows_max ? rows : rows_max;
+                        nh_max = nh > nh_max ? nh : nh_max;
+                        size_t qp = (size_t)nh * pad16((size_t)rows * d), sf = (size_t)nh * state_floats(rows, d);
+                        qpack_max = qp > qpack_max ? qp : qpack_max;
+                        states_max = sf > states_max ? sf : states_max;
+                    }
+                    for (int sp = 0; sp < nsplit; sp++, k++) {
                         if (pass == 1) {
                             kv_task *t = &tasks[k];
                             t->qi = qi;
-                            t->head = h;
+                            t->h0 = h0;
+                            t->nh = nh;
                             t->i0 = i0;
                             t->i1 = i1;
-                            t->t0 = (int64_t)s * piece;
+                            t->t0 = (int64_t)sp * piece;
                             t->t1 = t->t0 + piece < kend ? t->t0 + piece : kend;
-                            t->nsplit = s == 0 ? nsplit : 0;
+                            t->nsplit = sp == 0 ? nsplit : 0;
                             t->partial = off;
                         }
                         if (nsplit > 1)
-                            off += state_floats(rows, d);
+                            off += (size_t)nh * state_floats(rows, d);
                     }
                 }
             }
@@ -174,12 +204,13 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
         }
     }
 
-    /* per thread: packed scaled queries, one state, row positions, visible counts, the
-     * kernel's scratch and the source's */
-    const int rows = rows_cap;
-    size_t extra = src->extra_floats ? pad16(src->extra_floats(src, rows)) : 0;
-    size_t per_thread = pad16((size_t)rows * d) + state_floats(rows, d) + pad16((size_t)rows * 2) /* int64 pos */
-                        + pad16((size_t)rows) /* int vis */ + pad16(RV_ATTN_SCRATCH_FLOATS(rows, d)) + extra;
+    /* per thread: packed scaled queries and states of its heads, the state structs, row
+     * positions, visible counts, the kernels' scratch and the source's */
+    size_t extra = src->extra_floats ? pad16(src->extra_floats(src, rows_max)) : 0;
+    const size_t st_structs = pad16(sizeof(rv_attn_state) * (size_t)nh_max / sizeof(float) + 1);
+    const size_t per_thread = qpack_max + states_max + st_structs + pad16((size_t)rows_max * 2) /* int64 pos */
+                              + pad16((size_t)rows_max) /* int vis */ +
+                              pad16(RV_ATTN_SCRATCH_FLOATS(rows_max, d)) + extra;
     thread_scratch = (float *)rv_kv_alloc(sizeof(float) * per_thread * (size_t)nthreads);
     if (npartial)
         partials = (float *)rv_kv_alloc(sizeof(float) * npartial);
@@ -196,40 +227,39 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        float *base = thread_scratch + per_thread * (size_t)tid;
-        float *qpack = base;
-        float *own_state = qpack + pad16((size_t)rows * d);
-        int64_t *row_pos = (int64_t *)(own_state + state_floats(rows, d));
-        int *vis = (int *)((float *)row_pos + pad16((size_t)rows * 2));
-        float *kscratch = (float *)vis + pad16((size_t)rows);
-        float *xscratch = kscratch + pad16(RV_ATTN_SCRATCH_FLOATS(rows, d));
-        const int trows = (t->i1 - t->i0) * g;
-        /* is this task one piece of a split unit? (the unit's first piece carries nsplit) */
-        int split = t->nsplit != 1;
+        float *qpack = thread_scratch + per_thread * (size_t)tid;
+        float *own = qpack + qpack_max;
+        rv_attn_state *states = (rv_attn_state *)(own + states_max);
+        int64_t *row_pos = (int64_t *)((float *)states + st_structs);
+        int *vis = (int *)((float *)row_pos + pad16((size_t)rows_max * 2));
+        float *kscratch = (float *)vis + pad16((size_t)rows_max);
+        float *xscratch = kscratch + pad16(RV_ATTN_SCRATCH_FLOATS(rows_max, d));
+        const int rows = (t->i1 - t->i0) * g;
+        const size_t sf = state_floats(rows, d), qf = pad16((size_t)rows * d);
+        const int split = t->nsplit != 1;
+        float *state_mem = split ? partials + t->partial : own;
 
-        for (int i = t->i0; i < t->i1; i++) {
-            const float *qrow = q->q + ((size_t)i * H + (size_t)t->head * g) * d;
-            float *dst = qpack + (size_t)(i - t->i0) * g * d;
-            for (size_t c = 0; c < (size_t)g * d; c++)
-                dst[c] = qrow[c] * scale;
-            for (int j = 0; j < g; j++)
-                row_pos[(i - t->i0) * g + j] = q->kv_len - q->q_len + i;
-        }
-        rv_attn_state st;
-        st.rows = trows;
-        st.head_dim = d;
-        st.q = qpack;
-        st.q_stride = d;
-        st.scratch = kscratch;
-        state_init(&st, split ? partials + t->partial : own_state, trows, d);
-        src->fold(src, q->seq, t->head, t->t0, t->t1, &st, causal ? row_pos : NULL, vis, xscratch, ops);
-        if (!split) {
+        for (int j = 0; j < t->nh; j++) {
+            float *qp = qpack + (size_t)j * qf;
             for (int i = t->i0; i < t->i1; i++) {
-                int r = (i - t->i0) * g;
-                ops->attn_finalize(g, d, st.l + r, st.acc + (size_t)r * d,
-                                   q->out + ((size_t)i * H + (size_t)t->head * g) * d, d);
+                const float *qrow = q->q + ((size_t)i * H + (size_t)(t->h0 + j) * g) * d;
+                float *dst = qp + (size_t)(i - t->i0) * g * d;
+                for (size_t c = 0; c < (size_t)g * d; c++)
+                    dst[c] = qrow[c] * scale;
             }
+            state_init(&states[j], state_mem + (size_t)j * sf, rows, d, qp, kscratch);
         }
+        for (int i = t->i0; i < t->i1; i++)
+            for (int r = 0; r < g; r++)
+                row_pos[(i - t->i0) * g + r] = q->kv_len - q->q_len + i;
+        src->fold(src, q->seq, t->h0, t->nh, t->t0, t->t1, states, causal ? row_pos : NULL, vis, xscratch, ops);
+        if (!split)
+            for (int j = 0; j < t->nh; j++)
+                for (int i = t->i0; i < t->i1; i++) {
+                    int r = (i - t->i0) * g;
+                    ops->attn_finalize(g, d, states[j].l + r, states[j].acc + (size_t)r * d,
+                                       q->out + ((size_t)i * H + (size_t)(t->h0 + j) * g) * d, d);
+                }
     }
 
     if (npartial) {
@@ -240,17 +270,20 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
             if (t->nsplit <= 1)
                 continue;
             const rv_kv_query *q = &queries[t->qi];
-            const int trows = (t->i1 - t->i0) * g;
-            const size_t sf = state_floats(trows, d);
-            float *m = partials + t->partial, *l = m + pad16((size_t)trows), *acc = m + 2 * pad16((size_t)trows);
-            for (int s = 1; s < t->nsplit; s++) {
-                const float *o = partials + t->partial + s * sf;
-                ops->attn_merge(trows, d, m, l, acc, o, o + pad16((size_t)trows), o + 2 * pad16((size_t)trows));
-            }
-            for (int i = t->i0; i < t->i1; i++) {
-                int r = (i - t->i0) * g;
-                ops->attn_finalize(g, d, l + r, acc + (size_t)r * d,
-                                   q->out + ((size_t)i * H + (size_t)t->head * g) * d, d);
+            const int rows = (t->i1 - t->i0) * g;
+            const size_t sf = state_floats(rows, d), unit = (size_t)t->nh * sf;
+            for (int j = 0; j < t->nh; j++) {
+                float *m = partials + t->partial + (size_t)j * sf, *l = m + pad16((size_t)rows);
+                float *acc = m + 2 * pad16((size_t)rows);
+                for (int sp = 1; sp < t->nsplit; sp++) {
+                    const float *o = m + sp * unit;
+                    ops->attn_merge(rows, d, m, l, acc, o, o + pad16((size_t)rows), o + 2 * pad16((size_t)rows));
+                }
+                for (int i = t->i0; i < t->i1; i++) {
+                    int r = (i - t->i0) * g;
+                    ops->attn_finalize(g, d, l + r, acc + (size_t)r * d,
+                                       q->out + ((size_t)i * H + (size_t)(t->h0 + j) * g) * d, d);
+                }
             }
         }
     }

@@ -1,10 +1,14 @@
 /* Attention over a KV cache, in place: the ISA-independent driver shared by the paged and the
  * two-tier caches. A cache describes its storage by a `fold` callback that folds keys
- * [t0, t1) of one (sequence, kv head) into an online-softmax state, chunk by chunk, straight
+ * [t0, t1) of one sequence into the online-softmax states of a range of KV heads, straight
  * out of its blocks / tiers. The driver does everything else: it packs and scales the query
  * rows of each KV head's GQA group, tiles long query runs (prefill), skips causally hidden
  * key ranges, splits long contexts across threads (flash-decoding) and merges the splits, in
- * one OpenMP region over (sequence, kv head, query tile, split). */
+ * one OpenMP region over (sequence, query tile, head group, split).
+ *
+ * Decode-sized tiles (at most RV_KV_STREAM_ROWS rows per KV head) fold every KV head of the
+ * sequence in one task, so a cache can stream its memory in address order (all heads of a
+ * block together); prefill tiles fold one head per task. */
 #ifndef RV_KVATTN_H
 #define RV_KVATTN_H
 
@@ -13,6 +17,9 @@
 
 #include "rv_common.h"
 #include "kernels/rv_ops.h"
+
+/* at most this many rows per state go to the streaming kernels, more to the tiled ones */
+#define RV_KV_STREAM_ROWS 8
 
 /* One sequence's queries in a batched attention call. */
 typedef struct rv_kv_query {
@@ -25,11 +32,12 @@ typedef struct rv_kv_query {
 
 typedef struct rv_kv_source rv_kv_source;
 
-/* Fold keys [t0, t1) of (seq, head) into st. Row r of st sees key t iff row_pos == NULL or
- * t <= row_pos[r] (rows are ordered by query token, so row_pos is non-decreasing).
- * `extra` is the per-thread scratch the source asked for (extra_floats). */
-typedef void (*rv_kv_fold_fn)(const rv_kv_source *src, int seq, int head, int64_t t0, int64_t t1,
-                              rv_attn_state *st, const int64_t *row_pos, int *vis, float *extra,
+/* Fold keys [t0, t1) of sequence `seq` into states[0 .. nh) of KV heads h0 .. h0 + nh - 1
+ * (same rows and head_dim; one scratch, states[0].scratch, serves them all). Row r sees key t
+ * iff row_pos == NULL or t <= row_pos[r] (rows are ordered by query token, so row_pos is
+ * non-decreasing). `extra` is the per-thread scratch the source asked for. */
+typedef void (*rv_kv_fold_fn)(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0, int64_t t1,
+                              rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
                               const rv_ops *ops);
 
 struct rv_kv_source {
@@ -44,14 +52,14 @@ struct rv_kv_source {
 };
 
 /* Visible counts of a chunk of n keys starting at absolute token a, for rows at row_pos:
- * NULL when every row sees the whole chunk (the fast path of attend_chunk_*). */
-RV_INLINE const int *rv_kv_visible(const int64_t *row_pos, int rows, int64_t a, int n, int *vis)
+ * NULL when every row sees the whole chunk (the fast path of the kernels). */
+RV_INLINE const int *rv_kv_visible(const int64_t *row_pos, int rows, int64_t a, int64_t n, int *vis)
 {
     if (row_pos == NULL || a + n - 1 <= row_pos[0])
         return NULL;
     for (int r = 0; r < rows; r++) {
         int64_t c = row_pos[r] + 1 - a;
-        vis[r] = c <= 0 ? 0 : (c >= n ? n : (int)c);
+        vis[r] = c <= 0 ? 0 : (c >= n ? (int)n : (int)c);
     }
     return vis;
 }

@@ -10,15 +10,11 @@
 #define meta_alloc(c, n) rv_kv_alloc_counted((n), &(c)->meta_bytes)
 #define meta_free(c, p, n) rv_kv_free_counted((p), (n), &(c)->meta_bytes)
 
-RV_INLINE unsigned char *block_ptr(const rv_paged *c, int32_t b)
+/* token `slot` of block b in layer `layer`'s K (kv 0) or V (kv 1): a row of row_elems */
+RV_INLINE unsigned char *slot_ptr(const rv_paged *c, int layer, int kv, int32_t b, int64_t slot)
 {
-    return c->pool + (size_t)b * c->block_bytes;
-}
-
-/* element offset of (layer, K=0/V=1, head) inside a block */
-RV_INLINE size_t head_offset(const rv_paged *c, int layer, int kv, int head)
-{
-    return (((size_t)layer * 2 + kv) * c->num_kv_heads + head) * c->head_elems;
+    size_t row = (((size_t)layer * 2 + kv) * (size_t)c->num_blocks + (size_t)b) * (size_t)c->block_size + (size_t)slot;
+    return c->pool + row * c->row_elems * c->elem;
 }
 
 size_t rv_paged_block_bytes(int num_layers, int num_kv_heads, int head_dim, int block_size, int dtype)
@@ -28,7 +24,7 @@ size_t rv_paged_block_bytes(int num_layers, int num_kv_heads, int head_dim, int 
         rv_kv_mul((size_t)block_size * head_dim * (dtype == RV_KV_F32 ? 4 : 2),
                   (size_t)num_layers * 2 * num_kv_heads, &b))
         return 0;
-    return rv_kv_alloc_size(b);
+    return b;
 }
 
 int rv_paged_create(rv_paged **out, int num_layers, int num_kv_heads, int head_dim,
@@ -48,9 +44,9 @@ int rv_paged_create(rv_paged **out, int num_layers, int num_kv_heads, int head_d
     c->block_size = block_size;
     c->dtype = dtype;
     c->elem = dtype == RV_KV_F32 ? 4 : 2;
-    c->head_elems = (size_t)block_size * head_dim;
+    c->row_elems = (size_t)num_kv_heads * head_dim;
     size_t pool, bb = rv_paged_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype);
-    if (!bb || rv_kv_mul(bb, (size_t)num_blocks, &pool))
+    if (!bb || rv_kv_mul(bb, (size_t)num_blocks, &pool) || !rv_kv_alloc_size(pool))
         goto fail_inval;
     c->block_bytes = bb;
     c->num_blocks = (int32_t)num_blocks;
@@ -286,7 +282,10 @@ int rv_paged_append(rv_paged *c, int slot, int layer, const void *k, const void 
         int32_t old = s->blocks[b];
         if (c->refcount[old] > 1) {
             int32_t fresh = block_take(c);
-            memcpy(block_ptr(c, fresh), block_ptr(c, old), c->block_bytes);
+            for (int l = 0; l < c->num_layers; l++)
+                for (int kv = 0; kv < 2; kv++)
+                    memcpy(slot_ptr(c, l, kv, fresh, 0), slot_ptr(c, l, kv, old, 0),
+                           (size_t)c->block_size * c->row_elems * c->elem);
             c->refcount[old]--;
             s->blocks[b] = fresh;
         }
@@ -294,20 +293,14 @@ int rv_paged_append(rv_paged *c, int slot, int layer, const void *k, const void 
     while (s->nblocks < want)
         s->blocks[s->nblocks++] = block_take(c);
 
-    const int kvh = c->num_kv_heads, d = c->head_dim, bs = c->block_size;
-    const size_t src_elem = src_dtype == RV_KV_F32 ? 4 : 2;
-    const size_t row = (size_t)kvh * d * src_elem;
+    const int bs = c->block_size;
+    const size_t row = c->row_elems * (src_dtype == RV_KV_F32 ? 4 : 2);
     for (int64_t t = start; t < end; t++) {
-        unsigned char *blk = block_ptr(c, s->blocks[t / bs]);
-        size_t slot_off = (size_t)(t % bs) * d;
-        const unsigned char *ks = (const unsigned char *)k + (size_t)(t - start) * row;
-        const unsigned char *vs = (const unsigned char *)v + (size_t)(t - start) * row;
-        for (int h = 0; h < kvh; h++) {
-            store_rows(c, blk + (head_offset(c, layer, 0, h) + slot_off) * c->elem,
-                       ks + (size_t)h * d * src_elem, (size_t)d, src_dtype, ops);
-            store_rows(c, blk + (head_offset(c, layer, 1, h) + slot_off) * c->elem,
-                       vs + (size_t)h * d * src_elem, (size_t)d, src_dtype, ops);
-        }
+        int32_t b = s->blocks[t / bs];
+        store_rows(c, slot_ptr(c, layer, 0, b, t % bs), (const unsigned char *)k + (size_t)(t - start) * row,
+                   c->row_elems, src_dtype, ops);
+        store_rows(c, slot_ptr(c, layer, 1, b, t % bs), (const unsigned char *)v + (size_t)(t - start) * row,
+                   c->row_elems, src_dtype, ops);
     }
     s->ntok[layer] = end;
     return RV_OK;
@@ -316,24 +309,17 @@ int rv_paged_append(rv_paged *c, int slot, int layer, const void *k, const void 
 void rv_paged_read(const rv_paged *c, int slot, int layer, void *k, void *v, int as_f32, const rv_ops *ops)
 {
     const rv_paged_seq *s = &c->seqs[slot];
-    const int kvh = c->num_kv_heads, d = c->head_dim, bs = c->block_size;
-    const size_t out_elem = as_f32 ? 4 : c->elem;
-    const int out_dtype = as_f32 ? RV_KV_F32 : c->dtype;
-    for (int64_t t = 0; t < s->ntok[layer]; t++) {
-        const unsigned char *blk = block_ptr(c, s->blocks[t / bs]);
-        size_t slot_off = (size_t)(t % bs) * d;
-        for (int h = 0; h < kvh; h++) {
-            size_t o = ((size_t)t * kvh + h) * d * out_elem;
-            for (int kv = 0; kv < 2; kv++) {
-                const unsigned char *src = blk + (head_offset(c, layer, kv, h) + slot_off) * c->elem;
-                unsigned char *dst = (unsigned char *)(kv ? v : k) + o;
-                if (out_dtype == c->dtype)
-                    memcpy(dst, src, (size_t)d * c->elem);
-                else
-                    ops->f16_to_f32((const uint16_t *)src, (float *)dst, (size_t)d);
-            }
+    const int bs = c->block_size;
+    const size_t row = c->row_elems * (as_f32 ? 4 : c->elem);
+    for (int64_t t = 0; t < s->ntok[layer]; t++)
+        for (int kv = 0; kv < 2; kv++) {
+            const unsigned char *src = slot_ptr(c, layer, kv, s->blocks[t / bs], t % bs);
+            unsigned char *dst = (unsigned char *)(kv ? v : k) + (size_t)t * row;
+            if (!as_f32 || c->dtype == RV_KV_F32)
+                memcpy(dst, src, row);
+            else
+                ops->f16_to_f32((const uint16_t *)src, (float *)dst, c->row_elems);
         }
-    }
 }
 
 /* ---- transactions ----
@@ -403,7 +389,20 @@ void rv_paged_rollback(rv_paged *c, int slot)
 
 /* ---- attention straight out of the blocks ---- */
 
-/* spans handed to the kernel per call (a span is the part of a block in the range) */
+/* the longest run of blocks with consecutive ids from table index bi on, in tokens from
+ * token t (< t1): one NHD stretch of every layer's K and V */
+static int64_t run_tokens(const rv_paged *c, const rv_paged_seq *s, int64_t t, int64_t t1)
+{
+    const int bs = c->block_size;
+    int64_t bi = t / bs, end = (bi + 1) * bs;
+    while (end < t1 && s->blocks[bi + 1] == s->blocks[bi] + 1 && end - t < (1 << 24)) {
+        bi++;
+        end += bs;
+    }
+    return (end < t1 ? end : t1) - t;
+}
+
+/* spans handed to the tiled kernel per call (one per run of blocks) */
 #define PAGED_SPANS 32
 
 static size_t paged_extra_floats(const rv_kv_source *src, int rows)
@@ -411,27 +410,47 @@ static size_t paged_extra_floats(const rv_kv_source *src, int rows)
     return rv_kv_span_scratch_floats(rows, src->head_dim);
 }
 
-static void paged_fold(const rv_kv_source *src, int seq, int head, int64_t t0, int64_t t1,
-                       rv_attn_state *st, const int64_t *row_pos, int *vis, float *extra,
+static void paged_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0, int64_t t1,
+                       rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
                        const rv_ops *ops)
 {
     const rv_paged *c = (const rv_paged *)src->cache;
     const rv_paged_seq *s = &c->seqs[seq];
-    const int bs = c->block_size, d = c->head_dim;
-    const size_t ko = head_offset(c, src->layer, 0, head) * c->elem, vo = head_offset(c, src->layer, 1, head) * c->elem;
-    rv_kv_span spans[PAGED_SPANS];
-    for (int64_t t = t0; t < t1;) {
-        const int64_t start = t;
-        int ns = 0;
-        while (t < t1 && ns < PAGED_SPANS && t - start < (1 << 24)) {
-            int64_t off = t % bs, n = bs - off < t1 - t ? bs - off : t1 - t;
-            const unsigned char *blk = block_ptr(c, s->blocks[t / bs]) + (size_t)off * d * c->elem;
-            rv_kv_span sp = {blk + ko, blk + vo, d, d, (int)n};
-            spans[ns++] = sp;
+    const int bs = c->block_size, d = c->head_dim, f16 = c->dtype == RV_KV_F16, rows = states[0].rows;
+    const ptrdiff_t tok = (ptrdiff_t)c->row_elems;
+    const size_t head_bytes = (size_t)d * c->elem;
+    if (rows <= RV_KV_STREAM_ROWS) {
+        /* decode: every head of a run of blocks at once, in memory order */
+        for (int64_t t = t0; t < t1;) {
+            int64_t n = run_tokens(c, s, t, t1);
+            const unsigned char *k = slot_ptr(c, src->layer, 0, s->blocks[t / bs], t % bs) + h0 * head_bytes;
+            const unsigned char *v = slot_ptr(c, src->layer, 1, s->blocks[t / bs], t % bs) + h0 * head_bytes;
+            const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
+            if (f16)
+                ops->attend_heads_f16(states, nh, (const uint16_t *)k, tok, d, (const uint16_t *)v, tok, d, (int)n, vv);
+            else
+                ops->attend_heads_f32(states, nh, (const float *)k, tok, d, (const float *)v, tok, d, (int)n, vv);
             t += n;
         }
-        rv_kv_fold_spans(st, spans, ns, rv_kv_visible(row_pos, st->rows, start, (int)(t - start), vis),
-                         c->dtype == RV_KV_F16, extra, ops);
+        return;
+    }
+    /* prefill: the tiled kernel per head over the runs */
+    rv_kv_span spans[PAGED_SPANS];
+    for (int j = 0; j < nh; j++) {
+        for (int64_t t = t0; t < t1;) {
+            const int64_t start = t;
+            int ns = 0;
+            while (t < t1 && ns < PAGED_SPANS) {
+                int64_t n = run_tokens(c, s, t, t1);
+                rv_kv_span sp = {slot_ptr(c, src->layer, 0, s->blocks[t / bs], t % bs) + (h0 + j) * head_bytes,
+                                 slot_ptr(c, src->layer, 1, s->blocks[t / bs], t % bs) + (h0 + j) * head_bytes,
+                                 tok, tok, (int)n};
+                spans[ns++] = sp;
+                t += n;
+            }
+            rv_kv_fold_spans(&states[j], spans, ns, rv_kv_visible(row_pos, rows, start, t - start, vis), f16,
+                             extra, ops);
+        }
     }
 }
 

@@ -2,10 +2,12 @@
  * sequence, per-sequence block tables, reference-counted blocks with an O(1) free stack and
  * copy-on-write forks.
  *
- * A block holds block_size token slots of every layer, K and V, laid out
- * [layer][K, V][kv head][slot][head_dim], so the keys of one head in one block are
- * contiguous (what the attention kernels stream). A sequence owns a table of block ids and a
- * token count per layer (layers are appended one after another inside a model step).
+ * A block holds block_size token slots of every layer, K and V. The pool is laid out
+ * [layer][K, V][block][slot][kv head][head_dim]: within a layer's K (or V) a run of blocks with
+ * consecutive ids is one token-major (NHD) stretch, which the attention kernels stream with
+ * every head at once; blocks are handed out lowest id first, so a sequence's blocks mostly
+ * are such runs. A sequence owns a table of block ids and a token count per layer (layers are
+ * appended one after another inside a model step).
  * Blocks are only ever written past a sequence's last token, so after a fork only the block
  * holding a sequence's write position can need copying: a write into a block whose reference
  * count is above one first copies it (copy-on-write).
@@ -38,10 +40,10 @@ typedef struct {
 typedef struct {
     int num_layers, num_kv_heads, head_dim, block_size, dtype;
     size_t elem;              /* bytes per stored value */
-    size_t head_elems;        /* block_size * head_dim: one head's keys in one block */
-    size_t block_bytes;       /* multiple of RV_ALIGN */
+    size_t row_elems;         /* num_kv_heads * head_dim: one token of one layer's K (or V) */
+    size_t block_bytes;       /* one block: every layer, K and V */
     int32_t num_blocks;
-    unsigned char *pool;      /* num_blocks * block_bytes */
+    unsigned char *pool;      /* num_blocks * block_bytes (rounded up to RV_ALIGN) */
     int32_t *refcount;        /* [num_blocks] */
     int32_t *free_stack;      /* [num_blocks]: free block ids, top at nfree - 1 */
     int32_t nfree;
@@ -52,8 +54,8 @@ typedef struct {
     size_t pool_bytes;
 } rv_paged;
 
-/* Bytes of one block (every layer, K and V, rounded up to RV_ALIGN): the unit the pool is
- * allocated in. 0 when the shape is invalid or too large. */
+/* Bytes of one block (every layer, K and V): what the pool allocates per block. 0 when the
+ * shape is invalid or too large. */
 size_t rv_paged_block_bytes(int num_layers, int num_kv_heads, int head_dim, int block_size, int dtype);
 
 int rv_paged_create(rv_paged **out, int num_layers, int num_kv_heads, int head_dim,

@@ -562,45 +562,55 @@ static size_t tt_extra_floats(const rv_kv_source *src, int rows)
            rv_kv_span_scratch_floats(rows, c->head_dim);
 }
 
-static void tt_fold(const rv_kv_source *src, int seq, int head, int64_t t0, int64_t t1,
-                    rv_attn_state *st, const int64_t *row_pos, int *vis, float *extra,
+static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0, int64_t t1,
+                    rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
                     const rv_ops *ops)
 {
     const rv_tt *c = (const rv_tt *)src->cache;
     const rv_tt_layer *L = &c->seqs[seq].layers[src->layer];
-    const int d = c->head_dim, G = c->group_tokens;
+    const int d = c->head_dim, G = c->group_tokens, rows = states[0].rows;
     const int64_t ncold = cold_len(c, L);
     float *params = extra;
     float *qscratch = params + ((rv_coldq_param_floats(&c->q) + 15) & ~(size_t)15);
     float *sscratch = qscratch + ((RV_QATTN_SCRATCH_FLOATS(G, d) + 15) & ~(size_t)15);
-    /* cold: one fused kernel call per group (or the part of it in range) */
+    /* cold: group by group, every head of a group in turn (memory order), the fused kernel
+     * reading the codes and prefetching the segment that comes next */
     int64_t t = t0;
     const int64_t cold_end = t1 < ncold ? t1 : ncold;
     while (t < cold_end) {
-        int64_t gi = L->first + (t + L->skip) / G;
-        int a = (int)((t + L->skip) % G);
-        int n = G - a < cold_end - t ? G - a : (int)(cold_end - t);
-        rv_coldq_head view;
-        struct rv_qhead qh;
-        rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), head, &view);
-        rv_coldq_qhead(&c->q, &view, params, &qh, ops);
-        ops->attend_qgroup(st, &qh, a, n, rv_kv_visible(row_pos, st->rows, t, n, vis), qscratch);
+        const int64_t gi = L->first + (t + L->skip) / G;
+        const int a = (int)((t + L->skip) % G);
+        const int n = G - a < cold_end - t ? G - a : (int)(cold_end - t);
+        const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
+        for (int j = 0; j < nh; j++) {
+            rv_coldq_head view;
+            struct rv_qhead qh;
+            rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h0 + j, &view);
+            rv_coldq_qhead(&c->q, &view, params, &qh, ops);
+            if (j + 1 < nh)
+                qh.prefetch_bytes = rv_coldq_head_bytes(&c->q, RV_TT_BLOB(L->groups[gi]), h0 + j + 1, &qh.prefetch);
+            else if (t + n < cold_end)
+                qh.prefetch_bytes = rv_coldq_head_bytes(&c->q, RV_TT_BLOB(L->groups[gi + 1]), h0, &qh.prefetch);
+            ops->attend_qgroup(&states[j], &qh, a, n, vv, qscratch);
+        }
         t += n;
     }
     /* hot: the ring's part of the range, at most two runs (it wraps) */
-    if (t < t1) {
-        rv_kv_span spans[2];
-        int ns = 0;
-        const int64_t start = t;
-        while (t < t1) {
-            int64_t pos = (L->hot_head + (t - ncold)) % L->hot_cap;
-            int64_t n = L->hot_cap - pos < t1 - t ? L->hot_cap - pos : t1 - t;
-            rv_kv_span sp = {ring_row(c, L, 0, head, pos), ring_row(c, L, 1, head, pos), d, d, (int)n};
-            spans[ns++] = sp;
-            t += n;
+    while (t < t1) {
+        const int64_t pos = (L->hot_head + (t - ncold)) % L->hot_cap;
+        const int64_t n = L->hot_cap - pos < t1 - t ? L->hot_cap - pos : t1 - t;
+        const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
+        const ptrdiff_t head_stride = (ptrdiff_t)L->hot_cap * d;
+        if (rows <= RV_KV_STREAM_ROWS) {
+            ops->attend_heads_f16(states, nh, ring_row(c, L, 0, h0, pos), d, head_stride,
+                                  ring_row(c, L, 1, h0, pos), d, head_stride, (int)n, vv);
+        } else {
+            for (int j = 0; j < nh; j++) {
+                rv_kv_span sp = {ring_row(c, L, 0, h0 + j, pos), ring_row(c, L, 1, h0 + j, pos), d, d, (int)n};
+                rv_kv_fold_spans(&states[j], &sp, 1, vv, 1, sscratch, ops);
+            }
         }
-        rv_kv_fold_spans(st, spans, ns, rv_kv_visible(row_pos, st->rows, start, (int)(t - start), vis), 1,
-                         sscratch, ops);
+        t += n;
     }
 }
 

@@ -1,0 +1,206 @@
+"""Benchmark ruvpy's KV caches: decode attention, bytes per token, quantization quality.
+
+    python tools/bench_kvcache.py [--json out.json] [--repeats 15] [--threads N] [--quick]
+
+Decode (q_len 1) over 4096 and 16384 tokens for (heads, kv heads, head_dim) = (32, 8, 128) and
+(9, 3, 64): contiguous fp16 K/V (ruvpy.attention, the attention kernels' own layout), the paged
+cache (fp16, blocks of 16), and the two-tier cache (hot_tokens 256 fp16 + cold q8 / q4 /
+turbo). Times are medians of calls interleaved round-robin (every format measured side by side
+in each round, so machine load hits them alike); "vs contiguous" is time / contiguous time.
+"GB/s" is the bytes the format stores for those tokens (allocated, from the cache's stats)
+over the time.
+
+Bytes per token: a cache's allocations per token of one layer, K and V (stats of the caches
+above, i.e. measured, not a formula), and its ratio to fp16.
+
+Quality: attention output of 32 query rows against float64 attention over the original
+float32 K/V, as cosine similarity and relative error (||out - ref|| / ||ref||), on random
+normal K/V and on K/V with outlier channels (4 channels of K and of V x20, as real keys have).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import emit_json, machine_info, print_table  # noqa: E402
+
+import ruvpy  # noqa: E402
+from ruvpy import PagedKVCache, TwoTierKVCache  # noqa: E402
+
+SHAPES = [(32, 8, 128), (9, 3, 64)]
+LENGTHS = [4096, 16384]
+COLD = ["q8", "q4", "turbo"]
+
+
+def cold_formats():
+    """The cold formats this build has (turbo may not be there yet)."""
+    ok = []
+    for cold in COLD:
+        try:
+            TwoTierKVCache(1, 1, 64, cold=cold, max_tokens=16).close()
+            ok.append(cold)
+        except ValueError:
+            pass
+    return ok
+
+
+def random_kv(rng, n, kvh, d, outliers=False):
+    k = rng.standard_normal((n, kvh, d)).astype(np.float32)
+    v = rng.standard_normal((n, kvh, d)).astype(np.float32)
+    if outliers:
+        k[:, :, rng.choice(d, 4, replace=False)] *= 20
+        v[:, :, rng.choice(d, 4, replace=False)] *= 20
+    return k, v
+
+
+def reference(q, k, v):
+    """float64 attention of every query row over every token (no mask)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    L, H, d = q.shape
+    g = H // k.shape[1]
+    out = np.empty((L, H, d))
+    for h in range(H):
+        s = q[:, h] @ k[:, h // g].T / np.sqrt(d)
+        s -= s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // g]
+    return out
+
+
+def make_caches(kvh, d, k, v, colds):
+    """{name: (attend(q, out), stored bytes of these tokens)} for every format."""
+    n = k.shape[0]
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    made = {"contiguous fp16": (lambda q, out: ruvpy.attention(q, k16, v16, out=out), k16.nbytes + v16.nbytes)}
+    paged = PagedKVCache(1, kvh, d, block_size=16, max_tokens=n, dtype="float16")
+    seq = paged.add_sequence()
+    paged.append(seq, 0, k16, v16)
+    made["paged fp16"] = (lambda q, out, c=paged, s=seq: c.attention(s, 0, q, out=out),
+                          paged.stats().tiers["paged"]["bytes"])
+    for cold in colds:
+        tt = TwoTierKVCache(1, kvh, d, hot_tokens=256, cold=cold, max_tokens=n)
+        s = tt.add_sequence()
+        tt.append(s, 0, k16, v16)
+        st = tt.stats()
+        made[f"two-tier {cold}"] = (lambda q, out, c=tt, s=s: c.attention(s, 0, q, out=out),
+                                    st.hot_bytes + st.cold_bytes)
+    return made
+
+
+def interleaved_medians(fns, repeats, warmup=2):
+    """Median seconds of each function, the calls interleaved round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench_decode(args, colds):
+    rows = []
+    rng = np.random.default_rng(0)
+    for H, kvh, d in SHAPES:
+        for n in (LENGTHS[:1] if args.quick else LENGTHS):
+            k, v = random_kv(rng, n, kvh, d)
+            made = make_caches(kvh, d, k, v, colds)
+            q = rng.standard_normal((1, H, d)).astype(np.float32)
+            out = np.empty_like(q)
+            med = interleaved_medians({name: (lambda f=f: f(q, out)) for name, (f, _) in made.items()},
+                                      args.repeats)
+            base = med["contiguous fp16"]
+            for name, (_, nbytes) in made.items():
+                rows.append({"shape": f"{H}/{kvh}/{d}", "tokens": n, "format": name,
+                             "ms": med[name] * 1e3, "vs contiguous": med[name] / base,
+                             "GB/s": nbytes / med[name] / 1e9})
+            del made
+    return rows
+
+
+def bytes_per_token(colds):
+    """Allocated bytes per token of one layer (K and V), from the caches' stats."""
+    rows = []
+    rng = np.random.default_rng(1)
+    n = 4096
+    for H, kvh, d in SHAPES:
+        fp16 = 2 * 2 * kvh * d
+        for outliers in (False, True):
+            k, v = random_kv(rng, n, kvh, d, outliers)
+            paged = PagedKVCache(1, kvh, d, block_size=16, max_tokens=n)
+            paged.append(paged.add_sequence(), 0, k, v)
+            st = paged.stats()
+            found = {"paged fp16": st.tiers["paged"]["bytes"] / st.tokens}
+            for cold in colds:
+                tt = TwoTierKVCache(1, kvh, d, hot_tokens=0, cold=cold, max_tokens=n)
+                tt.append(tt.add_sequence(), 0, k, v)
+                st = tt.stats()
+                found[f"{cold} cold"] = st.cold_bytes_per_token
+            for name, b in found.items():
+                rows.append({"shape": f"{H}/{kvh}/{d}", "data": "outliers" if outliers else "random",
+                             "format": name, "bytes/token": b, "vs fp16": b / fp16,
+                             "bits/value": 8 * b / (2 * kvh * d)})
+    return rows
+
+
+def quality(colds):
+    rows = []
+    rng = np.random.default_rng(2)
+    n = 4096
+    for H, kvh, d in SHAPES:
+        for outliers in (False, True):
+            k, v = random_kv(rng, n, kvh, d, outliers)
+            q = rng.standard_normal((32, H, d)).astype(np.float32)
+            ref = reference(q, k, v)
+            caches = {}
+            paged = PagedKVCache(1, kvh, d, block_size=16, max_tokens=n)
+            caches["paged fp16"] = (paged, paged.add_sequence())
+            for cold in colds:
+                # hot_tokens=64: 98% of the tokens are in the cold store
+                tt = TwoTierKVCache(1, kvh, d, hot_tokens=64, cold=cold, max_tokens=n)
+                caches[f"two-tier {cold}"] = (tt, tt.add_sequence())
+            for name, (cache, seq) in caches.items():
+                cache.append(seq, 0, k, v)
+                out = cache.attention(seq, 0, q, causal=False).astype(np.float64)
+                cos_rows = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
+                rows.append({"shape": f"{H}/{kvh}/{d}", "data": "outliers" if outliers else "random",
+                             "format": name,
+                             "cosine": float(out.ravel() @ ref.ravel() / np.linalg.norm(out) / np.linalg.norm(ref)),
+                             "min row cosine": float(cos_rows.min()),
+                             "rel error": float(np.linalg.norm(out - ref) / np.linalg.norm(ref))})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="4096 tokens only")
+    args = ap.parse_args()
+    if args.threads:
+        ruvpy.set_num_threads(args.threads)
+    colds = cold_formats()
+    result = {"machine": machine_info(), "threads": ruvpy.get_num_threads()}
+    print(f"ruvpy {ruvpy.__version__}, isa {ruvpy.get_isa()}, {ruvpy.get_num_threads()} threads\n")
+    result["decode"] = bench_decode(args, colds)
+    print("Decode attention (q_len 1), median ms")
+    print_table(result["decode"])
+    result["bytes_per_token"] = bytes_per_token(colds)
+    print("\nBytes per token (one layer, K and V; allocated)")
+    print_table(result["bytes_per_token"])
+    result["quality"] = quality(colds)
+    print("\nQuality vs float64 attention over the float32 K/V (32 query rows, 4096 tokens)")
+    print_table(result["quality"])
+    print()
+    emit_json(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
