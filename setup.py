@@ -104,6 +104,8 @@ def make_extensions():
         exts.append(Extension(
             "ruvpy." + name,
             sources=extension_sources(name),
+            # headers are the kernel templates: a change in any of them must rebuild
+            depends=sorted(glob(os.path.join(CSRC, "**", "*.h"), recursive=True)),
             include_dirs=[CSRC, numpy.get_include()],
             define_macros=[("RUVPY_BUILD_ISAS", '"' + ",".join(BUILD_ISAS) + '"'),
                            ("RUVPY_HAVE_OPENMP", "1" if OPENMP_FLAGS else "0")] +
