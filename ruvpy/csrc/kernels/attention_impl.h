@@ -258,6 +258,9 @@ RV_INLINE void att_stream_qk(const int NRB, const float *q, ptrdiff_t q_stride, 
                 for (int t = 0; t < ATT_KG; t++) {
                     k[t] = kp[j0 + jj + t];
                     att_pf_row(pf, pf ? pf->kl : NULL, pf ? pf->kb : NULL, pf ? pf->ks : 0, j0 + jj + t);
+#ifdef ATT_PF_VQK
+                    att_pf_row(pf, pf ? pf->vl : NULL, pf ? pf->vb : NULL, pf ? pf->vs : 0, j0 + jj + t);
+#endif
                 }
 #pragma GCC unroll 4
                 for (int i = 0; i < NRB; i++)
@@ -311,7 +314,9 @@ RV_INLINE void att_stream_pv_block(const int NRB, const int NCB, float *acc, int
     att_tile_load(NRB, NCB, a, acc + c0, d, corr, NULL);
     for (int j = 0; j < n; j++) {
         rv_vf vv[ATT_TT];
+#ifndef ATT_PF_VQK
         att_pf_row(pf, pf ? pf->vl : NULL, pf ? pf->vb : NULL, pf ? pf->vs : 0, j);
+#endif
 #pragma GCC unroll 4
         for (int b = 0; b < NCB; b++)
             vv[b] = att_load(vp[j], c0 + b * RV_VW, f16);
@@ -599,13 +604,20 @@ RV_INLINE void att_tile_pv(const int MC, const int NR, int n, const float *St, c
 
 /* The NR-wide column of row vectors [v0, v0+nr) for every micro-tile of the key tile */
 RV_INLINE void att_tile_products(int nv, int d, int dp, int n, const float *Qt, const float *Kc,
-                                 const float *Vc, float *St, float *Ot, const float *corr, int phase)
+                                 const float *Vc, float *St, float *Ot, const float *corr, int phase,
+                                 const att_pf *pf)
 {
-    for (int v0 = 0; v0 < nv; v0 += ATT_T_NR) {
+    for (int v0 = 0; v0 < nv; v0 += ATT_T_NR, pf = NULL) {
         int nr = att_min(ATT_T_NR, nv - v0);
         (void)nr;  /* unused where ATT_T_NR == 1 */
         if (phase == 0) {
             for (int j0 = 0; j0 < n; j0 += ATT_T_MR) { /* Kc is zero-padded past n */
+                /* the next tile's rows, into L2 while this one computes: packing them
+                 * straight from L3 / memory (4 KiB-strided NHD rows) stalled ~25% of the time */
+                for (int j = j0; pf && j < j0 + ATT_T_MR; j++) {
+                    att_pf_row(pf, pf->kl, NULL, 0, j);
+                    att_pf_row(pf, pf->vl, NULL, 0, j);
+                }
 #if ATT_T_NR >= 4
                 if (nr == 4) { att_tile_qk(ATT_T_MR, 4, d, Qt, Kc, dp, St, j0, v0); continue; }
                 if (nr == 3) { att_tile_qk(ATT_T_MR, 3, d, Qt, Kc, dp, St, j0, v0); continue; }
@@ -654,7 +666,7 @@ RV_INLINE void att_rows_impl(const rv_attn_rows *job, float *scratch, const int 
     float *l = m + ATT_TR, *corr = l + ATT_TR, *visf = corr + ATT_TR;
     float *Kc = visf + ATT_TR;
     float *Vc = Kc + (size_t)(ATT_TK + 8) * dp;
-    const void *kp[ATT_TK], *vp[ATT_TK];
+    const void *kp[2][ATT_TK], *vp[2][ATT_TK];
 
     int maxvis = 0, minvis = 0x7fffffff;
     for (int r = 0; r < R; r++) {
@@ -665,6 +677,14 @@ RV_INLINE void att_rows_impl(const rv_attn_rows *job, float *scratch, const int 
     }
     for (int r = R; r < RP; r++)
         visf[r] = 0.0f;
+    /* the first key tile is fetched while the queries are packed */
+    att_cursor cur = {job->spans, job->nspans, 0, 0};
+    int tb = 0, j0 = 0, n = att_gather(&cur, att_min(ATT_TK, maxvis), f16, kp[0], vp[0]);
+    const att_pf first = {kp[0], vp[0], NULL, NULL, 0, 0, n, d * (f16 ? 2 : 4)};
+    for (int j = 0; j < n; j++) {
+        att_pf_row(&first, first.kl, NULL, 0, j);
+        att_pf_row(&first, first.vl, NULL, 0, j);
+    }
     for (int c = 0; c < d; c++) {
         float *qt = Qt + (size_t)c * ATT_TR;
         for (int r = 0; r < R; r++)
@@ -679,21 +699,20 @@ RV_INLINE void att_rows_impl(const rv_attn_rows *job, float *scratch, const int 
         l[r] = 0.0f;
     }
 
-    att_cursor cur = {job->spans, job->nspans, 0, 0};
     const rv_vf neg_inf = rv_vf_set1(-INFINITY), floor_m = rv_vf_set1(-FLT_MAX);
-    for (int j0 = 0; j0 < maxvis; j0 += ATT_TK) {
-        int n = att_gather(&cur, att_min(ATT_TK, maxvis - j0), f16, kp, vp);
-        if (n <= 0)
-            break;
+    while (n > 0) {
         for (int j = 0; j < n; j++) {
-            att_pack_row(Kc + (size_t)j * dp, kp[j], d, dp, f16);
-            att_pack_row(Vc + (size_t)j * dp, vp[j], d, dp, f16);
+            att_pack_row(Kc + (size_t)j * dp, kp[tb][j], d, dp, f16);
+            att_pack_row(Vc + (size_t)j * dp, vp[tb][j], d, dp, f16);
         }
         for (int j = n; j < att_round_up(n, ATT_T_MR); j++) {
             for (int c = 0; c < dp; c++)
                 Kc[(size_t)j * dp + c] = 0.0f;
         }
-        att_tile_products(nv, d, dp, n, Qt, Kc, Vc, St, Ot, corr, 0);
+        /* gather the next tile now (into the other buffer) so its rows can be prefetched */
+        int n_next = att_gather(&cur, att_min(ATT_TK, maxvis - j0 - n), f16, kp[tb ^ 1], vp[tb ^ 1]);
+        att_pf plan = {kp[tb ^ 1], vp[tb ^ 1], NULL, NULL, 0, 0, n_next, d * (f16 ? 2 : 4)};
+        att_tile_products(nv, d, dp, n, Qt, Kc, Vc, St, Ot, corr, 0, &plan);
 
         const int masked = j0 + n > minvis;
         for (int v = 0; v < nv; v++) {
@@ -723,7 +742,10 @@ RV_INLINE void att_rows_impl(const rv_attn_rows *job, float *scratch, const int 
             rv_vf_store(m + v * RV_VW, m_new);
             rv_vf_store(corr + v * RV_VW, cr);
         }
-        att_tile_products(nv, d, dp, n, Qt, Kc, Vc, St, Ot, corr, 1);
+        att_tile_products(nv, d, dp, n, Qt, Kc, Vc, St, Ot, corr, 1, NULL);
+        j0 += n;
+        n = n_next;
+        tb ^= 1;
     }
 
     for (int r = 0; r < R; r++) {
