@@ -184,6 +184,10 @@ def test_non_contiguous_inputs(isa):
     kt = np.ascontiguousarray(np.transpose(k.astype(np.float32), (0, 2, 1))).transpose(0, 2, 1)
     check(ruvpy.attention(q, kt, v.astype(np.float32)), q, kt, v.astype(np.float32))  # last axis strided: copied
     check(ruvpy.attention(q, k[::-1], v[::-1]), q, k[::-1], v[::-1])               # negative strides
+    for causal in (True, False):      # decode over the same views: the streaming kernel
+        check(ruvpy.attention(q[-1:], k, v, causal=causal), q[-1:], k, v, causal)
+        k32, v32 = cache.astype(np.float32)[:kv_len, ::3], cache.astype(np.float32)[8:, 1:3]
+        check(ruvpy.attention(q[-1:], k32, v32, causal=causal), q[-1:], k32, v32, causal)
     out_big = np.zeros((q_len, heads, 2 * d), np.float32)
     out = out_big[:, :, :d]
     ruvpy.attention(q, k, v, out=out)
