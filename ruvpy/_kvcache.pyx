@@ -923,7 +923,8 @@ def _import_array(arrays, str name, tuple shape, dtype):
     return np.ascontiguousarray(a)
 
 
-_COLD_FORMATS = {"q8": RV_TT_Q8, "q4": RV_TT_Q4}
+_COLD_FORMATS = {"q8": RV_TT_Q8, "q4": RV_TT_Q4, "turbo": RV_TT_TURBO}
+_TURBO_BITS = (2.5, 3.5, 4.5)
 _POLICIES = ("error", "evict-oldest")
 
 
@@ -947,6 +948,10 @@ cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tok
     if p.group_tokens > 4096:
         raise ValueError(f"migration_batch must be at most 4096 tokens, got {migration_batch}")
     p.max_tokens = 1 if max_tokens is None else max_tokens
+    if isinstance(turbo_bits, (bool, np.bool_)) or not isinstance(turbo_bits, (int, float, np.integer, np.floating)):
+        raise TypeError(f"turbo_bits must be a number, got {type(turbo_bits).__name__}")
+    if cold == "turbo" and float(turbo_bits) not in _TURBO_BITS:
+        raise ValueError(f"turbo_bits must be one of {_TURBO_BITS} (bits per value), got {turbo_bits}")
     p.turbo_bits = float(turbo_bits)
     return 0
 
@@ -967,7 +972,11 @@ cdef class TwoTierKVCache(_KVCache):
     max_tokens bounds the tokens held per layer, all sequences together. Policy "error":
     appends past it raise KVCacheFull (nothing written); "evict-oldest": the oldest tokens are
     dropped, exactly as many as needed -- first of the sequences being appended to (so each
-    keeps its newest tokens), then of the others, longest first. Forks share cold groups."""
+    keeps its newest tokens), then of the others, longest first; while a transaction is open
+    only its own sequences give up tokens. Forks share cold groups.
+
+    cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value (rotated codes with
+    Lloyd-Max codebooks, QJL residual signs for the keys; see csrc/kvcache/rv_turbo.h)."""
 
     cdef rv_tt *c
     cdef readonly int hot_tokens
@@ -1072,11 +1081,19 @@ cdef class TwoTierKVCache(_KVCache):
                 f"{self.max_tokens - self.c.used[bind]} free of max_tokens={self.max_tokens}"
                 + ("" if self.policy == "error" else " (more than the cache holds: eviction cannot help)")
                 + "; nothing was written")
-        # evict-oldest: the requesting sequences' oldest tokens first, then the others'
+        # evict-oldest: the requesting sequences' oldest tokens first, then the others' (inside
+        # a transaction only its own sequences', so that a rollback restores everything)
         requesting = [slots[i] for i in range(nseq)]
-        others = sorted([x for x in self._slot_of.values() if x not in requesting],
-                        key=lambda x: -rv_tt_len(self.c, x, 0))
-        victims = requesting + others
+        allowed = {self._slot_of[s] for s in self._txn} if self._txn else None
+        others = sorted([x for x in self._slot_of.values() if x not in requesting and
+                         (allowed is None or x in allowed)], key=lambda x: -rv_tt_len(self.c, x, 0))
+        victims = [x for x in requesting if allowed is None or x in allowed] + others
+        for l in range(lo, hi):
+            if sum(rv_tt_len(self.c, x, l) for x in victims) < self.c.used[l] + requested - self.max_tokens:
+                raise KVCacheFull(
+                    f"KV cache full: {requested} tokens requested for sequences {ids} in {where}; inside "
+                    f"the open transaction on {sorted(self._txn)} only its sequences' tokens may be evicted "
+                    f"and they are too few; nothing was written")
         while over > 0:
             for sl in victims:
                 take = min(over, rv_tt_len(self.c, sl, bind))

@@ -42,6 +42,8 @@ cdef extern from "kernels/rv_ops.h" nogil:
 
     ctypedef struct rv_qhead "struct rv_qhead":
         pass
+    ctypedef struct rv_thead "struct rv_thead":
+        pass
 
     ctypedef struct rv_ops:
         const char *isa
@@ -79,6 +81,8 @@ cdef extern from "kernels/rv_ops.h" nogil:
                                  ptrdiff_t k_tok, ptrdiff_t k_head, const uint16_t *v, ptrdiff_t v_tok,
                                  ptrdiff_t v_head, int n, const int *visible) noexcept nogil
         void (*attend_qgroup)(rv_attn_state *st, const rv_qhead *h, int a, int n,
+                              const int *visible, float *scratch) noexcept nogil
+        void (*attend_tgroup)(rv_attn_state *st, const rv_thead *h, int a, int n,
                               const int *visible, float *scratch) noexcept nogil
 
     enum:

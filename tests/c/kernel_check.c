@@ -41,6 +41,7 @@
 
 #include "kernels/rv_ops.h"
 #include "kvcache/rv_coldq.h"
+#include "kvcache/rv_turbo.h"
 
 /* ---- case storage ---- */
 
@@ -644,6 +645,44 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
     return report_state(c, rows, d, s.m, s.l, s.acc);
 }
 
+/* attend_tgroup: one KV head of a TurboQuant group (arrays named after struct rv_thead's
+ * fields; "books" holds the four codebooks kbook_hi, kbook_lo, vbook_hi, vbook_lo, 32 floats
+ * each), q = the rotated query rows [rows][D], tokens [a, a + n), optional "visible". */
+static int run_attend_tgroup(const rv_ops *ops, rv_case *c)
+{
+    size_t nq = 0, nkp = 0, nqj = 0, nvp = 0, nkn = 0, nkg = 0, nvn = 0, nb = 0, nsq = 0, nss = 0, nvis = 0;
+    int rows = (int)param(c, "rows"), D = (int)param(c, "D"), G = (int)param(c, "G"), Gp = (int)param(c, "Gp");
+    int khi = (int)param(c, "kbits_hi"), klo = (int)param(c, "kbits_lo");
+    int vhi = (int)param(c, "vbits_hi"), vlo = (int)param(c, "vbits_lo");
+    int a = (int)param(c, "a"), n = (int)param(c, "n");
+    float qjl_scale = (float)param(c, "qjl_scale");
+    const float *q = in_f32(c, "q", &nq), *books = in_f32(c, "books", &nb);
+    const uint8_t *kplanes = in_u8(c, "kplanes", &nkp), *qjl = in_u8(c, "qjl", &nqj), *vplanes = in_u8(c, "vplanes", &nvp);
+    const float *knorm = in_f32(c, "knorm", &nkn), *kgamma = in_f32(c, "kgamma", &nkg), *vnorm = in_f32(c, "vnorm", &nvn);
+    const float *qjl_q = in_f32(c, "qjl_q", &nsq), *qjl_sum = in_f32(c, "qjl_sum", &nss);
+    const int32_t *visible = in_i32_opt(c, "visible", &nvis);
+    const size_t pb = (size_t)(Gp > 0 ? Gp : 0) / 8;
+    state_bufs s;
+    if (c->error[0] || !q || !books || !kplanes || !qjl || !vplanes || !knorm || !kgamma || !vnorm || !qjl_q ||
+        !qjl_sum || rows < 1 || D < 2 || D % 2 || G < 1 || Gp < G || Gp % 16 || a < 0 || n < 1 || a + n > G ||
+        khi < 1 || klo < 1 || vhi < 1 || vlo < 1 || khi > 5 || klo > 5 || vhi > 5 || vlo > 5 ||
+        nq != (size_t)rows * D || nb != 4 * 32 || nkp != (size_t)D / 2 * (khi + klo) * pb ||
+        nqj != (size_t)D * pb || nvp != (size_t)D / 2 * (vhi + vlo) * pb || nkn != (size_t)Gp ||
+        nkg != (size_t)Gp || nvn != (size_t)Gp || nsq != (size_t)rows * D || nss != (size_t)rows ||
+        (visible && nvis != (size_t)rows) || alloc_state(c, rows, D, &s))
+        return fail(c, "%s: malformed case", "attend_tgroup");
+    float *scratch = output(c, "_tscratch", DT_F32, RV_TATTN_SCRATCH_FLOATS(Gp, D), 64);
+    if (!scratch)
+        return -1;
+    struct rv_thead h = {G, Gp, D, khi, klo, vhi, vlo, pb, kplanes, qjl, vplanes, knorm, kgamma, vnorm,
+                         books, books + 32, books + 64, books + 96, qjl_q, qjl_sum, qjl_scale, NULL, 0};
+    for (int r = 0; r < rows; r++)
+        s.m[r] = -INFINITY;
+    rv_attn_state st = {rows, D, q, D, s.m, s.l, s.acc, s.scratch};
+    ops->attend_tgroup(&st, &h, a, n, visible, scratch);
+    return report_state(c, rows, D, s.m, s.l, s.acc);
+}
+
 typedef struct {
     const char *name;
     size_t offset;   /* of the kernel's slot in rv_ops */
@@ -657,7 +696,7 @@ static const runner runners[] = {
     RUNNER(attend_chunk_f32), RUNNER(attend_chunk_f16), RUNNER(attn_merge), RUNNER(attn_finalize),
     RUNNER(attend_spans_f32), RUNNER(attend_spans_f16), RUNNER(attend_rows_f32), RUNNER(attend_rows_f16),
     RUNNER(dequant_rows_channel), RUNNER(dequant_rows_group), RUNNER(attend_heads_f32), RUNNER(attend_heads_f16),
-    RUNNER(attend_qgroup),
+    RUNNER(attend_qgroup), RUNNER(attend_tgroup),
 };
 #define N_RUNNERS (sizeof runners / sizeof runners[0])
 

@@ -786,6 +786,75 @@ def cases_attend_qgroup(rng):
         yield f"bits={bits} d={d} G={G} group={gs} rows={rows} outliers={nk}/{nv} tokens={a}+{n} {vis_kind}", arrays
 
 
+TGROUP_SHAPES = [  # (D, G, rows, bits (k hi, k lo, v hi, v lo), a, n, visible)
+    (128, 64, 4, (3, 2, 4, 3), 0, 64, "all"), (64, 64, 3, (2, 1, 3, 2), 5, 50, "causal"),
+    (64, 48, 7, (4, 3, 5, 4), 0, 48, "random"), (16, 5, 2, (1, 1, 5, 5), 1, 4, "all"),
+    (2, 33, 5, (5, 4, 1, 2), 3, 30, "causal"), (256, 16, 1, (3, 2, 4, 3), 0, 16, "all"),
+]
+
+
+def _planes(rng, D, Gp, hi, lo):
+    """Random codes [Gp][D] (hi bits for the first D/2 coordinates, lo after) as bit-planes:
+    coordinate-major, bit 0 first, token t at bit t % 8 of byte t / 8."""
+    bits = np.array([hi] * (D // 2) + [lo] * (D - D // 2))
+    codes = (rng.integers(0, 1 << 30, (Gp, D)) % (1 << bits)).astype(np.int64)
+    planes = []
+    for i in range(D):
+        for b in range(bits[i]):
+            planes.append(np.packbits(((codes[:, i] >> b) & 1).astype(np.uint8), bitorder="little"))
+    return np.concatenate(planes), codes, bits
+
+
+def cases_attend_tgroup(rng):
+    """A TurboQuant group head: scores |k| (q . y_hat + gamma * qjl_scale * (S q) . sign), values
+    |v| y_hat_v, against float64 attention over the augmented vectors [y_hat, sign] that
+    represent exactly those scores."""
+    for D, G, rows, (khi, klo, vhi, vlo), a, n, vis_kind in TGROUP_SHAPES:
+        Gp = -(-G // 16) * 16
+        books = np.zeros((4, 32), np.float32)
+        for i, b in enumerate((khi, klo, vhi, vlo)):
+            books[i, :1 << b] = np.sort(rng.standard_normal(1 << b)) / np.sqrt(D)
+        kplanes, kc, kbits = _planes(rng, D, Gp, khi, klo)
+        vplanes, vc, vbits = _planes(rng, D, Gp, vhi, vlo)
+        sign_bits = rng.integers(0, 2, (Gp, D))
+        qjl = np.concatenate([np.packbits(sign_bits[:, j].astype(np.uint8), bitorder="little") for j in range(D)])
+        knorm = rng.uniform(0.5, 3.0, Gp).astype(np.float32)
+        kgamma = rng.uniform(0.0, 0.4, Gp).astype(np.float32)
+        vnorm = rng.uniform(0.5, 3.0, Gp).astype(np.float32)
+        kbook = np.where(np.arange(D) < D // 2, 0, 1)
+        y_k = books[kbook[None, :], kc].astype(np.float64)          # [Gp][D] centroids
+        y_v = books[2 + kbook[None, :], vc].astype(np.float64)
+        q = (rng.standard_normal((rows, D)) * 2.0).astype(np.float32)
+        qjl_q = (rng.standard_normal((rows, D)) * 2.0).astype(np.float32)
+        qjl_sum = qjl_q.astype(np.float64).sum(1).astype(np.float32)
+        scale = np.float32(np.sqrt(np.pi / 2) / D)
+        sign = 2.0 * sign_bits - 1.0
+        k_aug = np.concatenate([knorm[:, None] * y_k, (knorm * kgamma * scale)[:, None] * sign], 1)
+        k_abs = np.concatenate([np.abs(k_aug[:, :D]), 3 * np.abs(k_aug[:, D:])], 1)
+        q_aug = np.concatenate([q, qjl_q], 1)
+        values = vnorm[:, None].astype(np.float64) * y_v
+        if vis_kind == "all":
+            visible = None
+        elif vis_kind == "causal":
+            visible = np.clip(n - rows + 1 + np.arange(rows), 0, n).astype(np.int32)
+        else:
+            visible = rng.integers(0, n + 1, rows).astype(np.int32)
+            visible[0], visible[-1] = 0, n
+        vis = np.full(rows, n) if visible is None else visible
+        wide = np.concatenate([values, np.zeros_like(values)], 1)[a:a + n]    # the reference's v is as wide as q
+        out, lse = attention_reference(q_aug, k_aug[a:a + n], wide, vis)
+        tol_out, tol_lse = attention_tolerance(q_aug, k_abs[a:a + n], np.abs(wide), vis)
+        out, tol_out = out[:, :D], tol_out[:, :D]
+        arrays = {"rows": rows, "D": D, "G": G, "Gp": Gp, "kbits_hi": khi, "kbits_lo": klo, "vbits_hi": vhi,
+                  "vbits_lo": vlo, "a": a, "n": n, "qjl_scale": float(scale), "q": q, "books": books,
+                  "kplanes": kplanes, "qjl": qjl, "vplanes": vplanes, "knorm": knorm, "kgamma": kgamma,
+                  "vnorm": vnorm, "qjl_q": qjl_q, "qjl_sum": qjl_sum,
+                  "expect:out": out, "tol:out": 4 * tol_out, "expect:lse": lse, "tol:lse": 4 * tol_lse}
+        if visible is not None:
+            arrays["visible"] = visible
+        yield f"D={D} G={G} rows={rows} bits={khi}/{klo}/{vhi}/{vlo} tokens={a}+{n} {vis_kind}", arrays
+
+
 def _state(rng, rows, d, lse_offsets, empty):
     """A float32 online-softmax state (m, l, acc) per row; rows in `empty` saw no key."""
     m = (rng.standard_normal(rows) + lse_offsets).astype(np.float32)

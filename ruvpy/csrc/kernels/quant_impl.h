@@ -19,6 +19,7 @@
 #include "kernels/basic_impl.h"
 #include "kernels/attention_impl.h"
 #include "kvcache/rv_coldq.h"
+#include "kvcache/rv_turbo.h"
 
 /* ---- RV_VW unsigned bytes as floats: whole bytes, low nibbles, high nibbles ---- */
 #if defined(RV_ISA_AVX512)
@@ -365,11 +366,170 @@ static void attend_qgroup(rv_attn_state *st, const struct rv_qhead *h, int a, in
     }
 }
 
+/* ---- TurboQuant: codes as bit-planes over a group's tokens (see kvcache/rv_turbo.h) ----
+ * tq_centroids: the codebook entries of RV_VW tokens t0.. (t0 a multiple of RV_VW) for one
+ * rotated coordinate whose `bits` planes sit pb bytes apart; tq_signbits: 1.0 where a plane's
+ * bit is set, 0.0 elsewhere. */
+#if defined(RV_ISA_AVX512)
+RV_INLINE rv_vf tq_centroids(const uint8_t *planes, int bits, size_t pb, int t0, const float *book)
+{
+    __m512i idx = _mm512_setzero_si512();
+    for (int p = 0; p < bits; p++) {
+        uint16_t m;
+        memcpy(&m, planes + p * pb + (t0 >> 3), 2);
+        idx = _mm512_mask_or_epi32(idx, (__mmask16)m, idx, _mm512_set1_epi32(1 << p));
+    }
+    if (bits <= 4)
+        return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(book));
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(book), idx, _mm512_loadu_ps(book + 16));
+}
+RV_INLINE rv_vf tq_signbits(const uint8_t *plane, int t0)
+{
+    uint16_t m;
+    memcpy(&m, plane + (t0 >> 3), 2);
+    return _mm512_maskz_mov_ps((__mmask16)m, _mm512_set1_ps(1.0f));
+}
+#elif defined(RV_ISA_AVX2)
+RV_INLINE __m256i tq_lane_bits(const uint8_t *plane, int t0)      /* 0 / 1 per token */
+{
+    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i b = _mm256_and_si256(_mm256_set1_epi32(plane[t0 >> 3]), lanes);
+    return _mm256_srli_epi32(_mm256_cmpeq_epi32(b, lanes), 31);
+}
+RV_INLINE rv_vf tq_centroids(const uint8_t *planes, int bits, size_t pb, int t0, const float *book)
+{
+    __m256i idx = _mm256_setzero_si256();
+    for (int p = 0; p < bits; p++)
+        idx = _mm256_or_si256(idx, _mm256_slli_epi32(tq_lane_bits(planes + p * pb, t0), p));
+    return _mm256_i32gather_ps(book, idx, 4);
+}
+RV_INLINE rv_vf tq_signbits(const uint8_t *plane, int t0) { return _mm256_cvtepi32_ps(tq_lane_bits(plane, t0)); }
+#elif defined(RV_ISA_NEON)
+RV_INLINE uint32x4_t tq_lane_bits(const uint8_t *plane, int t0)
+{
+    static const uint32_t lane_bit[4] = {1, 2, 4, 8};
+    uint32_t nibble = (uint32_t)(plane[t0 >> 3] >> (t0 & 7)) & 15u;
+    return vshrq_n_u32(vtstq_u32(vdupq_n_u32(nibble), vld1q_u32(lane_bit)), 31);
+}
+RV_INLINE rv_vf tq_centroids(const uint8_t *planes, int bits, size_t pb, int t0, const float *book)
+{
+    uint32x4_t idx = vdupq_n_u32(0);
+    for (int p = 0; p < bits; p++)
+        idx = vorrq_u32(idx, vshlq_u32(tq_lane_bits(planes + p * pb, t0), vdupq_n_s32(p)));
+    float c[4] = {book[vgetq_lane_u32(idx, 0)], book[vgetq_lane_u32(idx, 1)], book[vgetq_lane_u32(idx, 2)],
+                  book[vgetq_lane_u32(idx, 3)]};
+    return vld1q_f32(c);
+}
+RV_INLINE rv_vf tq_signbits(const uint8_t *plane, int t0) { return vcvtq_f32_u32(tq_lane_bits(plane, t0)); }
+#else
+RV_INLINE rv_vf tq_centroids(const uint8_t *planes, int bits, size_t pb, int t0, const float *book)
+{
+    int code = 0;
+    for (int p = 0; p < bits; p++)
+        code |= ((planes[p * pb + (t0 >> 3)] >> (t0 & 7)) & 1) << p;
+    return book[code];
+}
+RV_INLINE rv_vf tq_signbits(const uint8_t *plane, int t0) { return (float)((plane[t0 >> 3] >> (t0 & 7)) & 1); }
+#endif
+
+/* planes of rotated coordinate i (hi bits for the first D/2 coordinates, lo for the rest) */
+RV_INLINE const uint8_t *tq_coord(const uint8_t *planes, int i, int D, int hi, int lo, size_t pb)
+{
+    const int half = D / 2;
+    return planes + (i < half ? (size_t)i * hi : (size_t)half * hi + (size_t)(i - half) * lo) * pb;
+}
+
+RV_INLINE void tq_rows(const int NR, rv_attn_state *st, int r0, const struct rv_thead *h, int a, int n,
+                       const int *visible, float *scratch, qk_pf *pf)
+{
+    const int D = h->D, half = D / 2, Gp = h->Gp;
+    const size_t pb = h->plane_bytes;
+    const int s_stride = Gp + 2 * RV_VW;
+    float *s = scratch, *wn = s + (size_t)RV_TATTN_ROWS * s_stride;
+    int vis[RV_TATTN_ROWS], n_eff = 0;
+    for (int r = 0; r < NR; r++) {
+        vis[r] = visible ? (visible[r0 + r] < n ? visible[r0 + r] : n) : n;
+        n_eff = vis[r] > n_eff ? vis[r] : n_eff;
+    }
+    if (n_eff <= 0)
+        return;
+    const int tb0 = a / RV_VW * RV_VW, tb1 = (a + n_eff + RV_VW - 1) / RV_VW * RV_VW;
+    const float *qrot = st->q + r0 * st->q_stride, *qjl = h->qjl_q + (size_t)r0 * D;
+    /* scores: |k| ((R q) . y_hat + |r| sqrt(pi/2)/D (S R q) . sign), RV_VW tokens per vector */
+    for (int t0 = tb0; t0 < tb1; t0 += RV_VW) {
+        rv_vf mse[RV_TATTN_ROWS], qs[RV_TATTN_ROWS];
+        for (int r = 0; r < NR; r++)
+            mse[r] = qs[r] = rv_vf_zero();
+        for (int i = 0; i < D; i++) {
+            const int hi = i < half;
+            rv_vf c = tq_centroids(tq_coord(h->kplanes, i, D, h->kbits_hi, h->kbits_lo, pb),
+                                   hi ? h->kbits_hi : h->kbits_lo, pb, t0, hi ? h->kbook_hi : h->kbook_lo);
+            for (int r = 0; r < NR; r++)
+                mse[r] = rv_vf_fmadd(rv_vf_set1(qrot[r * st->q_stride + i]), c, mse[r]);
+        }
+        qk_pf_lines(pf, 2);
+        for (int j = 0; j < D; j++) {
+            rv_vf b = tq_signbits(h->qjl + (size_t)j * pb, t0);
+            for (int r = 0; r < NR; r++)
+                qs[r] = rv_vf_fmadd(rv_vf_set1(qjl[(size_t)r * D + j]), b, qs[r]);
+        }
+        rv_vf kn = rv_vf_load(h->knorm + t0), kg = rv_vf_mul(rv_vf_load(h->kgamma + t0), rv_vf_set1(h->qjl_scale));
+        for (int r = 0; r < NR; r++) {
+            /* sum over projections of sq_j * (+1 / -1) = 2 * (sum where the bit is set) - sum */
+            rv_vf sgn = rv_vf_sub(rv_vf_add(qs[r], qs[r]), rv_vf_set1(h->qjl_sum[r0 + r]));
+            rv_vf_store(s + r * s_stride + t0, rv_vf_mul(kn, rv_vf_fmadd(kg, sgn, mse[r])));
+        }
+    }
+    qk_pf_lines(pf, 1 << 30);
+    /* the online softmax over tokens [a, a + n); weights times |v| for the tokens' lanes */
+    for (int r = 0; r < NR; r++) {
+        float *sr = s + r * s_stride;
+        float corr = att_stream_softmax_row(sr + a, vis[r], n_eff, &st->m[r0 + r], &st->l[r0 + r]);
+        if (corr != 1.0f)
+            scale_f32((size_t)D, corr, st->acc + (size_t)(r0 + r) * D);
+        for (int t = tb0; t < tb1; t++)
+            wn[(size_t)r * Gp + t] = t >= a && t < a + n_eff ? sr[t] * h->vnorm[t] : 0.0f;
+    }
+    /* values in the rotated domain: coordinate by coordinate, the tokens along the lanes */
+    for (int i = 0; i < D; i++) {
+        const int hi = i < half;
+        const uint8_t *planes = tq_coord(h->vplanes, i, D, h->vbits_hi, h->vbits_lo, pb);
+        rv_vf acc[RV_TATTN_ROWS];
+        for (int r = 0; r < NR; r++)
+            acc[r] = rv_vf_zero();
+        for (int t0 = tb0; t0 < tb1; t0 += RV_VW) {
+            rv_vf c = tq_centroids(planes, hi ? h->vbits_hi : h->vbits_lo, pb, t0, hi ? h->vbook_hi : h->vbook_lo);
+            for (int r = 0; r < NR; r++)
+                acc[r] = rv_vf_fmadd(rv_vf_load(wn + (size_t)r * Gp + t0), c, acc[r]);
+        }
+        for (int r = 0; r < NR; r++)
+            st->acc[(size_t)(r0 + r) * D + i] += rv_vf_hsum(acc[r]);
+    }
+}
+
+/* Fold tokens [a, a + n) of one KV head of a TurboQuant group into st, whose query rows are
+ * the rotated queries R q and whose accumulators (head_dim D) live in the rotated domain. */
+static void attend_tgroup(rv_attn_state *st, const struct rv_thead *h, int a, int n, const int *visible,
+                          float *scratch)
+{
+    qk_pf pf = {(const char *)h->prefetch, (const char *)h->prefetch + (h->prefetch ? h->prefetch_bytes : 0)};
+    int r0 = 0;
+    for (; r0 + RV_TATTN_ROWS <= st->rows; r0 += RV_TATTN_ROWS)
+        tq_rows(RV_TATTN_ROWS, st, r0, h, a, n, visible, scratch, &pf);
+    switch (st->rows - r0) {
+    case 3: tq_rows(3, st, r0, h, a, n, visible, scratch, &pf); break;
+    case 2: tq_rows(2, st, r0, h, a, n, visible, scratch, &pf); break;
+    case 1: tq_rows(1, st, r0, h, a, n, visible, scratch, &pf); break;
+    default: break;
+    }
+}
+
 static void fill_quant_ops(rv_ops *ops)
 {
     ops->dequant_rows_channel = dequant_rows_channel;
     ops->dequant_rows_group = dequant_rows_group;
     ops->attend_qgroup = attend_qgroup;
+    ops->attend_tgroup = attend_tgroup;
 }
 
 #endif

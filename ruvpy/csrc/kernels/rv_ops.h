@@ -75,6 +75,7 @@ typedef struct rv_attn_rows {
 } rv_attn_rows;
 
 struct rv_qhead;   /* a quantized KV group's head: csrc/kvcache/rv_coldq.h */
+struct rv_thead;   /* a TurboQuant KV group's head: csrc/kvcache/rv_turbo.h */
 
 typedef struct rv_ops {
     const char *isa;   /* "scalar", "avx2", "avx512", "neon" */
@@ -160,6 +161,12 @@ typedef struct rv_ops {
      * sees tokens [a, a + visible[r]) (NULL: all). State semantics as attend_chunk_*.
      * Scratch: RV_QATTN_SCRATCH_FLOATS(G, head_dim) floats (rv_coldq.h). */
     void (*attend_qgroup)(rv_attn_state *st, const struct rv_qhead *h, int a, int n,
+                          const int *visible, float *scratch);
+    /* attend_tgroup: the same for a TurboQuant group (struct rv_thead): st's query rows are the
+     * rotated queries R q (head_dim D, the padded dimension), its accumulators stay in the
+     * rotated domain (the caller rotates them back); scores from the bit-plane codes and the
+     * QJL signs, values as codebook entries. Scratch: RV_TATTN_SCRATCH_FLOATS(Gp, D). */
+    void (*attend_tgroup)(rv_attn_state *st, const struct rv_thead *h, int a, int n,
                           const int *visible, float *scratch);
 } rv_ops;
 

@@ -14,7 +14,8 @@ static int params_valid(const rv_tt_params *p)
 {
     return p->num_layers > 0 && p->num_kv_heads > 0 && p->head_dim > 0 && p->head_dim <= 256 &&
            p->hot_tokens >= 0 && p->group_tokens > 0 && p->group_size > 0 && p->max_tokens > 0 &&
-           (p->cold == RV_TT_Q8 || p->cold == RV_TT_Q4);
+           (p->cold == RV_TT_Q8 || p->cold == RV_TT_Q4 ||
+            (p->cold == RV_TT_TURBO && (p->turbo_bits == 2.5 || p->turbo_bits == 3.5 || p->turbo_bits == 4.5)));
 }
 
 static void coldq_cfg(const rv_tt_params *p, rv_coldq_cfg *q)
@@ -33,9 +34,19 @@ size_t rv_tt_group_alloc_bytes(const rv_tt_params *p)
 {
     if (!params_valid(p))
         return 0;
-    rv_coldq_cfg q;
-    coldq_cfg(p, &q);
-    return rv_kv_alloc_size(RV_TT_GROUP_HDR + rv_coldq_blob_bytes(&q, NULL, NULL));
+    size_t blob;
+    if (p->cold == RV_TT_TURBO) {
+        rv_turbo *t = rv_turbo_create(p->num_kv_heads, p->head_dim, p->group_tokens, p->turbo_bits);
+        if (!t)
+            return 0;
+        blob = rv_turbo_blob_bytes(t);
+        rv_turbo_destroy(t);
+    } else {
+        rv_coldq_cfg q;
+        coldq_cfg(p, &q);
+        blob = rv_coldq_blob_bytes(&q, NULL, NULL);
+    }
+    return rv_kv_alloc_size(RV_TT_GROUP_HDR + blob);
 }
 
 static size_t ring_bytes(int kvh, int d, int64_t cap) { return 2 * 2 * (size_t)kvh * (size_t)cap * (size_t)d; }
@@ -63,7 +74,13 @@ int rv_tt_create(rv_tt **out, const rv_tt_params *p)
     c->max_tokens = p->max_tokens;
     coldq_cfg(p, &c->q);
     c->used = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)p->num_layers);
-    if (!c->used) {
+    if (p->cold == RV_TT_TURBO) {
+        c->turbo = rv_turbo_create(p->num_kv_heads, p->head_dim, p->group_tokens, p->turbo_bits);
+        if (c->turbo)
+            c->meta_bytes += rv_turbo_bytes(c->turbo);
+    }
+    if (!c->used || (p->cold == RV_TT_TURBO && !c->turbo)) {
+        rv_kv_free(c->used);
         free(c);
         return RV_ENOMEM;
     }
@@ -211,8 +228,32 @@ static void ring_shrink(rv_tt *c, rv_tt_layer *L)
 
 /* ---- migration: the oldest group_tokens hot tokens -> one cold group ---- */
 
+/* TurboQuant: every head's G tokens as floats, then one encode */
+static rv_tt_group *encode_turbo_group(rv_tt *c, const rv_tt_layer *L, const rv_ops *ops)
+{
+    const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
+    const size_t rows = (size_t)G * d;
+    rv_tt_group *g = NULL;
+    float *kf = (float *)malloc(sizeof(float) * (2 * rows * kvh + rv_turbo_scratch_floats(c->turbo)));
+    uint16_t *h16 = (uint16_t *)malloc(sizeof(uint16_t) * rows);
+    if (kf && h16 && (g = group_new(c, rv_turbo_blob_bytes(c->turbo)))) {
+        float *vf = kf + rows * kvh;
+        for (int h = 0; h < kvh; h++)
+            for (int kv = 0; kv < 2; kv++) {
+                ring_gather(c, L, kv, h, L->hot_head, G, h16);
+                ops->f16_to_f32(h16, (kv ? vf : kf) + rows * h, rows);
+            }
+        rv_turbo_encode(c->turbo, kf, vf, RV_TT_BLOB(g), vf + rows * kvh, ops);
+    }
+    free(kf);
+    free(h16);
+    return g;
+}
+
 static rv_tt_group *encode_group(rv_tt *c, const rv_tt_layer *L, const rv_ops *ops)
 {
+    if (c->turbo)
+        return encode_turbo_group(c, L, ops);
     const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
     const int mo = c->q.max_outliers > 0 ? c->q.max_outliers : 1;
     rv_tt_group *g = NULL;
@@ -300,6 +341,7 @@ void rv_tt_destroy(rv_tt *c)
         seq_clear(c, &c->seqs[i]);
     meta_free(c, c->seqs, sizeof(rv_tt_seq) * (size_t)c->slot_cap);
     rv_kv_free(c->used);
+    rv_turbo_destroy(c->turbo);
     free(c);
 }
 
@@ -519,7 +561,8 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
 {
     const rv_tt_layer *L = &c->seqs[slot].layers[layer];
     const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
-    float *tmp = (float *)malloc(sizeof(float) * (2 * (size_t)G * d + rv_coldq_dequant_floats(&c->q)));
+    size_t need = c->turbo ? rv_turbo_scratch_floats(c->turbo) : rv_coldq_dequant_floats(&c->q);
+    float *tmp = (float *)malloc(sizeof(float) * (2 * (size_t)G * d + need));
     if (!tmp)
         return RV_ENOMEM;
     float *kf = tmp, *vf = tmp + (size_t)G * d, *params = vf + (size_t)G * d;
@@ -527,9 +570,13 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
     for (int64_t gi = L->first; gi < L->ngroups; gi++) {
         int a = gi == L->first ? L->skip : 0;
         for (int h = 0; h < kvh; h++) {
-            rv_coldq_head view;
-            rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h, &view);
-            rv_coldq_dequant(&c->q, &view, kf, vf, params, ops);
+            if (c->turbo) {
+                rv_turbo_decode(c->turbo, RV_TT_BLOB(L->groups[gi]), h, kf, vf, params, ops);
+            } else {
+                rv_coldq_head view;
+                rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h, &view);
+                rv_coldq_dequant(&c->q, &view, kf, vf, params, ops);
+            }
             for (int j = a; j < G; j++) {
                 size_t o = ((size_t)(t + j - a) * kvh + h) * d;
                 memcpy(k + o, kf + (size_t)j * d, sizeof(float) * d);
@@ -554,12 +601,77 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
 
 /* per-thread scratch of the fold: a group head's parameters as floats, the fused kernel's
  * scratch, the span kernels' */
+static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+/* per-thread scratch of the fold: the cold tier's (a group head's parameters and the fused
+ * kernel's scratch; TurboQuant: rotated queries and states of up to every head) and the span
+ * kernels' */
 static size_t tt_extra_floats(const rv_kv_source *src, int rows)
 {
     const rv_tt *c = (const rv_tt *)src->cache;
-    return ((rv_coldq_param_floats(&c->q) + 15) & ~(size_t)15) +
-           ((RV_QATTN_SCRATCH_FLOATS(c->group_tokens, c->head_dim) + 15) & ~(size_t)15) +
-           rv_kv_span_scratch_floats(rows, c->head_dim);
+    size_t cold;
+    if (c->turbo) {
+        /* decode tasks fold every head (at most RV_KV_STREAM_ROWS rows), prefill tasks one */
+        size_t many = rv_turbo_attend_floats(c->turbo, rows < RV_KV_STREAM_ROWS ? rows : RV_KV_STREAM_ROWS,
+                                             c->num_kv_heads);
+        size_t one = rv_turbo_attend_floats(c->turbo, rows, 1);
+        cold = many > one ? many : one;
+    } else {
+        cold = pad16(rv_coldq_param_floats(&c->q)) + pad16(RV_QATTN_SCRATCH_FLOATS(c->group_tokens, c->head_dim));
+    }
+    return pad16(cold) + rv_kv_span_scratch_floats(rows, c->head_dim);
+}
+
+/* The TurboQuant cold tokens [t0, t1) of heads h0.. into the states: the queries rotated,
+ * rotated-domain states folded group by group, rotated back and merged in. */
+static void tt_fold_turbo(const rv_tt *c, const rv_tt_layer *L, int h0, int nh, int64_t t0, int64_t t1,
+                          rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
+                          const rv_ops *ops)
+{
+    const rv_turbo *tq = c->turbo;
+    const int D = rv_turbo_padded_dim(tq), G = c->group_tokens, rows = states[0].rows, d = c->head_dim;
+    const size_t rd = pad16((size_t)rows * D), r16 = pad16((size_t)rows);
+    const size_t per_head = 3 * rd + 3 * r16;
+    float *norms = extra + (size_t)nh * per_head;
+    float *kscratch = norms + 3 * pad16((size_t)G + 15);
+    for (int j = 0; j < nh; j++) {
+        float *base = extra + (size_t)j * per_head;
+        float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
+        float *m = qjl_sum + r16, *l = m + r16;
+        rv_turbo_prepare_queries(tq, states[j].q, states[j].q_stride, rows, q_rot, qjl_q, qjl_sum, ops);
+        for (int r = 0; r < rows; r++) {
+            m[r] = -INFINITY;
+            l[r] = 0.0f;
+        }
+        memset(acc, 0, sizeof(float) * (size_t)rows * D);
+    }
+    for (int64_t t = t0; t < t1;) {
+        const int64_t gi = L->first + (t + L->skip) / G;
+        const int a = (int)((t + L->skip) % G);
+        const int n = G - a < t1 - t ? G - a : (int)(t1 - t);
+        const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
+        for (int j = 0; j < nh; j++) {
+            float *base = extra + (size_t)j * per_head;
+            float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
+            float *m = qjl_sum + r16, *l = m + r16;
+            rv_attn_state rot = {rows, D, q_rot, D, m, l, acc, states[0].scratch};
+            struct rv_thead th;
+            rv_turbo_head(tq, RV_TT_BLOB(L->groups[gi]), h0 + j, qjl_q, qjl_sum, norms, &th, ops);
+            if (j + 1 < nh || t + n < t1) {      /* the segment that comes next in memory */
+                th.prefetch = j + 1 < nh ? rv_turbo_segment(tq, RV_TT_BLOB(L->groups[gi]), h0 + j + 1)
+                                         : rv_turbo_segment(tq, RV_TT_BLOB(L->groups[gi + 1]), h0);
+                th.prefetch_bytes = rv_turbo_segment_bytes(tq);
+            }
+            ops->attend_tgroup(&rot, &th, a, n, vv, kscratch);
+        }
+        t += n;
+    }
+    for (int j = 0; j < nh; j++) {
+        float *base = extra + (size_t)j * per_head;
+        float *q_rot = base, *acc = q_rot + 2 * rd, *m = acc + rd + r16, *l = m + r16;
+        rv_turbo_unrotate(tq, acc, rows, q_rot, d);     /* q_rot is free now: [rows][d] */
+        ops->attn_merge(rows, d, states[j].m, states[j].l, states[j].acc, m, l, q_rot);
+    }
 }
 
 static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0, int64_t t1,
@@ -571,12 +683,16 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
     const int d = c->head_dim, G = c->group_tokens, rows = states[0].rows;
     const int64_t ncold = cold_len(c, L);
     float *params = extra;
-    float *qscratch = params + ((rv_coldq_param_floats(&c->q) + 15) & ~(size_t)15);
-    float *sscratch = qscratch + ((RV_QATTN_SCRATCH_FLOATS(G, d) + 15) & ~(size_t)15);
+    float *qscratch = params + pad16(rv_coldq_param_floats(&c->q));
+    float *sscratch = extra + (tt_extra_floats(src, rows) - rv_kv_span_scratch_floats(rows, d));
     /* cold: group by group, every head of a group in turn (memory order), the fused kernel
      * reading the codes and prefetching the segment that comes next */
     int64_t t = t0;
     const int64_t cold_end = t1 < ncold ? t1 : ncold;
+    if (c->turbo && t < cold_end) {
+        tt_fold_turbo(c, L, h0, nh, t, cold_end, states, row_pos, vis, extra, ops);
+        t = cold_end;
+    }
     while (t < cold_end) {
         const int64_t gi = L->first + (t + L->skip) / G;
         const int a = (int)((t + L->skip) % G);
@@ -669,7 +785,7 @@ void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blob
 
 int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
 {
-    return rv_coldq_validate(&c->q, blob, bytes);
+    return c->turbo ? rv_turbo_validate(c->turbo, blob, bytes) : rv_coldq_validate(&c->q, blob, bytes);
 }
 
 int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,

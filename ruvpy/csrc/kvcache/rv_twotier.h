@@ -22,6 +22,7 @@
 #include "rv_common.h"
 #include "kernels/rv_ops.h"
 #include "kvcache/rv_coldq.h"
+#include "kvcache/rv_turbo.h"
 
 #define RV_TT_Q8 0
 #define RV_TT_Q4 1
@@ -58,6 +59,7 @@ typedef struct {
     int num_layers, num_kv_heads, head_dim;
     int hot_tokens, group_tokens, cold;
     rv_coldq_cfg q;          /* cold q8 / q4 */
+    rv_turbo *turbo;         /* cold turbo: rotation, projections, codebooks */
     int64_t max_tokens;
     int64_t *used;           /* [num_layers] tokens held, all sequences */
     rv_tt_seq *seqs;
