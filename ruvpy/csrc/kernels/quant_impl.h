@@ -301,15 +301,17 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
     if (n_eff <= 0)
         return;
     /* q . (scale * code + zero) = (q * scale) . code + q . zero: scale the queries once per
-     * group; outlier channels get their own 8-bit codes, so 0 in the 4-bit sum */
+     * group (vectorised: per token it is d / G of the work); outlier channels get their own
+     * 8-bit codes, so 0 in the 4-bit sum */
     for (int r = 0; r < NR; r++) {
         const float *q = st->q + (r0 + r) * st->q_stride;
-        float b = 0.0f;
-        for (int c = 0; c < d; c++) {
-            qs[r * d + c] = q[c] * h->kscale[c];
-            b += q[c] * h->kzero[c];
-        }
-        bias[r] = b;
+        float *qr = qs + r * d;
+        int c = 0;
+        for (; c + RV_VW <= d; c += RV_VW)
+            rv_vf_store(qr + c, rv_vf_mul(rv_vf_load(q + c), rv_vf_load(h->kscale + c)));
+        for (; c < d; c++)
+            qr[c] = q[c] * h->kscale[c];
+        bias[r] = dot_f32(q, h->kzero, (size_t)d);
         for (int o = 0; o < h->nk; o++) {
             qo[r * RV_COLDQ_MAX_OUTLIERS + o] = qs[r * d + h->kidx[o]];
             qs[r * d + h->kidx[o]] = 0.0f;

@@ -25,6 +25,11 @@ RV_INLINE void *rv_kv_alloc(size_t nbytes)
 
 RV_INLINE void rv_kv_free(void *p) { free(p); }
 
+/* A block of at least nbytes for bulk K/V storage: large ones 2 MiB aligned and advised to
+ * use transparent huge pages (streamed through by every attention call, they would otherwise
+ * miss the TLB every 4 KiB). *allocated = the bytes really taken. Free with rv_kv_free. */
+void *rv_kv_alloc_large(size_t nbytes, size_t *allocated);
+
 /* rv_kv_alloc / rv_kv_free that add / subtract the real size to / from *counter */
 RV_INLINE void *rv_kv_alloc_counted(size_t nbytes, size_t *counter)
 {

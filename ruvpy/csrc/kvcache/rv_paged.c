@@ -50,14 +50,13 @@ int rv_paged_create(rv_paged **out, int num_layers, int num_kv_heads, int head_d
         goto fail_inval;
     c->block_bytes = bb;
     c->num_blocks = (int32_t)num_blocks;
-    c->pool = (unsigned char *)rv_kv_alloc(pool);
+    c->pool = (unsigned char *)rv_kv_alloc_large(pool, &c->pool_bytes);
     c->refcount = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)num_blocks);
     c->free_stack = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)num_blocks);
     if (!c->pool || !c->refcount || !c->free_stack) {
         rv_paged_destroy(c);
         return RV_ENOMEM;
     }
-    c->pool_bytes = rv_kv_alloc_size(pool);
     memset(c->refcount, 0, sizeof(int32_t) * (size_t)num_blocks);
     /* the top of the stack is block 0, so blocks are taken in address order */
     for (int32_t i = 0; i < c->num_blocks; i++)
