@@ -203,12 +203,14 @@ static int ring_reserve(rv_tt *c, rv_tt_layer *L, int in_txn, int64_t more)
     int64_t base, kept = ring_kept(L, in_txn, &base), need = kept + more;
     if (need <= L->hot_cap)
         return RV_OK;
+    /* doubling (a decode step must not copy the ring), up to the steady-state size unless a
+     * long append needs more */
     const int64_t target = (int64_t)c->hot_tokens + c->group_tokens;
-    int64_t cap = L->hot_cap ? 2 * L->hot_cap : 16;
+    int64_t cap = L->hot_cap ? L->hot_cap : 16;
+    while (cap < need)
+        cap *= 2;
     if (cap > target)
-        cap = target;
-    if (cap < need)
-        cap = need;
+        cap = target > need ? target : need;
     int64_t back = kept - L->hot_len;
     if (ring_resize(c, L, cap, base, kept))
         return RV_ENOMEM;
