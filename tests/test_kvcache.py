@@ -9,25 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from ruvpy import _kernels
 from ruvpy._kvcache import KVCacheFull, PagedKVCache
-
-
-def reference_attention(q, k, v, causal=True, scale=None):
-    """float64 softmax(scale q k^T + mask) v; q [L, H, d], k/v [n, KVH, d] (GQA groups)."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    L, H, d = q.shape
-    n, kvh, _ = k.shape
-    g = H // kvh
-    scale = 1.0 / np.sqrt(d) if scale is None else scale
-    out = np.zeros((L, H, d))
-    pos = n - L + np.arange(L)
-    for h in range(H):
-        s = scale * q[:, h] @ k[:, h // g].T
-        if causal:
-            s = np.where(np.arange(n)[None, :] > pos[:, None], -np.inf, s)
-        s -= s.max(axis=1, keepdims=True)
-        p = np.exp(s)
-        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // g]
-    return out
+from test_attention import reference as reference_attention   # float64, same causal rule
 
 
 def random_kv(rng, n, kvh, d, dtype=np.float32):

@@ -70,23 +70,33 @@ def reference(q, k, v):
     return out
 
 
+def filled_caches(kvh, d, k, v, colds, hot_tokens):
+    """{name: (cache, seq)}: the paged cache (fp16, blocks of 16) and a two-tier cache per cold
+    format, each holding k, v in one layer of one sequence."""
+    n = k.shape[0]
+    made = {"paged fp16": PagedKVCache(1, kvh, d, block_size=16, max_tokens=n, dtype="float16")}
+    for cold in colds:
+        made[f"two-tier {cold}"] = TwoTierKVCache(1, kvh, d, hot_tokens=hot_tokens, cold=cold, max_tokens=n)
+    out = {}
+    for name, cache in made.items():
+        seq = cache.add_sequence()
+        cache.append(seq, 0, k, v)
+        out[name] = (cache, seq)
+    return out
+
+
+def stored_bytes(cache):
+    """Bytes a cache's storage of its tokens took (allocations, from its stats)."""
+    st = cache.stats()
+    return st.tiers["paged"]["bytes"] if st.kind == "paged" else st.hot_bytes + st.cold_bytes
+
+
 def make_caches(kvh, d, k, v, colds):
     """{name: (attend(q, out), stored bytes of these tokens)} for every format."""
-    n = k.shape[0]
     k16, v16 = k.astype(np.float16), v.astype(np.float16)
     made = {"contiguous fp16": (lambda q, out: ruvpy.attention(q, k16, v16, out=out), k16.nbytes + v16.nbytes)}
-    paged = PagedKVCache(1, kvh, d, block_size=16, max_tokens=n, dtype="float16")
-    seq = paged.add_sequence()
-    paged.append(seq, 0, k16, v16)
-    made["paged fp16"] = (lambda q, out, c=paged, s=seq: c.attention(s, 0, q, out=out),
-                          paged.stats().tiers["paged"]["bytes"])
-    for cold in colds:
-        tt = TwoTierKVCache(1, kvh, d, hot_tokens=256, cold=cold, max_tokens=n)
-        s = tt.add_sequence()
-        tt.append(s, 0, k16, v16)
-        st = tt.stats()
-        made[f"two-tier {cold}"] = (lambda q, out, c=tt, s=s: c.attention(s, 0, q, out=out),
-                                    st.hot_bytes + st.cold_bytes)
+    for name, (cache, seq) in filled_caches(kvh, d, k16, v16, colds, hot_tokens=256).items():
+        made[name] = (lambda q, out, c=cache, s=seq: c.attention(s, 0, q, out=out), stored_bytes(cache))
     return made
 
 
@@ -133,15 +143,13 @@ def bytes_per_token(colds):
         fp16 = 2 * 2 * kvh * d
         for outliers in (False, True):
             k, v = random_kv(rng, n, kvh, d, outliers)
-            paged = PagedKVCache(1, kvh, d, block_size=16, max_tokens=n)
-            paged.append(paged.add_sequence(), 0, k, v)
-            st = paged.stats()
-            found = {"paged fp16": st.tiers["paged"]["bytes"] / st.tokens}
-            for cold in colds:
-                tt = TwoTierKVCache(1, kvh, d, hot_tokens=0, cold=cold, max_tokens=n)
-                tt.append(tt.add_sequence(), 0, k, v)
-                st = tt.stats()
-                found[f"{cold} cold"] = st.cold_bytes_per_token
+            found = {}
+            for name, (cache, _) in filled_caches(kvh, d, k, v, colds, hot_tokens=0).items():
+                st = cache.stats()
+                if st.kind == "paged":
+                    found[name] = stored_bytes(cache) / st.tokens
+                else:                    # the cold store's own cost (its hot ring aside)
+                    found[name.replace("two-tier ", "") + " cold"] = st.cold_bytes_per_token
             for name, b in found.items():
                 rows.append({"shape": f"{H}/{kvh}/{d}", "data": "outliers" if outliers else "random",
                              "format": name, "bytes/token": b, "vs fp16": b / fp16,
@@ -158,15 +166,8 @@ def quality(colds):
             k, v = random_kv(rng, n, kvh, d, outliers)
             q = rng.standard_normal((32, H, d)).astype(np.float32)
             ref = reference(q, k, v)
-            caches = {}
-            paged = PagedKVCache(1, kvh, d, block_size=16, max_tokens=n)
-            caches["paged fp16"] = (paged, paged.add_sequence())
-            for cold in colds:
-                # hot_tokens=64: 98% of the tokens are in the cold store
-                tt = TwoTierKVCache(1, kvh, d, hot_tokens=64, cold=cold, max_tokens=n)
-                caches[f"two-tier {cold}"] = (tt, tt.add_sequence())
-            for name, (cache, seq) in caches.items():
-                cache.append(seq, 0, k, v)
+            # two-tier: hot_tokens=64, 98% of the tokens are in the cold store
+            for name, (cache, seq) in filled_caches(kvh, d, k, v, colds, hot_tokens=64).items():
                 out = cache.attention(seq, 0, q, causal=False).astype(np.float64)
                 cos_rows = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
                 rows.append({"shape": f"{H}/{kvh}/{d}", "data": "outliers" if outliers else "random",

@@ -720,6 +720,19 @@ def cases_dequant_rows_group(rng):
                 "zero": zero.reshape(-1)[:used], **_expect_affine(codes, s64, z64)}
 
 
+def _group_visible(rng, kind, rows, n):
+    """(the case's "visible" array or None, the counts the reference uses) for rows over n
+    tokens: all, causal (row r is query token n - rows + r), or random with 0 and n present."""
+    if kind == "all":
+        return None, np.full(rows, n)
+    if kind == "causal":
+        visible = np.clip(n - rows + 1 + np.arange(rows), 0, n).astype(np.int32)
+    else:
+        visible = rng.integers(0, n + 1, rows).astype(np.int32)
+        visible[0], visible[-1] = 0, n
+    return visible, visible
+
+
 QGROUP_SHAPES = [  # (bits, head_dim, G, group_size, rows, key outliers, value outliers, a, n, visible)
     (4, 128, 64, 32, 4, 2, 1, 0, 64, "all"), (4, 64, 64, 32, 3, 0, 0, 10, 40, "causal"),
     (8, 64, 32, 32, 4, 0, 0, 0, 32, "all"), (8, 40, 48, 8, 7, 0, 0, 5, 43, "causal"),
@@ -762,14 +775,7 @@ def cases_attend_qgroup(rng):
         values[:, vidx] += o_prod + vozero
         values_abs[:, vidx] += np.abs(o_prod) + np.abs(vozero.astype(np.float64))
         q = (rng.standard_normal((rows, d)) * 2.0 / np.sqrt(d)).astype(np.float32)
-        if vis_kind == "all":
-            visible = None
-        elif vis_kind == "causal":
-            visible = np.clip(n - rows + 1 + np.arange(rows), 0, n).astype(np.int32)
-        else:
-            visible = rng.integers(0, n + 1, rows).astype(np.int32)
-            visible[0], visible[-1] = 0, n
-        vis = np.full(rows, n) if visible is None else visible
+        visible, vis = _group_visible(rng, vis_kind, rows, n)
         out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
         # the kernel sums (q * scale) . code and q . zero apart: bound by |terms|, not |key|
         tol_out, tol_lse = attention_tolerance(q, keys_abs[a:a + n], values_abs[a:a + n], vis)
@@ -833,14 +839,7 @@ def cases_attend_tgroup(rng):
         k_abs = np.concatenate([np.abs(k_aug[:, :D]), 3 * np.abs(k_aug[:, D:])], 1)
         q_aug = np.concatenate([q, qjl_q], 1)
         values = vnorm[:, None].astype(np.float64) * y_v
-        if vis_kind == "all":
-            visible = None
-        elif vis_kind == "causal":
-            visible = np.clip(n - rows + 1 + np.arange(rows), 0, n).astype(np.int32)
-        else:
-            visible = rng.integers(0, n + 1, rows).astype(np.int32)
-            visible[0], visible[-1] = 0, n
-        vis = np.full(rows, n) if visible is None else visible
+        visible, vis = _group_visible(rng, vis_kind, rows, n)
         wide = np.concatenate([values, np.zeros_like(values)], 1)[a:a + n]    # the reference's v is as wide as q
         out, lse = attention_reference(q_aug, k_aug[a:a + n], wide, vis)
         tol_out, tol_lse = attention_tolerance(q_aug, k_abs[a:a + n], np.abs(wide), vis)

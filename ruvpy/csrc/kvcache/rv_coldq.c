@@ -306,28 +306,11 @@ void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *para
         vos[o] = rv_f16_to_f32(v->voscale[o]);
         voz[o] = rv_f16_to_f32(v->vozero[o]);
     }
-    q->G = cfg->group_tokens;
-    q->head_dim = d;
-    q->bits = cfg->bits;
-    q->group_size = cfg->group_size;
-    q->kcodes = v->kcodes;
-    q->krow = key_row(cfg);
-    q->kscale = kscale;
-    q->kzero = kzero;
-    q->nk = v->nk;
-    q->kidx = v->kidx;
-    q->kcodes8 = v->kcodes8;
-    q->vcodes = v->vcodes;
-    q->vrow = value_row(cfg);
-    q->vscale = vscale;
-    q->vzero = vzero;
-    q->nv = v->nv;
-    q->vidx = v->vidx;
-    q->voscale = vos;
-    q->vozero = voz;
-    q->vcodes8 = v->vcodes8;
-    q->prefetch = NULL;
-    q->prefetch_bytes = 0;
+    *q = (struct rv_qhead){.G = cfg->group_tokens, .head_dim = d, .bits = cfg->bits, .group_size = cfg->group_size,
+                           .kcodes = v->kcodes, .krow = key_row(cfg), .kscale = kscale, .kzero = kzero,
+                           .nk = v->nk, .kidx = v->kidx, .kcodes8 = v->kcodes8, .vcodes = v->vcodes,
+                           .vrow = value_row(cfg), .vscale = vscale, .vzero = vzero, .nv = v->nv,
+                           .vidx = v->vidx, .voscale = vos, .vozero = voz, .vcodes8 = v->vcodes8};
 }
 
 size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg)

@@ -456,16 +456,9 @@ static void paged_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t
 int rv_paged_attend(const rv_paged *c, int layer, int num_heads, const rv_kv_query *queries, int nq,
                     float scale, int causal, const rv_ops *ops, int nthreads)
 {
-    rv_kv_source src;
-    memset(&src, 0, sizeof src);
-    src.cache = c;
-    src.layer = layer;
-    src.num_heads = num_heads;
-    src.num_kv_heads = c->num_kv_heads;
-    src.head_dim = c->head_dim;
-    src.fold = paged_fold;
-    src.extra_floats = paged_extra_floats;
-    src.split_align = c->block_size;
+    rv_kv_source src = {.cache = c, .layer = layer, .num_heads = num_heads, .num_kv_heads = c->num_kv_heads,
+                         .head_dim = c->head_dim, .fold = paged_fold, .extra_floats = paged_extra_floats,
+                         .split_align = c->block_size};
     return rv_kv_attend(&src, queries, nq, scale, causal, ops, nthreads);
 }
 

@@ -366,29 +366,13 @@ void rv_turbo_head(const rv_turbo *t, const unsigned char *blob, int head, const
     layout(t, &L);
     const unsigned char *seg = rv_turbo_segment(t, blob, head);
     ops->f16_to_f32((const uint16_t *)(seg + L.knorm), norms, 3 * (size_t)t->Gp);   /* knorm, kgamma, vnorm */
-    h->G = t->G;
-    h->Gp = t->Gp;
-    h->D = t->D;
-    h->kbits_hi = t->kbits_hi;
-    h->kbits_lo = t->kbits_lo;
-    h->vbits_hi = t->vbits_hi;
-    h->vbits_lo = t->vbits_lo;
-    h->plane_bytes = plane_bytes(t);
-    h->kplanes = seg + L.kplanes;
-    h->qjl = seg + L.qjl;
-    h->vplanes = seg + L.vplanes;
-    h->knorm = norms;
-    h->kgamma = norms + t->Gp;
-    h->vnorm = norms + 2 * (size_t)t->Gp;
-    h->kbook_hi = t->books[t->kbits_hi];
-    h->kbook_lo = t->books[t->kbits_lo];
-    h->vbook_hi = t->books[t->vbits_hi];
-    h->vbook_lo = t->books[t->vbits_lo];
-    h->qjl_q = qjl_q;
-    h->qjl_sum = qjl_sum;
-    h->qjl_scale = sqrtf((float)TQ_PI / 2.0f) / (float)t->D;
-    h->prefetch = NULL;
-    h->prefetch_bytes = 0;
+    *h = (struct rv_thead){.G = t->G, .Gp = t->Gp, .D = t->D, .kbits_hi = t->kbits_hi, .kbits_lo = t->kbits_lo,
+                           .vbits_hi = t->vbits_hi, .vbits_lo = t->vbits_lo, .plane_bytes = plane_bytes(t),
+                           .kplanes = seg + L.kplanes, .qjl = seg + L.qjl, .vplanes = seg + L.vplanes,
+                           .knorm = norms, .kgamma = norms + t->Gp, .vnorm = norms + 2 * (size_t)t->Gp,
+                           .kbook_hi = t->books[t->kbits_hi], .kbook_lo = t->books[t->kbits_lo],
+                           .vbook_hi = t->books[t->vbits_hi], .vbook_lo = t->books[t->vbits_lo],
+                           .qjl_q = qjl_q, .qjl_sum = qjl_sum, .qjl_scale = sqrtf((float)TQ_PI / 2.0f) / (float)t->D};
 }
 
 void rv_turbo_unrotate(const rv_turbo *t, float *acc, int rows, float *out, ptrdiff_t out_stride)

@@ -735,16 +735,9 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
 int rv_tt_attend(const rv_tt *c, int layer, int num_heads, const rv_kv_query *queries, int nq,
                  float scale, int causal, const rv_ops *ops, int nthreads)
 {
-    rv_kv_source src;
-    memset(&src, 0, sizeof src);
-    src.cache = c;
-    src.layer = layer;
-    src.num_heads = num_heads;
-    src.num_kv_heads = c->num_kv_heads;
-    src.head_dim = c->head_dim;
-    src.fold = tt_fold;
-    src.extra_floats = tt_extra_floats;
-    src.split_align = c->group_tokens;
+    rv_kv_source src = {.cache = c, .layer = layer, .num_heads = num_heads, .num_kv_heads = c->num_kv_heads,
+                         .head_dim = c->head_dim, .fold = tt_fold, .extra_floats = tt_extra_floats,
+                         .split_align = c->group_tokens};
     return rv_kv_attend(&src, queries, nq, scale, causal, ops, nthreads);
 }
 
