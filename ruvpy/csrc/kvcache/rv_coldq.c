@@ -63,6 +63,19 @@ size_t rv_coldq_scratch_floats(const rv_coldq_cfg *cfg)
     return 2 * (size_t)cfg->head_dim + (size_t)cfg->group_tokens * (cfg->max_outliers > 0 ? cfg->max_outliers : 1);
 }
 
+/* min and max of x[t * stride] over t < n */
+static void strided_range(const float *x, int n, size_t stride, float *mn, float *mx)
+{
+    float lo = x[0], hi = x[0];
+    for (int t = 1; t < n; t++) {
+        float v = x[(size_t)t * stride];
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    *mn = lo;
+    *mx = hi;
+}
+
 static int cmp_float(const void *a, const void *b)
 {
     float x = *(const float *)a, y = *(const float *)b;
@@ -80,12 +93,8 @@ static int pick_outliers(const rv_coldq_cfg *cfg, const float *x, uint8_t *idx, 
         return 0;
     float *r = scratch, *sorted = scratch + d;
     for (int c = 0; c < d; c++) {
-        float mn = x[c], mx = x[c];
-        for (int t = 1; t < G; t++) {
-            float v = x[(size_t)t * d + c];
-            mn = v < mn ? v : mn;
-            mx = v > mx ? v : mx;
-        }
+        float mn, mx;
+        strided_range(x + c, G, (size_t)d, &mn, &mx);
         r[c] = mx - mn;
     }
     memcpy(sorted, r, sizeof(float) * (size_t)d);
@@ -197,12 +206,8 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
 
     /* keys: per channel over the G tokens; outlier channels in 8 bits */
     for (int c = 0; c < d; c++) {
-        float mn = kf[c], mx = kf[c];
-        for (int t = 1; t < G; t++) {
-            float x = kf[(size_t)t * d + c];
-            mn = x < mn ? x : mn;
-            mx = x > mx ? x : mx;
-        }
+        float mn, mx;
+        strided_range(kf + c, G, (size_t)d, &mn, &mx);
         int o = kout[c];
         float sf, zf;
         params(mn, mx, o >= 0 ? 255 : L, &kscale[c], &kzero[c], &sf, &zf);
@@ -240,13 +245,8 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
         }
     }
     for (int o = 0; o < nv; o++) {
-        float mn = resid[o], mx = resid[o];
-        for (int t = 1; t < G; t++) {
-            float r = resid[(size_t)t * nv + o];
-            mn = r < mn ? r : mn;
-            mx = r > mx ? r : mx;
-        }
-        float sf, zf;
+        float mn, mx, sf, zf;
+        strided_range(resid + o, G, (size_t)nv, &mn, &mx);
         params(mn, mx, 255, &voscale[o], &vozero[o], &sf, &zf);
         for (int t = 0; t < G; t++)
             vcodes8[(size_t)t * nv + o] = (uint8_t)code_of(resid[(size_t)t * nv + o], sf, zf, 255);
