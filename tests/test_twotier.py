@@ -421,3 +421,37 @@ def test_random_operations_keep_order_and_bytes(ops, cold):
         cache.free(s)
     st_ = cache.stats()
     assert st_.hot_bytes == 0 and st_.cold_bytes == 0 and st_.cold_groups == 0 and st_.tokens == 0
+
+
+@pytest.mark.parametrize("make", [lambda: TwoTierKVCache(2, 2, 16, hot_tokens=8, migration_batch=8, max_tokens=4000),
+                                  lambda: __import__("ruvpy").PagedKVCache(2, 2, 16, block_size=4, max_tokens=4000)],
+                         ids=["two-tier", "paged"])
+def test_python_threads_share_a_cache(make):
+    """Attention runs without the GIL; appends, forks and frees from other threads wait for
+    it (one lock per cache): no crash, and every sequence ends up with what was appended."""
+    import threading
+    cache = make()
+    seqs = [cache.add_sequence() for _ in range(4)]
+    errors = []
+
+    def work(i):
+        rng = np.random.default_rng(i)
+        try:
+            for step in range(60):
+                k, v = random_kv(rng, 3, 2, 16)
+                q = rng.standard_normal((3, 4, 16)).astype(np.float32)
+                for layer in range(2):
+                    cache.append_attend(layer, [seqs[i]], [3], q, k, v)
+                child = cache.fork(seqs[i])
+                cache.attention(child, 1, q[:1])
+                cache.free(child)
+        except Exception as exc:      # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [cache.seq_len(s, 1) for s in seqs] == [180] * 4 and cache.sequences() == seqs
