@@ -1,16 +1,22 @@
 /* Attention kernels (see rv_ops.h), written once against rv_simd.h, compiled per ISA.
  *
  * Two kernel families, because decode and prefill have opposite shapes:
- *  - streaming (attend_chunk_*, attend_spans_*): a few query rows (one GQA group at decode)
- *    against many keys. head_dim runs along the SIMD lanes; each K/V row is loaded once and used
- *    by every row of the group; RV_VW keys' partial dot products are reduced together by one
- *    transpose-add tree; the PV product is register-blocked (rows x head_dim vectors).
- *  - tiled (attend_rows_*): up to RV_ATTN_TILE_ROWS query rows (prefill). Query rows run along
- *    the lanes (Q packed transposed once), so the online softmax is vertical (no horizontal
- *    reductions) and both Q.K^T and P.V are outer-product micro-kernels fed by broadcasts of
- *    K / V elements from a packed fp32 tile (which also converts fp16 and avoids the 4 KiB
- *    aliasing of NHD rows).
- * The fp32 and fp16 variants are one always-inline body with a constant `f16` flag.
+ *  - streaming (attend_chunk_*, attend_spans_*, attend_heads_*): a few query rows (one GQA
+ *    group at decode) against many keys; memory-bound. head_dim runs along the SIMD lanes; each
+ *    K/V row is loaded once and used by every row of the group; RV_VW keys' partial dot products
+ *    are reduced together by one transpose-add tree; P.V is register-blocked (rows x head_dim
+ *    vectors). The next block is software-prefetched into L2, spread over the work of the
+ *    current one; attend_heads_* walks token blocks across all heads so NHD data streams in
+ *    memory order. (Measured on Zen 4, 2 cores: ~90 cycles per key and head for a group of 4
+ *    at head_dim 128, i.e. ~70% of FMA peak; DRAM streaming ~75-90% of the read bandwidth.)
+ *  - tiled (attend_rows_*): up to RV_ATTN_TILE_ROWS query rows (prefill); compute-bound. Query
+ *    rows run along the lanes (Q packed transposed once), so the online softmax is vertical (no
+ *    horizontal reductions) and both Q.K^T and P.V are outer-product micro-kernels fed by
+ *    broadcasts of K / V elements from a packed fp32 tile (which also converts fp16 and avoids
+ *    the 4 KiB aliasing of NHD rows); the next tile is prefetched while one computes. (~84% of
+ *    single-core FMA peak with zmm; ~80% with the ymm table.)
+ * The fp32 and fp16 variants are one always-inline body with a constant `f16` flag. The ATT_*
+ * tuning macros below can be overridden with -D for measurements.
  */
 #ifndef RV_ATTENTION_IMPL_H
 #define RV_ATTENTION_IMPL_H
@@ -144,15 +150,28 @@ typedef struct {
     int row_bytes;
 } att_pf;
 
+/* planned row j (NULL when there is none) */
+RV_INLINE const char *att_pf_at(const att_pf *pf, const void *const *list, const char *base,
+                                ptrdiff_t stride, int j)
+{
+    if (!pf || j >= pf->n)
+        return NULL;
+    return list ? (const char *)list[j] : base + j * stride;
+}
+#define ATT_PF_K(pf, j) att_pf_at(pf, (pf) ? (pf)->kl : NULL, (pf) ? (pf)->kb : NULL, (pf) ? (pf)->ks : 0, j)
+#define ATT_PF_V(pf, j) att_pf_at(pf, (pf) ? (pf)->vl : NULL, (pf) ? (pf)->vb : NULL, (pf) ? (pf)->vs : 0, j)
+
+/* every line of planned row j (the tiled kernel: its micro-kernels leave the load ports idle
+ * enough for whole rows; the streaming kernels spread theirs, one line per vector step) */
 RV_INLINE void att_pf_row(const att_pf *pf, const void *const *list, const char *base,
                           ptrdiff_t stride, int j)
 {
-    if (pf && j < pf->n) {
-        const char *p = list ? (const char *)list[j] : base + j * stride;
-        for (int o = 0; o < pf->row_bytes; o += 64)
-            __builtin_prefetch(p + o, 0, ATT_PF_LOCALITY);
-        __builtin_prefetch(p + pf->row_bytes - 1, 0, ATT_PF_LOCALITY);  /* rows may straddle */
-    }
+    const char *p = att_pf_at(pf, list, base, stride, j);
+    if (!p)
+        return;
+    for (int o = 0; o < pf->row_bytes; o += 64)
+        __builtin_prefetch(p + o, 0, ATT_PF_LOCALITY);
+    __builtin_prefetch(p + pf->row_bytes - 1, 0, ATT_PF_LOCALITY);   /* rows may straddle */
 }
 
 /* ---- walking a span list ---- */
@@ -253,14 +272,12 @@ RV_INLINE void att_stream_qk(const int NRB, const float *q, ptrdiff_t q_stride, 
         for (int j0 = 0; j0 < n; j0 += RV_VW) {
             for (int jj = 0; jj < RV_VW && j0 + jj < n; jj += ATT_KG) {
                 const void *k[ATT_KG];
+                const char *pk[ATT_KG];
                 rv_vf a[ATT_RB][ATT_KG];
 #pragma GCC unroll 4
                 for (int t = 0; t < ATT_KG; t++) {
                     k[t] = kp[j0 + jj + t];
-                    att_pf_row(pf, pf ? pf->kl : NULL, pf ? pf->kb : NULL, pf ? pf->ks : 0, j0 + jj + t);
-#ifdef ATT_PF_VQK
-                    att_pf_row(pf, pf ? pf->vl : NULL, pf ? pf->vb : NULL, pf ? pf->vs : 0, j0 + jj + t);
-#endif
+                    pk[t] = ATT_PF_K(pf, j0 + jj + t);
                 }
 #pragma GCC unroll 4
                 for (int i = 0; i < NRB; i++)
@@ -269,9 +286,16 @@ RV_INLINE void att_stream_qk(const int NRB, const float *q, ptrdiff_t q_stride, 
                         a[i][t] = rv_vf_zero();
                 for (int c = 0; c < dv; c += RV_VW) {
                     rv_vf kv[ATT_KG];
+                    const int o = c * (f16 ? 2 : 4);
+                    /* a line of each planned row per step: prefetches trickle out between
+                     * the FMAs (whole-row bursts overflowed the miss buffers) */
+                    const int pf_now = RV_VW * (f16 ? 2 : 4) >= 64 || !(o & 63);
 #pragma GCC unroll 4
-                    for (int t = 0; t < ATT_KG; t++)
+                    for (int t = 0; t < ATT_KG; t++) {
                         kv[t] = att_load(k[t], c, f16);
+                        if (pk[t] && pf_now)
+                            __builtin_prefetch(pk[t] + o, 0, ATT_PF_LOCALITY);
+                    }
 #pragma GCC unroll 4
                     for (int i = 0; i < NRB; i++) {
                         rv_vf qv = rv_vf_load(q + i * q_stride + c);
@@ -280,6 +304,10 @@ RV_INLINE void att_stream_qk(const int NRB, const float *q, ptrdiff_t q_stride, 
                             a[i][t] = rv_vf_fmadd(qv, kv[t], a[i][t]);
                     }
                 }
+#pragma GCC unroll 4
+                for (int t = 0; t < ATT_KG; t++)   /* the row's last line (tail, straddling) */
+                    if (pk[t])
+                        __builtin_prefetch(pk[t] + d * (f16 ? 2 : 4) - 1, 0, ATT_PF_LOCALITY);
 #pragma GCC unroll 4
                 for (int i = 0; i < NRB; i++)
 #pragma GCC unroll 4
@@ -312,14 +340,20 @@ RV_INLINE void att_stream_pv_block(const int NRB, const int NCB, float *acc, int
 {
     rv_vf a[ATT_TI][ATT_TT];
     att_tile_load(NRB, NCB, a, acc + c0, d, corr, NULL);
+    const int es = f16 ? 2 : 4;
+    const int last = c0 + NCB * RV_VW >= d - d % RV_VW;   /* this pass ends the row */
     for (int j = 0; j < n; j++) {
         rv_vf vv[ATT_TT];
-#ifndef ATT_PF_VQK
-        att_pf_row(pf, pf ? pf->vl : NULL, pf ? pf->vb : NULL, pf ? pf->vs : 0, j);
-#endif
+        const char *pv = ATT_PF_V(pf, j);   /* the planned row's lines of this pass */
 #pragma GCC unroll 4
-        for (int b = 0; b < NCB; b++)
+        for (int b = 0; b < NCB; b++) {
+            const int o = (c0 + b * RV_VW) * es;
             vv[b] = att_load(vp[j], c0 + b * RV_VW, f16);
+            if (pv && (RV_VW * es >= 64 || !(o & 63)))
+                __builtin_prefetch(pv + o, 0, ATT_PF_LOCALITY);
+        }
+        if (pv && last)
+            __builtin_prefetch(pv + d * es - 1, 0, ATT_PF_LOCALITY);
         att_tile_fma(NRB, NCB, a, p + j, ATT_KB, vv);
     }
     att_tile_store(NRB, NCB, a, acc + c0, d);
@@ -330,9 +364,9 @@ RV_INLINE void att_stream_pv(const int NRB, float *acc, int d, const float *p, c
 {
     const int dv = d - d % RV_VW;
     int c0 = 0;
-    for (; c0 + ATT_CB * RV_VW <= dv; c0 += ATT_CB * RV_VW, pf = NULL)
+    for (; c0 + ATT_CB * RV_VW <= dv; c0 += ATT_CB * RV_VW)
         att_stream_pv_block(NRB, ATT_CB, acc, d, c0, p, corr, vp, n, pf, f16);
-    for (; c0 < dv; c0 += RV_VW, pf = NULL)
+    for (; c0 < dv; c0 += RV_VW)
         att_stream_pv_block(NRB, 1, acc, d, c0, p, corr, vp, n, pf, f16);
     if (dv < d) /* head_dim tail */
         for (int i = 0; i < NRB; i++)
