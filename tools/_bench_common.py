@@ -65,6 +65,12 @@ def read_bandwidth(nbytes=None, repeats=7, threads=None):
     return best
 
 
+def settle(seconds=0.3):
+    """Pause before timing a library: numpy's OpenBLAS and torch's OpenMP workers keep spinning
+    for a while after their last call, and on 2 cores they would steal the next library's."""
+    time.sleep(seconds)
+
+
 def median_time(fn, repeats=11, warmup=2, min_time=0.0):
     """Median wall time of fn() in seconds over `repeats` calls (more calls, up to 10x, while
     their total is below min_time seconds), after `warmup` untimed calls."""
