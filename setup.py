@@ -33,7 +33,7 @@ MACHINE = platform.machine().lower()
 IS_X86_64 = MACHINE in ("x86_64", "amd64")
 IS_AARCH64 = MACHINE in ("aarch64", "arm64")
 
-# Per-ISA flags. Never -march=native: a build must run on any CPU of its architecture.
+# Per-ISA flags only, never a host-specific -march: a build must run on any CPU of its architecture.
 ISA_FLAGS = {
     "scalar": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],

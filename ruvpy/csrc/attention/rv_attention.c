@@ -156,11 +156,7 @@ static int attend_streaming(const rv_ops *ops, int nthreads, const rv_attn_args 
                 float *m = acc + pad16((size_t)rows * d), *l = m + pad16((size_t)rows);
                 rv_attn_state init = {rows, d, qs + (size_t)h * rows * d, d, m, l, acc, ks};
                 st[h - h0] = init;
-                for (int r = 0; r < rows; r++) {
-                    m[r] = -INFINITY;
-                    l[r] = 0.0f;
-                }
-                memset(acc, 0, sizeof(float) * (size_t)rows * d);
+                rv_attn_state_clear(m, l, acc, rows, d);
             }
             const int *visible = NULL;
             if (a->causal && a->q_len > 1) {

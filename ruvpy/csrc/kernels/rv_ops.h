@@ -10,6 +10,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
+#include <string.h>
 
 typedef enum {
     RV_ISA_ID_SCALAR = 0,
@@ -76,6 +78,16 @@ typedef struct rv_attn_rows {
 
 struct rv_qhead;   /* a quantized KV group's head: csrc/kvcache/rv_coldq.h */
 struct rv_thead;   /* a TurboQuant KV group's head: csrc/kvcache/rv_turbo.h */
+
+/* The start state of an online softmax: m = -inf, l = 0, acc = 0 (every driver begins here). */
+static inline void rv_attn_state_clear(float *m, float *l, float *acc, int rows, int head_dim)
+{
+    for (int r = 0; r < rows; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)rows * (size_t)head_dim);
+}
 
 typedef struct rv_ops {
     const char *isa;   /* "scalar", "avx2", "avx512", "neon" */

@@ -44,11 +44,7 @@ static void state_init(rv_attn_state *st, float *base, int rows, int d, const fl
     st->m = base;
     st->l = base + pad16((size_t)rows);
     st->acc = base + 2 * pad16((size_t)rows);
-    for (int r = 0; r < rows; r++) {
-        st->m[r] = -INFINITY;
-        st->l[r] = 0.0f;
-    }
-    memset(st->acc, 0, sizeof(float) * (size_t)rows * d);
+    rv_attn_state_clear(st->m, st->l, st->acc, rows, d);
 }
 
 size_t rv_kv_span_scratch_floats(int rows, int head_dim)

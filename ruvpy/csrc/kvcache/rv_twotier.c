@@ -641,11 +641,7 @@ static void tt_fold_turbo(const rv_tt *c, const rv_tt_layer *L, int h0, int nh, 
         float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
         float *m = qjl_sum + r16, *l = m + r16;
         rv_turbo_prepare_queries(tq, states[j].q, states[j].q_stride, rows, q_rot, qjl_q, qjl_sum, ops);
-        for (int r = 0; r < rows; r++) {
-            m[r] = -INFINITY;
-            l[r] = 0.0f;
-        }
-        memset(acc, 0, sizeof(float) * (size_t)rows * D);
+        rv_attn_state_clear(m, l, acc, rows, D);
     }
     for (int64_t t = t0; t < t1;) {
         const int64_t gi = L->first + (t + L->skip) / G;
