@@ -121,6 +121,11 @@ static void dequant_rows_group(const uint8_t *codes, ptrdiff_t row_bytes, int n,
 /* ---- the fused kernel: attention straight out of a quantized group ---- */
 
 #define QK_NR RV_QATTN_ROWS      /* query rows per register block */
+#if defined(RV_ISA_AVX512)
+#define QK_SW 2                  /* token vectors per score pass (4 x 2 x 2 accumulators fit) */
+#else
+#define QK_SW 1
+#endif
 
 /* Prefetching what the caller reads next, a few lines at a time while computing: into L2
  * (a group ahead is more than L1 holds), as the attention kernels do. */
@@ -143,6 +148,35 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
     int j = 0, lo_end, hi_start;
     if (h->bits == 4) {
         const int half = (G + 1) / 2, hi_n = G - half;
+        /* QK_SW vectors of tokens per pass: the query broadcasts and the loop overhead of a
+         * channel are shared by them (decode is compute-bound on these few-row blocks) */
+        for (; j + QK_SW * RV_VW <= hi_n; j += QK_SW * RV_VW) {
+            rv_vf lo[QK_NR][QK_SW], hi[QK_NR][QK_SW];
+            for (int r = 0; r < NR; r++)
+                for (int u = 0; u < QK_SW; u++)
+                    lo[r][u] = hi[r][u] = rv_vf_set1(bias[r]);
+            for (int c = 0; c < d; c++) {
+                const uint8_t *b = h->kcodes + c * h->krow + j;
+                rv_vf xl[QK_SW], xh[QK_SW];
+                for (int u = 0; u < QK_SW; u++) {
+                    xl[u] = qk_lo4(b + u * RV_VW);
+                    xh[u] = qk_hi4(b + u * RV_VW);
+                }
+                qk_pf_lines(pf, 1);
+                for (int r = 0; r < NR; r++) {
+                    rv_vf w = rv_vf_set1(qs[r * d + c]);
+                    for (int u = 0; u < QK_SW; u++) {
+                        lo[r][u] = rv_vf_fmadd(w, xl[u], lo[r][u]);
+                        hi[r][u] = rv_vf_fmadd(w, xh[u], hi[r][u]);
+                    }
+                }
+            }
+            for (int r = 0; r < NR; r++)
+                for (int u = 0; u < QK_SW; u++) {
+                    rv_vf_store(s + r * s_stride + j + u * RV_VW, lo[r][u]);
+                    rv_vf_store(s + r * s_stride + half + j + u * RV_VW, hi[r][u]);
+                }
+        }
         for (; j + RV_VW <= hi_n; j += RV_VW) {
             rv_vf lo[QK_NR], hi[QK_NR];
             for (int r = 0; r < NR; r++)
@@ -209,6 +243,43 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                                                          [half, covered_hi_from) */
         if (gs % RV_VW == 0 && half % RV_VW == 0) {
             int j = 0;
+            /* QK_SW vectors of channels per pass: a token's addressing, parameters and weight
+             * broadcasts are shared by them */
+            for (; j + QK_SW * RV_VW <= hi_n; j += QK_SW * RV_VW) {
+                int gl[QK_SW], gh[QK_SW];
+                rv_vf al[QK_NR][QK_SW], ah[QK_NR][QK_SW];
+                for (int u = 0; u < QK_SW; u++) {
+                    gl[u] = (j + u * RV_VW) / gs;
+                    gh[u] = (half + j + u * RV_VW) / gs;
+                }
+                for (int r = 0; r < NR; r++)
+                    for (int u = 0; u < QK_SW; u++) {
+                        al[r][u] = rv_vf_load(acc + r * d + j + u * RV_VW);
+                        ah[r][u] = rv_vf_load(acc + r * d + half + j + u * RV_VW);
+                    }
+                for (int t = 0; t < n; t++) {
+                    const int tok = a + t;
+                    const uint8_t *b = h->vcodes + tok * h->vrow + j;
+                    const float *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
+                    rv_vf xl[QK_SW], xh[QK_SW];
+                    for (int u = 0; u < QK_SW; u++) {
+                        xl[u] = rv_vf_fmadd(qk_lo4(b + u * RV_VW), rv_vf_set1(ps[gl[u]]), rv_vf_set1(pz[gl[u]]));
+                        xh[u] = rv_vf_fmadd(qk_hi4(b + u * RV_VW), rv_vf_set1(ps[gh[u]]), rv_vf_set1(pz[gh[u]]));
+                    }
+                    for (int r = 0; r < NR; r++) {
+                        rv_vf p = rv_vf_set1(w[r * w_stride + t]);
+                        for (int u = 0; u < QK_SW; u++) {
+                            al[r][u] = rv_vf_fmadd(p, xl[u], al[r][u]);
+                            ah[r][u] = rv_vf_fmadd(p, xh[u], ah[r][u]);
+                        }
+                    }
+                }
+                for (int r = 0; r < NR; r++)
+                    for (int u = 0; u < QK_SW; u++) {
+                        rv_vf_store(acc + r * d + j + u * RV_VW, al[r][u]);
+                        rv_vf_store(acc + r * d + half + j + u * RV_VW, ah[r][u]);
+                    }
+            }
             for (; j + RV_VW <= hi_n; j += RV_VW) {
                 const int gl = j / gs, gh = (half + j) / gs;
                 rv_vf al[QK_NR], ah[QK_NR];
