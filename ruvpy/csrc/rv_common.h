@@ -26,4 +26,7 @@
 
 #define RV_RESTRICT __restrict
 
+/* n rounded up to a multiple of 16 floats (one cache line), for carving scratch into arrays */
+RV_INLINE size_t rv_pad16(size_t n) { return (n + 15) & ~(size_t)15; }
+
 #endif

@@ -19,7 +19,6 @@
 /* no context split shorter than this many keys */
 #define MIN_SPLIT_KEYS 256
 
-static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 static int imin(int a, int b) { return a < b ? a : b; }
 static int imax(int a, int b) { return a > b ? a : b; }
 
@@ -118,15 +117,15 @@ static int attend_streaming(const rv_ops *ops, int nthreads, const rv_attn_args 
     }
     const int items = S * HG;
     const int T = imin(nthreads, items);
-    const size_t per_state = pad16((size_t)rows * d) + 2 * pad16((size_t)rows);
-    const size_t per_thread = pad16(RV_ATTN_SCRATCH_FLOATS(rows, d)) + 16;
-    const size_t state_floats = pad16((sizeof(rv_attn_state) * (size_t)S * KVH + 3) / sizeof(float));
-    float *buf = thread_scratch(pad16((size_t)KVH * rows * d) + (size_t)S * KVH * per_state +
+    const size_t per_state = rv_pad16((size_t)rows * d) + 2 * rv_pad16((size_t)rows);
+    const size_t per_thread = rv_pad16(RV_ATTN_SCRATCH_FLOATS(rows, d)) + 16;
+    const size_t state_floats = rv_pad16((sizeof(rv_attn_state) * (size_t)S * KVH + 3) / sizeof(float));
+    float *buf = thread_scratch(rv_pad16((size_t)KVH * rows * d) + (size_t)S * KVH * per_state +
                                 (size_t)T * per_thread + state_floats);
     if (!buf)
         return RV_ENOMEM;
     float *qs = buf;
-    float *states_mem = qs + pad16((size_t)KVH * rows * d);      /* [S][KVH] (acc, m, l) */
+    float *states_mem = qs + rv_pad16((size_t)KVH * rows * d);      /* [S][KVH] (acc, m, l) */
     float *kscratch = states_mem + (size_t)S * KVH * per_state;
     rv_attn_state *states = (rv_attn_state *)(kscratch + (size_t)T * per_thread);
 
@@ -153,7 +152,7 @@ static int attend_streaming(const rv_ops *ops, int nthreads, const rv_attn_args 
             rv_attn_state *st = states + (size_t)s * KVH + h0;
             for (int h = h0; h < h1; h++) {
                 float *acc = states_mem + ((size_t)s * KVH + h) * per_state;
-                float *m = acc + pad16((size_t)rows * d), *l = m + pad16((size_t)rows);
+                float *m = acc + rv_pad16((size_t)rows * d), *l = m + rv_pad16((size_t)rows);
                 rv_attn_state init = {rows, d, qs + (size_t)h * rows * d, d, m, l, acc, ks};
                 st[h - h0] = init;
                 rv_attn_state_clear(m, l, acc, rows, d);
@@ -177,10 +176,10 @@ static int attend_streaming(const rv_ops *ops, int nthreads, const rv_attn_args 
 #pragma omp for schedule(static)
         for (int hk = 0; hk < KVH; hk++) {
             float *acc = states_mem + (size_t)hk * per_state;
-            float *m = acc + pad16((size_t)rows * d), *l = m + pad16((size_t)rows);
+            float *m = acc + rv_pad16((size_t)rows * d), *l = m + rv_pad16((size_t)rows);
             for (int s = 1; s < S; s++) {
                 const float *oacc = states_mem + ((size_t)s * KVH + hk) * per_state;
-                const float *om = oacc + pad16((size_t)rows * d), *ol = om + pad16((size_t)rows);
+                const float *om = oacc + rv_pad16((size_t)rows * d), *ol = om + rv_pad16((size_t)rows);
                 ops->attn_merge(rows, d, m, l, acc, om, ol, oacc);
             }
             for (int t = 0; t < a->q_len; t++)
@@ -203,7 +202,7 @@ static int attend_tiled(const rv_ops *ops, int nthreads, const rv_attn_args *a)
     const int S = choose_splits(tiles, nthreads, a->kv_len);
     const int items = tiles * S;
     const int T = imin(nthreads, items);
-    const size_t per_thread = pad16(RV_ATTN_TILE_SCRATCH_FLOATS(d)) + 16;
+    const size_t per_thread = rv_pad16(RV_ATTN_TILE_SCRATCH_FLOATS(d)) + 16;
     const size_t part_rows = S > 1 ? (size_t)items * RV_ATTN_TILE_ROWS : 0;
     float *buf = thread_scratch((size_t)T * per_thread + part_rows * (d + 2));
     if (!buf)

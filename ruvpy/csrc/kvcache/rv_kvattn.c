@@ -29,10 +29,9 @@ typedef struct {
     size_t partial;      /* split: float offset of this piece's nh states */
 } kv_task;
 
-static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 
 /* m (rows), l (rows), acc (rows x d) laid out in one float run */
-static size_t state_floats(int rows, int d) { return pad16((size_t)rows) * 2 + pad16((size_t)rows * d); }
+static size_t state_floats(int rows, int d) { return rv_pad16((size_t)rows) * 2 + rv_pad16((size_t)rows * d); }
 
 static void state_init(rv_attn_state *st, float *base, int rows, int d, const float *q, float *scratch)
 {
@@ -42,8 +41,8 @@ static void state_init(rv_attn_state *st, float *base, int rows, int d, const fl
     st->q_stride = d;
     st->scratch = scratch;
     st->m = base;
-    st->l = base + pad16((size_t)rows);
-    st->acc = base + 2 * pad16((size_t)rows);
+    st->l = base + rv_pad16((size_t)rows);
+    st->acc = base + 2 * rv_pad16((size_t)rows);
     rv_attn_state_clear(st->m, st->l, st->acc, rows, d);
 }
 
@@ -52,8 +51,8 @@ size_t rv_kv_span_scratch_floats(int rows, int head_dim)
     if (rows <= RV_KV_STREAM_ROWS)
         return 0;
     int block = rows < RV_ATTN_TILE_ROWS ? rows : RV_ATTN_TILE_ROWS;
-    return pad16(RV_ATTN_TILE_SCRATCH_FLOATS(head_dim)) + pad16((size_t)block * head_dim) +
-           2 * pad16((size_t)block) + pad16(2 * (size_t)block * sizeof(void *) / sizeof(float) + 1);
+    return rv_pad16(RV_ATTN_TILE_SCRATCH_FLOATS(head_dim)) + rv_pad16((size_t)block * head_dim) +
+           2 * rv_pad16((size_t)block) + rv_pad16(2 * (size_t)block * sizeof(void *) / sizeof(float) + 1);
 }
 
 void rv_kv_fold_spans(rv_attn_state *st, const rv_kv_span *spans, int nspans, const int *visible,
@@ -67,9 +66,9 @@ void rv_kv_fold_spans(rv_attn_state *st, const rv_kv_span *spans, int nspans, co
     /* tiles of up to RV_ATTN_TILE_ROWS rows: complete attention over the spans (normalised,
      * with its m and l), merged into the state as acc = out * l */
     const int block = st->rows < RV_ATTN_TILE_ROWS ? st->rows : RV_ATTN_TILE_ROWS;
-    float *tile = scratch, *out = tile + pad16(RV_ATTN_TILE_SCRATCH_FLOATS(d));
-    float *m = out + pad16((size_t)block * d), *l = m + pad16((size_t)block);
-    const float **qrow = (const float **)(l + pad16((size_t)block));
+    float *tile = scratch, *out = tile + rv_pad16(RV_ATTN_TILE_SCRATCH_FLOATS(d));
+    float *m = out + rv_pad16((size_t)block * d), *l = m + rv_pad16((size_t)block);
+    const float **qrow = (const float **)(l + rv_pad16((size_t)block));
     float **orow = (float **)(qrow + block);
     for (int r0 = 0; r0 < st->rows; r0 += block) {
         const int rows = st->rows - r0 < block ? st->rows - r0 : block;
@@ -168,7 +167,7 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
                     if (pass == 0) {
                         rows_max = rows > rows_max ? rows : rows_max;
                         nh_max = nh > nh_max ? nh : nh_max;
-                        size_t qp = (size_t)nh * pad16((size_t)rows * d), sf = (size_t)nh * state_floats(rows, d);
+                        size_t qp = (size_t)nh * rv_pad16((size_t)rows * d), sf = (size_t)nh * state_floats(rows, d);
                         qpack_max = qp > qpack_max ? qp : qpack_max;
                         states_max = sf > states_max ? sf : states_max;
                     }
@@ -202,11 +201,11 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
 
     /* per thread: packed scaled queries and states of its heads, the state structs, row
      * positions, visible counts, the kernels' scratch and the source's */
-    size_t extra = src->extra_floats ? pad16(src->extra_floats(src, rows_max)) : 0;
-    const size_t st_structs = pad16(sizeof(rv_attn_state) * (size_t)nh_max / sizeof(float) + 1);
-    const size_t per_thread = qpack_max + states_max + st_structs + pad16((size_t)rows_max * 2) /* int64 pos */
-                              + pad16((size_t)rows_max) /* int vis */ +
-                              pad16(RV_ATTN_SCRATCH_FLOATS(rows_max, d)) + extra;
+    size_t extra = src->extra_floats ? rv_pad16(src->extra_floats(src, rows_max)) : 0;
+    const size_t st_structs = rv_pad16(sizeof(rv_attn_state) * (size_t)nh_max / sizeof(float) + 1);
+    const size_t per_thread = qpack_max + states_max + st_structs + rv_pad16((size_t)rows_max * 2) /* int64 pos */
+                              + rv_pad16((size_t)rows_max) /* int vis */ +
+                              rv_pad16(RV_ATTN_SCRATCH_FLOATS(rows_max, d)) + extra;
     thread_scratch = (float *)rv_kv_alloc(sizeof(float) * per_thread * (size_t)nthreads);
     if (npartial)
         partials = (float *)rv_kv_alloc(sizeof(float) * npartial);
@@ -227,11 +226,11 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
         float *own = qpack + qpack_max;
         rv_attn_state *states = (rv_attn_state *)(own + states_max);
         int64_t *row_pos = (int64_t *)((float *)states + st_structs);
-        int *vis = (int *)((float *)row_pos + pad16((size_t)rows_max * 2));
-        float *kscratch = (float *)vis + pad16((size_t)rows_max);
-        float *xscratch = kscratch + pad16(RV_ATTN_SCRATCH_FLOATS(rows_max, d));
+        int *vis = (int *)((float *)row_pos + rv_pad16((size_t)rows_max * 2));
+        float *kscratch = (float *)vis + rv_pad16((size_t)rows_max);
+        float *xscratch = kscratch + rv_pad16(RV_ATTN_SCRATCH_FLOATS(rows_max, d));
         const int rows = (t->i1 - t->i0) * g;
-        const size_t sf = state_floats(rows, d), qf = pad16((size_t)rows * d);
+        const size_t sf = state_floats(rows, d), qf = rv_pad16((size_t)rows * d);
         const int split = t->nsplit != 1;
         float *state_mem = split ? partials + t->partial : own;
 
@@ -269,11 +268,11 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
             const int rows = (t->i1 - t->i0) * g;
             const size_t sf = state_floats(rows, d), unit = (size_t)t->nh * sf;
             for (int j = 0; j < t->nh; j++) {
-                float *m = partials + t->partial + (size_t)j * sf, *l = m + pad16((size_t)rows);
-                float *acc = m + 2 * pad16((size_t)rows);
+                float *m = partials + t->partial + (size_t)j * sf, *l = m + rv_pad16((size_t)rows);
+                float *acc = m + 2 * rv_pad16((size_t)rows);
                 for (int sp = 1; sp < t->nsplit; sp++) {
                     const float *o = m + sp * unit;
-                    ops->attn_merge(rows, d, m, l, acc, o, o + pad16((size_t)rows), o + 2 * pad16((size_t)rows));
+                    ops->attn_merge(rows, d, m, l, acc, o, o + rv_pad16((size_t)rows), o + 2 * rv_pad16((size_t)rows));
                 }
                 for (int i = t->i0; i < t->i1; i++) {
                     int r = (i - t->i0) * g;

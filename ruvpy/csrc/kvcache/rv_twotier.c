@@ -603,7 +603,6 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
 
 /* per-thread scratch of the fold: a group head's parameters as floats, the fused kernel's
  * scratch, the span kernels' */
-static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 
 /* per-thread scratch of the fold: the cold tier's (a group head's parameters and the fused
  * kernel's scratch; TurboQuant: rotated queries and states of up to every head) and the span
@@ -619,9 +618,9 @@ static size_t tt_extra_floats(const rv_kv_source *src, int rows)
         size_t one = rv_turbo_attend_floats(c->turbo, rows, 1);
         cold = many > one ? many : one;
     } else {
-        cold = pad16(rv_coldq_param_floats(&c->q)) + pad16(RV_QATTN_SCRATCH_FLOATS(c->group_tokens, c->head_dim));
+        cold = rv_pad16(rv_coldq_param_floats(&c->q)) + rv_pad16(RV_QATTN_SCRATCH_FLOATS(c->group_tokens, c->head_dim));
     }
-    return pad16(cold) + rv_kv_span_scratch_floats(rows, c->head_dim);
+    return rv_pad16(cold) + rv_kv_span_scratch_floats(rows, c->head_dim);
 }
 
 /* The TurboQuant cold tokens [t0, t1) of heads h0.. into the states: the queries rotated,
@@ -632,10 +631,10 @@ static void tt_fold_turbo(const rv_tt *c, const rv_tt_layer *L, int h0, int nh, 
 {
     const rv_turbo *tq = c->turbo;
     const int D = rv_turbo_padded_dim(tq), G = c->group_tokens, rows = states[0].rows, d = c->head_dim;
-    const size_t rd = pad16((size_t)rows * D), r16 = pad16((size_t)rows);
+    const size_t rd = rv_pad16((size_t)rows * D), r16 = rv_pad16((size_t)rows);
     const size_t per_head = 3 * rd + 3 * r16;
     float *norms = extra + (size_t)nh * per_head;
-    float *kscratch = norms + 3 * pad16((size_t)G + 15);
+    float *kscratch = norms + 3 * rv_pad16((size_t)G + 15);
     for (int j = 0; j < nh; j++) {
         float *base = extra + (size_t)j * per_head;
         float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
@@ -681,7 +680,7 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
     const int d = c->head_dim, G = c->group_tokens, rows = states[0].rows;
     const int64_t ncold = cold_len(c, L);
     float *params = extra;
-    float *qscratch = params + pad16(rv_coldq_param_floats(&c->q));
+    float *qscratch = params + rv_pad16(rv_coldq_param_floats(&c->q));
     float *sscratch = extra + (tt_extra_floats(src, rows) - rv_kv_span_scratch_floats(rows, d));
     /* cold: group by group, every head of a group in turn (memory order), the fused kernel
      * reading the codes and prefetching the segment that comes next */
