@@ -146,10 +146,12 @@ def test_turbo_keeps_token_order():
     assert np.array_equal(vv[144:], v[144:].astype(np.float16).astype(np.float32))
 
 
-def test_q4_stored_bytes_per_token():
-    """Codes + scales + outliers, from what was allocated, against fp16 K/V."""
+@pytest.mark.parametrize("kvh, d", [(8, 128), (3, 64)])
+def test_q4_stored_bytes_per_token(kvh, d):
+    """Codes + scales + outliers, from what was allocated, against fp16 K/V; the outlier data
+    takes the most outlier channels a head may have (head_dim / 16 of K and of V), which
+    weigh most at head_dim 64."""
     rng = np.random.default_rng(3)
-    kvh, d = 8, 128
     cache = TwoTierKVCache(2, kvh, d, hot_tokens=0, cold="q4", max_tokens=4096)
     seq = cache.add_sequence()
     for layer in range(2):

@@ -608,8 +608,8 @@ static int run_attn_finalize(const rv_ops *ops, rv_case *c)
  * state of `rows` query rows; optional "visible" counts tokens from a. */
 static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
 {
-    size_t nq = 0, nkc = 0, nks = 0, nkz = 0, nki = 0, nk8 = 0, nvc = 0, nvs = 0, nvz = 0;
-    size_t nvi = 0, nos = 0, noz = 0, nv8 = 0, nvis = 0;
+    size_t nq = 0, nkc = 0, nks = 0, nkz = 0, nki = 0, nvc = 0, nvs = 0, nvz = 0;
+    size_t nvi = 0, nos = 0, noz = 0, nvh = 0, nvis = 0;
     int rows = (int)param(c, "rows"), d = (int)param(c, "head_dim"), G = (int)param(c, "G");
     int bits = (int)param(c, "bits"), gs = (int)param(c, "group_size");
     int a = (int)param(c, "a"), n = (int)param(c, "n");
@@ -618,26 +618,26 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
     const uint8_t *kcodes = in_u8(c, "kcodes", &nkc), *vcodes = in_u8(c, "vcodes", &nvc);
     const float *kscale = in_f32(c, "kscale", &nks), *kzero = in_f32(c, "kzero", &nkz);
     const float *vscale = in_f32(c, "vscale", &nvs), *vzero = in_f32(c, "vzero", &nvz);
-    const uint8_t *kidx = input(c, "kidx", DT_U8, &nki, 0), *kcodes8 = input(c, "kcodes8", DT_U8, &nk8, 0);
-    const uint8_t *vidx = input(c, "vidx", DT_U8, &nvi, 0), *vcodes8 = input(c, "vcodes8", DT_U8, &nv8, 0);
+    const uint8_t *kidx = input(c, "kidx", DT_U8, &nki, 0), *vidx = input(c, "vidx", DT_U8, &nvi, 0);
+    const uint8_t *vhi = input(c, "vhi", DT_U8, &nvh, 0);
     const float *voscale = input(c, "voscale", DT_F32, &nos, 0), *vozero = input(c, "vozero", DT_F32, &noz, 0);
     const int32_t *visible = in_i32_opt(c, "visible", &nvis);
     int ng = gs > 0 ? (d + gs - 1) / gs : 0;
     state_bufs s;
     if (c->error[0] || !q || !kcodes || !vcodes || !kscale || !kzero || !vscale || !vzero || rows < 1 ||
         d < 1 || G < 1 || gs < 1 || (bits != 8 && bits != 4) || a < 0 || n < 1 || a + n > G ||
-        nq != (size_t)rows * d || nkc < (size_t)((d - 1) * krow + (bits == 8 ? G : (G + 1) / 2)) ||
+        nq != (size_t)rows * d || nkc < (size_t)((d + (int)nki - 1) * krow + (bits == 8 ? G : (G + 1) / 2)) ||
         nvc < (size_t)((G - 1) * vrow + (bits == 8 ? d : (d + 1) / 2)) || nks != (size_t)d ||
         nkz != (size_t)d || nvs != (size_t)G * ng || nvz != (size_t)G * ng ||
-        nki > RV_COLDQ_MAX_OUTLIERS || nk8 != nki * G || nvi > RV_COLDQ_MAX_OUTLIERS ||
-        nos != nvi || noz != nvi || nv8 != nvi * G || (visible && nvis != (size_t)rows) ||
+        nki > RV_COLDQ_MAX_OUTLIERS || nvi > RV_COLDQ_MAX_OUTLIERS || ((nki || nvi) && bits != 4) ||
+        nos != nvi || noz != nvi || nvh != (size_t)G * ((nvi + 1) / 2) || (visible && nvis != (size_t)rows) ||
         alloc_state(c, rows, d, &s))
         return fail(c, "%s: malformed case", "attend_qgroup");
     float *scratch = output(c, "_qscratch", DT_F32, RV_QATTN_SCRATCH_FLOATS(G, d), 64);
     if (!scratch)
         return -1;
-    struct rv_qhead h = {G, d, bits, gs, kcodes, krow, kscale, kzero, (int)nki, kidx, kcodes8,
-                         vcodes, vrow, vscale, vzero, (int)nvi, vidx, voscale, vozero, vcodes8};
+    struct rv_qhead h = {G, d, bits, gs, kcodes, krow, kscale, kzero, (int)nki, kidx,
+                         vcodes, vrow, vscale, vzero, (int)nvi, vidx, voscale, vozero, vhi, NULL, 0};
     for (int r = 0; r < rows; r++)
         s.m[r] = -INFINITY;
     rv_attn_state st = {rows, d, q, d, s.m, s.l, s.acc, s.scratch};

@@ -749,7 +749,7 @@ def cases_attend_qgroup(rng):
         levels = 255 if bits == 8 else 15
         krow = (G if bits == 8 else (G + 1) // 2) + 3
         vrow = (d if bits == 8 else (d + 1) // 2) + 1
-        kbytes, kc = quant_rows(rng, d, G, bits, krow)                 # kc [d][G]
+        kbytes, kc = quant_rows(rng, d + nk, G, bits, krow)            # kc [d + nk][G]
         vbytes, vc = quant_rows(rng, G, d, bits, vrow)                 # vc [G][d]
         kscale = rng.uniform(1e-3, 1.5 / levels, d).astype(np.float32)
         kzero = (rng.standard_normal(d) * 0.5).astype(np.float32)
@@ -758,22 +758,28 @@ def cases_attend_qgroup(rng):
         vzero = (rng.standard_normal((G, ng)) * 0.5).astype(np.float32)
         kidx = np.sort(rng.choice(d, nk, replace=False)).astype(np.uint8)
         vidx = np.sort(rng.choice(d, nv, replace=False)).astype(np.uint8)
-        k8 = rng.integers(0, 256, (nk, G)).astype(np.uint8)
-        v8 = rng.integers(0, 256, (G, nv)).astype(np.uint8)
         voscale = rng.uniform(1e-3, 0.02, nv).astype(np.float32)
-        vozero = rng.standard_normal(nv).astype(np.float32)
+        vozero = (rng.standard_normal(nv) * 5.0).astype(np.float32)
         ks64, kz64 = kscale.astype(np.float64), kzero.astype(np.float64)
-        kcode = kc.T.astype(np.float64)                                # [G][d]
-        kcode[:, kidx] = k8.T
+        kcode = kc[:d].T.astype(np.float64)                            # [G][d]
+        kcode[:, kidx] += 16 * kc[d:].T                                # outliers: 8-bit codes
         k_prod = kcode * ks64
         keys, keys_abs = k_prod + kz64, np.abs(k_prod) + np.abs(kz64)
         per_channel = np.arange(d) // gs
         v_prod = vc * vscale[:, per_channel].astype(np.float64)
         vz64 = vzero[:, per_channel].astype(np.float64)
         values, values_abs = v_prod + vz64, np.abs(v_prod) + np.abs(vz64)
-        o_prod = v8 * voscale.astype(np.float64)
-        values[:, vidx] += o_prod + vozero
-        values_abs[:, vidx] += np.abs(o_prod) + np.abs(vozero.astype(np.float64))
+        # an outlier channel's slot holds the low nibble of an 8-bit code of its own per-channel
+        # parameters, vhi the high nibbles (outlier o: byte o // 2, low nibble first); the kernel
+        # decodes the slot with the group's parameters and adds the difference
+        vos64, voz64 = voscale.astype(np.float64), vozero.astype(np.float64)
+        hi = rng.integers(0, 16, (G, nv))
+        vhi = np.zeros((G, (nv + 1) // 2), np.uint8)
+        for o in range(nv):
+            vhi[:, o // 2] |= (hi[:, o] << (4 * (o % 2))).astype(np.uint8)
+        o_code = (vc[:, vidx] + 16 * hi).astype(np.float64)
+        values[:, vidx] = o_code * vos64 + voz64
+        values_abs[:, vidx] += np.abs(o_code * vos64) + np.abs(voz64)
         q = (rng.standard_normal((rows, d)) * 2.0 / np.sqrt(d)).astype(np.float32)
         visible, vis = _group_visible(rng, vis_kind, rows, n)
         out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
@@ -784,18 +790,18 @@ def cases_attend_qgroup(rng):
                   "vcodes": vbytes, "vscale": vscale, "vzero": vzero,
                   "expect:out": out, "tol:out": 2 * tol_out, "expect:lse": lse, "tol:lse": 2 * tol_lse}
         if nk:
-            arrays.update(kidx=kidx, kcodes8=k8)
+            arrays.update(kidx=kidx)
         if nv:
-            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vcodes8=v8)
+            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vhi=vhi.reshape(-1))
         if visible is not None:
             arrays["visible"] = visible
         yield f"bits={bits} d={d} G={G} group={gs} rows={rows} outliers={nk}/{nv} tokens={a}+{n} {vis_kind}", arrays
 
 
-TGROUP_SHAPES = [  # (D, G, rows, bits (k hi, k lo, v hi, v lo), a, n, visible)
-    (128, 64, 4, (3, 2, 4, 3), 0, 64, "all"), (64, 64, 3, (2, 1, 3, 2), 5, 50, "causal"),
-    (64, 48, 7, (4, 3, 5, 4), 0, 48, "random"), (16, 5, 2, (1, 1, 5, 5), 1, 4, "all"),
-    (2, 33, 5, (5, 4, 1, 2), 3, 30, "causal"), (256, 16, 1, (3, 2, 4, 3), 0, 16, "all"),
+TGROUP_SHAPES = [  # (D, d, G, rows, bits (k hi, k lo, v hi, v lo), outliers (k, v), a, n, visible)
+    (128, 128, 64, 4, (3, 2, 4, 3), (2, 1), 0, 64, "all"), (64, 40, 64, 3, (2, 1, 3, 2), (0, 0), 5, 50, "causal"),
+    (64, 64, 48, 7, (4, 3, 5, 4), (4, 4), 0, 48, "random"), (16, 9, 5, 2, (1, 1, 5, 5), (1, 1), 1, 4, "all"),
+    (2, 1, 33, 5, (5, 4, 1, 2), (1, 0), 3, 30, "causal"), (256, 256, 16, 1, (3, 2, 4, 3), (8, 8), 0, 16, "all"),
 ]
 
 

@@ -140,11 +140,12 @@ RV_INLINE void qk_pf_lines(qk_pf *pf, int lines)
 }
 
 /* s[r][t], t < G, = bias[r] + sum_c qs[r][c] code_c(t) for rows [0, NR), from channel-major
- * key codes. */
+ * key codes: the head_dim channels and then the outliers' high-nibble rows (qs has d + nk
+ * weights per row). */
 RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs, const float *bias,
                          float *s, int s_stride, qk_pf *pf)
 {
-    const int G = h->G, d = h->head_dim;
+    const int G = h->G, d = h->head_dim + h->nk;
     int j = 0, lo_end, hi_start;
     if (h->bits == 4) {
         const int half = (G + 1) / 2, hi_n = G - half;
@@ -360,9 +361,9 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
 RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_qhead *h, int a, int n,
                        const int *visible, float *scratch, qk_pf *pf)
 {
-    const int d = h->head_dim, G = h->G;
+    const int d = h->head_dim, G = h->G, dk = d + h->nk;
     const int s_stride = (G + 2 * RV_VW - 1) / RV_VW * RV_VW;   /* room for the softmax padding */
-    float *s = scratch, *qs = s + (size_t)QK_NR * s_stride, *qo = qs + (size_t)QK_NR * d;
+    float *s = scratch, *qs = s + (size_t)QK_NR * s_stride;      /* qs [NR][dk] */
     float bias[QK_NR], corr[QK_NR];
     int vis[QK_NR], n_eff = 0;
     for (int r = 0; r < NR; r++) {
@@ -372,36 +373,22 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
     if (n_eff <= 0)
         return;
     /* q . (scale * code + zero) = (q * scale) . code + q . zero: scale the queries once per
-     * group (vectorised: per token it is d / G of the work); outlier channels get their own
-     * 8-bit codes, so 0 in the 4-bit sum */
+     * group (vectorised: per token it is d / G of the work); an outlier channel's high nibble
+     * row weighs 16 times its low nibble row */
     for (int r = 0; r < NR; r++) {
         const float *q = st->q + (r0 + r) * st->q_stride;
-        float *qr = qs + r * d;
+        float *qr = qs + r * dk;
         int c = 0;
         for (; c + RV_VW <= d; c += RV_VW)
             rv_vf_store(qr + c, rv_vf_mul(rv_vf_load(q + c), rv_vf_load(h->kscale + c)));
         for (; c < d; c++)
             qr[c] = q[c] * h->kscale[c];
         bias[r] = dot_f32(q, h->kzero, (size_t)d);
-        for (int o = 0; o < h->nk; o++) {
-            qo[r * RV_COLDQ_MAX_OUTLIERS + o] = qs[r * d + h->kidx[o]];
-            qs[r * d + h->kidx[o]] = 0.0f;
-        }
+        for (int o = 0; o < h->nk; o++)
+            qr[d + o] = 16.0f * qr[h->kidx[o]];
     }
     qk_scores(NR, h, qs, bias, s, s_stride, pf);
     qk_pf_lines(pf, 1 << 30);     /* the rest of it */
-    for (int o = 0; o < h->nk; o++) {
-        const uint8_t *codes = h->kcodes8 + (size_t)o * G;
-        for (int r = 0; r < NR; r++) {
-            const float coef = qo[r * RV_COLDQ_MAX_OUTLIERS + o];
-            float *sr = s + r * s_stride;
-            int t = 0;
-            for (; t + RV_VW <= G; t += RV_VW)
-                rv_vf_store(sr + t, rv_vf_fmadd(rv_vf_set1(coef), qk_u8(codes + t), rv_vf_load(sr + t)));
-            for (; t < G; t++)
-                sr[t] += coef * (float)codes[t];
-        }
-    }
     /* the online softmax over tokens [a, a + n): weights left in s[r][a ..] */
     for (int r = 0; r < NR; r++) {
         corr[r] = att_stream_softmax_row(s + r * s_stride + a, vis[r], n_eff, &st->m[r0 + r], &st->l[r0 + r]);
@@ -410,13 +397,20 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
     }
     float *acc = st->acc + (size_t)r0 * d;
     qk_values(NR, h, a, n_eff, s + a, s_stride, acc);
+    /* outlier value channels: qk_values decoded their slots (the low nibbles) with the token's
+     * group parameters; replace that by the 8-bit code with their own */
+    const int ng = (d + h->group_size - 1) / h->group_size;
     for (int o = 0; o < h->nv; o++) {
-        const int c = h->vidx[o];
+        const int c = h->vidx[o], gi = c / h->group_size;
         for (int r = 0; r < NR; r++) {
             float sum = 0.0f;
-            for (int t = 0; t < n_eff; t++)
-                sum += s[r * s_stride + a + t] *
-                       (h->voscale[o] * (float)h->vcodes8[(size_t)(a + t) * h->nv + o] + h->vozero[o]);
+            for (int t = 0; t < n_eff; t++) {
+                const int tok = a + t;
+                const float code = (float)rv_coldq_value_outlier_code(h, tok, o);
+                const float slot = qk_code(h->vcodes + (size_t)tok * h->vrow, c, d, 4);
+                sum += s[r * s_stride + a + t] * ((h->voscale[o] * code + h->vozero[o]) -
+                                                  (h->vscale[(size_t)tok * ng + gi] * slot + h->vzero[(size_t)tok * ng + gi]));
+            }
             acc[r * d + c] += sum;
         }
     }

@@ -9,8 +9,7 @@
 #include "kvcache/rv_coldq.h"
 
 typedef struct {
-    size_t kscale, kzero, vscale, vzero, kcodes, vcodes, counts, idx, voscale, vozero,
-        kcodes8, vcodes8, total;
+    size_t kscale, kzero, vscale, vzero, vcodes, counts, idx, voscale, vozero, vhi, kcodes, total;
 } seg_layout;
 
 /* bytes of a row of n codes */
@@ -28,15 +27,14 @@ static void layout(const rv_coldq_cfg *cfg, int nk, int nv, seg_layout *L)
     L->kzero = o;   o += 2 * d;
     L->vscale = o;  o += 2 * G * ng;
     L->vzero = o;   o += 2 * G * ng;
-    L->kcodes = o;  o += d * kb;
     L->vcodes = o;  o += G * vb;
-    L->counts = o;  o += 2;
+    L->counts = o;  o += 2;           /* where the counts sit does not depend on them */
     L->idx = o;     o += (size_t)(nk + nv);
     o = (o + 1) & ~(size_t)1;
     L->voscale = o; o += 2 * (size_t)nv;
     L->vozero = o;  o += 2 * (size_t)nv;
-    L->kcodes8 = o; o += G * (size_t)nk;
-    L->vcodes8 = o; o += G * (size_t)nv;
+    L->vhi = o;     o += G * (size_t)((nv + 1) / 2);
+    L->kcodes = o;  o += ((size_t)d + (size_t)nk) * kb;
     L->total = (o + 1) & ~(size_t)1;
 }
 
@@ -59,8 +57,7 @@ size_t rv_coldq_blob_bytes(const rv_coldq_cfg *cfg, const int *nk, const int *nv
 
 size_t rv_coldq_scratch_floats(const rv_coldq_cfg *cfg)
 {
-    /* ranges + sorted copy (2 d), outlier residuals (G x max_outliers) */
-    return 2 * (size_t)cfg->head_dim + (size_t)cfg->group_tokens * (cfg->max_outliers > 0 ? cfg->max_outliers : 1);
+    return 2 * (size_t)cfg->head_dim;     /* channel ranges and their sorted copy */
 }
 
 /* min and max of x[t * stride] over t < n */
@@ -187,7 +184,9 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
     uint16_t *vscale = (uint16_t *)(seg + S.vscale), *vzero = (uint16_t *)(seg + S.vzero);
     uint8_t *kcodes = seg + S.kcodes, *vcodes = seg + S.vcodes;
     uint16_t *voscale = (uint16_t *)(seg + S.voscale), *vozero = (uint16_t *)(seg + S.vozero);
-    uint8_t *kcodes8 = seg + S.kcodes8, *vcodes8 = seg + S.vcodes8;
+    uint8_t *vhi = seg + S.vhi;
+    const int hb = (nv + 1) / 2;
+    (void)scratch;
     signed char kout[256], vout[256];     /* channel -> outlier slot, or -1 (d <= 256) */
     memset(kout, -1, sizeof kout);
     memset(vout, -1, sizeof vout);
@@ -201,10 +200,12 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
     memcpy(seg + S.idx + nk, vidx, (size_t)nv);
     if ((nk + nv) & 1)
         seg[S.idx + nk + nv] = 0;
-    memset(kcodes, 0, (size_t)d * kb);
+    memset(kcodes, 0, ((size_t)d + (size_t)nk) * kb);
     memset(vcodes, 0, (size_t)G * vb);
+    memset(vhi, 0, (size_t)G * hb);
 
-    /* keys: per channel over the G tokens; outlier channels in 8 bits */
+    /* keys: per channel over the G tokens; outlier channels in 8 bits, low nibble in the
+     * channel's row, high nibble in row d + o */
     for (int c = 0; c < d; c++) {
         float mn, mx;
         strided_range(kf + c, G, (size_t)d, &mn, &mx);
@@ -213,15 +214,16 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
         params(mn, mx, o >= 0 ? 255 : L, &kscale[c], &kzero[c], &sf, &zf);
         for (int t = 0; t < G; t++) {
             int code = code_of(kf[(size_t)t * d + c], sf, zf, o >= 0 ? 255 : L);
-            if (o >= 0)
-                kcodes8[(size_t)o * G + t] = (uint8_t)code;
-            else
+            if (o >= 0) {
+                put_code(kcodes + (size_t)c * kb, t, code & 15, bits, khalf);
+                put_code(kcodes + ((size_t)d + (size_t)o) * kb, t, code >> 4, bits, khalf);
+            } else {
                 put_code(kcodes + (size_t)c * kb, t, code, bits, khalf);
+            }
         }
     }
 
     /* values: per token in channel groups, outlier channels left out of the range */
-    float *resid = scratch;    /* [G][nv] */
     for (int t = 0; t < G; t++) {
         const float *x = vf + (size_t)t * d;
         for (int gi = 0; gi < ng; gi++) {
@@ -236,20 +238,22 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
                 mn = mx = 0.0f;     /* every channel of the group is an outlier */
             float sf, zf;
             params(mn, mx, L, &vscale[(size_t)t * ng + gi], &vzero[(size_t)t * ng + gi], &sf, &zf);
-            for (int c = c0; c < c1; c++) {
-                if (vout[c] >= 0)
-                    resid[(size_t)t * nv + vout[c]] = x[c] - zf;    /* its 4-bit code stays 0 */
-                else
+            for (int c = c0; c < c1; c++)
+                if (vout[c] < 0)
                     put_code(vcodes + (size_t)t * vb, c, code_of(x[c], sf, zf, L), bits, vhalf);
-            }
         }
     }
+    /* outlier value channels: 8 bits per channel over the G tokens, low nibble in the slot */
     for (int o = 0; o < nv; o++) {
+        const int c = vidx[o];
         float mn, mx, sf, zf;
-        strided_range(resid + o, G, (size_t)nv, &mn, &mx);
+        strided_range(vf + c, G, (size_t)d, &mn, &mx);
         params(mn, mx, 255, &voscale[o], &vozero[o], &sf, &zf);
-        for (int t = 0; t < G; t++)
-            vcodes8[(size_t)t * nv + o] = (uint8_t)code_of(resid[(size_t)t * nv + o], sf, zf, 255);
+        for (int t = 0; t < G; t++) {
+            int code = code_of(vf[(size_t)t * d + c], sf, zf, 255);
+            put_code(vcodes + (size_t)t * vb, c, code & 15, bits, vhalf);
+            vhi[(size_t)t * hb + o / 2] |= (uint8_t)((code >> 4) << (4 * (o & 1)));
+        }
     }
 }
 
@@ -272,8 +276,7 @@ void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int 
     h->vidx = seg + S.idx + nk;
     h->voscale = (const uint16_t *)(seg + S.voscale);
     h->vozero = (const uint16_t *)(seg + S.vozero);
-    h->kcodes8 = seg + S.kcodes8;
-    h->vcodes8 = seg + S.vcodes8;
+    h->vhi = seg + S.vhi;
 }
 
 size_t rv_coldq_head_bytes(const rv_coldq_cfg *cfg, const unsigned char *blob, int head,
@@ -308,9 +311,9 @@ void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *para
     }
     *q = (struct rv_qhead){.G = cfg->group_tokens, .head_dim = d, .bits = cfg->bits, .group_size = cfg->group_size,
                            .kcodes = v->kcodes, .krow = key_row(cfg), .kscale = kscale, .kzero = kzero,
-                           .nk = v->nk, .kidx = v->kidx, .kcodes8 = v->kcodes8, .vcodes = v->vcodes,
-                           .vrow = value_row(cfg), .vscale = vscale, .vzero = vzero, .nv = v->nv,
-                           .vidx = v->vidx, .voscale = vos, .vozero = voz, .vcodes8 = v->vcodes8};
+                           .nk = v->nk, .kidx = v->kidx, .vcodes = v->vcodes, .vrow = value_row(cfg),
+                           .vscale = vscale, .vzero = vzero, .nv = v->nv, .vidx = v->vidx, .voscale = vos,
+                           .vozero = voz, .vhi = v->vhi};
 }
 
 size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg)
@@ -329,18 +332,16 @@ void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf
     for (int c = 0; c < d; c++)
         for (int t = 0; t < G; t++)
             codes[(size_t)t * d + c] = code_at(q.kcodes + (size_t)c * q.krow, t, G, cfg->bits);
-    ops->dequant_rows_channel(codes, d, G, d, 8, q.kscale, q.kzero, kf);
-    for (int o = 0; o < q.nk; o++) {
-        const int c = q.kidx[o];
+    for (int o = 0; o < q.nk; o++)      /* outliers: the high nibble from row d + o */
         for (int t = 0; t < G; t++)
-            kf[(size_t)t * d + c] = q.kscale[c] * (float)q.kcodes8[(size_t)o * G + t] + q.kzero[c];
-    }
+            codes[(size_t)t * d + q.kidx[o]] |= (uint8_t)(code_at(q.kcodes + (size_t)(d + o) * q.krow, t, G, 4) << 4);
+    ops->dequant_rows_channel(codes, d, G, d, 8, q.kscale, q.kzero, kf);
     ops->dequant_rows_group(q.vcodes, q.vrow, G, d, cfg->bits, cfg->group_size, v->vscale, v->vzero,
                             value_groups(cfg), vf);
     for (int o = 0; o < q.nv; o++) {
         const int c = q.vidx[o];
         for (int t = 0; t < G; t++)
-            vf[(size_t)t * d + c] += q.voscale[o] * (float)q.vcodes8[(size_t)t * q.nv + o] + q.vozero[o];
+            vf[(size_t)t * d + c] = q.voscale[o] * (float)rv_coldq_value_outlier_code(&q, t, o) + q.vozero[o];
     }
 }
 

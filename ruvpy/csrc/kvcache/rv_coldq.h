@@ -8,20 +8,26 @@
  *   kscale[d], kzero[d]      f16  keys: per channel over the G tokens
  *   vscale[G][ng], vzero[G][ng]  f16  values: per token, channel groups of group_size
  *                                     (ng = ceil(d / group_size))
- *   kcodes[d][kb]            u8   keys channel-major: kb = G (8 bits) or ceil(G/2) (4 bits)
  *   vcodes[G][vb]            u8   values token-major: vb = d or ceil(d/2) (4-bit rows: see
  *                                 kernels/quant_impl.h)
  *   nk, nv                   u8   outlier channels of keys / values (4-bit only)
  *   kidx[nk], vidx[nv]       u8   their channel numbers (ascending), then 1 pad byte if odd
- *   voscale[nv], vozero[nv]  f16  values' outliers: 8-bit residual, per channel over G
- *   kcodes8[nk][G], vcodes8[G][nv] u8
+ *   voscale[nv], vozero[nv]  f16  values' outliers: 8 bits per channel over the G tokens
+ *   vhi[G][(nv + 1) / 2]     u8   their codes' high nibbles (outlier o: byte o / 2, low
+ *                                 nibble first); the low nibbles sit in their slots in vcodes
+ *   kcodes[d + nk][kb]       u8   keys channel-major: kb = G (8 bits) or ceil(G/2) (4 bits);
+ *                                 rows d.. hold the high nibbles of the outlier channels
  *
  * Keys: each channel is quantized over the G tokens with its own scale/zero; an outlier key
  * channel (range > RV_COLDQ_OUTLIER_RATIO x the median channel range of the head and group)
- * gets 8-bit codes instead of 4-bit (its scale/zero sit in kscale/kzero; its 4-bit slot is 0).
+ * gets 8-bit codes instead of 4-bit: low nibble in its own row, high nibble in an extra row,
+ * so scoring treats the extra row as one more channel whose query weight is 16x (an outlier
+ * costs 4 bits per token more, nothing is stored twice).
  * Values: each token is quantized in channel groups with the outlier channels left out of the
- * group's range (their 4-bit code is 0, so they dequantize to the group's zero); the residual
- * of an outlier value channel is stored in 8 bits per channel over the G tokens. */
+ * group's range (a x20 channel in a per-token group would flatten the other channels of the
+ * group); an outlier value channel gets 8-bit codes per channel over the G tokens, low nibble
+ * in its slot, high nibble in vhi (4 bits would not do: the attention output of such data is
+ * dominated by these channels, and q4 cosine fell from 0.998 to 0.978). */
 #ifndef RV_COLDQ_H
 #define RV_COLDQ_H
 
@@ -38,24 +44,34 @@
  * kernels/quant_impl.h) reads it: codes in place, parameters converted to float. */
 struct rv_qhead {
     int G, head_dim, bits, group_size;
-    const uint8_t *kcodes;        /* channel-major: channel c's G codes at kcodes + c * krow */
+    const uint8_t *kcodes;        /* channel-major: row c's G codes at kcodes + c * krow for the
+                                     head_dim channels, then nk rows of outlier high nibbles */
     ptrdiff_t krow;
     const float *kscale, *kzero;  /* [head_dim] (outlier channels: their 8-bit parameters) */
-    int nk;
+    int nk;                       /* outliers (4 bits only) */
     const uint8_t *kidx;          /* [nk] outlier key channels, ascending */
-    const uint8_t *kcodes8;       /* [nk][G] their 8-bit codes */
     const uint8_t *vcodes;        /* token-major: token t's head_dim codes at vcodes + t * vrow */
     ptrdiff_t vrow;
     const float *vscale, *vzero;  /* [G][ceil(head_dim / group_size)] */
     int nv;
-    const uint8_t *vidx;          /* [nv] outlier value channels */
-    const float *voscale, *vozero;/* [nv] their residuals' 8-bit parameters */
-    const uint8_t *vcodes8;       /* [G][nv] */
+    const uint8_t *vidx;          /* [nv] outlier value channels, ascending */
+    const float *voscale, *vozero;/* [nv] their per-channel 8-bit parameters */
+    const uint8_t *vhi;           /* [G][(nv + 1) / 2] their codes' high nibbles (low: in vcodes) */
     /* what the caller reads next (the next group's segment of this head): the kernel
      * prefetches it into L2 while it computes, NULL for nothing */
     const unsigned char *prefetch;
     size_t prefetch_bytes;
 };
+
+/* the 8-bit code of outlier value channel o for token t (4-bit heads only) */
+static inline int rv_coldq_value_outlier_code(const struct rv_qhead *h, int t, int o)
+{
+    const int c = h->vidx[o], half = (h->head_dim + 1) / 2;
+    const uint8_t *row = h->vcodes + (ptrdiff_t)t * h->vrow;
+    const int lo = c < half ? row[c] & 15 : row[c - half] >> 4;
+    const int hi = (h->vhi[(size_t)t * (size_t)((h->nv + 1) / 2) + (size_t)(o / 2)] >> (4 * (o & 1))) & 15;
+    return lo | hi << 4;
+}
 
 /* query rows the fused kernel keeps in registers at once, and the scratch it needs */
 #define RV_QATTN_ROWS 4
@@ -77,7 +93,7 @@ typedef struct {
     int nk, nv;
     const uint8_t *kidx, *vidx;
     const uint16_t *voscale, *vozero;
-    const uint8_t *kcodes8, *vcodes8;
+    const uint8_t *vhi;
 } rv_coldq_head;
 
 /* bytes of a head segment with nk / nv outlier channels */
