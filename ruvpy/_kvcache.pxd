@@ -82,6 +82,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
         size_t hot_bytes, cold_bytes, meta_bytes
         int64_t cold_groups
         int64_t evicted
+        int64_t shared_groups
 
     ctypedef struct rv_tt_params:
         int num_layers, num_kv_heads, head_dim
@@ -103,6 +104,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
     int64_t rv_tt_len(const rv_tt *c, int slot, int layer)
     int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer)
     void rv_tt_evict(rv_tt *c, int slot, int64_t n)
+    int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
     int rv_tt_append(rv_tt *c, int slot, int layer, const void *k, const void *v, int64_t n,
                      int src_dtype, const rv_ops *ops)
     int rv_tt_begin(rv_tt *c, int slot)

@@ -73,11 +73,21 @@ class PagedKVStats(KVCacheStats):
 
 class TwoTierKVStats(KVCacheStats):
     """KVCacheStats of a TwoTierKVCache, plus: cold ("q8", "q4", "turbo"), hot_tokens_limit,
-    migration_batch, group_size, policy, cold_groups (allocated), hot_bytes, cold_bytes,
-    metadata_bytes, cold_bytes_per_token (cold bytes / cold tokens, all layers), fp16
+    migration_batch, group_size, policy, cold_groups (allocated), cold_groups_shared (held by
+    more than one sequence, or kept for a rollback), hot_bytes, cold_bytes, metadata_bytes,
+    stored_tokens, cold_bytes_per_token (cold bytes / stored cold tokens, all layers), fp16
     bytes_per_token (what a token costs in the hot tier's format), compression_ratio (fp16
-    bytes of the cold tokens / their cold bytes), cold_bits_per_value, evicted_tokens (since
-    creation); tiers "hot" and "cold"; per sequence also "hot_tokens" and "cold_tokens"."""
+    bytes of the stored cold tokens / their cold bytes), cold_bits_per_value, evicted_tokens
+    (tokens dropped from sequences since creation); tiers "hot" and "cold"; per sequence also
+    "hot_tokens" and "cold_tokens".
+
+    Stored vs held: forks share cold groups. `tokens` and the per-sequence counts are what
+    each sequence holds (a shared token counts for every sequence holding it, as in the paged
+    cache's stats). `stored_tokens` -- what max_tokens bounds -- the tiers' tokens and each
+    layer's tokens count a shared cold token ONCE: every sequence's hot tokens (a fork copies
+    its parent's) plus each cold group's tokens that some sequence still holds. stored_tokens
+    and the tiers are those of the fullest layer (stored_tokens == hot + cold tokens there);
+    bytes are allocations, a shared group's counted once (split among holders per sequence)."""
 
 
 def _jsonable(x):
@@ -969,11 +979,17 @@ cdef class TwoTierKVCache(_KVCache):
     (values). Attention dequantizes the cold codes chunk by chunk inside the kernel and folds
     them and the hot tokens into one online softmax.
 
-    max_tokens bounds the tokens held per layer, all sequences together. Policy "error":
-    appends past it raise KVCacheFull (nothing written); "evict-oldest": the oldest tokens are
-    dropped, exactly as many as needed -- first of the sequences being appended to (so each
-    keeps its newest tokens), then of the others, longest first; while a transaction is open
-    only its own sequences give up tokens. Forks share cold groups.
+    max_tokens bounds the tokens stored per layer, all sequences together: each sequence's hot
+    tokens plus the cold tokens, a cold token shared by forks counted once. fork() shares the
+    cold groups and copies the hot tail, so a fork costs only its hot tokens (KVCacheFull, and
+    nothing changes, if they do not fit; fork never evicts). Policy "error": appends past
+    max_tokens raise KVCacheFull (nothing written); "evict-oldest": the oldest tokens are
+    dropped until exactly the room asked for is free -- first of the sequences being appended
+    to (so each keeps its newest tokens), then of the others, longest first; while a
+    transaction is open only its own sequences give up tokens. A dropped token that another
+    sequence still holds frees no room (it stays stored for that one), so eviction goes on to
+    the next oldest; a shared cold group's memory is freed when its last holder drops it.
+    import_sequence() stores its own copy of everything (it costs all its tokens).
 
     cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value (rotated codes with
     Lloyd-Max codebooks, QJL residual signs for the keys; see csrc/kvcache/rv_turbo.h)."""
@@ -1044,8 +1060,12 @@ cdef class TwoTierKVCache(_KVCache):
         cdef int child
         rc = rv_tt_fork(self.c, slot, &child)
         if rc == RV_EFULL:
-            raise KVCacheFull(f"fork: the copy's {rv_tt_len(self.c, slot, 0)} tokens do not fit "
-                              f"max_tokens={self.max_tokens} (held: {self.c.used[0]} in layer 0)")
+            hot = [rv_tt_len(self.c, slot, l) - rv_tt_cold_len(self.c, slot, l)
+                   for l in range(self.num_layers)]
+            l = max(range(self.num_layers), key=lambda l: self.c.used[l] + hot[l])
+            raise KVCacheFull(f"fork: the copy's {hot[l]} hot tokens (layer {l}; its cold groups are "
+                              f"shared and take no room) do not fit: {self.max_tokens - self.c.used[l]} "
+                              f"free of max_tokens={self.max_tokens}; nothing was written")
         _check_status(rc, "fork")
         return child
 
@@ -1082,18 +1102,22 @@ cdef class TwoTierKVCache(_KVCache):
                 + ("" if self.policy == "error" else " (more than the cache holds: eviction cannot help)")
                 + "; nothing was written")
         # evict-oldest: the requesting sequences' oldest tokens first, then the others' (inside
-        # a transaction only its own sequences', so that a rollback restores everything)
+        # a transaction only its own sequences', so that a rollback restores everything). A
+        # token another sequence still holds (a shared cold group) frees no room when dropped:
+        # the loop goes on to the next oldest until the room is there.
         requesting = [slots[i] for i in range(nseq)]
         allowed = {self._slot_of[s] for s in self._txn} if self._txn else None
         others = sorted([x for x in self._slot_of.values() if x not in requesting and
                          (allowed is None or x in allowed)], key=lambda x: -rv_tt_len(self.c, x, 0))
         victims = [x for x in requesting if allowed is None or x in allowed] + others
         for l in range(lo, hi):
-            if sum(rv_tt_len(self.c, x, l) for x in victims) < self.c.used[l] + requested - self.max_tokens:
+            # all sequences may give up tokens outside a transaction: emptying them frees all
+            if allowed is not None and self._stored_without(l, victims) + requested > self.max_tokens:
                 raise KVCacheFull(
                     f"KV cache full: {requested} tokens requested for sequences {ids} in {where}; inside "
                     f"the open transaction on {sorted(self._txn)} only its sequences' tokens may be evicted "
-                    f"and they are too few; nothing was written")
+                    f"and the tokens only they hold are too few (tokens shared with other sequences stay "
+                    f"stored); nothing was written")
         while over > 0:
             for sl in victims:
                 take = min(over, rv_tt_len(self.c, sl, bind))
@@ -1105,6 +1129,18 @@ cdef class TwoTierKVCache(_KVCache):
             bind = self._fullest_layer(lo, hi)
             over = self.c.used[bind] + requested - self.max_tokens
         return 0
+
+    cdef int64_t _stored_without(self, int layer, list victims) except -1:
+        """what `layer` would store if the sequences in slots `victims` held nothing"""
+        cdef int *sl = <int *>malloc(sizeof(int) * (len(victims) + 1))
+        if sl == NULL:
+            raise MemoryError("reserve: out of memory")
+        try:
+            for i, x in enumerate(victims):
+                sl[i] = x
+            return rv_tt_stored_without(self.c, layer, sl, len(victims))
+        finally:
+            free(sl)
 
     cdef int _h_append(self, int slot, int layer, const void *k, const void *v, int64_t n,
                        int dtype) except -1:
@@ -1144,10 +1180,11 @@ cdef class TwoTierKVCache(_KVCache):
     cdef object _h_stats(self):
         cdef rv_tt_usage u
         L = self.num_layers
-        layer_rows = [{"layer": l, "tokens": 0, "bytes": 0} for l in range(L)]
+        # layers: tokens stored (what max_tokens bounds: a shared cold token once)
+        layer_rows = [{"layer": l, "tokens": self.c.used[l], "bytes": 0} for l in range(L)]
+        layer_hot = [0] * L
         seqs = {}
-        hot_tokens = cold_tokens = tokens = 0
-        cold_token_layers = 0
+        tokens = 0
         for seq, slot in sorted(self._slot_of.items()):
             entry = {"tokens": 0, "bytes": 0, "hot_tokens": 0, "cold_tokens": 0}
             for l in range(L):
@@ -1156,23 +1193,25 @@ cdef class TwoTierKVCache(_KVCache):
                 entry["hot_tokens"] = max(entry["hot_tokens"], u.hot_tokens)
                 entry["cold_tokens"] = max(entry["cold_tokens"], u.cold_tokens)
                 entry["bytes"] += u.hot_bytes + u.cold_bytes
-                layer_rows[l]["tokens"] += u.hot_tokens + u.cold_tokens
                 layer_rows[l]["bytes"] += u.hot_bytes + u.cold_bytes
-                cold_token_layers += u.cold_tokens
+                layer_hot[l] += u.hot_tokens
             seqs[seq] = entry
             tokens += entry["tokens"]
-            hot_tokens += entry["hot_tokens"]
-            cold_tokens += entry["cold_tokens"]
+        fullest = max(range(L), key=lambda l: self.c.used[l])
+        hot_tokens = layer_hot[fullest]
+        cold_tokens = self.c.used[fullest] - hot_tokens
+        cold_token_layers = sum(self.c.used[l] - layer_hot[l] for l in range(L))
         fp16_token = 2 * 2 * self.num_kv_heads * self.head_dim      # K and V, one layer
         cold_bytes = self.c.cold_bytes
         return TwoTierKVStats(
             kind="two-tier", num_layers=L, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             cold=self.cold, hot_tokens_limit=self.hot_tokens, migration_batch=self.migration_batch,
             group_size=self.group_size, policy=self.policy, capacity_tokens=self.max_tokens,
-            tokens=tokens, bytes=self._h_nbytes(),
+            tokens=tokens, stored_tokens=self.c.used[fullest], bytes=self._h_nbytes(),
             tiers={"hot": {"tokens": hot_tokens, "bytes": self.c.hot_bytes},
                    "cold": {"tokens": cold_tokens, "bytes": cold_bytes}},
             layers=layer_rows, sequences=seqs, cold_groups=self.c.cold_groups,
+            cold_groups_shared=self.c.shared_groups,
             hot_bytes=self.c.hot_bytes, cold_bytes=cold_bytes, metadata_bytes=self.c.meta_bytes,
             fp16_bytes_per_token=fp16_token * L,
             cold_bytes_per_token=(cold_bytes / cold_token_layers * L) if cold_token_layers else 0.0,

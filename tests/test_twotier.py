@@ -213,19 +213,19 @@ def test_policy_error_raises_before_writing():
     cache = TwoTierKVCache(2, 2, 8, hot_tokens=4, migration_batch=4, max_tokens=30)
     a, b = cache.add_sequence(), cache.add_sequence()
     for layer in range(2):
-        cache.append(a, layer, *random_kv(rng, 25, 2, 8))
+        cache.append(a, layer, *random_kv(rng, 26, 2, 8))    # 20 cold + 6 hot
     before = snapshot(cache)
     with pytest.raises(KVCacheFull, match="requested"):
-        cache.append(b, 0, *random_kv(rng, 6, 2, 8))
+        cache.append(b, 0, *random_kv(rng, 5, 2, 8))
     with pytest.raises(KVCacheFull):
-        cache.reserve([a, b], [3, 3])
+        cache.reserve([a, b], [3, 2])
+    with pytest.raises(KVCacheFull, match="hot"):
+        cache.fork(a)                   # the 6 hot tokens it would copy do not fit
+    q = np.zeros((5, 4, 8), np.float32)
     with pytest.raises(KVCacheFull):
-        cache.fork(a)
-    q = np.zeros((6, 4, 8), np.float32)
-    with pytest.raises(KVCacheFull):
-        cache.append_attend(1, [b], [6], q, *random_kv(rng, 6, 2, 8))
+        cache.append_attend(1, [b], [5], q, *random_kv(rng, 5, 2, 8))
     assert snapshot(cache) == before
-    cache.reserve([a, b], [2, 3])
+    cache.reserve([a, b], [2, 2])
 
 
 @pytest.mark.parametrize("cold", ["q8", "q4", "turbo"])
@@ -277,6 +277,108 @@ def test_fork_shares_cold_groups_and_diverges(isa, cold):
     cache.free(child)
     st = cache.stats()
     assert st.cold_groups == 0 and st.cold_bytes == 0 and st.hot_bytes == 0
+
+
+def test_fork_of_a_cold_sequence_takes_no_budget():
+    """max_tokens counts tokens stored: a fork shares its parent's cold groups (counted once)
+    and pays only for the hot tail it copies."""
+    rng = np.random.default_rng(14)
+    cache = TwoTierKVCache(2, 1, 8, hot_tokens=0, migration_batch=8, max_tokens=100)
+    parent = cache.add_sequence()
+    for layer in range(2):
+        cache.append(parent, layer, *random_kv(rng, 64, 1, 8))
+    assert cache.stats().tiers["hot"]["tokens"] == 0
+    forks = [cache.fork(parent) for _ in range(5)]        # 6 x 64 tokens held, 64 stored
+    st_ = cache.stats()
+    assert st_.stored_tokens == 64 and [r["tokens"] for r in st_.layers] == [64, 64]
+    assert st_.tiers["cold"]["tokens"] == 64 and st_.tokens == 6 * 64
+    assert st_.cold_groups == 2 * 8 and st_.cold_groups_shared == 2 * 8
+    for layer in range(2):      # the 36 free tokens, then nothing
+        cache.append(forks[0], layer, *random_kv(rng, 36, 1, 8))
+    before = snapshot(cache)
+    with pytest.raises(KVCacheFull, match="0 free"):
+        cache.append(forks[1], 0, *random_kv(rng, 1, 1, 8))
+    assert snapshot(cache) == before
+    # a hot tail is copied: it costs its tokens
+    hot = TwoTierKVCache(1, 1, 8, hot_tokens=4, migration_batch=8, max_tokens=100)
+    p = hot.add_sequence()
+    hot.append(p, 0, *random_kv(rng, 69, 1, 8))           # 64 cold + 5 hot
+    hot.fork(p)
+    assert hot.stats().stored_tokens == 74
+    hot.fork(p)
+    assert hot.stats().stored_tokens == 79
+    before = snapshot(hot)      # an import shares nothing: its 69 tokens do not fit in 21
+    with pytest.raises(KVCacheFull, match="69 tokens"):
+        hot.import_sequence(*hot.export_sequence(p))
+    assert snapshot(hot) == before
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_forks_appending_hit_the_budget_at_the_exact_token(layers):
+    rng = np.random.default_rng(15)
+    cache = TwoTierKVCache(layers, 1, 8, hot_tokens=5, migration_batch=4, max_tokens=120)
+    parent = cache.add_sequence()
+    for layer in range(layers):
+        cache.append(parent, layer, *random_kv(rng, 47, 1, 8))   # 40 cold + 7 hot
+    child = cache.fork(parent)
+    stored = 40 + 7 + 7
+    assert cache.stats().stored_tokens == stored
+    turn = 0
+    while stored < 120:         # one token at a time, alternating, migrating on the way
+        seq = (parent, child)[turn % 2]
+        for layer in range(layers):
+            cache.append(seq, layer, *random_kv(rng, 1, 1, 8))
+        stored += 1
+        turn += 1
+        assert cache.stats().stored_tokens == stored
+    assert cache.stats().tiers["cold"]["tokens"] > 40        # both have migrated since
+    before = snapshot(cache)
+    for seq in (parent, child):
+        with pytest.raises(KVCacheFull, match="requested"):
+            cache.append(seq, layers - 1, *random_kv(rng, 1, 1, 8))
+        with pytest.raises(KVCacheFull):
+            cache.reserve([seq], [1])
+        with pytest.raises(KVCacheFull):
+            cache.fork(seq)
+    assert snapshot(cache) == before
+    cache.free(child)           # gives back its own tokens, not the shared ones
+    assert cache.stats().stored_tokens == cache.seq_len(parent, 0) == 47 + (turn + 1) // 2
+
+
+def test_rollback_after_a_fork_restores_the_accounting():
+    rng = np.random.default_rng(16)
+    cache = TwoTierKVCache(2, 1, 8, hot_tokens=3, migration_batch=4, max_tokens=60,
+                           policy="evict-oldest")
+    parent = cache.add_sequence()
+    for layer in range(2):
+        cache.append(parent, layer, *indexed_kv(0, 30, 1, 8, rng))   # 24 cold + 6 hot
+    child = cache.fork(parent)
+    assert cache.stats().stored_tokens == 36
+    before = snapshot(cache)
+    cache.begin([child])
+    cache.reserve([child], [28])        # 4 over: the child drops its 24 shared tokens (they
+    assert cache.seq_len(child, 0) == 2  # free nothing, the parent holds them), then 4 own
+    for layer in range(2):
+        cache.append(child, layer, *indexed_kv(100, 28, 1, 8, rng))
+    assert cache.seq_len(parent, 0) == 30 and cache.seq_len(child, 1) == 30
+    assert cache.stats().stored_tokens == 60
+    cache.rollback([child])
+    assert snapshot(cache) == before
+    # the budget is as it was: 24 free tokens exactly, no eviction
+    for layer in range(2):
+        cache.append(child, layer, *indexed_kv(30, 24, 1, 8, rng))
+    assert cache.seq_len(parent, 0) == 30 and cache.seq_len(child, 0) == 54
+    assert cache.stats().stored_tokens == 60 and cache.stats().evicted_tokens == 0
+    # inside a transaction only its sequences give up tokens: the child's shared ones free
+    # nothing, so room it cannot make raises before anything changes
+    before = snapshot(cache)
+    cache.begin([child])
+    with pytest.raises(KVCacheFull, match="transaction"):
+        cache.reserve([child], [31])
+    cache.reserve([child], [30])
+    assert cache.stats().stored_tokens == 30 and cache.seq_len(child, 0) == 0
+    cache.rollback([child])
+    assert snapshot(cache) == before
 
 
 @pytest.mark.parametrize("cold", ["q8", "q4", "turbo"])
@@ -418,11 +520,173 @@ def test_random_operations_keep_order_and_bytes(ops, cold):
                 model[s][0] = model[s][1] - cache.seq_len(s, 0)
         for s, (lo, hi) in model.items():
             assert np.array_equal(cache.get_kv(s, 0)[1][:, 0, 0], np.arange(lo, hi))
-        assert sum(cache.seq_len(s, 0) for s in model) <= 60
+        assert cache.stats().stored_tokens <= 60      # forks share cold tokens: held may be more
     for s in list(model):
         cache.free(s)
     st_ = cache.stats()
     assert st_.hot_bytes == 0 and st_.cold_bytes == 0 and st_.cold_groups == 0 and st_.tokens == 0
+
+
+class StoredTokensModel:
+    """What a two-tier cache stores, modelled independently of its code: each sequence is its
+    tokens oldest first as (identity, value) and how many of the oldest are cold. Appends
+    land hot; outside a transaction hot_tokens + G hot tokens migrate their oldest G to cold;
+    a fork shares the cold tokens (same identities) and copies the hot ones (new identities);
+    a sequence drops its oldest tokens. Stored = distinct cold identities + every hot token."""
+
+    def __init__(self, hot_tokens, group):
+        self.hot_tokens, self.group, self.seqs, self.next_id = hot_tokens, group, {}, 0
+
+    def new_ids(self, n):
+        self.next_id += n
+        return range(self.next_id - n, self.next_id)
+
+    def add(self, seq):
+        self.seqs[seq] = [[], 0]
+
+    def append(self, seq, values, migrate=True):
+        toks = self.seqs[seq][0]
+        toks.extend(zip(self.new_ids(len(values)), values))
+        if migrate:
+            self.migrate(seq)
+
+    def migrate(self, seq):
+        toks, cold = self.seqs[seq]
+        while len(toks) - cold >= self.hot_tokens + self.group:
+            cold += self.group
+        self.seqs[seq][1] = cold
+
+    def fork(self, seq, child):
+        toks, cold = self.seqs[seq]
+        self.seqs[child] = [toks[:cold] + list(zip(self.new_ids(len(toks) - cold),
+                                                   [v for _, v in toks[cold:]])), cold]
+
+    def drop_oldest(self, seq, n):
+        toks, cold = self.seqs[seq]
+        self.seqs[seq] = [toks[n:], max(0, cold - n)]
+
+    def hot(self, seq):
+        return len(self.seqs[seq][0]) - self.seqs[seq][1]
+
+    def stored(self, without=()):
+        kept = [s for s in self.seqs if s not in without]
+        return (len({i for s in kept for i, _ in self.seqs[s][0][:self.seqs[s][1]]}) +
+                sum(self.hot(s) for s in kept))
+
+
+ACCOUNTING_OPS = st.lists(st.tuples(st.sampled_from(["append"] * 4 + ["fork"] * 2 + [
+                                        "free", "evict", "add", "txn-rollback", "txn-commit"]),
+                                    st.integers(0, 1000), st.integers(1, 16)), min_size=8, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 24), ACCOUNTING_OPS, st.sampled_from(["error", "evict-oldest"]),
+       st.sampled_from(["q8", "q4"]))
+def test_accounting_with_shared_groups_matches_a_model(prompt, ops, policy, cold):
+    """After any mix of appends, forks, frees, evictions and transactions the cache stores
+    exactly what the model says (each layer, stats and the budget: an append fits exactly
+    when the model says it does, eviction frees exactly the room asked for), every
+    sequence holds the model's tokens in order, and freeing everything gives the budget and
+    every byte back."""
+    rng = np.random.default_rng(1)
+    H, G, MAX = 3, 4, 32
+    cache = TwoTierKVCache(2, 1, 4, hot_tokens=H, migration_batch=G, cold=cold, max_tokens=MAX,
+                           policy=policy)
+    model = StoredTokensModel(H, G)
+    model.add(cache.add_sequence())
+    values = iter(range(1, 10**6))
+
+    def append_both(seq, n):
+        vals = [next(values) for _ in range(n)]
+        k, _ = random_kv(rng, n, 1, 4)
+        v = np.broadcast_to(np.array(vals, np.float32)[:, None, None], (n, 1, 4)).copy()
+        for layer in range(2):
+            cache.append(seq, layer, k, v)
+        return vals
+
+    def appended(seq, n, in_txn=False):
+        """append n to seq; check the budget decision against the model; update the model"""
+        stored = model.stored()
+        free_without = MAX - model.stored(without=[seq]) if in_txn else MAX
+        lens = {s: cache.seq_len(s, 0) for s in model.seqs}
+        fits = stored + n <= MAX
+        can_evict = policy == "evict-oldest" and n <= free_without
+        if not fits and not can_evict:
+            snap = snapshot(cache)
+            with pytest.raises(KVCacheFull):
+                append_both(seq, n)
+            assert snapshot(cache) == snap
+            return False
+        vals = append_both(seq, n)
+        for s in model.seqs:        # what eviction took, oldest first
+            model.drop_oldest(s, lens[s] - cache.seq_len(s, 0) + (n if s == seq else 0))
+        model.append(seq, vals, migrate=not in_txn)
+        if not fits:                # exactly the room asked for
+            assert model.stored() == MAX
+        else:
+            assert all(cache.seq_len(s, 0) == lens[s] + (n if s == seq else 0) for s in model.seqs)
+        return True
+
+    if prompt:                  # a first sequence with cold groups for the forks to share
+        appended(0, prompt)
+    for op, pick, n in ops:
+        live = sorted(model.seqs)
+        target = live[pick % len(live)] if live else None
+        if target is None or op == "add":
+            model.add(cache.add_sequence())
+        elif op == "append":
+            appended(target, n)
+        elif op == "fork":
+            if model.stored() + model.hot(target) <= MAX:
+                model.fork(target, cache.fork(target))
+            else:
+                snap = snapshot(cache)
+                with pytest.raises(KVCacheFull):
+                    cache.fork(target)
+                assert snapshot(cache) == snap
+        elif op == "free":
+            cache.free(target)
+            del model.seqs[target]
+        elif op == "evict":
+            fits = model.stored() + n <= MAX
+            if policy == "evict-oldest" and n <= MAX:
+                lens = {s: cache.seq_len(s, 0) for s in model.seqs}
+                cache.reserve([target], [n])
+                for s in model.seqs:
+                    model.drop_oldest(s, lens[s] - cache.seq_len(s, 0))
+                assert model.stored() + n == MAX if not fits else model.stored() + n <= MAX
+            elif fits:
+                cache.reserve([target], [n])
+            else:
+                with pytest.raises(KVCacheFull):
+                    cache.reserve([target], [n])
+        else:
+            snap = snapshot(cache)
+            saved = {s: [list(t), c] for s, (t, c) in model.seqs.items()}
+            cache.begin([target])
+            appended(target, n, in_txn=True)
+            if op == "txn-rollback":
+                cache.rollback([target])
+                assert snapshot(cache) == snap
+                model.seqs = saved
+            else:
+                cache.commit([target])
+                model.migrate(target)
+        st_ = cache.stats()
+        assert [r["tokens"] for r in st_.layers] == [model.stored()] * 2
+        assert st_.stored_tokens == model.stored() <= MAX
+        assert st_.tiers["hot"]["tokens"] == sum(model.hot(s) for s in model.seqs)
+        for s, (toks, c) in model.seqs.items():
+            assert st_.sequences[s]["cold_tokens"] == c
+            for layer in range(2):
+                assert np.array_equal(cache.get_kv(s, layer)[1][:, 0, 0], [v for _, v in toks])
+    for s in list(model.seqs):
+        cache.free(s)
+    st_ = cache.stats()
+    assert st_.stored_tokens == 0 and [r["tokens"] for r in st_.layers] == [0, 0]
+    assert st_.hot_bytes == 0 and st_.cold_bytes == 0 and st_.cold_groups == 0
+    if policy == "error":
+        cache.reserve([cache.add_sequence()], [MAX])     # the whole budget is free again
 
 
 @pytest.mark.parametrize("make", [lambda: TwoTierKVCache(2, 2, 16, hot_tokens=8, migration_batch=8, max_tokens=4000),

@@ -91,12 +91,16 @@ int rv_tt_create(rv_tt **out, const rv_tt_params *p)
 
 /* ---- cold groups ---- */
 
+_Static_assert(sizeof(rv_tt_group) <= RV_TT_GROUP_HDR, "the group header outgrew its room");
+
+/* a new group with one reference and no holder yet: stored 0 until its list holds it */
 static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
 {
     size_t n = RV_TT_GROUP_HDR + blob_bytes;
     rv_tt_group *g = (rv_tt_group *)rv_kv_alloc(n);
     if (!g)
         return NULL;
+    memset(g, 0, sizeof *g);
     g->refs = 1;
     g->blob_bytes = blob_bytes;
     g->alloc_bytes = rv_kv_alloc_size(n);
@@ -105,9 +109,17 @@ static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
     return g;
 }
 
+static void group_share(rv_tt *c, rv_tt_group *g)
+{
+    if (g->refs++ == 1)
+        c->shared_groups++;
+}
+
 static void group_drop(rv_tt *c, rv_tt_group *g)
 {
-    if (--g->refs == 0) {
+    if (--g->refs == 1)
+        c->shared_groups--;
+    if (g->refs == 0) {
         c->cold_bytes -= g->alloc_bytes;
         c->cold_groups--;
         rv_kv_free(g);
@@ -146,6 +158,102 @@ static void groups_compact(rv_tt *c, rv_tt_layer *L)
 RV_INLINE int64_t cold_len(const rv_tt *c, const rv_tt_layer *L)
 {
     return (L->ngroups - L->first) * c->group_tokens - L->skip;
+}
+
+/* ---- the budget: tokens stored (rv_twotier.h) ---- */
+
+/* Count (sign +1) or uncount (-1) L as a full holder of its live groups in [lo, hi). */
+static void hold_groups(rv_tt_layer *L, int64_t lo, int64_t hi, int sign)
+{
+    if (lo < L->first)
+        lo = L->first;
+    if (hi > L->ngroups)
+        hi = L->ngroups;
+    for (int64_t i = lo; i < hi; i++)
+        if (i > L->first || L->skip == 0)
+            L->groups[i]->full += sign;
+}
+
+/* the first token of g that some sequence holds (group_tokens: none does) */
+static int32_t group_floor(const rv_tt *c, int layer, const rv_tt_group *g)
+{
+    if (g->full > 0)
+        return 0;
+    /* every live holder sees part of it: it is their first live group, skip > 0 */
+    int32_t floor = c->group_tokens;
+    for (int i = 0; i < c->nslots; i++) {
+        const rv_tt_seq *s = &c->seqs[i];
+        if (!s->live)
+            continue;
+        const rv_tt_layer *L = &s->layers[layer];
+        if (L->first < L->ngroups && L->groups[L->first] == g && L->skip < floor)
+            floor = L->skip;
+    }
+    return floor;
+}
+
+/* after its holders' views changed: recount what the groups [lo, hi) of L store */
+static void restat_groups(rv_tt *c, int layer, const rv_tt_layer *L, int64_t lo, int64_t hi)
+{
+    if (hi > L->ngroups)
+        hi = L->ngroups;
+    for (int64_t i = lo; i < hi; i++) {
+        rv_tt_group *g = L->groups[i];
+        int32_t stored = c->group_tokens - group_floor(c, layer, g);
+        c->used[layer] += stored - g->stored;
+        g->stored = stored;
+    }
+}
+
+/* Move L's view to its first `first` groups and `skip` more tokens gone (eviction) or back
+ * (rollback), keeping the full counts and what the touched groups store exact. */
+static void move_view(rv_tt *c, int layer, rv_tt_layer *L, int64_t first, int32_t skip)
+{
+    const int64_t lo = first < L->first ? first : L->first;
+    const int64_t hi = (first > L->first ? first : L->first) + 1;
+    hold_groups(L, lo, hi, -1);
+    L->first = first;
+    L->skip = skip;
+    hold_groups(L, lo, hi, +1);
+    restat_groups(c, layer, L, lo, hi);
+}
+
+static int slot_listed(int slot, const int *slots, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (slots[i] == slot)
+            return 1;
+    return 0;
+}
+
+int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
+{
+    int64_t stored = 0;
+    c->epoch++;
+    /* pass 0: each group's smallest start among the remaining holders; pass 1: sum once */
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < c->nslots; i++) {
+            const rv_tt_seq *s = &c->seqs[i];
+            if (!s->live || slot_listed(i, slots, n))
+                continue;
+            const rv_tt_layer *L = &s->layers[layer];
+            if (pass == 0)
+                stored += L->hot_len;
+            for (int64_t gi = L->first; gi < L->ngroups; gi++) {
+                rv_tt_group *g = L->groups[gi];
+                int32_t start = gi == L->first ? L->skip : 0;
+                if (pass == 0 && g->mark != c->epoch) {
+                    g->mark = c->epoch;
+                    g->tmp = start;
+                } else if (pass == 0) {
+                    g->tmp = start < g->tmp ? start : g->tmp;
+                } else if (g->tmp >= 0) {
+                    stored += c->group_tokens - g->tmp;
+                    g->tmp = -1;
+                }
+            }
+        }
+    return stored;
 }
 
 /* ---- the hot ring ---- */
@@ -307,6 +415,8 @@ static int migrate(rv_tt *c, rv_tt_layer *L, const rv_ops *ops)
             rc = RV_ENOMEM;
             break;
         }
+        g->full = 1;          /* G tokens move from the hot count to the cold one: `used` stays */
+        g->stored = (int32_t)G;
         L->hot_head = (L->hot_head + G) % L->hot_cap;
         L->hot_len -= G;
     }
@@ -374,11 +484,15 @@ int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer)
     return cold_len(c, &c->seqs[slot].layers[layer]);
 }
 
+/* Uncount everything slot holds from the budget, then free it. */
 void rv_tt_release(rv_tt *c, int slot)
 {
     rv_tt_seq *s = &c->seqs[slot];
-    for (int l = 0; l < c->num_layers; l++)
-        c->used[l] -= rv_tt_len(c, slot, l);
+    for (int l = 0; l < c->num_layers && s->layers; l++) {
+        rv_tt_layer *L = &s->layers[l];
+        move_view(c, l, L, L->ngroups, 0);      /* sees none of its groups any more */
+        c->used[l] -= L->hot_len;
+    }
     if (s->in_txn)
         c->open_txns--;
     seq_clear(c, s);
@@ -388,8 +502,10 @@ int rv_tt_fork(rv_tt *c, int parent, int *child)
 {
     if (c->open_txns)
         return RV_EINVAL;
+    /* the copy shares the cold groups (it sees what the parent sees: they store no more) and
+     * copies the hot tail, which is what it costs */
     for (int l = 0; l < c->num_layers; l++)
-        if (c->used[l] + rv_tt_len(c, parent, l) > c->max_tokens)
+        if (c->used[l] + c->seqs[parent].layers[l].hot_len > c->max_tokens)
             return RV_EFULL;
     int i, rc = rv_tt_add(c, &i);
     if (rc)
@@ -400,9 +516,10 @@ int rv_tt_fork(rv_tt *c, int parent, int *child)
         for (int64_t g = P->first; g < P->ngroups; g++) {
             if (groups_push(c, L, P->groups[g]))
                 goto fail;
-            P->groups[g]->refs++;
+            group_share(c, P->groups[g]);
+            L->skip = P->skip;
+            hold_groups(L, L->ngroups - 1, L->ngroups, +1);
         }
-        L->skip = P->skip;
         if (P->hot_len) {
             if (ring_reserve(c, L, 0, P->hot_len))
                 goto fail;
@@ -410,14 +527,13 @@ int rv_tt_fork(rv_tt *c, int parent, int *child)
                 for (int h = 0; h < c->num_kv_heads; h++)
                     ring_gather(c, P, kv, h, P->hot_head, P->hot_len, ring_row(c, L, kv, h, 0));
             L->hot_len = P->hot_len;
+            c->used[l] += L->hot_len;
         }
     }
-    for (int l = 0; l < c->num_layers; l++)
-        c->used[l] += rv_tt_len(c, i, l);
     *child = i;
     return RV_OK;
 fail:
-    seq_clear(c, &c->seqs[i]);
+    rv_tt_release(c, i);      /* what the copy counted so far (its groups store no more) */
     return RV_ENOMEM;
 }
 
@@ -425,18 +541,11 @@ fail:
 
 static void evict_layer(rv_tt *c, rv_tt_seq *s, rv_tt_layer *L, int layer, int64_t n)
 {
-    const int64_t G = c->group_tokens;
-    c->used[layer] -= n;
-    while (n > 0 && cold_len(c, L) > 0) {
-        int64_t take = G - L->skip < n ? G - L->skip : n;
-        L->skip += (int32_t)take;
-        n -= take;
-        if (L->skip == G) {
-            L->skip = 0;
-            L->first++;
-        }
-    }
+    const int64_t G = c->group_tokens, cold = cold_len(c, L), from_cold = n < cold ? n : cold;
+    move_view(c, layer, L, L->first + (L->skip + from_cold) / G, (int32_t)((L->skip + from_cold) % G));
+    n -= from_cold;
     if (n > 0) {
+        c->used[layer] -= n;
         L->hot_head = (L->hot_head + n) % L->hot_cap;
         L->hot_len -= n;
         if (s->in_txn)
@@ -539,13 +648,11 @@ void rv_tt_rollback(rv_tt *c, int slot)
         return;
     for (int l = 0; l < c->num_layers; l++) {
         rv_tt_layer *L = &s->layers[l];
-        int64_t now = rv_tt_len(c, slot, l);
-        L->first = L->s_first;
-        L->skip = L->s_skip;
+        move_view(c, l, L, L->s_first, L->s_skip);   /* the groups it sees store as before */
+        c->used[l] += L->s_hot_len - L->hot_len;
         L->hot_head = L->s_hot_head;
         L->hot_len = L->s_hot_len;
         L->txn_hot_evicted = 0;
-        c->used[l] += rv_tt_len(c, slot, l) - now;
         /* give back what the transaction grew the ring to (best effort: a failed allocation
          * keeps the larger ring, with the same tokens) */
         if (L->hot_cap != L->s_hot_cap && ring_resize(c, L, L->s_hot_cap, L->hot_head, L->hot_len) == RV_OK)
@@ -806,7 +913,9 @@ int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs
             }
         L->hot_len = hot_len;
     }
-    c->used[layer] += rv_tt_len(c, slot, layer);
+    hold_groups(L, 0, L->ngroups, +1);       /* counted only now that nothing can fail */
+    restat_groups(c, layer, L, 0, L->ngroups);
+    c->used[layer] += hot_len;
     return RV_OK;
 fail:
     layer_clear(c, L);

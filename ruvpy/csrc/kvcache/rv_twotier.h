@@ -7,6 +7,14 @@
  * oldest group_tokens tokens are quantized into a new cold group (migration). Cold groups are
  * reference counted: fork shares them and copies only the hot ring.
  *
+ * Budget (max_tokens, per layer): `used` counts the tokens stored, not the tokens each
+ * sequence sees: every sequence's hot tokens (its own copies) plus, once, each cold group's
+ * tokens that some sequence still holds. A holder sees a suffix of each of its groups (all of
+ * it, but for `skip` evicted tokens of its first live one), so a group stores its tokens from
+ * the smallest start among its holders on: a fork costs only its hot tail, and evicting a
+ * shared token frees room only once no sequence holds it any more (the group's memory goes
+ * with its last reference).
+ *
  * Transactions: inside one a sequence never migrates (its hot ring grows instead) and
  * evictions only move its counters (dropped groups are freed at commit, and the ring never
  * reuses slots that a rollback would need), so rollback is exact; commit migrates.
@@ -31,7 +39,11 @@
 /* A cold group: this header, then its blob (the format's bytes) at RV_TT_GROUP_HDR. */
 #define RV_TT_GROUP_HDR 64
 typedef struct {
-    int32_t refs;
+    int32_t refs;            /* group lists holding it (live or evicted awaiting a commit) */
+    int32_t full;            /* live holders that see all of it (start 0) */
+    int32_t stored;          /* its tokens counted in `used`: from its holders' smallest start on */
+    int32_t tmp;             /* scratch of rv_tt_stored_without, valid while mark == its epoch */
+    uint64_t mark;
     size_t blob_bytes;
     size_t alloc_bytes;      /* what the allocation really took (header + blob, aligned) */
 } rv_tt_group;
@@ -61,13 +73,15 @@ typedef struct {
     rv_coldq_cfg q;          /* cold q8 / q4 */
     rv_turbo *turbo;         /* cold turbo: rotation, projections, codebooks */
     int64_t max_tokens;
-    int64_t *used;           /* [num_layers] tokens held, all sequences */
+    int64_t *used;           /* [num_layers] tokens stored (see the budget above) */
     rv_tt_seq *seqs;
     int nslots, slot_cap;
     int open_txns;
     size_t hot_bytes, cold_bytes, meta_bytes;
     int64_t cold_groups;     /* distinct groups allocated */
     int64_t evicted;         /* tokens evicted, all sequences (a rollback takes its own back) */
+    int64_t shared_groups;   /* distinct groups with more than one reference */
+    uint64_t epoch;          /* marks of rv_tt_stored_without */
 } rv_tt;
 
 typedef struct {
@@ -86,7 +100,8 @@ size_t rv_tt_group_alloc_bytes(const rv_tt_params *p);
 size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens);
 
 int rv_tt_add(rv_tt *c, int *slot);
-/* RV_EFULL when the copy does not fit max_tokens; RV_EINVAL inside a transaction */
+/* RV_EFULL when the copied hot tail does not fit max_tokens (the shared cold groups take no
+ * room); RV_EINVAL inside a transaction. Nothing changes unless it returns RV_OK. */
 int rv_tt_fork(rv_tt *c, int parent, int *child);
 /* callers must not release while a transaction is open */
 void rv_tt_release(rv_tt *c, int slot);
@@ -94,8 +109,12 @@ void rv_tt_release(rv_tt *c, int slot);
 int64_t rv_tt_len(const rv_tt *c, int slot, int layer);
 int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer);
 
-/* Drop the oldest min(n, length) tokens of slot in every layer. */
+/* Drop the oldest min(n, length) tokens of slot in every layer (the room they free: only
+ * those no other sequence holds). */
 void rv_tt_evict(rv_tt *c, int slot, int64_t n);
+/* The tokens `layer` would store if the n sequences `slots` held nothing (recounted from the
+ * group lists; with n == 0 it equals used[layer]). */
+int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n);
 
 /* Append n tokens (k/v [n, kv heads, head_dim], float32 or binary16 by src_dtype 0/1).
  * RV_EFULL (max_tokens) or RV_ENOMEM before anything changes. Migrates outside transactions
