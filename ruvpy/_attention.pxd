@@ -18,6 +18,7 @@ cdef extern from "attention/rv_attention.h" nogil:
         float scale
 
     int rv_attention(const rv_ops *ops, int nthreads, const rv_attn_args *a)
+    int rv_attention_threads(int nthreads, const rv_attn_args *a)
     void rv_attention_release_scratch()
     size_t rv_attention_scratch_bytes()
     uint64_t rv_stream_read(const void *buf, size_t nbytes, int nthreads)

@@ -9,6 +9,7 @@ import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt, isfinite
 from libc.stdint cimport uint16_t, uint64_t
+from libc.string cimport memset
 
 from ruvpy.c_ops cimport rv_ops
 from ruvpy._kernels cimport active_ops, num_threads
@@ -186,6 +187,23 @@ def release_scratch():
 def scratch_bytes():
     """Bytes of attention scratch the calling thread holds."""
     return rv_attention_scratch_bytes()
+
+
+def _threads_for(int q_len, int kv_len, int num_heads, int num_kv_heads, int head_dim, kv_dtype,
+                 bint causal=True, int nthreads=0):
+    """Threads attention(q, k, v) of these shapes runs on (0: ruvpy's thread count): 1 when
+    the call is too small for a parallel region to pay (tests use it to pick sizes on both
+    sides of that threshold)."""
+    cdef rv_attn_args args
+    memset(&args, 0, sizeof(args))
+    args.q_len = q_len
+    args.kv_len = kv_len
+    args.num_heads = num_heads
+    args.num_kv_heads = num_kv_heads
+    args.head_dim = head_dim
+    args.kv_f16 = np.dtype(kv_dtype) == np.float16
+    args.causal = causal
+    return rv_attention_threads(nthreads if nthreads > 0 else num_threads(), &args)
 
 
 def _stream_read(buf, int nthreads=0):

@@ -88,8 +88,9 @@ def test_model_shapes(isa, q_len, kv_len, heads, kv_heads, d, dtype):
 
 
 @pytest.mark.parametrize("q_len,kv_len,heads,kv_heads,d", [
-    (1, 5000, 9, 3, 64), (1, 3000, 8, 1, 128), (40, 900, 8, 2, 64), (5, 4000, 2, 1, 32)])
+    (1, 5000, 9, 3, 64), (1, 3000, 8, 1, 128), (40, 900, 8, 2, 64), (5, 4000, 2, 1, 128)])
 def test_thread_counts_agree(isa, q_len, kv_len, heads, kv_heads, d):
+    assert _attention._threads_for(q_len, kv_len, heads, kv_heads, d, np.float32, True, 2) == 2
     q, k, v = make(np.random.default_rng(1), q_len, kv_len, heads, kv_heads, d)
     before = ruvpy.get_num_threads()
     try:
@@ -101,6 +102,55 @@ def test_thread_counts_agree(isa, q_len, kv_len, heads, kv_heads, d):
         ruvpy.set_num_threads(before)
     assert np.abs(one - two).max() <= 1e-6
     check(two, q, k, v)
+
+
+def first_parallel_size(threads_at):
+    """Smallest size n at which threads_at(n) (the driver's choice when given 2 threads) is 2,
+    by bisection: the choice grows with the work."""
+    lo, hi = 1, 1 << 22
+    assert threads_at(lo) == 1 and threads_at(hi) == 2
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if threads_at(mid) == 2 else (mid, hi)
+    return hi
+
+
+def assert_threads_agree(attend, expected_threads):
+    """attend() on 1 and on 2 threads: bit for bit the same when the driver stays serial
+    anyway, within float rounding of the context-split merges when it goes parallel."""
+    before = ruvpy.get_num_threads()
+    try:
+        ruvpy.set_num_threads(1)
+        one = attend().copy()
+        ruvpy.set_num_threads(2)
+        two = attend().copy()
+    finally:
+        ruvpy.set_num_threads(before)
+    if expected_threads == 1:
+        assert np.array_equal(one, two)
+    else:
+        assert np.abs(one - two).max() <= 1e-6
+    return two
+
+
+@pytest.mark.parametrize("prefill,heads,kv_heads,d,dtype", [
+    (False, 9, 3, 64, np.float16),    # SmolLM2 decode (streaming kernel)
+    (False, 32, 8, 128, np.float32),  # streaming, context splits
+    (False, 16, 1, 64, np.float32),   # MQA decode: 16 rows go to the tiled kernel
+    (True, 4, 2, 32, np.float32),     # causal prefill, q_len = kv_len (tiled)
+])
+def test_threads_agree_across_the_parallel_threshold(isa, prefill, heads, kv_heads, d, dtype):
+    """Small calls run serially even when given 2 threads (a parallel region costs more than
+    it saves); sizes just below and at the threshold give the same result either way."""
+    def threads_at(n):
+        return _attention._threads_for(n if prefill else 1, n, heads, kv_heads, d, dtype, True, 2)
+
+    first = first_parallel_size(threads_at)
+    rng = np.random.default_rng(first)
+    for n, expected in ((first - 1, 1), (first, 2)):
+        assert threads_at(n) == expected
+        q, k, v = make(rng, n if prefill else 1, n, heads, kv_heads, d, dtype)
+        check(assert_threads_agree(lambda: ruvpy.attention(q, k, v), expected), q, k, v)
 
 
 def test_causal_offset_rule(isa):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ruvpy import _kernels
-from ruvpy._kvcache import KVCacheFull, PagedKVCache
+from ruvpy import _attention, _kernels
+from ruvpy._kvcache import KVCacheFull, PagedKVCache, TwoTierKVCache
 from test_attention import reference as reference_attention   # float64, same causal rule
+from test_attention import assert_threads_agree, first_parallel_size
 
 
 def random_kv(rng, n, kvh, d, dtype=np.float32):
@@ -65,11 +66,12 @@ def test_paged_fp16_blocks_and_inputs(isa):
 def test_long_decode_split_across_threads(isa):
     """Long contexts are split across threads and merged; the result must not change."""
     rng = np.random.default_rng(2)
-    cache = PagedKVCache(1, 1, 16, block_size=16, max_tokens=5000, dtype="float32")
+    assert _attention._threads_for(1, 4999, 8, 1, 64, "float16", True, 2) == 2   # big enough
+    cache = PagedKVCache(1, 1, 64, block_size=16, max_tokens=5000, dtype="float32")
     seq = cache.add_sequence()
-    k, v = random_kv(rng, 4999, 1, 16)
+    k, v = random_kv(rng, 4999, 1, 64)
     cache.append(seq, 0, k, v)
-    q = rng.standard_normal((1, 2, 16)).astype(np.float32)
+    q = rng.standard_normal((1, 8, 64)).astype(np.float32)
     ref = reference_attention(q, k, v)
     before = _kernels.get_num_threads()
     try:
@@ -78,6 +80,34 @@ def test_long_decode_split_across_threads(isa):
             assert np.abs(cache.attention(seq, 0, q) - ref).max() <= 1e-6
     finally:
         _kernels.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind,prefill", [("paged", False), ("paged", True), ("two-tier", False)])
+def test_cache_threads_agree_across_the_parallel_threshold(isa, kind, prefill):
+    """The caches' driver picks its threads with the same estimate as ruvpy.attention over
+    fp16 K/V (every cache format counts as fp16): serial just below the threshold even when
+    given 2 threads, parallel at it, the same result either way."""
+    H, kvh, d = 9, 3, 64
+
+    def threads_at(n):
+        return _attention._threads_for(n if prefill else 1, n, H, kvh, d, "float16", True, 2)
+
+    first = first_parallel_size(threads_at)
+    rng = np.random.default_rng(first)
+    for n, expected in ((first - 1, 1), (first, 2)):
+        assert threads_at(n) == expected
+        if kind == "paged":
+            cache = PagedKVCache(1, kvh, d, block_size=16, max_tokens=n, dtype="float16")
+        else:
+            cache = TwoTierKVCache(1, kvh, d, hot_tokens=256, cold="q8", max_tokens=n)
+        seq = cache.add_sequence()
+        k, v = random_kv(rng, n, kvh, d, np.float16)
+        cache.append(seq, 0, k, v)
+        q = rng.standard_normal((n if prefill else 1, H, d)).astype(np.float32)
+        out = assert_threads_agree(lambda: cache.attention(seq, 0, q), expected)
+        if kind == "paged":   # the two-tier cold tier is lossy: its accuracy is tested elsewhere
+            assert np.abs(out - reference_attention(q, k, v)).max() <= 2e-3
+        cache.close()
 
 
 def test_append_attend_matches_per_sequence_attention(isa):

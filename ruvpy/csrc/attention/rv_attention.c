@@ -1,6 +1,7 @@
 /* Functional attention driver (see rv_attention.h). ISA-independent: all arithmetic on K/V goes
  * through the kernel table; this file only schedules work and merges context splits. */
 #include "attention/rv_attention.h"
+#include "rv_threads.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -290,6 +291,14 @@ static int attend_tiled(const rv_ops *ops, int nthreads, const rv_attn_args *a)
     return RV_OK;
 }
 
+int rv_attention_threads(int nthreads, const rv_attn_args *a)
+{
+    const int64_t q = a->q_len, kv = a->kv_len;
+    const int64_t pairs = a->causal ? q * kv - q * (q - 1) / 2 : q * kv;
+    return rv_attn_team_size(nthreads, a->num_heads, a->num_kv_heads, a->head_dim, pairs, kv,
+                             a->kv_f16 ? 2 : 4);
+}
+
 int rv_attention(const rv_ops *ops, int nthreads, const rv_attn_args *a)
 {
     if (!ops || !a || a->q_len < 0 || a->kv_len < 1 || a->num_kv_heads < 1 ||
@@ -298,8 +307,7 @@ int rv_attention(const rv_ops *ops, int nthreads, const rv_attn_args *a)
         return RV_EINVAL;
     if (a->q_len == 0)
         return RV_OK;
-    if (nthreads < 1)
-        nthreads = 1;
+    nthreads = rv_attention_threads(nthreads, a);
     const int G = a->num_heads / a->num_kv_heads;
     if ((int64_t)a->q_len * G <= STREAM_MAX_ROWS)
         return attend_streaming(ops, nthreads, a);

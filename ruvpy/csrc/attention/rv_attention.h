@@ -32,6 +32,10 @@ typedef struct rv_attn_args {
 /* RV_OK, RV_EINVAL (inconsistent arguments) or RV_ENOMEM (scratch). */
 int rv_attention(const rv_ops *ops, int nthreads, const rv_attn_args *a);
 
+/* Threads rv_attention uses for a (its shape fields only) when given nthreads: fewer, down to
+ * 1, when the work is too small to pay for a parallel region (rv_threads.h). */
+int rv_attention_threads(int nthreads, const rv_attn_args *a);
+
 /* Frees the calling thread's cached scratch (it is also freed when the thread exits). */
 void rv_attention_release_scratch(void);
 

@@ -5,6 +5,7 @@
 
 #include "kvcache/rv_kvattn.h"
 #include "kvcache/rv_kvmem.h"
+#include "rv_threads.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -15,9 +16,6 @@
 #define KV_TILE_ROWS 64
 /* The shortest context piece worth a thread of its own. */
 #define KV_MIN_SPLIT 512
-/* Below this many multiply-adds a call runs on the calling thread: a parallel region costs
- * more than it saves. */
-#define KV_PARALLEL_WORK ((int64_t)1 << 17)
 
 typedef struct {
     int qi;
@@ -129,16 +127,17 @@ int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, fl
     kv_task *tasks = NULL;
     float *partials = NULL, *thread_scratch = NULL;
 
-    int64_t ntiles = 0, work = 0;
+    int64_t ntiles = 0, pairs = 0, kv_tokens = 0;
     for (int qi = 0; qi < nq; qi++) {
         const rv_kv_query *q = &queries[qi];
         if (q->q_len <= 0 || q->kv_len <= 0 || (causal && q->q_len > q->kv_len))
             return RV_EINVAL;
         ntiles += (q->q_len + tq - 1) / tq;
-        work += (int64_t)q->q_len * g * KVH * q->kv_len * d;
+        pairs += (int64_t)q->q_len * q->kv_len - (causal ? (int64_t)q->q_len * (q->q_len - 1) / 2 : 0);
+        kv_tokens += q->kv_len;
     }
-    if (nthreads < 1 || work < KV_PARALLEL_WORK)
-        nthreads = 1;
+    /* small calls run on the calling thread (rv_threads.h); every format counts as fp16 */
+    nthreads = rv_attn_team_size(nthreads, H, KVH, d, pairs, kv_tokens, 2);
     /* enough pieces for every thread to have a few (balance under load) */
     const int64_t want = nthreads > 1 ? 4 * (int64_t)nthreads : 1;
     const int per_tile = (int)((want + ntiles - 1) / ntiles);
