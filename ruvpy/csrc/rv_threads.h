@@ -2,10 +2,11 @@
  *
  * Why: an OpenMP region costs a fork and a join (a barrier that waits for the slowest thread).
  * Measured on the 2-core Zen 4 VM (tools/bench_threads.py and an empty `omp parallel` region,
- * 2026-11-23): 0.6 us while the worker is still spinning from the last region; 20-40 us to wake
- * a worker that went to sleep (OMP_WAIT_POLICY=passive, or more than a few ms after the last
- * region); and when other processes keep both cores busy, a whole scheduler time slice, 8-32 ms
- * per call, because the join waits for a worker that has no core. Decode attention at short
+ * 2026-11-23): 0.6 us while the worker is still spinning from the last region; 7-40 us to wake
+ * a worker that went to sleep (OMP_WAIT_POLICY=passive, or a few ms after the last region);
+ * and when other processes keep the cores busy, one or more scheduler time slices, 8-64 ms per
+ * call (median!), because the join waits for a worker that has no core -- while the spinning
+ * threads keep theirs. Decode attention at short
  * contexts takes microseconds serially (q_len 1, (9,3,64) fp16: 3 us at 16 keys, 14 us at
  * 256), so there a second thread saves at most a few microseconds and risks milliseconds.
  *
@@ -18,7 +19,7 @@
  *
  * Each thread must get at least RV_MIN_NS_PER_THREAD of that work: with two threads a call
  * goes parallel from ~100 us serial time, where halving it saves ~50 us, more than a sleeping
- * worker's wake-up (20-40 us) costs. Measured at that boundary, idle: (32,8,128) fp16 at 256
+ * worker's wake-up (7-40 us) costs. Measured at that boundary, idle: (32,8,128) fp16 at 256
  * keys 63 us serial vs 35 us on 2 hot threads; (9,3,64) at 1024 keys 50 vs 29 us -- the few
  * tens of microseconds given up there are what buys immunity from the millisecond stalls
  * under load. Long contexts (>= a few hundred us) keep every thread. */
