@@ -11,7 +11,8 @@ exactly that case.
 Cases: q_len 1 against kv_len 16 .. 16384 keys, (heads, kv heads, head_dim) = (9, 3, 64) and
 (32, 8, 128), through ruvpy.attention (contiguous fp16 K/V), PagedKVCache (fp16, blocks of 16)
 and TwoTierKVCache (hot 256 fp16 + cold q8). Each case is timed with 1 thread and with the
-default thread count: calls back to back for --seconds, then the other thread count, twice
+default thread count ("picks": the threads the drivers then actually use, fewer for
+small calls): calls back to back for --seconds, then the other thread count, twice
 (side by side under the same load); per-call median and mean (the throughput) in microseconds. "loaded": one busy-loop process per core runs in the
 background (started here, stopped at the end). libgomp's waiting is set by OMP_WAIT_POLICY /
 GOMP_SPINCOUNT in the environment before the run; the JSON records them.
@@ -94,6 +95,14 @@ def time_threads(fn, thread_counts, seconds, rounds=2, warmup=3):
     return times
 
 
+def threads_picked(shape, kv_len, threads):
+    """Threads the drivers use for this decode given `threads` (the caches count as fp16, like
+    the contiguous fp16 call); None for a build without the work-based choice."""
+    from ruvpy import _attention
+    pick = getattr(_attention, "_threads_for", None)
+    return pick(1, kv_len, *shape, np.float16, True, threads) if pick else None
+
+
 def run_load(load, kv_lens, threads, seconds, rng):
     rows = []
     for shape in SHAPES:
@@ -103,7 +112,8 @@ def run_load(load, kv_lens, threads, seconds, rng):
                 times = time_threads(fn, [1, threads], seconds)
                 one, many = np.array(times[1]) * 1e6, np.array(times[threads]) * 1e6
                 rows.append({"load": load, "shape": "/".join(map(str, shape)), "kv_len": kv_len,
-                             "path": path, "t1_med_us": float(np.median(one)),
+                             "path": path, "picks": threads_picked(shape, kv_len, threads),
+                             "t1_med_us": float(np.median(one)),
                              f"t{threads}_med_us": float(np.median(many)),
                              "ratio_med": float(np.median(many) / np.median(one)),
                              "t1_mean_us": float(one.mean()), f"t{threads}_mean_us": float(many.mean()),
@@ -139,7 +149,7 @@ def main(argv=None):
     ruvpy.set_num_threads(None)
     env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     print(f"threads 1 vs {threads}, ISA {ruvpy.get_isa()}, env {env}")
-    print_table(rows, ["load", "shape", "kv_len", "path", "t1_med_us", f"t{threads}_med_us", "ratio_med",
+    print_table(rows, ["load", "shape", "kv_len", "path", "picks", "t1_med_us", f"t{threads}_med_us", "ratio_med",
                        "t1_mean_us", f"t{threads}_mean_us", "ratio_mean"])
     print()
     emit_json({"benchmark": "threads", "threads": threads, "isa": ruvpy.get_isa(), "env": env,
