@@ -646,12 +646,16 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
 }
 
 /* attend_tgroup: one KV head of a TurboQuant group (arrays named after struct rv_thead's
- * fields; "books" holds the four codebooks kbook_hi, kbook_lo, vbook_hi, vbook_lo, 32 floats
- * each), q = the rotated query rows [rows][D], tokens [a, a + n), optional "visible". */
+ * fields, outlier arrays omitted when there are none; "books" holds the four codebooks
+ * kbook_hi, kbook_lo, vbook_hi, vbook_lo, 32 floats each), q = the state's query rows
+ * [rows][D + d] = [R q | q], tokens [a, a + n), optional "visible"; the state (out) is
+ * [rows][D + d]: rotated domain, then the plain outlier value channels. */
 static int run_attend_tgroup(const rv_ops *ops, rv_case *c)
 {
     size_t nq = 0, nkp = 0, nqj = 0, nvp = 0, nkn = 0, nkg = 0, nvn = 0, nb = 0, nsq = 0, nss = 0, nvis = 0;
-    int rows = (int)param(c, "rows"), D = (int)param(c, "D"), G = (int)param(c, "G"), Gp = (int)param(c, "Gp");
+    size_t nki = 0, nvi = 0, nkc = 0, nvc = 0, nks = 0, nkz = 0, nvs = 0, nvz = 0;
+    int rows = (int)param(c, "rows"), D = (int)param(c, "D"), d = (int)param(c, "d");
+    int G = (int)param(c, "G"), Gp = (int)param(c, "Gp");
     int khi = (int)param(c, "kbits_hi"), klo = (int)param(c, "kbits_lo");
     int vhi = (int)param(c, "vbits_hi"), vlo = (int)param(c, "vbits_lo");
     int a = (int)param(c, "a"), n = (int)param(c, "n");
@@ -660,27 +664,38 @@ static int run_attend_tgroup(const rv_ops *ops, rv_case *c)
     const uint8_t *kplanes = in_u8(c, "kplanes", &nkp), *qjl = in_u8(c, "qjl", &nqj), *vplanes = in_u8(c, "vplanes", &nvp);
     const float *knorm = in_f32(c, "knorm", &nkn), *kgamma = in_f32(c, "kgamma", &nkg), *vnorm = in_f32(c, "vnorm", &nvn);
     const float *qjl_q = in_f32(c, "qjl_q", &nsq), *qjl_sum = in_f32(c, "qjl_sum", &nss);
+    const uint8_t *kidx = input(c, "kidx", DT_U8, &nki, 0), *vidx = input(c, "vidx", DT_U8, &nvi, 0);
+    const uint8_t *kcodes = input(c, "kcodes", DT_U8, &nkc, 0), *vcodes = input(c, "vcodes", DT_U8, &nvc, 0);
+    const float *kscale = input(c, "kscale", DT_F32, &nks, 0), *kzero = input(c, "kzero", DT_F32, &nkz, 0);
+    const float *vscale = input(c, "vscale", DT_F32, &nvs, 0), *vzero = input(c, "vzero", DT_F32, &nvz, 0);
     const int32_t *visible = in_i32_opt(c, "visible", &nvis);
-    const size_t pb = (size_t)(Gp > 0 ? Gp : 0) / 8;
+    const size_t pb = (size_t)(Gp > 0 ? Gp : 0) / 8, W = (size_t)D + (size_t)(d > 0 ? d : 0);
     state_bufs s;
     if (c->error[0] || !q || !books || !kplanes || !qjl || !vplanes || !knorm || !kgamma || !vnorm || !qjl_q ||
-        !qjl_sum || rows < 1 || D < 2 || D % 2 || G < 1 || Gp < G || Gp % 16 || a < 0 || n < 1 || a + n > G ||
-        khi < 1 || klo < 1 || vhi < 1 || vlo < 1 || khi > 5 || klo > 5 || vhi > 5 || vlo > 5 ||
-        nq != (size_t)rows * D || nb != 4 * 32 || nkp != (size_t)D / 2 * (khi + klo) * pb ||
+        !qjl_sum || rows < 1 || D < 2 || D % 2 || d < 1 || d > D || G < 1 || Gp < G || Gp % 16 || a < 0 ||
+        n < 1 || a + n > G || khi < 1 || klo < 1 || vhi < 1 || vlo < 1 || khi > 5 || klo > 5 || vhi > 5 ||
+        vlo > 5 || nq != (size_t)rows * W || nb != 4 * 32 || nkp != (size_t)D / 2 * (khi + klo) * pb ||
         nqj != (size_t)D * pb || nvp != (size_t)D / 2 * (vhi + vlo) * pb || nkn != (size_t)Gp ||
         nkg != (size_t)Gp || nvn != (size_t)Gp || nsq != (size_t)rows * D || nss != (size_t)rows ||
-        (visible && nvis != (size_t)rows) || alloc_state(c, rows, D, &s))
+        nki > RV_TURBO_MAX_OUTLIERS || nvi > RV_TURBO_MAX_OUTLIERS || nkc != nki * Gp || nvc != nvi * Gp ||
+        nks != nki || nkz != nki || nvs != nvi || nvz != nvi || (visible && nvis != (size_t)rows) ||
+        alloc_state(c, rows, (int)W, &s))
         return fail(c, "%s: malformed case", "attend_tgroup");
     float *scratch = output(c, "_tscratch", DT_F32, RV_TATTN_SCRATCH_FLOATS(Gp, D), 64);
     if (!scratch)
         return -1;
-    struct rv_thead h = {G, Gp, D, khi, klo, vhi, vlo, pb, kplanes, qjl, vplanes, knorm, kgamma, vnorm,
-                         books, books + 32, books + 64, books + 96, qjl_q, qjl_sum, qjl_scale, NULL, 0};
+    struct rv_thead h = {.G = G, .Gp = Gp, .D = D, .kbits_hi = khi, .kbits_lo = klo, .vbits_hi = vhi,
+                         .vbits_lo = vlo, .plane_bytes = pb, .kplanes = kplanes, .qjl = qjl, .vplanes = vplanes,
+                         .knorm = knorm, .kgamma = kgamma, .vnorm = vnorm, .kbook_hi = books,
+                         .kbook_lo = books + 32, .vbook_hi = books + 64, .vbook_lo = books + 96, .qjl_q = qjl_q,
+                         .qjl_sum = qjl_sum, .qjl_scale = qjl_scale, .d = d, .nk = (int)nki, .nv = (int)nvi,
+                         .kidx = kidx, .vidx = vidx, .kcodes = kcodes, .vcodes = vcodes, .kscale = kscale,
+                         .kzero = kzero, .vscale = vscale, .vzero = vzero};
     for (int r = 0; r < rows; r++)
         s.m[r] = -INFINITY;
-    rv_attn_state st = {rows, D, q, D, s.m, s.l, s.acc, s.scratch};
+    rv_attn_state st = {rows, (int)W, q, (ptrdiff_t)W, s.m, s.l, s.acc, s.scratch};
     ops->attend_tgroup(&st, &h, a, n, visible, scratch);
-    return report_state(c, rows, D, s.m, s.l, s.acc);
+    return report_state(c, rows, (int)W, s.m, s.l, s.acc);
 }
 
 typedef struct {

@@ -818,10 +818,11 @@ def _planes(rng, D, Gp, hi, lo):
 
 
 def cases_attend_tgroup(rng):
-    """A TurboQuant group head: scores |k| (q . y_hat + gamma * qjl_scale * (S q) . sign), values
-    |v| y_hat_v, against float64 attention over the augmented vectors [y_hat, sign] that
-    represent exactly those scores."""
-    for D, G, rows, (khi, klo, vhi, vlo), a, n, vis_kind in TGROUP_SHAPES:
+    """A TurboQuant group head: scores |k| (q . y_hat + gamma * qjl_scale * (S q) . sign) plus
+    the outlier key channels' q_c (scale_c code_c + zero_c), values |v| y_hat_v in the rotated
+    part and the outlier value channels in the plain part, against float64 attention over the
+    augmented vectors [y_hat, sign, outlier keys] that represent exactly those scores."""
+    for D, d, G, rows, (khi, klo, vhi, vlo), (nk, nv), a, n, vis_kind in TGROUP_SHAPES:
         Gp = -(-G // 16) * 16
         books = np.zeros((4, 32), np.float32)
         for i, b in enumerate((khi, klo, vhi, vlo)):
@@ -836,28 +837,48 @@ def cases_attend_tgroup(rng):
         kbook = np.where(np.arange(D) < D // 2, 0, 1)
         y_k = books[kbook[None, :], kc].astype(np.float64)          # [Gp][D] centroids
         y_v = books[2 + kbook[None, :], vc].astype(np.float64)
-        q = (rng.standard_normal((rows, D)) * 2.0).astype(np.float32)
+        # outlier channels: 8-bit codes per channel over the tokens, x20-sized parameters
+        kidx, vidx = (np.sort(rng.choice(d, m, replace=False)).astype(np.uint8) for m in (nk, nv))
+        kcodes, vcodes = (rng.integers(0, 256, (m, Gp)).astype(np.uint8) for m in (nk, nv))
+        kscale, vscale = (rng.uniform(0.02, 0.2, m).astype(np.float32) for m in (nk, nv))
+        kzero, vzero = ((rng.standard_normal(m) * 10.0).astype(np.float32) for m in (nk, nv))
+        k_out = kcodes.T * kscale.astype(np.float64) + kzero                       # [Gp][nk]
+        v_out = vcodes.T * vscale.astype(np.float64) + vzero
+        k_out_abs = kcodes.T * kscale.astype(np.float64) + np.abs(kzero)
+        q = (rng.standard_normal((rows, D + d)) * 2.0).astype(np.float32)         # [R q | q]
+        q[:, D:] *= 0.1                          # the plain query meets x20 channels
         qjl_q = (rng.standard_normal((rows, D)) * 2.0).astype(np.float32)
         qjl_sum = qjl_q.astype(np.float64).sum(1).astype(np.float32)
         scale = np.float32(np.sqrt(np.pi / 2) / D)
         sign = 2.0 * sign_bits - 1.0
-        k_aug = np.concatenate([knorm[:, None] * y_k, (knorm * kgamma * scale)[:, None] * sign], 1)
-        k_abs = np.concatenate([np.abs(k_aug[:, :D]), 3 * np.abs(k_aug[:, D:])], 1)
-        q_aug = np.concatenate([q, qjl_q], 1)
-        values = vnorm[:, None].astype(np.float64) * y_v
+        k_aug = np.concatenate([knorm[:, None] * y_k, (knorm * kgamma * scale)[:, None] * sign, k_out], 1)
+        k_abs = np.concatenate([np.abs(k_aug[:, :D]), 3 * np.abs(k_aug[:, D:2 * D]), k_out_abs], 1)
+        q_aug = np.concatenate([q[:, :D], qjl_q, q[:, D + kidx.astype(int)]], 1)
+        values = np.zeros((Gp, D + d))
+        values[:, :D] = vnorm[:, None].astype(np.float64) * y_v
+        values[:, D + vidx.astype(int)] = v_out
+        values_abs = np.abs(values)
+        values_abs[:, D + vidx.astype(int)] = vcodes.T * vscale.astype(np.float64) + np.abs(vzero)
         visible, vis = _group_visible(rng, vis_kind, rows, n)
-        wide = np.concatenate([values, np.zeros_like(values)], 1)[a:a + n]    # the reference's v is as wide as q
+        width = q_aug.shape[1]                   # the reference's v is as wide as q
+        wide, wide_abs = (np.concatenate([x, np.zeros((Gp, max(0, width - D - d)))], 1)[a:a + n, :width]
+                          for x in (values, values_abs))
         out, lse = attention_reference(q_aug, k_aug[a:a + n], wide, vis)
-        tol_out, tol_lse = attention_tolerance(q_aug, k_abs[a:a + n], np.abs(wide), vis)
-        out, tol_out = out[:, :D], tol_out[:, :D]
-        arrays = {"rows": rows, "D": D, "G": G, "Gp": Gp, "kbits_hi": khi, "kbits_lo": klo, "vbits_hi": vhi,
-                  "vbits_lo": vlo, "a": a, "n": n, "qjl_scale": float(scale), "q": q, "books": books,
-                  "kplanes": kplanes, "qjl": qjl, "vplanes": vplanes, "knorm": knorm, "kgamma": kgamma,
-                  "vnorm": vnorm, "qjl_q": qjl_q, "qjl_sum": qjl_sum,
+        tol_out, tol_lse = attention_tolerance(q_aug, k_abs[a:a + n], wide_abs, vis)
+        out, tol_out = out[:, :D + d], tol_out[:, :D + d]
+        arrays = {"rows": rows, "D": D, "d": d, "G": G, "Gp": Gp, "kbits_hi": khi, "kbits_lo": klo,
+                  "vbits_hi": vhi, "vbits_lo": vlo, "a": a, "n": n, "qjl_scale": float(scale), "q": q,
+                  "books": books, "kplanes": kplanes, "qjl": qjl, "vplanes": vplanes, "knorm": knorm,
+                  "kgamma": kgamma, "vnorm": vnorm, "qjl_q": qjl_q, "qjl_sum": qjl_sum,
                   "expect:out": out, "tol:out": 4 * tol_out, "expect:lse": lse, "tol:lse": 4 * tol_lse}
+        if nk:
+            arrays.update(kidx=kidx, kcodes=kcodes.ravel(), kscale=kscale, kzero=kzero)
+        if nv:
+            arrays.update(vidx=vidx, vcodes=vcodes.ravel(), vscale=vscale, vzero=vzero)
         if visible is not None:
             arrays["visible"] = visible
-        yield f"D={D} G={G} rows={rows} bits={khi}/{klo}/{vhi}/{vlo} tokens={a}+{n} {vis_kind}", arrays
+        yield (f"D={D} d={d} G={G} rows={rows} bits={khi}/{klo}/{vhi}/{vlo} outliers={nk}/{nv} "
+               f"tokens={a}+{n} {vis_kind}"), arrays
 
 
 def _state(rng, rows, d, lse_offsets, empty):

@@ -506,13 +506,71 @@ RV_INLINE const uint8_t *tq_coord(const uint8_t *planes, int i, int D, int hi, i
     return planes + (i < half ? (size_t)i * hi : (size_t)half * hi + (size_t)(i - half) * lo) * pb;
 }
 
+/* s[r][t] += the outlier key channels' part of the scores, against the plain query (after R q
+ * in the state's rows): sum_c q_c (scale_c code_c + zero_c) = sum_c (q_c scale_c) code_c +
+ * sum_c q_c zero_c. A pass of its own: the main score loop has no registers to spare. */
+RV_INLINE void tq_outlier_scores(const int NR, const rv_attn_state *st, int r0, const struct rv_thead *h,
+                                 float *s, int s_stride, int tb0, int tb1)
+{
+    float qo[RV_TATTN_ROWS][RV_TURBO_MAX_OUTLIERS], qz[RV_TATTN_ROWS];
+    for (int r = 0; r < NR; r++) {
+        const float *qp = st->q + (r0 + r) * st->q_stride + h->D;
+        qz[r] = 0.0f;
+        for (int o = 0; o < h->nk; o++) {
+            qo[r][o] = qp[h->kidx[o]] * h->kscale[o];
+            qz[r] += qp[h->kidx[o]] * h->kzero[o];
+        }
+    }
+    for (int t0 = tb0; t0 < tb1; t0 += RV_VW) {
+        rv_vf acc[RV_TATTN_ROWS];
+        for (int r = 0; r < NR; r++)
+            acc[r] = rv_vf_add(rv_vf_load(s + r * s_stride + t0), rv_vf_set1(qz[r]));
+        for (int o = 0; o < h->nk; o++) {
+            rv_vf c = qk_u8(h->kcodes + (size_t)o * h->Gp + t0);
+            for (int r = 0; r < NR; r++)
+                acc[r] = rv_vf_fmadd(rv_vf_set1(qo[r][o]), c, acc[r]);
+        }
+        for (int r = 0; r < NR; r++)
+            rv_vf_store(s + r * s_stride + t0, acc[r]);
+    }
+}
+
+/* The outlier value channels into the plain part of the accumulators (w: the rows' weights
+ * per token): sum_t w_t (scale code_t + zero) = scale sum_t w_t code_t + zero sum_t w_t. */
+RV_INLINE void tq_outlier_values(const int NR, rv_attn_state *st, int r0, const struct rv_thead *h,
+                                 const float *w, int tb0, int tb1)
+{
+    const int Gp = h->Gp;
+    float wsum[RV_TATTN_ROWS];
+    for (int r = 0; r < NR; r++) {
+        rv_vf sum = rv_vf_zero();
+        for (int t0 = tb0; t0 < tb1; t0 += RV_VW)
+            sum = rv_vf_add(sum, rv_vf_load(w + (size_t)r * Gp + t0));
+        wsum[r] = rv_vf_hsum(sum);
+    }
+    for (int o = 0; o < h->nv; o++) {
+        rv_vf acc[RV_TATTN_ROWS];
+        for (int r = 0; r < NR; r++)
+            acc[r] = rv_vf_zero();
+        for (int t0 = tb0; t0 < tb1; t0 += RV_VW) {
+            rv_vf c = qk_u8(h->vcodes + (size_t)o * Gp + t0);
+            for (int r = 0; r < NR; r++)
+                acc[r] = rv_vf_fmadd(rv_vf_load(w + (size_t)r * Gp + t0), c, acc[r]);
+        }
+        for (int r = 0; r < NR; r++) {
+            float *plain = st->acc + (size_t)(r0 + r) * st->head_dim + h->D;
+            plain[h->vidx[o]] += h->vscale[o] * rv_vf_hsum(acc[r]) + h->vzero[o] * wsum[r];
+        }
+    }
+}
+
 RV_INLINE void tq_rows(const int NR, rv_attn_state *st, int r0, const struct rv_thead *h, int a, int n,
                        const int *visible, float *scratch, qk_pf *pf)
 {
-    const int D = h->D, half = D / 2, Gp = h->Gp;
+    const int D = h->D, half = D / 2, Gp = h->Gp, W = st->head_dim;   /* W = D + d */
     const size_t pb = h->plane_bytes;
     const int s_stride = Gp + 2 * RV_VW;
-    float *s = scratch, *wn = s + (size_t)RV_TATTN_ROWS * s_stride;
+    float *s = scratch, *wn = s + (size_t)RV_TATTN_ROWS * s_stride, *w = wn + (size_t)RV_TATTN_ROWS * Gp;
     int vis[RV_TATTN_ROWS], n_eff = 0;
     for (int r = 0; r < NR; r++) {
         vis[r] = visible ? (visible[r0 + r] < n ? visible[r0 + r] : n) : n;
@@ -547,16 +605,24 @@ RV_INLINE void tq_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
             rv_vf_store(s + r * s_stride + t0, rv_vf_mul(kn, rv_vf_fmadd(kg, sgn, mse[r])));
         }
     }
+    if (h->nk)
+        tq_outlier_scores(NR, st, r0, h, s, s_stride, tb0, tb1);
     qk_pf_lines(pf, 1 << 30);
-    /* the online softmax over tokens [a, a + n); weights times |v| for the tokens' lanes */
+    /* the online softmax over tokens [a, a + n); the weights of the tokens' lanes (w, for the
+     * outlier values) and times |v| (wn) */
     for (int r = 0; r < NR; r++) {
         float *sr = s + r * s_stride;
         float corr = att_stream_softmax_row(sr + a, vis[r], n_eff, &st->m[r0 + r], &st->l[r0 + r]);
         if (corr != 1.0f)
-            scale_f32((size_t)D, corr, st->acc + (size_t)(r0 + r) * D);
-        for (int t = tb0; t < tb1; t++)
-            wn[(size_t)r * Gp + t] = t >= a && t < a + n_eff ? sr[t] * h->vnorm[t] : 0.0f;
+            scale_f32((size_t)W, corr, st->acc + (size_t)(r0 + r) * W);
+        for (int t = tb0; t < tb1; t++) {
+            const float wt = t >= a && t < a + n_eff ? sr[t] : 0.0f;
+            w[(size_t)r * Gp + t] = wt;
+            wn[(size_t)r * Gp + t] = wt * h->vnorm[t];
+        }
     }
+    if (h->nv)
+        tq_outlier_values(NR, st, r0, h, w, tb0, tb1);
     /* values in the rotated domain: coordinate by coordinate, the tokens along the lanes */
     for (int i = 0; i < D; i++) {
         const int hi = i < half;
@@ -570,12 +636,12 @@ RV_INLINE void tq_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
                 acc[r] = rv_vf_fmadd(rv_vf_load(wn + (size_t)r * Gp + t0), c, acc[r]);
         }
         for (int r = 0; r < NR; r++)
-            st->acc[(size_t)(r0 + r) * D + i] += rv_vf_hsum(acc[r]);
+            st->acc[(size_t)(r0 + r) * W + i] += rv_vf_hsum(acc[r]);
     }
 }
 
-/* Fold tokens [a, a + n) of one KV head of a TurboQuant group into st, whose query rows are
- * the rotated queries R q and whose accumulators (head_dim D) live in the rotated domain. */
+/* Fold tokens [a, a + n) of one KV head of a TurboQuant group into st, whose rows (head_dim
+ * D + d) are [R q | q] and whose accumulators are [rotated domain | plain channels]. */
 static void attend_tgroup(rv_attn_state *st, const struct rv_thead *h, int a, int n, const int *visible,
                           float *scratch)
 {

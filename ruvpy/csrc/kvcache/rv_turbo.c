@@ -6,6 +6,7 @@
 #include "rv_common.h"
 #include "rv_fp16.h"
 #include "kvcache/rv_turbo.h"
+#include "kvcache/rv_coldq.h"
 #include "kvcache/rv_kvmem.h"
 
 #define BOOK_STRIDE 32     /* floats per codebook (2^5, room for the widest permute) */
@@ -18,6 +19,7 @@ struct rv_turbo {
     float *S;                              /* [D][D] QJL projections (row j = projection j) */
     float books[RV_TURBO_MAX_BITS + 1][BOOK_STRIDE];   /* centroids / sqrt(D), ascending */
     float bounds[RV_TURBO_MAX_BITS + 1][BOOK_STRIDE];  /* decision thresholds between them */
+    rv_coldq_cfg outliers;                 /* the q4 format's choice of outlier channels */
     size_t bytes;
 };
 
@@ -99,6 +101,10 @@ rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, doub
     t->vbits_lo = mse_lo;
     t->kbits_hi = mse_hi - 1;           /* keys give one bit to QJL */
     t->kbits_lo = mse_lo - 1;
+    const int most = head_dim / 16;
+    t->outliers = (rv_coldq_cfg){.num_kv_heads = num_kv_heads, .head_dim = head_dim, .group_tokens = group_tokens,
+                                 .group_size = head_dim, .bits = 4,
+                                 .max_outliers = most < 1 ? 1 : (most > RV_TURBO_MAX_OUTLIERS ? RV_TURBO_MAX_OUTLIERS : most)};
     const int D = t->D;
     t->signs = (float *)rv_kv_alloc_counted(sizeof(float) * (size_t)D, &t->bytes);
     t->S = (float *)rv_kv_alloc_counted(sizeof(float) * (size_t)D * D, &t->bytes);
@@ -134,6 +140,7 @@ void rv_turbo_destroy(rv_turbo *t)
 
 size_t rv_turbo_bytes(const rv_turbo *t) { return t->bytes; }
 int rv_turbo_padded_dim(const rv_turbo *t) { return t->D; }
+int rv_turbo_state_dim(const rv_turbo *t) { return t->D + t->d; }
 
 /* ---- layout ---- */
 
@@ -146,11 +153,13 @@ static size_t planes_before(const rv_turbo *t, int i, int hi, int lo)
     return i < half ? (size_t)i * hi : (size_t)half * hi + (size_t)(i - half) * lo;
 }
 
+/* offsets in a head segment with nk / nv outlier channels; `counts` is where the part that
+ * depends on them starts */
 typedef struct {
-    size_t knorm, kgamma, vnorm, kplanes, qjl, vplanes, total;
+    size_t knorm, kgamma, vnorm, kplanes, qjl, vplanes, counts, idx, kparams, vparams, kcodes, vcodes, total;
 } tq_layout;
 
-static void layout(const rv_turbo *t, tq_layout *L)
+static void layout(const rv_turbo *t, int nk, int nv, tq_layout *L)
 {
     const size_t pb = plane_bytes(t);
     size_t o = 0;
@@ -160,41 +169,99 @@ static void layout(const rv_turbo *t, tq_layout *L)
     L->kplanes = o; o += planes_before(t, t->D, t->kbits_hi, t->kbits_lo) * pb;
     L->qjl = o;     o += (size_t)t->D * pb;
     L->vplanes = o; o += planes_before(t, t->D, t->vbits_hi, t->vbits_lo) * pb;
-    L->total = o;   /* even: Gp is a multiple of 16 */
+    L->counts = o;  o += 2;   /* even so far: Gp is a multiple of 16 */
+    L->idx = o;     o += (size_t)(nk + nv + 1) / 2 * 2;
+    L->kparams = o; o += 4 * (size_t)nk;    /* scale[nk], zero[nk] */
+    L->vparams = o; o += 4 * (size_t)nv;
+    L->kcodes = o;  o += (size_t)nk * t->Gp;
+    L->vcodes = o;  o += (size_t)nv * t->Gp;
+    L->total = o;
 }
 
-size_t rv_turbo_segment_bytes(const rv_turbo *t)
+static size_t segment_bytes(const rv_turbo *t, int nk, int nv)
 {
     tq_layout L;
-    layout(t, &L);
+    layout(t, nk, nv, &L);
     return L.total;
 }
 
-size_t rv_turbo_blob_bytes(const rv_turbo *t) { return 4 * (size_t)t->kvh + (size_t)t->kvh * rv_turbo_segment_bytes(t); }
+static size_t header_bytes(const rv_turbo *t) { return 4 * (size_t)t->kvh; }
+
+size_t rv_turbo_blob_bytes(const rv_turbo *t) { return header_bytes(t) + (size_t)t->kvh * segment_bytes(t, 0, 0); }
 
 const unsigned char *rv_turbo_segment(const rv_turbo *t, const unsigned char *blob, int head)
 {
-    return blob + 4 * (size_t)t->kvh + (size_t)head * rv_turbo_segment_bytes(t);
+    (void)t;
+    uint32_t off;
+    memcpy(&off, blob + 4 * (size_t)head, 4);
+    return blob + off;
+}
+
+/* a segment's outlier counts (where every segment has them) */
+static void outlier_counts(const rv_turbo *t, const unsigned char *seg, int *nk, int *nv)
+{
+    tq_layout L;
+    layout(t, 0, 0, &L);
+    *nk = seg[L.counts];
+    *nv = seg[L.counts + 1];
+}
+
+size_t rv_turbo_head_bytes(const rv_turbo *t, const unsigned char *blob, int head)
+{
+    int nk, nv;
+    outlier_counts(t, rv_turbo_segment(t, blob, head), &nk, &nv);
+    return segment_bytes(t, nk, nv);
+}
+
+static int ascending_below(const uint8_t *idx, int n, int d)
+{
+    for (int i = 0; i < n; i++)
+        if (idx[i] >= d || (i && idx[i] <= idx[i - 1]))
+            return 0;
+    return 1;
 }
 
 int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes)
 {
-    if (bytes != rv_turbo_blob_bytes(t))
+    const size_t fixed = segment_bytes(t, 0, 0);
+    size_t expect = header_bytes(t);
+    if (bytes < expect)
         return -1;
     for (int h = 0; h < t->kvh; h++) {
         uint32_t off;
         memcpy(&off, blob + 4 * (size_t)h, 4);
-        if (off != (size_t)(rv_turbo_segment(t, blob, h) - blob))
+        if (off != expect || bytes - expect < fixed)
             return -1;
+        int nk, nv;
+        outlier_counts(t, blob + expect, &nk, &nv);
+        tq_layout L;
+        layout(t, nk, nv, &L);
+        if (nk > t->outliers.max_outliers || nv > t->outliers.max_outliers || bytes - expect < L.total ||
+            !ascending_below(blob + expect + L.idx, nk, t->d) || !ascending_below(blob + expect + L.idx + nk, nv, t->d))
+            return -1;
+        expect += L.total;
     }
-    return 0;
+    return expect == bytes ? 0 : -1;
 }
 
 /* ---- encoding ---- */
 
 size_t rv_turbo_scratch_floats(const rv_turbo *t)
 {
-    return 4 * (size_t)t->D;
+    return 4 * (size_t)t->D;    /* y, y_hat, the vector without its outliers (the selection: 2 d) */
+}
+
+size_t rv_turbo_encoded_bytes(const rv_turbo *t, const float *k, const float *v, float *scratch)
+{
+    size_t n = header_bytes(t);
+    const size_t rows = (size_t)t->G * t->d;
+    for (int h = 0; h < t->kvh; h++) {
+        int nk, nv;
+        uint8_t kidx[RV_TURBO_MAX_OUTLIERS], vidx[RV_TURBO_MAX_OUTLIERS];
+        rv_coldq_select(&t->outliers, k + h * rows, v + h * rows, &nk, kidx, &nv, vidx, scratch);
+        n += segment_bytes(t, nk, nv);
+    }
+    return n;
 }
 
 RV_INLINE void put_bit(uint8_t *plane, int tok, int bit)
@@ -237,25 +304,71 @@ static void quantize_coords(const rv_turbo *t, const float *y, int hi, int lo, u
     }
 }
 
+/* Outlier channels idx[n] of x [G][d]: 8-bit codes per channel over the G tokens with
+ * binary16 scale[n], zero[n] (codes against the rounded parameters, so decoding matches). */
+static void encode_outliers(const rv_turbo *t, const float *x, int n, const uint8_t *idx, uint16_t *params,
+                            uint8_t *codes)
+{
+    const int d = t->d;
+    for (int o = 0; o < n; o++) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int tok = 0; tok < t->G; tok++) {
+            const float e = x[(size_t)tok * d + idx[o]];
+            lo = e < lo ? e : lo;
+            hi = e > hi ? e : hi;
+        }
+        params[o] = rv_f32_to_f16((hi - lo) / 255.0f);
+        params[n + o] = rv_f32_to_f16(lo);
+        const float sf = rv_f16_to_f32(params[o]), zf = rv_f16_to_f32(params[n + o]);
+        for (int tok = 0; tok < t->G; tok++) {
+            const float c = sf > 0.0f && isfinite(sf) ? rintf((x[(size_t)tok * d + idx[o]] - zf) / sf) : 0.0f;
+            codes[(size_t)o * t->Gp + tok] = c >= 255.0f ? 255 : (c > 0.0f ? (uint8_t)c : 0);   /* NaN: 0 */
+        }
+    }
+}
+
+/* x with its outlier channels zeroed, into out[d] */
+static const float *without(const rv_turbo *t, const float *x, int n, const uint8_t *idx, float *out)
+{
+    if (!n)
+        return x;
+    memcpy(out, x, sizeof(float) * (size_t)t->d);
+    for (int o = 0; o < n; o++)
+        out[idx[o]] = 0.0f;
+    return out;
+}
+
 void rv_turbo_encode(const rv_turbo *t, const float *k, const float *v, unsigned char *blob,
                      float *scratch, const rv_ops *ops)
 {
     const int D = t->D, d = t->d, G = t->G;
     const size_t pb = plane_bytes(t);
-    tq_layout L;
-    layout(t, &L);
-    float *y = scratch, *yhat = y + D;
-    memset(blob, 0, rv_turbo_blob_bytes(t));
+    float *y = scratch, *yhat = y + D, *rest = yhat + D;
+    size_t off = header_bytes(t);
     for (int h = 0; h < t->kvh; h++) {
-        unsigned char *seg = (unsigned char *)rv_turbo_segment(t, blob, h);
-        uint32_t off = (uint32_t)(seg - blob);
-        memcpy(blob + 4 * (size_t)h, &off, 4);
+        int nk, nv;
+        uint8_t kidx[RV_TURBO_MAX_OUTLIERS], vidx[RV_TURBO_MAX_OUTLIERS];
+        const float *kh = k + (size_t)h * G * d, *vh = v + (size_t)h * G * d;
+        rv_coldq_select(&t->outliers, kh, vh, &nk, kidx, &nv, vidx, scratch);
+        tq_layout L;
+        layout(t, nk, nv, &L);
+        unsigned char *seg = blob + off;
+        uint32_t off32 = (uint32_t)off;
+        memcpy(blob + 4 * (size_t)h, &off32, 4);
+        off += L.total;
+        memset(seg, 0, L.total);
+        seg[L.counts] = (unsigned char)nk;
+        seg[L.counts + 1] = (unsigned char)nv;
+        memcpy(seg + L.idx, kidx, (size_t)nk);
+        memcpy(seg + L.idx + nk, vidx, (size_t)nv);
+        encode_outliers(t, kh, nk, kidx, (uint16_t *)(seg + L.kparams), seg + L.kcodes);
+        encode_outliers(t, vh, nv, vidx, (uint16_t *)(seg + L.vparams), seg + L.vcodes);
         uint16_t *knorm = (uint16_t *)(seg + L.knorm), *kgamma = (uint16_t *)(seg + L.kgamma);
         uint16_t *vnorm = (uint16_t *)(seg + L.vnorm);
         for (int tok = 0; tok < G; tok++) {
-            const float *kx = k + ((size_t)h * G + tok) * d, *vx = v + ((size_t)h * G + tok) * d;
+            const float *kx = kh + (size_t)tok * d, *vx = vh + (size_t)tok * d;
             /* keys: (bits - 1)-bit codes, then one sign bit per projection of the residual */
-            knorm[tok] = rv_f32_to_f16(rotate_unit(t, kx, y));
+            knorm[tok] = rv_f32_to_f16(rotate_unit(t, without(t, kx, nk, kidx, rest), y));
             quantize_coords(t, y, t->kbits_hi, t->kbits_lo, seg + L.kplanes, tok, yhat);
             double g2 = 0.0;
             for (int i = 0; i < D; i++) {
@@ -266,7 +379,7 @@ void rv_turbo_encode(const rv_turbo *t, const float *k, const float *v, unsigned
             for (int j = 0; j < D; j++)
                 put_bit(seg + L.qjl + (size_t)j * pb, tok, ops->dot_f32(t->S + (size_t)j * D, y, (size_t)D) >= 0.0f);
             /* values: bits-bit codes */
-            vnorm[tok] = rv_f32_to_f16(rotate_unit(t, vx, y));
+            vnorm[tok] = rv_f32_to_f16(rotate_unit(t, without(t, vx, nv, vidx, rest), y));
             quantize_coords(t, y, t->vbits_hi, t->vbits_lo, seg + L.vplanes, tok, yhat);
         }
     }
@@ -304,9 +417,11 @@ void rv_turbo_decode(const rv_turbo *t, const unsigned char *blob, int head, flo
     const int D = t->D, d = t->d;
     const size_t pb = plane_bytes(t);
     const float c = sqrtf((float)TQ_PI / 2.0f) / (float)D;
-    tq_layout L;
-    layout(t, &L);
     const unsigned char *seg = rv_turbo_segment(t, blob, head);
+    int nk, nv;
+    outlier_counts(t, seg, &nk, &nv);
+    tq_layout L;
+    layout(t, nk, nv, &L);
     const uint16_t *knorm = (const uint16_t *)(seg + L.knorm), *kgamma = (const uint16_t *)(seg + L.kgamma);
     const uint16_t *vnorm = (const uint16_t *)(seg + L.vnorm);
     float *y = scratch, *tmp = y + D;
@@ -327,25 +442,38 @@ void rv_turbo_decode(const rv_turbo *t, const unsigned char *blob, int head, flo
             v[(size_t)tok * d + i] *= vn;
         }
     }
+    /* plus the outlier channels (the TurboQuant part holds zeros there, up to its error) */
+    for (int kv = 0; kv < 2; kv++) {
+        const int n = kv ? nv : nk;
+        const uint8_t *idx = seg + L.idx + (kv ? nk : 0), *codes = seg + (kv ? L.vcodes : L.kcodes);
+        const uint16_t *params = (const uint16_t *)(seg + (kv ? L.vparams : L.kparams));
+        float *x = kv ? v : k;
+        for (int o = 0; o < n; o++) {
+            const float sf = rv_f16_to_f32(params[o]), zf = rv_f16_to_f32(params[n + o]);
+            for (int tok = 0; tok < t->G; tok++)
+                x[(size_t)tok * d + idx[o]] += sf * (float)codes[(size_t)o * t->Gp + tok] + zf;
+        }
+    }
 }
 
 size_t rv_turbo_attend_floats(const rv_turbo *t, int rows, int nh)
 {
-    const size_t r16 = ((size_t)rows + 15) & ~(size_t)15;
-    const size_t rd = ((size_t)rows * t->D + 15) & ~(size_t)15;
-    /* per head: q_rot, S q_rot, their sums, the rotated state (m, l, acc); then the norms,
-     * the kernel's scratch and one vector for the transforms */
-    return (size_t)nh * (3 * rd + 3 * r16) + 3 * (size_t)t->Gp + RV_TATTN_SCRATCH_FLOATS(t->Gp, t->D) +
+    const size_t r16 = rv_pad16((size_t)rows);
+    const size_t rd = rv_pad16((size_t)rows * rv_turbo_state_dim(t));
+    /* per head: [R q | q], S R q, their sums, the state (m, l, acc); then the norms and
+     * outlier parameters, the kernel's scratch and one vector for the transforms */
+    return (size_t)nh * (3 * rd + 3 * r16) + rv_turbo_head_floats(t) + RV_TATTN_SCRATCH_FLOATS(t->Gp, t->D) +
            (size_t)t->D + 64;
 }
 
 void rv_turbo_prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_stride, int rows,
                               float *q_rot, float *qjl_q, float *qjl_sum, const rv_ops *ops)
 {
-    const int D = t->D;
+    const int D = t->D, W = rv_turbo_state_dim(t);
     for (int r = 0; r < rows; r++) {
-        float *y = q_rot + (size_t)r * D;
+        float *y = q_rot + (size_t)r * W;
         const float *x = q + r * q_stride;
+        memcpy(y + D, x, sizeof(float) * (size_t)t->d);
         for (int i = 0; i < D; i++)
             y[i] = i < t->d ? x[i] * t->signs[i] : 0.0f;
         fwht(y, D);
@@ -359,29 +487,39 @@ void rv_turbo_prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_str
     }
 }
 
+size_t rv_turbo_head_floats(const rv_turbo *t) { return rv_pad16(3 * (size_t)t->Gp + 4 * RV_TURBO_MAX_OUTLIERS); }
+
 void rv_turbo_head(const rv_turbo *t, const unsigned char *blob, int head, const float *qjl_q,
                    const float *qjl_sum, float *norms, struct rv_thead *h, const rv_ops *ops)
 {
-    tq_layout L;
-    layout(t, &L);
     const unsigned char *seg = rv_turbo_segment(t, blob, head);
+    int nk, nv;
+    outlier_counts(t, seg, &nk, &nv);
+    tq_layout L;
+    layout(t, nk, nv, &L);
     ops->f16_to_f32((const uint16_t *)(seg + L.knorm), norms, 3 * (size_t)t->Gp);   /* knorm, kgamma, vnorm */
+    float *params = norms + 3 * (size_t)t->Gp;
+    if (nk + nv)   /* kscale, kzero, vscale, vzero: adjacent */
+        ops->f16_to_f32((const uint16_t *)(seg + L.kparams), params, 2 * (size_t)(nk + nv));
     *h = (struct rv_thead){.G = t->G, .Gp = t->Gp, .D = t->D, .kbits_hi = t->kbits_hi, .kbits_lo = t->kbits_lo,
                            .vbits_hi = t->vbits_hi, .vbits_lo = t->vbits_lo, .plane_bytes = plane_bytes(t),
                            .kplanes = seg + L.kplanes, .qjl = seg + L.qjl, .vplanes = seg + L.vplanes,
                            .knorm = norms, .kgamma = norms + t->Gp, .vnorm = norms + 2 * (size_t)t->Gp,
                            .kbook_hi = t->books[t->kbits_hi], .kbook_lo = t->books[t->kbits_lo],
                            .vbook_hi = t->books[t->vbits_hi], .vbook_lo = t->books[t->vbits_lo],
-                           .qjl_q = qjl_q, .qjl_sum = qjl_sum, .qjl_scale = sqrtf((float)TQ_PI / 2.0f) / (float)t->D};
+                           .qjl_q = qjl_q, .qjl_sum = qjl_sum, .qjl_scale = sqrtf((float)TQ_PI / 2.0f) / (float)t->D,
+                           .d = t->d, .nk = nk, .nv = nv, .kidx = seg + L.idx, .vidx = seg + L.idx + nk,
+                           .kcodes = seg + L.kcodes, .vcodes = seg + L.vcodes, .kscale = params,
+                           .kzero = params + nk, .vscale = params + 2 * nk, .vzero = params + 2 * nk + nv};
 }
 
 void rv_turbo_unrotate(const rv_turbo *t, float *acc, int rows, float *out, ptrdiff_t out_stride)
 {
     for (int r = 0; r < rows; r++) {
-        float *y = acc + (size_t)r * t->D;
+        float *y = acc + (size_t)r * rv_turbo_state_dim(t), *plain = y + t->D;
         fwht(y, t->D);
         const float inv = 1.0f / sqrtf((float)t->D);
         for (int i = 0; i < t->d; i++)
-            out[r * out_stride + i] = y[i] * inv * t->signs[i];
+            out[r * out_stride + i] = y[i] * inv * t->signs[i] + plain[i];
     }
 }

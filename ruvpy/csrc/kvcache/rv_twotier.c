@@ -346,14 +346,16 @@ static rv_tt_group *encode_turbo_group(rv_tt *c, const rv_tt_layer *L, const rv_
     rv_tt_group *g = NULL;
     float *kf = (float *)malloc(sizeof(float) * (2 * rows * kvh + rv_turbo_scratch_floats(c->turbo)));
     uint16_t *h16 = (uint16_t *)malloc(sizeof(uint16_t) * rows);
-    if (kf && h16 && (g = group_new(c, rv_turbo_blob_bytes(c->turbo)))) {
+    if (kf && h16) {
         float *vf = kf + rows * kvh;
         for (int h = 0; h < kvh; h++)
             for (int kv = 0; kv < 2; kv++) {
                 ring_gather(c, L, kv, h, L->hot_head, G, h16);
                 ops->f16_to_f32(h16, (kv ? vf : kf) + rows * h, rows);
             }
-        rv_turbo_encode(c->turbo, kf, vf, RV_TT_BLOB(g), vf + rows * kvh, ops);
+        /* the size depends on the outlier channels the data has */
+        if ((g = group_new(c, rv_turbo_encoded_bytes(c->turbo, kf, vf, vf + rows * kvh))))
+            rv_turbo_encode(c->turbo, kf, vf, RV_TT_BLOB(g), vf + rows * kvh, ops);
     }
     free(kf);
     free(h16);
@@ -737,17 +739,17 @@ static void tt_fold_turbo(const rv_tt *c, const rv_tt_layer *L, int h0, int nh, 
                           const rv_ops *ops)
 {
     const rv_turbo *tq = c->turbo;
-    const int D = rv_turbo_padded_dim(tq), G = c->group_tokens, rows = states[0].rows, d = c->head_dim;
-    const size_t rd = rv_pad16((size_t)rows * D), r16 = rv_pad16((size_t)rows);
+    const int W = rv_turbo_state_dim(tq), G = c->group_tokens, rows = states[0].rows, d = c->head_dim;
+    const size_t rd = rv_pad16((size_t)rows * W), r16 = rv_pad16((size_t)rows);
     const size_t per_head = 3 * rd + 3 * r16;
     float *norms = extra + (size_t)nh * per_head;
-    float *kscratch = norms + 3 * rv_pad16((size_t)G + 15);
+    float *kscratch = norms + rv_turbo_head_floats(tq);
     for (int j = 0; j < nh; j++) {
         float *base = extra + (size_t)j * per_head;
         float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
         float *m = qjl_sum + r16, *l = m + r16;
         rv_turbo_prepare_queries(tq, states[j].q, states[j].q_stride, rows, q_rot, qjl_q, qjl_sum, ops);
-        rv_attn_state_clear(m, l, acc, rows, D);
+        rv_attn_state_clear(m, l, acc, rows, W);
     }
     for (int64_t t = t0; t < t1;) {
         const int64_t gi = L->first + (t + L->skip) / G;
@@ -758,13 +760,14 @@ static void tt_fold_turbo(const rv_tt *c, const rv_tt_layer *L, int h0, int nh, 
             float *base = extra + (size_t)j * per_head;
             float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
             float *m = qjl_sum + r16, *l = m + r16;
-            rv_attn_state rot = {rows, D, q_rot, D, m, l, acc, states[0].scratch};
+            rv_attn_state rot = {rows, W, q_rot, W, m, l, acc, states[0].scratch};
             struct rv_thead th;
             rv_turbo_head(tq, RV_TT_BLOB(L->groups[gi]), h0 + j, qjl_q, qjl_sum, norms, &th, ops);
             if (j + 1 < nh || t + n < t1) {      /* the segment that comes next in memory */
-                th.prefetch = j + 1 < nh ? rv_turbo_segment(tq, RV_TT_BLOB(L->groups[gi]), h0 + j + 1)
-                                         : rv_turbo_segment(tq, RV_TT_BLOB(L->groups[gi + 1]), h0);
-                th.prefetch_bytes = rv_turbo_segment_bytes(tq);
+                const unsigned char *next = RV_TT_BLOB(L->groups[j + 1 < nh ? gi : gi + 1]);
+                const int nhead = j + 1 < nh ? h0 + j + 1 : h0;
+                th.prefetch = rv_turbo_segment(tq, next, nhead);
+                th.prefetch_bytes = rv_turbo_head_bytes(tq, next, nhead);
             }
             ops->attend_tgroup(&rot, &th, a, n, vv, kscratch);
         }
