@@ -32,8 +32,9 @@ KV_SETUPS = {
                         group_size=8),
     "two-tier-q4": dict(kv_cache="two-tier", cold="q4", hot_tokens=16, migration_batch=8,
                         group_size=8),
+    "two-tier-turbo": dict(kv_cache="turbo", hot_tokens=16, migration_batch=8),
 }
-MIN_TEACHER_FORCED_AGREEMENT = {"paged": 29, "two-tier-q8": 29, "two-tier-q4": 26}
+MIN_TEACHER_FORCED_AGREEMENT = {"paged": 29, "two-tier-q8": 29, "two-tier-q4": 26, "two-tier-turbo": 26}
 MAX_TOKENS = 512
 NEAR_TIE = 0.5   # llama.cpp top1-top2 logit margin under which the two may swap
 
