@@ -101,7 +101,7 @@ def test_groups_with_outliers_cost_their_codes(kvh, d):
     extra = b.cold_bytes - a.cold_bytes
     assert abs(extra - (sizes[1] - sizes[0]).sum()) < 64 * b.cold_groups
     assert b.cold_bits_per_value - a.cold_bits_per_value == pytest.approx(8 * extra / (n * 2 * kvh * d))
-    # random normal data has no channel 3x wider than the median
+    # random normal data has no channel with 3x the median RMS
     assert a.cold_bits_per_value - (3.5 + 3 * 16 / (2 * d)) < 0.1
 
 
@@ -157,3 +157,20 @@ def test_malformed_outlier_parts_are_rejected():
         with pytest.raises(ValueError, match="malformed"):
             other.import_sequence(meta, arr)
         assert snapshot(other) == before, what
+
+
+def test_channels_far_from_zero_are_outliers_too():
+    """Real keys have channels that sit far from zero on every token with an ordinary range:
+    what the rotation spreads is their energy, so they are taken out like wide ones."""
+    rng = np.random.default_rng(26)
+    kvh, d, G = 2, 64, 64
+    k, v = random_kv(rng, 4 * G, kvh, d)
+    k[:, :, [5, 40]] += 12.0                 # offset channels: range as any other
+    cache, seq = filled(kvh, d, k, v)
+    plain, _ = filled(kvh, d, *random_kv(rng, 4 * G, kvh, d))
+    sizes = [c.export_sequence(0)[1]["cold_sizes.0"] for c in (plain, cache)]
+    assert np.all(sizes[1] - sizes[0] == kvh * 2 * (G + 1 + 4))   # 2 key channels per head
+    kk, _ = cache.get_kv(seq, 0)
+    q = rng.standard_normal((100, d))
+    rel = np.linalg.norm(kk[:, 0] @ q.T - k[:, 0] @ q.T) / np.linalg.norm(k[:, 0] @ q.T)
+    assert rel < 0.2           # left in (the range rule), the offsets made it ~0.29

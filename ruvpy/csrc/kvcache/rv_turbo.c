@@ -6,7 +6,6 @@
 #include "rv_common.h"
 #include "rv_fp16.h"
 #include "kvcache/rv_turbo.h"
-#include "kvcache/rv_coldq.h"
 #include "kvcache/rv_kvmem.h"
 
 #define BOOK_STRIDE 32     /* floats per codebook (2^5, room for the widest permute) */
@@ -19,7 +18,7 @@ struct rv_turbo {
     float *S;                              /* [D][D] QJL projections (row j = projection j) */
     float books[RV_TURBO_MAX_BITS + 1][BOOK_STRIDE];   /* centroids / sqrt(D), ascending */
     float bounds[RV_TURBO_MAX_BITS + 1][BOOK_STRIDE];  /* decision thresholds between them */
-    rv_coldq_cfg outliers;                 /* the q4 format's choice of outlier channels */
+    int max_outliers;                      /* per head, group and K / V */
     size_t bytes;
 };
 
@@ -102,9 +101,7 @@ rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, doub
     t->kbits_hi = mse_hi - 1;           /* keys give one bit to QJL */
     t->kbits_lo = mse_lo - 1;
     const int most = head_dim / 16;
-    t->outliers = (rv_coldq_cfg){.num_kv_heads = num_kv_heads, .head_dim = head_dim, .group_tokens = group_tokens,
-                                 .group_size = head_dim, .bits = 4,
-                                 .max_outliers = most < 1 ? 1 : (most > RV_TURBO_MAX_OUTLIERS ? RV_TURBO_MAX_OUTLIERS : most)};
+    t->max_outliers = most < 1 ? 1 : (most > RV_TURBO_MAX_OUTLIERS ? RV_TURBO_MAX_OUTLIERS : most);
     const int D = t->D;
     t->signs = (float *)rv_kv_alloc_counted(sizeof(float) * (size_t)D, &t->bytes);
     t->S = (float *)rv_kv_alloc_counted(sizeof(float) * (size_t)D * D, &t->bytes);
@@ -236,7 +233,7 @@ int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes
         outlier_counts(t, blob + expect, &nk, &nv);
         tq_layout L;
         layout(t, nk, nv, &L);
-        if (nk > t->outliers.max_outliers || nv > t->outliers.max_outliers || bytes - expect < L.total ||
+        if (nk > t->max_outliers || nv > t->max_outliers || bytes - expect < L.total ||
             !ascending_below(blob + expect + L.idx, nk, t->d) || !ascending_below(blob + expect + L.idx + nk, nv, t->d))
             return -1;
         expect += L.total;
@@ -251,6 +248,58 @@ size_t rv_turbo_scratch_floats(const rv_turbo *t)
     return 4 * (size_t)t->D;    /* y, y_hat, the vector without its outliers (the selection: 2 d) */
 }
 
+static int cmp_float(const void *a, const void *b)
+{
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* Outlier channels of x [G][d]: those whose root mean square over the tokens exceeds
+ * RV_TURBO_OUTLIER_RATIO x the median channel's, the heaviest max_outliers of them, ascending.
+ * What the rotation spreads is a channel's share of |x|^2: SmolLM2's keys have channels far
+ * from zero on every token (4 of 64 hold half the energy, with ranges only ~2.5x the median),
+ * which a range rule misses. */
+static int pick_heavy(const rv_turbo *t, const float *x, uint8_t *idx, float *scratch)
+{
+    const int d = t->d, most = t->max_outliers;
+    float *ms = scratch, *sorted = scratch + d;
+    for (int c = 0; c < d; c++) {
+        double s2 = 0.0;
+        for (int tok = 0; tok < t->G; tok++)
+            s2 += (double)x[(size_t)tok * d + c] * x[(size_t)tok * d + c];
+        ms[c] = (float)s2;
+    }
+    memcpy(sorted, ms, sizeof(float) * (size_t)d);
+    qsort(sorted, (size_t)d, sizeof(float), cmp_float);
+    const float thresh = RV_TURBO_OUTLIER_RATIO * RV_TURBO_OUTLIER_RATIO * sorted[d / 2];
+    int n = 0;
+    for (; n < most; n++) {
+        int best = -1;
+        for (int c = 0; c < d; c++)
+            if (ms[c] > thresh && (best < 0 || ms[c] > ms[best]))
+                best = c;
+        if (best < 0)
+            break;
+        ms[best] = -1.0f;
+        idx[n] = (uint8_t)best;
+    }
+    /* ascending: insertion sort of at most RV_TURBO_MAX_OUTLIERS */
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && idx[j] < idx[j - 1]; j--) {
+            uint8_t tmp = idx[j];
+            idx[j] = idx[j - 1];
+            idx[j - 1] = tmp;
+        }
+    return n;
+}
+
+static void select_outliers(const rv_turbo *t, const float *k, const float *v, int *nk, uint8_t *kidx, int *nv,
+                            uint8_t *vidx, float *scratch)
+{
+    *nk = pick_heavy(t, k, kidx, scratch);
+    *nv = pick_heavy(t, v, vidx, scratch);
+}
+
 size_t rv_turbo_encoded_bytes(const rv_turbo *t, const float *k, const float *v, float *scratch)
 {
     size_t n = header_bytes(t);
@@ -258,7 +307,7 @@ size_t rv_turbo_encoded_bytes(const rv_turbo *t, const float *k, const float *v,
     for (int h = 0; h < t->kvh; h++) {
         int nk, nv;
         uint8_t kidx[RV_TURBO_MAX_OUTLIERS], vidx[RV_TURBO_MAX_OUTLIERS];
-        rv_coldq_select(&t->outliers, k + h * rows, v + h * rows, &nk, kidx, &nv, vidx, scratch);
+        select_outliers(t, k + h * rows, v + h * rows, &nk, kidx, &nv, vidx, scratch);
         n += segment_bytes(t, nk, nv);
     }
     return n;
@@ -349,7 +398,7 @@ void rv_turbo_encode(const rv_turbo *t, const float *k, const float *v, unsigned
         int nk, nv;
         uint8_t kidx[RV_TURBO_MAX_OUTLIERS], vidx[RV_TURBO_MAX_OUTLIERS];
         const float *kh = k + (size_t)h * G * d, *vh = v + (size_t)h * G * d;
-        rv_coldq_select(&t->outliers, kh, vh, &nk, kidx, &nv, vidx, scratch);
+        select_outliers(t, kh, vh, &nk, kidx, &nv, vidx, scratch);
         tq_layout L;
         layout(t, nk, nv, &L);
         unsigned char *seg = blob + off;

@@ -14,12 +14,14 @@
  * accumulated in the rotated domain and rotated back once per call (R is orthogonal).
  *
  * Outlier channels (dense-and-sparse, as the q4 format): per head and group, the channels of
- * K and of V whose range over the G tokens exceeds RV_COLDQ_OUTLIER_RATIO x the median channel
- * range (the widest, at most head_dim / 16, at most RV_TURBO_MAX_OUTLIERS) are taken out
- * before the norm and the rotation and kept as 8-bit codes per channel over the group with a
- * binary16 scale and zero. Left in, a x20 channel would dominate |x| and the rotation would
- * spread it over every coordinate: the error of every score would be of the order of the
- * whole key norm, in a softmax made peaked by those very channels. A vector is the sum of
+ * K and of V whose root mean square over the G tokens exceeds RV_TURBO_OUTLIER_RATIO x the
+ * median channel's (the heaviest, at most head_dim / 16, at most RV_TURBO_MAX_OUTLIERS) are
+ * taken out before the norm and the rotation and kept as 8-bit codes per channel over the
+ * group with a binary16 scale and zero. Left in, a x20 channel would dominate |x| and the
+ * rotation would spread it over every coordinate: the error of every score would be of the
+ * order of the whole key norm, in a softmax made peaked by those very channels. By energy
+ * rather than range (q4's rule): a channel far from zero on every token is as heavy as a wide
+ * one, and cheap at 8 bits over its range. A vector is the sum of
  * its TurboQuant part (zero in the outlier channels up to its quantization error) and its
  * outliers, and so is every inner product.
  *
@@ -46,6 +48,7 @@
 
 #define RV_TURBO_MAX_BITS 5
 #define RV_TURBO_MAX_OUTLIERS 8      /* per head, group and K / V (as the q4 format) */
+#define RV_TURBO_OUTLIER_RATIO 3.0f  /* a channel's RMS over the median channel's */
 
 /* One KV head of a TurboQuant group as the fused kernel (rv_ops.attend_tgroup) reads it.
  * The attention state it folds into has head_dim D + d: query rows [R q | q] (the plain query
