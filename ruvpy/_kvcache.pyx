@@ -34,7 +34,7 @@ __all__ = ["PagedKVCache", "TwoTierKVCache", "KVCacheFull", "KVCacheStats", "Pag
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
 _FORMAT = "ruvpy.kvcache"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2   # 2: q4 outliers as split nibbles, turbo outlier channels (2026-11-23)
 
 
 class KVCacheFull(MemoryError):
