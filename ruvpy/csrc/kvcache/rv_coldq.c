@@ -170,8 +170,7 @@ RV_INLINE void put_code(uint8_t *row, int c, int code, int bits, int half)
 }
 
 void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head, const float *kf,
-                          const float *vf, int nk, const uint8_t *kidx, int nv, const uint8_t *vidx,
-                          float *scratch)
+                          const float *vf, int nk, const uint8_t *kidx, int nv, const uint8_t *vidx)
 {
     const int d = cfg->head_dim, G = cfg->group_tokens, bits = cfg->bits, gs = cfg->group_size;
     const int ng = value_groups(cfg), kb = key_row(cfg), vb = value_row(cfg);
@@ -186,7 +185,6 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
     uint16_t *voscale = (uint16_t *)(seg + S.voscale), *vozero = (uint16_t *)(seg + S.vozero);
     uint8_t *vhi = seg + S.vhi;
     const int hb = (nv + 1) / 2;
-    (void)scratch;
     signed char kout[256], vout[256];     /* channel -> outlier slot, or -1 (d <= 256) */
     memset(kout, -1, sizeof kout);
     memset(vout, -1, sizeof vout);

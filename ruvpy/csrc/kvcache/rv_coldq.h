@@ -101,7 +101,7 @@ size_t rv_coldq_segment_bytes(const rv_coldq_cfg *cfg, int nk, int nv);
 /* bytes of a blob whose heads have nk[h] / nv[h] outliers (NULL: none) */
 size_t rv_coldq_blob_bytes(const rv_coldq_cfg *cfg, const int *nk, const int *nv);
 
-/* Floats of scratch rv_coldq_select and rv_coldq_encode_head need. */
+/* Floats of scratch rv_coldq_select needs. */
 size_t rv_coldq_scratch_floats(const rv_coldq_cfg *cfg);
 
 /* Pass 1: choose the outlier channels of head h from its keys / values kf, vf [G][d]: writes
@@ -112,8 +112,7 @@ void rv_coldq_select(const rv_coldq_cfg *cfg, const float *kf, const float *vf, 
 void rv_coldq_write_header(const rv_coldq_cfg *cfg, unsigned char *blob, const int *nk, const int *nv);
 /* Pass 2: quantize head h (kf, vf [G][d]) into its segment, outliers as chosen in pass 1. */
 void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head, const float *kf,
-                          const float *vf, int nk, const uint8_t *kidx, int nv, const uint8_t *vidx,
-                          float *scratch);
+                          const float *vf, int nk, const uint8_t *kidx, int nv, const uint8_t *vidx);
 
 void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int head, rv_coldq_head *h);
 

@@ -394,7 +394,7 @@ static rv_tt_group *encode_group(rv_tt *c, const rv_tt_layer *L, const rv_ops *o
                 rv_coldq_select(&c->q, kf, vf, &nk[h], kidx + (size_t)h * mo, &nv[h], vidx + (size_t)h * mo, scratch);
             else
                 rv_coldq_encode_head(&c->q, RV_TT_BLOB(g), h, kf, vf, nk[h], kidx + (size_t)h * mo, nv[h],
-                                     vidx + (size_t)h * mo, scratch);
+                                     vidx + (size_t)h * mo);
         }
     }
 done:
