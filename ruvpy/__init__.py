@@ -7,25 +7,31 @@ kernels that release the GIL.
 import os as _os
 
 
-def _prefer_passive_openmp_waiting():
-    """Ask libgomp (read once, when the first extension loads it) to let idle workers sleep,
-    unless the user chose a wait policy. Why: libgomp's default spins, and when any other
-    process wants a core a 2-thread region's join waits out scheduler slices -- measured by
-    tools/bench_threads.py on the 2-core test machine with one busy process beside it: 16-32 ms
-    per decode call instead of 0.2-1.2 ms serial; passive waiting stays within ~1.2x of serial
-    and costs idle calls a wake-up (tens of microseconds; calls under ~100 us of work run
-    serially anyway, see csrc/rv_threads.h). Returns what the policy is and where it came from."""
+# libgomp spins this many pause loops (~65 us on the Zen 4 test machine) before a waiting thread
+# sleeps, instead of its default 300000 (milliseconds).
+_GOMP_SPINCOUNT = "3000"
+
+
+def _bound_openmp_spinning():
+    """Ask libgomp (it reads its environment once, when the first extension loads it) to spin
+    briefly before sleeping, unless the user chose a wait policy. Why, measured on the 2-core
+    test machine with one busy process beside the run (tools/bench_threads.py, decode at 4096
+    keys): with libgomp's default spinning every parallel call waited out scheduler slices,
+    16-32 ms instead of 0.2-1.3 ms serially; with 3000 spins 0.15-1.8 ms. OMP_WAIT_POLICY=passive
+    did as well under load but made idle decode up to 2x slower (a futex wake per barrier),
+    while 3000 spins keep idle timings at the default's (tools/bench_attention.py). Returns what
+    the setting is and where it came from, and whether this function set it."""
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         if name in _os.environ:
             return f"{name}={_os.environ[name]} (from the environment)", False
-    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return "OMP_WAIT_POLICY=PASSIVE (ruvpy's default)", True
+    _os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
+    return f"GOMP_SPINCOUNT={_GOMP_SPINCOUNT} (ruvpy's default)", True
 
 
-_OPENMP_WAITING, _SET_WAIT_POLICY = _prefer_passive_openmp_waiting()
+_OPENMP_WAITING, _SET_SPINCOUNT = _bound_openmp_spinning()
 from ruvpy import _kernels  # noqa: E402  (libgomp reads its environment now)
-if _SET_WAIT_POLICY:  # only for this process's libgomp: child processes get the user's environment
-    del _os.environ["OMP_WAIT_POLICY"]
+if _SET_SPINCOUNT:  # only for this process's libgomp: child processes get the user's environment
+    del _os.environ["GOMP_SPINCOUNT"]
 from ruvpy._kernels import get_isa, set_isa, available_isas, set_num_threads, get_num_threads
 from ruvpy._attention import attention
 from ruvpy._memory import (Arena, ArenaExhausted, ArenaStats, BufferPool, PooledBuffer, PoolStats,

@@ -216,13 +216,13 @@ def test_set_num_threads_bad_input(restore_threads, bad, error):
 
 def _import_with_env(extra, drop=("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
     """Imports ruvpy in a fresh interpreter with OMP_DISPLAY_ENV=verbose (libgomp prints the
-    settings it read at load to stderr; its display says PASSIVE for the spinning default too,
-    the spin count tells them apart: 0 passive, 300000 default); returns (info's openmp_waiting, the OMP_WAIT_POLICY the script's
-    environment has after the import, libgomp's stderr)."""
+    settings it read at load to stderr, the spin count among them); returns (info's
+    openmp_waiting, "OMP_WAIT_POLICY GOMP_SPINCOUNT" as the script's environment has them after
+    the import, libgomp's stderr)."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(extra, OMP_DISPLAY_ENV="verbose")
     code = ("import os, ruvpy; print(ruvpy.info()['openmp_waiting']); "
-            "print(os.environ.get('OMP_WAIT_POLICY'))")
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=300)
     assert r.returncode == 0, r.stderr
@@ -231,14 +231,14 @@ def _import_with_env(extra, drop=("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
 
 
 @pytest.mark.skipif(not K.openmp_enabled(), reason="built without OpenMP: there is no libgomp to configure")
-def test_libgomp_waits_passively_unless_the_user_chose():
+def test_libgomp_spins_briefly_unless_the_user_chose():
     waiting, after, gomp = _import_with_env({})
-    assert waiting == "OMP_WAIT_POLICY=PASSIVE (ruvpy's default)"
-    assert "GOMP_SPINCOUNT = '0'" in gomp               # libgomp really read it
-    assert after == "None"                              # and child processes do not inherit it
+    assert waiting == "GOMP_SPINCOUNT=3000 (ruvpy's default)"
+    assert "GOMP_SPINCOUNT = '3000'" in gomp            # libgomp really read it
+    assert after == "None None"                         # and child processes do not inherit it
     waiting, after, gomp = _import_with_env({"OMP_WAIT_POLICY": "active"})
     assert waiting == "OMP_WAIT_POLICY=active (from the environment)"
-    assert "OMP_WAIT_POLICY = 'ACTIVE'" in gomp and after == "active"
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in gomp and after == "active None"
     waiting, after, gomp = _import_with_env({"GOMP_SPINCOUNT": "1000"})
-    assert waiting == "GOMP_SPINCOUNT=1000 (from the environment)" and after == "None"
+    assert waiting == "GOMP_SPINCOUNT=1000 (from the environment)" and after == "None 1000"
     assert "GOMP_SPINCOUNT = '1000'" in gomp
