@@ -792,7 +792,11 @@ def cases_attend_qgroup(rng):
         if nk:
             arrays.update(kidx=kidx)
         if nv:
-            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vhi=vhi.reshape(-1))
+            # the kernel may read 3 bytes past the last token's byte of vcodes and vhi (the group
+            # layout always has them there): exactly 3 junk bytes, so a longer reach faults
+            junk = np.full(3, 0xA5, np.uint8)
+            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vhi=np.concatenate([vhi.reshape(-1), junk]),
+                          vcodes=np.concatenate([vbytes, junk]))
         if visible is not None:
             arrays["visible"] = visible
         yield f"bits={bits} d={d} G={G} group={gs} rows={rows} outliers={nk}/{nv} tokens={a}+{n} {vis_kind}", arrays

@@ -48,6 +48,50 @@ RV_INLINE rv_vf qk_lo4(const uint8_t *p) { return (float)(p[0] & 15); }
 RV_INLINE rv_vf qk_hi4(const uint8_t *p) { return (float)(p[0] >> 4); }
 #endif
 
+/* ---- outlier value channels: RV_VW tokens' 8-bit codes (t0..) scattered over the token rows,
+ * as floats scale * code + zero. The x86 gathers read a 32-bit word at each code byte: up to 3
+ * bytes past the last token's, which the group layout guarantees when head_dim >= 16 (see
+ * rv_coldq.h; qk_vout_gathers says when to use them). ---- */
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+#if defined(RV_ISA_AVX512)
+typedef __m512i qk_vi;
+#define qk_vi_set1 _mm512_set1_epi32
+#define qk_vi_add _mm512_add_epi32
+#define qk_vi_mullo _mm512_mullo_epi32
+#define qk_vi_and _mm512_and_si512
+#define qk_vi_or _mm512_or_si512
+#define qk_vi_srl _mm512_srl_epi32
+#define qk_vi_slli _mm512_slli_epi32
+#define qk_vi_cvt _mm512_cvtepi32_ps
+#define qk_vi_lanes() _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#define qk_vi_gather(base, idx) _mm512_i32gather_epi32((idx), (const void *)(base), 1)
+#else
+typedef __m256i qk_vi;
+#define qk_vi_set1 _mm256_set1_epi32
+#define qk_vi_add _mm256_add_epi32
+#define qk_vi_mullo _mm256_mullo_epi32
+#define qk_vi_and _mm256_and_si256
+#define qk_vi_or _mm256_or_si256
+#define qk_vi_srl _mm256_srl_epi32
+#define qk_vi_slli _mm256_slli_epi32
+#define qk_vi_cvt _mm256_cvtepi32_ps
+#define qk_vi_lanes() _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+#define qk_vi_gather(base, idx) _mm256_i32gather_epi32((const int *)(base), (idx), 1)
+#endif
+#define QK_VOUT_GATHERS 1
+RV_INLINE void qk_vout_block(const rv_coldq_vout *v, int t0, rv_vf scale, rv_vf zero, float *xo)
+{
+    const qk_vi t = qk_vi_add(qk_vi_set1(t0), qk_vi_lanes()), nib = qk_vi_set1(15);
+    qk_vi lo = qk_vi_gather(v->lo, qk_vi_mullo(t, qk_vi_set1((int)v->lo_stride)));
+    qk_vi hi = qk_vi_gather(v->hi, qk_vi_mullo(t, qk_vi_set1((int)v->hi_stride)));
+    lo = qk_vi_and(qk_vi_srl(lo, _mm_cvtsi32_si128(v->lo_shift)), nib);
+    hi = qk_vi_and(qk_vi_srl(hi, _mm_cvtsi32_si128(v->hi_shift)), nib);
+    rv_vf_store(xo, rv_vf_fmadd(qk_vi_cvt(qk_vi_or(lo, qk_vi_slli(hi, 4))), scale, zero));
+}
+#else
+#define QK_VOUT_GATHERS 0
+#endif
+
 /* code i of a row of n codes (4 or 8 bits) */
 RV_INLINE float qk_code(const uint8_t *row, int i, int n, int bits)
 {
@@ -396,23 +440,28 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
             scale_f32((size_t)d, corr[r], st->acc + (size_t)(r0 + r) * d);
     }
     float *acc = st->acc + (size_t)r0 * d;
+    /* outlier value channels: qk_values decodes their slots (the low nibbles) with the token's
+     * group parameters like any channel; put back what the rows held before it and add their
+     * own 8-bit values, decoded once per token into `xo` for every row */
+    float held[QK_NR][RV_COLDQ_MAX_OUTLIERS];
+    for (int o = 0; o < h->nv; o++)
+        for (int r = 0; r < NR; r++)
+            held[r][o] = acc[r * d + h->vidx[o]];
     qk_values(NR, h, a, n_eff, s + a, s_stride, acc);
-    /* outlier value channels: qk_values decoded their slots (the low nibbles) with the token's
-     * group parameters; replace that by the 8-bit code with their own */
-    const int ng = (d + h->group_size - 1) / h->group_size;
+    float *xo = qs + (size_t)QK_NR * (d + RV_COLDQ_MAX_OUTLIERS);     /* [n_eff] */
     for (int o = 0; o < h->nv; o++) {
-        const int c = h->vidx[o], gi = c / h->group_size;
-        for (int r = 0; r < NR; r++) {
-            float sum = 0.0f;
-            for (int t = 0; t < n_eff; t++) {
-                const int tok = a + t;
-                const float code = (float)rv_coldq_value_outlier_code(h, tok, o);
-                const float slot = qk_code(h->vcodes + (size_t)tok * h->vrow, c, d, 4);
-                sum += s[r * s_stride + a + t] * ((h->voscale[o] * code + h->vozero[o]) -
-                                                  (h->vscale[(size_t)tok * ng + gi] * slot + h->vzero[(size_t)tok * ng + gi]));
-            }
-            acc[r * d + c] += sum;
-        }
+        const rv_coldq_vout cur = rv_coldq_vout_at(h, o);
+        const float scale = h->voscale[o], zero = h->vozero[o];
+        int t = 0;
+#if QK_VOUT_GATHERS
+        if (d >= 16)
+            for (; t + RV_VW <= n_eff; t += RV_VW)
+                qk_vout_block(&cur, a + t, rv_vf_set1(scale), rv_vf_set1(zero), xo + t);
+#endif
+        for (; t < n_eff; t++)
+            xo[t] = scale * (float)rv_coldq_vout_code(&cur, a + t) + zero;
+        for (int r = 0; r < NR; r++)
+            acc[r * d + h->vidx[o]] = held[r][o] + dot_f32(s + r * s_stride + a, xo, (size_t)n_eff);
     }
 }
 

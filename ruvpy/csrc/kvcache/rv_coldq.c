@@ -337,9 +337,10 @@ void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf
     ops->dequant_rows_group(q.vcodes, q.vrow, G, d, cfg->bits, cfg->group_size, v->vscale, v->vzero,
                             value_groups(cfg), vf);
     for (int o = 0; o < q.nv; o++) {
+        const rv_coldq_vout cur = rv_coldq_vout_at(&q, o);
         const int c = q.vidx[o];
         for (int t = 0; t < G; t++)
-            vf[(size_t)t * d + c] = q.voscale[o] * (float)rv_coldq_value_outlier_code(&q, t, o) + q.vozero[o];
+            vf[(size_t)t * d + c] = q.voscale[o] * (float)rv_coldq_vout_code(&cur, t) + q.vozero[o];
     }
 }
 

@@ -17,6 +17,8 @@
  *                                 nibble first); the low nibbles sit in their slots in vcodes
  *   kcodes[d + nk][kb]       u8   keys channel-major: kb = G (8 bits) or ceil(G/2) (4 bits);
  *                                 rows d.. hold the high nibbles of the outlier channels
+ * (The fused kernel may read 3 bytes past the last token's byte of vcodes and of vhi: counts
+ * and idx follow vcodes, and when head_dim >= 16 at least 16 bytes of kcodes follow vhi.)
  *
  * Keys: each channel is quantized over the G tokens with its own scale/zero; an outlier key
  * channel (range > RV_COLDQ_OUTLIER_RATIO x the median channel range of the head and group)
@@ -63,20 +65,33 @@ struct rv_qhead {
     size_t prefetch_bytes;
 };
 
-/* the 8-bit code of outlier value channel o for token t (4-bit heads only) */
-static inline int rv_coldq_value_outlier_code(const struct rv_qhead *h, int t, int o)
+/* Where outlier value channel o's 8-bit codes sit (4-bit heads only): token t's code is
+ * rv_coldq_vout_code(&cur, t). Decoders set it up once per channel and hold it in locals:
+ * loads through uint8_t pointers may alias anything, so per-token lookups through the head
+ * would be reloaded after every float store. */
+typedef struct {
+    const uint8_t *lo, *hi;     /* token 0's slot byte and high-nibble byte */
+    ptrdiff_t lo_stride, hi_stride;
+    int lo_shift, hi_shift;
+} rv_coldq_vout;
+
+static inline rv_coldq_vout rv_coldq_vout_at(const struct rv_qhead *h, int o)
 {
     const int c = h->vidx[o], half = (h->head_dim + 1) / 2;
-    const uint8_t *row = h->vcodes + (ptrdiff_t)t * h->vrow;
-    const int lo = c < half ? row[c] & 15 : row[c - half] >> 4;
-    const int hi = (h->vhi[(size_t)t * (size_t)((h->nv + 1) / 2) + (size_t)(o / 2)] >> (4 * (o & 1))) & 15;
-    return lo | hi << 4;
+    return (rv_coldq_vout){.lo = h->vcodes + (c < half ? c : c - half), .hi = h->vhi + o / 2,
+                           .lo_stride = h->vrow, .hi_stride = (h->nv + 1) / 2,
+                           .lo_shift = c < half ? 0 : 4, .hi_shift = 4 * (o & 1)};
+}
+
+static inline int rv_coldq_vout_code(const rv_coldq_vout *v, int t)
+{
+    return ((v->lo[t * v->lo_stride] >> v->lo_shift) & 15) | ((v->hi[t * v->hi_stride] >> v->hi_shift) & 15) << 4;
 }
 
 /* query rows the fused kernel keeps in registers at once, and the scratch it needs */
 #define RV_QATTN_ROWS 4
 #define RV_QATTN_SCRATCH_FLOATS(G, d) \
-    ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + (size_t)(d) + RV_COLDQ_MAX_OUTLIERS) + 64)
+    ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + (size_t)(d) + RV_COLDQ_MAX_OUTLIERS) + (size_t)(G) + 64)
 
 typedef struct {
     int num_kv_heads, head_dim;
