@@ -8,7 +8,8 @@ cache (fp16, blocks of 16), and the two-tier cache (hot_tokens 256 fp16 + cold q
 turbo). Times are medians of calls interleaved round-robin (every format measured side by side
 in each round, so machine load hits them alike); "vs contiguous" is time / contiguous time.
 "GB/s" is the bytes the format stores for those tokens (allocated, from the cache's stats)
-over the time.
+over the time. Random normal K/V at both lengths, and K/V with outlier channels (as below) at
+16384: the quantized formats keep those channels at 8 bits, which costs them extra work.
 
 Bytes per token: a cache's allocations per token of one layer, K and V (stats of the caches
 above, i.e. measured, not a formula), and its ratio to fp16.
@@ -117,9 +118,11 @@ def interleaved_medians(fns, repeats, warmup=2):
 def bench_decode(args, colds):
     rows = []
     rng = np.random.default_rng(0)
+    lengths = LENGTHS[:1] if args.quick else LENGTHS
     for H, kvh, d in SHAPES:
-        for n in (LENGTHS[:1] if args.quick else LENGTHS):
-            k, v = random_kv(rng, n, kvh, d)
+        # outlier channels cost the quantized formats extra work: timed at the longest length
+        for n, data in [(n, "random") for n in lengths] + [(lengths[-1], "outliers")]:
+            k, v = random_kv(rng, n, kvh, d, outliers=data == "outliers")
             made = make_caches(kvh, d, k, v, colds)
             q = rng.standard_normal((1, H, d)).astype(np.float32)
             out = np.empty_like(q)
@@ -127,7 +130,7 @@ def bench_decode(args, colds):
                                       args.repeats)
             base = med["contiguous fp16"]
             for name, (_, nbytes) in made.items():
-                rows.append({"shape": f"{H}/{kvh}/{d}", "tokens": n, "format": name,
+                rows.append({"shape": f"{H}/{kvh}/{d}", "tokens": n, "data": data, "format": name,
                              "ms": med[name] * 1e3, "vs contiguous": med[name] / base,
                              "GB/s": nbytes / med[name] / 1e9})
             del made
