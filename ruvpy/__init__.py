@@ -24,14 +24,30 @@ def _bound_openmp_spinning():
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         if name in _os.environ:
             return f"{name}={_os.environ[name]} (from the environment)", False
+    if _libgomp_loaded():
+        return "libgomp was loaded before ruvpy: its own settings apply", False
     _os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
     return f"GOMP_SPINCOUNT={_GOMP_SPINCOUNT} (ruvpy's default)", True
 
 
+def _libgomp_loaded():
+    """Whether another module already loaded libgomp (it read its environment then)."""
+    import ctypes
+    if not hasattr(_os, "RTLD_NOLOAD"):     # cannot ask without loading it
+        return False
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=_os.RTLD_NOLOAD)
+    except OSError:
+        return False
+    return True
+
+
 _OPENMP_WAITING, _SET_SPINCOUNT = _bound_openmp_spinning()
-from ruvpy import _kernels  # noqa: E402  (libgomp reads its environment now)
-if _SET_SPINCOUNT:  # only for this process's libgomp: child processes get the user's environment
-    del _os.environ["GOMP_SPINCOUNT"]
+try:
+    from ruvpy import _kernels  # noqa: E402  (libgomp reads its environment now)
+finally:
+    if _SET_SPINCOUNT:  # only for this process's libgomp: child processes get the user's environment
+        del _os.environ["GOMP_SPINCOUNT"]
 from ruvpy._kernels import get_isa, set_isa, available_isas, set_num_threads, get_num_threads
 from ruvpy._attention import attention
 from ruvpy._memory import (Arena, ArenaExhausted, ArenaStats, BufferPool, PooledBuffer, PoolStats,

@@ -242,3 +242,15 @@ def test_libgomp_spins_briefly_unless_the_user_chose():
     waiting, after, gomp = _import_with_env({"GOMP_SPINCOUNT": "1000"})
     assert waiting == "GOMP_SPINCOUNT=1000 (from the environment)" and after == "None 1000"
     assert "GOMP_SPINCOUNT = '1000'" in gomp
+
+
+@pytest.mark.skipif(not K.openmp_enabled(), reason="built without OpenMP: there is no libgomp to configure")
+def test_libgomp_loaded_before_ruvpy_keeps_its_settings():
+    """Another extension may have loaded libgomp first: it read its environment then, so ruvpy
+    must neither claim its spin count applies nor leave GOMP_SPINCOUNT behind."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import ctypes, os; ctypes.CDLL('libgomp.so.1', mode=ctypes.RTLD_GLOBAL); import ruvpy; "
+            "print(ruvpy.info()['openmp_waiting']); print(os.environ.get('GOMP_SPINCOUNT'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-2:] == ["libgomp was loaded before ruvpy: its own settings apply", "None"]
