@@ -936,6 +936,9 @@ def _import_array(arrays, str name, tuple shape, dtype):
 _COLD_FORMATS = {"q8": RV_TT_Q8, "q4": RV_TT_Q4, "turbo": RV_TT_TURBO}
 _TURBO_BITS = (2.5, 3.5, 4.5)
 _POLICIES = ("error", "evict-oldest")
+# a cold group's blob addresses its head segments with 32-bit offsets: 2^28 values of K and as
+# many of V stay under 4 GiB in every format (q8 with parameters: < 5 bytes per K+V value pair)
+_MAX_GROUP_VALUES = 1 << 28
 
 
 cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tokens, cold,
@@ -957,6 +960,11 @@ cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tok
     p.group_tokens = _positive_int(migration_batch, "migration_batch")
     if p.group_tokens > 4096:
         raise ValueError(f"migration_batch must be at most 4096 tokens, got {migration_batch}")
+    if p.num_kv_heads * p.head_dim * p.group_tokens > _MAX_GROUP_VALUES:
+        raise ValueError(f"a cold group would hold num_kv_heads * head_dim * migration_batch = "
+                         f"{p.num_kv_heads * p.head_dim * p.group_tokens} values of K (and as many of V), "
+                         f"more than {_MAX_GROUP_VALUES}: use fewer KV heads per cache or a smaller "
+                         f"migration_batch")
     p.max_tokens = 1 if max_tokens is None else max_tokens
     if isinstance(turbo_bits, (bool, np.bool_)) or not isinstance(turbo_bits, (int, float, np.integer, np.floating)):
         raise TypeError(f"turbo_bits must be a number, got {type(turbo_bits).__name__}")
@@ -974,9 +982,9 @@ cdef class TwoTierKVCache(_KVCache):
     hot_tokens + migration_batch tokens, its oldest migration_batch tokens are quantized into
     one immutable cold group: "q8" (int8) or "q4" (two 4-bit codes per byte). Keys are
     quantized per channel over the group, values per token in channel groups of group_size,
-    scales and zero points in fp16; with q4, channels whose range over the group is more than
-    3x the median channel range of their head get 8-bit codes (keys) or an 8-bit residual
-    (values). Attention dequantizes the cold codes chunk by chunk inside the kernel and folds
+    scales and zero points in fp16; with q4, up to max(1, head_dim / 16) channels of K and of V
+    per head and group whose range over the group is more than 3x the median channel range
+    keep 8-bit codes per channel over the group. Attention dequantizes the cold codes chunk by chunk inside the kernel and folds
     them and the hot tokens into one online softmax.
 
     max_tokens bounds the tokens stored per layer, all sequences together: each sequence's hot
@@ -986,9 +994,12 @@ cdef class TwoTierKVCache(_KVCache):
     max_tokens raise KVCacheFull (nothing written); "evict-oldest": the oldest tokens are
     dropped until exactly the room asked for is free -- first of the sequences being appended
     to (so each keeps its newest tokens), then of the others, longest first; while a
-    transaction is open only its own sequences give up tokens. A dropped token that another
-    sequence still holds frees no room (it stays stored for that one), so eviction goes on to
-    the next oldest; a shared cold group's memory is freed when its last holder drops it.
+    transaction is open, a request from its sequences evicts only from them and a request
+    from other sequences only from sequences outside it (so a rollback never goes over the
+    budget; a request mixing both raises). A dropped token that another sequence still holds
+    frees no room, so its other holders drop it next: the oldest shared tokens go from every
+    holder, and a fork that appends loses about as many tokens as it adds, not its whole
+    shared prefix. A shared cold group's memory is freed when its last holder drops it.
     import_sequence() stores its own copy of everything (it costs all its tokens).
 
     cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value (rotated codes with
@@ -1084,7 +1095,8 @@ cdef class TwoTierKVCache(_KVCache):
         return best
 
     cdef int _h_room(self, list ids, int *slots, int64_t *n, int nseq, int layer) except -1:
-        cdef int64_t requested = 0, over, take
+        cdef int64_t requested = 0, over, take, before
+        cdef bint evicted
         cdef int i, bind, sl
         cdef int lo = 0 if layer < 0 else layer
         cdef int hi = self.num_layers if layer < 0 else layer + 1
@@ -1101,12 +1113,27 @@ cdef class TwoTierKVCache(_KVCache):
                 f"{self.max_tokens - self.c.used[bind]} free of max_tokens={self.max_tokens}"
                 + ("" if self.policy == "error" else " (more than the cache holds: eviction cannot help)")
                 + "; nothing was written")
-        # evict-oldest: the requesting sequences' oldest tokens first, then the others' (inside
-        # a transaction only its own sequences', so that a rollback restores everything). A
-        # token another sequence still holds (a shared cold group) frees no room when dropped:
-        # the loop goes on to the next oldest until the room is there.
+        # evict-oldest: the requesting sequences' oldest tokens first, then the others'. While a
+        # transaction is open, a request from its sequences evicts only from them (a rollback
+        # restores what they gave up) and a request from other sequences only from sequences
+        # outside it (a rollback must not bring back tokens whose room was given away); a
+        # request mixing both raises. A token another sequence still holds (a shared cold
+        # group) frees no room when dropped: its other holders give it up next (the oldest
+        # shared tokens go from every holder), not the requester ever more of its own.
         requesting = [slots[i] for i in range(nseq)]
-        allowed = {self._slot_of[s] for s in self._txn} if self._txn else None
+        allowed = None
+        if self._txn:
+            in_txn = {self._slot_of[s] for s in self._txn}
+            inside = [x in in_txn for x in requesting]
+            if all(inside):
+                allowed = in_txn
+            elif not any(inside):
+                allowed = {x for x in self._slot_of.values() if x not in in_txn}
+            else:
+                raise KVCacheFull(
+                    f"KV cache full: {requested} tokens requested for sequences {ids} in {where}, some "
+                    f"inside the open transaction on {sorted(self._txn)} and some outside: eviction could "
+                    f"not be rolled back consistently; nothing was written")
         others = sorted([x for x in self._slot_of.values() if x not in requesting and
                          (allowed is None or x in allowed)], key=lambda x: -rv_tt_len(self.c, x, 0))
         victims = [x for x in requesting if allowed is None or x in allowed] + others
@@ -1114,17 +1141,22 @@ cdef class TwoTierKVCache(_KVCache):
             # all sequences may give up tokens outside a transaction: emptying them frees all
             if allowed is not None and self._stored_without(l, victims) + requested > self.max_tokens:
                 raise KVCacheFull(
-                    f"KV cache full: {requested} tokens requested for sequences {ids} in {where}; inside "
-                    f"the open transaction on {sorted(self._txn)} only its sequences' tokens may be evicted "
-                    f"and the tokens only they hold are too few (tokens shared with other sequences stay "
-                    f"stored); nothing was written")
+                    f"KV cache full: {requested} tokens requested for sequences {ids} in {where}; while "
+                    f"the transaction on {sorted(self._txn)} is open only sequences on the same side of it "
+                    f"may give up tokens, and the tokens only they hold are too few (tokens shared with "
+                    f"other sequences stay stored); nothing was written")
         while over > 0:
+            evicted = False
             for sl in victims:
                 take = min(over, rv_tt_len(self.c, sl, bind))
                 if take > 0:
+                    before = self.c.used[bind]
                     rv_tt_evict(self.c, sl, take)
-                    break
-            else:
+                    evicted = True
+                    if self.c.used[bind] < before:
+                        break
+                    # only tokens others still hold: the next victims drop theirs
+            if not evicted:
                 raise AssertionError("evict-oldest: nothing left to evict")   # unreachable
             bind = self._fullest_layer(lo, hi)
             over = self.c.used[bind] + requested - self.max_tokens

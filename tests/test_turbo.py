@@ -111,7 +111,7 @@ def _segment(blob, kvh, h):
 
 
 def test_malformed_outlier_parts_are_rejected():
-    """Imported blobs are checked: outlier counts within head_dim / 16, channel numbers
+    """Imported blobs are checked: outlier counts within max(1, head_dim / 16), channel numbers
     ascending and below head_dim, every size consistent; a bad one leaves the cache as it was."""
     rng = np.random.default_rng(25)
     kvh, d, G = 2, 32, 16

@@ -208,6 +208,44 @@ def test_eviction_takes_from_the_requesting_sequence_first():
     assert np.array_equal(cache.get_kv(a, 0)[1][:, 0, 0], np.arange(15, 20))
 
 
+def test_eviction_drops_shared_tokens_from_every_holder():
+    """A fork's oldest tokens are cold groups its parent shares: dropping them from the fork
+    alone frees nothing, so the parent drops the same oldest tokens next -- the fork loses as
+    many tokens as it appends, not its whole shared prefix."""
+    rng = np.random.default_rng(17)
+    cache = TwoTierKVCache(1, 1, 8, hot_tokens=4, migration_batch=8, max_tokens=40,
+                           policy="evict-oldest")
+    parent = cache.add_sequence()
+    cache.append(parent, 0, *indexed_kv(0, 36, 1, 8, rng))      # 32 cold + 4 hot
+    child = cache.fork(parent)                                  # + 4 hot: full
+    assert cache.stats().stored_tokens == 40
+    cache.append(child, 0, *indexed_kv(100, 2, 1, 8, rng))
+    assert cache.stats().stored_tokens == 40
+    assert np.array_equal(cache.get_kv(child, 0)[1][:, 0, 0], np.r_[2:36, 100, 101])
+    assert np.array_equal(cache.get_kv(parent, 0)[1][:, 0, 0], np.arange(2, 36))
+
+
+def test_eviction_during_a_transaction_keeps_the_budget_after_rollback():
+    """A request from outside an open transaction evicts outside it: the rollback brings back
+    nothing whose room was given away. A request mixing both sides raises."""
+    rng = np.random.default_rng(18)
+    cache = TwoTierKVCache(1, 1, 8, hot_tokens=4, migration_batch=8, max_tokens=40,
+                           policy="evict-oldest")
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(a, 0, *indexed_kv(0, 20, 1, 8, rng))
+    cache.append(b, 0, *indexed_kv(0, 20, 1, 8, rng))
+    cache.begin([a])
+    cache.append(b, 0, *indexed_kv(20, 10, 1, 8, rng))          # b gives up its own oldest 10
+    assert cache.seq_len(a, 0) == 20
+    assert np.array_equal(cache.get_kv(b, 0)[1][:, 0, 0], np.arange(10, 30))
+    before = snapshot(cache)
+    with pytest.raises(KVCacheFull, match="inside the open transaction .* and some outside"):
+        cache.reserve([a, b], [1, 1])
+    assert snapshot(cache) == before
+    cache.rollback([a])
+    assert cache.stats().stored_tokens == 40 == cache.seq_len(a, 0) + cache.seq_len(b, 0)
+
+
 def test_policy_error_raises_before_writing():
     rng = np.random.default_rng(6)
     cache = TwoTierKVCache(2, 2, 8, hot_tokens=4, migration_batch=4, max_tokens=30)
@@ -414,6 +452,57 @@ def test_export_import_round_trip(cold):
     assert snapshot(other) == before
 
 
+def test_q4_import_checks_outlier_counts_and_channels():
+    """A q4 blob's outlier counts and channel numbers index the kernel's rows: an imported
+    blob with too many outliers, a channel >= head_dim or channels out of order is refused and
+    the cache is left as it was. Offsets follow the head segment layout of rv_coldq.h."""
+    rng = np.random.default_rng(19)
+    d, G = 32, 8                                    # at most 2 outliers of K and of V
+    make = lambda: TwoTierKVCache(1, 1, d, hot_tokens=0, migration_batch=G, cold="q4", max_tokens=64)
+    cache = make()
+    seq = cache.add_sequence()
+    cache.append(seq, 0, *outlier_kv(rng, G, 1, d))
+    meta, arrays = cache.export_sequence(seq)
+    blob = arrays["cold.0"]
+    counts = 4 + 2 * 2 * d + 2 * 2 * G + G * d // 2   # head offset, k/v scales and zeros, vcodes
+    assert tuple(blob[counts:counts + 2]) == (2, 2)
+    kidx, vidx = blob[counts + 2:counts + 4], blob[counts + 4:counts + 6]
+    assert list(kidx) == sorted(kidx) and list(vidx) == sorted(vidx)
+    other = make()
+    b = other.import_sequence(meta, arrays)         # the untouched blob imports
+    before = snapshot(other)
+    for at, value in ((counts, 3), (counts + 1, 3), (counts + 2, d), (counts + 5, d + 7),
+                      (counts + 3, kidx[0]), (counts + 4, vidx[1])):
+        bad = blob.copy()
+        bad[at] = value
+        with pytest.raises(ValueError, match="malformed"):
+            other.import_sequence(meta, dict(arrays, **{"cold.0": bad}))
+        assert snapshot(other) == before, at
+    other.free(b)
+
+
+def test_exports_are_deterministic():
+    """Every byte of a group blob is written (padding too): the same tokens export the same
+    bytes whatever the allocator held before."""
+    rng = np.random.default_rng(20)
+    k, v = outlier_kv(rng, 12, 1, 3, channels=1)
+
+    def exported(churn):
+        cache = TwoTierKVCache(1, 1, 3, hot_tokens=0, migration_batch=1, cold="q8", max_tokens=400)
+        for _ in range(churn):                       # leave garbage in freed heap blocks
+            s = cache.add_sequence()
+            cache.append(s, 0, *outlier_kv(rng, 30, 1, 3, channels=1, factor=1e4))
+            cache.free(s)
+        s = cache.add_sequence()
+        cache.append(s, 0, k, v)
+        return cache.export_sequence(s)[1]
+
+    first, second = exported(0), exported(5)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
 def test_append_attend_and_threads(isa):
     rng = np.random.default_rng(10)
     kvh, H, d = 2, 4, 32
@@ -467,6 +556,11 @@ def test_bad_input_leaves_cache_unchanged():
                         ({"cold": "turbo", "turbo_bits": "3.5"}, TypeError)):
         with pytest.raises(exc):
             TwoTierKVCache(2, 2, 8, max_tokens=64, **kwargs)
+    # a cold group's head segments are addressed with 32-bit offsets: groups of 2^28 values or
+    # more are refused up front (this one would be 4.4 GiB)
+    with pytest.raises(ValueError, match="migration_batch"):
+        TwoTierKVCache(1, 5000, 256, migration_batch=4096, cold="turbo", max_tokens=64)
+    TwoTierKVCache(1, 256, 256, migration_batch=4096, cold="q8", max_tokens=64).close()
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["append", "fork", "free", "txn", "evict"]),

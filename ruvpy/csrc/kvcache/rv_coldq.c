@@ -179,6 +179,7 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
     seg_layout S;
     layout(cfg, nk, nv, &S);
     unsigned char *seg = blob + head_offset(blob, head);
+    memset(seg, 0, S.total);    /* pad bytes too: exports are deterministic and leak no heap */
     uint16_t *kscale = (uint16_t *)(seg + S.kscale), *kzero = (uint16_t *)(seg + S.kzero);
     uint16_t *vscale = (uint16_t *)(seg + S.vscale), *vzero = (uint16_t *)(seg + S.vzero);
     uint8_t *kcodes = seg + S.kcodes, *vcodes = seg + S.vcodes;
@@ -196,11 +197,6 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
     seg[S.counts + 1] = (uint8_t)nv;
     memcpy(seg + S.idx, kidx, (size_t)nk);
     memcpy(seg + S.idx + nk, vidx, (size_t)nv);
-    if ((nk + nv) & 1)
-        seg[S.idx + nk + nv] = 0;
-    memset(kcodes, 0, ((size_t)d + (size_t)nk) * kb);
-    memset(vcodes, 0, (size_t)G * vb);
-    memset(vhi, 0, (size_t)G * hb);
 
     /* keys: per channel over the G tokens; outlier channels in 8 bits, low nibble in the
      * channel's row, high nibble in row d + o */

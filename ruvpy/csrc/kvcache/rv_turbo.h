@@ -15,7 +15,7 @@
  *
  * Outlier channels (dense-and-sparse, as the q4 format): per head and group, the channels of
  * K and of V whose root mean square over the G tokens exceeds RV_TURBO_OUTLIER_RATIO x the
- * median channel's (the heaviest, at most head_dim / 16, at most RV_TURBO_MAX_OUTLIERS) are
+ * median channel's (the heaviest, at most max(1, head_dim / 16) and RV_TURBO_MAX_OUTLIERS) are
  * taken out before the norm and the rotation and kept as 8-bit codes per channel over the
  * group with a binary16 scale and zero. Left in, a x20 channel would dominate |x| and the
  * rotation would spread it over every coordinate: the error of every score would be of the

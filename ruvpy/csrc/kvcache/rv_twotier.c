@@ -12,7 +12,9 @@
 
 static int params_valid(const rv_tt_params *p)
 {
+    /* a group's head offsets are 32-bit: the Python layer bounds kvh * d * G at 2^28 */
     return p->num_layers > 0 && p->num_kv_heads > 0 && p->head_dim > 0 && p->head_dim <= 256 &&
+           (int64_t)p->num_kv_heads * p->head_dim * p->group_tokens <= ((int64_t)1 << 28) &&
            p->hot_tokens >= 0 && p->group_tokens > 0 && p->group_size > 0 && p->max_tokens > 0 &&
            (p->cold == RV_TT_Q8 || p->cold == RV_TT_Q4 ||
             (p->cold == RV_TT_TURBO && (p->turbo_bits == 2.5 || p->turbo_bits == 3.5 || p->turbo_bits == 4.5)));
@@ -25,7 +27,7 @@ static void coldq_cfg(const rv_tt_params *p, rv_coldq_cfg *q)
     q->group_tokens = p->group_tokens;
     q->group_size = p->group_size < p->head_dim ? p->group_size : p->head_dim;
     q->bits = p->cold == RV_TT_Q8 ? 8 : 4;
-    /* dense-and-sparse keys and values: up to head_dim / 16 outlier channels (at most 8) */
+    /* dense-and-sparse keys and values: up to max(1, head_dim / 16) outlier channels, at most 8 */
     int most = p->head_dim / 16;
     q->max_outliers = q->bits == 8 ? 0 : (most < 1 ? 1 : (most > 8 ? 8 : most));
 }
