@@ -1,6 +1,7 @@
 """Build ruvpy's extensions.
 
-Layout of the C sources (ruvpy/csrc):
+Layout of the C sources (src/ruvpy/csrc; the package lives under src/ so that running
+`python -m ruvpy` in the checkout uses the installed, built copy rather than the bare sources):
   kernels/ops_<isa>.c   one translation unit per ISA, compiled with that ISA's flags only
                         (baseline, AVX2+FMA+F16C, AVX-512 on x86-64; NEON on aarch64).
                         They all go into ruvpy._kernels, whose dispatcher picks one at import.
@@ -28,7 +29,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("ruvpy", "csrc")
+PKG = os.path.join("src", "ruvpy")
+CSRC = os.path.join(PKG, "csrc")
 MACHINE = platform.machine().lower()
 IS_X86_64 = MACHINE in ("x86_64", "amd64")
 IS_AARCH64 = MACHINE in ("aarch64", "arm64")
@@ -85,7 +87,7 @@ OPENMP_FLAGS = probe_openmp()
 
 def extension_sources(name):
     """Sources of ruvpy.<name>: its .pyx plus the C of csrc/<name without '_'>/."""
-    sources = [os.path.join("ruvpy", name + ".pyx")]
+    sources = [os.path.join(PKG, name + ".pyx")]
     cdir = os.path.join(CSRC, name.lstrip("_"))
     for c in sorted(glob(os.path.join(cdir, "*.c"))):
         isa = isa_of(c)
@@ -97,7 +99,7 @@ def extension_sources(name):
 def make_extensions():
     only = {s.strip() for s in os.environ.get("RUVPY_BUILD_ONLY", "").split(",") if s.strip()}
     exts = []
-    for pyx in sorted(glob(os.path.join("ruvpy", "_*.pyx"))):
+    for pyx in sorted(glob(os.path.join(PKG, "_*.pyx"))):
         name = os.path.splitext(os.path.basename(pyx))[0]
         if only and name not in only:
             continue
@@ -114,7 +116,7 @@ def make_extensions():
             extra_link_args=OPENMP_FLAGS + ["-lm"],
         ))
     from Cython.Build import cythonize
-    return cythonize(exts, language_level=3, compiler_directives={
+    return cythonize(exts, language_level=3, include_path=["src"], compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True,
         "initializedcheck": False, "embedsignature": True,
     })
@@ -137,7 +139,7 @@ class BuildExt(build_ext):
 
 BUILD_INFO = {"isas": BUILD_ISAS, "openmp": bool(OPENMP_FLAGS), "cflags": BASE_CFLAGS,
               "isa_flags": {k: ISA_FLAGS[k] for k in BUILD_ISAS}, "machine": MACHINE}
-with open(os.path.join(HERE, "ruvpy", "_build_info.py"), "w") as f:
+with open(os.path.join(HERE, PKG, "_build_info.py"), "w") as f:
     f.write("# Written by setup.py; describes how this copy of ruvpy was built.\n")
     f.write("BUILD_INFO = %r\n" % (BUILD_INFO,))
 

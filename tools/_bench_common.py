@@ -23,8 +23,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:  # run from a source checkout without installing
-    sys.path.insert(0, ROOT)
+SRC = os.path.join(ROOT, "src")
+if SRC not in sys.path:  # run from a source checkout without installing (built in place)
+    sys.path.insert(0, SRC)
 
 
 def _llc_bytes():

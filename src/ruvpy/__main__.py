@@ -147,7 +147,7 @@ def _tools_dir():
     """tools/ of the source checkout this ruvpy was imported from, or None."""
     import ruvpy
 
-    tools = Path(ruvpy.__file__).resolve().parent.parent / "tools"
+    tools = Path(ruvpy.__file__).resolve().parents[2] / "tools"      # src/ruvpy/__init__.py
     return tools if tools.is_dir() else None
 
 
@@ -158,7 +158,7 @@ def cmd_bench(args, passthrough):
     if tools is None:
         return _fail("the benchmarks are the tools/bench_*.py scripts of a ruvpy source "
                      "checkout; this ruvpy is an installed copy without tools/ (run `python -m "
-                     "ruvpy bench` from the repository, after an in-place build)")
+                     "ruvpy bench` with the repository installed editable: pip install -e .)")
     scripts = {p.stem.removeprefix("bench_"): p for p in sorted(tools.glob("bench_*.py"))}
     if args.list:
         print("\n".join(scripts) if scripts else f"no bench_*.py in {tools}")
