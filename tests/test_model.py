@@ -417,3 +417,17 @@ def test_cli_info():
     assert info["isa"] == ruvpy.info()["isa"] and info["model"] == MODEL_PATH
     text = _run_cli("info")
     assert text.returncode == 0 and "isa_available" in text.stdout
+
+
+def test_cli_output_cut_short_is_not_an_error():
+    """`python -m ruvpy info | head -1`: the reader leaving early is the user's choice, not a
+    crash with a traceback. Here the reader is gone before the first write."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "ruvpy", "info"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
