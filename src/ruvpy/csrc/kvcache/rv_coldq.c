@@ -81,35 +81,40 @@ static int cmp_float(const void *a, const void *b)
 
 static int cmp_u8(const void *a, const void *b) { return (int)*(const uint8_t *)a - (int)*(const uint8_t *)b; }
 
+int rv_coldq_pick_channels(float *score, int d, float factor, int most, uint8_t *idx, float *sorted)
+{
+    memcpy(sorted, score, sizeof(float) * (size_t)d);
+    qsort(sorted, (size_t)d, sizeof(float), cmp_float);
+    const float thresh = factor * sorted[d / 2];
+    int n = 0;
+    while (n < most) {
+        int best = -1;
+        for (int c = 0; c < d; c++)
+            if (score[c] > thresh && score[c] > 0.0f && (best < 0 || score[c] > score[best]))
+                best = c;
+        if (best < 0)
+            break;
+        idx[n++] = (uint8_t)best;
+        score[best] = -1.0f;
+    }
+    qsort(idx, (size_t)n, 1, cmp_u8);
+    return n;
+}
+
 /* Channels of x [G][d] whose range over the tokens exceeds RV_COLDQ_OUTLIER_RATIO x the median
- * range: the widest max_out of them, ascending. */
+ * range: the widest max_outliers of them, ascending. */
 static int pick_outliers(const rv_coldq_cfg *cfg, const float *x, uint8_t *idx, float *scratch)
 {
-    const int d = cfg->head_dim, G = cfg->group_tokens, max_out = cfg->max_outliers;
-    if (max_out <= 0)
+    const int d = cfg->head_dim, G = cfg->group_tokens;
+    if (cfg->max_outliers <= 0)
         return 0;
-    float *r = scratch, *sorted = scratch + d;
+    float *r = scratch;
     for (int c = 0; c < d; c++) {
         float mn, mx;
         strided_range(x + c, G, (size_t)d, &mn, &mx);
         r[c] = mx - mn;
     }
-    memcpy(sorted, r, sizeof(float) * (size_t)d);
-    qsort(sorted, (size_t)d, sizeof(float), cmp_float);
-    const float thresh = RV_COLDQ_OUTLIER_RATIO * sorted[d / 2];
-    int n = 0;
-    while (n < max_out) {
-        int best = -1;
-        for (int c = 0; c < d; c++)
-            if (r[c] > thresh && r[c] > 0.0f && (best < 0 || r[c] > r[best]))
-                best = c;
-        if (best < 0)
-            break;
-        idx[n++] = (uint8_t)best;
-        r[best] = -1.0f;
-    }
-    qsort(idx, (size_t)n, 1, cmp_u8);
-    return n;
+    return rv_coldq_pick_channels(r, d, RV_COLDQ_OUTLIER_RATIO, cfg->max_outliers, idx, scratch + d);
 }
 
 void rv_coldq_select(const rv_coldq_cfg *cfg, const float *kf, const float *vf, int *nk, uint8_t *kidx,
@@ -151,6 +156,15 @@ static int code_of(float x, float sf, float zf, int L)
         return 0;
     float c = rintf((x - zf) / sf);
     return c <= 0.0f ? 0 : (c >= (float)L ? L : (int)c);   /* NaN x gives 0 */
+}
+
+void rv_coldq_channel_q8(const float *x, int n, size_t stride, uint16_t *scale, uint16_t *zero, uint8_t *codes)
+{
+    float mn, mx, sf, zf;
+    strided_range(x, n, stride, &mn, &mx);
+    params(mn, mx, 255, scale, zero, &sf, &zf);
+    for (int t = 0; t < n; t++)
+        codes[t] = (uint8_t)code_of(x[(size_t)t * stride], sf, zf, 255);
 }
 
 RV_INLINE uint8_t code_at(const uint8_t *row, int i, int n, int bits)
@@ -340,7 +354,7 @@ void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf
     }
 }
 
-static int valid_index_list(const uint8_t *idx, int n, int d)
+int rv_coldq_valid_channels(const uint8_t *idx, int n, int d)
 {
     for (int i = 0; i < n; i++)
         if (idx[i] >= d || (i && idx[i] <= idx[i - 1]))
@@ -363,8 +377,8 @@ int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t
         if (nk > cfg->max_outliers || nv > cfg->max_outliers)
             return -1;
         size_t seg_bytes = rv_coldq_segment_bytes(cfg, nk, nv);
-        if (expect + seg_bytes > bytes || !valid_index_list(seg + S.idx, nk, cfg->head_dim) ||
-            !valid_index_list(seg + S.idx + nk, nv, cfg->head_dim))
+        if (expect + seg_bytes > bytes || !rv_coldq_valid_channels(seg + S.idx, nk, cfg->head_dim) ||
+            !rv_coldq_valid_channels(seg + S.idx + nk, nv, cfg->head_dim))
             return -1;
         expect += seg_bytes;
     }

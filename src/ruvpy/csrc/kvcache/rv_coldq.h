@@ -144,6 +144,16 @@ size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg);
 void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf, float *vf, float *params,
                       const rv_ops *ops);
 
+/* ---- channel helpers shared with the TurboQuant format (rv_turbo.c) ---- */
+/* The channels whose score exceeds factor x the median score (and 0), the `most` highest of
+ * them, into idx ascending; returns how many. score [d] is overwritten; sorted: d floats. */
+int rv_coldq_pick_channels(float *score, int d, float factor, int most, uint8_t *idx, float *sorted);
+/* 1 if idx[0..n) are ascending channel numbers below d */
+int rv_coldq_valid_channels(const uint8_t *idx, int n, int d);
+/* x[t * stride], t < n, as 8-bit codes over their range: binary16 scale and zero, codes
+ * computed against the rounded parameters (so decoding matches encoding), NaN -> 0 */
+void rv_coldq_channel_q8(const float *x, int n, size_t stride, uint16_t *scale, uint16_t *zero, uint8_t *codes);
+
 /* 0 if blob (of `bytes` bytes, from outside) is a well-formed group blob; -1 if not. */
 int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t bytes);
 

@@ -7,6 +7,7 @@
 #include "rv_fp16.h"
 #include "kvcache/rv_turbo.h"
 #include "kvcache/rv_kvmem.h"
+#include "kvcache/rv_coldq.h"   /* the channel helpers both formats share */
 
 #define BOOK_STRIDE 32     /* floats per codebook (2^5, room for the widest permute) */
 #define TQ_PI 3.14159265358979323846
@@ -210,14 +211,6 @@ size_t rv_turbo_head_bytes(const rv_turbo *t, const unsigned char *blob, int hea
     return segment_bytes(t, nk, nv);
 }
 
-static int ascending_below(const uint8_t *idx, int n, int d)
-{
-    for (int i = 0; i < n; i++)
-        if (idx[i] >= d || (i && idx[i] <= idx[i - 1]))
-            return 0;
-    return 1;
-}
-
 int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes)
 {
     const size_t fixed = segment_bytes(t, 0, 0);
@@ -234,7 +227,8 @@ int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes
         tq_layout L;
         layout(t, nk, nv, &L);
         if (nk > t->max_outliers || nv > t->max_outliers || bytes - expect < L.total ||
-            !ascending_below(blob + expect + L.idx, nk, t->d) || !ascending_below(blob + expect + L.idx + nk, nv, t->d))
+            !rv_coldq_valid_channels(blob + expect + L.idx, nk, t->d) ||
+            !rv_coldq_valid_channels(blob + expect + L.idx + nk, nv, t->d))
             return -1;
         expect += L.total;
     }
@@ -248,12 +242,6 @@ size_t rv_turbo_scratch_floats(const rv_turbo *t)
     return 4 * (size_t)t->D;    /* y, y_hat, the vector without its outliers (the selection: 2 d) */
 }
 
-static int cmp_float(const void *a, const void *b)
-{
-    const float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
 /* Outlier channels of x [G][d]: those whose root mean square over the tokens exceeds
  * RV_TURBO_OUTLIER_RATIO x the median channel's, the heaviest max_outliers of them, ascending.
  * What the rotation spreads is a channel's share of |x|^2: SmolLM2's keys have channels far
@@ -261,36 +249,17 @@ static int cmp_float(const void *a, const void *b)
  * which a range rule misses. */
 static int pick_heavy(const rv_turbo *t, const float *x, uint8_t *idx, float *scratch)
 {
-    const int d = t->d, most = t->max_outliers;
-    float *ms = scratch, *sorted = scratch + d;
+    const int d = t->d;
+    float *ms = scratch;
     for (int c = 0; c < d; c++) {
         double s2 = 0.0;
         for (int tok = 0; tok < t->G; tok++)
             s2 += (double)x[(size_t)tok * d + c] * x[(size_t)tok * d + c];
         ms[c] = (float)s2;
     }
-    memcpy(sorted, ms, sizeof(float) * (size_t)d);
-    qsort(sorted, (size_t)d, sizeof(float), cmp_float);
-    const float thresh = RV_TURBO_OUTLIER_RATIO * RV_TURBO_OUTLIER_RATIO * sorted[d / 2];
-    int n = 0;
-    for (; n < most; n++) {
-        int best = -1;
-        for (int c = 0; c < d; c++)
-            if (ms[c] > thresh && (best < 0 || ms[c] > ms[best]))
-                best = c;
-        if (best < 0)
-            break;
-        ms[best] = -1.0f;
-        idx[n] = (uint8_t)best;
-    }
-    /* ascending: insertion sort of at most RV_TURBO_MAX_OUTLIERS */
-    for (int i = 1; i < n; i++)
-        for (int j = i; j > 0 && idx[j] < idx[j - 1]; j--) {
-            uint8_t tmp = idx[j];
-            idx[j] = idx[j - 1];
-            idx[j - 1] = tmp;
-        }
-    return n;
+    /* sums of squares: the RMS ratio squared */
+    return rv_coldq_pick_channels(ms, d, RV_TURBO_OUTLIER_RATIO * RV_TURBO_OUTLIER_RATIO, t->max_outliers, idx,
+                                  scratch + d);
 }
 
 static void select_outliers(const rv_turbo *t, const float *k, const float *v, int *nk, uint8_t *kidx, int *nv,
@@ -358,22 +327,8 @@ static void quantize_coords(const rv_turbo *t, const float *y, int hi, int lo, u
 static void encode_outliers(const rv_turbo *t, const float *x, int n, const uint8_t *idx, uint16_t *params,
                             uint8_t *codes)
 {
-    const int d = t->d;
-    for (int o = 0; o < n; o++) {
-        float lo = INFINITY, hi = -INFINITY;
-        for (int tok = 0; tok < t->G; tok++) {
-            const float e = x[(size_t)tok * d + idx[o]];
-            lo = e < lo ? e : lo;
-            hi = e > hi ? e : hi;
-        }
-        params[o] = rv_f32_to_f16((hi - lo) / 255.0f);
-        params[n + o] = rv_f32_to_f16(lo);
-        const float sf = rv_f16_to_f32(params[o]), zf = rv_f16_to_f32(params[n + o]);
-        for (int tok = 0; tok < t->G; tok++) {
-            const float c = sf > 0.0f && isfinite(sf) ? rintf((x[(size_t)tok * d + idx[o]] - zf) / sf) : 0.0f;
-            codes[(size_t)o * t->Gp + tok] = c >= 255.0f ? 255 : (c > 0.0f ? (uint8_t)c : 0);   /* NaN: 0 */
-        }
-    }
+    for (int o = 0; o < n; o++)
+        rv_coldq_channel_q8(x + idx[o], t->G, (size_t)t->d, &params[o], &params[n + o], codes + (size_t)o * t->Gp);
 }
 
 /* x with its outlier channels zeroed, into out[d] */
