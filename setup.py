@@ -1,7 +1,7 @@
 """Build ruvpy's extensions.
 
-Layout of the C sources (src/ruvpy/csrc; the package lives under src/ so that running
-`python -m ruvpy` in the checkout uses the installed, built copy rather than the bare sources):
+Layout of the C sources (ruvpy/csrc; `pip install -e .` builds the extensions next to the
+sources, so `python -m ruvpy` typed in the checkout imports a working package):
   kernels/ops_<isa>.c   one translation unit per ISA, compiled with that ISA's flags only
                         (baseline, AVX2+FMA+F16C, AVX-512 on x86-64; NEON on aarch64).
                         They all go into ruvpy._kernels, whose dispatcher picks one at import.
@@ -29,7 +29,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PKG = os.path.join("src", "ruvpy")
+PKG = "ruvpy"
 CSRC = os.path.join(PKG, "csrc")
 MACHINE = platform.machine().lower()
 IS_X86_64 = MACHINE in ("x86_64", "amd64")
@@ -116,7 +116,7 @@ def make_extensions():
             extra_link_args=OPENMP_FLAGS + ["-lm"],
         ))
     from Cython.Build import cythonize
-    return cythonize(exts, language_level=3, include_path=["src"], compiler_directives={
+    return cythonize(exts, language_level=3, include_path=["."], compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True,
         "initializedcheck": False, "embedsignature": True,
     })

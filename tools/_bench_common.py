@@ -23,9 +23,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SRC = os.path.join(ROOT, "src")
-if SRC not in sys.path:  # run from a source checkout without installing (built in place)
-    sys.path.insert(0, SRC)
+if ROOT not in sys.path:  # run from a source checkout without installing (built in place)
+    sys.path.insert(0, ROOT)
 
 
 def _llc_bytes():

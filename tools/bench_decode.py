@@ -32,7 +32,7 @@ import numpy as np
 try:
     import ruvpy
 except ImportError:    # run as `python tools/bench_decode.py` from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import ruvpy
 from ruvpy.runtime import Runtime, RuntimeConfig
 

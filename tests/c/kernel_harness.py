@@ -25,7 +25,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CSRC = ROOT / "src" / "ruvpy" / "csrc"
+CSRC = ROOT / "ruvpy" / "csrc"
 KERNELS = CSRC / "kernels"
 
 F32_EPS = float(np.finfo(np.float32).eps)

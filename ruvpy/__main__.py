@@ -147,7 +147,7 @@ def _tools_dir():
     """tools/ of the source checkout this ruvpy was imported from, or None."""
     import ruvpy
 
-    tools = Path(ruvpy.__file__).resolve().parents[2] / "tools"      # src/ruvpy/__init__.py
+    tools = Path(ruvpy.__file__).resolve().parents[1] / "tools"      # ruvpy/__init__.py
     return tools if tools.is_dir() else None
 
 

@@ -45,6 +45,14 @@ def _libgomp_loaded():
 _OPENMP_WAITING, _SET_SPINCOUNT = _bound_openmp_spinning()
 try:
     from ruvpy import _kernels  # noqa: E402  (libgomp reads its environment now)
+except ImportError as _exc:
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if _os.path.exists(_os.path.join(_checkout, "setup.py")):   # the bare sources of a checkout
+        raise ImportError(
+            f"ruvpy was imported from the source checkout {_checkout}, whose C extensions are not "
+            "built. Install it in place with `pip install -e .` (which builds them next to the "
+            "sources), or run Python outside the checkout to use an installed copy.") from _exc
+    raise
 finally:
     if _SET_SPINCOUNT:  # only for this process's libgomp: child processes get the user's environment
         del _os.environ["GOMP_SPINCOUNT"]
