@@ -34,7 +34,8 @@ __all__ = ["PagedKVCache", "TwoTierKVCache", "KVCacheFull", "KVCacheStats", "Pag
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
 _FORMAT = "ruvpy.kvcache"
-_FORMAT_VERSION = 2   # 2: q4 outliers as split nibbles, turbo outlier channels (2026-11-23)
+_FORMAT_VERSION = 3   # 2: q4 outliers as split nibbles, turbo outlier channels (2026-11-23)
+                      # 3: turbo groups of a fixed size: key means, int8 codebooks, no QJL
 
 
 class KVCacheFull(MemoryError):
@@ -1002,8 +1003,9 @@ cdef class TwoTierKVCache(_KVCache):
     shared prefix. A shared cold group's memory is freed when its last holder drops it.
     import_sequence() stores its own copy of everything (it costs all its tokens).
 
-    cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value (rotated codes with
-    Lloyd-Max codebooks, QJL residual signs for the keys; see csrc/kvcache/rv_turbo.h)."""
+    cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value, metadata included
+    (rotated codes with Lloyd-Max codebooks, the keys' group mean taken out; values get
+    floor(bits - 0.5) bits per coordinate, keys the rest; see csrc/kvcache/rv_turbo.h)."""
 
     cdef rv_tt *c
     cdef readonly int hot_tokens

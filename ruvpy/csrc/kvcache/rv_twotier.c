@@ -340,7 +340,7 @@ static void ring_shrink(rv_tt *c, rv_tt_layer *L)
 
 /* ---- migration: the oldest group_tokens hot tokens -> one cold group ---- */
 
-/* TurboQuant: every head's G tokens as floats, then one encode */
+/* TurboQuant: every head's G tokens as floats, then one encode (groups have a fixed size) */
 static rv_tt_group *encode_turbo_group(rv_tt *c, const rv_tt_layer *L, const rv_ops *ops)
 {
     const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
@@ -355,9 +355,8 @@ static rv_tt_group *encode_turbo_group(rv_tt *c, const rv_tt_layer *L, const rv_
                 ring_gather(c, L, kv, h, L->hot_head, G, h16);
                 ops->f16_to_f32(h16, (kv ? vf : kf) + rows * h, rows);
             }
-        /* the size depends on the outlier channels the data has */
-        if ((g = group_new(c, rv_turbo_encoded_bytes(c->turbo, kf, vf, vf + rows * kvh))))
-            rv_turbo_encode(c->turbo, kf, vf, RV_TT_BLOB(g), vf + rows * kvh, ops);
+        if ((g = group_new(c, rv_turbo_blob_bytes(c->turbo))))
+            rv_turbo_encode(c->turbo, kf, vf, RV_TT_BLOB(g), vf + rows * kvh);
     }
     free(kf);
     free(h16);
@@ -684,7 +683,7 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
         int a = gi == L->first ? L->skip : 0;
         for (int h = 0; h < kvh; h++) {
             if (c->turbo) {
-                rv_turbo_decode(c->turbo, RV_TT_BLOB(L->groups[gi]), h, kf, vf, params, ops);
+                rv_turbo_decode(c->turbo, RV_TT_BLOB(L->groups[gi]), h, kf, vf, params);
             } else {
                 rv_coldq_head view;
                 rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h, &view);
@@ -718,40 +717,49 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
 /* per-thread scratch of the fold: the cold tier's (a group head's parameters and the fused
  * kernel's scratch; TurboQuant: rotated queries and states of up to every head) and the span
  * kernels' */
+/* per head of a TurboQuant fold: prepared queries, then (m, l, acc [rows][D]) */
+static size_t tt_turbo_head_floats(const rv_turbo *tq, int rows)
+{
+    return rv_turbo_query_floats(tq, rows) + 2 * rv_pad16((size_t)rows) +
+           rv_pad16((size_t)rows * rv_turbo_padded_dim(tq));
+}
+
 static size_t tt_extra_floats(const rv_kv_source *src, int rows)
 {
     const rv_tt *c = (const rv_tt *)src->cache;
     size_t cold;
     if (c->turbo) {
-        /* decode tasks fold every head (at most RV_KV_STREAM_ROWS rows), prefill tasks one */
-        size_t many = rv_turbo_attend_floats(c->turbo, rows < RV_KV_STREAM_ROWS ? rows : RV_KV_STREAM_ROWS,
-                                             c->num_kv_heads);
-        size_t one = rv_turbo_attend_floats(c->turbo, rows, 1);
-        cold = many > one ? many : one;
+        /* decode tasks fold every head (at most RV_KV_STREAM_ROWS rows), prefill tasks one:
+         * per head the prepared queries and a rotated-domain state; then the key mean, the
+         * kernel's scratch */
+        const int many = rows < RV_KV_STREAM_ROWS ? rows : RV_KV_STREAM_ROWS;
+        size_t a = (size_t)c->num_kv_heads * tt_turbo_head_floats(c->turbo, many);
+        size_t b = tt_turbo_head_floats(c->turbo, rows);
+        cold = (a > b ? a : b) + rv_pad16((size_t)c->head_dim) + rv_pad16((size_t)rows * c->head_dim) +
+               rv_pad16(RV_TATTN_SCRATCH_FLOATS((c->group_tokens + 15) / 16 * 16, rv_turbo_padded_dim(c->turbo)));
     } else {
         cold = rv_pad16(rv_coldq_param_floats(&c->q)) + rv_pad16(RV_QATTN_SCRATCH_FLOATS(c->group_tokens, c->head_dim));
     }
     return rv_pad16(cold) + rv_kv_span_scratch_floats(rows, c->head_dim);
 }
 
-/* The TurboQuant cold tokens [t0, t1) of heads h0.. into the states: the queries rotated,
- * rotated-domain states folded group by group, rotated back and merged in. */
+/* The TurboQuant cold tokens [t0, t1) of heads h0.. into the states: the queries rotated (and
+ * made int8) once, rotated-domain states folded group by group, rotated back and merged in. */
 static void tt_fold_turbo(const rv_tt *c, const rv_tt_layer *L, int h0, int nh, int64_t t0, int64_t t1,
                           rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
                           const rv_ops *ops)
 {
     const rv_turbo *tq = c->turbo;
-    const int W = rv_turbo_state_dim(tq), G = c->group_tokens, rows = states[0].rows, d = c->head_dim;
-    const size_t rd = rv_pad16((size_t)rows * W), r16 = rv_pad16((size_t)rows);
-    const size_t per_head = 3 * rd + 3 * r16;
-    float *norms = extra + (size_t)nh * per_head;
-    float *kscratch = norms + rv_turbo_head_floats(tq);
+    const int D = rv_turbo_padded_dim(tq), G = c->group_tokens, rows = states[0].rows, d = c->head_dim;
+    const size_t per_head = tt_turbo_head_floats(tq, rows), qf = rv_turbo_query_floats(tq, rows);
+    const size_t r16 = rv_pad16((size_t)rows);
+    float *mu = extra + (size_t)nh * per_head;
+    float *out = mu + rv_pad16((size_t)d);                   /* [rows][d] */
+    float *kscratch = out + rv_pad16((size_t)rows * d);
     for (int j = 0; j < nh; j++) {
-        float *base = extra + (size_t)j * per_head;
-        float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
-        float *m = qjl_sum + r16, *l = m + r16;
-        rv_turbo_prepare_queries(tq, states[j].q, states[j].q_stride, rows, q_rot, qjl_q, qjl_sum, ops);
-        rv_attn_state_clear(m, l, acc, rows, W);
+        float *prep = extra + (size_t)j * per_head, *m = prep + qf, *l = m + r16, *acc = l + r16;
+        rv_turbo_prepare_queries(tq, states[j].q, states[j].q_stride, rows, prep);
+        rv_attn_state_clear(m, l, acc, rows, D);
     }
     for (int64_t t = t0; t < t1;) {
         const int64_t gi = L->first + (t + L->skip) / G;
@@ -759,27 +767,23 @@ static void tt_fold_turbo(const rv_tt *c, const rv_tt_layer *L, int h0, int nh, 
         const int n = G - a < t1 - t ? G - a : (int)(t1 - t);
         const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
         for (int j = 0; j < nh; j++) {
-            float *base = extra + (size_t)j * per_head;
-            float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
-            float *m = qjl_sum + r16, *l = m + r16;
-            rv_attn_state rot = {rows, W, q_rot, W, m, l, acc, states[0].scratch};
+            float *prep = extra + (size_t)j * per_head, *m = prep + qf, *l = m + r16, *acc = l + r16;
+            rv_attn_state rot = {rows, D, NULL, D, m, l, acc, states[0].scratch};
             struct rv_thead th;
-            rv_turbo_head(tq, RV_TT_BLOB(L->groups[gi]), h0 + j, qjl_q, qjl_sum, norms, &th, ops);
+            rv_turbo_head(tq, RV_TT_BLOB(L->groups[gi]), h0 + j, prep, rows, states[j].q, states[j].q_stride, mu, &th);
             if (j + 1 < nh || t + n < t1) {      /* the segment that comes next in memory */
                 const unsigned char *next = RV_TT_BLOB(L->groups[j + 1 < nh ? gi : gi + 1]);
-                const int nhead = j + 1 < nh ? h0 + j + 1 : h0;
-                th.prefetch = rv_turbo_segment(tq, next, nhead);
-                th.prefetch_bytes = rv_turbo_head_bytes(tq, next, nhead);
+                th.prefetch = rv_turbo_segment(tq, next, j + 1 < nh ? h0 + j + 1 : h0);
+                th.prefetch_bytes = rv_turbo_head_bytes(tq);
             }
             ops->attend_tgroup(&rot, &th, a, n, vv, kscratch);
         }
         t += n;
     }
     for (int j = 0; j < nh; j++) {
-        float *base = extra + (size_t)j * per_head;
-        float *q_rot = base, *acc = q_rot + 2 * rd, *m = acc + rd + r16, *l = m + r16;
-        rv_turbo_unrotate(tq, acc, rows, q_rot, d);     /* q_rot is free now: [rows][d] */
-        ops->attn_merge(rows, d, states[j].m, states[j].l, states[j].acc, m, l, q_rot);
+        float *prep = extra + (size_t)j * per_head, *m = prep + qf, *l = m + r16, *acc = l + r16;
+        rv_turbo_unrotate(tq, acc, rows, out, d);
+        ops->attn_merge(rows, d, states[j].m, states[j].l, states[j].acc, m, l, out);
     }
 }
 

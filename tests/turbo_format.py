@@ -1,0 +1,178 @@
+"""An independent float64 numpy reading of the TurboQuant cold-group format
+(ruvpy/csrc/kvcache/rv_turbo.h), for tests: code widths, the packing of a token's codes, the
+codebooks, the Hadamard rotation and a whole group blob decoded back to K and V."""
+import math
+
+import numpy as np
+
+BOOK_SCALE = 23
+BOOKS = {2: np.array([-35, -10, 10, 35]),
+         3: np.array([-49, -31, -17, -6, 6, 17, 31, 49]),
+         4: np.array([-63, -48, -37, -29, -22, -15, -9, -3, 3, 9, 15, 22, 29, 37, 48, 63])}
+
+
+def lloyd_max_gauss(bits, iters=3000, grid=400001):
+    """Lloyd-Max centroids of N(0, 1) with 2^bits levels (float64), computed here from scratch."""
+    x = np.linspace(-9, 9, grid)
+    p = np.exp(-0.5 * x * x)
+    p /= p.sum()
+    c = np.interp((np.arange(1 << bits) + 0.5) / (1 << bits), np.cumsum(p), x)
+    for _ in range(iters):
+        cell = np.searchsorted((c[1:] + c[:-1]) / 2, x)
+        c = np.bincount(cell, p * x, 1 << bits) / np.bincount(cell, p, 1 << bits)
+    return c
+
+
+def padded_dim(d):
+    D = 16
+    while D < d:
+        D *= 2
+    return D
+
+
+def widths(bits, d, G):
+    """(k_n3, k_n4, v_n3, v_n4): values floor(bits - 0.5) bits per coordinate, keys what the
+    budget (bits + 0.06 per value, metadata included) leaves, in blocks of 16, 2..4 bits."""
+    D, Gp = padded_dim(d), -(-G // 16) * 16
+    vb = 2 if bits < 3 else (3 if bits < 4 else 4)
+    meta = 17.0 + (96.0 + 8.0 * ((d + 1) // 2)) / G
+    extra = ((bits + 0.06) * 2.0 * d - meta) * G / Gp - vb * D - 2.0 * D
+    n3 = min(D, int(extra / 16) * 16) if extra > 0 else 0
+    extra -= n3
+    n4 = min(n3, int(extra / 16) * 16) if extra > 0 else 0
+    return n3, n4, (D if vb >= 3 else 0), (D if vb >= 4 else 0)
+
+
+def coord_widths(D, n3, n4):
+    i = np.arange(D)
+    return 2 + (i < n3) + (i < n4)
+
+
+def token_bytes(D, n3, n4):
+    return D // 4 + n3 // 8 + n4 // 8
+
+
+def pack_codes(codes, n3, n4):
+    """codes [T][D] (ints) -> [T][token_bytes] uint8 in the format's layout."""
+    T, D = codes.shape
+    q = D // 4
+    out = np.zeros((T, token_bytes(D, n3, n4)), np.uint8)
+    i = np.arange(D)
+    for k in range(4):
+        sel = i // q == k
+        out[:, :q] |= ((codes[:, sel] & 3) << (2 * k)).astype(np.uint8)
+    out[:, q:q + n3 // 8] = np.packbits(((codes[:, :n3] >> 2) & 1).astype(np.uint8), axis=1, bitorder="little")
+    out[:, q + n3 // 8:] = np.packbits(((codes[:, :n4] >> 3) & 1).astype(np.uint8), axis=1, bitorder="little")
+    return out
+
+
+def unpack_codes(packed, D, n3, n4):
+    """[T][token_bytes] uint8 -> codes [T][D]."""
+    q = D // 4
+    i = np.arange(D)
+    crumbs = packed[:, i % q].astype(np.int64) >> (2 * (i // q))
+    codes = crumbs & 3
+    if n3:
+        codes[:, :n3] |= np.unpackbits(packed[:, q:q + n3 // 8], axis=1, bitorder="little").astype(np.int64) << 2
+    if n4:
+        codes[:, :n4] |= np.unpackbits(packed[:, q + n3 // 8:q + n3 // 8 + n4 // 8], axis=1,
+                                       bitorder="little").astype(np.int64) << 3
+    return codes
+
+
+def centroids(codes, n3, n4):
+    """codes [T][D] -> their int8 codebook values (float64)."""
+    w = coord_widths(codes.shape[1], n3, n4)
+    out = np.empty(codes.shape)
+    for b in (2, 3, 4):
+        sel = w == b
+        out[:, sel] = BOOKS[b][codes[:, sel]]
+    return out
+
+
+def tables(D, n3, n4):
+    """The kernels' per-16-coordinate tables for these widths: as keys use them ((c + 64) as
+    u8) and as values do (c as int8 bytes)."""
+    w = coord_widths(D, n3, n4)
+    kt, vt = np.zeros(D, np.uint8), np.zeros(D, np.uint8)
+    for b in range(0, D, 16):
+        book = BOOKS[w[b]]
+        kt[b:b + len(book)] = book + 64
+        vt[b:b + len(book)] = book.astype(np.int8).view(np.uint8)
+    return kt, vt
+
+
+def signs(D):
+    """The randomized Hadamard's diagonal: splitmix64 from "ruvpy" ^ (D << 32), top bit."""
+    s = (0x7572767079 ^ (D << 32)) & 0xFFFFFFFFFFFFFFFF
+    out = np.empty(D)
+    M = 0xFFFFFFFFFFFFFFFF
+    for i in range(D):
+        s = (s + 0x9E3779B97F4A7C15) & M
+        z = s
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+        z ^= z >> 31
+        out[i] = 1.0 if z >> 63 else -1.0
+    return out
+
+
+def hadamard(D):
+    h = np.ones((1, 1))
+    while h.shape[0] < D:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def rotation(D):
+    """R (y = R x): H diag(signs) / sqrt(D)."""
+    return hadamard(D) * signs(D)[None, :] / math.sqrt(D)
+
+
+def f16(raw):
+    return np.frombuffer(np.asarray(raw, np.uint8).tobytes(), np.float16).astype(np.float64)
+
+
+def segment_layout(d, G, bits):
+    """Byte offsets of a head segment's parts and its size."""
+    D, Gp = padded_dim(d), -(-G // 16) * 16
+    kn3, kn4, vn3, vn4 = widths(bits, d, G)
+    o = {"params": 0}
+    pos = 12
+    for name, size in (("mu", (d + 1) // 2), ("flag", Gp // 8), ("knorm", Gp), ("vnorm", Gp),
+                       ("kcodes", Gp * token_bytes(D, kn3, kn4)), ("vcodes", Gp * token_bytes(D, vn3, vn4))):
+        o[name] = pos
+        pos += size
+    o["size"] = pos + (pos & 1)
+    return o
+
+
+def scales(codes, lo, step):
+    codes = codes.astype(np.float64)
+    return np.where(codes > 0, np.exp(np.float32(lo) + (codes - 1) * np.float32(step)), 0.0)
+
+
+def decode_blob(blob, kvh, d, G, bits):
+    """A group blob -> (k, v) float64 [G, kvh, d], exactly as the format defines them."""
+    blob = np.asarray(blob, np.uint8)
+    D, Gp = padded_dim(d), -(-G // 16) * 16
+    kn3, kn4, vn3, vn4 = widths(bits, d, G)
+    L = segment_layout(d, G, bits)
+    assert len(blob) == kvh * L["size"], (len(blob), kvh, L["size"])
+    R = rotation(D)
+    k, v = np.zeros((G, kvh, d)), np.zeros((G, kvh, d))
+    for h in range(kvh):
+        seg = blob[h * L["size"]:(h + 1) * L["size"]]
+        p = f16(seg[:12])
+        mu_codes = np.stack([seg[L["mu"]:L["mu"] + (d + 1) // 2] & 15, seg[L["mu"]:L["mu"] + (d + 1) // 2] >> 4],
+                            1).reshape(-1)[:d]
+        mu = np.float32(p[0]) + mu_codes * np.float32(p[1])
+        flags = np.unpackbits(seg[L["flag"]:L["flag"] + Gp // 8], bitorder="little")[:G].astype(bool)
+        ka = scales(seg[L["knorm"]:L["knorm"] + G], p[2], p[3])
+        va = scales(seg[L["vnorm"]:L["vnorm"] + G], p[4], p[5])
+        kb, vb = token_bytes(D, kn3, kn4), token_bytes(D, vn3, vn4)
+        kc = unpack_codes(seg[L["kcodes"]:L["kcodes"] + Gp * kb].reshape(Gp, kb)[:G], D, kn3, kn4)
+        vc = unpack_codes(seg[L["vcodes"]:L["vcodes"] + Gp * vb].reshape(Gp, vb)[:G], D, vn3, vn4)
+        k[:, h] = ((ka[:, None] * centroids(kc, kn3, kn4)) @ R)[:, :d] + flags[:, None] * mu
+        v[:, h] = ((va[:, None] * centroids(vc, vn3, vn4)) @ R)[:, :d]
+    return k, v
