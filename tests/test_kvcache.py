@@ -12,7 +12,7 @@ from ruvpy import KVCacheFull, PagedKVCache, TwoTierKVCache
 
 from _helpers import (FP32_ATTENTION_BOUND, as_stored_fp16, assert_attention_close,
                       attention_error, first_parallel_size, heap_bytes_in_use, random_kv,
-                      reference_attention, threads_chosen)
+                      threads_chosen)
 from _helpers import cache_snapshot as snapshot
 
 

@@ -1,7 +1,9 @@
 """TwoTierKVCache: token order across migration, attention over quantized codes against a
 float64 reference, quality of q8/q4 on K/V with outlier channels, bytes from allocations,
 eviction, transactions, forks, export/import and bad input."""
+import gc
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -21,6 +23,9 @@ from _helpers import cache_snapshot as snapshot
 # where the kernel rotates the query instead: float32 evaluation orders of the same sums.
 # Measured worst on outlier K/V over every ISA: q8 1.9e-6, q4 2.0e-6, turbo 9.3e-7 * max|v|.
 CODES_EVALUATION_ORDER_BOUND = 1e-5
+# what malloc adds beyond the bytes requested (chunk headers, alignment) and the binding's
+# Python objects: measured up to 12 KiB for caches of 0.4 MiB
+HEAP_SLACK = 16 * 1024
 
 
 @pytest.mark.parametrize("cold", ["q8", "q4"])
@@ -146,6 +151,31 @@ def test_q4_stored_bytes_per_token(kvh, d):
     cache.free(seq)
     st = cache.stats()
     assert st.cold_bytes == 0 and st.hot_bytes == 0 and st.cold_groups == 0
+
+
+@pytest.mark.parametrize("cold", ["q8", "q4", "turbo"])
+def test_bytes_are_what_the_heap_handed_out(cold):
+    """nbytes (and so every byte count built on it) is what the cache really allocated:
+    glibc's own count of the heap moves by as much as the cache grows with migrations,
+    shrinks with frees and goes back to where it was on close."""
+    rng = np.random.default_rng(31)
+    inputs = [outlier_kv(rng, 300, 4, 64) for _ in range(3)]
+    gc.collect()
+    base = heap_bytes_in_use()
+    cache = TwoTierKVCache(2, 4, 64, hot_tokens=32, migration_batch=32, cold=cold, max_tokens=4000)
+    seqs = []
+    for k, v in inputs:
+        seqs.append(cache.add_sequence())
+        for layer in range(2):
+            cache.append(seqs[-1], layer, k, v)
+        grown = heap_bytes_in_use() - base
+        assert cache.nbytes <= grown <= cache.nbytes + HEAP_SLACK, (cache.nbytes, grown)
+    assert cache.stats().tiers["cold"]["tokens"] >= 3 * 256
+    cache.free(seqs[1])
+    grown = heap_bytes_in_use() - base
+    assert cache.nbytes <= grown <= cache.nbytes + HEAP_SLACK, (cache.nbytes, grown)
+    cache.close()
+    assert heap_bytes_in_use() - base <= HEAP_SLACK
 
 
 def test_eviction_keeps_the_newest_max_tokens(isa):
@@ -799,7 +829,6 @@ def test_accounting_with_shared_groups_matches_a_model(prompt, ops, policy, cold
 def test_python_threads_share_a_cache(make):
     """Attention runs without the GIL; appends, forks and frees from other threads wait for
     it (one lock per cache): no crash, and every sequence ends up with what was appended."""
-    import threading
     cache = make()
     seqs = [cache.add_sequence() for _ in range(4)]
     fed = {s: ([], []) for s in seqs}
