@@ -28,6 +28,7 @@ def pytest_configure(config):
                             "wheel (skips without it, fails under RUVPY_REQUIRE_MODEL=1)")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     if item.get_closest_marker("requires_model") and model_path() is None:
         from ruvpy import models
