@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ruvpy import KVCacheFull, TwoTierKVCache
+from ruvpy import KVCacheFull, PagedKVCache, TwoTierKVCache
 
 from _helpers import (COLD_LEVELS, FP32_ATTENTION_BOUND, as_stored_fp16, assert_attention_close,
                       attention_error, cosine, heap_bytes_in_use, indexed_kv, outlier_kv,
@@ -824,7 +824,7 @@ def test_accounting_with_shared_groups_matches_a_model(prompt, ops, policy, cold
 
 
 @pytest.mark.parametrize("make", [lambda: TwoTierKVCache(2, 2, 16, hot_tokens=8, migration_batch=8, max_tokens=4000),
-                                  lambda: __import__("ruvpy").PagedKVCache(2, 2, 16, block_size=4, max_tokens=4000)],
+                                  lambda: PagedKVCache(2, 2, 16, block_size=4, max_tokens=4000)],
                          ids=["two-tier", "paged"])
 def test_python_threads_share_a_cache(make):
     """Attention runs without the GIL; appends, forks and frees from other threads wait for
@@ -874,3 +874,50 @@ def test_python_threads_share_a_cache(make):
                 assert np.array_equal(got[cold:], want[cold:])
                 assert not cold or (np.abs(got[:cold] - want[:cold]) <=
                                     quantization_bound(want[:cold], COLD_LEVELS["q4"], axis)).all()
+
+
+@pytest.mark.parametrize("action", ["free", "close"])
+@pytest.mark.parametrize("make", [lambda: TwoTierKVCache(1, 8, 128, hot_tokens=64, migration_batch=64, cold="q8", max_tokens=20000),
+                                  lambda: PagedKVCache(1, 8, 128, max_tokens=20000)],
+                         ids=["two-tier", "paged"])
+def test_freeing_or_closing_while_another_thread_attends(make, action):
+    """One thread attends over a long sequence again and again (without the GIL) while
+    another frees that sequence, or closes the cache: every call either returns exactly the
+    result it returned before the race or raises a clear error (KeyError: the sequence is
+    gone; RuntimeError: the cache is closed). Nothing crashes or reads freed memory."""
+    rng = np.random.default_rng(32)
+    cache = make()
+    seq = cache.add_sequence()
+    k, v = random_kv(rng, 8000, 8, 128)
+    cache.append(seq, 0, k, v)
+    q = rng.standard_normal((1, 32, 128)).astype(np.float32)
+    first = cache.attention(seq, 0, q)
+    if isinstance(cache, PagedKVCache):
+        assert_attention_close(first, q, as_stored_fp16(k), as_stored_fp16(v))
+    del k, v
+    started, results, errors = threading.Event(), [], []
+
+    def attend():
+        try:
+            for _ in range(200):
+                results.append(cache.attention(seq, 0, q))
+                started.set()
+        except (KeyError, RuntimeError) as exc:
+            errors.append(exc)
+        finally:
+            started.set()
+
+    t = threading.Thread(target=attend)
+    t.start()
+    assert started.wait(60)
+    if action == "free":
+        cache.free(seq)
+    else:
+        cache.close()
+    t.join()
+    assert all(np.array_equal(r, first) for r in results)
+    assert len(errors) == 1 and len(results) < 200
+    assert isinstance(errors[0], KeyError if action == "free" else RuntimeError)
+    if action == "free":
+        assert seq not in cache.sequences() and cache.stats().tokens == 0
+    cache.close()
