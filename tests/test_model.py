@@ -393,15 +393,21 @@ def test_sampling_seeds_differ_and_leave_greedy(model, reference):
 @requires_model
 def test_generate_prefills_long_prompts_in_chunks(model, reference):
     """A prompt longer than prefill_chunk goes in as several steps (bounded step memory) and
-    continues exactly as the prompt in one step would."""
+    leaves the sequence exactly as the prompt in one step would: same position, same next
+    token, and the next step's logits equal (to the 1e-3 that prefill vs decode differ by)."""
     chunk = model.prefill_chunk
     ids = (model.tokenize(" ".join([reference["text"], "Paris."] * 200)))[:chunk + 37]
-    with variant(model) as m:
+    with variant(model, kv_dtype="float32", max_tokens=2048) as m:
+        seq = m.new_sequence()
         steps_before = m.runtime.stats().steps
-        m.generate(ids, 3)
-        generated = m.last_generation.token_ids
-        assert m.runtime.stats().steps - steps_before == 2 + 2      # two prefill steps, 2 decode
-        assert generated == greedy_by_hand(m, ids, 3)
+        m.generate(ids, 1, seq=seq)                 # the prompt only: its last logits pick
+        assert m.runtime.stats().steps - steps_before == 2
+        assert m.runtime.position(seq) == len(ids)
+        token = m.last_generation.token_ids[0]
+        chunked = m.forward_last(seq, [token])
+        whole = m.new_sequence()
+        assert token == int(np.argmax(m.forward_last(whole, ids)))
+        np.testing.assert_allclose(chunked, m.forward_last(whole, [token]), rtol=0, atol=1e-3)
 
 
 @requires_model
