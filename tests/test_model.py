@@ -590,12 +590,20 @@ def test_cli_stats_prints_json_to_stderr(cli, reference):
 
 
 @requires_model
-@pytest.mark.parametrize("text,nbytes", [("64M", 64 << 20), ("2GiB", 2 << 30), ("1000000", 1000000),
-                                         ("1.5M", 3 << 19), ("4096kb", 4 << 20)])
-def test_cli_memory_budget_parsing(cli, reference, text, nbytes):
-    code, _, err, loaded = cli(reference["text"], "-n", "1", "--memory-budget", text)
+@pytest.mark.parametrize("option,value,key,parsed", [
+    ("--memory-budget", "64M", "memory_budget", 64 << 20),
+    ("--memory-budget", "2GiB", "memory_budget", 2 << 30),
+    ("--memory-budget", "1000000", "memory_budget", 1000000),
+    ("--memory-budget", "1.5M", "memory_budget", 3 << 19),
+    ("--memory-budget", "4096kb", "memory_budget", 4 << 20),
+    ("--blas-threads", "2", "blas_threads", 2),
+    ("--blas-threads", "keep", "blas_threads", None),
+    ("--blas-threads", "1", "blas_threads", 1),
+])
+def test_cli_load_options_are_parsed(cli, reference, option, value, key, parsed):
+    code, _, err, loaded = cli(reference["text"], "-n", "1", option, value)
     assert code == 0, err
-    assert loaded["memory_budget"] == nbytes
+    assert loaded[key] == parsed
 
 
 @requires_model
@@ -617,14 +625,6 @@ def test_cli_rejects_bad_option_values(capsys, option, value, words):
         main(["generate", "hi", option] + ([] if value is None else [value]))
     assert exit_info.value.code == 2
     assert words in capsys.readouterr().err
-
-
-@requires_model
-@pytest.mark.parametrize("value,threads", [("2", 2), ("keep", None), ("1", 1)])
-def test_cli_blas_threads(cli, reference, value, threads):
-    code, _, err, loaded = cli(reference["text"], "-n", "1", "--blas-threads", value)
-    assert code == 0, err
-    assert loaded["blas_threads"] == threads
 
 
 @requires_model

@@ -932,13 +932,18 @@ def file_from_parts(preamble, header, payload):
     return body + hashlib.sha256(body).digest()
 
 
+def saved_sequence(rt, path, n_tokens, seed):
+    """A sequence of n_tokens fed tokens, saved at path: (feeder, seq, file parts)."""
+    feed = Feeder(rt, seed=seed)
+    seq = feed.add()
+    feed.step([seq], [n_tokens])
+    rt.save_sequence(seq, path)
+    return feed, seq, file_parts(path.read_bytes())
+
+
 def test_the_file_layout_is_what_file_parts_reads(tmp_path):
     with make_runtime() as rt:
-        feed = Feeder(rt, seed=27)
-        a = feed.add()
-        feed.step([a], [5])
-        rt.save_sequence(a, tmp_path / "a")
-        preamble, header, payload = file_parts((tmp_path / "a").read_bytes())
+        _, a, (preamble, header, payload) = saved_sequence(rt, tmp_path / "a", 5, seed=27)
         assert header["format"] == "ruvpy-sequence" and header["position"] == 5
         (tmp_path / "b").write_bytes(file_from_parts(preamble, header, payload))
         b = rt.load_sequence(tmp_path / "b")
@@ -951,11 +956,7 @@ def test_a_valid_checksum_over_a_malformed_header_is_refused(tmp_path):
     """Someone rewrote the header and recomputed the checksum: every field the runtime reads
     is checked before the cache is touched."""
     with make_runtime() as rt:
-        feed = Feeder(rt, seed=13)
-        a = feed.add()
-        feed.step([a], [20])
-        rt.save_sequence(a, tmp_path / "good")
-        preamble, header, payload = file_parts((tmp_path / "good").read_bytes())
+        feed, a, (preamble, header, payload) = saved_sequence(rt, tmp_path / "good", 20, seed=13)
         before = runtime_snapshot(rt)
         bad = tmp_path / "bad"
         for name, edit in (
