@@ -1109,7 +1109,8 @@ class Runtime:
         to `path`: versioned, SHA-256 checksummed, written atomically."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._seqs:
+        if self._step is not None and seq in self._step._txn_seqs:
+            # the open step's transaction covers it (its own, or one eviction may take from)
             raise RuntimeError(f"{self.name}: cannot save sequence {seq} while a step on it is "
                                f"open")
         meta, arrays = self._cache.export_sequence(seq)

@@ -717,7 +717,7 @@ def test_forks_under_eviction(cold):
 
 
 @pytest.mark.parametrize("kind", ["two-tier-q8", "turbo"])
-def test_a_failed_step_gives_back_what_eviction_took(kind):
+def test_a_failed_step_gives_back_what_eviction_took(kind, tmp_path):
     """Under policy="evict-oldest" a step that fails rolls back its evictions too: the
     sequences hold every token they had (the failure may be Ctrl-C in generate). Also when
     the room came from another sequence than the step's."""
@@ -737,8 +737,13 @@ def test_a_failed_step_gives_back_what_eviction_took(kind):
         feed.step([a], [16])
         assert rt.seq_len(a) == 32 and rt.seq_len(b) == 32 and rt.position(a) == 48
         b_short = feed.add()
-        feed.step([b_short], [8])                  # must take room from a and b
+        with rt.step([b_short], [8]) as step:      # must take room from a and b:
+            with pytest.raises(RuntimeError, match="step"):   # they are inside its transaction
+                rt.save_sequence(a, tmp_path / "a")
+            for layer in range(3):
+                step.attention(layer, *random_step_qkv(feed.rng, 8, rt.config))
         assert sum(rt.seq_len(s) for s in rt.sequences) <= 64
+        assert rt.seq_len(b_short) == 8 and rt.seq_len(a) + rt.seq_len(b) == 56
 
 
 # ----------------------------------------------------------------------------------------
