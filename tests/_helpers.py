@@ -225,27 +225,24 @@ def heap_bytes_in_use():
 
 
 # ---------------------------------------------------------------------------------------
-# TurboQuant (arXiv 2504.19874): the constants the estimator tests hold it to
+# TurboQuant (arXiv 2504.19874): the constants the codec tests hold it to (the format itself
+# is read independently by tests/turbo_format.py)
 # ---------------------------------------------------------------------------------------
 
 # MSE per coordinate of the Lloyd-Max codebook of b bits for a unit Gaussian (the paper's
-# Table: what its values reach); a rate of b.5 bits codes half the coordinates at ceil, half
-# at floor.
+# Table: what its values reach).
 LLOYD_MAX_MSE = {2: 0.1175, 3: 0.03454, 4: 0.009497, 5: 0.002499}
 TURBO_BITS = (2.5, 3.5, 4.5)
 
 
-def turbo_value_mse(bits):
-    """Expected relative MSE of values coded at `bits` (half ceil, half floor)."""
-    return (LLOYD_MAX_MSE[int(np.ceil(bits))] + LLOYD_MAX_MSE[int(np.floor(bits))]) / 2
-
-
-def turbo_key_relative_error_bound(bits):
-    """Bound on |estimate - exact| / |exact| for key inner products: the MSE stage uses one
-    bit less than the rate (the other goes to QJL), with distortion D(b) <= sqrt(3) pi / 2 *
-    4^-b; QJL turns a residual of that size into a variance of at most pi / 2 * D."""
-    d = np.mean([np.sqrt(3) * np.pi / 2 * 4.0 ** -b for b in (np.ceil(bits - 1), np.floor(bits - 1))])
-    return float(np.sqrt(np.pi / 2 * d))
+def turbo_mse(bits, d, G=64, part="v"):
+    """Expected relative MSE of keys ("k") or values ("v") coded at `bits` per value: the mean
+    Lloyd-Max MSE over the rotated coordinates' widths (2-4 bits, tests/turbo_format.py)."""
+    import turbo_format
+    kn3, kn4, vn3, vn4 = turbo_format.widths(bits, d, G)
+    n3, n4 = (kn3, kn4) if part == "k" else (vn3, vn4)
+    w = turbo_format.coord_widths(turbo_format.padded_dim(d), n3, n4)
+    return float(np.mean([LLOYD_MAX_MSE[int(b)] for b in w]))
 
 
 # ---------------------------------------------------------------------------------------

@@ -176,3 +176,110 @@ def decode_blob(blob, kvh, d, G, bits):
         k[:, h] = ((ka[:, None] * centroids(kc, kn3, kn4)) @ R)[:, :d] + flags[:, None] * mu
         v[:, h] = ((va[:, None] * centroids(vc, vn3, vn4)) @ R)[:, :d]
     return k, v
+
+
+def group_parts(blob, kvh, d, G, bits):
+    """Per head of a group blob: dict(ka, kc, flag, mu, va, vc) -- the keys' scales [G], their
+    rotated codebook values [G][D], mean flags [G], the mean [d], and the same for values."""
+    blob = np.asarray(blob, np.uint8)
+    D, Gp = padded_dim(d), -(-G // 16) * 16
+    kn3, kn4, vn3, vn4 = widths(bits, d, G)
+    L = segment_layout(d, G, bits)
+    heads = []
+    for h in range(kvh):
+        seg = blob[h * L["size"]:(h + 1) * L["size"]]
+        p = f16(seg[:12]).astype(np.float32)
+        mu_codes = np.stack([seg[L["mu"]:L["mu"] + (d + 1) // 2] & 15, seg[L["mu"]:L["mu"] + (d + 1) // 2] >> 4],
+                            1).reshape(-1)[:d]
+        kb, vb = token_bytes(D, kn3, kn4), token_bytes(D, vn3, vn4)
+        heads.append(dict(
+            mu=(p[0] + mu_codes.astype(np.float32) * p[1]).astype(np.float64),
+            flag=np.unpackbits(seg[L["flag"]:L["flag"] + Gp // 8], bitorder="little")[:G].astype(bool),
+            ka=scales(seg[L["knorm"]:L["knorm"] + G], p[2], p[3]),
+            va=scales(seg[L["vnorm"]:L["vnorm"] + G], p[4], p[5]),
+            kc=centroids(unpack_codes(seg[L["kcodes"]:L["kcodes"] + Gp * kb].reshape(Gp, kb)[:G], D, kn3, kn4), kn3, kn4),
+            vc=centroids(unpack_codes(seg[L["vcodes"]:L["vcodes"] + Gp * vb].reshape(Gp, vb)[:G], D, vn3, vn4), vn3, vn4)))
+    return heads
+
+
+def int8_rotated_query(q_scaled, D):
+    """The rotated query as the C code makes it, in float32 step by step (same operations in
+    the same order, so the same bits): y = fwht(q * signs) * (1 / sqrt(D)); qscale =
+    max|y| / 127; q8 = rint(y * (1 / qscale)) clipped to +-127."""
+    x = np.zeros(D, np.float32)
+    x[:len(q_scaled)] = np.asarray(q_scaled, np.float32) * signs(D)[:len(q_scaled)].astype(np.float32)
+    h = 1
+    while h < D:
+        x = x.reshape(-1, 2, h)
+        x = np.stack([x[:, 0] + x[:, 1], x[:, 0] - x[:, 1]], 1).reshape(-1)
+        h *= 2
+    y = x * (np.float32(1.0) / np.sqrt(np.float32(D)))
+    mx = np.abs(y).max()
+    sc = mx / np.float32(127.0) if np.isfinite(mx) and mx > 0 else np.float32(0.0)
+    inv = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+    q8 = np.clip(np.rint(y * inv), -127, 127)
+    return float(sc), q8.astype(np.float64)
+
+
+def kernel_reference(cache, seq, layer, q, causal=True, bits=None):
+    """float64 attention of q [q_len, H, d] over `seq` in `layer` exactly as the kernels define
+    it: cold keys scored by the int8 rotated query (int8_rotated_query) against their codes
+    plus the mean term, hot tokens in fp16; cold values decoded. Returns (out, bound): bound
+    [q_len, H] is what the kernels' float32 arithmetic may add (1e-5 * max|v|, as every cold
+    format) plus the 8-bit weights of the VNNI value sums: half of max/255 per 16-token block
+    and row (the sum over blocks of max w / 510 * sum |v_t|, over the row's sum of weights)."""
+    bits = cache.turbo_bits if bits is None else bits
+    meta, arrays = cache.export_sequence(seq)
+    kvh, d, G = cache.num_kv_heads, cache.head_dim, cache.migration_batch
+    D = padded_dim(d)
+    R = rotation(D)
+    sizes, blobs = arrays[f"cold_sizes.{layer}"], arrays[f"cold.{layer}"]
+    skip = meta["skip"][layer]
+    groups, off = [], 0
+    for s in sizes:
+        groups.append(group_parts(blobs[off:off + s], kvh, d, G, bits))
+        off += s
+    hot_k = arrays[f"hot_k.{layer}"].astype(np.float64)
+    hot_v = arrays[f"hot_v.{layer}"].astype(np.float64)
+    n_cold = len(groups) * G - skip
+    n = n_cold + len(hot_k)
+    q = np.asarray(q, np.float32)
+    q_len, H, _ = q.shape
+    g = H // kvh
+    scale = np.float32(1.0 / math.sqrt(d))
+    out = np.zeros((q_len, H, d))
+    bound = np.zeros((q_len, H))
+    for h in range(kvh):
+        # per token: cold (group, index) or hot
+        a_k = np.concatenate([p[h]["ka"] for p in groups])[skip:] if groups else np.zeros(0)
+        kc = np.concatenate([p[h]["kc"] for p in groups])[skip:] if groups else np.zeros((0, D))
+        flag = np.concatenate([p[h]["flag"] for p in groups])[skip:] if groups else np.zeros(0, bool)
+        mus = np.concatenate([np.repeat(p[h]["mu"][None], G, 0) for p in groups])[skip:] if groups else np.zeros((0, d))
+        a_v = np.concatenate([p[h]["va"] for p in groups])[skip:] if groups else np.zeros(0)
+        vc = np.concatenate([p[h]["vc"] for p in groups])[skip:] if groups else np.zeros((0, D))
+        values = np.concatenate([((a_v[:, None] * vc) @ R)[:, :d], hot_v[:, h]])
+        vmax = np.abs(values).max() if len(values) else 0.0
+        for i in range(q_len):
+            seen = n if not causal else n - q_len + i + 1
+            for j in range(g):
+                qs = q[i, h * g + j] * scale
+                qsc, q8 = int8_rotated_query(qs, D)
+                s = np.concatenate([a_k * (qsc * (kc @ q8)) + flag * (mus @ qs.astype(np.float64)),
+                                    hot_k[:, h] @ qs.astype(np.float64)])[:seen]
+                if seen <= 0:
+                    continue
+                p = np.exp(s - s.max())
+                out[i, h * g + j] = p @ values[:seen] / p.sum()
+                # the VNNI body's 8-bit weights over the cold tokens, blocks of 16 from each
+                # group's first token seen
+                w = p[:min(seen, n_cold)] * a_v[:min(seen, n_cold)]
+                err = 0.0
+                pos = np.arange(len(w)) + skip
+                for grp in np.unique(pos // G):
+                    in_g = pos // G == grp
+                    wg, vg, pg = w[in_g], np.abs(vc[:len(w)][in_g]).sum(1), pos[in_g] % G
+                    for blk in np.unique(pg // 16):
+                        sel = pg // 16 == blk
+                        err += wg[sel].max() / 510 * vg[sel].sum()
+                bound[i, h * g + j] = 1e-5 * vmax + 1.01 * err / p.sum() / math.sqrt(D)
+    return out, bound
