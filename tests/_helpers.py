@@ -282,3 +282,79 @@ def first_parallel_size(threads_at):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if threads_at(mid) == 2 else (mid, hi)
     return hi
+
+
+# ---------------------------------------------------------------------------------------
+# the q4 kernels' scores: int8 query weights per block of 16 channels (quant_impl.h)
+# ---------------------------------------------------------------------------------------
+
+def q4_int8_weights(qs, d):
+    """qs [d + nk] float32 (q * key scale, then the outliers' 16x high-nibble rows) -> the
+    weights the q4 kernels score with: per block of 16 channels from 0 and from d, sc =
+    max|qs| / 127, w8 = rint(qs * (1 / sc)) clipped to +-127, back as sc * w8 (float32, the
+    same operations in the same order as the C code)."""
+    qs = np.asarray(qs, np.float32)
+    out = np.zeros_like(qs)
+    for p0, p1 in ((0, d), (d, len(qs))):
+        for c0 in range(p0, p1, 16):
+            blk = qs[c0:min(c0 + 16, p1)]
+            mx = np.abs(blk).max()
+            sc = mx / np.float32(127.0) if np.isfinite(mx) and mx > 0 else np.float32(0.0)
+            inv = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+            out[c0:c0 + len(blk)] = sc * np.clip(np.rint(blk * inv), -127, 127).astype(np.float32)
+    return out
+
+
+def q4_kernel_reference(cache, seq, layer, q, causal=True):
+    """float64 attention of q over `seq` in `layer` of a q4 TwoTierKVCache as its kernels define
+    it: cold key scores from the codes (rv_coldq.h layout, read from the exported blobs) with
+    the int8 query weights of q4_int8_weights, plus q . zero; values and hot tokens from
+    get_kv."""
+    import math
+    meta, arrays = cache.export_sequence(seq)
+    kvh, d, G, gs = cache.num_kv_heads, cache.head_dim, cache.migration_batch, min(cache.group_size, cache.head_dim)
+    ng, vb, kb, half = -(-d // gs), (d + 1) // 2, (G + 1) // 2, (G + 1) // 2
+    sizes, blobs = arrays[f"cold_sizes.{layer}"], arrays[f"cold.{layer}"]
+    skip = meta["skip"][layer]
+    kk, vv = cache.get_kv(seq, layer)
+    n = len(kk)
+    q = np.asarray(q, np.float32)
+    q_len, H, _ = q.shape
+    g = H // kvh
+    scale = np.float32(1.0 / math.sqrt(d))
+    out = np.zeros((q_len, H, d))
+    for h in range(kvh):
+        parts = []                           # per cold group: (kscale, kzero, codes [G][d], hi [G][nk], kidx)
+        off = 0
+        for size in sizes:
+            blob = blobs[off:off + size]
+            off += size
+            seg = blob[int(np.frombuffer(blob[4 * h:4 * h + 4].tobytes(), np.uint32)[0]):]
+            ks = np.frombuffer(seg[:2 * d].tobytes(), np.float16).astype(np.float32)
+            kz = np.frombuffer(seg[2 * d:4 * d].tobytes(), np.float16).astype(np.float32)
+            counts = 4 * d + 4 * G * ng + G * vb
+            nk, nv = int(seg[counts]), int(seg[counts + 1])
+            kidx = seg[counts + 2:counts + 2 + nk].astype(int)
+            o = counts + 2 + nk + nv
+            o += o & 1
+            o += 4 * nv + G * ((nv + 1) // 2)
+            rows = seg[o:o + (d + nk) * kb].reshape(d + nk, kb).astype(np.int64)
+            t = np.arange(G)
+            codes = np.where(t < half, rows[:, np.minimum(t, kb - 1)] & 15, rows[:, np.clip(t - half, 0, kb - 1)] >> 4)
+            parts.append((ks, kz, codes.T, kidx))
+        for i in range(q_len):
+            seen = n if not causal else n - q_len + i + 1
+            for j in range(g):
+                qs = q[i, h * g + j] * scale
+                s = np.empty(n)
+                for gi, (ks, kz, codes, kidx) in enumerate(parts):
+                    w = q4_int8_weights(np.concatenate([qs * ks, np.float32(16.0) * (qs * ks)[kidx]]), d)
+                    a = gi * G - skip
+                    lo, hi = max(a, 0), a + G
+                    s[lo:hi] = codes[lo - a:] @ w.astype(np.float64) + float(qs.astype(np.float64) @ kz)
+                n_cold = len(parts) * G - skip
+                s[n_cold:] = kk[n_cold:, h].astype(np.float64) @ qs.astype(np.float64)
+                s = s[:seen]
+                p = np.exp(s - s.max())
+                out[i, h * g + j] = p @ vv[:seen, h] / p.sum()
+    return out

@@ -784,9 +784,24 @@ def cases_attend_qgroup(rng):
         values_abs[:, vidx] += np.abs(o_code * vos64) + np.abs(voz64)
         q = (rng.standard_normal((rows, d)) * 2.0 / np.sqrt(d)).astype(np.float32)
         visible, vis = _group_visible(rng, vis_kind, rows, n)
-        out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
-        # the kernel sums (q * scale) . code and q . zero apart: bound by |terms|, not |key|
-        tol_out, tol_lse = attention_tolerance(q, keys_abs[a:a + n], values_abs[a:a + n], vis)
+        if bits == 4:
+            # 4-bit keys score with int8 weights per 16 channels (quant_impl.h): the reference
+            # scores the codes with exactly those weights, q_aug = [w(q * scale), q] against
+            # k_aug = [codes (and the outliers' high nibbles), zero]
+            from _helpers import q4_int8_weights
+            w = np.stack([q4_int8_weights(np.concatenate([q[r] * kscale, np.float32(16.0) * (q[r] * kscale)[kidx]]), d)
+                          for r in range(rows)]).astype(np.float64)
+            q_aug = np.concatenate([w, q.astype(np.float64)], 1)
+            k_aug = np.concatenate([kc[:d].T, kc[d:].T, np.broadcast_to(kzero.astype(np.float64), (G, d))], 1)
+            out, lse = attention_reference(q_aug, k_aug[a:a + n], np.pad(values, ((0, 0), (0, nk + d)))[a:a + n], vis)
+            out = out[:, :d]
+            tol_out, tol_lse = attention_tolerance(q_aug, np.abs(k_aug[a:a + n]),
+                                                   np.pad(values_abs, ((0, 0), (0, nk + d)))[a:a + n], vis)
+            tol_out = tol_out[:, :d]
+        else:
+            out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
+            # the kernel sums (q * scale) . code and q . zero apart: bound by |terms|, not |key|
+            tol_out, tol_lse = attention_tolerance(q, keys_abs[a:a + n], values_abs[a:a + n], vis)
         arrays = {"rows": rows, "head_dim": d, "G": G, "bits": bits, "group_size": gs, "a": a, "n": n,
                   "krow": krow, "vrow": vrow, "q": q, "kcodes": kbytes, "kscale": kscale, "kzero": kzero,
                   "vcodes": vbytes, "vscale": vscale, "vzero": vzero,

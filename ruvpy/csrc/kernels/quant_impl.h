@@ -187,10 +187,10 @@ RV_INLINE void qk_pf_lines(qk_pf *pf, int lines)
  * key codes: the head_dim channels and then the outliers' high-nibble rows (qs has d + nk
  * weights per row). */
 RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs, const float *bias,
-                         float *s, int s_stride, qk_pf *pf)
+                         float *s, int s_stride, qk_pf *pf, int j0)
 {
     const int G = h->G, d = h->head_dim + h->nk;
-    int j = 0, lo_end, hi_start;
+    int j = j0, lo_end, hi_start;
     if (h->bits == 4) {
         const int half = (G + 1) / 2, hi_n = G - half;
         /* QK_SW vectors of tokens per pass: the query broadcasts and the loop overhead of a
@@ -274,6 +274,162 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
         }
     }
 }
+
+/* 4-bit keys as integer dot products. The rows' weights q * scale as int8, one scale per block
+ * of 16 channels (so a query's few large channels cost only their own block precision; the
+ * outliers' high-nibble rows, which weigh 16x, are blocks of their own):
+ *     w8 = rint(qs * (1 / sc)), sc = max|qs over the block| / 127     (float32, in this order)
+ * and score = sum over blocks of sc * sum w8 code, + bias. Two channels' codes interleaved
+ * byte by byte make vpmaddubsw add both channels' products per token (|sum| <= 2 * 15 * 127);
+ * a block's eight pairs accumulate in int16 (<= 30480), then go to float times its scale.
+ * qs gets sc * w8 back: the float paths (other ISAs, tails) score with exactly these weights,
+ * so every ISA computes the same scores. */
+#define QK_I8_BLOCKS ((256 + RV_COLDQ_MAX_OUTLIERS + 15) / 16)
+typedef struct {
+    int8_t w[QK_NR][16 * QK_I8_BLOCKS + 2];   /* [row][channel] (outlier rows after head_dim) */
+    float sc[QK_NR][QK_I8_BLOCKS];              /* the blocks' scales */
+} qk_i8_query;
+
+RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w)
+{
+    const int dk = d + nk;
+    for (int r = 0; r < NR; r++) {
+        float *q = qs + r * dk;
+        int blk = 0;
+        for (int part = 0; part < 2; part++) {
+            const int p0 = part ? d : 0, p1 = part ? dk : d;
+            for (int c0 = p0; c0 < p1; c0 += 16, blk++) {
+                const int c1 = c0 + 16 < p1 ? c0 + 16 : p1;
+                float mx = 0.0f;
+                for (int c = c0; c < c1; c++)
+                    mx = fabsf(q[c]) > mx ? fabsf(q[c]) : mx;
+                const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+                for (int c = c0; c < c1; c++) {
+                    float k = rintf(q[c] * inv);
+                    w->w[r][c] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (int)k));   /* NaN: 0 */
+                    q[c] = sc * (float)w->w[r][c];
+                }
+                w->sc[r][blk] = sc;
+            }
+            if (p1 & 1)
+                w->w[r][p1] = 0;                      /* the odd row's partner weighs nothing */
+        }
+    }
+}
+
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+#if defined(RV_ISA_AVX512)
+#define QK_I8_BLOCK 32                             /* low-nibble tokens per block (and as many high) */
+typedef __m512i qk_iv;
+RV_INLINE qk_iv qk_i8_codes(const uint8_t *row)    /* [lo nibbles | hi nibbles] of 32 bytes */
+{
+    const __m256i m = _mm256_set1_epi8(15), x = _mm256_loadu_si256((const __m256i *)row);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(x, m)),
+                              _mm256_and_si256(_mm256_srli_epi16(x, 4), m), 1);
+}
+#define qk_iv_zero _mm512_setzero_si512
+#define qk_iv_add16 _mm512_add_epi16
+#define qk_iv_maddubs _mm512_maddubs_epi16
+#define qk_iv_unpacklo8 _mm512_unpacklo_epi8
+#define qk_iv_unpackhi8 _mm512_unpackhi_epi8
+#define qk_iv_set1_16(x) _mm512_set1_epi16(x)
+RV_INLINE rv_vf qk_iv_lo_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(x))); }
+RV_INLINE rv_vf qk_iv_hi_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x, 1))); }
+/* the four token subsets' sums back in token order, plus bias (or added to s): S0 = A-bytes
+ * [0..7, 16..23], S1 = [32..39, 48..55], S2 = [8..15, 24..31], S3 = [40..47, 56..63] (A-byte
+ * b < 32: token j + b, else half + j + b - 32) */
+RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, float *s_hi)
+{
+    const __m512i ia = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i ib = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const rv_vf T[4] = {_mm512_permutex2var_ps(S[0], ia, S[2]), _mm512_permutex2var_ps(S[0], ib, S[2]),
+                        _mm512_permutex2var_ps(S[1], ia, S[3]), _mm512_permutex2var_ps(S[1], ib, S[3])};
+    float *dst[4] = {s_lo, s_lo + 16, s_hi, s_hi + 16};
+    for (int k = 0; k < 4; k++)
+        rv_vf_store(dst[k], rv_vf_add(T[k], add ? rv_vf_load(dst[k]) : rv_vf_set1(bias)));
+}
+#else
+#define QK_I8_BLOCK 16
+typedef __m256i qk_iv;
+RV_INLINE qk_iv qk_i8_codes(const uint8_t *row)
+{
+    const __m128i m = _mm_set1_epi8(15), x = _mm_loadu_si128((const __m128i *)row);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(x, m)),
+                                   _mm_and_si128(_mm_srli_epi16(x, 4), m), 1);
+}
+#define qk_iv_zero _mm256_setzero_si256
+#define qk_iv_add16 _mm256_add_epi16
+#define qk_iv_maddubs _mm256_maddubs_epi16
+#define qk_iv_unpacklo8 _mm256_unpacklo_epi8
+#define qk_iv_unpackhi8 _mm256_unpackhi_epi8
+#define qk_iv_set1_16(x) _mm256_set1_epi16(x)
+RV_INLINE rv_vf qk_iv_lo_ps(qk_iv x) { return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(x))); }
+RV_INLINE rv_vf qk_iv_hi_ps(qk_iv x) { return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(x, 1))); }
+/* S0 = A-bytes 0..7, S1 = 16..23, S2 = 8..15, S3 = 24..31: already token order per 8 */
+RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, float *s_hi)
+{
+    float *dst[4] = {s_lo, s_hi, s_lo + 8, s_hi + 8};
+    for (int k = 0; k < 4; k++)
+        rv_vf_store(dst[k], rv_vf_add(S[k], add ? rv_vf_load(dst[k]) : rv_vf_set1(bias)));
+}
+#endif
+
+/* rows [c0, c1) of the channel-major 4-bit key codes (weights w[r][c], blocks of 16 from c0 with
+ * scales sc[r][blk0 ..]) for the block of low-nibble tokens j.. and high-nibble tokens
+ * half + j.., into S[r][4] (floats, the four token subsets) */
+RV_INLINE void qk_i8_rows(const int NR, const struct rv_qhead *h, const qk_i8_query *w, int c0, int c1, int blk0,
+                          int j, rv_vf S[QK_NR][4])
+{
+    for (int r = 0; r < NR; r++)
+        for (int k = 0; k < 4; k++)
+            S[r][k] = rv_vf_zero();
+    for (int p0 = c0, blk = blk0; p0 < c1; p0 += 16, blk++) {
+        qk_iv a0[QK_NR], a1[QK_NR];
+        for (int r = 0; r < NR; r++)
+            a0[r] = a1[r] = qk_iv_zero();
+        const int p1 = p0 + 16 < c1 ? p0 + 16 : c1;
+        for (int c = p0; c < p1; c += 2) {
+            const qk_iv A = qk_i8_codes(h->kcodes + c * h->krow + j);
+            const qk_iv B = c + 1 < c1 ? qk_i8_codes(h->kcodes + (c + 1) * h->krow + j) : qk_iv_zero();
+            const qk_iv X0 = qk_iv_unpacklo8(A, B), X1 = qk_iv_unpackhi8(A, B);
+            for (int r = 0; r < NR; r++) {
+                const qk_iv W = qk_iv_set1_16((short)((uint8_t)w->w[r][c] | ((uint16_t)(uint8_t)w->w[r][c + 1] << 8)));
+                a0[r] = qk_iv_add16(a0[r], qk_iv_maddubs(X0, W));
+                a1[r] = qk_iv_add16(a1[r], qk_iv_maddubs(X1, W));
+            }
+        }
+        for (int r = 0; r < NR; r++) {
+            const rv_vf sc = rv_vf_set1(w->sc[r][blk]);
+            S[r][0] = rv_vf_fmadd(sc, qk_iv_lo_ps(a0[r]), S[r][0]);
+            S[r][1] = rv_vf_fmadd(sc, qk_iv_hi_ps(a0[r]), S[r][1]);
+            S[r][2] = rv_vf_fmadd(sc, qk_iv_lo_ps(a1[r]), S[r][2]);
+            S[r][3] = rv_vf_fmadd(sc, qk_iv_hi_ps(a1[r]), S[r][3]);
+        }
+    }
+}
+
+/* scores of every token the blocks cover; returns the first token (low-nibble side) they do
+ * not cover (the float path does the rest: [j, half) and [half + j, G)) */
+RV_INLINE int qk_scores_i8(const int NR, const struct rv_qhead *h, const float *bias, float *s, int s_stride,
+                           qk_pf *pf, const qk_i8_query *w)
+{
+    const int G = h->G, d = h->head_dim, dk = d + h->nk, half = (G + 1) / 2, hi_n = G - half;
+    int j = 0;
+    for (; j + QK_I8_BLOCK <= hi_n; j += QK_I8_BLOCK) {
+        rv_vf S[QK_NR][4];
+        qk_i8_rows(NR, h, w, 0, d, 0, j, S);
+        qk_pf_lines(pf, 2);
+        for (int r = 0; r < NR; r++)
+            qk_i8_store(S[r], bias[r], 0, s + r * s_stride + j, s + r * s_stride + half + j);
+        if (h->nk) {
+            qk_i8_rows(NR, h, w, d, dk, (d + 15) / 16, j, S);
+            for (int r = 0; r < NR; r++)
+                qk_i8_store(S[r], 0.0f, 1, s + r * s_stride + j, s + r * s_stride + half + j);
+        }
+    }
+    return j;
+}
+#endif
 
 /* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1, values dequantized in
  * registers (token-major codes, per-token channel-group parameters as floats). */
@@ -431,7 +587,15 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
         for (int o = 0; o < h->nk; o++)
             qr[d + o] = 16.0f * qr[h->kidx[o]];
     }
-    qk_scores(NR, h, qs, bias, s, s_stride, pf);
+    int j0 = 0;
+    qk_i8_query w8;
+    if (h->bits == 4) {
+        qk_i8_weights(NR, qs, d, h->nk, &w8);
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+        j0 = qk_scores_i8(NR, h, bias, s, s_stride, pf, &w8);
+#endif
+    }
+    qk_scores(NR, h, qs, bias, s, s_stride, pf, j0);
     qk_pf_lines(pf, 1 << 30);     /* the rest of it */
     /* the online softmax over tokens [a, a + n): weights left in s[r][a ..] */
     for (int r = 0; r < NR; r++) {

@@ -287,6 +287,11 @@ void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int 
     h->vhi = seg + S.vhi;
 }
 
+const unsigned char *rv_coldq_head_start(const unsigned char *blob, int head)
+{
+    return blob + head_offset(blob, head);
+}
+
 size_t rv_coldq_head_bytes(const rv_coldq_cfg *cfg, const unsigned char *blob, int head,
                            const unsigned char **start)
 {

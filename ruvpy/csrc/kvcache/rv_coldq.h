@@ -136,6 +136,8 @@ size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg);
 /* bytes of head `head`'s segment of a blob (what to prefetch of it) and where it starts */
 size_t rv_coldq_head_bytes(const rv_coldq_cfg *cfg, const unsigned char *blob, int head,
                            const unsigned char **start);
+/* where head `head`'s segment starts (reads only the blob's header) */
+const unsigned char *rv_coldq_head_start(const unsigned char *blob, int head);
 /* The head as the fused kernel reads it, its parameters converted into `params`. */
 void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *params, struct rv_qhead *q,
                     const rv_ops *ops);

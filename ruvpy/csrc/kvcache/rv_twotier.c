@@ -816,10 +816,16 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
             struct rv_qhead qh;
             rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h0 + j, &view);
             rv_coldq_qhead(&c->q, &view, params, &qh, ops);
-            if (j + 1 < nh)
-                qh.prefetch_bytes = rv_coldq_head_bytes(&c->q, RV_TT_BLOB(L->groups[gi]), h0 + j + 1, &qh.prefetch);
-            else if (t + n < cold_end)
-                qh.prefetch_bytes = rv_coldq_head_bytes(&c->q, RV_TT_BLOB(L->groups[gi + 1]), h0, &qh.prefetch);
+            /* the next segment in memory: where it starts is in this group's header (in cache)
+             * or right after the next group's; its size up to its outlier part (reading that
+             * part's counts now would wait for memory before the kernel could start) */
+            if (j + 1 < nh) {
+                qh.prefetch = rv_coldq_head_start(RV_TT_BLOB(L->groups[gi]), h0 + j + 1);
+                qh.prefetch_bytes = rv_coldq_segment_bytes(&c->q, 0, 0);
+            } else if (t + n < cold_end) {
+                qh.prefetch = RV_TT_BLOB(L->groups[gi + 1]) + 4 * (size_t)c->num_kv_heads;
+                qh.prefetch_bytes = rv_coldq_segment_bytes(&c->q, 0, 0);
+            }
             ops->attend_qgroup(&states[j], &qh, a, n, vv, qscratch);
         }
         t += n;
