@@ -300,6 +300,20 @@ RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query
             const int p0 = part ? d : 0, p1 = part ? dk : d;
             for (int c0 = p0; c0 < p1; c0 += 16, blk++) {
                 const int c1 = c0 + 16 < p1 ? c0 + 16 : p1;
+#if defined(RV_ISA_AVX512)
+                if (c1 - c0 == 16) {          /* the same operations, 16 lanes at once */
+                    const __m512 x = _mm512_loadu_ps(q + c0);
+                    const float mx = _mm512_reduce_max_ps(_mm512_abs_ps(x));
+                    const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f;
+                    const float inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+                    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv)));
+                    k = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                    _mm_storeu_si128((__m128i *)(w->w[r] + c0), _mm512_cvtepi32_epi8(k));
+                    _mm512_storeu_ps(q + c0, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
+                    w->sc[r][blk] = sc;
+                    continue;
+                }
+#endif
                 float mx = 0.0f;
                 for (int c = c0; c < c1; c++)
                     mx = fabsf(q[c]) > mx ? fabsf(q[c]) : mx;
@@ -378,7 +392,7 @@ RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, flo
  * scales sc[r][blk0 ..]) for the block of low-nibble tokens j.. and high-nibble tokens
  * half + j.., into S[r][4] (floats, the four token subsets) */
 RV_INLINE void qk_i8_rows(const int NR, const struct rv_qhead *h, const qk_i8_query *w, int c0, int c1, int blk0,
-                          int j, rv_vf S[QK_NR][4])
+                          int j, rv_vf S[QK_NR][4], qk_pf *pf)
 {
     for (int r = 0; r < NR; r++)
         for (int k = 0; k < 4; k++)
@@ -392,6 +406,7 @@ RV_INLINE void qk_i8_rows(const int NR, const struct rv_qhead *h, const qk_i8_qu
             const qk_iv A = qk_i8_codes(h->kcodes + c * h->krow + j);
             const qk_iv B = c + 1 < c1 ? qk_i8_codes(h->kcodes + (c + 1) * h->krow + j) : qk_iv_zero();
             const qk_iv X0 = qk_iv_unpacklo8(A, B), X1 = qk_iv_unpackhi8(A, B);
+            qk_pf_lines(pf, 2);            /* spread: a burst of prefetches stalls on fill buffers */
             for (int r = 0; r < NR; r++) {
                 const qk_iv W = qk_iv_set1_16((short)((uint8_t)w->w[r][c] | ((uint16_t)(uint8_t)w->w[r][c + 1] << 8)));
                 a0[r] = qk_iv_add16(a0[r], qk_iv_maddubs(X0, W));
@@ -417,12 +432,11 @@ RV_INLINE int qk_scores_i8(const int NR, const struct rv_qhead *h, const float *
     int j = 0;
     for (; j + QK_I8_BLOCK <= hi_n; j += QK_I8_BLOCK) {
         rv_vf S[QK_NR][4];
-        qk_i8_rows(NR, h, w, 0, d, 0, j, S);
-        qk_pf_lines(pf, 2);
+        qk_i8_rows(NR, h, w, 0, d, 0, j, S, pf);
         for (int r = 0; r < NR; r++)
             qk_i8_store(S[r], bias[r], 0, s + r * s_stride + j, s + r * s_stride + half + j);
         if (h->nk) {
-            qk_i8_rows(NR, h, w, d, dk, (d + 15) / 16, j, S);
+            qk_i8_rows(NR, h, w, d, dk, (d + 15) / 16, j, S, pf);
             for (int r = 0; r < NR; r++)
                 qk_i8_store(S[r], 0.0f, 1, s + r * s_stride + j, s + r * s_stride + half + j);
         }

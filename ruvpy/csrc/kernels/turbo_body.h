@@ -32,10 +32,11 @@ TQ_ATTR RV_INLINE void TQ_FN(tq_scores512)(const int NR, const int nc, const str
         qm[r] = rv_vf_set1(qmu[r]);
     }
     for (int t0 = tb0; t0 < tb1; t0 += TQ_TB) {
-        for (int t = 0; t < TQ_TB; t++)
+        for (int t = 0; t < TQ_TB; t++) {
             for (int j = 0; j < nc; j++)
                 _mm512_storeu_si512(ub + (size_t)t * D + 64 * j, tq_chunk(&up, h->kcodes + (size_t)(t0 + t) * h->kbytes, j));
-        qk_pf_lines(pf, 2);
+            qk_pf_lines(pf, nc);       /* spread: a burst of prefetches stalls on fill buffers */
+        }
         const rv_vf k = rv_vf_load(kn + t0), f = rv_vf_load(fl + t0);
         for (int r = 0; r < NR; r++) {
             __m512i x[TQ_TB];
