@@ -10,6 +10,31 @@ from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, 
                           rv_isa_from_name, rv_best_isa, rv_set_active_isa, rv_active_ops,
                           rv_set_num_threads, rv_get_num_threads)
 from ruvpy._openmp_helpers cimport effective_n_threads, RV_OPENMP_ENABLED, omp_get_max_threads
+from ruvpy._limits cimport (RV_MAX_HEAD_DIM, RV_MAX_KV_LEN, RV_MAX_INT, RV_MAX_GROUP_TOKENS,
+                            RV_MAX_GROUP_VALUES, RV_MAX_HOT_TOKENS, RV_MAX_OUTLIERS)
+
+cdef extern from *:
+    """
+    #include "rv_limits.h"
+    static const double rv_turbo_bits_exported[RV_TURBO_BITS_COUNT] = RV_TURBO_BITS_LIST;
+    """
+    const double rv_turbo_bits_exported[3]
+    int RV_TURBO_BITS_COUNT
+
+# Every limit of ruvpy as C defines it (csrc/rv_limits.h); the rest of the package reads them
+# from here. The cold formats come from the codec table (ruvpy._kvcache.COLD_FORMATS).
+MAX_HEAD_DIM = RV_MAX_HEAD_DIM
+MAX_KV_LEN = RV_MAX_KV_LEN
+MAX_INT = RV_MAX_INT
+MAX_GROUP_TOKENS = RV_MAX_GROUP_TOKENS
+MAX_GROUP_VALUES = RV_MAX_GROUP_VALUES
+MAX_HOT_TOKENS = RV_MAX_HOT_TOKENS
+MAX_OUTLIERS = RV_MAX_OUTLIERS
+TURBO_BITS = tuple([rv_turbo_bits_exported[i] for i in range(RV_TURBO_BITS_COUNT)])
+LIMITS = {"max_head_dim": MAX_HEAD_DIM, "max_kv_len": MAX_KV_LEN, "max_int": MAX_INT,
+          "max_group_tokens": MAX_GROUP_TOKENS, "max_group_values": MAX_GROUP_VALUES,
+          "max_hot_tokens": MAX_HOT_TOKENS, "max_outliers": MAX_OUTLIERS,
+          "turbo_bits": TURBO_BITS}
 
 
 cdef const rv_ops *active_ops() noexcept nogil:

@@ -7,6 +7,13 @@
 
 #define HUGE_PAGE ((size_t)2 << 20)
 
+size_t rv_kv_alloc_large_size(size_t nbytes)
+{
+    if (nbytes < 2 * HUGE_PAGE)
+        return rv_kv_alloc_size(nbytes);
+    return nbytes > SIZE_MAX - HUGE_PAGE ? 0 : (nbytes + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+}
+
 void *rv_kv_alloc_large(size_t nbytes, size_t *allocated)
 {
     if (nbytes < 2 * HUGE_PAGE) {
