@@ -37,12 +37,34 @@ LIMITS = {"max_head_dim": MAX_HEAD_DIM, "max_kv_len": MAX_KV_LEN, "max_int": MAX
           "turbo_bits": TURBO_BITS}
 
 
+cdef extern from *:
+    """
+    /* The calling thread's own kernel thread count while a Runtime step runs in it (0: none,
+     * the process-wide setting applies). Per OS thread: Runtimes stepping in different
+     * Python threads never see each other's. */
+    static _Thread_local int rv_thread_count_override = 0;
+    """
+    int rv_thread_count_override
+
+
 cdef const rv_ops *active_ops() noexcept nogil:
     return rv_active_ops()
 
 
 cdef int num_threads() noexcept nogil:
+    if rv_thread_count_override > 0:
+        return effective_n_threads(rv_thread_count_override)
     return effective_n_threads(rv_get_num_threads())
+
+
+def _swap_thread_count(int n):
+    """Test and Runtime hook: the calling thread's own thread count becomes n (0: the
+    process-wide setting again); returns the previous override (0: none). Other threads and
+    the process-wide setting are untouched."""
+    global rv_thread_count_override
+    previous = rv_thread_count_override
+    rv_thread_count_override = max(n, 0)
+    return previous
 
 
 def _names(predicate):
@@ -81,8 +103,9 @@ def set_isa(name):
 
 
 def set_num_threads(n):
-    """Threads for ruvpy's parallel kernels; None or 0 means all (OMP_NUM_THREADS / cores).
-    More than there are is capped to that."""
+    """Threads for ruvpy's parallel kernels, process-wide; None or 0 means all
+    (OMP_NUM_THREADS / cores). More than there are is capped to that. (Inside a step of a
+    Runtime with RuntimeConfig.threads set, the stepping thread uses the Runtime's count.)"""
     if n is None:
         n = 0
     if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)):
@@ -93,7 +116,7 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Threads the parallel kernels use now."""
+    """Threads the parallel kernels use now, in the calling thread."""
     return num_threads()
 
 

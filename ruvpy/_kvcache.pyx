@@ -502,7 +502,46 @@ cdef class _KVCache:
             plan.use_scratch(scratch)
         return plan
 
+    def scratch_for(self, num_heads, q_lens, kv_lens, *, causal=True, threads=None):
+        """(shared_bytes, bytes_per_thread, team) of the scratch the attention scheduler
+        needs for queries of q_lens[i] tokens over kv_lens[i] keys (lengths after the
+        step's tokens), as a plan would size them: arithmetic, no sequence is needed."""
+        cdef rv_attn_plan plan
+        cdef rv_kv_source src
+        cdef rv_kv_query *queries
+        cdef int heads, nthreads, i, n, rc
+        nthreads = thread_count(threads)
+        heads = _positive_int(num_heads, "num_heads")
+        qs = [_token_count(x, "scratch_for") for x in q_lens]
+        ks = [_token_count(x, "scratch_for") for x in kv_lens]
+        if len(qs) != len(ks) or heads % self.num_kv_heads:
+            raise ValueError("scratch_for: q_lens and kv_lens differ in length, or num_heads is not a "
+                             "multiple of num_kv_heads")
+        n = len(qs)
+        queries = <rv_kv_query *>PyMem_Malloc(sizeof(rv_kv_query) * (n + 1))
+        if queries == NULL:
+            raise MemoryError("scratch_for: out of memory")
+        try:
+            memset(queries, 0, sizeof(rv_kv_query) * (n + 1))
+            for i in range(n):
+                queries[i].q_len = qs[i]
+                queries[i].kv_len = max(ks[i], qs[i])
+            self._enter()
+            try:
+                self._h_source(0, heads, &src)
+                rc = rv_attn_plan_make(&plan, &src, queries, n, bool(causal), nthreads)
+            finally:
+                self._leave()
+            _check_status(rc, "scratch_for")
+            return (plan.shared_bytes, plan.thread_bytes, plan.nthreads)
+        finally:
+            PyMem_Free(queries)
+
     # ---- transactions ----
+    def in_transaction(self, seq):
+        """Whether `seq` is inside an open transaction."""
+        return seq in self._txn
+
     def begin(self, seqs):
         """Open a transaction on seqs: rollback() restores each of them, in every layer,
         exactly as it is now. fork(), free() and truncate() are refused until it is closed."""
