@@ -318,6 +318,7 @@ class Runtime:
         self._step = None
         self._steps = self._rollbacks = self._attention_calls = self._arena_fallbacks = 0
         self._scratch_growths = 0
+        self._unrolled = []          # sequences a failed step exit could not roll back
         self._rss_at_start = _process_rss()
         self._closed = False
 
@@ -335,6 +336,13 @@ class Runtime:
                           size_classes=sorted(classes.items()))
         pool.prewarm(group, sizing.cold_groups)
         return pool
+
+    def _live_arena(self):
+        """The arena, replaced by a new one if somebody closed it: the runtime's memory is
+        its own, and a closed arena must not wedge it."""
+        if self._arena.closed:
+            self._arena = Arena(self.config.arena_bytes)
+        return self._arena
 
     def _threads(self):
         """Kernel threads of this runtime's calls: its own, or the process-wide setting."""
@@ -376,6 +384,15 @@ class Runtime:
         if self._step is not None:
             raise RuntimeError(f"{self.name}: cannot {action} while a step is open (sequences "
                                f"{list(self._step._seqs)}); finish the step first")
+        self._finish_rollbacks()
+
+    def _finish_rollbacks(self):
+        """Roll back what a failed step exit left inside its transaction (its rollback raised,
+        e.g. Ctrl-C): before anything else uses the cache."""
+        if self._unrolled:
+            pending = [s for s in self._unrolled if s in self._positions and self._cache.in_transaction(s)]
+            self._cache.rollback(pending)
+            self._unrolled = []
 
     def _known(self, seq):
         seq = _sequence_id(seq)
@@ -510,11 +527,11 @@ class Runtime:
                                f"one runtime run one at a time")
         began = False
         try:
+            self._finish_rollbacks()
             for seq in step._seqs:     # still alive since step() checked them?
                 self._known(seq)
             step._starts = [self._positions[s] for s in step._seqs]
-            if self._arena.closed:     # closed by hand: the runtime's memory is its own
-                self._arena = Arena(self.config.arena_bytes)
+            self._live_arena()
             self._cache.reserve(step._seqs, step._n_tokens)
             self._cache.begin(step._seqs)
             began = True
@@ -547,7 +564,15 @@ class Runtime:
         try:
             try:
                 self._arena.reset()
-            except BaseException as exc:        # e.g. closed by hand: the next step makes a new one
+            except Exception as exc:            # e.g. closed by hand: replaced by a new one
+                error = RuntimeError(f"{self.name}: the step was rolled back: its arena could not "
+                                     f"be reset ({exc})")
+                error.__cause__ = exc
+                try:
+                    self._live_arena()
+                except MemoryError:
+                    pass                        # the next step tries again
+            except BaseException as exc:        # Ctrl-C: rolled back, then raised
                 error = exc
             if ok and error is None and not step._failed and step._remaining == 0:
                 try:
@@ -556,11 +581,10 @@ class Runtime:
                 except BaseException as exc:
                     error = exc
             if not committed:
-                try:
-                    open_txn = [s for s in seqs if cache.in_transaction(s)]
-                    cache.rollback(open_txn)
-                finally:
-                    self._rollbacks += 1
+                self._rollbacks += 1
+                self._unrolled = list(seqs)      # until the rollback is done
+                cache.rollback([s for s in seqs if cache.in_transaction(s)])
+                self._unrolled = []
             else:
                 for seq, n in zip(seqs, step._n_tokens):
                     self._positions[seq] += n
@@ -592,9 +616,7 @@ class Runtime:
         for seq in list(self._positions):
             self._cache.free(seq)
             del self._positions[seq]
-        if self._arena.closed:
-            self._arena = Arena(self.config.arena_bytes)
-        self._arena.reset()
+        self._live_arena().reset()
 
     def close(self):
         """Free the KV cache, arena, pool and scratch. Idempotent; afterwards every method
@@ -677,6 +699,7 @@ class Runtime:
         return self._restore(header, arrays, os.fspath(path))
 
     def _snapshot(self, seq):
+        self._finish_rollbacks()
         meta, arrays = self._cache.export_sequence(seq)
         header = {"format": "ruvpy-sequence", "config": self.config.storage_fields(),
                   "position": self._positions[seq], "meta": meta}
@@ -716,14 +739,14 @@ class Runtime:
         self._check_open()
         pool = self._pool.stats()
         kv = int(self._cache.nbytes)
-        return {"kv": kv, "arena": int(self._arena.capacity),
+        return {"kv": kv, "arena": int(self._live_arena().capacity),
                 "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes),
                 "scratch": int(self._scratch.nbytes)}
 
     def stats(self):
         """A RuntimeStats snapshot (see its docstring); .format() for a table."""
         self._check_open()
-        arena = self._arena.stats()
+        arena = self._live_arena().stats()
         pool = self._pool.stats()
         kv = self._cache.stats()
         kv_bytes = int(self._cache.nbytes)
