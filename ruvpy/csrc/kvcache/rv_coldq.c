@@ -220,7 +220,7 @@ static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, i
     uint16_t *voscale = (uint16_t *)(seg + S.voscale), *vozero = (uint16_t *)(seg + S.vozero);
     uint8_t *vhi = seg + S.vhi;
     const int hb = (nv + 1) / 2;
-    signed char kout[256], vout[256];     /* channel -> outlier slot, or -1 (d <= 256) */
+    signed char kout[RV_MAX_HEAD_DIM], vout[RV_MAX_HEAD_DIM];     /* channel -> outlier slot, or -1 */
     memset(kout, -1, sizeof kout);
     memset(vout, -1, sizeof vout);
     for (int o = 0; o < nk; o++)

@@ -221,13 +221,49 @@ static void hold_groups(const rv_tt *c, rv_tt_layer *L, int64_t lo, int64_t hi, 
     }
 }
 
-/* what g stores: from the smallest start to the largest end its holders see (0: none holds it) */
+/* The tokens of a group its holders see, from their ranges: prefixes [0, e) (its last
+ * group, cut), suffixes [s, G) (its first, skipped) and middles [s, e) (both: a view of one
+ * group). With prefixes up to P and suffixes from S, the union is [0, P) and [S, G), plus what
+ * middles add in between, which is counted token by token (rare: cut and skip in one group). */
+typedef struct {
+    int32_t prefix_end, suffix_start;
+    int middles;
+} rv_tt_cover;
+
+RV_INLINE void cover_add(rv_tt_cover *cv, int32_t a, int32_t b, int32_t G)
+{
+    if (a == 0)
+        cv->prefix_end = b > cv->prefix_end ? b : cv->prefix_end;
+    else if (b == G)
+        cv->suffix_start = a < cv->suffix_start ? a : cv->suffix_start;
+    else
+        cv->middles = 1;
+}
+
+/* whether a live holder of g in `layer` other than those in slots[0..n) sees token t of it */
+static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t, const int *slots, int n);
+
+static int32_t cover_count(const rv_tt *c, int layer, const rv_tt_group *g, const rv_tt_cover *cv,
+                           const int *slots, int n)
+{
+    const int32_t G = c->group_tokens, P = cv->prefix_end, S = cv->suffix_start;
+    if (P >= S)
+        return G;
+    if (!cv->middles)
+        return P + (G - S);
+    int32_t held = P + (G - S);
+    for (int32_t t = P; t < S; t++)
+        held += token_held(c, layer, g, t, slots, n);
+    return held;
+}
+
+/* what g stores: the tokens some live holder sees (0: none holds it) */
 static int32_t group_stored(const rv_tt *c, int layer, const rv_tt_group *g)
 {
     if (g->full > 0)
         return c->group_tokens;
     /* every live holder sees part of it: it is their first or last live group */
-    int32_t lo = c->group_tokens, hi = 0;
+    rv_tt_cover cv = {0, c->group_tokens, 0};
     for (int i = 0; i < c->nslots; i++) {
         const rv_tt_seq *s = &c->seqs[i];
         if (!s->live)
@@ -237,15 +273,14 @@ static int32_t group_stored(const rv_tt *c, int layer, const rv_tt_group *g)
             continue;
         for (int end = 0; end < 2; end++) {
             const int64_t gi = end ? L->ngroups - 1 : L->first;
-            if (L->groups[gi] != g)
+            if (L->groups[gi] != g || (end && gi == L->first))
                 continue;
             int32_t a, b;
             seen_range(c, L, gi, &a, &b);
-            lo = a < lo ? a : lo;
-            hi = b > hi ? b : hi;
+            cover_add(&cv, a, b, c->group_tokens);
         }
     }
-    return hi > lo ? hi - lo : 0;
+    return cover_count(c, layer, g, &cv, NULL, 0);
 }
 
 static void restat_group(rv_tt *c, int layer, rv_tt_group *g)
@@ -291,12 +326,30 @@ static int slot_listed(int slot, const int *slots, int n)
     return 0;
 }
 
+static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t, const int *slots, int n)
+{
+    for (int i = 0; i < c->nslots; i++) {
+        const rv_tt_seq *s = &c->seqs[i];
+        if (!s->live || slot_listed(i, slots, n))
+            continue;
+        const rv_tt_layer *L = &s->layers[layer];
+        for (int64_t gi = L->first; gi < L->ngroups; gi++) {
+            if (L->groups[gi] != g)
+                continue;
+            int32_t a, b;
+            seen_range(c, L, gi, &a, &b);
+            if (a <= t && t < b)
+                return 1;
+        }
+    }
+    return 0;
+}
+
 int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
 {
     int64_t stored = 0;
     c->epoch++;
-    /* pass 0: each group's smallest start and largest end among the remaining holders; pass 1:
-     * sum once */
+    /* pass 0: each group's cover among the remaining holders; pass 1: count it once */
     for (int pass = 0; pass < 2; pass++)
         for (int i = 0; i < c->nslots; i++) {
             const rv_tt_seq *s = &c->seqs[i];
@@ -307,17 +360,23 @@ int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
                 stored += L->hot_len;
             for (int64_t gi = L->first; gi < L->ngroups; gi++) {
                 rv_tt_group *g = L->groups[gi];
-                int32_t a, b;
-                seen_range(c, L, gi, &a, &b);
-                if (pass == 0 && g->mark != c->epoch) {
-                    g->mark = c->epoch;
-                    g->tmp = a;
-                    g->tmp_end = b;
-                } else if (pass == 0) {
-                    g->tmp = a < g->tmp ? a : g->tmp;
-                    g->tmp_end = b > g->tmp_end ? b : g->tmp_end;
+                if (pass == 0) {
+                    if (g->mark != c->epoch) {
+                        g->mark = c->epoch;
+                        g->tmp = c->group_tokens;     /* suffix start */
+                        g->tmp_end = 0;               /* prefix end */
+                        g->tmp_mid = 0;
+                    }
+                    int32_t a, b;
+                    seen_range(c, L, gi, &a, &b);
+                    rv_tt_cover cv = {g->tmp_end, g->tmp, g->tmp_mid};
+                    cover_add(&cv, a, b, c->group_tokens);
+                    g->tmp_end = cv.prefix_end;
+                    g->tmp = cv.suffix_start;
+                    g->tmp_mid = cv.middles;
                 } else if (g->tmp >= 0) {
-                    stored += g->tmp_end - g->tmp;
+                    rv_tt_cover cv = {g->tmp_end, g->tmp, g->tmp_mid};
+                    stored += cover_count(c, layer, g, &cv, slots, n);
                     g->tmp = -1;
                 }
             }

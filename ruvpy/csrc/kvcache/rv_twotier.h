@@ -13,9 +13,9 @@
  * sequence sees: every sequence's hot tokens (its own copies) plus, once, each cold group's
  * tokens that some sequence still holds. A holder sees a range of each of its groups (all of
  * it, but for `skip` evicted tokens of its first live one and `cut` truncated tokens of its
- * last), so a group stores the tokens from the smallest start to the largest end among its
- * holders: a fork costs only its hot tail, and evicting a shared token frees room only once no
- * sequence holds it any more (the group's memory goes with its last reference).
+ * last), so a group stores the union of its holders' ranges: a fork costs only its hot tail,
+ * and evicting a shared token frees room only once no sequence holds it any more (the group's
+ * memory goes with its last reference).
  *
  * Transactions: inside one a sequence never migrates (its hot ring grows instead) and
  * evictions only move its counters (dropped groups are freed at commit, and the ring never
@@ -43,9 +43,8 @@
 typedef struct {
     int32_t refs;            /* group lists holding it (live or evicted awaiting a commit) */
     int32_t full;            /* live holders that see all of it (no skip, no cut) */
-    int32_t stored;          /* its tokens counted in `used`: from its holders' smallest start
-                                to their largest end */
-    int32_t tmp, tmp_end;    /* scratch of rv_tt_stored_without, valid while mark == its epoch */
+    int32_t stored;          /* its tokens counted in `used`: those some holder sees */
+    int32_t tmp, tmp_end, tmp_mid;   /* scratch of rv_tt_stored_without (while mark == epoch) */
     int32_t pooled;          /* its memory is a pool buffer */
     uint64_t mark;
     size_t blob_bytes;
