@@ -7,25 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from _attention_reference import causal_reference as reference
 
 from ruvpy import PagedKVCache, Runtime, RuntimeConfig, ScratchSpace, TwoTierKVCache
 
 H, KVH, D = 8, 2, 32
-
-
-def reference(q, k, v):
-    """float64 causal attention of q [n, H, d] over k, v [T, KVH, d]; query i at T - n + i."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    n, heads, d = q.shape
-    g = heads // k.shape[1]
-    total = k.shape[0]
-    visible = np.arange(total)[None, :] <= (total - n + np.arange(n))[:, None]
-    out = np.empty_like(q)
-    for h in range(heads):
-        s = np.where(visible, q[:, h] @ k[:, h // g].T / np.sqrt(d), -np.inf)
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // g]
-    return out
 
 
 def make(kind):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from _attention_reference import causal_reference as reference
 from hypothesis import given, settings, strategies as st
 
 from ruvpy import KVCacheFull, PagedKVCache, Runtime, RuntimeConfig, TwoTierKVCache
@@ -25,19 +26,6 @@ def snapshot(cache):
     for seq in cache.sequences():
         state[seq] = [tuple(a.tobytes() for a in cache.get_kv(seq, layer)) for layer in range(2)]
     return state
-
-
-def reference(q, k, v):
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    n, heads, d = q.shape
-    g = heads // k.shape[1]
-    visible = np.arange(len(k))[None, :] <= (len(k) - n + np.arange(n))[:, None]
-    out = np.empty_like(q)
-    for h in range(heads):
-        s = np.where(visible, q[:, h] @ k[:, h // g].T / np.sqrt(d), -np.inf)
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // g]
-    return out
 
 
 def caches():
