@@ -151,14 +151,6 @@ class Step:
             self._check_open()
         if type(layer) is not int or not 0 <= layer < self._num_layers or self._attended[layer]:
             layer = self._layer_index(layer)
-        try:
-            ok = (q.shape == self._q_shape and k.shape == self._kv_shape and
-                  v.shape == self._kv_shape and q.dtype is _F32 and
-                  (k.dtype is _F16 or k.dtype is _F32) and v.dtype is k.dtype)
-        except AttributeError:
-            ok = False
-        if not ok:
-            self._check_inputs(q, k, v)
         if out is None:
             try:
                 out = self._arena.alloc(self._q_shape)
@@ -166,12 +158,13 @@ class Step:
                 # too large for what is left of the arena: numpy memory, counted in stats
                 out = np.empty(self._q_shape, np.float32)
                 self._fallbacks += 1
-        elif type(out) is not np.ndarray or out.dtype is not _F32 or out.shape != self._q_shape:
-            self._check_out(out)
         try:
             self._plan.attend(layer, q, k, v, out=out, scale=scale)
         except (ValueError, TypeError, KeyError):
-            raise   # the cache validates before writing: this layer is unchanged
+            # the plan checks before writing: this layer is unchanged; say it in step terms
+            self._check_inputs(q, k, v)
+            self._check_out(out)
+            raise
         except BaseException:
             self._failed = True   # the cache may be half-way: the step can only roll back
             raise
@@ -222,7 +215,8 @@ class Step:
                             f"got {k.dtype} and {v.dtype}")
 
     def _check_out(self, out):
-        if not isinstance(out, np.ndarray) or out.dtype != _F32 or out.shape != self._q_shape:
+        if not isinstance(out, np.ndarray) or out.dtype != _F32 or out.shape != self._q_shape \
+                or not out.flags.writeable:
             desc = (f"{type(out).__name__}" if not isinstance(out, np.ndarray) else
                     f"{out.dtype} {list(out.shape)}")
             raise ValueError(f"step.attention: out must be a writeable float32 array of shape "
@@ -525,25 +519,26 @@ class Runtime:
             raise RuntimeError(f"{self.name}: another step is open (sequences "
                                f"{list(self._step._seqs) if self._step else '?'}); steps of "
                                f"one runtime run one at a time")
-        began = False
         try:
             self._finish_rollbacks()
-            for seq in step._seqs:     # still alive since step() checked them?
-                self._known(seq)
-            step._starts = [self._positions[s] for s in step._seqs]
-            self._live_arena()
-            self._cache.reserve(step._seqs, step._n_tokens)
-            self._cache.begin(step._seqs)
-            began = True
-            plan = self._cache.plan(step._seqs, step._n_tokens, num_heads=self.config.num_heads,
-                                    threads=self.config.threads)
-            plan.use_scratch(self._ensure_scratch(*plan.scratch_needed))
-        except BaseException:
             try:
-                if began:
-                    self._cache.rollback(step._seqs)
-            finally:
-                self._step_lock.release()
+                step._starts = [self._positions[s] for s in step._seqs]
+            except KeyError:        # removed since step() checked it
+                for seq in step._seqs:
+                    self._known(seq)
+                raise
+            self._live_arena()
+            # room in every layer, the transaction and the step's attention: one cache call
+            plan = self._cache.plan(step._seqs, step._n_tokens, num_heads=self.config.num_heads,
+                                    threads=self.config.threads, scratch=self._scratch, begin=True)
+            try:
+                if not plan.bound:      # more than the scratch holds: it grows (once)
+                    plan.use_scratch(self._ensure_scratch(*plan.scratch_needed))
+            except BaseException:
+                plan.rollback()
+                raise
+        except BaseException:
+            self._step_lock.release()
             raise
         step._plan = plan
         step._arena = self._arena
@@ -559,7 +554,7 @@ class Runtime:
         fails on the way, the step ends rolled back (unless it committed), the slot is freed
         and the thread count restored; the first failure is raised after that."""
         step._state = _CLOSED
-        cache, seqs = self._cache, step._seqs
+        seqs = step._seqs
         error, committed = None, False
         try:
             try:
@@ -576,14 +571,14 @@ class Runtime:
                 error = exc
             if ok and error is None and not step._failed and step._remaining == 0:
                 try:
-                    cache.commit(seqs)
+                    step._plan.commit()
                     committed = True
                 except BaseException as exc:
                     error = exc
             if not committed:
                 self._rollbacks += 1
                 self._unrolled = list(seqs)      # until the rollback is done
-                cache.rollback([s for s in seqs if cache.in_transaction(s)])
+                step._plan.rollback()
                 self._unrolled = []
             else:
                 for seq, n in zip(seqs, step._n_tokens):
