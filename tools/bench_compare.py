@@ -10,7 +10,9 @@ build. The script's JSON tables (every list of row dicts in it) are matched row 
 agree on their text and integer fields), every time-like column (ms, _ns, seconds, tok/s,
 GB/s; in a table without any, every float column) is reduced to its median over the rounds, and both tables are printed with the ratio
 new / old next to each value (for a rate, tok/s or GB/s, higher is better; for a time, lower).
-The comparison is also written as JSON (--json). Take the exclusive CPU lock around it.
+The comparison is also written as JSON (--json). On a shared machine give --lock PATH: each
+run then takes that file's exclusive lock (flock) for itself alone and releases it between
+runs, so that other work is held off only while something is timed.
 """
 from __future__ import annotations
 
@@ -48,11 +50,13 @@ def row_key(row):
                  if isinstance(v, (str, bool)) or (isinstance(v, int) and not is_metric(k)))
 
 
-def run_once(checkout, script, args, env):
+def run_once(checkout, script, args, env, lock=None):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
         cmd = [sys.executable, os.path.join(checkout, "tools", script), "--json", out, *args]
+        if lock:
+            cmd = ["flock", "-x", lock] + cmd
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=checkout, env=dict(env, PYTHONPATH=checkout),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -90,6 +94,7 @@ def main(argv=None):
                     help="checkout of the new code (default: this one)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="write the comparison here")
+    ap.add_argument("--lock", help="take this file's exclusive flock for each run")
     ap.add_argument("script", help="a tools/ script, e.g. bench_kvcache.py")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="its arguments, after --")
     opts = ap.parse_args(argv)
@@ -100,7 +105,7 @@ def main(argv=None):
     for r in range(opts.rounds):
         order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
         for side in order:
-            result, seconds = run_once(sides[side], opts.script, args, env)
+            result, seconds = run_once(sides[side], opts.script, args, env, opts.lock)
             runs[side].append(tables_of(result))
             print(f"round {r + 1}/{opts.rounds}: {side} in {seconds:.0f} s", file=sys.stderr, flush=True)
             time.sleep(1.0)      # let the other side's threads settle
