@@ -730,12 +730,13 @@ class Runtime:
     def memory_bytes(self):
         """{part: bytes} of everything the runtime holds: "kv" (the cache's storage and
         metadata), "arena", "pool" (free and handed-out buffers that are not the cache's cold
-        groups), "scratch". Their sum is RuntimeStats.total_bytes."""
+        groups, and the pool's own lists), "scratch". Their sum is RuntimeStats.total_bytes."""
         self._check_open()
         pool = self._pool.stats()
         kv = int(self._cache.nbytes)
         return {"kv": kv, "arena": int(self._live_arena().capacity),
-                "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes),
+                "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes +
+                            self._pool.metadata_bytes),
                 "scratch": int(self._scratch.nbytes)}
 
     def stats(self):
