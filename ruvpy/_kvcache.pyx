@@ -508,15 +508,17 @@ cdef class _KVCache:
         return plan._attend(layer, q, k, v, out, scale)
 
     def plan(self, seqs, n_tokens, *, num_heads, causal=True, threads=None, scratch=None,
-             begin=False, _what="plan"):
+             begin=False, cover=(), _what="plan"):
         """An AttentionPlan: one step of n_tokens[i] new tokens for seqs[i], num_heads query
         heads, planned once (ids resolved, counts checked, the scheduler's work sized). Its
         attend(layer, q, k, v, out=...) then appends and attends each layer in one C call.
         scratch: a ScratchSpace for the kernels' work buffers, used when it is large enough
         (plan.bound; plan.scratch_needed says what is); else a per-thread buffer of the
-        scheduler's own. begin=True: also make room for the step in every layer (as
-        reserve) and open a transaction on its sequences (as begin), which plan.commit() or
-        plan.rollback() closes -- one validated call for the start of a model step."""
+        scheduler's own. begin=True: also open a transaction on its sequences (as begin) and
+        then make room for the step inside it in every layer (as reserve: what eviction takes
+        comes back at a rollback), all or nothing; plan.commit() or plan.rollback() closes it
+        -- one validated call for the start of a model step. cover: more sequences the
+        transaction covers (inside a transaction only its sequences may give up tokens)."""
         cdef AttentionPlan plan = AttentionPlan.__new__(AttentionPlan)
         cdef int heads, i
         plan.causal = bool(causal)
@@ -531,20 +533,30 @@ cdef class _KVCache:
         try:
             plan._resolve(self, seqs, n_tokens, heads, _what)
             if begin:
-                for seq in plan.seqs:
-                    if seq in self._txn:
-                        raise ValueError(f"begin: sequences {[s for s in plan.seqs if s in self._txn]} "
-                                         f"are already inside a transaction")
-                self._h_room(plan.seqs, plan.slots, plan.counts, plan.nseq, -1)
-                for i in range(plan.nseq):
+                others = self._seq_list(cover, _what)
+                mine = set(plan.seqs)
+                txn = list(plan.seqs) + [s if type(s) is int else int(s) for s in others if s not in mine]
+                again = [s for s in txn if s in self._txn]
+                if again:
+                    raise ValueError(f"begin: sequences {again} are already inside a transaction")
+                slots = [self._slot_of[s] for s in txn]
+                for i in range(len(slots)):
                     try:
-                        self._h_begin(plan.slots[i])
+                        self._h_begin(slots[i])
                     except BaseException:
                         for j in range(i):
-                            self._h_commit(plan.slots[j])     # nothing happened in them yet
+                            self._h_commit(slots[j])     # nothing happened in them yet
                         raise
-                self._txn.update(plan.seqs)
-                plan.in_txn = True
+                self._txn.update(txn)
+                plan.txn = tuple(txn)
+                try:
+                    self._h_room(plan.seqs, plan.slots, plan.counts, plan.nseq, -1)
+                except BaseException:
+                    for slot in slots:
+                        self._h_rollback(slot)
+                    self._txn.difference_update(txn)
+                    plan.txn = ()
+                    raise
             plan._measure()
         finally:
             self._leave()
@@ -793,7 +805,7 @@ cdef class AttentionPlan:
     cdef rv_kv_query *queries
     cdef rv_attn_plan cplan             # the scheduler's plan for the base lengths
     cdef ScratchSpace scratch
-    cdef bint in_txn
+    cdef tuple txn                      # the sequences of its open transaction (begin=True)
 
     def __init__(self, *args, **kwargs):
         raise TypeError("AttentionPlan objects come from cache.plan(...)")
@@ -874,7 +886,12 @@ cdef class AttentionPlan:
     @property
     def in_transaction(self):
         """Whether the plan opened a transaction (plan(..., begin=True)) still open."""
-        return self.in_txn
+        return bool(self.txn)
+
+    @property
+    def transaction_seqs(self):
+        """The sequences the plan's open transaction covers: its own, then `cover`'s."""
+        return self.txn or ()
 
     def commit(self):
         """Close the transaction plan(..., begin=True) opened, keeping the step (as
@@ -888,22 +905,20 @@ cdef class AttentionPlan:
 
     cdef int _close_txn(self, bint keep) except -1:
         cdef _KVCache cache = self.cache
-        cdef int i
-        if not self.in_txn:
+        if not self.txn:
             if keep:
                 raise RuntimeError("commit: the plan has no open transaction (plan(..., begin=True))")
             return 0
         cache._enter()
         try:
-            for i in range(self.nseq):
-                seq = self.seqs[i]
+            for seq in self.txn:             # the cache's own ids: plain ints
                 if seq in cache._txn:
                     if keep:
-                        cache._h_commit(self.slots[i])
+                        cache._h_commit(cache._slot_of[seq])
                     else:
-                        cache._h_rollback(self.slots[i])
+                        cache._h_rollback(cache._slot_of[seq])
                     cache._txn.discard(seq)
-            self.in_txn = False
+            self.txn = ()
         finally:
             cache._leave()
         return 0

@@ -80,7 +80,7 @@ class Step:
     __slots__ = ("_runtime", "_arena", "_seqs", "_n_tokens", "num_tokens", "_starts",
                  "_positions", "_offsets", "_attended", "_remaining", "_q_shape", "_kv_shape",
                  "_num_layers", "_state", "_failed", "_calls", "_fallbacks", "_plan",
-                 "_threads_before")
+                 "_threads_before", "_txn_seqs")
 
     def __init__(self, runtime, seqs, n_tokens):
         cfg = runtime.config
@@ -99,6 +99,7 @@ class Step:
         self._calls = self._fallbacks = 0
         self._starts = self._positions = self._offsets = self._plan = None
         self._threads_before = None
+        self._txn_seqs = self._seqs      # the sequences its KV transaction covers
 
     # -- the plan ---------------------------------------------------------------------------
     @property
@@ -528,9 +529,8 @@ class Runtime:
                     self._known(seq)
                 raise
             self._live_arena()
-            # room in every layer, the transaction and the step's attention: one cache call
-            plan = self._cache.plan(step._seqs, step._n_tokens, num_heads=self.config.num_heads,
-                                    threads=self.config.threads, scratch=self._scratch, begin=True)
+            plan = self._plan_in_transaction(step._seqs, step._n_tokens)
+            step._txn_seqs = plan.transaction_seqs
             try:
                 if not plan.bound:      # more than the scratch holds: it grows (once)
                     plan.use_scratch(self._ensure_scratch(*plan.scratch_needed))
@@ -549,12 +549,29 @@ class Runtime:
         self._step = step
         step._state = _OPEN
 
+    def _plan_in_transaction(self, seqs, n_tokens):
+        """The step's plan, with its KV transaction open and its room reserved inside it
+        (cache.plan(..., begin=True): the transaction first, then room, so whatever eviction
+        (policy "evict-oldest") takes comes back if the step rolls back). Inside a transaction
+        only its own sequences may give up tokens, so when the step's sequences cannot make
+        the room the transaction is widened to every live sequence (plan.transaction_seqs)."""
+        options = dict(num_heads=self.config.num_heads, threads=self.config.threads,
+                       scratch=self._scratch, begin=True)
+        try:
+            return self._cache.plan(seqs, n_tokens, **options)
+        except KVCacheFull:
+            if self.config.policy != "evict-oldest" or len(self._positions) == len(seqs):
+                raise
+        mine = set(seqs)
+        return self._cache.plan(seqs, n_tokens, cover=[s for s in self._positions if s not in mine],
+                                **options)
+
     def _close_step(self, step, ok):
         """Step.__exit__: reset the arena, commit (or roll back), free the step slot. Whatever
         fails on the way, the step ends rolled back (unless it committed), the slot is freed
         and the thread count restored; the first failure is raised after that."""
         step._state = _CLOSED
-        seqs = step._seqs
+        seqs = step._txn_seqs
         error, committed = None, False
         try:
             try:
@@ -569,19 +586,20 @@ class Runtime:
                     pass                        # the next step tries again
             except BaseException as exc:        # Ctrl-C: rolled back, then raised
                 error = exc
+            cache = self._cache
             if ok and error is None and not step._failed and step._remaining == 0:
                 try:
-                    step._plan.commit()
+                    cache.commit(seqs)
                     committed = True
                 except BaseException as exc:
                     error = exc
             if not committed:
                 self._rollbacks += 1
                 self._unrolled = list(seqs)      # until the rollback is done
-                step._plan.rollback()
+                cache.rollback([s for s in seqs if cache.in_transaction(s)])
                 self._unrolled = []
             else:
-                for seq, n in zip(seqs, step._n_tokens):
+                for seq, n in zip(step._seqs, step._n_tokens):
                     self._positions[seq] += n
                 self._steps += 1
         finally:
@@ -661,7 +679,8 @@ class Runtime:
         same storage configuration (e.g. another worker's)."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._seqs:
+        if self._step is not None and seq in self._step._txn_seqs:
+            # the open step's transaction covers it (its own, or one eviction may take from)
             raise RuntimeError(f"{self.name}: cannot export sequence {seq} while a step on it "
                                f"is open")
         return encode_sequence(*self._snapshot(seq))
@@ -680,7 +699,8 @@ class Runtime:
         export_sequence)."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._seqs:
+        if self._step is not None and seq in self._step._txn_seqs:
+            # the open step's transaction covers it (its own, or one eviction may take from)
             raise RuntimeError(f"{self.name}: cannot save sequence {seq} while a step on it is "
                                f"open")
         write_sequence_file(path, *self._snapshot(seq))
