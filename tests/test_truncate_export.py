@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from _attention_reference import causal_reference as reference
+from _helpers import assert_attention_close
 from hypothesis import given, settings, strategies as st
 
 from ruvpy import KVCacheFull, PagedKVCache, Runtime, RuntimeConfig, TwoTierKVCache
@@ -61,7 +61,7 @@ def test_truncation_keeps_exactly_the_first_tokens(kind, n):
         k, v = cache.get_kv(a, layer)
         assert len(k) == min(n, 45) + 30
         q = rng.standard_normal((3, 4, D)).astype(np.float32)
-        np.testing.assert_allclose(cache.attention(a, layer, q), reference(q, k, v), rtol=1e-4, atol=2e-5)
+        assert_attention_close(cache.attention(a, layer, q), q, k, v)
     cache.free(a)
     st = cache.stats()
     assert st.tokens == 0 and (kind == "paged" or (st.cold_bytes == 0 and st.hot_bytes == 0))
@@ -175,7 +175,7 @@ def test_runtime_truncation_moves_the_position(kind):
             for layer in range(2):
                 st.attention(layer, rng.standard_normal((2, 4, D)).astype(np.float32), *kv(rng, 2))
         for q, out, (k, v) in step(rt, a, 1, rng):
-            np.testing.assert_allclose(out, reference(q, k, v), rtol=1e-4, atol=2e-5)
+            assert_attention_close(out, q, k, v)
         with pytest.raises(ValueError):
             rt.truncate_sequence(a, -1)
         with pytest.raises(KeyError):
