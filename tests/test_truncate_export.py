@@ -382,14 +382,21 @@ def test_truncation_accounting_matches_a_model(prompt, ops, policy, cold):
             for s in model.seqs:
                 model.drop_oldest(s, lens[s] - cache.seq_len(s, 0))
             assert model.stored() + n <= MAX
-        st_ = cache.stats()
-        assert [r["tokens"] for r in st_.layers] == [model.stored()] * 2
-        assert st_.stored_tokens == model.stored() <= MAX
-        for s, (toks, c, _) in model.seqs.items():
-            assert st_.sequences[s]["cold_tokens"] == c
-            for layer in range(2):
-                assert np.array_equal(cache.get_kv(s, layer)[1][:, 0, 0], [v for _, v in toks])
+        agree(cache, model, MAX)
     for s in list(model.seqs):
         cache.free(s)
+    model.seqs.clear()
+    agree(cache, model, MAX)
+    assert cache.nbytes == cache.stats().metadata_bytes          # every token's byte is back
+
+
+def agree(cache, model, budget):
+    """the cache holds what the model says: stored tokens per layer, each sequence's cold
+    tokens and its values in order (the value of token i is in channel 0 of its V)"""
     st_ = cache.stats()
-    assert st_.stored_tokens == 0 and st_.hot_bytes == 0 and st_.cold_bytes == 0 and st_.cold_groups == 0
+    stored = model.stored()
+    assert stored <= budget and st_.stored_tokens == stored
+    assert {r["layer"]: r["tokens"] for r in st_.layers} == {0: stored, 1: stored}
+    held = {s: (st_.sequences[s]["cold_tokens"], [cache.get_kv(s, layer)[1][:, 0, 0].tolist() for layer in (0, 1)])
+            for s in model.seqs}
+    assert held == {s: (cold, [[float(v) for _, v in toks]] * 2) for s, (toks, cold, _) in model.seqs.items()}
