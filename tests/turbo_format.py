@@ -234,14 +234,14 @@ def kernel_reference(cache, seq, layer, q, causal=True, bits=None):
     D = padded_dim(d)
     R = rotation(D)
     sizes, blobs = arrays[f"cold_sizes.{layer}"], arrays[f"cold.{layer}"]
-    skip = meta["skip"][layer]
+    skip, cut = meta["skip"][layer], meta["cut"][layer]
     groups, off = [], 0
     for s in sizes:
         groups.append(group_parts(blobs[off:off + s], kvh, d, G, bits))
         off += s
     hot_k = arrays[f"hot_k.{layer}"].astype(np.float64)
     hot_v = arrays[f"hot_v.{layer}"].astype(np.float64)
-    n_cold = len(groups) * G - skip
+    n_cold = len(groups) * G - skip - cut       # the last group lost `cut` tokens
     n = n_cold + len(hot_k)
     q = np.asarray(q, np.float32)
     q_len, H, _ = q.shape
@@ -251,12 +251,12 @@ def kernel_reference(cache, seq, layer, q, causal=True, bits=None):
     bound = np.zeros((q_len, H))
     for h in range(kvh):
         # per token: cold (group, index) or hot
-        a_k = np.concatenate([p[h]["ka"] for p in groups])[skip:] if groups else np.zeros(0)
-        kc = np.concatenate([p[h]["kc"] for p in groups])[skip:] if groups else np.zeros((0, D))
-        flag = np.concatenate([p[h]["flag"] for p in groups])[skip:] if groups else np.zeros(0, bool)
-        mus = np.concatenate([np.repeat(p[h]["mu"][None], G, 0) for p in groups])[skip:] if groups else np.zeros((0, d))
-        a_v = np.concatenate([p[h]["va"] for p in groups])[skip:] if groups else np.zeros(0)
-        vc = np.concatenate([p[h]["vc"] for p in groups])[skip:] if groups else np.zeros((0, D))
+        a_k = np.concatenate([p[h]["ka"] for p in groups])[skip:skip + n_cold] if groups else np.zeros(0)
+        kc = np.concatenate([p[h]["kc"] for p in groups])[skip:skip + n_cold] if groups else np.zeros((0, D))
+        flag = np.concatenate([p[h]["flag"] for p in groups])[skip:skip + n_cold] if groups else np.zeros(0, bool)
+        mus = np.concatenate([np.repeat(p[h]["mu"][None], G, 0) for p in groups])[skip:skip + n_cold] if groups else np.zeros((0, d))
+        a_v = np.concatenate([p[h]["va"] for p in groups])[skip:skip + n_cold] if groups else np.zeros(0)
+        vc = np.concatenate([p[h]["vc"] for p in groups])[skip:skip + n_cold] if groups else np.zeros((0, D))
         values = np.concatenate([((a_v[:, None] * vc) @ R)[:, :d], hot_v[:, h]])
         vmax = np.abs(values).max() if len(values) else 0.0
         for i in range(q_len):

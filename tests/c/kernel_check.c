@@ -40,8 +40,7 @@
 #include <unistd.h>
 
 #include "kernels/rv_ops.h"
-#include "kvcache/rv_coldq.h"
-#include "kvcache/rv_turbo.h"
+#include "kernels/rv_qview.h"
 
 /* ---- case storage ---- */
 
@@ -629,7 +628,7 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
         nq != (size_t)rows * d || nkc < (size_t)((d + (int)nki - 1) * krow + (bits == 8 ? G : (G + 1) / 2)) ||
         nvc < (size_t)((G - 1) * vrow + (bits == 8 ? d : (d + 1) / 2)) || nks != (size_t)d ||
         nkz != (size_t)d || nvs != (size_t)G * ng || nvz != (size_t)G * ng ||
-        nki > RV_COLDQ_MAX_OUTLIERS || nvi > RV_COLDQ_MAX_OUTLIERS || ((nki || nvi) && bits != 4) ||
+        nki > RV_MAX_OUTLIERS || nvi > RV_MAX_OUTLIERS || ((nki || nvi) && bits != 4) ||
         nos != nvi || noz != nvi || nvh < (size_t)G * ((nvi + 1) / 2) || (visible && nvis != (size_t)rows) ||
         alloc_state(c, rows, d, &s))
         return fail(c, "%s: malformed case", "attend_qgroup");

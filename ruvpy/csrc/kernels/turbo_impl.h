@@ -1,5 +1,5 @@
 /* TurboQuant attention kernel (rv_ops.attend_tgroup): one KV head of a cold group, read in
- * place (layout: kvcache/rv_turbo.h). Included by quant_impl.h, once per ISA.
+ * place through struct rv_thead (kernels/rv_qview.h). Included by quant_impl.h, once per ISA.
  *
  * Scores: the rotated query is an int8 vector q8 (scale qscale); a key's codes unpack to bytes
  * (c + 64) through one 16-entry table per 16 coordinates (vpshufb / tbl), and
@@ -17,7 +17,7 @@
 #include <string.h>
 #include "rv_simd.h"
 #include "kernels/rv_ops.h"
-#include "kvcache/rv_turbo.h"
+#include "kernels/rv_qview.h"
 
 #define TQ_TB 16          /* tokens per score block */
 

@@ -6,8 +6,11 @@
 
 #include "rv_common.h"
 #include "rv_fp16.h"
+#include "rv_limits.h"
 #include "kvcache/rv_turbo.h"
 #include "kvcache/rv_kvmem.h"
+
+typedef struct rv_turbo rv_turbo;
 
 struct rv_turbo {
     int kvh, d, D, G, Gp;
@@ -73,40 +76,67 @@ static int width(int i, int n3, int n4) { return 2 + (i < n3) + (i < n4); }
 
 static const int8_t *book(int w) { return w == 2 ? rv_turbo_book2 : (w == 3 ? rv_turbo_book3 : rv_turbo_book4); }
 
-rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, double bits)
+/* t's scalar fields (its shape) for the configuration, or RV_EINVAL: arithmetic only */
+static int turbo_shape(rv_turbo *t, const rv_codec_cfg *cfg)
 {
-    if (bits != 2.5 && bits != 3.5 && bits != 4.5)
-        return NULL;
-    if (num_kv_heads <= 0 || head_dim <= 0 || head_dim > 256 || group_tokens <= 0)
-        return NULL;
-    rv_turbo *t = (rv_turbo *)calloc(1, sizeof(rv_turbo));
-    if (!t)
-        return NULL;
-    t->kvh = num_kv_heads;
-    t->d = head_dim;
+    static const double rates[RV_TURBO_BITS_COUNT] = RV_TURBO_BITS_LIST;
+    int known = 0;
+    for (int i = 0; i < RV_TURBO_BITS_COUNT; i++)
+        known |= cfg->bits == rates[i];
+    if (!known || cfg->num_kv_heads <= 0 || cfg->head_dim <= 0 || cfg->head_dim > RV_MAX_HEAD_DIM ||
+        cfg->group_tokens <= 0 || cfg->group_tokens > RV_MAX_GROUP_TOKENS ||
+        (int64_t)cfg->num_kv_heads * cfg->head_dim * cfg->group_tokens > RV_MAX_GROUP_VALUES)
+        return RV_EINVAL;
+    memset(t, 0, sizeof *t);
+    t->kvh = cfg->num_kv_heads;
+    t->d = cfg->head_dim;
     t->D = 16;
-    while (t->D < head_dim)
+    while (t->D < t->d)
         t->D *= 2;
-    t->G = group_tokens;
-    t->Gp = (group_tokens + 15) / 16 * 16;
-    choose_widths(t, bits);
+    t->G = cfg->group_tokens;
+    t->Gp = (t->G + 15) / 16 * 16;
+    choose_widths(t, cfg->bits);
     t->kbytes = token_bytes(t->D, t->k_n3, t->k_n4);
     t->vbytes = token_bytes(t->D, t->v_n3, t->v_n4);
     size_t o = 2 * P_COUNT;
-    t->off_mu = o;   o += (size_t)(head_dim + 1) / 2;
+    t->off_mu = o;   o += (size_t)(t->d + 1) / 2;
     t->off_flag = o; o += (size_t)t->Gp / 8;
     t->off_kn = o;   o += (size_t)t->Gp;
     t->off_vn = o;   o += (size_t)t->Gp;
     t->off_kc = o;   o += (size_t)t->Gp * t->kbytes;
     t->off_vc = o;   o += (size_t)t->Gp * t->vbytes;
     t->seg = (o + 1) & ~(size_t)1;
-    t->signs = (float *)rv_kv_alloc_counted(sizeof(float) * (size_t)t->D, &t->bytes);
-    t->tabs = (uint8_t *)rv_kv_alloc_counted(2 * (size_t)t->D, &t->bytes);
+    /* the tables: the struct, the signs [D], the kernels' lookup tables [2][D] */
+    t->bytes = sizeof(rv_turbo) + rv_kv_alloc_size(sizeof(float) * (size_t)t->D) + rv_kv_alloc_size(2 * (size_t)t->D);
+    return RV_OK;
+}
+
+static void turbo_free(rv_turbo *t)
+{
+    if (!t)
+        return;
+    rv_kv_free(t->signs);
+    rv_kv_free(t->tabs);
+    free(t);
+}
+
+static int turbo_create(const rv_codec_cfg *cfg, void **state)
+{
+    rv_turbo shape;
+    *state = NULL;
+    int rc = turbo_shape(&shape, cfg);
+    if (rc != RV_OK)
+        return rc;
+    rv_turbo *t = (rv_turbo *)malloc(sizeof(rv_turbo));
+    if (!t)
+        return RV_ENOMEM;
+    *t = shape;
+    t->signs = (float *)rv_kv_alloc(sizeof(float) * (size_t)t->D);
+    t->tabs = (uint8_t *)rv_kv_alloc(2 * (size_t)t->D);
     if (!t->signs || !t->tabs) {
-        rv_turbo_destroy(t);
-        return NULL;
+        turbo_free(t);
+        return RV_ENOMEM;
     }
-    t->bytes += sizeof(rv_turbo);
     uint64_t seed = 0x7572767079ull ^ ((uint64_t)t->D << 32);   /* "ruvpy", per padded dim */
     for (int i = 0; i < t->D; i++)
         t->signs[i] = (splitmix(&seed) >> 63) ? 1.0f : -1.0f;
@@ -116,34 +146,17 @@ rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, doub
             t->tabs[b + k] = k < (1 << kw) ? (uint8_t)(book(kw)[k] + 64) : 0;
             t->tabs[t->D + b + k] = k < (1 << vw) ? (uint8_t)book(vw)[k] : 0;
         }
-    return t;
+    *state = t;
+    return RV_OK;
 }
 
-void rv_turbo_destroy(rv_turbo *t)
-{
-    if (!t)
-        return;
-    rv_kv_free(t->signs);
-    rv_kv_free(t->tabs);
-    free(t);
-}
+static void turbo_destroy(void *state) { turbo_free((rv_turbo *)state); }
 
-size_t rv_turbo_bytes(const rv_turbo *t) { return t->bytes; }
-int rv_turbo_padded_dim(const rv_turbo *t) { return t->D; }
-size_t rv_turbo_head_bytes(const rv_turbo *t) { return t->seg; }
-size_t rv_turbo_blob_bytes(const rv_turbo *t) { return (size_t)t->kvh * t->seg; }
+static size_t blob_bytes(const rv_turbo *t) { return (size_t)t->kvh * t->seg; }
 
-const unsigned char *rv_turbo_segment(const rv_turbo *t, const unsigned char *blob, int head)
+static const unsigned char *segment(const rv_turbo *t, const unsigned char *blob, int head)
 {
     return blob + (size_t)head * t->seg;
-}
-
-void rv_turbo_widths(const rv_turbo *t, int *k_n3, int *k_n4, int *v_n3, int *v_n4)
-{
-    *k_n3 = t->k_n3;
-    *k_n4 = t->k_n4;
-    *v_n3 = t->v_n3;
-    *v_n4 = t->v_n4;
 }
 
 static float param(const unsigned char *seg, int which)
@@ -155,9 +168,9 @@ static float param(const unsigned char *seg, int which)
 
 static void put_param(unsigned char *seg, int which, uint16_t h) { memcpy(seg + 2 * which, &h, 2); }
 
-int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes)
+static int validate_blob(const rv_turbo *t, const unsigned char *blob, size_t bytes)
 {
-    if (bytes != rv_turbo_blob_bytes(t))
+    if (bytes != blob_bytes(t))
         return -1;
     for (int h = 0; h < t->kvh; h++)
         for (int p = 0; p < P_COUNT; p++)
@@ -343,47 +356,44 @@ static void decode_mean(const rv_turbo *t, const unsigned char *seg, float *mu)
         mu[c] = lo + (float)(codes[c / 2] & 15) * step;
 }
 
-size_t rv_turbo_scratch_floats(const rv_turbo *t)
+/* floats of the encoder's / decoder's own work: y [D], mu, tmp, r [d], scales [Gp] */
+static size_t work_floats(const rv_turbo *t)
 {
     return 2 * (size_t)t->D + 3 * (size_t)t->d + (size_t)t->Gp;
 }
 
-void rv_turbo_encode(const rv_turbo *t, const float *k, const float *v, unsigned char *blob, float *scratch)
+/* head h's keys and values kh, vh [G][d] into its segment (zeroed) */
+static void encode_head(const rv_turbo *t, const float *kh, const float *vh, unsigned char *seg, float *work)
 {
     const int d = t->d, G = t->G;
-    float *y = scratch, *mu = y + t->D, *tmp = mu + d, *r = tmp + d, *a = r + d;
-    memset(blob, 0, rv_turbo_blob_bytes(t));      /* padding tokens: zero vectors */
-    for (int h = 0; h < t->kvh; h++) {
-        unsigned char *seg = blob + (size_t)h * t->seg;
-        const float *kh = k + (size_t)h * G * d, *vh = v + (size_t)h * G * d;
-        /* keys: the group mean out where that shrinks the key */
-        code_mean(t, kh, seg, mu, tmp);
-        for (int tok = 0; tok < G; tok++) {
-            const float *x = kh + (size_t)tok * d;
-            double far = 0.0, near = 0.0;
-            for (int c = 0; c < d; c++) {
-                r[c] = x[c] - mu[c];
-                far += (double)x[c] * x[c];
-                near += (double)r[c] * r[c];
-            }
-            const int flag = near < far;
-            if (flag)
-                seg[t->off_flag + tok / 8] |= (uint8_t)(1u << (tok % 8));
-            a[tok] = code_vector(t, flag ? r : x, t->k_n3, t->k_n4, seg + t->off_kc + (size_t)tok * t->kbytes, y);
+    float *y = work, *mu = y + t->D, *tmp = mu + d, *r = tmp + d, *a = r + d;
+    /* keys: the group mean out where that shrinks the key */
+    code_mean(t, kh, seg, mu, tmp);
+    for (int tok = 0; tok < G; tok++) {
+        const float *x = kh + (size_t)tok * d;
+        double far = 0.0, near = 0.0;
+        for (int c = 0; c < d; c++) {
+            r[c] = x[c] - mu[c];
+            far += (double)x[c] * x[c];
+            near += (double)r[c] * r[c];
         }
-        code_scales(a, G, seg + t->off_kn, seg, P_KN_LO, P_KN_STEP);
-        for (int tok = 0; tok < G; tok++)
-            a[tok] = code_vector(t, vh + (size_t)tok * d, t->v_n3, t->v_n4,
-                                 seg + t->off_vc + (size_t)tok * t->vbytes, y);
-        code_scales(a, G, seg + t->off_vn, seg, P_VN_LO, P_VN_STEP);
+        const int flag = near < far;
+        if (flag)
+            seg[t->off_flag + tok / 8] |= (uint8_t)(1u << (tok % 8));
+        a[tok] = code_vector(t, flag ? r : x, t->k_n3, t->k_n4, seg + t->off_kc + (size_t)tok * t->kbytes, y);
     }
+    code_scales(a, G, seg + t->off_kn, seg, P_KN_LO, P_KN_STEP);
+    for (int tok = 0; tok < G; tok++)
+        a[tok] = code_vector(t, vh + (size_t)tok * d, t->v_n3, t->v_n4, seg + t->off_vc + (size_t)tok * t->vbytes, y);
+    code_scales(a, G, seg + t->off_vn, seg, P_VN_LO, P_VN_STEP);
 }
 
-void rv_turbo_decode(const rv_turbo *t, const unsigned char *blob, int head, float *k, float *v, float *scratch)
+/* head's G tokens back as floats k, v [G][d] (what attention computes with); work: y [D], mu [d] */
+static void decode_head(const rv_turbo *t, const unsigned char *blob, int head, float *k, float *v, float *work)
 {
     const int D = t->D, d = t->d;
-    const unsigned char *seg = rv_turbo_segment(t, blob, head);
-    float *y = scratch, *mu = y + D;
+    const unsigned char *seg = segment(t, blob, head);
+    float *y = work, *mu = y + D;
     decode_mean(t, seg, mu);
     const float kl = param(seg, P_KN_LO), ks = param(seg, P_KN_STEP);
     const float vl = param(seg, P_VN_LO), vs = param(seg, P_VN_STEP);
@@ -408,7 +418,7 @@ void rv_turbo_decode(const rv_turbo *t, const unsigned char *blob, int head, flo
 /* ---- attention support ---- */
 
 /* prepared query rows: int8 rotated queries [rows][D] bytes, then scales [rows], sums [rows] */
-size_t rv_turbo_query_floats(const rv_turbo *t, int rows)
+static size_t query_floats(const rv_turbo *t, int rows)
 {
     return rv_pad16(((size_t)rows * t->D + 3) / 4) + 2 * rv_pad16((size_t)rows);
 }
@@ -422,14 +432,15 @@ static void query_parts(const rv_turbo *t, const float *prep, int rows, const in
     *qsum = (const int32_t *)(prep + b + rv_pad16((size_t)rows));
 }
 
-void rv_turbo_prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_stride, int rows, float *prep)
+/* the (scaled) query rows q [rows][d] (stride q_stride), rotated and made int8, into `prep` */
+static void prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_stride, int rows, float *prep)
 {
     const int D = t->D;
     const size_t b = rv_pad16(((size_t)rows * D + 3) / 4);
     int8_t *q8 = (int8_t *)prep;
     float *qscale = prep + b;
     int32_t *qsum = (int32_t *)(prep + b + rv_pad16((size_t)rows));
-    float y[256];
+    float y[RV_MAX_HEAD_DIM];
     for (int r = 0; r < rows; r++) {
         rotate(t, q + r * q_stride, y);
         float mx = 0.0f;
@@ -449,10 +460,12 @@ void rv_turbo_prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_str
     }
 }
 
-void rv_turbo_head(const rv_turbo *t, const unsigned char *blob, int head, const float *prep, int rows,
-                   const float *q, ptrdiff_t q_stride, float *mu, struct rv_thead *h)
+/* the kernel's view of head `head` of a group, given prepared queries (the key mean decoded
+ * into mu [d]) */
+static void head_view(const rv_turbo *t, const unsigned char *blob, int head, const float *prep, int rows,
+                      const float *q, ptrdiff_t q_stride, float *mu, struct rv_thead *h)
 {
-    const unsigned char *seg = rv_turbo_segment(t, blob, head);
+    const unsigned char *seg = segment(t, blob, head);
     decode_mean(t, seg, mu);
     const int8_t *q8;
     const float *qscale;
@@ -468,8 +481,138 @@ void rv_turbo_head(const rv_turbo *t, const unsigned char *blob, int head, const
                            .q8 = q8, .qscale = qscale, .qsum = qsum};
 }
 
-void rv_turbo_unrotate(const rv_turbo *t, float *acc, int rows, float *out, ptrdiff_t out_stride)
+/* ---- the codec entry (kvcache/rv_codec.h) ---- */
+
+static size_t encode_floats(const rv_turbo *t)
 {
-    for (int r = 0; r < rows; r++)
-        unrotate(t, acc + (size_t)r * t->D, out + r * out_stride);
+    return rv_codec_encoding_floats((size_t)t->G * t->d, work_floats(t), t->kvh);
 }
+
+static int turbo_sizes(const rv_codec_cfg *cfg, rv_codec_sizes *out)
+{
+    rv_turbo t;
+    int rc = turbo_shape(&t, cfg);
+    if (rc != RV_OK)
+        return rc;
+    out->state_bytes = t.bytes;
+    out->blob_min = out->blob_max = blob_bytes(&t);     /* groups have a fixed size */
+    out->encode_floats = encode_floats(&t);
+    out->decode_floats = work_floats(&t);
+    return RV_OK;
+}
+
+static size_t turbo_encoded_bytes(const void *state, const uint16_t *k, const uint16_t *v, float *scratch,
+                                  const rv_ops *ops)
+{
+    (void)k, (void)v, (void)scratch, (void)ops;
+    return blob_bytes((const rv_turbo *)state);
+}
+
+static void turbo_encode(const void *state, const uint16_t *k, const uint16_t *v, unsigned char *blob, float *scratch,
+                         const rv_ops *ops)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    memset(blob, 0, blob_bytes(t));      /* padding tokens: zero vectors; pad bytes defined */
+    for (int h = 0; h < t->kvh; h++) {
+        rv_codec_encoding e = rv_codec_encoding_at(scratch, (size_t)t->G * t->d, work_floats(t), t->kvh, k, v, h, ops);
+        encode_head(t, e.kf, e.vf, blob + (size_t)h * t->seg, e.work);
+    }
+}
+
+static int turbo_validate(const void *state, const unsigned char *blob, size_t bytes)
+{
+    return validate_blob((const rv_turbo *)state, blob, bytes);
+}
+
+static void turbo_decode_head(const void *state, const unsigned char *blob, int head, float *k, float *v,
+                              float *scratch, const rv_ops *ops)
+{
+    (void)ops;
+    decode_head((const rv_turbo *)state, blob, head, k, v, scratch);
+}
+
+/* Attention in the rotated domain. Scratch: per head j of a task its prepared queries and a
+ * rotated-domain state (m, l, acc [rows][D]); after the nh heads the group head's key mean
+ * [d], the rows rotated back [rows][d], then the fused kernel's scratch. */
+typedef struct {
+    float *prep, *m, *l, *acc;
+} tq_head_state;
+
+static size_t head_state_floats(const rv_turbo *t, int rows)
+{
+    return query_floats(t, rows) + 2 * rv_pad16((size_t)rows) + rv_pad16((size_t)rows * t->D);
+}
+
+static tq_head_state head_state(const rv_turbo *t, float *scratch, int rows, int j)
+{
+    tq_head_state s;
+    s.prep = scratch + (size_t)j * head_state_floats(t, rows);
+    s.m = s.prep + query_floats(t, rows);
+    s.l = s.m + rv_pad16((size_t)rows);
+    s.acc = s.l + rv_pad16((size_t)rows);
+    return s;
+}
+
+static float *after_heads(const rv_turbo *t, float *scratch, int rows, int nh)
+{
+    return scratch + (size_t)nh * head_state_floats(t, rows);
+}
+
+static size_t turbo_attend_floats(const void *state, int rows, int nh)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    return (size_t)nh * head_state_floats(t, rows) + rv_pad16((size_t)t->d) + rv_pad16((size_t)rows * t->d) +
+           rv_pad16(RV_TATTN_SCRATCH_FLOATS(t->Gp, t->D));
+}
+
+static void turbo_attend_begin(const void *state, rv_attn_state *states, int nh, float *scratch, const rv_ops *ops)
+{
+    (void)ops;
+    const rv_turbo *t = (const rv_turbo *)state;
+    const int rows = states[0].rows;
+    for (int j = 0; j < nh; j++) {
+        tq_head_state s = head_state(t, scratch, rows, j);
+        prepare_queries(t, states[j].q, states[j].q_stride, rows, s.prep);
+        rv_attn_state_clear(s.m, s.l, s.acc, rows, t->D);
+    }
+}
+
+static void turbo_attend_group(const void *state, const unsigned char *blob, int head, int j, int nh, int a, int n,
+                               const int *visible, rv_attn_state *states, const unsigned char *next_blob,
+                               int next_head, float *scratch, const rv_ops *ops)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    const int rows = states[0].rows;
+    tq_head_state s = head_state(t, scratch, rows, j);
+    float *mu = after_heads(t, scratch, rows, nh);
+    float *kscratch = mu + rv_pad16((size_t)t->d) + rv_pad16((size_t)rows * t->d);
+    rv_attn_state rot = {rows, t->D, NULL, t->D, s.m, s.l, s.acc, states[0].scratch};
+    struct rv_thead th;
+    head_view(t, blob, head, s.prep, rows, states[j].q, states[j].q_stride, mu, &th);
+    if (next_blob) {     /* fixed-size segments: where the next one is needs no read */
+        th.prefetch = segment(t, next_blob, next_head);
+        th.prefetch_bytes = t->seg;
+    }
+    ops->attend_tgroup(&rot, &th, a, n, visible, kscratch);
+}
+
+static void turbo_attend_end(const void *state, rv_attn_state *states, int nh, float *scratch, const rv_ops *ops)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    const int rows = states[0].rows, d = t->d;
+    float *out = after_heads(t, scratch, rows, nh) + rv_pad16((size_t)d);     /* [rows][d] */
+    for (int j = 0; j < nh; j++) {
+        tq_head_state s = head_state(t, scratch, rows, j);
+        for (int r = 0; r < rows; r++)     /* acc [rows][D], rotated domain -> out */
+            unrotate(t, s.acc + (size_t)r * t->D, out + (size_t)r * d);
+        ops->attn_merge(rows, d, states[j].m, states[j].l, states[j].acc, s.m, s.l, out);
+    }
+}
+
+const rv_codec rv_codec_turbo = {
+    .name = "turbo", .sizes = turbo_sizes, .create = turbo_create, .destroy = turbo_destroy,
+    .encoded_bytes = turbo_encoded_bytes, .encode = turbo_encode, .validate = turbo_validate,
+    .decode_head = turbo_decode_head,
+    .attend_scratch_floats = turbo_attend_floats, .attend_begin = turbo_attend_begin,
+    .attend_group = turbo_attend_group, .attend_end = turbo_attend_end,
+};

@@ -1,4 +1,5 @@
-/* The TurboQuant cold-group format of the two-tier cache (after Zandieh et al., arXiv
+/* The TurboQuant cold-group format of the two-tier cache, the codec table's entry "turbo"
+ * (kvcache/rv_codec.h; after Zandieh et al., arXiv
  * 2504.19874: random rotation + Lloyd-Max scalar codes), with what measurements on SmolLM2's own
  * K/V showed a small head_dim needs (tools/kv_quant_lab.py, README "TurboQuant"):
  *
@@ -44,10 +45,10 @@
 #ifndef RV_TURBO_H
 #define RV_TURBO_H
 
-#include <stddef.h>
 #include <stdint.h>
 
-#include "kernels/rv_ops.h"
+#include "kernels/rv_qview.h"     /* struct rv_thead: what the fused kernel reads of a head */
+#include "kvcache/rv_codec.h"     /* the codec entry, rv_codec_turbo */
 
 /* int8 codebooks: round(RV_TURBO_BOOK_SCALE * Lloyd-Max centroids of N(0, 1)), ascending; |c| <= 63
  * so that (c + 64) is a u8 below 128 and (c + 64) * q8 pair sums fit int16 (vpmaddubsw) */
@@ -60,71 +61,5 @@
 RV_TURBO_TABLE int8_t rv_turbo_book2[4] = {-35, -10, 10, 35};
 RV_TURBO_TABLE int8_t rv_turbo_book3[8] = {-49, -31, -17, -6, 6, 17, 31, 49};
 RV_TURBO_TABLE int8_t rv_turbo_book4[16] = {-63, -48, -37, -29, -22, -15, -9, -3, 3, 9, 15, 22, 29, 37, 48, 63};
-
-/* One KV head of a TurboQuant group as the fused kernel (rv_ops.attend_tgroup) reads it. The
- * attention state it folds into has head_dim D: accumulators in the rotated domain. */
-struct rv_thead {
-    int G, Gp, D, d;
-    int k_n3, k_n4, v_n3, v_n4;                  /* code widths, see above */
-    int kbytes, vbytes;                          /* codes per token */
-    const uint8_t *kcodes, *vcodes;              /* [Gp][kbytes], [Gp][vbytes] */
-    /* per 16 coordinates a 16-entry table: keys (c + 64) as u8, values c as int8 */
-    const uint8_t *ktab, *vtab;                  /* [D] each */
-    const uint8_t *knorm, *vnorm;                /* [Gp] scale codes */
-    float kn_lo, kn_step, vn_lo, vn_step;        /* their decoding */
-    const uint8_t *kflag;                        /* [Gp / 8] */
-    const float *kmu;                            /* [d] the key mean, decoded */
-    /* query side, per state row r: the plain (scaled) query at qplain + r * qplain_stride for
-     * q . mu; the rotated one as int8 q8 + r * D with rotated ~= qscale[r] * q8, qsum[r] = sum q8 */
-    const float *qplain;
-    ptrdiff_t qplain_stride;
-    const int8_t *q8;
-    const float *qscale;
-    const int32_t *qsum;
-    const unsigned char *prefetch;               /* what the caller reads next, or NULL */
-    size_t prefetch_bytes;
-};
-
-/* query rows the fused kernel handles at once, and the scratch it needs */
-#define RV_TATTN_ROWS 4
-#define RV_TATTN_SCRATCH_FLOATS(Gp, D) \
-    ((size_t)RV_TATTN_ROWS * ((size_t)(Gp) + 32) + 5 * (size_t)(Gp) + 4 * (size_t)(D) + 256)
-
-typedef struct rv_turbo rv_turbo;
-
-/* bits 2.5 / 3.5 / 4.5 per value, metadata included (anything else: NULL) */
-rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, double bits);
-void rv_turbo_destroy(rv_turbo *t);
-size_t rv_turbo_bytes(const rv_turbo *t);          /* its own tables (metadata) */
-int rv_turbo_padded_dim(const rv_turbo *t);        /* D */
-size_t rv_turbo_blob_bytes(const rv_turbo *t);     /* a group */
-size_t rv_turbo_head_bytes(const rv_turbo *t);     /* one head's segment */
-const unsigned char *rv_turbo_segment(const rv_turbo *t, const unsigned char *blob, int head);
-/* widths: keys' and values' n3 / n4 (tests and stats) */
-void rv_turbo_widths(const rv_turbo *t, int *k_n3, int *k_n4, int *v_n3, int *v_n4);
-
-/* Encode G tokens of every head: k, v [kvh][G][d] floats, into blob (rv_turbo_blob_bytes).
- * scratch: rv_turbo_scratch_floats floats. */
-size_t rv_turbo_scratch_floats(const rv_turbo *t);
-void rv_turbo_encode(const rv_turbo *t, const float *k, const float *v, unsigned char *blob, float *scratch);
-
-/* All G tokens of head h back as floats [G][d] (what attention computes with).
- * scratch: rv_turbo_scratch_floats. */
-void rv_turbo_decode(const rv_turbo *t, const unsigned char *blob, int head, float *k, float *v, float *scratch);
-
-/* Attention support. Per thread, per head: rv_turbo_query_floats(rows) floats of prepared query
- * (rotated floats, int8 copy, scales and sums), then the state (m, l, acc [rows][D]). */
-size_t rv_turbo_query_floats(const rv_turbo *t, int rows);
-/* the (scaled) query rows q [rows][d] (stride q_stride) rotated into `prep` */
-void rv_turbo_prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_stride, int rows, float *prep);
-/* the view of head h of a group for the kernel, given prepared queries (the key mean decoded
- * into `mu`, d floats) */
-void rv_turbo_head(const rv_turbo *t, const unsigned char *blob, int head, const float *prep, int rows,
-                   const float *q, ptrdiff_t q_stride, float *mu, struct rv_thead *h);
-/* acc [rows][D] (rotated domain) -> out [rows][d] (stride out_stride) */
-void rv_turbo_unrotate(const rv_turbo *t, float *acc, int rows, float *out, ptrdiff_t out_stride);
-
-/* 0 if blob (of `bytes` bytes, from outside) is a well-formed group blob; -1 if not. */
-int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes);
 
 #endif

@@ -1,0 +1,96 @@
+/* What the fused quantized-attention kernels (rv_ops.attend_qgroup / attend_tgroup,
+ * kernels/quant_impl.h) read: one KV head of a cold group, its codes in place and its
+ * parameters as floats. The cold formats themselves (how a group's blob is laid out, how it is
+ * encoded) belong to the two-tier cache's codec table; each fills its view. Kernels know
+ * nothing else of caches. */
+#ifndef RV_QVIEW_H
+#define RV_QVIEW_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rv_limits.h"
+
+/* ---- a q8 / q4 group head (KIVI style with dense-and-sparse outlier channels) ---- */
+struct rv_qhead {
+    int G, head_dim, bits, group_size;
+    const uint8_t *kcodes;        /* channel-major: row c's G codes at kcodes + c * krow for the
+                                     head_dim channels, then nk rows of outlier high nibbles */
+    ptrdiff_t krow;
+    const float *kscale, *kzero;  /* [head_dim] (outlier channels: their 8-bit parameters) */
+    int nk;                       /* outliers (4 bits only) */
+    const uint8_t *kidx;          /* [nk] outlier key channels, ascending */
+    const uint8_t *vcodes;        /* token-major: token t's head_dim codes at vcodes + t * vrow */
+    ptrdiff_t vrow;
+    const float *vscale, *vzero;  /* [G][ceil(head_dim / group_size)] */
+    int nv;
+    const uint8_t *vidx;          /* [nv] outlier value channels, ascending */
+    const float *voscale, *vozero;/* [nv] their per-channel 8-bit parameters */
+    const uint8_t *vhi;           /* [G][(nv + 1) / 2] their codes' high nibbles (low: in vcodes) */
+    /* what the caller reads next (the next group's segment of this head): the kernel
+     * prefetches it into L2 while it computes, NULL for nothing */
+    const unsigned char *prefetch;
+    size_t prefetch_bytes;
+};
+
+/* Where outlier value channel o's 8-bit codes sit (4-bit heads only): token t's code is
+ * rv_qhead_vout_code(&cur, t). Decoders set it up once per channel and hold it in locals:
+ * loads through uint8_t pointers may alias anything, so per-token lookups through the head
+ * would be reloaded after every float store. */
+typedef struct {
+    const uint8_t *lo, *hi;     /* token 0's slot byte and high-nibble byte */
+    ptrdiff_t lo_stride, hi_stride;
+    int lo_shift, hi_shift;
+} rv_qhead_vout;
+
+static inline rv_qhead_vout rv_qhead_vout_at(const struct rv_qhead *h, int o)
+{
+    const int c = h->vidx[o], half = (h->head_dim + 1) / 2;
+    return (rv_qhead_vout){.lo = h->vcodes + (c < half ? c : c - half), .hi = h->vhi + o / 2,
+                           .lo_stride = h->vrow, .hi_stride = (h->nv + 1) / 2,
+                           .lo_shift = c < half ? 0 : 4, .hi_shift = 4 * (o & 1)};
+}
+
+static inline int rv_qhead_vout_code(const rv_qhead_vout *v, int t)
+{
+    return ((v->lo[t * v->lo_stride] >> v->lo_shift) & 15) | ((v->hi[t * v->hi_stride] >> v->hi_shift) & 15) << 4;
+}
+
+/* query rows the fused kernel keeps in registers at once, and the scratch it needs */
+#define RV_QATTN_ROWS 4
+#define RV_QATTN_SCRATCH_FLOATS(G, d) \
+    ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + (size_t)(d) + RV_MAX_OUTLIERS) + (size_t)(G) + 64)
+
+/* ---- a TurboQuant group head ----
+ * The attention state it folds into has head_dim D (the padded head_dim): accumulators in the
+ * rotated domain, rotated back once per head by the format. A token's key / value is a scale
+ * times int8 codebook entries of its rotated coordinates, the codes packed as "crumbs" and bit
+ * planes (the layout is the format's); the kernel needs no more than this. */
+struct rv_thead {
+    int G, Gp, D, d;
+    int k_n3, k_n4, v_n3, v_n4;                  /* coordinates [0, n4): 4 bits, [n4, n3): 3, else 2 */
+    int kbytes, vbytes;                          /* codes per token */
+    const uint8_t *kcodes, *vcodes;              /* [Gp][kbytes], [Gp][vbytes] */
+    /* per 16 coordinates a 16-entry table: keys (c + 64) as u8, values c as int8 */
+    const uint8_t *ktab, *vtab;                  /* [D] each */
+    const uint8_t *knorm, *vnorm;                /* [Gp] scale codes: 0 a zero vector, else */
+    float kn_lo, kn_step, vn_lo, vn_step;        /* exp(lo + (code - 1) * step) */
+    const uint8_t *kflag;                        /* [Gp / 8] bit t: token t's key adds kmu */
+    const float *kmu;                            /* [d] the group's key mean, decoded */
+    /* query side, per state row r: the plain (scaled) query at qplain + r * qplain_stride for
+     * q . mu; the rotated one as int8 q8 + r * D with rotated ~= qscale[r] * q8, qsum[r] = sum q8 */
+    const float *qplain;
+    ptrdiff_t qplain_stride;
+    const int8_t *q8;
+    const float *qscale;
+    const int32_t *qsum;
+    const unsigned char *prefetch;               /* what the caller reads next, or NULL */
+    size_t prefetch_bytes;
+};
+
+/* query rows the fused kernel handles at once, and the scratch it needs */
+#define RV_TATTN_ROWS 4
+#define RV_TATTN_SCRATCH_FLOATS(Gp, D) \
+    ((size_t)RV_TATTN_ROWS * ((size_t)(Gp) + 32) + 5 * (size_t)(Gp) + 4 * (size_t)(D) + 256)
+
+#endif
