@@ -21,9 +21,9 @@ Measures, for every format (one model, its weights shared by one Runtime per for
    fp32 KV's row is what the model itself manages.
 4. Attention-output cosine per layer on real K/V: Q/K/V captured from the model (fp32 KV,
    the perplexity text), then every layer's causal attention out of a one-layer cache of
-   each format (hot tier 0: every full group of 64 is cold) against float64 attention over
-   the captured float32 K/V. Mean over the query rows at positions >= 64 and the heads;
-   reported per layer, with the minimum over layers.
+   each format against float64 attention over the captured float32 K/V: with hot tier 0
+   (every full group of 64 cold) and with the perplexity runs' hot tier. Mean over the query
+   rows at positions >= 64 and the heads; reported per layer, with the minimum over layers.
 5. Bits per value from allocations: on the model's own K/V (the cold store's bytes over its
    stored values in the perplexity run), and on random normal K/V and K/V with outlier
    channels (4 key and 4 value channels x20) for the (32, 8, 128) and (9, 3, 64) shapes.
@@ -273,21 +273,22 @@ def row_cosines(out, ref):
     return (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-300)
 
 
-def layer_cosines(captured, names, refs):
+def layer_cosines(captured, names, refs, hot_tokens=0):
     """{name: [mean cosine per layer]} of each format's cache attention against refs."""
     res = {}
     for name in names:
         per_layer = []
         for layer, (q, k, v) in captured.items():
             n, kvh, d = k.shape
-            cache = one_layer_cache(name, kvh, d, n)
+            cache = one_layer_cache(name, kvh, d, n, hot_tokens=hot_tokens)
             seq = cache.add_sequence()
             cache.append(seq, 0, k, v)
             out = cache.attention(seq, 0, q, causal=True)
             cache.close()
             per_layer.append(float(row_cosines(out, refs[layer])[MIGRATION:].mean()))
         res[name] = per_layer
-        log(f"  cosine {name:9s} min over layers {min(per_layer):.4f} (layer {int(np.argmin(per_layer))})")
+        log(f"  cosine {name:9s} (hot tier {hot_tokens}) min over layers {min(per_layer):.4f} "
+            f"(layer {int(np.argmin(per_layer))})")
     return res
 
 
@@ -438,9 +439,13 @@ def main():
         log(f"captured Q/K/V of {len(cap_ids)} tokens, {len(captured)} layers ({time.perf_counter() - t:.0f} s)")
         cos = layer_cosines(captured, names, refs)
         result["cosine_per_layer"] = cos
+        # as the perplexity runs hold them: the newest tokens in the hot tier
+        cos_hot = layer_cosines(captured, names, refs, hot_tokens=args.hot)
+        result["cosine_per_layer_hot"] = cos_hot
         for name in names:
             rows[name]["min layer cos"] = min(cos[name])
             rows[name]["mean cos"] = float(np.mean(cos[name]))
+            rows[name]["min layer cos hot"] = min(cos_hot[name])
     models.base.close()
 
     table = []
@@ -464,12 +469,16 @@ def main():
     print(f"ruvpy {ruvpy.__version__}, isa {ruvpy.get_isa()}, {ruvpy.get_num_threads()} threads; "
           f"perplexity over {n_tok} tokens per text fed {args.chunk} per step, hot tier {args.hot}\n")
     cols = ["format", "bits/value"] + [c for c in table[0] if c.startswith(("ppl", "vs fp16"))] + \
-        [c for c in ("greedy prefix", "teacher-forced %", "passkey found", "mean cos", "min layer cos") if c in table[0]]
+        [c for c in ("greedy prefix", "teacher-forced %", "passkey found", "mean cos", "min layer cos",
+                     "min layer cos hot") if c in table[0]]
     print_table(table, cols)
     if "cosine_per_layer" in result:
-        print("\nAttention-output cosine per layer (real SmolLM2 K/V, every full group cold)")
-        cos = result["cosine_per_layer"]
-        print_table([{"layer": layer, **{n: cos[n][layer] for n in names}} for layer in range(len(cos[names[0]]))])
+        print("\nAttention-output cosine per layer (real SmolLM2 K/V; every full group cold | hot tier "
+              f"{args.hot} as in the perplexity runs)")
+        cos, cos_hot = result["cosine_per_layer"], result["cosine_per_layer_hot"]
+        print_table([{"layer": layer, **{n: cos[n][layer] for n in names},
+                      **{f"{n} hot": cos_hot[n][layer] for n in names if n not in ("fp32", "fp16")}}
+                     for layer in range(len(cos[names[0]]))])
     if result.get("bits_synthetic"):
         print("\nBits per value from allocations, synthetic K/V (4096 tokens, cold store)")
         print_table(result["bits_synthetic"])
