@@ -88,6 +88,21 @@ struct rv_thead {
     size_t prefetch_bytes;
 };
 
+/* The code of rotated coordinate i of a token's packed codes (tok: kbytes / vbytes bytes):
+ * its low 2 bits in the "crumbs" (byte i % (D/4), bits 2 (i / (D/4))), bit 2 in a plane of
+ * n3 bits after them, bit 3 in a plane of n4 bits after that. The format writes this layout;
+ * the kernels' scalar paths and the format's decoder read it here. */
+static inline int rv_thead_code(const uint8_t *tok, int D, int n3, int n4, int i)
+{
+    const int q = D / 4;
+    int code = (tok[i % q] >> (2 * (i / q))) & 3;
+    if (i < n3)
+        code |= ((tok[q + i / 8] >> (i % 8)) & 1) << 2;
+    if (i < n4)
+        code |= ((tok[q + n3 / 8 + i / 8] >> (i % 8)) & 1) << 3;
+    return code;
+}
+
 /* query rows the fused kernel handles at once, and the scratch it needs */
 #define RV_TATTN_ROWS 4
 #define RV_TATTN_SCRATCH_FLOATS(Gp, D) \

@@ -37,18 +37,6 @@ RV_INLINE uint64_t tq_plane_bits(const uint8_t *plane, int lo, int n)
     }
 }
 
-/* code of coordinate i of a token (the format's definition, for the scalar paths) */
-RV_INLINE int tq_code(const uint8_t *tok, int D, int n3, int n4, int i)
-{
-    const int q = D / 4;
-    int code = (tok[i % q] >> (2 * (i / q))) & 3;
-    if (i < n3)
-        code |= ((tok[q + i / 8] >> (i % 8)) & 1) << 2;
-    if (i < n4)
-        code |= ((tok[q + n3 / 8 + i / 8] >> (i % 8)) & 1) << 3;
-    return code;
-}
-
 /* ---- a token's D codes -> D bytes tab[i / 16 * 16 + code_i] ---- */
 #if defined(RV_ISA_AVX512)
 /* per 64-coordinate chunk j: the crumbs' shift counts and the four tables */
@@ -180,7 +168,7 @@ RV_INLINE void tq_unpack_bytes(const uint8_t *tok, int D, int n3, int n4, const 
     }
 #else
     for (int i = 0; i < D; i++)
-        out[i] = tab[(i / 16) * 16 + tq_code(tok, D, n3, n4, i)];
+        out[i] = tab[(i / 16) * 16 + rv_thead_code(tok, D, n3, n4, i)];
 #endif
 }
 

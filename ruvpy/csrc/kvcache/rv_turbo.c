@@ -201,17 +201,6 @@ static void put_code(uint8_t *tok, int D, int n3, int n4, int i, int code)
         tok[q + n3 / 8 + i / 8] |= (uint8_t)(1u << (i % 8));
 }
 
-static int get_code(const uint8_t *tok, int D, int n3, int n4, int i)
-{
-    const int q = D / 4;
-    int code = (tok[i % q] >> (2 * (i / q))) & 3;
-    if (i < n3)
-        code |= ((tok[q + i / 8] >> (i % 8)) & 1) << 2;
-    if (i < n4)
-        code |= ((tok[q + n3 / 8 + i / 8] >> (i % 8)) & 1) << 3;
-    return code;
-}
-
 /* y = R x (x [d], zero-padded to D) */
 static void rotate(const rv_turbo *t, const float *x, float *y)
 {
@@ -404,7 +393,7 @@ static void decode_head(const rv_turbo *t, const unsigned char *blob, int head, 
             const float a = kv ? scale_of(seg[t->off_vn + tok], vl, vs) : scale_of(seg[t->off_kn + tok], kl, ks);
             for (int i = 0; i < D; i++) {
                 const int w = width(i, n3, n4);
-                y[i] = a * (float)book(w)[get_code(codes, D, n3, n4, i)];
+                y[i] = a * (float)book(w)[rv_thead_code(codes, D, n3, n4, i)];
             }
             float *x = (kv ? v : k) + (size_t)tok * d;
             unrotate(t, y, x);
