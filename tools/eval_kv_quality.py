@@ -353,6 +353,8 @@ def main():
     ap.add_argument("--gen", type=int, default=None, help="generated tokens (256; quick 64)")
     ap.add_argument("--passkey", type=int, nargs="*", default=None,
                     help="passkey prompt lengths (1024 2048 4096 6144; quick 1024 2048)")
+    ap.add_argument("--depths", type=float, nargs="+", default=None,
+                    help="passkey depths, 0..1 (0.1 0.5 0.9; quick 0.5)")
     ap.add_argument("--capture", type=int, default=None, help="captured tokens for the cosine (1024; quick 512)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["ppl", "gen", "passkey", "cosine", "bits"])
     ap.add_argument("--json", help="also write the results to this file")
@@ -362,7 +364,7 @@ def main():
     n_tok = args.tokens or (512 if q else 1536)
     n_gen = args.gen or (64 if q else 256)
     lengths = args.passkey if args.passkey is not None else ([1024, 2048] if q else [1024, 2048, 4096, 6144])
-    depths = [0.5] if q else [0.1, 0.5, 0.9]
+    depths = args.depths or ([0.5] if q else [0.1, 0.5, 0.9])
     n_cap = args.capture or (512 if q else 1024)
     names = ["fp32", *[n for n in args.formats if n != "fp32"]]    # fp32 is the reference
     t_start = time.perf_counter()
