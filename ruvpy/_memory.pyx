@@ -483,11 +483,14 @@ cdef class PooledBuffer:
         cdef cnp.npy_intp dims[MAX_NDIM]
         cdef size_t nbytes
         cdef int nd
+        # dtype and shape first: converting them may run Python code (an __index__ that
+        # releases this very buffer); liveness and the data pointer are read after them
         cdef cnp.dtype descr = _descr_for(dtype)
-        self._check_live()
         if shape is None:
+            self._check_live()
             shape = self.nbytes // descr.itemsize
         nd = _parse_shape(shape, dims, descr.itemsize, &nbytes)
+        self._check_live()
         if nbytes > <size_t>self.nbytes:
             raise ValueError(f"shape {shape!r} of {descr} needs {nbytes} bytes; the buffer "
                              f"has {self.nbytes}")

@@ -108,6 +108,30 @@ def test_pool_views_have_bases_python_cannot_release():
     assert pool.stats().returns == 1 and pool.stats().outstanding_bytes == 0
 
 
+def test_a_shape_that_releases_the_buffer_gets_no_view():
+    # the shape's conversion ran after the liveness check: releasing the buffer from it
+    # produced a view over a NULL (or recycled) pointer
+    out = run_isolated("""
+        import numpy as np
+        from ruvpy import BufferPool
+        pool = BufferPool()
+        buf = pool.acquire(4096)
+        class Size(int):
+            def __index__(self):
+                buf.release()
+                return int.__int__(self)
+            __int__ = __index__
+        try:
+            x = buf.array((Size(16),), np.float32)
+        except ValueError as exc:
+            print("refused:", "released" in str(exc))
+        else:
+            x[:] = 1
+            print("view made over", x.ctypes.data)
+    """)
+    assert out.strip() == "refused: True"
+
+
 # ---------------------------------------------------------------------------------------
 # 1. memory corruption: user code between validation and pointer use
 # ---------------------------------------------------------------------------------------
@@ -502,8 +526,11 @@ def test_runtime_token_counts_are_checked_ints():
             with pytest.raises(error):
                 with rt.step([s], [n]):
                     pass
-            with pytest.raises(error):
-                rt.truncate_sequence(s, n)
+            if error is TypeError:
+                with pytest.raises(error):
+                    rt.truncate_sequence(s, n)
+            else:
+                rt.truncate_sequence(s, n)      # at or past the position: nothing to cut
             assert runtime_snapshot(rt) == before
 
 
@@ -536,7 +563,7 @@ def test_huge_max_tokens_raise_value_error(max_tokens):
 
 @pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e400", "infG"])
 def test_cli_memory_budget_rejects_non_finite_sizes(text):
-    proc = subprocess.run([sys.executable, "-m", "ruvpy", "generate", "hi", "--memory-budget", text,
+    proc = subprocess.run([sys.executable, "-m", "ruvpy", "generate", "hi", f"--memory-budget={text}",
                            "--model", os.devnull], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr        # argparse's usage error, no traceback
@@ -547,6 +574,12 @@ def _file_with_header(tmp_path, header, arrays=None):
     path = tmp_path / "crafted.seq"
     path.write_bytes(encode_sequence(header, arrays or {}))
     return path
+
+
+def _in_arrays(header, old, new):
+    """header with the first `old` inside its array directory replaced by `new`."""
+    start = header.index('"arrays":')
+    return header[:start] + header[start:].replace(old, new, 1)
 
 
 def _reencode(data, edit_json):
@@ -571,10 +604,15 @@ def _reencode(data, edit_json):
     lambda h: "[" * 100000 + "]" * 100000,
     lambda h: '{"a":' * 100000 + "1" + "}" * 100000,
     lambda h: h.replace('"shape":[', '"shape":[' + "9" * 5000 + ",", 1),
-    lambda h: h.replace('"dtype":"', '"dtype":{"names":["a"],"formats":["<f4"]},"y":"', 1),
-    lambda h: h.replace('"dtype":"', '"dtype":[["a","<f4",[2]]],"y":"', 1),
+    lambda h: _in_arrays(h, '"dtype":"', '"dtype":{"names":["a"],"formats":["<f4"]},"y":"'),
+    lambda h: _in_arrays(h, '"dtype":"', '"dtype":[["a","<f4",[2]]],"y":"'),
+    lambda h: _in_arrays(h, '"dtype":"', '"dtype":"V8","y":"'),
+    lambda h: _in_arrays(h, '"shape":[', '"shape":[2.5,'),
+    lambda h: _in_arrays(h, '"shape":[', '"shape":[true,'),
+    lambda h: _in_arrays(h, '"arrays":[', '"arrays":[7,'),
 ], ids=["inf-shape", "inf-offset", "-inf-offset", "nan-nbytes", "huge-float", "deep-shape",
-        "deep-list", "deep-dict", "huge-int", "dict-dtype", "subarray-dtype"])
+        "deep-list", "deep-dict", "huge-int", "dict-dtype", "subarray-dtype", "void-dtype",
+        "float-shape", "bool-shape", "entry-not-object"])
 def test_crafted_sequence_files_raise_sequence_file_error(edit, tmp_path):
     cfg = ruvpy.RuntimeConfig(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=64)
     rng = np.random.default_rng(12)

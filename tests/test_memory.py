@@ -453,7 +453,7 @@ def test_numpy_and_memoryview_views():
     assert buf.array(dtype=np.float64).shape == (125,)
     np.asarray(buf)[4:8] = 9
     assert bytes(mv[4:8]) == b"\t\t\t\t"
-    assert np.asarray(buf, dtype=np.int16).shape == (500,)      # converted: a copy
+    assert np.asarray(buf, dtype=np.int16).shape == (1000,)     # converted: a copy
     with pytest.raises(ValueError, match="needs a copy"):
         np.asarray(buf, dtype=np.int16, copy=False)
     with pytest.raises(TypeError):
