@@ -25,7 +25,8 @@ import ruvpy
 from ruvpy import BufferPool, PagedKVCache, TwoTierKVCache
 from ruvpy.seqfile import SequenceFileError, decode_sequence, encode_sequence
 
-from _helpers import REPO, assert_attention_close, cache_snapshot, runtime_snapshot
+from _helpers import (REPO, Evil, EvilCount, EvilId, assert_attention_close, cache_snapshot,
+                      runtime_snapshot)
 
 H, KVH, D = 4, 2, 16
 CACHES = {
@@ -136,26 +137,6 @@ def test_a_shape_that_releases_the_buffer_gets_no_view():
 # 1. memory corruption: user code between validation and pointer use
 # ---------------------------------------------------------------------------------------
 
-class Evil:
-    """A scalar whose conversion runs `action` (resizing an array, freeing a sequence...)."""
-
-    def __init__(self, value, action):
-        self.value, self.action = value, action
-
-    def _run(self):
-        self.action()
-        return self.value
-
-    def __float__(self):
-        return float(self._run())
-
-    def __index__(self):
-        return int(self._run())
-
-    def __bool__(self):
-        return bool(self._run())
-
-
 @pytest.mark.parametrize("kind", sorted(CACHES))
 def test_scale_and_causal_run_before_the_arrays_are_checked(kind):
     # S.__float__ shrinking `out` (or q) after its checks corrupted the heap: the
@@ -210,20 +191,6 @@ def test_plan_attend_scale_runs_before_the_arrays(kind):
     assert out.strip() == "ok"
 
 
-class EvilId(int):
-    """A sequence id whose hashing frees the sequence (or runs any code)."""
-    action = None
-
-    def __hash__(self):
-        if EvilId.action is not None:
-            action, EvilId.action = EvilId.action, None
-            action()
-        return int.__hash__(self)
-
-    def __eq__(self, other):
-        return int(self) == other
-
-
 @pytest.mark.parametrize("kind", sorted(CACHES))
 def test_array_subclasses_cannot_lie_about_their_shape(kind):
     # an ndarray subclass's Python-level .shape is not what C reads: the caches check the
@@ -248,12 +215,12 @@ def test_ids_are_resolved_before_the_arrays(kind):
     cache = filled_cache(kind, rng)
     q = rng.standard_normal((2, H, D)).astype(np.float32)
     out = np.empty_like(q)
-    EvilId.action = lambda: out.resize((1, 1, 1), refcheck=False)
+    EvilId.callback = lambda: out.resize((1, 1, 1), refcheck=False)
     with pytest.raises(ValueError, match="shape"):
         cache.attention(EvilId(0), 0, q, out=out)
     # an id whose hash re-enters the cache: refused, the cache unchanged
     before = cache_snapshot(cache)
-    EvilId.action = lambda: cache.free(1)
+    EvilId.callback = lambda: cache.free(1)
     with pytest.raises(RuntimeError, match="re-enter"):
         cache.append(EvilId(0), 0, *qkv(rng, 1)[1:])
     assert cache_snapshot(cache) == before
@@ -326,17 +293,6 @@ def test_runtime_refuses_a_second_init():
 # 3. hangs: re-entering a cache from a callback
 # ---------------------------------------------------------------------------------------
 
-class ReentrantCount(int):
-    """A token count whose __int__ / __index__ calls back into the cache."""
-    callback = None
-
-    def __int__(self):
-        ReentrantCount.callback()
-        return int.__int__(self)
-
-    __index__ = __int__
-
-
 @pytest.mark.parametrize("kind", sorted(CACHES))
 def test_reentering_a_cache_raises_instead_of_deadlocking(kind):
     # Before: the cache's lock is not re-entrant and its wait ran without the GIL: the
@@ -346,13 +302,13 @@ def test_reentering_a_cache_raises_instead_of_deadlocking(kind):
         import numpy as np
         import test_hardening as th
         cache = th.filled_cache({kind!r}, np.random.default_rng(5))
-        th.ReentrantCount.callback = lambda: cache.sequences()
+        th.EvilCount.callback = lambda: cache.sequences()
         calls = [lambda n: cache.reserve([0], [n]), lambda n: cache.truncate(0, n),
                  lambda n: cache.plan([0], [n], num_heads=th.H),
                  lambda n: cache.scratch_for(th.H, [n], [n])]
         for call in calls:
             try:
-                call(th.ReentrantCount(1))
+                call(th.EvilCount(1))
             except RuntimeError as exc:
                 assert "re-enter" in str(exc), exc
             else:

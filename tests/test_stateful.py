@@ -33,7 +33,8 @@ from ruvpy import KVCacheFull
 from ruvpy.runtime import IncompleteStepError
 from ruvpy.seqfile import SequenceFileError
 
-from _helpers import FP32_ATTENTION_BOUND, attention_error, reference_attention, runtime_snapshot
+from _helpers import (FP32_ATTENTION_BOUND, Evil, EvilCount, EvilId, attention_error,
+                      reference_attention, runtime_snapshot)
 
 settings.register_profile("ci", max_examples=500, stateful_step_count=50, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -49,40 +50,6 @@ MAX_SEQUENCES = 6      # the machine's own limit (the runtime has none): keeps e
 
 class Injected(Exception):
     """What a rule raises inside a step to abandon it."""
-
-
-class EvilScale:
-    """A scale whose __float__ shrinks an array after it may have been checked."""
-
-    def __init__(self, victim):
-        self.victim = victim
-
-    def __float__(self):
-        self.victim.resize((1, 1, 1), refcheck=False)
-        return 0.5
-
-
-class EvilCount(int):
-    """A token count whose __index__ / __int__ calls back into the cache."""
-    callback = None
-
-    def __int__(self):
-        EvilCount.callback()
-        return int.__int__(self)
-
-    __index__ = __int__
-
-
-class EvilId(int):
-    """A sequence id whose __hash__ calls back into the cache."""
-    callback = None
-
-    def __hash__(self):
-        EvilId.callback()
-        return int.__hash__(self)
-
-    def __eq__(self, other):
-        return int(self) == other
 
 
 class SeqModel:
@@ -325,7 +292,8 @@ class RuntimeMachine(RuleBasedStateMachine):
                      lambda: step.attention(layer, q, k, v, scale=float("nan"))]
         else:
             victim = q.copy()
-            calls = [lambda: step.attention(layer, victim, k, v, scale=EvilScale(victim))]
+            shrink = Evil(0.5, lambda: victim.resize((1, 1, 1), refcheck=False))
+            calls = [lambda: step.attention(layer, victim, k, v, scale=shrink)]
         for call in calls:
             with pytest.raises((ValueError, TypeError)):
                 call()
