@@ -41,7 +41,7 @@ def run_isolated(code):
     """Run `code` in a fresh interpreter importing this worktree's ruvpy; returns its stdout.
     A crash (segfault, abort) or a hang fails the test with what it printed."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"exit status {proc.returncode}\nstdout:\n{proc.stdout}\n"
                                   f"stderr:\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -323,8 +323,11 @@ def test_a_thread_waiting_for_a_cache_can_be_interrupted():
     # uninterruptibly inside the lock
     out = run_isolated("""
         import sys; sys.path.insert(0, 'tests')
-        import threading, time, _thread, numpy as np
+        import signal, threading, _thread, numpy as np
         import test_hardening as th
+        # a process started in the background inherits SIGINT ignored, and then Python
+        # installs no handler: interrupt_main() would do nothing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         cache = th.filled_cache("paged", np.random.default_rng(6))
         inside, release = threading.Event(), threading.Event()
         class Slow(int):
