@@ -368,12 +368,12 @@ def test_cache_attention_refuses_out_overlapping_q(kind):
     with pytest.raises(ValueError, match="overlaps q"):
         cache.plan([1], [4], num_heads=H).attend(0, q, *qkv(rng, 4)[1:], out=q[:, ::-1])
     assert cache_snapshot(cache) == before
-    # in place (out is q) is right, on every split of the keys
+    # in place (out is q) is right; get_kv is exactly what is stored (fp16, and the two-tier
+    # cache's 6 tokens are all still hot), so the float32 bound holds
     k, v = cache.get_kv(0, 0)
     ref = q.copy()
     cache.attention(0, 0, q, out=q, causal=False, threads=2)
-    assert_attention_close(q, ref, k, v, causal=False,
-                           bound=2e-6 if kind == "paged" else 1.0)
+    assert_attention_close(q, ref, k, v, causal=False)
 
 
 def test_step_attention_refuses_out_overlapping_q():
