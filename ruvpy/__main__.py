@@ -32,7 +32,7 @@ def _byte_size(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 64M, 2G)") from None
     if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"byte size must be a positive, finite number: {text!r}")
+        raise argparse.ArgumentTypeError(f"byte size must be positive (and finite): {text!r}")
     size = number * units[unit]
     if not math.isfinite(size) or size >= 2 ** 63:
         raise argparse.ArgumentTypeError(f"byte size {text!r} is beyond 2**63 bytes")
