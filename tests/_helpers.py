@@ -193,6 +193,57 @@ COLD_LEVELS = {"q8": 255, "q4": 15}
 
 
 # ---------------------------------------------------------------------------------------
+# arguments whose conversions run code (issue 13: nothing they do may corrupt memory)
+# ---------------------------------------------------------------------------------------
+
+class Evil:
+    """A scalar whose __float__ / __index__ / __bool__ runs `action` first (resizing an array,
+    freeing a sequence, calling back into a cache ...)."""
+
+    def __init__(self, value, action):
+        self.value, self.action = value, action
+
+    def _run(self):
+        self.action()
+        return self.value
+
+    def __float__(self):
+        return float(self._run())
+
+    def __index__(self):
+        return int(self._run())
+
+    def __bool__(self):
+        return bool(self._run())
+
+
+class EvilCount(int):
+    """An int (a token count) whose __int__ / __index__ calls EvilCount.callback() first."""
+    callback = None
+
+    def __int__(self):
+        EvilCount.callback()
+        return int.__int__(self)
+
+    __index__ = __int__
+
+
+class EvilId(int):
+    """An int (a sequence id) whose __hash__ calls EvilId.callback() first (once, if it is
+    set; None: plain)."""
+    callback = None
+
+    def __hash__(self):
+        if EvilId.callback is not None:
+            callback, EvilId.callback = EvilId.callback, None
+            callback()
+        return int.__hash__(self)
+
+    def __eq__(self, other):
+        return int(self) == other
+
+
+# ---------------------------------------------------------------------------------------
 # snapshots: everything observable about a cache or a runtime
 # ---------------------------------------------------------------------------------------
 
