@@ -163,6 +163,14 @@ def quantization_bound(x, levels, axis):
 
 COLD_LEVELS = {"q8": 255, "q4": 15}
 
+# Attention over a two-tier cache's codes against float64 attention over what they decode to
+# (get_kv): the kernels fold a group's scale and zero into the sums (s * sum(q c) + z * sum(q))
+# where get_kv computes s * c + z per element, and TurboQuant's get_kv rebuilds keys through
+# R^T and S^T where the kernel rotates the query instead: float32 evaluation orders of the same
+# sums. Measured worst on outlier K/V over every ISA: q8 1.9e-6, q4 2.0e-6, turbo 9.3e-7 *
+# max|v| (test_twotier.py); on the C drivers (test_cache_drivers.py, x86 and aarch64) FILL.
+CODES_EVALUATION_ORDER_BOUND = 1e-5
+
 
 # ---------------------------------------------------------------------------------------
 # snapshots: everything observable about a cache or a runtime
@@ -249,18 +257,19 @@ def turbo_key_relative_error_bound(bits):
 
 
 # ---------------------------------------------------------------------------------------
-# the C kernel harness (tests/c/kernel_harness.py), loaded by path
+# the C harnesses (tests/c/kernel_harness.py, cache_harness.py), loaded by path
 # ---------------------------------------------------------------------------------------
 
-def _load_kernel_harness():
-    spec = importlib.util.spec_from_file_location("kernel_harness", TESTS / "c" / "kernel_harness.py")
+def _load_c_harness(name):
+    spec = importlib.util.spec_from_file_location(name, TESTS / "c" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module          # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
-kernel_harness = _load_kernel_harness()
+kernel_harness = _load_c_harness("kernel_harness")
+cache_harness = _load_c_harness("cache_harness")      # (builds on kernel_harness)
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,18 +11,12 @@ from hypothesis import given, settings, strategies as st
 
 from ruvpy import KVCacheFull, PagedKVCache, TwoTierKVCache
 
-from _helpers import (COLD_LEVELS, FP32_ATTENTION_BOUND, as_stored_fp16, assert_attention_close,
-                      attention_error, cosine, heap_bytes_in_use, indexed_kv, outlier_kv,
-                      quantization_bound, random_kv, reference_attention, turbo_key_relative_error_bound,
-                      turbo_value_mse)
+from _helpers import (CODES_EVALUATION_ORDER_BOUND, COLD_LEVELS, FP32_ATTENTION_BOUND, as_stored_fp16,
+                      assert_attention_close, attention_error, cosine, heap_bytes_in_use, indexed_kv,
+                      outlier_kv, quantization_bound, random_kv, reference_attention,
+                      turbo_key_relative_error_bound, turbo_value_mse)
 from _helpers import cache_snapshot as snapshot
 
-# Attention over the codes against float64 attention over what they decode to (get_kv): the
-# kernels fold a group's scale and zero into the sums (s * sum(q c) + z * sum(q)) where get_kv
-# computes s * c + z per element, and TurboQuant's get_kv rebuilds keys through R^T and S^T
-# where the kernel rotates the query instead: float32 evaluation orders of the same sums.
-# Measured worst on outlier K/V over every ISA: q8 1.9e-6, q4 2.0e-6, turbo 9.3e-7 * max|v|.
-CODES_EVALUATION_ORDER_BOUND = 1e-5
 # what malloc adds beyond the bytes requested (chunk headers, alignment) and the binding's
 # Python objects: measured up to 12 KiB for caches of 0.4 MiB
 HEAP_SLACK = 16 * 1024

@@ -56,9 +56,9 @@ enum {
     OP_ATTEND,         /* id, layer, heads, q_len, causal | q (f32): emits out (0) */
     OP_EXPORT,         /* id, layer: two-tier: blobs (0), sizes (1), skip/cut/hot_len (2), hot k
                           (3), hot v (4); paged: the stored K (3), V (4). Kept for OP_IMPORT. */
-    OP_IMPORT,         /* id (freshly added), layer, expect, shorten | optional arrays as OP_EXPORT
-                          emits (else the last export): blobs validated first (RV_EINVAL if one
-                          is malformed; the first one `shorten` bytes short) */
+    OP_IMPORT,         /* id (freshly added), layer, expect, shorten, room | optional arrays as
+                          OP_EXPORT emits (else the layer's last export; paged: K and V only):
+                          see op_import */
     OP_STATS,          /* emits counters (0) and per id the length of each layer (1; -1: dead)
                           and the two-tier cold length (2) */
     OP_COUNT
@@ -80,18 +80,24 @@ typedef struct {
     array arr[MAX_ARRAYS];
 } op_t;
 
+/* one layer's export */
+typedef struct {
+    unsigned char *blobs;
+    int64_t *sizes, ngroups;
+    int32_t skip, cut;
+    void *hot_k, *hot_v;         /* two-tier hot tokens (binary16) or paged stored K/V */
+    int64_t hot_len;
+    int hot_f16;
+} export_t;
+
+#define MAX_LAYERS 8
+
 typedef struct {
     rv_paged *paged;
     rv_tt *tt;
     rv_pool *pool;
     int slot[MAX_IDS];           /* -1: no sequence */
-    /* the last export */
-    unsigned char *blobs;
-    int64_t *sizes, ngroups;
-    int32_t skip, cut;
-    uint16_t *hot_k, *hot_v;     /* two-tier hot tokens (binary16) or paged stored K/V */
-    int64_t hot_len;
-    size_t hot_elem;
+    export_t exported[MAX_LAYERS];   /* each layer's last export */
 } state;
 
 static FILE *out_file;
@@ -136,15 +142,13 @@ static void free_op(op_t *o)
     memset(o, 0, sizeof *o);
 }
 
-static void drop_export(state *s)
+static void drop_export(export_t *e)
 {
-    free(s->blobs);
-    free(s->sizes);
-    free(s->hot_k);
-    free(s->hot_v);
-    s->blobs = NULL;
-    s->sizes = NULL;
-    s->hot_k = s->hot_v = NULL;
+    free(e->blobs);
+    free(e->sizes);
+    free(e->hot_k);
+    free(e->hot_v);
+    memset(e, 0, sizeof *e);
 }
 
 static void drop_cache(state *s)
@@ -160,7 +164,8 @@ static void drop_cache(state *s)
     s->pool = NULL;
     for (int i = 0; i < MAX_IDS; i++)
         s->slot[i] = -1;
-    drop_export(s);
+    for (int l = 0; l < MAX_LAYERS; l++)
+        drop_export(&s->exported[l]);
 }
 
 static int num_layers(const state *s) { return s->paged ? s->paged->num_layers : s->tt->num_layers; }
@@ -280,75 +285,85 @@ static int op_attend(state *s, const op_t *o, const rv_ops *ops)
 
 static int op_export(state *s, int slot, int layer, const rv_ops *ops)
 {
-    drop_export(s);
+    export_t *e = &s->exported[layer];
+    drop_export(e);
     const size_t row = (size_t)row_elems(s);
     if (s->paged) {
-        s->hot_len = seq_len(s, slot, layer);
-        s->hot_elem = s->paged->elem;
-        s->hot_k = malloc((size_t)s->hot_len * row * s->hot_elem + 4);
-        s->hot_v = malloc((size_t)s->hot_len * row * s->hot_elem + 4);
-        rv_paged_read(s->paged, slot, layer, s->hot_k, s->hot_v, 0, ops);
-        const uint32_t dt = s->hot_elem == 2 ? DT_U16 : DT_F32;
-        emit(3, dt, (uint64_t)s->hot_len * row, s->hot_k);
-        emit(4, dt, (uint64_t)s->hot_len * row, s->hot_v);
+        const size_t elem = s->paged->elem;
+        e->hot_len = seq_len(s, slot, layer);
+        e->hot_f16 = elem == 2;
+        e->hot_k = malloc((size_t)e->hot_len * row * elem + 4);
+        e->hot_v = malloc((size_t)e->hot_len * row * elem + 4);
+        rv_paged_read(s->paged, slot, layer, e->hot_k, e->hot_v, 0, ops);
+        emit(3, e->hot_f16 ? DT_U16 : DT_F32, (uint64_t)e->hot_len * row, e->hot_k);
+        emit(4, e->hot_f16 ? DT_U16 : DT_F32, (uint64_t)e->hot_len * row, e->hot_v);
         return RV_OK;
     }
-    s->ngroups = rv_tt_export_groups(s->tt, slot, layer);
+    e->ngroups = rv_tt_export_groups(s->tt, slot, layer);
     const size_t bytes = rv_tt_export_bytes(s->tt, slot, layer);
-    s->hot_len = rv_tt_len(s->tt, slot, layer) - rv_tt_cold_len(s->tt, slot, layer);
-    s->hot_elem = 2;
-    s->blobs = malloc(bytes + 1);
-    s->sizes = malloc((size_t)s->ngroups * 8 + 8);
-    s->hot_k = malloc((size_t)s->hot_len * row * 2 + 2);
-    s->hot_v = malloc((size_t)s->hot_len * row * 2 + 2);
-    rv_tt_export_layer(s->tt, slot, layer, s->blobs, s->sizes, &s->skip, &s->cut, s->hot_k, s->hot_v);
-    const int64_t meta[3] = {s->skip, s->cut, s->hot_len};
-    emit(0, DT_U8, bytes, s->blobs);
-    emit(1, DT_I64, (uint64_t)s->ngroups, s->sizes);
+    e->hot_len = rv_tt_len(s->tt, slot, layer) - rv_tt_cold_len(s->tt, slot, layer);
+    e->hot_f16 = 1;
+    e->blobs = malloc(bytes + 1);
+    e->sizes = malloc((size_t)e->ngroups * 8 + 8);
+    e->hot_k = malloc((size_t)e->hot_len * row * 2 + 2);
+    e->hot_v = malloc((size_t)e->hot_len * row * 2 + 2);
+    rv_tt_export_layer(s->tt, slot, layer, e->blobs, e->sizes, &e->skip, &e->cut, e->hot_k, e->hot_v);
+    const int64_t meta[3] = {e->skip, e->cut, e->hot_len};
+    emit(0, DT_U8, bytes, e->blobs);
+    emit(1, DT_I64, (uint64_t)e->ngroups, e->sizes);
     emit(2, DT_I64, 3, meta);
-    emit(3, DT_U16, (uint64_t)s->hot_len * row, s->hot_k);
-    emit(4, DT_U16, (uint64_t)s->hot_len * row, s->hot_v);
+    emit(3, DT_U16, (uint64_t)e->hot_len * row, e->hot_k);
+    emit(4, DT_U16, (uint64_t)e->hot_len * row, e->hot_v);
     return RV_OK;
 }
 
+/* Fills layer `layer` of the empty sequence `slot` from an export: the script's arrays, or
+ * the layer's last export. As ruvpy's import does: the blobs are validated first, the tokens
+ * must fit the budget (RV_EFULL) -- here, with `room`, after the eviction policy made room
+ * for them as it would for appended tokens. */
 static int op_import(state *s, const op_t *o, const rv_ops *ops)
 {
     const int slot = s->slot[o->a[0]], layer = (int)o->a[1];
+    const int64_t shorten = o->a[3];
+    const int room = (int)o->a[4];
     const size_t row = (size_t)row_elems(s);
-    if (s->paged) {
-        const void *k = o->n ? o->arr[0].data : s->hot_k, *v = o->n ? o->arr[1].data : s->hot_v;
-        const int64_t n = o->n ? (int64_t)(o->arr[0].count / row) : s->hot_len;
-        const int f16 = o->n ? o->arr[0].dtype == DT_U16 : s->hot_elem == 2;
-        return rv_paged_append(s->paged, slot, layer, k, v, n, f16, ops);
-    }
-    const unsigned char *blobs = s->blobs;
-    const int64_t *sizes = s->sizes;
-    int64_t ngroups = s->ngroups, hot_len = s->hot_len;
-    int32_t skip = s->skip, cut = s->cut;
-    const uint16_t *hot_k = s->hot_k, *hot_v = s->hot_v;
+    export_t e = s->exported[layer];
     if (o->n) {
-        if (o->n != 5)
-            return RV_EINVAL;
-        const int64_t *meta = (const int64_t *)o->arr[2].data;
-        blobs = o->arr[0].data;
-        sizes = o->arr[1].data;
-        ngroups = (int64_t)o->arr[1].count;
-        skip = (int32_t)meta[0];
-        cut = (int32_t)meta[1];
-        hot_len = meta[2];
-        hot_k = o->arr[3].data;
-        hot_v = o->arr[4].data;
-        if (o->arr[3].count != (uint64_t)hot_len * row)
-            return RV_EINVAL;
+        const int f = s->paged ? 0 : 3;     /* a paged import has only K and V */
+        if (o->n != f + 2)
+            return -100;
+        e.hot_k = o->arr[f].data;
+        e.hot_v = o->arr[f + 1].data;
+        e.hot_f16 = o->arr[f].dtype == DT_U16;
+        e.hot_len = (int64_t)(o->arr[f].count / row);
+        if (!s->paged) {
+            const int64_t *meta = (const int64_t *)o->arr[2].data;
+            e.blobs = o->arr[0].data;
+            e.sizes = o->arr[1].data;
+            e.ngroups = (int64_t)o->arr[1].count;
+            if (o->arr[2].count != 3 || meta[2] != e.hot_len)
+                return -100;
+            e.skip = (int32_t)meta[0];
+            e.cut = (int32_t)meta[1];
+        }
     }
+    if (s->paged)
+        return rv_paged_append(s->paged, slot, layer, e.hot_k, e.hot_v, e.hot_len, e.hot_f16, ops);
     size_t off = 0;
-    for (int64_t g = 0; g < ngroups; g++) {
-        const int64_t shorten = g == 0 ? o->a[3] : 0;     /* a damaged file: its first blob cut short */
-        if (rv_tt_validate_blob(s->tt, blobs + off, (size_t)(sizes[g] - shorten)) != 0)
+    for (int64_t g = 0; g < e.ngroups; g++) {
+        const int64_t bytes = e.sizes[g] - (g == 0 ? shorten : 0);   /* a damaged file: cut short */
+        if (rv_tt_validate_blob(s->tt, e.blobs + off, (size_t)bytes) != 0)
             return RV_EINVAL;
-        off += (size_t)sizes[g];
+        off += (size_t)e.sizes[g];
     }
-    return rv_tt_import_layer(s->tt, slot, layer, blobs, sizes, ngroups, skip, cut, hot_k, hot_v, hot_len);
+    int64_t length = e.ngroups * s->tt->group_tokens - e.skip - e.cut + e.hot_len;
+    int bind;
+    if (room && rv_tt_make_room(s->tt, &slot, &length, 1, layer, 1, &bind) != RV_TT_ROOM_OK)
+        return RV_EFULL;
+    if (s->tt->used[layer] + length > s->tt->max_tokens)
+        return RV_EFULL;
+    return rv_tt_import_layer(s->tt, slot, layer, e.blobs, e.sizes, e.ngroups, e.skip, e.cut, e.hot_k, e.hot_v,
+                              e.hot_len);
 }
 
 static void op_stats(state *s)
@@ -466,10 +481,10 @@ static int run_op(state *s, const op_t *o, const rv_ops *ops, int64_t *expect)
     case OP_ATTEND:
         return op_attend(s, o, ops);
     case OP_EXPORT:
-        return op_export(s, slot, (int)a[1], ops);
+        return a[1] >= 0 && a[1] < MAX_LAYERS ? op_export(s, slot, (int)a[1], ops) : -100;
     case OP_IMPORT:
         *expect = a[2];
-        return op_import(s, o, ops);
+        return a[1] >= 0 && a[1] < MAX_LAYERS ? op_import(s, o, ops) : -100;
     case OP_STATS:
         op_stats(s);
         return RV_OK;

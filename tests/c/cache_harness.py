@@ -96,7 +96,8 @@ class Script:
     ops: list = field(default_factory=list)         # encoded operations
     reads: list = field(default_factory=list)
     attends: list = field(default_factory=list)
-    exports: dict = field(default_factory=dict)     # name -> op index
+    exports: dict = field(default_factory=dict)     # layer -> the EXPORT's op index
+    export_reads: dict = field(default_factory=dict)    # layer -> the READ right before it
     compare: list = field(default_factory=list)     # (op a, op b): outputs that must be equal
 
     def add(self, op, args=(), arrays=()):
@@ -157,6 +158,9 @@ class Model:
                    [np.array(seqs, np.int64), np.array(n, np.int64)])
 
     def append(self, seq, layer, k, v, expect=RV_OK, f16=False):
+        """Appends float32 k, v, or (f16) their float16 roundings as binary16 input."""
+        if f16:
+            k, v = (x.astype(np.float16).astype(np.float32) for x in (k, v))
         src = (k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)) if f16 else (k, v)
         self.s.add(OP_APPEND, [seq, layer, len(k), int(f16), expect], src)
         if expect == RV_OK:
@@ -184,6 +188,7 @@ class Model:
         The transaction also covers the sequences `cover` (as a Runtime widens it when the
         stepping sequence alone cannot make room: then the others may give up tokens)."""
         txn = [seq, *cover]
+        before = {s: [list(t) for t in self.tokens[s]] for s in txn}
         for s in txn:
             self.s.add(OP_BEGIN, [s, RV_OK])
         if not self.c.paged:
@@ -194,6 +199,8 @@ class Model:
                 self.attend(seq, layer, n)
         for s in txn:
             self.s.add(OP_COMMIT if end == "commit" else OP_ROLLBACK, [s])
+        if end != "commit":
+            self.tokens.update(before)
 
     def truncate(self, seq, n, expect=RV_OK):
         self.s.add(OP_TRUNCATE, [seq, n, expect])
@@ -241,19 +248,21 @@ def driver_script(config, seed=0):
         s.add(OP_EVICT, [1, 9])
         m.attend(1, 1, 1)
     s.add(OP_STATS)
-    for layer in range(c.layers):                   # export / import: the same tokens
-        exported = m.read(2, layer).op              # (2 holds the most, cold and hot)
-        s.exports[layer] = s.add(OP_EXPORT, [2, layer])
-        if layer == 0:
-            m.add(3)
-        if not c.paged and layer == 0:              # a blob one byte short is refused
-            s.add(OP_IMPORT, [3, layer, RV_EINVAL, 1])
-        s.add(OP_IMPORT, [3, layer, RV_OK])
-        m.tokens[3][layer] = [t.copy() for t in m.tokens[2][layer]]
-        s.compare.append((exported, m.read(3, layer).op))
+    # export / import of 2 (it holds the most, cold and hot) into 3: the same tokens
     q = m.rng.standard_normal((1, c.heads, c.head_dim)).astype(np.float32)
-    s.compare.append((m.attend(2, 1, 1, q=q).op, m.attend(3, 1, 1, q=q).op))
-    m.step(3, 2)                                    # the imported sequence goes on
+    attended = m.attend(2, 1, 1, q=q).op
+    for layer in range(c.layers):
+        s.export_reads[layer] = m.read(2, layer).op
+        s.exports[layer] = s.add(OP_EXPORT, [2, layer])
+    m.add(3)
+    if not c.paged:                                 # a blob one byte short is refused
+        s.add(OP_IMPORT, [3, 0, RV_EINVAL, 1])
+    for layer in range(c.layers):                   # room made by evicting the others' oldest
+        s.add(OP_IMPORT, [3, layer, RV_OK, 0, 1])
+        m.tokens[3][layer] = [t.copy() for t in m.tokens[2][layer]]
+        s.compare.append((s.export_reads[layer], m.read(3, layer).op))
+    s.compare.append((attended, m.attend(3, 1, 1, q=q).op))
+    m.step(3, 2, cover=[i for i in m.tokens if i != 3])     # the imported sequence goes on
     s.add(OP_STATS)
     return s
 
@@ -264,7 +273,7 @@ def import_script(config, exported):
     m = Model(config, np.random.default_rng(1))
     m.add(0)
     for layer, arrays in exported.items():
-        m.s.add(OP_IMPORT, [0, layer, RV_OK], arrays if not config.paged else arrays[3:])
+        m.s.add(OP_IMPORT, [0, layer, RV_OK, 0, 1], arrays if not config.paged else arrays[3:])
     return m.s, [m.s.add(OP_READ, [0, layer]) for layer in exported]
 
 
