@@ -22,12 +22,13 @@ CONFIGS = [ch.Config("paged-f16"), ch.Config("paged-f32", dtype="f32"),
 CONFIGS += [ch.Config(f"turbo-{b}", cold="turbo", bits=b) for b in TURBO_BITS]
 IDS = [c.name for c in CONFIGS]
 
-# TurboQuant's cold tokens against their inputs, over the few hundred coordinates of a run
-# (the estimator tests in test_twotier.py hold it to the paper's bounds over 2,048 tokens):
-# measured worst relative value error 0.81 and key inner-product error 0.72 of the bound
-# (x20 outlier channels, kept apart in 8 bits, pull both below the random-data figures);
-# sampling noise over so few values: allowed up to 1.5x the bound.
-TURBO_SAMPLE_SLACK = 1.5
+# TurboQuant's cold tokens against their inputs, over the channels it codes in the rotated
+# domain (the x20 ones are kept apart in 8 bits): relative value error against the Lloyd-Max
+# MSE of its bits, key inner-product error against the paper's distortion bound (both from
+# _helpers; test_twotier.py holds them over 2,048 tokens). Measured worst over the ~100 cold
+# tokens of a run, every ISA and both architectures: 0.79 (values) and 0.75 (keys) of the
+# bound; allowed: 1.1x (sampling noise over so few values).
+TURBO_SAMPLE_SLACK = 1.1
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def _check_read(config, run, read):
     """What a READ returned against the inputs the model fed: every token it kept, in order."""
     k, v = run.kv(read, config)
     lengths, cold_lengths = run.lengths(read.stats_op, config)
-    n, cold = lengths[read.seq, read.layer], cold_lengths[read.seq, read.layer]
+    n, cold = lengths[read.seq, read.layer], max(cold_lengths[read.seq, read.layer], 0)   # paged: -1
     where = f"op {read.op} (seq {read.seq}, layer {read.layer})"
     assert len(k) == n <= len(read.k), where
     if config.paged:
@@ -89,9 +90,12 @@ def _check_read(config, run, read):
         value_bound = np.maximum(quantization_bound(wv, levels, axis=-1), quantization_bound(read.v, 255, axis=0))
         assert np.all(np.abs(cv - wv) <= value_bound), where
         return {}
-    q = np.random.default_rng(read.op).standard_normal((64, config.head_dim))
-    value_rel = np.linalg.norm(cv - wv) / np.linalg.norm(wv)
-    exact, estimate = np.einsum("thd,qd->thq", wk, q), np.einsum("thd,qd->thq", ck, q)
+    # TurboQuant codes the channels outside the few large ones (kept apart in 8 bits) with
+    # Lloyd-Max codebooks in a rotated domain: those channels' errors are what its bounds say
+    kch, vch = (np.setdiff1d(np.arange(config.head_dim), big) for big in (ch.BIG_KEY_CHANNELS, ch.BIG_VALUE_CHANNELS))
+    q = np.random.default_rng(read.op).standard_normal((64, len(kch)))
+    value_rel = np.linalg.norm(cv[..., vch] - wv[..., vch]) / np.linalg.norm(wv[..., vch])
+    exact, estimate = (np.einsum("thd,qd->thq", x[..., kch], q) for x in (wk, ck))
     key_rel = np.linalg.norm(estimate - exact) / np.linalg.norm(exact)
     ratios = {"value": value_rel / np.sqrt(turbo_value_mse(config.bits)),
               "key": key_rel / turbo_key_relative_error_bound(config.bits)}
