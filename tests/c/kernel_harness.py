@@ -71,21 +71,33 @@ RV_ATTN_CHUNK = int(re.search(r"#define RV_ATTN_CHUNK (\d+)", (KERNELS / "rv_ops
 # ---------------------------------------------------------------- building and running
 
 class Target:
-    """A way to build and run kernel_check: a compiler, the ISAs linked in, a run prefix."""
+    """A way to build and run a C check program of tests/c (kernel_check by default): a
+    compiler, the ISAs linked in, a run prefix, and the baseline sources of ruvpy/csrc the
+    program needs besides the kernel table (paths relative to csrc)."""
 
-    def __init__(self, name, cc, isas, link_flags=(), run_prefix=()):
+    def __init__(self, name, cc, isas, link_flags=(), run_prefix=(), program="kernel_check", sources=(),
+                 cflags=()):
         self.name, self.cc, self.isas = name, cc, list(isas)
         self.link_flags, self.run_prefix = list(link_flags), list(run_prefix)
+        self.program, self.sources, self.cflags = program, list(sources), list(cflags)
+        # build directories: kernel_check's keep their old names
+        self.label = name if program == "kernel_check" else f"{program}-{name}"
+
+    def for_program(self, program, sources, cflags=()):
+        """The same compiler, ISAs and run prefix, building tests/c/<program>.c with `sources`
+        (and `cflags` on every object besides setup.py's)."""
+        return Target(self.name, self.cc, self.isas, self.link_flags, self.run_prefix, program, sources, cflags)
 
     def available(self):
         return shutil.which(self.cc) is not None and all(shutil.which(p) for p in self.run_prefix[:1])
 
     def _compiles(self):
-        """(source, compile command without its output) for each object of kernel_check."""
+        """(source, compile command without its output) for each object of the program."""
         defines = [f"-DRUVPY_BUILD_{isa.upper()}=1" for isa in self.isas]
-        sources = [(HERE / "kernel_check.c", []), (KERNELS / "rv_dispatch.c", [])]
+        sources = [(HERE / f"{self.program}.c", []), (KERNELS / "rv_dispatch.c", [])]
+        sources += [(CSRC / src, []) for src in self.sources]
         sources += [(KERNELS / f"ops_{isa}.c", ISA_FLAGS[isa]) for isa in self.isas]
-        return [(src, [self.cc, *base_cflags(), *flags, *defines, f"-I{CSRC}", "-c", str(src)])
+        return [(src, [self.cc, *base_cflags(), *self.cflags, *flags, *defines, f"-I{CSRC}", "-c", str(src)])
                 for src, flags in sources]
 
     def build_key(self):
@@ -93,7 +105,7 @@ class Target:
         headers each object includes (as the compiler's -MM lists them)."""
         h = hashlib.sha256()
         version = subprocess.run([self.cc, "--version"], capture_output=True, text=True).stdout
-        h.update(f"{self.name}|{shutil.which(self.cc)}|{version}|{self.link_flags}".encode())
+        h.update(f"{self.label}|{shutil.which(self.cc)}|{version}|{self.link_flags}".encode())
         deps = set()
         for _, cmd in self._compiles():
             h.update(repr(cmd).encode())
@@ -104,20 +116,20 @@ class Target:
         return h.hexdigest()[:20]
 
     def build(self, cache_root, pool):
-        """Builds kernel_check under cache_root, or reuses the build of identical sources and
+        """Builds the program under cache_root, or reuses the build of identical sources and
         flags (a build of every ISA's kernels takes a minute on a busy machine). Objects compile
         in parallel on `pool` (a concurrent.futures executor), kernel files with their ISA's
         flags. Returns a future of (binary, {source name: compiler stderr}) for warning checks."""
         cache_root = Path(cache_root)
         cache_root.mkdir(parents=True, exist_ok=True)
-        final = cache_root / f"{self.name}-{self.build_key()}"
+        final = cache_root / f"{self.label}-{self.build_key()}"
         if (final / "diagnostics.json").exists():
             os.utime(final)     # recently used: kept by _prune
             done = concurrent.futures.Future()
-            done.set_result((final / "kernel_check", json.loads((final / "diagnostics.json").read_text())))
+            done.set_result((final / self.program, json.loads((final / "diagnostics.json").read_text())))
             return done
-        work = Path(tempfile.mkdtemp(dir=cache_root, prefix=f"{self.name}-building-"))
-        compiles = [(src, [*cmd, "-o", str(work / (src.stem + ".o"))]) for src, cmd in self._compiles()]
+        work = Path(tempfile.mkdtemp(dir=cache_root, prefix=f"{self.label}-building-"))
+        compiles = [(src, [*cmd, "-o", str(work / f"{src.parent.name}_{src.stem}.o")]) for src, cmd in self._compiles()]
         futures = [pool.submit(subprocess.run, cmd, capture_output=True, text=True) for _, cmd in compiles]
         return pool.submit(self._link, work, final, compiles, futures)
 
@@ -128,7 +140,7 @@ class Target:
             if proc.returncode:
                 raise RuntimeError(f"{self.name}: compiling {src.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
             diagnostics[src.name] = proc.stderr
-        cmd = [self.cc, *(cmd[-1] for _, cmd in compiles), "-o", str(work / "kernel_check"), *self.link_flags, "-lm"]
+        cmd = [self.cc, *(cmd[-1] for _, cmd in compiles), "-o", str(work / self.program), *self.link_flags, "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{self.name}: linking failed:\n{' '.join(cmd)}\n{proc.stderr}")
@@ -137,8 +149,8 @@ class Target:
             work.rename(final)
         except OSError:         # a concurrent session finished the same build first
             shutil.rmtree(work, ignore_errors=True)
-        _prune(final.parent, self.name)
-        return final / "kernel_check", diagnostics
+        _prune(final.parent, self.label)
+        return final / self.program, diagnostics
 
     def run(self, binary, cases, isa, prefix=None):
         cmd = [*(self.run_prefix if prefix is None else prefix), str(binary), str(cases), isa]
