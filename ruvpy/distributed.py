@@ -163,12 +163,20 @@ class Worker:
 
         start = time.perf_counter()
         self.index = index
-        self.model = ruvpy.models.load(model_path, kv_cache=kv_cache, **runtime_options)
-        self.runtime = self.model.runtime
-        self.load_seconds = time.perf_counter() - start
         self.incarnation = uuid.uuid4().hex
         self._seqs = {}                  # driver's sequence id -> runtime sequence id
         self._lock = TurnLock()
+        self.model = self.runtime = None
+        # a failed load is kept and raised by info() and ping(): an exception escaping a
+        # Ray actor's constructor reaches the driver only as text
+        self.load_error = None
+        try:
+            self.model = ruvpy.models.load(model_path, kv_cache=kv_cache, **runtime_options)
+        except Exception as exc:
+            self.load_error = exc
+        else:
+            self.runtime = self.model.runtime
+        self.load_seconds = time.perf_counter() - start
 
     # -- what the driver asks about the worker -----------------------------------------------
     def info(self):
@@ -176,6 +184,7 @@ class Worker:
 
         import ruvpy
 
+        self.ping()
         ctx = ray.get_runtime_context()
         rt = self.runtime
         return {"index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
@@ -187,6 +196,9 @@ class Worker:
                 "isa": ruvpy.info().get("isa")}
 
     def ping(self):
+        """This incarnation's id; the model's load error if it could not load one."""
+        if self.load_error is not None:
+            raise self.load_error
         return self.incarnation
 
     def free_kv(self):
@@ -436,6 +448,7 @@ class _Record:
         self.dirty = False                # the worker's copy is lost or unknown: restore
         self.removed = False
         self.restores = 0
+        self.last_restore = None          # {worker, seconds, replayed_tokens, ...}
         self.base = 0                     # tokens known only through the snapshot (imported)
 
     @property
@@ -514,14 +527,16 @@ class Cluster:
     snapshot in the chunks they were appended in, so that a restored sequence is
     bit-identical; "prefill" replays them in prefill-sized chunks (faster, equal to ~1e-3).
     max_concurrency: calls a worker serves at once (generations in flight + control calls).
-    worker_options: extra Ray actor options (num_cpus, resources, scheduling_strategy, ...).
+    worker_options: extra Ray actor options (num_cpus, resources, scheduling_strategy --
+    "SPREAD" by default --, ...). restart_timeout: seconds a call waits for Ray to restart
+    a worker when no other worker can take its sequences.
     ray_init: keyword arguments for ray.init() when the Cluster starts Ray (it then shuts
     Ray down in shutdown()).
     """
 
     def __init__(self, num_workers=2, model=None, kv_cache="paged", checkpoint_every=64, *,
                  max_restarts=3, replay="exact", max_concurrency=32, worker_options=None,
-                 ray_init=None, **runtime_options):
+                 ray_init=None, restart_timeout=300.0, **runtime_options):
         from ruvpy.models import KV_CACHE_KINDS
 
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -543,6 +558,7 @@ class Cluster:
         self.checkpoint_every = checkpoint_every
         self.replay = replay
         self.kv_cache = kv_cache
+        self.restart_timeout = restart_timeout
         self.runtime_options = dict(runtime_options)
         self._lock = threading.RLock()
         self._records = {}
@@ -550,13 +566,17 @@ class Cluster:
         self._closed = False
         self._owns_ray = False
         self.last_generation = None
+        self._counters = collections.Counter()
         if model is not None:
             model = os.fspath(model)
         if not ray.is_initialized():
             ray.init(**(ray_init or {}))
             self._owns_ray = True
+        # SPREAD: on a multi-node cluster, workers (each a whole model) go to different
+        # nodes when they can; on one machine it changes nothing
         options = {"max_restarts": max_restarts, "max_task_retries": 0,
-                   "max_concurrency": max_concurrency, **(worker_options or {})}
+                   "max_concurrency": max_concurrency, "scheduling_strategy": "SPREAD",
+                   **(worker_options or {})}
         try:
             self._slots = [_Slot(i, _RemoteWorker.options(**options).remote(
                 i, model, kv_cache, runtime_options)) for i in range(num_workers)]
@@ -564,11 +584,8 @@ class Cluster:
             for slot, ref in zip(self._slots, infos):
                 try:
                     slot.info = ray.get(ref)
-                except RayActorError as exc:
-                    cause = getattr(exc, "cause", None)   # the constructor's exception
-                    if isinstance(cause, RayTaskError):
-                        raise _task_cause(cause) from None
-                    raise
+                except RayTaskError as exc:          # e.g. the model file is missing
+                    raise _task_cause(exc) from None
                 slot.incarnation = slot.info["incarnation"]
         except BaseException:
             self.shutdown()
@@ -611,10 +628,12 @@ class Cluster:
         """Wait until no worker is "restarting" (each comes back or is dropped); returns
         worker_states(). TimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.current_thread()
         while True:
             with self._lock:
                 watchers = [s.watcher for s in self._slots
-                            if s.watcher is not None and s.watcher.is_alive()]
+                            if s.watcher is not None and s.watcher is not me and
+                            s.watcher.is_alive()]
             if not watchers:
                 return self.worker_states()
             left = None if deadline is None else deadline - time.monotonic()
@@ -647,6 +666,7 @@ class Cluster:
                 return
             slot.state = RESTARTING
             slot.reason = _death_reason(exc)
+            self._counters["worker_failures"] += 1
             orphans = [r for r in self._records.values() if r.worker == index]
             for rec in orphans:
                 rec.dirty = True
@@ -682,8 +702,9 @@ class Cluster:
                     if rec.dirty and not rec.removed:
                         self._restore(rec, exclude={slot.index})
                 except Exception as exc:           # retried at the sequence's next use
-                    log.warning("ruvpy.distributed: sequence %d not restored yet: %s",
-                                rec.seq, exc)
+                    if not self._closed:
+                        log.warning("ruvpy.distributed: sequence %d not restored yet: %s",
+                                    rec.seq, exc)
                 finally:
                     rec.lock.release()
         try:
@@ -756,9 +777,20 @@ class Cluster:
 
     def _place(self, exclude=()):
         ranked = self._ranked_workers(exclude)
+        if not ranked and self._restarting(exclude):
+            # nothing else can take it: wait for Ray to restart the failed workers
+            self.wait_for_workers(timeout=self.restart_timeout)
+            ranked = self._ranked_workers(exclude)
         if not ranked:
             raise NoLiveWorkerError(self._no_worker_message())
         return ranked[0]
+
+    def _restarting(self, exclude=()):
+        """Workers Ray may still bring back (not this thread's own watch)."""
+        me = threading.current_thread()
+        with self._lock:
+            return [s.index for s in self._slots if s.state == RESTARTING and
+                    s.index not in exclude and s.watcher is not me]
 
     def _no_worker_message(self):
         states = ", ".join(f"worker {i}: {s}" + (f" ({r})" if r else "")
@@ -912,9 +944,15 @@ class Cluster:
                 rec.worker = worker
                 rec.dirty = False
                 rec.restores += 1
+            self._count(restores=1)
+            replayed = sum(map(len, chunks))
+            steps = -(-replayed // self.prefill_chunk) if self.replay == "prefill" else len(chunks)
+            rec.last_restore = {"worker": worker, "seconds": time.perf_counter() - start,
+                                "replayed_tokens": replayed, "replayed_steps": steps,
+                                "from_snapshot": use_snapshot}
             log.info("ruvpy.distributed: sequence %d restored on worker %d (%d tokens "
-                     "replayed) in %.3f s", rec.seq, worker, sum(map(len, chunks)),
-                     time.perf_counter() - start)
+                     "replayed in %d steps) in %.3f s", rec.seq, worker, replayed, steps,
+                     rec.last_restore["seconds"])
             return worker
 
     def _call(self, rec, submit):
@@ -970,6 +1008,7 @@ class Cluster:
             rec.append(ids)
             if snapshot:
                 rec.set_snapshot(refs[1], rec.position, nbytes)
+            self._count(forwarded_tokens=len(ids), checkpoints=int(snapshot))
             return np.array(logits, dtype=np.float32)
 
     def migrate(self, seq, worker):
@@ -982,9 +1021,14 @@ class Cluster:
         target = self._worker_index(worker)
         with rec.lock:
             self._check_target(target)
-            self._ensure_ready(rec)
             source = rec.worker
             start = time.perf_counter()
+            if rec.dirty or self._slots[source].state != ALIVE:
+                # its worker's copy is lost anyway: rebuild it on the target from the record
+                self._restore(rec, target=target)
+                return {"seq": rec.seq, "from": source, "to": rec.worker, "tokens": rec.position,
+                        "bytes": rec.snapshot_bytes, "seconds": time.perf_counter() - start,
+                        "restored": True}
             if source == target:
                 return {"seq": rec.seq, "from": source, "to": target, "tokens": rec.position,
                         "bytes": 0, "seconds": 0.0}
@@ -1027,6 +1071,7 @@ class Cluster:
             with self._lock:
                 rec.worker = target
             rec.set_snapshot(data_ref, position, nbytes)
+            self._count(migrations=1)
             try:
                 ray.get(self._slots[source].handle.remove.remote(rec.seq))
             except RayActorError as exc:
@@ -1186,6 +1231,7 @@ class Cluster:
                         data_ref = next(stream)
                         commit_up_to(position)
                         rec.set_snapshot(data_ref, position, nbytes)
+                        self._count(checkpoints=1)
                     elif kind == "done":
                         _, reason, position, text, tail = event
                         commit_up_to(position)
@@ -1197,6 +1243,7 @@ class Cluster:
                         stats.decode_steps = max(0, len(generated) - 1)
                         stats.decode_seconds = time.perf_counter() - start - stats.prefill_seconds
                         self.last_generation = stats
+                        self._count(generated_tokens=len(generated))
                         return text
                 raise RuntimeError("the worker's generation ended without a result")
             except RayActorError as exc:
@@ -1250,6 +1297,19 @@ class Cluster:
         raise NoLiveWorkerError(self._no_worker_message())
 
     # -- statistics ------------------------------------------------------------------------------
+    def _count(self, **amounts):
+        with self._lock:
+            self._counters.update(amounts)
+
+    @property
+    def counters(self):
+        """What the cluster did since it started: forwarded_tokens, generated_tokens,
+        checkpoints (snapshots kept), migrations, restores, worker_failures."""
+        with self._lock:
+            return {k: self._counters.get(k, 0) for k in
+                    ("forwarded_tokens", "generated_tokens", "checkpoints", "migrations",
+                     "restores", "worker_failures")}
+
     def stats(self):
         """Every worker's RuntimeStats as a dict (RuntimeStats.as_dict()), in worker order,
         with "worker", "state" and "node_id"; each kv sequence row has "cluster_seq". A
@@ -1276,12 +1336,12 @@ class Cluster:
 
     def sequence_info(self, seq):
         """The driver's record of `seq`: worker, position, snapshot position and bytes,
-        tokens since the snapshot, restores so far."""
+        tokens since the snapshot, restores so far and what the last one took."""
         rec = self._record(seq)
         return {"seq": rec.seq, "worker": rec.worker, "position": rec.position,
                 "snapshot_position": rec.snapshot_position, "snapshot_bytes": rec.snapshot_bytes,
                 "since_snapshot": rec.since_snapshot(), "restores": rec.restores,
-                "dirty": rec.dirty}
+                "last_restore": rec.last_restore, "dirty": rec.dirty}
 
     # -- lifetime --------------------------------------------------------------------------------
     def shutdown(self):
