@@ -67,6 +67,8 @@ cdef inline int _check_status(int rc, str what) except -1:
 
 
 cdef int _positive_int(object value, str name) except -1:
+    if type(value) is int and 0 < <object>value <= MAX_INT:
+        return <int>value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0 or value > MAX_INT:
@@ -76,6 +78,8 @@ cdef int _positive_int(object value, str name) except -1:
 
 cdef int64_t _token_count(object value, str what) except -1:
     """A token count as int64: an int >= 0 (numpy ints too; not bool, float or str)."""
+    if type(value) is int and 0 <= <object>value <= MAX_INT:
+        return <int64_t>value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{what}: token counts must be ints, got {type(value).__name__} {value!r}")
     v = int(value)
@@ -116,9 +120,15 @@ cdef bint _same_view(cnp.ndarray a, cnp.ndarray b):
 cdef cnp.ndarray _q_rows(object q, int head_dim, int num_kv_heads):
     """q as an array the scheduler reads in place (strided tokens and heads are fine; a last
     axis that is not contiguous is copied)."""
+    cdef cnp.ndarray a
+    if type(q) is np.ndarray:
+        a = <cnp.ndarray>q
+        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_NDIM(a) == 3 and a.shape[2] == head_dim and \
+                a.shape[1] > 0 and a.shape[1] % num_kv_heads == 0:
+            return a if _rows_layout(a) else np.ascontiguousarray(a)
     if not isinstance(q, np.ndarray):
         raise TypeError(f"q must be a numpy array, got {type(q).__name__}")
-    cdef cnp.ndarray a = <cnp.ndarray>q
+    a = <cnp.ndarray>q
     if a.dtype != _F32:
         raise TypeError(f"q must be float32, got {a.dtype}")
     if a.ndim != 3 or a.shape[2] != head_dim or a.shape[1] == 0 or a.shape[1] % num_kv_heads:
@@ -130,12 +140,23 @@ cdef cnp.ndarray _q_rows(object q, int head_dim, int num_kv_heads):
 cdef cnp.ndarray _out_rows(object out, tuple shape, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v):
     """out as a writeable float32 array of `shape` overlapping none of q, k, v (or q itself,
     in place); None: a new array."""
+    cdef cnp.ndarray o
     if out is None:
         return np.empty(shape, dtype=np.float32)
+    if type(out) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_FLOAT32 and \
+            cnp.PyArray_NDIM(<cnp.ndarray>out) == 3:
+        o = <cnp.ndarray>out
+        if o.shape[0] == q.shape[0] and o.shape[1] == q.shape[1] and o.shape[2] == q.shape[2] and \
+                cnp.PyArray_ISWRITEABLE(o) and _rows_layout(o):
+            if (k is not None and overlap(o, k)) or (v is not None and overlap(o, v)):
+                raise ValueError("out overlaps k or v")
+            if overlap(o, q) and not _same_view(o, q):
+                raise ValueError("out overlaps q without being q itself (in place is fine)")
+            return o
     if not isinstance(out, np.ndarray) or out.dtype != _F32:
         raise TypeError(f"out must be a float32 numpy array, got "
                         f"{getattr(out, 'dtype', type(out).__name__)}")
-    cdef cnp.ndarray o = <cnp.ndarray>out
+    o = <cnp.ndarray>out
     if out.shape != shape:
         raise ValueError(f"out must have shape {shape}, got {out.shape}")
     if not o.flags.writeable or not _rows_layout(o):
@@ -219,6 +240,15 @@ cdef class _KVCache:
         return <int>layer
 
     cdef object _kv_array(self, x, str name):
+        cdef cnp.ndarray a
+        cdef int t
+        if type(x) is np.ndarray:       # the usual case, checked at C level
+            a = <cnp.ndarray>x
+            t = cnp.PyArray_TYPE(a)
+            if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT16) and cnp.PyArray_NDIM(a) == 3 and \
+                    a.shape[1] == self.num_kv_heads and a.shape[2] == self.head_dim and \
+                    cnp.PyArray_IS_C_CONTIGUOUS(a):
+                return x
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
         dt = x.dtype
@@ -234,7 +264,8 @@ cdef class _KVCache:
     cdef tuple _kv_pair(self, k, v):
         k = self._kv_array(k, "k")
         v = self._kv_array(v, "v")
-        if k.shape != v.shape or k.dtype != v.dtype:
+        if (<cnp.ndarray>k).shape[0] != (<cnp.ndarray>v).shape[0] or \
+                cnp.PyArray_TYPE(<cnp.ndarray>k) != cnp.PyArray_TYPE(<cnp.ndarray>v):
             raise ValueError(f"k and v must have the same shape and dtype, got k {k.shape} "
                              f"{k.dtype} and v {v.shape} {v.dtype}")
         return k, v
@@ -477,12 +508,17 @@ cdef class _KVCache:
         return plan._attend(layer, q, k, v, out, scale)
 
     def plan(self, seqs, n_tokens, *, num_heads, causal=True, threads=None, scratch=None,
-             _what="plan"):
+             begin=False, cover=(), _what="plan"):
         """An AttentionPlan: one step of n_tokens[i] new tokens for seqs[i], num_heads query
         heads, planned once (ids resolved, counts checked, the scheduler's work sized). Its
         attend(layer, q, k, v, out=...) then appends and attends each layer in one C call.
-        scratch: a ScratchSpace for the kernels' work buffers (see plan.scratch_needed);
-        None: a per-thread buffer of the scheduler's own."""
+        scratch: a ScratchSpace for the kernels' work buffers, used when it is large enough
+        (plan.bound; plan.scratch_needed says what is); else a per-thread buffer of the
+        scheduler's own. begin=True: also open a transaction on its sequences (as begin) and
+        then make room for the step inside it in every layer (as reserve: what eviction takes
+        comes back at a rollback), all or nothing; plan.commit() or plan.rollback() closes it
+        -- one validated call for the start of a model step. cover: more sequences the
+        transaction covers (inside a transaction only its sequences may give up tokens)."""
         cdef AttentionPlan plan = AttentionPlan.__new__(AttentionPlan)
         cdef int heads, i
         plan.causal = bool(causal)
@@ -491,15 +527,42 @@ cdef class _KVCache:
         if heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
+        if scratch is not None and not isinstance(scratch, ScratchSpace):
+            raise TypeError(f"scratch must be a ruvpy.ScratchSpace, got {type(scratch).__name__}")
         self._enter()
         try:
-            ids = self._seq_list(seqs, _what)
-            counts = self._counts(n_tokens, len(ids), _what)
-            plan._setup(self, ids, counts, heads)
+            plan._resolve(self, seqs, n_tokens, heads, _what)
+            if begin:
+                others = self._seq_list(cover, _what)
+                mine = set(plan.seqs)
+                txn = list(plan.seqs) + [s if type(s) is int else int(s) for s in others if s not in mine]
+                again = [s for s in txn if s in self._txn]
+                if again:
+                    raise ValueError(f"begin: sequences {again} are already inside a transaction")
+                slots = [self._slot_of[s] for s in txn]
+                for i in range(len(slots)):
+                    try:
+                        self._h_begin(slots[i])
+                    except BaseException:
+                        for j in range(i):
+                            self._h_commit(slots[j])     # nothing happened in them yet
+                        raise
+                self._txn.update(txn)
+                plan.txn = tuple(txn)
+                try:
+                    self._h_room(plan.seqs, plan.slots, plan.counts, plan.nseq, -1)
+                except BaseException:
+                    for slot in slots:
+                        self._h_rollback(slot)
+                    self._txn.difference_update(txn)
+                    plan.txn = ()
+                    raise
+            plan._measure()
         finally:
             self._leave()
-        if scratch is not None:
-            plan.use_scratch(scratch)
+        if scratch is not None and rv_scratch_fits(&(<ScratchSpace>scratch).view, plan.cplan.shared_bytes,
+                                                   plan.cplan.thread_bytes, plan.cplan.nthreads):
+            plan.scratch = scratch
         return plan
 
     def scratch_for(self, num_heads, q_lens, kv_lens, *, causal=True, threads=None):
@@ -742,47 +805,122 @@ cdef class AttentionPlan:
     cdef rv_kv_query *queries
     cdef rv_attn_plan cplan             # the scheduler's plan for the base lengths
     cdef ScratchSpace scratch
-    cdef object ids_by_slot
+    cdef tuple txn                      # the sequences of its open transaction (begin=True)
 
     def __init__(self, *args, **kwargs):
         raise TypeError("AttentionPlan objects come from cache.plan(...)")
 
     def __dealloc__(self):
-        PyMem_Free(self.slots)
-        PyMem_Free(self.counts)
-        PyMem_Free(self.offsets)
-        PyMem_Free(self.base)
-        PyMem_Free(self.queries)
+        PyMem_Free(self.queries)      # one block: the queries, then the per-sequence arrays
 
-    cdef int _setup(self, _KVCache cache, list ids, list counts, int num_heads) except -1:
-        cdef int i, n = len(ids), rc
-        cdef int64_t off = 0
-        cdef rv_kv_source src
-        self.cache = cache
-        # plain ints (the cache's own ids): later lookups run no code of the caller's objects
-        self.seqs = tuple([s if type(s) is int else int(s) for s in ids])
-        self.n_tokens = tuple(counts)
-        self.num_heads = num_heads
-        self.nseq = n
-        self.slots = <int *>PyMem_Malloc(sizeof(int) * (n + 1))
-        self.counts = <int64_t *>PyMem_Malloc(sizeof(int64_t) * (n + 1))
-        self.offsets = <int64_t *>PyMem_Malloc(sizeof(int64_t) * (n + 1))
-        self.base = <int64_t *>PyMem_Malloc(sizeof(int64_t) * (n + 1))
-        self.queries = <rv_kv_query *>PyMem_Malloc(sizeof(rv_kv_query) * (n + 1))
-        if not self.slots or not self.counts or not self.offsets or not self.base or not self.queries:
+    cdef int _alloc(self, int n) except -1:
+        self.queries = <rv_kv_query *>PyMem_Malloc((sizeof(rv_kv_query) + sizeof(int) + 3 * sizeof(int64_t)) * (n + 1))
+        if self.queries == NULL:
             raise MemoryError("plan: out of memory")
-        for i in range(n):
-            self.slots[i] = cache._slot_of[ids[i]]
-            self.counts[i] = counts[i]
-            self.offsets[i] = off
-            off += counts[i]
-            self.base[i] = cache._h_len(self.slots[i], 0)
+        self.counts = <int64_t *>(self.queries + n + 1)
+        self.offsets = self.counts + n + 1
+        self.base = self.offsets + n + 1
+        self.slots = <int *>(self.base + n + 1)
+        self.nseq = n
+        return 0
+
+    cdef int _resolve(self, _KVCache cache, object seqs, object n_tokens, int num_heads, str what) except -1:
+        """the sequences' slots, counts and row offsets (ids and counts checked as the cache's
+        calls check them; a list of plain ints, a model step's usual case, takes the short way)"""
+        cdef int i, j, n
+        cdef int64_t off = 0, c
+        self.cache = cache
+        self.num_heads = num_heads
+        if type(seqs) is list and type(n_tokens) is list and len(seqs) == len(n_tokens) and \
+                len(seqs) <= 8 and all([type(x) is int for x in seqs]):
+            n = len(seqs)
+            self._alloc(n)
+            for i in range(n):
+                slot = cache._slot_of.get(seqs[i])
+                if slot is None:
+                    cache._slot(seqs[i])          # raises KeyError, naming it
+                self.slots[i] = <int>slot
+                for j in range(i):
+                    if self.slots[j] == self.slots[i]:
+                        raise ValueError(f"{what}: sequence ids repeat: {seqs}")
+                c = _token_count(n_tokens[i], what)
+                self.counts[i] = c
+                self.offsets[i] = off
+                off += c
+            self.seqs = tuple(seqs)
+            self.n_tokens = tuple(n_tokens)
+        else:
+            ids = cache._seq_list(seqs, what)
+            counts = cache._counts(n_tokens, len(ids), what)
+            n = len(ids)
+            self._alloc(n)
+            for i in range(n):
+                self.slots[i] = cache._slot_of[ids[i]]
+                self.counts[i] = counts[i]
+                self.offsets[i] = off
+                off += counts[i]
+            # plain ints (the cache's own ids): later lookups run no code of the caller's objects
+            self.seqs = tuple([s if type(s) is int else int(s) for s in ids])
+            self.n_tokens = tuple(counts)
         self.num_tokens = off
+        return 0
+
+    cdef int _measure(self) except -1:
+        """the lengths the step starts from (layer 0), and the scheduler's plan for them"""
+        cdef int i, rc
+        cdef rv_kv_source src
+        for i in range(self.nseq):
+            self.base[i] = self.cache._h_len(self.slots[i], 0)
         self._fill_lengths(NULL)
-        cache._h_source(0, num_heads, &src)
+        self.cache._h_source(0, self.num_heads, &src)
         rc = rv_attn_plan_make(&self.cplan, &src, self.queries, self._nq(), self.causal, self.threads)
         if rc != RV_OK:
             raise ValueError(f"plan: the sequences' lengths do not allow this step (status {rc})")
+        return 0
+
+    @property
+    def bound(self):
+        """Whether the kernels work in a ScratchSpace given to the plan (use_scratch)."""
+        return self.scratch is not None
+
+    @property
+    def in_transaction(self):
+        """Whether the plan opened a transaction (plan(..., begin=True)) still open."""
+        return bool(self.txn)
+
+    @property
+    def transaction_seqs(self):
+        """The sequences the plan's open transaction covers: its own, then `cover`'s."""
+        return self.txn or ()
+
+    def commit(self):
+        """Close the transaction plan(..., begin=True) opened, keeping the step (as
+        cache.commit on its sequences)."""
+        self._close_txn(True)
+
+    def rollback(self):
+        """Close the transaction plan(..., begin=True) opened, undoing the step (as
+        cache.rollback on its sequences). Idempotent."""
+        self._close_txn(False)
+
+    cdef int _close_txn(self, bint keep) except -1:
+        cdef _KVCache cache = self.cache
+        if not self.txn:
+            if keep:
+                raise RuntimeError("commit: the plan has no open transaction (plan(..., begin=True))")
+            return 0
+        cache._enter()
+        try:
+            for seq in self.txn:             # the cache's own ids: plain ints
+                if seq in cache._txn:
+                    if keep:
+                        cache._h_commit(cache._slot_of[seq])
+                    else:
+                        cache._h_rollback(cache._slot_of[seq])
+                    cache._txn.discard(seq)
+            self.txn = ()
+        finally:
+            cache._leave()
         return 0
 
     cdef inline int _nq(self) noexcept:

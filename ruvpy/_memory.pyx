@@ -77,6 +77,7 @@ cdef extern from "memory/rv_memory.h" nogil:
     int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added)
     void rv_pool_clear(rv_pool *p)
     void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
+    size_t rv_pool_meta_bytes(const rv_pool *p)
 
 cdef enum:
     # NumPy 1.x's limit (2.x allows 64): views must work on both
@@ -618,6 +619,11 @@ cdef class BufferPool:
     def size_classes(self):
         """This pool's buffer sizes, ascending."""
         return tuple([self.pool.cls[i].nbytes for i in range(self.pool.nclasses)])
+
+    @property
+    def metadata_bytes(self):
+        """Bytes the pool itself takes (its struct and the classes' free lists)."""
+        return rv_pool_meta_bytes(self.pool)
 
     @property
     def class_limits(self):

@@ -80,7 +80,7 @@ class Step:
     __slots__ = ("_runtime", "_arena", "_seqs", "_n_tokens", "num_tokens", "_starts",
                  "_positions", "_offsets", "_attended", "_remaining", "_q_shape", "_kv_shape",
                  "_num_layers", "_state", "_failed", "_calls", "_fallbacks", "_plan",
-                 "_threads_before")
+                 "_threads_before", "_txn_seqs")
 
     def __init__(self, runtime, seqs, n_tokens):
         cfg = runtime.config
@@ -99,6 +99,7 @@ class Step:
         self._calls = self._fallbacks = 0
         self._starts = self._positions = self._offsets = self._plan = None
         self._threads_before = None
+        self._txn_seqs = self._seqs      # the sequences its KV transaction covers
 
     # -- the plan ---------------------------------------------------------------------------
     @property
@@ -151,14 +152,6 @@ class Step:
             self._check_open()
         if type(layer) is not int or not 0 <= layer < self._num_layers or self._attended[layer]:
             layer = self._layer_index(layer)
-        try:
-            ok = (q.shape == self._q_shape and k.shape == self._kv_shape and
-                  v.shape == self._kv_shape and q.dtype is _F32 and
-                  (k.dtype is _F16 or k.dtype is _F32) and v.dtype is k.dtype)
-        except AttributeError:
-            ok = False
-        if not ok:
-            self._check_inputs(q, k, v)
         if out is None:
             try:
                 out = self._arena.alloc(self._q_shape)
@@ -166,12 +159,13 @@ class Step:
                 # too large for what is left of the arena: numpy memory, counted in stats
                 out = np.empty(self._q_shape, np.float32)
                 self._fallbacks += 1
-        elif type(out) is not np.ndarray or out.dtype is not _F32 or out.shape != self._q_shape:
-            self._check_out(out)
         try:
             self._plan.attend(layer, q, k, v, out=out, scale=scale)
         except (ValueError, TypeError, KeyError):
-            raise   # the cache validates before writing: this layer is unchanged
+            # the plan checks before writing: this layer is unchanged; say it in step terms
+            self._check_inputs(q, k, v)
+            self._check_out(out)
+            raise
         except BaseException:
             self._failed = True   # the cache may be half-way: the step can only roll back
             raise
@@ -222,7 +216,8 @@ class Step:
                             f"got {k.dtype} and {v.dtype}")
 
     def _check_out(self, out):
-        if not isinstance(out, np.ndarray) or out.dtype != _F32 or out.shape != self._q_shape:
+        if not isinstance(out, np.ndarray) or out.dtype != _F32 or out.shape != self._q_shape \
+                or not out.flags.writeable:
             desc = (f"{type(out).__name__}" if not isinstance(out, np.ndarray) else
                     f"{out.dtype} {list(out.shape)}")
             raise ValueError(f"step.attention: out must be a writeable float32 array of shape "
@@ -525,25 +520,25 @@ class Runtime:
             raise RuntimeError(f"{self.name}: another step is open (sequences "
                                f"{list(self._step._seqs) if self._step else '?'}); steps of "
                                f"one runtime run one at a time")
-        began = False
         try:
             self._finish_rollbacks()
-            for seq in step._seqs:     # still alive since step() checked them?
-                self._known(seq)
-            step._starts = [self._positions[s] for s in step._seqs]
-            self._live_arena()
-            self._cache.reserve(step._seqs, step._n_tokens)
-            self._cache.begin(step._seqs)
-            began = True
-            plan = self._cache.plan(step._seqs, step._n_tokens, num_heads=self.config.num_heads,
-                                    threads=self.config.threads)
-            plan.use_scratch(self._ensure_scratch(*plan.scratch_needed))
-        except BaseException:
             try:
-                if began:
-                    self._cache.rollback(step._seqs)
-            finally:
-                self._step_lock.release()
+                step._starts = [self._positions[s] for s in step._seqs]
+            except KeyError:        # removed since step() checked it
+                for seq in step._seqs:
+                    self._known(seq)
+                raise
+            self._live_arena()
+            plan = self._plan_in_transaction(step._seqs, step._n_tokens)
+            step._txn_seqs = plan.transaction_seqs
+            try:
+                if not plan.bound:      # more than the scratch holds: it grows (once)
+                    plan.use_scratch(self._ensure_scratch(*plan.scratch_needed))
+            except BaseException:
+                plan.rollback()
+                raise
+        except BaseException:
+            self._step_lock.release()
             raise
         step._plan = plan
         step._arena = self._arena
@@ -554,12 +549,29 @@ class Runtime:
         self._step = step
         step._state = _OPEN
 
+    def _plan_in_transaction(self, seqs, n_tokens):
+        """The step's plan, with its KV transaction open and its room reserved inside it
+        (cache.plan(..., begin=True): the transaction first, then room, so whatever eviction
+        (policy "evict-oldest") takes comes back if the step rolls back). Inside a transaction
+        only its own sequences may give up tokens, so when the step's sequences cannot make
+        the room the transaction is widened to every live sequence (plan.transaction_seqs)."""
+        options = dict(num_heads=self.config.num_heads, threads=self.config.threads,
+                       scratch=self._scratch, begin=True)
+        try:
+            return self._cache.plan(seqs, n_tokens, **options)
+        except KVCacheFull:
+            if self.config.policy != "evict-oldest" or len(self._positions) == len(seqs):
+                raise
+        mine = set(seqs)
+        return self._cache.plan(seqs, n_tokens, cover=[s for s in self._positions if s not in mine],
+                                **options)
+
     def _close_step(self, step, ok):
         """Step.__exit__: reset the arena, commit (or roll back), free the step slot. Whatever
         fails on the way, the step ends rolled back (unless it committed), the slot is freed
         and the thread count restored; the first failure is raised after that."""
         step._state = _CLOSED
-        cache, seqs = self._cache, step._seqs
+        seqs = step._txn_seqs
         error, committed = None, False
         try:
             try:
@@ -574,6 +586,7 @@ class Runtime:
                     pass                        # the next step tries again
             except BaseException as exc:        # Ctrl-C: rolled back, then raised
                 error = exc
+            cache = self._cache
             if ok and error is None and not step._failed and step._remaining == 0:
                 try:
                     cache.commit(seqs)
@@ -586,7 +599,7 @@ class Runtime:
                 cache.rollback([s for s in seqs if cache.in_transaction(s)])
                 self._unrolled = []
             else:
-                for seq, n in zip(seqs, step._n_tokens):
+                for seq, n in zip(step._seqs, step._n_tokens):
                     self._positions[seq] += n
                 self._steps += 1
         finally:
@@ -666,7 +679,8 @@ class Runtime:
         same storage configuration (e.g. another worker's)."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._seqs:
+        if self._step is not None and seq in self._step._txn_seqs:
+            # the open step's transaction covers it (its own, or one eviction may take from)
             raise RuntimeError(f"{self.name}: cannot export sequence {seq} while a step on it "
                                f"is open")
         return encode_sequence(*self._snapshot(seq))
@@ -685,7 +699,8 @@ class Runtime:
         export_sequence)."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._seqs:
+        if self._step is not None and seq in self._step._txn_seqs:
+            # the open step's transaction covers it (its own, or one eviction may take from)
             raise RuntimeError(f"{self.name}: cannot save sequence {seq} while a step on it is "
                                f"open")
         write_sequence_file(path, *self._snapshot(seq))
@@ -735,12 +750,13 @@ class Runtime:
     def memory_bytes(self):
         """{part: bytes} of everything the runtime holds: "kv" (the cache's storage and
         metadata), "arena", "pool" (free and handed-out buffers that are not the cache's cold
-        groups), "scratch". Their sum is RuntimeStats.total_bytes."""
+        groups, and the pool's own lists), "scratch". Their sum is RuntimeStats.total_bytes."""
         self._check_open()
         pool = self._pool.stats()
         kv = int(self._cache.nbytes)
         return {"kv": kv, "arena": int(self._live_arena().capacity),
-                "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes),
+                "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes +
+                            self._pool.metadata_bytes),
                 "scratch": int(self._scratch.nbytes)}
 
     def stats(self):

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from _attention_reference import causal_reference as reference
+from _helpers import assert_attention_close
 
 from ruvpy import PagedKVCache, Runtime, RuntimeConfig, ScratchSpace, TwoTierKVCache
 
@@ -51,9 +51,8 @@ def test_a_plan_attends_every_layer_like_the_reference(isa, kind):
         offsets = np.cumsum([0] + counts)
         for i, s in enumerate((a, b, c)):
             rows = slice(offsets[i], offsets[i + 1])
-            want = reference(q[rows], *cache.get_kv(s, layer))
             # fp16 K/V and quantized tiers: the reference runs over the same stored K/V
-            np.testing.assert_allclose(out[rows], want, rtol=1e-4, atol=2e-5)
+            assert_attention_close(out[rows], q[rows], *cache.get_kv(s, layer))
     assert [cache.seq_len(s, 2) for s in (a, b, c)] == [71, 14, 30]
 
 
@@ -67,7 +66,7 @@ def test_a_layer_call_rechecks_what_can_change():
     # appended behind the plan's back in layer 1: that layer is re-planned for its lengths
     cache.append(a, 1, *fused(rng, 5)[1:])
     out = plan.attend(1, q, k, v)
-    np.testing.assert_allclose(out[:2], reference(q[:2], *cache.get_kv(a, 1)), rtol=1e-4, atol=2e-5)
+    assert_attention_close(out[:2], q[:2], *cache.get_kv(a, 1))
     before = snapshot(cache)
     for args, error, words in (((3, q, k, v), ValueError, "out of range"),
                                ((2, q[:2], k[:2], v[:2]), ValueError, "add up"),
@@ -122,7 +121,7 @@ def test_a_plan_runs_in_the_scratch_it_is_given(isa):
     plan.use_scratch(scratch)
     q, k, v = fused(rng, 1)
     out = plan.attend(0, q, k, v)
-    np.testing.assert_allclose(out, reference(q, *cache.get_kv(a, 0)), rtol=1e-4, atol=2e-5)
+    assert_attention_close(out, q, *cache.get_kv(a, 0))
     assert np.any(scratch.get(0, np.float32) != 0)      # the work happened there
 
 
@@ -133,8 +132,7 @@ def test_caches_and_steps_take_strided_queries(isa):
     cache.append(a, 0, *fused(rng, 50)[1:])
     q = fused(rng, 4)[0]
     assert not q.flags.c_contiguous
-    np.testing.assert_allclose(cache.attention(a, 0, q), reference(q, *cache.get_kv(a, 0)),
-                               rtol=1e-4, atol=2e-5)
+    assert_attention_close(cache.attention(a, 0, q), q, *cache.get_kv(a, 0))
     cfg = RuntimeConfig(num_layers=2, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=256)
     with Runtime(cfg) as rt:
         s = rt.add_sequence()
@@ -142,5 +140,4 @@ def test_caches_and_steps_take_strided_queries(isa):
             for layer in range(2):
                 q, k, v = fused(rng, 6)
                 out = step.attention(layer, q, k, v)
-                np.testing.assert_allclose(out, reference(q, k.astype(np.float16), v.astype(np.float16)),
-                                           rtol=1e-4, atol=2e-5)
+                assert_attention_close(out, q, k.astype(np.float16), v.astype(np.float16))

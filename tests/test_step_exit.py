@@ -30,19 +30,22 @@ def state(rt, seq):
             [tuple(a.tobytes() for a in rt.get_kv(seq, layer)) for layer in range(3)])
 
 
-class FailingCache:
-    """The runtime's cache, but `method` raises `error` once (then it is the cache again)."""
+class Failing:
+    """An object's stand-in whose `method` raises `error` once (then it is the object again);
+    on a cache, the step plans it makes fail that way."""
 
-    def __init__(self, cache, method, error):
-        self._cache, self._method, self._error = cache, method, error
+    def __init__(self, target, method, error):
+        self._target, self._method, self._error = target, method, error
 
     def __getattr__(self, name):
-        attr = getattr(self._cache, name)
+        attr = getattr(self._target, name)
         if name == self._method and self._error is not None:
             def failing(*args, **kwargs):
                 error, self._error = self._error, None
                 raise error
             return failing
+        if name == "plan":                  # the step's commit / rollback go through its plan
+            return lambda *args, **kwargs: Failing(attr(*args, **kwargs), self._method, self._error)
         return attr
 
 
@@ -77,7 +80,7 @@ def test_a_commit_that_raises_rolls_back_and_frees_the_step(kind, error):
         full_step(rt, a, 40, rng)
         before = state(rt, a), state(rt, b)
         cache = rt._cache
-        rt._cache = FailingCache(cache, "commit", error)
+        rt._cache = Failing(cache, "commit", error)
         try:
             with pytest.raises(type(error)):
                 with rt.step([a, b], [5, 2]) as step:
@@ -97,7 +100,7 @@ def test_a_rollback_that_raises_still_frees_the_step():
     with Runtime(RuntimeConfig(**SMALL, threads=1)) as rt:
         a = rt.add_sequence()
         cache = rt._cache
-        rt._cache = FailingCache(cache, "rollback", RuntimeError("rollback failed"))
+        rt._cache = Failing(cache, "rollback", RuntimeError("rollback failed"))
         try:
             with pytest.raises(RuntimeError, match="rollback failed"):
                 with rt.step([a], [2]):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from _attention_reference import causal_reference as reference
+from _helpers import assert_attention_close
 from hypothesis import given, settings, strategies as st
 
 from ruvpy import KVCacheFull, PagedKVCache, Runtime, RuntimeConfig, TwoTierKVCache
@@ -61,7 +61,7 @@ def test_truncation_keeps_exactly_the_first_tokens(kind, n):
         k, v = cache.get_kv(a, layer)
         assert len(k) == min(n, 45) + 30
         q = rng.standard_normal((3, 4, D)).astype(np.float32)
-        np.testing.assert_allclose(cache.attention(a, layer, q), reference(q, k, v), rtol=1e-4, atol=2e-5)
+        assert_attention_close(cache.attention(a, layer, q), q, k, v)
     cache.free(a)
     st = cache.stats()
     assert st.tokens == 0 and (kind == "paged" or (st.cold_bytes == 0 and st.hot_bytes == 0))
@@ -175,7 +175,7 @@ def test_runtime_truncation_moves_the_position(kind):
             for layer in range(2):
                 st.attention(layer, rng.standard_normal((2, 4, D)).astype(np.float32), *kv(rng, 2))
         for q, out, (k, v) in step(rt, a, 1, rng):
-            np.testing.assert_allclose(out, reference(q, k, v), rtol=1e-4, atol=2e-5)
+            assert_attention_close(out, q, k, v)
         with pytest.raises(ValueError):
             rt.truncate_sequence(a, -1)
         with pytest.raises(KeyError):
@@ -382,14 +382,21 @@ def test_truncation_accounting_matches_a_model(prompt, ops, policy, cold):
             for s in model.seqs:
                 model.drop_oldest(s, lens[s] - cache.seq_len(s, 0))
             assert model.stored() + n <= MAX
-        st_ = cache.stats()
-        assert [r["tokens"] for r in st_.layers] == [model.stored()] * 2
-        assert st_.stored_tokens == model.stored() <= MAX
-        for s, (toks, c, _) in model.seqs.items():
-            assert st_.sequences[s]["cold_tokens"] == c
-            for layer in range(2):
-                assert np.array_equal(cache.get_kv(s, layer)[1][:, 0, 0], [v for _, v in toks])
+        agree(cache, model, MAX)
     for s in list(model.seqs):
         cache.free(s)
+    model.seqs.clear()
+    agree(cache, model, MAX)
+    assert cache.nbytes == cache.stats().metadata_bytes          # every token's byte is back
+
+
+def agree(cache, model, budget):
+    """the cache holds what the model says: stored tokens per layer, each sequence's cold
+    tokens and its values in order (the value of token i is in channel 0 of its V)"""
     st_ = cache.stats()
-    assert st_.stored_tokens == 0 and st_.hot_bytes == 0 and st_.cold_bytes == 0 and st_.cold_groups == 0
+    stored = model.stored()
+    assert stored <= budget and st_.stored_tokens == stored
+    assert {r["layer"]: r["tokens"] for r in st_.layers} == {0: stored, 1: stored}
+    held = {s: (st_.sequences[s]["cold_tokens"], [cache.get_kv(s, layer)[1][:, 0, 0].tolist() for layer in (0, 1)])
+            for s in model.seqs}
+    assert held == {s: (cold, [[float(v) for _, v in toks]] * 2) for s, (toks, cold, _) in model.seqs.items()}

@@ -10,7 +10,9 @@ build. The script's JSON tables (every list of row dicts in it) are matched row 
 agree on their text and integer fields), every time-like column (ms, _ns, seconds, tok/s,
 GB/s; in a table without any, every float column) is reduced to its median over the rounds, and both tables are printed with the ratio
 new / old next to each value (for a rate, tok/s or GB/s, higher is better; for a time, lower).
-The comparison is also written as JSON (--json). Take the exclusive CPU lock around it.
+The comparison is also written as JSON (--json). On a shared machine give --lock PATH: each
+run then takes that file's exclusive lock (flock) for itself alone and releases it between
+runs, so that other work is held off only while something is timed.
 """
 from __future__ import annotations
 
@@ -48,11 +50,13 @@ def row_key(row):
                  if isinstance(v, (str, bool)) or (isinstance(v, int) and not is_metric(k)))
 
 
-def run_once(checkout, script, args, env):
+def run_once(checkout, script, args, env, lock=None):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
         cmd = [sys.executable, os.path.join(checkout, "tools", script), "--json", out, *args]
+        if lock:
+            cmd = ["flock", "-x", lock] + cmd
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=checkout, env=dict(env, PYTHONPATH=checkout),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -62,6 +66,12 @@ def run_once(checkout, script, args, env):
             return json.load(f), time.perf_counter() - t0
     finally:
         os.unlink(out)
+
+
+def _median(values):
+    """median of the numbers (None where a run has none)"""
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(numbers) if numbers else None
 
 
 def fmt(value):
@@ -90,6 +100,7 @@ def main(argv=None):
                     help="checkout of the new code (default: this one)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="write the comparison here")
+    ap.add_argument("--lock", help="take this file's exclusive flock for each run")
     ap.add_argument("script", help="a tools/ script, e.g. bench_kvcache.py")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="its arguments, after --")
     opts = ap.parse_args(argv)
@@ -97,15 +108,17 @@ def main(argv=None):
     sides = {"old": os.path.abspath(opts.old), "new": os.path.abspath(opts.new)}
     env = dict(os.environ)
     runs = {"old": [], "new": []}
+    raw = []       # every run's own JSON, kept in the comparison
     for r in range(opts.rounds):
         order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
         for side in order:
-            result, seconds = run_once(sides[side], opts.script, args, env)
+            result, seconds = run_once(sides[side], opts.script, args, env, opts.lock)
             runs[side].append(tables_of(result))
+            raw.append({"round": r, "side": side, "result": result})
             print(f"round {r + 1}/{opts.rounds}: {side} in {seconds:.0f} s", file=sys.stderr, flush=True)
             time.sleep(1.0)      # let the other side's threads settle
     comparison = {"script": opts.script, "args": args, "rounds": opts.rounds, "checkouts": sides,
-                  "tables": {}}
+                  "tables": {}, "runs": raw}
     for table in runs["new"][0]:
         header_keys, metrics, rows = None, None, []
         for row in runs["new"][0][table]:
@@ -121,15 +134,15 @@ def main(argv=None):
             if metrics is None:
                 header_keys = [k for k, _ in key]
                 numbers = [k for k, v in row.items() if isinstance(v, float)
-                           and all(k in m for m in values["old"])]
+                           and any(isinstance(m.get(k), (int, float)) for m in values["old"])]
                 # the timings when there are any, else every measured number (bytes, errors)
                 metrics = [k for k in numbers if is_metric(k)] or numbers
             entry = {k: v for k, v in key}
             printed = [v for _, v in key]
             for metric in metrics:
-                old = statistics.median(m[metric] for m in values["old"])
-                new = statistics.median(m[metric] for m in values["new"])
-                ratio = new / old if old else None
+                old = _median([m.get(metric) for m in values["old"]])
+                new = _median([m.get(metric) for m in values["new"]])
+                ratio = new / old if old and new is not None else None
                 entry[metric] = {"old": old, "new": new, "new/old": ratio}
                 printed += [old, new, ratio]
             rows.append(printed)
@@ -138,7 +151,7 @@ def main(argv=None):
             header = header_keys + [f"{m} {s}" for m in metrics for s in ("old", "new", "new/old")]
             print_table(f"{opts.script} {table} (medians of {opts.rounds} rounds; old = {sides['old']})",
                         header, rows)
-    print(json.dumps(comparison, indent=1))
+    print(json.dumps({k: v for k, v in comparison.items() if k != "runs"}, indent=1))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(comparison, f, indent=1)

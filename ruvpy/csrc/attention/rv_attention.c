@@ -34,14 +34,9 @@ static size_t state_floats(int rows, int d) { return rv_pad16((size_t)rows) * 2 
 
 static void state_init(rv_attn_state *st, float *base, int rows, int d, const float *q, float *scratch)
 {
-    st->rows = rows;
-    st->head_dim = d;
-    st->q = q;
-    st->q_stride = d;
-    st->scratch = scratch;
-    st->m = base;
-    st->l = base + rv_pad16((size_t)rows);
-    st->acc = base + 2 * rv_pad16((size_t)rows);
+    const size_t r16 = rv_pad16((size_t)rows);
+    *st = (rv_attn_state){.rows = rows, .head_dim = d, .q = q, .q_stride = d, .m = base, .l = base + r16,
+                          .acc = base + 2 * r16, .scratch = scratch};
     rv_attn_state_clear(st->m, st->l, st->acc, rows, d);
 }
 

@@ -153,6 +153,8 @@ void rv_pool_release(rv_pool *p, int c, void *buffer);
  * added in *added. RV_ENOMEM if an allocation failed (those made so far stay pooled). */
 int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added);
 void rv_pool_clear(rv_pool *p);                  /* free every pooled buffer */
+/* bytes the pool itself takes: its struct and each class's free list (max_buffers slots) */
+size_t rv_pool_meta_bytes(const rv_pool *p);
 void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out);
 
 #endif

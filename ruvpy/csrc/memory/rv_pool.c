@@ -175,3 +175,11 @@ void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
         pthread_mutex_unlock(&k->lock);
     }
 }
+
+size_t rv_pool_meta_bytes(const rv_pool *p)
+{
+    size_t n = rv_align_up(sizeof(rv_pool));
+    for (int c = 0; c < p->nclasses; c++)
+        n += (p->cls[c].max_buffers + 1) * sizeof(void *);
+    return n;
+}
