@@ -400,15 +400,11 @@ class Worker:
         yield ("done", reason, position, model.detokenize(generated), stream.flush())
 
     def _check_prompt(self, ids, position, limit):
+        from ruvpy.models.llama import token_id_array
+
         if not ids:
             raise ValueError("the prompt is empty: there is nothing to continue")
-        vocab = self.model.config.vocab_size
-        for token in ids:
-            if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
-                raise TypeError(f"token ids must be integers, got {type(token).__name__} "
-                                f"{token!r}")
-            if not 0 <= token < vocab:
-                raise ValueError(f"token id {token} is outside the vocabulary (0..{vocab - 1})")
+        token_id_array(ids, self.model.config.vocab_size)
         if position + len(ids) > limit:
             raise ValueError(f"the prompt has {len(ids)} tokens after {position}: more than "
                              f"the model's context length {limit}")
@@ -476,13 +472,10 @@ class _Record:
 
 
 def _token_list(token_ids):
-    ids = np.asarray(token_ids)
-    if ids.ndim != 1 or ids.size == 0:
-        raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape "
-                         f"{list(ids.shape)}")
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
-    return [int(t) for t in ids]
+    """Checked token ids as a list of ints (the vocabulary is the worker's to check)."""
+    from ruvpy.models.llama import token_id_array
+
+    return token_id_array(token_ids).tolist()
 
 
 def _task_cause(exc):
@@ -955,6 +948,15 @@ class Cluster:
                      rec.last_restore["seconds"])
             return worker
 
+    def _lost_by_worker(self, rec, worker, cause):
+        """True if `cause` (what `worker` raised) says it restarted and lost `rec`, which is
+        then marked for restoring."""
+        if not isinstance(cause, SequenceNotOnWorker):
+            return False
+        self._on_restarted(worker, cause.incarnation)
+        rec.dirty = True
+        return True
+
     def _call(self, rec, submit):
         """Run submit(handle) -> ObjectRef for `rec` on its worker and get the result,
         restoring `rec` and retrying when the worker fails or has lost it. An exception the
@@ -970,9 +972,7 @@ class Cluster:
                 rec.dirty = True
             except RayTaskError as exc:
                 cause = _task_cause(exc)
-                if isinstance(cause, SequenceNotOnWorker):
-                    self._on_restarted(worker, cause.incarnation)
-                    rec.dirty = True
+                if self._lost_by_worker(rec, worker, cause):
                     continue
                 raise cause from None
 
@@ -1251,9 +1251,7 @@ class Cluster:
                 rec.dirty = True       # restored from the record, then the job resumes
             except RayTaskError as exc:
                 cause = _task_cause(exc)
-                if isinstance(cause, SequenceNotOnWorker):
-                    self._on_restarted(worker, cause.incarnation)
-                    rec.dirty = True
+                if self._lost_by_worker(rec, worker, cause):
                     continue
                 if started:            # failed mid-way: the worker's copy is past the record
                     rec.dirty = True

@@ -13,13 +13,16 @@ import time
 
 import numpy as np
 import pytest
-import ray
 
-import ruvpy
-import ruvpy.models
-from ruvpy import KVCacheFull, Runtime, RuntimeConfig
-from ruvpy.distributed import DROPPED, ALIVE, Cluster, TurnLock
-from ruvpy.seqfile import SequenceFileError
+from _helpers import import_or_skip, require_model
+
+ray = import_or_skip("ray", "RUVPY_REQUIRE_RAY", "pip install 'ruvpy[distributed]'")
+
+import ruvpy  # noqa: E402
+import ruvpy.models  # noqa: E402
+from ruvpy import KVCacheFull, Runtime, RuntimeConfig  # noqa: E402
+from ruvpy.distributed import DROPPED, ALIVE, Cluster, TurnLock  # noqa: E402
+from ruvpy.seqfile import SequenceFileError  # noqa: E402
 
 TOL = 1e-4
 MAX_TOKENS = 2048
@@ -110,6 +113,7 @@ def test_turn_lock_serves_urgent_calls_first_then_arrival_order():
 
 @pytest.fixture(scope="module")
 def local_ray():
+    require_model()                 # every worker loads the model
     assert not ray.is_initialized()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False, object_store_memory=256 << 20)

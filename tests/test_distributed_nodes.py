@@ -7,14 +7,19 @@ import logging
 
 import numpy as np
 import pytest
-import ray
-from ray.cluster_utils import Cluster as RayCluster
 
-from ruvpy.distributed import ALIVE, RESTARTING, Cluster
+from _helpers import import_or_skip, require_model
+
+ray = import_or_skip("ray", "RUVPY_REQUIRE_RAY", "pip install 'ruvpy[distributed]'")
+
+from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
+
+from ruvpy.distributed import ALIVE, RESTARTING, Cluster  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
+    require_model()                 # every worker loads the model
     assert not ray.is_initialized()
     nodes = RayCluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "object_store_memory": 128 << 20})
