@@ -9,7 +9,9 @@ against sequence size per KV format, recovery time against checkpoint_every.
    aggregate generated tokens per second of wall time. Side by side in one run: the same
    generations one after another on an in-process model (no Ray) with 1 kernel thread,
    1 worker with 1 thread, 1 worker with 2 threads, 2 workers with 1 thread each, and 2
-   workers checkpointing every 8 tokens (the snapshot cost on a short sequence).
+   workers checkpointing every 8 tokens (the snapshot cost on a short sequence). Against
+   the machine: weights_GB_s is tok/s x the weight bytes a decode step reads, x_bandwidth
+   that over the memory read bandwidth measured in the same run.
 2. Migration: for each KV format (paged fp16, two-tier q8, two-tier q4, turbo; the default
    256-token hot tier), one sequence grown to each size (real SmolLM2 K/V), migrated back and
    forth `--moves` times: bytes moved (the snapshot, header and checksum included), bytes per
@@ -35,7 +37,7 @@ import time
 
 import numpy as np
 
-from _bench_common import emit_json, machine_info, print_table, settle
+from _bench_common import emit_json, machine_info, print_table, read_bandwidth, settle
 
 import ray  # noqa: E402  (after _bench_common puts the checkout on sys.path)
 
@@ -71,6 +73,22 @@ def thread_options(threads):
 # 1. throughput
 # ----------------------------------------------------------------------------------------
 
+def weight_bytes_per_step(model):
+    """Bytes of weights one decode step reads: every weight array but the embedding table
+    (a step gathers one row of it)."""
+    def size(obj):
+        if isinstance(obj, np.ndarray):
+            return obj.nbytes
+        if isinstance(obj, dict):
+            return sum(map(size, obj.values()))
+        if isinstance(obj, (list, tuple)):
+            return sum(map(size, obj))
+        return sum(map(size, vars(obj).values())) if hasattr(obj, "__dict__") else 0
+
+    weights = model.weights
+    return size(weights) - weights.embedding_t.nbytes
+
+
 def bench_throughput(args):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.sequences)]
     rows = []
@@ -84,6 +102,12 @@ def bench_throughput(args):
     progress(f"throughput: {len(prompts)} sequences x {args.new_tokens} tokens")
     model = ruvpy.models.load(max_tokens=4096, **thread_options(1))
     model.generate(prompts[0], 4)
+    step_bytes = weight_bytes_per_step(model)
+    settle()
+    bandwidth = read_bandwidth(threads=2) * 1e9
+    progress(f"  weights read per decode step {step_bytes / 1e6:.0f} MB; memory read bandwidth "
+             f"{bandwidth / 1e9:.1f} GB/s: at most {bandwidth / step_bytes:.1f} steps/s "
+             f"on this machine, however many workers")
     times, generated = [], 0
     for _ in range(args.repeats):
         settle()
@@ -119,7 +143,11 @@ def bench_throughput(args):
     for r in rows:
         r["x_in_process"] = r["tok_s"] / base
         r["x_1_worker"] = r["tok_s"] / one
-    return rows
+        # each sequence's decode step reads every weight once (a worker steps one sequence
+        # at a time): aggregate tok/s is bounded by the memory bus the workers share
+        r["weights_GB_s"] = r["tok_s"] * step_bytes / 1e9
+        r["x_bandwidth"] = r["tok_s"] * step_bytes / bandwidth
+    return rows, {"weight_bytes_per_step": step_bytes, "read_bandwidth_GB_s": bandwidth / 1e9}
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,11 +269,13 @@ def main():
     assert len(ids) >= max(args.sizes)
     try:
         if "throughput" not in args.skip:
-            results["throughput"] = bench_throughput(args)
-            print("\nAggregate decode throughput (greedy, generated tokens / wall time)")
+            results["throughput"], results["memory"] = bench_throughput(args)
+            print("\nAggregate decode throughput (greedy, generated tokens / wall time); "
+                  f"{results['memory']['weight_bytes_per_step'] / 1e6:.0f} MB of weights read "
+                  f"per step, read bandwidth {results['memory']['read_bandwidth_GB_s']:.1f} GB/s")
             print_table(results["throughput"], ["setup", "workers", "threads", "sequences",
                                                 "tokens", "seconds", "tok_s", "x_in_process",
-                                                "x_1_worker"])
+                                                "x_1_worker", "weights_GB_s", "x_bandwidth"])
         if "migration" not in args.skip:
             results["migration"] = bench_migration(args, ids)
             print("\nMigration: one snapshot through the object store (median of "
