@@ -561,6 +561,7 @@ class Cluster:
         self._owns_ray = False
         self.last_generation = None
         self._counters = collections.Counter()
+        self._placing = collections.Counter()    # worker -> new sequences being placed there
         if model is not None:
             model = os.fspath(model)
         if not ray.is_initialized():
@@ -759,25 +760,37 @@ class Cluster:
             free[slot.index] = answer
         return free
 
-    def _ranked_workers(self, exclude=()):
-        """Live workers by preference: most free KV bytes, then fewest of our sequences, then
-        lowest index; those that cannot take another sequence are left out."""
-        free = self._free_kv(exclude)
+    def _choose(self, free, reserve):
+        """The live worker to prefer (None: none can take a sequence): most free KV bytes,
+        then fewest of our sequences -- those being placed right now included --, then
+        lowest index. reserve=True counts the choice as being placed until _placed(): the
+        sequences of concurrent new_sequence() calls, all empty when their free KV is read,
+        then spread instead of all going to the lowest index."""
         with self._lock:
             counts = collections.Counter(r.worker for r in self._records.values())
-        ranked = [w for w, f in free.items() if f["free_sequences"] != 0]
-        ranked.sort(key=lambda w: (-free[w]["free_bytes"], counts[w], w))
-        return ranked
+            counts.update(self._placing)
+            ranked = [w for w, f in free.items() if f["free_sequences"] != 0]
+            if not ranked:
+                return None
+            best = min(ranked, key=lambda w: (-free[w]["free_bytes"], counts[w], w))
+            if reserve:
+                self._placing[best] += 1
+            return best
 
-    def _place(self, exclude=()):
-        ranked = self._ranked_workers(exclude)
-        if not ranked and self._restarting(exclude):
+    def _placed(self, worker):
+        """A reserved placement on `worker` is now a record (or was given up)."""
+        with self._lock:
+            self._placing[worker] -= 1
+
+    def _place(self, exclude=(), reserve=False):
+        best = self._choose(self._free_kv(exclude), reserve)
+        if best is None and self._restarting(exclude):
             # nothing else can take it: wait for Ray to restart the failed workers
             self.wait_for_workers(timeout=self.restart_timeout)
-            ranked = self._ranked_workers(exclude)
-        if not ranked:
+            best = self._choose(self._free_kv(exclude), reserve)
+        if best is None:
             raise NoLiveWorkerError(self._no_worker_message())
-        return ranked[0]
+        return best
 
     def _restarting(self, exclude=()):
         """Workers Ray may still bring back (not this thread's own watch)."""
@@ -818,7 +831,7 @@ class Cluster:
         seq = next(self._ids)
         tried = set()
         while True:
-            worker = self._place(exclude=tried)
+            worker = self._place(exclude=tried, reserve=True)
             slot = self._slots[worker]
             try:
                 ray.get(slot.handle.new_sequence.remote(seq))
@@ -833,10 +846,12 @@ class Cluster:
                     tried.add(worker)
                     continue
                 raise cause from None
-            rec = _Record(seq, worker)
-            with self._lock:
-                self._records[seq] = rec
-            return seq
+            else:
+                with self._lock:
+                    self._records[seq] = _Record(seq, worker)
+                return seq
+            finally:
+                self._placed(worker)
 
     def worker_of(self, seq):
         """Index of the worker holding `seq`."""

@@ -7,9 +7,11 @@ Tolerance: the issue bounds logits at 1e-4. A snapshot holds the KV exactly as s
 restore replays the recorded chunks as they were appended, so the measured difference is 0.0
 for paged fp16 and two-tier q4 alike (the same kernels, thread counts and chunking on the same
 CPU); 1e-4 leaves room for a worker on another CPU picking another SIMD path."""
+import collections
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -300,6 +302,15 @@ def test_new_sequences_go_to_the_worker_with_the_most_free_kv(paged_cluster, ids
     stats = cluster.stats()
     assert [s["state"] for s in stats] == [ALIVE, ALIVE]
     assert all(s["kv"]["free_tokens"] == s["kv"]["capacity_tokens"] for s in stats)
+    # concurrent arrivals all read the same free KV (their sequences are still empty): they
+    # spread over the workers instead of all taking the lowest index
+    with ThreadPoolExecutor(8) as pool:
+        seqs = list(pool.map(lambda _: cluster.new_sequence(), range(8)))
+    try:
+        assert sorted(collections.Counter(map(cluster.worker_of, seqs)).values()) == [4, 4]
+    finally:
+        for seq in seqs:
+            cluster.remove_sequence(seq)
 
 
 def test_bad_input_raises_and_the_sequence_stays_where_it_was(paged_cluster, reference, ids,
