@@ -35,7 +35,7 @@ from ruvpy.config import (COLD_FORMATS, DEFAULT_MAX_TOKENS, KV_CACHE_KINDS, KV_D
 from ruvpy.seqfile import (FILE_MAGIC, FILE_VERSION, SequenceFileError, decode_sequence,
                            encode_sequence, read_sequence_file, write_sequence_file)
 from ruvpy.sizing import METADATA_ALLOWANCE_MAX, METADATA_ALLOWANCE_MIN, size_kv
-from ruvpy.stats import RuntimeStats, _kv_sequence, _ranges, kv_summary
+from ruvpy.stats import RuntimeStats, _kv_sequence, _ranges, kv_free_tokens, kv_summary
 
 __all__ = ["RuntimeConfig", "Runtime", "Step", "RuntimeStats", "SequenceFileError",
            "IncompleteStepError", "KV_CACHE_KINDS"]
@@ -791,6 +791,7 @@ class Runtime:
         budget = self.config.memory_budget
         rss = _process_rss()
         memory = self.memory_bytes()
+        free_tokens = kv_free_tokens(kv)
         return RuntimeStats(
             arena=arena._asdict(),
             pool={k: v for k, v in pool._asdict().items() if k != "free_buffers"},
@@ -798,7 +799,11 @@ class Runtime:
             kv={"kind": self.config.kv_cache, "capacity_tokens": self.capacity_tokens,
                 "tokens": int(kv.tokens), "bytes": kv_bytes,
                 "bytes_in_use": sum(t["bytes"] for t in tiers.values()),
-                "bytes_per_token": self.bytes_per_token, "details": details,
+                "bytes_per_token": self.bytes_per_token, "free_tokens": free_tokens,
+                "free_bytes": int(free_tokens * self.bytes_per_token),
+                "free_sequences": None if self.max_sequences is None else
+                max(0, self.max_sequences - len(self._positions)),
+                "details": details,
                 "tiers": tiers, "layers": layers,
                 "sequences": [{"seq": s, "position": p, **_kv_sequence(kv, s)}
                               for s, p in self._positions.items()]},

