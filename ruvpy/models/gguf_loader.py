@@ -13,6 +13,10 @@ import os
 import numpy as np
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+# What gguf's reader raises on a malformed file besides ValueError (found by tools/fuzz.py:
+# a count or length past the end of the file indexes an empty array, an unknown type code
+# misses its table, sizes overflow numpy's integers): all mean "not a readable GGUF file".
+MALFORMED_GGUF_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError)
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_TYPE_NORMAL = 1
@@ -198,5 +202,6 @@ def open_gguf(path):
 
     try:
         return GGUFReader(os.fspath(path), "r")
-    except ValueError as exc:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable GGUF file: {exc}") from exc
+    except MALFORMED_GGUF_ERRORS as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable GGUF file: "
+                         f"{type(exc).__name__}: {exc}") from exc
