@@ -356,6 +356,13 @@ def mutate_structure(data, rng):
 
 def mutate(data, rng, kind, seeds):
     """One mutated input of reader `kind` from `data`."""
+    try:
+        return _mutate(data, rng, kind, seeds)
+    except Exception:     # an input too odd for a structure-aware mutation: plain bytes then
+        return mutate_bytes(data, rng, others=seeds)
+
+
+def _mutate(data, rng, kind, seeds):
     if kind == "gguf":
         return mutate_bytes(data, rng, limit=GGUF_PARSE_BYTES.get(len(data), len(data)),
                             others=seeds)
@@ -494,7 +501,7 @@ def make_seeds(kind, workdir):
 class Stats:
     def __init__(self, kind, runs, artifacts):
         self.kind, self.runs, self.artifacts = kind, runs, artifacts
-        self.done, self.outcomes, self.findings = 0, {}, []
+        self.done, self.outcomes, self.findings, self.finding_kinds = 0, {}, [], {}
         self.t0 = time.perf_counter()
 
     def record(self, target, data):
@@ -509,6 +516,9 @@ class Stats:
             cause = exc.__cause__
             where = traceback.format_exception(cause)[-2].strip() if cause else ""
             self.findings.append({"input": digest, "error": str(exc)[:300], "at": where[:300]})
+            kind = f"{str(exc).split(':')[1].strip() if ':' in str(exc) else exc} @ " + \
+                (where.splitlines()[0].strip() if where else "?")
+            self.finding_kinds[kind] = self.finding_kinds.get(kind, 0) + 1
             outcome = "FINDING"
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.done += 1
@@ -516,7 +526,7 @@ class Stats:
     def summary(self):
         return {"reader": self.kind, "inputs": self.done, "seconds": round(time.perf_counter() - self.t0, 1),
                 "outcomes": dict(sorted(self.outcomes.items())), "findings": len(self.findings),
-                "finding_list": self.findings[:20]}
+                "finding_kinds": self.finding_kinds, "finding_list": self.findings[:20]}
 
     def progress(self, every):
         if self.done % every == 0 or self.done == self.runs:

@@ -84,7 +84,8 @@ def make_config(kv, budget):
                          migration_batch=32, policy="evict-oldest")
 
 
-def soak(steps, sample_every, warmup, kv="two-tier", budget=384 * 1024, seed=0, progress=True):
+def soak(steps, sample_every, warmup, kv="two-tier", budget=384 * 1024, seed=0, progress=True,
+         fail_every=FAIL_EVERY):
     cfg = make_config(kv, budget)
     rng = np.random.default_rng(seed)
     H, KVH, D, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
@@ -169,7 +170,7 @@ def soak(steps, sample_every, warmup, kv="two-tier", budget=384 * 1024, seed=0, 
                 continue
             n_tokens = [prefill.get(s, 1) for s in seqs]
             total = sum(n_tokens)
-            fail = i > 0 and i % FAIL_EVERY == 0 and i not in failed_at
+            fail = i > 0 and i % fail_every == 0 and i not in failed_at
             before = {s: (rt.position(s), rt.seq_len(s, 0)) for s in seqs}
             evicted_before = int(getattr(rt.cache.stats(), "evicted_tokens", 0))
             j = i % 128
@@ -232,7 +233,7 @@ def soak(steps, sample_every, warmup, kv="two-tier", budget=384 * 1024, seed=0, 
         problems.append(f"RSS moved {verdict['rss_drift_bytes'] / MiB:.2f} MiB after warm-up "
                         f"(limit 5 MiB)")
     return {"config": {"kv": kv, "budget_bytes": budget, "steps": steps, "warmup": warmup,
-                       "sample_every": sample_every, "seed": seed, "fail_every": FAIL_EVERY},
+                       "sample_every": sample_every, "seed": seed, "fail_every": fail_every},
             "counts": counts, "verdict": verdict, "problems": problems[:50],
             "ok": not problems, "seconds": round(time.perf_counter() - t0, 1),
             "samples": samples}
