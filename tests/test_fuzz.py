@@ -96,3 +96,17 @@ def test_a_malformed_gguf_file_is_a_value_error(tmp_path):
         models.load(bad)
     with np.errstate(all="ignore"), models.load(path, max_tokens=16) as model:   # the seed loads
         assert model.forward(model.new_sequence(), [1, 2]).shape == (2, model.config.vocab_size)
+
+
+def test_merges_naming_tokens_outside_the_vocabulary_are_a_value_error():
+    """Found by the fuzzer: a merge whose halves are not in the vocabulary made `tokenizers`
+    raise a bare Exception out of ruvpy.models.load (documented: ValueError)."""
+    from ruvpy.models.gguf_loader import TokenizerData
+    from ruvpy.models.tokenizer import GGUFTokenizer
+    data = TokenizerData(model="gpt2", pre="smollm", tokens=["a", "b", "ab"],
+                         token_types=np.ones(3, np.int32), merges=["a b", "a zz"])
+    with pytest.raises(ValueError, match="BPE tables are malformed"):
+        GGUFTokenizer(data)
+    good = TokenizerData(model="gpt2", pre="smollm", tokens=["a", "b", "ab"],
+                         token_types=np.ones(3, np.int32), merges=["a b"])
+    assert GGUFTokenizer(good).vocab_size == 3
