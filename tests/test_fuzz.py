@@ -110,3 +110,29 @@ def test_merges_naming_tokens_outside_the_vocabulary_are_a_value_error():
     good = TokenizerData(model="gpt2", pre="smollm", tokens=["a", "b", "ab"],
                          token_types=np.ones(3, np.int32), merges=["a b"])
     assert GGUFTokenizer(good).vocab_size == 3
+
+
+def test_a_count_past_the_end_of_a_gguf_file_is_refused_without_reading_it(tmp_path):
+    """Found by the fuzzer: an array of 2**40 values declared in a tiny GGUF file made gguf's
+    reader loop and allocate until the machine ran out of memory (22 GB RSS). load() must
+    refuse it from the file's size. Run in a child process whose address space is capped, so
+    the old behaviour fails as MemoryError instead of taking the machine."""
+    import struct
+    import subprocess
+    import textwrap
+    bad = tmp_path / "count.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"a"
+                    + struct.pack("<IIQ", 9, 0, 2**40) + bytes(16))
+    code = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(REPO)!r})
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        from ruvpy import models
+        try:
+            models.load({str(bad)!r})
+        except ValueError as exc:
+            print("ValueError:", exc)
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ValueError:" in proc.stdout and "does not fit" in proc.stdout, proc.stdout
