@@ -16,6 +16,6 @@ cd "$ROOT"
 PY="$(python -c 'import sys; print(sys.executable)')"
 t0=$(date +%s)
 PYTHONMALLOC=malloc valgrind --tool=memcheck --error-limit=no --num-callers=30 \
-  --track-origins=no --log-file="$LOG" "$PY" tools/valgrind_decode.py "$@"
+  --track-origins=no --fullpath-after= --log-file="$LOG" "$PY" tools/valgrind_decode.py "$@"
 echo "valgrind ran $(( $(date +%s) - t0 )) s; log: $LOG"
 "$PY" tools/valgrind_decode.py --report "$LOG"
