@@ -161,6 +161,7 @@ def soak(steps, sample_every, warmup, kv="two-tier", budget=384 * 1024, seed=0, 
                 if rt.position(s) >= lifetime[s] and len(rt.sequences) > 1:
                     lost_by_removed += evicted_from(rt, s)
                     rt.remove_sequence(s)
+                    del lifetime[s], inherited[s]      # the soak's own state stays flat too
                     counts["removed"] += 1
             prefill = dict(live_new)
             live_new = []
