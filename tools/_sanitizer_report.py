@@ -2,7 +2,7 @@
 
     python tools/_sanitizer_report.py LOG_DIR SOURCE_DIR
 
-LOG_DIR holds asan.<pid> and ubsan.<pid> files (ASAN_OPTIONS / UBSAN_OPTIONS log_path).
+LOG_DIR holds the run's stderr.log (and any asan.* / ubsan.* files of a log_path).
 Prints the counts and every finding that is ruvpy's; exits 1 if there is one.
 
 - An AddressSanitizer error (heap-buffer-overflow, use-after-free, ...) counts whatever code it
@@ -52,24 +52,18 @@ def main(log_dir, source_dir):
               "leaks_python": 0, "log_files": 0}
     findings = []
     for name in sorted(os.listdir(log_dir)):
-        if not (name.startswith("asan.") or name.startswith("ubsan.")):
+        if not name.startswith(("asan.", "ubsan.", "stderr")):
             continue
         counts["log_files"] += 1
         with open(os.path.join(log_dir, name), errors="replace") as f:
             text = f.read()
-        if name.startswith("ubsan."):
-            for block in _blocks(text):
-                n = len(re.findall(r"runtime error:", block))
-                counts["ubsan_errors"] += n
-                if n:
-                    findings.append(block)
-            continue
+        # every file is read for every kind of report (one process writes them all)
         for block in _blocks(text):
             if "ERROR: AddressSanitizer" in block:
                 counts["asan_errors"] += 1
                 findings.append(block)
-            elif "runtime error:" in block:         # UBSan into the ASan log
-                counts["ubsan_errors"] += 1
+            elif "runtime error:" in block:
+                counts["ubsan_errors"] += len(re.findall(r"runtime error:", block))
                 findings.append(block)
             elif re.match(r"\s*(Direct|Indirect) leak of", block):
                 kind = classify_leak(block, source_dir)

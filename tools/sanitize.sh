@@ -12,7 +12,7 @@
 #      -fno-wrapv, recoverable reports);
 #   3. runs pytest there with libasan preloaded (Python is not instrumented, the runtime must
 #      come first), PYTHONMALLOC=malloc (so Python objects live in ASan's heap, where overflows
-#      into them are seen) and every report written to log files instead of stopping the run;
+#      into them are seen) and every report kept in a log instead of stopping the run;
 #   4. sorts the reports (tools/_sanitizer_report.py) and fails on any ASan or UBSan report,
 #      or on any leak allocated by ruvpy.
 # Leak detection and CPython: CPython does not free its heap at exit (interned strings, types,
@@ -63,22 +63,30 @@ assert ruvpy.__file__.startswith('$WORK/src'), ruvpy.__file__"
 
 FAST_UNWIND=0
 if [ "${SANITIZE_FULL_STACKS:-1}" = 0 ]; then FAST_UNWIND=1; fi
+# Reports go to stderr, which is kept in logs/stderr.log (pytest captures only Python's
+# sys.stderr, so C-level reports reach the file). Not log_path: with libasan preloaded, the
+# UBSan runtime shares its flags (UBSAN_OPTIONS, parsed last, wins), and the two runtimes
+# opened the same log file each, one truncating the other's reports (an injected signed
+# overflow went missing that way). For the same reason both variables carry the same common
+# flags:
+#   keep going after a report (the build recovers); full allocation stacks (CPython has no
+#   frame pointers: the fast unwinder stops at its first frame, and a leak of a Python object
+#   made by ruvpy would look like Python's own; SANITIZE_FULL_STACKS=0 keeps the fast
+#   unwinder, ~9x faster: ruvpy is built with frame pointers, so its own C allocations keep
+#   their ruvpy frames, but a Python object ruvpy leaks may pass for Python's); NULL for
+#   impossible sizes (ruvpy turns a failed allocation into MemoryError; ASan would abort).
+# ASan only: leak detection, no ODR checks (numpy and CPython are not instrumented).
+# UBSan only: stack traces.
+COMMON="halt_on_error=0:allocator_may_return_null=1:fast_unwind_on_malloc=$FAST_UNWIND"
 set +e
-# ASan: keep going after a report (the build recovers), report to files, full allocation
-#   stacks (CPython has no frame pointers: the fast unwinder stops at its first frame, and a
-#   leak of a Python object made by ruvpy would look like Python's own; SANITIZE_FULL_STACKS=0
-#   keeps the fast unwinder, ~9x faster: ruvpy is built with frame pointers, so its own C
-#   allocations keep their ruvpy frames, but a Python object ruvpy leaks may pass for
-#   Python's), return NULL for
-#   impossible sizes (ruvpy turns a failed allocation into MemoryError; ASan would abort),
-#   no ODR checks (numpy and CPython are not instrumented).
-# UBSan: stack traces, keep going, to files.
 env LD_PRELOAD="$PRELOAD" PYTHONMALLOC=malloc \
-  ASAN_OPTIONS="halt_on_error=0:detect_leaks=1:fast_unwind_on_malloc=$FAST_UNWIND:allocator_may_return_null=1:detect_odr_violation=0:log_path=$WORK/logs/asan:print_summary=1" \
-  UBSAN_OPTIONS="halt_on_error=0:print_stacktrace=1:log_path=$WORK/logs/ubsan" \
-  RUVPY_SANITIZED=1 "$VPY" -m pytest -q -p no:cacheprovider "${@:-tests}"
+  ASAN_OPTIONS="$COMMON:detect_leaks=1:detect_odr_violation=0" \
+  UBSAN_OPTIONS="$COMMON:print_stacktrace=1" \
+  RUVPY_SANITIZED=1 "$VPY" -m pytest -q -p no:cacheprovider --capture=sys "${@:-tests}" \
+  2> "$WORK/logs/stderr.log"
 status=$?
 set -e
+if [ $status -ne 0 ]; then tail -40 "$WORK/logs/stderr.log"; fi
 t2=$(date +%s)
 echo "   tests ran in $((t2 - t1)) s (total $((t2 - t0)) s)"
 report=0
