@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,9 +31,12 @@ def _byte_size(text):
         number = float(value[:len(value) - len(unit)])
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 64M, 2G)") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"byte size must be positive: {text!r}")
-    return int(number * units[unit])
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"byte size must be positive (and finite): {text!r}")
+    size = number * units[unit]
+    if not math.isfinite(size) or size >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"byte size {text!r} is beyond 2**63 bytes")
+    return int(size)
 
 
 def _blas_threads(text):

@@ -32,7 +32,9 @@ cdef extern from "float.h":
 cdef cnp.ndarray _kernel_layout(object x, str name):
     """x as an ndarray the kernels can read in place: last axis contiguous and every stride a
     whole number of elements. Anything else (a transposed or byte-strided view) is copied."""
-    cdef cnp.ndarray a = x if cnp.PyArray_Check(x) else np.asarray(x)
+    # exact ndarrays only: a subclass's Python-level shape, dtype or flags could differ from
+    # what C reads, so it is viewed as a plain ndarray first (np.asarray runs none of its code)
+    cdef cnp.ndarray a = x if type(x) is np.ndarray else np.asarray(x)
     if a.ndim != 3:
         raise ValueError(f"{name} must be 3-D [tokens, heads, head_dim], got shape {(<object>a).shape}")
     cdef Py_ssize_t item = a.itemsize
@@ -158,7 +160,7 @@ def attention(q, k, v, *, causal=True, scale=None, out=None, threads=None):
     else:
         if not cnp.PyArray_Check(out):
             raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
-        oa = out
+        oa = out if type(out) is np.ndarray else np.asarray(out)   # as _kernel_layout
         if oa.dtype != np.float32:
             raise TypeError(f"out must be float32, got {oa.dtype}")
         if (<object>oa).shape != qs:

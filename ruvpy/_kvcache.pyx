@@ -23,9 +23,10 @@ import numpy as np
 
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
-                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK,
-                               NOWAIT_LOCK)
+                               PyThread_acquire_lock, PyThread_release_lock, NOWAIT_LOCK,
+                               PyLockStatus, PY_LOCK_ACQUIRED)
 from libc.stdint cimport int32_t, int64_t, uint16_t
 from libc.string cimport memset
 
@@ -39,6 +40,15 @@ from ruvpy._kernels import MAX_HEAD_DIM, MAX_GROUP_TOKENS, MAX_GROUP_VALUES, MAX
 from ruvpy import kvexport
 from ruvpy.kvstats import (KVCacheStats, PagedKVStats, TwoTierKVStats, paged_stats,
                            twotier_stats)
+
+cdef extern from "pythread.h":
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                             int intr_flag) nogil
+    unsigned long PyThread_get_thread_ident() nogil
+
+# how long a call waiting for another thread's call on the same cache sleeps without the GIL
+# between looks at pending signals (so Ctrl-C gets through a wait of any length)
+cdef long long _LOCK_POLL_US = 20000
 
 cnp.import_array()
 
@@ -117,6 +127,17 @@ cdef bint _same_view(cnp.ndarray a, cnp.ndarray b):
         a.strides[1] == b.strides[1] and a.strides[2] == b.strides[2]
 
 
+cdef cnp.ndarray _plain(object x, str name):
+    """x as an exact numpy array: a subclass is viewed as a plain ndarray (at C level, running
+    none of its code), so no Python-level property (shape, dtype, flags ...) can report other
+    than what C then reads."""
+    if type(x) is np.ndarray:
+        return <cnp.ndarray>x
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    return <cnp.ndarray>np.asarray(x)
+
+
 cdef cnp.ndarray _q_rows(object q, int head_dim, int num_kv_heads):
     """q as an array the scheduler reads in place (strided tokens and heads are fine; a last
     axis that is not contiguous is copied)."""
@@ -126,9 +147,7 @@ cdef cnp.ndarray _q_rows(object q, int head_dim, int num_kv_heads):
         if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_NDIM(a) == 3 and a.shape[2] == head_dim and \
                 a.shape[1] > 0 and a.shape[1] % num_kv_heads == 0:
             return a if _rows_layout(a) else np.ascontiguousarray(a)
-    if not isinstance(q, np.ndarray):
-        raise TypeError(f"q must be a numpy array, got {type(q).__name__}")
-    a = <cnp.ndarray>q
+    a = _plain(q, "q")
     if a.dtype != _F32:
         raise TypeError(f"q must be float32, got {a.dtype}")
     if a.ndim != 3 or a.shape[2] != head_dim or a.shape[1] == 0 or a.shape[1] % num_kv_heads:
@@ -153,10 +172,9 @@ cdef cnp.ndarray _out_rows(object out, tuple shape, cnp.ndarray q, cnp.ndarray k
             if overlap(o, q) and not _same_view(o, q):
                 raise ValueError("out overlaps q without being q itself (in place is fine)")
             return o
-    if not isinstance(out, np.ndarray) or out.dtype != _F32:
-        raise TypeError(f"out must be a float32 numpy array, got "
-                        f"{getattr(out, 'dtype', type(out).__name__)}")
-    o = <cnp.ndarray>out
+    out = o = _plain(out, "out")
+    if out.dtype != _F32:
+        raise TypeError(f"out must be a float32 numpy array, got {out.dtype}")
     if out.shape != shape:
         raise ValueError(f"out must have shape {shape}, got {out.shape}")
     if not o.flags.writeable or not _rows_layout(o):
@@ -179,6 +197,7 @@ cdef class _KVCache:
     cdef int64_t _next_id
     cdef set _txn                # ids inside an open transaction
     cdef PyThread_type_lock _mutex
+    cdef unsigned long _owner    # the thread inside a call (0: none); read under the GIL
     cdef bint _closed
     cdef bint _initialized
 
@@ -195,34 +214,66 @@ cdef class _KVCache:
         if self._mutex != NULL:
             PyThread_free_lock(self._mutex)
 
-    cdef int _init_shape(self, num_layers, num_kv_heads, head_dim, max_tokens) except -1:
+    cdef int _refuse_reinit(self) except -1:
         if self._initialized:
-            raise RuntimeError(f"this {type(self).__name__} is already initialized")
-        self.num_layers = _positive_int(num_layers, "num_layers")
-        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        if self.head_dim > MAX_HEAD_DIM:
+            raise RuntimeError(f"this {type(self).__name__} is already initialized (a second "
+                               f"__init__ would leak its C cache or leave its fields out of step "
+                               f"with it); make a new one")
+        return 0
+
+    cdef tuple _check_shape(self, num_layers, num_kv_heads, head_dim, max_tokens):
+        """(num_layers, num_kv_heads, head_dim, max_tokens) checked, into locals: the fields
+        are set only once the C cache exists (_set_shape)."""
+        layers = _positive_int(num_layers, "num_layers")
+        kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
+        dim = _positive_int(head_dim, "head_dim")
+        if dim > MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
         if isinstance(max_tokens, (bool, np.bool_)) or not isinstance(max_tokens, (int, np.integer)):
             raise TypeError(f"max_tokens must be an int, got {type(max_tokens).__name__}")
-        if max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        if max_tokens >= 2**63:
-            raise ValueError(f"max_tokens must be below 2**63, got {max_tokens}")
-        self.max_tokens = max_tokens
-        return 0
+        tokens = int(max_tokens)
+        if tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {tokens}")
+        if tokens >= 2**63:
+            raise ValueError(f"max_tokens must be below 2**63, got {tokens}")
+        return layers, kv_heads, dim, tokens
+
+    cdef void _set_shape(self, tuple shape) noexcept:
+        self.num_layers, self.num_kv_heads, self.head_dim, self.max_tokens = shape
 
     # ---- locking: every public method holds the cache's lock ----
-    cdef int _enter(self) except -1:
-        if not PyThread_acquire_lock(self._mutex, NOWAIT_LOCK):
+    cdef int _lock(self) except -1:
+        """Take the lock. A call from inside a call of the same thread (an argument's
+        __index__, __hash__ ... calling back into the cache) raises RuntimeError: the lock is
+        not re-entrant and waiting would never end. Waiting for another thread's call sleeps
+        without the GIL in short slices, checking for signals (Ctrl-C) between them."""
+        cdef unsigned long me = PyThread_get_thread_ident()
+        cdef PyLockStatus got
+        if PyThread_acquire_lock(self._mutex, NOWAIT_LOCK):
+            self._owner = me
+            return 0
+        if self._owner == me:
+            raise RuntimeError(f"a {type(self).__name__} call re-entered the cache from code it "
+                               f"ran (an argument's __index__, __float__, __hash__ or __eq__, or "
+                               f"a finalizer) while that call held it; convert arguments to plain "
+                               f"ints/floats before calling")
+        while True:
             with nogil:
-                PyThread_acquire_lock(self._mutex, WAIT_LOCK)
+                got = PyThread_acquire_lock_timed(self._mutex, _LOCK_POLL_US, 0)
+            if got == PY_LOCK_ACQUIRED:
+                self._owner = me
+                return 0
+            PyErr_CheckSignals()      # raises what a signal handler raised (KeyboardInterrupt)
+
+    cdef int _enter(self) except -1:
+        self._lock()
         if self._closed:
-            PyThread_release_lock(self._mutex)
+            self._leave()
             raise RuntimeError(f"this {type(self).__name__} is closed")
         return 0
 
     cdef inline void _leave(self) noexcept:
+        self._owner = 0
         PyThread_release_lock(self._mutex)
 
     # ---- argument checks ----
@@ -249,8 +300,7 @@ cdef class _KVCache:
                     a.shape[1] == self.num_kv_heads and a.shape[2] == self.head_dim and \
                     cnp.PyArray_IS_C_CONTIGUOUS(a):
                 return x
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+        x = _plain(x, name)
         dt = x.dtype
         if dt != _F32 and dt != _F16:
             raise TypeError(f"{name} must be float32 or float16, got {dt}")
@@ -721,9 +771,7 @@ cdef class _KVCache:
     def close(self):
         """Free the cache's memory now. Idempotent; afterwards every method raises
         RuntimeError."""
-        if not PyThread_acquire_lock(self._mutex, NOWAIT_LOCK):
-            with nogil:
-                PyThread_acquire_lock(self._mutex, WAIT_LOCK)
+        self._lock()
         try:
             if not self._closed:
                 self._h_close()
@@ -1096,19 +1144,24 @@ cdef class PagedKVCache(_KVCache):
     def __init__(self, num_layers, num_kv_heads, head_dim, *, block_size=16, max_tokens,
                  dtype="float16"):
         cdef rv_paged *created = NULL
-        self._init_shape(num_layers, num_kv_heads, head_dim, max_tokens)
+        self._refuse_reinit()
+        shape = self._check_shape(num_layers, num_kv_heads, head_dim, max_tokens)
+        layers, kv_heads, dim, tokens = shape
         bs = _positive_int(block_size, "block_size")
         code = _dtype_code(dtype)
-        num_blocks = _ceil_div(self.max_tokens, bs)
+        num_blocks = _ceil_div(tokens, bs)
         if num_blocks > MAX_INT:
             raise ValueError(f"max_tokens {max_tokens} needs {num_blocks} blocks of {block_size}; "
                              f"at most 2**31 - 1 blocks")
-        rc = rv_paged_create(&created, self.num_layers, self.num_kv_heads, self.head_dim, bs,
-                             num_blocks, code)
+        if rv_paged_block_bytes(layers, kv_heads, dim, bs, code) == 0:
+            raise ValueError(f"PagedKVCache: a block of {bs} tokens x {layers} layers x {kv_heads} "
+                             f"kv heads x {dim} is too many bytes to address")
+        rc = rv_paged_create(&created, layers, kv_heads, dim, bs, num_blocks, code)
         if rc == RV_ENOMEM:
             raise MemoryError(f"PagedKVCache: cannot allocate the pool of {num_blocks} blocks x "
-                              f"{rv_paged_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, bs, code)} bytes")
+                              f"{rv_paged_block_bytes(layers, kv_heads, dim, bs, code)} bytes")
         _check_status(rc, "PagedKVCache")
+        self._set_shape(shape)
         self.c = created
         self.block_size = bs
         self.dtype = "float16" if code == RV_KV_F16 else "float32"
@@ -1375,8 +1428,9 @@ cdef class TwoTierKVCache(_KVCache):
     shared prefix. A shared cold group's memory is freed when its last holder drops it.
     import_sequence() stores its own copy of everything (it costs all its tokens).
 
-    cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value (rotated codes with
-    Lloyd-Max codebooks, QJL residual signs for the keys; see csrc/kvcache/rv_turbo.h).
+    cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value, metadata included
+    (rotated codes with Lloyd-Max codebooks, the keys' group mean taken out; values get
+    floor(bits - 0.5) bits per coordinate, keys the rest; see csrc/kvcache/rv_turbo.h).
 
     pool: a BufferPool with a size class at least group_bytes_max(...) bytes: cold groups
     take their memory from its smallest such class (the Runtime sizes and prewarms one), so
@@ -1398,9 +1452,10 @@ cdef class TwoTierKVCache(_KVCache):
         cdef rv_tt *created = NULL
         cdef int cls = -1
         cdef size_t largest
-        self._init_shape(num_layers, num_kv_heads, head_dim, max_tokens)
+        self._refuse_reinit()
+        shape = self._check_shape(num_layers, num_kv_heads, head_dim, max_tokens)
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits)
+                   migration_batch, shape[3], turbo_bits)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
         if pool is not None:
@@ -1415,6 +1470,7 @@ cdef class TwoTierKVCache(_KVCache):
         _check_status(rv_tt_create(&created, &p), "TwoTierKVCache")
         if pool is not None:
             rv_tt_use_pool(created, (<BufferPool>pool).pool, cls)
+        self._set_shape(shape)
         self.c = created
         self.pool = pool
         self.hot_tokens = p.hot_tokens

@@ -83,10 +83,11 @@ cdef class PooledBuffer:
     cdef unsigned char *data
     cdef Py_ssize_t nbytes
     cdef int size_class
-    cdef int exports           # live buffer-protocol views (memoryviews, arrays)
+    cdef int exports           # live views (arrays over it, through their _PoolView base)
     cdef int state             # _RELEASED, _LIVE or _RELEASE_PENDING (see _memory.pyx)
     cdef void _give_back(self) noexcept
     cdef int _check_live(self) except -1
+    cdef void _end_export(self) noexcept
 
 
 cdef class ScratchSpace:

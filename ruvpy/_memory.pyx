@@ -23,9 +23,7 @@ import numpy as np
 
 cimport cython
 cimport numpy as cnp
-from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.long cimport PyLong_CheckExact
-from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cython.parallel cimport prange
@@ -418,12 +416,33 @@ class PoolStats(namedtuple("PoolStats", "hits misses allocations returns drops p
 
 @cython.final
 @cython.freelist(64)
+cdef class _PoolView:
+    """The numpy base of every view of a PooledBuffer: it counts as one of the buffer's
+    exports for exactly its own lifetime. Unlike a memoryview it has no release(), so no
+    Python code can end that early while an array still points into the buffer (the
+    pattern of scikit-learn's _vector_sentinel)."""
+    cdef PooledBuffer buf
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("_PoolView objects come from PooledBuffer.array()")
+
+    def __dealloc__(self):
+        if self.buf is not None:
+            self.buf._end_export()
+
+
+@cython.final
+@cython.freelist(64)
 cdef class PooledBuffer:
     """A buffer from a BufferPool: `nbytes` usable bytes (its size class may be larger),
-    64-byte aligned, contents unspecified. Buffer protocol (memoryview(buf), np.asarray(buf))
-    and array(shape, dtype) give views. release() - or leaving a `with` block, or garbage
-    collection - gives it back; while views exist that waits for the last one. Using it after
-    release, or releasing twice, raises ValueError."""
+    64-byte aligned, contents unspecified. array(shape, dtype) and np.asarray(buf) give
+    numpy views (memoryview(buf.array()) a memoryview). release() - or leaving a `with`
+    block, or garbage collection - gives it back; while views exist that waits for the last
+    one. Using it after release, or releasing twice, raises ValueError.
+
+    Not the raw buffer protocol: numpy would base its arrays on a memoryview, whose
+    release() a caller may invoke while the array lives, letting the block go back to the
+    pool under it. The views' base (a _PoolView) cannot be released early."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("PooledBuffer objects come from BufferPool.acquire()")
@@ -464,26 +483,38 @@ cdef class PooledBuffer:
         cdef cnp.npy_intp dims[MAX_NDIM]
         cdef size_t nbytes
         cdef int nd
+        # dtype and shape first: converting them may run Python code (an __index__ that
+        # releases this very buffer); liveness and the data pointer are read after them
         cdef cnp.dtype descr = _descr_for(dtype)
-        self._check_live()
         if shape is None:
+            self._check_live()
             shape = self.nbytes // descr.itemsize
         nd = _parse_shape(shape, dims, descr.itemsize, &nbytes)
+        self._check_live()
         if nbytes > <size_t>self.nbytes:
             raise ValueError(f"shape {shape!r} of {descr} needs {nbytes} bytes; the buffer "
                              f"has {self.nbytes}")
-        view = PyMemoryView_FromObject(self)   # counts as an export until the array dies
+        cdef _PoolView view = _PoolView.__new__(_PoolView)   # an export until the array dies
+        view.buf = self
+        self.exports += 1
         cdef PyObject *arr = _new_view(self.data, nd, dims, descr, <PyObject *>view)
         if arr == NULL:
             _fail()
         return _steal(arr)
 
-    def __getbuffer__(self, Py_buffer *buffer, int flags):
-        self._check_live()
-        PyBuffer_FillInfo(buffer, self, self.data, self.nbytes, 0, flags)
-        self.exports += 1
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(buf): the whole buffer as uint8 (a view, as array())."""
+        view = self.array()
+        if copy:
+            return np.array(view, dtype=dtype, copy=True)
+        if dtype is None or np.dtype(dtype) == view.dtype:
+            return view
+        if copy is False:
+            raise ValueError(f"a PooledBuffer is uint8 bytes: a {np.dtype(dtype)} array of it "
+                             f"needs a copy (or buf.array(dtype={np.dtype(dtype)}))")
+        return view.astype(dtype)
 
-    def __releasebuffer__(self, Py_buffer *buffer):
+    cdef void _end_export(self) noexcept:
         self.exports -= 1
         if self.exports == 0 and self.state == _RELEASE_PENDING:
             self._give_back()

@@ -20,7 +20,13 @@ DEFAULT_MAX_TOKENS = 8192
 MiB = 1 << 20
 
 
-def _int_field(name, value, *, minimum=1, maximum=None, optional=False):
+INT64_MAX = 2 ** 63 - 1
+
+
+def _int_field(name, value, *, minimum=1, maximum=INT64_MAX, optional=False):
+    """value must be an int (numpy ints too; not bool, float or str) in [minimum, maximum]:
+    every count and size is a 64-bit number in C, so a larger one is a ValueError here
+    rather than an OverflowError later."""
     if value is None and optional:
         return
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -28,7 +34,9 @@ def _int_field(name, value, *, minimum=1, maximum=None, optional=False):
         raise TypeError(f"RuntimeConfig.{name} must be {kind}, got {type(value).__name__} "
                         f"{value!r}")
     if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        bound = f">= {minimum}" if maximum == INT64_MAX else f"in [{minimum}, {maximum}]"
+        if value > maximum == INT64_MAX:
+            bound = f"below 2**63"
         raise ValueError(f"RuntimeConfig.{name} must be {bound}, got {value}")
 
 

@@ -41,6 +41,10 @@ __all__ = ["RuntimeConfig", "Runtime", "Step", "RuntimeStats", "SequenceFileErro
            "IncompleteStepError", "KV_CACHE_KINDS"]
 
 
+# the largest position a sequence file may give (RoPE positions are int64; a step adds to it)
+MAX_POSITION = 2 ** 62
+
+
 class IncompleteStepError(RuntimeError):
     """A step's `with` block ended normally without attending every layer exactly once; the
     step was rolled back (committing it would leave layers with different lengths)."""
@@ -281,6 +285,9 @@ class Runtime:
     _positions = {}
 
     def __init__(self, config):
+        if self.__dict__.get("_initialized"):
+            raise RuntimeError(f"{self.name} is already initialized (a second __init__ would drop "
+                               f"its KV cache and sequences); make a new Runtime")
         if not isinstance(config, RuntimeConfig):
             raise TypeError(f"Runtime needs a RuntimeConfig, got {type(config).__name__}")
         self.config = cfg = config
@@ -316,6 +323,7 @@ class Runtime:
         self._unrolled = []          # sequences a failed step exit could not roll back
         self._rss_at_start = _process_rss()
         self._closed = False
+        self._initialized = True
 
     def _make_pool(self, sizing):
         """The buffer pool: the default size classes, plus (two-tier) one class of the most a
@@ -731,12 +739,25 @@ class Runtime:
             raise SequenceFileError(f"{where}: saved for another configuration ("
                                     + "; ".join(diffs) + ")")
         position, meta = header.get("position"), header.get("meta")
-        if type(position) is not int or position < 0 or not isinstance(meta, dict):
-            raise SequenceFileError(f"{where}: the header's position/meta are malformed")
+        if type(position) is not int or not 0 <= position <= MAX_POSITION or \
+                not isinstance(meta, dict):
+            raise SequenceFileError(f"{where}: the header's position/meta are malformed (position "
+                                    f"must be an int in [0, 2**62])")
         lengths = meta.get("lengths")
-        if isinstance(lengths, list) and any(type(n) is int and n > position for n in lengths):
-            raise SequenceFileError(f"{where}: position {position} is behind the {max(lengths)} "
-                                    f"tokens it holds")
+        if not isinstance(lengths, list) or not lengths or \
+                any(type(n) is not int or n < 0 for n in lengths):
+            raise SequenceFileError(f"{where}: the header's meta has no valid token counts")
+        held = lengths[0]
+        if any(n != held for n in lengths):
+            raise SequenceFileError(f"{where}: its layers hold different token counts {lengths} "
+                                    f"(a committed sequence holds the same in every layer)")
+        # RoPE positions continue from `position`: it must be where the stored tokens end,
+        # or (two-tier: evicted tokens leave no trace) beyond it
+        if position < held or (position != held and self.config.kv_cache == "paged"):
+            raise SequenceFileError(
+                f"{where}: position {position} does not match the {held} tokens it holds "
+                + ("(a paged cache never evicts: they must be equal)" if position > held else
+                   "(a position is never behind the tokens held)"))
         self._check_room_for_sequence("load a sequence")
         try:
             seq = self._cache.import_sequence(meta, arrays)

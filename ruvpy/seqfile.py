@@ -142,8 +142,10 @@ def decode_sequence(data, where="sequence data"):
         raise SequenceFileError(f"{where}: corrupt (SHA-256 checksum mismatch)")
     try:
         header = json.loads(bytes(buffer[_PREAMBLE.size:_PREAMBLE.size + header_bytes]))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SequenceFileError(f"{where}: malformed JSON header ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the interpreter's stack (a crafted header)
+        raise SequenceFileError(f"{where}: malformed JSON header ({type(exc).__name__}: "
+                                f"{str(exc)[:200]})") from None
     if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
         raise SequenceFileError(f"{where}: the header has no array directory")
     arrays = {}
@@ -168,18 +170,40 @@ def read_sequence_file(path):
     return decode_sequence(buffer, path)
 
 
+def _entry_int(value):
+    """A JSON number that must be an exact int (not a float such as 2.5, Infinity or NaN,
+    not a bool)."""
+    if type(value) is not int:
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
 def _array_from_entry(entry, data, where):
+    def described():
+        try:
+            text = repr(entry)
+        except RecursionError:
+            return "(nested too deep to print)"
+        return text if len(text) <= 200 else text[:200] + "..."
     try:
-        name = entry["name"]
-        dtype = np.dtype(entry["dtype"])
-        shape = tuple(int(s) for s in entry["shape"])
-        offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SequenceFileError(f"{where}: malformed array entry {entry!r} ({exc})") from None
-    if not isinstance(name, str) or dtype.kind not in _ALLOWED_DTYPE_KINDS or dtype.fields:
-        raise SequenceFileError(f"{where}: array entry {entry!r} has a bad name or dtype")
+        if not isinstance(entry, dict):
+            raise TypeError("not an object")
+        name, dtype_text = entry["name"], entry["dtype"]
+        if not isinstance(dtype_text, str):
+            raise TypeError("the dtype must be a string")
+        dtype = np.dtype(dtype_text)
+        if not isinstance(entry["shape"], list):
+            raise TypeError("the shape must be a list")
+        shape = tuple(_entry_int(s) for s in entry["shape"])
+        offset, nbytes = _entry_int(entry["offset"]), _entry_int(entry["nbytes"])
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise SequenceFileError(f"{where}: malformed array entry {described()} "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(name, str) or dtype.kind not in _ALLOWED_DTYPE_KINDS or dtype.fields \
+            or dtype.subdtype is not None:
+        raise SequenceFileError(f"{where}: array entry {described()} has a bad name or dtype")
     if any(s < 0 for s in shape) or math.prod(shape) * dtype.itemsize != nbytes:
-        raise SequenceFileError(f"{where}: array {name!r}: shape {list(shape)} of {dtype} "
+        raise SequenceFileError(f"{where}: array {name!r}: shape {list(shape)[:8]} of {dtype} "
                                 f"does not make {nbytes} bytes")
     if offset < 0 or offset % 64 or offset + nbytes > len(data):
         raise SequenceFileError(f"{where}: array {name!r} lies outside the data section "

@@ -423,7 +423,7 @@ def test_double_release_and_use_after_release_are_errors():
     with pytest.raises(ValueError):
         buf.array()
     with pytest.raises(ValueError):
-        memoryview(buf)
+        np.asarray(buf)
     with pytest.raises(ValueError):
         with buf:
             pass
@@ -444,10 +444,10 @@ def test_context_manager_and_garbage_collection_release():
     assert pool.stats().returns == 3 and pool.stats().outstanding_bytes == 0
 
 
-def test_buffer_protocol_and_array_views():
+def test_numpy_and_memoryview_views():
     pool = BufferPool()
     buf = pool.acquire(1000)
-    mv = memoryview(buf)
+    mv = memoryview(buf.array())
     assert mv.nbytes == 1000 and not mv.readonly
     mv[:4] = b"abcd"
     arr = buf.array((10, 5), np.float32)       # 200 bytes
@@ -456,6 +456,11 @@ def test_buffer_protocol_and_array_views():
     assert buf.array(dtype=np.float64).shape == (125,)
     np.asarray(buf)[4:8] = 9
     assert bytes(mv[4:8]) == b"\t\t\t\t"
+    assert np.asarray(buf, dtype=np.int16).shape == (1000,)     # converted: a copy
+    with pytest.raises(ValueError, match="needs a copy"):
+        np.asarray(buf, dtype=np.int16, copy=False)
+    with pytest.raises(TypeError):
+        memoryview(buf)           # no raw buffer protocol: see test_hardening.py
     with pytest.raises(ValueError, match="needs 1004 bytes"):
         buf.array((251,), np.float32)
     with pytest.raises(TypeError):
@@ -479,9 +484,10 @@ def test_views_postpone_the_return_to_the_pool():
     gc.collect()
     assert pool.stats().returns == 1 and pool.stats().outstanding_bytes == 1 * KIB
     other.release()
-    # a memoryview keeps the buffer object itself alive; it goes back when the view ends
+    # a memoryview of a view keeps the buffer object itself alive; it goes back when the
+    # view ends
     buf = pool.acquire(512)
-    mv = memoryview(buf)
+    mv = memoryview(buf.array())
     del buf
     assert pool.stats().returns == 2 and pool.stats().outstanding_bytes == 1 * KIB
     mv[0] = 1

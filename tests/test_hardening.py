@@ -1,0 +1,592 @@
+"""Issue 13's defects, each reproduced: memory corruption from Python (pool views released
+early, user code run between a check and the use of what it checked, a second __init__),
+hangs from re-entering a cache, silent wrong results (out overlapping q, a scale that
+overflows float32, a loaded position that disagrees with its tokens) and integer overflow
+or loose types. Whatever could crash the process runs in a subprocess. Every refused call
+must leave the caches, the arena and the sequences exactly as they were (snapshots).
+(The two lost-data defects -- evictions surviving a rollback, a failed step exit wedging the
+Runtime -- are covered in test_runtime.py and test_step_exit.py, and their tests here check
+that they would have caught the old code.)"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import ruvpy
+from ruvpy import BufferPool, PagedKVCache, TwoTierKVCache
+from ruvpy.seqfile import SequenceFileError, decode_sequence, encode_sequence
+
+from _helpers import (REPO, Evil, EvilCount, EvilId, assert_attention_close, cache_snapshot,
+                      runtime_snapshot)
+
+H, KVH, D = 4, 2, 16
+CACHES = {
+    "paged": lambda **kw: PagedKVCache(2, KVH, D, block_size=4, max_tokens=kw.get("max_tokens", 64)),
+    "two-tier": lambda **kw: TwoTierKVCache(2, KVH, D, hot_tokens=4, migration_batch=4, group_size=8,
+                                            cold="q8", max_tokens=kw.get("max_tokens", 64),
+                                            policy=kw.get("policy", "error")),
+}
+
+
+def run_isolated(code):
+    """Run `code` in a fresh interpreter importing this worktree's ruvpy; returns its stdout.
+    A crash (segfault, abort) or a hang fails the test with what it printed."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (f"exit status {proc.returncode}\nstdout:\n{proc.stdout}\n"
+                                  f"stderr:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def filled_cache(kind, rng, lengths=(6, 3), **kw):
+    cache = CACHES[kind](**kw)
+    for n in lengths:
+        s = cache.add_sequence()
+        for layer in range(cache.num_layers):
+            k = rng.standard_normal((n, KVH, D)).astype(np.float32)
+            cache.append(s, layer, k, -k)
+    return cache
+
+
+def qkv(rng, n, heads=H):
+    return (rng.standard_normal((n, heads, D)).astype(np.float32),
+            rng.standard_normal((n, KVH, D)).astype(np.float32),
+            rng.standard_normal((n, KVH, D)).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------
+# 1. memory corruption: pool views
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make_view", ["array", "asarray"])
+def test_a_pool_view_outlives_an_early_release_of_its_base(make_view):
+    # Before: the view's base was a memoryview; releasing it let buf.release() give the
+    # block back while the view still pointed into it, and the next acquire reused it.
+    out = run_isolated(f"""
+        import numpy as np
+        from ruvpy import BufferPool
+        pool = BufferPool()
+        buf = pool.acquire(4096)
+        x = buf.array((1024,), np.float32) if {make_view!r} == "array" else np.asarray(buf)
+        x[:] = 7
+        try:
+            x.base.release()
+        except (AttributeError, BufferError, TypeError, ValueError):
+            pass
+        buf.release()
+        other = pool.acquire(4096)
+        assert other.address != x.ctypes.data, "the view's block was handed out again"
+        other.array()[:] = 0
+        assert (x == 7).all()
+        del x
+        import gc; gc.collect()
+        assert pool.stats().outstanding_bytes == 4096, pool.stats()   # only `other` is out
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_pool_views_have_bases_python_cannot_release():
+    pool = BufferPool()
+    buf = pool.acquire(1000)
+    for view in (buf.array((10,), np.float32), np.asarray(buf), buf.array()):
+        assert not isinstance(view.base, memoryview)
+        assert not hasattr(view.base, "release")
+        assert view.ctypes.data == buf.address
+    buf.release()
+    assert pool.stats().returns == 0          # the views still hold it
+    del view
+    gc.collect()
+    assert pool.stats().returns == 1 and pool.stats().outstanding_bytes == 0
+
+
+def test_a_shape_that_releases_the_buffer_gets_no_view():
+    # the shape's conversion ran after the liveness check: releasing the buffer from it
+    # produced a view over a NULL (or recycled) pointer
+    out = run_isolated("""
+        import numpy as np
+        from ruvpy import BufferPool
+        pool = BufferPool()
+        buf = pool.acquire(4096)
+        class Size(int):
+            def __index__(self):
+                buf.release()
+                return int.__int__(self)
+            __int__ = __index__
+        try:
+            x = buf.array((Size(16),), np.float32)
+        except ValueError as exc:
+            print("refused:", "released" in str(exc))
+        else:
+            x[:] = 1
+            print("view made over", x.ctypes.data)
+    """)
+    assert out.strip() == "refused: True"
+
+
+# ---------------------------------------------------------------------------------------
+# 1. memory corruption: user code between validation and pointer use
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_scale_and_causal_run_before_the_arrays_are_checked(kind):
+    # S.__float__ shrinking `out` (or q) after its checks corrupted the heap: the
+    # conversions now run first, so the shrunk arrays are what gets validated.
+    out = run_isolated(f"""
+        import numpy as np, ruvpy
+        import test_hardening as th
+        rng = np.random.default_rng(0)
+        cache = th.filled_cache({kind!r}, rng)
+        for target in ("out", "q"):
+            for arg in ("scale", "causal"):
+                q = rng.standard_normal((2, th.H, th.D)).astype(np.float32)
+                out = np.empty_like(q)
+                victim = out if target == "out" else q
+                evil = th.Evil(0.25 if arg == "scale" else True,
+                               lambda: victim.resize((1, 1, 1), refcheck=False))
+                try:
+                    cache.attention(0, 0, q, out=out, **{{arg: evil}})
+                except ValueError as exc:
+                    assert "shape" in str(exc), exc
+                else:
+                    raise AssertionError(f"{{target}} shrunk by {{arg}} was accepted")
+        print("ok")
+    """.replace("import test_hardening", "import sys; sys.path.insert(0, 'tests'); import test_hardening"))
+    assert out.strip() == "ok"
+
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_plan_attend_scale_runs_before_the_arrays(kind):
+    out = run_isolated(f"""
+        import sys; sys.path.insert(0, 'tests')
+        import numpy as np
+        import test_hardening as th
+        rng = np.random.default_rng(1)
+        cache = th.filled_cache({kind!r}, rng)
+        for victim_name in ("q", "k", "v", "out"):
+            plan = cache.plan([0], [2], num_heads=th.H)
+            q, k, v = th.qkv(rng, 2)
+            out = np.empty_like(q)
+            victim = dict(q=q, k=k, v=v, out=out)[victim_name]
+            evil = th.Evil(0.25, lambda: victim.resize((1, 1, 1), refcheck=False))
+            before = cache.seq_len(0, 0)
+            try:
+                plan.attend(0, q, k, v, out=out, scale=evil)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError(victim_name)
+            assert cache.seq_len(0, 0) == before
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_array_subclasses_cannot_lie_about_their_shape(kind):
+    # an ndarray subclass's Python-level .shape is not what C reads: the caches check the
+    # arrays at C level (a subclass is viewed as a plain ndarray first)
+    class Liar(np.ndarray):
+        @property
+        def shape(self):
+            return (64, KVH, D)
+
+    rng = np.random.default_rng(2)
+    cache = filled_cache(kind, rng)
+    k = rng.standard_normal((2, KVH, D)).astype(np.float32).view(Liar)
+    cache.append(0, 0, k, k)                  # 2 rows, as the data says
+    assert cache.seq_len(0, 0) == 6 + 2
+    q = rng.standard_normal((1, H, D)).astype(np.float32).view(Liar)
+    cache.attention(0, 0, q)
+
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_ids_are_resolved_before_the_arrays(kind):
+    rng = np.random.default_rng(3)
+    cache = filled_cache(kind, rng)
+    q = rng.standard_normal((2, H, D)).astype(np.float32)
+    out = np.empty_like(q)
+    EvilId.callback = lambda: out.resize((1, 1, 1), refcheck=False)
+    with pytest.raises(ValueError, match="shape"):
+        cache.attention(EvilId(0), 0, q, out=out)
+    # an id whose hash re-enters the cache: refused, the cache unchanged
+    before = cache_snapshot(cache)
+    EvilId.callback = lambda: cache.free(1)
+    with pytest.raises(RuntimeError, match="re-enter"):
+        cache.append(EvilId(0), 0, *qkv(rng, 1)[1:])
+    assert cache_snapshot(cache) == before
+
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_import_fetches_every_array_before_checking_any(kind):
+    rng = np.random.default_rng(4)
+    cache = filled_cache(kind, rng)
+    meta, arrays = cache.export_sequence(0)
+
+    class Mapping(dict):
+        def __getitem__(self, name):
+            value = dict.__getitem__(self, name)
+            # each fetch shrinks every array fetched before it: a check-then-fetch order
+            # would see the old shapes and copy from shrunk buffers
+            for earlier in fetched:
+                try:
+                    earlier.resize((0,), refcheck=False)
+                except ValueError:
+                    pass
+            fetched.append(value)
+            return value
+
+    fetched = []
+    before = cache_snapshot(cache)
+    try:
+        seq = cache.import_sequence(meta, Mapping({n: a.copy() for n, a in arrays.items()}))
+    except ValueError:
+        assert cache_snapshot(cache) == before
+    else:
+        assert cache.seq_len(seq, 0) == cache.seq_len(0, 0)
+
+
+def test_kv_caches_refuse_a_second_init():
+    for cls, kwargs in ((PagedKVCache, {}), (TwoTierKVCache, {"hot_tokens": 4, "migration_batch": 4})):
+        cache = cls(1, 1, 8, max_tokens=16, **kwargs)
+        s = cache.add_sequence()
+        cache.append(s, 0, np.ones((3, 1, 8), np.float32), np.ones((3, 1, 8), np.float32))
+        before = cache_snapshot(cache)
+        with pytest.raises(RuntimeError, match="already initialized"):
+            cache.__init__(4, 4, 64, max_tokens=1 << 20, **kwargs)
+        with pytest.raises(RuntimeError, match="already initialized"):
+            cache.__init__(1, 1, 8, max_tokens=-1, **kwargs)    # failing halfway: still refused
+        assert (cache.num_layers, cache.num_kv_heads, cache.head_dim) == (1, 1, 8)
+        assert cache_snapshot(cache) == before
+        # a first __init__ that fails leaves the fields untouched and the cache unusable
+        fresh = cls.__new__(cls)
+        with pytest.raises(ValueError):
+            fresh.__init__(3, 2, 8, max_tokens=16, **kwargs, **({"block_size": 0} if cls is PagedKVCache
+                                                               else {"group_size": 0}))
+        assert (fresh.num_layers, fresh.num_kv_heads, fresh.head_dim, fresh.max_tokens) == (0, 0, 0, 0)
+        with pytest.raises(RuntimeError, match="closed"):
+            fresh.add_sequence()
+        fresh.__init__(1, 1, 8, max_tokens=16, **kwargs)     # then a good one works
+        assert fresh.seq_len(fresh.add_sequence()) == 0
+
+
+def test_runtime_refuses_a_second_init():
+    cfg = ruvpy.RuntimeConfig(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, max_tokens=64)
+    rt = ruvpy.Runtime(cfg)
+    seq = rt.add_sequence()
+    with pytest.raises(RuntimeError, match="already initialized"):
+        rt.__init__(cfg)
+    assert rt.sequences == [seq]
+    rt.close()
+
+
+# ---------------------------------------------------------------------------------------
+# 3. hangs: re-entering a cache from a callback
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_reentering_a_cache_raises_instead_of_deadlocking(kind):
+    # Before: the cache's lock is not re-entrant and its wait ran without the GIL: the
+    # callback blocked forever (the subprocess would time out).
+    out = run_isolated(f"""
+        import sys; sys.path.insert(0, 'tests')
+        import numpy as np
+        import test_hardening as th
+        cache = th.filled_cache({kind!r}, np.random.default_rng(5))
+        th.EvilCount.callback = lambda: cache.sequences()
+        calls = [lambda n: cache.reserve([0], [n]), lambda n: cache.truncate(0, n),
+                 lambda n: cache.plan([0], [n], num_heads=th.H),
+                 lambda n: cache.scratch_for(th.H, [n], [n])]
+        for call in calls:
+            try:
+                call(th.EvilCount(1))
+            except RuntimeError as exc:
+                assert "re-enter" in str(exc), exc
+            else:
+                pass   # converted before the lock was taken: no re-entry at all
+        print(cache.sequences())
+    """)
+    assert out.strip() == "[0, 1]"
+
+
+def test_a_thread_waiting_for_a_cache_can_be_interrupted():
+    # the wait for another thread's call polls with the GIL for signals instead of blocking
+    # uninterruptibly inside the lock
+    out = run_isolated("""
+        import sys; sys.path.insert(0, 'tests')
+        import signal, threading, _thread, numpy as np
+        import test_hardening as th
+        # a process started in the background inherits SIGINT ignored, and then Python
+        # installs no handler: interrupt_main() would do nothing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        cache = th.filled_cache("paged", np.random.default_rng(6))
+        inside, release = threading.Event(), threading.Event()
+        class Slow(int):
+            def __hash__(self):
+                inside.set(); release.wait(); return int.__hash__(self)
+            def __eq__(self, other):
+                return int(self) == other
+        holder = threading.Thread(target=lambda: cache.seq_len(Slow(0)))
+        holder.start(); inside.wait()
+        threading.Timer(0.2, _thread.interrupt_main).start()
+        try:
+            cache.sequences()           # waits for the holder: Ctrl-C must get through
+        except KeyboardInterrupt:
+            print("interrupted")
+        release.set(); holder.join()
+        print(cache.sequences())
+    """)
+    assert out.split() == ["interrupted", "[0,", "1]"]
+
+
+# ---------------------------------------------------------------------------------------
+# 4. silent wrong results
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_cache_attention_refuses_out_overlapping_q(kind):
+    rng = np.random.default_rng(7)
+    cache = filled_cache(kind, rng)
+    block = rng.standard_normal(5 * H * D).astype(np.float32)
+    q = block[:4 * H * D].reshape(4, H, D)
+    shifted = block[D:D + 4 * H * D].reshape(4, H, D)     # q's memory, one head later
+    before = cache_snapshot(cache)
+    for out in (q[::-1], q[:, ::-1], shifted):
+        with pytest.raises(ValueError, match="overlaps q"):
+            cache.attention(0, 0, q, out=out)
+    with pytest.raises(ValueError, match="overlaps q"):
+        cache.append_attend(0, [1], [4], q, *qkv(rng, 4)[1:], out=q[::-1])
+    with pytest.raises(ValueError, match="overlaps q"):
+        cache.plan([1], [4], num_heads=H).attend(0, q, *qkv(rng, 4)[1:], out=q[:, ::-1])
+    assert cache_snapshot(cache) == before
+    # in place (out is q) is right; get_kv is exactly what is stored (fp16, and the two-tier
+    # cache's 6 tokens are all still hot), so the float32 bound holds
+    k, v = cache.get_kv(0, 0)
+    ref = q.copy()
+    cache.attention(0, 0, q, out=q, causal=False, threads=2)
+    assert_attention_close(q, ref, k, v, causal=False)
+
+
+def test_step_attention_refuses_out_overlapping_q():
+    cfg = ruvpy.RuntimeConfig(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=64)
+    rng = np.random.default_rng(8)
+    with ruvpy.Runtime(cfg) as rt:
+        s = rt.add_sequence()
+        before = runtime_snapshot(rt)
+        with pytest.raises(ValueError, match="overlaps q"):
+            with rt.step([s], [3]) as step:
+                q, k, v = qkv(rng, 3)
+                step.attention(0, q, k, v, out=q[::-1])
+        assert runtime_snapshot(rt) == before
+
+
+@pytest.mark.parametrize("scale", [1e300, -1e39, float("inf"), float("nan")])
+def test_a_scale_overflowing_float32_is_refused(scale):
+    rng = np.random.default_rng(9)
+    cfg = ruvpy.RuntimeConfig(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=64)
+    for kind in sorted(CACHES):
+        cache = filled_cache(kind, rng)
+        before = cache_snapshot(cache)
+        q, k, v = qkv(rng, 2)
+        with pytest.raises(ValueError, match="scale"):
+            cache.attention(0, 0, q, scale=scale)
+        with pytest.raises(ValueError, match="scale"):
+            cache.append_attend(0, [0], [2], q, k, v, scale=scale)
+        with pytest.raises(ValueError, match="scale"):
+            cache.plan([0], [2], num_heads=H).attend(0, q, k, v, scale=scale)
+        assert cache_snapshot(cache) == before
+    with pytest.raises(ValueError, match="scale"):
+        ruvpy.attention(q, k, v, scale=scale)
+    with ruvpy.Runtime(cfg) as rt:
+        s = rt.add_sequence()
+        before = runtime_snapshot(rt)
+        with pytest.raises(ValueError, match="scale"):
+            with rt.step([s], [2]) as step:
+                step.attention(0, q, k, v, scale=scale)
+        assert runtime_snapshot(rt) == before
+
+
+def _saved(rt, seq, tmp_path, edit):
+    """rt's snapshot of seq, its header edited by edit(header), re-encoded with a valid
+    checksum."""
+    header, arrays = decode_sequence(rt.export_sequence(seq))
+    edit(header)
+    path = tmp_path / "edited.seq"
+    path.write_bytes(encode_sequence(header, arrays))
+    return path
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "two-tier"])
+def test_load_checks_the_position_against_the_stored_tokens(kv_cache, tmp_path):
+    cfg = ruvpy.RuntimeConfig(num_layers=2, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=256,
+                              kv_cache=kv_cache)
+    rng = np.random.default_rng(10)
+    with ruvpy.Runtime(cfg) as rt:
+        s = rt.add_sequence()
+        with rt.step([s], [5]) as step:
+            for layer in range(2):
+                step.attention(layer, *qkv(rng, 5))
+        before = runtime_snapshot(rt)
+        bad = [4, -1, 2 ** 63, 2 ** 62 + 1, 5.0, True]
+        if kv_cache == "paged":       # a paged cache never evicts: position == tokens held
+            bad.append(6)
+        for position in bad:
+            path = _saved(rt, s, tmp_path, lambda h: h.update(position=position))
+            with pytest.raises(SequenceFileError, match="position"):
+                rt.load_sequence(path)
+            assert runtime_snapshot(rt) == before
+        # layers of different lengths are no committed state either
+        path = _saved(rt, s, tmp_path, lambda h: h["meta"].update(lengths=[5, 4]))
+        with pytest.raises(SequenceFileError):
+            rt.load_sequence(path)
+        assert runtime_snapshot(rt) == before
+        good = rt.load_sequence(_saved(rt, s, tmp_path, lambda h: None))
+        assert rt.position(good) == 5
+
+
+# ---------------------------------------------------------------------------------------
+# 5. integer overflow and loose types
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_token_counts_are_checked_ints(kind):
+    rng = np.random.default_rng(11)
+    cache = filled_cache(kind, rng)
+    before = cache_snapshot(cache)
+    for n, error in ((2 ** 63 - 1, ValueError), (2 ** 64, ValueError), (2 ** 31, ValueError),
+                     (-1, ValueError), ("5", TypeError), (2.9, TypeError), (5.0, TypeError),
+                     (True, TypeError), (None, TypeError), (np.float64(2), TypeError)):
+        with pytest.raises(error):
+            cache.reserve([0], [n])
+        with pytest.raises(error):
+            cache.plan([0], [n], num_heads=H)
+        with pytest.raises(error):
+            cache.truncate(0, n)
+        assert cache_snapshot(cache) == before
+    cache.reserve([0], [np.int16(3)])        # numpy ints are ints
+
+
+def test_runtime_token_counts_are_checked_ints():
+    cfg = ruvpy.RuntimeConfig(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=64)
+    with ruvpy.Runtime(cfg) as rt:
+        s = rt.add_sequence()
+        before = runtime_snapshot(rt)
+        for n, error in ((2 ** 64, ValueError), (2 ** 63 - 1, ValueError), ("5", TypeError),
+                         (2.9, TypeError), (True, TypeError)):
+            with pytest.raises(error):
+                with rt.step([s], [n]):
+                    pass
+            if error is TypeError:
+                with pytest.raises(error):
+                    rt.truncate_sequence(s, n)
+            else:
+                rt.truncate_sequence(s, n)      # at or past the position: nothing to cut
+            assert runtime_snapshot(rt) == before
+
+
+def test_capacity_and_sizes_are_64_bit():
+    cache = PagedKVCache(1, 1, 1, block_size=65536, max_tokens=2 ** 31, dtype="float16")
+    assert cache.capacity_tokens == 2 ** 31
+    cache.close()
+    # sizes that overflow are refused, never reported as 0 or negative
+    with pytest.raises(ValueError):
+        PagedKVCache.bytes_per_token(2 ** 31 - 1, 2 ** 31 - 1, 256, block_size=2 ** 31 - 1)
+    for heads in (2 ** 20, 2 ** 31 - 1):
+        with pytest.raises(ValueError, match="cold group"):
+            TwoTierKVCache.bytes_per_token(1, heads, 256)
+        with pytest.raises(ValueError, match="cold group"):
+            TwoTierKVCache(1, heads, 256, max_tokens=64)
+    assert TwoTierKVCache.bytes_per_token(1, 8, 256) > 0
+
+
+@pytest.mark.parametrize("max_tokens", [2 ** 63, 2 ** 64, 10 ** 30])
+def test_huge_max_tokens_raise_value_error(max_tokens):
+    for make in (lambda: PagedKVCache(1, 1, 8, max_tokens=max_tokens),
+                 lambda: TwoTierKVCache(1, 1, 8, max_tokens=max_tokens),
+                 lambda: ruvpy.RuntimeConfig(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+                                             max_tokens=max_tokens),
+                 lambda: ruvpy.RuntimeConfig(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+                                             memory_budget=max_tokens)):
+        with pytest.raises(ValueError):
+            make()
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e400", "infG"])
+def test_cli_memory_budget_rejects_non_finite_sizes(text):
+    proc = subprocess.run([sys.executable, "-m", "ruvpy", "generate", "hi", f"--memory-budget={text}",
+                           "--model", os.devnull], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr        # argparse's usage error, no traceback
+    assert "Traceback" not in proc.stderr and "byte size" in proc.stderr
+
+
+def _file_with_header(tmp_path, header, arrays=None):
+    path = tmp_path / "crafted.seq"
+    path.write_bytes(encode_sequence(header, arrays or {}))
+    return path
+
+
+def _in_arrays(header, old, new):
+    """header with the first `old` inside its array directory replaced by `new`."""
+    start = header.index('"arrays":')
+    return header[:start] + header[start:].replace(old, new, 1)
+
+
+def _reencode(data, edit_json):
+    """A sequence file's bytes with its JSON header text edited and a valid checksum."""
+    import hashlib
+    pre = struct.Struct("<8sIIQQ")
+    magic, version, reserved, hbytes, dbytes = pre.unpack_from(data)
+    header = edit_json(data[pre.size:pre.size + hbytes].decode())
+    head = pre.pack(magic, version, reserved, len(header), dbytes) + header.encode()
+    start = (len(head) + 63) & ~63
+    body = head + bytes(start - len(head)) + data[((pre.size + hbytes + 63) & ~63):-32]
+    return body + hashlib.sha256(body).digest()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h.replace('"shape":[', '"shape":[Infinity,', 1),
+    lambda h: h.replace('"offset":0', '"offset":Infinity', 1),
+    lambda h: h.replace('"offset":0', '"offset":-Infinity', 1),
+    lambda h: h.replace('"nbytes":', '"nbytes":NaN,"x":', 1),
+    lambda h: h.replace('"offset":0', '"offset":1e400', 1),
+    lambda h: h.replace('"shape":[', '"shape":[' + "[" * 100000 + "]" * 100000 + ",", 1),
+    lambda h: "[" * 100000 + "]" * 100000,
+    lambda h: '{"a":' * 100000 + "1" + "}" * 100000,
+    lambda h: h.replace('"shape":[', '"shape":[' + "9" * 5000 + ",", 1),
+    lambda h: _in_arrays(h, '"dtype":"', '"dtype":{"names":["a"],"formats":["<f4"]},"y":"'),
+    lambda h: _in_arrays(h, '"dtype":"', '"dtype":[["a","<f4",[2]]],"y":"'),
+    lambda h: _in_arrays(h, '"dtype":"', '"dtype":"V8","y":"'),
+    lambda h: _in_arrays(h, '"shape":[', '"shape":[2.5,'),
+    lambda h: _in_arrays(h, '"shape":[', '"shape":[true,'),
+    lambda h: _in_arrays(h, '"arrays":[', '"arrays":[7,'),
+], ids=["inf-shape", "inf-offset", "-inf-offset", "nan-nbytes", "huge-float", "deep-shape",
+        "deep-list", "deep-dict", "huge-int", "dict-dtype", "subarray-dtype", "void-dtype",
+        "float-shape", "bool-shape", "entry-not-object"])
+def test_crafted_sequence_files_raise_sequence_file_error(edit, tmp_path):
+    cfg = ruvpy.RuntimeConfig(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=64)
+    rng = np.random.default_rng(12)
+    with ruvpy.Runtime(cfg) as rt:
+        s = rt.add_sequence()
+        with rt.step([s], [3]) as step:
+            step.attention(0, *qkv(rng, 3))
+        data = _reencode(rt.export_sequence(s), edit)
+        before = runtime_snapshot(rt)
+        with pytest.raises(SequenceFileError):
+            decode_sequence(data)
+        with pytest.raises(SequenceFileError):
+            rt.import_sequence(data)
+        path = tmp_path / "crafted.seq"
+        path.write_bytes(data)
+        with pytest.raises(SequenceFileError):
+            rt.load_sequence(path)
+        assert runtime_snapshot(rt) == before
