@@ -18,16 +18,8 @@ import fuzz  # noqa: E402
 # inputs per reader: a few seconds each; the mutations are seeded, so the pass is reproducible
 SHORT_PASS = {"sequence-file": 1500, "export-bytes": 1500, "gguf": 300}
 
-# Defects the fuzzer finds that issue 13's part A fixes (defect 5, "crafted files escape
-# SequenceFileError": Infinity in a shape or offset raises OverflowError, a header nested
-# 100,000 deep RecursionError) on branch i13-hardening. Until it lands the short pass
-# tolerates exactly these; test_no_findings_at_all (strict xfail) starts passing when it
-# lands, and then fails as XPASS: remove this tuple and that marker.
-PART_A_DEFECTS = ("undocumented OverflowError", "undocumented RecursionError")
-
-
-def _findings(summary, tolerated=()):
-    return [f for f in summary["finding_list"] if not any(t in f["error"] for t in tolerated)]
+def _findings(summary):
+    return summary["finding_list"]
 
 
 @pytest.mark.parametrize("reader", list(SHORT_PASS))
@@ -35,19 +27,11 @@ def test_short_fuzz_pass(reader, tmp_path):
     summary = fuzz.run_random(reader, SHORT_PASS[reader], seed=7, workdir=str(tmp_path),
                               artifacts=str(tmp_path / "findings"))
     assert summary["inputs"] == SHORT_PASS[reader]
-    assert not _findings(summary, PART_A_DEFECTS), json.dumps(summary["finding_list"], indent=1)
+    assert summary["findings"] == 0, json.dumps(_findings(summary), indent=1)
     # the pass went deep: some inputs were refused, some loaded and were used
     assert summary["outcomes"].get("loaded", 0) > 0, summary["outcomes"]
     refused = sum(v for k, v in summary["outcomes"].items() if k not in ("loaded", "FINDING"))
     assert refused > 0, summary["outcomes"]
-
-
-@pytest.mark.xfail(strict=True, reason="issue 13 part A (branch i13-hardening) fixes crafted "
-                   "files escaping SequenceFileError; remove this marker when it lands")
-def test_no_findings_at_all(tmp_path):
-    summary = fuzz.run_random("export-bytes", SHORT_PASS["export-bytes"], seed=7,
-                              workdir=str(tmp_path))
-    assert summary["findings"] == 0, json.dumps(summary["finding_list"], indent=1)
 
 
 def test_mutations_reach_past_the_checksum():
@@ -64,8 +48,6 @@ def test_mutations_reach_past_the_checksum():
             decoded += 1
         except SequenceFileError as exc:
             assert "checksum" not in str(exc) and "truncated" not in str(exc), exc
-        except (OverflowError, RecursionError):
-            pass      # PART_A_DEFECTS
     assert decoded > 100 and deep > 0
 
 
