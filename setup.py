@@ -13,6 +13,12 @@ Environment knobs:
   RUVPY_NO_OPENMP=1     build without OpenMP (serial kernels).
   RUVPY_BUILD_ONLY=a,b  build only these extensions (e.g. "_attention"), for quick rebuilds.
   RUVPY_DEBUG=1         -O0 -g, for debugging.
+  RUVPY_SANITIZE=address,undefined
+                        build with these -fsanitize= checkers (any gcc list), -O1 -g, frame
+                        pointers, -fno-wrapv (so UBSan sees signed overflow, which Python's
+                        default -fwrapv would make defined) and recovery after a report, so
+                        one run lists every finding. Python itself is not instrumented: run
+                        it with the sanitizer runtimes preloaded (tools/sanitize.sh does).
 """
 import os
 import platform
@@ -50,7 +56,14 @@ else:
     BUILD_ISAS = ["scalar"]
 
 DEBUG = os.environ.get("RUVPY_DEBUG") == "1"
-BASE_CFLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
+SANITIZE = ",".join(s.strip() for s in os.environ.get("RUVPY_SANITIZE", "").split(",") if s.strip())
+if SANITIZE:
+    BASE_CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv",
+                   "-fsanitize=" + SANITIZE, "-fsanitize-recover=all"]
+    SANITIZE_LDFLAGS = ["-fsanitize=" + SANITIZE]
+else:
+    BASE_CFLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
+    SANITIZE_LDFLAGS = []
 BASE_CFLAGS += ["-std=c11", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
 
 
@@ -119,7 +132,7 @@ def make_extensions():
                            ("RUVPY_HAVE_OPENMP", "1" if OPENMP_FLAGS else "0")] +
                           [("RUVPY_BUILD_" + isa.upper(), "1") for isa in BUILD_ISAS],
             extra_compile_args=BASE_CFLAGS + OPENMP_FLAGS,
-            extra_link_args=OPENMP_FLAGS + ["-lm"],
+            extra_link_args=OPENMP_FLAGS + SANITIZE_LDFLAGS + ["-lm"],
         ))
     from Cython.Build import cythonize
     return cythonize(exts, language_level=3, include_path=["."], compiler_directives={
@@ -144,6 +157,7 @@ class BuildExt(build_ext):
 
 
 BUILD_INFO = {"isas": BUILD_ISAS, "openmp": bool(OPENMP_FLAGS), "cflags": BASE_CFLAGS,
+              "sanitize": SANITIZE or None,
               "isa_flags": {k: ISA_FLAGS[k] for k in BUILD_ISAS}, "machine": MACHINE}
 with open(os.path.join(HERE, PKG, "_build_info.py"), "w") as f:
     f.write("# Written by setup.py; describes how this copy of ruvpy was built.\n")

@@ -1387,7 +1387,7 @@ cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tok
         raise ValueError(f"migration_batch must be at most {MAX_GROUP_TOKENS} tokens, got {migration_batch}")
     if <int64_t>p.num_kv_heads * p.head_dim * p.group_tokens > MAX_GROUP_VALUES:
         raise ValueError(f"a cold group would hold num_kv_heads * head_dim * migration_batch = "
-                         f"{p.num_kv_heads * p.head_dim * p.group_tokens} values of K (and as many of V), "
+                         f"{<int64_t>p.num_kv_heads * p.head_dim * p.group_tokens} values of K (and as many of V), "
                          f"more than {MAX_GROUP_VALUES}: use fewer KV heads per cache or a smaller "
                          f"migration_batch")
     p.max_tokens = 1 if max_tokens is None else max_tokens

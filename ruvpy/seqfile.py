@@ -209,4 +209,7 @@ def _array_from_entry(entry, data, where):
         raise SequenceFileError(f"{where}: array {name!r} lies outside the data section "
                                 f"(offset {offset}, {nbytes} bytes of {len(data)})")
     array = np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
-    return name, array.reshape(shape)
+    try:
+        return name, array.reshape(shape)
+    except ValueError as exc:      # e.g. more dimensions than numpy allows
+        raise SequenceFileError(f"{where}: array {name!r}: shape {list(shape)}: {exc}") from None

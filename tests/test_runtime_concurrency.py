@@ -1,0 +1,199 @@
+"""Python threads and Runtimes.
+
+- Eight Python threads, each driving its own Runtime at the same time, compute bit for bit
+  what each Runtime computes alone (and that is float64 attention over what was fed, within
+  the float32 bound). The speed-up over running them one after another, which shows the GIL
+  is released in the kernels, is measured by tools/bench_runtime_threads.py (no timings in
+  tests).
+- One Runtime shared by two threads: every call either does its work or raises a clear
+  RuntimeError (another step is open, or the cache's "a transaction is open" while the other
+  thread's step is being opened);
+  nothing is corrupted -- each thread's attention equals float64 attention over exactly the
+  K/V it fed -- and nothing deadlocks.
+"""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ruvpy import Runtime, RuntimeConfig
+
+from _helpers import FP32_ATTENTION_BOUND, as_stored_fp16, attention_error, reference_attention
+
+SHAPE = dict(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64)
+PREFILL, DECODE, WORKERS = 192, 12, 8
+JOIN_SECONDS = 300       # a deadlock guard, not a timing: the whole test takes seconds
+
+
+def drive(kv_cache, seed, start=None):
+    """A Runtime (one kernel thread, so results are deterministic) fed PREFILL tokens, then
+    DECODE single-token steps; returns (outputs of every step and layer, K/V fed, qs)."""
+    rng = np.random.default_rng(seed)
+    extra = {} if kv_cache == "paged" else dict(hot_tokens=64)    # most of it cold (q4)
+    cfg = RuntimeConfig(**SHAPE, max_tokens=PREFILL + DECODE + 8, threads=1, kv_cache=kv_cache,
+                        **extra)
+    H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    outputs, fed = [], {layer: ([], []) for layer in range(cfg.num_layers)}
+    with Runtime(cfg) as rt:
+        seq = rt.add_sequence()
+        if start is not None:
+            start.wait()
+        for n in [PREFILL] + [1] * DECODE:
+            with rt.step([seq], [n]) as step:
+                for layer in range(cfg.num_layers):
+                    q = rng.standard_normal((n, H, D), dtype=np.float32)
+                    k = rng.standard_normal((n, KVH, D), dtype=np.float32)
+                    v = rng.standard_normal((n, KVH, D), dtype=np.float32)
+                    fed[layer][0].append(k)
+                    fed[layer][1].append(v)
+                    outputs.append((q, step.attention(layer, q, k, v).copy()))
+    return outputs, fed
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "two-tier"])
+def test_eight_runtimes_in_eight_threads_compute_what_each_computes_alone(kv_cache):
+    alone = [drive(kv_cache, seed) for seed in range(WORKERS)]
+    results, errors = [None] * WORKERS, []
+    start = threading.Barrier(WORKERS)
+
+    def worker(i):
+        try:
+            results[i] = drive(kv_cache, i, start)
+        except BaseException as exc:     # pragma: no cover - reported below
+            errors.append(exc)
+            start.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(WORKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(JOIN_SECONDS)
+    assert not any(t.is_alive() for t in threads), "a worker thread hangs"
+    assert not errors, errors[0]
+    for i in range(WORKERS):
+        assert len(results[i][0]) == len(alone[i][0])
+        for (q_a, out_a), (q_b, out_b) in zip(alone[i][0], results[i][0]):
+            np.testing.assert_array_equal(q_a, q_b)
+            np.testing.assert_array_equal(out_a, out_b)
+    if kv_cache == "paged":      # and what each computes is right: the last step, every layer
+        outputs, fed = results[0]
+        for layer in range(SHAPE["num_layers"]):
+            q, out = outputs[-SHAPE["num_layers"] + layer]
+            k = as_stored_fp16(np.concatenate(fed[layer][0]))
+            v = as_stored_fp16(np.concatenate(fed[layer][1]))
+            assert attention_error(out, reference_attention(q, k, v), v) <= FP32_ATTENTION_BOUND
+
+
+def test_one_runtime_shared_by_two_threads_is_serialized_or_refused_never_corrupted():
+    """Two threads hammer one Runtime: each steps its own sequences (checking every output
+    against float64 attention over the K/V it fed them), adds, forks, removes, exports and
+    reads stats. Refusals must be the documented ones; both threads finish; afterwards every
+    sequence holds exactly what was fed to it."""
+    cfg = RuntimeConfig(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_tokens=4096,
+                        kv_cache="paged", threads=1)
+    H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rt = Runtime(cfg)
+    refused = {"step": 0}
+    start = threading.Barrier(2)
+    done = {"steps": 0}
+    fed = {}                       # seq -> per layer [k rows], [v rows] (float32 as fed)
+    errors = []
+    lock = threading.Lock()        # guards the test's own bookkeeping only
+
+    def retry(fn):
+        """fn() until it is not refused because the other thread's step is open."""
+        while True:
+            try:
+                return fn()
+            except RuntimeError as exc:
+                # the Runtime's "a step is open", or, while the other thread's step is being
+                # opened (its transaction begun, Runtime._step not yet set), the cache's own
+                # refusal "... while a transaction is open"
+                assert "step" in str(exc) or "transaction is open" in str(exc), exc
+                with lock:
+                    refused["step"] += 1
+                time.sleep(0.0002)
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        mine = []
+        try:
+            start.wait()
+            for i in range(60):
+                action = rng.integers(0, 10) if mine else 0
+                if action == 0 or (action == 1 and len(mine) > 3):
+                    seq = retry(rt.add_sequence)
+                    with lock:
+                        fed[seq] = [([], []) for _ in range(cfg.num_layers)]
+                    mine.append(seq)
+                elif action == 1:
+                    parent = mine[rng.integers(len(mine))]
+                    child = retry(lambda: rt.fork_sequence(parent))
+                    with lock:
+                        fed[child] = [(list(k), list(v)) for k, v in fed[parent]]
+                    mine.append(child)
+                elif action == 2 and len(mine) > 1:
+                    seq = mine.pop(rng.integers(len(mine)))
+                    retry(lambda: rt.remove_sequence(seq))
+                    with lock:
+                        del fed[seq]
+                elif action == 3:
+                    retry(lambda: rt.export_sequence(mine[0]))
+                    retry(rt.stats)
+                else:
+                    seqs = list(rng.choice(mine, size=min(len(mine), 2), replace=False))
+                    counts = [int(rng.integers(1, 9)) for _ in seqs]
+                    total = sum(counts)
+                    try:
+                        step = rt.step(seqs, counts)
+                        step.__enter__()
+                    except RuntimeError as exc:
+                        assert "step" in str(exc) or "transaction is open" in str(exc), exc
+                        with lock:
+                            refused["step"] += 1
+                        continue
+                    try:
+                        for layer in range(cfg.num_layers):
+                            q = rng.standard_normal((total, H, D), dtype=np.float32)
+                            k = rng.standard_normal((total, KVH, D), dtype=np.float32)
+                            v = rng.standard_normal((total, KVH, D), dtype=np.float32)
+                            out = step.attention(layer, q, k, v)
+                            row = 0
+                            for seq, n in zip(seqs, counts):
+                                fed[seq][layer][0].append(k[row:row + n])
+                                fed[seq][layer][1].append(v[row:row + n])
+                                kk = as_stored_fp16(np.concatenate(fed[seq][layer][0]))
+                                vv = as_stored_fp16(np.concatenate(fed[seq][layer][1]))
+                                ref = reference_attention(q[row:row + n], kk, vv)
+                                err = attention_error(out[row:row + n], ref, vv)
+                                assert err <= FP32_ATTENTION_BOUND, (seq, layer, err)
+                                row += n
+                    finally:
+                        step.__exit__(None, None, None)
+                    with lock:
+                        done["steps"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(JOIN_SECONDS)
+        assert not any(t.is_alive() for t in threads), "deadlock: a thread never finished"
+        assert not errors, repr(errors[0])
+        assert done["steps"] > 10
+        assert refused["step"] > 0       # the threads did collide
+        # nothing corrupted: every live sequence holds exactly what its thread fed it
+        assert sorted(rt.sequences) == sorted(fed)
+        for seq, layers in fed.items():
+            for layer, (ks, vs) in enumerate(layers):
+                k, v = rt.get_kv(seq, layer)
+                want_k = as_stored_fp16(np.concatenate(ks)) if ks else np.zeros((0, KVH, D))
+                want_v = as_stored_fp16(np.concatenate(vs)) if vs else np.zeros((0, KVH, D))
+                np.testing.assert_array_equal(k, want_k.reshape(k.shape))
+                np.testing.assert_array_equal(v, want_v.reshape(v.shape))
+    finally:
+        rt.close()
