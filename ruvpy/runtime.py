@@ -423,6 +423,7 @@ class RuntimeStats:
     rollbacks: int
     attention_calls: int
     arena_fallbacks: int
+    weights: dict | None = None   # attach_weights(): path, mapped_bytes, resident_bytes, nbytes
 
     def as_dict(self):
         """A JSON-able dict (plain ints, floats, strings, lists, dicts)."""
@@ -449,6 +450,10 @@ class RuntimeStats:
                             f"allocations, {p['returns']} returns, {p['drops']} drops, "
                             f"{_human_bytes(p['pooled_bytes'])} pooled"),
             ("scratch", _human_bytes(self.scratch_bytes)),
+            ("weights", "-" if self.weights is None else
+             f"{_human_bytes(self.weights['mapped_bytes'])} mapped, "
+             f"{_human_bytes(self.weights['resident_bytes'])} resident "
+             f"({os.path.basename(self.weights['path'])})"),
             ("process RSS", f"{_human_bytes(self.rss_bytes)} "
                             f"({self.rss_growth_bytes / MiB:+.2f} MiB since start)"),
             ("steps", f"{self.steps} committed, {self.rollbacks} rolled back, "
@@ -784,6 +789,7 @@ class Runtime:
         self._step = None
         self._steps = self._rollbacks = self._attention_calls = self._arena_fallbacks = 0
         self._rss_at_start = _process_rss()
+        self._weights = None
         self._closed = False
 
     def _make_cache(self, cache_class, shape, options):
@@ -1118,6 +1124,12 @@ class Runtime:
         self._positions[seq] = position
         return seq
 
+    def attach_weights(self, weights):
+        """Report `weights` in stats(): an object with .path, .mapped_bytes, .nbytes and
+        .resident_bytes() (a model's memory-mapped GGUF weights, ruvpy.models.LlamaWeights)."""
+        self._check_open()
+        self._weights = weights
+
     # -- statistics -------------------------------------------------------------------------
     def stats(self):
         """A RuntimeStats snapshot (see its docstring); .format() for a table."""
@@ -1143,7 +1155,11 @@ class Runtime:
             budget_used_pct=None if budget is None else 100.0 * kv_bytes / budget,
             rss_bytes=rss, rss_growth_bytes=rss - self._rss_at_start,
             steps=self._steps, rollbacks=self._rollbacks,
-            attention_calls=self._attention_calls, arena_fallbacks=self._arena_fallbacks)
+            attention_calls=self._attention_calls, arena_fallbacks=self._arena_fallbacks,
+            weights=None if self._weights is None else {
+                "path": self._weights.path, "mapped_bytes": int(self._weights.mapped_bytes),
+                "resident_bytes": int(self._weights.resident_bytes()),
+                "nbytes": int(self._weights.nbytes)})
 
 
 def _ranges(indices):

@@ -208,14 +208,19 @@ def test_prefill_equals_token_by_token(parts, reference, kv_dtype):
     assert one_step.shape == stepwise.shape == (len(ids), model.config.vocab_size)
     assert one_step.dtype == np.float32
     error = np.abs(one_step - stepwise).max()
-    print(f"\n{kv_dtype} KV: prefill vs token-by-token max |diff| {error:.2e}")
-    if kv_dtype == "float32":
-        assert error <= 1e-3
-    else:
-        # fp16 storage amplifies float32 rounding differences between gemm and gemv where a
-        # K/V value sits at a rounding boundary: compare relative to the logit scale
-        assert error <= 1e-3 * np.abs(one_step).max()
-    assert (one_step.argmax(1) == stepwise.argmax(1)).all()
+    scale = np.abs(one_step).max()
+    print(f"\n{kv_dtype} KV: prefill vs token-by-token max |diff| {error:.2e} of {scale:.1f}")
+    # Every matmul quantizes its input to int8 per block of 32, as llama.cpp does. Prefill
+    # (packed GEMM, tiled attention) and decode (matrix-vector, streaming attention) round
+    # float32 sums in different orders, which flips single activation codes; the flips grow
+    # through 30 layers. llama.cpp's own prefill vs token-by-token logits differ by 0.79 of max
+    # |logit| 34 on these ids (llama-cpp-python 0.3.36, f16 KV; test_gguf.py measures it when
+    # llama_cpp is installed); ours measured 0.74 (f16 KV) and 1.15 (f32 KV). Bound: 5% of the
+    # logit scale, and a greedy token may differ only at a near-tie within that difference.
+    assert error <= 0.05 * scale
+    top2 = np.sort(one_step, axis=1)[:, -2:]
+    differs = one_step.argmax(1) != stepwise.argmax(1)
+    assert (top2[differs, 1] - top2[differs, 0] <= error).all()
 
 
 def test_forward_rejects_bad_input_and_keeps_the_sequence(parts, reference):
@@ -235,44 +240,13 @@ def test_forward_rejects_bad_input_and_keeps_the_sequence(parts, reference):
             model.forward(seq + 1000, [1])
         with pytest.raises(ValueError, match="context length"):    # raised inside the step
             model.forward(seq, ids[3:] + [1, 2, 3])
-        # every failure left `seq` at 3 tokens: continuing matches an unbroken run
+        # every failure left `seq` at 3 tokens: continuing matches an unbroken run with the
+        # same chunks bit for bit (a different chunking rounds the int8 activations differently)
         continued = model.forward(seq, ids[3:])
-        fresh = model.forward(model.new_sequence(), ids)[3:]
-    np.testing.assert_allclose(continued, fresh, atol=1e-3)
-
-
-def test_blas_threads_pinned_per_step_and_restored(model, monkeypatch):
-    from ruvpy.models.blas import find_blas
-
-    blas = find_blas()
-    if blas is None:
-        pytest.skip("numpy's BLAS here is not an OpenBLAS (blas_threads is a no-op)")
-    seen = []
-    run_step = model._run_step
-
-    def spy(*args):
-        seen.append(blas.get())
-        return run_step(*args)
-
-    monkeypatch.setattr(model, "_run_step", spy)
-    before = blas.get()
-    seq = model.new_sequence()
-    try:
-        model.forward(seq, [5])                 # the fixture's blas_threads=1
-        model.blas_threads = None               # numpy's own setting
-        model.forward(seq, [6])
-        blas.set(1)
-        model.blas_threads = 2
-        model.forward(seq, [7])
-        assert blas.get() == 1
-    finally:
-        blas.set(before)
-        model.blas_threads = 1
-        model.remove_sequence(seq)
-    assert seen == [1, before, 2]
-    for bad in (0, -2, 1.5, "two", True):
-        with pytest.raises(ValueError, match="blas_threads"):
-            model.blas_threads = bad
+        unbroken = model.new_sequence()
+        model.forward(unbroken, ids[:3])
+        fresh = model.forward(unbroken, ids[3:])
+    np.testing.assert_array_equal(continued, fresh)
 
 
 # -- generation -----------------------------------------------------------------------------
