@@ -12,6 +12,8 @@ cdef extern from "linear/rv_linear.h" nogil:
     size_t rv_linear_work_bytes(int n, int k, int nthreads)
     int rv_linear(const rv_ops *ops, int nthreads, const float *x, ptrdiff_t x_stride, int n, int k,
                   const rv_linear_out *outs, int nouts, void *work, size_t work_bytes)
+    int rv_linear_team(const rv_ops *ops, int team, const float *x, ptrdiff_t x_stride, int n, int k,
+                       const rv_linear_out *outs, int nouts, void *work, size_t work_bytes)
 
     ctypedef struct rv_block_dims:
         int hidden, heads, kv_heads, head_dim, ffn

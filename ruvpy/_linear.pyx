@@ -24,7 +24,7 @@ from libc.stdlib cimport malloc, free
 from ruvpy.c_ops cimport (rv_ops, rv_wmat, rv_qact, rv_qact_bind, rv_wtype_block_values,
                           rv_wtype_block_bytes, RV_QACT_BYTES)
 from ruvpy._kernels cimport active_ops, num_threads
-from ruvpy._linear cimport (rv_linear_out, rv_linear_work_bytes, rv_linear, rv_block_dims,
+from ruvpy._linear cimport (rv_linear_out, rv_linear_work_bytes, rv_linear, rv_linear_team, rv_block_dims,
                             rv_block_weights, rv_block_head, rv_block_step, rv_block_work_bytes,
                             rv_block_between, rv_rope_angles, rv_linear_thread_work,
                             rv_block_threads)
@@ -133,10 +133,12 @@ cdef class QMatrix:
     def nbytes(self):
         return self.m.rows * self.m.row_bytes
 
-    def matmul(self, x, out=None, *, accumulate=False):
+    def matmul(self, x, out=None, *, accumulate=False, threads=None):
         """x @ W.T: x [n, cols] (or [cols]) float32 -> [n, rows] float32 (into `out` if
         given; accumulate=True adds to it). Quantized formats multiply x quantized to int8 per
-        block of 32 (as llama.cpp does); float formats multiply float32."""
+        block of 32 (as llama.cpp does); float formats multiply float32. threads: None runs on
+        ruvpy's threads, fewer for small products (rv_threads.h); a number runs on exactly that
+        many (benchmarks of the parallel path)."""
         cdef cnp.ndarray xa = _f32_matrix(x, self.m.cols, "x")
         cdef int n = <int>xa.shape[0]
         cdef cnp.ndarray o
@@ -157,14 +159,24 @@ cdef class QMatrix:
         job.y = <float *>cnp.PyArray_DATA(o)
         job.ldy = self.m.rows
         job.accumulate = 1 if accumulate else 0
-        cdef int nt = num_threads(), rc
+        cdef int nt = num_threads(), rc, team = 0
+        if threads is not None:
+            if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
+                raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+            team = nt = <int>min(int(threads), 1024)
         cdef size_t work_bytes = rv_linear_work_bytes(n, self.m.cols, nt)
         cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
         cdef void *work
         with nogil:
             work = rv_linear_thread_work(work_bytes)
-            rc = RV_ENOMEM if work == NULL else rv_linear(active_ops(), nt, xp, self.m.cols, n,
-                                                          self.m.cols, &job, 1, work, work_bytes)
+            if work == NULL:
+                rc = RV_ENOMEM
+            elif team:
+                rc = rv_linear_team(active_ops(), team, xp, self.m.cols, n, self.m.cols, &job, 1,
+                                    work, work_bytes)
+            else:
+                rc = rv_linear(active_ops(), nt, xp, self.m.cols, n, self.m.cols, &job, 1, work,
+                               work_bytes)
         if rc != RV_OK:
             _raise(rc, "QMatrix.matmul")
         return o
@@ -193,8 +205,9 @@ cdef class QMatrix:
 
 def quantize_activations(x):
     """x [n, k] float32 (k a multiple of 32) in the matmuls' Q8 form: (q int8 [n, k],
-    d [n, k/32], s32 [n, k/32], s16 [n, k/16]) with x ~= d * q per block of 32 and s = d * the
-    sum of the codes of each block / half block."""
+    d [n, k/32], s32 [n, k/32], s16 [n, k/16], q4 int8 [n, k]) with x ~= d * q per block of 32,
+    s = d * the sum of the codes of each block / half block, and q4 the codes in the Q4 kernels'
+    order (per 4 blocks: their first halves, then their second halves; see rv_wmat.h)."""
     cdef cnp.ndarray xa = np.asarray(x)
     if xa.dtype != np.float32 or xa.ndim != 2 or xa.shape[1] % 32 or xa.shape[1] == 0:
         raise ValueError("x must be float32 [n, k] with k a multiple of 32")
@@ -213,15 +226,13 @@ def quantize_activations(x):
     d = np.empty((n, k // 32), np.float32)
     s32 = np.empty((n, k // 32), np.float32)
     s16 = np.empty((n, k // 16), np.float32)
-    ds = np.empty((n, k // 32, 2), np.float32)
+    q4 = np.empty((n, k), np.int8)
     memcpy(cnp.PyArray_DATA(q), a.q, n * k)
     memcpy(cnp.PyArray_DATA(d), a.d, n * (k // 32) * 4)
     memcpy(cnp.PyArray_DATA(s32), a.s32, n * (k // 32) * 4)
     memcpy(cnp.PyArray_DATA(s16), a.s16, n * (k // 16) * 4)
-    memcpy(cnp.PyArray_DATA(ds), a.ds, n * (k // 32) * 8)
-    if not (np.array_equal(ds[..., 0], d) and np.array_equal(ds[..., 1], s32)):
-        raise AssertionError("quantize_act: the interleaved (d, s32) copy disagrees")
-    return q, d, s32, s16
+    memcpy(cnp.PyArray_DATA(q4), a.q4, n * k)
+    return q, d, s32, s16, q4
 
 
 def rmsnorm(x, gain=None, eps=1e-5):

@@ -24,6 +24,7 @@ cdef extern from "kernels/rv_wmat.h" nogil:
         float *d
         float *s32
         float *s16
+        int8_t *q4
         float *ds
 
     size_t RV_QACT_BYTES(int n, int k)

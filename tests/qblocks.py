@@ -73,6 +73,16 @@ def quantize_q8(x):
     return q.reshape(n, k), d, s32, s16
 
 
+def nibble_order(q):
+    """The kernels' second copy of the codes (rv_wmat.h, rv_qact.q4): per group of 4 blocks the
+    first 16 codes of each block, then the last 16 of each; a partial last group unchanged."""
+    n, k = q.shape
+    full = k // 128 * 128
+    out = q.copy()
+    out[:, :full] = q[:, :full].reshape(n, -1, 4, 2, 16).transpose(0, 1, 3, 2, 4).reshape(n, full)
+    return out
+
+
 def activations(x, name):
     """float64 activations a matmul of type `name` multiplies: x itself for float types, the
     dequantized Q8 form for quantized ones."""

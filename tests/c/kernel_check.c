@@ -712,7 +712,7 @@ static void *make_qact(rv_qact *a, const float *x, int n, int k)
     return mem;
 }
 
-/* x [n][k] -> q (as floats), d, s32, s16, ds */
+/* x [n][k] -> q and q4 (as floats), d, s32, s16 */
 static int run_quantize_act(const rv_ops *ops, rv_case *c)
 {
     size_t nx = 0;
@@ -724,20 +724,21 @@ static int run_quantize_act(const rv_ops *ops, rv_case *c)
     void *mem = make_qact(&a, x, n, k);
     float *q = out_f32(c, "q", (size_t)n * k), *d = out_f32(c, "d", (size_t)n * (k / 32));
     float *s32 = out_f32(c, "s32", (size_t)n * (k / 32)), *s16 = out_f32(c, "s16", (size_t)n * (k / 16));
-    float *ds = out_f32(c, "ds", (size_t)n * (k / 32) * 2);
-    if (!mem || !q || !d || !s32 || !s16 || !ds) {
+    float *q4 = out_f32(c, "q4", (size_t)n * k);
+    if (!mem || !q || !d || !s32 || !s16 || !q4) {
         free(mem);
         return fail(c, "%s: out of memory", "quantize_act");
     }
     /* two calls over column ranges: c0/c1 must be honoured */
     ops->quantize_act(&a, 0, n / 2);
     ops->quantize_act(&a, n / 2, n);
-    for (size_t i = 0; i < (size_t)n * k; i++)
+    for (size_t i = 0; i < (size_t)n * k; i++) {
         q[i] = a.q[i];
+        q4[i] = a.q4[i];
+    }
     memcpy(d, a.d, sizeof(float) * (size_t)n * (k / 32));
     memcpy(s32, a.s32, sizeof(float) * (size_t)n * (k / 32));
     memcpy(s16, a.s16, sizeof(float) * (size_t)n * (k / 16));
-    memcpy(ds, a.ds, sizeof(float) * (size_t)n * (k / 32) * 2);
     free(mem);
     return 0;
 }

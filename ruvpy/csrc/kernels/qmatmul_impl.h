@@ -248,28 +248,73 @@ RV_INLINE __m512i qm_dot512(__m512i acc, __m512i u, __m512i q)
 #define QM_Q8_ZERO_POINT 0.0f
 #endif
 
-/* Q4_0 / Q4_1 / Q8_0: two blocks of 32 per vector. The scales of both blocks come in as one
- * 128-bit vector f = [sw0 d0, c0 s0, sw1 d1, c1 s1] (activation scale d, block sum s): lanes 0
- * and 2 are spread over the two halves of the integer sums, lanes 1 and 3 summed at the end. */
+RV_INLINE float qm_hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Word indices for vpermt2w over two loads of 4 Q4_0 / Q4_1 blocks (every field starts at an
+ * even byte): their 4 x 16 nibble bytes, and their f16 headers as (scale, coefficient of the
+ * block sum) pairs -- Q4_1 (d, m), Q4_0 (d, d), the zero point applied with the sums. */
+static const uint16_t qm_idx_codes[3][32] = {
+    {1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17,                   /* Q4_0: 9 words */
+     19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 32, 33, 34, 35},
+    {2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19,                   /* Q4_1: 10 words */
+     22, 23, 24, 25, 26, 27, 28, 29, 32, 33, 34, 35, 36, 37, 38, 39},
+    {0}};
+static const uint16_t qm_idx_heads[3][32] = {
+    {0, 0, 9, 9, 18, 18, 27, 27}, {0, 1, 10, 11, 20, 21, 30, 31}, {0}};
+
+/* Q4_0 / Q4_1 / Q8_0. Every pair of f16 header fields (scale, coefficient of the block sum:
+ * Q4_1 (d, m), Q4_0 / Q8_0 (d, d)) is multiplied by the activations' (d, s) pair in one vector
+ * f; even lanes scale the block's integer sums (one permute spreads them over its lanes), odd
+ * lanes times the zero point (Q4_1: 1) go into the same accumulator, so a row ends in one
+ * reduction. Q4_0 / Q4_1 take 4 blocks per step: two loads, two word permutes (nibbles;
+ * headers), low nibbles of the 4 blocks against one load of the activations' nibble-order
+ * copy (rv_qact.q4) and high nibbles against the next. Q8_0 and Q4 blocks past the last whole
+ * group take 2 blocks per step from 16- / 32-byte loads; an odd last block the portable code. */
 RV_INLINE float qm_dot_b32_512(const int type, const uint8_t *row, int nb, const rv_qact *a, int c)
 {
     const int bb = type == RV_WT_Q4_0 ? 18 : type == RV_WT_Q4_1 ? 20 : 34;
-    const int8_t *q = a->q + (size_t)c * a->k;
-    const float *ds = a->ds + (size_t)c * (a->k / 32) * 2;
+    const int t = type == RV_WT_Q4_0 ? 0 : type == RV_WT_Q4_1 ? 1 : 2;
+    const __mmask64 rest = (__mmask64)((1ull << (4 * bb - 64)) - 1);   /* bytes of the second load */
+    const size_t kb = (size_t)a->k / 32;
+    const int8_t *q = a->q + (size_t)c * a->k, *q4 = a->q4 + (size_t)c * a->k;
+    const float *ds = a->ds + (size_t)c * kb * 2;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i pidx = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-    /* what lanes 1 and 3 of f are multiplied with at the end: the zero point (Q4_1: its minimum, 1) */
     const float corr = type == RV_WT_Q4_0 ? -8.0f : type == RV_WT_Q4_1 ? 1.0f : QM_Q8_ZERO_POINT;
+    const __m512 cm = _mm512_maskz_mov_ps(0x00AA, _mm512_set1_ps(corr));   /* odd lanes of f */
     __m512 acc = _mm512_setzero_ps();
-    __m128 macc = _mm_setzero_ps();
     int b = 0;
+    if (type != RV_WT_Q8_0) {
+        const __m512i cidx = _mm512_loadu_si512(qm_idx_codes[t]), hidx = _mm512_loadu_si512(qm_idx_heads[t]);
+        const __m512i sidx = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+        const int steps_end = (a->k / 128) * 4;   /* whole groups of the nibble-order copy */
+        for (; b + 4 <= steps_end; b += 4) {
+            const uint8_t *p = row + (size_t)b * bb;
+            const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_maskz_loadu_epi8(rest, p + 64);
+            const __m512i codes = _mm512_permutex2var_epi16(w0, cidx, w1);
+            const __m128i heads = _mm512_castsi512_si128(_mm512_permutex2var_epi16(w0, hidx, w1));
+            const __m512 f = _mm512_zextps256_ps512(_mm256_mul_ps(_mm256_cvtph_ps(heads), _mm256_loadu_ps(ds + 2 * b)));
+            const __m512i lo = _mm512_and_si512(codes, m4), hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), m4);
+            const int8_t *qq = q4 + 32 * b;
+            const __m512i pi = qm_dot512(qm_dot512(_mm512_setzero_si512(), lo, _mm512_loadu_si512(qq)), hi,
+                                         _mm512_loadu_si512(qq + 64));
+            acc = _mm512_fmadd_ps(f, cm, acc);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_permutexvar_ps(sidx, f), acc);
+        }
+    }
+    const __m512i pidx = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    const int off = type == RV_WT_Q4_1 ? 4 : 2;
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *p0 = row + (size_t)b * bb, *p1 = p0 + bb;
         __m512i u, qv = _mm512_loadu_si512(q + 32 * b);
-        __m128i h;
         if (type == RV_WT_Q8_0) {
-            __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
-                                            _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
+            const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
+                                                  _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
 #if defined(RV_HAVE_VNNI)
             u = _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80));
 #else
@@ -277,28 +322,24 @@ RV_INLINE float qm_dot_b32_512(const int type, const uint8_t *row, int nb, const
             qv = _mm512_mask_sub_epi8(qv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), qv);
 #endif
         } else {
-            const int off = type == RV_WT_Q4_1 ? 4 : 2;
             __m512i v = _mm512_castsi256_si512(_mm256_loadu2_m128i((const __m128i *)(p1 + off),
                                                                    (const __m128i *)(p0 + off)));
             v = _mm512_shuffle_i64x2(v, v, 0x50);                  /* [b0, b0, b1, b1] */
             u = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4), m4);
         }
-        if (type == RV_WT_Q4_1) {
-            h = _mm_insert_epi32(_mm_cvtsi32_si128((int)qm_load_u32(p0)), (int)qm_load_u32(p1), 1);
-        } else {
-            uint16_t d0, d1;
-            memcpy(&d0, p0, 2);
-            memcpy(&d1, p1, 2);
-            h = _mm_insert_epi32(_mm_cvtsi32_si128((int)(d0 * 0x10001u)), (int)(d1 * 0x10001u), 1);
+        uint32_t h0 = qm_load_u32(p0), h1 = qm_load_u32(p1);
+        if (type != RV_WT_Q4_1) {
+            h0 = (h0 & 0xFFFF) * 0x10001u;
+            h1 = (h1 & 0xFFFF) * 0x10001u;
         }
-        const __m128 f = _mm_mul_ps(_mm_cvtph_ps(h), _mm_loadu_ps(ds + 2 * b));
-        macc = _mm_add_ps(macc, f);
+        const __m512 f = _mm512_zextps128_ps512(_mm_mul_ps(
+            _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)h0), (int)h1, 1)), _mm_loadu_ps(ds + 2 * b)));
+        acc = _mm512_fmadd_ps(f, cm, acc);
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qm_dot512(_mm512_setzero_si512(), u, qv)),
-                              _mm512_permutexvar_ps(pidx, _mm512_castps128_ps512(f)), acc);
+                              _mm512_permutexvar_ps(pidx, f), acc);
     }
-    float tail = b < nb ? qm_dot_blocks_ref(type, row, b, nb, a, c) : 0.0f;
-    return _mm512_reduce_add_ps(acc) + corr * (_mm_cvtss_f32(_mm_shuffle_ps(macc, macc, 1)) +
-                                                _mm_cvtss_f32(_mm_shuffle_ps(macc, macc, 3))) + tail;
+    const float tail = b < nb ? qm_dot_blocks_ref(type, row, b, nb, a, c) : 0.0f;
+    return _mm512_reduce_add_ps(acc) + tail;
 }
 
 /* The 8 scales and minimums of a Q4_K / Q5_K block as floats (qm_kscales on 32-bit words) */
@@ -310,14 +351,6 @@ RV_INLINE void qm_kscales_f32(const uint8_t *s, __m256 *sc, __m256 *m)
     const uint32_t mnh = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
     *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sch, (int)scl)));
     *m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)mnh, (int)mnl)));
-}
-
-RV_INLINE float qm_hsum256(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* Q4_K / Q5_K: a 64-value chunk is 32 bytes of nibbles (low: sub-block 2j, high: 2j+1) */
@@ -441,35 +474,63 @@ RV_INLINE __m256i qm_dot256(__m256i u, __m256i q)
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1));
 }
 
-/* Q4_0 / Q4_1 / Q8_0, one block of 32 per vector (Q8_0: |w| times q with w's sign, so the
- * 16-bit pair sums stay below 2^15) */
+/* Q4_0 / Q4_1 / Q8_0 as on AVX-512: each pair of header fields times the activations' (d, s)
+ * pair in one vector (even lanes: the block's scale, odd lanes: its sum's coefficient, folded
+ * into the accumulator); two Q4 blocks per vector against the nibble-order activations, one
+ * Q8_0 block per vector as |w| times q with w's sign (16-bit pair sums below 2^15). */
 RV_INLINE float qm_dot_b32_256(const int type, const uint8_t *row, int nb, const rv_qact *a, int c)
 {
     const int bb = type == RV_WT_Q4_0 ? 18 : type == RV_WT_Q4_1 ? 20 : 34;
-    const int8_t *q = a->q + (size_t)c * a->k;
-    const float *d = a->d + (size_t)c * (a->k / 32), *s = a->s32 + (size_t)c * (a->k / 32);
-    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const int off = type == RV_WT_Q4_1 ? 4 : 2;
+    const size_t kb = (size_t)a->k / 32;
+    const int8_t *q = a->q + (size_t)c * a->k, *q4 = a->q4 + (size_t)c * a->k;
+    const float *ds = a->ds + (size_t)c * kb * 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const float corr = type == RV_WT_Q4_0 ? -8.0f : type == RV_WT_Q4_1 ? 1.0f : 0.0f;
+    const __m256 cm = _mm256_setr_ps(0, corr, 0, corr, 0, 0, 0, 0);
+    const int full = (a->k / 128) * 4;   /* blocks in whole groups of the nibble-order copy */
     __m256 acc = _mm256_setzero_ps();
-    float corr = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *p = row + (size_t)b * bb;
-        __m256i u, qv = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
-        if (type == RV_WT_Q8_0) {
+    int b = 0;
+    if (type == RV_WT_Q8_0) {
+        for (; b < nb; b++) {
+            const uint8_t *p = row + (size_t)b * bb;
             const __m256i wv = _mm256_loadu_si256((const __m256i *)(p + 2));
-            u = _mm256_abs_epi8(wv);
-            qv = _mm256_sign_epi8(qv, wv);
-        } else {
-            const __m128i nib = _mm_loadu_si128((const __m128i *)(p + (type == RV_WT_Q4_1 ? 4 : 2)));
-            u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(nib, 4), m4), _mm_and_si128(nib, m4));
+            const __m256i qv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + 32 * b)), wv);
+            const __m256i pi = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), qv), ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), _mm256_set1_ps(qm_h2f(p) * ds[2 * b]), acc);
         }
-        const float dw = qm_h2f(p);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qm_dot256(u, qv)), _mm256_set1_ps(dw * d[b]), acc);
-        if (type == RV_WT_Q4_1)
-            corr += qm_h2f(p + 2) * s[b];
-        else if (type == RV_WT_Q4_0)
-            corr -= 8.0f * dw * s[b];
+        return rv_vf_hsum(acc);
     }
-    return rv_vf_hsum(acc) + corr;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *p0 = row + (size_t)b * bb, *p1 = p0 + bb;
+        const __m256i v = _mm256_loadu2_m128i((const __m128i *)(p1 + off), (const __m128i *)(p0 + off));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        __m256i qlo, qhi;
+        if (b + 2 <= full) {   /* low halves of blocks b, b+1 contiguous in q4, high halves 64 on */
+            const int8_t *qq = q4 + 128 * (b / 4) + 16 * (b % 4);
+            qlo = _mm256_loadu_si256((const __m256i *)qq);
+            qhi = _mm256_loadu_si256((const __m256i *)(qq + 64));
+        } else {
+            const int8_t *q0 = q + 32 * b;
+            qlo = _mm256_loadu2_m128i((const __m128i *)(q0 + 32), (const __m128i *)q0);
+            qhi = _mm256_loadu2_m128i((const __m128i *)(q0 + 48), (const __m128i *)(q0 + 16));
+        }
+        /* two pair sums of <= 2 * 15 * 127 each: still below 2^15 */
+        const __m256i pi = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, qlo),
+                                                              _mm256_maddubs_epi16(hi, qhi)), ones);
+        uint32_t h0 = qm_load_u32(p0), h1 = qm_load_u32(p1);
+        if (type != RV_WT_Q4_1) {
+            h0 = (h0 & 0xFFFF) * 0x10001u;
+            h1 = (h1 & 0xFFFF) * 0x10001u;
+        }
+        const __m256 f = _mm256_castps128_ps256(_mm_mul_ps(
+            _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)h0), (int)h1, 1)), _mm_loadu_ps(ds + 2 * b)));
+        acc = _mm256_fmadd_ps(_mm256_insertf128_ps(f, _mm_setzero_ps(), 1), cm, acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi),
+                              _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), acc);
+    }
+    const float tail = b < nb ? qm_dot_blocks_ref(type, row, b, nb, a, c) : 0.0f;
+    return rv_vf_hsum(acc) + tail;
 }
 
 RV_INLINE void qm_kscales_f32(const uint8_t *s, __m256 *sc, __m256 *m)
@@ -987,7 +1048,21 @@ static void wmatmul(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y
     }
 }
 
-static void quantize_act(rv_qact *a, int c0, int c1) { qm_quantize_cols(a, c0, c1); }
+static void quantize_act(rv_qact *a, int c0, int c1)
+{
+    qm_quantize_cols(a, c0, c1);
+    for (int c = c0; c < c1; c++) {   /* the nibble-order copy (rv_wmat.h) */
+        const int8_t *q = a->q + (size_t)c * a->k;
+        int8_t *q4 = a->q4 + (size_t)c * a->k;
+        int g = 0;
+        for (; g + 128 <= a->k; g += 128)
+            for (int i = 0; i < 4; i++) {
+                memcpy(q4 + g + 16 * i, q + g + 32 * i, 16);
+                memcpy(q4 + g + 64 + 16 * i, q + g + 32 * i + 16, 16);
+            }
+        memcpy(q4 + g, q + g, (size_t)(a->k - g));
+    }
+}
 
 static void wrow_f32(const rv_wmat *w, int row, float *out)
 {

@@ -81,13 +81,18 @@ typedef struct rv_qact {
     float *d;             /* [n][k/32] block scales */
     float *s32;           /* [n][k/32] d * (sum of the block's 32 codes) */
     float *s16;           /* [n][k/16] d * (sum of each half block's 16 codes) */
-    float *ds;            /* [n][k/32][2] (d, s32) interleaved, for kernels reading both */
+    int8_t *q4;           /* [n][k] the codes in "nibble order" for the Q4_0 / Q4_1 kernels: per
+                             group of 4 blocks (128 codes), the first halves of the 4 blocks,
+                             then their second halves (so a vector of the 4 blocks' low nibbles
+                             meets its codes in one load); a last partial group as in q */
+    float *ds;            /* [n][k/32][2] (d, s32) interleaved: one load pairs a block's scale
+                             and sum with a weight block's (scale, minimum) */
 } rv_qact;
 
 /* Bytes of the arrays of an rv_qact of n columns of k values (64-byte aligned pieces). */
 #define RV_QACT_ALIGN(b) (((size_t)(b) + 63) & ~(size_t)63)
 #define RV_QACT_BYTES(n, k) \
-    (RV_QACT_ALIGN((size_t)(n) * (size_t)(k)) + 2 * RV_QACT_ALIGN((size_t)(n) * ((size_t)(k) / 32) * 4) + \
+    (2 * RV_QACT_ALIGN((size_t)(n) * (size_t)(k)) + 2 * RV_QACT_ALIGN((size_t)(n) * ((size_t)(k) / 32) * 4) + \
      2 * RV_QACT_ALIGN((size_t)(n) * ((size_t)(k) / 32) * 8))
 
 /* Points a's arrays into buf (64-byte aligned, RV_QACT_BYTES(n, k) bytes); x is set apart. */
@@ -105,7 +110,9 @@ static inline void rv_qact_bind(rv_qact *a, void *buf, int n, int k)
     p += RV_QACT_ALIGN(nb * 4);
     a->s16 = (float *)p;
     p += RV_QACT_ALIGN(nb * 8);
-    a->ds = (float *)p;   /* nb * 8 bytes: the last of RV_QACT_BYTES */
+    a->q4 = (int8_t *)p;
+    p += RV_QACT_ALIGN((size_t)n * (size_t)k);
+    a->ds = (float *)p;
 }
 
 /* Scratch bytes one wmatmul call needs for k values per row (its per-thread work memory:

@@ -62,8 +62,8 @@ size_t rv_linear_work_bytes(int n, int k, int nthreads)
     return align64(RV_QACT_BYTES(n, k)) + (size_t)imax(nthreads, 1) * thread_scratch_bytes(k) + 64;
 }
 
-int rv_linear(const rv_ops *ops, int nthreads, const float *x, ptrdiff_t x_stride, int n, int k,
-              const rv_linear_out *outs, int nouts, void *work, size_t work_bytes)
+static int linear_run(const rv_ops *ops, int nthreads, int team, const float *x, ptrdiff_t x_stride,
+                      int n, int k, const rv_linear_out *outs, int nouts, void *work, size_t work_bytes)
 {
     if (!ops || !x || n < 0 || k <= 0 || k % 32 || nouts < 0 || (nouts && !outs) || !work)
         return RV_EINVAL;
@@ -77,7 +77,7 @@ int rv_linear(const rv_ops *ops, int nthreads, const float *x, ptrdiff_t x_strid
         ns += matmul_ns(outs[i].w, n);
         total_rows += outs[i].w->rows;
     }
-    const int T = rv_team_size(nthreads, ns);
+    const int T = team > 0 ? team : rv_team_size(nthreads, ns);
     if (work_bytes < rv_linear_work_bytes(n, k, T) || ((uintptr_t)work & 63))
         return RV_EINVAL;
     char *base = (char *)work;
@@ -110,6 +110,18 @@ int rv_linear(const rv_ops *ops, int nthreads, const float *x, ptrdiff_t x_strid
         }
     }
     return RV_OK;
+}
+
+int rv_linear(const rv_ops *ops, int nthreads, const float *x, ptrdiff_t x_stride, int n, int k,
+              const rv_linear_out *outs, int nouts, void *work, size_t work_bytes)
+{
+    return linear_run(ops, nthreads, 0, x, x_stride, n, k, outs, nouts, work, work_bytes);
+}
+
+int rv_linear_team(const rv_ops *ops, int team, const float *x, ptrdiff_t x_stride, int n, int k,
+                   const rv_linear_out *outs, int nouts, void *work, size_t work_bytes)
+{
+    return linear_run(ops, team, team < 1 ? 1 : team, x, x_stride, n, k, outs, nouts, work, work_bytes);
 }
 
 /* ---- rv_block_between ---- */
@@ -288,6 +300,7 @@ int rv_block_between(const rv_ops *ops, int nthreads, const rv_block_dims *d,
             act_last.d += (size_t)first * (H / 32);
             act_last.s32 += (size_t)first * (H / 32);
             act_last.s16 += (size_t)first * (H / 16);
+            act_last.q4 += (size_t)first * H;
             act_last.ds += (size_t)first * (H / 32) * 2;
 #pragma omp for schedule(dynamic, 1)
             for (int r0 = 0; r0 < head->out.rows; r0 += ch_v)

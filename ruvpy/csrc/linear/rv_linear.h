@@ -39,6 +39,10 @@ size_t rv_linear_work_bytes(int n, int k, int nthreads);
 int rv_linear(const rv_ops *ops, int nthreads, const float *x, ptrdiff_t x_stride, int n, int k,
               const rv_linear_out *outs, int nouts, void *work, size_t work_bytes);
 
+/* rv_linear on exactly `team` threads, whatever the work (benchmarks of the parallel path). */
+int rv_linear_team(const rv_ops *ops, int team, const float *x, ptrdiff_t x_stride, int n, int k,
+                   const rv_linear_out *outs, int nouts, void *work, size_t work_bytes);
+
 /* ---- a decoder block's dense parts ---- */
 typedef struct rv_block_dims {
     int hidden, heads, kv_heads, head_dim, ffn;
