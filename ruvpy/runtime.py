@@ -538,7 +538,7 @@ class Step:
     __slots__ = ("_runtime", "_cache", "_arena", "_seqs", "_n_tokens", "num_tokens",
                  "_starts", "_positions", "_offsets", "_attended", "_remaining", "_q_shape",
                  "_kv_shape", "_num_layers", "_state", "_failed", "_calls", "_fallbacks",
-                 "_threads_before")
+                 "_threads_before", "_txn_seqs")
 
     def __init__(self, runtime, seqs, n_tokens):
         cfg = runtime.config
@@ -558,6 +558,7 @@ class Step:
         self._calls = self._fallbacks = 0
         self._starts = self._positions = self._offsets = None
         self._threads_before = None
+        self._txn_seqs = self._seqs      # the sequences its KV transaction covers
 
     # -- the plan ---------------------------------------------------------------------------
     @property
@@ -991,8 +992,7 @@ class Runtime:
             for seq in step._seqs:     # still alive since step() checked them?
                 self._known(seq)
             step._starts = [self._positions[s] for s in step._seqs]
-            self._cache.reserve(step._seqs, step._n_tokens)
-            self._cache.begin(step._seqs)
+            step._txn_seqs = self._reserve_in_transaction(step._seqs, step._n_tokens)
         except BaseException:
             self._step_lock.release()
             raise
@@ -1002,10 +1002,37 @@ class Runtime:
         self._step = step
         step._state = _OPEN
 
+    def _reserve_in_transaction(self, seqs, n_tokens):
+        """Open the step's KV transaction, then reserve its room inside it: whatever eviction
+        (policy "evict-oldest") takes to make room comes back if the step rolls back. Inside
+        a transaction only its own sequences may give up tokens, so when the step's
+        sequences cannot make the room the transaction is widened to every live sequence.
+        Returns the sequences the transaction covers."""
+        cache = self._cache
+        cache.begin(seqs)
+        try:
+            cache.reserve(seqs, n_tokens)
+            return seqs
+        except KVCacheFull:
+            cache.rollback(seqs)
+            if self.config.policy != "evict-oldest" or len(self._positions) == len(seqs):
+                raise
+        except BaseException:
+            cache.rollback(seqs)
+            raise
+        everyone = list(self._positions)
+        cache.begin(everyone)
+        try:
+            cache.reserve(seqs, n_tokens)
+        except BaseException:
+            cache.rollback(everyone)
+            raise
+        return everyone
+
     def _close_step(self, step, ok):
         """Step.__exit__: commit or roll back, reset the arena, free the step slot."""
         step._state = _CLOSED
-        cache, seqs = self._cache, step._seqs
+        cache, seqs = self._cache, step._txn_seqs
         try:
             if ok and not step._failed and step._remaining == 0:
                 try:
@@ -1088,7 +1115,8 @@ class Runtime:
         to `path`: versioned, SHA-256 checksummed, written atomically."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._seqs:
+        if self._step is not None and seq in self._step._txn_seqs:
+            # the open step's transaction covers it (its own, or one eviction may take from)
             raise RuntimeError(f"{self.name}: cannot save sequence {seq} while a step on it is "
                                f"open")
         meta, arrays = self._cache.export_sequence(seq)
