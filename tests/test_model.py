@@ -367,9 +367,12 @@ def test_sampling_seeds_differ_and_leave_greedy(model, reference):
 
 @requires_model
 def test_generate_prefills_long_prompts_in_chunks(model, reference):
-    """A prompt longer than prefill_chunk goes in as several steps (bounded step memory) and
-    leaves the sequence exactly as the prompt in one step would: same position, same next
-    token, and the next step's logits equal (to the 1e-3 that prefill vs decode differ by)."""
+    """A prompt longer than prefill_chunk goes in as several steps (bounded step memory), in
+    order and whole: the next step's logits equal, bit for bit, those after the same chunks
+    forwarded by hand (a chunk skipping a token or coming in the wrong order differs), and
+    agree with the prompt in one step as prefill and decode agree (same position, same next
+    token, logits within 5% of their scale: chunks round the int8 activations differently,
+    see test_prefill_equals_token_by_token)."""
     chunk = model.prefill_chunk
     ids = (model.tokenize(" ".join([reference["text"], "Paris."] * 200)))[:chunk + 37]
     with variant(model, kv_dtype="float32", max_tokens=2048) as m:
@@ -380,9 +383,16 @@ def test_generate_prefills_long_prompts_in_chunks(model, reference):
         assert m.runtime.position(seq) == len(ids)
         token = m.last_generation.token_ids[0]
         chunked = m.forward_last(seq, [token])
+        by_hand = m.new_sequence()
+        m.forward(by_hand, ids[:chunk])
+        m.forward(by_hand, ids[chunk:])
+        np.testing.assert_array_equal(chunked, m.forward_last(by_hand, [token]))
         whole = m.new_sequence()
         assert token == int(np.argmax(m.forward_last(whole, ids)))
-        np.testing.assert_allclose(chunked, m.forward_last(whole, [token]), rtol=0, atol=1e-3)
+        one_step = m.forward_last(whole, [token])
+    error, scale = np.abs(chunked - one_step).max(), np.abs(one_step).max()
+    print(f"\nchunked vs one-step prefill: next logits max |diff| {error:.3f} of {scale:.1f}")
+    assert error <= 0.05 * scale
 
 
 @requires_model

@@ -4,10 +4,10 @@ attention kernel.
     python tools/bench_runtime.py [--contexts 128] [--repeats 300] [--threads N] [--json out.json]
 
 The same decode inputs (SmolLM2-135M's shape: 30 layers, 9/3 heads x 64) go through
-`step.attention` and through the cache's `append_attend` directly (what step.attention calls),
-alternating, each step rolled back so the context stays put; overhead = median(step.attention)
-- median(direct call). Likewise a step's enter + exit against the reserve + begin + commit calls
-it makes. The context is synthetic K/V filled through Runtime steps. Prints a table, JSON with
+`step.attention` and through the cache call it makes directly (the step's AttentionPlan.attend,
+where the cache plans steps; before that, the cache's append_attend), alternating, each step
+rolled back so the context stays put; overhead = median(step.attention) - median(direct call).
+Likewise a step's enter + exit against the reserve + begin (+ plan) + commit calls it makes. The context is synthetic K/V filled through Runtime steps. Prints a table, JSON with
 --json. (Until the GGUF weights moved into ruvpy's kernels this was part 2 of bench_decode.py.)
 """
 from __future__ import annotations
@@ -54,6 +54,17 @@ def fill_context(runtime, seq, tokens, rng):
         done += n
 
 
+def _cache_calls(cache, seqs, n_tokens, heads):
+    """What a step's enter does to the cache (reserve, begin, and plan where the cache plans
+    steps); returns the per-layer call a step.attention makes."""
+    cache.reserve(seqs, n_tokens)
+    cache.begin(seqs)
+    if hasattr(cache, "plan"):
+        plan = cache.plan(seqs, n_tokens, num_heads=heads)
+        return lambda layer, q, k, v, out: plan.attend(layer, q, k, v, out=out)
+    return lambda layer, q, k, v, out: cache.append_attend(layer, seqs, n_tokens, q, k, v, out=out)
+
+
 def bench_runtime_overhead(shape, cache_name, context, repeats, rng):
     """Median ns per decode step.attention vs the direct cache call, and per step
     enter+exit vs reserve/begin/commit, over `repeats` alternating rounds."""
@@ -87,12 +98,11 @@ def bench_runtime_overhead(shape, cache_name, context, repeats, rng):
             step_frame.append(t1 - t0)
             # the cache alone, same inputs (and the step frame's direct equivalent)
             t0 = clock()
-            cache.reserve(seqs, n_tokens)
-            cache.begin(seqs)
+            attend = _cache_calls(cache, seqs, n_tokens, heads)
             t1 = clock()
             for layer in range(layers):
                 a = clock()
-                cache.append_attend(layer, seqs, n_tokens, q, k, v, out=out)
+                attend(layer, q, k, v, out)
                 direct.append(clock() - a)
             cache.rollback(seqs)
             direct_frame.append(t1 - t0)
@@ -110,11 +120,10 @@ def bench_runtime_overhead(shape, cache_name, context, repeats, rng):
             step.__exit__(None, None, None)
             full_step.append(t1 - t0 + clock() - t2)
             t0 = clock()
-            cache.reserve(seqs, n_tokens)
-            cache.begin(seqs)
+            attend = _cache_calls(cache, seqs, n_tokens, heads)
             t1 = clock()
             for layer in range(layers):
-                cache.append_attend(layer, seqs, n_tokens, q, k, v, out=out)
+                attend(layer, q, k, v, out)
             t2 = clock()
             cache.commit(seqs)
             full_direct.append(t1 - t0 + clock() - t2)
