@@ -22,14 +22,9 @@ from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, int8_t, uint16_t, int16_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.string cimport memcpy
+from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL
 
 cnp.import_array()
-
-cdef extern from "rv_common.h":
-    enum:
-        RV_OK
-        RV_ENOMEM
-        RV_EINVAL
 
 
 

@@ -29,14 +29,9 @@ from ruvpy._linear cimport (rv_linear_out, rv_linear_work_bytes, rv_linear, rv_l
                             rv_block_between, rv_rope_angles, rv_linear_thread_work,
                             rv_block_threads)
 from ruvpy._openmp_helpers cimport omp_get_max_threads
+from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL
 
 cnp.import_array()
-
-cdef extern from "rv_common.h":
-    enum:
-        RV_OK
-        RV_ENOMEM
-        RV_EINVAL
 
 # ggml type ids of the formats the kernels run
 TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K",

@@ -233,6 +233,19 @@ static void qm_quantize_block_ref(const rv_qact *a, int c, int b)
 }
 
 
+#if defined(QM_X86)
+/* The 8 scales and minimums of a Q4_K / Q5_K block as floats (qm_kscales on 32-bit words) */
+RV_INLINE void qm_kscales_f32(const uint8_t *s, __m256 *sc, __m256 *m)
+{
+    const uint32_t u0 = qm_load_u32(s), u1 = qm_load_u32(s + 4), u2 = qm_load_u32(s + 8);
+    const uint32_t scl = u0 & 0x3f3f3f3fu, mnl = u1 & 0x3f3f3f3fu;
+    const uint32_t sch = (u2 & 0x0f0f0f0fu) | ((u0 >> 2) & 0x30303030u);
+    const uint32_t mnh = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
+    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sch, (int)scl)));
+    *m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)mnh, (int)mnl)));
+}
+#endif
+
 /* ==== AVX-512 (with VNNI when RV_HAVE_VNNI) ==== */
 #if defined(RV_ISA_AVX512)
 
@@ -340,17 +353,6 @@ RV_INLINE float qm_dot_b32_512(const int type, const uint8_t *row, int nb, const
     }
     const float tail = b < nb ? qm_dot_blocks_ref(type, row, b, nb, a, c) : 0.0f;
     return _mm512_reduce_add_ps(acc) + tail;
-}
-
-/* The 8 scales and minimums of a Q4_K / Q5_K block as floats (qm_kscales on 32-bit words) */
-RV_INLINE void qm_kscales_f32(const uint8_t *s, __m256 *sc, __m256 *m)
-{
-    const uint32_t u0 = qm_load_u32(s), u1 = qm_load_u32(s + 4), u2 = qm_load_u32(s + 8);
-    const uint32_t scl = u0 & 0x3f3f3f3fu, mnl = u1 & 0x3f3f3f3fu;
-    const uint32_t sch = (u2 & 0x0f0f0f0fu) | ((u0 >> 2) & 0x30303030u);
-    const uint32_t mnh = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
-    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sch, (int)scl)));
-    *m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)mnh, (int)mnl)));
 }
 
 /* Q4_K / Q5_K: a 64-value chunk is 32 bytes of nibbles (low: sub-block 2j, high: 2j+1) */
@@ -531,16 +533,6 @@ RV_INLINE float qm_dot_b32_256(const int type, const uint8_t *row, int nb, const
     }
     const float tail = b < nb ? qm_dot_blocks_ref(type, row, b, nb, a, c) : 0.0f;
     return rv_vf_hsum(acc) + tail;
-}
-
-RV_INLINE void qm_kscales_f32(const uint8_t *s, __m256 *sc, __m256 *m)
-{
-    const uint32_t u0 = qm_load_u32(s), u1 = qm_load_u32(s + 4), u2 = qm_load_u32(s + 8);
-    const uint32_t scl = u0 & 0x3f3f3f3fu, mnl = u1 & 0x3f3f3f3fu;
-    const uint32_t sch = (u2 & 0x0f0f0f0fu) | ((u0 >> 2) & 0x30303030u);
-    const uint32_t mnh = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
-    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sch, (int)scl)));
-    *m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)mnh, (int)mnl)));
 }
 
 RV_INLINE float qm_dot_q45k_256(const int type, const uint8_t *row, int nsb, const rv_qact *a, int c)
