@@ -215,7 +215,8 @@ def test_agrees_with_llamacpp(model, reference, setup):
     assert np.abs(logits[0][top10_ids] - top10_logits).max() <= FINAL_LOGIT_BOUND
     picks = [int(np.argmax(row)) for row in logits]
     misses = [i for i, (p, e) in enumerate(zip(picks, reference["greedy_ids"])) if p != e]
-    print(f"\n{setup}: teacher-forced top-1 {32 - len(misses)}/32, misses at {misses}"
+    print(f"\n{setup}: top-10 overlap {len(set(ours) & set(top10_ids))}/10, teacher-forced "
+          f"top-1 {32 - len(misses)}/32, misses at {misses}"
           + (f", {_cold_tokens(stats)} of 36 tokens cold" if setup != "paged" else ""))
     assert len(misses) <= MAX_TEACHER_FORCED_MISSES
     assert all(reference["greedy_steps"][i]["margin_top1_top2"] < NEAR_TIE for i in misses)
