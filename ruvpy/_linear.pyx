@@ -134,6 +134,7 @@ cdef class QMatrix:
         block of 32 (as llama.cpp does); float formats multiply float32. threads: None runs on
         ruvpy's threads, fewer for small products (rv_threads.h); a number runs on exactly that
         many (benchmarks of the parallel path)."""
+        cdef int team = _forced_team(threads)
         cdef cnp.ndarray xa = _f32_matrix(x, self.m.cols, "x")
         cdef int n = <int>xa.shape[0]
         cdef cnp.ndarray o
@@ -154,26 +155,7 @@ cdef class QMatrix:
         job.y = <float *>cnp.PyArray_DATA(o)
         job.ldy = self.m.rows
         job.accumulate = 1 if accumulate else 0
-        cdef int nt = num_threads(), rc, team = 0
-        if threads is not None:
-            if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
-                raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
-            team = nt = <int>min(int(threads), 1024)
-        cdef size_t work_bytes = rv_linear_work_bytes(n, self.m.cols, nt)
-        cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
-        cdef void *work
-        with nogil:
-            work = rv_linear_thread_work(work_bytes)
-            if work == NULL:
-                rc = RV_ENOMEM
-            elif team:
-                rc = rv_linear_team(active_ops(), team, xp, self.m.cols, n, self.m.cols, &job, 1,
-                                    work, work_bytes)
-            else:
-                rc = rv_linear(active_ops(), nt, xp, self.m.cols, n, self.m.cols, &job, 1, work,
-                               work_bytes)
-        if rc != RV_OK:
-            _raise(rc, "QMatrix.matmul")
+        _run_linear(xa, n, self.m.cols, &job, 1, team, "QMatrix.matmul")
         return o
 
     def dequantize(self, rows=None):
@@ -194,6 +176,73 @@ cdef class QMatrix:
     def __repr__(self):
         label = f" {self.name!r}" if self.name else ""
         return f"<QMatrix{label} {TYPE_NAMES[self.m.type]} [{self.m.rows}, {self.m.cols}]>"
+
+
+cdef int _forced_team(threads) except -1:
+    """0 for threads=None (ruvpy's threads, fewer for small work), else exactly that many."""
+    if threads is None:
+        return 0
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    return <int>min(int(threads), 1024)
+
+
+cdef int _run_linear(cnp.ndarray xa, int n, int k, const rv_linear_out *jobs, int njobs, int team,
+                     str what) except -1:
+    """rv_linear over xa [n, k] (validated) for jobs, the GIL released; team 0: ruvpy's own
+    team size, else exactly `team` threads."""
+    cdef int nt = team if team else num_threads(), rc
+    cdef size_t work_bytes = rv_linear_work_bytes(n, k, nt)
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
+    cdef void *work
+    with nogil:
+        work = rv_linear_thread_work(work_bytes)
+        if work == NULL:
+            rc = RV_ENOMEM
+        elif team:
+            rc = rv_linear_team(active_ops(), team, xp, k, n, k, jobs, njobs, work, work_bytes)
+        else:
+            rc = rv_linear(active_ops(), nt, xp, k, n, k, jobs, njobs, work, work_bytes)
+    if rc != RV_OK:
+        _raise(rc, what)
+    return 0
+
+
+def matmul_shared(x, matrices, *, threads=None):
+    """[m.matmul(x) for m in matrices] in ONE parallel region: x is quantized once and the
+    threads take chunks of every matrix's rows in turn -- how a layer's Q, K and V (or gate
+    and up) run. x [n, cols] (or [cols]) float32; every matrix has cols columns. Results equal
+    the separate products bit for bit. threads as in QMatrix.matmul."""
+    mats = list(matrices)
+    if not mats:
+        raise ValueError("matmul_shared needs at least one matrix")
+    for m in mats:
+        if not isinstance(m, QMatrix):
+            raise TypeError(f"matmul_shared takes QMatrix objects, got {type(m).__name__}")
+    cdef QMatrix first = mats[0], qm
+    cdef int k = first.m.cols, i, team = _forced_team(threads)
+    for m in mats:
+        if (<QMatrix>m).m.cols != k:
+            raise ValueError(f"every matrix must have {k} columns, {m!r} has {m.shape[1]}")
+    cdef cnp.ndarray xa = _f32_matrix(x, k, "x")
+    cdef int n = <int>xa.shape[0]
+    outs = [np.empty((n, (<QMatrix>m).m.rows), np.float32) for m in mats]
+    if n == 0:
+        return outs
+    cdef rv_linear_out *jobs = <rv_linear_out *>malloc(len(mats) * sizeof(rv_linear_out))
+    if jobs == NULL:
+        raise MemoryError("matmul_shared: no memory for the job list")
+    try:
+        for i in range(len(mats)):
+            qm = mats[i]
+            jobs[i].w = &qm.m
+            jobs[i].y = <float *>cnp.PyArray_DATA(outs[i])
+            jobs[i].ldy = qm.m.rows
+            jobs[i].accumulate = 0
+        _run_linear(xa, n, k, jobs, len(mats), team, "matmul_shared")
+    finally:
+        free(jobs)
+    return outs
 
 
 # ---- the element-wise kernels and activation quantization (tests, benchmarks) ----

@@ -11,8 +11,8 @@ pytest.importorskip("gguf")
 
 import qblocks  # noqa: E402
 from ruvpy import _kernels  # noqa: E402
-from ruvpy._linear import (QMatrix, SUPPORTED_TYPES, block_shape, quantize_activations,  # noqa: E402
-                           rmsnorm, rope_angles, rope_pairs, swiglu)
+from ruvpy._linear import (QMatrix, SUPPORTED_TYPES, block_shape, matmul_shared,  # noqa: E402
+                           quantize_activations, rmsnorm, rope_angles, rope_pairs, swiglu)
 
 # (rows, cols per block-32 format, n): one row; vector tails; partial 16-row panels; 2-3
 # columns (matrix-vector per column) and 4+ (packed GEMM) with column-tile tails
@@ -130,6 +130,32 @@ def test_threads_agree_and_run_concurrently():
         t.join()
     assert not errors
     assert all(np.array_equal(results[i], serial[i % 3]) for i in range(6))
+
+
+@pytest.mark.parametrize("threads", [None, 1, 2])
+def test_matmul_shared_equals_separate_products(isa, threads):
+    """Several matrices over one input in one region (Q/K/V, gate/up) give each matrix's own
+    product bit for bit: a row's sum never depends on which chunk or thread computed it."""
+    rng = np.random.default_rng([7, len(isa)])
+    mats = []
+    for name, rows in (("Q4_1", 70), ("Q8_0", 33), ("Q6_K", 16), ("F16", 5)):
+        data, _ = qblocks.random_matrix(rng, name, rows, 256)
+        mats.append(QMatrix(data.reshape(-1), name, rows, 256))
+    for n in (1, 2, 6):
+        x = rng.standard_normal((n, 256)).astype(np.float32)
+        outs = matmul_shared(x, mats, threads=threads)
+        assert [o.shape for o in outs] == [(n, m.shape[0]) for m in mats]
+        for m, o in zip(mats, outs):
+            np.testing.assert_array_equal(o, m.matmul(x))
+    with pytest.raises(ValueError, match="at least one"):
+        matmul_shared(x, [])
+    with pytest.raises(TypeError, match="QMatrix"):
+        matmul_shared(x, [mats[0], "q"])
+    other = QMatrix(np.zeros(34 * 2, np.uint8), "Q8_0", 1, 64)
+    with pytest.raises(ValueError, match="256 columns"):
+        matmul_shared(x, [mats[0], other])
+    with pytest.raises(ValueError, match="threads"):
+        matmul_shared(x, mats, threads=0)
 
 
 def test_elementwise_kernels(isa):

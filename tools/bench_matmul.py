@@ -13,8 +13,12 @@ weight GB/s, and that rate as a share of two ceilings measured just before:
 "cold" rows cycle through enough copies to exceed 2x the last-level cache (DRAM, as in a model's
 decode step, where each matrix is read once per token: compare with pct_dram).
 Threads: each call's team size comes from its work (rv_threads.h); `forced` rows measure a
-2-thread call regardless, as the fused per-layer region of the model gets (ruvpy._linear
-DecoderBlocks runs a whole layer's matrices in one region).
+2-thread call regardless. `call`: "single" is one Python call per product (argument checks, the
+activations' quantization, an OpenMP fork and join: ~5-10 us, a large share of a 25 us product);
+"region" runs the products of several matrices over one input in ONE call and parallel region
+(ruvpy._linear.matmul_shared, as the model's fused layer runs Q/K/V, gate/up and every matrix of
+a block between barriers), time per matrix = call time / matrices: hot, 8 times the same
+matrix; cold, all the copies.
 
 Matrix-matrix (prefill, 512 columns): integer GEMM GMAC/s against numpy's float32 matmul
 (OpenBLAS) over the dequantized weights, same thread count.
@@ -102,24 +106,32 @@ def main(argv=None):
             ruvpy.set_isa(isa)
             for t in args.threads:
                 ruvpy.set_num_threads(t)
-                for forced in ([False, True] if t > 1 else [False]):
+                for forced, how in ([(False, "single"), (True, "single"), (False, "region")] if t > 1
+                                    else [(False, "single"), (False, "region")]):
                     for mode, pool in (("hot", [m]), ("cold", cold)):
                         if mode == "cold" and n_cold == 1:
                             continue             # one matrix exceeds the cache already
-                        call = _call(pool, x, out, t if forced else None)
+                        if how == "region":
+                            pool = pool * 8 if mode == "hot" else pool
+                            call = _call_region(pool, x, t if forced else None)
+                        else:
+                            call = _call(pool, x, out, t if forced else None)
+                        per_call = len(pool) if how == "region" else 1
                         settle(0.2)
-                        s = median_time(call, repeats=args.repeats, warmup=3, min_time=0.3)
+                        s = median_time(call, repeats=args.repeats, warmup=3, min_time=0.3) / per_call
                         gbs = m.nbytes / s / 1e9
                         rows.append({"matrix": label, "isa": isa, "threads": t, "forced": forced,
-                                     "data": mode, "MB": m.nbytes / 1e6, "us": s * 1e6, "GB/s": gbs,
-                                     "pct_dram": 100 * gbs / dram[t], "pct_cached": 100 * gbs / cached[t]})
-                        log(f"{label} {isa} {t}t{' forced' if forced else ''} {mode}: {s * 1e6:.1f} us "
-                            f"{gbs:.1f} GB/s")
+                                     "call": how, "data": mode, "MB": m.nbytes / 1e6, "us": s * 1e6,
+                                     "GB/s": gbs, "pct_dram": 100 * gbs / dram[t],
+                                     "pct_cached": 100 * gbs / cached[t]})
+                        log(f"{label} {isa} {t}t{' forced' if forced else ''} {how} {mode}: "
+                            f"{s * 1e6:.1f} us {gbs:.1f} GB/s")
     ruvpy.set_num_threads(max(args.threads))
     gemm = bench_gemm(mats, args, rng)
     print(f"read bandwidth (DRAM, 16x LLC): " + ", ".join(f"{t} thread(s) {dram[t]:.1f} GB/s" for t in args.threads))
     print("\nmatrix-vector (one column):")
-    print_table(rows, ["matrix", "isa", "threads", "forced", "data", "MB", "us", "GB/s", "pct_dram", "pct_cached"])
+    print_table(rows, ["matrix", "isa", "threads", "forced", "call", "data", "MB", "us", "GB/s", "pct_dram",
+                       "pct_cached"])
     print(f"\nmatrix-matrix ({args.gemm_cols} columns, {max(args.threads)} threads):")
     print_table(gemm)
     emit_json({"machine": machine_info(), "read_bandwidth_gbs": dram, "matvec": rows, "gemm": gemm}, args.json)
@@ -134,6 +146,15 @@ def _call(pool, x, out, threads):
 
     def call():
         pool[next(it) % len(pool)].matmul(x, out, threads=threads)
+    return call
+
+
+def _call_region(pool, x, threads):
+    """All of pool's products over x in one call and one parallel region."""
+    from ruvpy._linear import matmul_shared
+
+    def call():
+        matmul_shared(x, pool, threads=threads)
     return call
 
 
