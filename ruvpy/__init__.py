@@ -79,6 +79,7 @@ def info():
         "isa": get_isa(),
         "isa_available": available_isas(),
         "isa_built": _kernels.built_isas(),
+        "avx512_vnni": _kernels.avx512_vnni(),
         "openmp": _kernels.openmp_enabled(),
         "threads": get_num_threads(),
         "max_threads": _kernels.max_threads(),

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from libc.stdint cimport uint16_t
-from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, rv_isa_name,
+from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, rv_isa_name, rv_cpu_has_vnni,
                           rv_isa_from_name, rv_best_isa, rv_set_active_isa, rv_active_ops,
                           rv_set_num_threads, rv_get_num_threads)
 from ruvpy._openmp_helpers cimport effective_n_threads, RV_OPENMP_ENABLED, omp_get_max_threads
@@ -78,6 +78,12 @@ def available_isas():
 
 def built_isas():
     return _names(rv_isa_built)
+
+
+def avx512_vnni():
+    """Whether the AVX-512 kernel table uses its AVX512-VNNI kernels (vpdpbusd for the
+    TurboQuant cold tier): the CPU has them and RUVPY_NO_VNNI is not set."""
+    return "avx512" in available_isas() and bool(rv_cpu_has_vnni())
 
 
 def best_isa():

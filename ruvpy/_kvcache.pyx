@@ -1375,8 +1375,9 @@ cdef class TwoTierKVCache(_KVCache):
     shared prefix. A shared cold group's memory is freed when its last holder drops it.
     import_sequence() stores its own copy of everything (it costs all its tokens).
 
-    cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value (rotated codes with
-    Lloyd-Max codebooks, QJL residual signs for the keys; see csrc/kvcache/rv_turbo.h).
+    cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value, metadata included
+    (rotated codes with Lloyd-Max codebooks, the keys' group mean taken out; values get
+    floor(bits - 0.5) bits per coordinate, keys the rest; see csrc/kvcache/rv_turbo.h).
 
     pool: a BufferPool with a size class at least group_bytes_max(...) bytes: cold groups
     take their memory from its smallest such class (the Runtime sizes and prewarms one), so

@@ -12,7 +12,9 @@ mapping's code cannot run between a check and the use of what it checked).
            two-tier: "cold.<layer>" uint8 (the cold groups' blobs back to back),
                      "cold_sizes.<layer>" int64 (each blob's bytes),
                      "hot_k.<layer>", "hot_v.<layer>" float16 [hot tokens, kv heads, head_dim]
-Version 2 (before truncation) had no "cut"; it still imports.
+Version 2 (before truncation) had no "cut"; it still imports. Version 4 changed the TurboQuant
+cold groups (fixed-size groups: key means, int8 codebooks, no QJL signs): a turbo export of an
+earlier version is refused, the others still import.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ __all__ = ["FORMAT", "VERSION", "meta_for", "pack_paged", "pack_twotier", "unpac
            "unpack_twotier"]
 
 FORMAT = "ruvpy.kvcache"
-VERSION = 3   # 3: "cut" (truncation inside a cold group); 2: q4 outliers as split nibbles,
-              # turbo outlier channels (2026-11-23)
-READABLE = (2, 3)
+VERSION = 4   # 4: TurboQuant groups v3 (rv_turbo.h); 3: "cut" (truncation inside a cold
+              # group); 2: q4 outliers as split nibbles, turbo outlier channels (2026-11-23)
+READABLE = (2, 3, 4)
+TURBO_READABLE = (4,)
 
 _F16 = np.dtype(np.float16)
 _U8 = np.dtype(np.uint8)
@@ -70,6 +73,10 @@ def _check_meta(meta, fields):
     if meta.get("format") != FORMAT or meta.get("version") not in READABLE:
         raise ValueError(f"import_sequence: not a {FORMAT} v{VERSION} export "
                          f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+    if fields.get("cold") == "turbo" and meta.get("version") not in TURBO_READABLE:
+        raise ValueError(f"import_sequence: a v{meta.get('version')} export's TurboQuant groups "
+                         f"have the layout before v{TURBO_READABLE[0]}; this cache reads "
+                         f"v{TURBO_READABLE[0]} only")
     diffs = [f"{k}: export {meta.get(k)!r}, cache {v!r}" for k, v in fields.items()
              if meta.get(k) != v]
     if diffs:

@@ -108,6 +108,34 @@ def assert_attention_close(out, q, k, v, causal=True, scale=None, bound=FP32_ATT
     return ref
 
 
+# Attention over cold codes against float64 attention over what they decode to (get_kv): the
+# kernels fold a group's scale and zero into the sums (s * sum(q c) + z * sum(q)) where get_kv
+# computes s * c + z per element: float32 evaluation orders of the same sums. Measured worst on
+# outlier K/V over every ISA: q8 1.9e-6, q4 2.0e-6 * max|v|.
+CODES_EVALUATION_ORDER_BOUND = 1e-5
+
+
+def assert_cache_attention_close(cache, seq, layer, q, out, causal=True):
+    """out = attention of q over `seq` in `layer` of `cache`, against the float64 reference the
+    cache's format defines: float32 attention over get_kv for fp16 / q8 (the paged cache within
+    FP32_ATTENTION_BOUND), q4's int8 query weights (q4_kernel_reference) and TurboQuant's int8
+    rotated query (turbo_format.kernel_reference, with its own per-row bound)."""
+    cold = getattr(cache, "cold", None)
+    if cold == "turbo":
+        import turbo_format
+        ref, bound = turbo_format.kernel_reference(cache, seq, layer, q, causal=causal)
+        err = np.abs(np.asarray(out, np.float64) - ref).max(-1) if np.size(out) else np.zeros(0)
+        assert np.all(err <= bound), f"turbo attention error {np.max(err - bound):.3g} over its bound"
+        return ref
+    k, v = cache.get_kv(seq, layer)
+    if cold is None:
+        return assert_attention_close(out, q, k, v, causal)
+    ref = q4_kernel_reference(cache, seq, layer, q, causal) if cold == "q4" else reference_attention(q, k, v, causal)
+    err = attention_error(out, ref, v)
+    assert err <= CODES_EVALUATION_ORDER_BOUND, f"{cold} attention error {err:.3g} * max|v|"
+    return ref
+
+
 def cosine(a, b):
     a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
@@ -225,27 +253,24 @@ def heap_bytes_in_use():
 
 
 # ---------------------------------------------------------------------------------------
-# TurboQuant (arXiv 2504.19874): the constants the estimator tests hold it to
+# TurboQuant (arXiv 2504.19874): the constants the codec tests hold it to (the format itself
+# is read independently by tests/turbo_format.py)
 # ---------------------------------------------------------------------------------------
 
 # MSE per coordinate of the Lloyd-Max codebook of b bits for a unit Gaussian (the paper's
-# Table: what its values reach); a rate of b.5 bits codes half the coordinates at ceil, half
-# at floor.
+# Table: what its values reach).
 LLOYD_MAX_MSE = {2: 0.1175, 3: 0.03454, 4: 0.009497, 5: 0.002499}
 TURBO_BITS = (2.5, 3.5, 4.5)
 
 
-def turbo_value_mse(bits):
-    """Expected relative MSE of values coded at `bits` (half ceil, half floor)."""
-    return (LLOYD_MAX_MSE[int(np.ceil(bits))] + LLOYD_MAX_MSE[int(np.floor(bits))]) / 2
-
-
-def turbo_key_relative_error_bound(bits):
-    """Bound on |estimate - exact| / |exact| for key inner products: the MSE stage uses one
-    bit less than the rate (the other goes to QJL), with distortion D(b) <= sqrt(3) pi / 2 *
-    4^-b; QJL turns a residual of that size into a variance of at most pi / 2 * D."""
-    d = np.mean([np.sqrt(3) * np.pi / 2 * 4.0 ** -b for b in (np.ceil(bits - 1), np.floor(bits - 1))])
-    return float(np.sqrt(np.pi / 2 * d))
+def turbo_mse(bits, d, G=64, part="v"):
+    """Expected relative MSE of keys ("k") or values ("v") coded at `bits` per value: the mean
+    Lloyd-Max MSE over the rotated coordinates' widths (2-4 bits, tests/turbo_format.py)."""
+    import turbo_format
+    kn3, kn4, vn3, vn4 = turbo_format.widths(bits, d, G)
+    n3, n4 = (kn3, kn4) if part == "k" else (vn3, vn4)
+    w = turbo_format.coord_widths(turbo_format.padded_dim(d), n3, n4)
+    return float(np.mean([LLOYD_MAX_MSE[int(b)] for b in w]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,3 +310,79 @@ def first_parallel_size(threads_at):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if threads_at(mid) == 2 else (mid, hi)
     return hi
+
+
+# ---------------------------------------------------------------------------------------
+# the q4 kernels' scores: int8 query weights per block of 16 channels (quant_impl.h)
+# ---------------------------------------------------------------------------------------
+
+def q4_int8_weights(qs, d):
+    """qs [d + nk] float32 (q * key scale, then the outliers' 16x high-nibble rows) -> the
+    weights the q4 kernels score with: per block of 16 channels from 0 and from d, sc =
+    max|qs| / 127, w8 = rint(qs * (1 / sc)) clipped to +-127, back as sc * w8 (float32, the
+    same operations in the same order as the C code)."""
+    qs = np.asarray(qs, np.float32)
+    out = np.zeros_like(qs)
+    for p0, p1 in ((0, d), (d, len(qs))):
+        for c0 in range(p0, p1, 16):
+            blk = qs[c0:min(c0 + 16, p1)]
+            mx = np.abs(blk).max()
+            sc = mx / np.float32(127.0) if np.isfinite(mx) and mx > 0 else np.float32(0.0)
+            inv = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+            out[c0:c0 + len(blk)] = sc * np.clip(np.rint(blk * inv), -127, 127).astype(np.float32)
+    return out
+
+
+def q4_kernel_reference(cache, seq, layer, q, causal=True):
+    """float64 attention of q over `seq` in `layer` of a q4 TwoTierKVCache as its kernels define
+    it: cold key scores from the codes (rv_coldq.h layout, read from the exported blobs) with
+    the int8 query weights of q4_int8_weights, plus q . zero; values and hot tokens from
+    get_kv."""
+    import math
+    meta, arrays = cache.export_sequence(seq)
+    kvh, d, G, gs = cache.num_kv_heads, cache.head_dim, cache.migration_batch, min(cache.group_size, cache.head_dim)
+    ng, vb, kb, half = -(-d // gs), (d + 1) // 2, (G + 1) // 2, (G + 1) // 2
+    sizes, blobs = arrays[f"cold_sizes.{layer}"], arrays[f"cold.{layer}"]
+    skip, cut = meta["skip"][layer], meta["cut"][layer]
+    kk, vv = cache.get_kv(seq, layer)
+    n = len(kk)
+    q = np.asarray(q, np.float32)
+    q_len, H, _ = q.shape
+    g = H // kvh
+    scale = np.float32(1.0 / math.sqrt(d))
+    out = np.zeros((q_len, H, d))
+    for h in range(kvh):
+        parts = []                           # per cold group: (kscale, kzero, codes [G][d], hi [G][nk], kidx)
+        off = 0
+        for size in sizes:
+            blob = blobs[off:off + size]
+            off += size
+            seg = blob[int(np.frombuffer(blob[4 * h:4 * h + 4].tobytes(), np.uint32)[0]):]
+            ks = np.frombuffer(seg[:2 * d].tobytes(), np.float16).astype(np.float32)
+            kz = np.frombuffer(seg[2 * d:4 * d].tobytes(), np.float16).astype(np.float32)
+            counts = 4 * d + 4 * G * ng + G * vb
+            nk, nv = int(seg[counts]), int(seg[counts + 1])
+            kidx = seg[counts + 2:counts + 2 + nk].astype(int)
+            o = counts + 2 + nk + nv
+            o += o & 1
+            o += 4 * nv + G * ((nv + 1) // 2)
+            rows = seg[o:o + (d + nk) * kb].reshape(d + nk, kb).astype(np.int64)
+            t = np.arange(G)
+            codes = np.where(t < half, rows[:, np.minimum(t, kb - 1)] & 15, rows[:, np.clip(t - half, 0, kb - 1)] >> 4)
+            parts.append((ks, kz, codes.T, kidx))
+        for i in range(q_len):
+            seen = n if not causal else n - q_len + i + 1
+            for j in range(g):
+                qs = q[i, h * g + j] * scale
+                s = np.empty(n)
+                n_cold = len(parts) * G - skip - cut       # the last group lost `cut` tokens
+                for gi, (ks, kz, codes, kidx) in enumerate(parts):
+                    w = q4_int8_weights(np.concatenate([qs * ks, np.float32(16.0) * (qs * ks)[kidx]]), d)
+                    a = gi * G - skip
+                    lo, hi = max(a, 0), min(a + G, n_cold)
+                    s[lo:hi] = codes[lo - a:hi - a] @ w.astype(np.float64) + float(qs.astype(np.float64) @ kz)
+                s[n_cold:] = kk[n_cold:, h].astype(np.float64) @ qs.astype(np.float64)
+                s = s[:seen]
+                p = np.exp(s - s.max())
+                out[i, h * g + j] = p @ vv[:seen, h] / p.sum()
+    return out

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from _helpers import assert_attention_close
+from _helpers import assert_attention_close, assert_cache_attention_close
 
 from ruvpy import PagedKVCache, Runtime, RuntimeConfig, ScratchSpace, TwoTierKVCache
 
@@ -51,8 +51,9 @@ def test_a_plan_attends_every_layer_like_the_reference(isa, kind):
         offsets = np.cumsum([0] + counts)
         for i, s in enumerate((a, b, c)):
             rows = slice(offsets[i], offsets[i + 1])
-            # fp16 K/V and quantized tiers: the reference runs over the same stored K/V
-            assert_attention_close(out[rows], q[rows], *cache.get_kv(s, layer))
+            # fp16 K/V and quantized tiers: the reference runs over the same stored K/V (q4 and
+            # TurboQuant: scored with the same int8 query as their kernels)
+            assert_cache_attention_close(cache, s, layer, q[rows], out[rows])
     assert [cache.seq_len(s, 2) for s in (a, b, c)] == [71, 14, 30]
 
 
@@ -132,7 +133,7 @@ def test_caches_and_steps_take_strided_queries(isa):
     cache.append(a, 0, *fused(rng, 50)[1:])
     q = fused(rng, 4)[0]
     assert not q.flags.c_contiguous
-    assert_attention_close(cache.attention(a, 0, q), q, *cache.get_kv(a, 0))
+    assert_cache_attention_close(cache, a, 0, q, cache.attention(a, 0, q))
     cfg = RuntimeConfig(num_layers=2, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=256)
     with Runtime(cfg) as rt:
         s = rt.add_sequence()

@@ -1,15 +1,18 @@
-"""TwoTierKVCache(cold="turbo") on K/V with outlier channels: the dense-and-sparse part of the
-format (a few channels per head and group taken out of the rotation, kept at 8 bits). Attention
-quality against a float64 reference, the estimators on the rest, token order, bytes from the
-allocations, and imported blobs whose outlier part is malformed."""
+"""TwoTierKVCache(cold="turbo"): the TurboQuant cold format (ruvpy/csrc/kvcache/rv_turbo.h)
+against an independent float64 reading of it (tests/turbo_format.py): what get_kv returns, what
+attention computes on every ISA (the plain AVX-512BW body too), bytes from the allocations,
+the key mean and attention sinks, quality on K/V with outlier channels, token order, imports
+that must be refused, and the codebooks against Lloyd-Max computed here."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import ruvpy
 from ruvpy import TwoTierKVCache
 
-from _helpers import (cosine, outlier_kv, random_kv, reference_attention,
-                      turbo_key_relative_error_bound, turbo_value_mse)
+import turbo_format as tf
+from _helpers import (LLOYD_MAX_MSE, TURBO_BITS, cosine, kernel_harness as kh, outlier_kv, random_kv,
+                      reference_attention)
 from _helpers import cache_snapshot as snapshot
 
 
@@ -20,11 +23,144 @@ def filled(kvh, d, k, v, **kw):
     return cache, seq
 
 
+def test_codebooks_are_lloyd_max_rounded():
+    """The int8 codebooks are round(23 x the Lloyd-Max centroids of N(0, 1)) (computed here by
+    iterating the centroid condition), |c| <= 63 so the kernels' (c + 64) stays below 128."""
+    for bits, book in tf.BOOKS.items():
+        want = np.rint(tf.BOOK_SCALE * tf.lloyd_max_gauss(bits))
+        assert np.array_equal(book, want), bits
+        assert np.abs(book).max() <= 63
+    # the MSE the tests hold the format to (tests/_helpers.py) is these codebooks' MSE
+    x = np.random.default_rng(0).standard_normal(400_000)
+    for bits, book in tf.BOOKS.items():
+        c = book / tf.BOOK_SCALE
+        q = c[np.searchsorted((c[1:] + c[:-1]) / 2, x)]
+        assert np.mean((q - x) ** 2) == pytest.approx(LLOYD_MAX_MSE[bits], rel=0.02)
+
+
+@pytest.mark.parametrize("bits", TURBO_BITS)
+@pytest.mark.parametrize("kvh,d,G", [(3, 64, 64), (2, 128, 64), (2, 40, 16), (1, 256, 33), (2, 16, 20), (1, 3, 7)])
+def test_get_kv_is_the_blob_as_the_format_defines_it(bits, kvh, d, G):
+    """Every cold group, read by tests/turbo_format.py from the exported bytes, is what
+    get_kv returns (float32 rounding of R^T (a c) + flag mu), and the group's size is the
+    format's; hot tokens stay fp16."""
+    rng = np.random.default_rng(int(bits * 10) + d + G)
+    n = 5 * G + 3
+    k, v = random_kv(rng, n, kvh, d)
+    k += rng.standard_normal(d).astype(np.float32) * 3          # offsets: the mean is used
+    cache, seq = filled(kvh, d, k, v, hot_tokens=0, migration_batch=G, turbo_bits=bits)
+    meta, arrays = cache.export_sequence(seq)
+    sizes, blobs = arrays["cold_sizes.0"], arrays["cold.0"]
+    assert len(sizes) == 5 and np.all(sizes == kvh * tf.segment_layout(d, G, bits)["size"])
+    kk, vv = cache.get_kv(seq, 0)
+    for g in range(5):
+        rk, rv = tf.decode_blob(blobs[g * sizes[0]:(g + 1) * sizes[0]], kvh, d, G, bits)
+        for got, want in ((kk, rk), (vv, rv)):
+            part = got[g * G:(g + 1) * G]
+            assert np.abs(part - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(vv[5 * G:], v[5 * G:].astype(np.float16).astype(np.float32))
+
+
+SHAPES = [(9, 3, 64, 64), (8, 2, 128, 64), (6, 2, 40, 16), (4, 1, 256, 32), (3, 3, 16, 24)]
+
+
+@pytest.mark.parametrize("bits", TURBO_BITS)
+@pytest.mark.parametrize("H,kvh,d,G", SHAPES)
+def test_attention_is_the_codes_attention(isa, bits, H, kvh, d, G):
+    """Decode, prefill (causal) and non-causal attention over cold groups (some of the first
+    one evicted) and a hot tail equal float64 attention over the codes as the format defines it,
+    with the int8 rotated query the kernels score with (turbo_format.kernel_reference; its bound
+    holds the float32 evaluation order and, with AVX512-VNNI, the 8-bit weights of the value
+    sums)."""
+    rng = np.random.default_rng(d + G + int(bits))
+    n = 4 * G + 11
+    cache = TwoTierKVCache(1, kvh, d, hot_tokens=5, migration_batch=G, cold="turbo", turbo_bits=bits,
+                           max_tokens=n, policy="evict-oldest")
+    seq = cache.add_sequence()
+    k, v = random_kv(rng, n + 7, kvh, d)
+    k[:, :, :3] += 4.0
+    cache.append(seq, 0, k[:n], v[:n])
+    cache.append(seq, 0, k[n:], v[n:])                 # evicts 7: a skip in the first group
+    assert cache.seq_len(seq, 0) == n
+    for q_len, causal in ((1, True), (5, True), (n, True), (3, False)):
+        q = (rng.standard_normal((q_len, H, d)) * 2).astype(np.float32)
+        out = cache.attention(seq, 0, q, causal=causal)
+        ref, bound = tf.kernel_reference(cache, seq, 0, q, causal=causal)
+        err = np.abs(out - ref).max(-1)
+        assert np.all(err <= bound), (q_len, float((err / bound).max()))
+
+
+def test_plain_avx512_body_without_vnni(tmp_path_factory, monkeypatch):
+    """On a CPU with AVX512-VNNI the AVX-512 table uses vpdpbusd; RUVPY_NO_VNNI=1 keeps the
+    plain AVX-512BW kernels. Both against the float64 cases of tests/c (every kernel)."""
+    target = kh.native_target()
+    if "avx512" not in target.isas:
+        pytest.skip("no AVX-512 kernels in this build")
+    builds = kh.build_targets([target], tmp_path_factory.getbasetemp().parent / "ruvpy-kernel-check")
+    _, binary, _ = builds[target.name]
+    path = tmp_path_factory.mktemp("tcases") / "cases.bin"
+    names = kh.write_cases(path)
+    for setting in ("1", "0"):
+        monkeypatch.setenv("RUVPY_NO_VNNI", setting)
+        result = target.run(binary, path, "avx512")
+        if result.unsupported:
+            pytest.skip("this CPU has no AVX-512")
+        assert not result.problems(names), f"RUVPY_NO_VNNI={setting}:\n{result.problems(names)}"
+
+
+@pytest.mark.parametrize("bits,most", [(2.5, 2.6), (3.5, 3.6), (4.5, 4.5)])
+@pytest.mark.parametrize("H,kvh,d", [(32, 8, 128), (9, 3, 64)])
+def test_bits_per_value_from_allocations(bits, most, H, kvh, d):
+    """turbo_bits is a budget per stored value, metadata included: on random K/V and on K/V
+    with x20 outlier channels the cold store's allocations (stats) stay within it, and every
+    group of a shape has the same size whatever its data."""
+    rng = np.random.default_rng(24)
+    n = 4096
+    got = []
+    for make in (random_kv, outlier_kv):
+        cache, _ = filled(kvh, d, *make(rng, n, kvh, d), turbo_bits=bits)
+        st_ = cache.stats()
+        assert st_.tiers["cold"]["tokens"] == n
+        got.append((st_.cold_bytes, st_.cold_bits_per_value))
+    assert got[0] == got[1]
+    assert got[0][1] <= most
+    # and what is allocated is the format's bytes (allocation rounded to 64, a 64-byte header)
+    group = kvh * tf.segment_layout(d, 64, bits)["size"]
+    assert got[0][0] == n // 64 * (-(-(64 + group) // 64) * 64)
+
+
+def test_key_mean_and_attention_sinks():
+    """Keys far from zero along a few channels on every token lose their group mean before the
+    rotation: their error is that of the rest (without it, of the whole key); a sink token (a
+    key near zero among them) keeps its own key and its own small error."""
+    rng = np.random.default_rng(26)
+    kvh, d, G = 2, 64, 64
+    k, v = random_kv(rng, 4 * G, kvh, d)
+    k[:, :, [5, 40]] += 12.0
+    k[0] *= 0.05                                          # a sink: small, no offset
+    k[0, :, [5, 40]] = 0.0
+    cache, seq = filled(kvh, d, k, v)
+    kk, _ = cache.get_kv(seq, 0)
+    centred = k - k[1:].mean(0)
+    err = np.linalg.norm(kk[1:] - k[1:]) / np.linalg.norm(centred[1:])
+    # the keys' Lloyd-Max MSE at 3.5 bits per value, head_dim 64: 48 coordinates of 4 bits,
+    # 16 of 3 (0.0158): its square root is 0.126; measured 0.12
+    assert err < 0.14
+    assert np.linalg.norm(kk[0] - k[0]) / np.linalg.norm(k[0]) < 0.14
+    # the same keys without the offsets (nothing to take out): the same relative error
+    plain, s2 = filled(kvh, d, k - np.float32(12.0) * np.isin(np.arange(d), [5, 40]), v)
+    assert np.linalg.norm(plain.get_kv(s2, 0)[0][1:] - (k[1:] - 12.0 * np.isin(np.arange(d), [5, 40]))) / \
+        np.linalg.norm(centred[1:]) < 0.14
+
+
 @pytest.mark.parametrize("H,kvh,d", [(16, 4, 128), (9, 3, 64)])
 def test_quality_with_outlier_channels(isa, H, kvh, d):
-    """x20 channels left in the rotation gave 0.46-0.59 cosine (every score off by the order of
-    the whole key norm in a softmax those channels make peaked); taken out, TurboQuant codes
-    Gaussian-like rest and the outliers keep 8 bits."""
+    """x20 channels stay in the rotation: format v2 kept up to head_dim/16 of them per group at
+    8 bits (cosine 0.98-0.99 here, at 4.0-4.5 bits per value); v3 spends those bits on key codes
+    instead, which on SmolLM2's own K/V bought more (tools/kv_quant_lab.py). The score error
+    stays relative to the whole key, and x20 channels make this synthetic softmax peaked:
+    measured cosine 0.929 (16, 4, 128) and 0.896 (9, 3, 64) at 3.5 bits, 5th-percentile row
+    0.68 / 0.34 (the worst rows pick the wrong keys). A regression guard, not a quality claim."""
     rng = np.random.default_rng(21)
     k, v = outlier_kv(rng, 2048, kvh, d)
     cache, seq = filled(kvh, d, k, v, hot_tokens=64)
@@ -32,44 +168,16 @@ def test_quality_with_outlier_channels(isa, H, kvh, d):
     q = rng.standard_normal((32, H, d)).astype(np.float32)
     out = cache.attention(seq, 0, q, causal=False)
     ref = reference_attention(q, k, v, causal=False)
-    assert cosine(out, ref) >= 0.95
+    assert cosine(out, ref) >= {128: 0.91, 64: 0.88}[d]
     rows = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
-    assert rows.min() >= 0.6          # was negative: rows whose softmax picked the wrong keys
-
-
-@pytest.mark.parametrize("bits", [2.5, 3.5, 4.5])
-def test_estimators_on_the_rest_and_outliers_at_8_bits(bits):
-    """With the outlier channels out, the key inner products over the other channels are
-    still unbiased (QJL) and the values keep the Lloyd-Max error of their bits; the outlier
-    channels come back within their 8-bit step."""
-    rng = np.random.default_rng(22)
-    d, n = 128, 2048
-    k, v = random_kv(rng, n, 1, d)
-    ck, cv = rng.choice(d, 4, replace=False), rng.choice(d, 4, replace=False)
-    k[:, :, ck] *= 20
-    v[:, :, cv] *= 20
-    cache, seq = filled(1, d, k, v, turbo_bits=bits)
-    kk, vv = cache.get_kv(seq, 0)
-    rest_k, rest_v = np.setdiff1d(np.arange(d), ck), np.setdiff1d(np.arange(d), cv)
-    q = rng.standard_normal((200, d))
-    q[:, ck] = 0                               # inner products over the rest only
-    exact, estimate = k[:, 0] @ q.T, kk[:, 0] @ q.T
-    assert abs((estimate * exact).mean() / (exact * exact).mean() - 1) < 0.02
-    assert np.linalg.norm(estimate - exact) / np.linalg.norm(exact) < 1.05 * turbo_key_relative_error_bound(bits)
-    vrel = np.linalg.norm(vv[:, :, rest_v] - v[:, :, rest_v]) / np.linalg.norm(v[:, :, rest_v])
-    assert np.sqrt(turbo_value_mse(bits)) * 0.85 < vrel < np.sqrt(turbo_value_mse(bits)) * 1.1
-    for x, got, chans in ((k, kk, ck), (v, vv, cv)):
-        # 8 bits over a range of ~8 sigma of a x20 channel, plus the rest's quantization error
-        # that lands on these channels (the keys' QJL term is noisy per coordinate)
-        err = np.linalg.norm(got[:, :, chans] - x[:, :, chans]) / np.linalg.norm(x[:, :, chans])
-        assert err < 0.05
+    assert np.percentile(rows, 5) >= {128: 0.6, 64: 0.3}[d]
 
 
 @settings(max_examples=10, deadline=None)
 @given(cuts=st.lists(st.integers(1, 149), max_size=6))
 def test_order_preserved_with_outlier_channels(cuts):
     """Appended in any chunks, every token returned is nearest to the token appended at its
-    position, across hot and cold, with outliers chosen per group."""
+    position, across hot and cold."""
     rng = np.random.default_rng(23)
     k, v = outlier_kv(rng, 150, 2, 32, channels=2)
     cache = TwoTierKVCache(1, 2, 32, hot_tokens=5, migration_batch=16, cold="turbo", max_tokens=150)
@@ -84,93 +192,72 @@ def test_order_preserved_with_outlier_channels(cuts):
         assert np.array_equal(np.argmin(sq_dist, axis=1), np.arange(150))
 
 
-@pytest.mark.parametrize("kvh,d", [(4, 128), (3, 64)])
-def test_groups_with_outliers_cost_their_codes(kvh, d):
-    """Bytes come from the allocations: a group whose heads have outliers is larger by their
-    8-bit codes, channel numbers and binary16 scale / zero (plus allocation rounding)."""
-    rng = np.random.default_rng(24)
-    n, G = 1024, 64
-    plain, _ = filled(kvh, d, *random_kv(rng, n, kvh, d))
-    spiky, _ = filled(kvh, d, *outlier_kv(rng, n, kvh, d))
-    a, b = plain.stats(), spiky.stats()
-    assert a.cold_groups == b.cold_groups == n // G
-    # the format: 4 K + 4 V channels per head, each G codes, its number, scale and zero
-    sizes = [c.export_sequence(0)[1]["cold_sizes.0"] for c in (plain, spiky)]
-    assert np.all(sizes[1] - sizes[0] == kvh * 8 * (G + 1 + 4))
-    # the allocations (what stats count): those blobs rounded up to the 64-byte alignment
-    extra = b.cold_bytes - a.cold_bytes
-    assert abs(extra - (sizes[1] - sizes[0]).sum()) < 64 * b.cold_groups
-    assert b.cold_bits_per_value - a.cold_bits_per_value == pytest.approx(8 * extra / (n * 2 * kvh * d))
-    # random normal data has no channel with 3x the median RMS
-    assert a.cold_bits_per_value - (3.5 + 3 * 16 / (2 * d)) < 0.1
+def test_save_load_keeps_codes_bit_identical():
+    """Export -> import -> export gives the same bytes, and the imported cache the same K/V
+    and attention (the codes are what is stored, never re-encoded)."""
+    rng = np.random.default_rng(27)
+    make = lambda: TwoTierKVCache(2, 3, 64, hot_tokens=16, migration_batch=64, cold="turbo", max_tokens=600)
+    cache = make()
+    seq = cache.add_sequence()
+    for layer in range(2):
+        cache.append(seq, layer, *random_kv(rng, 300, 3, 64))
+    meta, arrays = cache.export_sequence(seq)
+    other = make()
+    b = other.import_sequence(meta, arrays)
+    meta2, arrays2 = other.export_sequence(b)
+    assert meta2 == meta and arrays2.keys() == arrays.keys()
+    assert all(np.array_equal(arrays[key], arrays2[key]) for key in arrays)
+    q = rng.standard_normal((1, 9, 64)).astype(np.float32)
+    for layer in range(2):
+        assert all(np.array_equal(x, y) for x, y in zip(cache.get_kv(seq, layer), other.get_kv(b, layer)))
+        assert np.array_equal(cache.attention(seq, layer, q), other.attention(b, layer, q))
 
 
-def _segment(blob, kvh, h):
-    off = np.frombuffer(blob[:4 * kvh].tobytes(), np.uint32)
-    return int(off[h]), int(off[h + 1]) if h + 1 < kvh else len(blob)
-
-
-def test_malformed_outlier_parts_are_rejected():
-    """Imported blobs are checked: outlier counts within max(1, head_dim / 16), channel numbers
-    ascending and below head_dim, every size consistent; a bad one leaves the cache as it was."""
+def test_malformed_blobs_are_rejected():
+    """Imported blobs are checked: every group exactly the format's size, the binary16 ranges
+    finite; a bad one leaves the cache as it was. (Codes themselves can be any bits.)"""
     rng = np.random.default_rng(25)
     kvh, d, G = 2, 32, 16
     make = lambda: TwoTierKVCache(1, kvh, d, hot_tokens=0, migration_batch=G, cold="turbo", max_tokens=64)
     cache = make()
     seq = cache.add_sequence()
-    cache.append(seq, 0, *random_kv(rng, G, kvh, d))        # a group without outliers,
-    cache.append(seq, 0, *outlier_kv(rng, G, kvh, d, channels=2))   # one with 2 + 2 per head
+    cache.append(seq, 0, *random_kv(rng, 2 * G, kvh, d))
     meta, arrays = cache.export_sequence(seq)
     sizes, blobs = arrays["cold_sizes.0"], arrays["cold.0"]
-    fixed = (sizes[0] - 4 * kvh) // kvh - 2           # a segment's part before the counts
-    assert sizes[1] - sizes[0] == kvh * (4 * (G + 1 + 4))
+    seg = tf.segment_layout(d, G, 3.5)["size"]
+    assert list(sizes) == [kvh * seg] * 2
     other = make()
-    ok = other.import_sequence(meta, arrays)
-    assert all(np.array_equal(x, y) for x, y in zip(cache.get_kv(seq, 0), other.get_kv(ok, 0)))
     before = snapshot(other)
-    second = blobs[sizes[0]:]
-    start, _ = _segment(second, kvh, 1)
-    counts, idx = start + fixed, start + fixed + 2
-    assert list(second[counts:counts + 2]) == [2, 2]
 
-    def broken(edit, new_sizes=None):
-        blob = second.copy()
+    def with_blob(edit):
+        blob = blobs.copy()
         edit(blob)
-        return dict(arrays, **{"cold.0": np.concatenate([blobs[:sizes[0]], blob]),
-                               "cold_sizes.0": np.array(new_sizes or list(sizes), np.int64)})
+        return dict(arrays, **{"cold.0": blob})
 
-    def put(pos, *values):
+    def put(pos, value):
         def edit(blob):
-            blob[pos:pos + len(values)] = values
+            blob[pos:pos + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
         return edit
 
     bad = {
-        "too many key outliers": broken(put(counts, 3)),
-        "fewer value outliers than stored": broken(put(counts + 1, 1)),
-        "key channels not ascending": broken(put(idx, second[idx + 1], second[idx])),
-        "key channel repeated": broken(put(idx, second[idx + 1])),
-        "value channel past head_dim": broken(put(idx + 3, d)),
-        "head offset": broken(put(4, second[4] + 2)),
+        "a group one byte short": dict(arrays, **{"cold.0": blobs[:-1], "cold_sizes.0": sizes - [0, 1]}),
         "sizes shifted between groups": dict(arrays, **{"cold_sizes.0": sizes + np.array([2, -2])}),
+        "a NaN mean range": with_blob(put(0, np.nan)),
+        "an infinite key scale step": with_blob(put(seg + 6, np.inf)),
+        "a NaN value scale range (second group)": with_blob(put(kvh * seg + seg + 8, np.nan)),
     }
     for what, arr in bad.items():
-        with pytest.raises(ValueError, match="malformed"):
+        with pytest.raises(ValueError, match="malformed|size|cold"):
             other.import_sequence(meta, arr)
         assert snapshot(other) == before, what
+    ok = other.import_sequence(meta, arrays)
+    assert all(np.array_equal(x, y) for x, y in zip(cache.get_kv(seq, 0), other.get_kv(ok, 0)))
 
 
-def test_channels_far_from_zero_are_outliers_too():
-    """Real keys have channels that sit far from zero on every token with an ordinary range:
-    what the rotation spreads is their energy, so they are taken out like wide ones."""
-    rng = np.random.default_rng(26)
-    kvh, d, G = 2, 64, 64
-    k, v = random_kv(rng, 4 * G, kvh, d)
-    k[:, :, [5, 40]] += 12.0                 # offset channels: range as any other
-    cache, seq = filled(kvh, d, k, v)
-    plain, _ = filled(kvh, d, *random_kv(rng, 4 * G, kvh, d))
-    sizes = [c.export_sequence(0)[1]["cold_sizes.0"] for c in (plain, cache)]
-    assert np.all(sizes[1] - sizes[0] == kvh * 2 * (G + 1 + 4))   # 2 key channels per head
-    kk, _ = cache.get_kv(seq, 0)
-    q = rng.standard_normal((100, d))
-    rel = np.linalg.norm(kk[:, 0] @ q.T - k[:, 0] @ q.T) / np.linalg.norm(k[:, 0] @ q.T)
-    assert rel < 0.2           # left in (the range rule), the offsets made it ~0.29
+def test_vnni_is_reported_and_switchable():
+    """ruvpy.info() says whether the AVX-512 table uses the AVX512-VNNI kernels; the attention
+    result does not depend on it beyond the 8-bit weights' bound (tested above)."""
+    info = ruvpy.info()
+    assert isinstance(info.get("avx512_vnni"), bool)
+    if "avx512" not in info["isa_available"]:
+        assert info["avx512_vnni"] is False

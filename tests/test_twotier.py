@@ -11,18 +11,12 @@ from hypothesis import given, settings, strategies as st
 
 from ruvpy import KVCacheFull, PagedKVCache, TwoTierKVCache
 
-from _helpers import (COLD_LEVELS, FP32_ATTENTION_BOUND, as_stored_fp16, assert_attention_close,
-                      attention_error, cosine, heap_bytes_in_use, indexed_kv, outlier_kv,
-                      quantization_bound, random_kv, reference_attention, turbo_key_relative_error_bound,
-                      turbo_value_mse)
+from _helpers import (CODES_EVALUATION_ORDER_BOUND, COLD_LEVELS, FP32_ATTENTION_BOUND, as_stored_fp16,
+                      assert_attention_close, assert_cache_attention_close, attention_error, cosine, heap_bytes_in_use, indexed_kv, outlier_kv,
+                      q4_kernel_reference, quantization_bound, random_kv, reference_attention, turbo_mse)
+import turbo_format
 from _helpers import cache_snapshot as snapshot
 
-# Attention over the codes against float64 attention over what they decode to (get_kv): the
-# kernels fold a group's scale and zero into the sums (s * sum(q c) + z * sum(q)) where get_kv
-# computes s * c + z per element, and TurboQuant's get_kv rebuilds keys through R^T and S^T
-# where the kernel rotates the query instead: float32 evaluation orders of the same sums.
-# Measured worst on outlier K/V over every ISA: q8 1.9e-6, q4 2.0e-6, turbo 9.3e-7 * max|v|.
-CODES_EVALUATION_ORDER_BOUND = 1e-5
 # what malloc adds beyond the bytes requested (chunk headers, alignment) and the binding's
 # Python objects: measured up to 12 KiB for caches of 0.4 MiB
 HEAP_SLACK = 16 * 1024
@@ -63,7 +57,13 @@ def test_attention_over_codes_equals_attention_over_their_values(isa, cold):
     for q_len, causal in ((1, True), (7, True), (333, True), (4, False)):
         q = rng.standard_normal((q_len, H, d)).astype(np.float32)
         out = cache.attention(seq, 0, q, causal=causal)
-        err = attention_error(out, reference_attention(q, kk, vv, causal=causal), vv)
+        if cold == "turbo":
+            ref, bound = turbo_format.kernel_reference(cache, seq, 0, q, causal=causal)
+            assert np.all(np.abs(out - ref).max(-1) <= bound)
+            continue
+        # q4 scores with int8 query weights per 16 channels: its reference does the same
+        ref = q4_kernel_reference(cache, seq, 0, q, causal) if cold == "q4" else reference_attention(q, kk, vv, causal)
+        err = attention_error(out, ref, vv)
         assert err <= CODES_EVALUATION_ORDER_BOUND
 
 
@@ -83,9 +83,9 @@ def test_quality_with_outlier_channels(cold, bound):
 
 @pytest.mark.parametrize("bits", [2.5, 3.5, 4.5])
 def test_turbo_estimators(bits):
-    """TurboQuant's key inner products are unbiased (QJL on the residual) with the error the
-    paper's distortion bound allows; values come back with the Lloyd-Max error of their bits;
-    allocations are what the rate says (codes + fp16 norms)."""
+    """TurboQuant's values come back with the Lloyd-Max error of their codes' widths, key inner
+    products with that of the keys' widths (MSE codes: no bias worth the name), and the bytes
+    allocated are what the format says, within turbo_bits."""
     rng = np.random.default_rng(12)
     d, n = 128, 2048
     cache = TwoTierKVCache(1, 1, d, hot_tokens=0, cold="turbo", turbo_bits=bits, max_tokens=n)
@@ -95,21 +95,23 @@ def test_turbo_estimators(bits):
     kk, vv = cache.get_kv(seq, 0)
     q = rng.standard_normal((200, d))
     exact, estimate = k[:, 0] @ q.T, kk[:, 0] @ q.T
-    assert abs((estimate * exact).mean() / (exact * exact).mean() - 1) < 0.02          # unbiased
-    # the paper's distortion bound for inner products (tests/_helpers.py)
+    # MSE codes shrink towards zero by about their MSE (measured 0.043 at 2.5 bits, whose key
+    # MSE is 0.045; 0.012 / 0.0126 at 3.5; 0.0091 / 0.0095 at 4.5)
+    assert abs((estimate * exact).mean() / (exact * exact).mean() - 1) < 1.2 * turbo_mse(bits, d, part="k")
+    # measured: keys 0.975-0.977, values 0.986-0.991 of the square root of the Lloyd-Max MSE
     rel = np.linalg.norm(estimate - exact) / np.linalg.norm(exact)
-    assert rel < 1.05 * turbo_key_relative_error_bound(bits)
-    # values: MSE of the Lloyd-Max codebooks (half the coordinates at ceil(b), half floor(b))
+    assert 0.85 * np.sqrt(turbo_mse(bits, d, part="k")) < rel < 1.05 * np.sqrt(turbo_mse(bits, d, part="k"))
     vrel = np.linalg.norm(vv - v) / np.linalg.norm(v)
-    assert np.sqrt(turbo_value_mse(bits)) * 0.9 < vrel < np.sqrt(turbo_value_mse(bits)) * 1.1
+    assert 0.9 * np.sqrt(turbo_mse(bits, d)) < vrel < 1.05 * np.sqrt(turbo_mse(bits, d))
     st = cache.stats()
-    # per token and head: (bits - 1) + 1 bits per key coordinate, bits per value one, 3 fp16
-    # norms; a group's 64-byte header and allocation rounding add under 0.1 bit
-    assert st.cold_bytes_per_token == st.cold_bytes / n
-    assert 0 <= st.cold_bits_per_value - (bits + 3 * 16 / (2 * d)) < 0.1
+    # the format's bytes (tests/turbo_format.py) per group, each in an allocation of 64-byte
+    # header + blob rounded up to 64
+    group = turbo_format.segment_layout(d, 64, bits)["size"]
+    assert st.cold_bytes == n // 64 * (-(-(64 + group) // 64) * 64)
+    assert st.cold_bits_per_value <= bits + 0.1
     q = rng.standard_normal((16, 4, d)).astype(np.float32)
     out = cache.attention(seq, 0, q, causal=False)
-    assert cosine(out, reference_attention(q, k, v, causal=False)) > {2.5: 0.75, 3.5: 0.9, 4.5: 0.96}[bits]
+    assert cosine(out, reference_attention(q, k, v, causal=False)) > {2.5: 0.8, 3.5: 0.93, 4.5: 0.96}[bits]
 
 
 def test_turbo_keeps_token_order():
@@ -195,8 +197,7 @@ def test_eviction_keeps_the_newest_max_tokens(isa):
             assert np.array_equal(v[:, 0, 0], np.arange(total - keep, total))
         assert cache.stats().evicted_tokens == total - keep
     q = rng.standard_normal((1, 2, 8)).astype(np.float32)
-    k, v = cache.get_kv(seq, 1)
-    assert_attention_close(cache.attention(seq, 1, q), q, k, v, bound=CODES_EVALUATION_ORDER_BOUND)
+    assert_cache_attention_close(cache, seq, 1, q, cache.attention(seq, 1, q))
     with pytest.raises(KVCacheFull, match="eviction cannot help"):
         cache.reserve([seq], [51])
 
@@ -447,7 +448,10 @@ def test_export_import_round_trip(cold):
     before = snapshot(other)
     broken = dict(arrays)
     blob = arrays["cold.1"].copy()
-    blob[0] ^= 0x40                                               # the first head offset
+    if cold == "turbo":                       # the first head's key mean range: infinite
+        blob[:2] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)
+    else:
+        blob[0] ^= 0x40                                           # the first head offset
     broken["cold.1"] = blob
     with pytest.raises(ValueError, match="malformed"):
         other.import_sequence(meta, broken)
@@ -526,8 +530,8 @@ def test_append_attend_and_threads(isa, two_threads):
         s2 = c2.import_sequence(*cache.export_sequence(a))
         t2 = c2.add_sequence()
         out = c2.append_attend(0, [s2, t2], counts, q, k, v, out=np.empty_like(q))
-        # the long one is mostly cold: attention over what its codes decode to
-        assert_attention_close(out[:1], q[:1], *c2.get_kv(s2, 0), bound=CODES_EVALUATION_ORDER_BOUND)
+        # the long one is mostly cold: attention over its codes
+        assert_cache_attention_close(c2, s2, 0, q[:1], out[:1])
         # the new one is all hot: attention over the float16 of what was appended
         assert_attention_close(out[1:], q[1:], as_stored_fp16(k[1:]), as_stored_fp16(v[1:]))
         return out
@@ -564,7 +568,7 @@ def test_stored_kv_against_what_was_appended(isa, cold):
         assert (np.abs(vv[:cold_tokens] - v16) <= quantization_bound(v16, COLD_LEVELS[cold], -1)).all()
         q = rng.standard_normal((5, H, d)).astype(np.float32)
         out = cache.attention(seq, layer, q)
-        assert_attention_close(out, q, kk, vv, bound=CODES_EVALUATION_ORDER_BOUND)
+        assert_cache_attention_close(cache, seq, layer, q, out)
         # a swap of K and V, or a token out of place, is far outside the quantization's effect
         far = attention_error(out, reference_attention(q, v, k), v)
         assert far > 10 * attention_error(out, reference_attention(q, k, v), v)

@@ -27,7 +27,7 @@
 /* TurboQuant bit widths (bits per value) */
 #define RV_TURBO_BITS_COUNT 3
 #define RV_TURBO_BITS_LIST {2.5, 3.5, 4.5}
-/* the widest TurboQuant code (4.5 bits: 5-bit codes for half the coordinates) */
-#define RV_TURBO_MAX_BITS 5
+/* the widest TurboQuant code (bits per rotated coordinate; kvcache/rv_turbo.h) */
+#define RV_TURBO_MAX_BITS 4
 
 #endif

@@ -40,8 +40,7 @@
 #include <unistd.h>
 
 #include "kernels/rv_ops.h"
-#include "kvcache/rv_coldq.h"
-#include "kvcache/rv_turbo.h"
+#include "kernels/rv_qview.h"
 
 /* ---- case storage ---- */
 
@@ -629,7 +628,7 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
         nq != (size_t)rows * d || nkc < (size_t)((d + (int)nki - 1) * krow + (bits == 8 ? G : (G + 1) / 2)) ||
         nvc < (size_t)((G - 1) * vrow + (bits == 8 ? d : (d + 1) / 2)) || nks != (size_t)d ||
         nkz != (size_t)d || nvs != (size_t)G * ng || nvz != (size_t)G * ng ||
-        nki > RV_COLDQ_MAX_OUTLIERS || nvi > RV_COLDQ_MAX_OUTLIERS || ((nki || nvi) && bits != 4) ||
+        nki > RV_MAX_OUTLIERS || nvi > RV_MAX_OUTLIERS || ((nki || nvi) && bits != 4) ||
         nos != nvi || noz != nvi || nvh < (size_t)G * ((nvi + 1) / 2) || (visible && nvis != (size_t)rows) ||
         alloc_state(c, rows, d, &s))
         return fail(c, "%s: malformed case", "attend_qgroup");
@@ -646,56 +645,46 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
 }
 
 /* attend_tgroup: one KV head of a TurboQuant group (arrays named after struct rv_thead's
- * fields, outlier arrays omitted when there are none; "books" holds the four codebooks
- * kbook_hi, kbook_lo, vbook_hi, vbook_lo, 32 floats each), q = the state's query rows
- * [rows][D + d] = [R q | q], tokens [a, a + n), optional "visible"; the state (out) is
- * [rows][D + d]: rotated domain, then the plain outlier value channels. */
+ * fields; "q8" as bytes), tokens [a, a + n) folded into a fresh state of `rows` rows and
+ * head_dim D (the rotated domain); optional "visible". */
 static int run_attend_tgroup(const rv_ops *ops, rv_case *c)
 {
-    size_t nq = 0, nkp = 0, nqj = 0, nvp = 0, nkn = 0, nkg = 0, nvn = 0, nb = 0, nsq = 0, nss = 0, nvis = 0;
-    size_t nki = 0, nvi = 0, nkc = 0, nvc = 0, nks = 0, nkz = 0, nvs = 0, nvz = 0;
+    size_t nkc = 0, nvc = 0, nkt = 0, nvt = 0, nkn = 0, nvn = 0, nkf = 0, nmu = 0, nqp = 0, nq8 = 0, nqs = 0;
+    size_t nqsum = 0, nvis = 0;
     int rows = (int)param(c, "rows"), D = (int)param(c, "D"), d = (int)param(c, "d");
     int G = (int)param(c, "G"), Gp = (int)param(c, "Gp");
-    int khi = (int)param(c, "kbits_hi"), klo = (int)param(c, "kbits_lo");
-    int vhi = (int)param(c, "vbits_hi"), vlo = (int)param(c, "vbits_lo");
+    int kn3 = (int)param(c, "k_n3"), kn4 = (int)param(c, "k_n4"), vn3 = (int)param(c, "v_n3"), vn4 = (int)param(c, "v_n4");
     int a = (int)param(c, "a"), n = (int)param(c, "n");
-    float qjl_scale = (float)param(c, "qjl_scale");
-    const float *q = in_f32(c, "q", &nq), *books = in_f32(c, "books", &nb);
-    const uint8_t *kplanes = in_u8(c, "kplanes", &nkp), *qjl = in_u8(c, "qjl", &nqj), *vplanes = in_u8(c, "vplanes", &nvp);
-    const float *knorm = in_f32(c, "knorm", &nkn), *kgamma = in_f32(c, "kgamma", &nkg), *vnorm = in_f32(c, "vnorm", &nvn);
-    const float *qjl_q = in_f32(c, "qjl_q", &nsq), *qjl_sum = in_f32(c, "qjl_sum", &nss);
-    const uint8_t *kidx = input(c, "kidx", DT_U8, &nki, 0), *vidx = input(c, "vidx", DT_U8, &nvi, 0);
-    const uint8_t *kcodes = input(c, "kcodes", DT_U8, &nkc, 0), *vcodes = input(c, "vcodes", DT_U8, &nvc, 0);
-    const float *kscale = input(c, "kscale", DT_F32, &nks, 0), *kzero = input(c, "kzero", DT_F32, &nkz, 0);
-    const float *vscale = input(c, "vscale", DT_F32, &nvs, 0), *vzero = input(c, "vzero", DT_F32, &nvz, 0);
+    const uint8_t *kcodes = in_u8(c, "kcodes", &nkc), *vcodes = in_u8(c, "vcodes", &nvc);
+    const uint8_t *ktab = in_u8(c, "ktab", &nkt), *vtab = in_u8(c, "vtab", &nvt);
+    const uint8_t *knorm = in_u8(c, "knorm", &nkn), *vnorm = in_u8(c, "vnorm", &nvn), *kflag = in_u8(c, "kflag", &nkf);
+    const float *kmu = in_f32(c, "kmu", &nmu), *qplain = in_f32(c, "qplain", &nqp), *qscale = in_f32(c, "qscale", &nqs);
+    const uint8_t *q8 = in_u8(c, "q8", &nq8);
+    const int32_t *qsum = input(c, "qsum", DT_I32, &nqsum, 1);
     const int32_t *visible = in_i32_opt(c, "visible", &nvis);
-    const size_t pb = (size_t)(Gp > 0 ? Gp : 0) / 8, W = (size_t)D + (size_t)(d > 0 ? d : 0);
+    const int kb = D / 4 + kn3 / 8 + kn4 / 8, vb = D / 4 + vn3 / 8 + vn4 / 8;
     state_bufs s;
-    if (c->error[0] || !q || !books || !kplanes || !qjl || !vplanes || !knorm || !kgamma || !vnorm || !qjl_q ||
-        !qjl_sum || rows < 1 || D < 2 || D % 2 || d < 1 || d > D || G < 1 || Gp < G || Gp % 16 || a < 0 ||
-        n < 1 || a + n > G || khi < 1 || klo < 1 || vhi < 1 || vlo < 1 || khi > 5 || klo > 5 || vhi > 5 ||
-        vlo > 5 || nq != (size_t)rows * W || nb != 4 * 32 || nkp != (size_t)D / 2 * (khi + klo) * pb ||
-        nqj != (size_t)D * pb || nvp != (size_t)D / 2 * (vhi + vlo) * pb || nkn != (size_t)Gp ||
-        nkg != (size_t)Gp || nvn != (size_t)Gp || nsq != (size_t)rows * D || nss != (size_t)rows ||
-        nki > RV_TURBO_MAX_OUTLIERS || nvi > RV_TURBO_MAX_OUTLIERS || nkc != nki * Gp || nvc != nvi * Gp ||
-        nks != nki || nkz != nki || nvs != nvi || nvz != nvi || (visible && nvis != (size_t)rows) ||
-        alloc_state(c, rows, (int)W, &s))
+    if (c->error[0] || rows < 1 || D < 16 || (D & (D - 1)) || d < 1 || d > D || G < 1 || Gp < G || Gp % 16 ||
+        a < 0 || n < 1 || a + n > G || kn3 % 16 || kn4 % 16 || vn3 % 16 || vn4 % 16 || kn4 > kn3 || kn3 > D ||
+        vn4 > vn3 || vn3 > D || nkc != (size_t)Gp * kb || nvc != (size_t)Gp * vb || nkt != (size_t)D ||
+        nvt != (size_t)D || nkn != (size_t)Gp || nvn != (size_t)Gp || nkf != (size_t)Gp / 8 || nmu != (size_t)d ||
+        nqp != (size_t)rows * d || nq8 != (size_t)rows * D || nqs != (size_t)rows || nqsum != (size_t)rows ||
+        (visible && nvis != (size_t)rows) || alloc_state(c, rows, D, &s))
         return fail(c, "%s: malformed case", "attend_tgroup");
     float *scratch = output(c, "_tscratch", DT_F32, RV_TATTN_SCRATCH_FLOATS(Gp, D), 64);
     if (!scratch)
         return -1;
-    struct rv_thead h = {.G = G, .Gp = Gp, .D = D, .kbits_hi = khi, .kbits_lo = klo, .vbits_hi = vhi,
-                         .vbits_lo = vlo, .plane_bytes = pb, .kplanes = kplanes, .qjl = qjl, .vplanes = vplanes,
-                         .knorm = knorm, .kgamma = kgamma, .vnorm = vnorm, .kbook_hi = books,
-                         .kbook_lo = books + 32, .vbook_hi = books + 64, .vbook_lo = books + 96, .qjl_q = qjl_q,
-                         .qjl_sum = qjl_sum, .qjl_scale = qjl_scale, .d = d, .nk = (int)nki, .nv = (int)nvi,
-                         .kidx = kidx, .vidx = vidx, .kcodes = kcodes, .vcodes = vcodes, .kscale = kscale,
-                         .kzero = kzero, .vscale = vscale, .vzero = vzero};
+    struct rv_thead h = {.G = G, .Gp = Gp, .D = D, .d = d, .k_n3 = kn3, .k_n4 = kn4, .v_n3 = vn3, .v_n4 = vn4,
+                         .kbytes = kb, .vbytes = vb, .kcodes = kcodes, .vcodes = vcodes, .ktab = ktab, .vtab = vtab,
+                         .knorm = knorm, .vnorm = vnorm, .kn_lo = (float)param(c, "kn_lo"),
+                         .kn_step = (float)param(c, "kn_step"), .vn_lo = (float)param(c, "vn_lo"),
+                         .vn_step = (float)param(c, "vn_step"), .kflag = kflag, .kmu = kmu, .qplain = qplain,
+                         .qplain_stride = d, .q8 = (const int8_t *)q8, .qscale = qscale, .qsum = qsum};
     for (int r = 0; r < rows; r++)
         s.m[r] = -INFINITY;
-    rv_attn_state st = {rows, (int)W, q, (ptrdiff_t)W, s.m, s.l, s.acc, s.scratch};
+    rv_attn_state st = {rows, D, NULL, D, s.m, s.l, s.acc, s.scratch};
     ops->attend_tgroup(&st, &h, a, n, visible, scratch);
-    return report_state(c, rows, (int)W, s.m, s.l, s.acc);
+    return report_state(c, rows, D, s.m, s.l, s.acc);
 }
 
 /* ---- GGUF block matmul family (qmatmul_impl.h) ---- */

@@ -25,6 +25,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(HERE.parent) not in sys.path:      # tests/: turbo_format.py
+    sys.path.insert(0, str(HERE.parent))
 CSRC = ROOT / "ruvpy" / "csrc"
 KERNELS = CSRC / "kernels"
 
@@ -782,9 +784,24 @@ def cases_attend_qgroup(rng):
         values_abs[:, vidx] += np.abs(o_code * vos64) + np.abs(voz64)
         q = (rng.standard_normal((rows, d)) * 2.0 / np.sqrt(d)).astype(np.float32)
         visible, vis = _group_visible(rng, vis_kind, rows, n)
-        out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
-        # the kernel sums (q * scale) . code and q . zero apart: bound by |terms|, not |key|
-        tol_out, tol_lse = attention_tolerance(q, keys_abs[a:a + n], values_abs[a:a + n], vis)
+        if bits == 4:
+            # 4-bit keys score with int8 weights per 16 channels (quant_impl.h): the reference
+            # scores the codes with exactly those weights, q_aug = [w(q * scale), q] against
+            # k_aug = [codes (and the outliers' high nibbles), zero]
+            from _helpers import q4_int8_weights
+            w = np.stack([q4_int8_weights(np.concatenate([q[r] * kscale, np.float32(16.0) * (q[r] * kscale)[kidx]]), d)
+                          for r in range(rows)]).astype(np.float64)
+            q_aug = np.concatenate([w, q.astype(np.float64)], 1)
+            k_aug = np.concatenate([kc[:d].T, kc[d:].T, np.broadcast_to(kzero.astype(np.float64), (G, d))], 1)
+            out, lse = attention_reference(q_aug, k_aug[a:a + n], np.pad(values, ((0, 0), (0, nk + d)))[a:a + n], vis)
+            out = out[:, :d]
+            tol_out, tol_lse = attention_tolerance(q_aug, np.abs(k_aug[a:a + n]),
+                                                   np.pad(values_abs, ((0, 0), (0, nk + d)))[a:a + n], vis)
+            tol_out = tol_out[:, :d]
+        else:
+            out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
+            # the kernel sums (q * scale) . code and q . zero apart: bound by |terms|, not |key|
+            tol_out, tol_lse = attention_tolerance(q, keys_abs[a:a + n], values_abs[a:a + n], vis)
         arrays = {"rows": rows, "head_dim": d, "G": G, "bits": bits, "group_size": gs, "a": a, "n": n,
                   "krow": krow, "vrow": vrow, "q": q, "kcodes": kbytes, "kscale": kscale, "kzero": kzero,
                   "vcodes": vbytes, "vscale": vscale, "vzero": vzero,
@@ -802,87 +819,76 @@ def cases_attend_qgroup(rng):
         yield f"bits={bits} d={d} G={G} group={gs} rows={rows} outliers={nk}/{nv} tokens={a}+{n} {vis_kind}", arrays
 
 
-TGROUP_SHAPES = [  # (D, d, G, rows, bits (k hi, k lo, v hi, v lo), outliers (k, v), a, n, visible)
-    (128, 128, 64, 4, (3, 2, 4, 3), (2, 1), 0, 64, "all"), (64, 40, 64, 3, (2, 1, 3, 2), (0, 0), 5, 50, "causal"),
-    (64, 64, 48, 7, (4, 3, 5, 4), (4, 4), 0, 48, "random"), (16, 9, 5, 2, (1, 1, 5, 5), (1, 1), 1, 4, "all"),
-    (2, 1, 33, 5, (5, 4, 1, 2), (1, 0), 3, 30, "causal"), (256, 256, 16, 1, (3, 2, 4, 3), (8, 8), 0, 16, "all"),
+TGROUP_SHAPES = [  # (D, d, G, rows, widths (k n3, k n4, v n3, v n4), a, n, visible)
+    (64, 64, 64, 3, (64, 48, 64, 0), 0, 64, "all"), (128, 128, 64, 4, (128, 112, 128, 0), 5, 50, "causal"),
+    (64, 40, 48, 7, (48, 0, 0, 0), 0, 48, "random"), (16, 9, 5, 2, (16, 16, 16, 16), 1, 4, "all"),
+    (32, 20, 33, 5, (32, 16, 16, 0), 3, 30, "causal"), (256, 256, 16, 1, (256, 192, 256, 256), 0, 16, "all"),
+    (128, 100, 80, 8, (64, 32, 128, 128), 17, 60, "random"), (64, 64, 64, 4, (64, 32, 64, 0), 0, 64, "sharp"),
 ]
 
 
-def _planes(rng, D, Gp, hi, lo):
-    """Random codes [Gp][D] (hi bits for the first D/2 coordinates, lo after) as bit-planes:
-    coordinate-major, bit 0 first, token t at bit t % 8 of byte t / 8."""
-    bits = np.array([hi] * (D // 2) + [lo] * (D - D // 2))
-    codes = (rng.integers(0, 1 << 30, (Gp, D)) % (1 << bits)).astype(np.int64)
-    planes = []
-    for i in range(D):
-        for b in range(bits[i]):
-            planes.append(np.packbits(((codes[:, i] >> b) & 1).astype(np.uint8), bitorder="little"))
-    return np.concatenate(planes), codes, bits
-
-
 def cases_attend_tgroup(rng):
-    """A TurboQuant group head: scores |k| (q . y_hat + gamma * qjl_scale * (S q) . sign) plus
-    the outlier key channels' q_c (scale_c code_c + zero_c), values |v| y_hat_v in the rotated
-    part and the outlier value channels in the plain part, against float64 attention over the
-    augmented vectors [y_hat, sign, outlier keys] that represent exactly those scores."""
-    for D, d, G, rows, (khi, klo, vhi, vlo), (nk, nv), a, n, vis_kind in TGROUP_SHAPES:
+    """A TurboQuant group head (rv_turbo.h) built from random codes with tests/turbo_format.py:
+    scores a_t qscale (q8 . c_t) + flag_t (q . mu), values b_t c_t in the rotated domain, against
+    float64 attention over exactly those vectors (the int8 query is an input: the kernels'
+    integer dot products are exact). With AVX512-VNNI the values are summed with 8-bit weights
+    per 16-token block and row: a weight's error is at most half of max/255 of its block, which
+    the tolerance adds: sum over blocks of max_b (p_t b_t) / 510 * sum_t in b |c_t| / l."""
+    import turbo_format as tf
+    for D, d, G, rows, (kn3, kn4, vn3, vn4), a, n, vis_kind in TGROUP_SHAPES:
         Gp = -(-G // 16) * 16
-        books = np.zeros((4, 32), np.float32)
-        for i, b in enumerate((khi, klo, vhi, vlo)):
-            books[i, :1 << b] = np.sort(rng.standard_normal(1 << b)) / np.sqrt(D)
-        kplanes, kc, kbits = _planes(rng, D, Gp, khi, klo)
-        vplanes, vc, vbits = _planes(rng, D, Gp, vhi, vlo)
-        sign_bits = rng.integers(0, 2, (Gp, D))
-        qjl = np.concatenate([np.packbits(sign_bits[:, j].astype(np.uint8), bitorder="little") for j in range(D)])
-        knorm = rng.uniform(0.5, 3.0, Gp).astype(np.float32)
-        kgamma = rng.uniform(0.0, 0.4, Gp).astype(np.float32)
-        vnorm = rng.uniform(0.5, 3.0, Gp).astype(np.float32)
-        kbook = np.where(np.arange(D) < D // 2, 0, 1)
-        y_k = books[kbook[None, :], kc].astype(np.float64)          # [Gp][D] centroids
-        y_v = books[2 + kbook[None, :], vc].astype(np.float64)
-        # outlier channels: 8-bit codes per channel over the tokens, x20-sized parameters
-        kidx, vidx = (np.sort(rng.choice(d, m, replace=False)).astype(np.uint8) for m in (nk, nv))
-        kcodes, vcodes = (rng.integers(0, 256, (m, Gp)).astype(np.uint8) for m in (nk, nv))
-        kscale, vscale = (rng.uniform(0.02, 0.2, m).astype(np.float32) for m in (nk, nv))
-        kzero, vzero = ((rng.standard_normal(m) * 10.0).astype(np.float32) for m in (nk, nv))
-        k_out = kcodes.T * kscale.astype(np.float64) + kzero                       # [Gp][nk]
-        v_out = vcodes.T * vscale.astype(np.float64) + vzero
-        k_out_abs = kcodes.T * kscale.astype(np.float64) + np.abs(kzero)
-        q = (rng.standard_normal((rows, D + d)) * 2.0).astype(np.float32)         # [R q | q]
-        q[:, D:] *= 0.1                          # the plain query meets x20 channels
-        qjl_q = (rng.standard_normal((rows, D)) * 2.0).astype(np.float32)
-        qjl_sum = qjl_q.astype(np.float64).sum(1).astype(np.float32)
-        scale = np.float32(np.sqrt(np.pi / 2) / D)
-        sign = 2.0 * sign_bits - 1.0
-        k_aug = np.concatenate([knorm[:, None] * y_k, (knorm * kgamma * scale)[:, None] * sign, k_out], 1)
-        k_abs = np.concatenate([np.abs(k_aug[:, :D]), 3 * np.abs(k_aug[:, D:2 * D]), k_out_abs], 1)
-        q_aug = np.concatenate([q[:, :D], qjl_q, q[:, D + kidx.astype(int)]], 1)
-        values = np.zeros((Gp, D + d))
-        values[:, :D] = vnorm[:, None].astype(np.float64) * y_v
-        values[:, D + vidx.astype(int)] = v_out
-        values_abs = np.abs(values)
-        values_abs[:, D + vidx.astype(int)] = vcodes.T * vscale.astype(np.float64) + np.abs(vzero)
-        visible, vis = _group_visible(rng, vis_kind, rows, n)
-        width = q_aug.shape[1]                   # the reference's v is as wide as q
-        wide, wide_abs = (np.concatenate([x, np.zeros((Gp, max(0, width - D - d)))], 1)[a:a + n, :width]
-                          for x in (values, values_abs))
-        out, lse = attention_reference(q_aug, k_aug[a:a + n], wide, vis)
-        tol_out, tol_lse = attention_tolerance(q_aug, k_abs[a:a + n], wide_abs, vis)
-        out, tol_out = out[:, :D + d], tol_out[:, :D + d]
-        arrays = {"rows": rows, "D": D, "d": d, "G": G, "Gp": Gp, "kbits_hi": khi, "kbits_lo": klo,
-                  "vbits_hi": vhi, "vbits_lo": vlo, "a": a, "n": n, "qjl_scale": float(scale), "q": q,
-                  "books": books, "kplanes": kplanes, "qjl": qjl, "vplanes": vplanes, "knorm": knorm,
-                  "kgamma": kgamma, "vnorm": vnorm, "qjl_q": qjl_q, "qjl_sum": qjl_sum,
-                  "expect:out": out, "tol:out": 4 * tol_out, "expect:lse": lse, "tol:lse": 4 * tol_lse}
-        if nk:
-            arrays.update(kidx=kidx, kcodes=kcodes.ravel(), kscale=kscale, kzero=kzero)
-        if nv:
-            arrays.update(vidx=vidx, vcodes=vcodes.ravel(), vscale=vscale, vzero=vzero)
+        kc = rng.integers(0, 1 << 30, (Gp, D)) % (1 << tf.coord_widths(D, kn3, kn4))
+        vc = rng.integers(0, 1 << 30, (Gp, D)) % (1 << tf.coord_widths(D, vn3, vn4))
+        kcodes, vcodes = tf.pack_codes(kc, kn3, kn4), tf.pack_codes(vc, vn3, vn4)
+        ktab, vtab = tf.tables(D, kn3, kn4)[0], tf.tables(D, vn3, vn4)[1]
+        kn_lo, kn_step, vn_lo, vn_step = (float(np.float32(x)) for x in rng.uniform(-4, -2, 4) * [1, 0.01, 1, 0.01])
+        knorm = rng.integers(0, 256, Gp).astype(np.uint8)
+        vnorm = rng.integers(0, 256, Gp).astype(np.uint8)
+        knorm[rng.random(Gp) < 0.05] = 0                       # zero vectors
+        kflag = rng.integers(0, 256, Gp // 8).astype(np.uint8)
+        kmu = (rng.standard_normal(d) * 2.0).astype(np.float32)
+        sharp = vis_kind == "sharp"
+        q8 = rng.integers(-127, 128, (rows, D)).astype(np.int8)
+        qsum = q8.astype(np.int32).sum(1).astype(np.int32)
+        ka, va = tf.scales(knorm, kn_lo, kn_step), tf.scales(vnorm, vn_lo, vn_step)
+        flags = np.unpackbits(kflag, bitorder="little")[:Gp].astype(np.float64)
+        kvec = ka[:, None] * tf.centroids(kc, kn3, kn4)                   # rotated keys [Gp][D]
+        # scores of spread ~1.5 (softmax far from one-hot; "sharp": ~6), half from the mean term
+        spread = 6.0 if sharp else 1.5
+        qscale = (spread / np.maximum((kvec @ q8.T.astype(np.float64)).std(0), 1e-30)).astype(np.float32)
+        qplain = rng.standard_normal((rows, d))
+        qplain = (qplain * spread / np.maximum(np.abs(qplain @ kmu).reshape(rows, 1), 1e-30)).astype(np.float32)
+        vvec = va[:, None] * tf.centroids(vc, vn3, vn4)
+        q_aug = np.concatenate([qscale[:, None].astype(np.float64) * q8, qplain], 1)
+        k_aug = np.concatenate([kvec, flags[:, None] * kmu.astype(np.float64)], 1)
+        visible, vis = _group_visible(rng, "all" if sharp else vis_kind, rows, n)
+        width = D + d
+        vwide = np.concatenate([vvec, np.zeros((Gp, d))], 1)
+        out, lse = attention_reference(q_aug, k_aug[a:a + n], vwide[a:a + n], vis)
+        tol_out, tol_lse = attention_tolerance(q_aug, np.abs(k_aug[a:a + n]) * 1.0, np.abs(vwide[a:a + n]), vis)
+        out, tol_out = out[:, :D], tol_out[:, :D]
+        # 8-bit weights (VNNI): per 16-token block (from token a // 16 * 16) and row
+        cabs = np.abs(tf.centroids(vc, vn3, vn4))
+        for r in range(rows):
+            if vis[r] <= 0:
+                continue
+            s = k_aug[a:a + vis[r]] @ q_aug[r]
+            p = np.exp(s - s.max())
+            w = np.zeros(Gp)
+            w[a:a + vis[r]] = p * va[a:a + vis[r]]
+            err = np.zeros(D)
+            for b0 in range(a // 16 * 16, a + vis[r], 16):
+                err += w[b0:b0 + 16].max() / 510 * cabs[b0:b0 + 16][w[b0:b0 + 16] > 0].sum(0)
+            tol_out[r] += 1.01 * err / p.sum()
+        arrays = {"rows": rows, "D": D, "d": d, "G": G, "Gp": Gp, "k_n3": kn3, "k_n4": kn4, "v_n3": vn3,
+                  "v_n4": vn4, "a": a, "n": n, "kn_lo": kn_lo, "kn_step": kn_step, "vn_lo": vn_lo,
+                  "vn_step": vn_step, "kcodes": kcodes.ravel(), "vcodes": vcodes.ravel(), "ktab": ktab,
+                  "vtab": vtab, "knorm": knorm, "vnorm": vnorm, "kflag": kflag, "kmu": kmu,
+                  "qplain": qplain.ravel(), "q8": q8.view(np.uint8).ravel(), "qscale": qscale, "qsum": qsum,
+                  "expect:out": out, "tol:out": 2 * tol_out, "expect:lse": lse, "tol:lse": 2 * tol_lse}
         if visible is not None:
             arrays["visible"] = visible
-        yield (f"D={D} d={d} G={G} rows={rows} bits={khi}/{klo}/{vhi}/{vlo} outliers={nk}/{nv} "
-               f"tokens={a}+{n} {vis_kind}"), arrays
+        yield (f"D={D} d={d} G={G} rows={rows} widths={kn3}/{kn4}/{vn3}/{vn4} tokens={a}+{n} {vis_kind}"), arrays
 
 
 def _state(rng, rows, d, lse_offsets, empty):

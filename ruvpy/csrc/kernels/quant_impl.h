@@ -186,10 +186,10 @@ RV_INLINE void qk_pf_lines(qk_pf *pf, int lines)
  * key codes: the head_dim channels and then the outliers' high-nibble rows (qs has d + nk
  * weights per row). */
 RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs, const float *bias,
-                         float *s, int s_stride, qk_pf *pf)
+                         float *s, int s_stride, qk_pf *pf, int j0)
 {
     const int G = h->G, d = h->head_dim + h->nk;
-    int j = 0, lo_end, hi_start;
+    int j = j0, lo_end, hi_start;
     if (h->bits == 4) {
         const int half = (G + 1) / 2, hi_n = G - half;
         /* QK_SW vectors of tokens per pass: the query broadcasts and the loop overhead of a
@@ -273,6 +273,176 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
         }
     }
 }
+
+/* 4-bit keys as integer dot products. The rows' weights q * scale as int8, one scale per block
+ * of 16 channels (so a query's few large channels cost only their own block precision; the
+ * outliers' high-nibble rows, which weigh 16x, are blocks of their own):
+ *     w8 = rint(qs * (1 / sc)), sc = max|qs over the block| / 127     (float32, in this order)
+ * and score = sum over blocks of sc * sum w8 code, + bias. Two channels' codes interleaved
+ * byte by byte make vpmaddubsw add both channels' products per token (|sum| <= 2 * 15 * 127);
+ * a block's eight pairs accumulate in int16 (<= 30480), then go to float times its scale.
+ * qs gets sc * w8 back: the float paths (other ISAs, tails) score with exactly these weights,
+ * so every ISA computes the same scores. */
+#define QK_I8_BLOCKS ((256 + RV_MAX_OUTLIERS + 15) / 16)
+typedef struct {
+    int8_t w[QK_NR][16 * QK_I8_BLOCKS + 2];   /* [row][channel] (outlier rows after head_dim) */
+    float sc[QK_NR][QK_I8_BLOCKS];              /* the blocks' scales */
+} qk_i8_query;
+
+RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w)
+{
+    const int dk = d + nk;
+    for (int r = 0; r < NR; r++) {
+        float *q = qs + r * dk;
+        int blk = 0;
+        for (int part = 0; part < 2; part++) {
+            const int p0 = part ? d : 0, p1 = part ? dk : d;
+            for (int c0 = p0; c0 < p1; c0 += 16, blk++) {
+                const int c1 = c0 + 16 < p1 ? c0 + 16 : p1;
+#if defined(RV_ISA_AVX512)
+                if (c1 - c0 == 16) {          /* the same operations, 16 lanes at once */
+                    const __m512 x = _mm512_loadu_ps(q + c0);
+                    const float mx = _mm512_reduce_max_ps(_mm512_abs_ps(x));
+                    const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f;
+                    const float inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+                    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv)));
+                    k = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                    _mm_storeu_si128((__m128i *)(w->w[r] + c0), _mm512_cvtepi32_epi8(k));
+                    _mm512_storeu_ps(q + c0, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
+                    w->sc[r][blk] = sc;
+                    continue;
+                }
+#endif
+                float mx = 0.0f;
+                for (int c = c0; c < c1; c++)
+                    mx = fabsf(q[c]) > mx ? fabsf(q[c]) : mx;
+                const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+                for (int c = c0; c < c1; c++) {
+                    float k = rintf(q[c] * inv);
+                    w->w[r][c] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (int)k));   /* NaN: 0 */
+                    q[c] = sc * (float)w->w[r][c];
+                }
+                w->sc[r][blk] = sc;
+            }
+            if (p1 & 1)
+                w->w[r][p1] = 0;                      /* the odd row's partner weighs nothing */
+        }
+    }
+}
+
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+#if defined(RV_ISA_AVX512)
+#define QK_I8_BLOCK 32                             /* low-nibble tokens per block (and as many high) */
+typedef __m512i qk_iv;
+RV_INLINE qk_iv qk_i8_codes(const uint8_t *row)    /* [lo nibbles | hi nibbles] of 32 bytes */
+{
+    const __m256i m = _mm256_set1_epi8(15), x = _mm256_loadu_si256((const __m256i *)row);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(x, m)),
+                              _mm256_and_si256(_mm256_srli_epi16(x, 4), m), 1);
+}
+#define qk_iv_zero _mm512_setzero_si512
+#define qk_iv_add16 _mm512_add_epi16
+#define qk_iv_maddubs _mm512_maddubs_epi16
+#define qk_iv_unpacklo8 _mm512_unpacklo_epi8
+#define qk_iv_unpackhi8 _mm512_unpackhi_epi8
+#define qk_iv_set1_16(x) _mm512_set1_epi16(x)
+RV_INLINE rv_vf qk_iv_lo_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(x))); }
+RV_INLINE rv_vf qk_iv_hi_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x, 1))); }
+/* the four token subsets' sums back in token order, plus bias (or added to s): S0 = A-bytes
+ * [0..7, 16..23], S1 = [32..39, 48..55], S2 = [8..15, 24..31], S3 = [40..47, 56..63] (A-byte
+ * b < 32: token j + b, else half + j + b - 32) */
+RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, float *s_hi)
+{
+    const __m512i ia = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i ib = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const rv_vf T[4] = {_mm512_permutex2var_ps(S[0], ia, S[2]), _mm512_permutex2var_ps(S[0], ib, S[2]),
+                        _mm512_permutex2var_ps(S[1], ia, S[3]), _mm512_permutex2var_ps(S[1], ib, S[3])};
+    float *dst[4] = {s_lo, s_lo + 16, s_hi, s_hi + 16};
+    for (int k = 0; k < 4; k++)
+        rv_vf_store(dst[k], rv_vf_add(T[k], add ? rv_vf_load(dst[k]) : rv_vf_set1(bias)));
+}
+#else
+#define QK_I8_BLOCK 16
+typedef __m256i qk_iv;
+RV_INLINE qk_iv qk_i8_codes(const uint8_t *row)
+{
+    const __m128i m = _mm_set1_epi8(15), x = _mm_loadu_si128((const __m128i *)row);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(x, m)),
+                                   _mm_and_si128(_mm_srli_epi16(x, 4), m), 1);
+}
+#define qk_iv_zero _mm256_setzero_si256
+#define qk_iv_add16 _mm256_add_epi16
+#define qk_iv_maddubs _mm256_maddubs_epi16
+#define qk_iv_unpacklo8 _mm256_unpacklo_epi8
+#define qk_iv_unpackhi8 _mm256_unpackhi_epi8
+#define qk_iv_set1_16(x) _mm256_set1_epi16(x)
+RV_INLINE rv_vf qk_iv_lo_ps(qk_iv x) { return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(x))); }
+RV_INLINE rv_vf qk_iv_hi_ps(qk_iv x) { return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(x, 1))); }
+/* S0 = A-bytes 0..7, S1 = 16..23, S2 = 8..15, S3 = 24..31: already token order per 8 */
+RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, float *s_hi)
+{
+    float *dst[4] = {s_lo, s_hi, s_lo + 8, s_hi + 8};
+    for (int k = 0; k < 4; k++)
+        rv_vf_store(dst[k], rv_vf_add(S[k], add ? rv_vf_load(dst[k]) : rv_vf_set1(bias)));
+}
+#endif
+
+/* rows [c0, c1) of the channel-major 4-bit key codes (weights w[r][c], blocks of 16 from c0 with
+ * scales sc[r][blk0 ..]) for the block of low-nibble tokens j.. and high-nibble tokens
+ * half + j.., into S[r][4] (floats, the four token subsets) */
+RV_INLINE void qk_i8_rows(const int NR, const struct rv_qhead *h, const qk_i8_query *w, int c0, int c1, int blk0,
+                          int j, rv_vf S[QK_NR][4], qk_pf *pf)
+{
+    for (int r = 0; r < NR; r++)
+        for (int k = 0; k < 4; k++)
+            S[r][k] = rv_vf_zero();
+    for (int p0 = c0, blk = blk0; p0 < c1; p0 += 16, blk++) {
+        qk_iv a0[QK_NR], a1[QK_NR];
+        for (int r = 0; r < NR; r++)
+            a0[r] = a1[r] = qk_iv_zero();
+        const int p1 = p0 + 16 < c1 ? p0 + 16 : c1;
+        for (int c = p0; c < p1; c += 2) {
+            const qk_iv A = qk_i8_codes(h->kcodes + c * h->krow + j);
+            const qk_iv B = c + 1 < c1 ? qk_i8_codes(h->kcodes + (c + 1) * h->krow + j) : qk_iv_zero();
+            const qk_iv X0 = qk_iv_unpacklo8(A, B), X1 = qk_iv_unpackhi8(A, B);
+            qk_pf_lines(pf, 2);            /* spread: a burst of prefetches stalls on fill buffers */
+            for (int r = 0; r < NR; r++) {
+                const qk_iv W = qk_iv_set1_16((short)((uint8_t)w->w[r][c] | ((uint16_t)(uint8_t)w->w[r][c + 1] << 8)));
+                a0[r] = qk_iv_add16(a0[r], qk_iv_maddubs(X0, W));
+                a1[r] = qk_iv_add16(a1[r], qk_iv_maddubs(X1, W));
+            }
+        }
+        for (int r = 0; r < NR; r++) {
+            const rv_vf sc = rv_vf_set1(w->sc[r][blk]);
+            S[r][0] = rv_vf_fmadd(sc, qk_iv_lo_ps(a0[r]), S[r][0]);
+            S[r][1] = rv_vf_fmadd(sc, qk_iv_hi_ps(a0[r]), S[r][1]);
+            S[r][2] = rv_vf_fmadd(sc, qk_iv_lo_ps(a1[r]), S[r][2]);
+            S[r][3] = rv_vf_fmadd(sc, qk_iv_hi_ps(a1[r]), S[r][3]);
+        }
+    }
+}
+
+/* scores of every token the blocks cover; returns the first token (low-nibble side) they do
+ * not cover (the float path does the rest: [j, half) and [half + j, G)) */
+RV_INLINE int qk_scores_i8(const int NR, const struct rv_qhead *h, const float *bias, float *s, int s_stride,
+                           qk_pf *pf, const qk_i8_query *w)
+{
+    const int G = h->G, d = h->head_dim, dk = d + h->nk, half = (G + 1) / 2, hi_n = G - half;
+    int j = 0;
+    for (; j + QK_I8_BLOCK <= hi_n; j += QK_I8_BLOCK) {
+        rv_vf S[QK_NR][4];
+        qk_i8_rows(NR, h, w, 0, d, 0, j, S, pf);
+        for (int r = 0; r < NR; r++)
+            qk_i8_store(S[r], bias[r], 0, s + r * s_stride + j, s + r * s_stride + half + j);
+        if (h->nk) {
+            qk_i8_rows(NR, h, w, d, dk, (d + 15) / 16, j, S, pf);
+            for (int r = 0; r < NR; r++)
+                qk_i8_store(S[r], 0.0f, 1, s + r * s_stride + j, s + r * s_stride + half + j);
+        }
+    }
+    return j;
+}
+#endif
 
 /* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1, values dequantized in
  * registers (token-major codes, per-token channel-group parameters as floats). */
@@ -430,7 +600,15 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
         for (int o = 0; o < h->nk; o++)
             qr[d + o] = 16.0f * qr[h->kidx[o]];
     }
-    qk_scores(NR, h, qs, bias, s, s_stride, pf);
+    int j0 = 0;
+    qk_i8_query w8;
+    if (h->bits == 4) {
+        qk_i8_weights(NR, qs, d, h->nk, &w8);
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+        j0 = qk_scores_i8(NR, h, bias, s, s_stride, pf, &w8);
+#endif
+    }
+    qk_scores(NR, h, qs, bias, s, s_stride, pf, j0);
     qk_pf_lines(pf, 1 << 30);     /* the rest of it */
     /* the online softmax over tokens [a, a + n): weights left in s[r][a ..] */
     for (int r = 0; r < NR; r++) {
@@ -481,236 +659,14 @@ static void attend_qgroup(rv_attn_state *st, const struct rv_qhead *h, int a, in
     }
 }
 
-/* ---- TurboQuant: codes as bit-planes over a group's tokens (struct rv_thead, kernels/rv_qview.h) ----
- * tq_centroids: the codebook entries of RV_VW tokens t0.. (t0 a multiple of RV_VW) for one
- * rotated coordinate whose `bits` planes sit pb bytes apart; tq_signbits: 1.0 where a plane's
- * bit is set, 0.0 elsewhere. */
-#if defined(RV_ISA_AVX512)
-RV_INLINE rv_vf tq_centroids(const uint8_t *planes, int bits, size_t pb, int t0, const float *book)
-{
-    __m512i idx = _mm512_setzero_si512();
-    for (int p = 0; p < bits; p++) {
-        uint16_t m;
-        memcpy(&m, planes + p * pb + (t0 >> 3), 2);
-        idx = _mm512_mask_or_epi32(idx, (__mmask16)m, idx, _mm512_set1_epi32(1 << p));
-    }
-    if (bits <= 4)
-        return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(book));
-    return _mm512_permutex2var_ps(_mm512_loadu_ps(book), idx, _mm512_loadu_ps(book + 16));
-}
-RV_INLINE rv_vf tq_signbits(const uint8_t *plane, int t0)
-{
-    uint16_t m;
-    memcpy(&m, plane + (t0 >> 3), 2);
-    return _mm512_maskz_mov_ps((__mmask16)m, _mm512_set1_ps(1.0f));
-}
-#elif defined(RV_ISA_AVX2)
-RV_INLINE __m256i tq_lane_bits(const uint8_t *plane, int t0)      /* 0 / 1 per token */
-{
-    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    __m256i b = _mm256_and_si256(_mm256_set1_epi32(plane[t0 >> 3]), lanes);
-    return _mm256_srli_epi32(_mm256_cmpeq_epi32(b, lanes), 31);
-}
-RV_INLINE rv_vf tq_centroids(const uint8_t *planes, int bits, size_t pb, int t0, const float *book)
-{
-    __m256i idx = _mm256_setzero_si256();
-    for (int p = 0; p < bits; p++)
-        idx = _mm256_or_si256(idx, _mm256_slli_epi32(tq_lane_bits(planes + p * pb, t0), p));
-    return _mm256_i32gather_ps(book, idx, 4);
-}
-RV_INLINE rv_vf tq_signbits(const uint8_t *plane, int t0) { return _mm256_cvtepi32_ps(tq_lane_bits(plane, t0)); }
-#elif defined(RV_ISA_NEON)
-RV_INLINE uint32x4_t tq_lane_bits(const uint8_t *plane, int t0)
-{
-    static const uint32_t lane_bit[4] = {1, 2, 4, 8};
-    uint32_t nibble = (uint32_t)(plane[t0 >> 3] >> (t0 & 7)) & 15u;
-    return vshrq_n_u32(vtstq_u32(vdupq_n_u32(nibble), vld1q_u32(lane_bit)), 31);
-}
-RV_INLINE rv_vf tq_centroids(const uint8_t *planes, int bits, size_t pb, int t0, const float *book)
-{
-    uint32x4_t idx = vdupq_n_u32(0);
-    for (int p = 0; p < bits; p++)
-        idx = vorrq_u32(idx, vshlq_u32(tq_lane_bits(planes + p * pb, t0), vdupq_n_s32(p)));
-    float c[4] = {book[vgetq_lane_u32(idx, 0)], book[vgetq_lane_u32(idx, 1)], book[vgetq_lane_u32(idx, 2)],
-                  book[vgetq_lane_u32(idx, 3)]};
-    return vld1q_f32(c);
-}
-RV_INLINE rv_vf tq_signbits(const uint8_t *plane, int t0) { return vcvtq_f32_u32(tq_lane_bits(plane, t0)); }
-#else
-RV_INLINE rv_vf tq_centroids(const uint8_t *planes, int bits, size_t pb, int t0, const float *book)
-{
-    int code = 0;
-    for (int p = 0; p < bits; p++)
-        code |= ((planes[p * pb + (t0 >> 3)] >> (t0 & 7)) & 1) << p;
-    return book[code];
-}
-RV_INLINE rv_vf tq_signbits(const uint8_t *plane, int t0) { return (float)((plane[t0 >> 3] >> (t0 & 7)) & 1); }
-#endif
-
-/* planes of rotated coordinate i (hi bits for the first D/2 coordinates, lo for the rest) */
-RV_INLINE const uint8_t *tq_coord(const uint8_t *planes, int i, int D, int hi, int lo, size_t pb)
-{
-    const int half = D / 2;
-    return planes + (i < half ? (size_t)i * hi : (size_t)half * hi + (size_t)(i - half) * lo) * pb;
-}
-
-/* s[r][t] += the outlier key channels' part of the scores, against the plain query (after R q
- * in the state's rows): sum_c q_c (scale_c code_c + zero_c) = sum_c (q_c scale_c) code_c +
- * sum_c q_c zero_c. A pass of its own: the main score loop has no registers to spare. */
-RV_INLINE void tq_outlier_scores(const int NR, const rv_attn_state *st, int r0, const struct rv_thead *h,
-                                 float *s, int s_stride, int tb0, int tb1)
-{
-    float qo[RV_TATTN_ROWS][RV_MAX_OUTLIERS], qz[RV_TATTN_ROWS];
-    for (int r = 0; r < NR; r++) {
-        const float *qp = st->q + (r0 + r) * st->q_stride + h->D;
-        qz[r] = 0.0f;
-        for (int o = 0; o < h->nk; o++) {
-            qo[r][o] = qp[h->kidx[o]] * h->kscale[o];
-            qz[r] += qp[h->kidx[o]] * h->kzero[o];
-        }
-    }
-    for (int t0 = tb0; t0 < tb1; t0 += RV_VW) {
-        rv_vf acc[RV_TATTN_ROWS];
-        for (int r = 0; r < NR; r++)
-            acc[r] = rv_vf_add(rv_vf_load(s + r * s_stride + t0), rv_vf_set1(qz[r]));
-        for (int o = 0; o < h->nk; o++) {
-            rv_vf c = qk_u8(h->kcodes + (size_t)o * h->Gp + t0);
-            for (int r = 0; r < NR; r++)
-                acc[r] = rv_vf_fmadd(rv_vf_set1(qo[r][o]), c, acc[r]);
-        }
-        for (int r = 0; r < NR; r++)
-            rv_vf_store(s + r * s_stride + t0, acc[r]);
-    }
-}
-
-/* The outlier value channels into the plain part of the accumulators (w: the rows' weights
- * per token): sum_t w_t (scale code_t + zero) = scale sum_t w_t code_t + zero sum_t w_t. */
-RV_INLINE void tq_outlier_values(const int NR, rv_attn_state *st, int r0, const struct rv_thead *h,
-                                 const float *w, int tb0, int tb1)
-{
-    const int Gp = h->Gp;
-    float wsum[RV_TATTN_ROWS];
-    for (int r = 0; r < NR; r++) {
-        rv_vf sum = rv_vf_zero();
-        for (int t0 = tb0; t0 < tb1; t0 += RV_VW)
-            sum = rv_vf_add(sum, rv_vf_load(w + (size_t)r * Gp + t0));
-        wsum[r] = rv_vf_hsum(sum);
-    }
-    for (int o = 0; o < h->nv; o++) {
-        rv_vf acc[RV_TATTN_ROWS];
-        for (int r = 0; r < NR; r++)
-            acc[r] = rv_vf_zero();
-        for (int t0 = tb0; t0 < tb1; t0 += RV_VW) {
-            rv_vf c = qk_u8(h->vcodes + (size_t)o * Gp + t0);
-            for (int r = 0; r < NR; r++)
-                acc[r] = rv_vf_fmadd(rv_vf_load(w + (size_t)r * Gp + t0), c, acc[r]);
-        }
-        for (int r = 0; r < NR; r++) {
-            float *plain = st->acc + (size_t)(r0 + r) * st->head_dim + h->D;
-            plain[h->vidx[o]] += h->vscale[o] * rv_vf_hsum(acc[r]) + h->vzero[o] * wsum[r];
-        }
-    }
-}
-
-RV_INLINE void tq_rows(const int NR, rv_attn_state *st, int r0, const struct rv_thead *h, int a, int n,
-                       const int *visible, float *scratch, qk_pf *pf)
-{
-    const int D = h->D, half = D / 2, Gp = h->Gp, W = st->head_dim;   /* W = D + d */
-    const size_t pb = h->plane_bytes;
-    const int s_stride = Gp + 2 * RV_VW;
-    float *s = scratch, *wn = s + (size_t)RV_TATTN_ROWS * s_stride, *w = wn + (size_t)RV_TATTN_ROWS * Gp;
-    int vis[RV_TATTN_ROWS], n_eff = 0;
-    for (int r = 0; r < NR; r++) {
-        vis[r] = visible ? (visible[r0 + r] < n ? visible[r0 + r] : n) : n;
-        n_eff = vis[r] > n_eff ? vis[r] : n_eff;
-    }
-    if (n_eff <= 0)
-        return;
-    const int tb0 = a / RV_VW * RV_VW, tb1 = (a + n_eff + RV_VW - 1) / RV_VW * RV_VW;
-    const float *qrot = st->q + r0 * st->q_stride, *qjl = h->qjl_q + (size_t)r0 * D;
-    /* scores: |k| ((R q) . y_hat + |r| sqrt(pi/2)/D (S R q) . sign), RV_VW tokens per vector */
-    for (int t0 = tb0; t0 < tb1; t0 += RV_VW) {
-        rv_vf mse[RV_TATTN_ROWS], qs[RV_TATTN_ROWS];
-        for (int r = 0; r < NR; r++)
-            mse[r] = qs[r] = rv_vf_zero();
-        for (int i = 0; i < D; i++) {
-            const int hi = i < half;
-            rv_vf c = tq_centroids(tq_coord(h->kplanes, i, D, h->kbits_hi, h->kbits_lo, pb),
-                                   hi ? h->kbits_hi : h->kbits_lo, pb, t0, hi ? h->kbook_hi : h->kbook_lo);
-            for (int r = 0; r < NR; r++)
-                mse[r] = rv_vf_fmadd(rv_vf_set1(qrot[r * st->q_stride + i]), c, mse[r]);
-        }
-        qk_pf_lines(pf, 2);
-        for (int j = 0; j < D; j++) {
-            rv_vf b = tq_signbits(h->qjl + (size_t)j * pb, t0);
-            for (int r = 0; r < NR; r++)
-                qs[r] = rv_vf_fmadd(rv_vf_set1(qjl[(size_t)r * D + j]), b, qs[r]);
-        }
-        rv_vf kn = rv_vf_load(h->knorm + t0), kg = rv_vf_mul(rv_vf_load(h->kgamma + t0), rv_vf_set1(h->qjl_scale));
-        for (int r = 0; r < NR; r++) {
-            /* sum over projections of sq_j * (+1 / -1) = 2 * (sum where the bit is set) - sum */
-            rv_vf sgn = rv_vf_sub(rv_vf_add(qs[r], qs[r]), rv_vf_set1(h->qjl_sum[r0 + r]));
-            rv_vf_store(s + r * s_stride + t0, rv_vf_mul(kn, rv_vf_fmadd(kg, sgn, mse[r])));
-        }
-    }
-    if (h->nk)
-        tq_outlier_scores(NR, st, r0, h, s, s_stride, tb0, tb1);
-    qk_pf_lines(pf, 1 << 30);
-    /* the online softmax over tokens [a, a + n); the weights of the tokens' lanes (w, for the
-     * outlier values) and times |v| (wn) */
-    for (int r = 0; r < NR; r++) {
-        float *sr = s + r * s_stride;
-        float corr = att_stream_softmax_row(sr + a, vis[r], n_eff, &st->m[r0 + r], &st->l[r0 + r]);
-        if (corr != 1.0f)
-            scale_f32((size_t)W, corr, st->acc + (size_t)(r0 + r) * W);
-        for (int t = tb0; t < tb1; t++) {
-            const float wt = t >= a && t < a + n_eff ? sr[t] : 0.0f;
-            w[(size_t)r * Gp + t] = wt;
-            wn[(size_t)r * Gp + t] = wt * h->vnorm[t];
-        }
-    }
-    if (h->nv)
-        tq_outlier_values(NR, st, r0, h, w, tb0, tb1);
-    /* values in the rotated domain: coordinate by coordinate, the tokens along the lanes */
-    for (int i = 0; i < D; i++) {
-        const int hi = i < half;
-        const uint8_t *planes = tq_coord(h->vplanes, i, D, h->vbits_hi, h->vbits_lo, pb);
-        rv_vf acc[RV_TATTN_ROWS];
-        for (int r = 0; r < NR; r++)
-            acc[r] = rv_vf_zero();
-        for (int t0 = tb0; t0 < tb1; t0 += RV_VW) {
-            rv_vf c = tq_centroids(planes, hi ? h->vbits_hi : h->vbits_lo, pb, t0, hi ? h->vbook_hi : h->vbook_lo);
-            for (int r = 0; r < NR; r++)
-                acc[r] = rv_vf_fmadd(rv_vf_load(wn + (size_t)r * Gp + t0), c, acc[r]);
-        }
-        for (int r = 0; r < NR; r++)
-            st->acc[(size_t)(r0 + r) * W + i] += rv_vf_hsum(acc[r]);
-    }
-}
-
-/* Fold tokens [a, a + n) of one KV head of a TurboQuant group into st, whose rows (head_dim
- * D + d) are [R q | q] and whose accumulators are [rotated domain | plain channels]. */
-static void attend_tgroup(rv_attn_state *st, const struct rv_thead *h, int a, int n, const int *visible,
-                          float *scratch)
-{
-    qk_pf pf = {(const char *)h->prefetch, (const char *)h->prefetch + (h->prefetch ? h->prefetch_bytes : 0)};
-    int r0 = 0;
-    for (; r0 + RV_TATTN_ROWS <= st->rows; r0 += RV_TATTN_ROWS)
-        tq_rows(RV_TATTN_ROWS, st, r0, h, a, n, visible, scratch, &pf);
-    switch (st->rows - r0) {
-    case 3: tq_rows(3, st, r0, h, a, n, visible, scratch, &pf); break;
-    case 2: tq_rows(2, st, r0, h, a, n, visible, scratch, &pf); break;
-    case 1: tq_rows(1, st, r0, h, a, n, visible, scratch, &pf); break;
-    default: break;
-    }
-}
+#include "kernels/turbo_impl.h"
 
 static void fill_quant_ops(rv_ops *ops)
 {
     ops->dequant_rows_channel = dequant_rows_channel;
     ops->dequant_rows_group = dequant_rows_group;
     ops->attend_qgroup = attend_qgroup;
-    ops->attend_tgroup = attend_tgroup;
+    fill_turbo_ops(ops);
 }
 
 #endif

@@ -1,5 +1,6 @@
 /* Chooses the kernel table once: cpuid for the instructions, XCR0 for the OS saving their
  * registers (an AVX-512 CPU under an OS that does not save ZMM state must not use them). */
+#include <stdlib.h>
 #include <string.h>
 #include "kernels/rv_ops.h"
 
@@ -42,6 +43,21 @@ static int cpu_has(int isa) { return isa == RV_ISA_ID_NEON; }   /* NEON is basel
 #else
 static int cpu_has(int isa) { (void)isa; return 0; }
 #endif
+
+int rv_cpu_has_vnni(void)
+{
+    const char *off = getenv("RUVPY_NO_VNNI");
+    if (off && *off && strcmp(off, "0") != 0)
+        return 0;
+#if defined(__x86_64__) || defined(_M_X64)
+    unsigned int a, b, c, d;
+    if (!cpu_has(RV_ISA_ID_AVX512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    return (c >> 11) & 1;                 /* AVX512_VNNI */
+#else
+    return 0;
+#endif
+}
 
 static const char *const isa_names[RV_ISA_COUNT] = {"scalar", "avx2", "avx512", "neon", "avx512vnni"};
 

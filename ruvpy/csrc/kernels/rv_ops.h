@@ -177,10 +177,11 @@ typedef struct rv_ops {
      * Scratch: RV_QATTN_SCRATCH_FLOATS(G, head_dim) floats (rv_qview.h). */
     void (*attend_qgroup)(rv_attn_state *st, const struct rv_qhead *h, int a, int n,
                           const int *visible, float *scratch);
-    /* attend_tgroup: the same for a TurboQuant group (struct rv_thead): st's query rows are the
-     * rotated queries R q (head_dim D, the padded dimension), its accumulators stay in the
-     * rotated domain (the caller rotates them back); scores from the bit-plane codes and the
-     * QJL signs, values as codebook entries. Scratch: RV_TATTN_SCRATCH_FLOATS(Gp, D). */
+    /* attend_tgroup: the same for a TurboQuant group (struct rv_thead): st has head_dim D (the
+     * padded dimension) and its accumulators stay in the rotated domain (the caller rotates
+     * them back); the queries come with the head (int8 rotated, and plain for the key mean);
+     * scores are integer dot products of the int8 query with the codes' table bytes, values
+     * codebook entries times the token's scale. Scratch: RV_TATTN_SCRATCH_FLOATS(Gp, D). */
     void (*attend_tgroup)(rv_attn_state *st, const struct rv_thead *h, int a, int n,
                           const int *visible, float *scratch);
 
@@ -216,6 +217,10 @@ int rv_best_isa(void);
 const rv_ops *rv_ops_for(int isa);             /* NULL unless rv_isa_supported(isa) */
 int rv_set_active_isa(int isa);                /* 0, or -1 if not supported */
 const rv_ops *rv_active_ops(void);
+
+/* 1 if the CPU has AVX512-VNNI and RUVPY_NO_VNNI is not set (the AVX-512 table then uses
+ * kernels with vpdpbusd; the variable lets tests reach the plain AVX-512BW ones) */
+int rv_cpu_has_vnni(void);
 
 /* Thread count every parallel driver uses (0 or less = all OpenMP threads). */
 void rv_set_num_threads(int n);

@@ -62,31 +62,50 @@ static inline int rv_qhead_vout_code(const rv_qhead_vout *v, int t)
     ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + (size_t)(d) + RV_MAX_OUTLIERS) + (size_t)(G) + 64)
 
 /* ---- a TurboQuant group head ----
- * The attention state it folds into has head_dim D + d: query rows [R q | q] (the plain query
- * scores the outlier key channels) and accumulators [rotated domain | plain channels] (the
- * outlier value channels land in the plain part, rescaled with the rest). */
+ * The attention state it folds into has head_dim D (the padded head_dim): accumulators in the
+ * rotated domain, rotated back once per head by the format. A token's key / value is a scale
+ * times int8 codebook entries of its rotated coordinates, the codes packed as "crumbs" and bit
+ * planes (the layout is the format's); the kernel needs no more than this. */
 struct rv_thead {
-    int G, Gp, D;
-    int kbits_hi, kbits_lo, vbits_hi, vbits_lo;   /* coordinates < D/2: *_hi bits; the rest *_lo */
-    size_t plane_bytes;                           /* Gp / 8 */
-    const uint8_t *kplanes, *qjl, *vplanes;
-    const float *knorm, *kgamma, *vnorm;          /* [Gp] as floats */
-    /* codebooks (centroids of the scaled Gaussian), 2^bits entries each, padded to 32 */
-    const float *kbook_hi, *kbook_lo, *vbook_hi, *vbook_lo;
-    /* query side, per state row r: S R q at qjl_q + r * D, and its sum at qjl_sum[r] */
-    const float *qjl_q, *qjl_sum;
-    float qjl_scale;                              /* sqrt(pi/2) / D */
-    const unsigned char *prefetch;                /* what the caller reads next, or NULL */
+    int G, Gp, D, d;
+    int k_n3, k_n4, v_n3, v_n4;                  /* coordinates [0, n4): 4 bits, [n4, n3): 3, else 2 */
+    int kbytes, vbytes;                          /* codes per token */
+    const uint8_t *kcodes, *vcodes;              /* [Gp][kbytes], [Gp][vbytes] */
+    /* per 16 coordinates a 16-entry table: keys (c + 64) as u8, values c as int8 */
+    const uint8_t *ktab, *vtab;                  /* [D] each */
+    const uint8_t *knorm, *vnorm;                /* [Gp] scale codes: 0 a zero vector, else */
+    float kn_lo, kn_step, vn_lo, vn_step;        /* exp(lo + (code - 1) * step) */
+    const uint8_t *kflag;                        /* [Gp / 8] bit t: token t's key adds kmu */
+    const float *kmu;                            /* [d] the group's key mean, decoded */
+    /* query side, per state row r: the plain (scaled) query at qplain + r * qplain_stride for
+     * q . mu; the rotated one as int8 q8 + r * D with rotated ~= qscale[r] * q8, qsum[r] = sum q8 */
+    const float *qplain;
+    ptrdiff_t qplain_stride;
+    const int8_t *q8;
+    const float *qscale;
+    const int32_t *qsum;
+    const unsigned char *prefetch;               /* what the caller reads next, or NULL */
     size_t prefetch_bytes;
-    /* outliers: nk key / nv value channels (ascending numbers < d), codes [n][Gp] */
-    int d, nk, nv;
-    const uint8_t *kidx, *vidx, *kcodes, *vcodes;
-    const float *kscale, *kzero, *vscale, *vzero; /* [nk] / [nv] as floats */
 };
 
-/* query rows the fused kernel keeps in registers at once, and the scratch it needs */
+/* The code of rotated coordinate i of a token's packed codes (tok: kbytes / vbytes bytes):
+ * its low 2 bits in the "crumbs" (byte i % (D/4), bits 2 (i / (D/4))), bit 2 in a plane of
+ * n3 bits after them, bit 3 in a plane of n4 bits after that. The format writes this layout;
+ * the kernels' scalar paths and the format's decoder read it here. */
+static inline int rv_thead_code(const uint8_t *tok, int D, int n3, int n4, int i)
+{
+    const int q = D / 4;
+    int code = (tok[i % q] >> (2 * (i / q))) & 3;
+    if (i < n3)
+        code |= ((tok[q + i / 8] >> (i % 8)) & 1) << 2;
+    if (i < n4)
+        code |= ((tok[q + n3 / 8 + i / 8] >> (i % 8)) & 1) << 3;
+    return code;
+}
+
+/* query rows the fused kernel handles at once, and the scratch it needs */
 #define RV_TATTN_ROWS 4
 #define RV_TATTN_SCRATCH_FLOATS(Gp, D) \
-    ((size_t)RV_TATTN_ROWS * ((size_t)(Gp) + 32 + 16 * (size_t)(D)) + 16 * (size_t)(Gp) + 64)
+    ((size_t)RV_TATTN_ROWS * ((size_t)(Gp) + 32) + 5 * (size_t)(Gp) + 4 * (size_t)(D) + 256)
 
 #endif

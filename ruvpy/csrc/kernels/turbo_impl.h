@@ -1,0 +1,282 @@
+/* TurboQuant attention kernel (rv_ops.attend_tgroup): one KV head of a cold group, read in
+ * place through struct rv_thead (kernels/rv_qview.h). Included by quant_impl.h, once per ISA.
+ *
+ * Scores: the rotated query is an int8 vector q8 (scale qscale); a key's codes unpack to bytes
+ * (c + 64) through one 16-entry table per 16 coordinates (vpshufb / tbl), and
+ *     score_t = a_t * qscale * (sum_i (c_ti + 64) q8_i - 64 sum_i q8_i) + flag_t (q . mu)
+ * is an integer dot product (no overflow: 0 < c + 64 < 128, |q8| <= 127).
+ * Values: the rows' weights times the token's scale, times its codebook values, accumulate in
+ * the rotated domain (the caller rotates back once per head and call).
+ * AVX-512 has two bodies (turbo_body.h): plain AVX-512BW, and one for CPUs with AVX512-VNNI
+ * (vpdpbusd: the key dot products in one instruction, and the values accumulated as integers,
+ * four tokens per instruction, with 8-bit weights per group and row) chosen when the table is
+ * filled (rv_cpu_has_vnni). */
+#ifndef RV_TURBO_IMPL_H
+#define RV_TURBO_IMPL_H
+
+#include <string.h>
+#include "rv_simd.h"
+#include "kernels/rv_ops.h"
+#include "kernels/rv_qview.h"
+
+#define TQ_TB 16          /* tokens per score block */
+
+/* bits [lo, min(lo + 64, n)) of a plane of n bits (n, lo multiples of 16), as a word */
+RV_INLINE uint64_t tq_plane_bits(const uint8_t *plane, int lo, int n)
+{
+    const uint8_t *p = plane + lo / 8;       /* little-endian: bit i of the plane = bit i */
+    uint64_t m;
+    uint32_t w;
+    uint16_t h;
+    switch (n - lo < 64 ? n - lo : 64) {    /* fixed-size loads, never past the plane */
+    case 64: memcpy(&m, p, 8); return m;
+    case 48: memcpy(&w, p, 4); memcpy(&h, p + 4, 2); return w | (uint64_t)h << 32;
+    case 32: memcpy(&w, p, 4); return w;
+    case 16: memcpy(&h, p, 2); return h;
+    default: return 0;
+    }
+}
+
+/* ---- a token's D codes -> D bytes tab[i / 16 * 16 + code_i] ---- */
+#if defined(RV_ISA_AVX512)
+/* per 64-coordinate chunk j: the crumbs' shift counts and the four tables */
+typedef struct {
+    __m512i cnt[4], tab[4];
+    int D, n3, n4;
+} tq_unpacker;
+
+RV_INLINE void tq_unpacker_init(tq_unpacker *u, int D, int n3, int n4, const uint8_t *tab)
+{
+    u->D = D;
+    u->n3 = n3;
+    u->n4 = n4;
+    const int Q = D / 4;
+    for (int j = 0; j < D / 64 && j < 4; j++) {
+        int c[4];
+        for (int L = 0; L < 4; L++)
+            c[L] = 2 * ((64 * j + 16 * L) / Q);
+        u->cnt[j] = _mm512_setr_epi32(c[0], c[0], c[0], c[0], c[1], c[1], c[1], c[1], c[2], c[2], c[2], c[2], c[3],
+                                      c[3], c[3], c[3]);
+        u->tab[j] = _mm512_loadu_si512(tab + 64 * j);
+    }
+}
+
+/* coordinates [64j, 64j + 64) of a token (D >= 64) */
+RV_INLINE __m512i tq_chunk(const tq_unpacker *u, const uint8_t *tok, int j)
+{
+    const int Q = u->D / 4;
+    __m512i src;
+    if (Q == 16)
+        src = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tok));
+    else if (Q == 32)
+        src = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)tok));
+    else
+        src = _mm512_loadu_si512(tok + (64 * j) % Q);
+    __m512i code = _mm512_and_si512(_mm512_srlv_epi32(src, u->cnt[j]), _mm512_set1_epi8(3));
+    const int lo = 64 * j;
+    if (u->n3 > lo)
+        code = _mm512_mask_add_epi8(code, _cvtu64_mask64(tq_plane_bits(tok + Q, lo, u->n3)), code,
+                                    _mm512_set1_epi8(4));
+    if (u->n4 > lo)
+        code = _mm512_mask_add_epi8(code, _cvtu64_mask64(tq_plane_bits(tok + Q + u->n3 / 8, lo, u->n4)), code,
+                                    _mm512_set1_epi8(8));
+    return _mm512_shuffle_epi8(u->tab[j], code);
+}
+
+/* the 16 int32 sums of 16 vectors, in order (a transposing tree) */
+RV_INLINE __m512i tq_hsum16(const __m512i *x)
+{
+    __m512i t[8], u[4];
+    for (int k = 0; k < 8; k++)
+        t[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(x[2 * k], x[2 * k + 1]),
+                                _mm512_unpackhi_epi32(x[2 * k], x[2 * k + 1]));
+    for (int k = 0; k < 4; k++)
+        u[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * k], t[2 * k + 1]),
+                                _mm512_unpackhi_epi64(t[2 * k], t[2 * k + 1]));
+    /* u[k] lane L holds the partial sums of vectors 4k..4k+3 over lane L */
+    __m512i w01 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+    __m512i w23 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(w01, w23, 0x88), _mm512_shuffle_i32x4(w01, w23, 0xDD));
+}
+#endif
+
+/* generic: one token to bytes (D any multiple of 16) */
+RV_INLINE void tq_unpack_bytes(const uint8_t *tok, int D, int n3, int n4, const uint8_t *tab, uint8_t *out)
+{
+#if defined(RV_ISA_AVX2) || defined(RV_ISA_AVX512)
+    const int Q = D / 4;
+    const __m128i bit = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, (char)128, 1, 2, 4, 8, 16, 32, 64, (char)128);
+    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int b = 0; b < D; b += 16) {
+        __m128i src;
+        if (Q >= 16) {
+            src = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(tok + b % Q)), _mm_cvtsi32_si128(2 * (b / Q)));
+        } else if (Q == 8) {
+            long long w;
+            memcpy(&w, tok, 8);
+            src = _mm_srlv_epi64(_mm_set1_epi64x(w), _mm_setr_epi32(4 * (b / 16), 0, 4 * (b / 16) + 2, 0));
+        } else {
+            int w;
+            memcpy(&w, tok, 4);
+            src = _mm_srlv_epi32(_mm_set1_epi32(w), _mm_setr_epi32(0, 2, 4, 6));
+        }
+        __m128i code = _mm_and_si128(src, _mm_set1_epi8(3));
+        for (int p = 0; p < 2; p++) {
+            const int n = p ? n4 : n3;
+            if (n > b) {
+                uint16_t w;
+                memcpy(&w, tok + Q + (p ? n3 / 8 : 0) + b / 8, 2);
+                __m128i m = _mm_shuffle_epi8(_mm_set1_epi16((short)w), spread);
+                m = _mm_cmpeq_epi8(_mm_and_si128(m, bit), bit);
+                code = _mm_add_epi8(code, _mm_and_si128(m, _mm_set1_epi8(p ? 8 : 4)));
+            }
+        }
+        _mm_storeu_si128((__m128i *)(out + b), _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(tab + b)), code));
+    }
+#elif defined(RV_ISA_NEON)
+    const int Q = D / 4;
+    static const uint8_t bitv[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    static const uint8_t q8idx[16] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7};
+    static const uint8_t q4idx[16] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+    static const int8_t s4[16] = {0, 0, 0, 0, -2, -2, -2, -2, -4, -4, -4, -4, -6, -6, -6, -6};
+    for (int b = 0; b < D; b += 16) {
+        uint8x16_t src;
+        int8x16_t sh;
+        if (Q >= 16) {
+            src = vld1q_u8(tok + b % Q);
+            sh = vdupq_n_s8((int8_t)(-2 * (b / Q)));
+        } else if (Q == 8) {
+            src = vqtbl1q_u8(vcombine_u8(vld1_u8(tok), vdup_n_u8(0)), vld1q_u8(q8idx));
+            sh = vcombine_s8(vdup_n_s8((int8_t)(-4 * (b / 16))), vdup_n_s8((int8_t)(-4 * (b / 16) - 2)));
+        } else {
+            uint8_t w[16] = {0};
+            memcpy(w, tok, 4);
+            src = vqtbl1q_u8(vld1q_u8(w), vld1q_u8(q4idx));
+            sh = vld1q_s8(s4);
+        }
+        uint8x16_t code = vandq_u8(vshlq_u8(src, sh), vdupq_n_u8(3));
+        for (int p = 0; p < 2; p++) {
+            const int n = p ? n4 : n3;
+            if (n > b) {
+                const uint8_t *pl = tok + Q + (p ? n3 / 8 : 0) + b / 8;
+                uint8x16_t m = vcombine_u8(vdup_n_u8(pl[0]), vdup_n_u8(pl[1]));
+                m = vtstq_u8(m, vld1q_u8(bitv));
+                code = vaddq_u8(code, vandq_u8(m, vdupq_n_u8(p ? 8 : 4)));
+            }
+        }
+        vst1q_u8(out + b, vqtbl1q_u8(vld1q_u8(tab + b), code));
+    }
+#else
+    for (int i = 0; i < D; i++)
+        out[i] = tab[(i / 16) * 16 + rv_thead_code(tok, D, n3, n4, i)];
+#endif
+}
+
+/* sum_i u[i] * s[i] (u: bytes below 128, s: int8), D a multiple of 16 */
+RV_INLINE int32_t tq_dot(const uint8_t *u, const int8_t *s, int D)
+{
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+    __m256i acc = _mm256_setzero_si256();
+    int i = 0;
+    for (; i + 32 <= D; i += 32) {
+        __m256i p = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(u + i)),
+                                         _mm256_loadu_si256((const __m256i *)(s + i)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    }
+    __m128i a = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    if (i < D) {
+        __m128i p = _mm_maddubs_epi16(_mm_loadu_si128((const __m128i *)(u + i)), _mm_loadu_si128((const __m128i *)(s + i)));
+        a = _mm_add_epi32(a, _mm_madd_epi16(p, _mm_set1_epi16(1)));
+    }
+    a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4E));
+    a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xB1));
+    return _mm_cvtsi128_si32(a);
+#elif defined(RV_ISA_NEON)
+    int32x4_t acc = vdupq_n_s32(0);
+    for (int i = 0; i < D; i += 16) {
+        int8x16_t x = vreinterpretq_s8_u8(vld1q_u8(u + i)), y = vld1q_s8(s + i);
+        acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(x), vget_low_s8(y)));
+        acc = vpadalq_s16(acc, vmull_high_s8(x, y));
+    }
+    return vaddvq_s32(acc);
+#else
+    int32_t acc = 0;
+    for (int i = 0; i < D; i++)
+        acc += (int32_t)u[i] * s[i];
+    return acc;
+#endif
+}
+
+/* RV_VW int8 as floats */
+RV_INLINE rv_vf tq_s8(const int8_t *p)
+{
+#if defined(RV_ISA_AVX512)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(RV_ISA_AVX2)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#elif defined(RV_ISA_NEON)
+    int32_t w;
+    memcpy(&w, p, 4);
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w))))));
+#else
+    return (float)p[0];
+#endif
+}
+
+/* out[t] = exp(lo + (code_t - 1) step) for code_t > 0, else 0; t in [t0, t1), multiples of RV_VW */
+RV_INLINE void tq_scales(const uint8_t *codes, int t0, int t1, float lo, float step, float *out)
+{
+    const rv_vf vlo = rv_vf_set1(lo - step), vst = rv_vf_set1(step), one = rv_vf_set1(1.0f);
+    for (int t = t0; t < t1; t += RV_VW) {
+        rv_vf c = qk_u8(codes + t);
+        rv_vf e = rv_vf_exp(rv_vf_fmadd(c, vst, vlo));
+        rv_vf_store(out + t, rv_vf_mul(e, rv_vf_min(c, one)));
+    }
+}
+
+/* the per-token floats every row block uses: scales of keys and values, mean flags */
+RV_INLINE void tq_token_floats(const struct rv_thead *h, int t0, int t1, float *kn, float *vn, float *fl)
+{
+    tq_scales(h->knorm, t0, t1, h->kn_lo, h->kn_step, kn);
+    tq_scales(h->vnorm, t0, t1, h->vn_lo, h->vn_step, vn);
+#if defined(RV_ISA_AVX512)
+    for (int t = t0; t < t1; t += 16) {
+        uint16_t m;
+        memcpy(&m, h->kflag + t / 8, 2);
+        _mm512_storeu_ps(fl + t, _mm512_maskz_mov_ps((__mmask16)m, _mm512_set1_ps(1.0f)));
+    }
+#else
+    for (int t = t0; t < t1; t++)
+        fl[t] = (float)((h->kflag[t >> 3] >> (t & 7)) & 1);
+#endif
+}
+
+/* the bodies: generic (and AVX-512BW), then AVX512-VNNI */
+#define TQ_VNNI 0
+#define TQ_FN(name) name
+#define TQ_ATTR
+#include "kernels/turbo_body.h"
+#undef TQ_VNNI
+#undef TQ_FN
+#undef TQ_ATTR
+
+#if defined(RV_ISA_AVX512)
+#define TQ_VNNI 1
+#define TQ_FN(name) name##_vnni
+#define TQ_ATTR __attribute__((target("avx512vnni")))
+#include "kernels/turbo_body.h"
+#undef TQ_VNNI
+#undef TQ_FN
+#undef TQ_ATTR
+#endif
+
+static void fill_turbo_ops(rv_ops *ops)
+{
+    ops->attend_tgroup = attend_tgroup;
+#if defined(RV_ISA_AVX512)
+    if (rv_cpu_has_vnni())
+        ops->attend_tgroup = attend_tgroup_vnni;
+#endif
+}
+
+#endif
