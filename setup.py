@@ -3,7 +3,8 @@
 Layout of the C sources (ruvpy/csrc; `pip install -e .` builds the extensions next to the
 sources, so `python -m ruvpy` typed in the checkout imports a working package):
   kernels/ops_<isa>.c   one translation unit per ISA, compiled with that ISA's flags only
-                        (baseline, AVX2+FMA+F16C, AVX-512 on x86-64; NEON on aarch64).
+                        (baseline, AVX2+FMA+F16C, AVX-512, AVX-512+VNNI on x86-64; NEON on
+                        aarch64).
                         They all go into ruvpy._kernels, whose dispatcher picks one at import.
   kernels/*.c           the dispatcher and other baseline code of ruvpy._kernels.
   <name>/*.c            ISA-independent drivers (threading, tiling, bookkeeping) of the
@@ -46,10 +47,13 @@ ISA_FLAGS = {
     "scalar": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mf16c", "-mavx2"],
+    # the avx512 table again plus the int8 dot product (VPDPBUSD) of the quantized matmuls
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma",
+                   "-mf16c", "-mavx2"],
     "neon": [],
 }
 if IS_X86_64:
-    BUILD_ISAS = ["scalar", "avx2", "avx512"]
+    BUILD_ISAS = ["scalar", "avx2", "avx512", "avx512vnni"]
 elif IS_AARCH64:
     BUILD_ISAS = ["scalar", "neon"]
 else:

@@ -39,18 +39,6 @@ def _byte_size(text):
     return int(size)
 
 
-def _blas_threads(text):
-    if text == "keep":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'keep', got {text!r}")
-    return value
-
-
 # -- generate -----------------------------------------------------------------------------
 def _runtime_options(args):
     options = {}
@@ -77,8 +65,7 @@ def cmd_generate(args):
 
     started = time.perf_counter()
     try:
-        model = models.load(args.model, kv_cache=args.kv, blas_threads=args.blas_threads,
-                            **_runtime_options(args))
+        model = models.load(args.model, kv_cache=args.kv, **_runtime_options(args))
     except (FileNotFoundError, ValueError, TypeError) as exc:
         return _fail(str(exc))
     except ImportError as exc:
@@ -218,10 +205,6 @@ def build_parser():
     gen.add_argument("--max-tokens", type=int, default=None, metavar="N",
                      help="KV capacity in tokens")
     gen.add_argument("--threads", type=int, default=None, help="ruvpy kernel threads")
-    gen.add_argument("--blas-threads", type=_blas_threads, default=1, metavar="N",
-                     help="numpy BLAS threads during the model's steps (default 1: more gain "
-                          "little on idle cores and lose much on busy ones; 'keep' leaves "
-                          "numpy's setting)")
     gen.add_argument("--stats", action="store_true",
                      help="also print generation and runtime statistics as JSON")
 

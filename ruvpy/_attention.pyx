@@ -16,14 +16,9 @@ from libc.string cimport memset
 from ruvpy.c_ops cimport rv_ops
 from ruvpy._kernels cimport active_ops, num_threads
 from ruvpy._kernels import MAX_HEAD_DIM, MAX_KV_LEN, MAX_INT
+from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL
 
 cnp.import_array()
-
-cdef extern from "rv_common.h":
-    enum:
-        RV_OK
-        RV_ENOMEM
-        RV_EINVAL
 
 cdef extern from "float.h":
     float FLT_MAX

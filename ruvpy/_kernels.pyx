@@ -96,12 +96,12 @@ def get_isa():
 
 
 def set_isa(name):
-    """Switch every kernel to ISA `name` ("scalar", "avx2", "avx512", "neon")."""
+    """Switch every kernel to ISA `name` ("scalar", "avx2", "avx512", "avx512vnni", "neon")."""
     if not isinstance(name, str):
         raise TypeError(f"ISA name must be a str, got {type(name).__name__}")
     cdef int isa = rv_isa_from_name(name.encode())
     if isa < 0:
-        raise ValueError(f"unknown ISA {name!r}; known: scalar, avx2, avx512, neon")
+        raise ValueError(f"unknown ISA {name!r}; known: scalar, avx2, avx512, avx512vnni, neon")
     if not rv_isa_built(isa):
         raise RuntimeError(f"ISA {name!r} is not compiled into this build (built: {built_isas()})")
     if rv_set_active_isa(isa) != 0:

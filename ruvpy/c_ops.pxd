@@ -1,5 +1,35 @@
-# Mirror of csrc/kernels/rv_ops.h: the per-ISA kernel table.
-from libc.stdint cimport uint8_t, uint16_t
+# Mirror of csrc/kernels/rv_ops.h: the per-ISA kernel table (and kernels/rv_wmat.h, which it
+# includes: GGUF block formats and the matmuls' Q8 activations).
+from libc.stdint cimport int8_t, uint8_t, uint16_t
+
+cdef extern from "kernels/rv_wmat.h" nogil:
+    enum:
+        RV_WT_F32, RV_WT_F16, RV_WT_Q4_0, RV_WT_Q4_1, RV_WT_Q8_0, RV_WT_Q4_K, RV_WT_Q5_K,
+        RV_WT_Q6_K, RV_WT_BF16, RV_WT_MAX_ID
+        RV_WMM_PANEL
+    int rv_wtype_block_values(int type)
+    int rv_wtype_block_bytes(int type)
+    int rv_wtype_is_float(int type)
+
+    ctypedef struct rv_wmat:
+        const uint8_t *data
+        int type, rows, cols
+        size_t row_bytes
+
+    ctypedef struct rv_qact:
+        int n, k
+        const float *x
+        ptrdiff_t x_stride
+        int8_t *q
+        float *d
+        float *s32
+        float *s16
+        int8_t *q4
+        float *ds
+
+    size_t RV_QACT_BYTES(int n, int k)
+    size_t RV_WMATMUL_SCRATCH_BYTES(int k)
+    void rv_qact_bind(rv_qact *a, void *buf, int n, int k)
 
 cdef extern from "kernels/rv_ops.h" nogil:
     enum:
@@ -84,6 +114,13 @@ cdef extern from "kernels/rv_ops.h" nogil:
                               const int *visible, float *scratch) noexcept nogil
         void (*attend_tgroup)(rv_attn_state *st, const rv_thead *h, int a, int n,
                               const int *visible, float *scratch) noexcept nogil
+        void (*quantize_act)(rv_qact *a, int c0, int c1) noexcept nogil
+        void (*wmatmul)(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y, ptrdiff_t ldy,
+                        int accumulate, void *scratch) noexcept nogil
+        void (*wrow_f32)(const rv_wmat *w, int row, float *out) noexcept nogil
+        void (*rmsnorm_f32)(const float *x, const float *gain, float eps, float *out, int n) noexcept nogil
+        void (*rope_pairs_f32)(float *x, int vectors, int dim, const float *cos, const float *sin) noexcept nogil
+        void (*swiglu_f32)(const float *gate, const float *up, float *out, int n) noexcept nogil
 
     enum:
         RV_ISA_COUNT

@@ -322,6 +322,7 @@ class Runtime:
         self._scratch_growths = 0
         self._unrolled = []          # sequences a failed step exit could not roll back
         self._rss_at_start = _process_rss()
+        self._weights = None
         self._closed = False
         self._initialized = True
 
@@ -767,6 +768,12 @@ class Runtime:
         self._positions[seq] = position
         return seq
 
+    def attach_weights(self, weights):
+        """Report `weights` in stats(): an object with .path, .mapped_bytes, .nbytes and
+        .resident_bytes() (a model's memory-mapped GGUF weights, ruvpy.models.LlamaWeights)."""
+        self._check_open()
+        self._weights = weights
+
     # -- statistics -------------------------------------------------------------------------
     def memory_bytes(self):
         """{part: bytes} of everything the runtime holds: "kv" (the cache's storage and
@@ -812,4 +819,8 @@ class Runtime:
             rss_bytes=rss, rss_growth_bytes=rss - self._rss_at_start,
             steps=self._steps, rollbacks=self._rollbacks,
             attention_calls=self._attention_calls, arena_fallbacks=self._arena_fallbacks,
-            total_bytes=sum(memory.values()), memory=memory)
+            total_bytes=sum(memory.values()), memory=memory,
+            weights=None if self._weights is None else {
+                "path": self._weights.path, "mapped_bytes": int(self._weights.mapped_bytes),
+                "resident_bytes": int(self._weights.resident_bytes()),
+                "nbytes": int(self._weights.nbytes)})

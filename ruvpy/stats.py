@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 
@@ -65,7 +66,9 @@ class RuntimeStats:
     outputs that did not fit the arena and were allocated by numpy); total_bytes: every byte
     the Runtime holds (the KV cache's storage and metadata, the arena, the buffer pool's free
     and handed-out buffers, the scratch), and memory: those parts {name: bytes} (a cold group
-    in a pool buffer counts once, as KV).
+    in a pool buffer counts once, as KV); weights: None, or the model's memory-mapped GGUF
+    weights (path, mapped_bytes, resident_bytes: pages in RAM now, nbytes: tensor bytes),
+    file-backed pages outside total_bytes.
     """
 
     arena: dict
@@ -82,6 +85,7 @@ class RuntimeStats:
     arena_fallbacks: int
     total_bytes: int = 0
     memory: dict = dataclasses.field(default_factory=dict)
+    weights: dict | None = None
 
     def as_dict(self):
         """A JSON-able dict (plain ints, floats, strings, lists, dicts)."""
@@ -113,6 +117,10 @@ class RuntimeStats:
             ("total", f"{_human_bytes(self.total_bytes)} held by the runtime ("
                       + ", ".join(f"{k} {_human_bytes(v)}" for k, v in self.memory.items()) + ")"
              if self.memory else _human_bytes(self.total_bytes)),
+            ("weights", "-" if self.weights is None else
+             f"{_human_bytes(self.weights['mapped_bytes'])} mapped, "
+             f"{_human_bytes(self.weights['resident_bytes'])} resident "
+             f"({os.path.basename(self.weights['path'])})"),
             ("process RSS", f"{_human_bytes(self.rss_bytes)} "
                             f"({self.rss_growth_bytes / MiB:+.2f} MiB since start)"),
             ("steps", f"{self.steps} committed, {self.rollbacks} rolled back, "

@@ -106,7 +106,8 @@ const char *rvcount_where(int i)
 }
 """
 
-SCRIPT = r"""
+# what both scripts start with: the shim's functions, and what a Runtime imports
+PRELUDE = r"""
 import ctypes, gc, json, sys
 import numpy as np
 import psutil  # the Runtime's stats import it: loaded before anything is counted
@@ -116,6 +117,9 @@ shim.rvcount_stop.restype = ctypes.c_longlong
 shim.rvcount_live.restype = ctypes.c_longlong
 shim.rvcount_size.restype = ctypes.c_size_t
 shim.rvcount_where.restype = ctypes.c_char_p
+"""
+
+SCRIPT = PRELUDE + r"""
 
 import ruvpy
 from ruvpy import Runtime, RuntimeConfig
@@ -196,29 +200,34 @@ def _gcc():
     return shutil.which("gcc") or shutil.which("cc")
 
 
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory):
+def _shim(tmp):
+    """The counting allocator built in `tmp`, or a skip where it cannot be built."""
     if sys.platform != "linux" or _gcc() is None:
         pytest.skip("the counting allocator is an LD_PRELOAD shim built with gcc on Linux")
-    tmp = tmp_path_factory.mktemp("alloc")
     src, lib = tmp / "rvcount.c", tmp / "librvcount.so"
     src.write_text(SHIM)
     subprocess.run([_gcc(), "-O2", "-shared", "-fPIC", str(src), "-o", str(lib), "-ldl"], check=True)
+    return lib
+
+
+def _run_counted(lib, script, *args):
+    """`script` in a subprocess preloaded with the shim; the JSON of its last line."""
     env = dict(os.environ, LD_PRELOAD=str(lib), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), str(lib), str(tmp / "seq.ruvkv")],
-                          env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(lib), *map(str, args)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("alloc")
+    return _run_counted(_shim(tmp), SCRIPT, tmp / "seq.ruvkv")
+
+
 def test_the_shim_counts(tmp_path):
     """The shim sees an allocation of numpy's (a control: a test that cannot fail is none)."""
-    if sys.platform != "linux" or _gcc() is None:
-        pytest.skip("the counting allocator is an LD_PRELOAD shim built with gcc on Linux")
-    src, lib = tmp_path / "rvcount.c", tmp_path / "librvcount.so"
-    src.write_text(SHIM)
-    subprocess.run([_gcc(), "-O2", "-shared", "-fPIC", str(src), "-o", str(lib), "-ldl"], check=True)
+    lib = _shim(tmp_path)
     code = ("import ctypes, sys, numpy as np; shim = ctypes.CDLL(sys.argv[1]); "
             "shim.rvcount_stop.restype = ctypes.c_longlong; shim.rvcount_live.restype = ctypes.c_longlong; "
             "before = shim.rvcount_live(); shim.rvcount_start(); a = np.empty(1 << 20, np.uint8); "
@@ -243,3 +252,62 @@ def test_total_bytes_is_what_the_runtime_holds(measured):
         what = f"{r['kind']} at {r['context']} tokens on {r['threads']} thread(s): {r['memory']}"
         assert abs(r["total_bytes"] - r["live_bytes"]) <= 0.01 * r["total_bytes"] + 64 * 1024, \
             f"{what}: total_bytes {r['total_bytes']}, live {r['live_bytes']}"
+
+
+# -- the reference model: weights in place, activations in the step arena ---------------------
+MODEL_SCRIPT = PRELUDE + r"""
+
+import ruvpy.models as models
+
+PROMPT, WARMUP, MEASURED = 300, 140, 80
+SETUPS = {"paged fp16": dict(kv_cache="paged"),
+          "two-tier q4": dict(kv_cache="two-tier", cold="q4", hot_tokens=64, migration_batch=32)}
+results = []
+for name, options in SETUPS.items():
+    for threads in (1, 2):
+        model = models.load(max_tokens=1024, threads=threads, **options)
+        seq = model.new_sequence()
+        logits = model.forward_last(seq, list(range(1000, 1000 + PROMPT)))
+        for _ in range(WARMUP):
+            logits = model.forward_last(seq, [int(logits.argmax())])
+        tokens = [[t] for t in range(2000, 2000 + MEASURED)]     # made before counting
+        del logits
+        gc.collect()
+        live_before = shim.rvcount_live()
+        shim.rvcount_start()
+        for ids in tokens:
+            logits = model.forward_last(seq, ids)
+            del logits
+        big = shim.rvcount_stop()
+        gc.collect()
+        live_after = shim.rvcount_live()
+        where = [(shim.rvcount_size(i), shim.rvcount_where(i).decode()) for i in range(min(big, 64))]
+        stats = model.runtime.stats()
+        results.append({"setup": name, "threads": threads, "steps": MEASURED, "big_allocations": big,
+                        "where": where, "live_growth": live_after - live_before,
+                        "vocab": model.config.vocab_size, "arena_fallbacks": stats.arena_fallbacks,
+                        "cold_tokens": stats.kv["tiers"].get("cold", {}).get("tokens", 0)})
+        model.close()
+        model.weights.close()
+        del model, seq
+        gc.collect()
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.requires_model
+def test_a_model_decode_step_allocates_only_its_logits(tmp_path):
+    """SmolLM2 decode through ruvpy.models after warm-up (both KV kinds, 1 and 2 threads): the
+    only heap allocation of 4 KiB or more in a step is the float32 logits it returns (numpy's,
+    vocab x 4 bytes); every activation and the matmuls' work memory come from the step arena,
+    the weights from the mapped file. The heap does not grow over 80 steps."""
+    results = _run_counted(_shim(tmp_path), MODEL_SCRIPT)
+    assert len(results) == 4
+    for r in results:
+        what = f"{r['setup']} on {r['threads']} thread(s): {r['where']}"
+        logits_bytes = 4 * r["vocab"]
+        assert r["big_allocations"] == r["steps"], what
+        assert all(size == logits_bytes and "_multiarray_umath" in lib for size, lib in r["where"]), what
+        assert abs(r["live_growth"]) < 16 * 1024, what
+        assert r["arena_fallbacks"] == 0
+    assert all(r["cold_tokens"] > 0 for r in results if r["setup"] == "two-tier q4")

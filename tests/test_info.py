@@ -20,7 +20,7 @@ from _helpers import require_tool
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = platform.machine().lower()
 IS_X86_64 = MACHINE in ("x86_64", "amd64")
-KNOWN_ISAS = ["scalar", "avx2", "avx512", "neon"]
+KNOWN_ISAS = ["scalar", "avx2", "avx512", "neon", "avx512vnni"]
 
 
 def run_python(code, isa_env=None, prefix=()):
@@ -80,7 +80,8 @@ def test_available_isas_match_the_cpu():
     if IS_X86_64:
         avx2 = {"avx2", "fma", "f16c"} <= flags
         avx512 = avx2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
-        expected = ["scalar"] + ["avx2"] * avx2 + ["avx512"] * avx512
+        vnni = avx512 and "avx512_vnni" in flags
+        expected = ["scalar"] + ["avx2"] * avx2 + ["avx512"] * avx512 + ["avx512vnni"] * vnni
     elif MACHINE in ("aarch64", "arm64"):
         expected = ["scalar"] + ["neon"] * ("asimd" in flags)
     else:

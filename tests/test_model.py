@@ -38,12 +38,18 @@ KV_SETUPS = {
     "two-tier-turbo": dict(kv_cache="turbo", hot_tokens=16, migration_batch=8),
 }
 NEAR_TIE = 0.5   # llama.cpp top1-top2 logit margin under which the two may swap
-# |our logit - llama.cpp's| (llama.cpp computes with 8-bit activations, ruvpy in float32):
-# the prompt's final top-10 measured worst 0.27 (every setup: the prompt is all hot);
+# Both engines quantize every matmul input to int8 per block of 32, but round different float
+# sums, so single activation codes flip; the issue's bars: >= 8 of llama.cpp's top-10 and its
+# greedy token at >= 29 of 32 teacher-forced steps. Measured (GGUF kernels, avx512vnni): 9/10
+# for every setup, 30/32 with both misses at llama.cpp's own near-ties (margins 0.33, 0.19).
+MIN_TOP10_OVERLAP = 8
+MAX_TEACHER_FORCED_MISSES = 3
+# |our logit - llama.cpp's| over the prompt's final top-10: measured 0.38 (every setup: the
+# prompt is all hot);
 FINAL_LOGIT_BOUND = 0.5
-# the top-5 of each teacher-forced step, measured worst 0.56 (paged, q8), 0.59 (q4), 1.43
-# (TurboQuant 3.5 bits: its cold keys move the scores more).
-STEP_LOGIT_BOUND = {"paged": 1.0, "two-tier-q8": 1.0, "two-tier-q4": 1.0, "two-tier-turbo": 2.0}
+# the top-5 of each teacher-forced step, measured worst 1.09 (paged, q8, q4), 1.68 (TurboQuant
+# 3.5 bits: its cold keys move the scores more).
+STEP_LOGIT_BOUND = {"paged": 1.5, "two-tier-q8": 1.5, "two-tier-q4": 1.5, "two-tier-turbo": 2.5}
 
 
 @pytest.fixture(scope="module")
@@ -195,23 +201,24 @@ def test_detokenize_rejects_bad_ids(model):
 @requires_model
 @pytest.mark.parametrize("setup", list(KV_SETUPS))
 def test_agrees_with_llamacpp(model, reference, setup):
-    """What the README claims, for every KV format: the prompt's top-1 and all of its top-10
-    as llama.cpp's, their logits within FINAL_LOGIT_BOUND, llama.cpp's greedy token at 31 of
-    32 teacher-forced steps with any miss at one of llama.cpp's own near-ties, and every
-    step's top-5 logits within its bound."""
+    """What the README claims, for every KV format: the prompt's top-1 as llama.cpp's and at
+    least 8 of its top-10, those logits within FINAL_LOGIT_BOUND, llama.cpp's greedy token at
+    29 or more of 32 teacher-forced steps with every miss at one of llama.cpp's own near-ties,
+    and every step's top-5 logits within its bound."""
     with variant(model, **KV_SETUPS[setup]) as m:
         logits, stats = _teacher_forced(m, reference)
     top10_ids = [tok for tok, _ in reference["final_logits_top10"]]
     top10_logits = np.array([value for _, value in reference["final_logits_top10"]])
     ours = np.argsort(-logits[0], kind="stable")[:10].tolist()
     assert int(np.argmax(logits[0])) == top10_ids[0]
-    assert set(ours) == set(top10_ids)
+    assert len(set(ours) & set(top10_ids)) >= MIN_TOP10_OVERLAP
     assert np.abs(logits[0][top10_ids] - top10_logits).max() <= FINAL_LOGIT_BOUND
     picks = [int(np.argmax(row)) for row in logits]
     misses = [i for i, (p, e) in enumerate(zip(picks, reference["greedy_ids"])) if p != e]
-    print(f"\n{setup}: teacher-forced top-1 {32 - len(misses)}/32, misses at {misses}"
+    print(f"\n{setup}: top-10 overlap {len(set(ours) & set(top10_ids))}/10, teacher-forced "
+          f"top-1 {32 - len(misses)}/32, misses at {misses}"
           + (f", {_cold_tokens(stats)} of 36 tokens cold" if setup != "paged" else ""))
-    assert len(misses) <= 1
+    assert len(misses) <= MAX_TEACHER_FORCED_MISSES
     assert all(reference["greedy_steps"][i]["margin_top1_top2"] < NEAR_TIE for i in misses)
     worst = 0.0
     for row, step in zip(logits, reference["greedy_steps"]):
@@ -262,14 +269,19 @@ def test_prefill_equals_token_by_token(model, reference, kv_dtype):
     assert one_step.shape == stepwise.shape == (len(ids), model.config.vocab_size)
     assert one_step.dtype == np.float32
     error = np.abs(one_step - stepwise).max()
-    print(f"\n{kv_dtype} KV: prefill vs token-by-token max |diff| {error:.2e}")
-    if kv_dtype == "float32":
-        assert error <= 1e-3
-    else:
-        # fp16 storage amplifies float32 rounding differences between gemm and gemv where a
-        # K/V value sits at a rounding boundary: compare relative to the logit scale
-        assert error <= 1e-3 * np.abs(one_step).max()
-    assert (one_step.argmax(1) == stepwise.argmax(1)).all()
+    scale = np.abs(one_step).max()
+    print(f"\n{kv_dtype} KV: prefill vs token-by-token max |diff| {error:.2e} of {scale:.1f}")
+    # Every matmul quantizes its input to int8 per block of 32, as llama.cpp does. Prefill
+    # (packed GEMM, tiled attention) and decode (matrix-vector, streaming attention) round
+    # float32 sums in different orders, which flips single activation codes; the flips grow
+    # through 30 layers. llama.cpp's own prefill vs token-by-token logits differ by 0.79 of max
+    # |logit| 34 on these ids (llama-cpp-python 0.3.36, f16 KV; test_gguf.py measures it when
+    # llama_cpp is installed); ours measured 0.74 (f16 KV) and 1.15 (f32 KV). Bound: 5% of the
+    # logit scale, and a greedy token may differ only at a near-tie within that difference.
+    assert error <= 0.05 * scale
+    top2 = np.sort(one_step, axis=1)[:, -2:]
+    differs = one_step.argmax(1) != stepwise.argmax(1)
+    assert (top2[differs, 1] - top2[differs, 0] <= error).all()
 
 
 def small_context(model, monkeypatch, context_length, **options):
@@ -295,11 +307,14 @@ def test_forward_rejects_bad_input_and_keeps_the_sequence(model, reference, monk
             m.forward(seq + 1000, [1])
         with pytest.raises(ValueError, match="context length"):    # raised inside the step
             m.forward(seq, ids[3:] + [1, 2, 3])
-        # every failure left `seq` at 3 tokens: continuing matches an unbroken run
+        # every failure left `seq` at 3 tokens: continuing matches an unbroken run with the
+        # same chunks bit for bit (another chunking rounds the int8 activations differently)
         assert m.runtime.position(seq) == 3
         continued = m.forward(seq, ids[3:])
-        fresh = m.forward(m.new_sequence(), ids)[3:]
-    np.testing.assert_allclose(continued, fresh, atol=1e-3)
+        unbroken = m.new_sequence()
+        m.forward(unbroken, ids[:3])
+        fresh = m.forward(unbroken, ids[3:])
+    np.testing.assert_array_equal(continued, fresh)
 
 
 @requires_model
@@ -322,45 +337,6 @@ def test_with_kv_cache_shares_the_weights_over_a_new_runtime(model, reference):
     model.forward(seq, [reference["greedy_ids"][0]])
     with pytest.raises(ValueError, match="kv_cache"):
         model.with_kv_cache("bogus")
-
-
-@requires_model
-def test_blas_threads_pinned_per_step_and_restored(model, monkeypatch):
-    """The BLAS thread count inside each Runtime step is the model's blas_threads (read
-    through threadpoolctl, not through ruvpy), and numpy's own setting is back after it."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    if not any(i["internal_api"] == "openblas" for i in threadpoolctl.threadpool_info()):
-        pytest.skip("numpy's BLAS here is not an OpenBLAS (blas_threads is a no-op)")
-
-    def openblas_threads():
-        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
-                if i["internal_api"] == "openblas"][0]
-
-    seen = []
-    runtime_step = model.runtime.step
-
-    def spy(*args, **kwargs):
-        seen.append(openblas_threads())
-        return runtime_step(*args, **kwargs)
-
-    monkeypatch.setattr(model.runtime, "step", spy)
-    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
-        seq = model.new_sequence()
-        try:
-            model.forward(seq, [5])                 # the model's default: 1
-            model.blas_threads = None               # numpy's own setting
-            model.forward(seq, [6])
-            model.blas_threads = 2
-            with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-                model.forward_last(seq, [7])
-                assert openblas_threads() == 1
-            assert openblas_threads() == 2
-        finally:
-            model.blas_threads = 1
-    assert seen == [1, 2, 2]
-    for bad in (0, -2, 1.5, "two", True):
-        with pytest.raises(ValueError, match="blas_threads"):
-            model.blas_threads = bad
 
 
 # -- generation -----------------------------------------------------------------------------
@@ -392,9 +368,12 @@ def test_sampling_seeds_differ_and_leave_greedy(model, reference):
 
 @requires_model
 def test_generate_prefills_long_prompts_in_chunks(model, reference):
-    """A prompt longer than prefill_chunk goes in as several steps (bounded step memory) and
-    leaves the sequence exactly as the prompt in one step would: same position, same next
-    token, and the next step's logits equal (to the 1e-3 that prefill vs decode differ by)."""
+    """A prompt longer than prefill_chunk goes in as several steps (bounded step memory), in
+    order and whole: the next step's logits equal, bit for bit, those after the same chunks
+    forwarded by hand (a chunk skipping a token or coming in the wrong order differs), and
+    agree with the prompt in one step as prefill and decode agree (same position, same next
+    token, logits within 5% of their scale: chunks round the int8 activations differently,
+    see test_prefill_equals_token_by_token)."""
     chunk = model.prefill_chunk
     ids = (model.tokenize(" ".join([reference["text"], "Paris."] * 200)))[:chunk + 37]
     with variant(model, kv_dtype="float32", max_tokens=2048) as m:
@@ -405,9 +384,16 @@ def test_generate_prefills_long_prompts_in_chunks(model, reference):
         assert m.runtime.position(seq) == len(ids)
         token = m.last_generation.token_ids[0]
         chunked = m.forward_last(seq, [token])
+        by_hand = m.new_sequence()
+        m.forward(by_hand, ids[:chunk])
+        m.forward(by_hand, ids[chunk:])
+        np.testing.assert_array_equal(chunked, m.forward_last(by_hand, [token]))
         whole = m.new_sequence()
         assert token == int(np.argmax(m.forward_last(whole, ids)))
-        np.testing.assert_allclose(chunked, m.forward_last(whole, [token]), rtol=0, atol=1e-3)
+        one_step = m.forward_last(whole, [token])
+    error, scale = np.abs(chunked - one_step).max(), np.abs(one_step).max()
+    print(f"\nchunked vs one-step prefill: next logits max |diff| {error:.3f} of {scale:.1f}")
+    assert error <= 0.05 * scale
 
 
 @requires_model
@@ -534,11 +520,9 @@ def cli(model, monkeypatch, capsys):
     from ruvpy.__main__ import main
     calls = []
 
-    def load(path=None, *, kv_cache="paged", blas_threads=1, **options):
-        calls.append(dict(path=path, kv_cache=kv_cache, blas_threads=blas_threads, **options))
-        m = variant(model, kv_cache, **options)
-        m.blas_threads = blas_threads
-        return m
+    def load(path=None, *, kv_cache="paged", **options):
+        calls.append(dict(path=path, kv_cache=kv_cache, **options))
+        return variant(model, kv_cache, **options)
 
     monkeypatch.setattr(models, "load", load)
 
@@ -596,9 +580,6 @@ def test_cli_stats_prints_json_to_stderr(cli, reference):
     ("--memory-budget", "1000000", "memory_budget", 1000000),
     ("--memory-budget", "1.5M", "memory_budget", 3 << 19),
     ("--memory-budget", "4096kb", "memory_budget", 4 << 20),
-    ("--blas-threads", "2", "blas_threads", 2),
-    ("--blas-threads", "keep", "blas_threads", None),
-    ("--blas-threads", "1", "blas_threads", 1),
 ])
 def test_cli_load_options_are_parsed(cli, reference, option, value, key, parsed):
     code, _, err, loaded = cli(reference["text"], "-n", "1", option, value)
@@ -616,7 +597,6 @@ def test_cli_memory_budget_too_small_is_a_clean_error(cli, reference):
 @pytest.mark.parametrize("option,value,words", [
     ("--memory-budget", "abc", "not a byte size"), ("--memory-budget", "0", "must be positive"),
     ("--memory-budget=-5M", None, "must be positive"), ("--memory-budget", "12Q", "not a byte size"),
-    ("--blas-threads", "0", "count >= 1 or 'keep'"), ("--blas-threads", "many", "count >= 1"),
     ("--kv", "flat", "invalid choice"), ("--temperature", "hot", "invalid float"),
 ])
 def test_cli_rejects_bad_option_values(capsys, option, value, words):

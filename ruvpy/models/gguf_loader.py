@@ -1,9 +1,11 @@
-"""Read a Llama-family GGUF file: hyper-parameters, tokenizer tables and float32 weights.
+"""Read a Llama-family GGUF file: hyper-parameters, tokenizer tables and the weights in place.
 
-`gguf` (PyPI) parses the file and dequantizes each tensor to float32. The weights are then laid
-out for the forward pass in `llama.py`: pre-transposed and C-contiguous for `x @ W`, Q/K/V and
-gate/up fused into one matmul each, and the RMSNorm gains folded into the matmul that follows
-them (diag(g) @ W), so a layer costs four matmuls and a handful of element-wise ops.
+The file is memory-mapped and indexed by ruvpy's own reader (ruvpy._gguf: bounds-checked C,
+no copy). Weight matrices stay in their GGUF block formats -- F32, F16, BF16, Q8_0, Q4_0,
+Q4_1, Q4_K, Q5_K, Q6_K -- as `QMatrix` objects over the mapping, multiplied in place by
+ruvpy's SIMD kernels (ruvpy._linear). Nothing is dequantized. A file that cannot be run
+(unsupported tensor type, missing tensor, another architecture, truncated or corrupt) raises
+a ValueError naming what is wrong, and the mapping is closed again.
 """
 from __future__ import annotations
 
@@ -59,30 +61,58 @@ class TokenizerData:
 
 @dataclasses.dataclass
 class LlamaWeights:
-    """Float32 weights laid out for `x @ W` (each [in, out], C-contiguous)."""
+    """A model's weights, used in place from its memory-mapped GGUF file.
 
-    qkv: list[np.ndarray]        # per layer [hidden, (H + 2 KVH) * head_dim], attn_norm folded in
-    attn_out: list[np.ndarray]   # per layer [H * head_dim, hidden]
-    gate_up: list[np.ndarray]    # per layer [hidden, 2 * ffn], ffn_norm folded in
-    down: list[np.ndarray]       # per layer [ffn, hidden]
-    output_norm: np.ndarray      # [hidden]
-    embedding_t: np.ndarray      # [hidden, vocab]: token_embd transposed (lookup = a column)
-    output_t: np.ndarray         # [hidden, vocab]: the LM head (the same array when tied)
+    layers: per block a dict of QMatrix q, k, v, o, gate, up, down (GGUF's [out, in] layout)
+    and float32 [hidden] RMSNorm gains attn_norm, ffn_norm; embedding: QMatrix [vocab, hidden];
+    output: the LM head (the embedding itself when tied); output_norm: float32 [hidden]."""
+
+    file: object                 # ruvpy._gguf.GGUFFile (owns the mapping)
+    layers: list
+    embedding: object
+    output: object
+    output_norm: np.ndarray
+
+    @property
+    def path(self) -> str:
+        return self.file.path
+
+    @property
+    def tied(self) -> bool:
+        return self.output is self.embedding
 
     @property
     def nbytes(self) -> int:
-        arrays = [*self.qkv, *self.attn_out, *self.gate_up, *self.down, self.output_norm,
-                  self.embedding_t]
-        if self.output_t is not self.embedding_t:
-            arrays.append(self.output_t)
-        return sum(a.nbytes for a in arrays)
+        """Bytes of the weights the model reads (in the file's own formats)."""
+        mats = [m for layer in self.layers for k, m in layer.items() if not k.endswith("norm")]
+        mats += [self.embedding] + ([] if self.tied else [self.output])
+        norms = [a.nbytes for layer in self.layers for k, a in layer.items() if k.endswith("norm")]
+        return sum(m.nbytes for m in mats) + sum(norms) + self.output_norm.nbytes
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of the file mapped into memory (all of it)."""
+        return self.file.size
+
+    def resident_bytes(self) -> int:
+        """Bytes of the tensor data resident in RAM now (mincore)."""
+        return self.file.resident_bytes()
+
+    def types(self) -> dict:
+        """{block format: number of matrices} of the model's weight matrices."""
+        counts = {}
+        mats = [m for layer in self.layers for k, m in layer.items() if not k.endswith("norm")]
+        for m in mats + [self.embedding] + ([] if self.tied else [self.output]):
+            counts[m.type] = counts.get(m.type, 0) + 1
+        return counts
+
+    def close(self):
+        """Unmap the file (deferred while arrays over it are alive)."""
+        self.file.close()
 
 
 def _field(reader, key, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return reader.get(key, default)
 
 
 def _required(reader, key):
@@ -103,13 +133,15 @@ def read_config(reader) -> ModelConfig:
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ValueError(f"unsupported RoPE scaling {scaling!r} in the GGUF file")
-    tokens = _required(reader, "tokenizer.ggml.tokens")
+    n_tokens = reader.length("tokenizer.ggml.tokens")
+    if n_tokens is None:
+        raise ValueError("GGUF file lacks the metadata key 'tokenizer.ggml.tokens'")
     embd = _tensor_info(reader, "token_embd.weight")
-    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens)))
+    vocab = int(_field(reader, f"{arch}.vocab_size", n_tokens))
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     config = ModelConfig(
-        name=str(_field(reader, "general.name", os.path.basename(reader.data.filename))),
+        name=str(_field(reader, "general.name", os.path.basename(reader.path))),
         architecture=arch,
         num_layers=int(_required(reader, f"{arch}.block_count")),
         num_heads=heads,
@@ -124,10 +156,10 @@ def read_config(reader) -> ModelConfig:
         bos_id=None if bos is None else int(bos),
         eos_id=None if eos is None else int(eos),
         add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        tied_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        tied_embeddings="output.weight" not in reader,
     )
-    if vocab != len(tokens) or tuple(int(s) for s in embd.shape) != (hidden, vocab):
-        raise ValueError(f"GGUF vocabulary mismatch: {len(tokens)} tokens, vocab_size {vocab}, "
+    if vocab != n_tokens or tuple(embd.shape) != (hidden, vocab):
+        raise ValueError(f"GGUF vocabulary mismatch: {n_tokens} tokens, vocab_size {vocab}, "
                          f"token_embd shape {list(embd.shape)}")
     if heads % config.num_kv_heads or head_dim % 2:
         raise ValueError(f"inconsistent attention shape in the GGUF file: {heads} heads, "
@@ -151,143 +183,68 @@ def read_tokenizer(reader) -> TokenizerData:
 
 
 def _tensor_info(reader, name):
-    for tensor in reader.tensors:
-        if tensor.name == name:
-            return tensor
-    raise ValueError(f"GGUF file lacks the tensor {name!r}")
+    if name not in reader:
+        raise ValueError(f"GGUF file lacks the tensor {name!r}")
+    return reader.tensor(name)
+
+
+def _matrix(reader, name, rows, cols):
+    """QMatrix over tensor `name` ([rows, cols] in numpy order: ggml shape (cols, rows))."""
+    from ruvpy._linear import QMatrix, SUPPORTED_TYPES
+
+    info = _tensor_info(reader, name)
+    if info.type_name not in SUPPORTED_TYPES:
+        raise ValueError(f"GGUF tensor {name!r} has type {info.type_name}, which ruvpy cannot "
+                         f"run (supported: {', '.join(SUPPORTED_TYPES)})")
+    if info.shape != (cols, rows):
+        raise ValueError(f"GGUF tensor {name!r} has shape {list(info.shape[::-1])}, expected "
+                         f"[{rows}, {cols}]")
+    return QMatrix(reader.tensor_bytes(name), info.type, rows, cols, name=name)
+
+
+def _vector(reader, name, n):
+    """float32 [n] of a 1-D tensor: a view of the mapping for F32, converted for F16/BF16."""
+    info = _tensor_info(reader, name)
+    if info.shape != (n,):
+        raise ValueError(f"GGUF tensor {name!r} has shape {list(info.shape)}, expected [{n}]")
+    raw = reader.tensor_bytes(name)
+    if info.type_name == "F32":
+        return raw.view(np.float32)
+    if info.type_name == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if info.type_name == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    raise ValueError(f"GGUF tensor {name!r} has type {info.type_name}; ruvpy reads norm "
+                     f"vectors in F32, F16 or BF16")
 
 
 def read_weights(reader, config: ModelConfig) -> LlamaWeights:
-    from gguf.quants import dequantize
-
-    by_name = {t.name: t for t in reader.tensors}
-
-    def load(name, shape):
-        tensor = by_name.get(name)
-        if tensor is None:
-            raise ValueError(f"GGUF file lacks the tensor {name!r}")
-        array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        if array.shape != shape:
-            raise ValueError(f"GGUF tensor {name!r} has shape {list(array.shape)}, "
-                             f"expected {list(shape)}")
-        return array
-
+    """The model's weights over the mapping of `reader` (a ruvpy._gguf.GGUFFile)."""
     c = config
     hidden, q_dim, kv_dim = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    qkv, attn_out, gate_up, down = [], [], [], []
+    layers = []
     for i in range(c.num_layers):
         p = f"blk.{i}."
-        attn_norm = load(p + "attn_norm.weight", (hidden,))
-        ffn_norm = load(p + "ffn_norm.weight", (hidden,))
-        fused = np.concatenate([load(p + "attn_q.weight", (q_dim, hidden)),
-                                load(p + "attn_k.weight", (kv_dim, hidden)),
-                                load(p + "attn_v.weight", (kv_dim, hidden))])
-        qkv.append(np.ascontiguousarray(fused.T * attn_norm[:, None]))
-        attn_out.append(np.ascontiguousarray(load(p + "attn_output.weight", (hidden, q_dim)).T))
-        fused = np.concatenate([load(p + "ffn_gate.weight", (c.ffn_size, hidden)),
-                                load(p + "ffn_up.weight", (c.ffn_size, hidden))])
-        gate_up.append(np.ascontiguousarray(fused.T * ffn_norm[:, None]))
-        down.append(np.ascontiguousarray(load(p + "ffn_down.weight", (hidden, c.ffn_size)).T))
-    embedding_t = np.ascontiguousarray(load("token_embd.weight", (c.vocab_size, hidden)).T)
-    output_t = (embedding_t if c.tied_embeddings else
-                np.ascontiguousarray(load("output.weight", (c.vocab_size, hidden)).T))
-    return LlamaWeights(qkv=qkv, attn_out=attn_out, gate_up=gate_up, down=down,
-                        output_norm=load("output_norm.weight", (hidden,)),
-                        embedding_t=embedding_t, output_t=output_t)
+        layers.append({
+            "q": _matrix(reader, p + "attn_q.weight", q_dim, hidden),
+            "k": _matrix(reader, p + "attn_k.weight", kv_dim, hidden),
+            "v": _matrix(reader, p + "attn_v.weight", kv_dim, hidden),
+            "o": _matrix(reader, p + "attn_output.weight", hidden, q_dim),
+            "gate": _matrix(reader, p + "ffn_gate.weight", c.ffn_size, hidden),
+            "up": _matrix(reader, p + "ffn_up.weight", c.ffn_size, hidden),
+            "down": _matrix(reader, p + "ffn_down.weight", hidden, c.ffn_size),
+            "attn_norm": _vector(reader, p + "attn_norm.weight", hidden),
+            "ffn_norm": _vector(reader, p + "ffn_norm.weight", hidden),
+        })
+    embedding = _matrix(reader, "token_embd.weight", c.vocab_size, hidden)
+    output = embedding if c.tied_embeddings else _matrix(reader, "output.weight", c.vocab_size,
+                                                         hidden)
+    return LlamaWeights(file=reader, layers=layers, embedding=embedding, output=output,
+                        output_norm=_vector(reader, "output_norm.weight", hidden))
 
 
-# GGUF metadata value types -> bytes of one value (8: string, 9: array are walked)
-_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_MAX_DIMS = 4
+def open_gguf(path, *, populate=False):
+    """A ruvpy._gguf.GGUFFile over `path` (memory-mapped, read-only)."""
+    from ruvpy._gguf import GGUFFile
 
-
-def check_gguf_layout(path):
-    """Walk the header, metadata and tensor directory of the GGUF file at `path` and check
-    that every count and length fits in the bytes the file has. gguf's reader trusts them:
-    an array of 2**40 values declared in a 1 KiB file made it loop, allocating, until the
-    machine ran out of memory (found by tools/fuzz.py). Raises ValueError naming the first
-    field that does not fit."""
-    import mmap
-    import struct
-
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 24:
-            raise ValueError(f"{path!r} is not a readable GGUF file: {size} bytes")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            magic, version = data[:4], struct.unpack_from("<I", data, 4)[0]
-            if magic != b"GGUF" or version not in (2, 3):
-                return              # not GGUF v2/v3: gguf's reader names the problem
-            pos = 8
-
-            def take(fmt):
-                nonlocal pos
-                n = struct.calcsize(fmt)
-                if pos + n > size:
-                    raise ValueError(f"{path!r} is not a readable GGUF file: it ends at byte "
-                                     f"{size} inside its metadata (at {pos})")
-                value = struct.unpack_from(fmt, data, pos)
-                pos += n
-                return value[0] if len(value) == 1 else value
-
-            def fits(count, each, what):
-                if count * each > size - pos:
-                    raise ValueError(f"{path!r} is not a readable GGUF file: {what} of {count} "
-                                     f"x {each} bytes at byte {pos} does not fit in its "
-                                     f"{size} bytes")
-
-            def skip_string(what):
-                nonlocal pos
-                n = take("<Q")
-                fits(n, 1, what)
-                pos += n
-
-            def skip_value(kind, what):
-                nonlocal pos
-                if kind in _GGUF_SCALAR_BYTES:
-                    fits(1, _GGUF_SCALAR_BYTES[kind], what)
-                    pos += _GGUF_SCALAR_BYTES[kind]
-                elif kind == _GGUF_STRING:
-                    skip_string(what)
-                elif kind == _GGUF_ARRAY:
-                    item, count = take("<I"), take("<Q")
-                    if item in _GGUF_SCALAR_BYTES:
-                        fits(count, _GGUF_SCALAR_BYTES[item], what)
-                        pos += count * _GGUF_SCALAR_BYTES[item]
-                    else:    # strings take 8 bytes at least, nested arrays 12
-                        fits(count, 8 if item == _GGUF_STRING else 12, what)
-                        for _ in range(count):
-                            skip_value(item, what)
-                else:
-                    raise ValueError(f"{path!r} is not a readable GGUF file: {what} has the "
-                                     f"unknown value type {kind}")
-
-            n_tensors, n_kv = take("<Q"), take("<Q")
-            fits(n_kv, 12, "the metadata table")       # key length + type, at least
-            fits(n_tensors, 8 + 4 + 4 + 8, "the tensor directory")
-            for i in range(n_kv):
-                skip_string(f"metadata key #{i}")
-                skip_value(take("<I"), f"metadata value #{i}")
-            for i in range(n_tensors):
-                skip_string(f"the name of tensor #{i}")
-                dims = take("<I")
-                if dims > _GGUF_MAX_DIMS:
-                    raise ValueError(f"{path!r} is not a readable GGUF file: tensor #{i} has "
-                                     f"{dims} dimensions")
-                fits(dims, 8, f"the shape of tensor #{i}")
-                pos += 8 * dims
-                take("<IQ")                           # type, offset
-
-
-def open_gguf(path):
-    """A `gguf.GGUFReader` over `path` (memory-mapped, read-only), after check_gguf_layout."""
-    from gguf import GGUFReader
-
-    check_gguf_layout(path)
-    try:
-        return GGUFReader(os.fspath(path), "r")
-    except MALFORMED_GGUF_ERRORS as exc:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable GGUF file: "
-                         f"{type(exc).__name__}: {exc}") from exc
+    return GGUFFile(os.fspath(path), populate=populate)

@@ -1,19 +1,22 @@
 """The Llama-family forward pass over ruvpy's Runtime, and the generation loop.
 
-numpy does the matmuls (float32 weights, see gguf_loader.py); every KV append and every attention
-goes through `Runtime.step(...).attention(layer, q, k, v)`. RoPE follows llama.cpp's "normal" mode:
-it rotates ADJACENT pairs (x[2i], x[2i+1]) by pos * base^(-2i/head_dim); the GGUF converter has
-already permuted the Q/K weights so that this pairing is right.
+A step is one Runtime step: ruvpy._linear.DecoderBlocks embeds the tokens and computes layer 0's
+Q/K/V (RMSNorm, the GGUF block matmuls in place, RoPE), then per layer
+`step.attention(layer, q, k, v)` appends K/V and attends, and ONE C call (`between`) finishes that
+layer (output projection, residual, RMSNorm, gate/up with SwiGLU, down, residual) and starts the
+next -- or computes the logits after the last. All activations live in the step's arena.
+RoPE follows llama.cpp's "normal" mode: it rotates ADJACENT pairs (x[2i], x[2i+1]) by
+pos * base^(-2i/head_dim); the GGUF converter has already permuted the Q/K weights so that this
+pairing is right.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 
 import numpy as np
 
-from ruvpy.models.blas import find_blas
+from ruvpy._linear import DecoderBlocks, StepBuffers
 from ruvpy.models.gguf_loader import LlamaWeights, ModelConfig
 from ruvpy.models.sampling import Sampler
 from ruvpy.models.tokenizer import GGUFTokenizer
@@ -49,12 +52,6 @@ class GenerationStats:
                 f"| stop: {self.stop_reason}")
 
 
-def _rms_normalize(x, eps):
-    """x / rms(x) per row (the gain is folded into the next matmul's weights)."""
-    mean_square = np.einsum("ij,ij->i", x, x) / x.shape[1]
-    return x * (1.0 / np.sqrt(mean_square + eps))[:, None]
-
-
 def token_id_array(token_ids, vocab_size=None):
     """token_ids as a 1-D intp array, checked: non-empty, integers, and within
     0..vocab_size-1 when vocab_size is given. ValueError/TypeError name what is wrong."""
@@ -77,24 +74,18 @@ class LlamaModel:
     prefill_chunk = 512
 
     def __init__(self, config: ModelConfig, weights: LlamaWeights, tokenizer: GGUFTokenizer,
-                 runtime, *, path=None, blas_threads=1):
+                 runtime, *, path=None):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
         self.runtime = runtime
         self.path = path
         self.last_generation = GenerationStats()
-        self._blas = None
-        self.blas_threads = blas_threads
         c = config
-        self._q_dim = c.num_heads * c.head_dim
-        self._qk_heads = c.num_heads + c.num_kv_heads
-        self._kv_dim = c.num_kv_heads * c.head_dim
-        # cos/sin of pos * base^(-2i/head_dim) for every position of the context
-        inv_freq = c.rope_base ** (-np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
-        angles = np.outer(np.arange(c.context_length, dtype=np.float64), inv_freq)
-        self._rope_cos = np.cos(angles).astype(np.float32)
-        self._rope_sin = np.sin(angles).astype(np.float32)
+        self._blocks = DecoderBlocks(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                     c.ffn_size, c.rms_eps, c.rope_base, weights.layers,
+                                     weights.embedding, weights.output, weights.output_norm)
+        runtime.attach_weights(weights)
         eog = {c.eos_id} if c.eos_id is not None else set()
         eog.update(tokenizer.token_id(t) for t in _END_OF_GENERATION)
         eog.discard(None)
@@ -137,67 +128,43 @@ class LlamaModel:
     def _check_token_ids(self, token_ids):
         return token_id_array(token_ids, self.config.vocab_size)
 
-    @property
-    def blas_threads(self):
-        """Threads of numpy's OpenBLAS during this model's steps (restored after each step);
-        None leaves it alone. Default 1: on an idle 2-core machine a second thread gains ~25%
-        on decode, but on busy cores OpenBLAS's busy-waiting workers lose 5-10x."""
-        return self._blas_threads
-
-    @blas_threads.setter
-    def blas_threads(self, threads):
-        if threads is not None:
-            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"blas_threads must be None or an int >= 1, got {threads!r}")
-            if self._blas is None:
-                self._blas = find_blas()
-            if self._blas is None:
-                warnings.warn("ruvpy.models: numpy's BLAS is not an OpenBLAS ruvpy can find; "
-                              "blas_threads has no effect", RuntimeWarning, stacklevel=2)
-        self._blas_threads = threads
-
     def _step(self, seq, token_ids, last_only):
         ids = self._check_token_ids(token_ids)
-        if self._blas_threads is None or self._blas is None:
-            return self._run_step(seq, ids, last_only)
-        previous = self._blas.get()
-        self._blas.set(self._blas_threads)
-        try:
-            return self._run_step(seq, ids, last_only)
-        finally:
-            self._blas.set(previous)
-
-    def _run_step(self, seq, ids, last_only):
-        c, w = self.config, self.weights
-        n, q_dim, kv_dim, d = len(ids), self._q_dim, self._kv_dim, c.head_dim
-        with self.runtime.step([seq], [n]) as step, np.errstate(over="ignore"):
-            positions = np.asarray(step.positions)
+        c, n = self.config, len(ids)
+        blocks = self._blocks
+        with self.runtime.step([seq], [n]) as step:
+            positions = step.positions
             if positions[-1] >= c.context_length:
                 raise ValueError(f"sequence {seq} would reach position {int(positions[-1])}, "
                                  f"beyond the model's context length {c.context_length}")
-            cos = self._rope_cos[positions][:, None, :]
-            sin = self._rope_sin[positions][:, None, :]
-            x = np.ascontiguousarray(w.embedding_t[:, ids].T)
-            qk = np.empty((n, self._qk_heads, d), np.float32)
+            first = n - 1 if last_only else 0
+            logits = np.empty((n - first, c.vocab_size), np.float32)   # the step's only heap array
+            b = self._buffers(step, n, logits, first)
+            blocks.begin(b, ids, positions)
+            attention, between = step.attention, blocks.between
+            q, k, v, attn = b.q, b.k, b.v, b.attn
             for layer in range(c.num_layers):
-                qkv = _rms_normalize(x, c.rms_eps) @ w.qkv[layer]
-                # RoPE on adjacent pairs of Q and K together (one view over both)
-                raw = qkv[:, :q_dim + kv_dim].reshape(n, self._qk_heads, d)
-                even, odd = raw[..., 0::2], raw[..., 1::2]
-                qk[..., 0::2] = even * cos - odd * sin
-                qk[..., 1::2] = even * sin + odd * cos
-                q = np.ascontiguousarray(qk[:, :c.num_heads])
-                k = np.ascontiguousarray(qk[:, c.num_heads:])
-                v = np.ascontiguousarray(qkv[:, q_dim + kv_dim:]).reshape(n, c.num_kv_heads, d)
-                attn = step.attention(layer, q, k, v)
-                x += attn.reshape(n, q_dim) @ w.attn_out[layer]
-                gate_up = _rms_normalize(x, c.rms_eps) @ w.gate_up[layer]
-                gate, up = gate_up[:, :c.ffn_size], gate_up[:, c.ffn_size:]
-                x += (gate / (1.0 + np.exp(-gate)) * up) @ w.down[layer]   # SwiGLU
-            if last_only:
-                x = x[-1:]
-            logits = (_rms_normalize(x, c.rms_eps) * w.output_norm) @ w.output_t
+                attention(layer, q, k, v, out=attn)
+                between(b, layer)
         return logits
+
+    def _buffers(self, step, n, logits, first):
+        """The step's activations, from its arena (numpy memory only for a step too large for
+        the arena)."""
+        c = self.config
+        d, hidden = c.head_dim, c.hidden_size
+        shapes = ((n, hidden), (n, c.num_heads, d), (n, c.num_kv_heads, d),
+                  (n, c.num_kv_heads, d), (n, c.num_heads, d), (2, n, d // 2))
+        work_bytes = self._blocks.work_bytes(n)
+        try:
+            arrays = [step.alloc(shape) for shape in shapes]
+            work = step.alloc((work_bytes,), np.uint8)
+        except MemoryError:   # ArenaExhausted: a prompt chunk larger than the arena holds
+            arrays = [np.empty(shape, np.float32) for shape in shapes]
+            raw = np.empty(work_bytes + 64, np.uint8)
+            skip = -raw.ctypes.data % 64
+            work = raw[skip:skip + work_bytes]
+        return StepBuffers(self._blocks, n, *arrays, work, logits, first)
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=64, *, temperature=0.0, top_p=1.0, seed=None,
@@ -274,11 +241,12 @@ class LlamaModel:
 
         return LlamaModel(self.config, self.weights, self.tokenizer,
                           make_runtime(self.config, kv_cache=kv_cache, **runtime_options),
-                          path=self.path, blas_threads=self.blas_threads)
+                          path=self.path)
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self):
-        """Release the Runtime (its KV cache and arena)."""
+        """Release the Runtime (its KV cache and arena). The weights stay mapped while another
+        model shares them (with_kv_cache); LlamaWeights.close() unmaps them."""
         self.runtime.close()
 
     def __enter__(self):

@@ -45,6 +45,12 @@ def _bytes_to_unicode():
 
 
 _CHAR_TO_BYTE = {ch: b for b, ch in _bytes_to_unicode().items()}
+# str.translate table turning a byte-level piece into latin-1 text of its bytes (C speed: the
+# 49k-token table of a vocabulary in ~10 ms instead of ~150 ms per generator). Code points
+# below 256 that are NOT byte-level characters map to one latin-1 cannot encode, so a token
+# holding one falls back to UTF-8 text exactly as an unknown character does.
+_BYTE_PIECES = {**{c: "\U0010ffff" for c in range(256)},
+                **{ord(ch): chr(b) for ch, b in _CHAR_TO_BYTE.items()}}
 
 
 class GGUFTokenizer:
@@ -94,8 +100,8 @@ class GGUFTokenizer:
         if token_type == TOKEN_TYPE_USER_DEFINED:
             return token.encode("utf-8")
         try:
-            return bytes(_CHAR_TO_BYTE[ch] for ch in token)
-        except KeyError:  # not a byte-level piece: take it as text
+            return token.translate(_BYTE_PIECES).encode("latin-1")
+        except UnicodeEncodeError:  # not a byte-level piece: take it as text
             return token.encode("utf-8")
 
     def token_id(self, text):

@@ -687,6 +687,157 @@ static int run_attend_tgroup(const rv_ops *ops, rv_case *c)
     return report_state(c, rows, D, s.m, s.l, s.acc);
 }
 
+/* ---- GGUF block matmul family (qmatmul_impl.h) ---- */
+
+/* an rv_qact of n columns of k values over malloc'ed memory, x bound; NULL on failure */
+static void *make_qact(rv_qact *a, const float *x, int n, int k)
+{
+    void *mem = aligned_alloc(64, (RV_QACT_BYTES(n, k) + 63) / 64 * 64);
+    if (!mem)
+        return NULL;
+    rv_qact_bind(a, mem, n, k);
+    a->x = x;
+    a->x_stride = k;
+    return mem;
+}
+
+/* x [n][k] -> q and q4 (as floats), d, s32, s16 */
+static int run_quantize_act(const rv_ops *ops, rv_case *c)
+{
+    size_t nx = 0;
+    const float *x = in_f32(c, "x", &nx);
+    int n = (int)param(c, "n"), k = (int)param(c, "k");
+    if (c->error[0] || !x || n < 1 || k < 32 || k % 32 || nx != (size_t)n * k)
+        return fail(c, "%s: malformed case", "quantize_act");
+    rv_qact a;
+    void *mem = make_qact(&a, x, n, k);
+    float *q = out_f32(c, "q", (size_t)n * k), *d = out_f32(c, "d", (size_t)n * (k / 32));
+    float *s32 = out_f32(c, "s32", (size_t)n * (k / 32)), *s16 = out_f32(c, "s16", (size_t)n * (k / 16));
+    float *q4 = out_f32(c, "q4", (size_t)n * k);
+    if (!mem || !q || !d || !s32 || !s16 || !q4) {
+        free(mem);
+        return fail(c, "%s: out of memory", "quantize_act");
+    }
+    /* two calls over column ranges: c0/c1 must be honoured */
+    ops->quantize_act(&a, 0, n / 2);
+    ops->quantize_act(&a, n / 2, n);
+    for (size_t i = 0; i < (size_t)n * k; i++) {
+        q[i] = a.q[i];
+        q4[i] = a.q4[i];
+    }
+    memcpy(d, a.d, sizeof(float) * (size_t)n * (k / 32));
+    memcpy(s32, a.s32, sizeof(float) * (size_t)n * (k / 32));
+    memcpy(s16, a.s16, sizeof(float) * (size_t)n * (k / 16));
+    free(mem);
+    return 0;
+}
+
+static int wmat_from_case(rv_case *c, rv_wmat *w, const char *what)
+{
+    size_t nw = 0;
+    w->data = in_u8(c, "w", &nw);
+    w->type = (int)param(c, "type");
+    w->rows = (int)param(c, "rows");
+    w->cols = (int)param(c, "cols");
+    const int bv = rv_wtype_block_values(w->type);
+    if (c->error[0] || !w->data || bv < 1 || w->rows < 1 || w->cols < 1 || w->cols % bv)
+        return fail(c, "%s: malformed matrix", what);
+    w->row_bytes = (size_t)(w->cols / bv) * rv_wtype_block_bytes(w->type);
+    if (nw != w->row_bytes * (size_t)w->rows)
+        return fail(c, "%s: matrix bytes do not match its shape", what);
+    return 0;
+}
+
+/* y [n][r1 - r0] (+)= W[r0:r1] x_c; x [n][cols] quantized by the table's own quantize_act */
+static int run_wmatmul(const rv_ops *ops, rv_case *c)
+{
+    rv_wmat w;
+    if (wmat_from_case(c, &w, "wmatmul"))
+        return -1;
+    size_t nx = 0, ny = 0;
+    const float *x = in_f32(c, "x", &nx);
+    int n = (int)param(c, "n"), r0 = (int)param(c, "r0"), r1 = (int)param(c, "r1");
+    int accumulate = (int)param(c, "accumulate");
+    float *y = out_copy_f32(c, "y", &ny);
+    if (c->error[0] || !x || !y || n < 1 || nx != (size_t)n * w.cols || r0 < 0 || r1 > w.rows ||
+        r0 >= r1 || ny != (size_t)n * (r1 - r0) || w.cols % 32)
+        return fail(c, "%s: malformed case", "wmatmul");
+    rv_qact a;
+    void *mem = make_qact(&a, x, n, w.cols);
+    void *scratch = aligned_alloc(64, (RV_WMATMUL_SCRATCH_BYTES(w.cols) + 63) / 64 * 64);
+    if (!mem || !scratch) {
+        free(mem);
+        free(scratch);
+        return fail(c, "%s: out of memory", "wmatmul");
+    }
+    if (!rv_wtype_is_float(w.type))
+        ops->quantize_act(&a, 0, n);
+    ops->wmatmul(&w, r0, r1, &a, y, r1 - r0, accumulate, scratch);
+    free(mem);
+    free(scratch);
+    return 0;
+}
+
+static int run_wrow_f32(const rv_ops *ops, rv_case *c)
+{
+    rv_wmat w;
+    if (wmat_from_case(c, &w, "wrow_f32"))
+        return -1;
+    int row = (int)param(c, "row");
+    float *out = out_f32(c, "out", (size_t)w.cols);
+    if (c->error[0] || !out || row < 0 || row >= w.rows)
+        return fail(c, "%s: malformed case", "wrow_f32");
+    ops->wrow_f32(&w, row, out);
+    return 0;
+}
+
+/* has_gain 0: gain NULL; in_place 1: out aliases x */
+static int run_rmsnorm_f32(const rv_ops *ops, rv_case *c)
+{
+    size_t n = 0, ng = 0;
+    const float *x = in_f32(c, "x", &n);
+    const float *gain = has(c, "gain") ? in_f32(c, "gain", &ng) : NULL;
+    double eps = param(c, "eps");
+    if (c->error[0] || !x || n < 1 || (gain && ng != n))
+        return fail(c, "%s: malformed case", "rmsnorm_f32");
+    if (param(c, "in_place") != 0) {
+        float *xo = out_copy_f32(c, "x", &n);
+        if (!xo)
+            return -1;
+        ops->rmsnorm_f32(xo, gain, (float)eps, xo, (int)n);
+        return 0;
+    }
+    float *out = out_f32(c, "x", n);
+    if (!out)
+        return -1;
+    ops->rmsnorm_f32(x, gain, (float)eps, out, (int)n);
+    return 0;
+}
+
+static int run_rope_pairs_f32(const rv_ops *ops, rv_case *c)
+{
+    size_t n = 0, nc = 0, ns = 0;
+    float *x = out_copy_f32(c, "x", &n);
+    const float *cs = in_f32(c, "cos", &nc), *sn = in_f32(c, "sin", &ns);
+    int vectors = (int)param(c, "vectors"), dim = (int)param(c, "dim");
+    if (c->error[0] || !x || !cs || !sn || vectors < 1 || dim < 2 || dim % 2 || n != (size_t)vectors * dim ||
+        nc != (size_t)dim / 2 || ns != nc)
+        return fail(c, "%s: malformed case", "rope_pairs_f32");
+    ops->rope_pairs_f32(x, vectors, dim, cs, sn);
+    return 0;
+}
+
+static int run_swiglu_f32(const rv_ops *ops, rv_case *c)
+{
+    size_t n = 0, nu = 0;
+    const float *g = in_f32(c, "gate", &n), *u = in_f32(c, "up", &nu);
+    float *out = out_f32(c, "out", n);
+    if (c->error[0] || !g || !u || !out || n != nu)
+        return fail(c, "%s: malformed case", "swiglu_f32");
+    ops->swiglu_f32(g, u, out, (int)n);
+    return 0;
+}
+
 typedef struct {
     const char *name;
     size_t offset;   /* of the kernel's slot in rv_ops */
@@ -701,6 +852,8 @@ static const runner runners[] = {
     RUNNER(attend_spans_f32), RUNNER(attend_spans_f16), RUNNER(attend_rows_f32), RUNNER(attend_rows_f16),
     RUNNER(dequant_rows_channel), RUNNER(dequant_rows_group), RUNNER(attend_heads_f32), RUNNER(attend_heads_f16),
     RUNNER(attend_qgroup), RUNNER(attend_tgroup),
+    RUNNER(quantize_act), RUNNER(wmatmul), RUNNER(wrow_f32), RUNNER(rmsnorm_f32), RUNNER(rope_pairs_f32),
+    RUNNER(swiglu_f32),
 };
 #define N_RUNNERS (sizeof runners / sizeof runners[0])
 

@@ -958,3 +958,124 @@ def cases_attn_finalize(rng):
         yield f"d={d} gap={gap}", {"rows": rows, "head_dim": d, "out_stride": stride, "l": l,
                                    "acc": acc.reshape(-1), "out": out_init.reshape(-1)[:n],
                                    "expect:out": want.reshape(-1)[:n], "tol:out": tol.reshape(-1)[:n]}
+
+
+# ---------------------------------------------------------------- GGUF block matmul family
+sys.path.insert(0, str(HERE.parent))     # tests/qblocks.py: random blocks, Q8 reference
+import qblocks  # noqa: E402
+
+
+def cases_quantize_act(rng):
+    """The Q8 activations bit for bit: numpy float32 arithmetic, round half to even."""
+    for n, k in ((1, 32), (2, 64), (3, 96), (5, 576), (4, 1536)):
+        x = (rng.standard_normal((n, k)) * rng.uniform(0.01, 100)).astype(np.float32)
+        x[0, :32] = 0                               # d = 0: codes 0
+        if k >= 64:
+            x[-1, 32:64] = x[-1, 32]                # a constant block
+        yield f"n={n} k={k}", _quantize_case(x)
+    # ties at half a step (d = 1 exactly): 2.5 -> 2, 3.5 -> 4, -2.5 -> -2
+    x = np.zeros((2, 64), np.float32)
+    x[:, 0] = 127.0
+    x[:, 1:8] = [2.5, 3.5, -2.5, -3.5, 0.5, -0.5, 126.5]
+    x[1, 32:] = np.linspace(-127, 127, 32, dtype=np.float32)
+    yield "ties", _quantize_case(x)
+
+
+def _quantize_case(x):
+    q, d, s32, s16 = qblocks.quantize_q8(x)
+    return {"x": x, "n": x.shape[0], "k": x.shape[1], "exact:q": q.astype(np.float32), "exact:d": d,
+            "exact:s32": s32, "exact:s16": s16, "exact:q4": qblocks.nibble_order(q).astype(np.float32)}
+
+
+# (rows, n columns, r0, r1): tails of every vector width, partial 16-row panels, the switch
+# from matrix-vector to the packed GEMM (4 columns) and its column tails
+WMATMUL_SHAPES = ((1, 1, 0, 1), (17, 1, 0, 17), (19, 2, 3, 19), (33, 3, 0, 33), (35, 4, 1, 35),
+                  (21, 5, 0, 21), (40, 7, 5, 37), (16, 13, 0, 16))
+
+
+def cases_wmatmul(rng):
+    for name in qblocks.ALL_TYPES:
+        for cols in ((256, 512) if qblocks.BLOCKS[name][0] == 256 else (32, 96, 160)):
+            for i, (rows, n, r0, r1) in enumerate(WMATMUL_SHAPES):
+                data, w = qblocks.random_matrix(rng, name, rows, cols)
+                x = rng.standard_normal((n, cols)).astype(np.float32)
+                ref, tol = qblocks.matmul_reference(w[r0:r1], x, name)
+                acc = i % 2
+                y0 = rng.standard_normal(ref.shape).astype(np.float32)
+                if acc:
+                    ref, tol = ref + y0, tol + F32_EPS * np.abs(ref + y0)
+                yield f"{name} {rows}x{cols} n={n} rows {r0}:{r1} acc={acc}", {
+                    "w": data.reshape(-1), "type": qblocks.type_id(name), "rows": rows, "cols": cols,
+                    "x": x, "n": n, "r0": r0, "r1": r1, "accumulate": acc, "y": y0,
+                    "expect:y": ref, "tol:y": tol}
+
+
+def _dequant_tolerance(name, data, cols):
+    """Per value: 4 eps of the largest term a block's formula adds (sw u and the zero point /
+    minimum), from the block's f16 fields -- rounding only; a wrong code is off by >= sw."""
+    if name in qblocks.FLOATS:
+        return np.zeros(cols)
+    bv, bb = qblocks.BLOCKS[name]
+    blocks = data.reshape(-1, bb)
+    f16 = lambda off: np.abs(blocks[:, off:off + 2].copy().view(np.float16).astype(np.float64)[:, 0])
+    bound = {"Q4_0": lambda: 16 * f16(0), "Q4_1": lambda: 15 * f16(0) + f16(2),
+             "Q8_0": lambda: 256 * f16(0), "Q4_K": lambda: 63 * 31 * f16(0) + 63 * f16(2),
+             "Q5_K": lambda: 63 * 31 * f16(0) + 63 * f16(2), "Q6_K": lambda: 128 * 96 * f16(208)}[name]()
+    return np.repeat(4 * F32_EPS * bound, bv)
+
+
+def cases_wrow_f32(rng):
+    for name in qblocks.ALL_TYPES:
+        cols = 512 if qblocks.BLOCKS[name][0] == 256 else 96
+        data, w = qblocks.random_matrix(rng, name, 3, cols)
+        for row in (0, 2):
+            exact = name in qblocks.FLOATS
+            case = {"w": data.reshape(-1), "type": qblocks.type_id(name), "rows": 3, "cols": cols, "row": row}
+            if exact:
+                case["exact:out"] = w[row]
+            else:
+                case["expect:out"] = w[row].astype(np.float64)
+                case["tol:out"] = _dequant_tolerance(name, data[row], cols) + 1e-30
+            yield f"{name} row {row}", case
+
+
+def cases_rmsnorm_f32(rng):
+    for n in (1, 7, 16, 33, 100, 576):
+        x = (rng.standard_normal(n) * 3).astype(np.float32)
+        g = rng.uniform(0.5, 2.0, n).astype(np.float32)
+        for gain, in_place in ((True, 0), (False, 0), (True, 1)):
+            x64 = x.astype(np.float64)
+            r = 1.0 / np.sqrt(np.mean(x64 * x64) + 1e-5)
+            want = x64 * r * (g.astype(np.float64) if gain else 1.0)
+            case = {"x": x, "eps": 1e-5, "in_place": in_place, "expect:x": want,
+                    "tol:x": (2 * np.sqrt(n) + 8) * F32_EPS * np.abs(want) + 1e-30}
+            if gain:
+                case["gain"] = g
+            yield f"n={n} gain={gain} in_place={in_place}", case
+
+
+def cases_rope_pairs_f32(rng):
+    for vectors, dim in ((1, 2), (3, 64), (2, 18), (4, 130)):
+        x = rng.standard_normal((vectors, dim)).astype(np.float32)
+        ang = rng.uniform(-100, 100, dim // 2)
+        c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        x0, x1 = x[:, 0::2].astype(np.float64), x[:, 1::2].astype(np.float64)
+        want = np.empty((vectors, dim))
+        want[:, 0::2] = x0 * c - x1 * s
+        want[:, 1::2] = x0 * s + x1 * c
+        tol = np.empty_like(want)
+        tol[:, 0::2] = tol[:, 1::2] = 4 * F32_EPS * (np.abs(x0) + np.abs(x1)) + 1e-30
+        yield f"{vectors}x{dim}", {"x": x, "cos": c, "sin": s, "vectors": vectors, "dim": dim,
+                                   "expect:x": want.reshape(-1), "tol:x": tol.reshape(-1)}
+
+
+def cases_swiglu_f32(rng):
+    for n in LENGTHS[1:]:
+        g = (rng.standard_normal(n) * 6).astype(np.float32)
+        if n > 4:
+            g[:4] = [-95.0, -88.0, 88.0, 95.0]    # exp(-g) under- and overflows
+        u = rng.standard_normal(n).astype(np.float32)
+        g64 = g.astype(np.float64)
+        with np.errstate(over="ignore"):
+            want = g64 * u / (1.0 + np.exp(-g64))
+        yield f"n={n}", {"gate": g, "up": u, "expect:out": want, "tol:out": 1e-6 * np.abs(want) + 1e-35}

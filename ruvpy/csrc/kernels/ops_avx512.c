@@ -3,6 +3,7 @@
 #include "kernels/basic_impl.h"
 #include "kernels/attention_impl.h"
 #include "kernels/quant_impl.h"
+#include "kernels/qmatmul_impl.h"
 
 void rv_fill_ops_avx512(rv_ops *ops)
 {
@@ -11,4 +12,5 @@ void rv_fill_ops_avx512(rv_ops *ops)
     fill_basic_ops(ops);
     fill_attention_ops(ops);
     fill_quant_ops(ops);
+    fill_qmatmul_ops(ops);
 }

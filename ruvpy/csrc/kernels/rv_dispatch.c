@@ -30,9 +30,11 @@ static int cpu_has(int isa)
     int avx2 = (b >> 5) & 1;
     if (isa == RV_ISA_ID_AVX2)
         return avx2 && fma && f16c;
-    if (isa == RV_ISA_ID_AVX512) {
+    if (isa == RV_ISA_ID_AVX512 || isa == RV_ISA_ID_AVX512VNNI) {
         int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
-        return avx2 && fma && f16c && f && dq && bw && vl && (xcr0 & 0xe0) == 0xe0; /* opmask, ZMM */
+        int vnni = (c >> 11) & 1;
+        int avx512 = avx2 && fma && f16c && f && dq && bw && vl && (xcr0 & 0xe0) == 0xe0; /* opmask, ZMM */
+        return avx512 && (isa == RV_ISA_ID_AVX512 || vnni);
     }
     return 0;
 }
@@ -57,7 +59,7 @@ int rv_cpu_has_vnni(void)
 #endif
 }
 
-static const char *const isa_names[RV_ISA_COUNT] = {"scalar", "avx2", "avx512", "neon"};
+static const char *const isa_names[RV_ISA_COUNT] = {"scalar", "avx2", "avx512", "neon", "avx512vnni"};
 
 int rv_isa_built(int isa)
 {
@@ -71,6 +73,9 @@ int rv_isa_built(int isa)
 #endif
 #ifdef RUVPY_BUILD_NEON
     case RV_ISA_ID_NEON: return 1;
+#endif
+#ifdef RUVPY_BUILD_AVX512VNNI
+    case RV_ISA_ID_AVX512VNNI: return 1;
 #endif
     default: return 0;
     }
@@ -98,7 +103,7 @@ int rv_isa_from_name(const char *name)
 
 int rv_best_isa(void)
 {
-    static const int preference[] = {RV_ISA_ID_AVX512, RV_ISA_ID_AVX2, RV_ISA_ID_NEON};
+    static const int preference[] = {RV_ISA_ID_AVX512VNNI, RV_ISA_ID_AVX512, RV_ISA_ID_AVX2, RV_ISA_ID_NEON};
     for (size_t i = 0; i < sizeof preference / sizeof preference[0]; i++)
         if (rv_isa_supported(preference[i]))
             return preference[i];
@@ -126,6 +131,10 @@ static void fill_tables(void)
 #ifdef RUVPY_BUILD_AVX512
     if (rv_isa_supported(RV_ISA_ID_AVX512))
         rv_fill_ops_avx512(&tables[RV_ISA_ID_AVX512]);
+#endif
+#ifdef RUVPY_BUILD_AVX512VNNI
+    if (rv_isa_supported(RV_ISA_ID_AVX512VNNI))
+        rv_fill_ops_avx512vnni(&tables[RV_ISA_ID_AVX512VNNI]);
 #endif
 #ifdef RUVPY_BUILD_NEON
     if (rv_isa_supported(RV_ISA_ID_NEON))

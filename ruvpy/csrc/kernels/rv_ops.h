@@ -13,12 +13,15 @@
 #include <math.h>
 #include <string.h>
 
+#include "kernels/rv_wmat.h"
+
 typedef enum {
     RV_ISA_ID_SCALAR = 0,
     RV_ISA_ID_AVX2 = 1,
     RV_ISA_ID_AVX512 = 2,
     RV_ISA_ID_NEON = 3,
-    RV_ISA_COUNT = 4
+    RV_ISA_ID_AVX512VNNI = 4,   /* the avx512 table + VPDPBUSD for the quantized matmuls */
+    RV_ISA_COUNT = 5
 } rv_isa_id;
 
 /* ---- attention building block ----
@@ -90,7 +93,7 @@ static inline void rv_attn_state_clear(float *m, float *l, float *acc, int rows,
 }
 
 typedef struct rv_ops {
-    const char *isa;   /* "scalar", "avx2", "avx512", "neon" */
+    const char *isa;   /* "scalar", "avx2", "avx512", "neon", "avx512vnni" */
     int lanes;         /* float32 lanes of one vector */
 
     /* ---- basic vector kernels (basic_impl.h) ---- */
@@ -181,6 +184,28 @@ typedef struct rv_ops {
      * codebook entries times the token's scale. Scratch: RV_TATTN_SCRATCH_FLOATS(Gp, D). */
     void (*attend_tgroup)(rv_attn_state *st, const struct rv_thead *h, int a, int n,
                           const int *visible, float *scratch);
+
+    /* ---- GGUF block matmul and the dense parts of a layer (qmatmul_impl.h; formats in
+     * rv_wmat.h) ----
+     * quantize_act: columns [c0, c1) of a->x into a's Q8 arrays (q, d, s32, s16, ds). */
+    void (*quantize_act)(rv_qact *a, int c0, int c1);
+    /* y[c * ldy + r - r0] = W[r] . x_c (accumulate: +=) for rows r in [r0, r1)
+     * and every column c < a->n; float weight types use a->x, quantized ones a's Q8 form (call
+     * quantize_act first). Up to a few columns it streams each row once for all columns
+     * (matrix-vector, decode); for more it packs RV_WMM_PANEL rows at a time into `scratch`
+     * and runs a register-blocked integer GEMM over the columns (prefill). scratch:
+     * RV_WMATMUL_SCRATCH_BYTES(w->cols) bytes, 64-byte aligned. */
+    void (*wmatmul)(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y, ptrdiff_t ldy,
+                    int accumulate, void *scratch);
+    /* row `row` of W dequantized into out[w->cols] (an embedding lookup) */
+    void (*wrow_f32)(const rv_wmat *w, int row, float *out);
+    /* out = x / sqrt(mean(x^2) + eps) * gain (gain NULL: 1); out may be x */
+    void (*rmsnorm_f32)(const float *x, const float *gain, float eps, float *out, int n);
+    /* rotates the adjacent pairs (x[2i], x[2i+1]) of `vectors` vectors of dim floats (stride
+     * dim) by the angles whose cos/sin are cos[i], sin[i] (i < dim/2): llama.cpp's "normal" RoPE */
+    void (*rope_pairs_f32)(float *x, int vectors, int dim, const float *cos, const float *sin);
+    /* out = gate * sigmoid(gate) * up (SwiGLU); out may alias gate or up */
+    void (*swiglu_f32)(const float *gate, const float *up, float *out, int n);
 } rv_ops;
 
 /* rv_dispatch.c */
@@ -206,5 +231,6 @@ void rv_fill_ops_scalar(rv_ops *ops);
 void rv_fill_ops_avx2(rv_ops *ops);
 void rv_fill_ops_avx512(rv_ops *ops);
 void rv_fill_ops_neon(rv_ops *ops);
+void rv_fill_ops_avx512vnni(rv_ops *ops);
 
 #endif
