@@ -132,10 +132,12 @@ class _ForwardPlan:
     """What one forward's step needs besides the Step: the batch geometry, the valid-row gather
     of a padded forward and the per-forward conversion buffers (step arena memory)."""
 
-    __slots__ = ("step", "batch", "q_len", "n", "valid", "gather", "buffers", "created")
+    __slots__ = ("step", "batch", "q_len", "n", "valid", "gather", "buffers", "created",
+                 "remaining")
 
-    def __init__(self, step, batch, q_len, valid, created):
+    def __init__(self, step, batch, q_len, valid, created, num_layers):
         self.step = step
+        self.remaining = num_layers         # layers still to attend in this forward
         self.batch = batch
         self.q_len = q_len
         self.valid = valid                  # np.bool_ [batch, q_len], or None: every token
@@ -253,8 +255,8 @@ class RuvpyCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Note this layer's new K/V (no copy) and return them: the "ruvpy" attention function
         the layer calls next appends and attends them in one Runtime call."""
-        self._check_usable()
         if self._config._attn_implementation != ATTENTION:
+            self._check_usable()
             raise RuntimeError(f"RuvpyCache needs the model's attention implementation "
                                f"{ATTENTION!r}, but it is "
                                f"{self._config._attn_implementation!r} now: RuvpyCache returns "
@@ -267,11 +269,23 @@ class RuvpyCache(Cache):
             raise RuntimeError(f"the attention of layer {pending[1]} did not run through the "
                                f"{ATTENTION!r} attention function after cache.update(); the "
                                f"forward was rolled back")
-        layer = self._layer_index(layer_idx)
-        if self._plan is not None and self._attended[layer]:
-            self._abandon_forward()       # the previous forward stopped part-way
-        self._check_kv(key_states, value_states)
-        _local.pending = (self, layer, key_states, value_states)
+        if type(layer_idx) is not int or not 0 <= layer_idx < self.num_layers:
+            layer_idx = self._layer_index(layer_idx)
+        if self._plan is not None:
+            if self._attended[layer_idx]:
+                self._abandon_forward()       # the previous forward stopped part-way
+        else:
+            self._check_usable()
+        # the common case in one test; _check_kv says what is wrong otherwise
+        if not (type(key_states) is torch.Tensor and type(value_states) is torch.Tensor and
+                key_states.shape == value_states.shape and key_states.dtype is value_states.dtype
+                and key_states.is_cpu and value_states.is_cpu and
+                key_states.dtype in _TORCH_KV_DTYPES and key_states.dim() == 4 and
+                key_states.shape[1] == self.num_kv_heads and
+                key_states.shape[3] == self.head_dim and key_states.shape[2] > 0 and
+                (not self._seqs or key_states.shape[0] == len(self._seqs))):
+            self._check_kv(key_states, value_states)
+        _local.pending = (self, layer_idx, key_states, value_states)
         return key_states, value_states
 
     # -- the attention --------------------------------------------------------------------------
@@ -279,11 +293,18 @@ class RuvpyCache(Cache):
         """Append `key`/`value` of every row to `layer` and attend `query` (one Step.attention
         call); returns [batch, q_len, num_heads, head_dim] in the query's dtype."""
         try:
-            self._check_query(query, key, dropout, is_causal, extra)
-            if self._plan is None:
-                self._begin_forward(query.shape[0], query.shape[2], mask)
+            if dropout or is_causal is False or extra and self._unsupported(extra) or \
+                    (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)) or \
+                    type(query) is not torch.Tensor or query.dim() != 4 or \
+                    query.shape[1] != self.num_heads or query.shape[3] != self.head_dim or \
+                    query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2] or \
+                    query.dtype not in _TORCH_KV_DTYPES or not query.is_cpu:
+                self._check_query(query, key, dropout, is_causal, extra)
             plan = self._plan
-            if query.shape[0] != plan.batch or query.shape[2] != plan.q_len:
+            if plan is None:
+                self._begin_forward(query.shape[0], query.shape[2], mask)
+                plan = self._plan
+            elif query.shape[0] != plan.batch or query.shape[2] != plan.q_len:
                 raise ValueError(f"layer {layer}: query shape {list(query.shape)} differs from the "
                                  f"forward's batch {plan.batch} x {plan.q_len} tokens")
             output = self._attend_rows(plan, layer, query, key, value, scaling)
@@ -291,9 +312,14 @@ class RuvpyCache(Cache):
             self._abandon_forward()
             raise
         self._attended[layer] = True
-        if all(self._attended):
+        plan.remaining -= 1
+        if not plan.remaining:
             self._finish_forward()
         return output
+
+    @staticmethod
+    def _unsupported(extra):
+        return any(extra.get(name) is not None for name in _UNSUPPORTED_ATTENTION_KWARGS)
 
     def _attend_rows(self, plan, layer, query, key, value, scaling):
         batch, heads, q_len, head_dim = query.shape
@@ -323,7 +349,7 @@ class RuvpyCache(Cache):
         [n, heads, head_dim]: a view of t's memory when it already is token-major in an accepted
         dtype; else converted (bfloat16, float16 queries) or gathered (padded rows) into a
         buffer of this forward."""
-        rows = t.detach().transpose(1, 2)      # [batch, q_len, heads, head_dim], a view
+        rows = (t.detach() if t.requires_grad else t).transpose(1, 2)   # [batch, q_len, heads, d]
         heads, head_dim = t.shape[1], t.shape[3]
         accepted = rows.dtype == torch.float32 or (float16_ok and rows.dtype == torch.float16)
         if accepted and plan.gather is None and rows.is_contiguous():
@@ -370,7 +396,7 @@ class RuvpyCache(Cache):
         except BaseException:
             self._drop_created(created)
             raise
-        self._plan = _ForwardPlan(step, batch, q_len, valid, created)
+        self._plan = _ForwardPlan(step, batch, q_len, valid, created, self.num_layers)
         self._attended = [False] * self.num_layers
 
     def _finish_forward(self):
