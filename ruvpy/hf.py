@@ -581,10 +581,35 @@ class RuvpyCache(Cache):
         """Drop every row (their KV storage is freed); the next forward starts a new batch."""
         self._check_usable()
         self._abandon_forward()
-        self.runtime.reset()
+        for seq in self._seqs:
+            self.runtime.remove_sequence(seq)
         self._seqs = []
         self._stored = np.zeros((0, 0), np.bool_)
         self._columns = 0
+
+    def __deepcopy__(self, memo):
+        """A cache holding the same rows as forks in the same Runtime (copy-on-write: nothing is
+        copied until one of them appends), e.g. to reuse a prefilled prompt
+        (`copy.deepcopy(prompt_cache)`). Both caches share the Runtime: close() closes it for
+        both."""
+        self._check_usable()
+        self._abandon_forward()
+        forks = []
+        try:
+            for seq in self._seqs:
+                forks.append(self.runtime.fork_sequence(seq))
+        except BaseException:
+            for seq in forks:
+                self.runtime.remove_sequence(seq)
+            raise
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.layers = [_RuvpyLayer(twin) for _ in range(self.num_layers)]
+        twin._seqs = forks
+        twin._stored = self._stored.copy()
+        twin._attended = [False] * self.num_layers
+        memo[id(self)] = twin
+        return twin
 
     def close(self):
         """Free the Runtime (all KV storage) now; the cache cannot be used afterwards."""

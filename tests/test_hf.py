@@ -445,6 +445,24 @@ def test_reset_drops_every_row_and_the_cache_is_reusable(model):
     assert torch.equal(generate(model, ids, cache=cache, n=8), first)
 
 
+def test_deepcopy_reuses_a_prompt_through_forks(model):
+    """transformers' prompt-reuse recipe: prefill once, deepcopy the cache per continuation."""
+    import copy
+    prompt = prompts([20], seed=4)[0][None]
+    prompt_cache = _prefilled(model, prompt, None, RuvpyCache(model, kv_dtype="float32"))
+    used = prompt_cache.runtime.stats().kv["bytes_in_use"]
+    for suffix in ([5, 6], [7, 8, 9]):
+        ids = torch.cat([prompt, torch.tensor([suffix])], 1)
+        cache = copy.deepcopy(prompt_cache)
+        assert cache.runtime is prompt_cache.runtime
+        assert cache.runtime.stats().kv["bytes_in_use"] == used       # shared, not copied
+        got = generate(model, ids, cache=cache, n=8)
+        assert torch.equal(got, generate(model, ids, cache=dynamic(model), n=8))
+        cache.reset()                         # frees the copy's rows only
+    assert prompt_cache.get_seq_length() == 20
+    assert prompt_cache.runtime.sequences == prompt_cache.sequences
+
+
 def test_generate_continues_a_filled_cache_as_dynamic_cache_does(model):
     ids = prompts([6])[0][None]
     ours, theirs = RuvpyCache(model, kv_dtype="float32"), dynamic(model)
