@@ -48,7 +48,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from ruvpy.runtime import Runtime, RuntimeConfig
+from ruvpy import Runtime, RuntimeConfig
 
 __all__ = ["RuvpyCache", "ATTENTION", "ruvpy_attention_forward"]
 
@@ -255,13 +255,6 @@ class RuvpyCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Note this layer's new K/V (no copy) and return them: the "ruvpy" attention function
         the layer calls next appends and attends them in one Runtime call."""
-        if self._config._attn_implementation != ATTENTION:
-            self._check_usable()
-            raise RuntimeError(f"RuvpyCache needs the model's attention implementation "
-                               f"{ATTENTION!r}, but it is "
-                               f"{self._config._attn_implementation!r} now: RuvpyCache returns "
-                               f"only the new K/V, the rest stays in ruvpy "
-                               f"(model.set_attn_implementation({ATTENTION!r}))")
         pending = getattr(_local, "pending", None)
         if pending is not None and pending[0] is self:
             _local.pending = None
@@ -271,11 +264,16 @@ class RuvpyCache(Cache):
                                f"forward was rolled back")
         if type(layer_idx) is not int or not 0 <= layer_idx < self.num_layers:
             layer_idx = self._layer_index(layer_idx)
-        if self._plan is not None:
-            if self._attended[layer_idx]:
-                self._abandon_forward()       # the previous forward stopped part-way
-        else:
+        if self._plan is not None and self._attended[layer_idx]:
+            self._abandon_forward()           # the previous forward stopped part-way
+        if self._plan is None:                # the first layer of a forward
             self._check_usable()
+            if self._config._attn_implementation != ATTENTION:
+                raise RuntimeError(f"RuvpyCache needs the model's attention implementation "
+                                   f"{ATTENTION!r}, but it is "
+                                   f"{self._config._attn_implementation!r} now: RuvpyCache "
+                                   f"returns only the new K/V, the rest stays in ruvpy "
+                                   f"(model.set_attn_implementation({ATTENTION!r}))")
         # the common case in one test; _check_kv says what is wrong otherwise
         if not (type(key_states) is torch.Tensor and type(value_states) is torch.Tensor and
                 key_states.shape == value_states.shape and key_states.dtype is value_states.dtype
@@ -330,7 +328,7 @@ class RuvpyCache(Cache):
         k = self._token_rows(plan, key, "k", float16_ok=True)
         v = self._token_rows(plan, value, "v", float16_ok=True)
         if result.dtype == torch.float32 and plan.gather is None:
-            out = result.numpy().reshape(plan.n, heads, head_dim)     # ruvpy writes into torch memory
+            out = result.numpy().reshape(plan.n, heads, head_dim)   # ruvpy writes into torch
             plan.step.attention(layer, q, k, v, scale=scaling, out=out)
             return result
         out = plan.buffer("out", (plan.n, heads, head_dim), np.float32)
@@ -569,9 +567,8 @@ class RuvpyCache(Cache):
             return
         keep = self._columns - n
         dropped = self._stored[:, keep:self._columns].sum(axis=1)
-        targets = [self.runtime.seq_len(seq) - int(d) for seq, d in zip(self._seqs, dropped)]
-        if any(t < 0 for t in targets):     # tokens evicted by an "evict-oldest" policy
-            targets = [max(0, t) for t in targets]
+        # positions count every token a row appended (evicted ones too): cut the last ones
+        targets = [self.runtime.position(seq) - int(d) for seq, d in zip(self._seqs, dropped)]
         for seq, target in zip(self._seqs, targets):
             truncate(seq, target)
         self._stored[:, keep:] = False

