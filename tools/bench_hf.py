@@ -1,6 +1,6 @@
 """ruvpy's caches under Hugging Face transformers against transformers' own, in one run.
 
-    python tools/bench_hf.py [--contexts 512 4096] [--decode-tokens 32] [--rounds 8]
+    python tools/bench_hf.py [--contexts 512 4096] [--decode-tokens 40] [--rounds 10]
                              [--caches dynamic quanto paged-fp16 two-tier-q4 turbo]
                              [--ruvpy-threads N] [--json out.json]
 
@@ -16,8 +16,8 @@ README, tokenized, cut to each length) with each cache:
 
 Every cache is prefilled with the same context first (timed once); then the caches decode in
 interleaved rounds (`--rounds` x `--decode-tokens`/`--rounds` timed tokens each, after a pause
-between libraries so torch's spinning OpenMP threads settle and one untimed token), so that
-drift of the shared machine hits them alike. Reported per context and cache: decode tok/s
+between libraries so torch's spinning OpenMP threads settle and one untimed token; each round
+starts with the next cache), so that drift of the shared machine hits them alike. Reported per context and cache: decode tok/s
 (1 / median per-token forward time), its speed-up over DynamicCache (median over rounds of the
 ratio of per-round medians), prefill seconds, KV bytes (DynamicCache / QuantizedCache: the
 bytes of their tensors; ruvpy: what its Runtime allocated for the KV cache, sized to the run,
@@ -157,7 +157,10 @@ def bench_context(model, tokenizer, length, caches, decode_tokens, rounds, threa
         runs.append(Run(name, model, ids, capacity, threads))
         log(f"  [{length}] prefill {name}: {runs[-1].prefill_s:.2f} s")
     for r in range(rounds):
-        for run in runs:
+        # each round starts with the next cache: a cache's place in the round moved its speed
+        # by 3-5% (paged fp16 and two-tier q4, equally fast alone, swapped results when they
+        # swapped places), so every cache takes every place
+        for run in runs[r % len(runs):] + runs[:r % len(runs)]:
             settle()
             run.decode(1, timed=False)    # after the pause: wakes threads, refills caches
             run.decode(per_round)
@@ -215,8 +218,8 @@ def targets(rows, length):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--decode-tokens", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES)
     parser.add_argument("--ruvpy-threads", type=int, default=None,
                         help="RuntimeConfig(threads=...) of the ruvpy caches (default: leave "
