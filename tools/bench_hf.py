@@ -17,13 +17,16 @@ README, tokenized, cut to each length) with each cache:
 Every cache is prefilled with the same context first (timed once); then the caches decode in
 interleaved rounds (`--rounds` x `--decode-tokens`/`--rounds` timed tokens each, after a pause
 between libraries so torch's spinning OpenMP threads settle and one untimed token; each round
-starts with the next cache), so that drift of the shared machine hits them alike. Reported per context and cache: decode tok/s
-(1 / median per-token forward time), its speed-up over DynamicCache (median over rounds of the
-ratio of per-round medians), prefill seconds, KV bytes (DynamicCache / QuantizedCache: the
-bytes of their tensors; ruvpy: what its Runtime allocated for the KV cache, sized to the run,
-with bytes holding tokens beside it), and greedy agreement with DynamicCache (identical leading
-tokens and matching tokens of the decode). Ends with the issue's targets at the longest
-context. Table + JSON (--json).
+starts with the next cache), so that drift of the shared machine hits them alike.
+
+Reported per context and cache: decode tok/s (1 / median per-token forward time); its speed-up
+over DynamicCache (median over rounds of the ratio of per-round medians); the milliseconds of a
+token spent in the cache's update() and the attention function (kv_attn_ms) and in the rest of
+the model (model_ms); prefill seconds; KV bytes (DynamicCache / QuantizedCache: the bytes of
+their tensors; ruvpy: what its Runtime allocated for the KV cache, sized to the run, with the
+bytes holding tokens beside it); greedy agreement with DynamicCache (identical leading tokens,
+and equal tokens, of the decode). Ends with the issue's targets at the longest context. Table +
+JSON (--json).
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ from _bench_common import emit_json, machine_info, print_table, settle  # noqa: 
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
+from transformers.cache_utils import Cache  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
 
 import ruvpy.hf  # noqa: E402
 
@@ -114,6 +119,30 @@ def kv_bytes(name, cache):
     return total, total
 
 
+KV_CLOCK = [0.0]     # seconds inside cache.update() and the attention function, this forward
+
+
+def _clocked(fn):
+    def clocked(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            KV_CLOCK[0] += time.perf_counter() - t0
+    return clocked
+
+
+def clock_kv_work():
+    """Time what differs between the caches: their update() (DynamicCache concatenates,
+    QuantizedCache dequantizes and re-quantizes, RuvpyCache notes the tensors) and the
+    attention function (sdpa; ruvpy's append + attention). The rest of a forward is the
+    model's own work, the same whatever the cache (about 1 us of clock per call)."""
+    Cache.update = _clocked(Cache.update)
+    ruvpy.hf.RuvpyCache.update = _clocked(ruvpy.hf.RuvpyCache.update)
+    for name in ("sdpa", ruvpy.hf.ATTENTION):
+        AttentionInterface.register(name, _clocked(ALL_ATTENTION_FUNCTIONS[name]))
+
+
 class Run:
     """One cache decoding greedily after the context."""
 
@@ -125,19 +154,22 @@ class Run:
             logits = model(ids, cache=self.cache, use_cache=True).logits[:, -1]
         self.prefill_s = time.perf_counter() - t0
         self.next = logits.argmax(-1, keepdim=True)
-        self.tokens, self.times, self.round_medians = [], [], []
+        self.tokens, self.times, self.kv_times, self.round_medians = [], [], [], []
 
     def decode(self, n, timed=True):
-        times = []
+        times, kv_times = [], []
         with torch.inference_mode():
             for _ in range(n):
                 self.tokens.append(int(self.next))
+                KV_CLOCK[0] = 0.0
                 t0 = time.perf_counter()
                 logits = self.model(self.next, cache=self.cache, use_cache=True).logits[:, -1]
                 times.append(time.perf_counter() - t0)
+                kv_times.append(KV_CLOCK[0])
                 self.next = logits.argmax(-1, keepdim=True)
         if timed:
             self.times += times
+            self.kv_times += kv_times
             self.round_medians.append(statistics.median(times))
 
     def close(self):
@@ -174,6 +206,9 @@ def bench_context(model, tokenizer, length, caches, decode_tokens, rounds, threa
                "decode_tok_s": 1 / statistics.median(run.times),
                "decode_ms_median": 1e3 * statistics.median(run.times),
                "decode_ms_min": 1e3 * min(run.times),
+               "kv_attn_ms": 1e3 * statistics.median(run.kv_times),
+               "model_ms": 1e3 * statistics.median(t - k for t, k in
+                                                   zip(run.times, run.kv_times)),
                "prefill_s": run.prefill_s, "kv_MiB": allocated / 2 ** 20,
                "kv_in_use_MiB": in_use / 2 ** 20, "kv_bytes": allocated,
                "kv_bytes_in_use": in_use, "tokens": run.tokens,
@@ -230,6 +265,7 @@ def main(argv=None):
     if "quanto" in args.caches and "quanto" not in caches:
         log("optimum-quanto is not installed: QuantizedCache(quanto) is left out")
 
+    clock_kv_work()
     directory = model_dir()
     log(f"loading {MODEL_FILE} with transformers ...")
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=MODEL_FILE).eval()
@@ -242,6 +278,7 @@ def main(argv=None):
     checks = targets(rows, max(args.contexts))
 
     columns = ["context", "cache", "decode_tok_s", "x_dynamic_tok_s", "decode_ms_median",
+               "kv_attn_ms", "model_ms",
                "prefill_s", "kv_MiB", "kv_in_use_MiB", "x_dynamic_kv_bytes", "greedy_prefix",
                "greedy_match"]
     print(f"SmolLM2-135M (transformers, float32 weights), torch {torch.__version__} "
