@@ -5,7 +5,7 @@ same model object.
 - float32 K/V: greedy generations identical to DynamicCache's, alone and left-padded in a batch,
   and beam search too;
 - compressed K/V: teacher-forced top-1 agreement with DynamicCache's greedy tokens over 64 steps
-  after a 423-token prompt, most of it in the cold tier (hot_tokens=64).
+  after a 422-token prompt, most of it in the cold tier (hot_tokens=64).
 """
 import importlib.util
 import os
