@@ -85,14 +85,20 @@ def probe_openmp():
 OPENMP_FLAGS = probe_openmp()
 
 
+# C directories an extension links besides its own: the KV caches run the one attention
+# scheduler (csrc/attention) and take cold groups from the buffer pool (csrc/memory).
+LINKED_DIRS = {"_kvcache": ["attention", "memory"]}
+
+
 def extension_sources(name):
-    """Sources of ruvpy.<name>: its .pyx plus the C of csrc/<name without '_'>/."""
+    """Sources of ruvpy.<name>: its .pyx plus the C of csrc/<name without '_'>/ (and of
+    LINKED_DIRS[name])."""
     sources = [os.path.join(PKG, name + ".pyx")]
-    cdir = os.path.join(CSRC, name.lstrip("_"))
-    for c in sorted(glob(os.path.join(cdir, "*.c"))):
-        isa = isa_of(c)
-        if isa is None or isa in BUILD_ISAS:
-            sources.append(c)
+    for directory in [name.lstrip("_")] + LINKED_DIRS.get(name, []):
+        for c in sorted(glob(os.path.join(CSRC, directory, "*.c"))):
+            isa = isa_of(c)
+            if isa is None or isa in BUILD_ISAS:
+                sources.append(c)
     return sources
 
 

@@ -1,8 +1,10 @@
 # cython: language_level=3
-"""Functional attention: ruvpy.attention(q, k, v, *, causal=True, scale=None, out=None).
+"""Functional attention: ruvpy.attention(q, k, v, *, causal=True, scale=None, out=None,
+threads=None).
 
-A thin layer: it checks shapes, dtypes and strides, then runs the C driver
-(csrc/attention/rv_attention.c) with the GIL released on the active ISA's kernel table.
+A thin layer: it converts the arguments, checks shapes, dtypes and strides, then runs the
+attention scheduler (csrc/attention/rv_attention.c, the same one the KV caches use) over the
+tensors with the GIL released on the active ISA's kernel table.
 """
 import numpy as np
 
@@ -13,6 +15,7 @@ from libc.string cimport memset
 
 from ruvpy.c_ops cimport rv_ops
 from ruvpy._kernels cimport active_ops, num_threads
+from ruvpy._kernels import MAX_HEAD_DIM, MAX_KV_LEN, MAX_INT
 
 cnp.import_array()
 
@@ -22,9 +25,8 @@ cdef extern from "rv_common.h":
         RV_ENOMEM
         RV_EINVAL
 
-MAX_HEAD_DIM = 256
-# the tiled kernel compares key indices as float32: exact up to 2**24
-MAX_KV_LEN = 1 << 24
+cdef extern from "float.h":
+    float FLT_MAX
 
 
 cdef cnp.ndarray _kernel_layout(object x, str name):
@@ -42,15 +44,15 @@ cdef cnp.ndarray _kernel_layout(object x, str name):
     return a if ok else np.ascontiguousarray(a)
 
 
-cdef inline ptrdiff_t _stride(cnp.ndarray a, int axis):
+cdef ptrdiff_t elem_stride(cnp.ndarray a, int axis) noexcept:
     """element stride of an axis (0 for an axis of length 1, whose stride numpy leaves free)"""
-    return 0 if a.shape[axis] <= 1 else a.strides[axis] // a.itemsize
+    return 0 if a.shape[axis] <= 1 else a.strides[axis] // cnp.PyArray_ITEMSIZE(a)
 
 
-cdef void _extent(cnp.ndarray a, char **lo, char **hi):
+cdef void _extent(cnp.ndarray a, char **lo, char **hi) noexcept:
     """the bytes [lo, hi) an array can touch"""
     cdef char *base = <char *>cnp.PyArray_DATA(a)
-    cdef Py_ssize_t lo_off = 0, hi_off = a.itemsize, span
+    cdef Py_ssize_t lo_off = 0, hi_off = cnp.PyArray_ITEMSIZE(a), span
     cdef int i
     for i in range(a.ndim):
         if a.shape[i] == 0:
@@ -66,7 +68,7 @@ cdef void _extent(cnp.ndarray a, char **lo, char **hi):
     hi[0] = base + hi_off
 
 
-cdef bint _overlap(cnp.ndarray a, cnp.ndarray b):
+cdef bint overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
     cdef char *alo
     cdef char *ahi
     cdef char *blo
@@ -76,7 +78,31 @@ cdef bint _overlap(cnp.ndarray a, cnp.ndarray b):
     return alo < bhi and blo < ahi
 
 
-def attention(q, k, v, *, causal=True, scale=None, out=None):
+cdef int thread_count(object threads) except -1:
+    """threads as a C int: None -> ruvpy's process-wide setting (read, never changed); else
+    an int >= 1 (more than OpenMP has are capped by it)."""
+    if threads is None:
+        return num_threads()
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)):
+        raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
+    n = int(threads)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1 (or None), got {n}")
+    return <int>min(n, MAX_INT)
+
+
+cdef float softmax_scale(object scale, int head_dim) except? -1:
+    """scale as a float32 (None: 1 / sqrt(head_dim)); ValueError unless finite in float32."""
+    cdef double s
+    if scale is None:
+        return <float>(1.0 / sqrt(<double>head_dim))
+    s = float(scale)
+    if not isfinite(s) or abs(s) > FLT_MAX:
+        raise ValueError(f"scale must be finite in float32, got {scale!r}")
+    return <float>s
+
+
+def attention(q, k, v, *, causal=True, scale=None, out=None, threads=None):
     """softmax(scale * q k^T + mask) v for every query head.
 
     q: [q_len, num_heads, head_dim] float32. k, v: [kv_len, num_kv_heads, head_dim], both
@@ -86,8 +112,16 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
     scale: defaults to 1 / sqrt(head_dim).
     out: optional float32 array of q's shape; the result is written there and nothing is
     allocated. Returns out (or a new array). head_dim may be 1..256 (multiples of 16 fastest).
-    Arrays whose last axis is not contiguous are copied first.
+    threads: kernel threads for this call (None: ruvpy.get_num_threads()).
+    Arrays may be strided (whole elements); arrays whose last axis is not contiguous are copied.
     """
+    # every scalar first (their conversions may run Python code), the arrays last
+    cdef bint is_causal = bool(causal)
+    cdef int nthreads = thread_count(threads)
+    scale_given = scale
+    cdef double scl = 0.0
+    if scale is not None:
+        scl = softmax_scale(scale, 1)
     cdef cnp.ndarray qa = _kernel_layout(q, "q")
     cdef cnp.ndarray ka = _kernel_layout(k, "k")
     cdef cnp.ndarray va = _kernel_layout(v, "v")
@@ -113,16 +147,10 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
     if num_heads < 1 or num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}, q {qs}) must be a positive multiple of "
                          f"num_kv_heads ({num_kv_heads}, k {ks})")
-    cdef bint is_causal = bool(causal)
     if is_causal and q_len > kv_len:
         raise ValueError(f"causal attention needs q_len <= kv_len, got q {qs} and k {ks}")
-    cdef double scl
-    if scale is None:
+    if scale_given is None:
         scl = 1.0 / sqrt(<double>head_dim)
-    else:
-        scl = float(scale)
-        if not isfinite(scl):
-            raise ValueError(f"scale must be finite, got {scale!r}")
 
     cdef cnp.ndarray oa
     if out is None:
@@ -140,9 +168,9 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
         if _kernel_layout(oa, "out") is not oa:
             raise ValueError(f"out needs a contiguous last axis and whole-element strides, "
                              f"got strides {(<object>oa).strides}")
-        if _overlap(oa, ka) or _overlap(oa, va):
+        if overlap(oa, ka) or overlap(oa, va):
             raise ValueError("out overlaps k or v")
-        if _overlap(oa, qa) and (cnp.PyArray_DATA(oa) != cnp.PyArray_DATA(qa)
+        if overlap(oa, qa) and (cnp.PyArray_DATA(oa) != cnp.PyArray_DATA(qa)
                                    or (<object>oa).strides != (<object>qa).strides):
             raise ValueError("out overlaps q without being q itself (in place is fine)")
     if q_len == 0:
@@ -150,17 +178,17 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
 
     cdef rv_attn_args args
     args.q = <const float *>cnp.PyArray_DATA(qa)
-    args.q_tok = _stride(qa, 0)
-    args.q_head = _stride(qa, 1)
+    args.q_tok = elem_stride(qa, 0)
+    args.q_head = elem_stride(qa, 1)
     args.k = cnp.PyArray_DATA(ka)
-    args.k_tok = _stride(ka, 0)
-    args.k_head = _stride(ka, 1)
+    args.k_tok = elem_stride(ka, 0)
+    args.k_head = elem_stride(ka, 1)
     args.v = cnp.PyArray_DATA(va)
-    args.v_tok = _stride(va, 0)
-    args.v_head = _stride(va, 1)
+    args.v_tok = elem_stride(va, 0)
+    args.v_head = elem_stride(va, 1)
     args.out = <float *>cnp.PyArray_DATA(oa)
-    args.o_tok = _stride(oa, 0)
-    args.o_head = _stride(oa, 1)
+    args.o_tok = elem_stride(oa, 0)
+    args.o_head = elem_stride(oa, 1)
     args.q_len = <int>q_len
     args.kv_len = <int>kv_len
     args.num_heads = <int>num_heads
@@ -171,7 +199,7 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
     args.scale = <float>scl
     cdef int status
     with nogil:
-        status = rv_attention(active_ops(), num_threads(), &args)
+        status = rv_attention(active_ops(), nthreads, &args, NULL)
     if status == RV_ENOMEM:
         raise MemoryError("attention: could not allocate its scratch buffer")
     if status != RV_OK:

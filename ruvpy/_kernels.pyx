@@ -10,6 +10,41 @@ from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, 
                           rv_isa_from_name, rv_best_isa, rv_set_active_isa, rv_active_ops,
                           rv_set_num_threads, rv_get_num_threads)
 from ruvpy._openmp_helpers cimport effective_n_threads, RV_OPENMP_ENABLED, omp_get_max_threads
+from ruvpy._limits cimport (RV_MAX_HEAD_DIM, RV_MAX_KV_LEN, RV_MAX_INT, RV_MAX_GROUP_TOKENS,
+                            RV_MAX_GROUP_VALUES, RV_MAX_HOT_TOKENS, RV_MAX_OUTLIERS)
+
+cdef extern from *:
+    """
+    #include "rv_limits.h"
+    static const double rv_turbo_bits_exported[RV_TURBO_BITS_COUNT] = RV_TURBO_BITS_LIST;
+    """
+    const double rv_turbo_bits_exported[3]
+    int RV_TURBO_BITS_COUNT
+
+# Every limit of ruvpy as C defines it (csrc/rv_limits.h); the rest of the package reads them
+# from here. The cold formats come from the codec table (ruvpy._kvcache.COLD_FORMATS).
+MAX_HEAD_DIM = RV_MAX_HEAD_DIM
+MAX_KV_LEN = RV_MAX_KV_LEN
+MAX_INT = RV_MAX_INT
+MAX_GROUP_TOKENS = RV_MAX_GROUP_TOKENS
+MAX_GROUP_VALUES = RV_MAX_GROUP_VALUES
+MAX_HOT_TOKENS = RV_MAX_HOT_TOKENS
+MAX_OUTLIERS = RV_MAX_OUTLIERS
+TURBO_BITS = tuple([rv_turbo_bits_exported[i] for i in range(RV_TURBO_BITS_COUNT)])
+LIMITS = {"max_head_dim": MAX_HEAD_DIM, "max_kv_len": MAX_KV_LEN, "max_int": MAX_INT,
+          "max_group_tokens": MAX_GROUP_TOKENS, "max_group_values": MAX_GROUP_VALUES,
+          "max_hot_tokens": MAX_HOT_TOKENS, "max_outliers": MAX_OUTLIERS,
+          "turbo_bits": TURBO_BITS}
+
+
+cdef extern from *:
+    """
+    /* The calling thread's own kernel thread count while a Runtime step runs in it (0: none,
+     * the process-wide setting applies). Per OS thread: Runtimes stepping in different
+     * Python threads never see each other's. */
+    static _Thread_local int rv_thread_count_override = 0;
+    """
+    int rv_thread_count_override
 
 
 cdef const rv_ops *active_ops() noexcept nogil:
@@ -17,7 +52,19 @@ cdef const rv_ops *active_ops() noexcept nogil:
 
 
 cdef int num_threads() noexcept nogil:
+    if rv_thread_count_override > 0:
+        return effective_n_threads(rv_thread_count_override)
     return effective_n_threads(rv_get_num_threads())
+
+
+def _swap_thread_count(int n):
+    """Test and Runtime hook: the calling thread's own thread count becomes n (0: the
+    process-wide setting again); returns the previous override (0: none). Other threads and
+    the process-wide setting are untouched."""
+    global rv_thread_count_override
+    previous = rv_thread_count_override
+    rv_thread_count_override = max(n, 0)
+    return previous
 
 
 def _names(predicate):
@@ -56,8 +103,9 @@ def set_isa(name):
 
 
 def set_num_threads(n):
-    """Threads for ruvpy's parallel kernels; None or 0 means all (OMP_NUM_THREADS / cores).
-    More than there are is capped to that."""
+    """Threads for ruvpy's parallel kernels, process-wide; None or 0 means all
+    (OMP_NUM_THREADS / cores). More than there are is capped to that. (Inside a step of a
+    Runtime with RuntimeConfig.threads set, the stepping thread uses the Runtime's count.)"""
     if n is None:
         n = 0
     if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)):
@@ -68,7 +116,7 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Threads the parallel kernels use now."""
+    """Threads the parallel kernels use now, in the calling thread."""
     return num_threads()
 
 

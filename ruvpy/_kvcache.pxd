@@ -1,6 +1,8 @@
 # ruvpy._kvcache for Cython users: mirrors of the KV-cache C headers (csrc/kvcache/*.h).
 from libc.stdint cimport int32_t, int64_t, uint16_t
 from ruvpy.c_ops cimport rv_ops
+from ruvpy._memory cimport rv_pool, rv_scratch
+from ruvpy._attention cimport rv_kv_query, rv_kv_source, rv_attn_plan
 
 cdef extern from "rv_common.h" nogil:
     enum:
@@ -9,13 +11,12 @@ cdef extern from "rv_common.h" nogil:
         RV_EINVAL
         RV_EFULL
 
-cdef extern from "kvcache/rv_kvattn.h" nogil:
-    ctypedef struct rv_kv_query:
-        int seq
-        int q_len
-        int64_t kv_len
-        const float *q
-        float *out
+cdef extern from "kvcache/rv_codec.h" nogil:
+    enum:
+        RV_CODEC_COUNT
+    ctypedef struct rv_codec:
+        const char *name
+    const rv_codec *rv_codecs[3]
 
 cdef extern from "kvcache/rv_paged.h" nogil:
     enum:
@@ -48,6 +49,8 @@ cdef extern from "kvcache/rv_paged.h" nogil:
 
     size_t rv_paged_block_bytes(int num_layers, int num_kv_heads, int head_dim, int block_size,
                                 int dtype)
+    size_t rv_paged_create_bytes(int num_layers, int num_kv_heads, int head_dim, int block_size,
+                                 int64_t num_blocks, int dtype)
     int rv_paged_create(rv_paged **out, int num_layers, int num_kv_heads, int head_dim,
                         int block_size, int64_t num_blocks, int dtype)
     void rv_paged_destroy(rv_paged *c)
@@ -63,23 +66,27 @@ cdef extern from "kvcache/rv_paged.h" nogil:
     int rv_paged_begin(rv_paged *c, int slot)
     void rv_paged_commit(rv_paged *c, int slot)
     void rv_paged_rollback(rv_paged *c, int slot)
-    int rv_paged_attend(const rv_paged *c, int layer, int num_heads, const rv_kv_query *queries,
-                        int nq, float scale, int causal, const rv_ops *ops, int nthreads)
+    int rv_paged_truncate(rv_paged *c, int slot, int64_t n)
+    void rv_paged_source(const rv_paged *c, int layer, int num_heads, rv_kv_source *src)
     void rv_paged_get_stats(const rv_paged *c, rv_paged_stats *st)
 
 cdef extern from "kvcache/rv_twotier.h" nogil:
     enum:
-        RV_TT_Q8
-        RV_TT_Q4
-        RV_TT_TURBO
+        RV_TT_ROOM_OK
+        RV_TT_ROOM_FULL
+        RV_TT_ROOM_TOO_MANY
+        RV_TT_ROOM_MIXED
+        RV_TT_ROOM_TXN_SIDE
+        RV_TT_ROOM_NOMEM
 
     ctypedef struct rv_tt:
         int num_layers, num_kv_heads, head_dim
-        int hot_tokens, group_tokens, cold
+        int hot_tokens, group_tokens
         int64_t max_tokens
         int64_t *used
         int open_txns
         size_t hot_bytes, cold_bytes, meta_bytes
+        size_t cold_pooled_bytes
         int64_t cold_groups
         int64_t evicted
         int64_t shared_groups
@@ -96,8 +103,10 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
 
     int rv_tt_create(rv_tt **out, const rv_tt_params *p)
     void rv_tt_destroy(rv_tt *c)
-    size_t rv_tt_group_alloc_bytes(const rv_tt_params *p)
+    size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most)
     size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens)
+    size_t rv_tt_fixed_bytes(const rv_tt_params *p)
+    void rv_tt_use_pool(rv_tt *c, rv_pool *pool, int cls)
     int rv_tt_add(rv_tt *c, int *slot)
     int rv_tt_fork(rv_tt *c, int parent, int *child)
     void rv_tt_release(rv_tt *c, int slot)
@@ -105,20 +114,22 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
     int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer)
     void rv_tt_evict(rv_tt *c, int slot, int64_t n)
     int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
+    int rv_tt_truncate(rv_tt *c, int slot, int64_t n)
+    int rv_tt_make_room(rv_tt *c, const int *slots, const int64_t *n, int nseq, int layer,
+                        int evict, int *bind)
     int rv_tt_append(rv_tt *c, int slot, int layer, const void *k, const void *v, int64_t n,
                      int src_dtype, const rv_ops *ops)
     int rv_tt_begin(rv_tt *c, int slot)
     void rv_tt_commit(rv_tt *c, int slot, const rv_ops *ops)
     void rv_tt_rollback(rv_tt *c, int slot)
-    int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops)
-    int rv_tt_attend(const rv_tt *c, int layer, int num_heads, const rv_kv_query *queries, int nq,
-                     float scale, int causal, const rv_ops *ops, int nthreads)
+    void rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops)
+    void rv_tt_source(const rv_tt *c, int layer, int num_heads, rv_kv_source *src)
     int64_t rv_tt_export_groups(const rv_tt *c, int slot, int layer)
     size_t rv_tt_export_bytes(const rv_tt *c, int slot, int layer)
     void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blobs, int64_t *sizes,
-                            int32_t *skip, uint16_t *hot_k, uint16_t *hot_v)
+                            int32_t *skip, int32_t *cut, uint16_t *hot_k, uint16_t *hot_v)
     int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
     int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs,
-                           const int64_t *sizes, int64_t ngroups, int32_t skip, const uint16_t *hot_k,
-                           const uint16_t *hot_v, int64_t hot_len)
+                           const int64_t *sizes, int64_t ngroups, int32_t skip, int32_t cut,
+                           const uint16_t *hot_k, const uint16_t *hot_v, int64_t hot_len)
     void rv_tt_seq_usage(const rv_tt *c, int slot, int layer, rv_tt_usage *u)

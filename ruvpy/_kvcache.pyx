@@ -5,101 +5,55 @@
 - `PagedKVCache`: one preallocated pool of fixed-size fp16/fp32 blocks, per-sequence block
   tables, reference-counted blocks, copy-on-write forks (csrc/kvcache/rv_paged.c).
 - `TwoTierKVCache`: an fp16 hot tail of the most recent tokens and a cold store of packed
-  quantized groups (q8, q4, TurboQuant) (csrc/kvcache/rv_twotier.c).
+  quantized groups in one of the codec table's formats (csrc/kvcache/rv_twotier.c,
+  rv_codec.h).
+- `AttentionPlan` (cache.plan(...)): one step's attention over a cache, converted and
+  validated once; each layer's call then appends and attends in one C call.
 
-Both attend over their storage in place through the kernel table's attention block
-(csrc/kvcache/rv_kvattn.c). This module is the thin, validating Python face: every argument
-is checked before anything is written, so a bad call leaves the cache exactly as it was.
-Calls on one cache are serialised by a lock (attention runs without the GIL).
+Both caches attend through ruvpy's one attention scheduler (csrc/attention/rv_attention.c),
+their storage being one more KV source. This module is the thin, validating face: it
+converts the arguments (scalars and ids first, arrays last, pointers right after validating
+them) and calls C; the eviction policy is C's (rv_tt_make_room), the stats and the export
+format are plain Python (ruvpy.kvstats, ruvpy.kvexport). Calls on one cache are serialised
+by a lock (attention runs without the GIL).
 """
 import math
 
 import numpy as np
 
 cimport numpy as cnp
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK,
                                NOWAIT_LOCK)
 from libc.stdint cimport int32_t, int64_t, uint16_t
-from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 
 from ruvpy._kernels cimport active_ops, num_threads
+from ruvpy._attention cimport (rv_kv_query, rv_kv_source, rv_attn_plan, rv_attn_plan_make,
+                               rv_attn_run, thread_count, softmax_scale, elem_stride, overlap)
+from ruvpy._memory cimport BufferPool, ScratchSpace, rv_scratch, rv_scratch_fits
 from ruvpy.c_ops cimport rv_ops
+
+from ruvpy._kernels import MAX_HEAD_DIM, MAX_GROUP_TOKENS, MAX_GROUP_VALUES, MAX_HOT_TOKENS, MAX_INT, TURBO_BITS
+from ruvpy import kvexport
+from ruvpy.kvstats import (KVCacheStats, PagedKVStats, TwoTierKVStats, paged_stats,
+                           twotier_stats)
 
 cnp.import_array()
 
-__all__ = ["PagedKVCache", "TwoTierKVCache", "KVCacheFull", "KVCacheStats", "PagedKVStats",
-           "TwoTierKVStats"]
+__all__ = ["PagedKVCache", "TwoTierKVCache", "AttentionPlan", "KVCacheFull", "KVCacheStats",
+           "PagedKVStats", "TwoTierKVStats", "COLD_FORMATS"]
 
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
-_FORMAT = "ruvpy.kvcache"
-_FORMAT_VERSION = 2   # 2: q4 outliers as split nibbles, turbo outlier channels (2026-11-23)
+# the codec table's formats, in its order (csrc/kvcache/rv_codec.c)
+COLD_FORMATS = tuple([rv_codecs[i].name.decode() for i in range(RV_CODEC_COUNT)])
+_POLICIES = ("error", "evict-oldest")
 
 
 class KVCacheFull(MemoryError):
     """The KV cache has no room for the tokens asked for; nothing was written."""
-
-
-class KVCacheStats:
-    """A snapshot of a KV cache. Every cache's stats have:
-
-    kind, num_layers, num_kv_heads, head_dim, capacity_tokens (tokens per layer the cache
-    may hold, all sequences together), tokens (tokens held: the sum over sequences of their
-    longest layer), bytes (allocated now, everything: == cache.nbytes), tiers {name:
-    {"tokens", "bytes"}}, layers [{"layer", "tokens", "bytes"}], sequences {id: {"tokens",
-    "bytes", ...}} (a shared block's bytes are split among its holders), plus the
-    cache-specific fields documented on PagedKVStats / TwoTierKVStats."""
-
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
-
-    def as_dict(self):
-        """A JSON-able dict (sequence ids become strings)."""
-        return _jsonable(self.__dict__)
-
-    def __repr__(self):
-        return (f"<{type(self).__name__} {self.kind}: {self.tokens} tokens, "
-                f"{self.bytes} bytes, {len(self.sequences)} sequences>")
-
-
-class PagedKVStats(KVCacheStats):
-    """KVCacheStats of a PagedKVCache, plus: dtype, block_size, bytes_per_block,
-    blocks_total, blocks_used, blocks_shared (held by more than one sequence), blocks_free,
-    pool_bytes, metadata_bytes, internal_fragmentation (fraction of the used blocks' token
-    slots, over all layers, that hold no token; shared blocks counted once); per sequence
-    also "blocks" and "shared_blocks"."""
-
-
-class TwoTierKVStats(KVCacheStats):
-    """KVCacheStats of a TwoTierKVCache, plus: cold ("q8", "q4", "turbo"), hot_tokens_limit,
-    migration_batch, group_size, policy, cold_groups (allocated), cold_groups_shared (held by
-    more than one sequence, or kept for a rollback), hot_bytes, cold_bytes, metadata_bytes,
-    stored_tokens, cold_bytes_per_token (cold bytes / stored cold tokens, all layers), fp16
-    bytes_per_token (what a token costs in the hot tier's format), compression_ratio (fp16
-    bytes of the stored cold tokens / their cold bytes), cold_bits_per_value, evicted_tokens
-    (tokens dropped from sequences since creation); tiers "hot" and "cold"; per sequence also
-    "hot_tokens" and "cold_tokens".
-
-    Stored vs held: forks share cold groups. `tokens` and the per-sequence counts are what
-    each sequence holds (a shared token counts for every sequence holding it, as in the paged
-    cache's stats). `stored_tokens` -- what max_tokens bounds -- the tiers' tokens and each
-    layer's tokens count a shared cold token ONCE: every sequence's hot tokens (a fork copies
-    its parent's) plus each cold group's tokens that some sequence still holds. stored_tokens
-    and the tiers are those of the fullest layer (stored_tokens == hot + cold tokens there);
-    bytes are allocations, a shared group's counted once (split among holders per sequence)."""
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    return x
 
 
 cdef inline int _check_status(int rc, str what) except -1:
@@ -113,11 +67,105 @@ cdef inline int _check_status(int rc, str what) except -1:
 
 
 cdef int _positive_int(object value, str name) except -1:
+    if type(value) is int and 0 < <object>value <= MAX_INT:
+        return <int>value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0 or value > 2**31 - 1:
+    if value <= 0 or value > MAX_INT:
         raise ValueError(f"{name} must be a positive int (< 2**31), got {value}")
     return <int>value
+
+
+cdef int64_t _token_count(object value, str what) except -1:
+    """A token count as int64: an int >= 0 (numpy ints too; not bool, float or str)."""
+    if type(value) is int and 0 <= <object>value <= MAX_INT:
+        return <int64_t>value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what}: token counts must be ints, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if v < 0:
+        raise ValueError(f"{what}: token counts must be >= 0, got {v}")
+    if v > MAX_INT:
+        raise ValueError(f"{what}: a token count of {v} is more than any cache holds")
+    return v
+
+
+# ---------------------------------------------------------------------------------------
+# array checks (validate, then take pointers right away)
+# ---------------------------------------------------------------------------------------
+
+cdef inline bint _is_f32(cnp.ndarray a):
+    return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+
+
+cdef inline bint _rows_layout(cnp.ndarray a):
+    """3-D, last axis contiguous, every stride a whole number of elements (queries, outputs)"""
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    cdef int i
+    if cnp.PyArray_NDIM(a) != 3:
+        return False
+    if a.shape[2] > 1 and a.strides[2] != item:
+        return False
+    for i in range(3):
+        if a.shape[i] > 1 and a.strides[i] % item != 0:
+            return False
+    return True
+
+
+cdef bint _same_view(cnp.ndarray a, cnp.ndarray b):
+    return cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b) and a.strides[0] == b.strides[0] and \
+        a.strides[1] == b.strides[1] and a.strides[2] == b.strides[2]
+
+
+cdef cnp.ndarray _q_rows(object q, int head_dim, int num_kv_heads):
+    """q as an array the scheduler reads in place (strided tokens and heads are fine; a last
+    axis that is not contiguous is copied)."""
+    cdef cnp.ndarray a
+    if type(q) is np.ndarray:
+        a = <cnp.ndarray>q
+        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_NDIM(a) == 3 and a.shape[2] == head_dim and \
+                a.shape[1] > 0 and a.shape[1] % num_kv_heads == 0:
+            return a if _rows_layout(a) else np.ascontiguousarray(a)
+    if not isinstance(q, np.ndarray):
+        raise TypeError(f"q must be a numpy array, got {type(q).__name__}")
+    a = <cnp.ndarray>q
+    if a.dtype != _F32:
+        raise TypeError(f"q must be float32, got {a.dtype}")
+    if a.ndim != 3 or a.shape[2] != head_dim or a.shape[1] == 0 or a.shape[1] % num_kv_heads:
+        raise ValueError(f"q must have shape [q_len, num_heads, head_dim={head_dim}] with "
+                         f"num_heads a multiple of num_kv_heads={num_kv_heads}, got {q.shape}")
+    return a if _rows_layout(a) else np.ascontiguousarray(a)
+
+
+cdef cnp.ndarray _out_rows(object out, tuple shape, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v):
+    """out as a writeable float32 array of `shape` overlapping none of q, k, v (or q itself,
+    in place); None: a new array."""
+    cdef cnp.ndarray o
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if type(out) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_FLOAT32 and \
+            cnp.PyArray_NDIM(<cnp.ndarray>out) == 3:
+        o = <cnp.ndarray>out
+        if o.shape[0] == q.shape[0] and o.shape[1] == q.shape[1] and o.shape[2] == q.shape[2] and \
+                cnp.PyArray_ISWRITEABLE(o) and _rows_layout(o):
+            if (k is not None and overlap(o, k)) or (v is not None and overlap(o, v)):
+                raise ValueError("out overlaps k or v")
+            if overlap(o, q) and not _same_view(o, q):
+                raise ValueError("out overlaps q without being q itself (in place is fine)")
+            return o
+    if not isinstance(out, np.ndarray) or out.dtype != _F32:
+        raise TypeError(f"out must be a float32 numpy array, got "
+                        f"{getattr(out, 'dtype', type(out).__name__)}")
+    o = <cnp.ndarray>out
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if not o.flags.writeable or not _rows_layout(o):
+        raise ValueError("out must be writeable, with a contiguous last axis and whole-element strides")
+    if (k is not None and overlap(o, k)) or (v is not None and overlap(o, v)):
+        raise ValueError("out overlaps k or v")
+    if overlap(o, q) and not _same_view(o, q):
+        raise ValueError("out overlaps q without being q itself (in place is fine)")
+    return o
 
 
 cdef class _KVCache:
@@ -132,6 +180,7 @@ cdef class _KVCache:
     cdef set _txn                # ids inside an open transaction
     cdef PyThread_type_lock _mutex
     cdef bint _closed
+    cdef bint _initialized
 
     def __cinit__(self, *args, **kwargs):
         self._mutex = PyThread_allocate_lock()
@@ -147,15 +196,19 @@ cdef class _KVCache:
             PyThread_free_lock(self._mutex)
 
     cdef int _init_shape(self, num_layers, num_kv_heads, head_dim, max_tokens) except -1:
+        if self._initialized:
+            raise RuntimeError(f"this {type(self).__name__} is already initialized")
         self.num_layers = _positive_int(num_layers, "num_layers")
         self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
         self.head_dim = _positive_int(head_dim, "head_dim")
-        if self.head_dim > 256:
-            raise ValueError(f"head_dim must be at most 256, got {head_dim}")
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
         if isinstance(max_tokens, (bool, np.bool_)) or not isinstance(max_tokens, (int, np.integer)):
             raise TypeError(f"max_tokens must be an int, got {type(max_tokens).__name__}")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if max_tokens >= 2**63:
+            raise ValueError(f"max_tokens must be below 2**63, got {max_tokens}")
         self.max_tokens = max_tokens
         return 0
 
@@ -187,6 +240,15 @@ cdef class _KVCache:
         return <int>layer
 
     cdef object _kv_array(self, x, str name):
+        cdef cnp.ndarray a
+        cdef int t
+        if type(x) is np.ndarray:       # the usual case, checked at C level
+            a = <cnp.ndarray>x
+            t = cnp.PyArray_TYPE(a)
+            if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT16) and cnp.PyArray_NDIM(a) == 3 and \
+                    a.shape[1] == self.num_kv_heads and a.shape[2] == self.head_dim and \
+                    cnp.PyArray_IS_C_CONTIGUOUS(a):
+                return x
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
         dt = x.dtype
@@ -202,43 +264,11 @@ cdef class _KVCache:
     cdef tuple _kv_pair(self, k, v):
         k = self._kv_array(k, "k")
         v = self._kv_array(v, "v")
-        if k.shape != v.shape or k.dtype != v.dtype:
+        if (<cnp.ndarray>k).shape[0] != (<cnp.ndarray>v).shape[0] or \
+                cnp.PyArray_TYPE(<cnp.ndarray>k) != cnp.PyArray_TYPE(<cnp.ndarray>v):
             raise ValueError(f"k and v must have the same shape and dtype, got k {k.shape} "
                              f"{k.dtype} and v {v.shape} {v.dtype}")
         return k, v
-
-    cdef object _q_array(self, q):
-        if not isinstance(q, np.ndarray):
-            raise TypeError(f"q must be a numpy array, got {type(q).__name__}")
-        if q.dtype != _F32:
-            raise TypeError(f"q must be float32, got {q.dtype}")
-        if q.ndim != 3 or q.shape[2] != self.head_dim or q.shape[1] == 0 or \
-                q.shape[1] % self.num_kv_heads:
-            raise ValueError(f"q must have shape [q_len, num_heads, head_dim={self.head_dim}] with "
-                             f"num_heads a multiple of num_kv_heads={self.num_kv_heads}, got {q.shape}")
-        if not q.flags.c_contiguous:
-            q = np.ascontiguousarray(q)
-        return q
-
-    cdef object _out_array(self, out, tuple shape):
-        if out is None:
-            return np.empty(shape, dtype=np.float32)
-        if not isinstance(out, np.ndarray) or out.dtype != _F32:
-            raise TypeError(f"out must be a float32 numpy array, got "
-                            f"{getattr(out, 'dtype', type(out).__name__)}")
-        if out.shape != shape:
-            raise ValueError(f"out must have shape {shape}, got {out.shape}")
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be C-contiguous and writeable")
-        return out
-
-    cdef float _scale(self, scale) except? -1:
-        if scale is None:
-            return 1.0 / math.sqrt(self.head_dim)
-        s = float(scale)
-        if not math.isfinite(s):
-            raise ValueError(f"scale must be finite, got {scale}")
-        return s
 
     cdef list _seq_list(self, seqs, str what):
         try:
@@ -253,14 +283,12 @@ cdef class _KVCache:
 
     cdef list _counts(self, n_tokens, Py_ssize_t nseq, str what):
         try:
-            counts = [int(n) for n in n_tokens]
+            items = list(n_tokens)
         except TypeError:
             raise TypeError(f"{what}: n_tokens must be a sequence of ints") from None
+        counts = [_token_count(n, what) for n in items]
         if len(counts) != nseq:
             raise ValueError(f"{what}: {nseq} sequences but {len(counts)} token counts")
-        for n in counts:
-            if n < 0:
-                raise ValueError(f"{what}: token counts must be >= 0, got {counts}")
         return counts
 
     # ---- what each cache implements ----
@@ -272,21 +300,22 @@ cdef class _KVCache:
         raise NotImplementedError
     cdef int64_t _h_len(self, int slot, int layer) except -1:
         raise NotImplementedError
-    cdef int _h_room(self, list ids, int *slots, int64_t *n, int nseq, int layer) except -1:
+    cdef int _h_room(self, object ids, const int *slots, const int64_t *n, int nseq, int layer) except -1:
         """Make sure appending n[i] tokens to slots[i] in `layer` (< 0: every layer) fits:
         raise KVCacheFull (or evict, by the cache's policy) before anything is written."""
         raise NotImplementedError
     cdef int _h_append(self, int slot, int layer, const void *k, const void *v, int64_t n,
                        int dtype) except -1:
         raise NotImplementedError
-    cdef int _h_attend(self, int layer, int num_heads, rv_kv_query *queries, int nq, float scale,
-                       bint causal) except -1:
-        raise NotImplementedError
+    cdef void _h_source(self, int layer, int num_heads, rv_kv_source *src) noexcept:
+        pass
     cdef int _h_begin(self, int slot) except -1:
         raise NotImplementedError
     cdef int _h_commit(self, int slot) except -1:
         raise NotImplementedError
     cdef int _h_rollback(self, int slot) except -1:
+        raise NotImplementedError
+    cdef int _h_truncate(self, int slot, int64_t n) except -1:
         raise NotImplementedError
     cdef int _h_read(self, int slot, int layer, k, v) except -1:
         raise NotImplementedError
@@ -296,7 +325,7 @@ cdef class _KVCache:
         raise NotImplementedError
     cdef tuple _h_export(self, int slot):
         raise NotImplementedError
-    cdef int _h_import(self, dict meta, arrays) except -1:
+    cdef int _h_import(self, meta, arrays) except -1:
         raise NotImplementedError
     cdef int _h_close(self) except -1:
         raise NotImplementedError
@@ -344,6 +373,22 @@ cdef class _KVCache:
         finally:
             self._leave()
 
+    def truncate(self, seq, n):
+        """Keep the first n tokens of `seq` in every layer (n >= its length: nothing
+        changes). Storage past them goes back: whole blocks / cold groups; a shared block or
+        cold group the cut falls in stays shared (the next write copies a block; a cold group
+        keeps serving the tokens before the cut). Refused while a transaction is open."""
+        cdef int slot
+        cdef int64_t keep
+        self._enter()
+        try:
+            keep = _token_count(n, "truncate")
+            slot = self._slot(seq)
+            self._no_open_transaction("truncate a sequence")
+            self._h_truncate(slot, keep)
+        finally:
+            self._leave()
+
     def seq_len(self, seq, layer=0):
         """Tokens `seq` holds in `layer`."""
         self._enter()
@@ -387,132 +432,182 @@ cdef class _KVCache:
         """Make sure appending n_tokens[i] tokens to seqs[i] in every layer will succeed:
         raises KVCacheFull (policy "error": nothing changes) or evicts the oldest cold tokens
         (policy "evict-oldest")."""
-        cdef int64_t *n
-        cdef int *slots
+        cdef _SeqArrays arr
         self._enter()
         try:
             ids = self._seq_list(seqs, "reserve")
             counts = self._counts(n_tokens, len(ids), "reserve")
-            slots = <int *>malloc(sizeof(int) * (len(ids) + 1))
-            n = <int64_t *>malloc(sizeof(int64_t) * (len(ids) + 1))
-            try:
-                if slots == NULL or n == NULL:
-                    raise MemoryError("reserve: out of memory")
-                for i, s in enumerate(ids):
-                    slots[i] = self._slot_of[s]
-                    n[i] = counts[i]
-                self._h_room(ids, slots, n, len(ids), -1)
-            finally:
-                free(slots)
-                free(n)
+            arr = _SeqArrays(self, ids, counts)
+            self._h_room(ids, arr.slots, arr.counts, arr.n, -1)
         finally:
             self._leave()
 
     # ---- attention ----
-    def attention(self, seq, layer, q, *, causal=True, scale=None, out=None):
+    def attention(self, seq, layer, q, *, causal=True, scale=None, out=None, threads=None):
         """softmax(scale q K^T [+ causal mask]) V over every token of `seq` in `layer`.
-        q [q_len, num_heads, head_dim] float32; with causal masking query i sits at
-        position kv_len - q_len + i. Returns out [q_len, num_heads, head_dim] float32."""
+        q [q_len, num_heads, head_dim] float32 (tokens and heads may be strided); with causal
+        masking query i sits at position kv_len - q_len + i. Returns out [q_len, num_heads,
+        head_dim] float32. threads: kernel threads (None: ruvpy.get_num_threads())."""
         cdef rv_kv_query query
-        cdef int lay, slot
+        cdef rv_kv_source src
+        cdef int lay, slot, rc, nthreads
+        cdef bint is_causal
+        cdef float sc
+        cdef int64_t kv_len
+        cdef cnp.ndarray qa, oa
         self._enter()
         try:
+            is_causal = bool(causal)
+            nthreads = thread_count(threads)
+            sc = softmax_scale(scale, self.head_dim)
             slot = self._slot(seq)
             lay = self._layer(layer)
-            q = self._q_array(q)
-            out = self._out_array(out, q.shape)
-            sc = self._scale(scale)
+            qa = _q_rows(q, self.head_dim, self.num_kv_heads)
+            oa = _out_rows(out, (<object>qa).shape, qa, None, None)
             kv_len = self._h_len(slot, lay)
             if kv_len == 0:
                 raise ValueError(f"attention on an empty sequence: sequence {seq} holds no tokens "
                                  f"in layer {layer}")
-            if causal and q.shape[0] > kv_len:
-                raise ValueError(f"causal attention with q_len {q.shape[0]} > kv_len {kv_len} "
-                                 f"(sequence {seq}, layer {layer}; q shape {q.shape})")
-            if q.shape[0] == 0:
-                return out
+            if is_causal and qa.shape[0] > kv_len:
+                raise ValueError(f"causal attention with q_len {qa.shape[0]} > kv_len {kv_len} "
+                                 f"(sequence {seq}, layer {layer}; q shape {(<object>qa).shape})")
+            if qa.shape[0] == 0:
+                return oa
             query.seq = slot
-            query.q_len = q.shape[0]
+            query.q_len = qa.shape[0]
             query.kv_len = kv_len
-            query.q = <const float *>cnp.PyArray_DATA(q)
-            query.out = <float *>cnp.PyArray_DATA(out)
-            self._h_attend(lay, q.shape[1], &query, 1, sc, causal)
-            return out
+            query.q = <const float *>cnp.PyArray_DATA(qa)
+            query.q_tok = elem_stride(qa, 0)
+            query.q_head = elem_stride(qa, 1)
+            query.out = <float *>cnp.PyArray_DATA(oa)
+            query.o_tok = elem_stride(oa, 0)
+            query.o_head = elem_stride(oa, 1)
+            self._h_source(lay, qa.shape[1], &src)
+            with nogil:
+                rc = _attend_now(&src, &query, 1, sc, is_causal, nthreads)
+            _check_status(rc, "attention")
+            return oa
         finally:
             self._leave()
 
-    def append_attend(self, layer, seqs, n_tokens, q, k, v, *, out=None, causal=True, scale=None):
+    def append_attend(self, layer, seqs, n_tokens, q, k, v, *, out=None, causal=True, scale=None,
+                      threads=None):
         """One layer of a model step: append each sequence's new K/V rows, then attend every
         (sequence, kv head) in one parallel call. q [sum(n), num_heads, head_dim] float32,
         k, v [sum(n), num_kv_heads, head_dim] float32/float16: the concatenation over seqs
-        in order. Everything is validated (and room made) before anything is written."""
-        cdef int lay, nseq, i, nq
-        cdef int64_t total, off
-        cdef int *slots = NULL
-        cdef int64_t *counts = NULL
-        cdef rv_kv_query *queries = NULL
-        cdef char *kp
-        cdef char *vp
-        cdef char *qp
-        cdef char *op
-        cdef Py_ssize_t krow, qrow
+        in order. Everything is validated (and room made) before anything is written.
+        (A step of many layers: plan it once with cache.plan(...).)"""
+        cdef AttentionPlan plan
+        if not isinstance(q, np.ndarray):
+            raise TypeError(f"q must be a numpy array, got {type(q).__name__}")
+        if q.ndim != 3:
+            raise ValueError(f"q must have shape [q_len, num_heads, head_dim={self.head_dim}], "
+                             f"got {q.shape}")
+        plan = self.plan(seqs, n_tokens, num_heads=q.shape[1], causal=causal, threads=threads,
+                         _what="append_attend")
+        return plan._attend(layer, q, k, v, out, scale)
+
+    def plan(self, seqs, n_tokens, *, num_heads, causal=True, threads=None, scratch=None,
+             begin=False, cover=(), _what="plan"):
+        """An AttentionPlan: one step of n_tokens[i] new tokens for seqs[i], num_heads query
+        heads, planned once (ids resolved, counts checked, the scheduler's work sized). Its
+        attend(layer, q, k, v, out=...) then appends and attends each layer in one C call.
+        scratch: a ScratchSpace for the kernels' work buffers, used when it is large enough
+        (plan.bound; plan.scratch_needed says what is); else a per-thread buffer of the
+        scheduler's own. begin=True: also open a transaction on its sequences (as begin) and
+        then make room for the step inside it in every layer (as reserve: what eviction takes
+        comes back at a rollback), all or nothing; plan.commit() or plan.rollback() closes it
+        -- one validated call for the start of a model step. cover: more sequences the
+        transaction covers (inside a transaction only its sequences may give up tokens)."""
+        cdef AttentionPlan plan = AttentionPlan.__new__(AttentionPlan)
+        cdef int heads, i
+        plan.causal = bool(causal)
+        plan.threads = thread_count(threads)
+        heads = _positive_int(num_heads, "num_heads")
+        if heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if scratch is not None and not isinstance(scratch, ScratchSpace):
+            raise TypeError(f"scratch must be a ruvpy.ScratchSpace, got {type(scratch).__name__}")
         self._enter()
         try:
-            lay = self._layer(layer)
-            ids = self._seq_list(seqs, "append_attend")
-            nseq = len(ids)
-            ns = self._counts(n_tokens, nseq, "append_attend")
-            total = sum(ns)
-            q = self._q_array(q)
-            k, v = self._kv_pair(k, v)
-            if q.shape[0] != total or k.shape[0] != total:
-                raise ValueError(f"append_attend: the token counts {ns} add up to {total}, but q "
-                                 f"has shape {q.shape} and k, v {k.shape}")
-            out = self._out_array(out, q.shape)
-            sc = self._scale(scale)
-            if nseq == 0 or total == 0:
-                return out
-            slots = <int *>malloc(sizeof(int) * nseq)
-            counts = <int64_t *>malloc(sizeof(int64_t) * nseq)
-            queries = <rv_kv_query *>malloc(sizeof(rv_kv_query) * nseq)
-            if slots == NULL or counts == NULL or queries == NULL:
-                raise MemoryError("append_attend: out of memory")
-            for i in range(nseq):
-                slots[i] = self._slot_of[ids[i]]
-                counts[i] = ns[i]
-            self._h_room(ids, slots, counts, nseq, lay)
-            dtype = RV_KV_F32 if k.dtype == _F32 else RV_KV_F16
-            kp = <char *>cnp.PyArray_DATA(k)
-            vp = <char *>cnp.PyArray_DATA(v)
-            qp = <char *>cnp.PyArray_DATA(q)
-            op = <char *>cnp.PyArray_DATA(out)
-            krow = k.strides[0]
-            qrow = q.strides[0]
-            off = 0
-            nq = 0
-            for i in range(nseq):
-                if counts[i] == 0:
-                    continue
-                self._h_append(slots[i], lay, kp + off * krow, vp + off * krow, counts[i], dtype)
-                queries[nq].seq = slots[i]
-                queries[nq].q_len = <int>counts[i]
-                queries[nq].kv_len = self._h_len(slots[i], lay)
-                queries[nq].q = <const float *>(qp + off * qrow)
-                queries[nq].out = <float *>(op + off * qrow)
-                nq += 1
-                off += counts[i]
-            self._h_attend(lay, q.shape[1], queries, nq, sc, causal)
-            return out
+            plan._resolve(self, seqs, n_tokens, heads, _what)
+            if begin:
+                others = self._seq_list(cover, _what)
+                mine = set(plan.seqs)
+                txn = list(plan.seqs) + [s if type(s) is int else int(s) for s in others if s not in mine]
+                again = [s for s in txn if s in self._txn]
+                if again:
+                    raise ValueError(f"begin: sequences {again} are already inside a transaction")
+                slots = [self._slot_of[s] for s in txn]
+                for i in range(len(slots)):
+                    try:
+                        self._h_begin(slots[i])
+                    except BaseException:
+                        for j in range(i):
+                            self._h_commit(slots[j])     # nothing happened in them yet
+                        raise
+                self._txn.update(txn)
+                plan.txn = tuple(txn)
+                try:
+                    self._h_room(plan.seqs, plan.slots, plan.counts, plan.nseq, -1)
+                except BaseException:
+                    for slot in slots:
+                        self._h_rollback(slot)
+                    self._txn.difference_update(txn)
+                    plan.txn = ()
+                    raise
+            plan._measure()
         finally:
-            free(slots)
-            free(counts)
-            free(queries)
             self._leave()
+        if scratch is not None and rv_scratch_fits(&(<ScratchSpace>scratch).view, plan.cplan.shared_bytes,
+                                                   plan.cplan.thread_bytes, plan.cplan.nthreads):
+            plan.scratch = scratch
+        return plan
+
+    def scratch_for(self, num_heads, q_lens, kv_lens, *, causal=True, threads=None):
+        """(shared_bytes, bytes_per_thread, team) of the scratch the attention scheduler
+        needs for queries of q_lens[i] tokens over kv_lens[i] keys (lengths after the
+        step's tokens), as a plan would size them: arithmetic, no sequence is needed."""
+        cdef rv_attn_plan plan
+        cdef rv_kv_source src
+        cdef rv_kv_query *queries
+        cdef int heads, nthreads, i, n, rc
+        nthreads = thread_count(threads)
+        heads = _positive_int(num_heads, "num_heads")
+        qs = [_token_count(x, "scratch_for") for x in q_lens]
+        ks = [_token_count(x, "scratch_for") for x in kv_lens]
+        if len(qs) != len(ks) or heads % self.num_kv_heads:
+            raise ValueError("scratch_for: q_lens and kv_lens differ in length, or num_heads is not a "
+                             "multiple of num_kv_heads")
+        n = len(qs)
+        queries = <rv_kv_query *>PyMem_Malloc(sizeof(rv_kv_query) * (n + 1))
+        if queries == NULL:
+            raise MemoryError("scratch_for: out of memory")
+        try:
+            memset(queries, 0, sizeof(rv_kv_query) * (n + 1))
+            for i in range(n):
+                queries[i].q_len = qs[i]
+                queries[i].kv_len = max(ks[i], qs[i])
+            self._enter()
+            try:
+                self._h_source(0, heads, &src)
+                rc = rv_attn_plan_make(&plan, &src, queries, n, bool(causal), nthreads)
+            finally:
+                self._leave()
+            _check_status(rc, "scratch_for")
+            return (plan.shared_bytes, plan.thread_bytes, plan.nthreads)
+        finally:
+            PyMem_Free(queries)
 
     # ---- transactions ----
+    def in_transaction(self, seq):
+        """Whether `seq` is inside an open transaction."""
+        return seq in self._txn
+
     def begin(self, seqs):
         """Open a transaction on seqs: rollback() restores each of them, in every layer,
-        exactly as it is now. fork() and free() are refused until it is closed."""
+        exactly as it is now. fork(), free() and truncate() are refused until it is closed."""
         self._enter()
         try:
             ids = self._seq_list(seqs, "begin")
@@ -584,6 +679,12 @@ cdef class _KVCache:
         finally:
             self._leave()
 
+    @property
+    def pooled_bytes(self):
+        """Of nbytes: buffers taken from an attached BufferPool (its stats count them as
+        outstanding)."""
+        return 0
+
     def stats(self):
         """A KVCacheStats snapshot (see the stats class's docstring)."""
         self._enter()
@@ -594,7 +695,7 @@ cdef class _KVCache:
 
     def export_sequence(self, seq):
         """(meta, arrays): `seq`'s K/V in the stored format (quantized tiers stay codes).
-        meta is JSON-able; arrays maps names to numpy arrays. See import_sequence."""
+        meta is JSON-able; arrays maps names to numpy arrays (ruvpy.kvexport)."""
         self._enter()
         try:
             slot = self._slot(seq)
@@ -610,30 +711,9 @@ cdef class _KVCache:
         ValueError naming it, a full cache KVCacheFull, and nothing changes."""
         self._enter()
         try:
-            if not isinstance(meta, dict):
-                raise TypeError(f"import_sequence: meta must be a dict, got {type(meta).__name__}")
-            if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"import_sequence: not a {_FORMAT} v{_FORMAT_VERSION} export "
-                                 f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
-            self._check_meta(meta)
             return self._register(self._h_import(meta, arrays))
         finally:
             self._leave()
-
-    cdef dict _meta(self, str kind):
-        return {"format": _FORMAT, "version": _FORMAT_VERSION, "kind": kind,
-                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
-                "head_dim": self.head_dim}
-
-    cdef int _check_meta(self, dict meta) except -1:
-        """ValueError naming every configuration field of meta that differs from ours."""
-        mine = self._config_fields()
-        diffs = [f"{k}: export {meta.get(k)!r}, cache {v!r}" for k, v in mine.items()
-                 if meta.get(k) != v]
-        if diffs:
-            raise ValueError("import_sequence: the export is from another configuration (" +
-                             "; ".join(diffs) + ")")
-        return 0
 
     cdef dict _config_fields(self):
         raise NotImplementedError
@@ -664,6 +744,330 @@ cdef class _KVCache:
         self.close()
 
 
+cdef int _attend_now(const rv_kv_source *src, const rv_kv_query *queries, int nq, float scale,
+                     bint causal, int nthreads) noexcept nogil:
+    """plan and run one call in the scheduler's per-thread scratch"""
+    cdef rv_attn_plan plan
+    cdef int rc = rv_attn_plan_make(&plan, src, queries, nq, causal, nthreads)
+    if rc != RV_OK:
+        return rc
+    return rv_attn_run(&plan, src, queries, nq, scale, causal, active_ops(), NULL)
+
+
+cdef class _SeqArrays:
+    """Slots and counts of some sequences as C arrays (freed with the object)."""
+    cdef int *slots
+    cdef int64_t *counts
+    cdef int n
+
+    def __cinit__(self, _KVCache cache, list ids, list counts):
+        cdef int i
+        self.n = len(ids)
+        self.slots = <int *>PyMem_Malloc(sizeof(int) * (self.n + 1))
+        self.counts = <int64_t *>PyMem_Malloc(sizeof(int64_t) * (self.n + 1))
+        if self.slots == NULL or self.counts == NULL:
+            raise MemoryError("out of memory")
+        for i in range(self.n):
+            self.slots[i] = cache._slot_of[ids[i]]
+            self.counts[i] = counts[i]
+
+    def __dealloc__(self):
+        PyMem_Free(self.slots)
+        PyMem_Free(self.counts)
+
+
+cdef class AttentionPlan:
+    """One step's attention over a KV cache, planned once (made by cache.plan(seqs, n_tokens,
+    num_heads=...)): the sequence ids resolved to the cache's slots, the token counts
+    checked, each sequence's rows of q/k/v located, and the attention scheduler's work sized
+    for the step (its team, tasks, shared and per-thread scratch). Then, per layer,
+    attend(layer, q, k, v, out=...) checks only what a layer call can change (the arrays, and
+    the sequences' lengths in that layer), appends every sequence's new K/V and attends all of
+    them in one C call, in the bound ScratchSpace (use_scratch) if any.
+
+    Like vLLM's per-step attention metadata and llama.cpp's ggml_cplan. A plan is valid while
+    its sequences live and the cache is not changed between its layer calls by anything but
+    the plan itself (appending to the planned sequences elsewhere makes the next call
+    re-plan that layer; freeing one raises KeyError)."""
+
+    cdef _KVCache cache
+    cdef readonly tuple seqs
+    cdef readonly tuple n_tokens
+    cdef readonly int num_heads
+    cdef readonly int threads           # threads asked for (the team is at most this)
+    cdef readonly bint causal
+    cdef readonly Py_ssize_t num_tokens
+    cdef int nseq
+    cdef int *slots
+    cdef int64_t *counts
+    cdef int64_t *offsets               # first row of each sequence
+    cdef int64_t *base                  # each sequence's length before the step (every layer)
+    cdef rv_kv_query *queries
+    cdef rv_attn_plan cplan             # the scheduler's plan for the base lengths
+    cdef ScratchSpace scratch
+    cdef tuple txn                      # the sequences of its open transaction (begin=True)
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("AttentionPlan objects come from cache.plan(...)")
+
+    def __dealloc__(self):
+        PyMem_Free(self.queries)      # one block: the queries, then the per-sequence arrays
+
+    cdef int _alloc(self, int n) except -1:
+        self.queries = <rv_kv_query *>PyMem_Malloc((sizeof(rv_kv_query) + sizeof(int) + 3 * sizeof(int64_t)) * (n + 1))
+        if self.queries == NULL:
+            raise MemoryError("plan: out of memory")
+        self.counts = <int64_t *>(self.queries + n + 1)
+        self.offsets = self.counts + n + 1
+        self.base = self.offsets + n + 1
+        self.slots = <int *>(self.base + n + 1)
+        self.nseq = n
+        return 0
+
+    cdef int _resolve(self, _KVCache cache, object seqs, object n_tokens, int num_heads, str what) except -1:
+        """the sequences' slots, counts and row offsets (ids and counts checked as the cache's
+        calls check them; a list of plain ints, a model step's usual case, takes the short way)"""
+        cdef int i, j, n
+        cdef int64_t off = 0, c
+        self.cache = cache
+        self.num_heads = num_heads
+        if type(seqs) is list and type(n_tokens) is list and len(seqs) == len(n_tokens) and \
+                len(seqs) <= 8 and all([type(x) is int for x in seqs]):
+            n = len(seqs)
+            self._alloc(n)
+            for i in range(n):
+                slot = cache._slot_of.get(seqs[i])
+                if slot is None:
+                    cache._slot(seqs[i])          # raises KeyError, naming it
+                self.slots[i] = <int>slot
+                for j in range(i):
+                    if self.slots[j] == self.slots[i]:
+                        raise ValueError(f"{what}: sequence ids repeat: {seqs}")
+                c = _token_count(n_tokens[i], what)
+                self.counts[i] = c
+                self.offsets[i] = off
+                off += c
+            self.seqs = tuple(seqs)
+            self.n_tokens = tuple(n_tokens)
+        else:
+            ids = cache._seq_list(seqs, what)
+            counts = cache._counts(n_tokens, len(ids), what)
+            n = len(ids)
+            self._alloc(n)
+            for i in range(n):
+                self.slots[i] = cache._slot_of[ids[i]]
+                self.counts[i] = counts[i]
+                self.offsets[i] = off
+                off += counts[i]
+            # plain ints (the cache's own ids): later lookups run no code of the caller's objects
+            self.seqs = tuple([s if type(s) is int else int(s) for s in ids])
+            self.n_tokens = tuple(counts)
+        self.num_tokens = off
+        return 0
+
+    cdef int _measure(self) except -1:
+        """the lengths the step starts from (layer 0), and the scheduler's plan for them"""
+        cdef int i, rc
+        cdef rv_kv_source src
+        for i in range(self.nseq):
+            self.base[i] = self.cache._h_len(self.slots[i], 0)
+        self._fill_lengths(NULL)
+        self.cache._h_source(0, self.num_heads, &src)
+        rc = rv_attn_plan_make(&self.cplan, &src, self.queries, self._nq(), self.causal, self.threads)
+        if rc != RV_OK:
+            raise ValueError(f"plan: the sequences' lengths do not allow this step (status {rc})")
+        return 0
+
+    @property
+    def bound(self):
+        """Whether the kernels work in a ScratchSpace given to the plan (use_scratch)."""
+        return self.scratch is not None
+
+    @property
+    def in_transaction(self):
+        """Whether the plan opened a transaction (plan(..., begin=True)) still open."""
+        return bool(self.txn)
+
+    @property
+    def transaction_seqs(self):
+        """The sequences the plan's open transaction covers: its own, then `cover`'s."""
+        return self.txn or ()
+
+    def commit(self):
+        """Close the transaction plan(..., begin=True) opened, keeping the step (as
+        cache.commit on its sequences)."""
+        self._close_txn(True)
+
+    def rollback(self):
+        """Close the transaction plan(..., begin=True) opened, undoing the step (as
+        cache.rollback on its sequences). Idempotent."""
+        self._close_txn(False)
+
+    cdef int _close_txn(self, bint keep) except -1:
+        cdef _KVCache cache = self.cache
+        if not self.txn:
+            if keep:
+                raise RuntimeError("commit: the plan has no open transaction (plan(..., begin=True))")
+            return 0
+        cache._enter()
+        try:
+            for seq in self.txn:             # the cache's own ids: plain ints
+                if seq in cache._txn:
+                    if keep:
+                        cache._h_commit(cache._slot_of[seq])
+                    else:
+                        cache._h_rollback(cache._slot_of[seq])
+                    cache._txn.discard(seq)
+            self.txn = ()
+        finally:
+            cache._leave()
+        return 0
+
+    cdef inline int _nq(self) noexcept:
+        """queries with tokens: the first ones of self.queries"""
+        cdef int i, nq = 0
+        for i in range(self.nseq):
+            nq += self.counts[i] > 0
+        return nq
+
+    cdef void _fill_lengths(self, const int64_t *lengths) noexcept:
+        """queries[...] for the sequences with tokens: their slots, q_len and kv_len (lengths:
+        each one's length before the step; NULL: the planned base)"""
+        cdef int i, nq = 0
+        for i in range(self.nseq):
+            if self.counts[i] == 0:
+                continue
+            self.queries[nq].seq = self.slots[i]
+            self.queries[nq].q_len = <int>self.counts[i]
+            self.queries[nq].kv_len = (self.base[i] if lengths == NULL else lengths[i]) + self.counts[i]
+            nq += 1
+
+    @property
+    def scratch_needed(self):
+        """(shared_bytes, bytes_per_thread, threads) the planned step needs of a ScratchSpace
+        (with the sequences' lengths at planning: a longer context may split into more pieces
+        across the threads, up to a few per thread)."""
+        return (self.cplan.shared_bytes, self.cplan.thread_bytes, self.cplan.nthreads)
+
+    @property
+    def team(self):
+        """Threads the planned attention runs on (1: the calling thread)."""
+        return self.cplan.nthreads
+
+    def use_scratch(self, scratch):
+        """Run the kernels' work in `scratch` (a ScratchSpace at least scratch_needed, or None
+        for the scheduler's own per-thread buffer). ValueError if it is too small."""
+        if scratch is None:
+            self.scratch = None
+            return
+        if not isinstance(scratch, ScratchSpace):
+            raise TypeError(f"scratch must be a ruvpy.ScratchSpace, got {type(scratch).__name__}")
+        if not scratch.fits(*self.scratch_needed):
+            raise ValueError(f"scratch {scratch!r} is smaller than the plan needs "
+                             f"(shared, per thread, threads) = {self.scratch_needed}")
+        self.scratch = scratch
+
+    def attend(self, layer, q, k, v, *, out=None, scale=None):
+        """This step's layer `layer`: append k, v (rows offsets[i]: of seqs[i]) and attend q
+        over each sequence's whole context; returns out [num_tokens, num_heads, head_dim]
+        float32. q (and out) may be strided; out must not overlap q (but may be q), k or v."""
+        return self._attend(layer, q, k, v, out, scale)
+
+    cdef object _attend(self, object layer, object q, object k, object v, object out, object scale):
+        cdef _KVCache cache = self.cache
+        cdef int lay, i, nq, dtype, rc
+        cdef float sc
+        cdef cnp.ndarray qa, ka, va, oa
+        cdef char *kp
+        cdef char *vp
+        cdef char *qp
+        cdef char *op
+        cdef Py_ssize_t krow, qtok, otok
+        cdef bint same = True
+        cdef int64_t now
+        cdef int64_t *lengths = NULL
+        cdef rv_kv_source src
+        cdef rv_attn_plan cplan
+        cdef const rv_scratch *work = NULL
+        cache._enter()
+        try:
+            # scalars first (their conversions may run Python code), then the arrays
+            sc = softmax_scale(scale, cache.head_dim)
+            lay = cache._layer(layer)
+            for i in range(self.nseq):     # still alive, at the same slot
+                if cache._slot_of.get(self.seqs[i]) != self.slots[i]:
+                    raise KeyError(f"the plan's sequence {self.seqs[i]!r} is gone")
+            qa = _q_rows(q, cache.head_dim, cache.num_kv_heads)
+            k, v = cache._kv_pair(k, v)
+            ka, va = k, v
+            if qa.shape[0] != self.num_tokens or ka.shape[0] != self.num_tokens or \
+                    qa.shape[1] != self.num_heads:
+                raise ValueError(f"append_attend: the token counts {list(self.n_tokens)} add up to "
+                                 f"{self.num_tokens}, but q has shape {(<object>qa).shape} and k, v "
+                                 f"{(<object>ka).shape}" if qa.shape[1] == self.num_heads else
+                                 f"q has {qa.shape[1]} heads; the plan has {self.num_heads}")
+            oa = _out_rows(out, (<object>qa).shape, qa, ka, va)
+            if self.num_tokens == 0:
+                return oa
+            cache._h_room(self.seqs, self.slots, self.counts, self.nseq, lay)
+            # what a layer call can change: the sequences' lengths in this layer
+            for i in range(self.nseq):
+                now = cache._h_len(self.slots[i], lay)
+                if now != self.base[i]:
+                    same = False
+            if not same:
+                lengths = <int64_t *>PyMem_Malloc(sizeof(int64_t) * (self.nseq + 1))
+                if lengths == NULL:
+                    raise MemoryError("attention: out of memory")
+                for i in range(self.nseq):
+                    lengths[i] = cache._h_len(self.slots[i], lay)
+            # the arrays are checked: their pointers now
+            dtype = RV_KV_F32 if cnp.PyArray_TYPE(ka) == cnp.NPY_FLOAT32 else RV_KV_F16
+            kp = <char *>cnp.PyArray_DATA(ka)
+            vp = <char *>cnp.PyArray_DATA(va)
+            qp = <char *>cnp.PyArray_DATA(qa)
+            op = <char *>cnp.PyArray_DATA(oa)
+            krow = ka.strides[0] if ka.shape[0] > 1 else 0
+            qtok = qa.strides[0] if qa.shape[0] > 1 else 0
+            otok = oa.strides[0] if oa.shape[0] > 1 else 0
+            for i in range(self.nseq):
+                if self.counts[i]:
+                    cache._h_append(self.slots[i], lay, kp + self.offsets[i] * krow,
+                                    vp + self.offsets[i] * krow, self.counts[i], dtype)
+            self._fill_lengths(lengths)
+            nq = 0
+            for i in range(self.nseq):
+                if self.counts[i] == 0:
+                    continue
+                self.queries[nq].q = <const float *>(qp + self.offsets[i] * qtok)
+                self.queries[nq].q_tok = elem_stride(qa, 0)
+                self.queries[nq].q_head = elem_stride(qa, 1)
+                self.queries[nq].out = <float *>(op + self.offsets[i] * otok)
+                self.queries[nq].o_tok = elem_stride(oa, 0)
+                self.queries[nq].o_head = elem_stride(oa, 1)
+                nq += 1
+            cache._h_source(lay, self.num_heads, &src)
+            cplan = self.cplan
+            if lengths != NULL:          # re-plan this layer for its own lengths
+                rc = rv_attn_plan_make(&cplan, &src, self.queries, nq, self.causal, self.threads)
+                _check_status(rc, "attention")
+            if self.scratch is not None:
+                work = &self.scratch.view
+                if not rv_scratch_fits(work, cplan.shared_bytes, cplan.thread_bytes, cplan.nthreads):
+                    work = NULL          # grown past what was planned: the scheduler's own buffer
+            with nogil:
+                rc = rv_attn_run(&cplan, &src, self.queries, nq, sc, self.causal, active_ops(), work)
+            _check_status(rc, "attention")
+            return oa
+        finally:
+            PyMem_Free(lengths)
+            cache._leave()
+
+    def __repr__(self):
+        return (f"<ruvpy.AttentionPlan sequences {list(self.seqs)}, tokens {list(self.n_tokens)}, "
+                f"{self.num_heads} heads, team {self.cplan.nthreads}>")
+
+
 cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
 
@@ -691,20 +1095,24 @@ cdef class PagedKVCache(_KVCache):
 
     def __init__(self, num_layers, num_kv_heads, head_dim, *, block_size=16, max_tokens,
                  dtype="float16"):
+        cdef rv_paged *created = NULL
         self._init_shape(num_layers, num_kv_heads, head_dim, max_tokens)
-        self.block_size = _positive_int(block_size, "block_size")
+        bs = _positive_int(block_size, "block_size")
         code = _dtype_code(dtype)
-        self.dtype = "float16" if code == RV_KV_F16 else "float32"
-        num_blocks = _ceil_div(self.max_tokens, self.block_size)
-        if num_blocks > 2**31 - 1:
+        num_blocks = _ceil_div(self.max_tokens, bs)
+        if num_blocks > MAX_INT:
             raise ValueError(f"max_tokens {max_tokens} needs {num_blocks} blocks of {block_size}; "
                              f"at most 2**31 - 1 blocks")
-        rc = rv_paged_create(&self.c, self.num_layers, self.num_kv_heads, self.head_dim,
-                             self.block_size, num_blocks, code)
+        rc = rv_paged_create(&created, self.num_layers, self.num_kv_heads, self.head_dim, bs,
+                             num_blocks, code)
         if rc == RV_ENOMEM:
             raise MemoryError(f"PagedKVCache: cannot allocate the pool of {num_blocks} blocks x "
-                              f"{rv_paged_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, code)} bytes")
+                              f"{rv_paged_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, bs, code)} bytes")
         _check_status(rc, "PagedKVCache")
+        self.c = created
+        self.block_size = bs
+        self.dtype = "float16" if code == RV_KV_F16 else "float32"
+        self._initialized = True
         self._closed = False
 
     def __dealloc__(self):
@@ -724,10 +1132,25 @@ cdef class PagedKVCache(_KVCache):
             raise ValueError("bytes_per_token: the block size in bytes overflows")
         return bb / block_size
 
+    @classmethod
+    def bytes_for(cls, num_layers, num_kv_heads, head_dim, *, max_tokens, block_size=16,
+                  dtype="float16"):
+        """Bytes a cache of these parameters allocates when created (its pool, rounded as the
+        allocator takes it, and its block metadata): arithmetic, nothing is built. 0 if the
+        parameters are invalid."""
+        bs = _positive_int(block_size, "block_size")
+        blocks = _ceil_div(max(1, int(max_tokens)), bs)
+        if blocks > MAX_INT:
+            return 0
+        return rv_paged_create_bytes(_positive_int(num_layers, "num_layers"),
+                                     _positive_int(num_kv_heads, "num_kv_heads"),
+                                     _positive_int(head_dim, "head_dim"), bs, blocks,
+                                     _dtype_code(dtype))
+
     @property
     def capacity_tokens(self):
         """Tokens the pool holds (per layer, all sequences together)."""
-        return self.c.num_blocks * self.block_size if self.c else 0
+        return <int64_t>self.c.num_blocks * self.block_size if self.c else 0
 
     def block_refcounts(self):
         """Reference count of every block of the pool (int32 copy; 0 = free). For tests and
@@ -768,7 +1191,7 @@ cdef class PagedKVCache(_KVCache):
     cdef int64_t _h_len(self, int slot, int layer) except -1:
         return self.c.seqs[slot].ntok[layer]
 
-    cdef int _h_room(self, list ids, int *slots, int64_t *n, int nseq, int layer) except -1:
+    cdef int _h_room(self, object ids, const int *slots, const int64_t *n, int nseq, int layer) except -1:
         need = rv_paged_blocks_needed(self.c, nseq, slots, n, layer)
         if need > self.c.nfree:
             requested = sum(n[i] for i in range(nseq))
@@ -784,14 +1207,8 @@ cdef class PagedKVCache(_KVCache):
         _check_status(rv_paged_append(self.c, slot, layer, k, v, n, dtype, active_ops()), "append")
         return 0
 
-    cdef int _h_attend(self, int layer, int num_heads, rv_kv_query *queries, int nq, float scale,
-                       bint causal) except -1:
-        cdef int rc
-        with nogil:
-            rc = rv_paged_attend(self.c, layer, num_heads, queries, nq, scale, causal, active_ops(),
-                                 num_threads())
-        _check_status(rc, "attention")
-        return 0
+    cdef void _h_source(self, int layer, int num_heads, rv_kv_source *src) noexcept:
+        rv_paged_source(self.c, layer, num_heads, src)
 
     cdef int _h_begin(self, int slot) except -1:
         _check_status(rv_paged_begin(self.c, slot), "begin")
@@ -805,6 +1222,10 @@ cdef class PagedKVCache(_KVCache):
         rv_paged_rollback(self.c, slot)
         return 0
 
+    cdef int _h_truncate(self, int slot, int64_t n) except -1:
+        _check_status(rv_paged_truncate(self.c, slot, n), "truncate")
+        return 0
+
     cdef int _h_read(self, int slot, int layer, k, v) except -1:
         rv_paged_read(self.c, slot, layer, cnp.PyArray_DATA(k), cnp.PyArray_DATA(v), 1, active_ops())
         return 0
@@ -815,80 +1236,62 @@ cdef class PagedKVCache(_KVCache):
     cdef object _h_stats(self):
         cdef rv_paged_stats st
         cdef rv_paged_seq *s
+        cdef int64_t b, r
         rv_paged_get_stats(self.c, &st)
         bb = self.c.block_bytes
         seqs = {}
-        layer_tokens = [0] * self.num_layers
-        total = 0
-        for seq, slot in sorted(self._slot_of.items()):
+        for seq, slot in self._slot_of.items():
             s = &self.c.seqs[<int>slot]
-            nb = s.nblocks
             shared = 0
             share_bytes = 0
-            for b in range(nb):
+            for b in range(s.nblocks):
                 r = self.c.refcount[s.blocks[b]]
                 shared += r > 1
                 share_bytes += bb // r
-            longest = 0
-            for l in range(self.num_layers):
-                layer_tokens[l] += s.ntok[l]
-                longest = max(longest, s.ntok[l])
-            total += longest
-            seqs[seq] = {"tokens": longest, "bytes": share_bytes, "blocks": nb, "shared_blocks": shared}
-        used_bytes = st.blocks_used * bb
-        nbytes = self._h_nbytes()
-        return PagedKVStats(
-            kind="paged", num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, dtype=self.dtype, block_size=self.block_size,
-            capacity_tokens=self.capacity_tokens, tokens=total, bytes=nbytes,
-            tiers={"paged": {"tokens": total, "bytes": used_bytes}},
-            layers=[{"layer": l, "tokens": layer_tokens[l], "bytes": used_bytes // self.num_layers}
-                    for l in range(self.num_layers)],
-            sequences=seqs, bytes_per_block=bb, blocks_total=self.c.num_blocks,
-            blocks_used=st.blocks_used, blocks_shared=st.blocks_shared, blocks_free=st.blocks_free,
-            pool_bytes=self.c.pool_bytes, metadata_bytes=self.c.meta_bytes,
-            internal_fragmentation=(1.0 - <double>st.tokens_stored / st.slots_used) if st.slots_used else 0.0)
+            seqs[seq] = (s.nblocks, shared, share_bytes, [s.ntok[l] for l in range(self.num_layers)])
+        return paged_stats(
+            shape=(self.num_layers, self.num_kv_heads, self.head_dim), dtype=self.dtype,
+            block_size=self.block_size, capacity_tokens=self.capacity_tokens, nbytes=self._h_nbytes(),
+            block_bytes=bb, blocks_total=self.c.num_blocks, blocks_used=st.blocks_used,
+            blocks_shared=st.blocks_shared, blocks_free=st.blocks_free, slots_used=st.slots_used,
+            tokens_stored=st.tokens_stored, pool_bytes=self.c.pool_bytes,
+            metadata_bytes=self.c.meta_bytes, sequences=seqs)
 
     cdef dict _config_fields(self):
         return {"kind": "paged", "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "dtype": self.dtype}
 
     cdef tuple _h_export(self, int slot):
-        meta = self._meta("paged")
-        meta["dtype"] = self.dtype
         lengths = [self.c.seqs[slot].ntok[l] for l in range(self.num_layers)]
-        meta["lengths"] = lengths
-        arrays = {}
+        layers = []
         for l in range(self.num_layers):
             k = np.empty((lengths[l], self.num_kv_heads, self.head_dim), dtype=self.dtype)
             v = np.empty_like(k)
             rv_paged_read(self.c, slot, l, cnp.PyArray_DATA(k), cnp.PyArray_DATA(v), 0, active_ops())
-            arrays[f"k.{l}"] = k
-            arrays[f"v.{l}"] = v
-        return meta, arrays
+            layers.append((k, v))
+        return kvexport.pack_paged(self._config_fields(), lengths, layers)
 
-    cdef int _h_import(self, dict meta, arrays) except -1:
-        cdef int slot
-        cdef int64_t n
-        lengths = _import_lengths(meta, self.num_layers)
+    cdef int _h_import(self, meta, arrays) except -1:
+        cdef int slot, l
+        cdef int64_t n, need
+        cdef cnp.ndarray k, v
         dt = np.dtype(self.dtype)
-        pairs = []
-        for l in range(self.num_layers):
-            shape = (lengths[l], self.num_kv_heads, self.head_dim)
-            pair = []
-            for name in (f"k.{l}", f"v.{l}"):
-                a = _import_array(arrays, name, shape, dt)
-                pair.append(a)
-            pairs.append(pair)
+        lengths, layers = kvexport.unpack_paged(meta, arrays, self._config_fields(), self.num_layers,
+                                                self.num_kv_heads, self.head_dim, dt)
         n = max(lengths) if lengths else 0
         need = _ceil_div(n, self.block_size)
         if need > self.c.nfree:
             raise KVCacheFull(f"import_sequence: {n} tokens need {need} free blocks, only "
                               f"{self.c.nfree} are free; nothing was written")
+        for l in range(self.num_layers):      # our own arrays: checked again before their pointers
+            for a in layers[l]:
+                if type(a) is not np.ndarray or a.dtype != dt or not a.flags.c_contiguous or \
+                        a.shape != (lengths[l], self.num_kv_heads, self.head_dim):
+                    raise ValueError("import_sequence: malformed arrays")
         slot = self._h_add()
         try:
             for l in range(self.num_layers):
-                k, v = pairs[l]
+                k, v = layers[l]
                 if lengths[l]:
                     self._h_append(slot, l, cnp.PyArray_DATA(k), cnp.PyArray_DATA(v), lengths[l],
                                    RV_KV_F16 if dt == _F16 else RV_KV_F32)
@@ -910,82 +1313,52 @@ cdef class PagedKVCache(_KVCache):
                 f"{len(self._slot_of)} sequences>")
 
 
-def _import_lengths(dict meta, int num_layers):
-    lengths = meta.get("lengths")
-    if (not isinstance(lengths, list) or len(lengths) != num_layers or
-            any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in lengths)):
-        raise ValueError(f"import_sequence: meta['lengths'] must be {num_layers} token counts "
-                         f"(>= 0), got {lengths!r}")
-    return lengths
-
-
-def _import_array(arrays, str name, tuple shape, dtype):
-    try:
-        a = arrays[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"import_sequence: array {name!r} is missing") from None
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"import_sequence: {name!r} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise ValueError(f"import_sequence: {name!r} must be {np.dtype(dtype)}, got {a.dtype}")
-    if a.shape != shape:
-        raise ValueError(f"import_sequence: {name!r} must have shape {shape}, got {a.shape}")
-    return np.ascontiguousarray(a)
-
-
-_COLD_FORMATS = {"q8": RV_TT_Q8, "q4": RV_TT_Q4, "turbo": RV_TT_TURBO}
-_TURBO_BITS = (2.5, 3.5, 4.5)
-_POLICIES = ("error", "evict-oldest")
-# a cold group's blob addresses its head segments with 32-bit offsets: 2^28 values of K and as
-# many of V stay under 4 GiB in every format (q8 with parameters: < 5 bytes per K+V value pair)
-_MAX_GROUP_VALUES = 1 << 28
-
-
 cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tokens, cold,
                     group_size, migration_batch, max_tokens, turbo_bits) except -1:
     p.num_layers = _positive_int(num_layers, "num_layers")
     p.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
     p.head_dim = _positive_int(head_dim, "head_dim")
-    if p.head_dim > 256:
-        raise ValueError(f"head_dim must be at most 256, got {head_dim}")
+    if p.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
     if isinstance(hot_tokens, (bool, np.bool_)) or not isinstance(hot_tokens, (int, np.integer)):
         raise TypeError(f"hot_tokens must be an int, got {type(hot_tokens).__name__}")
-    if not 0 <= hot_tokens < 2**31 - 2**20:
+    if not 0 <= hot_tokens <= MAX_HOT_TOKENS:
         raise ValueError(f"hot_tokens must be >= 0, got {hot_tokens}")
     p.hot_tokens = hot_tokens
-    if cold not in _COLD_FORMATS:
-        raise ValueError(f"cold must be one of {sorted(_COLD_FORMATS)}, got {cold!r}")
-    p.cold = _COLD_FORMATS[cold]
+    if cold not in COLD_FORMATS:
+        raise ValueError(f"cold must be one of {sorted(COLD_FORMATS)}, got {cold!r}")
+    p.cold = COLD_FORMATS.index(cold)
     p.group_size = _positive_int(group_size, "group_size")
     p.group_tokens = _positive_int(migration_batch, "migration_batch")
-    if p.group_tokens > 4096:
-        raise ValueError(f"migration_batch must be at most 4096 tokens, got {migration_batch}")
-    if p.num_kv_heads * p.head_dim * p.group_tokens > _MAX_GROUP_VALUES:
+    if p.group_tokens > MAX_GROUP_TOKENS:
+        raise ValueError(f"migration_batch must be at most {MAX_GROUP_TOKENS} tokens, got {migration_batch}")
+    if <int64_t>p.num_kv_heads * p.head_dim * p.group_tokens > MAX_GROUP_VALUES:
         raise ValueError(f"a cold group would hold num_kv_heads * head_dim * migration_batch = "
                          f"{p.num_kv_heads * p.head_dim * p.group_tokens} values of K (and as many of V), "
-                         f"more than {_MAX_GROUP_VALUES}: use fewer KV heads per cache or a smaller "
+                         f"more than {MAX_GROUP_VALUES}: use fewer KV heads per cache or a smaller "
                          f"migration_batch")
     p.max_tokens = 1 if max_tokens is None else max_tokens
     if isinstance(turbo_bits, (bool, np.bool_)) or not isinstance(turbo_bits, (int, float, np.integer, np.floating)):
         raise TypeError(f"turbo_bits must be a number, got {type(turbo_bits).__name__}")
-    if cold == "turbo" and float(turbo_bits) not in _TURBO_BITS:
-        raise ValueError(f"turbo_bits must be one of {_TURBO_BITS} (bits per value), got {turbo_bits}")
+    if cold == "turbo" and float(turbo_bits) not in TURBO_BITS:
+        raise ValueError(f"turbo_bits must be one of {TURBO_BITS} (bits per value), got {turbo_bits}")
     p.turbo_bits = float(turbo_bits)
     return 0
 
 
 cdef class TwoTierKVCache(_KVCache):
     """TwoTierKVCache(num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-    group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5)
+    group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5, pool=None)
 
     Per sequence and layer, the most recent tokens stay in an fp16 hot ring; once it holds
     hot_tokens + migration_batch tokens, its oldest migration_batch tokens are quantized into
-    one immutable cold group: "q8" (int8) or "q4" (two 4-bit codes per byte). Keys are
-    quantized per channel over the group, values per token in channel groups of group_size,
-    scales and zero points in fp16; with q4, up to max(1, head_dim / 16) channels of K and of V
-    per head and group whose range over the group is more than 3x the median channel range
-    keep 8-bit codes per channel over the group. Attention dequantizes the cold codes chunk by chunk inside the kernel and folds
-    them and the hot tokens into one online softmax.
+    one immutable cold group in the cold format (one of COLD_FORMATS, the codec table's): "q8"
+    (int8) or "q4" (two 4-bit codes per byte). Keys are quantized per channel over the
+    group, values per token in channel groups of group_size, scales and zero points in fp16;
+    with q4, up to max(1, head_dim / 16) channels of K and of V per head and group whose range
+    over the group is more than 3x the median channel range keep 8-bit codes per channel over
+    the group. Attention reads the cold codes in place inside the kernel and folds them and
+    the hot tokens into one online softmax.
 
     max_tokens bounds the tokens stored per layer, all sequences together: each sequence's hot
     tokens plus the cold tokens, a cold token shared by forks counted once. fork() shares the
@@ -1003,7 +1376,11 @@ cdef class TwoTierKVCache(_KVCache):
     import_sequence() stores its own copy of everything (it costs all its tokens).
 
     cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value (rotated codes with
-    Lloyd-Max codebooks, QJL residual signs for the keys; see csrc/kvcache/rv_turbo.h)."""
+    Lloyd-Max codebooks, QJL residual signs for the keys; see csrc/kvcache/rv_turbo.h).
+
+    pool: a BufferPool with a size class at least group_bytes_max(...) bytes: cold groups
+    take their memory from its smallest such class (the Runtime sizes and prewarms one), so
+    migration never calls the allocator while the class has free buffers."""
 
     cdef rv_tt *c
     cdef readonly int hot_tokens
@@ -1012,44 +1389,86 @@ cdef class TwoTierKVCache(_KVCache):
     cdef readonly str cold
     cdef readonly str policy
     cdef readonly double turbo_bits
+    cdef readonly object pool
 
     def __init__(self, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-                 group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5):
+                 group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5,
+                 pool=None):
         cdef rv_tt_params p
+        cdef rv_tt *created = NULL
+        cdef int cls = -1
+        cdef size_t largest
         self._init_shape(num_layers, num_kv_heads, head_dim, max_tokens)
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
                    migration_batch, max_tokens, turbo_bits)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
+        if pool is not None:
+            if not isinstance(pool, BufferPool):
+                raise TypeError(f"pool must be a ruvpy.BufferPool, got {type(pool).__name__}")
+            largest = rv_tt_group_alloc_bytes(&p, 1)
+            fitting = [i for i, size in enumerate(pool.size_classes) if size >= largest]
+            if not fitting:
+                raise ValueError(f"pool has no size class of {largest} bytes or more (a cold group at "
+                                 f"most); its classes are {pool.size_classes}")
+            cls = fitting[0]
+        _check_status(rv_tt_create(&created, &p), "TwoTierKVCache")
+        if pool is not None:
+            rv_tt_use_pool(created, (<BufferPool>pool).pool, cls)
+        self.c = created
+        self.pool = pool
         self.hot_tokens = p.hot_tokens
         self.group_size = p.group_size
         self.migration_batch = p.group_tokens
         self.cold = cold
         self.policy = policy
         self.turbo_bits = p.turbo_bits
-        _check_status(rv_tt_create(&self.c, &p), "TwoTierKVCache")
+        self._initialized = True
         self._closed = False
 
     def __dealloc__(self):
-        rv_tt_destroy(self.c)
+        rv_tt_destroy(self.c)       # pool buffers go back to self.pool, still alive here
         self.c = NULL
 
     @classmethod
     def bytes_per_token(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                         group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
-                        max_tokens=None):
+                        max_tokens=None, pool=None):
         """Bytes one cold token of one sequence costs across all layers: a cold group's
         allocation (without outlier channels) divided by its tokens. A sequence's hot tier
         adds up to hot_tier_bytes(...)."""
         cdef rv_tt_params p
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
                    migration_batch, max_tokens, turbo_bits)
-        return p.num_layers * rv_tt_group_alloc_bytes(&p) / p.group_tokens
+        return p.num_layers * rv_tt_group_alloc_bytes(&p, 0) / p.group_tokens
+
+    @classmethod
+    def group_bytes_max(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                        group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                        max_tokens=None, pool=None):
+        """Bytes one cold group (one layer, migration_batch tokens) takes at most: its
+        format's largest blob (every outlier channel it allows) with the group's header,
+        as allocated. Arithmetic from the codec, nothing is built."""
+        cdef rv_tt_params p
+        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                   migration_batch, max_tokens, turbo_bits)
+        return rv_tt_group_alloc_bytes(&p, 1)
+
+    @classmethod
+    def fixed_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                    group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                    max_tokens=None, pool=None):
+        """Bytes the cache allocates when created, before any token: its counters, the
+        format's tables and the migration work buffer (arithmetic)."""
+        cdef rv_tt_params p
+        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                   migration_batch, max_tokens, turbo_bits)
+        return rv_tt_fixed_bytes(&p)
 
     @classmethod
     def hot_tier_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                        group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
-                       max_tokens=None):
+                       max_tokens=None, pool=None):
         """The most one sequence's hot tier holds between steps, all layers: fp16 rings of
         hot_tokens + migration_batch tokens. (A step that appends more grows them until it
         ends.)"""
@@ -1061,6 +1480,12 @@ cdef class TwoTierKVCache(_KVCache):
     @property
     def capacity_tokens(self):
         return self.max_tokens
+
+    @property
+    def pooled_bytes(self):
+        """Of nbytes: cold groups whose memory is a buffer of `pool` (its stats count them as
+        outstanding)."""
+        return self.c.cold_pooled_bytes if self.c else 0
 
     cdef int _h_add(self) except -1:
         cdef int slot
@@ -1087,92 +1512,34 @@ cdef class TwoTierKVCache(_KVCache):
     cdef int64_t _h_len(self, int slot, int layer) except -1:
         return rv_tt_len(self.c, slot, layer)
 
-    cdef int _fullest_layer(self, int lo, int hi) noexcept:
-        cdef int l, best = lo
-        for l in range(lo, hi):
-            if self.c.used[l] > self.c.used[best]:
-                best = l
-        return best
-
-    cdef int _h_room(self, list ids, int *slots, int64_t *n, int nseq, int layer) except -1:
-        cdef int64_t requested = 0, over, take, before
-        cdef bint evicted
-        cdef int i, bind, sl
-        cdef int lo = 0 if layer < 0 else layer
-        cdef int hi = self.num_layers if layer < 0 else layer + 1
+    cdef int _h_room(self, object ids, const int *slots, const int64_t *n, int nseq, int layer) except -1:
+        cdef int bind = 0, i
+        cdef int64_t requested = 0
+        rc = rv_tt_make_room(self.c, slots, n, nseq, layer, self.policy == "evict-oldest", &bind)
+        if rc == RV_TT_ROOM_OK:
+            return 0
         for i in range(nseq):
             requested += n[i]
-        bind = self._fullest_layer(lo, hi)
-        over = self.c.used[bind] + requested - self.max_tokens
-        if over <= 0:
-            return 0
         where = f"layer {layer}" if layer >= 0 else "every layer"
-        if self.policy == "error" or requested > self.max_tokens:
+        free = self.max_tokens - self.c.used[bind]
+        if rc == RV_TT_ROOM_FULL or rc == RV_TT_ROOM_TOO_MANY:
             raise KVCacheFull(
                 f"KV cache full: {requested} tokens requested for sequences {ids} in {where}, "
-                f"{self.max_tokens - self.c.used[bind]} free of max_tokens={self.max_tokens}"
-                + ("" if self.policy == "error" else " (more than the cache holds: eviction cannot help)")
+                f"{free} free of max_tokens={self.max_tokens}"
+                + ("" if rc == RV_TT_ROOM_FULL else " (more than the cache holds: eviction cannot help)")
                 + "; nothing was written")
-        # evict-oldest: the requesting sequences' oldest tokens first, then the others'. While a
-        # transaction is open, a request from its sequences evicts only from them (a rollback
-        # restores what they gave up) and a request from other sequences only from sequences
-        # outside it (a rollback must not bring back tokens whose room was given away); a
-        # request mixing both raises. A token another sequence still holds (a shared cold
-        # group) frees no room when dropped: its other holders give it up next (the oldest
-        # shared tokens go from every holder), not the requester ever more of its own.
-        requesting = [slots[i] for i in range(nseq)]
-        allowed = None
-        if self._txn:
-            in_txn = {self._slot_of[s] for s in self._txn}
-            inside = [x in in_txn for x in requesting]
-            if all(inside):
-                allowed = in_txn
-            elif not any(inside):
-                allowed = {x for x in self._slot_of.values() if x not in in_txn}
-            else:
-                raise KVCacheFull(
-                    f"KV cache full: {requested} tokens requested for sequences {ids} in {where}, some "
-                    f"inside the open transaction on {sorted(self._txn)} and some outside: eviction could "
-                    f"not be rolled back consistently; nothing was written")
-        others = sorted([x for x in self._slot_of.values() if x not in requesting and
-                         (allowed is None or x in allowed)], key=lambda x: -rv_tt_len(self.c, x, 0))
-        victims = [x for x in requesting if allowed is None or x in allowed] + others
-        for l in range(lo, hi):
-            # all sequences may give up tokens outside a transaction: emptying them frees all
-            if allowed is not None and self._stored_without(l, victims) + requested > self.max_tokens:
-                raise KVCacheFull(
-                    f"KV cache full: {requested} tokens requested for sequences {ids} in {where}; while "
-                    f"the transaction on {sorted(self._txn)} is open only sequences on the same side of it "
-                    f"may give up tokens, and the tokens only they hold are too few (tokens shared with "
-                    f"other sequences stay stored); nothing was written")
-        while over > 0:
-            evicted = False
-            for sl in victims:
-                take = min(over, rv_tt_len(self.c, sl, bind))
-                if take > 0:
-                    before = self.c.used[bind]
-                    rv_tt_evict(self.c, sl, take)
-                    evicted = True
-                    if self.c.used[bind] < before:
-                        break
-                    # only tokens others still hold: the next victims drop theirs
-            if not evicted:
-                raise AssertionError("evict-oldest: nothing left to evict")   # unreachable
-            bind = self._fullest_layer(lo, hi)
-            over = self.c.used[bind] + requested - self.max_tokens
-        return 0
-
-    cdef int64_t _stored_without(self, int layer, list victims) except -1:
-        """what `layer` would store if the sequences in slots `victims` held nothing"""
-        cdef int *sl = <int *>malloc(sizeof(int) * (len(victims) + 1))
-        if sl == NULL:
-            raise MemoryError("reserve: out of memory")
-        try:
-            for i, x in enumerate(victims):
-                sl[i] = x
-            return rv_tt_stored_without(self.c, layer, sl, len(victims))
-        finally:
-            free(sl)
+        if rc == RV_TT_ROOM_MIXED:
+            raise KVCacheFull(
+                f"KV cache full: {requested} tokens requested for sequences {ids} in {where}, some "
+                f"inside the open transaction on {sorted(self._txn)} and some outside: eviction could "
+                f"not be rolled back consistently; nothing was written")
+        if rc == RV_TT_ROOM_TXN_SIDE:
+            raise KVCacheFull(
+                f"KV cache full: {requested} tokens requested for sequences {ids} in {where}; while "
+                f"the transaction on {sorted(self._txn)} is open only sequences on the same side of it "
+                f"may give up tokens, and the tokens only they hold are too few (tokens shared with "
+                f"other sequences stay stored); nothing was written")
+        raise MemoryError("reserve: out of memory")
 
     cdef int _h_append(self, int slot, int layer, const void *k, const void *v, int64_t n,
                        int dtype) except -1:
@@ -1180,14 +1547,8 @@ cdef class TwoTierKVCache(_KVCache):
                                    active_ops()), "append")
         return 0
 
-    cdef int _h_attend(self, int layer, int num_heads, rv_kv_query *queries, int nq, float scale,
-                       bint causal) except -1:
-        cdef int rc
-        with nogil:
-            rc = rv_tt_attend(self.c, layer, num_heads, queries, nq, scale, causal, active_ops(),
-                              num_threads())
-        _check_status(rc, "attention")
-        return 0
+    cdef void _h_source(self, int layer, int num_heads, rv_kv_source *src) noexcept:
+        rv_tt_source(self.c, layer, num_heads, src)
 
     cdef int _h_begin(self, int slot) except -1:
         _check_status(rv_tt_begin(self.c, slot), "begin")
@@ -1201,9 +1562,13 @@ cdef class TwoTierKVCache(_KVCache):
         rv_tt_rollback(self.c, slot)
         return 0
 
+    cdef int _h_truncate(self, int slot, int64_t n) except -1:
+        _check_status(rv_tt_truncate(self.c, slot, n), "truncate")
+        return 0
+
     cdef int _h_read(self, int slot, int layer, k, v) except -1:
-        _check_status(rv_tt_read(self.c, slot, layer, <float *>cnp.PyArray_DATA(k),
-                                 <float *>cnp.PyArray_DATA(v), active_ops()), "get_kv")
+        rv_tt_read(self.c, slot, layer, <float *>cnp.PyArray_DATA(k), <float *>cnp.PyArray_DATA(v),
+                   active_ops())
         return 0
 
     cdef size_t _h_nbytes(self):
@@ -1211,45 +1576,23 @@ cdef class TwoTierKVCache(_KVCache):
 
     cdef object _h_stats(self):
         cdef rv_tt_usage u
-        L = self.num_layers
-        # layers: tokens stored (what max_tokens bounds: a shared cold token once)
-        layer_rows = [{"layer": l, "tokens": self.c.used[l], "bytes": 0} for l in range(L)]
-        layer_hot = [0] * L
-        seqs = {}
-        tokens = 0
-        for seq, slot in sorted(self._slot_of.items()):
-            entry = {"tokens": 0, "bytes": 0, "hot_tokens": 0, "cold_tokens": 0}
-            for l in range(L):
+        usage = {}
+        for seq, slot in self._slot_of.items():
+            rows = []
+            for l in range(self.num_layers):
                 rv_tt_seq_usage(self.c, slot, l, &u)
-                entry["tokens"] = max(entry["tokens"], u.hot_tokens + u.cold_tokens)
-                entry["hot_tokens"] = max(entry["hot_tokens"], u.hot_tokens)
-                entry["cold_tokens"] = max(entry["cold_tokens"], u.cold_tokens)
-                entry["bytes"] += u.hot_bytes + u.cold_bytes
-                layer_rows[l]["bytes"] += u.hot_bytes + u.cold_bytes
-                layer_hot[l] += u.hot_tokens
-            seqs[seq] = entry
-            tokens += entry["tokens"]
-        fullest = max(range(L), key=lambda l: self.c.used[l])
-        hot_tokens = layer_hot[fullest]
-        cold_tokens = self.c.used[fullest] - hot_tokens
-        cold_token_layers = sum(self.c.used[l] - layer_hot[l] for l in range(L))
-        fp16_token = 2 * 2 * self.num_kv_heads * self.head_dim      # K and V, one layer
-        cold_bytes = self.c.cold_bytes
-        return TwoTierKVStats(
-            kind="two-tier", num_layers=L, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            cold=self.cold, hot_tokens_limit=self.hot_tokens, migration_batch=self.migration_batch,
-            group_size=self.group_size, policy=self.policy, capacity_tokens=self.max_tokens,
-            tokens=tokens, stored_tokens=self.c.used[fullest], bytes=self._h_nbytes(),
-            tiers={"hot": {"tokens": hot_tokens, "bytes": self.c.hot_bytes},
-                   "cold": {"tokens": cold_tokens, "bytes": cold_bytes}},
-            layers=layer_rows, sequences=seqs, cold_groups=self.c.cold_groups,
-            cold_groups_shared=self.c.shared_groups,
-            hot_bytes=self.c.hot_bytes, cold_bytes=cold_bytes, metadata_bytes=self.c.meta_bytes,
-            fp16_bytes_per_token=fp16_token * L,
-            cold_bytes_per_token=(cold_bytes / cold_token_layers * L) if cold_token_layers else 0.0,
-            compression_ratio=(fp16_token * cold_token_layers / cold_bytes) if cold_bytes else 0.0,
-            cold_bits_per_value=(8.0 * cold_bytes / (cold_token_layers * 2 * self.num_kv_heads *
-                                                     self.head_dim)) if cold_token_layers else 0.0,
+                rows.append((u.hot_tokens, u.cold_tokens, u.hot_bytes, u.cold_bytes))
+            usage[seq] = rows
+        return twotier_stats(
+            shape=(self.num_layers, self.num_kv_heads, self.head_dim),
+            config={"cold": self.cold, "hot_tokens_limit": self.hot_tokens,
+                    "migration_batch": self.migration_batch, "group_size": self.group_size,
+                    "policy": self.policy},
+            capacity_tokens=self.max_tokens, nbytes=self._h_nbytes(),
+            used=[self.c.used[l] for l in range(self.num_layers)], usage=usage,
+            hot_bytes=self.c.hot_bytes, cold_bytes=self.c.cold_bytes,
+            metadata_bytes=self.c.meta_bytes, pooled_cold_bytes=self.c.cold_pooled_bytes,
+            cold_groups=self.c.cold_groups, cold_groups_shared=self.c.shared_groups,
             evicted_tokens=self.c.evicted)
 
     cdef dict _config_fields(self):
@@ -1261,12 +1604,9 @@ cdef class TwoTierKVCache(_KVCache):
         return fields
 
     cdef tuple _h_export(self, int slot):
-        cdef int32_t skip
+        cdef int32_t skip, cut
         cdef int64_t ng, hot_len
-        meta = self._meta("two-tier")
-        meta.update(self._config_fields())
-        skips, lengths = [], []
-        arrays = {}
+        layers = []
         for l in range(self.num_layers):
             ng = rv_tt_export_groups(self.c, slot, l)
             blobs = np.empty(rv_tt_export_bytes(self.c, slot, l), dtype=np.uint8)
@@ -1275,70 +1615,51 @@ cdef class TwoTierKVCache(_KVCache):
             hot_k = np.empty((hot_len, self.num_kv_heads, self.head_dim), dtype=np.float16)
             hot_v = np.empty_like(hot_k)
             rv_tt_export_layer(self.c, slot, l, <unsigned char *>cnp.PyArray_DATA(blobs),
-                               <int64_t *>cnp.PyArray_DATA(sizes), &skip,
+                               <int64_t *>cnp.PyArray_DATA(sizes), &skip, &cut,
                                <uint16_t *>cnp.PyArray_DATA(hot_k), <uint16_t *>cnp.PyArray_DATA(hot_v))
-            skips.append(skip if ng else 0)
-            lengths.append(rv_tt_len(self.c, slot, l))
-            arrays[f"cold.{l}"] = blobs
-            arrays[f"cold_sizes.{l}"] = sizes
-            arrays[f"hot_k.{l}"] = hot_k
-            arrays[f"hot_v.{l}"] = hot_v
-        meta["skip"] = skips
-        meta["lengths"] = lengths
-        return meta, arrays
+            layers.append((rv_tt_len(self.c, slot, l), skip, cut, blobs, sizes, hot_k, hot_v))
+        return kvexport.pack_twotier(self._config_fields(), layers)
 
-    cdef int _h_import(self, dict meta, arrays) except -1:
-        cdef int slot
-        cdef int64_t G = self.migration_batch
-        cdef int64_t off, size
+    cdef int _h_import(self, meta, arrays) except -1:
+        cdef int slot, l
+        cdef int64_t off, size, g
+        cdef cnp.ndarray blobs, sizes, hot_k, hot_v
         cdef const unsigned char *base
-        lengths = _import_lengths(meta, self.num_layers)
-        skips = meta.get("skip")
-        if (not isinstance(skips, list) or len(skips) != self.num_layers or
-                any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < G for x in skips)):
-            raise ValueError(f"import_sequence: meta['skip'] must be {self.num_layers} ints in "
-                             f"[0, {G}), got {skips!r}")
-        layers = []
+        layers = kvexport.unpack_twotier(meta, arrays, self._config_fields(), self.num_layers,
+                                         self.num_kv_heads, self.head_dim, self.migration_batch)
         for l in range(self.num_layers):
-            try:
-                sizes = arrays[f"cold_sizes.{l}"]
-            except (KeyError, TypeError):
-                raise ValueError(f"import_sequence: array 'cold_sizes.{l}' is missing") from None
-            if not isinstance(sizes, np.ndarray) or sizes.dtype != np.int64 or sizes.ndim != 1:
-                raise ValueError(f"import_sequence: 'cold_sizes.{l}' must be a 1-d int64 array")
-            sizes = np.ascontiguousarray(sizes)
-            blobs = _import_array(arrays, f"cold.{l}", (int(sizes.sum()) if len(sizes) else 0,),
-                                  np.dtype(np.uint8))
-            ng = len(sizes)
-            hot_len = lengths[l] - (ng * G - skips[l])
-            if ng == 0 and skips[l]:
-                raise ValueError(f"import_sequence: layer {l} skips {skips[l]} tokens of no cold group")
-            if hot_len < 0:
-                raise ValueError(f"import_sequence: layer {l}: length {lengths[l]} is shorter than its "
-                                 f"{ng} cold groups of {G} tokens")
-            shape = (hot_len, self.num_kv_heads, self.head_dim)
-            hot_k = _import_array(arrays, f"hot_k.{l}", shape, _F16)
-            hot_v = _import_array(arrays, f"hot_v.{l}", shape, _F16)
+            length, skip, cut, blobs, sizes, hot_k, hot_v, hot_len = layers[l]
+            if not (type(blobs) is np.ndarray and blobs.dtype == np.uint8 and blobs.flags.c_contiguous and
+                    type(sizes) is np.ndarray and sizes.dtype == np.int64 and sizes.flags.c_contiguous and
+                    sizes.ndim == 1 and blobs.ndim == 1):
+                raise ValueError("import_sequence: malformed arrays")
             off = 0
             base = <const unsigned char *>cnp.PyArray_DATA(blobs)
-            for g in range(ng):
-                size = sizes[g]
+            for g in range(sizes.shape[0]):
+                size = (<const int64_t *>cnp.PyArray_DATA(sizes))[g]
                 if size <= 0 or size > blobs.shape[0] - off or rv_tt_validate_blob(self.c, base + off, size) != 0:
                     raise ValueError(f"import_sequence: cold group {g} of layer {l} is malformed "
                                      f"({size} bytes)")
                 off += size
-            layers.append((blobs, sizes, hot_k, hot_v, hot_len))
+            if off != blobs.shape[0]:
+                raise ValueError(f"import_sequence: layer {l}'s cold blobs are malformed")
         for l in range(self.num_layers):
-            if self.c.used[l] + lengths[l] > self.max_tokens:
-                raise KVCacheFull(f"import_sequence: {lengths[l]} tokens do not fit layer {l} "
+            length = layers[l][0]
+            if self.c.used[l] + length > self.max_tokens:
+                raise KVCacheFull(f"import_sequence: {length} tokens do not fit layer {l} "
                                   f"({self.max_tokens - self.c.used[l]} free of {self.max_tokens}); "
                                   f"nothing was written")
         slot = self._h_add()
         try:
-            for l, (blobs, sizes, hot_k, hot_v, hot_len) in enumerate(layers):
+            for l in range(self.num_layers):
+                length, skip, cut, blobs, sizes, hot_k, hot_v, hot_len = layers[l]
+                if (<object>hot_k).shape != (hot_len, self.num_kv_heads, self.head_dim) or \
+                        (<object>hot_v).shape != (<object>hot_k).shape or hot_k.dtype != _F16 or hot_v.dtype != _F16 or \
+                        not hot_k.flags.c_contiguous or not hot_v.flags.c_contiguous:
+                    raise ValueError("import_sequence: malformed arrays")
                 _check_status(rv_tt_import_layer(
                     self.c, slot, l, <const unsigned char *>cnp.PyArray_DATA(blobs),
-                    <const int64_t *>cnp.PyArray_DATA(sizes), len(sizes), skips[l],
+                    <const int64_t *>cnp.PyArray_DATA(sizes), sizes.shape[0], skip, cut,
                     <const uint16_t *>cnp.PyArray_DATA(hot_k), <const uint16_t *>cnp.PyArray_DATA(hot_v),
                     hot_len), "import_sequence")
         except BaseException:

@@ -12,6 +12,7 @@ cdef extern from "memory/rv_memory.h" nogil:
         RV_ALIGN
         RV_POISON_BYTE
         RV_POOL_CLASSES
+        RV_POOL_MAX_CLASSES
     size_t rv_align_up(size_t n)
     bint rv_mul_size(size_t a, size_t b, size_t *out)
 
@@ -26,12 +27,28 @@ cdef extern from "memory/rv_memory.h" nogil:
     void *rv_arena_bump(rv_arena *a, size_t nbytes)
     void rv_arena_reset(rv_arena *a)
 
-    ctypedef struct rv_pool:
+    ctypedef struct rv_pool_class:
+        size_t nbytes
         size_t max_buffers
+
+    ctypedef struct rv_pool:
+        rv_pool_class cls[8]
+        int nclasses
+        size_t max_buffers
+
+    # a driver's work memory: one shared region, one region per thread
+    ctypedef struct rv_scratch:
+        unsigned char *shared
+        size_t shared_bytes
+        unsigned char *threads
+        size_t thread_stride
+        size_t thread_bytes
+        int nthreads
+    bint rv_scratch_fits(const rv_scratch *s, size_t shared, size_t per_thread, int nthreads)
 
 
 # A 64-byte aligned buffer of at least nbytes from the pool's smallest fitting class, or NULL
-# (nbytes above 256 KiB, or out of memory); give it back with the same nbytes.
+# (nbytes above its largest class, or out of memory); give it back with the same nbytes.
 cdef void *pool_acquire(BufferPool pool, size_t nbytes) noexcept nogil
 cdef void pool_release(BufferPool pool, void *buffer, size_t nbytes) noexcept nogil
 
@@ -74,10 +91,12 @@ cdef class PooledBuffer:
 
 cdef class ScratchSpace:
     cdef _Block block
-    cdef unsigned char *base
+    cdef unsigned char *base                    # thread 0's region
     cdef readonly Py_ssize_t bytes_per_thread
     cdef readonly Py_ssize_t stride            # bytes between threads' regions (64-aligned)
     cdef readonly int max_threads
+    cdef readonly Py_ssize_t shared_bytes      # the region every thread reads (before thread 0's)
+    cdef rv_scratch view                        # all of it, for C drivers
 
     # Thread `thread`'s region (bytes_per_thread bytes, 64-byte aligned; threads never share
     # a cache line), or NULL when thread is outside [0, max_threads).

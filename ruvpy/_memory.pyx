@@ -7,11 +7,12 @@
   Arrays hold the block as their numpy base, so they stay valid after `reset`, `close` or
   `del arena` (after a reset they alias later allocations, as step buffers do; `debug=True`
   fills the memory with NaN on every reset so that stale use shows).
-- `BufferPool`: free lists of 1, 4, 16, 64 and 256 KiB buffers, one C mutex per class, taken
-  with the GIL released. A `PooledBuffer` goes back on `release()`, on leaving its `with`
+- `BufferPool`: free lists of 1, 4, 16, 64 and 256 KiB buffers (or classes of the caller's
+  choosing, each with its own limit), one C mutex per class, taken with the GIL released. A `PooledBuffer` goes back on `release()`, on leaving its `with`
   block or when garbage collected; views of it postpone that until the last view is gone.
 - `ScratchSpace`: one 64-byte aligned region per thread for kernels (`thread_ptr` in
-  _memory.pxd for nogil code).
+  _memory.pxd for nogil code), and optionally one region they share; C drivers take both as
+  an rv_scratch (`view`).
 - `MemoryManager`: the three sized for a model, with `reset_step()` between decode steps.
 
 The C side is csrc/memory/rv_memory.h and rv_pool.c.
@@ -65,16 +66,18 @@ cdef extern from "memory/rv_memory.h" nogil:
     ctypedef struct rv_pool_stats:
         uint64_t hits, misses, allocations, returns, drops
         size_t pooled_bytes, outstanding_bytes
-        size_t free_buffers[5]
+        size_t free_buffers[8]
     const size_t rv_pool_class_bytes[5]
-    int rv_pool_class_for(size_t nbytes)
+    int rv_pool_class_for(const rv_pool *p, size_t nbytes)
     rv_pool *rv_pool_create(size_t max_buffers_per_class)
+    rv_pool *rv_pool_create_classes(const size_t *nbytes, const size_t *max_buffers, int n)
     void rv_pool_destroy(rv_pool *p)
     void *rv_pool_acquire(rv_pool *p, int c)
     void rv_pool_release(rv_pool *p, int c, void *buffer)
     int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added)
     void rv_pool_clear(rv_pool *p)
     void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
+    size_t rv_pool_meta_bytes(const rv_pool *p)
 
 cdef enum:
     # NumPy 1.x's limit (2.x allows 64): views must work on both
@@ -503,7 +506,7 @@ cdef class PooledBuffer:
     @property
     def capacity(self):
         """Bytes of the buffer's size class."""
-        return _SIZE_CLASSES[self.size_class]
+        return self.pool.cls[self.size_class].nbytes
 
     @property
     def released(self):
@@ -516,24 +519,51 @@ cdef class PooledBuffer:
 
     def __repr__(self):
         state = "released" if self.state != _LIVE else f"{self.nbytes} bytes"
-        return f"<ruvpy.PooledBuffer {state}, class {_SIZE_CLASSES[self.size_class]}>"
+        return f"<ruvpy.PooledBuffer {state}, class {self.pool.cls[self.size_class].nbytes}>"
 
 
 cdef class BufferPool:
-    """BufferPool(max_buffers_per_class=32): reusable 64-byte aligned buffers in size classes
-    SIZE_CLASSES (1, 4, 16, 64, 256 KiB). acquire(nbytes) takes the smallest class that fits
-    (a free one if any: a hit; else a new allocation: a miss). A buffer given back to a class
-    already holding max_buffers_per_class free ones is freed (a drop). Thread-safe: one C
-    mutex per class, taken with the GIL released."""
+    """BufferPool(max_buffers_per_class=32, *, size_classes=None): reusable 64-byte aligned
+    buffers in size classes (SIZE_CLASSES by default: 1, 4, 16, 64, 256 KiB). acquire(nbytes)
+    takes the smallest class that fits (a free one if any: a hit; else a new allocation: a
+    miss). A buffer given back to a class already holding its limit of free ones is freed (a
+    drop). size_classes: ascending buffer sizes (rounded up to 64 bytes), each an int or an
+    (nbytes, max_free_buffers) pair (an int keeps max_buffers_per_class), at most 8 classes.
+    Thread-safe: one C mutex per class, taken with the GIL released."""
 
     SIZE_CLASSES = _SIZE_CLASSES
 
-    def __cinit__(self, max_buffers_per_class=32):
+    def __cinit__(self, max_buffers_per_class=32, *, size_classes=None):
         cdef size_t limit = RV_POOL_MAX_BUFFERS_PER_CLASS
-        n = _count_arg(max_buffers_per_class, "max_buffers_per_class")
-        if n > limit:
-            raise ValueError(f"max_buffers_per_class must be <= {limit}, got {n}")
-        self.pool = rv_pool_create(n)
+        cdef size_t nbytes[RV_POOL_MAX_CLASSES]
+        cdef size_t limits[RV_POOL_MAX_CLASSES]
+        cdef int n = 0
+        default = _count_arg(max_buffers_per_class, "max_buffers_per_class")
+        if default > limit:
+            raise ValueError(f"max_buffers_per_class must be <= {limit}, got {default}")
+        if size_classes is None:
+            self.pool = rv_pool_create(default)
+        else:
+            classes = list(size_classes)
+            if not 1 <= len(classes) <= RV_POOL_MAX_CLASSES:
+                raise ValueError(f"size_classes must list 1 to {RV_POOL_MAX_CLASSES} classes, "
+                                 f"got {len(classes)}")
+            previous = 0
+            for entry in classes:
+                size, most = entry if isinstance(entry, tuple) else (entry, default)
+                size = _count_arg(size, "a size class")
+                most = _count_arg(most, "a size class's max_buffers")
+                rounded = (size + RV_ALIGN - 1) // RV_ALIGN * RV_ALIGN
+                if size == 0 or rounded <= previous or rounded > PY_SSIZE_T_MAX // 2:
+                    raise ValueError(f"size_classes must be ascending positive byte counts "
+                                     f"(distinct after rounding up to {RV_ALIGN}), got {size_classes!r}")
+                if most > limit:
+                    raise ValueError(f"a size class keeps at most {limit} free buffers, got {most}")
+                nbytes[n] = rounded
+                limits[n] = most
+                previous = rounded
+                n += 1
+            self.pool = rv_pool_create_classes(nbytes, limits, n)
         if self.pool == NULL:
             raise MemoryError("cannot allocate the buffer pool")
 
@@ -549,16 +579,16 @@ cdef class BufferPool:
         if n < 0:
             PyErr_Clear()
             n = min(_count_arg(nbytes, "nbytes"), PY_SSIZE_T_MAX)
-        c = rv_pool_class_for(n)
+        c = rv_pool_class_for(self.pool, n)
         if c < 0:
             raise ValueError(f"cannot pool {nbytes} bytes: the largest size class is "
-                             f"{_SIZE_CLASSES[RV_POOL_CLASSES - 1]} bytes")
+                             f"{self.pool.cls[self.pool.nclasses - 1].nbytes} bytes")
         cdef PooledBuffer buf = PooledBuffer.__new__(PooledBuffer)
         cdef void *data
         with nogil:
             data = rv_pool_acquire(self.pool, c)
         if data == NULL:
-            raise MemoryError(f"cannot allocate a {_SIZE_CLASSES[c]}-byte pool buffer")
+            raise MemoryError(f"cannot allocate a {self.pool.cls[c].nbytes}-byte pool buffer")
         buf.data = <unsigned char *>data
         buf.nbytes = n
         buf.size_class = c
@@ -569,20 +599,36 @@ cdef class BufferPool:
         return buf
 
     def prewarm(self, size_class, count):
-        """Allocate up to `count` buffers of `size_class` (one of SIZE_CLASSES) onto its free
-        list, never beyond max_buffers_per_class. Returns how many were added."""
+        """Allocate up to `count` buffers of `size_class` (one of size_classes) onto its free
+        list, never beyond its limit. Returns how many were added."""
         cdef size_t added = 0, want
         cdef int status
-        if _count_arg(size_class, "size_class") not in _SIZE_CLASSES:
-            raise ValueError(f"size_class must be one of {_SIZE_CLASSES}, got {size_class!r}")
-        cdef int c = _SIZE_CLASSES.index(size_class)
+        classes = self.size_classes
+        if _count_arg(size_class, "size_class") not in classes:
+            raise ValueError(f"size_class must be one of {classes}, got {size_class!r}")
+        cdef int c = classes.index(size_class)
         want = min(_count_arg(count, "count"), RV_POOL_MAX_BUFFERS_PER_CLASS)
         with nogil:
             status = rv_pool_prewarm(self.pool, c, want, &added)
         if status != 0:
-            raise MemoryError(f"cannot allocate {_SIZE_CLASSES[c]}-byte buffers "
+            raise MemoryError(f"cannot allocate {classes[c]}-byte buffers "
                               f"(added {added} before running out)")
         return added
+
+    @property
+    def size_classes(self):
+        """This pool's buffer sizes, ascending."""
+        return tuple([self.pool.cls[i].nbytes for i in range(self.pool.nclasses)])
+
+    @property
+    def metadata_bytes(self):
+        """Bytes the pool itself takes (its struct and the classes' free lists)."""
+        return rv_pool_meta_bytes(self.pool)
+
+    @property
+    def class_limits(self):
+        """Free buffers each class keeps at most."""
+        return tuple([self.pool.cls[i].max_buffers for i in range(self.pool.nclasses)])
 
     def clear(self):
         """Free every buffer on the free lists (buffers handed out are unaffected)."""
@@ -595,7 +641,7 @@ cdef class BufferPool:
             rv_pool_get_stats(self.pool, &s)
         return PoolStats(s.hits, s.misses, s.allocations, s.returns, s.drops, s.pooled_bytes,
                          s.outstanding_bytes,
-                         tuple([s.free_buffers[i] for i in range(RV_POOL_CLASSES)]))
+                         tuple([s.free_buffers[i] for i in range(self.pool.nclasses)]))
 
     @property
     def max_buffers_per_class(self):
@@ -608,12 +654,12 @@ cdef class BufferPool:
 
 
 cdef void *pool_acquire(BufferPool pool, size_t nbytes) noexcept nogil:
-    cdef int c = rv_pool_class_for(nbytes)
+    cdef int c = rv_pool_class_for(pool.pool, nbytes)
     return rv_pool_acquire(pool.pool, c) if c >= 0 else NULL
 
 
 cdef void pool_release(BufferPool pool, void *buffer, size_t nbytes) noexcept nogil:
-    rv_pool_release(pool.pool, rv_pool_class_for(nbytes), buffer)
+    rv_pool_release(pool.pool, rv_pool_class_for(pool.pool, nbytes), buffer)
 
 
 def _hammer_pool(BufferPool pool, int threads, int iterations):
@@ -628,15 +674,15 @@ def _hammer_pool(BufferPool pool, int threads, int iterations):
     with nogil:
         for t in prange(threads, num_threads=threads, schedule="static", chunksize=1):
             for i in range(iterations):
-                c = (i + t) % RV_POOL_CLASSES
+                c = (i + t) % pool.pool.nclasses
                 first = <int64_t *>rv_pool_acquire(pool.pool, c)
-                second = <int64_t *>rv_pool_acquire(pool.pool, (c + 1) % RV_POOL_CLASSES)
+                second = <int64_t *>rv_pool_acquire(pool.pool, (c + 1) % pool.pool.nclasses)
                 if first == NULL or second == NULL:   # out of memory: counted as a failure
                     clobbered += 1
                     if first != NULL:
                         rv_pool_release(pool.pool, c, first)
                     if second != NULL:
-                        rv_pool_release(pool.pool, (c + 1) % RV_POOL_CLASSES, second)
+                        rv_pool_release(pool.pool, (c + 1) % pool.pool.nclasses, second)
                     continue
                 first[0] = t
                 first[1] = i
@@ -645,7 +691,7 @@ def _hammer_pool(BufferPool pool, int threads, int iterations):
                 if first[0] != t or first[1] != i or second[0] != -t or second[1] != -i:
                     clobbered += 1
                 rv_pool_release(pool.pool, c, first)
-                rv_pool_release(pool.pool, (c + 1) % RV_POOL_CLASSES, second)
+                rv_pool_release(pool.pool, (c + 1) % pool.pool.nclasses, second)
     return clobbered
 
 
@@ -654,12 +700,14 @@ def _hammer_pool(BufferPool pool, int threads, int iterations):
 # ---------------------------------------------------------------------------------------
 
 cdef class ScratchSpace:
-    """ScratchSpace(bytes_per_thread, max_threads=None): one zeroed, 64-byte aligned region of
-    bytes_per_thread per thread (max_threads None: OpenMP's maximum thread count), regions
-    never sharing a cache line. Kernels take theirs with `thread_ptr(omp_get_thread_num())`
-    (see _memory.pxd); Python gets views with get(thread_index, dtype)."""
+    """ScratchSpace(bytes_per_thread, max_threads=None, *, shared_bytes=0): one zeroed,
+    64-byte aligned region of bytes_per_thread per thread (max_threads None: OpenMP's maximum
+    thread count), regions never sharing a cache line, and (shared_bytes > 0) one region all
+    threads read, before them. Kernels take theirs with `thread_ptr(omp_get_thread_num())`
+    (see _memory.pxd) and C drivers the whole as an rv_scratch (`view`); Python gets views
+    with get(thread_index, dtype)."""
 
-    def __cinit__(self, bytes_per_thread, max_threads=None):
+    def __cinit__(self, bytes_per_thread, max_threads=None, *, shared_bytes=0):
         per_thread = _count_arg(bytes_per_thread, "bytes_per_thread")
         if per_thread == 0:
             raise ValueError("bytes_per_thread must be > 0")
@@ -667,14 +715,30 @@ cdef class ScratchSpace:
             _count_arg(max_threads, "max_threads")
         if not 1 <= threads <= 1 << 16:
             raise ValueError(f"max_threads must be in [1, 65536], got {threads}")
-        if per_thread > PY_SSIZE_T_MAX // threads - RV_ALIGN:
-            raise MemoryError(f"cannot allocate {per_thread} bytes for each of {threads} threads")
+        shared = _count_arg(shared_bytes, "shared_bytes")
+        if per_thread > PY_SSIZE_T_MAX // threads - RV_ALIGN or \
+                shared > PY_SSIZE_T_MAX // 2 - per_thread * threads:
+            raise MemoryError(f"cannot allocate {per_thread} bytes for each of {threads} threads "
+                              f"and {shared} shared bytes")
         stride = (per_thread + RV_ALIGN - 1) // RV_ALIGN * RV_ALIGN
-        self.block = _new_block(stride * threads, 0)
-        self.base = <unsigned char *>self.block.ptr
+        shared_rounded = (shared + RV_ALIGN - 1) // RV_ALIGN * RV_ALIGN
+        self.block = _new_block(shared_rounded + stride * threads, 0)
+        self.base = <unsigned char *>self.block.ptr + <size_t>shared_rounded
         self.bytes_per_thread = per_thread
         self.stride = stride
         self.max_threads = threads
+        self.shared_bytes = shared
+        self.view.shared = <unsigned char *>self.block.ptr if shared else NULL
+        self.view.shared_bytes = shared
+        self.view.threads = self.base
+        self.view.thread_stride = stride
+        self.view.thread_bytes = per_thread
+        self.view.nthreads = threads
+
+    def fits(self, shared_bytes, bytes_per_thread, threads):
+        """Whether a driver needing these bytes on `threads` threads fits in this scratch."""
+        return bool(self.shared_bytes >= shared_bytes and self.bytes_per_thread >= bytes_per_thread
+                    and self.max_threads >= threads)
 
     @cython.binding(False)
     def get(self, thread_index, dtype=np.uint8):
@@ -693,12 +757,13 @@ cdef class ScratchSpace:
 
     @property
     def nbytes(self):
-        """Bytes allocated for all threads (regions are padded to 64 bytes)."""
-        return self.stride * self.max_threads
+        """Bytes allocated for all threads and the shared region (padded to 64 bytes each)."""
+        return self.block.nbytes
 
     def __repr__(self):
+        shared = f" + {self.shared_bytes} shared" if self.shared_bytes else ""
         return (f"<ruvpy.ScratchSpace {self.max_threads} threads x {self.bytes_per_thread} "
-                f"bytes>")
+                f"bytes{shared}>")
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,497 +9,41 @@
                 out = step.attention(layer, q, k, v)    # append k/v, attend, [n, H, d]
         print(rt.stats().format())
 
-A Runtime owns the step arena, the buffer pool and per-thread scratch (ruvpy._memory) and
-one KV cache (ruvpy._kvcache) holding every layer of every sequence. A step is a
-transaction over its sequences: it commits when the `with` block ends normally after every
-layer was attended once, and otherwise rolls every sequence back to where it was.
+A Runtime owns every byte its steps use: the step arena, the buffer pool (whose size class
+for cold groups backs a two-tier cache), the scratch the attention kernels work in (sized
+from the config, grown by a step that needs more) and one KV cache holding every layer of
+every sequence. A step is a transaction over its sequences, planned once (the cache's
+AttentionPlan): it commits when the `with` block ends normally after every layer was
+attended once, and otherwise rolls every sequence back to where it was.
+
+The parts live beside this module: RuntimeConfig (config.py), the sequence-file format
+(seqfile.py), RuntimeStats (stats.py), the KV cache's sizing (sizing.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
-import json
-import math
 import os
-import struct
-import tempfile
 import threading
 
 import numpy as np
 
 from ruvpy import _kernels, _kvcache
 from ruvpy._kvcache import KVCacheFull
+from ruvpy._memory import Arena, BufferPool, ScratchSpace
+from ruvpy.config import (COLD_FORMATS, DEFAULT_MAX_TOKENS, KV_CACHE_KINDS, KV_DTYPES, MAX_HEAD_DIM,
+                          POLICIES, TURBO_BITS, MiB, RuntimeConfig)
+from ruvpy.seqfile import (FILE_MAGIC, FILE_VERSION, SequenceFileError, decode_sequence,
+                           encode_sequence, read_sequence_file, write_sequence_file)
+from ruvpy.sizing import METADATA_ALLOWANCE_MAX, METADATA_ALLOWANCE_MIN, size_kv
+from ruvpy.stats import RuntimeStats, _kv_sequence, _ranges, kv_summary
 
 __all__ = ["RuntimeConfig", "Runtime", "Step", "RuntimeStats", "SequenceFileError",
            "IncompleteStepError", "KV_CACHE_KINDS"]
-
-KV_CACHE_KINDS = ("paged", "two-tier", "turbo")
-KV_DTYPES = ("float16", "float32")
-COLD_FORMATS = ("q8", "q4", "turbo")
-POLICIES = ("error", "evict-oldest")
-TURBO_BITS = (2.5, 3.5, 4.5)
-DEFAULT_MAX_TOKENS = 8192
-MAX_HEAD_DIM = 256
-MiB = 1 << 20
-METADATA_ALLOWANCE_MIN = 8 * 1024     # of a memory_budget, kept for the cache's bookkeeping
-METADATA_ALLOWANCE_MAX = MiB
 
 
 class IncompleteStepError(RuntimeError):
     """A step's `with` block ended normally without attending every layer exactly once; the
     step was rolled back (committing it would leave layers with different lengths)."""
-
-
-class SequenceFileError(ValueError):
-    """A saved sequence file is corrupt, truncated, of another format version or made for a
-    different configuration. Nothing was changed."""
-
-
-# ----------------------------------------------------------------------------------------
-# configuration
-# ----------------------------------------------------------------------------------------
-
-def _int_field(name, value, *, minimum=1, maximum=None, optional=False):
-    if value is None and optional:
-        return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        kind = "an int or None" if optional else "an int"
-        raise TypeError(f"RuntimeConfig.{name} must be {kind}, got {type(value).__name__} "
-                        f"{value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"RuntimeConfig.{name} must be {bound}, got {value}")
-
-
-def _choice_field(name, value, choices, *, optional=False):
-    if value is None and optional:
-        return
-    if value not in choices:
-        raise ValueError(f"RuntimeConfig.{name} must be one of "
-                         f"{', '.join(repr(c) for c in choices)}, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RuntimeConfig:
-    """Everything a Runtime is built from; validated on construction (TypeError / ValueError
-    naming the field).
-
-    Model shape: num_layers, num_heads (query heads), num_kv_heads (divides num_heads),
-    head_dim (1..256).
-
-    KV cache: kv_cache "paged" (fp16/fp32 blocks), "two-tier" (recent hot_tokens in fp16,
-    older tokens packed as cold "q8"/"q4") or "turbo" (two-tier with TurboQuant cold store of
-    turbo_bits 2.5/3.5/4.5 bits per value). max_tokens: token capacity of the cache (all
-    sequences together, per layer). memory_budget: bytes the KV cache may allocate (storage
-    and metadata) -- the capacity becomes what fits in it, capped by max_tokens when both are
-    given; neither: 8192 tokens. A paged cache preallocates it: budget less a metadata
-    allowance (1/64, 8 KiB..1 MiB) over its bytes_per_token. A two-tier cache also keeps an
-    fp16 hot tier per sequence: the budget reserves hot tiers for max_sequences sequences
-    (1 if None) and sizes the cold store at its worst-case bytes per token (q4 outlier
-    channels included); adding a sequence whose hot tier no longer fits raises KVCacheFull.
-    (A step appending more than hot_tokens + migration_batch tokens to one sequence holds
-    them in fp16 until it ends: chunk long prefills to stay inside a tight budget.)
-    max_sequences: live sequences at once (None: as many as fit). policy: when the cache is
-    full, "error" raises KVCacheFull before anything is written; "evict-oldest" drops the
-    oldest tokens (two-tier/turbo only; the paged cache keeps every token). block_size:
-    tokens per paged block. group_size / migration_batch: cold quantisation group and
-    hot-to-cold batch.
-
-    Memory: arena_bytes for step-scoped buffers (step.alloc, attention outputs),
-    scratch_bytes_per_thread, pool_buffers_per_class for the BufferPool. threads: kernel
-    threads during this runtime's steps (None: leave the process-wide setting).
-    """
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_tokens: int | None = None
-    kv_cache: str = "paged"
-    kv_dtype: str = "float16"
-    memory_budget: int | None = None
-    threads: int | None = None
-    max_sequences: int | None = None
-    block_size: int = 16
-    hot_tokens: int = 256
-    cold: str | None = None
-    group_size: int = 32
-    migration_batch: int = 64
-    turbo_bits: float = 3.5
-    policy: str = "error"
-    arena_bytes: int = 64 * MiB
-    scratch_bytes_per_thread: int = 256 * 1024
-    pool_buffers_per_class: int = 32
-
-    def __post_init__(self):
-        _int_field("num_layers", self.num_layers)
-        _int_field("num_heads", self.num_heads)
-        _int_field("num_kv_heads", self.num_kv_heads)
-        _int_field("head_dim", self.head_dim, maximum=MAX_HEAD_DIM)
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"RuntimeConfig: num_heads ({self.num_heads}) must be a multiple "
-                             f"of num_kv_heads ({self.num_kv_heads})")
-        _int_field("max_tokens", self.max_tokens, optional=True)
-        _int_field("memory_budget", self.memory_budget, optional=True)
-        _int_field("threads", self.threads, optional=True)
-        _int_field("max_sequences", self.max_sequences, optional=True)
-        _int_field("block_size", self.block_size)
-        _int_field("hot_tokens", self.hot_tokens)
-        _int_field("group_size", self.group_size)
-        _int_field("migration_batch", self.migration_batch)
-        _int_field("arena_bytes", self.arena_bytes)
-        _int_field("scratch_bytes_per_thread", self.scratch_bytes_per_thread)
-        _int_field("pool_buffers_per_class", self.pool_buffers_per_class)
-        _choice_field("kv_cache", self.kv_cache, KV_CACHE_KINDS)
-        _choice_field("kv_dtype", self.kv_dtype, KV_DTYPES)
-        _choice_field("cold", self.cold, COLD_FORMATS, optional=True)
-        _choice_field("policy", self.policy, POLICIES)
-        if self.turbo_bits not in TURBO_BITS or isinstance(self.turbo_bits, bool):
-            raise ValueError(f"RuntimeConfig.turbo_bits must be one of {TURBO_BITS}, "
-                             f"got {self.turbo_bits!r}")
-        if self.kv_cache == "paged":
-            if self.policy != "error":
-                raise ValueError("RuntimeConfig.policy 'evict-oldest' needs kv_cache "
-                                 "'two-tier' or 'turbo' (the paged cache keeps every token "
-                                 "and raises KVCacheFull when full)")
-            if self.cold is not None:
-                raise ValueError(f"RuntimeConfig.cold={self.cold!r} applies to the two-tier "
-                                 f"caches, not kv_cache 'paged'")
-        else:
-            if self.kv_dtype != "float16":
-                raise ValueError(f"RuntimeConfig.kv_dtype={self.kv_dtype!r}: the two-tier "
-                                 f"caches keep their hot tier in float16 (kv_dtype applies to "
-                                 f"kv_cache 'paged')")
-            if self.kv_cache == "turbo" and self.cold not in (None, "turbo"):
-                raise ValueError(f"RuntimeConfig: kv_cache 'turbo' has a TurboQuant cold store; "
-                                 f"cold={self.cold!r} contradicts it")
-
-    @property
-    def cold_format(self):
-        """The cold store's format ("q8", "q4", "turbo"), or None for the paged cache."""
-        if self.kv_cache == "paged":
-            return None
-        if self.kv_cache == "turbo":
-            return "turbo"
-        return self.cold or "q4"
-
-    def cache_options(self):
-        """Keyword options of the KV cache class (besides shape and max_tokens)."""
-        if self.kv_cache == "paged":
-            return {"block_size": self.block_size, "dtype": self.kv_dtype}
-        options = {"hot_tokens": self.hot_tokens, "cold": self.cold_format,
-                   "group_size": self.group_size, "migration_batch": self.migration_batch,
-                   "policy": self.policy}
-        if self.cold_format == "turbo":
-            options["turbo_bits"] = self.turbo_bits
-        return options
-
-    def storage_fields(self):
-        """The fields that fix how a sequence's K/V are stored: a saved sequence loads only
-        into a runtime whose fields agree."""
-        fields = {"kv_cache": "paged" if self.kv_cache == "paged" else "two-tier",
-                  "num_layers": self.num_layers, "num_heads": self.num_heads,
-                  "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
-        if self.kv_cache == "paged":
-            fields["kv_dtype"] = self.kv_dtype
-        else:
-            fields.update(cold=self.cold_format, group_size=self.group_size)
-            if self.cold_format == "turbo":
-                fields["turbo_bits"] = self.turbo_bits
-        return fields
-
-    def as_dict(self):
-        return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------------------
-# sequence files
-# ----------------------------------------------------------------------------------------
-# Layout (little-endian):
-#   preamble   magic "RUVPYSEQ", u32 format version, u32 reserved (0), u64 header bytes,
-#              u64 data bytes
-#   header     UTF-8 JSON: {"config": storage fields, "position": int, "meta": cache meta,
-#              "arrays": [{"name", "dtype", "shape", "offset", "nbytes"}, ...]}
-#   padding    zeros up to a multiple of 64 bytes from the start of the file
-#   data       the arrays' raw bytes at their offsets (multiples of 64, relative to data)
-#   checksum   SHA-256 of every byte before it
-FILE_MAGIC = b"RUVPYSEQ"
-FILE_VERSION = 1
-_PREAMBLE = struct.Struct("<8sIIQQ")
-_DIGEST_BYTES = 32
-_ALLOWED_DTYPE_KINDS = "fiub"   # plain numbers only: never objects or structured records
-
-
-def _align64(n):
-    return (n + 63) & ~63
-
-
-def _array_dtype(a, name):
-    if a.dtype.kind not in _ALLOWED_DTYPE_KINDS or a.dtype.fields is not None:
-        raise TypeError(f"array {name!r} has dtype {a.dtype}; only numeric arrays can be saved")
-    return a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
-
-
-def write_sequence_file(path, header, arrays):
-    """Write `header` (JSON-able dict) and `arrays` (name -> numpy array) to `path`
-    atomically: into a temporary file in the same directory, fsync'ed, then renamed over
-    `path`, so a reader sees the old file or the whole new one."""
-    directory, entries, blobs, offset = [], [], [], 0
-    for name, array in arrays.items():
-        a = np.asarray(array)
-        dtype = _array_dtype(a, name)
-        a = np.ascontiguousarray(a, dtype=dtype)
-        entries.append({"name": str(name), "dtype": dtype.str, "shape": list(a.shape),
-                        "offset": offset, "nbytes": a.nbytes})
-        blobs.append((offset, a))
-        offset = _align64(offset + a.nbytes)
-    data_bytes = offset
-    header = dict(header, arrays=entries)
-    header_json = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    data_start = _align64(_PREAMBLE.size + len(header_json))
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
-                               suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            digest = hashlib.sha256()
-
-            def put(chunk):
-                digest.update(chunk)
-                f.write(chunk)
-
-            put(_PREAMBLE.pack(FILE_MAGIC, FILE_VERSION, 0, len(header_json), data_bytes))
-            put(header_json)
-            put(bytes(data_start - _PREAMBLE.size - len(header_json)))
-            written = 0
-            for blob_offset, a in blobs:
-                put(bytes(blob_offset - written))
-                put(a.reshape(-1).view(np.uint8).data)
-                written = blob_offset + a.nbytes
-            put(bytes(data_bytes - written))
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def read_sequence_file(path):
-    """(header dict, {name: array}) of a file written by write_sequence_file. Raises
-    SequenceFileError naming the problem (not a sequence file, other version, truncated,
-    checksum mismatch, malformed header or array directory)."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buffer = bytearray(size)
-        if f.readinto(buffer) != size:
-            raise SequenceFileError(f"{path}: could not read all {size} bytes")
-    where = f"{path}"
-    if size < _PREAMBLE.size + _DIGEST_BYTES:
-        if buffer[:len(FILE_MAGIC)] != FILE_MAGIC[:min(size, len(FILE_MAGIC))] or size == 0:
-            raise SequenceFileError(f"{where}: not a ruvpy sequence file (bad magic)")
-        raise SequenceFileError(f"{where}: truncated ({size} bytes, shorter than the "
-                                f"{_PREAMBLE.size + _DIGEST_BYTES}-byte minimum)")
-    magic, version, _, header_bytes, data_bytes = _PREAMBLE.unpack_from(buffer)
-    if magic != FILE_MAGIC:
-        raise SequenceFileError(f"{where}: not a ruvpy sequence file (bad magic {magic!r})")
-    if version != FILE_VERSION:
-        raise SequenceFileError(f"{where}: format version {version}; this ruvpy reads "
-                                f"version {FILE_VERSION}")
-    data_start = _align64(_PREAMBLE.size + header_bytes)
-    expected = data_start + data_bytes + _DIGEST_BYTES
-    if size != expected:
-        state = "truncated" if size < expected else "has trailing bytes"
-        raise SequenceFileError(f"{where}: {state} ({size} bytes, the preamble says "
-                                f"{expected})")
-    body = memoryview(buffer)[:size - _DIGEST_BYTES]
-    if hashlib.sha256(body).digest() != bytes(buffer[size - _DIGEST_BYTES:]):
-        raise SequenceFileError(f"{where}: corrupt (SHA-256 checksum mismatch)")
-    try:
-        header = json.loads(bytes(buffer[_PREAMBLE.size:_PREAMBLE.size + header_bytes]))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SequenceFileError(f"{where}: malformed JSON header ({exc})") from None
-    if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
-        raise SequenceFileError(f"{where}: the header has no array directory")
-    arrays = {}
-    data = memoryview(buffer)[data_start:data_start + data_bytes]
-    for entry in header.pop("arrays"):
-        name, array = _array_from_entry(entry, data, where)
-        if name in arrays:
-            raise SequenceFileError(f"{where}: array {name!r} appears twice")
-        arrays[name] = array
-    return header, arrays
-
-
-def _array_from_entry(entry, data, where):
-    try:
-        name = entry["name"]
-        dtype = np.dtype(entry["dtype"])
-        shape = tuple(int(s) for s in entry["shape"])
-        offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SequenceFileError(f"{where}: malformed array entry {entry!r} ({exc})") from None
-    if not isinstance(name, str) or dtype.kind not in _ALLOWED_DTYPE_KINDS or dtype.fields:
-        raise SequenceFileError(f"{where}: array entry {entry!r} has a bad name or dtype")
-    if any(s < 0 for s in shape) or math.prod(shape) * dtype.itemsize != nbytes:
-        raise SequenceFileError(f"{where}: array {name!r}: shape {list(shape)} of {dtype} "
-                                f"does not make {nbytes} bytes")
-    if offset < 0 or offset % 64 or offset + nbytes > len(data):
-        raise SequenceFileError(f"{where}: array {name!r} lies outside the data section "
-                                f"(offset {offset}, {nbytes} bytes of {len(data)})")
-    array = np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
-    return name, array.reshape(shape)
-
-
-# ----------------------------------------------------------------------------------------
-# statistics
-# ----------------------------------------------------------------------------------------
-
-def _human_bytes(n):
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
-
-def _table(title, header, rows):
-    """An aligned text table: numbers right-aligned, text left-aligned."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    numeric = [all(_looks_numeric(r[i]) for r in cells[1:]) and len(cells) > 1
-               for i in range(len(header))]
-
-    def line(row):
-        return "  ".join(c.rjust(w) if num else c.ljust(w)
-                         for c, w, num in zip(row, widths, numeric)).rstrip()
-
-    rule = "-" * len(line(cells[0]))
-    return "\n".join([title, line(cells[0]), rule] + [line(r) for r in cells[1:]])
-
-
-def _looks_numeric(text):
-    head = text.split(" ")[0].rstrip("%")
-    try:
-        float(head)
-        return True
-    except ValueError:
-        return text in ("-", "")
-
-
-@dataclasses.dataclass
-class RuntimeStats:
-    """Where a Runtime's memory is, at one moment. All sizes in bytes.
-
-    arena: capacity, used, remaining, high_water_mark, allocation_count, reset_count;
-    pool: hits, misses, allocations, returns, drops, pooled_bytes, outstanding_bytes;
-    scratch_bytes; kv: kind, capacity_tokens, tokens (held now), bytes (allocated now, all
-    tiers and metadata: what the budget caps), bytes_in_use (token storage in use),
-    bytes_per_token, details (the cache's own counters: blocks, fragmentation, ...), tiers
-    {name: {tokens, bytes}}, layers [{layer, tokens, bytes}], sequences [{seq, position,
-    tokens, bytes}] (position: tokens ever appended = next RoPE position; tokens: held now,
-    fewer after evictions; bytes: a shared block's bytes are split among its holders);
-    budget_bytes / budget_used_pct (None without a memory_budget); rss_bytes /
-    rss_growth_bytes (process resident memory, and its growth since the runtime was
-    created); steps (committed), rollbacks, attention_calls, arena_fallbacks (attention
-    outputs that did not fit the arena and were allocated by numpy).
-    """
-
-    arena: dict
-    pool: dict
-    scratch_bytes: int
-    kv: dict
-    budget_bytes: int | None
-    budget_used_pct: float | None
-    rss_bytes: int
-    rss_growth_bytes: int
-    steps: int
-    rollbacks: int
-    attention_calls: int
-    arena_fallbacks: int
-
-    def as_dict(self):
-        """A JSON-able dict (plain ints, floats, strings, lists, dicts)."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
-
-    def format(self):
-        """The statistics as aligned text tables."""
-        a, p, kv = self.arena, self.pool, self.kv
-        budget = ("-" if self.budget_bytes is None else
-                  f"{_human_bytes(self.budget_bytes)}, {self.budget_used_pct:.1f}% used")
-        summary = [
-            ("KV cache", f"{kv['kind']}, capacity {kv['capacity_tokens']} tokens, "
-                         f"{_human_bytes(kv['bytes'])} allocated"),
-            ("KV in use", f"{kv['tokens']} tokens held ("
-                          f"{100 * kv['tokens'] / max(1, kv['capacity_tokens']):.1f}% of "
-                          f"capacity), {_human_bytes(kv['bytes_in_use'])} of token storage"),
-            ("KV details", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                     for k, v in kv.get("details", {}).items()
-                                     if k not in _DETAILS_SHOWN_ELSEWHERE) or "-"),
-            ("KV budget", budget),
-            ("arena", f"{_human_bytes(a['used'])} used of {_human_bytes(a['capacity'])}, "
-                      f"high water {_human_bytes(a['high_water_mark'])}"),
-            ("buffer pool", f"{p['hits']} hits, {p['misses']} misses, {p['allocations']} "
-                            f"allocations, {p['returns']} returns, {p['drops']} drops, "
-                            f"{_human_bytes(p['pooled_bytes'])} pooled"),
-            ("scratch", _human_bytes(self.scratch_bytes)),
-            ("process RSS", f"{_human_bytes(self.rss_bytes)} "
-                            f"({self.rss_growth_bytes / MiB:+.2f} MiB since start)"),
-            ("steps", f"{self.steps} committed, {self.rollbacks} rolled back, "
-                      f"{self.attention_calls} attention calls, {self.arena_fallbacks} "
-                      f"arena fallbacks"),
-        ]
-        width = max(len(k) for k, _ in summary)
-        parts = ["ruvpy runtime memory",
-                 "\n".join(f"  {k.ljust(width)}  {v}" for k, v in summary)]
-        parts.append(_table("KV tiers", ("tier", "tokens", "bytes"),
-                            [(name, t["tokens"], t["bytes"]) for name, t in kv["tiers"].items()]))
-        parts.append(_table("KV per layer", ("layers", "tokens", "bytes"),
-                            _layer_runs(kv["layers"])))
-        parts.append(_table("KV per sequence", ("seq", "position", "tokens", "bytes"),
-                            [(r["seq"], r["position"], r["tokens"], r["bytes"])
-                             for r in kv["sequences"]]))
-        return "\n\n".join(parts)
-
-    def __str__(self):
-        return self.format()
-
-
-# cache stats fields that format() leaves out of "KV details" (shown elsewhere or shape)
-_DETAILS_SHOWN_ELSEWHERE = {"num_layers", "num_kv_heads", "head_dim", "tokens"}
-
-
-def _layer_runs(layers):
-    """Table rows for per-layer stats, consecutive layers with equal counts on one row
-    ("0-29", tokens, bytes: each)."""
-    rows = []
-    for r in layers:
-        if rows and rows[-1][1:] == [r["tokens"], r["bytes"]] and \
-                rows[-1][0][-1] == r["layer"] - 1:
-            rows[-1][0].append(r["layer"])
-        else:
-            rows.append([[r["layer"]], r["tokens"], r["bytes"]])
-    return [(_ranges(run), tokens, nbytes) for run, tokens, nbytes in rows]
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if hasattr(value, "_asdict"):
-        return value._asdict()
-    raise TypeError(f"{type(value).__name__} is not JSON-able")
 
 
 # ----------------------------------------------------------------------------------------
@@ -517,29 +61,31 @@ class Step:
 
     Entering plans it: the KV cache reserves room for n_tokens[i] more tokens of seqs[i] in
     every layer (KVCacheFull, or eviction of the oldest cold tokens under policy
-    "evict-oldest") and opens a transaction. Inside, `attention(layer, q, k, v)` appends the
-    step's K/V to `layer` and attends, once per layer, for all sequences in one call.
-    Leaving commits when the block ended normally and every layer was attended exactly once.
-    An exception rolls every sequence back to its state before the step and propagates; a
-    block that ends normally with layers left unattended is rolled back too and raises
-    IncompleteStepError. The arena is reset either way: arrays from step.alloc() and the
-    attention outputs are only valid inside the step (copy what you keep).
+    "evict-oldest"), opens a transaction and plans the step's attention once (the cache's
+    AttentionPlan: ids resolved, counts checked, the kernels' work sized into the Runtime's
+    scratch). Inside, `attention(layer, q, k, v)` appends the step's K/V to `layer` and
+    attends, once per layer, for all sequences in one call. Leaving commits when the block
+    ended normally and every layer was attended exactly once. An exception rolls every
+    sequence back to its state before the step and propagates; a block that ends normally
+    with layers left unattended is rolled back too and raises IncompleteStepError. The arena
+    is reset either way: arrays from step.alloc() and the attention outputs are only valid
+    inside the step (copy what you keep).
 
-    q is [num_tokens, num_heads, head_dim] float32 and k, v are [num_tokens, num_kv_heads,
-    head_dim] float32 or float16: the concatenation over the step's sequences in order
-    (rows seq_offsets[i]:seq_offsets[i+1] belong to seqs[i]).
+    q is [num_tokens, num_heads, head_dim] float32 (tokens and heads may be strided, e.g. a
+    slice of a fused QKV projection) and k, v are [num_tokens, num_kv_heads, head_dim]
+    float32 or float16: the concatenation over the step's sequences in order (rows
+    seq_offsets[i]:seq_offsets[i+1] belong to seqs[i]).
     """
 
-    __slots__ = ("_runtime", "_cache", "_arena", "_seqs", "_n_tokens", "num_tokens",
-                 "_starts", "_positions", "_offsets", "_attended", "_remaining", "_q_shape",
-                 "_kv_shape", "_num_layers", "_state", "_failed", "_calls", "_fallbacks",
-                 "_threads_before")
+    __slots__ = ("_runtime", "_arena", "_seqs", "_n_tokens", "num_tokens", "_starts",
+                 "_positions", "_offsets", "_attended", "_remaining", "_q_shape", "_kv_shape",
+                 "_num_layers", "_state", "_failed", "_calls", "_fallbacks", "_plan",
+                 "_threads_before", "_txn_seqs")
 
     def __init__(self, runtime, seqs, n_tokens):
         cfg = runtime.config
         self._runtime = runtime
-        self._cache = runtime._cache
-        self._arena = runtime._memory.arena
+        self._arena = None
         self._seqs = seqs
         self._n_tokens = n_tokens
         self.num_tokens = sum(n_tokens)
@@ -551,8 +97,9 @@ class Step:
         self._state = _PLANNED
         self._failed = False
         self._calls = self._fallbacks = 0
-        self._starts = self._positions = self._offsets = None
+        self._starts = self._positions = self._offsets = self._plan = None
         self._threads_before = None
+        self._txn_seqs = self._seqs      # the sequences its KV transaction covers
 
     # -- the plan ---------------------------------------------------------------------------
     @property
@@ -605,14 +152,6 @@ class Step:
             self._check_open()
         if type(layer) is not int or not 0 <= layer < self._num_layers or self._attended[layer]:
             layer = self._layer_index(layer)
-        try:
-            ok = (q.shape == self._q_shape and k.shape == self._kv_shape and
-                  v.shape == self._kv_shape and q.dtype is _F32 and
-                  (k.dtype is _F16 or k.dtype is _F32) and v.dtype is k.dtype)
-        except AttributeError:
-            ok = False
-        if not ok:
-            self._check_inputs(q, k, v)
         if out is None:
             try:
                 out = self._arena.alloc(self._q_shape)
@@ -620,13 +159,13 @@ class Step:
                 # too large for what is left of the arena: numpy memory, counted in stats
                 out = np.empty(self._q_shape, np.float32)
                 self._fallbacks += 1
-        else:
-            self._check_out(out)
         try:
-            self._cache.append_attend(layer, self._seqs, self._n_tokens, q, k, v, out=out,
-                                      scale=scale)
+            self._plan.attend(layer, q, k, v, out=out, scale=scale)
         except (ValueError, TypeError, KeyError):
-            raise   # the cache validates before writing: this layer is unchanged
+            # the plan checks before writing: this layer is unchanged; say it in step terms
+            self._check_inputs(q, k, v)
+            self._check_out(out)
+            raise
         except BaseException:
             self._failed = True   # the cache may be half-way: the step can only roll back
             raise
@@ -678,11 +217,11 @@ class Step:
 
     def _check_out(self, out):
         if not isinstance(out, np.ndarray) or out.dtype != _F32 or out.shape != self._q_shape \
-                or not out.flags.c_contiguous or not out.flags.writeable:
+                or not out.flags.writeable:
             desc = (f"{type(out).__name__}" if not isinstance(out, np.ndarray) else
                     f"{out.dtype} {list(out.shape)}")
-            raise ValueError(f"step.attention: out must be a writeable C-contiguous float32 "
-                             f"array of shape {list(self._q_shape)}, got {desc}")
+            raise ValueError(f"step.attention: out must be a writeable float32 array of shape "
+                             f"{list(self._q_shape)}, got {desc}")
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self):
@@ -711,26 +250,13 @@ def _sequence_id(seq):
     return int(seq)
 
 
-def _worst_cold_bytes_per_token(cache_class, cfg, options):
-    """Bytes per token (all layers) of a cold group at its largest: a one-layer probe cache
-    migrates one group of keys/values whose every head has as many outlier channels as the
-    q4 format allows (channel ranges 1000 vs 1 for all but the lower half)."""
-    group = cfg.migration_batch
-    probe_options = dict(options, hot_tokens=0, policy="error")
-    probe = cache_class(1, cfg.num_kv_heads, cfg.head_dim, max_tokens=2 * group,
-                        **probe_options)
-    try:
-        seq = probe.add_sequence()
-        wide = (np.arange(cfg.head_dim) < (cfg.head_dim - 1) // 2).astype(np.float32)
-        ranges = 1.0 + 999.0 * wide
-        signs = np.where(np.arange(group) % 2, 1.0, -1.0).astype(np.float32)
-        kv = (signs[:, None, None] * ranges[None, None, :] *
-              np.ones((group, cfg.num_kv_heads, 1), np.float32))
-        probe.append(seq, 0, kv, kv)
-        cold = probe.stats().tiers.get("cold", {}).get("bytes", 0)
-        return cfg.num_layers * cold / group
-    finally:
-        probe.close()
+def _token_count(n, what):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {type(n).__name__} {n!r}")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"{what} must be >= 0, got {n}")
+    return n
 
 
 def _process_rss():
@@ -743,7 +269,9 @@ class Runtime:
     step lifecycle of its decode loop. See the module docstring and `Step`.
 
     Not for concurrent use from several Python threads: one step at a time (opening a second
-    one raises RuntimeError); the kernels themselves run in parallel (config.threads).
+    one raises RuntimeError); the kernels themselves run in parallel (config.threads). Several
+    Runtimes may step at once in different threads: each passes its own thread count to its
+    kernels and never changes the process-wide one.
     """
 
     _instances = itertools.count(1)
@@ -755,95 +283,79 @@ class Runtime:
     def __init__(self, config):
         if not isinstance(config, RuntimeConfig):
             raise TypeError(f"Runtime needs a RuntimeConfig, got {type(config).__name__}")
-        from ruvpy._memory import MemoryManager
-
         self.config = cfg = config
         self.name = f"Runtime#{next(Runtime._instances)}"
-        cache_class = _kvcache.PagedKVCache if cfg.kv_cache == "paged" else \
-            _kvcache.TwoTierKVCache
-        options = cfg.cache_options()
-        shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-        self.bytes_per_token = float(cache_class.bytes_per_token(*shape, **options))
-        # What a memory budget must hold per token (worst case) and per sequence (the fp16 hot
-        # tier of a two-tier cache); public, read-only by convention
-        self.budget_bytes_per_token = self.bytes_per_token
-        self.hot_tier_bytes = 0
-        if cfg.kv_cache != "paged":
-            self.hot_tier_bytes = int(cache_class.hot_tier_bytes(*shape, **options))
-            if cfg.memory_budget is not None:
-                self.budget_bytes_per_token = max(
-                    self.bytes_per_token, _worst_cold_bytes_per_token(cache_class, cfg, options))
-        self._cache = self._make_cache(cache_class, shape, options)
-        self.capacity_tokens = int(getattr(self._cache, "capacity_tokens", 0)) or \
-            self._kv_capacity()
-        self.max_sequences = self._sequence_limit()
-        self._memory = MemoryManager(cfg.arena_bytes, cfg.scratch_bytes_per_thread,
-                                     pool_buffers_per_class=cfg.pool_buffers_per_class)
+        sizing = size_kv(cfg)
+        self._sizing = sizing
+        # public, read-only by convention: what a token costs (usually / at worst under a
+        # budget), one sequence's hot tier, the capacity and the sequences it admits
+        self.bytes_per_token = sizing.bytes_per_token
+        self.budget_bytes_per_token = sizing.budget_bytes_per_token
+        self.hot_tier_bytes = sizing.hot_tier_bytes
+        self.capacity_tokens = sizing.capacity_tokens
+        self.max_sequences = sizing.max_sequences
+        self._pool = self._make_pool(sizing)
+        options = dict(sizing.options)
+        if sizing.group_bytes:
+            options["pool"] = self._pool
+        self._cache = sizing.cache_class(*sizing.shape, max_tokens=sizing.capacity_tokens, **options)
+        self._arena = Arena(cfg.arena_bytes)
+        self._scratch = None
+        # the kernels' work for a decode step of the largest context (and the batch the
+        # config expects), and at least scratch_bytes_per_thread per thread
+        batch = cfg.max_sequences or 1
+        shared, per_thread, team = self._cache.scratch_for(
+            cfg.num_heads, [1] * batch, [sizing.capacity_tokens] * batch, threads=cfg.threads)
+        self._ensure_scratch(shared, max(per_thread, cfg.scratch_bytes_per_thread),
+                             self._threads())
         self._positions = {}         # sequence id -> tokens ever appended (next position)
         self._step_lock = threading.Lock()
         self._step = None
         self._steps = self._rollbacks = self._attention_calls = self._arena_fallbacks = 0
+        self._scratch_growths = 0
+        self._unrolled = []          # sequences a failed step exit could not roll back
         self._rss_at_start = _process_rss()
         self._closed = False
 
-    def _make_cache(self, cache_class, shape, options):
-        """The KV cache, sized by max_tokens and/or memory_budget. Under a budget, token
-        storage gets the budget less a metadata allowance; should the cache still allocate
-        more than the budget, it is rebuilt smaller."""
+    def _make_pool(self, sizing):
+        """The buffer pool: the default size classes, plus (two-tier) one class of the most a
+        cold group takes, holding the capacity's cold groups ready so that migration never
+        calls the allocator."""
         cfg = self.config
-        capacity = self._kv_capacity()
-        for _ in range(8):
-            cache = cache_class(*shape, max_tokens=capacity, **options)
-            excess = 0 if cfg.memory_budget is None else cache.nbytes - cfg.memory_budget
-            if excess <= 0:
-                return cache
-            cache.close()
-            capacity -= max(1, math.ceil(excess / self.budget_bytes_per_token))
-            if cfg.kv_cache == "paged":
-                capacity -= capacity % cfg.block_size
-            if capacity < 1:
-                break
-        raise ValueError(f"RuntimeConfig.memory_budget={cfg.memory_budget} bytes cannot hold a "
-                         f"{cfg.kv_cache} KV cache of even one token with its metadata")
+        if not sizing.group_bytes:
+            return BufferPool(cfg.pool_buffers_per_class)
+        classes = {size: cfg.pool_buffers_per_class for size in BufferPool.SIZE_CLASSES}
+        group = -(-sizing.group_bytes // 64) * 64
+        classes[group] = max(classes.get(group, 0), sizing.cold_groups + cfg.num_layers)
+        pool = BufferPool(cfg.pool_buffers_per_class,
+                          size_classes=sorted(classes.items()))
+        pool.prewarm(group, sizing.cold_groups)
+        return pool
 
-    def _metadata_allowance(self):
-        return min(max(METADATA_ALLOWANCE_MIN, self.config.memory_budget // 64),
-                   METADATA_ALLOWANCE_MAX)
+    def _live_arena(self):
+        """The arena, replaced by a new one if somebody closed it: the runtime's memory is
+        its own, and a closed arena must not wedge it."""
+        if self._arena.closed:
+            self._arena = Arena(self.config.arena_bytes)
+        return self._arena
 
-    def _kv_capacity(self):
-        """Tokens the KV cache is built for: max_tokens, and what fits in the memory budget
-        less a metadata allowance (block tables, bookkeeping) and the reserved hot tiers."""
-        cfg = self.config
-        capacity = cfg.max_tokens
-        if cfg.memory_budget is not None:
-            allowance = self._metadata_allowance()
-            hot = self.hot_tier_bytes * (cfg.max_sequences or 1)
-            fitting = int(max(0, cfg.memory_budget - allowance - hot) //
-                          self.budget_bytes_per_token)
-            if cfg.kv_cache == "paged":
-                fitting -= fitting % cfg.block_size
-            if fitting < 1:
-                raise ValueError(
-                    f"RuntimeConfig.memory_budget={cfg.memory_budget} bytes holds no token: one "
-                    f"token of all {cfg.num_layers} layers costs "
-                    f"{self.budget_bytes_per_token:.0f} bytes in a {cfg.kv_cache} cache"
-                    + (f" (blocks of {cfg.block_size})" if cfg.kv_cache == "paged" else
-                       f", after fp16 hot tiers of {hot} bytes for "
-                       f"{cfg.max_sequences or 1} sequence(s)")
-                    + f" and a {allowance}-byte metadata allowance")
-            capacity = fitting if capacity is None else min(capacity, fitting)
-        return DEFAULT_MAX_TOKENS if capacity is None else capacity
+    def _threads(self):
+        """Kernel threads of this runtime's calls: its own, or the process-wide setting."""
+        return self.config.threads or _kernels.get_num_threads()
 
-    def _sequence_limit(self):
-        """Live sequences allowed at once: max_sequences, and for a two-tier cache under a
-        budget, as many hot tiers as the budget holds next to a full cold store."""
-        cfg = self.config
-        if cfg.memory_budget is None or not self.hot_tier_bytes:
-            return cfg.max_sequences
-        spare = (cfg.memory_budget - self._metadata_allowance() -
-                 self.capacity_tokens * self.budget_bytes_per_token)
-        fitting = max(1, int(spare // self.hot_tier_bytes))
-        return fitting if cfg.max_sequences is None else min(fitting, cfg.max_sequences)
+    def _ensure_scratch(self, shared, per_thread, threads):
+        """The scratch holds a call needing shared / per_thread bytes on `threads` threads:
+        kept if it does, else replaced by one large enough for it and all it held."""
+        old = self._scratch
+        if old is not None and old.fits(shared, per_thread, threads):
+            return old
+        if old is not None:
+            shared = max(shared, old.shared_bytes)
+            per_thread = max(per_thread, old.bytes_per_thread)
+            threads = max(threads, old.max_threads)
+            self._scratch_growths += 1
+        self._scratch = ScratchSpace(max(per_thread, 64), threads, shared_bytes=shared)
+        return self._scratch
 
     def _check_room_for_sequence(self, action):
         if self.max_sequences is not None and len(self._positions) >= self.max_sequences:
@@ -867,6 +379,15 @@ class Runtime:
         if self._step is not None:
             raise RuntimeError(f"{self.name}: cannot {action} while a step is open (sequences "
                                f"{list(self._step._seqs)}); finish the step first")
+        self._finish_rollbacks()
+
+    def _finish_rollbacks(self):
+        """Roll back what a failed step exit left inside its transaction (its rollback raised,
+        e.g. Ctrl-C): before anything else uses the cache."""
+        if self._unrolled:
+            pending = [s for s in self._unrolled if s in self._positions and self._cache.in_transaction(s)]
+            self._cache.rollback(pending)
+            self._unrolled = []
 
     def _known(self, seq):
         seq = _sequence_id(seq)
@@ -907,6 +428,21 @@ class Runtime:
         self._cache.free(seq)
         del self._positions[seq]
 
+    def truncate_sequence(self, seq, n_tokens):
+        """Cut `seq` back to its first n_tokens positions: the tokens after them leave the KV
+        cache (their storage goes back, a block or cold group shared with a fork stays
+        shared) and position(seq) becomes n_tokens, where its next token goes (n_tokens >=
+        position: nothing changes). What transformers' Cache.crop does."""
+        n = _token_count(n_tokens, "truncate_sequence: n_tokens")
+        self._check_no_step("truncate a sequence")
+        seq = self._known(seq)
+        drop = self._positions[seq] - n
+        if drop <= 0:
+            return
+        held = max(self._cache.seq_len(seq, layer) for layer in range(self.config.num_layers))
+        self._cache.truncate(seq, max(0, held - drop))
+        self._positions[seq] = n
+
     def position(self, seq):
         """Tokens ever appended to `seq`: the position its next token takes."""
         self._check_open()
@@ -931,17 +467,19 @@ class Runtime:
     @property
     def arena(self):
         self._check_open()
-        return self._memory.arena
+        return self._arena
 
     @property
     def pool(self):
         self._check_open()
-        return self._memory.pool
+        return self._pool
 
     @property
     def scratch(self):
+        """The ScratchSpace the attention kernels work in (replaced by a larger one when a
+        step needs more)."""
         self._check_open()
-        return self._memory.scratch
+        return self._scratch
 
     # -- steps ------------------------------------------------------------------------------
     def step(self, seqs, n_tokens):
@@ -972,7 +510,8 @@ class Runtime:
         return Step(self, seqs, [int(n) for n in n_tokens])
 
     def _open_step(self, step):
-        """Step.__enter__: take the step slot, reserve KV room, begin the transaction."""
+        """Step.__enter__: take the step slot, reserve KV room, begin the transaction, plan
+        the step's attention into the runtime's scratch."""
         self._check_open()
         if step._state is not _PLANNED:
             raise RuntimeError("a Step can be entered only once; make a new one with "
@@ -982,55 +521,106 @@ class Runtime:
                                f"{list(self._step._seqs) if self._step else '?'}); steps of "
                                f"one runtime run one at a time")
         try:
-            for seq in step._seqs:     # still alive since step() checked them?
-                self._known(seq)
-            step._starts = [self._positions[s] for s in step._seqs]
-            self._cache.reserve(step._seqs, step._n_tokens)
-            self._cache.begin(step._seqs)
+            self._finish_rollbacks()
+            try:
+                step._starts = [self._positions[s] for s in step._seqs]
+            except KeyError:        # removed since step() checked it
+                for seq in step._seqs:
+                    self._known(seq)
+                raise
+            self._live_arena()
+            plan = self._plan_in_transaction(step._seqs, step._n_tokens)
+            step._txn_seqs = plan.transaction_seqs
+            try:
+                if not plan.bound:      # more than the scratch holds: it grows (once)
+                    plan.use_scratch(self._ensure_scratch(*plan.scratch_needed))
+            except BaseException:
+                plan.rollback()
+                raise
         except BaseException:
             self._step_lock.release()
             raise
+        step._plan = plan
+        step._arena = self._arena
         if self.config.threads is not None:
-            step._threads_before = _kernels.get_num_threads()
-            _kernels.set_num_threads(self.config.threads)
+            # only the stepping thread's own count (for ruvpy calls inside the step): other
+            # threads and the process-wide setting are untouched
+            step._threads_before = _kernels._swap_thread_count(self.config.threads)
         self._step = step
         step._state = _OPEN
 
-    def _close_step(self, step, ok):
-        """Step.__exit__: commit or roll back, reset the arena, free the step slot."""
-        step._state = _CLOSED
-        cache, seqs = self._cache, step._seqs
+    def _plan_in_transaction(self, seqs, n_tokens):
+        """The step's plan, with its KV transaction open and its room reserved inside it
+        (cache.plan(..., begin=True): the transaction first, then room, so whatever eviction
+        (policy "evict-oldest") takes comes back if the step rolls back). Inside a transaction
+        only its own sequences may give up tokens, so when the step's sequences cannot make
+        the room the transaction is widened to every live sequence (plan.transaction_seqs)."""
+        options = dict(num_heads=self.config.num_heads, threads=self.config.threads,
+                       scratch=self._scratch, begin=True)
         try:
-            if ok and not step._failed and step._remaining == 0:
+            return self._cache.plan(seqs, n_tokens, **options)
+        except KVCacheFull:
+            if self.config.policy != "evict-oldest" or len(self._positions) == len(seqs):
+                raise
+        mine = set(seqs)
+        return self._cache.plan(seqs, n_tokens, cover=[s for s in self._positions if s not in mine],
+                                **options)
+
+    def _close_step(self, step, ok):
+        """Step.__exit__: reset the arena, commit (or roll back), free the step slot. Whatever
+        fails on the way, the step ends rolled back (unless it committed), the slot is freed
+        and the thread count restored; the first failure is raised after that."""
+        step._state = _CLOSED
+        seqs = step._txn_seqs
+        error, committed = None, False
+        try:
+            try:
+                self._arena.reset()
+            except Exception as exc:            # e.g. closed by hand: replaced by a new one
+                error = RuntimeError(f"{self.name}: the step was rolled back: its arena could not "
+                                     f"be reset ({exc})")
+                error.__cause__ = exc
+                try:
+                    self._live_arena()
+                except MemoryError:
+                    pass                        # the next step tries again
+            except BaseException as exc:        # Ctrl-C: rolled back, then raised
+                error = exc
+            cache = self._cache
+            if ok and error is None and not step._failed and step._remaining == 0:
                 try:
                     cache.commit(seqs)
-                except BaseException:
-                    cache.rollback(seqs)
-                    self._rollbacks += 1
-                    raise
-                for seq, n in zip(seqs, step._n_tokens):
+                    committed = True
+                except BaseException as exc:
+                    error = exc
+            if not committed:
+                self._rollbacks += 1
+                self._unrolled = list(seqs)      # until the rollback is done
+                cache.rollback([s for s in seqs if cache.in_transaction(s)])
+                self._unrolled = []
+            else:
+                for seq, n in zip(step._seqs, step._n_tokens):
                     self._positions[seq] += n
                 self._steps += 1
-                return
-            cache.rollback(seqs)
-            self._rollbacks += 1
-            if ok:
-                if step._failed:
-                    raise RuntimeError("the step was rolled back: a KV cache call inside it "
-                                       "failed (its exception was caught inside the step)")
-                missing = [i for i, done in enumerate(step._attended) if not done]
-                raise IncompleteStepError(
-                    f"the step ended with layers {_ranges(missing)} of {step._num_layers} not "
-                    f"attended; it was rolled back (every layer must be attended once per "
-                    f"step, or raise inside the step to abandon it)")
         finally:
             self._attention_calls += step._calls
             self._arena_fallbacks += step._fallbacks
-            self._memory.arena.reset()
             if step._threads_before is not None:
-                _kernels.set_num_threads(step._threads_before)
+                _kernels._swap_thread_count(step._threads_before)
+            step._plan = None
             self._step = None
             self._step_lock.release()
+        if error is not None:
+            raise error
+        if ok and not committed:
+            if step._failed:
+                raise RuntimeError("the step was rolled back: a KV cache call inside it "
+                                   "failed (its exception was caught inside the step)")
+            missing = [i for i, done in enumerate(step._attended) if not done]
+            raise IncompleteStepError(
+                f"the step ended with layers {_ranges(missing)} of {step._num_layers} not "
+                f"attended; it was rolled back (every layer must be attended once per "
+                f"step, or raise inside the step to abandon it)")
 
     # -- whole runtime ----------------------------------------------------------------------
     def reset(self):
@@ -1039,7 +629,7 @@ class Runtime:
         for seq in list(self._positions):
             self._cache.free(seq)
             del self._positions[seq]
-        self._memory.arena.reset()
+        self._live_arena().reset()
 
     def close(self):
         """Free the KV cache, arena, pool and scratch. Idempotent; afterwards every method
@@ -1050,14 +640,19 @@ class Runtime:
         step, self._step = self._step, None
         if step is not None:
             step._state = _CLOSED
+            if step._threads_before is not None:
+                _kernels._swap_thread_count(step._threads_before)
             self._step_lock.release()
         cache, self._cache = self._cache, None
-        memory, self._memory = self._memory, None
         self._positions = {}
-        close_cache = getattr(cache, "close", None)
-        if close_cache is not None:
-            close_cache()
-        memory.close()
+        try:
+            close_cache = getattr(cache, "close", None)
+            if close_cache is not None:
+                close_cache()
+        finally:
+            self._arena.close()
+            self._pool.clear()
+            self._scratch = None
 
     @property
     def closed(self):
@@ -1077,18 +672,38 @@ class Runtime:
                 f"{cfg.num_heads}/{cfg.num_kv_heads} heads x {cfg.head_dim}: {state}>")
 
     # -- persistence ------------------------------------------------------------------------
-    def save_sequence(self, seq, path):
-        """Write `seq`'s K/V (in the cache's stored format: quantized tiers stay quantized)
-        to `path`: versioned, SHA-256 checksummed, written atomically."""
+    def export_sequence(self, seq):
+        """`seq`'s K/V (in the cache's stored format: quantized tiers stay quantized) and
+        position as bytes: versioned and SHA-256 checksummed (the sequence-file format,
+        ruvpy.seqfile). import_sequence takes them back, here or in another runtime of the
+        same storage configuration (e.g. another worker's)."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._seqs:
+        if self._step is not None and seq in self._step._txn_seqs:
+            # the open step's transaction covers it (its own, or one eviction may take from)
+            raise RuntimeError(f"{self.name}: cannot export sequence {seq} while a step on it "
+                               f"is open")
+        return encode_sequence(*self._snapshot(seq))
+
+    def import_sequence(self, data):
+        """A new sequence holding what export_sequence returned; returns its id. Corrupt,
+        truncated or mismatched data raises SequenceFileError (a ValueError) and changes
+        nothing; a full cache raises KVCacheFull."""
+        self._check_no_step("import a sequence")
+        header, arrays = decode_sequence(data)
+        return self._restore(header, arrays, "sequence data")
+
+    def save_sequence(self, seq, path):
+        """Write `seq`'s K/V (in the cache's stored format: quantized tiers stay quantized)
+        to `path`: versioned, SHA-256 checksummed, written atomically (the bytes of
+        export_sequence)."""
+        self._check_open()
+        seq = self._known(seq)
+        if self._step is not None and seq in self._step._txn_seqs:
+            # the open step's transaction covers it (its own, or one eviction may take from)
             raise RuntimeError(f"{self.name}: cannot save sequence {seq} while a step on it is "
                                f"open")
-        meta, arrays = self._cache.export_sequence(seq)
-        header = {"format": "ruvpy-sequence", "config": self.config.storage_fields(),
-                  "position": self._positions[seq], "meta": meta}
-        write_sequence_file(path, header, arrays)
+        write_sequence_file(path, *self._snapshot(seq))
 
     def load_sequence(self, path):
         """A new sequence holding the K/V saved in `path`; returns its id. A corrupt,
@@ -1096,85 +711,79 @@ class Runtime:
         nothing; a full cache raises KVCacheFull."""
         self._check_no_step("load a sequence")
         header, arrays = read_sequence_file(path)
-        path = os.fspath(path)
+        return self._restore(header, arrays, os.fspath(path))
+
+    def _snapshot(self, seq):
+        self._finish_rollbacks()
+        meta, arrays = self._cache.export_sequence(seq)
+        header = {"format": "ruvpy-sequence", "config": self.config.storage_fields(),
+                  "position": self._positions[seq], "meta": meta}
+        return header, arrays
+
+    def _restore(self, header, arrays, where):
         mine = self.config.storage_fields()
         theirs = header.get("config")
         if header.get("format") != "ruvpy-sequence" or not isinstance(theirs, dict):
-            raise SequenceFileError(f"{path}: not a ruvpy sequence snapshot header")
+            raise SequenceFileError(f"{where}: not a ruvpy sequence snapshot header")
         if theirs != mine:
             diffs = [f"{k}: file {theirs.get(k)!r}, runtime {mine.get(k)!r}"
                      for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
-            raise SequenceFileError(f"{path}: saved for another configuration ("
+            raise SequenceFileError(f"{where}: saved for another configuration ("
                                     + "; ".join(diffs) + ")")
         position, meta = header.get("position"), header.get("meta")
         if type(position) is not int or position < 0 or not isinstance(meta, dict):
-            raise SequenceFileError(f"{path}: the header's position/meta are malformed")
+            raise SequenceFileError(f"{where}: the header's position/meta are malformed")
+        lengths = meta.get("lengths")
+        if isinstance(lengths, list) and any(type(n) is int and n > position for n in lengths):
+            raise SequenceFileError(f"{where}: position {position} is behind the {max(lengths)} "
+                                    f"tokens it holds")
         self._check_room_for_sequence("load a sequence")
         try:
             seq = self._cache.import_sequence(meta, arrays)
         except (ValueError, TypeError, KeyError) as exc:
-            raise SequenceFileError(f"{path}: the KV cache rejects its contents: {exc}") \
+            raise SequenceFileError(f"{where}: the KV cache rejects its contents: {exc}") \
                 from exc
         self._positions[seq] = position
         return seq
 
     # -- statistics -------------------------------------------------------------------------
+    def memory_bytes(self):
+        """{part: bytes} of everything the runtime holds: "kv" (the cache's storage and
+        metadata), "arena", "pool" (free and handed-out buffers that are not the cache's cold
+        groups, and the pool's own lists), "scratch". Their sum is RuntimeStats.total_bytes."""
+        self._check_open()
+        pool = self._pool.stats()
+        kv = int(self._cache.nbytes)
+        return {"kv": kv, "arena": int(self._live_arena().capacity),
+                "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes +
+                            self._pool.metadata_bytes),
+                "scratch": int(self._scratch.nbytes)}
+
     def stats(self):
         """A RuntimeStats snapshot (see its docstring); .format() for a table."""
         self._check_open()
-        memory = self._memory.stats()
+        arena = self._live_arena().stats()
+        pool = self._pool.stats()
         kv = self._cache.stats()
         kv_bytes = int(self._cache.nbytes)
-        tiers = _kv_tiers(kv)
+        tiers, layers, details = kv_summary(kv)
         budget = self.config.memory_budget
         rss = _process_rss()
+        memory = self.memory_bytes()
         return RuntimeStats(
-            arena=memory.arena._asdict(),
-            pool={k: v for k, v in memory.pool._asdict().items() if k != "free_buffers"},
-            scratch_bytes=int(memory.scratch_bytes),
+            arena=arena._asdict(),
+            pool={k: v for k, v in pool._asdict().items() if k != "free_buffers"},
+            scratch_bytes=int(self._scratch.nbytes),
             kv={"kind": self.config.kv_cache, "capacity_tokens": self.capacity_tokens,
                 "tokens": int(kv.tokens), "bytes": kv_bytes,
                 "bytes_in_use": sum(t["bytes"] for t in tiers.values()),
-                "bytes_per_token": self.bytes_per_token, "details": _kv_details(kv),
-                "tiers": tiers, "layers": _kv_layers(kv),
+                "bytes_per_token": self.bytes_per_token, "details": details,
+                "tiers": tiers, "layers": layers,
                 "sequences": [{"seq": s, "position": p, **_kv_sequence(kv, s)}
                               for s, p in self._positions.items()]},
             budget_bytes=budget,
             budget_used_pct=None if budget is None else 100.0 * kv_bytes / budget,
             rss_bytes=rss, rss_growth_bytes=rss - self._rss_at_start,
             steps=self._steps, rollbacks=self._rollbacks,
-            attention_calls=self._attention_calls, arena_fallbacks=self._arena_fallbacks)
-
-
-def _ranges(indices):
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    parts, start = [], None
-    for i, x in enumerate(indices):
-        if start is None:
-            start = x
-        if i + 1 == len(indices) or indices[i + 1] != x + 1:
-            parts.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ", ".join(parts)
-
-
-def _kv_tiers(kv):
-    return {str(name): {"tokens": int(t["tokens"]), "bytes": int(t["bytes"])}
-            for name, t in kv.tiers.items()}
-
-
-def _kv_layers(kv):
-    return [{"layer": int(r["layer"]), "tokens": int(r["tokens"]), "bytes": int(r["bytes"])}
-            for r in kv.layers]
-
-
-def _kv_sequence(kv, seq):
-    row = kv.sequences.get(seq, {})
-    return {"tokens": int(row.get("tokens", 0)), "bytes": int(row.get("bytes", 0))}
-
-
-def _kv_details(kv):
-    """The cache-specific scalar fields of its stats (blocks, fragmentation, ...)."""
-    return {k: v for k, v in kv.as_dict().items()
-            if k not in ("tiers", "layers", "sequences", "bytes", "capacity_tokens", "kind")
-            and isinstance(v, (int, float, str, bool))}
+            attention_calls=self._attention_calls, arena_fallbacks=self._arena_fallbacks,
+            total_bytes=sum(memory.values()), memory=memory)

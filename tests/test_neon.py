@@ -5,17 +5,13 @@ lack AVX-512 or AVX2 (qemu-x86_64). Every kernel of rv_ops is exercised, the att
 block included; inputs and outputs sit against guard pages, so reading or writing past the end
 of an array crashes the check instead of passing unnoticed."""
 import platform
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "c"))
-import kernel_harness as kh  # noqa: E402
+from _helpers import kernel_harness as kh
+from _helpers import require_tool
 
 IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-CROSS_TOOLS = "aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def native(builds):
 @pytest.fixture(scope="module")
 def aarch64(builds):
     if "aarch64" not in builds:
-        pytest.skip("needs " + CROSS_TOOLS)
+        require_tool(kh.aarch64_target().cc, *kh.aarch64_target().run_prefix[:1])
     return builds["aarch64"]
 
 
@@ -103,8 +99,7 @@ EMULATED_CPUS = [("Nehalem", ["scalar"]), ("Haswell-v4", ["scalar", "avx2"])]
 @pytest.mark.skipif(not IS_X86_64, reason="x86-64 CPU models")
 @pytest.mark.parametrize("cpu,runs", EMULATED_CPUS)
 def test_x86_dispatch_on_older_cpus(native, cases, cpu, runs):
-    if not shutil.which("qemu-x86_64"):
-        pytest.skip("needs qemu-x86_64 (Debian: qemu-user)")
+    require_tool("qemu-x86_64", install="Debian: qemu-user")
     for isa in native[0].isas:
         result = _check(native, cases, isa, prefix=["qemu-x86_64", "-cpu", cpu])
         assert result.unsupported == (isa not in runs), f"{isa} on {cpu}"

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ruvpy._kvcache import TwoTierKVCache
-from test_kvcache import random_kv, reference_attention, snapshot
-from test_twotier import cosine, outlier_kv
+from ruvpy import TwoTierKVCache
+
+from _helpers import (cosine, outlier_kv, random_kv, reference_attention,
+                      turbo_key_relative_error_bound, turbo_value_mse)
+from _helpers import cache_snapshot as snapshot
 
 
 def filled(kvh, d, k, v, **kw):
@@ -53,11 +55,9 @@ def test_estimators_on_the_rest_and_outliers_at_8_bits(bits):
     q[:, ck] = 0                               # inner products over the rest only
     exact, estimate = k[:, 0] @ q.T, kk[:, 0] @ q.T
     assert abs((estimate * exact).mean() / (exact * exact).mean() - 1) < 0.02
-    mse_bound = np.mean([np.sqrt(3) * np.pi / 2 * 4.0 ** -b for b in (np.ceil(bits - 1), np.floor(bits - 1))])
-    assert np.linalg.norm(estimate - exact) / np.linalg.norm(exact) < 1.05 * np.sqrt(np.pi / 2 * mse_bound)
-    mse = {2.5: (0.03454 + 0.1175) / 2, 3.5: (0.009497 + 0.03454) / 2, 4.5: (0.002499 + 0.009497) / 2}[bits]
+    assert np.linalg.norm(estimate - exact) / np.linalg.norm(exact) < 1.05 * turbo_key_relative_error_bound(bits)
     vrel = np.linalg.norm(vv[:, :, rest_v] - v[:, :, rest_v]) / np.linalg.norm(v[:, :, rest_v])
-    assert np.sqrt(mse) * 0.85 < vrel < np.sqrt(mse) * 1.1
+    assert np.sqrt(turbo_value_mse(bits)) * 0.85 < vrel < np.sqrt(turbo_value_mse(bits)) * 1.1
     for x, got, chans in ((k, kk, ck), (v, vv, cv)):
         # 8 bits over a range of ~8 sigma of a x20 channel, plus the rest's quantization error
         # that lands on these channels (the keys' QJL term is noisy per coordinate)

@@ -11,10 +11,11 @@ Runtime itself costs per step.attention call.
    Runtime overhead; and step enter/exit: reserve, begin, commit, arena reset) and the rest
    of the model's step (numpy matmuls, RMSNorm, RoPE, SwiGLU, logits).
 2. Runtime overhead per step.attention call at decode, excluding the kernel: the same decode
-   inputs through `step.attention` and through the cache's `append_attend` directly (what
-   step.attention calls), alternating, each step rolled back so the context stays put;
+   inputs through `step.attention` and through the cache call it makes directly (the step's
+   AttentionPlan.attend, where the cache plans steps; before that, the cache's
+   append_attend), alternating, each step rolled back so the context stays put;
    overhead = median(step.attention) - median(direct call). Likewise for a step's
-   enter + exit versus the reserve + begin + commit calls they make.
+   enter + exit versus the reserve + begin (+ plan) + commit calls they make.
 
 Prints a table and writes JSON (--json). Timings are medians on a shared, noisy machine.
 """
@@ -149,6 +150,17 @@ def bench_model_decode(base_model, cache_name, context, decode_steps, rng):
 # 2. Runtime overhead per call
 # ----------------------------------------------------------------------------------------
 
+def _cache_calls(cache, seqs, n_tokens, heads):
+    """What a step's enter does to the cache (reserve, begin, and plan where the cache plans
+    steps); returns the per-layer call a step.attention makes."""
+    cache.reserve(seqs, n_tokens)
+    cache.begin(seqs)
+    if hasattr(cache, "plan"):
+        plan = cache.plan(seqs, n_tokens, num_heads=heads)
+        return lambda layer, q, k, v, out: plan.attend(layer, q, k, v, out=out)
+    return lambda layer, q, k, v, out: cache.append_attend(layer, seqs, n_tokens, q, k, v, out=out)
+
+
 def bench_runtime_overhead(shape, cache_name, context, repeats, rng):
     """Median ns per decode step.attention vs the direct cache call, and per step
     enter+exit vs reserve/begin/commit, over `repeats` alternating rounds."""
@@ -182,12 +194,11 @@ def bench_runtime_overhead(shape, cache_name, context, repeats, rng):
             step_frame.append(t1 - t0)
             # the cache alone, same inputs (and the step frame's direct equivalent)
             t0 = clock()
-            cache.reserve(seqs, n_tokens)
-            cache.begin(seqs)
+            attend = _cache_calls(cache, seqs, n_tokens, heads)
             t1 = clock()
             for layer in range(layers):
                 a = clock()
-                cache.append_attend(layer, seqs, n_tokens, q, k, v, out=out)
+                attend(layer, q, k, v, out)
                 direct.append(clock() - a)
             cache.rollback(seqs)
             direct_frame.append(t1 - t0)
@@ -205,11 +216,10 @@ def bench_runtime_overhead(shape, cache_name, context, repeats, rng):
             step.__exit__(None, None, None)
             full_step.append(t1 - t0 + clock() - t2)
             t0 = clock()
-            cache.reserve(seqs, n_tokens)
-            cache.begin(seqs)
+            attend = _cache_calls(cache, seqs, n_tokens, heads)
             t1 = clock()
             for layer in range(layers):
-                cache.append_attend(layer, seqs, n_tokens, q, k, v, out=out)
+                attend(layer, q, k, v, out)
             t2 = clock()
             cache.commit(seqs)
             full_direct.append(t1 - t0 + clock() - t2)

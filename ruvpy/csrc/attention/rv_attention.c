@@ -1,12 +1,13 @@
-/* Functional attention driver (see rv_attention.h). ISA-independent: all arithmetic on K/V goes
- * through the kernel table; this file only schedules work and merges context splits. */
-#include "attention/rv_attention.h"
-#include "rv_threads.h"
-
+/* The attention scheduler (see rv_attention.h). ISA-independent: all arithmetic on K/V goes
+ * through the kernel table; this file plans, schedules and merges. */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "attention/rv_attention.h"
+#include "rv_limits.h"
+#include "rv_threads.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -15,15 +16,254 @@
 #define RV_THREAD_ID() 0
 #endif
 
-/* A KV head's query rows at most this many go to the streaming kernel (decode) */
-#define STREAM_MAX_ROWS 8
-/* no context split shorter than this many keys */
-#define MIN_SPLIT_KEYS 256
-
 static int imin(int a, int b) { return a < b ? a : b; }
-static int imax(int a, int b) { return a > b ? a : b; }
+static int64_t i64min(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* ---- per-calling-thread scratch, grown to the largest call and kept ----
+/* One work item: KV heads [h0, h0 + nh) of query tokens [i0, i1) of query qi, keys [t0, t1). */
+typedef struct {
+    int qi;
+    int h0, nh;
+    int i0, i1;
+    int64_t t0, t1;
+    int nsplit;          /* pieces of its (query, tile, heads) unit, on the first piece; others 0 */
+    size_t partial;      /* split: float offset of this piece's nh states in the partials */
+} kv_task;
+
+/* m (rows), l (rows), acc (rows x d) laid out in one float run */
+static size_t state_floats(int rows, int d) { return rv_pad16((size_t)rows) * 2 + rv_pad16((size_t)rows * d); }
+
+static void state_init(rv_attn_state *st, float *base, int rows, int d, const float *q, float *scratch)
+{
+    const size_t r16 = rv_pad16((size_t)rows);
+    *st = (rv_attn_state){.rows = rows, .head_dim = d, .q = q, .q_stride = d, .m = base, .l = base + r16,
+                          .acc = base + 2 * r16, .scratch = scratch};
+    rv_attn_state_clear(st->m, st->l, st->acc, rows, d);
+}
+
+/* ---- folding spans (shared by the sources) ---- */
+
+size_t rv_kv_span_scratch_floats(int rows, int head_dim)
+{
+    if (rows <= RV_STREAM_MAX_ROWS)
+        return 0;
+    int block = rows < RV_ATTN_TILE_ROWS ? rows : RV_ATTN_TILE_ROWS;
+    return rv_pad16(RV_ATTN_TILE_SCRATCH_FLOATS(head_dim)) + rv_pad16((size_t)block * head_dim) +
+           2 * rv_pad16((size_t)block) + rv_pad16(2 * (size_t)block * sizeof(void *) / sizeof(float) + 1);
+}
+
+void rv_kv_fold_spans(rv_attn_state *st, const rv_kv_span *spans, int nspans, const int *visible,
+                      int f16, float *scratch, const rv_ops *ops)
+{
+    const int d = st->head_dim;
+    if (st->rows <= RV_STREAM_MAX_ROWS) {
+        (f16 ? ops->attend_spans_f16 : ops->attend_spans_f32)(st, spans, nspans, visible);
+        return;
+    }
+    /* tiles of up to RV_ATTN_TILE_ROWS rows: complete attention over the spans (normalised,
+     * with its m and l), merged into the state as acc = out * l */
+    const int block = st->rows < RV_ATTN_TILE_ROWS ? st->rows : RV_ATTN_TILE_ROWS;
+    float *tile = scratch, *out = tile + rv_pad16(RV_ATTN_TILE_SCRATCH_FLOATS(d));
+    float *m = out + rv_pad16((size_t)block * d), *l = m + rv_pad16((size_t)block);
+    const float **qrow = (const float **)(l + rv_pad16((size_t)block));
+    float **orow = (float **)(qrow + block);
+    for (int r0 = 0; r0 < st->rows; r0 += block) {
+        const int rows = st->rows - r0 < block ? st->rows - r0 : block;
+        for (int r = 0; r < rows; r++) {
+            qrow[r] = st->q + (r0 + r) * st->q_stride;
+            orow[r] = out + (size_t)r * d;
+        }
+        rv_attn_rows job = {rows, d, 1.0f /* st->q is scaled already */, qrow, orow,
+                            visible ? visible + r0 : NULL, spans, nspans, m, l};
+        (f16 ? ops->attend_rows_f16 : ops->attend_rows_f32)(&job, tile);
+        for (int r = 0; r < rows; r++)
+            ops->scale_f32((size_t)d, l[r], out + (size_t)r * d);
+        ops->attn_merge(rows, d, st->m + r0, st->l + r0, st->acc + (size_t)r0 * d, m, l, out);
+    }
+}
+
+/* ---- the contiguous source ---- */
+
+static size_t tensors_extra_floats(const rv_kv_source *src, int rows)
+{
+    return rv_kv_span_scratch_floats(rows, src->head_dim);
+}
+
+static const void *elem_at(const void *base, int f16, ptrdiff_t elems)
+{
+    return (const char *)base + elems * (f16 ? 2 : 4);
+}
+
+static void tensors_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0, int64_t t1,
+                         rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
+                         const rv_ops *ops)
+{
+    (void)seq;
+    const rv_kv_tensors *T = (const rv_kv_tensors *)src->data;
+    const int rows = states[0].rows, n = (int)(t1 - t0);
+    const int *vv = rv_kv_visible(row_pos, rows, t0, n, vis);
+    const void *k = elem_at(T->k, T->f16, h0 * T->k_head + (ptrdiff_t)t0 * T->k_tok);
+    const void *v = elem_at(T->v, T->f16, h0 * T->v_head + (ptrdiff_t)t0 * T->v_tok);
+    if (rows <= RV_STREAM_MAX_ROWS) {
+        /* decode: every head of a block of tokens together (heads interleave in NHD pages) */
+        if (T->f16)
+            ops->attend_heads_f16(states, nh, (const uint16_t *)k, T->k_tok, T->k_head, (const uint16_t *)v,
+                                  T->v_tok, T->v_head, n, vv);
+        else
+            ops->attend_heads_f32(states, nh, (const float *)k, T->k_tok, T->k_head, (const float *)v,
+                                  T->v_tok, T->v_head, n, vv);
+        return;
+    }
+    for (int j = 0; j < nh; j++) {
+        rv_kv_span span = {elem_at(k, T->f16, j * T->k_head), elem_at(v, T->f16, j * T->v_head), T->k_tok,
+                           T->v_tok, n};
+        rv_kv_fold_spans(&states[j], &span, 1, vv, T->f16, extra, ops);
+    }
+}
+
+void rv_kv_source_tensors(rv_kv_source *src, const rv_kv_tensors *t, int num_heads, int num_kv_heads,
+                          int head_dim)
+{
+    *src = (rv_kv_source){.data = t, .layer = 0, .num_heads = num_heads, .num_kv_heads = num_kv_heads,
+                          .head_dim = head_dim, .kv_elem_bytes = t->f16 ? 2 : 4, .fold = tensors_fold,
+                          .extra_floats = tensors_extra_floats, .split_align = 1};
+}
+
+/* ---- planning ---- */
+
+static int64_t tile_key_end(const rv_kv_query *q, int i1, int causal)
+{
+    return causal ? q->kv_len - q->q_len + i1 : q->kv_len;
+}
+
+static int head_begin(int g, int hg, int KVH) { return (int)((int64_t)KVH * g / hg); }
+
+/* The units of one query tile: head groups *hg, context pieces *nsplit of *piece keys. */
+static void plan_tile(const rv_attn_plan *p, int rows, int KVH, int64_t kend, int *hg, int *nsplit, int64_t *piece)
+{
+    const int64_t most = kend / RV_MIN_SPLIT_KEYS > 1 ? kend / RV_MIN_SPLIT_KEYS : 1;
+    const int T = p->nthreads;
+    if (rows <= RV_STREAM_MAX_ROWS) {
+        /* every head in one task, so a source streams each page once for all of them; split
+         * the context for the threads (a multiple of the team, for even shares) and split the
+         * heads only while there are fewer pieces than the tile must give the team */
+        int s = (int)i64min(p->per_tile, most);
+        if (T > 1 && s >= T)
+            s -= s % T;
+        *nsplit = s;
+        *hg = s < p->min_per_tile ? imin(KVH, (p->min_per_tile + s - 1) / s) : 1;
+    } else {   /* a head per task */
+        *hg = KVH;
+        const int want = (p->per_tile + KVH - 1) / KVH;
+        *nsplit = (int)i64min(want, most);
+    }
+    *piece = kend;
+    if (*nsplit > 1) {
+        int64_t len = (kend + *nsplit - 1) / *nsplit;
+        len = (len + p->align - 1) / p->align * p->align;
+        *nsplit = (int)((kend + len - 1) / len);
+        *piece = len;
+    }
+}
+
+/* Walk the plan's units: count (tasks == NULL) or fill the tasks. Returns the task count and
+ * the floats of partial states in *partial_floats. */
+static int64_t walk_plan(rv_attn_plan *p, const rv_kv_source *src, const rv_kv_query *queries, int nq, int causal,
+                         kv_task *tasks, size_t *partial_floats)
+{
+    const int KVH = src->num_kv_heads, d = src->head_dim, g = p->group, tq = p->tile_tokens;
+    int64_t k = 0;
+    size_t off = 0;
+    for (int qi = 0; qi < nq; qi++) {
+        const rv_kv_query *q = &queries[qi];
+        for (int i0 = 0; i0 < q->q_len; i0 += tq) {
+            const int i1 = i0 + tq < q->q_len ? i0 + tq : q->q_len;
+            const int rows = (i1 - i0) * g;
+            const int64_t kend = tile_key_end(q, i1, causal);
+            int hg, nsplit;
+            int64_t piece;
+            plan_tile(p, rows, KVH, kend, &hg, &nsplit, &piece);
+            for (int gi = 0; gi < hg; gi++) {
+                const int h0 = head_begin(gi, hg, KVH), nh = head_begin(gi + 1, hg, KVH) - h0;
+                if (!tasks) {
+                    size_t qp = (size_t)nh * rv_pad16((size_t)rows * d), sf = (size_t)nh * state_floats(rows, d);
+                    p->rows_max = rows > p->rows_max ? rows : p->rows_max;
+                    p->nh_max = nh > p->nh_max ? nh : p->nh_max;
+                    p->qpack_max = qp > p->qpack_max ? qp : p->qpack_max;
+                    p->states_max = sf > p->states_max ? sf : p->states_max;
+                }
+                for (int sp = 0; sp < nsplit; sp++, k++) {
+                    if (tasks) {
+                        kv_task *t = &tasks[k];
+                        t->qi = qi;
+                        t->h0 = h0;
+                        t->nh = nh;
+                        t->i0 = i0;
+                        t->i1 = i1;
+                        t->t0 = (int64_t)sp * piece;
+                        t->t1 = t->t0 + piece < kend ? t->t0 + piece : kend;
+                        t->nsplit = sp == 0 ? nsplit : 0;
+                        t->partial = off;
+                    }
+                    if (nsplit > 1)
+                        off += (size_t)nh * state_floats(rows, d);
+                }
+            }
+        }
+    }
+    *partial_floats = off;
+    return k;
+}
+
+int rv_attn_plan_make(rv_attn_plan *p, const rv_kv_source *src, const rv_kv_query *queries, int nq, int causal,
+                      int nthreads)
+{
+    const int H = src->num_heads, KVH = src->num_kv_heads, d = src->head_dim;
+    memset(p, 0, sizeof *p);
+    p->nthreads = 1;
+    if (KVH <= 0 || H < KVH || H % KVH != 0 || d <= 0 || nq < 0)
+        return RV_EINVAL;
+    const int g = H / KVH;
+    int64_t ntiles = 0, pairs = 0, kv_tokens = 0;
+    p->group = g;
+    p->tile_tokens = g >= RV_TILE_ROWS ? 1 : RV_TILE_ROWS / g;
+    for (int qi = 0; qi < nq; qi++) {
+        const rv_kv_query *q = &queries[qi];
+        if (q->q_len < 0 || (q->q_len > 0 && q->kv_len <= 0) || (causal && q->q_len > q->kv_len))
+            return RV_EINVAL;
+        ntiles += (q->q_len + p->tile_tokens - 1) / p->tile_tokens;
+        pairs += (int64_t)q->q_len * q->kv_len - (causal ? (int64_t)q->q_len * (q->q_len - 1) / 2 : 0);
+        kv_tokens += q->q_len > 0 ? q->kv_len : 0;
+    }
+    if (ntiles == 0)
+        return RV_OK;
+    /* small calls run on the calling thread (rv_threads.h) */
+    const int T = rv_attn_team_size(nthreads, H, KVH, d, pairs, kv_tokens, src->kv_elem_bytes);
+    p->nthreads = T;
+    /* a few pieces per thread (balance under load), at least one per thread */
+    const int64_t want = T > 1 ? (int64_t)RV_ITEMS_PER_THREAD * T : 1;
+    p->per_tile = (int)((want + ntiles - 1) / ntiles);
+    p->min_per_tile = (int)((T + ntiles - 1) / ntiles);
+    int align = src->split_align > 0 ? src->split_align : 1;
+    if (align < RV_ATTN_CHUNK)
+        align *= (RV_ATTN_CHUNK + align - 1) / align;
+    p->align = align;
+    p->rows_max = p->nh_max = 1;
+    p->qpack_max = p->states_max = 1;
+    p->ntasks = walk_plan(p, src, queries, nq, causal, NULL, &p->npartial);
+    p->extra = src->extra_floats ? rv_pad16(src->extra_floats(src, p->rows_max)) : 0;
+    p->st_structs = rv_pad16(sizeof(rv_attn_state) * (size_t)p->nh_max / sizeof(float) + 1);
+    /* per thread: packed scaled queries and states of its heads, the state structs, row
+     * positions (int64), visible counts, the kernels' scratch and the source's */
+    const size_t per_thread = p->qpack_max + p->states_max + p->st_structs + rv_pad16((size_t)p->rows_max * 2) +
+                              rv_pad16((size_t)p->rows_max) + rv_pad16(RV_ATTN_SCRATCH_FLOATS(p->rows_max, d)) +
+                              p->extra;
+    p->thread_bytes = sizeof(float) * per_thread;
+    p->shared_bytes = rv_pad16(sizeof(kv_task) * (size_t)p->ntasks / sizeof(float) + 1) * sizeof(float) +
+                      sizeof(float) * p->npartial;
+    return RV_OK;
+}
+
+/* ---- the calling thread's cached scratch (when the caller gives none) ----
  * One block per thread, registered with a pthread key whose destructor frees it at thread
  * exit. Header: capacity in bytes; the data starts RV_ALIGN bytes in. */
 static pthread_key_t scratch_key;
@@ -33,16 +273,15 @@ static int scratch_key_ok;
 static void scratch_destroy(void *block) { free(block); }
 static void scratch_key_create(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_destroy) == 0; }
 
-static float *thread_scratch(size_t floats)
+static unsigned char *thread_cached(size_t need)
 {
     pthread_once(&scratch_once, scratch_key_create);
     if (!scratch_key_ok)
         return NULL;
     char *block = pthread_getspecific(scratch_key);
-    size_t need = floats * sizeof(float);
     if (block && *(size_t *)block >= need)
-        return (float *)(block + RV_ALIGN);
-    size_t cap = (need + need / 4 + RV_ALIGN - 1) / RV_ALIGN * RV_ALIGN;  /* room to grow */
+        return (unsigned char *)block + RV_ALIGN;
+    size_t cap = (need + need / 4 + RV_ALIGN - 1) / RV_ALIGN * RV_ALIGN;   /* room to grow */
     char *fresh = aligned_alloc(RV_ALIGN, cap + RV_ALIGN);
     if (!fresh)
         return NULL;
@@ -52,7 +291,7 @@ static float *thread_scratch(size_t floats)
         return NULL;
     }
     free(block);
-    return (float *)(fresh + RV_ALIGN);
+    return (unsigned char *)fresh + RV_ALIGN;
 }
 
 void rv_attention_release_scratch(void)
@@ -73,245 +312,159 @@ size_t rv_attention_scratch_bytes(void)
     return block ? *(size_t *)block + RV_ALIGN : 0;
 }
 
-/* Context splits per tile when tiles are few: enough items for every thread (at least 4 each,
- * a multiple of the thread count so the shares are even), none shorter than MIN_SPLIT_KEYS. */
-static int choose_splits(int items, int nthreads, int kv_len)
+/* ---- running ---- */
+
+/* pack and scale the query rows of KV heads h0.. of tokens [i0, i1): rows (token, head in group) */
+static void pack_queries(const rv_kv_query *q, int h0, int nh, int i0, int i1, int g, int d, float scale,
+                         float *qpack, size_t per_head)
 {
-    if (nthreads <= 1 || items >= 4 * nthreads)
-        return 1;
-    int s = (4 * nthreads + items - 1) / items;
-    for (int t = s; t < s + nthreads; t++)
-        if ((items * t) % nthreads == 0) {
-            s = t;
-            break;
-        }
-    int max_s = imax(1, kv_len / MIN_SPLIT_KEYS);
-    return imin(s, max_s);
-}
-
-static int split_begin(int s, int splits, int kv_len) { return (int)((int64_t)kv_len * s / splits); }
-
-static const void *kv_at(const void *base, int f16, ptrdiff_t elems)
-{
-    return (const char *)base + elems * (f16 ? 2 : 4);
-}
-
-/* keys query token t sees (absolute), causal */
-static int visible_of(const rv_attn_args *a, int t) { return a->kv_len - a->q_len + t + 1; }
-
-/* ---- streaming path: q_len * group <= STREAM_MAX_ROWS rows per KV head ----
- * Work items are (token range, range of KV heads). Long contexts are split by tokens only, so
- * that each item streams one contiguous stretch of the NHD tensors with attend_heads_* (every
- * head of a token block together: heads share every page); short ones by heads as well. */
-static int attend_streaming(const rv_ops *ops, int nthreads, const rv_attn_args *a)
-{
-    const int G = a->num_heads / a->num_kv_heads, KVH = a->num_kv_heads, d = a->head_dim;
-    const int rows = a->q_len * G;
-    int S = 1, HG = 1;   /* token splits, head groups */
-    if (nthreads > 1) {
-        const int s_max = imax(1, a->kv_len / MIN_SPLIT_KEYS);
-        S = imin(4 * nthreads, s_max);          /* a few per thread: balance under load */
-        if (S >= nthreads)
-            S -= S % nthreads;
-        else
-            HG = imin(KVH, (nthreads + S - 1) / S);
-    }
-    const int items = S * HG;
-    const int T = imin(nthreads, items);
-    const size_t per_state = rv_pad16((size_t)rows * d) + 2 * rv_pad16((size_t)rows);
-    const size_t per_thread = rv_pad16(RV_ATTN_SCRATCH_FLOATS(rows, d)) + 16;
-    const size_t state_floats = rv_pad16((sizeof(rv_attn_state) * (size_t)S * KVH + 3) / sizeof(float));
-    float *buf = thread_scratch(rv_pad16((size_t)KVH * rows * d) + (size_t)S * KVH * per_state +
-                                (size_t)T * per_thread + state_floats);
-    if (!buf)
-        return RV_ENOMEM;
-    float *qs = buf;
-    float *states_mem = qs + rv_pad16((size_t)KVH * rows * d);      /* [S][KVH] (acc, m, l) */
-    float *kscratch = states_mem + (size_t)S * KVH * per_state;
-    rv_attn_state *states = (rv_attn_state *)(kscratch + (size_t)T * per_thread);
-
-    /* scaled queries of each KV head's group, rows ordered (token, head in group) */
-    for (int hk = 0; hk < KVH; hk++)
-        for (int t = 0; t < a->q_len; t++)
-            for (int g = 0; g < G; g++) {
-                const float *src = a->q + t * a->q_tok + (hk * G + g) * a->q_head;
-                float *dst = qs + ((size_t)hk * rows + t * G + g) * d;
+    for (int j = 0; j < nh; j++)
+        for (int i = i0; i < i1; i++)
+            for (int r = 0; r < g; r++) {
+                const float *src = q->q + i * q->q_tok + (ptrdiff_t)((h0 + j) * g + r) * q->q_head;
+                float *dst = qpack + (size_t)j * per_head + ((size_t)(i - i0) * g + r) * d;
                 for (int c = 0; c < d; c++)
-                    dst[c] = src[c] * a->scale;
+                    dst[c] = src[c] * scale;
             }
-    const int f16 = a->kv_f16;
+}
+
+/* out rows of query tokens [i0, i1), KV head h (its g query heads) from a state */
+static void finalize(const rv_kv_query *q, int h, int i0, int i1, int g, int d, const float *l, const float *acc,
+                     const rv_ops *ops)
+{
+    for (int i = i0; i < i1; i++) {
+        const int r = (i - i0) * g;
+        ops->attn_finalize(g, d, l + r, acc + (size_t)r * d, q->out + i * q->o_tok + (ptrdiff_t)h * g * q->o_head,
+                           q->o_head);
+    }
+}
+
+int rv_attn_run(const rv_attn_plan *p, const rv_kv_source *src, const rv_kv_query *queries, int nq, float scale,
+                int causal, const rv_ops *ops, const rv_scratch *scratch)
+{
+    if (p->ntasks == 0)
+        return RV_OK;
+    const int g = p->group, d = src->head_dim, T = p->nthreads;
+    unsigned char *shared, *threads;
+    size_t stride;
+    if (scratch) {
+        if (!rv_scratch_fits(scratch, p->shared_bytes, p->thread_bytes, T))
+            return RV_EINVAL;
+        shared = scratch->shared;
+        threads = scratch->threads;
+        stride = scratch->thread_stride;
+    } else {
+        stride = (p->thread_bytes + RV_ALIGN - 1) / RV_ALIGN * RV_ALIGN;
+        shared = thread_cached(p->shared_bytes + stride * (size_t)T);
+        if (!shared)
+            return RV_ENOMEM;
+        threads = shared + p->shared_bytes;
+    }
+    kv_task *tasks = (kv_task *)shared;
+    float *partials = (float *)shared + rv_pad16(sizeof(kv_task) * (size_t)p->ntasks / sizeof(float) + 1);
+    size_t npartial;
+    rv_attn_plan plan = *p;   /* walk_plan only reads it when filling */
+    if (walk_plan(&plan, src, queries, nq, causal, tasks, &npartial) != p->ntasks || npartial != p->npartial)
+        return RV_EINVAL;   /* the queries are not the ones planned */
+    const int64_t ntasks = p->ntasks;
+    const size_t qpack_max = p->qpack_max, states_max = p->states_max, st_structs = p->st_structs;
+    const size_t rows_max = (size_t)p->rows_max;
 
 #pragma omp parallel num_threads(T) if (T > 1)
     {
-        float *ks = kscratch + (size_t)RV_THREAD_ID() * per_thread;
-        int vis[STREAM_MAX_ROWS];
+        float *qpack = (float *)(threads + stride * (size_t)RV_THREAD_ID());
+        float *own = qpack + qpack_max;
+        rv_attn_state *states = (rv_attn_state *)(own + states_max);
+        int64_t *row_pos = (int64_t *)((float *)states + st_structs);
+        int *vis = (int *)((float *)row_pos + rv_pad16(rows_max * 2));
+        float *kscratch = (float *)vis + rv_pad16(rows_max);
+        float *xscratch = kscratch + rv_pad16(RV_ATTN_SCRATCH_FLOATS((int)rows_max, d));
+        /* causal: the longest tiles (last query tokens, planned last) first, for a balanced finish */
 #pragma omp for schedule(dynamic, 1)
-        for (int it = 0; it < items; it++) {
-            const int s = it / HG, hg = it % HG;
-            const int h0 = (int)((int64_t)KVH * hg / HG), h1 = (int)((int64_t)KVH * (hg + 1) / HG);
-            const int k0 = split_begin(s, S, a->kv_len), k1 = split_begin(s + 1, S, a->kv_len);
-            rv_attn_state *st = states + (size_t)s * KVH + h0;
-            for (int h = h0; h < h1; h++) {
-                float *acc = states_mem + ((size_t)s * KVH + h) * per_state;
-                float *m = acc + rv_pad16((size_t)rows * d), *l = m + rv_pad16((size_t)rows);
-                rv_attn_state init = {rows, d, qs + (size_t)h * rows * d, d, m, l, acc, ks};
-                st[h - h0] = init;
-                rv_attn_state_clear(m, l, acc, rows, d);
-            }
-            const int *visible = NULL;
-            if (a->causal && a->q_len > 1) {
-                for (int r = 0; r < rows; r++)
-                    vis[r] = imax(0, imin(k1 - k0, visible_of(a, r / G) - k0));
-                visible = vis;
-            }
-            const ptrdiff_t ko = h0 * a->k_head + (ptrdiff_t)k0 * a->k_tok;
-            const ptrdiff_t vo = h0 * a->v_head + (ptrdiff_t)k0 * a->v_tok;
-            if (f16)
-                ops->attend_heads_f16(st, h1 - h0, (const uint16_t *)a->k + ko, a->k_tok, a->k_head,
-                                      (const uint16_t *)a->v + vo, a->v_tok, a->v_head, k1 - k0, visible);
-            else
-                ops->attend_heads_f32(st, h1 - h0, (const float *)a->k + ko, a->k_tok, a->k_head,
-                                      (const float *)a->v + vo, a->v_tok, a->v_head, k1 - k0, visible);
+        for (int64_t it = 0; it < ntasks; it++) {
+            const kv_task *t = &tasks[causal ? ntasks - 1 - it : it];
+            const rv_kv_query *q = &queries[t->qi];
+            const int rows = (t->i1 - t->i0) * g;
+            const size_t sf = state_floats(rows, d), qf = rv_pad16((size_t)rows * d);
+            const int split = t->nsplit != 1;
+            float *state_mem = split ? partials + t->partial : own;
+            pack_queries(q, t->h0, t->nh, t->i0, t->i1, g, d, scale, qpack, qf);
+            for (int j = 0; j < t->nh; j++)
+                state_init(&states[j], state_mem + (size_t)j * sf, rows, d, qpack + (size_t)j * qf, kscratch);
+            for (int i = t->i0; i < t->i1; i++)
+                for (int r = 0; r < g; r++)
+                    row_pos[(i - t->i0) * g + r] = q->kv_len - q->q_len + i;
+            src->fold(src, q->seq, t->h0, t->nh, t->t0, t->t1, states, causal ? row_pos : NULL, vis, xscratch, ops);
+            if (!split)
+                for (int j = 0; j < t->nh; j++)
+                    finalize(q, t->h0 + j, t->i0, t->i1, g, d, states[j].l, states[j].acc, ops);
         }
-        /* implicit barrier: every split is done */
-#pragma omp for schedule(static)
-        for (int hk = 0; hk < KVH; hk++) {
-            float *acc = states_mem + (size_t)hk * per_state;
-            float *m = acc + rv_pad16((size_t)rows * d), *l = m + rv_pad16((size_t)rows);
-            for (int s = 1; s < S; s++) {
-                const float *oacc = states_mem + ((size_t)s * KVH + hk) * per_state;
-                const float *om = oacc + rv_pad16((size_t)rows * d), *ol = om + rv_pad16((size_t)rows);
-                ops->attn_merge(rows, d, m, l, acc, om, ol, oacc);
+        /* implicit barrier: every piece is done. Merge each split unit into its first piece. */
+        if (npartial) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t ti = 0; ti < ntasks; ti++) {
+                const kv_task *t = &tasks[ti];
+                if (t->nsplit <= 1)
+                    continue;
+                const rv_kv_query *q = &queries[t->qi];
+                const int rows = (t->i1 - t->i0) * g;
+                const size_t sf = state_floats(rows, d), unit = (size_t)t->nh * sf, r16 = rv_pad16((size_t)rows);
+                for (int j = 0; j < t->nh; j++) {
+                    float *m = partials + t->partial + (size_t)j * sf, *l = m + r16, *acc = m + 2 * r16;
+                    for (int sp = 1; sp < t->nsplit; sp++) {
+                        const float *o = m + sp * unit;
+                        ops->attn_merge(rows, d, m, l, acc, o, o + r16, o + 2 * r16);
+                    }
+                    finalize(q, t->h0 + j, t->i0, t->i1, g, d, l, acc, ops);
+                }
             }
-            for (int t = 0; t < a->q_len; t++)
-                ops->attn_finalize(G, d, l + t * G, acc + (size_t)t * G * d,
-                                   a->out + t * a->o_tok + hk * G * a->o_head, a->o_head);
         }
     }
     return RV_OK;
 }
 
-/* ---- tiled path: tiles of (query tokens x heads of a group) <= RV_ATTN_TILE_ROWS rows ---- */
-static int attend_tiled(const rv_ops *ops, int nthreads, const rv_attn_args *a)
+int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, float scale, int causal,
+                 const rv_ops *ops, int nthreads, const rv_scratch *scratch)
 {
-    const int G = a->num_heads / a->num_kv_heads, KVH = a->num_kv_heads, d = a->head_dim;
-    const int GB = imin(G, RV_ATTN_TILE_ROWS);          /* heads of a group per tile */
-    const int NG = (G + GB - 1) / GB;
-    const int BQ = imax(1, RV_ATTN_TILE_ROWS / GB);     /* query tokens per tile */
-    const int NQ = (a->q_len + BQ - 1) / BQ;
-    const int tiles = KVH * NG * NQ;
-    const int S = choose_splits(tiles, nthreads, a->kv_len);
-    const int items = tiles * S;
-    const int T = imin(nthreads, items);
-    const size_t per_thread = rv_pad16(RV_ATTN_TILE_SCRATCH_FLOATS(d)) + 16;
-    const size_t part_rows = S > 1 ? (size_t)items * RV_ATTN_TILE_ROWS : 0;
-    float *buf = thread_scratch((size_t)T * per_thread + part_rows * (d + 2));
-    if (!buf)
-        return RV_ENOMEM;
-    float *kscratch = buf;
-    float *parts = kscratch + (size_t)T * per_thread;   /* [items][TILE_ROWS][d] when split */
-    float *part_ml = parts + part_rows * d;             /* [items][TILE_ROWS][m, l] */
-    const int f16 = a->kv_f16;
+    rv_attn_plan plan;
+    int rc = rv_attn_plan_make(&plan, src, queries, nq, causal, nthreads);
+    return rc != RV_OK ? rc : rv_attn_run(&plan, src, queries, nq, scale, causal, ops, scratch);
+}
 
-#pragma omp parallel num_threads(T) if (T > 1)
-    {
-        float *ks = kscratch + (size_t)RV_THREAD_ID() * per_thread;
-        const float *qrow[RV_ATTN_TILE_ROWS];
-        float *orow[RV_ATTN_TILE_ROWS];
-        int vis[RV_ATTN_TILE_ROWS];
-        float m_out[RV_ATTN_TILE_ROWS], l_out[RV_ATTN_TILE_ROWS];
-        /* causal: the longest tiles (last query tokens) first, for a balanced finish */
-#pragma omp for schedule(dynamic, 1)
-        for (int it = 0; it < items; it++) {
-            const int per_q = KVH * NG * S;
-            const int qt = a->causal ? NQ - 1 - it / per_q : it / per_q;
-            const int rem = it % per_q, hk = rem / (NG * S), gb = (rem / S) % NG, s = rem % S;
-            const int tile = (qt * KVH + hk) * NG + gb;
-            const int p0 = qt * BQ, bq = imin(BQ, a->q_len - p0);
-            const int g0 = gb * GB, gn = imin(GB, G - g0);
-            const int rows = bq * gn;
-            const int k0 = split_begin(s, S, a->kv_len), k1 = split_begin(s + 1, S, a->kv_len);
-            for (int pi = 0; pi < bq; pi++)
-                for (int gi = 0; gi < gn; gi++) {
-                    int r = pi * gn + gi, h = hk * G + g0 + gi;
-                    qrow[r] = a->q + (p0 + pi) * a->q_tok + h * a->q_head;
-                    orow[r] = S > 1 ? parts + ((size_t)(tile * S + s) * RV_ATTN_TILE_ROWS + r) * d
-                                    : a->out + (p0 + pi) * a->o_tok + h * a->o_head;
-                    vis[r] = a->causal ? imax(0, imin(k1 - k0, visible_of(a, p0 + pi) - k0)) : k1 - k0;
-                }
-            rv_kv_span span = {kv_at(a->k, f16, hk * a->k_head + (ptrdiff_t)k0 * a->k_tok),
-                               kv_at(a->v, f16, hk * a->v_head + (ptrdiff_t)k0 * a->v_tok),
-                               a->k_tok, a->v_tok, k1 - k0};
-            rv_attn_rows job = {rows, d, a->scale, qrow, orow, a->causal ? vis : NULL, &span, 1,
-                                S > 1 ? m_out : NULL, S > 1 ? l_out : NULL};
-            if (f16)
-                ops->attend_rows_f16(&job, ks);
-            else
-                ops->attend_rows_f32(&job, ks);
-            if (S > 1) {
-                float *ml = part_ml + (size_t)(tile * S + s) * RV_ATTN_TILE_ROWS * 2;
-                for (int r = 0; r < rows; r++) {
-                    ml[2 * r] = m_out[r];
-                    ml[2 * r + 1] = l_out[r];
-                }
-            }
-        }
-        if (S > 1) {
-            /* out = sum_s w_s o_s / sum_s w_s with w_s = l_s exp(m_s - max m) */
-#pragma omp for schedule(static)
-            for (int tile = 0; tile < tiles; tile++) {
-                const int gb = tile % NG, hk = (tile / NG) % KVH, qt = tile / (NG * KVH);
-                const int p0 = qt * BQ, bq = imin(BQ, a->q_len - p0);
-                const int g0 = gb * GB, gn = imin(GB, G - g0);
-                for (int r = 0; r < bq * gn; r++) {
-                    const float *ml = part_ml + (size_t)tile * S * RV_ATTN_TILE_ROWS * 2 + 2 * r;
-                    float mx = -INFINITY, wsum = 0.0f;
-                    for (int s = 0; s < S; s++)
-                        if (ml[s * RV_ATTN_TILE_ROWS * 2 + 1] > 0.0f && ml[s * RV_ATTN_TILE_ROWS * 2] > mx)
-                            mx = ml[s * RV_ATTN_TILE_ROWS * 2];
-                    float *o = a->out + (p0 + r / gn) * a->o_tok + (hk * G + g0 + r % gn) * a->o_head;
-                    memset(o, 0, sizeof(float) * d);
-                    for (int s = 0; s < S; s++) {
-                        float ls = ml[s * RV_ATTN_TILE_ROWS * 2 + 1];
-                        if (ls <= 0.0f)
-                            continue;
-                        float w = ls * expf(ml[s * RV_ATTN_TILE_ROWS * 2] - mx);
-                        const float *po = parts + ((size_t)(tile * S + s) * RV_ATTN_TILE_ROWS + r) * d;
-                        for (int c = 0; c < d; c++)
-                            o[c] += w * po[c];
-                        wsum += w;
-                    }
-                    float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
-                    for (int c = 0; c < d; c++)
-                        o[c] *= inv;
-                }
-            }
-        }
-    }
-    return RV_OK;
+/* ---- the functional API ---- */
+
+static int args_valid(const rv_attn_args *a)
+{
+    return a && a->q_len >= 0 && a->kv_len >= 1 && a->kv_len <= RV_MAX_KV_LEN && a->num_kv_heads >= 1 &&
+           a->num_heads >= a->num_kv_heads && a->num_heads % a->num_kv_heads == 0 && a->head_dim >= 1 &&
+           a->head_dim <= RV_MAX_HEAD_DIM && !(a->causal && a->q_len > a->kv_len);
+}
+
+static void args_source(const rv_attn_args *a, rv_kv_tensors *t, rv_kv_source *src, rv_kv_query *q)
+{
+    *t = (rv_kv_tensors){a->k, a->v, a->k_tok, a->k_head, a->v_tok, a->v_head, a->kv_f16};
+    rv_kv_source_tensors(src, t, a->num_heads, a->num_kv_heads, a->head_dim);
+    *q = (rv_kv_query){0, a->q_len, a->kv_len, a->q, a->q_tok, a->q_head, a->out, a->o_tok, a->o_head};
 }
 
 int rv_attention_threads(int nthreads, const rv_attn_args *a)
 {
     const int64_t q = a->q_len, kv = a->kv_len;
     const int64_t pairs = a->causal ? q * kv - q * (q - 1) / 2 : q * kv;
-    return rv_attn_team_size(nthreads, a->num_heads, a->num_kv_heads, a->head_dim, pairs, kv,
-                             a->kv_f16 ? 2 : 4);
+    return rv_attn_team_size(nthreads, a->num_heads, a->num_kv_heads, a->head_dim, pairs, kv, a->kv_f16 ? 2 : 4);
 }
 
-int rv_attention(const rv_ops *ops, int nthreads, const rv_attn_args *a)
+int rv_attention(const rv_ops *ops, int nthreads, const rv_attn_args *a, const rv_scratch *scratch)
 {
-    if (!ops || !a || a->q_len < 0 || a->kv_len < 1 || a->num_kv_heads < 1 ||
-        a->num_heads < a->num_kv_heads || a->num_heads % a->num_kv_heads != 0 ||
-        a->head_dim < 1 || (a->causal && a->q_len > a->kv_len))
+    if (!ops || !args_valid(a))
         return RV_EINVAL;
     if (a->q_len == 0)
         return RV_OK;
-    nthreads = rv_attention_threads(nthreads, a);
-    const int G = a->num_heads / a->num_kv_heads;
-    if ((int64_t)a->q_len * G <= STREAM_MAX_ROWS)
-        return attend_streaming(ops, nthreads, a);
-    return attend_tiled(ops, nthreads, a);
+    rv_kv_tensors t;
+    rv_kv_source src;
+    rv_kv_query q;
+    args_source(a, &t, &src, &q);
+    return rv_kv_attend(&src, &q, 1, a->scale, a->causal, ops, nthreads, scratch);
 }
 
 uint64_t rv_stream_read(const void *buf, size_t bytes, int nthreads)

@@ -2,7 +2,7 @@
  * against rv_simd.h and compiled per ISA. Included only by ops_<isa>.c, after
  * attention_impl.h (the fused kernel reuses its online-softmax row update).
  *
- * Code layouts (shared with csrc/kvcache/rv_coldq.c):
+ * Code layouts (the q8 / q4 cold format fills struct rv_qhead, kernels/rv_qview.h, with them):
  *  - a 4-bit row of n codes is ceil(n/2) bytes: byte j holds code j in its low nibble and code
  *    j + ceil(n/2) in its high nibble, so one vector of bytes unpacks into two vectors of
  *    consecutive codes; an 8-bit row is n bytes.
@@ -18,8 +18,7 @@
 #include "kernels/rv_ops.h"
 #include "kernels/basic_impl.h"
 #include "kernels/attention_impl.h"
-#include "kvcache/rv_coldq.h"
-#include "kvcache/rv_turbo.h"
+#include "kernels/rv_qview.h"
 
 /* ---- RV_VW unsigned bytes as floats: whole bytes, low nibbles, high nibbles ---- */
 #if defined(RV_ISA_AVX512)
@@ -50,8 +49,8 @@ RV_INLINE rv_vf qk_hi4(const uint8_t *p) { return (float)(p[0] >> 4); }
 
 /* ---- outlier value channels: RV_VW tokens' 8-bit codes (t0..) scattered over the token rows,
  * as floats scale * code + zero. The x86 gathers read a 32-bit word at each code byte: up to 3
- * bytes past the last token's, which the group layout guarantees when head_dim >= 16 (see
- * rv_coldq.h; qk_vout_gathers says when to use them). ---- */
+ * bytes past the last token's, which the q4 group layout guarantees when head_dim >= 16 (its
+ * format's contract; qk_vout_gathers says when to use them). ---- */
 #if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
 #if defined(RV_ISA_AVX512)
 typedef __m512i qk_vi;
@@ -79,7 +78,7 @@ typedef __m256i qk_vi;
 #define qk_vi_gather(base, idx) _mm256_i32gather_epi32((const int *)(base), (idx), 1)
 #endif
 #define QK_VOUT_GATHERS 1
-RV_INLINE void qk_vout_block(const rv_coldq_vout *v, int t0, rv_vf scale, rv_vf zero, float *xo)
+RV_INLINE void qk_vout_block(const rv_qhead_vout *v, int t0, rv_vf scale, rv_vf zero, float *xo)
 {
     const qk_vi t = qk_vi_add(qk_vi_set1(t0), qk_vi_lanes()), nib = qk_vi_set1(15);
     qk_vi lo = qk_vi_gather(v->lo, qk_vi_mullo(t, qk_vi_set1((int)v->lo_stride)));
@@ -443,14 +442,14 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
     /* outlier value channels: qk_values decodes their slots (the low nibbles) with the token's
      * group parameters like any channel; put back what the rows held before it and add their
      * own 8-bit values, decoded once per token into `xo` for every row */
-    float held[QK_NR][RV_COLDQ_MAX_OUTLIERS];
+    float held[QK_NR][RV_MAX_OUTLIERS];
     for (int o = 0; o < h->nv; o++)
         for (int r = 0; r < NR; r++)
             held[r][o] = acc[r * d + h->vidx[o]];
     qk_values(NR, h, a, n_eff, s + a, s_stride, acc);
-    float *xo = qs + (size_t)QK_NR * (d + RV_COLDQ_MAX_OUTLIERS);     /* [n_eff] */
+    float *xo = qs + (size_t)QK_NR * (d + RV_MAX_OUTLIERS);     /* [n_eff] */
     for (int o = 0; o < h->nv; o++) {
-        const rv_coldq_vout cur = rv_coldq_vout_at(h, o);
+        const rv_qhead_vout cur = rv_qhead_vout_at(h, o);
         const float scale = h->voscale[o], zero = h->vozero[o];
         int t = 0;
 #if QK_VOUT_GATHERS
@@ -459,7 +458,7 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
                 qk_vout_block(&cur, a + t, rv_vf_set1(scale), rv_vf_set1(zero), xo + t);
 #endif
         for (; t < n_eff; t++)
-            xo[t] = scale * (float)rv_coldq_vout_code(&cur, a + t) + zero;
+            xo[t] = scale * (float)rv_qhead_vout_code(&cur, a + t) + zero;
         for (int r = 0; r < NR; r++)
             acc[r * d + h->vidx[o]] = held[r][o] + dot_f32(s + r * s_stride + a, xo, (size_t)n_eff);
     }
@@ -482,7 +481,7 @@ static void attend_qgroup(rv_attn_state *st, const struct rv_qhead *h, int a, in
     }
 }
 
-/* ---- TurboQuant: codes as bit-planes over a group's tokens (see kvcache/rv_turbo.h) ----
+/* ---- TurboQuant: codes as bit-planes over a group's tokens (struct rv_thead, kernels/rv_qview.h) ----
  * tq_centroids: the codebook entries of RV_VW tokens t0.. (t0 a multiple of RV_VW) for one
  * rotated coordinate whose `bits` planes sit pb bytes apart; tq_signbits: 1.0 where a plane's
  * bit is set, 0.0 elsewhere. */
@@ -561,7 +560,7 @@ RV_INLINE const uint8_t *tq_coord(const uint8_t *planes, int i, int D, int hi, i
 RV_INLINE void tq_outlier_scores(const int NR, const rv_attn_state *st, int r0, const struct rv_thead *h,
                                  float *s, int s_stride, int tb0, int tb1)
 {
-    float qo[RV_TATTN_ROWS][RV_TURBO_MAX_OUTLIERS], qz[RV_TATTN_ROWS];
+    float qo[RV_TATTN_ROWS][RV_MAX_OUTLIERS], qz[RV_TATTN_ROWS];
     for (int r = 0; r < NR; r++) {
         const float *qp = st->q + (r0 + r) * st->q_stride + h->D;
         qz[r] = 0.0f;

@@ -76,8 +76,8 @@ typedef struct rv_attn_rows {
     float *l_out;             /* optional [rows]: final sum of exp(score - max), or NULL */
 } rv_attn_rows;
 
-struct rv_qhead;   /* a quantized KV group's head: csrc/kvcache/rv_coldq.h */
-struct rv_thead;   /* a TurboQuant KV group's head: csrc/kvcache/rv_turbo.h */
+struct rv_qhead;   /* a quantized KV group's head (kernels/rv_qview.h) */
+struct rv_thead;   /* a TurboQuant KV group's head (kernels/rv_qview.h) */
 
 /* The start state of an online softmax: m = -inf, l = 0, acc = 0 (every driver begins here). */
 static inline void rv_attn_state_clear(float *m, float *l, float *acc, int rows, int head_dim)
@@ -171,7 +171,7 @@ typedef struct rv_ops {
      * see struct rv_qhead) into st, reading the codes in place: scores from the channel-major
      * key codes (the queries scaled per channel once), values dequantized in registers. Row r
      * sees tokens [a, a + visible[r]) (NULL: all). State semantics as attend_chunk_*.
-     * Scratch: RV_QATTN_SCRATCH_FLOATS(G, head_dim) floats (rv_coldq.h). */
+     * Scratch: RV_QATTN_SCRATCH_FLOATS(G, head_dim) floats (rv_qview.h). */
     void (*attend_qgroup)(rv_attn_state *st, const struct rv_qhead *h, int a, int n,
                           const int *visible, float *scratch);
     /* attend_tgroup: the same for a TurboQuant group (struct rv_thead): st's query rows are the

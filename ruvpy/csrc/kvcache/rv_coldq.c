@@ -6,7 +6,27 @@
 
 #include "rv_common.h"
 #include "rv_fp16.h"
+#include "rv_limits.h"
 #include "kvcache/rv_coldq.h"
+
+/* the state of a q8 / q4 codec: one cache shape */
+typedef struct {
+    int num_kv_heads, head_dim;
+    int group_tokens;       /* G */
+    int group_size;         /* value channel group */
+    int bits;               /* 8 or 4 */
+    int max_outliers;       /* per head, group and K / V (0 for 8 bits) */
+} rv_coldq_cfg;
+
+/* Pointers into one head's segment. */
+typedef struct {
+    const uint16_t *kscale, *kzero, *vscale, *vzero;
+    const uint8_t *kcodes, *vcodes;
+    int nk, nv;
+    const uint8_t *kidx, *vidx;
+    const uint16_t *voscale, *vozero;
+    const uint8_t *vhi;
+} rv_coldq_head;
 
 typedef struct {
     size_t kscale, kzero, vscale, vzero, vcodes, counts, idx, voscale, vozero, vhi, kcodes, total;
@@ -38,7 +58,7 @@ static void layout(const rv_coldq_cfg *cfg, int nk, int nv, seg_layout *L)
     L->total = (o + 1) & ~(size_t)1;
 }
 
-size_t rv_coldq_segment_bytes(const rv_coldq_cfg *cfg, int nk, int nv)
+static size_t rv_coldq_segment_bytes(const rv_coldq_cfg *cfg, int nk, int nv)
 {
     seg_layout L;
     layout(cfg, nk, nv, &L);
@@ -47,7 +67,7 @@ size_t rv_coldq_segment_bytes(const rv_coldq_cfg *cfg, int nk, int nv)
 
 static size_t header_bytes(const rv_coldq_cfg *cfg) { return 4 * (size_t)cfg->num_kv_heads; }
 
-size_t rv_coldq_blob_bytes(const rv_coldq_cfg *cfg, const int *nk, const int *nv)
+static size_t rv_coldq_blob_bytes(const rv_coldq_cfg *cfg, const int *nk, const int *nv)
 {
     size_t n = header_bytes(cfg);
     for (int h = 0; h < cfg->num_kv_heads; h++)
@@ -55,7 +75,7 @@ size_t rv_coldq_blob_bytes(const rv_coldq_cfg *cfg, const int *nk, const int *nv
     return n;
 }
 
-size_t rv_coldq_scratch_floats(const rv_coldq_cfg *cfg)
+static size_t rv_coldq_scratch_floats(const rv_coldq_cfg *cfg)
 {
     return 2 * (size_t)cfg->head_dim;     /* channel ranges and their sorted copy */
 }
@@ -117,14 +137,14 @@ static int pick_outliers(const rv_coldq_cfg *cfg, const float *x, uint8_t *idx, 
     return rv_coldq_pick_channels(r, d, RV_COLDQ_OUTLIER_RATIO, cfg->max_outliers, idx, scratch + d);
 }
 
-void rv_coldq_select(const rv_coldq_cfg *cfg, const float *kf, const float *vf, int *nk, uint8_t *kidx,
+static void rv_coldq_select(const rv_coldq_cfg *cfg, const float *kf, const float *vf, int *nk, uint8_t *kidx,
                      int *nv, uint8_t *vidx, float *scratch)
 {
     *nk = pick_outliers(cfg, kf, kidx, scratch);
     *nv = pick_outliers(cfg, vf, vidx, scratch);
 }
 
-void rv_coldq_write_header(const rv_coldq_cfg *cfg, unsigned char *blob, const int *nk, const int *nv)
+static void rv_coldq_write_header(const rv_coldq_cfg *cfg, unsigned char *blob, const int *nk, const int *nv)
 {
     uint32_t off = (uint32_t)header_bytes(cfg);
     for (int h = 0; h < cfg->num_kv_heads; h++) {
@@ -183,7 +203,7 @@ RV_INLINE void put_code(uint8_t *row, int c, int code, int bits, int half)
         row[c - half] = (uint8_t)((row[c - half] & 0x0F) | (code << 4));
 }
 
-void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head, const float *kf,
+static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head, const float *kf,
                           const float *vf, int nk, const uint8_t *kidx, int nv, const uint8_t *vidx)
 {
     const int d = cfg->head_dim, G = cfg->group_tokens, bits = cfg->bits, gs = cfg->group_size;
@@ -200,7 +220,7 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
     uint16_t *voscale = (uint16_t *)(seg + S.voscale), *vozero = (uint16_t *)(seg + S.vozero);
     uint8_t *vhi = seg + S.vhi;
     const int hb = (nv + 1) / 2;
-    signed char kout[256], vout[256];     /* channel -> outlier slot, or -1 (d <= 256) */
+    signed char kout[RV_MAX_HEAD_DIM], vout[RV_MAX_HEAD_DIM];     /* channel -> outlier slot, or -1 */
     memset(kout, -1, sizeof kout);
     memset(vout, -1, sizeof vout);
     for (int o = 0; o < nk; o++)
@@ -265,7 +285,7 @@ void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, int head
     }
 }
 
-void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int head, rv_coldq_head *h)
+static void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int head, rv_coldq_head *h)
 {
     const unsigned char *seg = blob + head_offset(blob, head);
     seg_layout S;
@@ -287,7 +307,7 @@ void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blob, int 
     h->vhi = seg + S.vhi;
 }
 
-size_t rv_coldq_head_bytes(const rv_coldq_cfg *cfg, const unsigned char *blob, int head,
+static size_t rv_coldq_head_bytes(const rv_coldq_cfg *cfg, const unsigned char *blob, int head,
                            const unsigned char **start)
 {
     seg_layout S;
@@ -297,18 +317,18 @@ size_t rv_coldq_head_bytes(const rv_coldq_cfg *cfg, const unsigned char *blob, i
     return rv_coldq_segment_bytes(cfg, seg[S.counts], seg[S.counts + 1]);
 }
 
-size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg)
+static size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg)
 {
-    return 2 * (size_t)cfg->head_dim + 2 * (size_t)cfg->group_tokens * value_groups(cfg) + 2 * RV_COLDQ_MAX_OUTLIERS;
+    return 2 * (size_t)cfg->head_dim + 2 * (size_t)cfg->group_tokens * value_groups(cfg) + 2 * RV_MAX_OUTLIERS;
 }
 
-void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *params, struct rv_qhead *q,
+static void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *params, struct rv_qhead *q,
                     const rv_ops *ops)
 {
     const int d = cfg->head_dim;
     const size_t nparam = (size_t)cfg->group_tokens * value_groups(cfg);
     float *kscale = params, *kzero = kscale + d, *vscale = kzero + d, *vzero = vscale + nparam;
-    float *vos = vzero + nparam, *voz = vos + RV_COLDQ_MAX_OUTLIERS;
+    float *vos = vzero + nparam, *voz = vos + RV_MAX_OUTLIERS;
     ops->f16_to_f32(v->kscale, kscale, (size_t)d);
     ops->f16_to_f32(v->kzero, kzero, (size_t)d);
     ops->f16_to_f32(v->vscale, vscale, nparam);
@@ -324,12 +344,12 @@ void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *para
                            .vozero = voz, .vhi = v->vhi};
 }
 
-size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg)
+static size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg)
 {
     return rv_coldq_param_floats(cfg) + ((size_t)cfg->group_tokens * cfg->head_dim + 3) / 4;
 }
 
-void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf, float *vf, float *params,
+static void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf, float *vf, float *params,
                       const rv_ops *ops)
 {
     const int d = cfg->head_dim, G = cfg->group_tokens;
@@ -347,10 +367,10 @@ void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *kf
     ops->dequant_rows_group(q.vcodes, q.vrow, G, d, cfg->bits, cfg->group_size, v->vscale, v->vzero,
                             value_groups(cfg), vf);
     for (int o = 0; o < q.nv; o++) {
-        const rv_coldq_vout cur = rv_coldq_vout_at(&q, o);
+        const rv_qhead_vout cur = rv_qhead_vout_at(&q, o);
         const int c = q.vidx[o];
         for (int t = 0; t < G; t++)
-            vf[(size_t)t * d + c] = q.voscale[o] * (float)rv_coldq_vout_code(&cur, t) + q.vozero[o];
+            vf[(size_t)t * d + c] = q.voscale[o] * (float)rv_qhead_vout_code(&cur, t) + q.vozero[o];
     }
 }
 
@@ -362,7 +382,7 @@ int rv_coldq_valid_channels(const uint8_t *idx, int n, int d)
     return 1;
 }
 
-int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t bytes)
+static int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t bytes)
 {
     size_t expect = header_bytes(cfg);
     if (bytes < expect)
@@ -384,3 +404,159 @@ int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t
     }
     return expect == bytes ? 0 : -1;
 }
+
+/* ---- the codec entries (kvcache/rv_codec.h) ---- */
+
+/* the format's configuration for cfg, or RV_EINVAL */
+static int coldq_configure(const rv_codec_cfg *in, int bits, rv_coldq_cfg *cfg)
+{
+    if (in->num_kv_heads <= 0 || in->head_dim <= 0 || in->head_dim > RV_MAX_HEAD_DIM || in->group_tokens <= 0 ||
+        in->group_tokens > RV_MAX_GROUP_TOKENS || in->group_size <= 0 ||
+        (int64_t)in->num_kv_heads * in->head_dim * in->group_tokens > RV_MAX_GROUP_VALUES)
+        return RV_EINVAL;
+    cfg->num_kv_heads = in->num_kv_heads;
+    cfg->head_dim = in->head_dim;
+    cfg->group_tokens = in->group_tokens;
+    cfg->group_size = in->group_size < in->head_dim ? in->group_size : in->head_dim;
+    cfg->bits = bits;
+    /* dense-and-sparse keys and values (4 bits): up to max(1, head_dim / 16) outlier channels */
+    cfg->max_outliers = bits == 8 ? 0 : RV_OUTLIERS_FOR(in->head_dim);
+    return RV_OK;
+}
+
+static size_t coldq_encode_floats(const rv_coldq_cfg *cfg);
+
+static int coldq_sizes(const rv_codec_cfg *in, int bits, rv_codec_sizes *out)
+{
+    rv_coldq_cfg cfg;
+    int rc = coldq_configure(in, bits, &cfg);
+    if (rc != RV_OK)
+        return rc;
+    out->state_bytes = sizeof(rv_coldq_cfg);
+    out->blob_min = rv_coldq_blob_bytes(&cfg, NULL, NULL);
+    out->blob_max = header_bytes(&cfg) +
+                    (size_t)cfg.num_kv_heads * rv_coldq_segment_bytes(&cfg, cfg.max_outliers, cfg.max_outliers);
+    out->encode_floats = coldq_encode_floats(&cfg);
+    out->decode_floats = rv_coldq_dequant_floats(&cfg);
+    return RV_OK;
+}
+
+static int coldq_create(const rv_codec_cfg *in, int bits, void **state)
+{
+    rv_coldq_cfg cfg;
+    *state = NULL;
+    int rc = coldq_configure(in, bits, &cfg);
+    if (rc != RV_OK)
+        return rc;
+    rv_coldq_cfg *copy = (rv_coldq_cfg *)malloc(sizeof(rv_coldq_cfg));
+    if (!copy)
+        return RV_ENOMEM;
+    *copy = cfg;
+    *state = copy;
+    return RV_OK;
+}
+
+static int q8_sizes(const rv_codec_cfg *cfg, rv_codec_sizes *out) { return coldq_sizes(cfg, 8, out); }
+static int q4_sizes(const rv_codec_cfg *cfg, rv_codec_sizes *out) { return coldq_sizes(cfg, 4, out); }
+static int q8_create(const rv_codec_cfg *cfg, void **state) { return coldq_create(cfg, 8, state); }
+static int q4_create(const rv_codec_cfg *cfg, void **state) { return coldq_create(cfg, 4, state); }
+static void coldq_destroy(void *state) { free(state); }
+
+static size_t coldq_encode_floats(const rv_coldq_cfg *cfg)
+{
+    return rv_codec_encoding_floats((size_t)cfg->group_tokens * cfg->head_dim, rv_coldq_scratch_floats(cfg),
+                                    cfg->num_kv_heads);
+}
+
+/* the encoding scratch's parts (rv_codec.h); head h's keys and values as floats when k is given */
+static rv_codec_encoding coldq_encoding_at(const rv_coldq_cfg *cfg, float *scratch, const uint16_t *k,
+                                           const uint16_t *v, int h, const rv_ops *ops)
+{
+    return rv_codec_encoding_at(scratch, (size_t)cfg->group_tokens * cfg->head_dim, rv_coldq_scratch_floats(cfg),
+                                cfg->num_kv_heads, k, v, h, ops);
+}
+
+static size_t coldq_encoded_bytes(const void *state, const uint16_t *k, const uint16_t *v, float *scratch,
+                                  const rv_ops *ops)
+{
+    const rv_coldq_cfg *cfg = (const rv_coldq_cfg *)state;
+    rv_codec_encoding e = coldq_encoding_at(cfg, scratch, NULL, NULL, 0, ops);
+    for (int h = 0; h < cfg->num_kv_heads; h++) {
+        e.nk[h] = e.nv[h] = 0;
+        if (cfg->max_outliers > 0) {
+            e = coldq_encoding_at(cfg, scratch, k, v, h, ops);
+            rv_coldq_select(cfg, e.kf, e.vf, &e.nk[h], e.kidx + (size_t)h * RV_MAX_OUTLIERS, &e.nv[h],
+                            e.vidx + (size_t)h * RV_MAX_OUTLIERS, e.work);
+        }
+    }
+    return rv_coldq_blob_bytes(cfg, e.nk, e.nv);
+}
+
+static void coldq_encode(const void *state, const uint16_t *k, const uint16_t *v, unsigned char *blob, float *scratch,
+                         const rv_ops *ops)
+{
+    const rv_coldq_cfg *cfg = (const rv_coldq_cfg *)state;
+    rv_codec_encoding e = coldq_encoding_at(cfg, scratch, NULL, NULL, 0, ops);
+    rv_coldq_write_header(cfg, blob, e.nk, e.nv);
+    for (int h = 0; h < cfg->num_kv_heads; h++) {
+        e = coldq_encoding_at(cfg, scratch, k, v, h, ops);
+        rv_coldq_encode_head(cfg, blob, h, e.kf, e.vf, e.nk[h], e.kidx + (size_t)h * RV_MAX_OUTLIERS, e.nv[h],
+                             e.vidx + (size_t)h * RV_MAX_OUTLIERS);
+    }
+}
+
+static int coldq_validate(const void *state, const unsigned char *blob, size_t bytes)
+{
+    return rv_coldq_validate((const rv_coldq_cfg *)state, blob, bytes);
+}
+
+static void coldq_decode_head(const void *state, const unsigned char *blob, int head, float *k, float *v,
+                              float *scratch, const rv_ops *ops)
+{
+    const rv_coldq_cfg *cfg = (const rv_coldq_cfg *)state;
+    rv_coldq_head view;
+    rv_coldq_head_view(cfg, blob, head, &view);
+    rv_coldq_dequant(cfg, &view, k, v, scratch, ops);
+}
+
+/* attention scratch: a head's parameters as floats, then the fused kernel's scratch */
+static size_t coldq_attend_floats(const void *state, int rows, int nh)
+{
+    (void)rows;
+    (void)nh;
+    const rv_coldq_cfg *cfg = (const rv_coldq_cfg *)state;
+    return rv_pad16(rv_coldq_param_floats(cfg)) + rv_pad16(RV_QATTN_SCRATCH_FLOATS(cfg->group_tokens, cfg->head_dim));
+}
+
+static void coldq_attend_nothing(const void *state, rv_attn_state *states, int nh, float *scratch, const rv_ops *ops)
+{
+    (void)state, (void)states, (void)nh, (void)scratch, (void)ops;
+}
+
+static void coldq_attend_group(const void *state, const unsigned char *blob, int head, int j, int nh, int a, int n,
+                               const int *visible, rv_attn_state *states, const unsigned char *next_blob,
+                               int next_head, float *scratch, const rv_ops *ops)
+{
+    (void)nh;
+    const rv_coldq_cfg *cfg = (const rv_coldq_cfg *)state;
+    float *params = scratch, *qscratch = params + rv_pad16(rv_coldq_param_floats(cfg));
+    rv_coldq_head view;
+    struct rv_qhead qh;
+    rv_coldq_head_view(cfg, blob, head, &view);
+    rv_coldq_qhead(cfg, &view, params, &qh, ops);
+    if (next_blob)
+        qh.prefetch_bytes = rv_coldq_head_bytes(cfg, next_blob, next_head, &qh.prefetch);
+    ops->attend_qgroup(&states[j], &qh, a, n, visible, qscratch);
+}
+
+#define COLDQ_CODEC(NAME, SIZES, CREATE)                                                          \
+    {                                                                                             \
+        .name = NAME, .sizes = SIZES, .create = CREATE, .destroy = coldq_destroy,                 \
+        .encoded_bytes = coldq_encoded_bytes, .encode = coldq_encode, .validate = coldq_validate, \
+        .decode_head = coldq_decode_head, .attend_scratch_floats = coldq_attend_floats,           \
+        .attend_begin = coldq_attend_nothing, .attend_group = coldq_attend_group,                 \
+        .attend_end = coldq_attend_nothing,                                                       \
+    }
+
+const rv_codec rv_codec_q8 = COLDQ_CODEC("q8", q8_sizes, q8_create);
+const rv_codec rv_codec_q4 = COLDQ_CODEC("q4", q4_sizes, q4_create);

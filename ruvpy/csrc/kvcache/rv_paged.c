@@ -2,8 +2,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention/rv_attention.h"
 #include "kvcache/rv_paged.h"
-#include "kvcache/rv_kvattn.h"
 #include "kvcache/rv_kvmem.h"
 
 /* metadata allocations count in meta_bytes */
@@ -53,11 +53,13 @@ int rv_paged_create(rv_paged **out, int num_layers, int num_kv_heads, int head_d
     c->pool = (unsigned char *)rv_kv_alloc_large(pool, &c->pool_bytes);
     c->refcount = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)num_blocks);
     c->free_stack = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)num_blocks);
-    if (!c->pool || !c->refcount || !c->free_stack) {
+    c->tally = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)num_blocks);
+    if (!c->pool || !c->refcount || !c->free_stack || !c->tally) {
         rv_paged_destroy(c);
         return RV_ENOMEM;
     }
     memset(c->refcount, 0, sizeof(int32_t) * (size_t)num_blocks);
+    memset(c->tally, 0, sizeof(int64_t) * (size_t)num_blocks);
     /* the top of the stack is block 0, so blocks are taken in address order */
     for (int32_t i = 0; i < c->num_blocks; i++)
         c->free_stack[i] = c->num_blocks - 1 - i;
@@ -73,7 +75,7 @@ static void seq_clear(rv_paged *c, rv_paged_seq *s)
 {
     meta_free(c, s->blocks, sizeof(int32_t) * (size_t)s->cap);
     meta_free(c, s->ntok, sizeof(int64_t) * (size_t)c->num_layers);
-    meta_free(c, s->snap_blocks, sizeof(int32_t) * (size_t)(s->snap_nblocks ? s->snap_nblocks : 1));
+    meta_free(c, s->snap_blocks, sizeof(int32_t) * (size_t)s->cap);
     meta_free(c, s->snap_ntok, sizeof(int64_t) * (size_t)c->num_layers);
     memset(s, 0, sizeof *s);
 }
@@ -88,6 +90,7 @@ void rv_paged_destroy(rv_paged *c)
     rv_kv_free(c->pool);
     rv_kv_free(c->refcount);
     rv_kv_free(c->free_stack);
+    rv_kv_free(c->tally);
     free(c);
 }
 
@@ -115,7 +118,8 @@ static void blocks_drop_all(rv_paged *c, const int32_t *blocks, int64_t n)
 
 /* ---- sequences ---- */
 
-/* make room for `need` table entries */
+/* make room for `need` table entries, in the table and in its transaction snapshot (which
+ * grows with it, so that a transaction's begin allocates nothing) */
 static int table_reserve(rv_paged *c, rv_paged_seq *s, int64_t need)
 {
     if (need <= s->cap)
@@ -124,12 +128,20 @@ static int table_reserve(rv_paged *c, rv_paged_seq *s, int64_t need)
     while (cap < need)
         cap *= 2;
     int32_t *t = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)cap);
-    if (!t)
+    int32_t *snap = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)cap);
+    if (!t || !snap) {
+        meta_free(c, t, sizeof(int32_t) * (size_t)cap);
+        meta_free(c, snap, sizeof(int32_t) * (size_t)cap);
         return RV_ENOMEM;
+    }
     if (s->nblocks)
         memcpy(t, s->blocks, sizeof(int32_t) * (size_t)s->nblocks);
+    if (s->snap_nblocks)
+        memcpy(snap, s->snap_blocks, sizeof(int32_t) * (size_t)s->snap_nblocks);
     meta_free(c, s->blocks, sizeof(int32_t) * (size_t)s->cap);
+    meta_free(c, s->snap_blocks, sizeof(int32_t) * (size_t)s->cap);
     s->blocks = t;
+    s->snap_blocks = snap;
     s->cap = cap;
     return RV_OK;
 }
@@ -142,7 +154,8 @@ int rv_paged_add(rv_paged *c, int *slot)
         return rc;
     rv_paged_seq *s = &c->seqs[i];
     s->ntok = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)c->num_layers);
-    if (!s->ntok || table_reserve(c, s, 4)) {
+    s->snap_ntok = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)c->num_layers);
+    if (!s->ntok || !s->snap_ntok || table_reserve(c, s, 4)) {
         seq_clear(c, s);
         return RV_ENOMEM;
     }
@@ -200,56 +213,41 @@ static int64_t blocks_for(const rv_paged *c, int64_t tokens)
     return (tokens + c->block_size - 1) / c->block_size;
 }
 
-static int cmp_i32(const void *a, const void *b)
-{
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
-
 int64_t rv_paged_blocks_needed(const rv_paged *c, int nseq, const int *slots, const int64_t *n, int layer)
 {
     int64_t need = 0, ncand = 0;
-    /* new blocks past each table's end, and how many shared blocks the writes land in */
-    for (int i = 0; i < nseq; i++) {
-        const rv_paged_seq *s = &c->seqs[slots[i]];
-        if (n[i] <= 0)
-            continue;
-        int64_t longest = 0;
-        for (int l = layer < 0 ? 0 : layer; l < (layer < 0 ? c->num_layers : layer + 1); l++)
-            if (s->ntok[l] + n[i] > longest)
-                longest = s->ntok[l] + n[i];
-        int64_t more = blocks_for(c, longest) - s->nblocks;
-        need += more > 0 ? more : 0;
-        for (int64_t b = first_written_block(c, s, layer); b < s->nblocks; b++)
-            ncand += c->refcount[s->blocks[b]] > 1;
-    }
-    if (ncand == 0)
-        return need;
-    /* Copy-on-write: the k writers of a block shared by r sequences copy it k times, except
-     * that when all r write, the last one finds it unshared (k - 1 copies). */
-    int32_t stack[64];
-    int32_t *cand = ncand <= 64 ? stack : (int32_t *)malloc(sizeof(int32_t) * (size_t)ncand);
-    if (!cand)
-        return INT64_MAX;   /* cannot count: report "does not fit" */
-    int64_t k = 0;
-    for (int i = 0; i < nseq; i++) {
-        const rv_paged_seq *s = &c->seqs[slots[i]];
-        if (n[i] <= 0)
-            continue;
-        for (int64_t b = first_written_block(c, s, layer); b < s->nblocks; b++)
-            if (c->refcount[s->blocks[b]] > 1)
-                cand[k++] = s->blocks[b];
-    }
-    qsort(cand, (size_t)k, sizeof(int32_t), cmp_i32);
-    for (int64_t a = 0; a < k;) {
-        int64_t e = a;
-        while (e < k && cand[e] == cand[a])
-            e++;
-        need += (e - a) - ((e - a) >= c->refcount[cand[a]] ? 1 : 0);
-        a = e;
-    }
-    if (cand != stack)
-        free(cand);
+    /* new blocks past each table's end, and the shared blocks the writes land in (tallied) */
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < nseq; i++) {
+            const rv_paged_seq *s = &c->seqs[slots[i]];
+            if (n[i] <= 0)
+                continue;
+            if (pass == 0) {
+                int64_t longest = 0;
+                for (int l = layer < 0 ? 0 : layer; l < (layer < 0 ? c->num_layers : layer + 1); l++)
+                    if (s->ntok[l] + n[i] > longest)
+                        longest = s->ntok[l] + n[i];
+                int64_t more = blocks_for(c, longest) - s->nblocks;
+                need += more > 0 ? more : 0;
+            }
+            for (int64_t b = first_written_block(c, s, layer); b < s->nblocks; b++) {
+                const int32_t id = s->blocks[b];
+                if (c->refcount[id] <= 1)
+                    continue;
+                if (pass == 0) {
+                    c->tally[id]++;
+                    ncand++;
+                } else if (c->tally[id] > 0) {
+                    /* Copy-on-write: the k writers of a block shared by r sequences copy it k
+                     * times, except that when all r write, the last one finds it unshared */
+                    const int64_t k = c->tally[id];
+                    need += k - (k >= c->refcount[id] ? 1 : 0);
+                    c->tally[id] = 0;
+                }
+            }
+            if (pass == 1 && ncand == 0)
+                break;
+        }
     return need;
 }
 
@@ -333,16 +331,6 @@ int rv_paged_begin(rv_paged *c, int slot)
     rv_paged_seq *s = &c->seqs[slot];
     if (s->in_txn)
         return RV_EINVAL;
-    int64_t n = s->nblocks ? s->nblocks : 1;
-    s->snap_blocks = (int32_t *)meta_alloc(c, sizeof(int32_t) * (size_t)n);
-    s->snap_ntok = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)c->num_layers);
-    if (!s->snap_blocks || !s->snap_ntok) {
-        meta_free(c, s->snap_blocks, sizeof(int32_t) * (size_t)n);
-        meta_free(c, s->snap_ntok, sizeof(int64_t) * (size_t)c->num_layers);
-        s->snap_blocks = NULL;
-        s->snap_ntok = NULL;
-        return RV_ENOMEM;
-    }
     if (s->nblocks)
         memcpy(s->snap_blocks, s->blocks, sizeof(int32_t) * (size_t)s->nblocks);
     s->snap_nblocks = s->nblocks;
@@ -354,10 +342,6 @@ int rv_paged_begin(rv_paged *c, int slot)
 
 static void snapshot_free(rv_paged *c, rv_paged_seq *s)
 {
-    meta_free(c, s->snap_blocks, sizeof(int32_t) * (size_t)(s->snap_nblocks ? s->snap_nblocks : 1));
-    meta_free(c, s->snap_ntok, sizeof(int64_t) * (size_t)c->num_layers);
-    s->snap_blocks = NULL;
-    s->snap_ntok = NULL;
     s->snap_nblocks = 0;
     s->in_txn = 0;
     c->open_txns--;
@@ -413,12 +397,12 @@ static void paged_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t
                        rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
                        const rv_ops *ops)
 {
-    const rv_paged *c = (const rv_paged *)src->cache;
+    const rv_paged *c = (const rv_paged *)src->data;
     const rv_paged_seq *s = &c->seqs[seq];
     const int bs = c->block_size, d = c->head_dim, f16 = c->dtype == RV_KV_F16, rows = states[0].rows;
     const ptrdiff_t tok = (ptrdiff_t)c->row_elems;
     const size_t head_bytes = (size_t)d * c->elem;
-    if (rows <= RV_KV_STREAM_ROWS) {
+    if (rows <= RV_STREAM_MAX_ROWS) {
         /* decode: every head of a run of blocks at once, in memory order */
         for (int64_t t = t0; t < t1;) {
             int64_t n = run_tokens(c, s, t, t1);
@@ -453,13 +437,12 @@ static void paged_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t
     }
 }
 
-int rv_paged_attend(const rv_paged *c, int layer, int num_heads, const rv_kv_query *queries, int nq,
-                    float scale, int causal, const rv_ops *ops, int nthreads)
+void rv_paged_source(const rv_paged *c, int layer, int num_heads, rv_kv_source *src)
 {
-    rv_kv_source src = {.cache = c, .layer = layer, .num_heads = num_heads, .num_kv_heads = c->num_kv_heads,
-                         .head_dim = c->head_dim, .fold = paged_fold, .extra_floats = paged_extra_floats,
-                         .split_align = c->block_size};
-    return rv_kv_attend(&src, queries, nq, scale, causal, ops, nthreads);
+    /* the team size counts fp16 bytes whatever the dtype, as it always has for caches */
+    *src = (rv_kv_source){.data = c, .layer = layer, .num_heads = num_heads, .num_kv_heads = c->num_kv_heads,
+                          .head_dim = c->head_dim, .kv_elem_bytes = 2, .fold = paged_fold,
+                          .extra_floats = paged_extra_floats, .split_align = c->block_size};
 }
 
 void rv_paged_get_stats(const rv_paged *c, rv_paged_stats *st)
@@ -470,8 +453,9 @@ void rv_paged_get_stats(const rv_paged *c, rv_paged_stats *st)
     for (int32_t b = 0; b < c->num_blocks; b++)
         st->blocks_shared += c->refcount[b] > 1;
     st->slots_used = st->blocks_used * c->block_size * c->num_layers;
-    /* a shared block's tokens are stored once: take its fullest holder per block */
-    int64_t *fill = (int64_t *)calloc((size_t)c->num_blocks, sizeof(int64_t));
+    /* a shared block's tokens are stored once: take its fullest holder per block (in the
+     * tally, which is zero between calls) */
+    int64_t *fill = c->tally;
     for (int i = 0; i < c->nslots; i++) {
         const rv_paged_seq *s = &c->seqs[i];
         if (!s->live)
@@ -482,16 +466,41 @@ void rv_paged_get_stats(const rv_paged *c, rv_paged_stats *st)
                 int64_t in = s->ntok[l] - b * c->block_size;
                 f += in <= 0 ? 0 : (in >= c->block_size ? c->block_size : in);
             }
-            if (!fill) {
-                st->tokens_stored += f;
-            } else if (f > fill[s->blocks[b]]) {
+            if (f > fill[s->blocks[b]])
                 fill[s->blocks[b]] = f;
-            }
         }
     }
-    if (fill) {
-        for (int32_t b = 0; b < c->num_blocks; b++)
-            st->tokens_stored += fill[b];
-        free(fill);
+    for (int32_t b = 0; b < c->num_blocks; b++) {
+        st->tokens_stored += fill[b];
+        fill[b] = 0;
     }
+}
+
+int rv_paged_truncate(rv_paged *c, int slot, int64_t n)
+{
+    if (c->open_txns || n < 0)
+        return RV_EINVAL;
+    rv_paged_seq *s = &c->seqs[slot];
+    int64_t longest = 0;
+    for (int l = 0; l < c->num_layers; l++) {
+        if (s->ntok[l] > n)
+            s->ntok[l] = n;
+        longest = s->ntok[l] > longest ? s->ntok[l] : longest;
+    }
+    const int64_t keep = blocks_for(c, longest);
+    if (keep < s->nblocks) {
+        blocks_drop_all(c, s->blocks + keep, s->nblocks - keep);
+        s->nblocks = keep;
+    }
+    return RV_OK;
+}
+
+size_t rv_paged_create_bytes(int num_layers, int num_kv_heads, int head_dim, int block_size, int64_t num_blocks,
+                             int dtype)
+{
+    size_t pool, bb = rv_paged_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype);
+    if (!bb || num_blocks <= 0 || num_blocks > INT32_MAX || rv_kv_mul(bb, (size_t)num_blocks, &pool))
+        return 0;
+    return sizeof(rv_paged) + rv_kv_alloc_large_size(pool) + 2 * rv_kv_alloc_size(sizeof(int32_t) * (size_t)num_blocks) +
+           rv_kv_alloc_size(sizeof(int64_t) * (size_t)num_blocks);
 }

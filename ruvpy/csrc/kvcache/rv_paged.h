@@ -30,7 +30,8 @@ typedef struct {
     int32_t *blocks;          /* block ids in token order */
     int64_t nblocks, cap;
     int64_t *ntok;            /* [num_layers] tokens per layer */
-    /* transaction snapshot (in_txn): the table and counts at begin */
+    /* transaction snapshot (in_txn): the table and counts at begin (buffers of the table's
+     * capacity, kept between transactions: a step allocates nothing) */
     int in_txn;
     int32_t *snap_blocks;
     int64_t snap_nblocks;
@@ -46,6 +47,7 @@ typedef struct {
     unsigned char *pool;      /* num_blocks * block_bytes (rounded up to RV_ALIGN) */
     int32_t *refcount;        /* [num_blocks] */
     int32_t *free_stack;      /* [num_blocks]: free block ids, top at nfree - 1 */
+    int64_t *tally;           /* [num_blocks] zeros between calls: scratch of block counting */
     int32_t nfree;
     rv_paged_seq *seqs;       /* slots; dead ones are reused */
     int nslots, slot_cap;
@@ -88,10 +90,18 @@ int rv_paged_begin(rv_paged *c, int slot);
 void rv_paged_commit(rv_paged *c, int slot);
 void rv_paged_rollback(rv_paged *c, int slot);
 
-/* Attention of queries (their .seq are slots) over `layer`. */
-struct rv_kv_query;
-int rv_paged_attend(const rv_paged *c, int layer, int num_heads, const struct rv_kv_query *queries, int nq,
-                    float scale, int causal, const rv_ops *ops, int nthreads);
+/* Keep the first n tokens of slot in every layer: the blocks past them go back to the pool
+ * (a shared block the cut falls in stays shared: the next write copies it). Refused
+ * (RV_EINVAL) while a transaction is open. */
+int rv_paged_truncate(rv_paged *c, int slot, int64_t n);
+
+/* The attention source of `layer` (its fold streams runs of consecutive blocks). */
+struct rv_kv_source;
+void rv_paged_source(const rv_paged *c, int layer, int num_heads, struct rv_kv_source *src);
+
+/* Bytes rv_paged_create allocates for num_blocks blocks (pool and metadata), 0 if invalid. */
+size_t rv_paged_create_bytes(int num_layers, int num_kv_heads, int head_dim, int block_size, int64_t num_blocks,
+                             int dtype);
 
 typedef struct {
     int64_t blocks_used, blocks_shared, blocks_free;

@@ -5,9 +5,12 @@
 
 #include "rv_common.h"
 #include "rv_fp16.h"
+#include "rv_limits.h"
 #include "kvcache/rv_turbo.h"
 #include "kvcache/rv_kvmem.h"
 #include "kvcache/rv_coldq.h"   /* the channel helpers both formats share */
+
+typedef struct rv_turbo rv_turbo;
 
 #define BOOK_STRIDE 32     /* floats per codebook (2^5, room for the widest permute) */
 #define TQ_PI 3.14159265358979323846
@@ -22,6 +25,9 @@ struct rv_turbo {
     int max_outliers;                      /* per head, group and K / V */
     size_t bytes;
 };
+
+static size_t rv_turbo_head_floats(const rv_turbo *t);
+static void rv_turbo_destroy(rv_turbo *t);
 
 /* ---- fixed pseudo-random tables: the same for every cache of a shape, so exports load ---- */
 
@@ -73,23 +79,17 @@ static void fwht(float *x, int n)
             }
 }
 
-rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, double bits)
+/* t's scalar fields (its shape) for the configuration, or RV_EINVAL: arithmetic only */
+static int turbo_shape(rv_turbo *t, int num_kv_heads, int head_dim, int group_tokens, double bits)
 {
-    int mse_hi, mse_lo;
-    if (bits == 2.5) {
-        mse_hi = 3, mse_lo = 2;
-    } else if (bits == 3.5) {
-        mse_hi = 4, mse_lo = 3;
-    } else if (bits == 4.5) {
-        mse_hi = 5, mse_lo = 4;
-    } else {
-        return NULL;
-    }
-    if (num_kv_heads <= 0 || head_dim <= 0 || head_dim > 256 || group_tokens <= 0)
-        return NULL;
-    rv_turbo *t = (rv_turbo *)calloc(1, sizeof(rv_turbo));
-    if (!t)
-        return NULL;
+    static const double widths[RV_TURBO_BITS_COUNT] = RV_TURBO_BITS_LIST;
+    int known = 0;
+    for (int i = 0; i < RV_TURBO_BITS_COUNT; i++)
+        known |= bits == widths[i];
+    if (!known || num_kv_heads <= 0 || head_dim <= 0 || head_dim > RV_MAX_HEAD_DIM || group_tokens <= 0 ||
+        group_tokens > RV_MAX_GROUP_TOKENS || (int64_t)num_kv_heads * head_dim * group_tokens > RV_MAX_GROUP_VALUES)
+        return RV_EINVAL;
+    memset(t, 0, sizeof *t);
     t->kvh = num_kv_heads;
     t->d = head_dim;
     t->D = 1;
@@ -97,20 +97,34 @@ rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, doub
         t->D *= 2;
     t->G = group_tokens;
     t->Gp = (group_tokens + 15) / 16 * 16;
-    t->vbits_hi = mse_hi;
-    t->vbits_lo = mse_lo;
-    t->kbits_hi = mse_hi - 1;           /* keys give one bit to QJL */
-    t->kbits_lo = mse_lo - 1;
-    const int most = head_dim / 16;
-    t->max_outliers = most < 1 ? 1 : (most > RV_TURBO_MAX_OUTLIERS ? RV_TURBO_MAX_OUTLIERS : most);
+    /* b.5 bits: b + 1 for the first half of the rotated coordinates, b for the rest */
+    t->vbits_hi = (int)ceil(bits);
+    t->vbits_lo = (int)floor(bits);
+    t->kbits_hi = t->vbits_hi - 1;           /* keys give one bit to QJL */
+    t->kbits_lo = t->vbits_lo - 1;
+    t->max_outliers = RV_OUTLIERS_FOR(head_dim);
+    /* the tables: the struct, the signs [D] and the projections [D][D] */
+    t->bytes = sizeof(rv_turbo) + rv_kv_alloc_size(sizeof(float) * (size_t)t->D) +
+               rv_kv_alloc_size(sizeof(float) * (size_t)t->D * (size_t)t->D);
+    return RV_OK;
+}
+
+static rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, double bits)
+{
+    rv_turbo shape;
+    if (turbo_shape(&shape, num_kv_heads, head_dim, group_tokens, bits) != RV_OK)
+        return NULL;
+    rv_turbo *t = (rv_turbo *)malloc(sizeof(rv_turbo));
+    if (!t)
+        return NULL;
+    *t = shape;
     const int D = t->D;
-    t->signs = (float *)rv_kv_alloc_counted(sizeof(float) * (size_t)D, &t->bytes);
-    t->S = (float *)rv_kv_alloc_counted(sizeof(float) * (size_t)D * D, &t->bytes);
+    t->signs = (float *)rv_kv_alloc(sizeof(float) * (size_t)D);
+    t->S = (float *)rv_kv_alloc(sizeof(float) * (size_t)D * D);
     if (!t->signs || !t->S) {
         rv_turbo_destroy(t);
         return NULL;
     }
-    t->bytes += sizeof(rv_turbo);
     uint64_t seed = 0x7572767079ull ^ ((uint64_t)D << 32);   /* "ruvpy", per padded dim */
     for (int i = 0; i < D; i++)
         t->signs[i] = (splitmix(&seed) >> 63) ? 1.0f : -1.0f;
@@ -127,7 +141,7 @@ rv_turbo *rv_turbo_create(int num_kv_heads, int head_dim, int group_tokens, doub
     return t;
 }
 
-void rv_turbo_destroy(rv_turbo *t)
+static void rv_turbo_destroy(rv_turbo *t)
 {
     if (!t)
         return;
@@ -136,9 +150,9 @@ void rv_turbo_destroy(rv_turbo *t)
     free(t);
 }
 
-size_t rv_turbo_bytes(const rv_turbo *t) { return t->bytes; }
-int rv_turbo_padded_dim(const rv_turbo *t) { return t->D; }
-int rv_turbo_state_dim(const rv_turbo *t) { return t->D + t->d; }
+static size_t rv_turbo_bytes(const rv_turbo *t) { return t->bytes; }
+static int rv_turbo_padded_dim(const rv_turbo *t) { return t->D; }
+static int rv_turbo_state_dim(const rv_turbo *t) { return t->D + t->d; }
 
 /* ---- layout ---- */
 
@@ -185,9 +199,9 @@ static size_t segment_bytes(const rv_turbo *t, int nk, int nv)
 
 static size_t header_bytes(const rv_turbo *t) { return 4 * (size_t)t->kvh; }
 
-size_t rv_turbo_blob_bytes(const rv_turbo *t) { return header_bytes(t) + (size_t)t->kvh * segment_bytes(t, 0, 0); }
+static size_t rv_turbo_blob_bytes(const rv_turbo *t) { return header_bytes(t) + (size_t)t->kvh * segment_bytes(t, 0, 0); }
 
-const unsigned char *rv_turbo_segment(const rv_turbo *t, const unsigned char *blob, int head)
+static const unsigned char *rv_turbo_segment(const rv_turbo *t, const unsigned char *blob, int head)
 {
     (void)t;
     uint32_t off;
@@ -204,14 +218,14 @@ static void outlier_counts(const rv_turbo *t, const unsigned char *seg, int *nk,
     *nv = seg[L.counts + 1];
 }
 
-size_t rv_turbo_head_bytes(const rv_turbo *t, const unsigned char *blob, int head)
+static size_t rv_turbo_head_bytes(const rv_turbo *t, const unsigned char *blob, int head)
 {
     int nk, nv;
     outlier_counts(t, rv_turbo_segment(t, blob, head), &nk, &nv);
     return segment_bytes(t, nk, nv);
 }
 
-int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes)
+static int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes)
 {
     const size_t fixed = segment_bytes(t, 0, 0);
     size_t expect = header_bytes(t);
@@ -237,7 +251,7 @@ int rv_turbo_validate(const rv_turbo *t, const unsigned char *blob, size_t bytes
 
 /* ---- encoding ---- */
 
-size_t rv_turbo_scratch_floats(const rv_turbo *t)
+static size_t rv_turbo_scratch_floats(const rv_turbo *t)
 {
     return 4 * (size_t)t->D;    /* y, y_hat, the vector without its outliers (the selection: 2 d) */
 }
@@ -267,19 +281,6 @@ static void select_outliers(const rv_turbo *t, const float *k, const float *v, i
 {
     *nk = pick_heavy(t, k, kidx, scratch);
     *nv = pick_heavy(t, v, vidx, scratch);
-}
-
-size_t rv_turbo_encoded_bytes(const rv_turbo *t, const float *k, const float *v, float *scratch)
-{
-    size_t n = header_bytes(t);
-    const size_t rows = (size_t)t->G * t->d;
-    for (int h = 0; h < t->kvh; h++) {
-        int nk, nv;
-        uint8_t kidx[RV_TURBO_MAX_OUTLIERS], vidx[RV_TURBO_MAX_OUTLIERS];
-        select_outliers(t, k + h * rows, v + h * rows, &nk, kidx, &nv, vidx, scratch);
-        n += segment_bytes(t, nk, nv);
-    }
-    return n;
 }
 
 RV_INLINE void put_bit(uint8_t *plane, int tok, int bit)
@@ -342,50 +343,39 @@ static const float *without(const rv_turbo *t, const float *x, int n, const uint
     return out;
 }
 
-void rv_turbo_encode(const rv_turbo *t, const float *k, const float *v, unsigned char *blob,
-                     float *scratch, const rv_ops *ops)
+/* Head h's segment at seg (nk / nv outliers as chosen, their layout L): k, v [G][d] floats.
+ * work: 3 D floats (y, y_hat, the vector without its outliers). */
+static void encode_head(const rv_turbo *t, const float *kh, const float *vh, int nk, const uint8_t *kidx, int nv,
+                        const uint8_t *vidx, const tq_layout *L, unsigned char *seg, float *work, const rv_ops *ops)
 {
     const int D = t->D, d = t->d, G = t->G;
     const size_t pb = plane_bytes(t);
-    float *y = scratch, *yhat = y + D, *rest = yhat + D;
-    size_t off = header_bytes(t);
-    for (int h = 0; h < t->kvh; h++) {
-        int nk, nv;
-        uint8_t kidx[RV_TURBO_MAX_OUTLIERS], vidx[RV_TURBO_MAX_OUTLIERS];
-        const float *kh = k + (size_t)h * G * d, *vh = v + (size_t)h * G * d;
-        select_outliers(t, kh, vh, &nk, kidx, &nv, vidx, scratch);
-        tq_layout L;
-        layout(t, nk, nv, &L);
-        unsigned char *seg = blob + off;
-        uint32_t off32 = (uint32_t)off;
-        memcpy(blob + 4 * (size_t)h, &off32, 4);
-        off += L.total;
-        memset(seg, 0, L.total);
-        seg[L.counts] = (unsigned char)nk;
-        seg[L.counts + 1] = (unsigned char)nv;
-        memcpy(seg + L.idx, kidx, (size_t)nk);
-        memcpy(seg + L.idx + nk, vidx, (size_t)nv);
-        encode_outliers(t, kh, nk, kidx, (uint16_t *)(seg + L.kparams), seg + L.kcodes);
-        encode_outliers(t, vh, nv, vidx, (uint16_t *)(seg + L.vparams), seg + L.vcodes);
-        uint16_t *knorm = (uint16_t *)(seg + L.knorm), *kgamma = (uint16_t *)(seg + L.kgamma);
-        uint16_t *vnorm = (uint16_t *)(seg + L.vnorm);
-        for (int tok = 0; tok < G; tok++) {
-            const float *kx = kh + (size_t)tok * d, *vx = vh + (size_t)tok * d;
-            /* keys: (bits - 1)-bit codes, then one sign bit per projection of the residual */
-            knorm[tok] = rv_f32_to_f16(rotate_unit(t, without(t, kx, nk, kidx, rest), y));
-            quantize_coords(t, y, t->kbits_hi, t->kbits_lo, seg + L.kplanes, tok, yhat);
-            double g2 = 0.0;
-            for (int i = 0; i < D; i++) {
-                y[i] -= yhat[i];
-                g2 += (double)y[i] * y[i];
-            }
-            kgamma[tok] = rv_f32_to_f16((float)sqrt(g2));
-            for (int j = 0; j < D; j++)
-                put_bit(seg + L.qjl + (size_t)j * pb, tok, ops->dot_f32(t->S + (size_t)j * D, y, (size_t)D) >= 0.0f);
-            /* values: bits-bit codes */
-            vnorm[tok] = rv_f32_to_f16(rotate_unit(t, without(t, vx, nv, vidx, rest), y));
-            quantize_coords(t, y, t->vbits_hi, t->vbits_lo, seg + L.vplanes, tok, yhat);
+    float *y = work, *yhat = y + D, *rest = yhat + D;
+    memset(seg, 0, L->total);
+    seg[L->counts] = (unsigned char)nk;
+    seg[L->counts + 1] = (unsigned char)nv;
+    memcpy(seg + L->idx, kidx, (size_t)nk);
+    memcpy(seg + L->idx + nk, vidx, (size_t)nv);
+    encode_outliers(t, kh, nk, kidx, (uint16_t *)(seg + L->kparams), seg + L->kcodes);
+    encode_outliers(t, vh, nv, vidx, (uint16_t *)(seg + L->vparams), seg + L->vcodes);
+    uint16_t *knorm = (uint16_t *)(seg + L->knorm), *kgamma = (uint16_t *)(seg + L->kgamma);
+    uint16_t *vnorm = (uint16_t *)(seg + L->vnorm);
+    for (int tok = 0; tok < G; tok++) {
+        const float *kx = kh + (size_t)tok * d, *vx = vh + (size_t)tok * d;
+        /* keys: (bits - 1)-bit codes, then one sign bit per projection of the residual */
+        knorm[tok] = rv_f32_to_f16(rotate_unit(t, without(t, kx, nk, kidx, rest), y));
+        quantize_coords(t, y, t->kbits_hi, t->kbits_lo, seg + L->kplanes, tok, yhat);
+        double g2 = 0.0;
+        for (int i = 0; i < D; i++) {
+            y[i] -= yhat[i];
+            g2 += (double)y[i] * y[i];
         }
+        kgamma[tok] = rv_f32_to_f16((float)sqrt(g2));
+        for (int j = 0; j < D; j++)
+            put_bit(seg + L->qjl + (size_t)j * pb, tok, ops->dot_f32(t->S + (size_t)j * D, y, (size_t)D) >= 0.0f);
+        /* values: bits-bit codes */
+        vnorm[tok] = rv_f32_to_f16(rotate_unit(t, without(t, vx, nv, vidx, rest), y));
+        quantize_coords(t, y, t->vbits_hi, t->vbits_lo, seg + L->vplanes, tok, yhat);
     }
 }
 
@@ -414,7 +404,7 @@ static void centroids_of(const rv_turbo *t, const uint8_t *planes, int hi, int l
     }
 }
 
-void rv_turbo_decode(const rv_turbo *t, const unsigned char *blob, int head, float *k, float *v,
+static void rv_turbo_decode(const rv_turbo *t, const unsigned char *blob, int head, float *k, float *v,
                      float *scratch, const rv_ops *ops)
 {
     (void)ops;
@@ -460,7 +450,7 @@ void rv_turbo_decode(const rv_turbo *t, const unsigned char *blob, int head, flo
     }
 }
 
-size_t rv_turbo_attend_floats(const rv_turbo *t, int rows, int nh)
+static size_t rv_turbo_attend_floats(const rv_turbo *t, int rows, int nh)
 {
     const size_t r16 = rv_pad16((size_t)rows);
     const size_t rd = rv_pad16((size_t)rows * rv_turbo_state_dim(t));
@@ -470,7 +460,7 @@ size_t rv_turbo_attend_floats(const rv_turbo *t, int rows, int nh)
            (size_t)t->D + 64;
 }
 
-void rv_turbo_prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_stride, int rows,
+static void rv_turbo_prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_stride, int rows,
                               float *q_rot, float *qjl_q, float *qjl_sum, const rv_ops *ops)
 {
     const int D = t->D, W = rv_turbo_state_dim(t);
@@ -491,9 +481,9 @@ void rv_turbo_prepare_queries(const rv_turbo *t, const float *q, ptrdiff_t q_str
     }
 }
 
-size_t rv_turbo_head_floats(const rv_turbo *t) { return rv_pad16(3 * (size_t)t->Gp + 4 * RV_TURBO_MAX_OUTLIERS); }
+static size_t rv_turbo_head_floats(const rv_turbo *t) { return rv_pad16(3 * (size_t)t->Gp + 4 * RV_MAX_OUTLIERS); }
 
-void rv_turbo_head(const rv_turbo *t, const unsigned char *blob, int head, const float *qjl_q,
+static void rv_turbo_head(const rv_turbo *t, const unsigned char *blob, int head, const float *qjl_q,
                    const float *qjl_sum, float *norms, struct rv_thead *h, const rv_ops *ops)
 {
     const unsigned char *seg = rv_turbo_segment(t, blob, head);
@@ -517,7 +507,7 @@ void rv_turbo_head(const rv_turbo *t, const unsigned char *blob, int head, const
                            .kzero = params + nk, .vscale = params + 2 * nk, .vzero = params + 2 * nk + nv};
 }
 
-void rv_turbo_unrotate(const rv_turbo *t, float *acc, int rows, float *out, ptrdiff_t out_stride)
+static void rv_turbo_unrotate(const rv_turbo *t, float *acc, int rows, float *out, ptrdiff_t out_stride)
 {
     for (int r = 0; r < rows; r++) {
         float *y = acc + (size_t)r * rv_turbo_state_dim(t), *plain = y + t->D;
@@ -527,3 +517,168 @@ void rv_turbo_unrotate(const rv_turbo *t, float *acc, int rows, float *out, ptrd
             out[r * out_stride + i] = y[i] * inv * t->signs[i] + plain[i];
     }
 }
+
+/* ---- the codec entry (kvcache/rv_codec.h) ---- */
+
+static size_t turbo_encode_floats(const rv_turbo *t);
+
+static int turbo_sizes(const rv_codec_cfg *cfg, rv_codec_sizes *out)
+{
+    rv_turbo t;
+    int rc = turbo_shape(&t, cfg->num_kv_heads, cfg->head_dim, cfg->group_tokens, cfg->bits);
+    if (rc != RV_OK)
+        return rc;
+    out->state_bytes = t.bytes;
+    out->blob_min = rv_turbo_blob_bytes(&t);
+    out->blob_max = header_bytes(&t) + (size_t)t.kvh * segment_bytes(&t, t.max_outliers, t.max_outliers);
+    out->encode_floats = turbo_encode_floats(&t);
+    out->decode_floats = rv_turbo_scratch_floats(&t);
+    return RV_OK;
+}
+
+static int turbo_create(const rv_codec_cfg *cfg, void **state)
+{
+    rv_turbo shape;
+    *state = NULL;
+    int rc = turbo_shape(&shape, cfg->num_kv_heads, cfg->head_dim, cfg->group_tokens, cfg->bits);
+    if (rc != RV_OK)
+        return rc;
+    *state = rv_turbo_create(cfg->num_kv_heads, cfg->head_dim, cfg->group_tokens, cfg->bits);
+    return *state ? RV_OK : RV_ENOMEM;
+}
+
+static void turbo_destroy(void *state) { rv_turbo_destroy((rv_turbo *)state); }
+
+static size_t turbo_encode_floats(const rv_turbo *t)
+{
+    return rv_codec_encoding_floats((size_t)t->G * t->d, rv_turbo_scratch_floats(t), t->kvh);
+}
+
+/* the encoding scratch's parts (rv_codec.h); head h's keys and values as floats */
+static rv_codec_encoding turbo_encoding_at(const rv_turbo *t, float *scratch, const uint16_t *k, const uint16_t *v,
+                                           int h, const rv_ops *ops)
+{
+    return rv_codec_encoding_at(scratch, (size_t)t->G * t->d, rv_turbo_scratch_floats(t), t->kvh, k, v, h, ops);
+}
+
+static size_t turbo_encoded_bytes(const void *state, const uint16_t *k, const uint16_t *v, float *scratch,
+                                  const rv_ops *ops)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    size_t n = header_bytes(t);
+    for (int h = 0; h < t->kvh; h++) {
+        rv_codec_encoding e = turbo_encoding_at(t, scratch, k, v, h, ops);
+        select_outliers(t, e.kf, e.vf, &e.nk[h], e.kidx + (size_t)h * RV_MAX_OUTLIERS, &e.nv[h],
+                        e.vidx + (size_t)h * RV_MAX_OUTLIERS, e.work);
+        n += segment_bytes(t, e.nk[h], e.nv[h]);
+    }
+    return n;
+}
+
+static void turbo_encode(const void *state, const uint16_t *k, const uint16_t *v, unsigned char *blob, float *scratch,
+                         const rv_ops *ops)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    size_t off = header_bytes(t);
+    for (int h = 0; h < t->kvh; h++) {
+        rv_codec_encoding e = turbo_encoding_at(t, scratch, k, v, h, ops);
+        const int nk = e.nk[h], nv = e.nv[h];
+        tq_layout L;
+        layout(t, nk, nv, &L);
+        uint32_t off32 = (uint32_t)off;
+        memcpy(blob + 4 * (size_t)h, &off32, 4);
+        encode_head(t, e.kf, e.vf, nk, e.kidx + (size_t)h * RV_MAX_OUTLIERS, nv, e.vidx + (size_t)h * RV_MAX_OUTLIERS,
+                    &L, blob + off, e.work, ops);
+        off += L.total;
+    }
+}
+
+static int turbo_validate(const void *state, const unsigned char *blob, size_t bytes)
+{
+    return rv_turbo_validate((const rv_turbo *)state, blob, bytes);
+}
+
+static void turbo_decode_head(const void *state, const unsigned char *blob, int head, float *k, float *v,
+                              float *scratch, const rv_ops *ops)
+{
+    rv_turbo_decode((const rv_turbo *)state, blob, head, k, v, scratch, ops);
+}
+
+static size_t turbo_attend_floats(const void *state, int rows, int nh)
+{
+    return rv_turbo_attend_floats((const rv_turbo *)state, rows, nh);
+}
+
+/* Attention in the rotated domain. Per head j of a task, in scratch: [R q | q] (q_rot), S R q
+ * (qjl_q), the state's acc, the QJL sums, m and l; after the nh heads the group head's norms
+ * and outlier parameters, then the fused kernel's scratch. */
+typedef struct {
+    float *q_rot, *qjl_q, *acc, *qjl_sum, *m, *l;
+} tq_head_state;
+
+static tq_head_state turbo_head_state(const rv_turbo *t, float *scratch, int rows, int j)
+{
+    const size_t rd = rv_pad16((size_t)rows * rv_turbo_state_dim(t)), r16 = rv_pad16((size_t)rows);
+    tq_head_state s;
+    s.q_rot = scratch + (size_t)j * (3 * rd + 3 * r16);
+    s.qjl_q = s.q_rot + rd;
+    s.acc = s.qjl_q + rd;
+    s.qjl_sum = s.acc + rd;
+    s.m = s.qjl_sum + r16;
+    s.l = s.m + r16;
+    return s;
+}
+
+static float *turbo_norms(const rv_turbo *t, float *scratch, int rows, int nh)
+{
+    const size_t rd = rv_pad16((size_t)rows * rv_turbo_state_dim(t)), r16 = rv_pad16((size_t)rows);
+    return scratch + (size_t)nh * (3 * rd + 3 * r16);
+}
+
+static void turbo_attend_begin(const void *state, rv_attn_state *states, int nh, float *scratch, const rv_ops *ops)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    const int rows = states[0].rows;
+    for (int j = 0; j < nh; j++) {
+        tq_head_state s = turbo_head_state(t, scratch, rows, j);
+        rv_turbo_prepare_queries(t, states[j].q, states[j].q_stride, rows, s.q_rot, s.qjl_q, s.qjl_sum, ops);
+        rv_attn_state_clear(s.m, s.l, s.acc, rows, rv_turbo_state_dim(t));
+    }
+}
+
+static void turbo_attend_group(const void *state, const unsigned char *blob, int head, int j, int nh, int a, int n,
+                               const int *visible, rv_attn_state *states, const unsigned char *next_blob,
+                               int next_head, float *scratch, const rv_ops *ops)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    const int rows = states[0].rows, W = rv_turbo_state_dim(t);
+    tq_head_state s = turbo_head_state(t, scratch, rows, j);
+    float *norms = turbo_norms(t, scratch, rows, nh), *kscratch = norms + rv_turbo_head_floats(t);
+    rv_attn_state rot = {rows, W, s.q_rot, W, s.m, s.l, s.acc, states[0].scratch};
+    struct rv_thead th;
+    rv_turbo_head(t, blob, head, s.qjl_q, s.qjl_sum, norms, &th, ops);
+    if (next_blob) {
+        th.prefetch = rv_turbo_segment(t, next_blob, next_head);
+        th.prefetch_bytes = rv_turbo_head_bytes(t, next_blob, next_head);
+    }
+    ops->attend_tgroup(&rot, &th, a, n, visible, kscratch);
+}
+
+static void turbo_attend_end(const void *state, rv_attn_state *states, int nh, float *scratch, const rv_ops *ops)
+{
+    const rv_turbo *t = (const rv_turbo *)state;
+    const int rows = states[0].rows, d = t->d;
+    for (int j = 0; j < nh; j++) {
+        tq_head_state s = turbo_head_state(t, scratch, rows, j);
+        rv_turbo_unrotate(t, s.acc, rows, s.q_rot, d);     /* q_rot is free now: [rows][d] */
+        ops->attn_merge(rows, d, states[j].m, states[j].l, states[j].acc, s.m, s.l, s.q_rot);
+    }
+}
+
+const rv_codec rv_codec_turbo = {
+    .name = "turbo", .sizes = turbo_sizes, .create = turbo_create, .destroy = turbo_destroy,
+    .encoded_bytes = turbo_encoded_bytes, .encode = turbo_encode, .validate = turbo_validate,
+    .decode_head = turbo_decode_head,
+    .attend_scratch_floats = turbo_attend_floats, .attend_begin = turbo_attend_begin,
+    .attend_group = turbo_attend_group, .attend_end = turbo_attend_end,
+};

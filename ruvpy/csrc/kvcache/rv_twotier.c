@@ -3,8 +3,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rv_limits.h"
+#include "attention/rv_attention.h"
 #include "kvcache/rv_twotier.h"
-#include "kvcache/rv_kvattn.h"
 #include "kvcache/rv_kvmem.h"
 
 #define meta_alloc(c, n) rv_kv_alloc_counted((n), &(c)->meta_bytes)
@@ -12,57 +13,69 @@
 
 static int params_valid(const rv_tt_params *p)
 {
-    /* a group's head offsets are 32-bit: the Python layer bounds kvh * d * G at 2^28 */
-    return p->num_layers > 0 && p->num_kv_heads > 0 && p->head_dim > 0 && p->head_dim <= 256 &&
-           (int64_t)p->num_kv_heads * p->head_dim * p->group_tokens <= ((int64_t)1 << 28) &&
-           p->hot_tokens >= 0 && p->group_tokens > 0 && p->group_size > 0 && p->max_tokens > 0 &&
-           (p->cold == RV_TT_Q8 || p->cold == RV_TT_Q4 ||
-            (p->cold == RV_TT_TURBO && (p->turbo_bits == 2.5 || p->turbo_bits == 3.5 || p->turbo_bits == 4.5)));
+    return p->num_layers > 0 && p->num_kv_heads > 0 && p->head_dim > 0 && p->head_dim <= RV_MAX_HEAD_DIM &&
+           p->hot_tokens >= 0 && p->hot_tokens <= RV_MAX_HOT_TOKENS && p->group_tokens > 0 &&
+           p->group_tokens <= RV_MAX_GROUP_TOKENS && p->group_size > 0 && p->max_tokens > 0 && p->cold >= 0 &&
+           p->cold < RV_CODEC_COUNT;
 }
 
-static void coldq_cfg(const rv_tt_params *p, rv_coldq_cfg *q)
+static rv_codec_cfg codec_cfg(const rv_tt_params *p)
 {
-    q->num_kv_heads = p->num_kv_heads;
-    q->head_dim = p->head_dim;
-    q->group_tokens = p->group_tokens;
-    q->group_size = p->group_size < p->head_dim ? p->group_size : p->head_dim;
-    q->bits = p->cold == RV_TT_Q8 ? 8 : 4;
-    /* dense-and-sparse keys and values: up to max(1, head_dim / 16) outlier channels, at most 8 */
-    int most = p->head_dim / 16;
-    q->max_outliers = q->bits == 8 ? 0 : (most < 1 ? 1 : (most > 8 ? 8 : most));
+    return (rv_codec_cfg){p->num_kv_heads, p->head_dim, p->group_tokens, p->group_size, p->turbo_bits};
 }
 
-size_t rv_tt_group_alloc_bytes(const rv_tt_params *p)
+/* the codec's sizes for p, or RV_EINVAL */
+static int codec_sizes(const rv_tt_params *p, rv_codec_sizes *sz)
 {
     if (!params_valid(p))
-        return 0;
-    size_t blob;
-    if (p->cold == RV_TT_TURBO) {
-        rv_turbo *t = rv_turbo_create(p->num_kv_heads, p->head_dim, p->group_tokens, p->turbo_bits);
-        if (!t)
-            return 0;
-        blob = rv_turbo_blob_bytes(t);
-        rv_turbo_destroy(t);
-    } else {
-        rv_coldq_cfg q;
-        coldq_cfg(p, &q);
-        blob = rv_coldq_blob_bytes(&q, NULL, NULL);
-    }
-    return rv_kv_alloc_size(RV_TT_GROUP_HDR + blob);
+        return RV_EINVAL;
+    rv_codec_cfg cfg = codec_cfg(p);
+    return rv_codecs[p->cold]->sizes(&cfg, sz);
 }
 
 static size_t ring_bytes(int kvh, int d, int64_t cap) { return 2 * 2 * (size_t)kvh * (size_t)cap * (size_t)d; }
+
+/* the work buffer: the hot rows of one group as binary16 [2][kvh][G][d] (migration input),
+ * then the codec's encoding scratch, or (inspection) one head's decoded K and V and the
+ * codec's decoding scratch */
+static size_t work_floats(const rv_tt_params *p, const rv_codec_sizes *sz)
+{
+    const size_t rows = (size_t)p->group_tokens * p->head_dim;
+    const size_t gather = rv_pad16((size_t)p->num_kv_heads * rows);      /* 2 x binary16 = 1 float */
+    const size_t decode = 2 * rv_pad16(rows) + rv_pad16(sz->decode_floats);
+    const size_t encode = rv_pad16(sz->encode_floats);
+    return gather + (encode > decode ? encode : decode);
+}
+
+size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most)
+{
+    rv_codec_sizes sz;
+    if (codec_sizes(p, &sz) != RV_OK)
+        return 0;
+    return rv_kv_alloc_size(RV_TT_GROUP_HDR + (most ? sz.blob_max : sz.blob_min));
+}
 
 size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens)
 {
     return tokens > 0 ? rv_kv_alloc_size(ring_bytes(p->num_kv_heads, p->head_dim, tokens)) : 0;
 }
 
+size_t rv_tt_fixed_bytes(const rv_tt_params *p)
+{
+    rv_codec_sizes sz;
+    if (codec_sizes(p, &sz) != RV_OK)
+        return 0;
+    return sizeof(rv_tt) + rv_kv_alloc_size(sizeof(int64_t) * (size_t)p->num_layers) + sz.state_bytes +
+           rv_kv_alloc_size(sizeof(float) * work_floats(p, &sz));
+}
+
 int rv_tt_create(rv_tt **out, const rv_tt_params *p)
 {
     *out = NULL;
-    if (!params_valid(p))
-        return RV_EINVAL;
+    rv_codec_sizes sz;
+    int rc = codec_sizes(p, &sz);
+    if (rc != RV_OK)
+        return rc;
     rv_tt *c = (rv_tt *)calloc(1, sizeof(rv_tt));
     if (!c)
         return RV_ENOMEM;
@@ -72,23 +85,29 @@ int rv_tt_create(rv_tt **out, const rv_tt_params *p)
     c->head_dim = p->head_dim;
     c->hot_tokens = p->hot_tokens;
     c->group_tokens = p->group_tokens;
-    c->cold = p->cold;
     c->max_tokens = p->max_tokens;
-    coldq_cfg(p, &c->q);
+    c->codec = rv_codecs[p->cold];
+    c->pool_class = -1;
+    c->work_floats = work_floats(p, &sz);
+    rv_codec_cfg cfg = codec_cfg(p);
+    rc = c->codec->create(&cfg, &c->codec_state);
+    if (rc == RV_OK)
+        c->meta_bytes += sz.state_bytes;
     c->used = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)p->num_layers);
-    if (p->cold == RV_TT_TURBO) {
-        c->turbo = rv_turbo_create(p->num_kv_heads, p->head_dim, p->group_tokens, p->turbo_bits);
-        if (c->turbo)
-            c->meta_bytes += rv_turbo_bytes(c->turbo);
-    }
-    if (!c->used || (p->cold == RV_TT_TURBO && !c->turbo)) {
-        rv_kv_free(c->used);
-        free(c);
-        return RV_ENOMEM;
+    c->work = (float *)meta_alloc(c, sizeof(float) * c->work_floats);
+    if (rc != RV_OK || !c->used || !c->work) {
+        rv_tt_destroy(c);
+        return rc != RV_OK ? rc : RV_ENOMEM;
     }
     memset(c->used, 0, sizeof(int64_t) * (size_t)p->num_layers);
     *out = c;
     return RV_OK;
+}
+
+void rv_tt_use_pool(rv_tt *c, rv_pool *pool, int cls)
+{
+    c->pool = pool;
+    c->pool_class = cls;
 }
 
 /* ---- cold groups ---- */
@@ -98,15 +117,26 @@ _Static_assert(sizeof(rv_tt_group) <= RV_TT_GROUP_HDR, "the group header outgrew
 /* a new group with one reference and no holder yet: stored 0 until its list holds it */
 static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
 {
-    size_t n = RV_TT_GROUP_HDR + blob_bytes;
-    rv_tt_group *g = (rv_tt_group *)rv_kv_alloc(n);
+    const size_t n = RV_TT_GROUP_HDR + blob_bytes;
+    rv_tt_group *g = NULL;
+    size_t taken = rv_kv_alloc_size(n);
+    int pooled = 0;
+    if (c->pool && c->pool_class >= 0 && n <= c->pool->cls[c->pool_class].nbytes) {
+        g = (rv_tt_group *)rv_pool_acquire(c->pool, c->pool_class);
+        taken = c->pool->cls[c->pool_class].nbytes;
+        pooled = 1;
+    } else {
+        g = (rv_tt_group *)rv_kv_alloc(n);
+    }
     if (!g)
         return NULL;
     memset(g, 0, sizeof *g);
     g->refs = 1;
+    g->pooled = pooled;
     g->blob_bytes = blob_bytes;
-    g->alloc_bytes = rv_kv_alloc_size(n);
-    c->cold_bytes += g->alloc_bytes;
+    g->alloc_bytes = taken;
+    c->cold_bytes += taken;
+    c->cold_pooled_bytes += pooled ? taken : 0;
     c->cold_groups++;
     return g;
 }
@@ -124,7 +154,12 @@ static void group_drop(rv_tt *c, rv_tt_group *g)
     if (g->refs == 0) {
         c->cold_bytes -= g->alloc_bytes;
         c->cold_groups--;
-        rv_kv_free(g);
+        if (g->pooled) {
+            c->cold_pooled_bytes -= g->alloc_bytes;
+            rv_pool_release(c->pool, c->pool_class, g);
+        } else {
+            rv_kv_free(g);
+        }
     }
 }
 
@@ -159,39 +194,100 @@ static void groups_compact(rv_tt *c, rv_tt_layer *L)
 
 RV_INLINE int64_t cold_len(const rv_tt *c, const rv_tt_layer *L)
 {
-    return (L->ngroups - L->first) * c->group_tokens - L->skip;
+    return L->ngroups > L->first ? (L->ngroups - L->first) * c->group_tokens - L->skip - L->cut : 0;
+}
+
+/* the tokens [*a, *b) of live group i of L that L sees */
+RV_INLINE void seen_range(const rv_tt *c, const rv_tt_layer *L, int64_t i, int32_t *a, int32_t *b)
+{
+    *a = i == L->first ? L->skip : 0;
+    *b = i == L->ngroups - 1 ? c->group_tokens - L->cut : c->group_tokens;
 }
 
 /* ---- the budget: tokens stored (rv_twotier.h) ---- */
 
 /* Count (sign +1) or uncount (-1) L as a full holder of its live groups in [lo, hi). */
-static void hold_groups(rv_tt_layer *L, int64_t lo, int64_t hi, int sign)
+static void hold_groups(const rv_tt *c, rv_tt_layer *L, int64_t lo, int64_t hi, int sign)
 {
     if (lo < L->first)
         lo = L->first;
     if (hi > L->ngroups)
         hi = L->ngroups;
-    for (int64_t i = lo; i < hi; i++)
-        if (i > L->first || L->skip == 0)
+    for (int64_t i = lo; i < hi; i++) {
+        int32_t a, b;
+        seen_range(c, L, i, &a, &b);
+        if (a == 0 && b == c->group_tokens)
             L->groups[i]->full += sign;
+    }
 }
 
-/* the first token of g that some sequence holds (group_tokens: none does) */
-static int32_t group_floor(const rv_tt *c, int layer, const rv_tt_group *g)
+/* The tokens of a group its holders see, from their ranges: prefixes [0, e) (its last
+ * group, cut), suffixes [s, G) (its first, skipped) and middles [s, e) (both: a view of one
+ * group). With prefixes up to P and suffixes from S, the union is [0, P) and [S, G), plus what
+ * middles add in between, which is counted token by token (rare: cut and skip in one group). */
+typedef struct {
+    int32_t prefix_end, suffix_start;
+    int middles;
+} rv_tt_cover;
+
+RV_INLINE void cover_add(rv_tt_cover *cv, int32_t a, int32_t b, int32_t G)
+{
+    if (a == 0)
+        cv->prefix_end = b > cv->prefix_end ? b : cv->prefix_end;
+    else if (b == G)
+        cv->suffix_start = a < cv->suffix_start ? a : cv->suffix_start;
+    else
+        cv->middles = 1;
+}
+
+/* whether a live holder of g in `layer` other than those in slots[0..n) sees token t of it */
+static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t, const int *slots, int n);
+
+static int32_t cover_count(const rv_tt *c, int layer, const rv_tt_group *g, const rv_tt_cover *cv,
+                           const int *slots, int n)
+{
+    const int32_t G = c->group_tokens, P = cv->prefix_end, S = cv->suffix_start;
+    if (P >= S)
+        return G;
+    if (!cv->middles)
+        return P + (G - S);
+    int32_t held = P + (G - S);
+    for (int32_t t = P; t < S; t++)
+        held += token_held(c, layer, g, t, slots, n);
+    return held;
+}
+
+/* what g stores: the tokens some live holder sees (0: none holds it) */
+static int32_t group_stored(const rv_tt *c, int layer, const rv_tt_group *g)
 {
     if (g->full > 0)
-        return 0;
-    /* every live holder sees part of it: it is their first live group, skip > 0 */
-    int32_t floor = c->group_tokens;
+        return c->group_tokens;
+    /* every live holder sees part of it: it is their first or last live group */
+    rv_tt_cover cv = {0, c->group_tokens, 0};
     for (int i = 0; i < c->nslots; i++) {
         const rv_tt_seq *s = &c->seqs[i];
         if (!s->live)
             continue;
         const rv_tt_layer *L = &s->layers[layer];
-        if (L->first < L->ngroups && L->groups[L->first] == g && L->skip < floor)
-            floor = L->skip;
+        if (L->ngroups <= L->first)
+            continue;
+        for (int end = 0; end < 2; end++) {
+            const int64_t gi = end ? L->ngroups - 1 : L->first;
+            if (L->groups[gi] != g || (end && gi == L->first))
+                continue;
+            int32_t a, b;
+            seen_range(c, L, gi, &a, &b);
+            cover_add(&cv, a, b, c->group_tokens);
+        }
     }
-    return floor;
+    return cover_count(c, layer, g, &cv, NULL, 0);
+}
+
+static void restat_group(rv_tt *c, int layer, rv_tt_group *g)
+{
+    const int32_t stored = group_stored(c, layer, g);
+    c->used[layer] += stored - g->stored;
+    g->stored = stored;
 }
 
 /* after its holders' views changed: recount what the groups [lo, hi) of L store */
@@ -199,24 +295,26 @@ static void restat_groups(rv_tt *c, int layer, const rv_tt_layer *L, int64_t lo,
 {
     if (hi > L->ngroups)
         hi = L->ngroups;
-    for (int64_t i = lo; i < hi; i++) {
-        rv_tt_group *g = L->groups[i];
-        int32_t stored = c->group_tokens - group_floor(c, layer, g);
-        c->used[layer] += stored - g->stored;
-        g->stored = stored;
-    }
+    for (int64_t i = lo; i < hi; i++)
+        restat_group(c, layer, L->groups[i]);
 }
 
-/* Move L's view to its first `first` groups and `skip` more tokens gone (eviction) or back
- * (rollback), keeping the full counts and what the touched groups store exact. */
-static void move_view(rv_tt *c, int layer, rv_tt_layer *L, int64_t first, int32_t skip)
+/* Move L's view to its first `first` groups, `skip` tokens of the first gone (eviction) or back
+ * (rollback) and `cut` tokens of the last, keeping the full counts and what the touched groups
+ * store exact. A view with no token left sees no group (first = ngroups, no skip or cut). */
+static void move_view(rv_tt *c, int layer, rv_tt_layer *L, int64_t first, int32_t skip, int32_t cut)
 {
+    if (first >= L->ngroups || (first == L->ngroups - 1 && skip + cut >= c->group_tokens)) {
+        first = L->ngroups;
+        skip = cut = 0;
+    }
     const int64_t lo = first < L->first ? first : L->first;
-    const int64_t hi = (first > L->first ? first : L->first) + 1;
-    hold_groups(L, lo, hi, -1);
+    const int64_t hi = L->ngroups;        /* the last group's fullness depends on cut */
+    hold_groups(c, L, lo, hi, -1);
     L->first = first;
     L->skip = skip;
-    hold_groups(L, lo, hi, +1);
+    L->cut = cut;
+    hold_groups(c, L, lo, hi, +1);
     restat_groups(c, layer, L, lo, hi);
 }
 
@@ -228,11 +326,30 @@ static int slot_listed(int slot, const int *slots, int n)
     return 0;
 }
 
+static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t, const int *slots, int n)
+{
+    for (int i = 0; i < c->nslots; i++) {
+        const rv_tt_seq *s = &c->seqs[i];
+        if (!s->live || slot_listed(i, slots, n))
+            continue;
+        const rv_tt_layer *L = &s->layers[layer];
+        for (int64_t gi = L->first; gi < L->ngroups; gi++) {
+            if (L->groups[gi] != g)
+                continue;
+            int32_t a, b;
+            seen_range(c, L, gi, &a, &b);
+            if (a <= t && t < b)
+                return 1;
+        }
+    }
+    return 0;
+}
+
 int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
 {
     int64_t stored = 0;
     c->epoch++;
-    /* pass 0: each group's smallest start among the remaining holders; pass 1: sum once */
+    /* pass 0: each group's cover among the remaining holders; pass 1: count it once */
     for (int pass = 0; pass < 2; pass++)
         for (int i = 0; i < c->nslots; i++) {
             const rv_tt_seq *s = &c->seqs[i];
@@ -243,14 +360,23 @@ int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
                 stored += L->hot_len;
             for (int64_t gi = L->first; gi < L->ngroups; gi++) {
                 rv_tt_group *g = L->groups[gi];
-                int32_t start = gi == L->first ? L->skip : 0;
-                if (pass == 0 && g->mark != c->epoch) {
-                    g->mark = c->epoch;
-                    g->tmp = start;
-                } else if (pass == 0) {
-                    g->tmp = start < g->tmp ? start : g->tmp;
+                if (pass == 0) {
+                    if (g->mark != c->epoch) {
+                        g->mark = c->epoch;
+                        g->tmp = c->group_tokens;     /* suffix start */
+                        g->tmp_end = 0;               /* prefix end */
+                        g->tmp_mid = 0;
+                    }
+                    int32_t a, b;
+                    seen_range(c, L, gi, &a, &b);
+                    rv_tt_cover cv = {g->tmp_end, g->tmp, g->tmp_mid};
+                    cover_add(&cv, a, b, c->group_tokens);
+                    g->tmp_end = cv.prefix_end;
+                    g->tmp = cv.suffix_start;
+                    g->tmp_mid = cv.middles;
                 } else if (g->tmp >= 0) {
-                    stored += c->group_tokens - g->tmp;
+                    rv_tt_cover cv = {g->tmp_end, g->tmp, g->tmp_mid};
+                    stored += cover_count(c, layer, g, &cv, slots, n);
                     g->tmp = -1;
                 }
             }
@@ -340,89 +466,103 @@ static void ring_shrink(rv_tt *c, rv_tt_layer *L)
 
 /* ---- migration: the oldest group_tokens hot tokens -> one cold group ---- */
 
-/* TurboQuant: every head's G tokens as floats, then one encode */
-static rv_tt_group *encode_turbo_group(rv_tt *c, const rv_tt_layer *L, const rv_ops *ops)
+/* The first `lead` rows of every head of the gather buffer, k and v [kvh][G][d] binary16: the
+ * tokens [a, a + lead) of L's last (truncated) group, decoded (so that a new group can take
+ * them after a truncation inside a group; they are quantized again once). */
+static void gather_reopened(const rv_tt *c, const rv_tt_layer *L, int32_t a, int32_t lead, uint16_t *k, uint16_t *v,
+                            const rv_ops *ops)
+{
+    const int G = c->group_tokens, d = c->head_dim;
+    const size_t rows = (size_t)G * d;
+    float *kf = c->work + rv_pad16((size_t)c->num_kv_heads * rows), *vf = kf + rv_pad16(rows);
+    float *scratch = vf + rv_pad16(rows);
+    const unsigned char *blob = RV_TT_BLOB(L->groups[L->ngroups - 1]);
+    for (int h = 0; h < c->num_kv_heads; h++) {
+        c->codec->decode_head(c->codec_state, blob, h, kf, vf, scratch, ops);
+        ops->f32_to_f16(kf + (size_t)a * d, k + (size_t)h * rows, (size_t)lead * d);
+        ops->f32_to_f16(vf + (size_t)a * d, v + (size_t)h * rows, (size_t)lead * d);
+    }
+}
+
+/* A group of the lead reopened tokens (above) and the oldest G - lead hot tokens. */
+static rv_tt_group *encode_group(rv_tt *c, const rv_tt_layer *L, int32_t a, int32_t lead, const rv_ops *ops)
 {
     const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
     const size_t rows = (size_t)G * d;
-    rv_tt_group *g = NULL;
-    float *kf = (float *)malloc(sizeof(float) * (2 * rows * kvh + rv_turbo_scratch_floats(c->turbo)));
-    uint16_t *h16 = (uint16_t *)malloc(sizeof(uint16_t) * rows);
-    if (kf && h16) {
-        float *vf = kf + rows * kvh;
-        for (int h = 0; h < kvh; h++)
-            for (int kv = 0; kv < 2; kv++) {
-                ring_gather(c, L, kv, h, L->hot_head, G, h16);
-                ops->f16_to_f32(h16, (kv ? vf : kf) + rows * h, rows);
-            }
-        /* the size depends on the outlier channels the data has */
-        if ((g = group_new(c, rv_turbo_encoded_bytes(c->turbo, kf, vf, vf + rows * kvh))))
-            rv_turbo_encode(c->turbo, kf, vf, RV_TT_BLOB(g), vf + rows * kvh, ops);
+    uint16_t *k = (uint16_t *)c->work, *v = k + (size_t)kvh * rows;
+    float *scratch = c->work + rv_pad16((size_t)kvh * rows);
+    if (lead > 0)
+        gather_reopened(c, L, a, lead, k, v, ops);
+    for (int h = 0; h < kvh; h++) {
+        ring_gather(c, L, 0, h, L->hot_head, G - lead, k + (size_t)h * rows + (size_t)lead * d);
+        ring_gather(c, L, 1, h, L->hot_head, G - lead, v + (size_t)h * rows + (size_t)lead * d);
     }
-    free(kf);
-    free(h16);
+    /* the size depends on the outlier channels the data has */
+    rv_tt_group *g = group_new(c, c->codec->encoded_bytes(c->codec_state, k, v, scratch, ops));
+    if (g)
+        c->codec->encode(c->codec_state, k, v, RV_TT_BLOB(g), scratch, ops);
     return g;
 }
 
-static rv_tt_group *encode_group(rv_tt *c, const rv_tt_layer *L, const rv_ops *ops)
+/* Drop L's last live group (uncounting L as its holder); the one before becomes the last. */
+static void pop_last_group(rv_tt *c, int layer, rv_tt_layer *L)
 {
-    if (c->turbo)
-        return encode_turbo_group(c, L, ops);
-    const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
-    const int mo = c->q.max_outliers > 0 ? c->q.max_outliers : 1;
-    rv_tt_group *g = NULL;
-    size_t rows = (size_t)G * d;
-    float *kf = (float *)malloc(sizeof(float) * (2 * rows + rv_coldq_scratch_floats(&c->q)));
-    uint16_t *h16 = (uint16_t *)malloc(sizeof(uint16_t) * 2 * rows);
-    int *counts = (int *)malloc(sizeof(int) * 2 * (size_t)kvh);
-    uint8_t *idx = (uint8_t *)malloc(2 * (size_t)kvh * mo);
-    if (!kf || !h16 || !counts || !idx)
-        goto done;
-    float *vf = kf + rows, *scratch = vf + rows;
-    int *nk = counts, *nv = counts + kvh;
-    uint8_t *kidx = idx, *vidx = idx + (size_t)kvh * mo;
-    for (int pass = 0; pass < 2; pass++) {
-        if (pass == 1) {
-            g = group_new(c, rv_coldq_blob_bytes(&c->q, nk, nv));
-            if (!g)
-                goto done;
-            rv_coldq_write_header(&c->q, RV_TT_BLOB(g), nk, nv);
-        }
-        for (int h = 0; h < kvh; h++) {
-            ring_gather(c, L, 0, h, L->hot_head, G, h16);
-            ring_gather(c, L, 1, h, L->hot_head, G, h16 + rows);
-            ops->f16_to_f32(h16, kf, 2 * rows);
-            if (pass == 0)
-                rv_coldq_select(&c->q, kf, vf, &nk[h], kidx + (size_t)h * mo, &nv[h], vidx + (size_t)h * mo, scratch);
-            else
-                rv_coldq_encode_head(&c->q, RV_TT_BLOB(g), h, kf, vf, nk[h], kidx + (size_t)h * mo, nv[h],
-                                     vidx + (size_t)h * mo);
-        }
+    const int64_t last = L->ngroups - 1;
+    rv_tt_group *g = L->groups[last];
+    hold_groups(c, L, last - 1, last + 1, -1);
+    L->ngroups--;
+    L->cut = 0;
+    if (L->first >= L->ngroups) {
+        L->first = L->ngroups;
+        L->skip = 0;
     }
-done:
-    free(kf);
-    free(h16);
-    free(counts);
-    free(idx);
-    return g;
+    hold_groups(c, L, last - 1, last, +1);
+    if (last - 1 >= L->first)
+        restat_group(c, layer, L->groups[last - 1]);
+    restat_group(c, layer, g);
+    group_drop(c, g);
 }
 
-static int migrate(rv_tt *c, rv_tt_layer *L, const rv_ops *ops)
+static int migrate(rv_tt *c, int layer, rv_tt_layer *L, const rv_ops *ops)
 {
     const int64_t G = c->group_tokens;
     int rc = RV_OK;
     while (L->hot_len >= (int64_t)c->hot_tokens + G) {
-        rv_tt_group *g = encode_group(c, L, ops);
-        if (!g || groups_push(c, L, g)) {
-            if (g)
-                group_drop(c, g);
+        /* after a truncation inside a group: that group's tokens open the new one */
+        int32_t a = 0, lead = 0;
+        if (L->cut > 0 && L->ngroups > L->first) {
+            int32_t b;
+            seen_range(c, L, L->ngroups - 1, &a, &b);
+            lead = b - a;
+            /* the new group stores G; what the old one stores without L must leave room */
+            rv_tt_group *old = L->groups[L->ngroups - 1];
+            const int32_t before = old->stored;
+            L->ngroups--;
+            const int32_t after = group_stored(c, layer, old);
+            L->ngroups++;
+            if (c->used[layer] + lead - (before - after) > c->max_tokens) {
+                rc = RV_EFULL;    /* its other holders keep it: the tokens stay hot for now */
+                break;
+            }
+        }
+        rv_tt_group *g = encode_group(c, L, a, lead, ops);
+        if (!g) {
             rc = RV_ENOMEM;
             break;
         }
-        g->full = 1;          /* G tokens move from the hot count to the cold one: `used` stays */
+        if (lead > 0)
+            pop_last_group(c, layer, L);     /* its tokens are in g */
+        if (groups_push(c, L, g)) {
+            group_drop(c, g);
+            rc = RV_ENOMEM;   /* (after a reopening the lead tokens stay dropped: not reached in
+                                 practice, the list just shrank) */
+            break;
+        }
+        g->full = 1;          /* G tokens move from the hot count to the cold one */
         g->stored = (int32_t)G;
-        L->hot_head = (L->hot_head + G) % L->hot_cap;
-        L->hot_len -= G;
+        c->used[layer] += lead;
+        L->hot_head = (L->hot_head + G - lead) % L->hot_cap;
+        L->hot_len -= G - lead;
     }
     ring_shrink(c, L);
     return rc;
@@ -456,15 +596,31 @@ void rv_tt_destroy(rv_tt *c)
     for (int i = 0; i < c->nslots; i++)
         seq_clear(c, &c->seqs[i]);
     meta_free(c, c->seqs, sizeof(rv_tt_seq) * (size_t)c->slot_cap);
+    meta_free(c, c->victims, sizeof(int) * (size_t)c->victims_cap);
     rv_kv_free(c->used);
-    rv_turbo_destroy(c->turbo);
+    rv_kv_free(c->work);
+    if (c->codec_state)
+        c->codec->destroy(c->codec_state);
     free(c);
 }
 
 int rv_tt_add(rv_tt *c, int *slot)
 {
-    int i, rc = rv_kv_slot_new((void **)&c->seqs, &c->nslots, &c->slot_cap, sizeof(rv_tt_seq),
-                               &c->meta_bytes, &i);
+    /* the eviction order has room for every slot: it grows before the slot array does (as
+     * rv_kv_slot_new will: no dead slot to reuse), so that eviction allocates nothing */
+    int dead = 0;
+    for (int j = 0; j < c->nslots && !dead; j++)
+        dead = !c->seqs[j].live;
+    if (!dead && c->nslots == c->slot_cap) {
+        const int cap = c->slot_cap ? 2 * c->slot_cap : 8;
+        int *victims = (int *)meta_alloc(c, sizeof(int) * (size_t)cap);
+        if (!victims)
+            return RV_ENOMEM;
+        meta_free(c, c->victims, sizeof(int) * (size_t)c->victims_cap);
+        c->victims = victims;
+        c->victims_cap = cap;
+    }
+    int i, rc = rv_kv_slot_new((void **)&c->seqs, &c->nslots, &c->slot_cap, sizeof(rv_tt_seq), &c->meta_bytes, &i);
     if (rc)
         return rc;
     rv_tt_seq *s = &c->seqs[i];
@@ -473,6 +629,7 @@ int rv_tt_add(rv_tt *c, int *slot)
         return RV_ENOMEM;
     memset(s->layers, 0, sizeof(rv_tt_layer) * (size_t)c->num_layers);
     s->live = 1;
+    s->birth = c->births++;
     *slot = i;
     return RV_OK;
 }
@@ -494,7 +651,7 @@ void rv_tt_release(rv_tt *c, int slot)
     rv_tt_seq *s = &c->seqs[slot];
     for (int l = 0; l < c->num_layers && s->layers; l++) {
         rv_tt_layer *L = &s->layers[l];
-        move_view(c, l, L, L->ngroups, 0);      /* sees none of its groups any more */
+        move_view(c, l, L, L->ngroups, 0, 0);      /* sees none of its groups any more */
         c->used[l] -= L->hot_len;
     }
     if (s->in_txn)
@@ -518,12 +675,17 @@ int rv_tt_fork(rv_tt *c, int parent, int *child)
         const rv_tt_layer *P = &c->seqs[parent].layers[l];
         rv_tt_layer *L = &c->seqs[i].layers[l];
         for (int64_t g = P->first; g < P->ngroups; g++) {
-            if (groups_push(c, L, P->groups[g]))
+            if (groups_push(c, L, P->groups[g])) {
+                for (int64_t j = 0; j < L->ngroups; j++)     /* not counted as a holder yet */
+                    group_drop(c, L->groups[j]);
+                L->ngroups = 0;
                 goto fail;
+            }
             group_share(c, P->groups[g]);
-            L->skip = P->skip;
-            hold_groups(L, L->ngroups - 1, L->ngroups, +1);
         }
+        L->skip = P->skip;
+        L->cut = P->cut;
+        hold_groups(c, L, 0, L->ngroups, +1);   /* it sees what the parent sees: no group stores more */
         if (P->hot_len) {
             if (ring_reserve(c, L, 0, P->hot_len))
                 goto fail;
@@ -541,12 +703,13 @@ fail:
     return RV_ENOMEM;
 }
 
-/* ---- eviction ---- */
+/* ---- eviction and truncation ---- */
 
 static void evict_layer(rv_tt *c, rv_tt_seq *s, rv_tt_layer *L, int layer, int64_t n)
 {
     const int64_t G = c->group_tokens, cold = cold_len(c, L), from_cold = n < cold ? n : cold;
-    move_view(c, layer, L, L->first + (L->skip + from_cold) / G, (int32_t)((L->skip + from_cold) % G));
+    if (from_cold > 0)
+        move_view(c, layer, L, L->first + (L->skip + from_cold) / G, (int32_t)((L->skip + from_cold) % G), L->cut);
     n -= from_cold;
     if (n > 0) {
         c->used[layer] -= n;
@@ -570,6 +733,125 @@ void rv_tt_evict(rv_tt *c, int slot, int64_t n)
     }
     s->evicted += most;
     c->evicted += most;
+}
+
+int rv_tt_truncate(rv_tt *c, int slot, int64_t n)
+{
+    if (c->open_txns || n < 0)
+        return RV_EINVAL;
+    rv_tt_seq *s = &c->seqs[slot];
+    const int64_t G = c->group_tokens;
+    for (int l = 0; l < c->num_layers; l++) {
+        rv_tt_layer *L = &s->layers[l];
+        const int64_t cold = cold_len(c, L);
+        if (n >= cold + L->hot_len)
+            continue;
+        if (n >= cold) {                      /* the newest hot tokens go */
+            c->used[l] -= cold + L->hot_len - n;
+            L->hot_len = n - cold;
+            continue;
+        }
+        c->used[l] -= L->hot_len;
+        L->hot_len = 0;
+        L->hot_head = 0;
+        /* the groups past the n-th cold token go; the cut falls inside the last one kept */
+        int64_t last = n > 0 ? L->first + (L->skip + n - 1) / G : L->first - 1;
+        while (L->ngroups - 1 > last)
+            pop_last_group(c, l, L);
+        if (L->ngroups > L->first)
+            move_view(c, l, L, L->first, L->skip, (int32_t)(G - 1 - (L->skip + n - 1) % G));
+    }
+    return RV_OK;
+}
+
+/* ---- room for appends: the eviction policy ---- */
+
+/* the fullest layer in [lo, hi) */
+static int fullest_layer(const rv_tt *c, int lo, int hi)
+{
+    int best = lo;
+    for (int l = lo; l < hi; l++)
+        if (c->used[l] > c->used[best])
+            best = l;
+    return best;
+}
+
+int rv_tt_make_room(rv_tt *c, const int *slots, const int64_t *n, int nseq, int layer, int evict, int *bind)
+{
+    const int lo = layer < 0 ? 0 : layer, hi = layer < 0 ? c->num_layers : layer + 1;
+    int64_t requested = 0;
+    for (int i = 0; i < nseq; i++)
+        requested += n[i];
+    *bind = fullest_layer(c, lo, hi);
+    int64_t over = c->used[*bind] + requested - c->max_tokens;
+    if (over <= 0)
+        return RV_TT_ROOM_OK;
+    if (!evict)
+        return RV_TT_ROOM_FULL;
+    if (requested > c->max_tokens)
+        return RV_TT_ROOM_TOO_MANY;
+    if (c->victims_cap < c->nslots)          /* (rv_tt_add keeps it large enough) */
+        return RV_TT_ROOM_NOMEM;
+    /* which sequences may give up tokens: all, or with a transaction open those on the
+     * requesters' side of it */
+    int side = -1;          /* -1: any; 1: inside the transaction; 0: outside */
+    if (c->open_txns) {
+        int inside = 0;
+        for (int i = 0; i < nseq; i++)
+            inside += c->seqs[slots[i]].in_txn;
+        if (inside != 0 && inside != nseq)
+            return RV_TT_ROOM_MIXED;
+        side = inside ? 1 : 0;
+    }
+    /* the victims: the requesters, then the others longest first (older first among equals) */
+    int nv = 0;
+    for (int i = 0; i < nseq; i++)
+        if (side < 0 || c->seqs[slots[i]].in_txn == side)
+            c->victims[nv++] = slots[i];
+    const int first_other = nv;
+    for (int i = 0; i < c->nslots; i++) {
+        const rv_tt_seq *s = &c->seqs[i];
+        if (!s->live || slot_listed(i, slots, nseq) || (side >= 0 && s->in_txn != side))
+            continue;
+        /* insertion: by length in layer 0 descending, then birth ascending */
+        const int64_t len = rv_tt_len(c, i, 0);
+        int j = nv++;
+        while (j > first_other) {
+            const int p = c->victims[j - 1];
+            const int64_t plen = rv_tt_len(c, p, 0);
+            if (plen > len || (plen == len && c->seqs[p].birth < s->birth))
+                break;
+            c->victims[j] = p;
+            j--;
+        }
+        c->victims[j] = i;
+    }
+    /* inside a transaction only those victims may give up tokens: is that enough? (outside
+     * one, emptying every sequence frees everything) */
+    if (side >= 0)
+        for (int l = lo; l < hi; l++)
+            if (rv_tt_stored_without(c, l, c->victims, nv) + requested > c->max_tokens)
+                return RV_TT_ROOM_TXN_SIDE;
+    while (over > 0) {
+        int evicted = 0;
+        for (int i = 0; i < nv; i++) {
+            const int64_t len = rv_tt_len(c, c->victims[i], *bind);
+            const int64_t take = over < len ? over : len;
+            if (take <= 0)
+                continue;
+            const int64_t before = c->used[*bind];
+            rv_tt_evict(c, c->victims[i], take);
+            evicted = 1;
+            if (c->used[*bind] < before)
+                break;
+            /* only tokens others still hold: the next victims drop theirs */
+        }
+        if (!evicted)
+            return RV_TT_ROOM_TXN_SIDE;    /* unreachable: everything evictable is gone */
+        *bind = fullest_layer(c, lo, hi);
+        over = c->used[*bind] + requested - c->max_tokens;
+    }
+    return RV_TT_ROOM_OK;
 }
 
 /* ---- appends ---- */
@@ -604,7 +886,7 @@ int rv_tt_append(rv_tt *c, int slot, int layer, const void *k, const void *v, in
     L->hot_len += n;
     c->used[layer] += n;
     if (!s->in_txn)
-        migrate(c, L, ops);   /* out of memory: the tokens stay hot, still correct */
+        migrate(c, layer, L, ops);   /* out of memory: the tokens stay hot, still correct */
     return RV_OK;
 }
 
@@ -619,6 +901,7 @@ int rv_tt_begin(rv_tt *c, int slot)
         rv_tt_layer *L = &s->layers[l];
         L->s_first = L->first;
         L->s_skip = L->skip;
+        L->s_cut = L->cut;
         L->s_hot_head = L->hot_head;
         L->s_hot_len = L->hot_len;
         L->s_hot_cap = L->hot_cap;
@@ -641,7 +924,7 @@ void rv_tt_commit(rv_tt *c, int slot, const rv_ops *ops)
         rv_tt_layer *L = &s->layers[l];
         L->txn_hot_evicted = 0;
         groups_compact(c, L);
-        migrate(c, L, ops);
+        migrate(c, l, L, ops);
     }
 }
 
@@ -652,7 +935,8 @@ void rv_tt_rollback(rv_tt *c, int slot)
         return;
     for (int l = 0; l < c->num_layers; l++) {
         rv_tt_layer *L = &s->layers[l];
-        move_view(c, l, L, L->s_first, L->s_skip);   /* the groups it sees store as before */
+        /* the groups it sees store as before */
+        move_view(c, l, L, L->s_first, L->s_skip, L->s_cut);
         c->used[l] += L->s_hot_len - L->hot_len;
         L->hot_head = L->s_hot_head;
         L->hot_len = L->s_hot_len;
@@ -670,33 +954,25 @@ void rv_tt_rollback(rv_tt *c, int slot)
 
 /* ---- reading ---- */
 
-int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops)
+void rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops)
 {
     const rv_tt_layer *L = &c->seqs[slot].layers[layer];
     const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
-    size_t need = c->turbo ? rv_turbo_scratch_floats(c->turbo) : rv_coldq_dequant_floats(&c->q);
-    float *tmp = (float *)malloc(sizeof(float) * (2 * (size_t)G * d + need));
-    if (!tmp)
-        return RV_ENOMEM;
-    float *kf = tmp, *vf = tmp + (size_t)G * d, *params = vf + (size_t)G * d;
+    const size_t rows = (size_t)G * d;
+    float *kf = c->work + rv_pad16((size_t)kvh * rows), *vf = kf + rv_pad16(rows), *scratch = vf + rv_pad16(rows);
     int64_t t = 0;
     for (int64_t gi = L->first; gi < L->ngroups; gi++) {
-        int a = gi == L->first ? L->skip : 0;
+        int32_t a, b;
+        seen_range(c, L, gi, &a, &b);
         for (int h = 0; h < kvh; h++) {
-            if (c->turbo) {
-                rv_turbo_decode(c->turbo, RV_TT_BLOB(L->groups[gi]), h, kf, vf, params, ops);
-            } else {
-                rv_coldq_head view;
-                rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h, &view);
-                rv_coldq_dequant(&c->q, &view, kf, vf, params, ops);
-            }
-            for (int j = a; j < G; j++) {
+            c->codec->decode_head(c->codec_state, RV_TT_BLOB(L->groups[gi]), h, kf, vf, scratch, ops);
+            for (int j = a; j < b; j++) {
                 size_t o = ((size_t)(t + j - a) * kvh + h) * d;
                 memcpy(k + o, kf + (size_t)j * d, sizeof(float) * d);
                 memcpy(v + o, vf + (size_t)j * d, sizeof(float) * d);
             }
         }
-        t += G - a;
+        t += b - a;
     }
     for (int64_t i = 0; i < L->hot_len; i++, t++) {
         int64_t pos = (L->hot_head + i) % L->hot_cap;
@@ -706,119 +982,58 @@ int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv
             ops->f16_to_f32(ring_row(c, L, 1, h, pos), v + o, (size_t)d);
         }
     }
-    free(tmp);
-    return RV_OK;
 }
 
-/* ---- attention: cold groups dequantized chunk by chunk, then the hot ring, one state ---- */
+/* ---- attention: the cold groups through the codec, then the hot ring, into one state ---- */
 
-/* per-thread scratch of the fold: a group head's parameters as floats, the fused kernel's
- * scratch, the span kernels' */
+/* the codec's scratch for a task of `rows` rows: decode tasks fold every head (at most
+ * RV_STREAM_MAX_ROWS rows), prefill tasks one */
+static size_t tt_cold_floats(const rv_tt *c, int rows)
+{
+    const size_t many = c->codec->attend_scratch_floats(c->codec_state,
+                                                        rows < RV_STREAM_MAX_ROWS ? rows : RV_STREAM_MAX_ROWS,
+                                                        c->num_kv_heads);
+    const size_t one = c->codec->attend_scratch_floats(c->codec_state, rows, 1);
+    return rv_pad16(many > one ? many : one);
+}
 
-/* per-thread scratch of the fold: the cold tier's (a group head's parameters and the fused
- * kernel's scratch; TurboQuant: rotated queries and states of up to every head) and the span
- * kernels' */
+/* per-thread scratch of the fold: the codec's, then the span kernels' */
 static size_t tt_extra_floats(const rv_kv_source *src, int rows)
 {
-    const rv_tt *c = (const rv_tt *)src->cache;
-    size_t cold;
-    if (c->turbo) {
-        /* decode tasks fold every head (at most RV_KV_STREAM_ROWS rows), prefill tasks one */
-        size_t many = rv_turbo_attend_floats(c->turbo, rows < RV_KV_STREAM_ROWS ? rows : RV_KV_STREAM_ROWS,
-                                             c->num_kv_heads);
-        size_t one = rv_turbo_attend_floats(c->turbo, rows, 1);
-        cold = many > one ? many : one;
-    } else {
-        cold = rv_pad16(rv_coldq_param_floats(&c->q)) + rv_pad16(RV_QATTN_SCRATCH_FLOATS(c->group_tokens, c->head_dim));
-    }
-    return rv_pad16(cold) + rv_kv_span_scratch_floats(rows, c->head_dim);
-}
-
-/* The TurboQuant cold tokens [t0, t1) of heads h0.. into the states: the queries rotated,
- * rotated-domain states folded group by group, rotated back and merged in. */
-static void tt_fold_turbo(const rv_tt *c, const rv_tt_layer *L, int h0, int nh, int64_t t0, int64_t t1,
-                          rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
-                          const rv_ops *ops)
-{
-    const rv_turbo *tq = c->turbo;
-    const int W = rv_turbo_state_dim(tq), G = c->group_tokens, rows = states[0].rows, d = c->head_dim;
-    const size_t rd = rv_pad16((size_t)rows * W), r16 = rv_pad16((size_t)rows);
-    const size_t per_head = 3 * rd + 3 * r16;
-    float *norms = extra + (size_t)nh * per_head;
-    float *kscratch = norms + rv_turbo_head_floats(tq);
-    for (int j = 0; j < nh; j++) {
-        float *base = extra + (size_t)j * per_head;
-        float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
-        float *m = qjl_sum + r16, *l = m + r16;
-        rv_turbo_prepare_queries(tq, states[j].q, states[j].q_stride, rows, q_rot, qjl_q, qjl_sum, ops);
-        rv_attn_state_clear(m, l, acc, rows, W);
-    }
-    for (int64_t t = t0; t < t1;) {
-        const int64_t gi = L->first + (t + L->skip) / G;
-        const int a = (int)((t + L->skip) % G);
-        const int n = G - a < t1 - t ? G - a : (int)(t1 - t);
-        const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
-        for (int j = 0; j < nh; j++) {
-            float *base = extra + (size_t)j * per_head;
-            float *q_rot = base, *qjl_q = q_rot + rd, *acc = qjl_q + rd, *qjl_sum = acc + rd;
-            float *m = qjl_sum + r16, *l = m + r16;
-            rv_attn_state rot = {rows, W, q_rot, W, m, l, acc, states[0].scratch};
-            struct rv_thead th;
-            rv_turbo_head(tq, RV_TT_BLOB(L->groups[gi]), h0 + j, qjl_q, qjl_sum, norms, &th, ops);
-            if (j + 1 < nh || t + n < t1) {      /* the segment that comes next in memory */
-                const unsigned char *next = RV_TT_BLOB(L->groups[j + 1 < nh ? gi : gi + 1]);
-                const int nhead = j + 1 < nh ? h0 + j + 1 : h0;
-                th.prefetch = rv_turbo_segment(tq, next, nhead);
-                th.prefetch_bytes = rv_turbo_head_bytes(tq, next, nhead);
-            }
-            ops->attend_tgroup(&rot, &th, a, n, vv, kscratch);
-        }
-        t += n;
-    }
-    for (int j = 0; j < nh; j++) {
-        float *base = extra + (size_t)j * per_head;
-        float *q_rot = base, *acc = q_rot + 2 * rd, *m = acc + rd + r16, *l = m + r16;
-        rv_turbo_unrotate(tq, acc, rows, q_rot, d);     /* q_rot is free now: [rows][d] */
-        ops->attn_merge(rows, d, states[j].m, states[j].l, states[j].acc, m, l, q_rot);
-    }
+    const rv_tt *c = (const rv_tt *)src->data;
+    return tt_cold_floats(c, rows) + rv_kv_span_scratch_floats(rows, c->head_dim);
 }
 
 static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0, int64_t t1,
                     rv_attn_state *states, const int64_t *row_pos, int *vis, float *extra,
                     const rv_ops *ops)
 {
-    const rv_tt *c = (const rv_tt *)src->cache;
+    const rv_tt *c = (const rv_tt *)src->data;
     const rv_tt_layer *L = &c->seqs[seq].layers[src->layer];
     const int d = c->head_dim, G = c->group_tokens, rows = states[0].rows;
     const int64_t ncold = cold_len(c, L);
-    float *params = extra;
-    float *qscratch = params + rv_pad16(rv_coldq_param_floats(&c->q));
-    float *sscratch = extra + (tt_extra_floats(src, rows) - rv_kv_span_scratch_floats(rows, d));
-    /* cold: group by group, every head of a group in turn (memory order), the fused kernel
-     * reading the codes and prefetching the segment that comes next */
+    float *sscratch = extra + tt_cold_floats(c, rows);
+    /* cold: group by group, every head of a group in turn (memory order), the codec reading
+     * the codes in place and prefetching the segment that comes next */
     int64_t t = t0;
     const int64_t cold_end = t1 < ncold ? t1 : ncold;
-    if (c->turbo && t < cold_end) {
-        tt_fold_turbo(c, L, h0, nh, t, cold_end, states, row_pos, vis, extra, ops);
-        t = cold_end;
-    }
-    while (t < cold_end) {
-        const int64_t gi = L->first + (t + L->skip) / G;
-        const int a = (int)((t + L->skip) % G);
-        const int n = G - a < cold_end - t ? G - a : (int)(cold_end - t);
-        const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
-        for (int j = 0; j < nh; j++) {
-            rv_coldq_head view;
-            struct rv_qhead qh;
-            rv_coldq_head_view(&c->q, RV_TT_BLOB(L->groups[gi]), h0 + j, &view);
-            rv_coldq_qhead(&c->q, &view, params, &qh, ops);
-            if (j + 1 < nh)
-                qh.prefetch_bytes = rv_coldq_head_bytes(&c->q, RV_TT_BLOB(L->groups[gi]), h0 + j + 1, &qh.prefetch);
-            else if (t + n < cold_end)
-                qh.prefetch_bytes = rv_coldq_head_bytes(&c->q, RV_TT_BLOB(L->groups[gi + 1]), h0, &qh.prefetch);
-            ops->attend_qgroup(&states[j], &qh, a, n, vv, qscratch);
+    if (t < cold_end) {
+        c->codec->attend_begin(c->codec_state, states, nh, extra, ops);
+        while (t < cold_end) {
+            const int64_t gi = L->first + (t + L->skip) / G;
+            const int a = (int)((t + L->skip) % G);
+            const int n = G - a < cold_end - t ? G - a : (int)(cold_end - t);
+            const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
+            const unsigned char *blob = RV_TT_BLOB(L->groups[gi]);
+            for (int j = 0; j < nh; j++) {
+                /* the segment that comes next in memory: the next head, or the next group's first */
+                const unsigned char *next = j + 1 < nh ? blob : (t + n < cold_end ? RV_TT_BLOB(L->groups[gi + 1]) : NULL);
+                c->codec->attend_group(c->codec_state, blob, h0 + j, j, nh, a, n, vv, states, next,
+                                       j + 1 < nh ? h0 + j + 1 : h0, extra, ops);
+            }
+            t += n;
         }
-        t += n;
+        c->codec->attend_end(c->codec_state, states, nh, extra, ops);
     }
     /* hot: the ring's part of the range, at most two runs (it wraps) */
     while (t < t1) {
@@ -826,7 +1041,7 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
         const int64_t n = L->hot_cap - pos < t1 - t ? L->hot_cap - pos : t1 - t;
         const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
         const ptrdiff_t head_stride = (ptrdiff_t)L->hot_cap * d;
-        if (rows <= RV_KV_STREAM_ROWS) {
+        if (rows <= RV_STREAM_MAX_ROWS) {
             ops->attend_heads_f16(states, nh, ring_row(c, L, 0, h0, pos), d, head_stride,
                                   ring_row(c, L, 1, h0, pos), d, head_stride, (int)n, vv);
         } else {
@@ -839,13 +1054,13 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
     }
 }
 
-int rv_tt_attend(const rv_tt *c, int layer, int num_heads, const rv_kv_query *queries, int nq,
-                 float scale, int causal, const rv_ops *ops, int nthreads)
+void rv_tt_source(const rv_tt *c, int layer, int num_heads, rv_kv_source *src)
 {
-    rv_kv_source src = {.cache = c, .layer = layer, .num_heads = num_heads, .num_kv_heads = c->num_kv_heads,
-                         .head_dim = c->head_dim, .fold = tt_fold, .extra_floats = tt_extra_floats,
-                         .split_align = c->group_tokens};
-    return rv_kv_attend(&src, queries, nq, scale, causal, ops, nthreads);
+    /* every format counts as fp16 for the team size: dequantizing costs about what the bytes
+     * saved would have */
+    *src = (rv_kv_source){.data = c, .layer = layer, .num_heads = num_heads, .num_kv_heads = c->num_kv_heads,
+                          .head_dim = c->head_dim, .kv_elem_bytes = 2, .fold = tt_fold,
+                          .extra_floats = tt_extra_floats, .split_align = c->group_tokens};
 }
 
 /* ---- export / import ---- */
@@ -866,7 +1081,7 @@ size_t rv_tt_export_bytes(const rv_tt *c, int slot, int layer)
 }
 
 void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blobs, int64_t *sizes,
-                        int32_t *skip, uint16_t *hot_k, uint16_t *hot_v)
+                        int32_t *skip, int32_t *cut, uint16_t *hot_k, uint16_t *hot_v)
 {
     const rv_tt_layer *L = &c->seqs[slot].layers[layer];
     const int kvh = c->num_kv_heads, d = c->head_dim;
@@ -876,6 +1091,7 @@ void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blob
         sizes[g - L->first] = (int64_t)L->groups[g]->blob_bytes;
     }
     *skip = L->skip;
+    *cut = L->cut;
     for (int64_t i = 0; i < L->hot_len; i++) {
         int64_t pos = (L->hot_head + i) % L->hot_cap;
         for (int h = 0; h < kvh; h++) {
@@ -887,11 +1103,11 @@ void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blob
 
 int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
 {
-    return c->turbo ? rv_turbo_validate(c->turbo, blob, bytes) : rv_coldq_validate(&c->q, blob, bytes);
+    return c->codec->validate(c->codec_state, blob, bytes);
 }
 
 int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,
-                       int64_t ngroups, int32_t skip, const uint16_t *hot_k, const uint16_t *hot_v,
+                       int64_t ngroups, int32_t skip, int32_t cut, const uint16_t *hot_k, const uint16_t *hot_v,
                        int64_t hot_len)
 {
     rv_tt_seq *s = &c->seqs[slot];
@@ -908,6 +1124,7 @@ int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs
         blobs += sizes[g];
     }
     L->skip = ngroups ? skip : 0;
+    L->cut = ngroups ? cut : 0;
     if (hot_len > 0) {
         if (ring_reserve(c, L, 0, hot_len))
             goto fail;
@@ -918,7 +1135,7 @@ int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs
             }
         L->hot_len = hot_len;
     }
-    hold_groups(L, 0, L->ngroups, +1);       /* counted only now that nothing can fail */
+    hold_groups(c, L, 0, L->ngroups, +1);       /* counted only now that nothing can fail */
     restat_groups(c, layer, L, 0, L->ngroups);
     c->used[layer] += hot_len;
     return RV_OK;

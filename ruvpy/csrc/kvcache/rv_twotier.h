@@ -1,25 +1,31 @@
 /* The two-tier KV cache: per (sequence, layer) an fp16 hot ring of the most recent tokens and a
- * cold list of immutable quantized groups of `group_tokens` tokens (one migration batch).
+ * cold list of immutable quantized groups of `group_tokens` tokens (one migration batch), in
+ * whichever cold format its codec (kvcache/rv_codec.h) is: the cache never branches on it.
  *
  * Token order of a (sequence, layer): the live cold groups oldest first (the first `skip`
- * tokens of the first one evicted), then the hot ring from hot_head. Appends go to the hot
- * ring; outside a transaction, whenever the ring holds hot_tokens + group_tokens tokens its
- * oldest group_tokens tokens are quantized into a new cold group (migration). Cold groups are
- * reference counted: fork shares them and copies only the hot ring.
+ * tokens of the first one evicted, the last `cut` tokens of the last one truncated away), then
+ * the hot ring from hot_head. Appends go to the hot ring; outside a transaction, whenever the
+ * ring holds hot_tokens + group_tokens tokens its oldest group_tokens tokens are quantized into
+ * a new cold group (migration). Cold groups are reference counted: fork shares them and copies
+ * only the hot ring.
  *
  * Budget (max_tokens, per layer): `used` counts the tokens stored, not the tokens each
  * sequence sees: every sequence's hot tokens (its own copies) plus, once, each cold group's
- * tokens that some sequence still holds. A holder sees a suffix of each of its groups (all of
- * it, but for `skip` evicted tokens of its first live one), so a group stores its tokens from
- * the smallest start among its holders on: a fork costs only its hot tail, and evicting a
- * shared token frees room only once no sequence holds it any more (the group's memory goes
- * with its last reference).
+ * tokens that some sequence still holds. A holder sees a range of each of its groups (all of
+ * it, but for `skip` evicted tokens of its first live one and `cut` truncated tokens of its
+ * last), so a group stores the union of its holders' ranges: a fork costs only its hot tail,
+ * and evicting a shared token frees room only once no sequence holds it any more (the group's
+ * memory goes with its last reference).
  *
  * Transactions: inside one a sequence never migrates (its hot ring grows instead) and
  * evictions only move its counters (dropped groups are freed at commit, and the ring never
  * reuses slots that a rollback would need), so rollback is exact; commit migrates.
  *
- * Hot ring memory: K then V, each [kv head][hot_cap][head_dim] binary16.
+ * Memory: hot rings K then V, each [kv head][hot_cap][head_dim] binary16; cold groups from a
+ * buffer pool's size class when one is attached (rv_tt_use_pool; the Runtime's pool, sized by
+ * arithmetic from the codec's largest blob) or else the C allocator; one work buffer for
+ * migration and inspection, allocated with the cache. Every byte is counted: hot_bytes,
+ * cold_bytes (what each group's allocation really takes), meta_bytes (everything else).
  * Not synchronised: the Python wrapper serialises all calls on one cache. */
 #ifndef RV_TWOTIER_H
 #define RV_TWOTIER_H
@@ -29,23 +35,20 @@
 
 #include "rv_common.h"
 #include "kernels/rv_ops.h"
-#include "kvcache/rv_coldq.h"
-#include "kvcache/rv_turbo.h"
-
-#define RV_TT_Q8 0
-#define RV_TT_Q4 1
-#define RV_TT_TURBO 2
+#include "memory/rv_memory.h"
+#include "kvcache/rv_codec.h"
 
 /* A cold group: this header, then its blob (the format's bytes) at RV_TT_GROUP_HDR. */
 #define RV_TT_GROUP_HDR 64
 typedef struct {
     int32_t refs;            /* group lists holding it (live or evicted awaiting a commit) */
-    int32_t full;            /* live holders that see all of it (start 0) */
-    int32_t stored;          /* its tokens counted in `used`: from its holders' smallest start on */
-    int32_t tmp;             /* scratch of rv_tt_stored_without, valid while mark == its epoch */
+    int32_t full;            /* live holders that see all of it (no skip, no cut) */
+    int32_t stored;          /* its tokens counted in `used`: those some holder sees */
+    int32_t tmp, tmp_end, tmp_mid;   /* scratch of rv_tt_stored_without (while mark == epoch) */
+    int32_t pooled;          /* its memory is a pool buffer */
     uint64_t mark;
     size_t blob_bytes;
-    size_t alloc_bytes;      /* what the allocation really took (header + blob, aligned) */
+    size_t alloc_bytes;      /* what the allocation really takes (header + blob, aligned) */
 } rv_tt_group;
 #define RV_TT_BLOB(g) ((unsigned char *)(g) + RV_TT_GROUP_HDR)
 
@@ -53,11 +56,12 @@ typedef struct {
     rv_tt_group **groups;    /* [0, first) are evicted ones awaiting a commit */
     int64_t ngroups, gcap, first;
     int32_t skip;            /* evicted leading tokens of groups[first] */
+    int32_t cut;             /* truncated trailing tokens of groups[ngroups - 1] */
     uint16_t *hot;
     int64_t hot_cap, hot_head, hot_len;
     /* transaction snapshot */
     int64_t s_first, s_hot_head, s_hot_len, s_hot_cap;
-    int32_t s_skip;
+    int32_t s_skip, s_cut;
     int64_t txn_hot_evicted;  /* hot tokens evicted since begin (their slots stay reserved) */
 } rv_tt_layer;
 
@@ -65,39 +69,57 @@ typedef struct {
     int live, in_txn;
     rv_tt_layer *layers;
     int64_t evicted, s_evicted;   /* tokens evicted from it (most of any layer); at begin */
+    uint64_t birth;               /* creation order (eviction picks the oldest of equals) */
 } rv_tt_seq;
 
 typedef struct {
     int num_layers, num_kv_heads, head_dim;
-    int hot_tokens, group_tokens, cold;
-    rv_coldq_cfg q;          /* cold q8 / q4 */
-    rv_turbo *turbo;         /* cold turbo: rotation, projections, codebooks */
+    int hot_tokens, group_tokens;
+    const rv_codec *codec;   /* the cold format */
+    void *codec_state;
     int64_t max_tokens;
     int64_t *used;           /* [num_layers] tokens stored (see the budget above) */
     rv_tt_seq *seqs;
     int nslots, slot_cap;
     int open_txns;
     size_t hot_bytes, cold_bytes, meta_bytes;
+    size_t cold_pooled_bytes;     /* of cold_bytes: pool buffers */
     int64_t cold_groups;     /* distinct groups allocated */
     int64_t evicted;         /* tokens evicted, all sequences (a rollback takes its own back) */
     int64_t shared_groups;   /* distinct groups with more than one reference */
     uint64_t epoch;          /* marks of rv_tt_stored_without */
+    uint64_t births;
+    rv_pool *pool;           /* cold groups from its class pool_class, or NULL */
+    int pool_class;
+    float *work;             /* migration / inspection scratch: work_floats */
+    size_t work_floats;
+    int *victims;            /* eviction order scratch: victims_cap ints */
+    int victims_cap;
 } rv_tt;
 
 typedef struct {
     int num_layers, num_kv_heads, head_dim;
-    int hot_tokens, group_tokens, group_size, cold;
+    int hot_tokens, group_tokens, group_size;
+    int cold;                /* index into rv_codecs */
     double turbo_bits;
     int64_t max_tokens;
 } rv_tt_params;
 
+/* RV_OK, RV_EINVAL (parameters: see rv_limits.h and the codec), RV_ENOMEM. */
 int rv_tt_create(rv_tt **out, const rv_tt_params *p);
 void rv_tt_destroy(rv_tt *c);
-/* bytes one cold group without optional outlier parts really takes (header + blob, aligned);
- * 0 for invalid parameters */
-size_t rv_tt_group_alloc_bytes(const rv_tt_params *p);
+
+/* ---- sizes, by arithmetic (0 for invalid parameters) ---- */
+/* bytes a cold group's allocation takes: its smallest blob (largest: most != 0) plus header */
+size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most);
 /* bytes of a hot ring holding `tokens` tokens (aligned allocation) */
 size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens);
+/* bytes the cache allocates at creation (its struct, counters, codec tables, work buffer) */
+size_t rv_tt_fixed_bytes(const rv_tt_params *p);
+
+/* Take cold groups from `pool`'s class `cls` when they fit its buffers (the pool must outlive
+ * the cache's groups: the Python wrapper keeps it alive). */
+void rv_tt_use_pool(rv_tt *c, rv_pool *pool, int cls);
 
 int rv_tt_add(rv_tt *c, int *slot);
 /* RV_EFULL when the copied hot tail does not fit max_tokens (the shared cold groups take no
@@ -115,6 +137,27 @@ void rv_tt_evict(rv_tt *c, int slot, int64_t n);
 /* The tokens `layer` would store if the n sequences `slots` held nothing (recounted from the
  * group lists; with n == 0 it equals used[layer]). */
 int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n);
+/* Keep the first n tokens of slot in every layer (those past it are dropped: hot ones, whole
+ * cold groups, and the tail of the cold group the cut falls in, which stays shared). Refused
+ * (RV_EINVAL) inside a transaction. */
+int rv_tt_truncate(rv_tt *c, int slot, int64_t n);
+
+/* ---- room for appends: the eviction policy ---- */
+#define RV_TT_ROOM_OK 0
+#define RV_TT_ROOM_FULL 1          /* policy "error": the tokens do not fit */
+#define RV_TT_ROOM_TOO_MANY 2      /* more than the cache holds: eviction cannot help */
+#define RV_TT_ROOM_MIXED 3         /* requesters on both sides of an open transaction */
+#define RV_TT_ROOM_TXN_SIDE 4      /* the requesters' side of the transaction holds too few */
+#define RV_TT_ROOM_NOMEM 5         /* out of memory for the eviction order */
+/* Make sure appending n[i] tokens to slots[i] (distinct, live) in `layer` (< 0: every layer)
+ * fits max_tokens. evict == 0: just check. evict != 0 ("evict-oldest"): drop the oldest tokens
+ * until exactly the room asked for is free -- first of the requesting sequences (so each keeps
+ * its newest tokens), then of the others, longest first (older sequences first among equals);
+ * a dropped token another sequence still holds frees no room, so its other holders drop it
+ * next. While a transaction is open only sequences on the requesters' side of it may give up
+ * tokens (a rollback must not bring back tokens whose room was given away). Returns an
+ * RV_TT_ROOM_* code; nothing changes unless it is RV_TT_ROOM_OK. *bind: the fullest layer. */
+int rv_tt_make_room(rv_tt *c, const int *slots, const int64_t *n, int nseq, int layer, int evict, int *bind);
 
 /* Append n tokens (k/v [n, kv heads, head_dim], float32 or binary16 by src_dtype 0/1).
  * RV_EFULL (max_tokens) or RV_ENOMEM before anything changes. Migrates outside transactions
@@ -126,26 +169,26 @@ int rv_tt_begin(rv_tt *c, int slot);
 void rv_tt_commit(rv_tt *c, int slot, const rv_ops *ops);
 void rv_tt_rollback(rv_tt *c, int slot);
 
-/* Copy a layer's K/V dequantized into float32 [len, kv heads, head_dim]. RV_ENOMEM. */
-int rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops);
+/* Copy a layer's K/V dequantized into float32 [len, kv heads, head_dim]. */
+void rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const rv_ops *ops);
 
-struct rv_kv_query;
-int rv_tt_attend(const rv_tt *c, int layer, int num_heads, const struct rv_kv_query *queries, int nq,
-                 float scale, int causal, const rv_ops *ops, int nthreads);
+/* The attention source of `layer` (kvcache: its fold walks the cold groups, then the ring). */
+struct rv_kv_source;
+void rv_tt_source(const rv_tt *c, int layer, int num_heads, struct rv_kv_source *src);
 
 /* export / import of one layer: its live cold groups' blobs and its hot tokens */
 int64_t rv_tt_export_groups(const rv_tt *c, int slot, int layer);   /* live groups */
 size_t rv_tt_export_bytes(const rv_tt *c, int slot, int layer);     /* their blob bytes */
-/* blobs back to back into `blobs`, sizes into `sizes`; the skip and hot K/V (binary16,
+/* blobs back to back into `blobs`, sizes into `sizes`; the skip, cut and hot K/V (binary16,
  * [hot_len, kv heads, head_dim]) */
 void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blobs, int64_t *sizes,
-                        int32_t *skip, uint16_t *hot_k, uint16_t *hot_v);
+                        int32_t *skip, int32_t *cut, uint16_t *hot_k, uint16_t *hot_v);
 /* 0 if the blob is well formed for this cache */
 int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes);
 /* Fill layer `layer` of an empty sequence (validated data). RV_ENOMEM (the layer stays empty). */
 int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,
-                       int64_t ngroups, int32_t skip, const uint16_t *hot_k, const uint16_t *hot_v,
-                       int64_t hot_len);
+                       int64_t ngroups, int32_t skip, int32_t cut, const uint16_t *hot_k,
+                       const uint16_t *hot_v, int64_t hot_len);
 
 typedef struct {
     int64_t hot_tokens, cold_tokens;   /* summed over layers */

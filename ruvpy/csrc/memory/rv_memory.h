@@ -72,16 +72,42 @@ RV_INLINE void rv_arena_reset(rv_arena *a)
     a->reset_count++;
 }
 
-/* ---- buffer pool: per-size-class free lists, one mutex per class ------------------------ */
+/* ---- scratch: one shared region and one region per thread -----------------------------
+ * What a parallel driver's work buffers come from (ruvpy.ScratchSpace owns the memory): the
+ * shared region holds what every thread reads (a plan's task list, context splits' partial
+ * states), thread t's region what only OpenMP thread t touches. Drivers say how much they
+ * need (their plan's shared_bytes / thread_bytes) before they run. */
+typedef struct {
+    unsigned char *shared;      /* shared_bytes, RV_ALIGN-aligned (NULL if 0) */
+    size_t shared_bytes;
+    unsigned char *threads;     /* thread t's region at threads + t * thread_stride */
+    size_t thread_stride;       /* multiple of RV_ALIGN */
+    size_t thread_bytes;        /* usable bytes of each thread's region */
+    int nthreads;
+} rv_scratch;
 
-#define RV_POOL_CLASSES 5
-#define RV_POOL_MAX_BUFFERS_PER_CLASS ((size_t)1 << 20)
+/* Whether `s` has room for a driver needing shared / per_thread bytes on nthreads threads. */
+RV_INLINE int rv_scratch_fits(const rv_scratch *s, size_t shared, size_t per_thread, int nthreads)
+{
+    return s && s->shared_bytes >= shared && s->thread_bytes >= per_thread && s->nthreads >= nthreads;
+}
+
+/* ---- buffer pool: per-size-class free lists, one mutex per class ------------------------
+ * The classes are the five defaults (1, 4, 16, 64, 256 KiB) or the caller's own (at most
+ * RV_POOL_MAX_CLASSES, ascending), each with its own limit of free buffers: a Runtime adds a
+ * class sized for its two-tier cache's cold groups (the codec's largest blob) and keeps its
+ * whole capacity of them on the free list, so migration never calls the allocator. */
+
+#define RV_POOL_CLASSES 5               /* the default classes */
+#define RV_POOL_MAX_CLASSES 8
+#define RV_POOL_MAX_BUFFERS_PER_CLASS ((size_t)1 << 24)
 
 typedef struct {
     pthread_mutex_t lock;
     void **free_list;           /* max_buffers slots, `count` used */
     size_t count;
     size_t nbytes;              /* the class's buffer size */
+    size_t max_buffers;         /* free buffers kept at most */
     /* counters: changed under `lock`, except allocations and outstanding (atomics) */
     uint64_t hits, misses, returns, drops;
     uint64_t allocations;       /* buffers this class ever allocated (misses + prewarm) */
@@ -89,38 +115,46 @@ typedef struct {
 } __attribute__((aligned(RV_ALIGN))) rv_pool_class;  /* own cache line: no false sharing */
 
 typedef struct {
-    rv_pool_class cls[RV_POOL_CLASSES];
-    size_t max_buffers;
+    rv_pool_class cls[RV_POOL_MAX_CLASSES];
+    int nclasses;
+    size_t max_buffers;         /* the default limit per class */
 } rv_pool;
 
 typedef struct {
     uint64_t hits, misses, allocations, returns, drops;
     size_t pooled_bytes, outstanding_bytes;
-    size_t free_buffers[RV_POOL_CLASSES];
+    size_t free_buffers[RV_POOL_MAX_CLASSES];
 } rv_pool_stats;
 
 extern const size_t rv_pool_class_bytes[RV_POOL_CLASSES];  /* 1, 4, 16, 64, 256 KiB */
 
-/* The smallest class holding nbytes, or -1 when nbytes exceeds the largest. */
-int rv_pool_class_for(size_t nbytes);
+/* The smallest class of p holding nbytes, or -1 when nbytes exceeds the largest. */
+int rv_pool_class_for(const rv_pool *p, size_t nbytes);
 
-/* A pool keeping at most max_buffers_per_class (<= RV_POOL_MAX_BUFFERS_PER_CLASS) free
- * buffers per class; NULL when out of memory or the limit is absurd. The struct is
- * cache-line aligned, hence heap-allocated here rather than embedded in a Python object. */
+/* A pool of the default classes keeping at most max_buffers_per_class (<=
+ * RV_POOL_MAX_BUFFERS_PER_CLASS) free buffers per class; NULL when out of memory or the limit
+ * is absurd. The struct is cache-line aligned, hence heap-allocated here rather than embedded
+ * in a Python object. */
 rv_pool *rv_pool_create(size_t max_buffers_per_class);
+/* A pool of n classes (1 <= n <= RV_POOL_MAX_CLASSES) of bytes[i] (ascending, each a multiple
+ * of RV_ALIGN) keeping at most max_buffers[i] free buffers each; NULL if invalid or out of
+ * memory. */
+rv_pool *rv_pool_create_classes(const size_t *bytes, const size_t *max_buffers, int n);
 void rv_pool_destroy(rv_pool *p);   /* frees the pooled buffers and the pool */
 
 /* A buffer of class c: a pooled one (a hit) or a new allocation (a miss), NULL when out of
  * memory. Give it back with rv_pool_release: onto the free list (a return) or, when the class
- * already holds max_buffers, freed (a drop). Both block on the class mutex only around the
+ * already holds its max_buffers, freed (a drop). Both block on the class mutex only around the
  * free-list step; allocation and freeing happen outside it. */
 void *rv_pool_acquire(rv_pool *p, int c);
 void rv_pool_release(rv_pool *p, int c, void *buffer);
 
-/* Allocate and pool up to `count` buffers of class c, never beyond max_buffers; the number
+/* Allocate and pool up to `count` buffers of class c, never beyond its max_buffers; the number
  * added in *added. RV_ENOMEM if an allocation failed (those made so far stay pooled). */
 int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added);
 void rv_pool_clear(rv_pool *p);                  /* free every pooled buffer */
+/* bytes the pool itself takes: its struct and each class's free list (max_buffers slots) */
+size_t rv_pool_meta_bytes(const rv_pool *p);
 void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out);
 
 #endif

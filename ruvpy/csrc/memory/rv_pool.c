@@ -20,29 +20,35 @@ void rv_aligned_free(void *block)
     free(block);
 }
 
-int rv_pool_class_for(size_t nbytes)
+int rv_pool_class_for(const rv_pool *p, size_t nbytes)
 {
-    for (int c = 0; c < RV_POOL_CLASSES; c++)
-        if (nbytes <= rv_pool_class_bytes[c])
+    for (int c = 0; c < p->nclasses; c++)
+        if (nbytes <= p->cls[c].nbytes)
             return c;
     return -1;
 }
 
-rv_pool *rv_pool_create(size_t max_buffers_per_class)
+rv_pool *rv_pool_create_classes(const size_t *bytes, const size_t *max_buffers, int n)
 {
-    if (max_buffers_per_class > RV_POOL_MAX_BUFFERS_PER_CLASS)
+    if (n < 1 || n > RV_POOL_MAX_CLASSES)
         return NULL;
+    for (int c = 0; c < n; c++)
+        if (bytes[c] == 0 || bytes[c] % RV_ALIGN || (c && bytes[c] <= bytes[c - 1]) ||
+            max_buffers[c] > RV_POOL_MAX_BUFFERS_PER_CLASS || bytes[c] > (size_t)PTRDIFF_MAX)
+            return NULL;
     rv_pool *p = rv_aligned_alloc(sizeof(rv_pool));
     if (!p)
         return NULL;
     memset(p, 0, sizeof(*p));
-    p->max_buffers = max_buffers_per_class;
+    p->nclasses = n;
+    p->max_buffers = max_buffers[0];
     int c = 0;
-    for (; c < RV_POOL_CLASSES; c++) {
+    for (; c < n; c++) {
         rv_pool_class *k = &p->cls[c];
-        k->nbytes = rv_pool_class_bytes[c];
+        k->nbytes = bytes[c];
+        k->max_buffers = max_buffers[c];
         /* one spare slot so that max_buffers == 0 still gets a valid (unused) array */
-        k->free_list = malloc((max_buffers_per_class + 1) * sizeof(void *));
+        k->free_list = malloc((max_buffers[c] + 1) * sizeof(void *));
         if (!k->free_list || pthread_mutex_init(&k->lock, NULL) != 0) {
             free(k->free_list);
             goto fail;
@@ -58,12 +64,20 @@ fail:
     return NULL;
 }
 
+rv_pool *rv_pool_create(size_t max_buffers_per_class)
+{
+    size_t limits[RV_POOL_CLASSES];
+    for (int c = 0; c < RV_POOL_CLASSES; c++)
+        limits[c] = max_buffers_per_class;
+    return rv_pool_create_classes(rv_pool_class_bytes, limits, RV_POOL_CLASSES);
+}
+
 void rv_pool_destroy(rv_pool *p)
 {
     if (!p)
         return;
     rv_pool_clear(p);
-    for (int c = 0; c < RV_POOL_CLASSES; c++) {
+    for (int c = 0; c < p->nclasses; c++) {
         pthread_mutex_destroy(&p->cls[c].lock);
         free(p->cls[c].free_list);
     }
@@ -96,7 +110,7 @@ void rv_pool_release(rv_pool *p, int c, void *buffer)
 {
     rv_pool_class *k = &p->cls[c];
     pthread_mutex_lock(&k->lock);
-    int pooled = k->count < p->max_buffers;
+    int pooled = k->count < k->max_buffers;
     if (pooled) {
         k->free_list[k->count++] = buffer;
         k->returns++;
@@ -118,7 +132,7 @@ int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added)
         if (!buffer)
             return RV_ENOMEM;
         pthread_mutex_lock(&k->lock);
-        int room = k->count < p->max_buffers;
+        int room = k->count < k->max_buffers;
         if (room) {
             k->free_list[k->count++] = buffer;
             __atomic_fetch_add(&k->allocations, 1, __ATOMIC_RELAXED);
@@ -134,7 +148,7 @@ int rv_pool_prewarm(rv_pool *p, int c, size_t count, size_t *added)
 
 void rv_pool_clear(rv_pool *p)
 {
-    for (int c = 0; c < RV_POOL_CLASSES; c++) {
+    for (int c = 0; c < p->nclasses; c++) {
         rv_pool_class *k = &p->cls[c];
         pthread_mutex_lock(&k->lock);
         for (size_t i = 0; i < k->count; i++)
@@ -147,7 +161,7 @@ void rv_pool_clear(rv_pool *p)
 void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
 {
     memset(out, 0, sizeof(*out));
-    for (int c = 0; c < RV_POOL_CLASSES; c++) {
+    for (int c = 0; c < p->nclasses; c++) {
         rv_pool_class *k = &p->cls[c];
         pthread_mutex_lock(&k->lock);
         out->hits += k->hits;
@@ -160,4 +174,12 @@ void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
         out->outstanding_bytes += __atomic_load_n(&k->outstanding, __ATOMIC_RELAXED) * k->nbytes;
         pthread_mutex_unlock(&k->lock);
     }
+}
+
+size_t rv_pool_meta_bytes(const rv_pool *p)
+{
+    size_t n = rv_align_up(sizeof(rv_pool));
+    for (int c = 0; c < p->nclasses; c++)
+        n += (p->cls[c].max_buffers + 1) * sizeof(void *);
+    return n;
 }

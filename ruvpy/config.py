@@ -1,0 +1,173 @@
+"""RuntimeConfig: everything a Runtime is built from, validated on construction. The limits it
+checks (head_dim, TurboQuant bit widths, cold formats) are C's, read from the extensions
+(csrc/rv_limits.h, the codec table)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ruvpy._kernels import MAX_HEAD_DIM, TURBO_BITS
+from ruvpy._kvcache import COLD_FORMATS
+
+__all__ = ["RuntimeConfig", "KV_CACHE_KINDS", "KV_DTYPES", "COLD_FORMATS", "POLICIES", "TURBO_BITS",
+           "DEFAULT_MAX_TOKENS", "MAX_HEAD_DIM", "MiB"]
+
+KV_CACHE_KINDS = ("paged", "two-tier", "turbo")
+KV_DTYPES = ("float16", "float32")
+POLICIES = ("error", "evict-oldest")
+DEFAULT_MAX_TOKENS = 8192
+MiB = 1 << 20
+
+
+def _int_field(name, value, *, minimum=1, maximum=None, optional=False):
+    if value is None and optional:
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"RuntimeConfig.{name} must be {kind}, got {type(value).__name__} "
+                        f"{value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"RuntimeConfig.{name} must be {bound}, got {value}")
+
+
+def _choice_field(name, value, choices, *, optional=False):
+    if value is None and optional:
+        return
+    if value not in choices:
+        raise ValueError(f"RuntimeConfig.{name} must be one of "
+                         f"{', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """Everything a Runtime is built from; validated on construction (TypeError / ValueError
+    naming the field).
+
+    Model shape: num_layers, num_heads (query heads), num_kv_heads (divides num_heads),
+    head_dim (1..256).
+
+    KV cache: kv_cache "paged" (fp16/fp32 blocks), "two-tier" (recent hot_tokens in fp16,
+    older tokens packed as cold "q8"/"q4") or "turbo" (two-tier with TurboQuant cold store of
+    turbo_bits 2.5/3.5/4.5 bits per value). max_tokens: token capacity of the cache (all
+    sequences together, per layer). memory_budget: bytes the KV cache may allocate (storage
+    and metadata) -- the capacity becomes what fits in it, capped by max_tokens when both are
+    given; neither: 8192 tokens. A paged cache preallocates it: budget less a metadata
+    allowance (1/64, 8 KiB..1 MiB) over its bytes_per_token. A two-tier cache also keeps an
+    fp16 hot tier per sequence: the budget reserves hot tiers for max_sequences sequences
+    (1 if None) and sizes the cold store at its worst-case bytes per token (q4 outlier
+    channels included); adding a sequence whose hot tier no longer fits raises KVCacheFull.
+    (A step appending more than hot_tokens + migration_batch tokens to one sequence holds
+    them in fp16 until it ends: chunk long prefills to stay inside a tight budget.)
+    max_sequences: live sequences at once (None: as many as fit). policy: when the cache is
+    full, "error" raises KVCacheFull before anything is written; "evict-oldest" drops the
+    oldest tokens (two-tier/turbo only; the paged cache keeps every token). block_size:
+    tokens per paged block. group_size / migration_batch: cold quantisation group and
+    hot-to-cold batch.
+
+    Memory: arena_bytes for step-scoped buffers (step.alloc, attention outputs),
+    scratch_bytes_per_thread, pool_buffers_per_class for the BufferPool. threads: kernel
+    threads during this runtime's steps (None: leave the process-wide setting).
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_tokens: int | None = None
+    kv_cache: str = "paged"
+    kv_dtype: str = "float16"
+    memory_budget: int | None = None
+    threads: int | None = None
+    max_sequences: int | None = None
+    block_size: int = 16
+    hot_tokens: int = 256
+    cold: str | None = None
+    group_size: int = 32
+    migration_batch: int = 64
+    turbo_bits: float = 3.5
+    policy: str = "error"
+    arena_bytes: int = 64 * MiB
+    scratch_bytes_per_thread: int = 256 * 1024
+    pool_buffers_per_class: int = 32
+
+    def __post_init__(self):
+        _int_field("num_layers", self.num_layers)
+        _int_field("num_heads", self.num_heads)
+        _int_field("num_kv_heads", self.num_kv_heads)
+        _int_field("head_dim", self.head_dim, maximum=MAX_HEAD_DIM)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"RuntimeConfig: num_heads ({self.num_heads}) must be a multiple "
+                             f"of num_kv_heads ({self.num_kv_heads})")
+        _int_field("max_tokens", self.max_tokens, optional=True)
+        _int_field("memory_budget", self.memory_budget, optional=True)
+        _int_field("threads", self.threads, optional=True)
+        _int_field("max_sequences", self.max_sequences, optional=True)
+        _int_field("block_size", self.block_size)
+        _int_field("hot_tokens", self.hot_tokens)
+        _int_field("group_size", self.group_size)
+        _int_field("migration_batch", self.migration_batch)
+        _int_field("arena_bytes", self.arena_bytes)
+        _int_field("scratch_bytes_per_thread", self.scratch_bytes_per_thread)
+        _int_field("pool_buffers_per_class", self.pool_buffers_per_class)
+        _choice_field("kv_cache", self.kv_cache, KV_CACHE_KINDS)
+        _choice_field("kv_dtype", self.kv_dtype, KV_DTYPES)
+        _choice_field("cold", self.cold, COLD_FORMATS, optional=True)
+        _choice_field("policy", self.policy, POLICIES)
+        if self.turbo_bits not in TURBO_BITS or isinstance(self.turbo_bits, bool):
+            raise ValueError(f"RuntimeConfig.turbo_bits must be one of {TURBO_BITS}, "
+                             f"got {self.turbo_bits!r}")
+        if self.kv_cache == "paged":
+            if self.policy != "error":
+                raise ValueError("RuntimeConfig.policy 'evict-oldest' needs kv_cache "
+                                 "'two-tier' or 'turbo' (the paged cache keeps every token "
+                                 "and raises KVCacheFull when full)")
+            if self.cold is not None:
+                raise ValueError(f"RuntimeConfig.cold={self.cold!r} applies to the two-tier "
+                                 f"caches, not kv_cache 'paged'")
+        else:
+            if self.kv_dtype != "float16":
+                raise ValueError(f"RuntimeConfig.kv_dtype={self.kv_dtype!r}: the two-tier "
+                                 f"caches keep their hot tier in float16 (kv_dtype applies to "
+                                 f"kv_cache 'paged')")
+            if self.kv_cache == "turbo" and self.cold not in (None, "turbo"):
+                raise ValueError(f"RuntimeConfig: kv_cache 'turbo' has a TurboQuant cold store; "
+                                 f"cold={self.cold!r} contradicts it")
+
+    @property
+    def cold_format(self):
+        """The cold store's format ("q8", "q4", "turbo"), or None for the paged cache."""
+        if self.kv_cache == "paged":
+            return None
+        if self.kv_cache == "turbo":
+            return "turbo"
+        return self.cold or "q4"
+
+    def cache_options(self):
+        """Keyword options of the KV cache class (besides shape and max_tokens)."""
+        if self.kv_cache == "paged":
+            return {"block_size": self.block_size, "dtype": self.kv_dtype}
+        options = {"hot_tokens": self.hot_tokens, "cold": self.cold_format,
+                   "group_size": self.group_size, "migration_batch": self.migration_batch,
+                   "policy": self.policy}
+        if self.cold_format == "turbo":
+            options["turbo_bits"] = self.turbo_bits
+        return options
+
+    def storage_fields(self):
+        """The fields that fix how a sequence's K/V are stored: a saved sequence loads only
+        into a runtime whose fields agree."""
+        fields = {"kv_cache": "paged" if self.kv_cache == "paged" else "two-tier",
+                  "num_layers": self.num_layers, "num_heads": self.num_heads,
+                  "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+        if self.kv_cache == "paged":
+            fields["kv_dtype"] = self.kv_dtype
+        else:
+            fields.update(cold=self.cold_format, group_size=self.group_size)
+            if self.cold_format == "turbo":
+                fields["turbo_bits"] = self.turbo_bits
+        return fields
+
+    def as_dict(self):
+        return dataclasses.asdict(self)

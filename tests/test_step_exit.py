@@ -1,0 +1,114 @@
+"""A step whose exit fails still ends: it is rolled back (unless it committed), its slot is
+freed, the stepping thread's count restored, the first failure raised -- and the Runtime
+stays usable. The failures: the arena closed by hand inside the step, a cache commit that
+raises (an error, or Ctrl-C), a rollback that raises."""
+import numpy as np
+import pytest
+
+import ruvpy
+from ruvpy import Runtime, RuntimeConfig
+
+SMALL = dict(num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, max_tokens=1024)
+KINDS = {"paged": dict(kv_cache="paged"),
+         "two-tier": dict(kv_cache="two-tier", cold="q4", hot_tokens=16, migration_batch=16)}
+
+
+def qkv(rng, n):
+    return (rng.standard_normal((n, 4, 16), dtype=np.float32),
+            rng.standard_normal((n, 2, 16), dtype=np.float32),
+            rng.standard_normal((n, 2, 16), dtype=np.float32))
+
+
+def full_step(rt, seq, n, rng):
+    with rt.step([seq], [n]) as step:
+        for layer in range(3):
+            step.attention(layer, *qkv(rng, n))
+
+
+def state(rt, seq):
+    return (rt.position(seq), [rt.seq_len(seq, layer) for layer in range(3)],
+            [tuple(a.tobytes() for a in rt.get_kv(seq, layer)) for layer in range(3)])
+
+
+class Failing:
+    """An object's stand-in whose `method` raises `error` once (then it is the object again);
+    on a cache, the step plans it makes fail that way."""
+
+    def __init__(self, target, method, error):
+        self._target, self._method, self._error = target, method, error
+
+    def __getattr__(self, name):
+        attr = getattr(self._target, name)
+        if name == self._method and self._error is not None:
+            def failing(*args, **kwargs):
+                error, self._error = self._error, None
+                raise error
+            return failing
+        if name == "plan":                  # the step's commit / rollback go through its plan
+            return lambda *args, **kwargs: Failing(attr(*args, **kwargs), self._method, self._error)
+        return attr
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_an_arena_closed_inside_a_step_rolls_it_back_and_heals(kind):
+    rng = np.random.default_rng(0)
+    previous = ruvpy.get_num_threads()
+    with Runtime(RuntimeConfig(**SMALL, threads=1, **KINDS[kind])) as rt:
+        a = rt.add_sequence()
+        full_step(rt, a, 20, rng)
+        before = state(rt, a)
+        with pytest.raises(RuntimeError, match="closed"):
+            with rt.step([a], [3]) as step:
+                for layer in range(3):
+                    step.attention(layer, *qkv(rng, 3))
+                rt.arena.close()
+        assert state(rt, a) == before                     # rolled back, not committed
+        assert ruvpy.get_num_threads() == previous
+        assert rt.stats().rollbacks == 1 and rt.stats().steps == 1
+        full_step(rt, a, 2, rng)                          # usable: a fresh arena
+        assert rt.position(a) == 22 and not rt.arena.closed
+        rt.add_sequence()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("error", [RuntimeError("commit failed"), KeyboardInterrupt()],
+                         ids=["error", "ctrl-c"])
+def test_a_commit_that_raises_rolls_back_and_frees_the_step(kind, error):
+    rng = np.random.default_rng(1)
+    with Runtime(RuntimeConfig(**SMALL, threads=1, **KINDS[kind])) as rt:
+        a, b = rt.add_sequence(), rt.add_sequence()
+        full_step(rt, a, 40, rng)
+        before = state(rt, a), state(rt, b)
+        cache = rt._cache
+        rt._cache = Failing(cache, "commit", error)
+        try:
+            with pytest.raises(type(error)):
+                with rt.step([a, b], [5, 2]) as step:
+                    for layer in range(3):
+                        step.attention(layer, *qkv(rng, 7))
+        finally:
+            rt._cache = cache
+        assert (state(rt, a), state(rt, b)) == before
+        assert not cache.in_transaction(a) and not cache.in_transaction(b)
+        full_step(rt, b, 3, rng)                          # the step slot is free again
+        assert rt.position(b) == 3
+
+
+def test_a_rollback_that_raises_still_frees_the_step():
+    rng = np.random.default_rng(2)
+    previous = ruvpy.get_num_threads()
+    with Runtime(RuntimeConfig(**SMALL, threads=1)) as rt:
+        a = rt.add_sequence()
+        cache = rt._cache
+        rt._cache = Failing(cache, "rollback", RuntimeError("rollback failed"))
+        try:
+            with pytest.raises(RuntimeError, match="rollback failed"):
+                with rt.step([a], [2]):
+                    raise ValueError("the model failed")
+        finally:
+            rt._cache = cache
+        assert ruvpy.get_num_threads() == previous
+        assert cache.in_transaction(a)        # the rollback could not run ...
+        full_step(rt, a, 2, rng)              # ... the next step finishes it first
+        assert rt.position(a) == 2 and not cache.in_transaction(a)
+        assert [rt.seq_len(a, layer) for layer in range(3)] == [2, 2, 2]
