@@ -87,6 +87,18 @@ def test_greedy_generation_equals_dynamic_cache_fp32(model, isa):
         assert cache.runtime.seq_len(cache.sequences[0]) == ids.shape[1] + 23
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_generate_takes_the_cache_as_past_key_values_too(model):
+    """transformers 5 renamed generate's past_key_values= to cache=; the old spelling (the one
+    most code uses) reaches the same RuvpyCache."""
+    ids, mask = left_pad(prompts([4, 9], seed=11))
+    cache = RuvpyCache(model, kv_dtype="float32")
+    got = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8,
+                         min_new_tokens=8, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(got, generate(model, ids, mask, cache=dynamic(model), n=8))
+    assert cache.get_seq_length() == ids.shape[1] + 7
+
+
 def test_left_padded_batch_equals_dynamic_cache_and_stores_no_pads(model):
     seqs = prompts([9, 3, 14, 1])
     ids, mask = left_pad(seqs)
