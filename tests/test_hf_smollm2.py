@@ -3,7 +3,7 @@
 same model object.
 
 - float32 K/V: greedy generations identical to DynamicCache's, alone and left-padded in a batch,
-  and beam search too;
+  and beam search, prompt-lookup (speculative) decoding and crop + regeneration too;
 - compressed K/V: teacher-forced top-1 agreement with DynamicCache's greedy tokens over 64 steps
   after a 422-token prompt, most of it in the cold tier (hot_tokens=64).
 """
@@ -120,6 +120,38 @@ def test_fp32_beam_search_equals_dynamic_cache(smollm2):
                          max_new_tokens=24, do_sample=False,
                          pad_token_id=model.config.pad_token_id, **kw)
     assert torch.equal(got, expected)
+
+
+def test_fp32_prompt_lookup_decoding_crops_and_equals_dynamic_cache(smollm2):
+    """Speculative decoding (prompt lookup): every rejected draft token is cropped from the
+    cache; the greedy result must be DynamicCache's plain greedy generation."""
+    model, tokenizer = smollm2
+    enc = tokenizer(LONG_PROMPT[:700] + "\n\nRepeat the first paragraph word for word:\n",
+                    return_tensors="pt")
+    expected = _generate(model, enc.input_ids, enc.attention_mask,
+                         DynamicCache(config=model.config))
+    cache = RuvpyCache(model, kv_dtype="float32", max_tokens=512)
+    crops = []
+    crop = cache.crop
+    cache.crop = lambda n: (crops.append(n), crop(n))[1]
+    got = _generate(model, enc.input_ids, enc.attention_mask, cache, prompt_lookup_num_tokens=8)
+    assert torch.equal(got, expected)
+    assert sum(n < 0 for n in crops) >= 2, crops         # drafts were rejected and cropped
+    assert cache.runtime.seq_len(cache.sequences[0]) == got.shape[1] - 1
+
+
+def test_fp32_crop_and_regenerate_equals_dynamic_cache(smollm2):
+    model, tokenizer = smollm2
+    enc = tokenizer(PROMPTS[2], return_tensors="pt")
+    ours, theirs = RuvpyCache(model, kv_dtype="float32", max_tokens=256), \
+        DynamicCache(config=model.config)
+    first = _generate(model, enc.input_ids, enc.attention_mask, ours)
+    assert torch.equal(first, _generate(model, enc.input_ids, enc.attention_mask, theirs))
+    for cache in (ours, theirs):
+        cache.crop(-40)                  # keep the prompt and the first 23 generated tokens
+    again = first[:, :first.shape[1] - 40]
+    mask = torch.ones_like(again)
+    assert torch.equal(_generate(model, again, mask, ours), _generate(model, again, mask, theirs))
 
 
 @pytest.fixture(scope="module")
