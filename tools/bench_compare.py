@@ -68,6 +68,12 @@ def run_once(checkout, script, args, env, lock=None):
         os.unlink(out)
 
 
+def _median(values):
+    """median of the numbers (None where a run has none)"""
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(numbers) if numbers else None
+
+
 def fmt(value):
     if value is None:
         return "-"
@@ -102,15 +108,17 @@ def main(argv=None):
     sides = {"old": os.path.abspath(opts.old), "new": os.path.abspath(opts.new)}
     env = dict(os.environ)
     runs = {"old": [], "new": []}
+    raw = []       # every run's own JSON, kept in the comparison
     for r in range(opts.rounds):
         order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
         for side in order:
             result, seconds = run_once(sides[side], opts.script, args, env, opts.lock)
             runs[side].append(tables_of(result))
+            raw.append({"round": r, "side": side, "result": result})
             print(f"round {r + 1}/{opts.rounds}: {side} in {seconds:.0f} s", file=sys.stderr, flush=True)
             time.sleep(1.0)      # let the other side's threads settle
     comparison = {"script": opts.script, "args": args, "rounds": opts.rounds, "checkouts": sides,
-                  "tables": {}}
+                  "tables": {}, "runs": raw}
     for table in runs["new"][0]:
         header_keys, metrics, rows = None, None, []
         for row in runs["new"][0][table]:
@@ -126,15 +134,15 @@ def main(argv=None):
             if metrics is None:
                 header_keys = [k for k, _ in key]
                 numbers = [k for k, v in row.items() if isinstance(v, float)
-                           and all(k in m for m in values["old"])]
+                           and any(isinstance(m.get(k), (int, float)) for m in values["old"])]
                 # the timings when there are any, else every measured number (bytes, errors)
                 metrics = [k for k in numbers if is_metric(k)] or numbers
             entry = {k: v for k, v in key}
             printed = [v for _, v in key]
             for metric in metrics:
-                old = statistics.median(m[metric] for m in values["old"])
-                new = statistics.median(m[metric] for m in values["new"])
-                ratio = new / old if old else None
+                old = _median([m.get(metric) for m in values["old"]])
+                new = _median([m.get(metric) for m in values["new"]])
+                ratio = new / old if old and new is not None else None
                 entry[metric] = {"old": old, "new": new, "new/old": ratio}
                 printed += [old, new, ratio]
             rows.append(printed)
@@ -143,7 +151,7 @@ def main(argv=None):
             header = header_keys + [f"{m} {s}" for m in metrics for s in ("old", "new", "new/old")]
             print_table(f"{opts.script} {table} (medians of {opts.rounds} rounds; old = {sides['old']})",
                         header, rows)
-    print(json.dumps(comparison, indent=1))
+    print(json.dumps({k: v for k, v in comparison.items() if k != "runs"}, indent=1))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(comparison, f, indent=1)
