@@ -8,7 +8,6 @@ import threading
 import weakref
 
 import numpy as np
-import psutil
 import pytest
 from hypothesis import given, settings, strategies as st
 
