@@ -1,0 +1,617 @@
+"""ruvpy.hf against transformers' own DynamicCache + sdpa, on tiny random-weight Llama models.
+
+The reference is transformers itself: the same model object generating with DynamicCache and
+sdpa attention. With float32 K/V in ruvpy both compute the same float32 attention (in different
+summation orders, ~1e-7 apart), so greedy tokens, beams and batched left-padded generations must
+be identical. (The real SmolLM2 model is checked in test_hf_smollm2.py.)
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import ruvpy  # noqa: E402
+import ruvpy.hf  # noqa: E402
+from ruvpy import KVCacheFull, Step  # noqa: E402
+from ruvpy.hf import RuvpyCache  # noqa: E402
+
+VOCAB = 96
+PAD = 0
+
+
+def tiny_model(dtype=torch.float32, seed=0, layers=3, heads=4, kv_heads=2, head_dim=16):
+    """A random Llama whose greedy choices are not near-ties: initializer_range 0.2 gives
+    logits a spread of several units (with the default 0.02 they are all within ~1e-3, where
+    float32 rounding could decide)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=96,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=512, initializer_range=0.2,
+                      pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def prompts(lengths, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen) for n in lengths]
+
+
+def left_pad(seqs):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def generate(model, ids, mask=None, cache=None, n=24, **kw):
+    kw.setdefault("do_sample", False)
+    return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                          max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD, cache=cache,
+                          **kw)
+
+
+def dynamic(model):
+    return DynamicCache(config=model.config)
+
+
+def assert_same_float32_logits(got, expected):
+    """ruvpy's float32 attention against sdpa's: the same sums in another order. Measured worst
+    difference 8e-7 of the logits' range on these models; bound 1e-5."""
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
+# -- exact agreement in float32 --------------------------------------------------------------
+
+def test_greedy_generation_equals_dynamic_cache_fp32(model, isa):
+    for prompt in prompts([1, 7, 30]):
+        ids = prompt[None]
+        expected = generate(model, ids, cache=dynamic(model))
+        cache = RuvpyCache(model, kv_dtype="float32", max_tokens=256)
+        got = generate(model, ids, cache=cache)
+        assert torch.equal(got, expected)
+        assert cache.get_seq_length() == ids.shape[1] + 23   # the last token is not fed back
+        assert cache.runtime.seq_len(cache.sequences[0]) == ids.shape[1] + 23
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_generate_takes_the_cache_as_past_key_values_too(model):
+    """transformers 5 renamed generate's past_key_values= to cache=; the old spelling (the one
+    most code uses) reaches the same RuvpyCache."""
+    ids, mask = left_pad(prompts([4, 9], seed=11))
+    cache = RuvpyCache(model, kv_dtype="float32")
+    got = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8,
+                         min_new_tokens=8, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(got, generate(model, ids, mask, cache=dynamic(model), n=8))
+    assert cache.get_seq_length() == ids.shape[1] + 7
+
+
+def test_left_padded_batch_equals_dynamic_cache_and_stores_no_pads(model):
+    seqs = prompts([9, 3, 14, 1])
+    ids, mask = left_pad(seqs)
+    expected_cache = dynamic(model)
+    expected = generate(model, ids, mask, cache=expected_cache)
+    cache = RuvpyCache(model, kv_dtype="float32", max_tokens=256)
+    got = generate(model, ids, mask, cache=cache)
+    assert torch.equal(got, expected)
+    # DynamicCache counts columns (pads included); so does RuvpyCache, but stores no pad
+    assert cache.get_seq_length() == expected_cache.get_seq_length() == ids.shape[1] + 23
+    stored = [cache.runtime.seq_len(s) for s in cache.sequences]
+    assert stored == [len(s) + 23 for s in seqs]
+    assert cache.runtime.stats().kv["tokens"] == sum(stored)
+
+
+def test_each_row_alone_equals_its_row_in_the_batch(model):
+    """Padding changes nothing for a row: a batch row's continuation is the continuation of the
+    same prompt generated alone."""
+    seqs = prompts([5, 11], seed=7)
+    ids, mask = left_pad(seqs)
+    batch = generate(model, ids, mask, cache=RuvpyCache(model, kv_dtype="float32"), n=16)
+    for i, s in enumerate(seqs):
+        alone = generate(model, s[None], cache=RuvpyCache(model, kv_dtype="float32"), n=16)
+        assert torch.equal(batch[i, -16:], alone[0, -16:])
+
+
+def test_beam_search_equals_dynamic_cache_fp32(model):
+    seqs = prompts([6, 10], seed=3)
+    ids, mask = left_pad(seqs)
+    kw = dict(num_beams=4, num_return_sequences=2, n=12, length_penalty=1.0)
+    expected = generate(model, ids, mask, cache=dynamic(model), **kw)
+    cache = RuvpyCache(model, kv_dtype="float32")
+    got = generate(model, ids, mask, cache=cache, **kw)
+    assert torch.equal(got, expected)
+    assert len(cache.sequences) == 8          # 2 prompts x 4 beams, each its own sequence
+
+
+def test_compressed_caches_through_generate(model):
+    """fp16 and q8 K/V change this model's logits by under 1e-2 of their range (measured: 2e-3
+    and 2e-2 at head_dim 16, 6e-3 / 9e-2 at 64), far inside its top-1 margins: teacher-forced
+    top-1 agrees at every step. q4 and TurboQuant run through generate with most tokens cold;
+    their quality is measured on the real SmolLM2 (test_hf_smollm2.py): random weights with
+    initializer_range 0.2 make attention so peaked that 4-bit keys move it (26/32 and 10/32
+    here), which says nothing about trained models."""
+    ids = prompts([40], seed=5)[0][None]
+    ref = generate(model, ids, cache=dynamic(model), n=32)
+    ref_logits = teacher_forced_logits(model, ref, dynamic(model))
+    for kv_cache, opts in (("paged", {}), ("two-tier", {"cold": "q8"}),
+                           ("two-tier", {"cold": "q4"}), ("turbo", {})):
+        if kv_cache != "paged":
+            opts = dict(opts, hot_tokens=8, migration_batch=8)
+        cache = RuvpyCache(model, kv_cache=kv_cache, **opts)
+        logits = teacher_forced_logits(model, ref, cache)
+        assert torch.isfinite(logits).all()
+        if kv_cache != "paged":
+            assert cache.runtime.stats().kv["tiers"]["cold"]["tokens"] == 64
+        if kv_cache == "paged" or opts.get("cold") == "q8":
+            assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1)), (kv_cache, opts)
+
+
+def teacher_forced_logits(model, ids, cache):
+    """Logits for positions 40.. of `ids`, fed one token per forward after a 40-token prefill."""
+    with torch.inference_mode():
+        model(ids[:, :40], cache=cache, use_cache=True)
+        out = []
+        for t in range(40, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1])
+    return torch.stack(out)
+
+
+# -- the same model keeps working with other caches ------------------------------------------
+
+def test_model_switched_to_ruvpy_still_works_with_dynamic_cache():
+    model = tiny_model(seed=4)
+    ids, mask = left_pad(prompts([4, 9, 2], seed=11))
+    before = generate(model, ids, mask, cache=dynamic(model))          # sdpa
+    plain = generate(model, ids[:1, -4:], cache=None)
+    RuvpyCache(model)
+    assert model.config._attn_implementation == "ruvpy"
+    assert torch.equal(generate(model, ids, mask, cache=dynamic(model)), before)
+    assert torch.equal(generate(model, ids[:1, -4:], cache=None), plain)
+    with torch.inference_mode():                                      # no cache at all
+        expected = model(ids, attention_mask=mask, use_cache=False).logits
+    model.set_attn_implementation("sdpa")
+    with torch.inference_mode():
+        assert torch.equal(model(ids, attention_mask=mask, use_cache=False).logits, expected)
+
+
+def test_ruvpy_cache_refuses_a_model_switched_back_to_sdpa():
+    model = tiny_model(seed=4)
+    cache = RuvpyCache(model)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="attention implementation 'ruvpy'"):
+        generate(model, prompts([5])[0][None], cache=cache, n=2)
+    assert cache.sequences == [] and cache.runtime.stats().kv["tokens"] == 0
+
+
+# -- no copies between torch and ruvpy -------------------------------------------------------
+
+def _hf_layout(batch, q_len, heads, head_dim, dtype=torch.float32):
+    """Tensors laid out the way Llama's attention makes them: [batch, q_len, heads, head_dim]
+    memory seen as [batch, heads, q_len, head_dim]."""
+    return torch.randn(batch, q_len, heads, head_dim).to(dtype).transpose(1, 2)
+
+
+def _capture_step_arrays(monkeypatch):
+    seen = []
+    original = Step.attention
+
+    def spy(self, layer, q, k, v, *, scale=None, out=None):
+        seen.append({"q": q.ctypes.data, "k": k.ctypes.data, "v": v.ctypes.data,
+                     "out": None if out is None else out.ctypes.data,
+                     "dtypes": (q.dtype, k.dtype, v.dtype)})
+        return original(self, layer, q, k, v, scale=scale, out=out)
+
+    monkeypatch.setattr(Step, "attention", spy)
+    return seen
+
+
+def _run_layers(model, cache, q, k, v, mask=None):
+    outs = []
+    with torch.inference_mode():
+        for layer, block in enumerate(model.model.layers):
+            keys, values = cache.update(k, v, layer)
+            assert keys is k and values is v           # update() copies nothing
+            out, weights = ruvpy.hf.ruvpy_attention_forward(block.self_attn, q, keys, values,
+                                                             mask, scaling=0.25)
+            assert weights is None
+            outs.append(out)
+    return outs
+
+
+def test_float32_tensors_cross_without_copies(model, monkeypatch):
+    seen = _capture_step_arrays(monkeypatch)
+    cache = RuvpyCache(model, kv_dtype="float32")
+    for q_len in (5, 1):                                # prefill, then a decode step
+        q, k, v = _hf_layout(2, q_len, 4, 16), _hf_layout(2, q_len, 2, 16), \
+            _hf_layout(2, q_len, 2, 16)
+        seen.clear()
+        outs = _run_layers(model, cache, q, k, v)
+        for call, out in zip(seen, outs):
+            assert call["q"] == q.data_ptr() and call["k"] == k.data_ptr() and \
+                call["v"] == v.data_ptr()
+            assert call["out"] == out.data_ptr()       # ruvpy wrote into the torch tensor
+            assert out.dtype == torch.float32 and out.shape == (2, q_len, 4, 16)
+    # K/V were copied into the cache (the only copy): stored values equal the inputs
+    kv, _ = cache.runtime.get_kv(cache.sequences[1], 0)
+    assert np.array_equal(kv[-1], k[1, :, 0].numpy())
+
+
+def test_float16_kv_cross_as_they_are_and_bfloat16_is_converted(monkeypatch):
+    seen = _capture_step_arrays(monkeypatch)
+    for dtype in (torch.float16, torch.bfloat16):
+        model = tiny_model(dtype)
+        cache = RuvpyCache(model)
+        q, k, v = _hf_layout(1, 3, 4, 16, dtype), _hf_layout(1, 3, 2, 16, dtype), \
+            _hf_layout(1, 3, 2, 16, dtype)
+        seen.clear()
+        outs = _run_layers(model, cache, q, k, v)
+        for call, out in zip(seen, outs):
+            assert out.dtype == dtype
+            assert call["dtypes"][0] == np.float32      # q converted (ruvpy takes f32 queries)
+            if dtype == torch.float16:
+                assert call["k"] == k.data_ptr() and call["v"] == v.data_ptr()
+                assert call["dtypes"][1] == np.float16
+            else:                                       # numpy has no bfloat16: exact f32 copy
+                assert call["dtypes"][1] == np.float32
+        # the same attention in float64 from the converted inputs
+        ref = _reference_attention(q, k, v, scale=0.25)
+        tol = 4 * torch.finfo(dtype).eps * float(ref.abs().max())   # one rounding of the output
+        assert float((outs[0].double() - ref).abs().max()) <= tol
+
+
+def _reference_attention(q, k, v, scale):
+    """Causal GQA attention in float64 over [batch, heads, q_len, d] inputs; K/V through float16
+    as the paged cache stores them."""
+    q, k, v = q.double(), k.half().double(), v.half().double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    n = q.shape[2]
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_match_dynamic_cache(dtype):
+    """A float16 / bfloat16 model with RuvpyCache (fp16 K/V, float32 attention) against the
+    same model with DynamicCache + sdpa (attention in the model's dtype): logits differ by the
+    model dtype's own rounding (measured 2.6 eps x max|logit| for both dtypes; bound 8), the
+    RuvpyCache run is as close to the float32 model as DynamicCache's (measured 1.12x / 0.95x;
+    bound 1.5x), and the greedy tokens are the same."""
+    model, reference = tiny_model(dtype), tiny_model(torch.float32)
+    ids = prompts([20], seed=5)[0][None]
+    tokens = generate(reference, ids, cache=dynamic(reference), n=16)
+
+    def logits(m, cache):
+        with torch.inference_mode():
+            out = m(tokens, cache=cache, use_cache=True).logits[0]
+        assert out.dtype == m.dtype
+        return out.float()
+
+    ours, theirs, exact = logits(model, RuvpyCache(model)), logits(model, dynamic(model)), \
+        logits(reference, dynamic(reference))
+    scale = float(exact.abs().max())
+    assert float((ours - theirs).abs().max()) <= 8 * torch.finfo(dtype).eps * scale
+    assert float((ours - exact).abs().max()) <= 1.5 * float((theirs - exact).abs().max())
+    assert torch.equal(generate(model, ids, cache=RuvpyCache(model), n=16),
+                       generate(model, ids, cache=dynamic(model), n=16))
+
+
+def test_threads_and_concurrent_models(model):
+    """1 or 2 kernel threads give the same tokens; two models in two Python threads, each with
+    its own RuvpyCache, generate what they generate alone."""
+    import threading
+    ids = prompts([25], seed=8)[0][None]
+    expected = generate(model, ids, cache=dynamic(model), n=12)
+    for threads in (1, 2):
+        got = generate(model, ids, cache=RuvpyCache(model, kv_dtype="float32", threads=threads),
+                       n=12)
+        assert torch.equal(got, expected)
+    other = tiny_model(seed=21)
+    other_expected = generate(other, ids, cache=dynamic(other), n=12)
+    results, errors = {}, []
+
+    def work(name, m):
+        try:
+            for _ in range(3):
+                results[name] = generate(m, ids, cache=RuvpyCache(m, kv_dtype="float32"), n=12)
+        except BaseException as exc:     # reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=("a", model)),
+               threading.Thread(target=work, args=("b", other))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    assert torch.equal(results["a"], expected) and torch.equal(results["b"], other_expected)
+
+
+def test_generate_passes_torch_memory_to_ruvpy(monkeypatch):
+    """In model.generate: every v the step sees is the v_proj output's own memory, and every
+    attention output the o_proj reads is memory ruvpy wrote."""
+    model = tiny_model(seed=2)
+    seen = _capture_step_arrays(monkeypatch)
+    v_ptrs, o_ptrs = [], []
+    hooks = []
+    for block in model.model.layers:
+        hooks.append(block.self_attn.v_proj.register_forward_hook(
+            lambda m, i, o: v_ptrs.append(o.data_ptr())))
+        hooks.append(block.self_attn.o_proj.register_forward_pre_hook(
+            lambda m, i: o_ptrs.append(i[0].data_ptr())))
+    try:
+        ids, mask = left_pad(prompts([6, 6]))
+        generate(model, ids, mask, cache=RuvpyCache(model, kv_dtype="float32"), n=5)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == len(v_ptrs) == len(o_ptrs) == 5 * 3
+    assert [c["v"] for c in seen] == v_ptrs
+    assert [c["out"] for c in seen] == o_ptrs
+
+
+# -- the Cache API ---------------------------------------------------------------------------
+
+def _prefilled(model, ids, mask, cache):
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, cache=cache, use_cache=True)
+    return cache
+
+
+def _next_logits(model, cache, tokens, mask):
+    with torch.inference_mode():
+        return model(tokens, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+
+
+@pytest.mark.parametrize("edit, args", [
+    ("reorder_cache", (torch.tensor([2, 2, 0]),)),
+    ("reorder_cache", (torch.tensor([1, 0, 2]),)),
+    ("batch_select_indices", (torch.tensor([2, 0]),)),
+    ("batch_select_indices", (torch.tensor([True, False, True]),)),
+    ("batch_repeat_interleave", (2,)),
+])
+def test_row_edits_match_dynamic_cache(model, edit, args):
+    ids, mask = left_pad(prompts([5, 8, 3], seed=9))
+    ours = _prefilled(model, ids, mask, RuvpyCache(model, kv_dtype="float32"))
+    theirs = _prefilled(model, ids, mask, dynamic(model))
+    getattr(ours, edit)(*args)
+    getattr(theirs, edit)(*args)
+    if edit == "batch_repeat_interleave":
+        rows = torch.arange(3).repeat_interleave(2)
+    elif args[0].dtype == torch.bool:
+        rows = torch.nonzero(args[0]).flatten()
+    else:
+        rows = args[0]
+    step_mask = torch.cat([mask[rows], torch.ones(len(rows), 1, dtype=mask.dtype)], 1)
+    tokens = torch.arange(len(rows))[:, None] + 5
+    assert_same_float32_logits(_next_logits(model, ours, tokens, step_mask),
+                               _next_logits(model, theirs, tokens, step_mask))
+    assert ours.get_seq_length() == theirs.get_seq_length()
+    assert len(set(ours.sequences)) == len(rows)
+
+
+def test_duplicated_rows_share_storage_copy_on_write(model):
+    ids = prompts([40])[0][None]
+    cache = _prefilled(model, ids, None, RuvpyCache(model, kv_dtype="float32", block_size=16))
+    used = cache.runtime.stats().kv["bytes_in_use"]
+    cache.batch_repeat_interleave(4)
+    stats = cache.runtime.stats().kv
+    assert [s["tokens"] for s in stats["sequences"]] == [40] * 4
+    assert stats["bytes_in_use"] == used            # 4 rows, the blocks of one
+    _next_logits(model, cache, torch.tensor([[5], [6], [7], [8]]), None)
+    grown = cache.runtime.stats().kv["bytes_in_use"] - used
+    assert grown <= 4 * used / 3                    # each row copied its last partial block only
+
+
+def test_a_failed_reorder_changes_nothing(model):
+    ids, mask = left_pad(prompts([5, 8], seed=2))
+    cache = _prefilled(model, ids, mask, RuvpyCache(model, kv_dtype="float32", max_sequences=3))
+    seqs, stats = cache.sequences, cache.runtime.stats().kv["sequences"]
+    with pytest.raises(KVCacheFull):
+        cache.reorder_cache(torch.tensor([0, 0, 1, 1]))        # needs 4 live sequences
+    assert cache.sequences == seqs and cache.runtime.stats().kv["sequences"] == stats
+    with pytest.raises(IndexError, match="out of range"):
+        cache.reorder_cache(torch.tensor([0, 2]))
+    with pytest.raises(TypeError, match="integer"):
+        cache.batch_select_indices(torch.tensor([0.5]))
+    assert cache.sequences == seqs
+
+
+def test_get_mask_sizes_and_seq_length_follow_dynamic_cache(model):
+    ids, mask = left_pad(prompts([2, 6]))
+    ours = RuvpyCache(model)
+    theirs = dynamic(model)
+    assert ours.get_seq_length() == theirs.get_seq_length() == 0
+    assert ours.get_mask_sizes(6, 0) == (6, 0)
+    _prefilled(model, ids, mask, ours)
+    _prefilled(model, ids, mask, theirs)
+    for q_len in (1, 3):
+        assert ours.get_mask_sizes(q_len, 0) == theirs.get_mask_sizes(q_len, 0)
+    assert ours.get_seq_length() == theirs.get_seq_length() == 6
+    assert ours.get_max_length() == theirs.get_max_length() == -1
+    assert ours.batch_size == 2 and not ours.is_compileable and ours.is_initialized
+
+
+def test_reset_drops_every_row_and_the_cache_is_reusable(model):
+    ids = prompts([7])[0][None]
+    cache = RuvpyCache(model, kv_dtype="float32")
+    first = generate(model, ids, cache=cache, n=8)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.runtime.stats().kv["tokens"] == 0
+    assert cache.sequences == []
+    assert torch.equal(generate(model, ids, cache=cache, n=8), first)
+
+
+def test_deepcopy_reuses_a_prompt_through_forks(model):
+    """transformers' prompt-reuse recipe: prefill once, deepcopy the cache per continuation."""
+    import copy
+    prompt = prompts([20], seed=4)[0][None]
+    prompt_cache = _prefilled(model, prompt, None, RuvpyCache(model, kv_dtype="float32"))
+    used = prompt_cache.runtime.stats().kv["bytes_in_use"]
+    for suffix in ([5, 6], [7, 8, 9]):
+        ids = torch.cat([prompt, torch.tensor([suffix])], 1)
+        cache = copy.deepcopy(prompt_cache)
+        assert cache.runtime is prompt_cache.runtime
+        assert cache.runtime.stats().kv["bytes_in_use"] == used       # shared, not copied
+        got = generate(model, ids, cache=cache, n=8)
+        assert torch.equal(got, generate(model, ids, cache=dynamic(model), n=8))
+        cache.reset()                         # frees the copy's rows only
+    assert prompt_cache.get_seq_length() == 20
+    assert prompt_cache.runtime.sequences == prompt_cache.sequences
+
+
+def test_generate_continues_a_filled_cache_as_dynamic_cache_does(model):
+    ids = prompts([6])[0][None]
+    ours, theirs = RuvpyCache(model, kv_dtype="float32"), dynamic(model)
+    a = generate(model, ids, cache=ours, n=6)
+    b = generate(model, ids, cache=theirs, n=6)
+    assert torch.equal(a, b)
+    more = torch.cat([a, torch.tensor([[7, 8]])], 1)
+    assert torch.equal(generate(model, more, cache=ours, n=6),
+                       generate(model, more, cache=theirs, n=6))
+
+
+def test_stats_work(model):
+    cache = RuvpyCache(model, kv_cache="two-tier", cold="q4", hot_tokens=8, migration_batch=8)
+    generate(model, prompts([30])[0][None], cache=cache, n=4)
+    stats = cache.runtime.stats()
+    assert stats.kv["tokens"] == 33 and stats.kv["tiers"]["cold"]["tokens"] > 0
+    assert stats.steps == 4                             # one Runtime step per forward
+    assert stats.attention_calls == 4 * 3
+    assert "KV per sequence" in stats.format()
+
+
+# -- failures leave everything as it was -----------------------------------------------------
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [_Boom, KeyboardInterrupt])
+def test_a_forward_failing_part_way_rolls_back(model, exc):
+    ids, mask = left_pad(prompts([4, 7], seed=6))
+    cache = _prefilled(model, ids, mask, RuvpyCache(model, kv_dtype="float32"))
+    before = (cache.get_seq_length(), [cache.runtime.seq_len(s) for s in cache.sequences])
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    tokens = torch.tensor([[9], [10]])
+
+    def fail(*_):
+        raise exc()
+
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(exc):
+            _next_logits(model, cache, tokens, step_mask)
+    finally:
+        hook.remove()
+    # the open step is rolled back at the latest on the next use
+    got = _next_logits(model, cache, tokens, step_mask)
+    expected = _next_logits(model, _prefilled(model, ids, mask, dynamic(model)), tokens,
+                            step_mask)
+    assert_same_float32_logits(got, expected)
+    assert [cache.runtime.seq_len(s) for s in cache.sequences] == [n + 1 for n in before[1]]
+    assert cache.runtime.stats().rollbacks == 1
+
+
+def test_a_mask_that_hides_a_cached_token_is_refused(model):
+    ids, mask = left_pad(prompts([4, 7], seed=6))
+    cache = _prefilled(model, ids, mask, RuvpyCache(model))
+    bad = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    bad[1, 4] = 0                                   # a token the cache holds
+    with pytest.raises(ValueError, match="row 1 does not match"):
+        _next_logits(model, cache, torch.tensor([[3], [3]]), bad)
+    with pytest.raises(ValueError, match="no attention mask"):
+        _next_logits(model, cache, torch.tensor([[3], [3]]), None)
+    assert cache.get_seq_length() == 7 and cache.runtime.stats().kv["tokens"] == 11
+
+
+def test_bad_input_raises_clear_errors(model):
+    cache = RuvpyCache(model)
+    k = torch.zeros(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="layer_idx"):
+        cache.update(k, k, 3)
+    with pytest.raises(ValueError, match="num_kv_heads=2"):
+        cache.update(torch.zeros(1, 3, 3, 16), torch.zeros(1, 3, 3, 16), 0)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        cache.update(k.long(), k.long(), 0)
+    with pytest.raises(ValueError, match="differ"):
+        cache.update(k, k.half(), 0)
+    with pytest.raises(ValueError, match="positive value"):
+        cache.crop(3)
+    with pytest.raises(ValueError, match="repeats"):
+        cache.batch_repeat_interleave(0)
+    ids, mask = left_pad(prompts([3, 3]))
+    _prefilled(model, ids, mask, cache)
+    with pytest.raises(ValueError, match="batch size 3"):
+        cache.update(torch.zeros(3, 2, 1, 16), torch.zeros(3, 2, 1, 16), 0)
+    with pytest.raises(NotImplementedError, match="offloading"):
+        cache.offload(0)
+    with pytest.raises(NotImplementedError, match="cache.reorder_cache"):
+        cache.layers[0].reorder_cache(torch.tensor([0, 1]))
+    assert cache.runtime.stats().kv["tokens"] == 6
+
+
+def test_inference_only_and_no_dropout(model):
+    cache = RuvpyCache(model)
+    ids = prompts([3])[0][None]
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(ids, cache=cache, use_cache=True)     # grad mode: parameters require grad
+    assert cache.runtime.stats().kv["tokens"] == 0 and cache.sequences == []
+    q, k = _hf_layout(1, 2, 4, 16), _hf_layout(1, 2, 2, 16)
+    with torch.inference_mode():
+        cache.update(k, k, 0)
+        with pytest.raises(NotImplementedError, match="dropout"):
+            ruvpy.hf.ruvpy_attention_forward(model.model.layers[0].self_attn, q, k, k, None,
+                                             dropout=0.1)
+        cache.update(k, k, 0)
+        with pytest.raises(NotImplementedError, match="sliding-window"):
+            ruvpy.hf.ruvpy_attention_forward(model.model.layers[0].self_attn, q, k, k, None,
+                                             sliding_window=4)
+    assert cache.runtime.stats().kv["tokens"] == 0
+
+
+def test_unsupported_models_are_refused_by_name():
+    from transformers import MistralConfig, MistralForCausalLM
+    cfg = MistralConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    with pytest.raises(NotImplementedError, match="sliding_attention"):
+        RuvpyCache(MistralForCausalLM(cfg))
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        RuvpyCache(object())
+
+
+def test_runtime_options_reach_the_runtime(model):
+    cache = RuvpyCache(model, kv_cache="turbo", turbo_bits=4.5, max_tokens=100, hot_tokens=16)
+    cfg = cache.runtime.config
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (3, 4, 2, 16)
+    assert (cfg.kv_cache, cfg.turbo_bits, cfg.max_tokens, cfg.hot_tokens) == \
+        ("turbo", 4.5, 100, 16)
+    assert RuvpyCache(model).runtime.config.max_tokens == 512   # max_position_embeddings
+    with pytest.raises(ValueError, match="kv_dtype"):
+        RuvpyCache(model, kv_cache="two-tier", kv_dtype="float32")
+    with pytest.raises(TypeError):
+        RuvpyCache(model, no_such_option=1)
+
+
+def test_a_full_cache_raises_before_the_forward_changes_anything(model):
+    cache = RuvpyCache(model, max_tokens=32, block_size=16)
+    ids = prompts([30])[0][None]
+    _prefilled(model, ids, None, cache)
+    with pytest.raises(KVCacheFull):
+        _next_logits(model, cache, torch.tensor([[1, 2, 3]]), None)
+    assert cache.get_seq_length() == 30 and cache.runtime.seq_len(cache.sequences[0]) == 30
