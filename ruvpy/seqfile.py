@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 
@@ -35,6 +36,8 @@ class SequenceFileError(ValueError):
     """A saved sequence file is corrupt, truncated, of another format version or made for a
     different configuration. Nothing was changed."""
 
+
+_PLAIN_DTYPE = re.compile(r"[<>|=]?[a-z]+[0-9]*")
 
 def _align64(n):
     return (n + 63) & ~63
@@ -191,6 +194,9 @@ def _array_from_entry(entry, data, where):
         name, dtype_text = entry["name"], entry["dtype"]
         if not isinstance(dtype_text, str):
             raise TypeError("the dtype must be a string")
+        if not _PLAIN_DTYPE.fullmatch(dtype_text):
+            # numpy parses comma and repeat forms with ast (SyntaxError on junk): refuse them first
+            raise ValueError("the dtype must be a plain numeric dtype such as '<f2'")
         dtype = np.dtype(dtype_text)
         if not isinstance(entry["shape"], list):
             raise TypeError("the shape must be a list")

@@ -566,11 +566,13 @@ def _reencode(data, edit_json):
     lambda h: _in_arrays(h, '"dtype":"', '"dtype":{"names":["a"],"formats":["<f4"]},"y":"'),
     lambda h: _in_arrays(h, '"dtype":"', '"dtype":[["a","<f4",[2]]],"y":"'),
     lambda h: _in_arrays(h, '"dtype":"', '"dtype":"V8","y":"'),
+    lambda h: _in_arrays(h, '"dtype":"', '"dtype":"(,)i4","y":"'),
     lambda h: _in_arrays(h, '"shape":[', '"shape":[2.5,'),
     lambda h: _in_arrays(h, '"shape":[', '"shape":[true,'),
     lambda h: _in_arrays(h, '"arrays":[', '"arrays":[7,'),
 ], ids=["inf-shape", "inf-offset", "-inf-offset", "nan-nbytes", "huge-float", "deep-shape",
         "deep-list", "deep-dict", "huge-int", "dict-dtype", "subarray-dtype", "void-dtype",
+        "comma-dtype",
         "float-shape", "bool-shape", "entry-not-object"])
 def test_crafted_sequence_files_raise_sequence_file_error(edit, tmp_path):
     cfg = ruvpy.RuntimeConfig(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=64)
