@@ -140,6 +140,8 @@ class Part:
     mu_dense: int = 0               # channels of the largest |group mean| kept as scalar codes
     mu_dense_bits: int = 6          # (their bits, affine per channel over the group)
     scale_channels: float = 0.0     # divide channels by (their group RMS)^this before rotating (stored fp16)
+    scale_codes: int = 0            # ... or as codes of this many bits, steps of half an octave below the largest
+    search: int = 1                 # codes tried at this many scales around the norm's (0.85..1.15), least error kept
 
 
 def _quantize_coords(Y, bits_per_coord, book, D):
@@ -193,6 +195,13 @@ def _code_vectors(X, bits_pc, part, seed):
         S = np.random.default_rng(99 + m).standard_normal((m, m))
         gamma = np.linalg.norm(r, axis=1).astype(np.float16).astype(np.float64)
         Yh = Yh + math.sqrt(math.pi / 2) / m * gamma[:, None] * (np.sign(r @ S.T + 1e-300) @ S)
+    elif part.search > 1:       # the nearest codes at several scales; the least lsq error wins
+        Yh, best = None, np.full(n, -1.0)
+        for mult in np.linspace(0.85, 1.15, part.search):
+            Ym = _quantize_coords(Y * mult, bits_pc, part.book, m) / mult
+            fit = (Y * Ym).sum(1) ** 2 / np.maximum((Ym * Ym).sum(1), 1e-300)
+            Yh = Ym if Yh is None else np.where((fit > best)[:, None], Ym, Yh)
+            best = np.maximum(fit, best)
     else:
         Yh = _quantize_coords(Y, bits_pc, part.book, m)
     if part.rescale == "length":
@@ -267,7 +276,12 @@ def code_group(X, part, seed=0):
         rest = rest - np.where(flags[:, None], mu, 0.0)
     sc = np.ones(d)
     if part.scale_channels:
-        sc = (np.sqrt((rest * rest).mean(0)) ** part.scale_channels).astype(np.float16).astype(np.float64)
+        sc = np.sqrt((rest * rest).mean(0)) ** part.scale_channels
+        if part.scale_codes:        # relative scales only (the token's scale absorbs the rest)
+            top = sc.max() if sc.max() > 0 else 1.0
+            code = np.clip(np.round(-2 * np.log2(np.maximum(sc, 1e-300) / top)), 0, 2 ** part.scale_codes - 1)
+            sc = 2.0 ** (-code / 2)
+        sc = sc.astype(np.float16).astype(np.float64)
         sc = np.where(sc > 0, sc, 1.0)
         rest = rest / sc
     if part.frac == "split" and part.bits != int(part.bits):
@@ -295,7 +309,7 @@ def part_bits(part, d, n_dense=0):
     if part.mean != "none":
         b += {"fp16": 16 * d, "q8": 8 * d + 32, "q4": 4 * d + 32}[part.mean] / G + part.mean_flag
     if part.scale_channels:
-        b += 16 * d / G
+        b += (part.scale_codes or 16) * d / G
     if part.frac == "split" and part.bits != int(part.bits):
         b += {"fp16": 16, "log8": 8, "log6": 6, "exact": 32}[part.norm] + d / G     # second norm, channel mask
     if part.mu_dense:
@@ -496,6 +510,14 @@ def variants():
     vc = dict(norm="log8", rescale="lsq")
     for kb, vb in ((3.75, 3), (4, 2.75), (2.75, 2), (2.5, 2.25), (4, 4), (4, 3.5)):
         add(f"c-k{kb}v{vb}", P(bits=kb, **kc), P(bits=vb, **vc), "C format candidate")
+    # the encoder's search (the format unchanged): codes at 7 scales around the norm's, the
+    # least-squares best kept; then what would reach 0.99 in every layer
+    for kb, vb in ((3.75, 3), (4, 3.5), (4, 3.75), (4.25, 3.75)):
+        add(f"c-k{kb}v{vb}-search", P(bits=kb, search=7, **kc), P(bits=vb, search=7, **vc), "encoder search")
+    # per-channel key scales (channel / its group RMS^0.5 before the rotation, 2-bit codes)
+    for kb, vb in ((3.75, 3), (4, 3.5)):
+        add(f"c-k{kb}v{vb}-search-ks", P(bits=kb, search=7, scale_channels=0.5, scale_codes=2, **kc),
+            P(bits=vb, search=7, **vc), "encoder search, key channel scales")
     return {v.name: v for v in V}
 
 

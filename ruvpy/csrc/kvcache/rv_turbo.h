@@ -15,7 +15,9 @@
  *  - keys get more bits than values (3.75 / 3 at 3.5 bits per value, head_dim 64): their
  *    errors pass through the softmax;
  *  - per token a least-squares scale (not the norm) for the chosen codes, stored as an 8-bit code
- *    of its logarithm over the group's range;
+ *    of its logarithm over the group's range; the codes are the nearest ones at whichever of 7
+ *    scales around the norm's leaves the least error after that fit (an encoder choice: the
+ *    format does not change);
  *  - every byte counted: turbo_bits is the budget per stored value, metadata included.
  *
  * A vector x (head_dim d, zero-padded to D = max(16, the next power of two)) is stored as a
