@@ -293,7 +293,9 @@ RV_INLINE float qm_dot_b32_512(const int type, const uint8_t *row, int nb, const
 {
     const int bb = type == RV_WT_Q4_0 ? 18 : type == RV_WT_Q4_1 ? 20 : 34;
     const int t = type == RV_WT_Q4_0 ? 0 : type == RV_WT_Q4_1 ? 1 : 2;
-    const __mmask64 rest = (__mmask64)((1ull << (4 * bb - 64)) - 1);   /* bytes of the second load */
+    /* bytes of the second load of 4 Q4 blocks (Q8_0 takes no such load: 4 of its blocks are
+     * 136 bytes, and a shift by 72 would be undefined) */
+    const __mmask64 rest = type == RV_WT_Q8_0 ? 0 : (__mmask64)((1ull << (4 * bb - 64)) - 1);
     const size_t kb = (size_t)a->k / 32;
     const int8_t *q = a->q + (size_t)c * a->k, *q4 = a->q4 + (size_t)c * a->k;
     const float *ds = a->ds + (size_t)c * kb * 2;
