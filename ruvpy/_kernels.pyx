@@ -150,6 +150,16 @@ _select_from_environment()
 
 
 # ---- basic kernels, over contiguous float32 / binary16 arrays ----
+# Every array argument is converted (which may run Python code: __array__, a sequence's
+# __getitem__) before any of them is validated and viewed; an ndarray subclass is read through
+# a plain ndarray view, so Python-level dtype/shape/flags/reshape overrides are never asked.
+
+def _converted_first(*xs):
+    """xs with every argument that is not an ndarray converted by np.asarray, which may run
+    Python code (__array__, a sequence's __getitem__): done for all of them before any view of
+    an ndarray argument is made, so that code cannot resize an array under a view of it."""
+    return tuple(x if x is None or isinstance(x, np.ndarray) else np.asarray(x) for x in xs)
+
 
 def _f32(x, name):
     a = np.ascontiguousarray(x)
@@ -158,11 +168,17 @@ def _f32(x, name):
     return a.reshape(-1)
 
 
-def _inplace_f32(x, name):
-    """The flat contiguous float32 buffer an in-place kernel updates for array x: a view of x,
-    or for a non-contiguous x a copy that _write_back stores into x afterwards."""
+def _inplace_array(x, name):
+    """x (updated in place) as a plain ndarray view of the same memory."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a float32 numpy array (updated in place), got {type(x).__name__}")
+    return x if type(x) is np.ndarray else np.asarray(x)
+
+
+def _inplace_f32(x, name):
+    """The flat contiguous float32 buffer an in-place kernel updates for the plain ndarray x
+    (_inplace_array): a view of x, or for a non-contiguous x a copy that _write_back stores
+    into x afterwards."""
     if x.dtype != np.float32:
         raise TypeError(f"{name} must be float32, got {x.dtype}")
     if not x.flags.writeable:
@@ -176,8 +192,10 @@ def _write_back(x, flat):
 
 
 def dot(a, b):
-    cdef const float[::1] x = _f32(a, "a")
-    cdef const float[::1] y = _f32(b, "b")
+    a, b = _converted_first(a, b)
+    a, b = _f32(a, "a"), _f32(b, "b")
+    cdef const float[::1] x = a
+    cdef const float[::1] y = b
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"dot: lengths differ ({x.shape[0]} vs {y.shape[0]})")
     cdef float r
@@ -188,8 +206,11 @@ def dot(a, b):
 
 def axpy(float alpha, x, y):
     """y += alpha * x, in place (y: float32 array, x: float32 of the same size)."""
-    cdef const float[::1] xv = _f32(x, "x")
+    y = _inplace_array(y, "y")
+    x, = _converted_first(x)
+    x = _f32(x, "x")
     flat = _inplace_f32(y, "y")
+    cdef const float[::1] xv = x
     cdef float[::1] yv = flat
     if xv.shape[0] != yv.shape[0]:
         raise ValueError(f"axpy: lengths differ ({xv.shape[0]} vs {yv.shape[0]})")
@@ -201,6 +222,7 @@ def axpy(float alpha, x, y):
 
 def scale(float alpha, x):
     """x *= alpha, in place (x: float32 array)."""
+    x = _inplace_array(x, "x")
     flat = _inplace_f32(x, "x")
     cdef float[::1] xv = flat
     if xv.shape[0]:

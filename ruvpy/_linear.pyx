@@ -24,6 +24,7 @@ from libc.stdlib cimport malloc, free
 from ruvpy.c_ops cimport (rv_ops, rv_wmat, rv_qact, rv_qact_bind, rv_wtype_block_values,
                           rv_wtype_block_bytes, RV_QACT_BYTES)
 from ruvpy._kernels cimport active_ops, num_threads
+from ruvpy._kernels import _converted_first
 from ruvpy._linear cimport (rv_linear_out, rv_linear_work_bytes, rv_linear, rv_linear_team, rv_block_dims,
                             rv_block_weights, rv_block_head, rv_block_step, rv_block_work_bytes,
                             rv_block_between, rv_rope_angles, rv_linear_thread_work,
@@ -134,29 +135,35 @@ cdef class QMatrix:
         block of 32 (as llama.cpp does); float formats multiply float32. threads: None runs on
         ruvpy's threads, fewer for small products (rv_threads.h); a number runs on exactly that
         many (benchmarks of the parallel path)."""
+        # the scalars first (their conversions may run Python code), then x, then out
+        cdef bint add = bool(accumulate)
         cdef int team = _forced_team(threads)
         cdef cnp.ndarray xa = _f32_matrix(x, self.m.cols, "x")
         cdef int n = <int>xa.shape[0]
         cdef cnp.ndarray o
         if out is None:
-            if accumulate:
+            if add:
                 raise ValueError("accumulate=True needs out")
             o = np.empty((n, self.m.rows), np.float32)
         else:
-            o = out
+            if not cnp.PyArray_Check(out):
+                raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+            # a subclass is checked through a plain view: its Python-level dtype, shape or
+            # flags cannot lie about the memory written
+            o = out if type(out) is np.ndarray else np.asarray(out)
             if o.dtype != np.float32 or (<object>o).shape != (n, self.m.rows) or \
                     not o.flags.c_contiguous or not o.flags.writeable:
                 raise ValueError(f"out must be a writeable C-contiguous float32 [{n}, "
                                  f"{self.m.rows}] array")
         if n == 0:
-            return o
+            return out if out is not None else o
         cdef rv_linear_out job
         job.w = &self.m
         job.y = <float *>cnp.PyArray_DATA(o)
         job.ldy = self.m.rows
-        job.accumulate = 1 if accumulate else 0
+        job.accumulate = 1 if add else 0
         _run_linear(xa, n, self.m.cols, &job, 1, team, "QMatrix.matmul")
-        return o
+        return out if out is not None else o
 
     def dequantize(self, rows=None):
         """float32 [len(rows), cols] of the given rows (default: all)."""
@@ -182,9 +189,12 @@ cdef int _forced_team(threads) except -1:
     """0 for threads=None (ruvpy's threads, fewer for small work), else exactly that many."""
     if threads is None:
         return 0
-    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, (bool, np.bool_)):
         raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
-    return <int>min(int(threads), 1024)
+    n = int(threads)        # once: an int subclass's __int__ may answer differently each time
+    if n < 1:
+        raise ValueError(f"threads must be None or an int >= 1, got {n}")
+    return <int>min(n, 1024)
 
 
 cdef int _run_linear(cnp.ndarray xa, int n, int k, const rv_linear_out *jobs, int njobs, int team,
@@ -281,7 +291,12 @@ def quantize_activations(x):
 
 def rmsnorm(x, gain=None, eps=1e-5):
     """x / sqrt(mean(x^2) + eps) * gain, per row of x [n, dim] float32."""
-    cdef cnp.ndarray xa = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+    cdef float e = eps          # first: its __float__ may run Python code
+    x, gain = _converted_first(x, gain)
+    cdef cnp.ndarray xa = np.asarray(x, dtype=np.float32)
+    if xa.ndim == 0:
+        raise TypeError("x must be [n, dim] float32, got a scalar")
+    xa = np.ascontiguousarray(xa.reshape(xa.shape[0], -1))
     cdef int n = <int>xa.shape[0], dim = <int>xa.shape[1], t
     cdef cnp.ndarray g
     cdef const float *gp = NULL
@@ -292,7 +307,6 @@ def rmsnorm(x, gain=None, eps=1e-5):
         gp = <const float *>cnp.PyArray_DATA(g)
     cdef cnp.ndarray out = np.empty_like(xa)
     cdef const rv_ops *ops = active_ops()
-    cdef float e = eps
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
     cdef float *op = <float *>cnp.PyArray_DATA(out)
     with nogil:
@@ -304,6 +318,7 @@ def rmsnorm(x, gain=None, eps=1e-5):
 def rope_pairs(x, cos, sin):
     """x [vectors, dim] float32 with the adjacent pairs (x[2i], x[2i+1]) rotated by the angles
     whose cos/sin [dim/2] are given (a new array)."""
+    x, cos, sin = _converted_first(x, cos, sin)
     cdef cnp.ndarray out = np.array(x, dtype=np.float32, order="C", copy=True)
     if out.ndim != 2 or out.shape[1] % 2:
         raise ValueError("x must be [vectors, dim] with an even dim")
@@ -323,6 +338,7 @@ def rope_pairs(x, cos, sin):
 
 def swiglu(gate, up):
     """gate * sigmoid(gate) * up, float32 (same shapes)."""
+    gate, up = _converted_first(gate, up)
     cdef cnp.ndarray g = np.ascontiguousarray(gate, dtype=np.float32)
     cdef cnp.ndarray u = np.ascontiguousarray(up, dtype=np.float32)
     if (<object>g).shape != (<object>u).shape:

@@ -316,7 +316,12 @@ class Runtime:
         self._ensure_scratch(shared, max(per_thread, cfg.scratch_bytes_per_thread),
                              self._threads())
         self._positions = {}         # sequence id -> tokens ever appended (next position)
+        # _step_lock: the step slot, held from Step.__enter__ to its exit. _state_lock (short
+        # holds): _step is set under it as soon as the slot is taken, and sequence changes
+        # check _step and make their change under it, so no change slips in while a step is
+        # being opened (its transaction begun, its plan not yet made)
         self._step_lock = threading.Lock()
+        self._state_lock = threading.RLock()
         self._step = None
         self._steps = self._rollbacks = self._attention_calls = self._arena_fallbacks = 0
         self._scratch_growths = 0
@@ -384,11 +389,22 @@ class Runtime:
                                f"(make a new Runtime)")
 
     def _check_no_step(self, action):
+        """Refuse `action` while a step is open or being opened (call under _state_lock, and
+        make the change before releasing it)."""
         self._check_open()
-        if self._step is not None:
+        step = self._step
+        if step is not None:
             raise RuntimeError(f"{self.name}: cannot {action} while a step is open (sequences "
-                               f"{list(self._step._seqs)}); finish the step first")
+                               f"{list(step._seqs)}); finish the step first")
         self._finish_rollbacks()
+
+    def _check_not_stepped(self, seq, action):
+        """Refuse to read `seq` while an open step's transaction covers it, or while a step is
+        being opened (the sequences its transaction will cover are not known yet)."""
+        step = self._step
+        if step is not None and (step._state is not _OPEN or seq in step._txn_seqs):
+            raise RuntimeError(f"{self.name}: cannot {action} sequence {seq} while a step on it "
+                               f"is open")
 
     def _finish_rollbacks(self):
         """Roll back what a failed step exit left inside its transaction (its rollback raised,
@@ -414,28 +430,33 @@ class Runtime:
 
     def add_sequence(self):
         """A new, empty sequence; returns its id."""
-        self._check_no_step("add a sequence")
-        self._check_room_for_sequence("add a sequence")
-        seq = self._cache.add_sequence()
-        self._positions[seq] = 0
-        return seq
+        with self._state_lock:
+            self._check_no_step("add a sequence")
+            self._check_room_for_sequence("add a sequence")
+            seq = self._cache.add_sequence()
+            self._positions[seq] = 0
+            return seq
 
     def fork_sequence(self, seq):
         """A new sequence with the same context as `seq` (sharing its storage until either
         one appends); returns its id."""
-        self._check_no_step("fork a sequence")
-        seq = self._known(seq)
-        self._check_room_for_sequence("fork a sequence")
-        child = self._cache.fork(seq)
-        self._positions[child] = self._positions[seq]
-        return child
+        seq = _sequence_id(seq)       # user code (an int subclass) runs outside the lock
+        with self._state_lock:
+            self._check_no_step("fork a sequence")
+            seq = self._known(seq)
+            self._check_room_for_sequence("fork a sequence")
+            child = self._cache.fork(seq)
+            self._positions[child] = self._positions[seq]
+            return child
 
     def remove_sequence(self, seq):
         """Free `seq`'s KV storage; its id becomes unknown."""
-        self._check_no_step("remove a sequence")
-        seq = self._known(seq)
-        self._cache.free(seq)
-        del self._positions[seq]
+        seq = _sequence_id(seq)
+        with self._state_lock:
+            self._check_no_step("remove a sequence")
+            seq = self._known(seq)
+            self._cache.free(seq)
+            del self._positions[seq]
 
     def truncate_sequence(self, seq, n_tokens):
         """Cut `seq` back to its first n_tokens positions: the tokens after them leave the KV
@@ -443,14 +464,16 @@ class Runtime:
         shared) and position(seq) becomes n_tokens, where its next token goes (n_tokens >=
         position: nothing changes). What transformers' Cache.crop does."""
         n = _token_count(n_tokens, "truncate_sequence: n_tokens")
-        self._check_no_step("truncate a sequence")
-        seq = self._known(seq)
-        drop = self._positions[seq] - n
-        if drop <= 0:
-            return
-        held = max(self._cache.seq_len(seq, layer) for layer in range(self.config.num_layers))
-        self._cache.truncate(seq, max(0, held - drop))
-        self._positions[seq] = n
+        seq = _sequence_id(seq)
+        with self._state_lock:
+            self._check_no_step("truncate a sequence")
+            seq = self._known(seq)
+            drop = self._positions[seq] - n
+            if drop <= 0:
+                return
+            held = max(self._cache.seq_len(seq, layer) for layer in range(self.config.num_layers))
+            self._cache.truncate(seq, max(0, held - drop))
+            self._positions[seq] = n
 
     def position(self, seq):
         """Tokens ever appended to `seq`: the position its next token takes."""
@@ -529,6 +552,8 @@ class Runtime:
             raise RuntimeError(f"{self.name}: another step is open (sequences "
                                f"{list(self._step._seqs) if self._step else '?'}); steps of "
                                f"one runtime run one at a time")
+        with self._state_lock:      # waits for a sequence change in progress to finish
+            self._step = step       # from here on, sequence changes are refused
         try:
             self._finish_rollbacks()
             try:
@@ -547,6 +572,7 @@ class Runtime:
                 plan.rollback()
                 raise
         except BaseException:
+            self._step = None
             self._step_lock.release()
             raise
         step._plan = plan
@@ -555,7 +581,6 @@ class Runtime:
             # only the stepping thread's own count (for ruvpy calls inside the step): other
             # threads and the process-wide setting are untouched
             step._threads_before = _kernels._swap_thread_count(self.config.threads)
-        self._step = step
         step._state = _OPEN
 
     def _plan_in_transaction(self, seqs, n_tokens):
@@ -634,11 +659,12 @@ class Runtime:
     # -- whole runtime ----------------------------------------------------------------------
     def reset(self):
         """Drop every sequence (their KV storage is freed) and reset the arena."""
-        self._check_no_step("reset")
-        for seq in list(self._positions):
-            self._cache.free(seq)
-            del self._positions[seq]
-        self._live_arena().reset()
+        with self._state_lock:
+            self._check_no_step("reset")
+            for seq in list(self._positions):
+                self._cache.free(seq)
+                del self._positions[seq]
+            self._live_arena().reset()
 
     def close(self):
         """Free the KV cache, arena, pool and scratch. Idempotent; afterwards every method
@@ -688,19 +714,20 @@ class Runtime:
         same storage configuration (e.g. another worker's)."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._txn_seqs:
-            # the open step's transaction covers it (its own, or one eviction may take from)
-            raise RuntimeError(f"{self.name}: cannot export sequence {seq} while a step on it "
-                               f"is open")
-        return encode_sequence(*self._snapshot(seq))
+        with self._state_lock:
+            self._check_not_stepped(seq, "export")
+            snapshot = self._snapshot(seq)
+        return encode_sequence(*snapshot)
 
     def import_sequence(self, data):
         """A new sequence holding what export_sequence returned; returns its id. Corrupt,
         truncated or mismatched data raises SequenceFileError (a ValueError) and changes
         nothing; a full cache raises KVCacheFull."""
-        self._check_no_step("import a sequence")
+        self._check_no_step("import a sequence")       # fail fast, before decoding
         header, arrays = decode_sequence(data)
-        return self._restore(header, arrays, "sequence data")
+        with self._state_lock:
+            self._check_no_step("import a sequence")
+            return self._restore(header, arrays, "sequence data")
 
     def save_sequence(self, seq, path):
         """Write `seq`'s K/V (in the cache's stored format: quantized tiers stay quantized)
@@ -708,19 +735,20 @@ class Runtime:
         export_sequence)."""
         self._check_open()
         seq = self._known(seq)
-        if self._step is not None and seq in self._step._txn_seqs:
-            # the open step's transaction covers it (its own, or one eviction may take from)
-            raise RuntimeError(f"{self.name}: cannot save sequence {seq} while a step on it is "
-                               f"open")
-        write_sequence_file(path, *self._snapshot(seq))
+        with self._state_lock:
+            self._check_not_stepped(seq, "save")
+            snapshot = self._snapshot(seq)
+        write_sequence_file(path, *snapshot)
 
     def load_sequence(self, path):
         """A new sequence holding the K/V saved in `path`; returns its id. A corrupt,
         truncated or mismatched file raises SequenceFileError (a ValueError) and changes
         nothing; a full cache raises KVCacheFull."""
-        self._check_no_step("load a sequence")
+        self._check_no_step("load a sequence")         # fail fast, before reading
         header, arrays = read_sequence_file(path)
-        return self._restore(header, arrays, os.fspath(path))
+        with self._state_lock:
+            self._check_no_step("load a sequence")
+            return self._restore(header, arrays, os.fspath(path))
 
     def _snapshot(self, seq):
         self._finish_rollbacks()

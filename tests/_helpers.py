@@ -60,9 +60,10 @@ def require_tool(*names, install=CROSS_PACKAGES):
 
 
 def skip_under_sanitizer(why):
-    """Skip a test that measures the process's memory (glibc's heap count, RSS) when it runs
-    under tools/sanitize.sh: there ASan owns malloc, keeps freed blocks in quarantine and maps
-    shadow memory, so such measurements mean nothing. The normal suite runs these tests."""
+    """Skip a test that cannot mean anything under tools/sanitize.sh, saying `why`: one that
+    measures the process's memory (glibc's heap count, RSS: there ASan owns malloc, keeps
+    freed blocks in quarantine and maps shadow memory), or one that runs the sanitized ruvpy
+    where ASan cannot run. The normal suite runs these tests."""
     if os.environ.get("RUVPY_SANITIZED") == "1":
         pytest.skip(f"under the sanitizers {why}")
 

@@ -18,6 +18,17 @@ from ruvpy import _kernels
 
 from _helpers import require_model
 
+if os.environ.get("RUVPY_SANITIZED") == "1":
+    # Under tools/sanitize.sh: the Python children of tests (subprocess.run of sys.executable)
+    # inherit the sanitized setup, but their stderr goes to the test, not to the run's log,
+    # which the report script reads. So in them any ASan or UBSan report stops the process
+    # (halt_on_error=1: a test expecting success fails, one matching an error message too),
+    # and leak detection is off: CPython leaks at exit by design, and LeakSanitizer's lines
+    # after an error exit would bury the error the test reads. (This process parsed its
+    # options at start; changing the environment only changes its children's.)
+    os.environ["ASAN_OPTIONS"] = os.environ.get("ASAN_OPTIONS", "") + ":halt_on_error=1:detect_leaks=0"
+    os.environ["UBSAN_OPTIONS"] = os.environ.get("UBSAN_OPTIONS", "") + ":halt_on_error=1"
+
 # RUVPY_ISA=scalar pytest ... runs as on a CPU without SIMD: only the forced path is tested.
 ISA_PATHS = [os.environ["RUVPY_ISA"].strip().lower()] if os.environ.get("RUVPY_ISA", "").strip() \
     else _kernels.available_isas()

@@ -25,6 +25,8 @@ import textwrap
 
 import pytest
 
+from _helpers import skip_under_sanitizer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHIM = r"""
@@ -200,19 +202,34 @@ def _gcc():
     return shutil.which("gcc") or shutil.which("cc")
 
 
+def _clean_env(**extra):
+    """The environment of a child: without a sanitized run's preload and options (the shim
+    must own malloc; gcc must not run under LeakSanitizer)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "PYTHONMALLOC")}
+    env.update(extra)
+    return env
+
+
 def _shim(tmp):
     """The counting allocator built in `tmp`, or a skip where it cannot be built."""
     if sys.platform != "linux" or _gcc() is None:
         pytest.skip("the counting allocator is an LD_PRELOAD shim built with gcc on Linux")
     src, lib = tmp / "rvcount.c", tmp / "librvcount.so"
     src.write_text(SHIM)
-    subprocess.run([_gcc(), "-O2", "-shared", "-fPIC", str(src), "-o", str(lib), "-ldl"], check=True)
+    subprocess.run([_gcc(), "-O2", "-shared", "-fPIC", str(src), "-o", str(lib), "-ldl"], check=True,
+                   env=_clean_env())
     return lib
+
+
+def _skip_under_sanitizer():
+    skip_under_sanitizer("the counting allocator must own malloc to count, and ASan must own it "
+                         "to check: the sanitized ruvpy cannot load under the shim")
 
 
 def _run_counted(lib, script, *args):
     """`script` in a subprocess preloaded with the shim; the JSON of its last line."""
-    env = dict(os.environ, LD_PRELOAD=str(lib), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _clean_env(LD_PRELOAD=str(lib), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(lib), *map(str, args)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -221,6 +238,7 @@ def _run_counted(lib, script, *args):
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
+    _skip_under_sanitizer()
     tmp = tmp_path_factory.mktemp("alloc")
     return _run_counted(_shim(tmp), SCRIPT, tmp / "seq.ruvkv")
 
@@ -232,7 +250,7 @@ def test_the_shim_counts(tmp_path):
             "shim.rvcount_stop.restype = ctypes.c_longlong; shim.rvcount_live.restype = ctypes.c_longlong; "
             "before = shim.rvcount_live(); shim.rvcount_start(); a = np.empty(1 << 20, np.uint8); "
             "n = shim.rvcount_stop(); print(n, shim.rvcount_live() - before)")
-    proc = subprocess.run([sys.executable, "-c", code, str(lib)], env=dict(os.environ, LD_PRELOAD=str(lib)),
+    proc = subprocess.run([sys.executable, "-c", code, str(lib)], env=_clean_env(LD_PRELOAD=str(lib)),
                           capture_output=True, text=True, check=True)
     count, grown = map(int, proc.stdout.split())
     assert count == 1 and grown >= 1 << 20
@@ -301,6 +319,7 @@ def test_a_model_decode_step_allocates_only_its_logits(tmp_path):
     only heap allocation of 4 KiB or more in a step is the float32 logits it returns (numpy's,
     vocab x 4 bytes); every activation and the matmuls' work memory come from the step arena,
     the weights from the mapped file. The heap does not grow over 80 steps."""
+    _skip_under_sanitizer()
     results = _run_counted(_shim(tmp_path), MODEL_SCRIPT)
     assert len(results) == 4
     for r in results:

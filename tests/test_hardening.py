@@ -592,3 +592,119 @@ def test_crafted_sequence_files_raise_sequence_file_error(edit, tmp_path):
         with pytest.raises(SequenceFileError):
             rt.load_sequence(path)
         assert runtime_snapshot(rt) == before
+
+
+# ---------------------------------------------------------------------------------------
+# 1. memory corruption: the kernel and matmul entry points (ruvpy._kernels, ruvpy._linear)
+# ---------------------------------------------------------------------------------------
+
+def test_matmul_accumulate_and_threads_run_before_out_is_checked():
+    # accumulate's __bool__ ran after out's pointer was taken: shrinking out there made the
+    # product write past the new block. threads' __int__ was asked twice (the check saw 2,
+    # the team size the second answer).
+    out = run_isolated("""
+        import numpy as np
+        import sys; sys.path.insert(0, 'tests')
+        from _helpers import Evil
+        from ruvpy._linear import QMatrix
+        w = np.arange(64 * 256, dtype=np.float32).reshape(64, 256) / 1e4
+        m = QMatrix(w.view(np.uint8).reshape(-1), "F32", 64, 256)
+        x = np.ones((8, 256), np.float32)
+        out = np.zeros((8, 64), np.float32)
+        try:
+            m.matmul(x, out=out, accumulate=Evil(True, lambda: out.resize((1, 1), refcheck=False)))
+        except ValueError as exc:
+            assert "out must be" in str(exc), exc
+        else:
+            raise AssertionError("out shrunk by accumulate.__bool__ was accepted")
+
+        class Shifty(int):
+            def __int__(self):
+                return -5
+        try:
+            m.matmul(x, threads=Shifty(2))
+        except ValueError as exc:
+            assert "threads" in str(exc), exc
+        else:
+            raise AssertionError("a thread count whose __int__ says -5 was accepted")
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_matmul_out_subclass_cannot_lie_about_its_shape_or_layout():
+    from ruvpy._linear import QMatrix
+
+    class Liar(np.ndarray):
+        @property
+        def shape(self):
+            return (8, 64)
+
+        @property
+        def flags(self):
+            return np.ones((8, 64), np.float32).flags
+
+    w = (np.arange(64 * 256, dtype=np.float32).reshape(64, 256) % 7) / 7
+    m = QMatrix(w.view(np.uint8).reshape(-1), "F32", 64, 256)
+    x = np.ones((8, 256), np.float32)
+    for bad in (np.zeros((1, 64), np.float32), np.zeros((64, 8), np.float32).T):
+        with pytest.raises(ValueError, match="out must be"):
+            m.matmul(x, out=bad.view(Liar))
+    good = np.zeros((8, 64), np.float32).view(Liar)
+    assert m.matmul(x, out=good) is good
+    np.testing.assert_allclose(good.view(np.ndarray), x.astype(np.float64) @ w.T.astype(np.float64),
+                               rtol=1e-6)
+
+
+def test_rmsnorm_eps_and_array_conversions_run_before_the_arrays_are_viewed():
+    out = run_isolated("""
+        import numpy as np
+        import sys; sys.path.insert(0, 'tests')
+        from _helpers import Evil
+        from ruvpy import _linear, _kernels
+        # eps's __float__ shrinking x: x is converted after it, so what is normed is the
+        # shrunk x (before: its old, freed block)
+        x = np.ones((64, 256), np.float32)
+        got = _linear.rmsnorm(x, eps=Evil(1e-5, lambda: x.resize((1, 256), refcheck=False)))
+        assert got.shape == (1, 256), got.shape
+        np.testing.assert_allclose(got, 1 / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+        class Shrinks:             # converting it shrinks the array given before it
+            def __init__(self, victim, n):
+                self.victim, self.n = victim, n
+            def __array__(self, dtype=None, copy=None):
+                self.victim.resize((self.n,), refcheck=False)
+                return np.ones(self.n, np.float32)
+        a = np.ones(1 << 16, np.float32)
+        assert _kernels.dot(a, Shrinks(a, 16)) == 16.0
+        y = np.ones(1 << 16, np.float32)
+        try:
+            _kernels.axpy(2.0, Shrinks(y, 32), y)
+        except ValueError:
+            raise AssertionError("y shrunk to 32 and x of 32 must agree")
+        assert y.shape == (32,) and np.all(y == 3.0), y
+        c = np.ones(64, np.float32)
+        got = _linear.rope_pairs(np.ones((2, 128), np.float32), c, Shrinks(c, 64))
+        assert got.shape == (2, 128)
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_in_place_kernels_update_a_subclass_through_its_memory():
+    # _kernels.axpy / scale asked a subclass's Python-level reshape / flags for the buffer to
+    # update: one returning another array left y unchanged
+    from ruvpy import _kernels
+
+    class Elsewhere(np.ndarray):
+        def reshape(self, *shape, **kw):
+            return np.zeros(self.size, np.float32)
+
+    y = np.ones(100, np.float32).view(Elsewhere)
+    _kernels.axpy(2.0, np.ones(100, np.float32), y)
+    np.testing.assert_array_equal(y.view(np.ndarray), 3.0)
+    _kernels.scale(0.5, y)
+    np.testing.assert_array_equal(y.view(np.ndarray), 1.5)
+    strided = np.ones((10, 20), np.float32)[:, ::2].view(Elsewhere)
+    _kernels.scale(4.0, strided)
+    np.testing.assert_array_equal(strided.view(np.ndarray), 4.0)

@@ -15,7 +15,7 @@ import pytest
 import ruvpy
 from ruvpy import _kernels as K
 
-from _helpers import require_tool
+from _helpers import require_tool, skip_under_sanitizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = platform.machine().lower()
@@ -155,6 +155,9 @@ def test_ruvpy_isa_unusable_value_fails_the_import_clearly(value):
 def _emulated(code, cpu, isa_env=None):
     if not IS_X86_64:
         pytest.skip("x86-64 CPU models")
+    skip_under_sanitizer("ASan cannot run under user-mode qemu (its shadow memory does not map "
+                         "there) and the sanitized ruvpy does not load without it (test_neon.py "
+                         "runs the uninstrumented kernel tables on these emulated CPUs)")
     require_tool("qemu-x86_64", install="Debian: qemu-user")
     return run_python(code, isa_env, prefix=["qemu-x86_64", "-cpu", cpu])
 

@@ -5,9 +5,8 @@
   the float32 bound). The speed-up over running them one after another, which shows the GIL
   is released in the kernels, is measured by tools/bench_runtime_threads.py (no timings in
   tests).
-- One Runtime shared by two threads: every call either does its work or raises a clear
-  RuntimeError (another step is open, or the cache's "a transaction is open" while the other
-  thread's step is being opened);
+- One Runtime shared by two threads: every call either does its work or raises the Runtime's
+  clear RuntimeError (another step is open, or being opened: never the KV cache's own refusal);
   nothing is corrupted -- each thread's attention equals float64 attention over exactly the
   K/V it fed -- and nothing deadlocks.
 """
@@ -107,10 +106,9 @@ def test_one_runtime_shared_by_two_threads_is_serialized_or_refused_never_corrup
             try:
                 return fn()
             except RuntimeError as exc:
-                # the Runtime's "a step is open", or, while the other thread's step is being
-                # opened (its transaction begun, Runtime._step not yet set), the cache's own
-                # refusal "... while a transaction is open"
-                assert "step" in str(exc) or "transaction is open" in str(exc), exc
+                # the Runtime's "a step is open", also while the other thread's step is being
+                # opened (its transaction begun): never the cache's "a transaction is open"
+                assert "step" in str(exc) and "transaction" not in str(exc), exc
                 with lock:
                     refused["step"] += 1
                 time.sleep(0.0002)
@@ -149,7 +147,7 @@ def test_one_runtime_shared_by_two_threads_is_serialized_or_refused_never_corrup
                         step = rt.step(seqs, counts)
                         step.__enter__()
                     except RuntimeError as exc:
-                        assert "step" in str(exc) or "transaction is open" in str(exc), exc
+                        assert "step" in str(exc) and "transaction" not in str(exc), exc
                         with lock:
                             refused["step"] += 1
                         continue
@@ -197,3 +195,54 @@ def test_one_runtime_shared_by_two_threads_is_serialized_or_refused_never_corrup
                 np.testing.assert_array_equal(v, want_v.reshape(v.shape))
     finally:
         rt.close()
+
+
+@pytest.mark.parametrize("action", ["add", "fork", "remove", "truncate", "import", "export"])
+def test_a_step_being_opened_refuses_other_threads_with_the_runtimes_error(action):
+    """Between Step.__enter__ taking the step slot and the step being open (its KV transaction
+    begun, its plan made), another thread's add/fork/remove/truncate/import/export gets the
+    Runtime's refusal -- not the KV cache's "transaction is open", and not a change made
+    under the opening step's feet. Deterministic: the opening thread is paused inside
+    _open_step, right after its transaction began, while the other thread calls."""
+    cfg = RuntimeConfig(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, max_tokens=256,
+                        kv_cache="paged", threads=1)
+    with Runtime(cfg) as rt:
+        seq, other = rt.add_sequence(), rt.add_sequence()
+        with rt.step([other], [3]) as step:
+            step.attention(0, *(np.ones((3, h, 8), np.float32) for h in (2, 1, 1)))
+        blob = rt.export_sequence(other)
+        calls = {"add": rt.add_sequence, "fork": lambda: rt.fork_sequence(other),
+                 "remove": lambda: rt.remove_sequence(other),
+                 "truncate": lambda: rt.truncate_sequence(other, 1),
+                 "import": lambda: rt.import_sequence(blob),
+                 "export": lambda: rt.export_sequence(other)}
+        outcome = {}
+
+        def other_thread():
+            try:
+                outcome["result"] = calls[action]()
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        plan_in_transaction = rt._plan_in_transaction
+
+        def paused(seqs, n_tokens):
+            plan = plan_in_transaction(seqs, n_tokens)      # the transaction is open now
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join(JOIN_SECONDS)
+            assert not t.is_alive(), "the other thread blocked on the opening step"
+            return plan
+
+        rt._plan_in_transaction = paused
+        before = (rt.sequences, rt.position(other), rt.seq_len(other))
+        with rt.step([seq], [2]) as step:
+            step.attention(0, *(np.ones((2, h, 8), np.float32) for h in (2, 1, 1)))
+        del rt._plan_in_transaction
+        error = outcome.get("error")
+        assert isinstance(error, RuntimeError), outcome
+        assert "while a step" in str(error) and "transaction" not in str(error), error
+        assert (rt.sequences, rt.position(other), rt.seq_len(other)) == before
+        assert rt.position(seq) == 2
+        # and once the step is over, the call goes through
+        calls[action]()

@@ -314,10 +314,11 @@ class Run:
 
 
 def run(target, binary, script, isa, workdir, tag):
+    from kernel_harness import child_env
     path, out = Path(workdir) / f"{tag}.script", Path(workdir) / f"{tag}-{target.name}-{isa}.out"
     script.write(path)
     proc = subprocess.run([*target.run_prefix, str(binary), str(path), str(out), isa],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=child_env())
     return Run(proc, out)
 
 

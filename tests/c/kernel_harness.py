@@ -39,6 +39,27 @@ LENGTHS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 66, 12
 
 # ---------------------------------------------------------------- what the build uses
 
+# What tools/sanitize.sh sets for the sanitized Python must not reach the programs this harness
+# starts: LeakSanitizer preloaded into gcc would report the compiler's by-design leaks on stderr
+# and turn its exit status into 23, and qemu would hand an x86-64 libasan to the program it
+# runs. Under a sanitized ruvpy build the native checks are built with the same sanitizers
+# (linked with their runtimes, no preload needed) and stop at the first report, which fails
+# the test through their exit status.
+SANITIZER_VARIABLES = ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS", "PYTHONMALLOC")
+CHECK_SANITIZER_OPTIONS = {"ASAN_OPTIONS": "halt_on_error=1:detect_leaks=1",
+                           "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+
+
+def child_env():
+    """The environment of every program the harness runs: this process's, without a
+    sanitized run's preload and options (and, for a sanitized build, with the checks'
+    halt-on-first-report options)."""
+    env = {k: v for k, v in os.environ.items() if k not in SANITIZER_VARIABLES}
+    if build_sanitizers():
+        env.update(CHECK_SANITIZER_OPTIONS)
+    return env
+
+
 def _setup_literal(name):
     """A literal assigned at the top of setup.py (so the harness compiles like the build)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
@@ -51,10 +72,17 @@ def _setup_literal(name):
 ISA_FLAGS = _setup_literal("ISA_FLAGS")
 
 
-def base_cflags():
-    """The C flags setup.py built ruvpy with (recorded in ruvpy/_build_info.py)."""
+def base_cflags(sanitize=True):
+    """The C flags setup.py built ruvpy with (recorded in ruvpy/_build_info.py); without its
+    -fsanitize flags when sanitize is false."""
     from ruvpy._build_info import BUILD_INFO
-    return list(BUILD_INFO["cflags"])
+    return [f for f in BUILD_INFO["cflags"] if sanitize or not f.startswith("-fsanitize")]
+
+
+def build_sanitizers():
+    """The -fsanitize= list ruvpy was built with (RUVPY_SANITIZE), or None."""
+    from ruvpy._build_info import BUILD_INFO
+    return BUILD_INFO.get("sanitize")
 
 
 def rv_ops_fields():
@@ -76,17 +104,26 @@ class Target:
     program needs besides the kernel table (paths relative to csrc)."""
 
     def __init__(self, name, cc, isas, link_flags=(), run_prefix=(), program="kernel_check", sources=(),
-                 cflags=()):
+                 cflags=(), sanitize=False):
         self.name, self.cc, self.isas = name, cc, list(isas)
-        self.link_flags, self.run_prefix = list(link_flags), list(run_prefix)
         self.program, self.sources, self.cflags = program, list(sources), list(cflags)
+        # sanitize: built with the sanitizers ruvpy was built with (base_cflags), and linked
+        # with their runtimes
+        self.sanitize = bool(sanitize and build_sanitizers())
+        self.link_flags, self.run_prefix = list(link_flags), list(run_prefix)
+        if self.sanitize:
+            self.link_flags.append("-fsanitize=" + build_sanitizers())
         # build directories: kernel_check's keep their old names
         self.label = name if program == "kernel_check" else f"{program}-{name}"
+        if self.sanitize:
+            self.label += "-sanitized"
 
     def for_program(self, program, sources, cflags=()):
         """The same compiler, ISAs and run prefix, building tests/c/<program>.c with `sources`
         (and `cflags` on every object besides setup.py's)."""
-        return Target(self.name, self.cc, self.isas, self.link_flags, self.run_prefix, program, sources, cflags)
+        link_flags = [f for f in self.link_flags if not f.startswith("-fsanitize")]
+        return Target(self.name, self.cc, self.isas, link_flags, self.run_prefix, program, sources, cflags,
+                      self.sanitize)
 
     def available(self):
         return shutil.which(self.cc) is not None and all(shutil.which(p) for p in self.run_prefix[:1])
@@ -97,19 +134,21 @@ class Target:
         sources = [(HERE / f"{self.program}.c", []), (KERNELS / "rv_dispatch.c", [])]
         sources += [(CSRC / src, []) for src in self.sources]
         sources += [(KERNELS / f"ops_{isa}.c", ISA_FLAGS[isa]) for isa in self.isas]
-        return [(src, [self.cc, *base_cflags(), *self.cflags, *flags, *defines, f"-I{CSRC}", "-c", str(src)])
+        return [(src, [self.cc, *base_cflags(self.sanitize), *self.cflags, *flags, *defines, f"-I{CSRC}", "-c", str(src)])
                 for src, flags in sources]
 
     def build_key(self):
         """Hash of everything the binary depends on: compiler, commands, and the sources and
         headers each object includes (as the compiler's -MM lists them)."""
         h = hashlib.sha256()
-        version = subprocess.run([self.cc, "--version"], capture_output=True, text=True).stdout
+        version = subprocess.run([self.cc, "--version"], capture_output=True, text=True,
+                                 env=child_env()).stdout
         h.update(f"{self.label}|{shutil.which(self.cc)}|{version}|{self.link_flags}".encode())
         deps = set()
         for _, cmd in self._compiles():
             h.update(repr(cmd).encode())
-            proc = subprocess.run([*cmd[:-2], "-MM", cmd[-1]], capture_output=True, text=True, check=True)
+            proc = subprocess.run([*cmd[:-2], "-MM", cmd[-1]], capture_output=True, text=True, check=True,
+                                  env=child_env())
             deps.update(proc.stdout.replace("\\\n", " ").split(":", 1)[1].split())
         for path in sorted(deps):
             h.update(path.encode() + Path(path).read_bytes())
@@ -130,7 +169,8 @@ class Target:
             return done
         work = Path(tempfile.mkdtemp(dir=cache_root, prefix=f"{self.label}-building-"))
         compiles = [(src, [*cmd, "-o", str(work / f"{src.parent.name}_{src.stem}.o")]) for src, cmd in self._compiles()]
-        futures = [pool.submit(subprocess.run, cmd, capture_output=True, text=True) for _, cmd in compiles]
+        futures = [pool.submit(subprocess.run, cmd, capture_output=True, text=True, env=child_env())
+                   for _, cmd in compiles]
         return pool.submit(self._link, work, final, compiles, futures)
 
     def _link(self, work, final, compiles, futures):
@@ -141,7 +181,7 @@ class Target:
                 raise RuntimeError(f"{self.name}: compiling {src.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
             diagnostics[src.name] = proc.stderr
         cmd = [self.cc, *(cmd[-1] for _, cmd in compiles), "-o", str(work / self.program), *self.link_flags, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if proc.returncode:
             raise RuntimeError(f"{self.name}: linking failed:\n{' '.join(cmd)}\n{proc.stderr}")
         (work / "diagnostics.json").write_text(json.dumps(diagnostics))
@@ -154,7 +194,7 @@ class Target:
 
     def run(self, binary, cases, isa, prefix=None):
         cmd = [*(self.run_prefix if prefix is None else prefix), str(binary), str(cases), isa]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
         return CheckResult(isa, proc)
 
 
@@ -205,10 +245,14 @@ class CheckResult:
         return "\n".join(out)
 
 
-def native_target():
-    """This machine's ISAs, compiled with the compiler Python's extensions use (as setup.py)."""
+def native_target(sanitize=True):
+    """This machine's ISAs, compiled with the compiler Python's extensions use (as setup.py),
+    with ruvpy's sanitizers if it was built with them (sanitize=False: without; what runs
+    under qemu-x86_64, where AddressSanitizer cannot map its shadow memory)."""
     from ruvpy._build_info import BUILD_INFO
-    return Target("native", (sysconfig.get_config_var("CC") or "cc").split()[0], BUILD_INFO["isas"])
+    sanitize = bool(sanitize and build_sanitizers())
+    return Target("native", (sysconfig.get_config_var("CC") or "cc").split()[0], BUILD_INFO["isas"],
+                  sanitize=sanitize)
 
 
 def aarch64_target():
@@ -219,7 +263,7 @@ def aarch64_target():
 
 def runner_names(binary, target):
     proc = subprocess.run([*target.run_prefix, str(binary), "--runners"], capture_output=True,
-                          text=True, check=True, timeout=60)
+                          text=True, check=True, timeout=60, env=child_env())
     return proc.stdout.split()
 
 
