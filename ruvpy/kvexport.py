@@ -13,8 +13,9 @@ mapping's code cannot run between a check and the use of what it checked).
                      "cold_sizes.<layer>" int64 (each blob's bytes),
                      "hot_k.<layer>", "hot_v.<layer>" float16 [hot tokens, kv heads, head_dim]
 Version 2 (before truncation) had no "cut"; it still imports. Version 4 changed the TurboQuant
-cold groups (fixed-size groups: key means, int8 codebooks, no QJL signs): a turbo export of an
-earlier version is refused, the others still import.
+cold groups (fixed-size groups: key means, int8 codebooks, no QJL signs), version 5 the q4
+groups (outlier value channels channel-major): an export whose cold groups have an older
+layout than its format's latest is refused, the others still import.
 """
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ __all__ = ["FORMAT", "VERSION", "meta_for", "pack_paged", "pack_twotier", "unpac
            "unpack_twotier"]
 
 FORMAT = "ruvpy.kvcache"
-VERSION = 4   # 4: TurboQuant groups v3 (rv_turbo.h); 3: "cut" (truncation inside a cold
-              # group); 2: q4 outliers as split nibbles, turbo outlier channels (2026-11-23)
-READABLE = (2, 3, 4)
-TURBO_READABLE = (4,)
+VERSION = 5   # 5: q4 outlier value channels channel-major (rv_coldq.h); 4: TurboQuant groups
+              # v3 (rv_turbo.h); 3: "cut" (truncation inside a cold group); 2: q4 outliers as
+              # split nibbles, turbo outlier channels (2026-11-23)
+READABLE = (2, 3, 4, 5)
+# the versions whose cold groups a format reads (formats not named: every readable version)
+COLD_READABLE = {"turbo": (4, 5), "q4": (5,)}
+_COLD_NAMES = {"turbo": "TurboQuant", "q4": "q4"}
 
 _F16 = np.dtype(np.float16)
 _U8 = np.dtype(np.uint8)
@@ -73,10 +77,12 @@ def _check_meta(meta, fields):
     if meta.get("format") != FORMAT or meta.get("version") not in READABLE:
         raise ValueError(f"import_sequence: not a {FORMAT} v{VERSION} export "
                          f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
-    if fields.get("cold") == "turbo" and meta.get("version") not in TURBO_READABLE:
-        raise ValueError(f"import_sequence: a v{meta.get('version')} export's TurboQuant groups "
-                         f"have the layout before v{TURBO_READABLE[0]}; this cache reads "
-                         f"v{TURBO_READABLE[0]} only")
+    cold = fields.get("cold")
+    if cold in COLD_READABLE and meta.get("version") not in COLD_READABLE[cold]:
+        first = COLD_READABLE[cold][0]
+        raise ValueError(f"import_sequence: a v{meta.get('version')} export's {_COLD_NAMES[cold]} "
+                         f"groups have the layout before v{first}; this cache reads v{first} "
+                         f"or later only")
     diffs = [f"{k}: export {meta.get(k)!r}, cache {v!r}" for k, v in fields.items()
              if meta.get(k) != v]
     if diffs:

@@ -240,37 +240,47 @@ def test_bad_sequence_bytes_change_nothing():
 
 
 def test_a_version_2_kv_export_still_imports():
-    """Exports from before truncation (KV format version 2) have no "cut"."""
+    """Exports from before truncation (KV format version 2) have no "cut"; q8 groups kept
+    their layout through every version."""
     rng = np.random.default_rng(11)
-    cache = caches()["q4"]
+
+    def q8():
+        return TwoTierKVCache(2, KVH, D, hot_tokens=5, migration_batch=G, cold="q8", max_tokens=400)
+    cache = q8()
     a = cache.add_sequence()
     for layer in range(2):
         cache.append(a, layer, *kv(rng, 30))
     meta, arrays = cache.export_sequence(a)
-    assert meta["version"] == VERSION == 4 and meta["cut"] == [0, 0]
+    assert meta["version"] == VERSION == 5 and meta["cut"] == [0, 0]
     old = {k: v for k, v in meta.items() if k != "cut"}
     old["version"] = 2
-    b = caches()["q4"].import_sequence(old, arrays)
+    b = q8().import_sequence(old, arrays)
     assert b == 0
-    assert caches()["q4"].import_sequence(dict(meta, version=3), arrays) == 0
-    with pytest.raises(ValueError, match="v4"):
-        caches()["q4"].import_sequence(dict(meta, version=5), arrays)
+    for version in (3, 4):
+        target = q8()
+        assert target.import_sequence(dict(meta, version=version), arrays) == 0
+        assert target.get_kv(0, 1)[0].tobytes() == cache.get_kv(a, 1)[0].tobytes()
+    with pytest.raises(ValueError, match="v5"):
+        q8().import_sequence(dict(meta, version=6), arrays)
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_turbo_exports_from_before_version_4_are_refused(version):
-    """Version 4 changed the TurboQuant groups' layout: older turbo blobs are not read as new
-    ones (q8 / q4 exports of those versions still import, above). The cache stays empty."""
+@pytest.mark.parametrize("cold, name, versions", [("turbo", "TurboQuant", [2, 3]), ("q4", "q4", [2, 3, 4])])
+def test_exports_with_an_older_group_layout_are_refused(cold, name, versions):
+    """Version 4 changed the TurboQuant groups' layout, version 5 the q4 groups' (outlier value
+    channels channel-major): older blobs are not read as new ones (q8 exports of those
+    versions still import, above). The cache stays empty; the current version imports."""
     rng = np.random.default_rng(12)
-    cache = caches()["turbo"]
+    cache = caches()[cold]
     a = cache.add_sequence()
     for layer in range(2):
         cache.append(a, layer, *kv(rng, 30))
     meta, arrays = cache.export_sequence(a)
-    target = caches()["turbo"]
-    with pytest.raises(ValueError, match="TurboQuant"):
-        target.import_sequence(dict(meta, version=version), arrays)
-    assert target.nbytes == caches()["turbo"].nbytes and list(target.sequences()) == []
+    for version in versions:
+        target = caches()[cold]
+        with pytest.raises(ValueError, match=f"v{version} export's {name} groups"):
+            target.import_sequence(dict(meta, version=version), arrays)
+        assert target.nbytes == caches()[cold].nbytes and list(target.sequences()) == []
+    assert caches()[cold].import_sequence(meta, arrays) == 0
 
 
 class GroupModel:

@@ -629,7 +629,8 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
         nvc < (size_t)((G - 1) * vrow + (bits == 8 ? d : (d + 1) / 2)) || nks != (size_t)d ||
         nkz != (size_t)d || nvs != (size_t)G * ng || nvz != (size_t)G * ng ||
         nki > RV_MAX_OUTLIERS || nvi > RV_MAX_OUTLIERS || ((nki || nvi) && bits != 4) ||
-        nos != nvi || noz != nvi || nvh < (size_t)G * ((nvi + 1) / 2) || (visible && nvis != (size_t)rows) ||
+        nos != nvi || noz != nvi ||
+        (nvi && nvh < (size_t)((nvi - 1) * krow + (G + 1) / 2)) || (visible && nvis != (size_t)rows) ||
         alloc_state(c, rows, d, &s))
         return fail(c, "%s: malformed case", "attend_qgroup");
     float *scratch = output(c, "_qscratch", DT_F32, RV_QATTN_SCRATCH_FLOATS(G, d), 64);

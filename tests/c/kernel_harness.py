@@ -827,17 +827,15 @@ def cases_attend_qgroup(rng):
         v_prod = vc * vscale[:, per_channel].astype(np.float64)
         vz64 = vzero[:, per_channel].astype(np.float64)
         values, values_abs = v_prod + vz64, np.abs(v_prod) + np.abs(vz64)
-        # an outlier channel's slot holds the low nibble of an 8-bit code of its own per-channel
-        # parameters, vhi the high nibbles (outlier o: byte o // 2, low nibble first); the kernel
-        # decodes the slot with the group's parameters and adds the difference
+        # an outlier channel's value is an 8-bit code of its own per-channel parameters: low
+        # nibble in its slot, high nibbles channel-major in vhi (a 4-bit row of the G tokens
+        # per outlier, rows krow bytes apart like the keys'); the kernel sums the slot's codes
+        # raw and the high nibbles as a dot product
         vos64, voz64 = voscale.astype(np.float64), vozero.astype(np.float64)
-        hi = rng.integers(0, 16, (G, nv))
-        vhi = np.zeros((G, (nv + 1) // 2), np.uint8)
-        for o in range(nv):
-            vhi[:, o // 2] |= (hi[:, o] << (4 * (o % 2))).astype(np.uint8)
-        o_code = (vc[:, vidx] + 16 * hi).astype(np.float64)
+        vhi, hi = quant_rows(rng, nv, G, 4, krow)                      # hi [nv][G]
+        o_code = (vc[:, vidx] + 16 * hi.T).astype(np.float64)
         values[:, vidx] = o_code * vos64 + voz64
-        values_abs[:, vidx] += np.abs(o_code * vos64) + np.abs(voz64)
+        values_abs[:, vidx] = np.abs(o_code * vos64) + np.abs(voz64)
         q = (rng.standard_normal((rows, d)) * 2.0 / np.sqrt(d)).astype(np.float32)
         visible, vis = _group_visible(rng, vis_kind, rows, n)
         if bits == 4:
@@ -865,11 +863,7 @@ def cases_attend_qgroup(rng):
         if nk:
             arrays.update(kidx=kidx)
         if nv:
-            # the kernel may read 3 bytes past the last token's byte of vcodes and vhi (the group
-            # layout always has them there): exactly 3 junk bytes, so a longer reach faults
-            junk = np.full(3, 0xA5, np.uint8)
-            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vhi=np.concatenate([vhi.reshape(-1), junk]),
-                          vcodes=np.concatenate([vbytes, junk]))
+            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vhi=vhi)
         if visible is not None:
             arrays["visible"] = visible
         yield f"bits={bits} d={d} G={G} group={gs} rows={rows} outliers={nk}/{nv} tokens={a}+{n} {vis_kind}", arrays

@@ -47,50 +47,6 @@ RV_INLINE rv_vf qk_lo4(const uint8_t *p) { return (float)(p[0] & 15); }
 RV_INLINE rv_vf qk_hi4(const uint8_t *p) { return (float)(p[0] >> 4); }
 #endif
 
-/* ---- outlier value channels: RV_VW tokens' 8-bit codes (t0..) scattered over the token rows,
- * as floats scale * code + zero. The x86 gathers read a 32-bit word at each code byte: up to 3
- * bytes past the last token's, which the q4 group layout guarantees when head_dim >= 16 (its
- * format's contract; qk_vout_gathers says when to use them). ---- */
-#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
-#if defined(RV_ISA_AVX512)
-typedef __m512i qk_vi;
-#define qk_vi_set1 _mm512_set1_epi32
-#define qk_vi_add _mm512_add_epi32
-#define qk_vi_mullo _mm512_mullo_epi32
-#define qk_vi_and _mm512_and_si512
-#define qk_vi_or _mm512_or_si512
-#define qk_vi_srl _mm512_srl_epi32
-#define qk_vi_slli _mm512_slli_epi32
-#define qk_vi_cvt _mm512_cvtepi32_ps
-#define qk_vi_lanes() _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-#define qk_vi_gather(base, idx) _mm512_i32gather_epi32((idx), (const void *)(base), 1)
-#else
-typedef __m256i qk_vi;
-#define qk_vi_set1 _mm256_set1_epi32
-#define qk_vi_add _mm256_add_epi32
-#define qk_vi_mullo _mm256_mullo_epi32
-#define qk_vi_and _mm256_and_si256
-#define qk_vi_or _mm256_or_si256
-#define qk_vi_srl _mm256_srl_epi32
-#define qk_vi_slli _mm256_slli_epi32
-#define qk_vi_cvt _mm256_cvtepi32_ps
-#define qk_vi_lanes() _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
-#define qk_vi_gather(base, idx) _mm256_i32gather_epi32((const int *)(base), (idx), 1)
-#endif
-#define QK_VOUT_GATHERS 1
-RV_INLINE void qk_vout_block(const rv_qhead_vout *v, int t0, rv_vf scale, rv_vf zero, float *xo)
-{
-    const qk_vi t = qk_vi_add(qk_vi_set1(t0), qk_vi_lanes()), nib = qk_vi_set1(15);
-    qk_vi lo = qk_vi_gather(v->lo, qk_vi_mullo(t, qk_vi_set1((int)v->lo_stride)));
-    qk_vi hi = qk_vi_gather(v->hi, qk_vi_mullo(t, qk_vi_set1((int)v->hi_stride)));
-    lo = qk_vi_and(qk_vi_srl(lo, _mm_cvtsi32_si128(v->lo_shift)), nib);
-    hi = qk_vi_and(qk_vi_srl(hi, _mm_cvtsi32_si128(v->hi_shift)), nib);
-    rv_vf_store(xo, rv_vf_fmadd(qk_vi_cvt(qk_vi_or(lo, qk_vi_slli(hi, 4))), scale, zero));
-}
-#else
-#define QK_VOUT_GATHERS 0
-#endif
-
 /* code i of a row of n codes (4 or 8 bits) */
 RV_INLINE float qk_code(const uint8_t *row, int i, int n, int bits)
 {
@@ -431,10 +387,12 @@ RV_INLINE int qk_scores_i8(const int NR, const struct rv_qhead *h, const float *
     int j = 0;
     for (; j + QK_I8_BLOCK <= hi_n; j += QK_I8_BLOCK) {
         rv_vf S[QK_NR][4];
-        qk_i8_rows(NR, h, w, 0, d, 0, j, S, pf);
+        /* head_dim whole blocks: the outliers' rows are one more block of the same pass */
+        const int first_end = d % 16 ? d : dk;
+        qk_i8_rows(NR, h, w, 0, first_end, 0, j, S, pf);
         for (int r = 0; r < NR; r++)
             qk_i8_store(S[r], bias[r], 0, s + r * s_stride + j, s + r * s_stride + half + j);
-        if (h->nk) {
+        if (first_end < dk) {
             qk_i8_rows(NR, h, w, d, dk, (d + 15) / 16, j, S, pf);
             for (int r = 0; r < NR; r++)
                 qk_i8_store(S[r], 0.0f, 1, s + r * s_stride + j, s + r * s_stride + half + j);
@@ -444,10 +402,53 @@ RV_INLINE int qk_scores_i8(const int NR, const struct rv_qhead *h, const float *
 }
 #endif
 
+/* ---- decoding values with some lanes left raw: x = raw lane ? code : code * scale + zero.
+ * A 4-bit head's outlier value channels hold the low nibble of their own 8-bit codes in their
+ * slots: summing those raw while decoding the rows costs one masked FMA on AVX-512 (a blend
+ * elsewhere) and no load of its own. raw[c] is 0xFF for such a channel c, else 0. ---- */
+#if defined(RV_ISA_AVX512)
+typedef __mmask16 qk_raw;
+RV_INLINE qk_raw qk_raw_at(const uint8_t *raw) { return (qk_raw)_mm_movemask_epi8(_mm_loadu_si128((const __m128i *)raw)); }
+RV_INLINE rv_vf qk_dequant_raw(rv_vf code, rv_vf scale, rv_vf zero, qk_raw m)
+{
+    return _mm512_mask_fmadd_ps(code, (__mmask16)~m, scale, zero);
+}
+#elif defined(RV_ISA_AVX2)
+typedef __m256 qk_raw;
+RV_INLINE qk_raw qk_raw_at(const uint8_t *raw)
+{
+    return _mm256_castsi256_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)raw)));
+}
+RV_INLINE rv_vf qk_dequant_raw(rv_vf code, rv_vf scale, rv_vf zero, qk_raw m)
+{
+    return _mm256_blendv_ps(rv_vf_fmadd(code, scale, zero), code, m);
+}
+#elif defined(RV_ISA_NEON)
+typedef uint32x4_t qk_raw;
+RV_INLINE qk_raw qk_raw_at(const uint8_t *raw)
+{
+    uint32_t w;
+    memcpy(&w, raw, 4);
+    return vreinterpretq_u32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u32(vcreate_u32(w))))));
+}
+RV_INLINE rv_vf qk_dequant_raw(rv_vf code, rv_vf scale, rv_vf zero, qk_raw m)
+{
+    return vbslq_f32(m, code, rv_vf_fmadd(code, scale, zero));
+}
+#else
+typedef uint8_t qk_raw;
+RV_INLINE qk_raw qk_raw_at(const uint8_t *raw) { return *raw; }
+RV_INLINE rv_vf qk_dequant_raw(rv_vf code, rv_vf scale, rv_vf zero, qk_raw m)
+{
+    return m ? code : rv_vf_fmadd(code, scale, zero);
+}
+#endif
+
 /* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1, values dequantized in
- * registers (token-major codes, per-token channel-group parameters as floats). */
-RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, const float *w,
-                         int w_stride, float *acc)
+ * registers (token-major codes, per-token channel-group parameters as floats); with RAW (4-bit
+ * only), the channels c with raw[c] sum their codes as they are. */
+RV_INLINE void qk_values(const int NR, const int RAW, const struct rv_qhead *h, int a, int n, const float *w,
+                         int w_stride, float *acc, const uint8_t *raw)
 {
     const int d = h->head_dim, gs = h->group_size, ng = (d + gs - 1) / gs;
     const float *vs = h->vscale, *vz = h->vzero;
@@ -471,14 +472,24 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                         al[r][u] = rv_vf_load(acc + r * d + j + u * RV_VW);
                         ah[r][u] = rv_vf_load(acc + r * d + half + j + u * RV_VW);
                     }
+                qk_raw rl[QK_SW], rh[QK_SW];
+                for (int u = 0; u < QK_SW; u++)
+                    if (RAW) {
+                        rl[u] = qk_raw_at(raw + j + u * RV_VW);
+                        rh[u] = qk_raw_at(raw + half + j + u * RV_VW);
+                    }
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
                     const uint8_t *b = h->vcodes + tok * h->vrow + j;
                     const float *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
                     rv_vf xl[QK_SW], xh[QK_SW];
                     for (int u = 0; u < QK_SW; u++) {
-                        xl[u] = rv_vf_fmadd(qk_lo4(b + u * RV_VW), rv_vf_set1(ps[gl[u]]), rv_vf_set1(pz[gl[u]]));
-                        xh[u] = rv_vf_fmadd(qk_hi4(b + u * RV_VW), rv_vf_set1(ps[gh[u]]), rv_vf_set1(pz[gh[u]]));
+                        const rv_vf sl = rv_vf_set1(ps[gl[u]]), zl = rv_vf_set1(pz[gl[u]]);
+                        const rv_vf sh = rv_vf_set1(ps[gh[u]]), zh = rv_vf_set1(pz[gh[u]]);
+                        xl[u] = RAW ? qk_dequant_raw(qk_lo4(b + u * RV_VW), sl, zl, rl[u])
+                                    : rv_vf_fmadd(qk_lo4(b + u * RV_VW), sl, zl);
+                        xh[u] = RAW ? qk_dequant_raw(qk_hi4(b + u * RV_VW), sh, zh, rh[u])
+                                    : rv_vf_fmadd(qk_hi4(b + u * RV_VW), sh, zh);
                     }
                     for (int r = 0; r < NR; r++) {
                         rv_vf p = rv_vf_set1(w[r * w_stride + t]);
@@ -501,12 +512,19 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                     al[r] = rv_vf_load(acc + r * d + j);
                     ah[r] = rv_vf_load(acc + r * d + half + j);
                 }
+                qk_raw rl, rh;
+                if (RAW) {
+                    rl = qk_raw_at(raw + j);
+                    rh = qk_raw_at(raw + half + j);
+                }
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
                     const uint8_t *b = h->vcodes + tok * h->vrow + j;
                     const float *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
-                    rv_vf xl = rv_vf_fmadd(qk_lo4(b), rv_vf_set1(ps[gl]), rv_vf_set1(pz[gl]));
-                    rv_vf xh = rv_vf_fmadd(qk_hi4(b), rv_vf_set1(ps[gh]), rv_vf_set1(pz[gh]));
+                    const rv_vf sl = rv_vf_set1(ps[gl]), zl = rv_vf_set1(pz[gl]);
+                    const rv_vf sh = rv_vf_set1(ps[gh]), zh = rv_vf_set1(pz[gh]);
+                    rv_vf xl = RAW ? qk_dequant_raw(qk_lo4(b), sl, zl, rl) : rv_vf_fmadd(qk_lo4(b), sl, zl);
+                    rv_vf xh = RAW ? qk_dequant_raw(qk_hi4(b), sh, zh, rh) : rv_vf_fmadd(qk_hi4(b), sh, zh);
                     for (int r = 0; r < NR; r++) {
                         rv_vf p = rv_vf_set1(w[r * w_stride + t]);
                         al[r] = rv_vf_fmadd(p, xl, al[r]);
@@ -530,8 +548,9 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                 float sum = 0.0f;
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
-                    float x = qk_code(h->vcodes + tok * h->vrow, c, d, 4) * vs[(size_t)tok * ng + gi] +
-                              vz[(size_t)tok * ng + gi];
+                    float x = qk_code(h->vcodes + tok * h->vrow, c, d, 4);
+                    if (!(RAW && raw[c]))
+                        x = x * vs[(size_t)tok * ng + gi] + vz[(size_t)tok * ng + gi];
                     sum += w[r * w_stride + t] * x;
                 }
                 acc[r * d + c] += sum;
@@ -567,6 +586,63 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                                               vz[(size_t)tok * ng + gi]);
             }
             acc[r * d + c] += sum;
+        }
+    }
+}
+
+/* Outlier value channels, after qk_values summed the low nibbles of their codes raw into
+ * acc[r][vidx[o]] (which held 0 for it; `held` is what the row had before): their values are
+ * voscale * (lo + 16 hi) + vozero, so
+ *     acc = held + voscale * (sum_t w lo) + sum_t w (16 voscale hi + vozero),
+ * the last a dot product over the channel's contiguous row of high nibbles (a 4-bit row of
+ * the G tokens: weights w[r][t] for every t < G, 0 outside the tokens folded). QK_VO
+ * channels per pass share the weight loads. */
+#if defined(RV_ISA_AVX2)
+#define QK_VO 2                  /* 16 registers: NR x 2 sums, 2 x NR weights and the codes */
+#else
+#define QK_VO 4
+#endif
+RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, const float *w, int w_stride,
+                                 float held[QK_NR][RV_MAX_OUTLIERS], float *acc)
+{
+    const int d = h->head_dim, G = h->G, half = (G + 1) / 2, hi_n = G - half;
+    for (int o0 = 0; o0 < h->nv; o0 += QK_VO) {
+        const int no = h->nv - o0 < QK_VO ? h->nv - o0 : QK_VO;
+        const uint8_t *row[QK_VO];
+        rv_vf sum[QK_NR][QK_VO], scale[QK_VO], zero[QK_VO];
+        for (int o = 0; o < no; o++) {
+            row[o] = h->vhi + (size_t)(o0 + o) * h->krow;
+            scale[o] = rv_vf_set1(16.0f * h->voscale[o0 + o]);
+            zero[o] = rv_vf_set1(h->vozero[o0 + o]);
+            for (int r = 0; r < NR; r++)
+                sum[r][o] = rv_vf_zero();
+        }
+        int j = 0;
+        for (; j + RV_VW <= hi_n; j += RV_VW) {      /* tokens j.. (low) and half + j.. (high) */
+            rv_vf pl[QK_NR], ph[QK_NR];
+            for (int r = 0; r < NR; r++) {
+                pl[r] = rv_vf_load(w + r * w_stride + j);
+                ph[r] = rv_vf_load(w + r * w_stride + half + j);
+            }
+            for (int o = 0; o < no; o++) {
+                const rv_vf xl = rv_vf_fmadd(qk_lo4(row[o] + j), scale[o], zero[o]);
+                const rv_vf xh = rv_vf_fmadd(qk_hi4(row[o] + j), scale[o], zero[o]);
+                for (int r = 0; r < NR; r++)
+                    sum[r][o] = rv_vf_fmadd(ph[r], xh, rv_vf_fmadd(pl[r], xl, sum[r][o]));
+            }
+        }
+        for (int o = 0; o < no; o++) {
+            const float so = h->voscale[o0 + o], zo = h->vozero[o0 + o];
+            float *dst = acc + h->vidx[o0 + o];
+            for (int r = 0; r < NR; r++) {
+                float tail = 0.0f;
+                for (int t = j; t < G; t++) {       /* [j, half) and [half + j, G) */
+                    if (t >= half && t < half + j)
+                        continue;
+                    tail += w[r * w_stride + t] * (16.0f * so * (float)qk_code(row[o], t, G, 4) + zo);
+                }
+                dst[r * d] = held[r][o0 + o] + so * dst[r * d] + (rv_vf_hsum(sum[r][o]) + tail);
+            }
         }
     }
 }
@@ -617,29 +693,28 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
             scale_f32((size_t)d, corr[r], st->acc + (size_t)(r0 + r) * d);
     }
     float *acc = st->acc + (size_t)r0 * d;
-    /* outlier value channels: qk_values decodes their slots (the low nibbles) with the token's
-     * group parameters like any channel; put back what the rows held before it and add their
-     * own 8-bit values, decoded once per token into `xo` for every row */
-    float held[QK_NR][RV_MAX_OUTLIERS];
-    for (int o = 0; o < h->nv; o++)
-        for (int r = 0; r < NR; r++)
-            held[r][o] = acc[r * d + h->vidx[o]];
-    qk_values(NR, h, a, n_eff, s + a, s_stride, acc);
-    float *xo = qs + (size_t)QK_NR * (d + RV_MAX_OUTLIERS);     /* [n_eff] */
-    for (int o = 0; o < h->nv; o++) {
-        const rv_qhead_vout cur = rv_qhead_vout_at(h, o);
-        const float scale = h->voscale[o], zero = h->vozero[o];
-        int t = 0;
-#if QK_VOUT_GATHERS
-        if (d >= 16)
-            for (; t + RV_VW <= n_eff; t += RV_VW)
-                qk_vout_block(&cur, a + t, rv_vf_set1(scale), rv_vf_set1(zero), xo + t);
-#endif
-        for (; t < n_eff; t++)
-            xo[t] = scale * (float)rv_qhead_vout_code(&cur, a + t) + zero;
-        for (int r = 0; r < NR; r++)
-            acc[r * d + h->vidx[o]] = held[r][o] + dot_f32(s + r * s_stride + a, xo, (size_t)n_eff);
+    if (!h->nv) {
+        qk_values(NR, 0, h, a, n_eff, s + a, s_stride, acc, NULL);
+        return;
     }
+    /* outlier value channels: their slots summed raw from 0 (qk_outlier_values) */
+    float held[QK_NR][RV_MAX_OUTLIERS];
+    uint8_t raw[RV_MAX_HEAD_DIM];
+    memset(raw, 0, (size_t)d);
+    for (int o = 0; o < h->nv; o++) {
+        raw[h->vidx[o]] = 0xFF;
+        for (int r = 0; r < NR; r++) {
+            held[r][o] = acc[r * d + h->vidx[o]];
+            acc[r * d + h->vidx[o]] = 0.0f;
+        }
+    }
+    qk_values(NR, 1, h, a, n_eff, s + a, s_stride, acc, raw);
+    /* every token of the group weighs in the high nibbles' dot: 0 outside [a, a + n_eff) */
+    for (int r = 0; r < NR; r++) {
+        memset(s + r * s_stride, 0, sizeof(float) * (size_t)a);
+        memset(s + r * s_stride + a + n_eff, 0, sizeof(float) * (size_t)(G - a - n_eff));
+    }
+    qk_outlier_values(NR, h, s, s_stride, held, acc);
 }
 
 /* Fold tokens [a, a + n) of one KV head's quantized group into st. Row r sees tokens

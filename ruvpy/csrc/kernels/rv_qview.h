@@ -26,40 +26,19 @@ struct rv_qhead {
     int nv;
     const uint8_t *vidx;          /* [nv] outlier value channels, ascending */
     const float *voscale, *vozero;/* [nv] their per-channel 8-bit parameters */
-    const uint8_t *vhi;           /* [G][(nv + 1) / 2] their codes' high nibbles (low: in vcodes) */
+    const uint8_t *vhi;           /* their codes' high nibbles, channel-major: outlier o's G as a
+                                     4-bit row at vhi + o * krow; the low nibbles sit in their
+                                     slots in vcodes */
     /* what the caller reads next (the next group's segment of this head): the kernel
      * prefetches it into L2 while it computes, NULL for nothing */
     const unsigned char *prefetch;
     size_t prefetch_bytes;
 };
 
-/* Where outlier value channel o's 8-bit codes sit (4-bit heads only): token t's code is
- * rv_qhead_vout_code(&cur, t). Decoders set it up once per channel and hold it in locals:
- * loads through uint8_t pointers may alias anything, so per-token lookups through the head
- * would be reloaded after every float store. */
-typedef struct {
-    const uint8_t *lo, *hi;     /* token 0's slot byte and high-nibble byte */
-    ptrdiff_t lo_stride, hi_stride;
-    int lo_shift, hi_shift;
-} rv_qhead_vout;
-
-static inline rv_qhead_vout rv_qhead_vout_at(const struct rv_qhead *h, int o)
-{
-    const int c = h->vidx[o], half = (h->head_dim + 1) / 2;
-    return (rv_qhead_vout){.lo = h->vcodes + (c < half ? c : c - half), .hi = h->vhi + o / 2,
-                           .lo_stride = h->vrow, .hi_stride = (h->nv + 1) / 2,
-                           .lo_shift = c < half ? 0 : 4, .hi_shift = 4 * (o & 1)};
-}
-
-static inline int rv_qhead_vout_code(const rv_qhead_vout *v, int t)
-{
-    return ((v->lo[t * v->lo_stride] >> v->lo_shift) & 15) | ((v->hi[t * v->hi_stride] >> v->hi_shift) & 15) << 4;
-}
-
 /* query rows the fused kernel keeps in registers at once, and the scratch it needs */
 #define RV_QATTN_ROWS 4
 #define RV_QATTN_SCRATCH_FLOATS(G, d) \
-    ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + (size_t)(d) + RV_MAX_OUTLIERS) + (size_t)(G) + 64)
+    ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + (size_t)(d) + RV_MAX_OUTLIERS) + 64)
 
 /* ---- a TurboQuant group head ----
  * The attention state it folds into has head_dim D (the padded head_dim): accumulators in the

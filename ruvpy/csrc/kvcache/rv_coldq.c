@@ -53,7 +53,7 @@ static void layout(const rv_coldq_cfg *cfg, int nk, int nv, seg_layout *L)
     o = (o + 1) & ~(size_t)1;
     L->voscale = o; o += 2 * (size_t)nv;
     L->vozero = o;  o += 2 * (size_t)nv;
-    L->vhi = o;     o += G * (size_t)((nv + 1) / 2);
+    L->vhi = o;     o += (size_t)nv * kb;      /* a 4-bit row of G codes per outlier */
     L->kcodes = o;  o += ((size_t)d + (size_t)nk) * kb;
     L->total = (o + 1) & ~(size_t)1;
 }
@@ -219,14 +219,13 @@ static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, i
     uint8_t *kcodes = seg + S.kcodes, *vcodes = seg + S.vcodes;
     uint16_t *voscale = (uint16_t *)(seg + S.voscale), *vozero = (uint16_t *)(seg + S.vozero);
     uint8_t *vhi = seg + S.vhi;
-    const int hb = (nv + 1) / 2;
-    signed char kout[RV_MAX_HEAD_DIM], vout[RV_MAX_HEAD_DIM];     /* channel -> outlier slot, or -1 */
-    memset(kout, -1, sizeof kout);
-    memset(vout, -1, sizeof vout);
+    signed char kslot[RV_MAX_HEAD_DIM], vslot[RV_MAX_HEAD_DIM];   /* channel -> outlier number, or -1 */
+    memset(kslot, -1, sizeof kslot);
+    memset(vslot, -1, sizeof vslot);
     for (int o = 0; o < nk; o++)
-        kout[kidx[o]] = (signed char)o;
+        kslot[kidx[o]] = (signed char)o;
     for (int o = 0; o < nv; o++)
-        vout[vidx[o]] = (signed char)o;
+        vslot[vidx[o]] = (signed char)o;
     seg[S.counts] = (uint8_t)nk;
     seg[S.counts + 1] = (uint8_t)nv;
     memcpy(seg + S.idx, kidx, (size_t)nk);
@@ -237,7 +236,7 @@ static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, i
     for (int c = 0; c < d; c++) {
         float mn, mx;
         strided_range(kf + c, G, (size_t)d, &mn, &mx);
-        int o = kout[c];
+        int o = kslot[c];
         float sf, zf;
         params(mn, mx, o >= 0 ? 255 : L, &kscale[c], &kzero[c], &sf, &zf);
         for (int t = 0; t < G; t++) {
@@ -258,7 +257,7 @@ static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, i
             int c0 = gi * gs, c1 = c0 + gs < d ? c0 + gs : d;
             float mn = INFINITY, mx = -INFINITY;
             for (int c = c0; c < c1; c++)
-                if (vout[c] < 0) {
+                if (vslot[c] < 0) {
                     mn = x[c] < mn ? x[c] : mn;
                     mx = x[c] > mx ? x[c] : mx;
                 }
@@ -267,11 +266,12 @@ static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, i
             float sf, zf;
             params(mn, mx, L, &vscale[(size_t)t * ng + gi], &vzero[(size_t)t * ng + gi], &sf, &zf);
             for (int c = c0; c < c1; c++)
-                if (vout[c] < 0)
+                if (vslot[c] < 0)
                     put_code(vcodes + (size_t)t * vb, c, code_of(x[c], sf, zf, L), bits, vhalf);
         }
     }
-    /* outlier value channels: 8 bits per channel over the G tokens, low nibble in the slot */
+    /* outlier value channels: 8 bits per channel over the G tokens, low nibble in the slot,
+     * high nibble in the channel's row of vhi */
     for (int o = 0; o < nv; o++) {
         const int c = vidx[o];
         float mn, mx, sf, zf;
@@ -280,7 +280,7 @@ static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, i
         for (int t = 0; t < G; t++) {
             int code = code_of(vf[(size_t)t * d + c], sf, zf, 255);
             put_code(vcodes + (size_t)t * vb, c, code & 15, bits, vhalf);
-            vhi[(size_t)t * hb + o / 2] |= (uint8_t)((code >> 4) << (4 * (o & 1)));
+            put_code(vhi + (size_t)o * kb, t, code >> 4, 4, khalf);
         }
     }
 }
@@ -368,10 +368,12 @@ static void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, fl
     ops->dequant_rows_group(q.vcodes, q.vrow, G, d, cfg->bits, cfg->group_size, v->vscale, v->vzero,
                             value_groups(cfg), vf);
     for (int o = 0; o < q.nv; o++) {
-        const rv_qhead_vout cur = rv_qhead_vout_at(&q, o);
         const int c = q.vidx[o];
-        for (int t = 0; t < G; t++)
-            vf[(size_t)t * d + c] = q.voscale[o] * (float)rv_qhead_vout_code(&cur, t) + q.vozero[o];
+        for (int t = 0; t < G; t++) {
+            int code = code_at(q.vcodes + (size_t)t * q.vrow, c, d, 4) |
+                       code_at(q.vhi + (size_t)o * q.krow, t, G, 4) << 4;
+            vf[(size_t)t * d + c] = q.voscale[o] * (float)code + q.vozero[o];
+        }
     }
 }
 

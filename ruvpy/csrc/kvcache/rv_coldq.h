@@ -13,12 +13,10 @@
  *   nk, nv                   u8   outlier channels of keys / values (4-bit only)
  *   kidx[nk], vidx[nv]       u8   their channel numbers (ascending), then 1 pad byte if odd
  *   voscale[nv], vozero[nv]  f16  values' outliers: 8 bits per channel over the G tokens
- *   vhi[G][(nv + 1) / 2]     u8   their codes' high nibbles (outlier o: byte o / 2, low
- *                                 nibble first); the low nibbles sit in their slots in vcodes
+ *   vhi[nv][kb]              u8   their codes' high nibbles, a 4-bit row of the G tokens per
+ *                                 outlier (as key rows); the low nibbles sit in their slots
  *   kcodes[d + nk][kb]       u8   keys channel-major: kb = G (8 bits) or ceil(G/2) (4 bits);
  *                                 rows d.. hold the high nibbles of the outlier channels
- * (The fused kernel may read 3 bytes past the last token's byte of vcodes and of vhi: counts
- * and idx follow vcodes, and when head_dim >= 16 at least 16 bytes of kcodes follow vhi.)
  *
  * Keys: each channel is quantized over the G tokens with its own scale/zero; an outlier key
  * channel (range > RV_COLDQ_OUTLIER_RATIO x the median channel range of the head and group)
@@ -27,9 +25,11 @@
  * costs 4 bits per token more, nothing is stored twice).
  * Values: each token is quantized in channel groups with the outlier channels left out of the
  * group's range (a x20 channel in a per-token group would flatten the other channels of the
- * group); an outlier value channel gets 8-bit codes per channel over the G tokens, low nibble
- * in its slot, high nibble in vhi (4 bits would not do: the attention output of such data is
- * dominated by these channels, and q4 cosine fell from 0.998 to 0.978). */
+ * group); an outlier value channel gets 8-bit codes per channel over the G tokens (4 bits
+ * would not do: the attention output of such data is dominated by these channels, and q4
+ * cosine fell from 0.998 to 0.978): low nibble in its slot of the token rows, which attention
+ * sums as raw codes while it decodes the rows, high nibble channel-major, which it sums as a
+ * dot product over contiguous codes (token-major high nibbles took a gather per 16 tokens). */
 #ifndef RV_COLDQ_H
 #define RV_COLDQ_H
 
