@@ -110,7 +110,9 @@ def emulable(builds, tmp_path_factory):
 @pytest.mark.parametrize("cpu,runs", EMULATED_CPUS)
 def test_x86_dispatch_on_older_cpus(emulable, cases, cpu, runs):
     require_tool("qemu-x86_64", install="Debian: qemu-user")
-    for isa in emulable[0].isas:
+    built = emulable[0].isas       # RUVPY_BUILD_ISAS may leave tables out of a build
+    best = [isa for isa in runs if isa in built][-1]
+    for isa in built:
         result = _check(emulable, cases, isa, prefix=["qemu-x86_64", "-cpu", cpu])
         assert result.unsupported == (isa not in runs), f"{isa} on {cpu}"
-        assert result.best == runs[-1]
+        assert result.best == best

@@ -132,7 +132,10 @@ def test_soak_tool_short_run():
     sys.path.insert(0, str(REPO / "tools"))
     import soak
     result = soak.soak(6000, 1000, 2000, progress=False, fail_every=1500)
-    assert result["ok"], result["problems"]
+    problems = result["problems"]
+    if os.environ.get("RUVPY_SANITIZED") == "1":     # ASan's quarantine holds freed memory in RSS
+        problems = [p for p in problems if not p.startswith("RSS moved")]
+    assert problems == []
     counts = result["counts"]
     assert counts["steps"] == 6000 and counts["injected_failures"] == 3
     assert counts["removed"] > 0 and counts["prefills"] > 1
