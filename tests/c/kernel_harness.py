@@ -165,7 +165,8 @@ class Target:
         if (final / "diagnostics.json").exists():
             os.utime(final)     # recently used: kept by _prune
             done = concurrent.futures.Future()
-            done.set_result((final / self.program, json.loads((final / "diagnostics.json").read_text())))
+            cached = json.loads((final / "diagnostics.json").read_text())
+            done.set_result((final / self.program, {src: _warnings(text) for src, text in cached.items()}))
             return done
         work = Path(tempfile.mkdtemp(dir=cache_root, prefix=f"{self.label}-building-"))
         compiles = [(src, [*cmd, "-o", str(work / f"{src.parent.name}_{src.stem}.o")]) for src, cmd in self._compiles()]
@@ -179,9 +180,7 @@ class Target:
             proc = future.result()
             if proc.returncode:
                 raise RuntimeError(f"{self.name}: compiling {src.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
-            # warnings count, notes alone do not: at -g (the sanitized build) gcc notes that
-            # the turbo kernels exceed its variable-tracking limit, about debug info only
-            diagnostics[src.name] = proc.stderr if "warning:" in proc.stderr else ""
+            diagnostics[src.name] = _warnings(proc.stderr)
         cmd = [self.cc, *(cmd[-1] for _, cmd in compiles), "-o", str(work / self.program), *self.link_flags, "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if proc.returncode:
@@ -310,6 +309,12 @@ def write_cases(path, seed=20240611):
 
 
 # ---------------------------------------------------------------- references: basic kernels
+
+def _warnings(stderr):
+    """A compiler's stderr if it warns, else "": notes alone do not count (at -g, the sanitized
+    build, gcc notes that the turbo kernels exceed its variable-tracking limit: debug info)."""
+    return stderr if "warning:" in stderr else ""
+
 
 def _tol(values):
     return np.asarray(values, dtype=np.float64)
