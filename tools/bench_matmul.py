@@ -13,7 +13,7 @@ blocks of the same shapes, plus Q4_K / Q6_K at the FFN shape. For each: time per
     same thread count) over the mapping that holds every copy, then one region call over all the
     copies (or the other way round, every other pair) -- and the median of the per-pair ratios
     stream time / kernel time. `stream_GB/s` is the median of the stream passes. Why paired:
-    on this shared VM host the stream rate itself swings 30-55 GB/s from one minute to the
+    on this shared VM host the stream rate itself swings 25-55 GB/s from one minute to the
     next, so a ceiling measured once, seconds earlier, over another buffer, says little about
     the moment the kernel ran. Why the same bytes: the ceiling then reads exactly what the
     kernel reads, through the same 4 KiB pages (a file mapping's), not a THP-backed buffer.
