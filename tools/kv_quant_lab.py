@@ -561,8 +561,15 @@ class _Step:
     def positions(self):
         return np.arange(self.start, self.start + self.n, dtype=np.int64)
 
-    def attention(self, layer, q, k, v, **kw):
-        return self.rt.attend(self.seq, layer, self.start, q, k, v)
+    def alloc(self, shape, dtype=np.float32):
+        raise MemoryError("no arena here: the model falls back to numpy buffers")
+
+    def attention(self, layer, q, k, v, out=None):
+        res = self.rt.attend(self.seq, layer, self.start, q, k, v)
+        if out is None:
+            return res
+        out[...] = res
+        return out
 
 
 class CodecRuntime:
