@@ -29,6 +29,7 @@ import numpy as np
 
 from ruvpy import _kernels, _kvcache
 from ruvpy._kvcache import KVCacheFull
+from ruvpy._closing import Closing
 from ruvpy._memory import Arena, BufferPool, ScratchSpace
 from ruvpy.config import (COLD_FORMATS, DEFAULT_MAX_TOKENS, KV_CACHE_KINDS, KV_DTYPES, MAX_HEAD_DIM,
                           POLICIES, TURBO_BITS, MiB, RuntimeConfig)
@@ -275,7 +276,7 @@ def _process_rss():
     return psutil.Process().memory_info().rss
 
 
-class Runtime:
+class Runtime(Closing):
     """Runtime(config): the arena, buffer pool, scratch and KV cache of one model, and the
     step lifecycle of its decode loop. See the module docstring and `Step`.
 
@@ -744,17 +745,6 @@ class Runtime:
                 self._pool.clear()
                 self._scratch = None
 
-    @property
-    def closed(self):
-        return self._closed
-
-    def __enter__(self):
-        self._check_open()
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         cfg = self.config
         state = "closed" if self._closed else f"{len(self._positions)} sequences"
@@ -767,52 +757,49 @@ class Runtime:
         position as bytes: versioned and SHA-256 checksummed (the sequence-file format,
         ruvpy.seqfile). import_sequence takes them back, here or in another runtime of the
         same storage configuration (e.g. another worker's)."""
-        self._check_open()
-        seq = self._known(seq)
-        with self._state_lock:
-            self._check_not_stepped(seq, "export")
-            snapshot = self._snapshot(seq)
-        return encode_sequence(*snapshot)
+        return encode_sequence(*self._snapshot(seq, "export"))
 
     def import_sequence(self, data):
         """A new sequence holding what export_sequence returned; returns its id. Corrupt,
         truncated or mismatched data raises SequenceFileError (a ValueError) and changes
         nothing; a full cache raises KVCacheFull."""
-        self._check_no_step("import a sequence")       # fail fast, before decoding
-        header, arrays = decode_sequence(data)
-        with self._state_lock:
-            self._check_no_step("import a sequence")
-            return self._restore(header, arrays, "sequence data")
+        return self._restore(lambda: decode_sequence(data), "import a sequence", "sequence data")
 
     def save_sequence(self, seq, path):
         """Write `seq`'s K/V (in the cache's stored format: quantized tiers stay quantized)
         to `path`: versioned, SHA-256 checksummed, written atomically (the bytes of
         export_sequence)."""
-        self._check_open()
-        seq = self._known(seq)
-        with self._state_lock:
-            self._check_not_stepped(seq, "save")
-            snapshot = self._snapshot(seq)
-        write_sequence_file(path, *snapshot)
+        write_sequence_file(path, *self._snapshot(seq, "save"))
 
     def load_sequence(self, path):
         """A new sequence holding the K/V saved in `path`; returns its id. A corrupt,
         truncated or mismatched file raises SequenceFileError (a ValueError) and changes
         nothing; a full cache raises KVCacheFull."""
-        self._check_no_step("load a sequence")         # fail fast, before reading
-        header, arrays = read_sequence_file(path)
-        with self._state_lock:
-            self._check_no_step("load a sequence")
-            return self._restore(header, arrays, os.fspath(path))
+        return self._restore(lambda: read_sequence_file(path), "load a sequence", os.fspath(path))
 
-    def _snapshot(self, seq):
-        self._finish_rollbacks()
-        meta, arrays = self._cache.export_sequence(seq)
-        header = {"format": "ruvpy-sequence", "config": self.config.storage_fields(),
-                  "position": self._positions[seq], "meta": meta}
+    def _snapshot(self, seq, action):
+        """(header, arrays) of `seq` for export/save (refused while a step covers it)."""
+        self._check_open()
+        seq = self._known(seq)
+        with self._state_lock:
+            self._check_not_stepped(seq, action)
+            self._finish_rollbacks()
+            meta, arrays = self._cache.export_sequence(seq)
+            header = {"format": "ruvpy-sequence", "config": self.config.storage_fields(),
+                      "position": self._positions[seq], "meta": meta}
         return header, arrays
 
-    def _restore(self, header, arrays, where):
+    def _restore(self, read, action, where):
+        """A new sequence from read() -> (header, arrays), for import/load: refused while a
+        step is open, checked before it is read (fail fast) and again, with the change, under
+        the state lock."""
+        self._check_no_step(action)
+        header, arrays = read()
+        with self._state_lock:
+            self._check_no_step(action)
+            return self._restore_checked(header, arrays, where)
+
+    def _restore_checked(self, header, arrays, where):
         mine = self.config.storage_fields()
         theirs = header.get("config")
         if header.get("format") != "ruvpy-sequence" or not isinstance(theirs, dict):
