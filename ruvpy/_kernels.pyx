@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from libc.stdint cimport uint16_t
-from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, rv_isa_name, rv_cpu_has_vnni,
+from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, rv_isa_name,
                           rv_isa_from_name, rv_best_isa, rv_set_active_isa, rv_active_ops,
                           rv_set_num_threads, rv_get_num_threads)
 from ruvpy._openmp_helpers cimport effective_n_threads, RV_OPENMP_ENABLED, omp_get_max_threads
@@ -81,9 +81,10 @@ def built_isas():
 
 
 def avx512_vnni():
-    """Whether the AVX-512 kernel table uses its AVX512-VNNI kernels (vpdpbusd for the
-    TurboQuant cold tier): the CPU has them and RUVPY_NO_VNNI is not set."""
-    return "avx512" in available_isas() and bool(rv_cpu_has_vnni())
+    """Whether the active kernel table uses AVX512-VNNI (vpdpbusd): only the avx512vnni
+    table does (its matmuls and TurboQuant kernels); the table alone decides, so RUVPY_ISA /
+    set_isa("avx512") means no VNNI anywhere."""
+    return get_isa() == "avx512vnni"
 
 
 def best_isa():

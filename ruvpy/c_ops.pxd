@@ -135,5 +135,4 @@ cdef extern from "kernels/rv_ops.h" nogil:
     int rv_set_active_isa(int isa)
     const rv_ops *rv_active_ops()
     void rv_set_num_threads(int n)
-    int rv_cpu_has_vnni()
     int rv_get_num_threads()

@@ -45,6 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ruvpy._closing import Closing
+
 try:
     import ray
     from ray.exceptions import (ActorUnavailableError, ObjectLostError, RayActorError, RayError,
@@ -503,7 +505,7 @@ def _death_reason(exc):
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
-class Cluster:
+class Cluster(Closing):
     """Cluster(num_workers=2, model=None, kv_cache="paged", checkpoint_every=64,
     **runtime_options): `num_workers` Ray actors, each a model (`ruvpy.models.load(model,
     kv_cache=kv_cache, **runtime_options)`: None is the default SmolLM2 GGUF) and its Runtime.
@@ -1380,15 +1382,8 @@ class Cluster:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 
-    @property
-    def closed(self):
-        return self._closed
-
-    def __enter__(self):
-        self._check_open()
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
+        """shutdown(): what `with Cluster(...) as cluster:` calls at the end."""
         self.shutdown()
 
     def __repr__(self):

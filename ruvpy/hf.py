@@ -415,8 +415,10 @@ class RuvpyCache(Cache):
         plan, self._plan = self._plan, None
         if plan is None:
             return
-        if plan.step is not None and not self.runtime.closed:
-            plan.step.__exit__(RuntimeError, None, None)  # rolls back
+        if plan.step is not None:
+            # rolls back (a step the runtime's close() abandoned: gives back its slot; one
+            # closed by this thread: nothing)
+            plan.step.__exit__(RuntimeError, None, None)
         self._drop_created(plan.created)
 
     def _drop_created(self, created):
@@ -609,10 +611,17 @@ class RuvpyCache(Cache):
         return twin
 
     def close(self):
-        """Free the Runtime (all KV storage) now; the cache cannot be used afterwards."""
-        if not self.runtime.closed:
-            self._abandon_forward()
-            self.runtime.close()
+        """Free the Runtime (all KV storage) now; the cache cannot be used afterwards. A
+        forward running in another thread fails at its next layer (Runtime.close abandons its
+        step; that thread rolls its own forward back)."""
+        if self.runtime.closed:
+            return
+        plan = self._plan
+        if plan is not None and plan.step is not None and plan.step._owner != threading.get_ident():
+            self.runtime.close()      # never end another thread's step from here
+            return
+        self._abandon_forward()
+        self.runtime.close()
 
     # -- not supported ------------------------------------------------------------------------
     def offload(self, *args, **kwargs):

@@ -4,7 +4,7 @@ ruvpy._kvcache gathers and writes the raw data; this module decides what an expo
 checks what comes in (everything is fetched from `arrays` first, then validated, so a
 mapping's code cannot run between a check and the use of what it checked).
 
-    meta   {"format": "ruvpy.kvcache", "version": 3, "kind": "paged" | "two-tier",
+    meta   {"format": "ruvpy.kvcache", "version": 5, "kind": "paged" | "two-tier",
             <the cache's configuration fields>, "lengths": [tokens per layer],
             two-tier: "skip": [evicted leading tokens of the first cold group, per layer],
                       "cut": [truncated trailing tokens of the last cold group, per layer]}

@@ -29,6 +29,7 @@ import numpy as np
 
 from ruvpy import _kernels, _kvcache
 from ruvpy._kvcache import KVCacheFull
+from ruvpy._closing import Closing
 from ruvpy._memory import Arena, BufferPool, ScratchSpace
 from ruvpy.config import (COLD_FORMATS, DEFAULT_MAX_TOKENS, KV_CACHE_KINDS, KV_DTYPES, MAX_HEAD_DIM,
                           POLICIES, TURBO_BITS, MiB, RuntimeConfig)
@@ -55,6 +56,9 @@ class IncompleteStepError(RuntimeError):
 # ----------------------------------------------------------------------------------------
 
 _PLANNED, _OPEN, _CLOSED = "planned", "open", "closed"
+# closed by another thread while the step was being opened or open: the runtime's memory is
+# gone, the step's own thread ends it (Step.__exit__ releases the step slot it took)
+_ABANDONED = "abandoned"
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
 
@@ -84,7 +88,7 @@ class Step:
     __slots__ = ("_runtime", "_arena", "_seqs", "_n_tokens", "num_tokens", "_starts",
                  "_positions", "_offsets", "_attended", "_remaining", "_q_shape", "_kv_shape",
                  "_num_layers", "_state", "_failed", "_calls", "_fallbacks", "_plan",
-                 "_threads_before", "_txn_seqs")
+                 "_threads_before", "_txn_seqs", "_owner")
 
     def __init__(self, runtime, seqs, n_tokens):
         cfg = runtime.config
@@ -104,6 +108,7 @@ class Step:
         self._starts = self._positions = self._offsets = self._plan = None
         self._threads_before = None
         self._txn_seqs = self._seqs      # the sequences its KV transaction covers
+        self._owner = None               # the thread that entered it (threading.get_ident())
 
     # -- the plan ---------------------------------------------------------------------------
     @property
@@ -172,6 +177,8 @@ class Step:
             raise
         except BaseException:
             self._failed = True   # the cache may be half-way: the step can only roll back
+            if self._state is _ABANDONED:
+                self._check_open()     # say so: the cache's own "closed" names no runtime
             raise
         self._attended[layer] = True
         self._remaining -= 1
@@ -182,6 +189,8 @@ class Step:
     def _check_open(self):
         if self._state is _OPEN:
             return
+        if self._state is _ABANDONED:
+            raise self._runtime._abandoned_error()
         self._runtime._check_open()
         if self._state is _PLANNED:
             raise RuntimeError("the step is not open: use it as `with runtime.step(seqs, "
@@ -233,10 +242,9 @@ class Step:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._state is not _OPEN:
-            return False     # the runtime was closed inside the step
-        self._runtime._close_step(self, exc_type is None)
-        return False
+        if self._state is _OPEN or self._state is _ABANDONED:
+            self._runtime._close_step(self, exc_type is None)
+        return False         # (closed: the runtime was closed inside the step, by its thread)
 
     def __repr__(self):
         return (f"<ruvpy.Step {self._state}: sequences {list(self._seqs)}, tokens "
@@ -268,7 +276,7 @@ def _process_rss():
     return psutil.Process().memory_info().rss
 
 
-class Runtime:
+class Runtime(Closing):
     """Runtime(config): the arena, buffer pool, scratch and KV cache of one model, and the
     step lifecycle of its decode loop. See the module docstring and `Step`.
 
@@ -553,7 +561,11 @@ class Runtime:
                                f"{list(self._step._seqs) if self._step else '?'}); steps of "
                                f"one runtime run one at a time")
         with self._state_lock:      # waits for a sequence change in progress to finish
+            if self._closed:        # by another thread, since the check above
+                self._step_lock.release()
+                self._check_open()
             self._step = step       # from here on, sequence changes are refused
+            step._owner = threading.get_ident()
         try:
             self._finish_rollbacks()
             try:
@@ -571,17 +583,33 @@ class Runtime:
             except BaseException:
                 plan.rollback()
                 raise
-        except BaseException:
-            self._step = None
-            self._step_lock.release()
+        except BaseException as exc:
+            with self._state_lock:
+                abandoned = step._state is _ABANDONED
+                if abandoned:
+                    step._state = _CLOSED
+                self._step = None
+                self._step_lock.release()
+            if abandoned:           # e.g. the cache's "closed": say what happened
+                raise self._abandoned_error("being opened") from exc
             raise
-        step._plan = plan
-        step._arena = self._arena
-        if self.config.threads is not None:
-            # only the stepping thread's own count (for ruvpy calls inside the step): other
-            # threads and the process-wide setting are untouched
-            step._threads_before = _kernels._swap_thread_count(self.config.threads)
-        step._state = _OPEN
+        with self._state_lock:
+            if step._state is _ABANDONED:   # closed by another thread meanwhile: its cache
+                step._state = _CLOSED       # (and the transaction in it) is gone
+                self._step_lock.release()
+                raise self._abandoned_error("being opened")
+            step._plan = plan
+            step._arena = self._arena
+            if self.config.threads is not None:
+                # only the stepping thread's own count (for ruvpy calls inside the step): other
+                # threads and the process-wide setting are untouched
+                step._threads_before = _kernels._swap_thread_count(self.config.threads)
+            step._state = _OPEN
+
+    def _abandoned_error(self, when="open"):
+        return RuntimeError(f"{self.name} was closed by another thread while this step was "
+                            f"{when}: the step is abandoned (nothing of it was kept; the runtime's "
+                            f"KV cache and arena are freed)")
 
     def _plan_in_transaction(self, seqs, n_tokens):
         """The step's plan, with its KV transaction open and its room reserved inside it
@@ -603,7 +631,27 @@ class Runtime:
     def _close_step(self, step, ok):
         """Step.__exit__: reset the arena, commit (or roll back), free the step slot. Whatever
         fails on the way, the step ends rolled back (unless it committed), the slot is freed
-        and the thread count restored; the first failure is raised after that."""
+        and the thread count restored; the first failure is raised after that. Under the
+        state lock: a close() from another thread waits for it (and never frees the arena or
+        cache under it)."""
+        with self._state_lock:
+            if step._state is _ABANDONED:
+                self._end_abandoned_step(step, ok)
+            else:
+                self._end_step(step, ok)
+
+    def _end_abandoned_step(self, step, ok):
+        """End a step that close() in another thread abandoned: its memory is gone, so only
+        the stepping thread's own parts are undone here (thread count, the step slot)."""
+        step._state = _CLOSED
+        step._plan = None
+        if step._threads_before is not None:
+            _kernels._swap_thread_count(step._threads_before)
+        self._step_lock.release()
+        if ok:      # the block ended normally: it must not look committed
+            raise self._abandoned_error()
+
+    def _end_step(self, step, ok):
         step._state = _CLOSED
         seqs = step._txn_seqs
         error, committed = None, False
@@ -668,37 +716,34 @@ class Runtime:
 
     def close(self):
         """Free the KV cache, arena, pool and scratch. Idempotent; afterwards every method
-        raises RuntimeError. Closing inside a step abandons the step."""
-        if self._closed:
-            return
-        self._closed = True
-        step, self._step = self._step, None
-        if step is not None:
-            step._state = _CLOSED
-            if step._threads_before is not None:
-                _kernels._swap_thread_count(step._threads_before)
-            self._step_lock.release()
-        cache, self._cache = self._cache, None
-        self._positions = {}
-        try:
-            close_cache = getattr(cache, "close", None)
-            if close_cache is not None:
-                close_cache()
-        finally:
-            self._arena.close()
-            self._pool.clear()
-            self._scratch = None
-
-    @property
-    def closed(self):
-        return self._closed
-
-    def __enter__(self):
-        self._check_open()
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        raises RuntimeError. Closing inside a step abandons the step. Closing from another
+        thread while a step is being opened or is open abandons that step too: close() waits
+        only for a KV cache call in progress (never frees memory a kernel is using), and the
+        step's thread gets a RuntimeError from its next call on the step, or from the end of
+        its `with` block; the step slot stays that thread's until its step ends."""
+        with self._state_lock:      # after a step exit or sequence change in progress
+            if self._closed:
+                return
+            self._closed = True
+            step, self._step = self._step, None
+            if step is not None:
+                if step._state is _OPEN and step._owner == threading.get_ident():
+                    step._state = _CLOSED       # inside its own step: ended here
+                    if step._threads_before is not None:
+                        _kernels._swap_thread_count(step._threads_before)
+                    self._step_lock.release()
+                else:
+                    step._state = _ABANDONED    # its own thread ends it
+            cache, self._cache = self._cache, None
+            self._positions = {}
+            try:
+                close_cache = getattr(cache, "close", None)
+                if close_cache is not None:
+                    close_cache()               # waits for a cache call in progress
+            finally:
+                self._arena.close()
+                self._pool.clear()
+                self._scratch = None
 
     def __repr__(self):
         cfg = self.config
@@ -712,52 +757,49 @@ class Runtime:
         position as bytes: versioned and SHA-256 checksummed (the sequence-file format,
         ruvpy.seqfile). import_sequence takes them back, here or in another runtime of the
         same storage configuration (e.g. another worker's)."""
-        self._check_open()
-        seq = self._known(seq)
-        with self._state_lock:
-            self._check_not_stepped(seq, "export")
-            snapshot = self._snapshot(seq)
-        return encode_sequence(*snapshot)
+        return encode_sequence(*self._snapshot(seq, "export"))
 
     def import_sequence(self, data):
         """A new sequence holding what export_sequence returned; returns its id. Corrupt,
         truncated or mismatched data raises SequenceFileError (a ValueError) and changes
         nothing; a full cache raises KVCacheFull."""
-        self._check_no_step("import a sequence")       # fail fast, before decoding
-        header, arrays = decode_sequence(data)
-        with self._state_lock:
-            self._check_no_step("import a sequence")
-            return self._restore(header, arrays, "sequence data")
+        return self._restore(lambda: decode_sequence(data), "import a sequence", "sequence data")
 
     def save_sequence(self, seq, path):
         """Write `seq`'s K/V (in the cache's stored format: quantized tiers stay quantized)
         to `path`: versioned, SHA-256 checksummed, written atomically (the bytes of
         export_sequence)."""
-        self._check_open()
-        seq = self._known(seq)
-        with self._state_lock:
-            self._check_not_stepped(seq, "save")
-            snapshot = self._snapshot(seq)
-        write_sequence_file(path, *snapshot)
+        write_sequence_file(path, *self._snapshot(seq, "save"))
 
     def load_sequence(self, path):
         """A new sequence holding the K/V saved in `path`; returns its id. A corrupt,
         truncated or mismatched file raises SequenceFileError (a ValueError) and changes
         nothing; a full cache raises KVCacheFull."""
-        self._check_no_step("load a sequence")         # fail fast, before reading
-        header, arrays = read_sequence_file(path)
-        with self._state_lock:
-            self._check_no_step("load a sequence")
-            return self._restore(header, arrays, os.fspath(path))
+        return self._restore(lambda: read_sequence_file(path), "load a sequence", os.fspath(path))
 
-    def _snapshot(self, seq):
-        self._finish_rollbacks()
-        meta, arrays = self._cache.export_sequence(seq)
-        header = {"format": "ruvpy-sequence", "config": self.config.storage_fields(),
-                  "position": self._positions[seq], "meta": meta}
+    def _snapshot(self, seq, action):
+        """(header, arrays) of `seq` for export/save (refused while a step covers it)."""
+        self._check_open()
+        seq = self._known(seq)
+        with self._state_lock:
+            self._check_not_stepped(seq, action)
+            self._finish_rollbacks()
+            meta, arrays = self._cache.export_sequence(seq)
+            header = {"format": "ruvpy-sequence", "config": self.config.storage_fields(),
+                      "position": self._positions[seq], "meta": meta}
         return header, arrays
 
-    def _restore(self, header, arrays, where):
+    def _restore(self, read, action, where):
+        """A new sequence from read() -> (header, arrays), for import/load: refused while a
+        step is open, checked before it is read (fail fast) and again, with the change, under
+        the state lock."""
+        self._check_no_step(action)
+        header, arrays = read()
+        with self._state_lock:
+            self._check_no_step(action)
+            return self._restore_checked(header, arrays, where)
+
+    def _restore_checked(self, header, arrays, where):
         mine = self.config.storage_fields()
         theirs = header.get("config")
         if header.get("format") != "ruvpy-sequence" or not isinstance(theirs, dict):

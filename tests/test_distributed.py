@@ -472,3 +472,11 @@ def test_lost_workers_lose_no_token(local_ray, reference, ids, caplog):
     assert ray.is_initialized()            # the cluster leaves the Ray it joined running
     with pytest.raises(RuntimeError, match="shut down"):
         cluster.forward(seq, [1])
+    # close() is shutdown() (what `with` calls, shared with Runtime): idempotent, stays shut
+    assert cluster.closed
+    cluster.close()
+    with pytest.raises(RuntimeError, match="shut down"):
+        cluster.new_sequence()
+    with pytest.raises(RuntimeError, match="shut down"):
+        with cluster:
+            pass

@@ -615,3 +615,38 @@ def test_a_full_cache_raises_before_the_forward_changes_anything(model):
     with pytest.raises(KVCacheFull):
         _next_logits(model, cache, torch.tensor([[1, 2, 3]]), None)
     assert cache.get_seq_length() == 30 and cache.runtime.seq_len(cache.sequences[0]) == 30
+
+
+def test_closing_the_cache_from_another_thread_during_a_forward(model):
+    """RuvpyCache.close() from another thread while a forward is part-way (layer 1 attended)
+    does not end that forward's step from the wrong thread (which released its step slot):
+    the Runtime is closed, the forward fails at its next layer with the Runtime's clear
+    error, and its own thread gives the step slot back."""
+    import threading
+
+    ids, mask = left_pad(prompts([4, 7], seed=6))
+    cache = _prefilled(model, ids, mask, RuvpyCache(model, kv_dtype="float32"))
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    seen = {}
+
+    def close_elsewhere(*_):
+        def closer():
+            try:
+                cache.close()
+            except BaseException as exc:      # reported below
+                seen["error"] = exc
+        t = threading.Thread(target=closer)
+        t.start()
+        t.join(300)
+        seen["alive"] = t.is_alive()
+        seen["slot held"] = cache.runtime._step_lock.locked()
+
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(close_elsewhere)
+    try:
+        with pytest.raises(RuntimeError, match="closed by another thread while this step was open"):
+            _next_logits(model, cache, torch.tensor([[9], [10]]), step_mask)
+    finally:
+        hook.remove()
+    assert not seen["alive"] and "error" not in seen, seen
+    assert seen["slot held"], "close() from another thread released the forward's step slot"
+    assert cache.runtime.closed and not cache.runtime._step_lock.locked()

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from ruvpy import Runtime, RuntimeConfig
+from ruvpy import Runtime, RuntimeConfig, _kernels
 
 from _helpers import FP32_ATTENTION_BOUND, as_stored_fp16, attention_error, reference_attention
 
@@ -246,3 +246,126 @@ def test_a_step_being_opened_refuses_other_threads_with_the_runtimes_error(actio
         assert rt.position(seq) == 2
         # and once the step is over, the call goes through
         calls[action]()
+
+
+# ----------------------------------------------------------------------------------------
+# close() from another thread while a step is in flight
+# ----------------------------------------------------------------------------------------
+
+def _qkv(n, cfg, value=1.0):
+    return tuple(np.full((n, h, cfg.head_dim), value, np.float32)
+                 for h in (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads))
+
+
+def _close_in_another_thread(rt):
+    """rt.close() run (to its end) in a new thread that has its own kernel thread count set
+    (close() must not touch it); returns (error or None, that thread's count after)."""
+    outcome = {}
+
+    def closer():
+        _kernels._swap_thread_count(3)
+        try:
+            rt.close()
+        except BaseException as exc:       # reported below
+            outcome["error"] = exc
+        outcome["threads"] = _kernels._swap_thread_count(0)
+
+    t = threading.Thread(target=closer)
+    t.start()
+    t.join(JOIN_SECONDS)
+    assert not t.is_alive(), "close() blocked on the other thread's step"
+    return outcome.get("error"), outcome["threads"]
+
+
+CLOSE_CFG = dict(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, max_tokens=256,
+                 kv_cache="paged", threads=1)
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "two-tier"])
+def test_close_from_another_thread_while_a_step_is_being_opened(kv_cache):
+    """Thread A is paused inside Step.__enter__ (its transaction begun, its plan made) while
+    thread B closes the runtime. B's close() finishes without waiting for A's step, does not
+    release the step slot A holds, and leaves its own thread count alone; A's `with` then
+    raises a RuntimeError saying the runtime was closed by another thread (not the cache's
+    "closed", not "release unlocked lock"), and A gives its step slot back itself."""
+    cfg = RuntimeConfig(**{**CLOSE_CFG, "kv_cache": kv_cache})
+    rt = Runtime(cfg)
+    seq = rt.add_sequence()
+    with rt.step([seq], [3]) as step:
+        for layer in range(cfg.num_layers):
+            step.attention(layer, *_qkv(3, cfg))
+    seen = {}
+    plan_in_transaction = rt._plan_in_transaction
+
+    def paused(seqs, n_tokens):
+        plan = plan_in_transaction(seqs, n_tokens)
+        seen["close"] = _close_in_another_thread(rt)
+        seen["slot held"] = rt._step_lock.locked()
+        return plan
+
+    rt._plan_in_transaction = paused
+    with pytest.raises(RuntimeError, match="closed by another thread while this step was being opened"):
+        with rt.step([seq], [2]):
+            pytest.fail("the step opened on a closed runtime")
+    error, threads = seen["close"]
+    assert error is None, repr(error)
+    assert threads == 3, "close() changed the closing thread's kernel thread count"
+    assert seen["slot held"], "close() released the step slot the opening thread held"
+    assert rt.closed and not rt._step_lock.locked()
+    with pytest.raises(RuntimeError, match="is closed"):
+        rt.step([seq], [1])
+
+
+@pytest.mark.parametrize("then", ["attend", "end the block", "raise"])
+def test_close_from_another_thread_while_a_step_is_open(then):
+    """Thread A's step is open (layer 0 attended) when thread B closes the runtime: B does not
+    release A's step slot or change its own thread count; A's next step call raises a clear
+    RuntimeError, and a block that ends normally raises it too (the step must not look
+    committed); a block that raises keeps its own exception. A restores its own thread count
+    and gives the slot back; the runtime is closed for both."""
+    cfg = RuntimeConfig(**CLOSE_CFG)
+    rt = Runtime(cfg)
+    seq = rt.add_sequence()
+    before = _kernels._swap_thread_count(5)       # the stepping thread's own count
+    try:
+        with pytest.raises(RuntimeError) as info:
+            with rt.step([seq], [2]) as step:
+                out = step.attention(0, *_qkv(2, cfg, 0.5))
+                np.testing.assert_array_equal(out, np.full_like(out, 0.5))
+                error, threads = _close_in_another_thread(rt)
+                assert error is None, repr(error)
+                assert threads == 3, "close() changed the closing thread's kernel thread count"
+                assert rt._step_lock.locked(), "close() released the step slot of this thread"
+                if then == "attend":
+                    step.attention(1, *_qkv(2, cfg))
+                elif then == "raise":
+                    raise RuntimeError("the application's own error")
+        if then == "raise":
+            assert str(info.value) == "the application's own error"
+        else:
+            assert "closed by another thread while this step was open" in str(info.value)
+        assert _kernels._swap_thread_count(0) == 5, "the step did not restore its thread count"
+    finally:
+        _kernels._swap_thread_count(before)
+    assert rt.closed and not rt._step_lock.locked()
+    with pytest.raises(RuntimeError, match="is closed"):
+        step.alloc((4,))
+
+
+def test_close_inside_its_own_step_still_ends_it():
+    """The step's own thread closing the runtime inside the step ends the step there (the
+    slot is free at once, the thread count restored); the block's end is then silent."""
+    cfg = RuntimeConfig(**CLOSE_CFG)
+    rt = Runtime(cfg)
+    seq = rt.add_sequence()
+    before = _kernels._swap_thread_count(5)
+    try:
+        with rt.step([seq], [2]) as step:
+            step.attention(0, *_qkv(2, cfg))
+            rt.close()
+            assert not rt._step_lock.locked()
+            assert _kernels._swap_thread_count(5) == 5
+        with pytest.raises(RuntimeError, match="is closed"):
+            step.attention(1, *_qkv(2, cfg))
+    finally:
+        _kernels._swap_thread_count(before)

@@ -432,3 +432,18 @@ def agree(cache, model, budget):
     held = {s: (st_.sequences[s]["cold_tokens"], [cache.get_kv(s, layer)[1][:, 0, 0].tolist() for layer in (0, 1)])
             for s in model.seqs}
     assert held == {s: (cold, [[float(v) for _, v in toks]] * 2) for s, (toks, cold, _) in model.seqs.items()}
+
+
+def test_the_export_format_docstring_shows_the_current_version():
+    """ruvpy.kvexport's docstring shows an export's meta: its "version" is what exports carry
+    (it said 3 while exports were at 5)."""
+    import re
+
+    import ruvpy.kvexport as kvexport
+
+    shown = re.findall(r'"version": (\d+)', kvexport.__doc__)
+    assert shown and all(int(v) == VERSION for v in shown), shown
+    cache = TwoTierKVCache(1, KVH, D, hot_tokens=5, migration_batch=G, cold="q4", max_tokens=64)
+    seq = cache.add_sequence()
+    cache.append(seq, 0, *kv(np.random.default_rng(1), 20))
+    assert cache.export_sequence(seq)[0]["version"] == VERSION

@@ -11,7 +11,7 @@ import ruvpy
 from ruvpy import TwoTierKVCache
 
 import turbo_format as tf
-from _helpers import (LLOYD_MAX_MSE, TURBO_BITS, cosine, kernel_harness as kh, outlier_kv, random_kv,
+from _helpers import (LLOYD_MAX_MSE, TURBO_BITS, cosine, outlier_kv, random_kv,
                       reference_attention)
 from _helpers import cache_snapshot as snapshot
 
@@ -127,8 +127,8 @@ def test_attention_is_the_codes_attention(isa, bits, H, kvh, d, G):
     """Decode, prefill (causal) and non-causal attention over cold groups (some of the first
     one evicted) and a hot tail equal float64 attention over the codes as the format defines it,
     with the int8 rotated query the kernels score with (turbo_format.kernel_reference; its bound
-    holds the float32 evaluation order and, with AVX512-VNNI, the 8-bit weights of the value
-    sums)."""
+    holds the float32 evaluation order and, with the avx512vnni table only, the 8-bit weights
+    of the value sums: every other table, plain avx512 included, uses no VNNI)."""
     rng = np.random.default_rng(d + G + int(bits))
     n = 4 * G + 11
     cache = TwoTierKVCache(1, kvh, d, hot_tokens=5, migration_batch=G, cold="turbo", turbo_bits=bits,
@@ -142,27 +142,36 @@ def test_attention_is_the_codes_attention(isa, bits, H, kvh, d, G):
     for q_len, causal in ((1, True), (5, True), (n, True), (3, False)):
         q = (rng.standard_normal((q_len, H, d)) * 2).astype(np.float32)
         out = cache.attention(seq, 0, q, causal=causal)
-        ref, bound = tf.kernel_reference(cache, seq, 0, q, causal=causal)
+        ref, bound = tf.kernel_reference(cache, seq, 0, q, causal=causal, vnni=isa == "avx512vnni")
         err = np.abs(out - ref).max(-1)
         assert np.all(err <= bound), (q_len, float((err / bound).max()))
 
 
-def test_plain_avx512_body_without_vnni(tmp_path_factory, monkeypatch):
-    """On a CPU with AVX512-VNNI the AVX-512 table uses vpdpbusd; RUVPY_NO_VNNI=1 keeps the
-    plain AVX-512BW kernels. Both against the float64 cases of tests/c (every kernel)."""
-    target = kh.native_target()
-    if "avx512" not in target.isas:
-        pytest.skip("no AVX-512 kernels in this build")
-    builds = kh.build_targets([target], tmp_path_factory.getbasetemp().parent / "ruvpy-kernel-check")
-    _, binary, _ = builds[target.name]
-    path = tmp_path_factory.mktemp("tcases") / "cases.bin"
-    names = kh.write_cases(path)
-    for setting in ("1", "0"):
-        monkeypatch.setenv("RUVPY_NO_VNNI", setting)
-        result = target.run(binary, path, "avx512")
-        if result.unsupported:
-            pytest.skip("this CPU has no AVX-512")
-        assert not result.problems(names), f"RUVPY_NO_VNNI={setting}:\n{result.problems(names)}"
+def test_the_selected_table_decides_vnni_for_the_turbo_kernels(isa):
+    """One VNNI switch: the kernel table. With the avx512vnni table the TurboQuant kernels sum
+    values with 8-bit weights (vpdpbusd); with any other, plain avx512 included (RUVPY_ISA /
+    set_isa("avx512")), they do not, and attention meets the bound without the 8-bit weights'
+    term (avx512 used to take the VNNI body whenever the CPU had it: 84x over that bound).
+    ruvpy.info() reports the active table's choice. (The C harness checks both tables'
+    kernels against float64: tests/test_neon.py::test_native_kernel_table.)"""
+    vnni = isa == "avx512vnni"
+    assert ruvpy.info()["avx512_vnni"] is vnni
+    rng = np.random.default_rng(5)
+    kvh, d, G, H = 3, 64, 64, 9
+    n = 4 * G + 11
+    cache = TwoTierKVCache(1, kvh, d, hot_tokens=5, migration_batch=G, cold="turbo", turbo_bits=3.5,
+                           max_tokens=n)
+    seq = cache.add_sequence()
+    cache.append(seq, 0, *random_kv(rng, n, kvh, d))
+    q = (rng.standard_normal((1, H, d)) * 2).astype(np.float32)
+    out = cache.attention(seq, 0, q)
+    ref, tight = tf.kernel_reference(cache, seq, 0, q, vnni=False)
+    err = np.abs(out - ref).max(-1)
+    if vnni:       # the 8-bit weights show (and stay within their own bound)
+        assert np.any(err > tight)
+        assert np.all(err <= tf.kernel_reference(cache, seq, 0, q, vnni=True)[1])
+    else:
+        assert np.all(err <= tight), float((err / tight).max())
 
 
 @pytest.mark.parametrize("bits,most", [(2.5, 2.6), (3.5, 3.6), (4.5, 4.5)])
@@ -311,10 +320,10 @@ def test_malformed_blobs_are_rejected():
     assert all(np.array_equal(x, y) for x, y in zip(cache.get_kv(seq, 0), other.get_kv(ok, 0)))
 
 
-def test_vnni_is_reported_and_switchable():
-    """ruvpy.info() says whether the AVX-512 table uses the AVX512-VNNI kernels; the attention
+def test_vnni_is_reported():
+    """ruvpy.info() says whether the active table is the AVX512-VNNI one; the attention
     result does not depend on it beyond the 8-bit weights' bound (tested above)."""
     info = ruvpy.info()
-    assert isinstance(info.get("avx512_vnni"), bool)
-    if "avx512" not in info["isa_available"]:
+    assert info["avx512_vnni"] is (info["isa"] == "avx512vnni")
+    if "avx512vnni" not in info["isa_available"]:
         assert info["avx512_vnni"] is False

@@ -221,13 +221,14 @@ def int8_rotated_query(q_scaled, D):
     return float(sc), q8.astype(np.float64)
 
 
-def kernel_reference(cache, seq, layer, q, causal=True, bits=None):
+def kernel_reference(cache, seq, layer, q, causal=True, bits=None, vnni=True):
     """float64 attention of q [q_len, H, d] over `seq` in `layer` exactly as the kernels define
     it: cold keys scored by the int8 rotated query (int8_rotated_query) against their codes
     plus the mean term, hot tokens in fp16; cold values decoded. Returns (out, bound): bound
     [q_len, H] is what the kernels' float32 arithmetic may add (1e-5 * max|v|, as every cold
-    format) plus the 8-bit weights of the VNNI value sums: half of max/255 per 16-token block
-    and row (the sum over blocks of max w / 510 * sum |v_t|, over the row's sum of weights)."""
+    format) plus, with vnni (the avx512vnni table's kernels), the 8-bit weights of the VNNI
+    value sums: half of max/255 per 16-token block and row (the sum over blocks of
+    max w / 510 * sum |v_t|, over the row's sum of weights)."""
     bits = cache.turbo_bits if bits is None else bits
     meta, arrays = cache.export_sequence(seq)
     kvh, d, G = cache.num_kv_heads, cache.head_dim, cache.migration_batch
@@ -281,5 +282,5 @@ def kernel_reference(cache, seq, layer, q, causal=True, bits=None):
                     for blk in np.unique(pg // 16):
                         sel = pg // 16 == blk
                         err += wg[sel].max() / 510 * vg[sel].sum()
-                bound[i, h * g + j] = 1e-5 * vmax + 1.01 * err / p.sum() / math.sqrt(D)
+                bound[i, h * g + j] = 1e-5 * vmax + (1.01 * err / p.sum() / math.sqrt(D) if vnni else 0.0)
     return out, bound

@@ -44,21 +44,6 @@ static int cpu_has(int isa) { return isa == RV_ISA_ID_NEON; }   /* NEON is basel
 static int cpu_has(int isa) { (void)isa; return 0; }
 #endif
 
-int rv_cpu_has_vnni(void)
-{
-    const char *off = getenv("RUVPY_NO_VNNI");
-    if (off && *off && strcmp(off, "0") != 0)
-        return 0;
-#if defined(__x86_64__) || defined(_M_X64)
-    unsigned int a, b, c, d;
-    if (!cpu_has(RV_ISA_ID_AVX512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
-        return 0;
-    return (c >> 11) & 1;                 /* AVX512_VNNI */
-#else
-    return 0;
-#endif
-}
-
 static const char *const isa_names[RV_ISA_COUNT] = {"scalar", "avx2", "avx512", "neon", "avx512vnni"};
 
 int rv_isa_built(int isa)

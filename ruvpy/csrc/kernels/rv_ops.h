@@ -218,10 +218,6 @@ const rv_ops *rv_ops_for(int isa);             /* NULL unless rv_isa_supported(i
 int rv_set_active_isa(int isa);                /* 0, or -1 if not supported */
 const rv_ops *rv_active_ops(void);
 
-/* 1 if the CPU has AVX512-VNNI and RUVPY_NO_VNNI is not set (the AVX-512 table then uses
- * kernels with vpdpbusd; the variable lets tests reach the plain AVX-512BW ones) */
-int rv_cpu_has_vnni(void);
-
 /* Thread count every parallel driver uses (0 or less = all OpenMP threads). */
 void rv_set_num_threads(int n);
 int rv_get_num_threads(void);

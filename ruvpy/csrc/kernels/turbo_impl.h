@@ -9,8 +9,8 @@
  * the rotated domain (the caller rotates back once per head and call).
  * AVX-512 has two bodies (turbo_body.h): plain AVX-512BW, and one for CPUs with AVX512-VNNI
  * (vpdpbusd: the key dot products in one instruction, and the values accumulated as integers,
- * four tokens per instruction, with 8-bit weights per group and row) chosen when the table is
- * filled (rv_cpu_has_vnni). */
+ * four tokens per instruction, with 8-bit weights per group and row), the avx512vnni table's
+ * (ops_avx512vnni.c); the avx512 table keeps the plain body. */
 #ifndef RV_TURBO_IMPL_H
 #define RV_TURBO_IMPL_H
 
@@ -251,7 +251,7 @@ RV_INLINE void tq_token_floats(const struct rv_thead *h, int t0, int t1, float *
 #endif
 }
 
-/* the bodies: generic (and AVX-512BW), then AVX512-VNNI */
+/* the bodies: generic (and AVX-512BW), then AVX512-VNNI in the avx512vnni table only */
 #define TQ_VNNI 0
 #define TQ_FN(name) name
 #define TQ_ATTR
@@ -260,7 +260,7 @@ RV_INLINE void tq_token_floats(const struct rv_thead *h, int t0, int t1, float *
 #undef TQ_FN
 #undef TQ_ATTR
 
-#if defined(RV_ISA_AVX512)
+#if defined(RV_ISA_AVX512) && defined(RV_HAVE_VNNI)
 #define TQ_VNNI 1
 #define TQ_FN(name) name##_vnni
 #define TQ_ATTR __attribute__((target("avx512vnni")))
@@ -270,12 +270,13 @@ RV_INLINE void tq_token_floats(const struct rv_thead *h, int t0, int t1, float *
 #undef TQ_ATTR
 #endif
 
+/* The table decides (RUVPY_ISA / set_isa): avx512 never runs a VNNI instruction. */
 static void fill_turbo_ops(rv_ops *ops)
 {
+#if defined(RV_ISA_AVX512) && defined(RV_HAVE_VNNI)
+    ops->attend_tgroup = attend_tgroup_vnni;
+#else
     ops->attend_tgroup = attend_tgroup;
-#if defined(RV_ISA_AVX512)
-    if (rv_cpu_has_vnni())
-        ops->attend_tgroup = attend_tgroup_vnni;
 #endif
 }
 
