@@ -4,8 +4,9 @@
 
 - read_bandwidth(): the machine's read bandwidth in GB/s, measured with every ruvpy thread
   streaming its own share of a buffer much larger than the last-level cache (C + OpenMP loop,
-  ruvpy._attention._stream_read). Reported as the best of several runs: it is the ceiling that
-  memory-bound kernels are compared with.
+  ruvpy._attention._stream_read). The best of several passes by default (the ceiling attention
+  kernels are compared with); stat="median" for a ceiling comparable with a median kernel time.
+- stream_pass(buf, threads): seconds of one such pass over a given buffer (paired measurements).
 - median_time(fn): median seconds of fn() over repeats, after warm-up calls.
 - print_table(rows, columns): aligned text table of a list of dicts.
 - emit_json(obj, path): prints the JSON, and writes it to path when one is given.
@@ -47,22 +48,28 @@ def _llc_bytes():
     return best or 32 << 20
 
 
-def read_bandwidth(nbytes=None, repeats=7, threads=None):
-    """Best read bandwidth (GB/s, 1e9 bytes) of `repeats` passes over a buffer of nbytes
-    (default: 16x the last-level cache, at least 256 MiB) with `threads` threads (default:
-    ruvpy's thread count)."""
-    from ruvpy import _attention, get_num_threads
+def read_bandwidth(nbytes=None, repeats=7, threads=None, stat="best"):
+    """Read bandwidth (GB/s, 1e9 bytes) of `repeats` passes over a buffer of nbytes (default:
+    16x the last-level cache, at least 256 MiB) with `threads` threads (default: ruvpy's thread
+    count): the best pass (stat="best") or the median one (stat="median")."""
+    if stat not in ("best", "median"):
+        raise ValueError(f"stat must be 'best' or 'median', got {stat!r}")
     if nbytes is None:
         nbytes = max(256 << 20, 16 * _llc_bytes())
     buf = np.ones(nbytes, dtype=np.uint8)  # written once: every page is mapped before timing
+    stream_pass(buf, threads)
+    rates = [nbytes / stream_pass(buf, threads) / 1e9 for _ in range(repeats)]
+    return max(rates) if stat == "best" else statistics.median(rates)
+
+
+def stream_pass(buf, threads=None):
+    """Seconds of one read of every byte of the contiguous buffer buf with `threads` threads
+    (default: ruvpy's thread count)."""
+    from ruvpy import _attention, get_num_threads
     nt = threads or get_num_threads()
+    t0 = time.perf_counter()
     _attention._stream_read(buf, nt)
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _attention._stream_read(buf, nt)
-        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
+    return time.perf_counter() - t0
 
 
 def settle(seconds=0.3):

@@ -2,7 +2,7 @@
 the paper's quality (Zandieh et al., arXiv 2504.19874) on real text.
 
     python tools/kv_quant_lab.py [--variants NAME ...] [--tokens 1536] [--json out.json]
-                                 [--no-ppl] [--list]
+                                 [--no-ppl] [--list] [--gauss] [--layers L ...]
 
 Every variant is a quantize-dequantize codec for one head's group of G = 64 tokens (keys and
 values apart). Two measurements per variant:
@@ -16,6 +16,15 @@ values apart). Two measurements per variant:
   and attends in float32 numpy. Reported: perplexity on the GPL-3 and Python-reference texts
   relative to fp16 KV through the same stand-in (fp16 = K/V rounded to binary16), and the mean
   KL divergence of the next-token distributions from fp32 KV (less noisy than perplexity).
+
+Variants beyond the named ones (--list) are parsed from their names:
+{c|tcqS|idealGAP}-kBITSvBITS[-search][-ks][-sink[N]] - the C format's metadata (4-bit key group
+mean, 8-bit log scales, least-squares scales) with scalar Lloyd-Max codes and the encoder's
+7-scale search (c), trellis-coded quantization with S states and the same search (tcqS), or the
+Gaussian rate-distortion bound's test channel GAP dB above the bound (idealGAP: what any code of
+the rotated coordinates at that rate could at best do, give or take how far they are from
+Gaussian); -ks adds 2-bit per-channel key scales, -sink keeps the sequence's first N (1) tokens
+exact in a binary16 slot (its bits spread over the 1,024 captured tokens).
 
 Bits per value are the variant's storage per token and head, metadata included (norms,
 per-group means, outlier channel lists), as a formula: the C format's bytes are measured
@@ -121,6 +130,171 @@ def rotation(kind, m, seed=0):
     return _ROT[key]
 
 
+# ---- trellis-coded quantization -------------------------------------------------------------
+# Marcellin & Fischer's TCQ: a union codebook of 2^(r + 1) levels for r bits per coordinate, its
+# levels dealt round-robin into 4 subsets D0..D3; a trellis of S = 2^nu states (state = the last
+# nu branch bits) lets each state reach only D0/D2 or D1/D3, one branch bit chooses between the
+# two and r - 1 bits pick a level inside the subset; the encoder is a Viterbi search. The decoder
+# is local: a coordinate's level is a function of its own r bits and the nu branch bits before it.
+
+
+def _parity(x):
+    x = np.asarray(x)
+    out = np.zeros_like(x)
+    while np.any(x):
+        out ^= x & 1
+        x = x >> 1
+    return out
+
+
+# shift-register trellises (subset = 2 * parity((2s | b) & m1) + parity(s & m0)), the (m0, m1)
+# that measured the least MSE on N(0, 1) at 3 bits (tcq_search_trellis: every pair up to 16
+# states, 60 / 40 / 15 random pairs at 32 / 64 / 256)
+_TRELLIS = {4: (1, 7), 8: (1, 13), 16: (7, 19), 32: (15, 59), 64: (31, 101), 256: (122, 403)}
+
+
+def _trellis(S, masks=None):
+    """next_state [S, 2] and subset [S, 2] of the S-state trellis."""
+    m0, m1 = masks or _TRELLIS[S]
+    s = np.arange(S)[:, None]
+    b = np.arange(2)[None, :]
+    reg = (s << 1) | b
+    nxt = reg & (S - 1)
+    sub = 2 * _parity(reg & m1) + _parity(s & m0)
+    return nxt, np.broadcast_to(sub, (S, 2)).copy()
+
+
+_TCQ_BOOKS = {}
+
+
+def tcq_book(r, S, train=True):
+    """Union codebook (2^(r+1) ascending levels) for unit-variance Gaussian coordinates: Lloyd-Max
+    at r + 1 bits, then a few rounds of centroid updates on the TCQ encoder's own assignments."""
+    key = (r, S, train)
+    path = f"/tmp/kvlab_tcqbook_{r}_{S}_{int(train)}.npy"
+    if key not in _TCQ_BOOKS and os.path.exists(path):
+        _TCQ_BOOKS[key] = np.load(path)
+    if key not in _TCQ_BOOKS:
+        c, _ = _lloyd(lambda x: np.exp(-0.5 * x * x), -7, 7, 1 << (r + 1))
+        if train:
+            rng = np.random.default_rng(7)
+            Y = rng.standard_normal((1024 if S > 16 else 4096, 64))
+            rates = np.full(64, r)
+            for _ in range(6):
+                _TCQ_BOOKS[key] = c
+                _, idx = tcq_encode(Y, rates, S, books={r: c})
+                num = np.bincount(idx.ravel(), Y.ravel(), len(c))
+                cnt = np.bincount(idx.ravel(), None, len(c))
+                c = np.where(cnt > 0, num / np.maximum(cnt, 1), c)
+                c = np.sort(c)
+        _TCQ_BOOKS[key] = c
+        np.save(path, c)
+    return _TCQ_BOOKS[key]
+
+
+def tcq_encode(Y, rates, S, books=None, masks=None, tail="biting"):
+    """Y [n, T] (unit-variance coordinates), rates [T] bits per coordinate: the Viterbi path's
+    reconstruction [n, T] and union-level indices [n, T].
+
+    tail="biting": the path ends in the state it starts from, so the state before coordinate 0
+    is the branch bits of the last coordinates and no start state is stored (the decoder reads
+    the nu branch bits before a coordinate circularly). The start state comes from a first
+    Viterbi pass over the coordinates rotated by T/2 (the state it passes through where the
+    vector wraps), the usual two-pass approximation of a tail-biting search. tail="zero": every
+    path starts in state 0; tail="free": any start (nu bits per vector would be stored)."""
+    n, T = Y.shape
+    if tail == "biting":
+        h = T // 2
+        _, _, states = _viterbi(np.roll(Y, -h, axis=1), np.roll(rates, -h), S, books, masks, None, None)
+        s0 = states[:, T - h - 1]                 # state after original coordinate T - 1
+        rec, idx, _ = _viterbi(Y, rates, S, books, masks, s0, s0)
+        return rec, idx
+    rec, idx, _ = _viterbi(Y, rates, S, books, masks, np.zeros(n, int) if tail == "zero" else None, None)
+    return rec, idx
+
+
+def _viterbi(Y, rates, S, books, masks, start, end):
+    """One Viterbi pass: start / end [n] states (None: free); (reconstruction, level indices,
+    state after each coordinate [n, T])."""
+    n, T = Y.shape
+    nxt, sub = _trellis(S, masks)
+    books = books or {}
+    rows = np.arange(n)
+    if start is None:
+        cost = np.zeros((n, S))
+    else:
+        cost = np.full((n, S), np.inf)
+        cost[rows, start] = 0.0
+    back = np.empty((T, n, S), np.int32)          # (predecessor state << 1 | branch) per new state
+    lvl = np.empty((T, n, 4), np.int32)
+    # transitions into each state: two (s, b) pairs
+    into = [[] for _ in range(S)]
+    for s_ in range(S):
+        for b_ in range(2):
+            into[nxt[s_, b_]].append((s_, b_))
+    src = np.array([[p[0] for p in into[t]] for t in range(S)])      # [S, 2]
+    br = np.array([[p[1] for p in into[t]] for t in range(S)])
+    subin = sub[src, br]                                             # [S, 2]
+    for i in range(T):
+        r = int(rates[i])
+        c = books.get(r)
+        if c is None:
+            c = tcq_book(r, S)
+        y = Y[:, i]
+        dist = np.empty((n, 4))
+        for j in range(4):
+            cj = c[j::4]
+            k = np.clip(np.searchsorted((cj[1:] + cj[:-1]) / 2, y), 0, len(cj) - 1)
+            lvl[i, :, j] = 4 * k + j
+            dist[:, j] = (y - cj[k]) ** 2
+        cand = cost[:, src] + dist[:, subin]                          # [n, S, 2]
+        pick = np.argmin(cand, axis=2)                                # [n, S]
+        cost = np.take_along_axis(cand, pick[..., None], 2)[..., 0]
+        back[i] = (np.take_along_axis(np.broadcast_to(src, (n, S, 2)), pick[..., None], 2)[..., 0] << 1) | \
+            np.take_along_axis(np.broadcast_to(br, (n, S, 2)), pick[..., None], 2)[..., 0]
+    state = np.argmin(cost, axis=1) if end is None else np.asarray(end)
+    idx = np.empty((n, T), np.int64)
+    states = np.empty((n, T), np.int64)
+    for i in range(T - 1, -1, -1):
+        states[:, i] = state
+        code = back[i, rows, state]
+        prev, b = code >> 1, code & 1
+        idx[:, i] = lvl[i, rows, sub[prev, b]]
+        state = prev
+    out = np.empty((n, T))
+    for r in np.unique(rates):
+        cols = np.where(rates == r)[0]
+        c = books.get(int(r))
+        if c is None:
+            c = tcq_book(int(r), S)
+        out[:, cols] = c[idx[:, cols]]
+    return out, idx, states
+
+
+def tcq_search_trellis(S, r=3, n=2048):
+    """MSE on N(0, 1) of every shift-register trellis of S states (untrained Lloyd-Max union)."""
+    nu = S.bit_length() - 1
+    Y = np.random.default_rng(3).standard_normal((n, 64))
+    c, _ = _lloyd(lambda x: np.exp(-0.5 * x * x), -7, 7, 1 << (r + 1))
+    res = []
+    for m0 in range(1, 1 << (nu - 1)):
+        for m1 in range(1 << nu, 1 << (nu + 1)):
+            if not m1 & 1:
+                continue
+            out, _ = tcq_encode(Y, np.full(64, r), S, books={r: c}, masks=(m0, m1))
+            res.append((float(((out - Y) ** 2).mean()), m0, m1))
+    return sorted(res)[:5]
+
+
+def test_channel(Y, rates, gap_db, rng):
+    """What a code at `gap_db` above the Gaussian rate-distortion bound would do: the bound's
+    backward test channel (Y = Y_hat + Z, Z independent of Y_hat) at distortion
+    D = 2^(-2r) 10^(gap/10) per unit-variance coordinate."""
+    D = np.minimum(2.0 ** (-2.0 * rates) * 10 ** (gap_db / 10), 1.0)[None, :]
+    a = 1 - D
+    return a * Y + np.sqrt(a * D) * rng.standard_normal(Y.shape)
+
+
 # ---- the codec ------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -142,6 +316,9 @@ class Part:
     scale_channels: float = 0.0     # divide channels by (their group RMS)^this before rotating (stored fp16)
     scale_codes: int = 0            # ... or as codes of this many bits, steps of half an octave below the largest
     search: int = 1                 # codes tried at this many scales around the norm's (0.85..1.15), least error kept
+    code: str = "scalar"            # "scalar" Lloyd-Max, "tcq" trellis-coded (Viterbi), "ideal" R-D test channel
+    states: int = 8                 # "tcq": trellis states
+    gap_db: float = 0.0             # "ideal": distortion this many dB above the Gaussian R-D bound
 
 
 def _quantize_coords(Y, bits_per_coord, book, D):
@@ -195,6 +372,19 @@ def _code_vectors(X, bits_pc, part, seed):
         S = np.random.default_rng(99 + m).standard_normal((m, m))
         gamma = np.linalg.norm(r, axis=1).astype(np.float16).astype(np.float64)
         Yh = Yh + math.sqrt(math.pi / 2) / m * gamma[:, None] * (np.sign(r @ S.T + 1e-300) @ S)
+    elif part.code == "ideal":
+        rng = np.random.default_rng(abs(hash((seed, n, float(X[0, 0])))) % 2**32)
+        Yh = test_channel(Y * math.sqrt(m), bits_pc.astype(float), part.gap_db, rng) / math.sqrt(m)
+    elif part.code == "tcq":    # the search's scales stacked into one Viterbi run
+        mults = np.linspace(0.85, 1.15, part.search) if part.search > 1 else np.ones(1)
+        big = np.concatenate([Y * (mu_ * math.sqrt(m)) for mu_ in mults])
+        rec, _ = tcq_encode(big, bits_pc, part.states)
+        Yh, best = None, np.full(n, -1.0)
+        for j, mult in enumerate(mults):
+            Ym = rec[j * n:(j + 1) * n] / (mult * math.sqrt(m))
+            fit = (Y * Ym).sum(1) ** 2 / np.maximum((Ym * Ym).sum(1), 1e-300)
+            Yh = Ym if Yh is None else np.where((fit > best)[:, None], Ym, Yh)
+            best = np.maximum(fit, best)
     elif part.search > 1:       # the nearest codes at several scales; the least lsq error wins
         Yh, best = None, np.full(n, -1.0)
         for mult in np.linspace(0.85, 1.15, part.search):
@@ -325,9 +515,12 @@ class Variant:
     k: Part
     v: Part
     note: str = ""
+    sink: int = 0                   # the sequence's first tokens kept exact (a permanent fp16 slot)
 
-    def bits(self, d=64, n_dense=(0, 0)):
-        return (part_bits(self.k, d, n_dense[0]) + part_bits(self.v, d, n_dense[1])) / 2
+    def bits(self, d=64, n_dense=(0, 0), context=1024):
+        """Per stored value; a sink slot (binary16 K and V, besides the group that also codes
+        those tokens) is spread over `context` tokens."""
+        return (part_bits(self.k, d, n_dense[0]) + part_bits(self.v, d, n_dense[1])) / 2 + 16 * self.sink / context
 
 
 def qdq_kv(variant, k, v):
@@ -339,6 +532,14 @@ def qdq_kv(variant, k, v):
             k2[a:a + G, h] = code_group(k[a:a + G, h], variant.k, seed=h)
             v2[a:a + G, h] = code_group(v[a:a + G, h], variant.v, seed=100 + h)
     return k2, v2
+
+
+def apply_sink(variant, k, v, kq, vq, start=0):
+    """The first variant.sink tokens of the sequence (at positions start...) back to exact."""
+    s = max(0, min(variant.sink - start, len(k)))
+    if s:
+        kq[:s], vq[:s] = k[:s], v[:s]
+    return kq, vq
 
 
 # ---- a stand-in Runtime: cold groups through a codec, float32 numpy attention ---------------
@@ -360,8 +561,15 @@ class _Step:
     def positions(self):
         return np.arange(self.start, self.start + self.n, dtype=np.int64)
 
-    def attention(self, layer, q, k, v, **kw):
-        return self.rt.attend(self.seq, layer, self.start, q, k, v)
+    def alloc(self, shape, dtype=np.float32):
+        raise MemoryError("no arena here: the model falls back to numpy buffers")
+
+    def attention(self, layer, q, k, v, out=None):
+        res = self.rt.attend(self.seq, layer, self.start, q, k, v)
+        if out is None:
+            return res
+        out[...] = res
+        return out
 
 
 class CodecRuntime:
@@ -405,7 +613,8 @@ class CodecRuntime:
             V[start:] = V[start:].astype(np.float16)
         ce = self.cold_end[seq][layer]
         while self.codec not in (None, "fp16") and len(K) - ce >= self.hot + G:
-            kq, vq = qdq_kv(self.codec, K[ce:ce + G], V[ce:ce + G])
+            kq, vq = apply_sink(self.codec, K[ce:ce + G], V[ce:ce + G],
+                                *qdq_kv(self.codec, K[ce:ce + G], V[ce:ce + G]), start=ce)
             K[ce:ce + G], V[ce:ce + G] = kq, vq
             ce += G
         self.cold_end[seq][layer] = ce
@@ -521,6 +730,46 @@ def variants():
     return {v.name: v for v in V}
 
 
+def gauss_table(n=2048, T=64):
+    """Distortion of each code on iid N(0, 1) vectors of T coordinates (a token's rotated
+    coordinates), in dB above the Gaussian rate-distortion bound 2^(-2r)."""
+    from _bench_common import print_table
+    Y = np.random.default_rng(11).standard_normal((n, T))
+    rows = []
+    for r in (2, 3, 4):
+        c, t = _lloyd(lambda x: np.exp(-0.5 * x * x), -7, 7, 1 << r)
+        res = {"bits": r, "bound": 2.0 ** (-2 * r), "Lloyd-Max": float(((c[np.searchsorted(t, Y)] - Y) ** 2).mean())}
+        for S in (8, 256):
+            book = tcq_book(r, S)
+            for tail in ("biting", "free"):
+                out, _ = tcq_encode(Y, np.full(T, r), S, books={r: book}, tail=tail)
+                res[f"TCQ {S} {tail}"] = float(((out - Y) ** 2).mean())
+        for k in list(res)[2:]:
+            res[k + " dB"] = 10 * math.log10(res[k] / res["bound"])
+        rows.append(res)
+        log(" ".join(f"{k}={v:.4g}" for k, v in res.items()))
+    print_table(rows, list(rows[0]))
+
+
+def parse_variant(name):
+    """Variants named by their parts, beyond the list: {c|tcqS|idealGAP}-kBITSvBITS[-ks][-sink]
+    (c: the C format's scalar codes; all with the encoder search and the C format's metadata)."""
+    import re
+    m = re.fullmatch(r"(c|tcq(\d+)|ideal([\d.]+))-k([\d.]+)v([\d.]+)(-search)?(-ks)?(-sink(\d*))?", name)
+    if not m:
+        raise SystemExit(f"unknown variant {name!r} (--list shows the named ones)")
+    kind, S, gap, kb, vb, _, ks, sink, ns = m.groups()
+    code = dict(search=7)
+    if S:
+        code = dict(search=7, code="tcq", states=int(S))
+    elif gap:
+        code = dict(code="ideal", gap_db=float(gap))
+    kc = dict(mean="q4", mean_flag=True, norm="log8", rescale="lsq")
+    kx = dict(scale_channels=0.5, scale_codes=2) if ks else {}
+    return Variant(name, Part(bits=float(kb), **code, **kx, **kc), Part(bits=float(vb), **code, norm="log8", rescale="lsq"),
+                   kind, (int(ns) if ns else 1) if sink else 0)
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 def main():
@@ -532,13 +781,19 @@ def main():
     ap.add_argument("--texts", type=int, default=2, help="how many of the texts for perplexity")
     ap.add_argument("--json")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--gauss", action="store_true",
+                    help="MSE of scalar / TCQ codes on iid N(0, 1) against the rate-distortion bound, and exit")
+    ap.add_argument("--layers", type=int, nargs="*", help="attention cosine on these layers only")
     args = ap.parse_args()
     allv = variants()
+    if args.gauss:
+        gauss_table()
+        return
     if args.list:
         for v in allv.values():
             print(f"{v.name:18s} {v.bits(64):.3f} bits/value (d=64)  K {v.k}  V {v.v}")
         return
-    chosen = [allv[n] for n in (args.variants or list(allv))]
+    chosen = [allv[n] if n in allv else parse_variant(n) for n in (args.variants or list(allv))]
 
     import ruvpy.models
     model = ruvpy.models.load(kv_cache="paged", kv_dtype="float32", max_tokens=8192)
@@ -576,7 +831,9 @@ def main():
         t = time.perf_counter()
         cos = []
         for l, (q, k, v) in captured.items():
-            kq, vq = qdq_kv(var, k, v)
+            if args.layers and l not in args.layers:
+                continue
+            kq, vq = apply_sink(var, k, v, *qdq_kv(var, k, v))
             out = reference_attention(q, kq, vq)
             cos.append(float(row_cosines(out, refs[l])[G:].mean()))
         row = {"variant": var.name, "bits": var.bits(64), "min cos": min(cos), "mean cos": float(np.mean(cos)),

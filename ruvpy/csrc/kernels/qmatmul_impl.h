@@ -31,7 +31,10 @@
 #define QM_X86 1
 #endif
 
-/* Matrix-vector software prefetch distance and locality (see wmatmul) */
+/* Matrix-vector software prefetch distance and locality (see wmatmul). Swept on the Zen 4 VM
+ * (tools/bench_matmul.py, paired cold Q4_1 rows): 4, 8 and 16 KiB, T0 / T1, every other line
+ * or only each page's first lines were no better than 2 KiB NTA over every line (8 KiB and
+ * more, or only page starts, were worse); no prefetch at all was clearly worse. */
 #ifndef QM_PF_BYTES
 #define QM_PF_BYTES 2048
 #endif
