@@ -1,6 +1,11 @@
 """Benchmark ruvpy's KV caches: decode attention, bytes per token, quantization quality.
 
     python tools/bench_kvcache.py [--json out.json] [--repeats 15] [--threads N] [--quick]
+        [--shapes 32/8/128,9/3/64] [--lengths 4096,16384] [--data random,outliers]
+        [--formats q4,turbo] [--decode-only]
+
+(--shapes / --lengths / --data / --formats pick parts of the decode table for short runs;
+--decode-only skips the bytes-per-token and quality tables.)
 
 Decode (q_len 1) over 4096 and 16384 tokens for (heads, kv heads, head_dim) = (32, 8, 128) and
 (9, 3, 64): contiguous fp16 K/V (ruvpy.attention, the attention kernels' own layout), the paged
@@ -120,10 +125,13 @@ def interleaved_medians(fns, repeats, warmup=2):
 def bench_decode(args, colds):
     rows = []
     rng = np.random.default_rng(0)
-    lengths = LENGTHS[:1] if args.quick else LENGTHS
-    for H, kvh, d in SHAPES:
+    lengths = args.lengths or (LENGTHS[:1] if args.quick else LENGTHS)
+    for H, kvh, d in args.shapes or SHAPES:
         # outlier channels cost the quantized formats extra work: timed at the longest length
-        for n, data in [(n, "random") for n in lengths] + [(lengths[-1], "outliers")]:
+        cases = [(n, "random") for n in lengths] + [(lengths[-1], "outliers")]
+        for n, data in cases:
+            if args.data and data not in args.data:
+                continue
             k, v = random_kv(rng, n, kvh, d, outliers=data == "outliers")
             made = make_caches(kvh, d, k, v, colds)
             q = rng.standard_normal((1, H, d)).astype(np.float32)
@@ -207,10 +215,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="4096 tokens only")
+    ap.add_argument("--shapes", type=lambda t: [tuple(int(x) for x in s.split("/")) for s in t.split(",")],
+                    help="decode shapes heads/kv_heads/head_dim, comma-separated (default: both)")
+    ap.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")],
+                    help="decode lengths, comma-separated (outlier data runs at the longest)")
+    ap.add_argument("--data", type=lambda t: t.split(","), help="decode data: random, outliers or both")
+    ap.add_argument("--formats", type=lambda t: t.split(","),
+                    help="cold formats to time beside contiguous and paged fp16 (default: all built)")
+    ap.add_argument("--decode-only", action="store_true", help="skip the bytes and quality tables")
     args = ap.parse_args()
     if args.threads:
         ruvpy.set_num_threads(args.threads)
-    colds = cold_formats()
+    colds = [c for c in cold_formats() if not args.formats or c in args.formats]
     result = {"machine": machine_info(), "threads": ruvpy.get_num_threads()}
     print(f"ruvpy {ruvpy.__version__}, isa {ruvpy.get_isa()}, {ruvpy.get_num_threads()} threads\n")
     result["decode"] = bench_decode(args, colds)
@@ -220,6 +236,10 @@ def main():
     if result["targets"]:
         print("\nDecode targets at the longest length (speed-up = contiguous fp16 time / format time)")
         print_table(result["targets"])
+    if args.decode_only:
+        print()
+        emit_json(result, args.json)
+        return
     result["bytes_per_token"] = bytes_per_token(colds)
     print("\nBytes per token (one layer, K and V; allocated)")
     print_table(result["bytes_per_token"])

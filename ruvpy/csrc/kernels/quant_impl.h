@@ -256,19 +256,20 @@ RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query
             for (int c0 = p0; c0 < p1; c0 += 16, blk++) {
                 const int c1 = c0 + 16 < p1 ? c0 + 16 : p1;
 #if defined(RV_ISA_AVX512)
-                if (c1 - c0 == 16) {          /* the same operations, 16 lanes at once */
-                    const __m512 x = _mm512_loadu_ps(q + c0);
+                {   /* the same operations, 16 lanes at once (a partial block -- the outliers'
+                     * high-nibble rows -- masked: its lanes past c1 read and write nothing) */
+                    const __mmask16 m = (__mmask16)((1u << (c1 - c0)) - 1u);
+                    const __m512 x = _mm512_maskz_loadu_ps(m, q + c0);
                     const float mx = _mm512_reduce_max_ps(_mm512_abs_ps(x));
                     const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f;
                     const float inv = sc > 0.0f ? 1.0f / sc : 0.0f;
                     __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv)));
                     k = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-                    _mm_storeu_si128((__m128i *)(w->w[r] + c0), _mm512_cvtepi32_epi8(k));
-                    _mm512_storeu_ps(q + c0, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
+                    _mm_mask_storeu_epi8(w->w[r] + c0, m, _mm512_cvtepi32_epi8(k));
+                    _mm512_mask_storeu_ps(q + c0, m, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
                     w->sc[r][blk] = sc;
-                    continue;
                 }
-#endif
+#else
                 float mx = 0.0f;
                 for (int c = c0; c < c1; c++)
                     mx = fabsf(q[c]) > mx ? fabsf(q[c]) : mx;
@@ -279,6 +280,7 @@ RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query
                     q[c] = sc * (float)w->w[r][c];
                 }
                 w->sc[r][blk] = sc;
+#endif
             }
             if (p1 & 1)
                 w->w[r][p1] = 0;                      /* the odd row's partner weighs nothing */
@@ -636,11 +638,9 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, const f
             float *dst = acc + h->vidx[o0 + o];
             for (int r = 0; r < NR; r++) {
                 float tail = 0.0f;
-                for (int t = j; t < G; t++) {       /* [j, half) and [half + j, G) */
-                    if (t >= half && t < half + j)
-                        continue;
-                    tail += w[r * w_stride + t] * (16.0f * so * (float)qk_code(row[o], t, G, 4) + zo);
-                }
+                if (j < half)      /* tokens the vectors left: [j, half) and [half + j, G) */
+                    for (int t = j; t < G; t = t + 1 == half ? half + j : t + 1)
+                        tail += w[r * w_stride + t] * (16.0f * so * (float)qk_code(row[o], t, G, 4) + zo);
                 dst[r * d] = held[r][o0 + o] + so * dst[r * d] + (rv_vf_hsum(sum[r][o]) + tail);
             }
         }

@@ -308,14 +308,19 @@ static void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blo
 }
 
 /* Where head `head`'s segment of the blob that comes next starts, and the bytes of it worth
- * prefetching: up to its outlier part. Reading the segment's outlier counts, or the header of a
- * group not yet touched, would wait for memory before the kernel could start (14% of q4
- * decode); head 0 starts right after the header. */
-static size_t rv_coldq_prefetch_span(const rv_coldq_cfg *cfg, const unsigned char *blob, int head,
+ * prefetching: all of it, outlier rows included (the key outlier rows and the values' high
+ * nibbles sit at its end, and were demand-missed when the span stopped before them). Within the
+ * blob being read (`same_blob`) the header is in cache and gives the segment's size, up to its
+ * last head; otherwise reading the segment's outlier counts, or the header of a group not yet
+ * touched, would wait for memory before the kernel could start (14% of q4 decode), so the span
+ * is the largest a segment can be: any excess is the start of the head after it, read next. */
+static size_t rv_coldq_prefetch_span(const rv_coldq_cfg *cfg, const unsigned char *blob, int head, int same_blob,
                                      const unsigned char **start)
 {
     *start = head ? blob + head_offset(blob, head) : blob + header_bytes(cfg);
-    return rv_coldq_segment_bytes(cfg, 0, 0);
+    if (same_blob && head + 1 < cfg->num_kv_heads)
+        return head_offset(blob, head + 1) - (head ? head_offset(blob, head) : (uint32_t)header_bytes(cfg));
+    return rv_coldq_segment_bytes(cfg, cfg->max_outliers, cfg->max_outliers);
 }
 
 static size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg)
@@ -548,7 +553,7 @@ static void coldq_attend_group(const void *state, const unsigned char *blob, int
     rv_coldq_head_view(cfg, blob, head, &view);
     rv_coldq_qhead(cfg, &view, params, &qh, ops);
     if (next_blob)
-        qh.prefetch_bytes = rv_coldq_prefetch_span(cfg, next_blob, next_head, &qh.prefetch);
+        qh.prefetch_bytes = rv_coldq_prefetch_span(cfg, next_blob, next_head, next_blob == blob, &qh.prefetch);
     ops->attend_qgroup(&states[j], &qh, a, n, visible, qscratch);
 }
 
