@@ -490,13 +490,15 @@ class Runtime(Closing):
 
     def seq_len(self, seq, layer=0):
         """Tokens of `seq` held in the KV cache now (less than position() after evictions)."""
-        self._check_open()
-        return self._cache.seq_len(self._known(seq), layer)
+        with self._state_lock:      # a close() from another thread: before or after, not during
+            self._check_open()
+            return self._cache.seq_len(self._known(seq), layer)
 
     def get_kv(self, seq, layer):
         """(k, v) float32 copies [seq_len, num_kv_heads, head_dim] of `seq` in `layer`."""
-        self._check_open()
-        return self._cache.get_kv(self._known(seq), layer)
+        with self._state_lock:
+            self._check_open()
+            return self._cache.get_kv(self._known(seq), layer)
 
     @property
     def cache(self):
@@ -849,7 +851,11 @@ class Runtime(Closing):
         """{part: bytes} of everything the runtime holds: "kv" (the cache's storage and
         metadata), "arena", "pool" (free and handed-out buffers that are not the cache's cold
         groups, and the pool's own lists), "scratch". Their sum is RuntimeStats.total_bytes."""
-        self._check_open()
+        with self._state_lock:      # reads the cache, arena and pool that close() frees
+            self._check_open()
+            return self._memory_bytes()
+
+    def _memory_bytes(self):
         pool = self._pool.stats()
         kv = int(self._cache.nbytes)
         return {"kv": kv, "arena": int(self._live_arena().capacity),
@@ -859,7 +865,11 @@ class Runtime(Closing):
 
     def stats(self):
         """A RuntimeStats snapshot (see its docstring); .format() for a table."""
-        self._check_open()
+        with self._state_lock:      # a close() from another thread: before or after, not during
+            self._check_open()
+            return self._stats()
+
+    def _stats(self):
         arena = self._live_arena().stats()
         pool = self._pool.stats()
         kv = self._cache.stats()
@@ -867,7 +877,7 @@ class Runtime(Closing):
         tiers, layers, details = kv_summary(kv)
         budget = self.config.memory_budget
         rss = _process_rss()
-        memory = self.memory_bytes()
+        memory = self._memory_bytes()
         free_tokens = kv_free_tokens(kv)
         return RuntimeStats(
             arena=arena._asdict(),

@@ -369,3 +369,43 @@ def test_close_inside_its_own_step_still_ends_it():
             step.attention(1, *_qkv(2, cfg))
     finally:
         _kernels._swap_thread_count(before)
+
+
+@pytest.mark.parametrize("reader", ["seq_len", "get_kv", "memory_bytes", "stats"])
+def test_close_from_another_thread_waits_for_a_read_of_the_runtimes_memory(reader):
+    """A read of the runtime's memory (seq_len, get_kv, memory_bytes, stats) that has passed its
+    "is it open" check when another thread calls close(): the close waits for the read, which
+    returns what was there (it used to read a freed cache: AttributeError on None, and stats()
+    made a new arena for the closed runtime), and then closes everything."""
+    cfg = RuntimeConfig(**CLOSE_CFG)
+    rt = Runtime(cfg)
+    seq = rt.add_sequence()
+    with rt.step([seq], [3]) as step:
+        for layer in range(cfg.num_layers):
+            step.attention(layer, *_qkv(3, cfg, 0.25))
+    check_open = rt._check_open
+    closer = threading.Thread(target=rt.close)
+
+    def check_then_let_close_run():
+        check_open()
+        if not closer.is_alive() and not rt.closed:
+            closer.start()
+            closer.join(0.3)         # the whole close, unless it waits for this read
+
+    rt._check_open = check_then_let_close_run
+    calls = {"seq_len": lambda: rt.seq_len(seq, 1), "get_kv": lambda: rt.get_kv(seq, 1),
+             "memory_bytes": rt.memory_bytes, "stats": rt.stats}
+    result = calls[reader]()
+    closer.join(JOIN_SECONDS)
+    assert not closer.is_alive() and rt.closed
+    if reader == "seq_len":
+        assert result == 3
+    elif reader == "get_kv":
+        k, v = result
+        np.testing.assert_array_equal(k, np.full((3, 1, cfg.head_dim), 0.25, np.float32))
+        np.testing.assert_array_equal(v, k)
+    elif reader == "memory_bytes":
+        assert result["kv"] > 0 and result["arena"] == cfg.arena_bytes
+    else:
+        assert result.total_bytes == sum(result.memory.values()) > 0
+    assert rt._arena.closed, "the read left a live arena behind on the closed runtime"
