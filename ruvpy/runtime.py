@@ -912,11 +912,20 @@ class Runtime(Closing):
 
     def stats(self):
         """A RuntimeStats snapshot (see its docstring); .format() for a table."""
+        # the attached weights are the caller's object: its code runs before the lock
+        weights = self._weights_stats()
         with self._state_lock:      # a close() from another thread: before or after, not during
             self._check_open()
-            return self._stats()
+            return self._stats(weights)
 
-    def _stats(self):
+    def _weights_stats(self):
+        weights = self._weights
+        if weights is None:
+            return None
+        return {"path": weights.path, "mapped_bytes": int(weights.mapped_bytes),
+                "resident_bytes": int(weights.resident_bytes()), "nbytes": int(weights.nbytes)}
+
+    def _stats(self, weights):
         arena = self._live_arena().stats()
         pool = self._pool.stats()
         kv = self._cache.stats()
@@ -946,8 +955,4 @@ class Runtime(Closing):
             rss_bytes=rss, rss_growth_bytes=rss - self._rss_at_start,
             steps=self._steps, rollbacks=self._rollbacks,
             attention_calls=self._attention_calls, arena_fallbacks=self._arena_fallbacks,
-            total_bytes=sum(memory.values()), memory=memory,
-            weights=None if self._weights is None else {
-                "path": self._weights.path, "mapped_bytes": int(self._weights.mapped_bytes),
-                "resident_bytes": int(self._weights.resident_bytes()),
-                "nbytes": int(self._weights.nbytes)})
+            total_bytes=sum(memory.values()), memory=memory, weights=weights)

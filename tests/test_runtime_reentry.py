@@ -350,3 +350,64 @@ def test_an_abandoned_step_exited_from_another_thread_raises_too():
             assert "only by the thread that entered it" in str(error)
             assert rt._step_lock.locked(), "another thread released the step's slot"
     assert rt.closed and not rt._step_lock.locked()
+
+
+def test_attached_weights_are_read_outside_the_state_lock():
+    """stats() reads the attached weights object (the caller's code: resident_bytes()) before
+    it takes the state lock. Weights with a lock of their own: thread B holds it and reads the
+    runtime (the state lock) while thread A's stats() needs it. Run under the state lock, A's
+    read deadlocked with B."""
+    rt, seq = make_runtime()
+    a_inside, b_holds_lock, b_thread, errors = threading.Event(), threading.Event(), [], []
+
+    class Weights:
+        path, mapped_bytes, nbytes = "weights.gguf", 4096, 4096
+
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def resident_bytes(self):
+            a_inside.set()
+            with self.lock:
+                return 1024
+
+    weights = Weights()
+    rt.attach_weights(weights)
+    check_open = rt._check_open
+
+    def check_open_and_say_so():            # A holds the state lock here
+        check_open()
+        if threading.get_ident() not in b_thread:
+            a_inside.set()
+
+    def b():
+        b_thread.append(threading.get_ident())
+        with weights.lock:
+            b_holds_lock.set()
+            try:
+                assert a_inside.wait(JOIN_SECONDS)
+                out["b"] = rt.memory_bytes()
+            except BaseException as exc:    # reported below
+                errors.append(exc)
+
+    def a():
+        try:
+            out["a"] = rt.stats()
+        except BaseException as exc:        # reported below
+            errors.append(exc)
+
+    out = {}
+    rt._check_open = check_open_and_say_so
+    threads = [threading.Thread(target=b, daemon=True), threading.Thread(target=a, daemon=True)]
+    threads[0].start()
+    assert b_holds_lock.wait(JOIN_SECONDS)  # B holds the weights' lock before A starts
+    threads[1].start()
+    for t in threads:
+        t.join(JOIN_SECONDS)
+    assert not any(t.is_alive() for t in threads), "stats() and the weights' reader deadlocked"
+    del rt._check_open
+    assert not errors, errors[0]
+    assert out["a"].weights == {"path": "weights.gguf", "mapped_bytes": 4096,
+                                "resident_bytes": 1024, "nbytes": 4096}
+    assert out["b"]["kv"] > 0
+    rt.close()
