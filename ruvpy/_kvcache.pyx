@@ -287,9 +287,10 @@ cdef class _KVCache:
 
     # ---- locking: every public method holds the cache's lock ----
     cdef int _lock(self) except -1:
-        """Take the lock. A call from inside a call of the same thread (an argument's
-        __index__, __hash__ ... calling back into the cache) raises RuntimeError: the lock is
-        not re-entrant and waiting would never end. Waiting for another thread's call sleeps
+        """Take the lock. Arguments are converted before it, so only code Python itself runs
+        inside a call (a finalizer, a trace or profile hook) can call back into the cache
+        from the thread holding the lock: that raises RuntimeError (the lock is not
+        re-entrant and waiting would never end). Waiting for another thread's call sleeps
         without the GIL in short slices, checking for signals (Ctrl-C) between them."""
         cdef unsigned long me = PyThread_get_thread_ident()
         cdef PyLockStatus got
@@ -297,10 +298,9 @@ cdef class _KVCache:
             self._owner = me
             return 0
         if self._owner == me:
-            raise RuntimeError(f"a {type(self).__name__} call re-entered the cache from code it "
-                               f"ran (an argument's __index__, __float__, __hash__ or __eq__, or "
-                               f"a finalizer) while that call held it; convert arguments to plain "
-                               f"ints/floats before calling")
+            raise RuntimeError(f"a {type(self).__name__} call re-entered the cache from code "
+                               f"run inside a call of this thread that holds it (a finalizer, "
+                               f"or a trace or profile hook); refused: waiting would never end")
         while True:
             with nogil:
                 got = PyThread_acquire_lock_timed(self._mutex, _LOCK_POLL_US, 0)

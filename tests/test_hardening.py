@@ -321,6 +321,35 @@ def test_reentering_a_cache_raises_instead_of_deadlocking(kind):
     assert out.strip() == "[0, 1]"
 
 
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_reentering_a_cache_from_code_python_runs_inside_a_call_is_refused(kind):
+    # arguments are converted before the lock: what can still run inside a call is code
+    # Python itself runs there (a finalizer, a profile hook: here one stopping in the call's
+    # kvstats part). Calling back into the cache from it raises instead of waiting forever.
+    out = run_isolated(f"""
+        import sys; sys.path.insert(0, 'tests')
+        import numpy as np
+        import test_hardening as th
+        cache = th.filled_cache({kind!r}, np.random.default_rng(5))
+        seen = []
+        def hook(frame, event, arg):
+            if event == "call" and not seen and frame.f_code.co_filename.endswith("kvstats.py"):
+                try:
+                    cache.sequences()
+                except RuntimeError as exc:
+                    seen.append("refused" if "re-entered" in str(exc) else str(exc))
+                else:
+                    seen.append("not refused")
+        sys.setprofile(hook)
+        try:
+            cache.stats()
+        finally:
+            sys.setprofile(None)
+        print(seen, cache.sequences())
+    """)
+    assert out.strip() == "['refused'] [0, 1]"
+
+
 def test_a_thread_waiting_for_a_cache_can_be_interrupted():
     # the wait for another thread's call polls with the GIL for signals instead of blocking
     # uninterruptibly inside the lock
