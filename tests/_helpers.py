@@ -247,30 +247,41 @@ class Evil:
         return bool(self._run())
 
 
-class EvilCount(int):
-    """An int (a token count) whose __int__ / __index__ calls EvilCount.callback() first."""
+class EvilCount(np.int64):
+    """A numpy int (a token count) whose __index__ / __int__ calls EvilCount.callback() first.
+    (An int subclass's own methods never run: ids and counts are converted by value.)"""
     callback = None
 
-    def __int__(self):
+    def __index__(self):
         EvilCount.callback()
-        return int.__int__(self)
+        return int(np.int64(self))
 
-    __index__ = __int__
+    __int__ = __index__
 
 
-class EvilId(int):
-    """An int (a sequence id) whose __hash__ calls EvilId.callback() first (once, if it is
-    set; None: plain)."""
+class EvilId(np.int64):
+    """A numpy int (a sequence id) whose conversion (__index__) and __hash__ call
+    EvilId.callback() first (once, if it is set; None: plain)."""
     callback = None
 
-    def __hash__(self):
+    @staticmethod
+    def _run():
         if EvilId.callback is not None:
             callback, EvilId.callback = EvilId.callback, None
             callback()
-        return int.__hash__(self)
+
+    def __index__(self):
+        EvilId._run()
+        return int(np.int64(self))
+
+    __int__ = __index__
+
+    def __hash__(self):
+        EvilId._run()
+        return hash(int(np.int64(self)))
 
     def __eq__(self, other):
-        return int(self) == other
+        return int(np.int64(self)) == other
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,3 +483,45 @@ def q4_kernel_reference(cache, seq, layer, q, causal=True):
                 p = np.exp(s - s.max())
                 out[i, h * g + j] = p @ vv[:seen, h] / p.sum()
     return out
+
+
+class HoldingCacheLock:
+    """`with HoldingCacheLock(cache):` another thread holds the KV cache's lock for the
+    block, deterministically. No caller's code runs under the lock any more (scalars and ids
+    are converted before it), so the thread calls cache.stats(), whose Python part
+    (ruvpy.kvstats) runs under the lock, and a profile hook of that thread stops it there."""
+
+    def __init__(self, cache, timeout=60):
+        import threading
+        self.inside, self.release, self.timeout = threading.Event(), threading.Event(), timeout
+        self.error = None
+
+        def hook(frame, event, arg):
+            if event == "call" and not self.inside.is_set() and \
+                    frame.f_code.co_filename.endswith("kvstats.py"):
+                self.inside.set()
+                self.release.wait(timeout)
+
+        def hold():
+            sys.setprofile(hook)
+            try:
+                cache.stats()
+            except BaseException as exc:     # reported by __exit__
+                self.error = exc
+            finally:
+                sys.setprofile(None)
+                self.inside.set()
+
+        self.thread = threading.Thread(target=hold, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.inside.wait(self.timeout), "the holder thread never reached the lock"
+        assert self.thread.is_alive() and self.error is None, self.error
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.thread.join(self.timeout)
+        assert not self.thread.is_alive(), "the holder thread hangs"
+        assert self.error is None, self.error
