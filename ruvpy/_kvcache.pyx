@@ -63,6 +63,12 @@ COLD_FORMATS = tuple([rv_codecs[i].name.decode() for i in range(RV_CODEC_COUNT)]
 _POLICIES = ("error", "evict-oldest")
 
 
+def _mapped_bytes():
+    """Bytes the caches' large blocks (a paged pool of 4 MiB or more) hold in mappings of their
+    own: malloc's counts (mallinfo2) do not see them."""
+    return rv_kv_mapped_bytes()
+
+
 class KVCacheFull(MemoryError):
     """The KV cache has no room for the tokens asked for; nothing was written."""
 

@@ -336,13 +336,16 @@ _MALLINFO2 = _load_mallinfo2()
 
 def heap_bytes_in_use():
     """Bytes malloc has handed out and not got back (glibc's mallinfo2: heap chunks in use
-    plus mmapped chunks). ruvpy's C code allocates everything through malloc/aligned_alloc,
-    so the change across an operation is what it really allocated, chunk headers included."""
+    plus mmapped chunks), plus the mappings of the caches' large blocks (a paged pool of
+    4 MiB or more maps its own memory: test_kvmem checks that count against the process's
+    mappings). ruvpy's C code allocates everything else through malloc/aligned_alloc, so the
+    change across an operation is what it really allocated, chunk headers included."""
     if _MALLINFO2 is None:
         pytest.skip("needs glibc's mallinfo2 (glibc >= 2.33) to count heap bytes")
     skip_under_sanitizer("malloc is AddressSanitizer's, which glibc's heap count does not see")
+    from ruvpy._kvcache import _mapped_bytes
     info = _MALLINFO2()
-    return info.uordblks + info.hblkhd
+    return info.uordblks + info.hblkhd + _mapped_bytes()
 
 
 # ---------------------------------------------------------------------------------------
