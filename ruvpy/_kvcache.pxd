@@ -13,6 +13,9 @@ cdef extern from "kvcache/rv_codec.h" nogil:
         const char *name
     const rv_codec *rv_codecs[3]
 
+cdef extern from "kvcache/rv_kvmem.h" nogil:
+    size_t rv_kv_mapped_bytes()
+
 cdef extern from "kvcache/rv_paged.h" nogil:
     enum:
         RV_KV_F32

@@ -18,6 +18,7 @@ format are plain Python (ruvpy.kvstats, ruvpy.kvexport). Calls on one cache are 
 by a lock (attention runs without the GIL).
 """
 import math
+from operator import index as _index
 
 import numpy as np
 
@@ -62,6 +63,12 @@ COLD_FORMATS = tuple([rv_codecs[i].name.decode() for i in range(RV_CODEC_COUNT)]
 _POLICIES = ("error", "evict-oldest")
 
 
+def _mapped_bytes():
+    """Bytes the caches' large blocks (a paged pool of 4 MiB or more) hold in mappings of their
+    own: malloc's counts (mallinfo2) do not see them."""
+    return rv_kv_mapped_bytes()
+
+
 class KVCacheFull(MemoryError):
     """The KV cache has no room for the tokens asked for; nothing was written."""
 
@@ -92,12 +99,55 @@ cdef int64_t _token_count(object value, str what) except -1:
         return <int64_t>value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{what}: token counts must be ints, got {type(value).__name__} {value!r}")
-    v = int(value)
+    v = _index(value)
     if v < 0:
         raise ValueError(f"{what}: token counts must be >= 0, got {v}")
     if v > MAX_INT:
         raise ValueError(f"{what}: a token count of {v} is more than any cache holds")
     return v
+
+
+cdef object _seq_id(object seq):
+    """A sequence id as a plain int. Called before the cache's lock is taken: converting an
+    int subclass or a numpy int, like hashing or comparing one, may run Python code, which
+    must not run while the lock is held (it may call back into the cache, or into a Runtime
+    whose other thread holds the Runtime's lock and waits for this cache's). Ids are ints:
+    anything else is an unknown id (KeyError)."""
+    if type(seq) is int:
+        return seq
+    if isinstance(seq, (int, np.integer)) and not isinstance(seq, (bool, np.bool_)):
+        return _index(seq)        # an exact int; an int subclass's own methods are not called
+    raise KeyError(f"unknown sequence id {seq!r} (sequence ids are ints)")
+
+
+cdef list _id_list(object seqs, str what):
+    """seqs (any iterable of ids) as a new list of plain ints without repeats; before the lock
+    (iterating a caller's object runs its code; a copy cannot change under the lock)."""
+    if type(seqs) is list or type(seqs) is tuple:
+        ids = list(seqs)
+    else:
+        try:
+            ids = list(seqs)
+        except TypeError:
+            raise TypeError(f"{what}: seqs must be a sequence of ids, got {type(seqs).__name__}") from None
+    for i in range(len(ids)):
+        if type(ids[i]) is not int:
+            ids[i] = _seq_id(ids[i])
+    if len(ids) > 1 and len(set(ids)) != len(ids):
+        raise ValueError(f"{what}: sequence ids repeat: {ids}")
+    return ids
+
+
+cdef list _count_list(object n_tokens, Py_ssize_t nseq, str what):
+    """n_tokens as a new list of plain ints >= 0, one per sequence; before the lock."""
+    try:
+        items = list(n_tokens)
+    except TypeError:
+        raise TypeError(f"{what}: n_tokens must be a sequence of ints") from None
+    counts = [_token_count(n, what) for n in items]
+    if len(counts) != nseq:
+        raise ValueError(f"{what}: {nseq} sequences but {len(counts)} token counts")
+    return counts
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +202,7 @@ cdef cnp.ndarray _q_rows(object q, int head_dim, int num_kv_heads):
         raise TypeError(f"q must be float32, got {a.dtype}")
     if a.ndim != 3 or a.shape[2] != head_dim or a.shape[1] == 0 or a.shape[1] % num_kv_heads:
         raise ValueError(f"q must have shape [q_len, num_heads, head_dim={head_dim}] with "
-                         f"num_heads a multiple of num_kv_heads={num_kv_heads}, got {q.shape}")
+                         f"num_heads a multiple of num_kv_heads={num_kv_heads}, got {(<object>a).shape}")
     return a if _rows_layout(a) else np.ascontiguousarray(a)
 
 
@@ -243,9 +293,10 @@ cdef class _KVCache:
 
     # ---- locking: every public method holds the cache's lock ----
     cdef int _lock(self) except -1:
-        """Take the lock. A call from inside a call of the same thread (an argument's
-        __index__, __hash__ ... calling back into the cache) raises RuntimeError: the lock is
-        not re-entrant and waiting would never end. Waiting for another thread's call sleeps
+        """Take the lock. Arguments are converted before it, so only code Python itself runs
+        inside a call (a finalizer, a trace or profile hook) can call back into the cache
+        from the thread holding the lock: that raises RuntimeError (the lock is not
+        re-entrant and waiting would never end). Waiting for another thread's call sleeps
         without the GIL in short slices, checking for signals (Ctrl-C) between them."""
         cdef unsigned long me = PyThread_get_thread_ident()
         cdef PyLockStatus got
@@ -253,10 +304,9 @@ cdef class _KVCache:
             self._owner = me
             return 0
         if self._owner == me:
-            raise RuntimeError(f"a {type(self).__name__} call re-entered the cache from code it "
-                               f"ran (an argument's __index__, __float__, __hash__ or __eq__, or "
-                               f"a finalizer) while that call held it; convert arguments to plain "
-                               f"ints/floats before calling")
+            raise RuntimeError(f"a {type(self).__name__} call re-entered the cache from code "
+                               f"run inside a call of this thread that holds it (a finalizer, "
+                               f"or a trace or profile hook); refused: waiting would never end")
         while True:
             with nogil:
                 got = PyThread_acquire_lock_timed(self._mutex, _LOCK_POLL_US, 0)
@@ -277,18 +327,32 @@ cdef class _KVCache:
         PyThread_release_lock(self._mutex)
 
     # ---- argument checks ----
+    # Every public method converts its scalars and ids (_seq_id, _layer, _token_count,
+    # _id_list, _count_list, softmax_scale, thread_count) BEFORE it takes the lock, and under
+    # the lock only looks plain ints up: no caller's code (__index__, __float__, __hash__,
+    # __eq__, __iter__ ...) runs while the lock is held. Such code may call back into this
+    # cache, or into the Runtime driving it, whose other thread may hold the Runtime's lock
+    # while it waits for this one. Arrays are checked under the lock (viewed as exact
+    # ndarrays at C level, they run no caller's code), their pointers taken right after.
     cdef int _slot(self, seq) except -1:
+        """the C slot of `seq`, a plain int id (under the lock)"""
         slot = self._slot_of.get(seq)
         if slot is None:
             raise KeyError(f"unknown sequence id {seq!r} (live: {sorted(self._slot_of)[:16]})")
         return <int>slot
 
     cdef int _layer(self, layer) except -1:
-        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+        """layer as a C int, checked against the cache's layers (before the lock)"""
+        if type(layer) is int:
+            if 0 <= <object>layer < self.num_layers:
+                return <int>layer
+        elif isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer {layer} is out of range (the cache has {self.num_layers} layers)")
-        return <int>layer
+        else:
+            layer = _index(layer)
+            if 0 <= layer < self.num_layers:
+                return <int>layer
+        raise ValueError(f"layer {layer} is out of range (the cache has {self.num_layers} layers)")
 
     cdef object _kv_array(self, x, str name):
         cdef cnp.ndarray a
@@ -320,26 +384,11 @@ cdef class _KVCache:
                              f"{k.dtype} and v {v.shape} {v.dtype}")
         return k, v
 
-    cdef list _seq_list(self, seqs, str what):
-        try:
-            ids = list(seqs)
-        except TypeError:
-            raise TypeError(f"{what}: seqs must be a sequence of ids, got {type(seqs).__name__}") from None
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{what}: sequence ids repeat: {ids}")
+    cdef int _check_known(self, list ids) except -1:
+        """KeyError unless every id of `ids` (plain ints, from _id_list) is live (under the lock)"""
         for s in ids:
             self._slot(s)
-        return ids
-
-    cdef list _counts(self, n_tokens, Py_ssize_t nseq, str what):
-        try:
-            items = list(n_tokens)
-        except TypeError:
-            raise TypeError(f"{what}: n_tokens must be a sequence of ints") from None
-        counts = [_token_count(n, what) for n in items]
-        if len(counts) != nseq:
-            raise ValueError(f"{what}: {nseq} sequences but {len(counts)} token counts")
-        return counts
+        return 0
 
     # ---- what each cache implements ----
     cdef int _h_add(self) except -1:
@@ -375,7 +424,11 @@ cdef class _KVCache:
         raise NotImplementedError
     cdef tuple _h_export(self, int slot):
         raise NotImplementedError
-    cdef int _h_import(self, meta, arrays) except -1:
+    cdef object _h_unpack(self, meta, arrays):
+        """import_sequence's meta and arrays read and checked (before the lock): what
+        _h_import takes"""
+        raise NotImplementedError
+    cdef int _h_import(self, unpacked) except -1:
         raise NotImplementedError
     cdef int _h_close(self) except -1:
         raise NotImplementedError
@@ -404,6 +457,7 @@ cdef class _KVCache:
     def fork(self, seq):
         """A new sequence holding the same tokens as `seq` in every layer, sharing its
         storage; writes to either copy what they change (copy-on-write)."""
+        seq = _seq_id(seq)
         self._enter()
         try:
             slot = self._slot(seq)
@@ -414,6 +468,7 @@ cdef class _KVCache:
 
     def free(self, seq):
         """Drop a sequence and give its storage back."""
+        seq = _seq_id(seq)
         self._enter()
         try:
             slot = self._slot(seq)
@@ -429,10 +484,10 @@ cdef class _KVCache:
         cold group the cut falls in stays shared (the next write copies a block; a cold group
         keeps serving the tokens before the cut). Refused while a transaction is open."""
         cdef int slot
-        cdef int64_t keep
+        cdef int64_t keep = _token_count(n, "truncate")
+        seq = _seq_id(seq)
         self._enter()
         try:
-            keep = _token_count(n, "truncate")
             slot = self._slot(seq)
             self._no_open_transaction("truncate a sequence")
             self._h_truncate(slot, keep)
@@ -441,9 +496,11 @@ cdef class _KVCache:
 
     def seq_len(self, seq, layer=0):
         """Tokens `seq` holds in `layer`."""
+        cdef int lay = self._layer(layer)
+        seq = _seq_id(seq)
         self._enter()
         try:
-            return self._h_len(self._slot(seq), self._layer(layer))
+            return self._h_len(self._slot(seq), lay)
         finally:
             self._leave()
 
@@ -462,12 +519,13 @@ cdef class _KVCache:
     def append(self, seq, layer, k, v):
         """Append tokens to `seq` in `layer`: k, v [n, num_kv_heads, head_dim], float32 or
         float16. KVCacheFull (or an eviction, by policy) before anything is written."""
-        cdef int slot, lay
+        cdef int slot
+        cdef int lay = self._layer(layer)
         cdef int64_t n
+        seq = _seq_id(seq)
         self._enter()
         try:
             slot = self._slot(seq)
-            lay = self._layer(layer)
             k, v = self._kv_pair(k, v)
             n = k.shape[0]
             if n == 0:
@@ -483,10 +541,11 @@ cdef class _KVCache:
         raises KVCacheFull (policy "error": nothing changes) or evicts the oldest cold tokens
         (policy "evict-oldest")."""
         cdef _SeqArrays arr
+        ids = _id_list(seqs, "reserve")
+        counts = _count_list(n_tokens, len(ids), "reserve")
         self._enter()
         try:
-            ids = self._seq_list(seqs, "reserve")
-            counts = self._counts(n_tokens, len(ids), "reserve")
+            self._check_known(ids)
             arr = _SeqArrays(self, ids, counts)
             self._h_room(ids, arr.slots, arr.counts, arr.n, -1)
         finally:
@@ -500,27 +559,26 @@ cdef class _KVCache:
         head_dim] float32. threads: kernel threads (None: ruvpy.get_num_threads())."""
         cdef rv_kv_query query
         cdef rv_kv_source src
-        cdef int lay, slot, rc, nthreads
-        cdef bint is_causal
-        cdef float sc
+        cdef int slot, rc
+        cdef bint is_causal = bool(causal)
+        cdef int nthreads = thread_count(threads)
+        cdef float sc = softmax_scale(scale, self.head_dim)
+        cdef int lay = self._layer(layer)
         cdef int64_t kv_len
         cdef cnp.ndarray qa, oa
+        seq = _seq_id(seq)
         self._enter()
         try:
-            is_causal = bool(causal)
-            nthreads = thread_count(threads)
-            sc = softmax_scale(scale, self.head_dim)
             slot = self._slot(seq)
-            lay = self._layer(layer)
             qa = _q_rows(q, self.head_dim, self.num_kv_heads)
             oa = _out_rows(out, (<object>qa).shape, qa, None, None)
             kv_len = self._h_len(slot, lay)
             if kv_len == 0:
                 raise ValueError(f"attention on an empty sequence: sequence {seq} holds no tokens "
-                                 f"in layer {layer}")
+                                 f"in layer {lay}")
             if is_causal and qa.shape[0] > kv_len:
                 raise ValueError(f"causal attention with q_len {qa.shape[0]} > kv_len {kv_len} "
-                                 f"(sequence {seq}, layer {layer}; q shape {(<object>qa).shape})")
+                                 f"(sequence {seq}, layer {lay}; q shape {(<object>qa).shape})")
             if qa.shape[0] == 0:
                 return oa
             query.seq = slot
@@ -579,13 +637,17 @@ cdef class _KVCache:
                              f"({self.num_kv_heads})")
         if scratch is not None and not isinstance(scratch, ScratchSpace):
             raise TypeError(f"scratch must be a ruvpy.ScratchSpace, got {type(scratch).__name__}")
+        begin = bool(begin)
+        ids = _id_list(seqs, _what)
+        counts = _count_list(n_tokens, len(ids), _what)
+        others = _id_list(cover, _what) if begin else []
         self._enter()
         try:
-            plan._resolve(self, seqs, n_tokens, heads, _what)
+            plan._resolve(self, ids, counts, heads, _what)
             if begin:
-                others = self._seq_list(cover, _what)
+                self._check_known(others)
                 mine = set(plan.seqs)
-                txn = list(plan.seqs) + [s if type(s) is int else int(s) for s in others if s not in mine]
+                txn = list(plan.seqs) + [s for s in others if s not in mine]
                 again = [s for s in txn if s in self._txn]
                 if again:
                     raise ValueError(f"begin: sequences {again} are already inside a transaction")
@@ -623,6 +685,7 @@ cdef class _KVCache:
         cdef rv_kv_source src
         cdef rv_kv_query *queries
         cdef int heads, nthreads, i, n, rc
+        cdef bint is_causal = bool(causal)
         nthreads = thread_count(threads)
         heads = _positive_int(num_heads, "num_heads")
         qs = [_token_count(x, "scratch_for") for x in q_lens]
@@ -642,7 +705,7 @@ cdef class _KVCache:
             self._enter()
             try:
                 self._h_source(0, heads, &src)
-                rc = rv_attn_plan_make(&plan, &src, queries, n, bool(causal), nthreads)
+                rc = rv_attn_plan_make(&plan, &src, queries, n, is_causal, nthreads)
             finally:
                 self._leave()
             _check_status(rc, "scratch_for")
@@ -658,9 +721,10 @@ cdef class _KVCache:
     def begin(self, seqs):
         """Open a transaction on seqs: rollback() restores each of them, in every layer,
         exactly as it is now. fork(), free() and truncate() are refused until it is closed."""
+        ids = _id_list(seqs, "begin")
         self._enter()
         try:
-            ids = self._seq_list(seqs, "begin")
+            self._check_known(ids)
             again = [s for s in ids if s in self._txn]
             if again:
                 raise ValueError(f"begin: sequences {again} are already inside a transaction")
@@ -677,8 +741,9 @@ cdef class _KVCache:
         finally:
             self._leave()
 
-    cdef list _txn_list(self, seqs, str what):
-        ids = self._seq_list(seqs, what)
+    cdef list _txn_list(self, list ids, str what):
+        """ids (plain ints, from _id_list) checked live and inside the transaction (under the lock)"""
+        self._check_known(ids)
         outside = [s for s in ids if s not in self._txn]
         if outside:
             raise ValueError(f"{what}: sequences {outside} are not inside a transaction")
@@ -686,9 +751,10 @@ cdef class _KVCache:
 
     def commit(self, seqs):
         """Make the transaction's changes to seqs permanent."""
+        ids = _id_list(seqs, "commit")
         self._enter()
         try:
-            for s in self._txn_list(seqs, "commit"):
+            for s in self._txn_list(ids, "commit"):
                 self._h_commit(self._slot_of[s])
                 self._txn.discard(s)
         finally:
@@ -696,9 +762,10 @@ cdef class _KVCache:
 
     def rollback(self, seqs):
         """Restore seqs to exactly their state at begin()."""
+        ids = _id_list(seqs, "rollback")
         self._enter()
         try:
-            for s in self._txn_list(seqs, "rollback"):
+            for s in self._txn_list(ids, "rollback"):
                 self._h_rollback(self._slot_of[s])
                 self._txn.discard(s)
         finally:
@@ -708,10 +775,11 @@ cdef class _KVCache:
     def get_kv(self, seq, layer):
         """(k, v): float32 copies [len, num_kv_heads, head_dim] of `seq` in `layer`, in
         append order (dequantized where stored quantized)."""
+        cdef int lay = self._layer(layer)
+        seq = _seq_id(seq)
         self._enter()
         try:
             slot = self._slot(seq)
-            lay = self._layer(layer)
             n = self._h_len(slot, lay)
             k = np.empty((n, self.num_kv_heads, self.head_dim), dtype=np.float32)
             v = np.empty_like(k)
@@ -746,6 +814,7 @@ cdef class _KVCache:
     def export_sequence(self, seq):
         """(meta, arrays): `seq`'s K/V in the stored format (quantized tiers stay codes).
         meta is JSON-able; arrays maps names to numpy arrays (ruvpy.kvexport)."""
+        seq = _seq_id(seq)
         self._enter()
         try:
             slot = self._slot(seq)
@@ -759,9 +828,12 @@ cdef class _KVCache:
         """A new sequence holding what export_sequence returned (from a cache of the same
         configuration); returns its id. Everything is checked first: a mismatch raises
         ValueError naming it, a full cache KVCacheFull, and nothing changes."""
+        # the caller's meta and arrays (a mapping's __getitem__, a dict subclass's get ... run
+        # their code) are read and checked against the configuration before the lock
+        unpacked = self._h_unpack(meta, arrays)
         self._enter()
         try:
-            return self._register(self._h_import(meta, arrays))
+            return self._register(self._h_import(unpacked))
         finally:
             self._leave()
 
@@ -872,44 +944,22 @@ cdef class AttentionPlan:
         self.nseq = n
         return 0
 
-    cdef int _resolve(self, _KVCache cache, object seqs, object n_tokens, int num_heads, str what) except -1:
-        """the sequences' slots, counts and row offsets (ids and counts checked as the cache's
-        calls check them; a list of plain ints, a model step's usual case, takes the short way)"""
-        cdef int i, j, n
-        cdef int64_t off = 0, c
+    cdef int _resolve(self, _KVCache cache, list ids, list counts, int num_heads, str what) except -1:
+        """the sequences' slots, counts and row offsets (under the cache's lock): ids and
+        counts are plain ints already (_id_list, _count_list), so no caller's code runs"""
+        cdef int i, n = len(ids)
+        cdef int64_t off = 0
         self.cache = cache
         self.num_heads = num_heads
-        if type(seqs) is list and type(n_tokens) is list and len(seqs) == len(n_tokens) and \
-                len(seqs) <= 8 and all([type(x) is int for x in seqs]):
-            n = len(seqs)
-            self._alloc(n)
-            for i in range(n):
-                slot = cache._slot_of.get(seqs[i])
-                if slot is None:
-                    cache._slot(seqs[i])          # raises KeyError, naming it
-                self.slots[i] = <int>slot
-                for j in range(i):
-                    if self.slots[j] == self.slots[i]:
-                        raise ValueError(f"{what}: sequence ids repeat: {seqs}")
-                c = _token_count(n_tokens[i], what)
-                self.counts[i] = c
-                self.offsets[i] = off
-                off += c
-            self.seqs = tuple(seqs)
-            self.n_tokens = tuple(n_tokens)
-        else:
-            ids = cache._seq_list(seqs, what)
-            counts = cache._counts(n_tokens, len(ids), what)
-            n = len(ids)
-            self._alloc(n)
-            for i in range(n):
-                self.slots[i] = cache._slot_of[ids[i]]
-                self.counts[i] = counts[i]
-                self.offsets[i] = off
-                off += counts[i]
-            # plain ints (the cache's own ids): later lookups run no code of the caller's objects
-            self.seqs = tuple([s if type(s) is int else int(s) for s in ids])
-            self.n_tokens = tuple(counts)
+        cache._check_known(ids)
+        self._alloc(n)
+        for i in range(n):
+            self.slots[i] = cache._slot_of[ids[i]]
+            self.counts[i] = counts[i]
+            self.offsets[i] = off
+            off += counts[i]
+        self.seqs = tuple(ids)
+        self.n_tokens = tuple(counts)
         self.num_tokens = off
         return 0
 
@@ -1037,11 +1087,12 @@ cdef class AttentionPlan:
         cdef rv_kv_source src
         cdef rv_attn_plan cplan
         cdef const rv_scratch *work = NULL
+        # scalars first, before the lock (their conversions may run Python code); the arrays
+        # under it, last
+        sc = softmax_scale(scale, cache.head_dim)
+        lay = cache._layer(layer)
         cache._enter()
         try:
-            # scalars first (their conversions may run Python code), then the arrays
-            sc = softmax_scale(scale, cache.head_dim)
-            lay = cache._layer(layer)
             for i in range(self.nseq):     # still alive, at the same slot
                 if cache._slot_of.get(self.seqs[i]) != self.slots[i]:
                     raise KeyError(f"the plan's sequence {self.seqs[i]!r} is gone")
@@ -1220,6 +1271,7 @@ cdef class PagedKVCache(_KVCache):
     def block_table(self, seq):
         """The block ids of `seq`, in token order (a copy). For tests and inspection."""
         cdef rv_paged_seq *s
+        seq = _seq_id(seq)
         self._enter()
         try:
             s = &self.c.seqs[self._slot(seq)]
@@ -1324,13 +1376,16 @@ cdef class PagedKVCache(_KVCache):
             layers.append((k, v))
         return kvexport.pack_paged(self._config_fields(), lengths, layers)
 
-    cdef int _h_import(self, meta, arrays) except -1:
+    cdef object _h_unpack(self, meta, arrays):
+        return kvexport.unpack_paged(meta, arrays, self._config_fields(), self.num_layers,
+                                     self.num_kv_heads, self.head_dim, np.dtype(self.dtype))
+
+    cdef int _h_import(self, unpacked) except -1:
         cdef int slot, l
         cdef int64_t n, need
         cdef cnp.ndarray k, v
         dt = np.dtype(self.dtype)
-        lengths, layers = kvexport.unpack_paged(meta, arrays, self._config_fields(), self.num_layers,
-                                                self.num_kv_heads, self.head_dim, dt)
+        lengths, layers = unpacked
         n = max(lengths) if lengths else 0
         need = _ceil_div(n, self.block_size)
         if need > self.c.nfree:
@@ -1676,13 +1731,16 @@ cdef class TwoTierKVCache(_KVCache):
             layers.append((rv_tt_len(self.c, slot, l), skip, cut, blobs, sizes, hot_k, hot_v))
         return kvexport.pack_twotier(self._config_fields(), layers)
 
-    cdef int _h_import(self, meta, arrays) except -1:
+    cdef object _h_unpack(self, meta, arrays):
+        return kvexport.unpack_twotier(meta, arrays, self._config_fields(), self.num_layers,
+                                       self.num_kv_heads, self.head_dim, self.migration_batch)
+
+    cdef int _h_import(self, unpacked) except -1:
         cdef int slot, l
         cdef int64_t off, size, g
         cdef cnp.ndarray blobs, sizes, hot_k, hot_v
         cdef const unsigned char *base
-        layers = kvexport.unpack_twotier(meta, arrays, self._config_fields(), self.num_layers,
-                                         self.num_kv_heads, self.head_dim, self.migration_batch)
+        layers = unpacked
         for l in range(self.num_layers):
             length, skip, cut, blobs, sizes, hot_k, hot_v, hot_len = layers[l]
             if not (type(blobs) is np.ndarray and blobs.dtype == np.uint8 and blobs.flags.c_contiguous and

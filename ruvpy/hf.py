@@ -616,11 +616,13 @@ class RuvpyCache(Cache):
         step; that thread rolls its own forward back)."""
         if self.runtime.closed:
             return
-        plan = self._plan
-        if plan is not None and plan.step is not None and plan.step._owner != threading.get_ident():
-            self.runtime.close()      # never end another thread's step from here
-            return
-        self._abandon_forward()
+        pending = getattr(_local, "pending", None)
+        if pending is not None and pending[0] is self:
+            _local.pending = None
+        # The Runtime knows whose step the forward is: this thread's ends here, another
+        # thread's is abandoned (that thread rolls its forward back at its next layer, where
+        # the step raises the Runtime's "closed by another thread"). A forward of this thread
+        # left open fails the same way if the model goes on.
         self.runtime.close()
 
     # -- not supported ------------------------------------------------------------------------

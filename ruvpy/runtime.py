@@ -22,6 +22,7 @@ The parts live beside this module: RuntimeConfig (config.py), the sequence-file 
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import threading
 
@@ -157,10 +158,17 @@ class Step:
         over each sequence's whole context, causally; returns [num_tokens, num_heads,
         head_dim] float32 (`out` if given, else step-scoped arena memory). One call per
         layer per step. Bad input raises before anything is written."""
+        # the caller's scalars first: their conversions (__index__, __float__) run its code,
+        # which may call back into the runtime (from this thread or, waiting on it, another)
+        # or even end this step; the step's checks come after them, and no lock is held here
+        if type(layer) is not int:
+            layer = _layer_number(layer, self._num_layers, "step.attention")
+        if scale is not None and type(scale) is not float:
+            scale = _scale_value(scale, "step.attention")
         if self._state is not _OPEN:
             self._check_open()
-        if type(layer) is not int or not 0 <= layer < self._num_layers or self._attended[layer]:
-            layer = self._layer_index(layer)
+        if not 0 <= layer < self._num_layers or self._attended[layer]:
+            self._check_layer(layer)
         if out is None:
             try:
                 out = self._arena.alloc(self._q_shape)
@@ -177,7 +185,7 @@ class Step:
             raise
         except BaseException:
             self._failed = True   # the cache may be half-way: the step can only roll back
-            if self._state is _ABANDONED:
+            if self._state is not _OPEN:
                 self._check_open()     # say so: the cache's own "closed" names no runtime
             raise
         self._attended[layer] = True
@@ -198,11 +206,8 @@ class Step:
         raise RuntimeError("the step has ended (its arena memory is reclaimed); start a new "
                            "step")
 
-    def _layer_index(self, layer):
-        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
-            raise TypeError(f"step.attention: layer must be an int, got "
-                            f"{type(layer).__name__} {layer!r}")
-        layer = int(layer)
+    def _check_layer(self, layer):
+        """layer (a plain int) names a layer not attended yet in this step"""
         if not 0 <= layer < self._num_layers:
             raise ValueError(f"step.attention: layer {layer} is out of range (the runtime "
                              f"has layers 0..{self._num_layers - 1})")
@@ -246,6 +251,10 @@ class Step:
             self._runtime._close_step(self, exc_type is None)
         return False         # (closed: the runtime was closed inside the step, by its thread)
 
+    def _entered_here(self):
+        """Whether the calling thread is the one that entered the step (only it ends it)."""
+        return self._owner == threading.get_ident()
+
     def __repr__(self):
         return (f"<ruvpy.Step {self._state}: sequences {list(self._seqs)}, tokens "
                 f"{list(self._n_tokens)}, {self._num_layers - self._remaining}/"
@@ -256,16 +265,42 @@ class Step:
 # the runtime
 # ----------------------------------------------------------------------------------------
 
+# The caller's scalars and ids become plain ints / floats (these helpers) before the runtime
+# takes its state lock or a KV cache its own: their conversions may run the caller's code,
+# which may call back into the runtime. Run under a lock, such code re-entering from this
+# thread meets a lock it holds; waiting there for another thread that holds the state lock
+# and waits for the cache's lock, it deadlocks both.
+
 def _sequence_id(seq):
+    if type(seq) is int:
+        return seq
     if isinstance(seq, (bool, np.bool_)) or not isinstance(seq, (int, np.integer)):
         raise TypeError(f"a sequence id must be an int, got {type(seq).__name__} {seq!r}")
-    return int(seq)
+    return operator.index(seq)
+
+
+def _layer_number(layer, num_layers, what):
+    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"{what}: layer must be an int, got {type(layer).__name__} {layer!r}")
+    layer = operator.index(layer)
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"{what}: layer {layer} is out of range (the runtime has layers "
+                         f"0..{num_layers - 1})")
+    return layer
+
+
+def _scale_value(scale, what):
+    try:
+        return float(scale)
+    except TypeError:
+        raise TypeError(f"{what}: scale must be a float or None, got "
+                        f"{type(scale).__name__}") from None
 
 
 def _token_count(n, what):
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"{what} must be an int, got {type(n).__name__} {n!r}")
-    n = int(n)
+    n = operator.index(n)
     if n < 0:
         raise ValueError(f"{what} must be >= 0, got {n}")
     return n
@@ -490,12 +525,16 @@ class Runtime(Closing):
 
     def seq_len(self, seq, layer=0):
         """Tokens of `seq` held in the KV cache now (less than position() after evictions)."""
+        seq = _sequence_id(seq)
+        layer = _layer_number(layer, self.config.num_layers, "seq_len")
         with self._state_lock:      # a close() from another thread: before or after, not during
             self._check_open()
             return self._cache.seq_len(self._known(seq), layer)
 
     def get_kv(self, seq, layer):
         """(k, v) float32 copies [seq_len, num_kv_heads, head_dim] of `seq` in `layer`."""
+        seq = _sequence_id(seq)
+        layer = _layer_number(layer, self.config.num_layers, "get_kv")
         with self._state_lock:
             self._check_open()
             return self._cache.get_kv(self._known(seq), layer)
@@ -549,7 +588,7 @@ class Runtime(Closing):
                                 f"{type(n).__name__} {n!r}")
             if n < 1:
                 raise ValueError(f"step: token count of sequence {seq} must be >= 1, got {n}")
-        return Step(self, seqs, [int(n) for n in n_tokens])
+        return Step(self, seqs, [operator.index(n) for n in n_tokens])
 
     def _open_step(self, step):
         """Step.__enter__: take the step slot, reserve KV room, begin the transaction, plan
@@ -635,7 +674,15 @@ class Runtime(Closing):
         fails on the way, the step ends rolled back (unless it committed), the slot is freed
         and the thread count restored; the first failure is raised after that. Under the
         state lock: a close() from another thread waits for it (and never frees the arena or
-        cache under it)."""
+        cache under it). Only the thread that entered the step ends it: from another thread
+        this raises and changes nothing (its slot, its thread count, its transaction and the
+        arena its arrays view all belong to the stepping thread, which may still be using
+        them); close() from another thread abandons the step instead."""
+        if not step._entered_here():
+            raise RuntimeError(f"{self.name}: a step can be ended only by the thread that "
+                               f"entered it (sequences {list(step._seqs)}); nothing was changed "
+                               f"(to stop it from this thread, close() the runtime: the step's "
+                               f"own thread then gets a RuntimeError from it)")
         with self._state_lock:
             if step._state is _ABANDONED:
                 self._end_abandoned_step(step, ok)
@@ -729,7 +776,7 @@ class Runtime(Closing):
             self._closed = True
             step, self._step = self._step, None
             if step is not None:
-                if step._state is _OPEN and step._owner == threading.get_ident():
+                if step._state is _OPEN and step._entered_here():
                     step._state = _CLOSED       # inside its own step: ended here
                     if step._threads_before is not None:
                         _kernels._swap_thread_count(step._threads_before)
@@ -865,11 +912,20 @@ class Runtime(Closing):
 
     def stats(self):
         """A RuntimeStats snapshot (see its docstring); .format() for a table."""
+        # the attached weights are the caller's object: its code runs before the lock
+        weights = self._weights_stats()
         with self._state_lock:      # a close() from another thread: before or after, not during
             self._check_open()
-            return self._stats()
+            return self._stats(weights)
 
-    def _stats(self):
+    def _weights_stats(self):
+        weights = self._weights
+        if weights is None:
+            return None
+        return {"path": weights.path, "mapped_bytes": int(weights.mapped_bytes),
+                "resident_bytes": int(weights.resident_bytes()), "nbytes": int(weights.nbytes)}
+
+    def _stats(self, weights):
         arena = self._live_arena().stats()
         pool = self._pool.stats()
         kv = self._cache.stats()
@@ -899,8 +955,4 @@ class Runtime(Closing):
             rss_bytes=rss, rss_growth_bytes=rss - self._rss_at_start,
             steps=self._steps, rollbacks=self._rollbacks,
             attention_calls=self._attention_calls, arena_fallbacks=self._arena_fallbacks,
-            total_bytes=sum(memory.values()), memory=memory,
-            weights=None if self._weights is None else {
-                "path": self._weights.path, "mapped_bytes": int(self._weights.mapped_bytes),
-                "resident_bytes": int(self._weights.resident_bytes()),
-                "nbytes": int(self._weights.nbytes)})
+            total_bytes=sum(memory.values()), memory=memory, weights=weights)

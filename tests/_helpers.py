@@ -262,30 +262,41 @@ class Evil:
         return bool(self._run())
 
 
-class EvilCount(int):
-    """An int (a token count) whose __int__ / __index__ calls EvilCount.callback() first."""
+class EvilCount(np.int64):
+    """A numpy int (a token count) whose __index__ / __int__ calls EvilCount.callback() first.
+    (An int subclass's own methods never run: ids and counts are converted by value.)"""
     callback = None
 
-    def __int__(self):
+    def __index__(self):
         EvilCount.callback()
-        return int.__int__(self)
+        return int(np.int64(self))
 
-    __index__ = __int__
+    __int__ = __index__
 
 
-class EvilId(int):
-    """An int (a sequence id) whose __hash__ calls EvilId.callback() first (once, if it is
-    set; None: plain)."""
+class EvilId(np.int64):
+    """A numpy int (a sequence id) whose conversion (__index__) and __hash__ call
+    EvilId.callback() first (once, if it is set; None: plain)."""
     callback = None
 
-    def __hash__(self):
+    @staticmethod
+    def _run():
         if EvilId.callback is not None:
             callback, EvilId.callback = EvilId.callback, None
             callback()
-        return int.__hash__(self)
+
+    def __index__(self):
+        EvilId._run()
+        return int(np.int64(self))
+
+    __int__ = __index__
+
+    def __hash__(self):
+        EvilId._run()
+        return hash(int(np.int64(self)))
 
     def __eq__(self, other):
-        return int(self) == other
+        return int(np.int64(self)) == other
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,13 +351,16 @@ _MALLINFO2 = _load_mallinfo2()
 
 def heap_bytes_in_use():
     """Bytes malloc has handed out and not got back (glibc's mallinfo2: heap chunks in use
-    plus mmapped chunks). ruvpy's C code allocates everything through malloc/aligned_alloc,
-    so the change across an operation is what it really allocated, chunk headers included."""
+    plus mmapped chunks), plus the mappings of the caches' large blocks (a paged pool of
+    4 MiB or more maps its own memory: test_kvmem checks that count against the process's
+    mappings). ruvpy's C code allocates everything else through malloc/aligned_alloc, so the
+    change across an operation is what it really allocated, chunk headers included."""
     if _MALLINFO2 is None:
         pytest.skip("needs glibc's mallinfo2 (glibc >= 2.33) to count heap bytes")
     skip_under_sanitizer("malloc is AddressSanitizer's, which glibc's heap count does not see")
+    from ruvpy._kvcache import _mapped_bytes
     info = _MALLINFO2()
-    return info.uordblks + info.hblkhd
+    return info.uordblks + info.hblkhd + _mapped_bytes()
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,3 +532,45 @@ def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
                             err += p[lo:hi].max() * vs[b0:b0 + Q4_VALUE_BLOCK].max() / 510 * 15 * (hi - lo)
                 bound[i, h * g + j] = 1.01 * err / p.sum()
     return out, bound
+
+
+class HoldingCacheLock:
+    """`with HoldingCacheLock(cache):` another thread holds the KV cache's lock for the
+    block, deterministically. No caller's code runs under the lock any more (scalars and ids
+    are converted before it), so the thread calls cache.stats(), whose Python part
+    (ruvpy.kvstats) runs under the lock, and a profile hook of that thread stops it there."""
+
+    def __init__(self, cache, timeout=60):
+        import threading
+        self.inside, self.release, self.timeout = threading.Event(), threading.Event(), timeout
+        self.error = None
+
+        def hook(frame, event, arg):
+            if event == "call" and not self.inside.is_set() and \
+                    frame.f_code.co_filename.endswith("kvstats.py"):
+                self.inside.set()
+                self.release.wait(timeout)
+
+        def hold():
+            sys.setprofile(hook)
+            try:
+                cache.stats()
+            except BaseException as exc:     # reported by __exit__
+                self.error = exc
+            finally:
+                sys.setprofile(None)
+                self.inside.set()
+
+        self.thread = threading.Thread(target=hold, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.inside.wait(self.timeout), "the holder thread never reached the lock"
+        assert self.thread.is_alive() and self.error is None, self.error
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.thread.join(self.timeout)
+        assert not self.thread.is_alive(), "the holder thread hangs"
+        assert self.error is None, self.error

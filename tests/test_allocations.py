@@ -11,7 +11,8 @@ context (256 and 8192 tokens) and Runtime thread count (1 and 2):
   during 80 more decode steps (a two-tier cache migrates a cold group among them) made the
   way the issue measured them: step.attention(..., out=...) with preallocated inputs;
 - compares RuntimeStats.total_bytes with the live heap bytes the process gained since just
-  before the Runtime was made.
+  before the Runtime was made (plus the mappings of a paged pool of 4 MiB or more, which
+  maps its own memory: ruvpy._kvcache._mapped_bytes, checked by tests/test_kvmem.py).
 
 Process-wide counting is stricter than "in ruvpy code": an allocation of numpy or CPython in
 the window counts too. Expected: zero, and total_bytes within 1% + 64 KiB of the live bytes
@@ -125,6 +126,13 @@ SCRIPT = PRELUDE + r"""
 
 import ruvpy
 from ruvpy import Runtime, RuntimeConfig
+from ruvpy._kvcache import _mapped_bytes   # a paged pool of >= 4 MiB maps its own memory
+
+
+def live_bytes():
+    # the shim's live heap bytes plus the caches' own mappings (checked against
+    # /proc/self/smaps by tests/test_kvmem.py)
+    return shim.rvcount_live() + _mapped_bytes()
 
 LAYERS, HEADS, KV_HEADS, D = 4, 16, 4, 128
 KINDS = {"paged fp16": dict(kv_cache="paged"),
@@ -156,7 +164,7 @@ def run(kind, context, threads, saved):
     # saved: where the filled context is saved (threads 1 fills and saves it, threads 2
     # loads it: filling 8192 tokens once per kind is enough)
     gc.collect()
-    live_before = shim.rvcount_live()
+    live_before = live_bytes()
     cfg = RuntimeConfig(num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=D,
                         max_tokens=context + WARMUP + MEASURED + 64, threads=threads,
                         arena_bytes=1 << 20, **KINDS[kind])
@@ -181,7 +189,7 @@ def run(kind, context, threads, saved):
     team = rt.cache.plan([seq], [1], num_heads=HEADS, threads=threads).team
     gc.collect()
     stats = rt.stats()
-    live = shim.rvcount_live() - live_before
+    live = live_bytes() - live_before
     result = {"kind": kind, "context": context, "threads": threads, "big_allocations": big,
               "per_step": big / MEASURED, "where": where, "total_bytes": stats.total_bytes,
               "live_bytes": live, "memory": stats.memory, "team": team}

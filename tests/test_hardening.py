@@ -218,12 +218,15 @@ def test_ids_are_resolved_before_the_arrays(kind):
     EvilId.callback = lambda: out.resize((1, 1, 1), refcheck=False)
     with pytest.raises(ValueError, match="shape"):
         cache.attention(EvilId(0), 0, q, out=out)
-    # an id whose hash re-enters the cache: refused, the cache unchanged
-    before = cache_snapshot(cache)
+    # an id whose conversion re-enters the cache: it is converted before the cache's lock is
+    # taken, so the call it makes works (it used to be refused as a re-entry), and the append
+    # then goes to the id's value
+    assert cache.seq_len(1) > 0
+    held = cache.seq_len(0)
     EvilId.callback = lambda: cache.free(1)
-    with pytest.raises(RuntimeError, match="re-enter"):
-        cache.append(EvilId(0), 0, *qkv(rng, 1)[1:])
-    assert cache_snapshot(cache) == before
+    cache.append(EvilId(0), 0, *qkv(rng, 1)[1:])
+    assert EvilId.callback is None, "the id's conversion did not run"
+    assert cache.sequences() == [0] and cache.seq_len(0) == held + 1
 
 
 @pytest.mark.parametrize("kind", sorted(CACHES))
@@ -318,6 +321,35 @@ def test_reentering_a_cache_raises_instead_of_deadlocking(kind):
     assert out.strip() == "[0, 1]"
 
 
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_reentering_a_cache_from_code_python_runs_inside_a_call_is_refused(kind):
+    # arguments are converted before the lock: what can still run inside a call is code
+    # Python itself runs there (a finalizer, a profile hook: here one stopping in the call's
+    # kvstats part). Calling back into the cache from it raises instead of waiting forever.
+    out = run_isolated(f"""
+        import sys; sys.path.insert(0, 'tests')
+        import numpy as np
+        import test_hardening as th
+        cache = th.filled_cache({kind!r}, np.random.default_rng(5))
+        seen = []
+        def hook(frame, event, arg):
+            if event == "call" and not seen and frame.f_code.co_filename.endswith("kvstats.py"):
+                try:
+                    cache.sequences()
+                except RuntimeError as exc:
+                    seen.append("refused" if "re-entered" in str(exc) else str(exc))
+                else:
+                    seen.append("not refused")
+        sys.setprofile(hook)
+        try:
+            cache.stats()
+        finally:
+            sys.setprofile(None)
+        print(seen, cache.sequences())
+    """)
+    assert out.strip() == "['refused'] [0, 1]"
+
+
 def test_a_thread_waiting_for_a_cache_can_be_interrupted():
     # the wait for another thread's call polls with the GIL for signals instead of blocking
     # uninterruptibly inside the lock
@@ -328,21 +360,14 @@ def test_a_thread_waiting_for_a_cache_can_be_interrupted():
         # a process started in the background inherits SIGINT ignored, and then Python
         # installs no handler: interrupt_main() would do nothing
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        from _helpers import HoldingCacheLock
         cache = th.filled_cache("paged", np.random.default_rng(6))
-        inside, release = threading.Event(), threading.Event()
-        class Slow(int):
-            def __hash__(self):
-                inside.set(); release.wait(); return int.__hash__(self)
-            def __eq__(self, other):
-                return int(self) == other
-        holder = threading.Thread(target=lambda: cache.seq_len(Slow(0)))
-        holder.start(); inside.wait()
-        threading.Timer(0.2, _thread.interrupt_main).start()
-        try:
-            cache.sequences()           # waits for the holder: Ctrl-C must get through
-        except KeyboardInterrupt:
-            print("interrupted")
-        release.set(); holder.join()
+        with HoldingCacheLock(cache):
+            threading.Timer(0.2, _thread.interrupt_main).start()
+            try:
+                cache.sequences()           # waits for the holder: Ctrl-C must get through
+            except KeyboardInterrupt:
+                print("interrupted")
         print(cache.sequences())
     """)
     assert out.split() == ["interrupted", "[0,", "1]"]

@@ -650,3 +650,33 @@ def test_closing_the_cache_from_another_thread_during_a_forward(model):
     assert not seen["alive"] and "error" not in seen, seen
     assert seen["slot held"], "close() from another thread released the forward's step slot"
     assert cache.runtime.closed and not cache.runtime._step_lock.locked()
+
+
+def test_closing_the_cache_from_the_forwards_own_thread_during_a_forward(model):
+    """RuvpyCache.close() inside a forward, from its own thread (a hook between layers): the
+    Runtime ends the forward's step there (close() knows whose step it is: one owner check,
+    in Runtime), the forward fails at its next layer with the Runtime's "closed", and the
+    step slot and the thread's kernel thread count are given back."""
+    from ruvpy import _kernels
+
+    ids, mask = left_pad(prompts([4, 7], seed=6))
+    cache = _prefilled(model, ids, mask, RuvpyCache(model, kv_dtype="float32", threads=1))
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    seen = {}
+
+    def close_here(*_):
+        cache.close()
+        seen["slot held"] = cache.runtime._step_lock.locked()
+
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(close_here)
+    before = _kernels._swap_thread_count(5)
+    try:
+        with pytest.raises(RuntimeError, match="is closed"):
+            _next_logits(model, cache, torch.tensor([[9], [10]]), step_mask)
+        assert _kernels._swap_thread_count(before) == 5, "the step's thread count was not restored"
+    finally:
+        hook.remove()
+        _kernels._swap_thread_count(before)
+    assert seen == {"slot held": False}
+    assert cache.runtime.closed and not cache.runtime._step_lock.locked()
+    cache.close()                         # idempotent

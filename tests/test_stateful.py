@@ -353,12 +353,15 @@ class RuntimeMachine(RuleBasedStateMachine):
                     raise AssertionError("opened")
             self.expect_unchanged(before, too_many, KVCacheFull)
         elif kind == "reentry" and live:
-            EvilCount.callback = lambda: rt.cache.sequences()
-            self.expect_unchanged(before, lambda: rt.cache.reserve([some], [EvilCount(1)]),
-                                  RuntimeError)
+            # conversions run before any lock: calling back into the cache and the runtime
+            # from them works; the bad count is then refused, nothing changed
+            EvilCount.callback = lambda: (rt.cache.sequences(), rt.memory_bytes())
+            self.expect_unchanged(before, lambda: rt.cache.reserve([some], [EvilCount(2 ** 40)]),
+                                  ValueError)
         elif kind == "evil-id" and live:
-            EvilId.callback = lambda: rt.cache.seq_len(some)
-            self.expect_unchanged(before, lambda: rt.cache.fork(EvilId(some)), RuntimeError)
+            EvilId.callback = lambda: (rt.cache.seq_len(some), rt.seq_len(some))
+            self.expect_unchanged(before, lambda: rt.cache.fork(EvilId(unknown)), KeyError)
+            assert EvilId.callback is None, "the id's conversion did not run"
         elif kind == "layer" and live:
             self.expect_unchanged(before, lambda: rt.seq_len(some, LAYERS), ValueError)
             self.expect_unchanged(before, lambda: rt.get_kv(some, -1), ValueError)

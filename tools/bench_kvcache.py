@@ -11,7 +11,12 @@ Decode (q_len 1) over 4096 and 16384 tokens for (heads, kv heads, head_dim) = (3
 (9, 3, 64): contiguous fp16 K/V (ruvpy.attention, the attention kernels' own layout), the paged
 cache (fp16, blocks of 16), and the two-tier cache (hot_tokens 256 fp16 + cold q8 / q4 /
 turbo). Times are medians of calls interleaved round-robin (every format measured side by side
-in each round, so machine load hits them alike); "vs contiguous" is time / contiguous time.
+in each round, so machine load hits them alike; each round starts one format later, so every
+format takes every place in a round equally often); "vs contiguous" is time / contiguous time. The
+contiguous K/V lie in fresh 2 MiB-aligned memory advised for transparent huge pages, as the
+caches' bulk storage does (not in whatever heap malloc hands back: see placed_like_kv);
+"huge pages" is the share of them the kernel backs with huge pages (from /proc/self/smaps, an
+upper bound where their mapping merged with a neighbour's).
 "GB/s" is the bytes the format stores for those tokens (allocated, from the cache's stats)
 over the time. Random normal K/V at both lengths, and K/V with outlier channels (as below) at
 16384: q4 keeps those channels apart at 8 bits, which costs it extra work (TurboQuant's rotation
@@ -26,6 +31,7 @@ float32 K/V, as cosine similarity and relative error (||out - ref|| / ||ref||), 
 normal K/V and on K/V with outlier channels (4 channels of K and of V x20, as real keys have).
 """
 import argparse
+import mmap
 import os
 import sys
 import time
@@ -99,25 +105,78 @@ def stored_bytes(cache):
     return st.tiers["paged"]["bytes"] if st.kind == "paged" else st.hot_bytes + st.cold_bytes
 
 
+HUGE_PAGE = 2 << 20
+
+
+def placed_like_kv(a):
+    """A copy of a in memory placed the way ruvpy's caches place their bulk K/V: a fresh
+    anonymous mapping, its start 2 MiB-aligned, advised to use transparent huge pages, every
+    page touched now. a.astype()'s memory comes from malloc, which may hand back heap that an
+    earlier case freed, already faulted in 4 KiB pages that the advice no longer changes: the
+    same contiguous fp16 decode then measured 25-50% slower, depending on what was built before
+    (see huge_page_share)."""
+    region = mmap.mmap(-1, a.nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)   # shared memory: no THP
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    whole = np.frombuffer(region, np.uint8)
+    start = -whole.ctypes.data % HUGE_PAGE
+    out = whole[start:start + a.nbytes].view(a.dtype).reshape(a.shape)   # keeps region alive
+    out[...] = a
+    return out
+
+
+def huge_page_share(a):
+    """Share of a's bytes that the kernel backs with transparent huge pages (AnonHugePages of
+    the mappings a lies in, from /proc/self/smaps; None where that is not readable)."""
+    lo, hi = a.ctypes.data, a.ctypes.data + a.nbytes
+    huge = 0
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(None, 1)[0]
+                if not head.endswith(":"):          # a mapping's header: start-end perms ...
+                    start, end = (int(x, 16) for x in head.split("-"))
+                    inside = start < hi and end > lo
+                    span = min(end, hi) - max(start, lo)
+                    whole_mapping = start >= lo and end <= hi
+                elif inside and head == "AnonHugePages:":
+                    kib = int(line.split()[1]) << 10
+                    huge += kib if whole_mapping else min(kib, span)
+    except OSError:
+        return None
+    return min(huge / a.nbytes, 1.0) if a.nbytes else 0.0
+
+
 def make_caches(kvh, d, k, v, colds):
-    """{name: (attend(q, out), stored bytes of these tokens)} for every format."""
-    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    """{name: (attend(q, out), stored bytes of these tokens)} for every format, and the
+    contiguous K and V arrays."""
+    k16, v16 = placed_like_kv(k.astype(np.float16)), placed_like_kv(v.astype(np.float16))
     made = {"contiguous fp16": (lambda q, out: ruvpy.attention(q, k16, v16, out=out), k16.nbytes + v16.nbytes)}
     for name, (cache, seq) in filled_caches(kvh, d, k16, v16, colds, hot_tokens=256).items():
         made[name] = (lambda q, out, c=cache, s=seq: c.attention(s, 0, q, out=out), stored_bytes(cache))
-    return made
+    return made, (k16, v16)
+
+
+def round_orders(names, repeats):
+    """The order of each round: round r starts at name r mod len(names), so that every format
+    takes every place in a round equally often (no format always runs right after the same
+    one, or first after the pause between rounds: what the call before left in the caches,
+    and any drift within a round, is spread over the formats alike)."""
+    names = list(names)
+    return [names[r % len(names):] + names[:r % len(names)] for r in range(repeats)]
 
 
 def interleaved_medians(fns, repeats, warmup=2):
-    """Median seconds of each function, the calls interleaved round-robin."""
+    """Median seconds of each function, the calls interleaved round-robin (rotating order)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for order in round_orders(fns, repeats):
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(t)) for name, t in times.items()}
 
@@ -133,7 +192,8 @@ def bench_decode(args, colds):
             if args.data and data not in args.data:
                 continue
             k, v = random_kv(rng, n, kvh, d, outliers=data == "outliers")
-            made = make_caches(kvh, d, k, v, colds)
+            made, contiguous = make_caches(kvh, d, k, v, colds)
+            huge = [huge_page_share(a) for a in contiguous]
             q = rng.standard_normal((1, H, d)).astype(np.float32)
             out = np.empty_like(q)
             med = interleaved_medians({name: (lambda f=f: f(q, out)) for name, (f, _) in made.items()},
@@ -143,7 +203,8 @@ def bench_decode(args, colds):
                 rows.append({"shape": f"{H}/{kvh}/{d}", "tokens": n, "data": data, "format": name,
                              "ms": med[name] * 1e3, "vs contiguous": med[name] / base,
                              "GB/s": nbytes / med[name] / 1e9})
-            del made
+            rows[-len(made)]["huge pages"] = None if None in huge else min(huge)
+            del made, contiguous
     return rows
 
 

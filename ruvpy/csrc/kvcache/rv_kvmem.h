@@ -25,13 +25,17 @@ RV_INLINE void *rv_kv_alloc(size_t nbytes)
 
 RV_INLINE void rv_kv_free(void *p) { free(p); }
 
-/* A block of at least nbytes for bulk K/V storage, RV_ALIGN-aligned; a large one is advised
- * to use transparent huge pages (streamed through by every attention call, it would
- * otherwise miss the TLB every 4 KiB). *allocated = the bytes really taken. Free with
- * rv_kv_free. */
+/* A block of at least nbytes for bulk K/V storage, RV_ALIGN-aligned. A large one (4 MiB or
+ * more) is a fresh mapping of its own, 2 MiB-aligned and advised to use transparent huge
+ * pages (streamed through by every attention call, it would otherwise miss the TLB every
+ * 4 KiB; and malloc could hand back heap already faulted in 4 KiB pages). *allocated = the
+ * bytes really taken. Free with rv_kv_free_large(p, nbytes) -- the same nbytes. */
 void *rv_kv_alloc_large(size_t nbytes, size_t *allocated);
+void rv_kv_free_large(void *p, size_t nbytes);
 /* what rv_kv_alloc_large(nbytes) takes (0 if too large) */
 size_t rv_kv_alloc_large_size(size_t nbytes);
+/* bytes in the own mappings of large blocks now (malloc's counts do not see them) */
+size_t rv_kv_mapped_bytes(void);
 
 /* rv_kv_alloc / rv_kv_free that add / subtract the real size to / from *counter */
 RV_INLINE void *rv_kv_alloc_counted(size_t nbytes, size_t *counter)

@@ -87,7 +87,7 @@ void rv_paged_destroy(rv_paged *c)
     for (int i = 0; i < c->nslots; i++)
         seq_clear(c, &c->seqs[i]);
     meta_free(c, c->seqs, sizeof(rv_paged_seq) * (size_t)c->slot_cap);
-    rv_kv_free(c->pool);
+    rv_kv_free_large(c->pool, c->block_bytes * (size_t)c->num_blocks);
     rv_kv_free(c->refcount);
     rv_kv_free(c->free_stack);
     rv_kv_free(c->tally);

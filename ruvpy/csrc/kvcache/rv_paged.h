@@ -44,7 +44,7 @@ typedef struct {
     size_t row_elems;         /* num_kv_heads * head_dim: one token of one layer's K (or V) */
     size_t block_bytes;       /* one block: every layer, K and V */
     int32_t num_blocks;
-    unsigned char *pool;      /* num_blocks * block_bytes (rounded up to RV_ALIGN) */
+    unsigned char *pool;      /* num_blocks * block_bytes (rv_kv_alloc_large: pool_bytes) */
     int32_t *refcount;        /* [num_blocks] */
     int32_t *free_stack;      /* [num_blocks]: free block ids, top at nfree - 1 */
     int64_t *tally;           /* [num_blocks] zeros between calls: scratch of block counting */

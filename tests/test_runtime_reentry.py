@@ -1,0 +1,413 @@
+"""Caller code run from inside a runtime call, and a step ended from the wrong thread.
+
+- Arguments whose conversions run code (a scale's __float__, an id's __index__ / __hash__, a
+  count's __index__, a causal flag's __bool__, an iterable of ids, an import's mapping): the
+  Runtime and its KV cache convert them before taking any lock. Such code calling back into
+  the runtime while another thread holds the runtime's state lock and waits for the cache's
+  lock used to deadlock both threads (it ran under the cache's lock); it now waits for that
+  thread, which finishes, and then works. The interleaving is forced with events; every
+  thread is joined with a deadlock guard (a timeout, not a timing: the calls take
+  milliseconds), so a deadlock fails the test instead of hanging it.
+- Called back from the same thread, such code either works (a read, a call on another
+  layer) or raises a clear error that changes nothing (the same layer again, a step it
+  ended), and the step's outcome is consistent.
+- Step.__exit__ from a thread that did not enter the step raises and leaves the step, its
+  slot and its sequences as they were; the owning thread then ends it normally.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+from ruvpy import Runtime, RuntimeConfig
+from ruvpy.runtime import IncompleteStepError
+
+from _helpers import Evil, EvilCount, EvilId, runtime_snapshot
+
+JOIN_SECONDS = 30        # a deadlock guard, not a timing: each call takes milliseconds
+CFG = dict(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, max_tokens=256, threads=1)
+
+
+def qkv(cfg, n, value=0.5):
+    return tuple(np.full((n, h, cfg.head_dim), value, np.float32)
+                 for h in (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads))
+
+
+def make_runtime(kv_cache="paged", tokens=3):
+    extra = {} if kv_cache == "paged" else dict(hot_tokens=16, migration_batch=16)
+    rt = Runtime(RuntimeConfig(**CFG, kv_cache=kv_cache, **extra))
+    seq = rt.add_sequence()
+    with rt.step([seq], [tokens]) as step:
+        for layer in range(rt.config.num_layers):
+            step.attention(layer, *qkv(rt.config, tokens))
+    return rt, seq
+
+
+# ----------------------------------------------------------------------------------------
+# 1. caller code calling back into the runtime while another thread waits in it
+# ----------------------------------------------------------------------------------------
+
+def _attend_with_a_scale(rt, seq, hook):
+    cfg = rt.config
+    with rt.step([seq], [1]) as step:
+        out = step.attention(0, *qkv(cfg, 1), scale=Evil(0.125, hook)).copy()
+        step.attention(1, *qkv(cfg, 1))
+    return out
+
+
+class _Ids:
+    """An iterable of sequence ids whose iteration runs `hook` first."""
+
+    def __init__(self, ids, hook):
+        self.ids, self.hook = ids, hook
+
+    def __iter__(self):
+        self.hook()
+        return iter(self.ids)
+
+
+class _Mapping(dict):
+    """An import's arrays whose __getitem__ runs `hook` first."""
+
+    def __init__(self, arrays, hook):
+        super().__init__(arrays)
+        self.hook = hook
+
+    def __getitem__(self, name):
+        self.hook()
+        return dict.__getitem__(self, name)
+
+
+def _set_id_hook(hook, seq):
+    EvilId.callback = hook
+    return EvilId(seq)
+
+
+def _set_count_hook(hook, n):
+    EvilCount.callback = hook
+    return EvilCount(n)
+
+
+# name -> (call(rt, seq, hook) running the hook from an argument's conversion, check(rt, seq,
+# result) of what the call did)
+CALLS = {
+    # the defect as found: Step.attention's scale converted under the cache's lock
+    "step.attention scale __float__": (
+        _attend_with_a_scale,
+        lambda rt, seq, out: np.array_equal(out, np.full_like(out, 0.5)) and
+        [rt.seq_len(seq, layer) for layer in (0, 1)] == [4, 4] and rt.position(seq) == 4),
+    # the same shape, found in the audit: the KV cache's calls
+    "cache.seq_len layer __index__": (
+        lambda rt, seq, hook: rt.cache.seq_len(seq, _set_count_hook(hook, 1)),
+        lambda rt, seq, n: n == 3),
+    "cache.get_kv id __index__/__hash__": (
+        lambda rt, seq, hook: rt.cache.get_kv(_set_id_hook(hook, seq), 0),
+        lambda rt, seq, kv: kv[0].shape[0] == 3),
+    "cache.plan count __index__": (
+        lambda rt, seq, hook: rt.cache.plan([seq], [_set_count_hook(hook, 1)], num_heads=2),
+        lambda rt, seq, plan: plan.n_tokens == (1,)),
+    "cache.attention causal __bool__": (
+        lambda rt, seq, hook: rt.cache.attention(seq, 0, qkv(rt.config, 1)[0],
+                                                 causal=Evil(True, hook)),
+        lambda rt, seq, out: np.array_equal(out, np.full_like(out, 0.5))),
+    "cache.reserve ids __iter__": (
+        lambda rt, seq, hook: rt.cache.reserve(_Ids([seq], hook), [1]),
+        lambda rt, seq, result: result is None and rt.cache.seq_len(seq, 0) == 3),
+    "cache.import_sequence mapping __getitem__": (
+        lambda rt, seq, hook: rt.cache.import_sequence(
+            *(lambda meta, arrays: (meta, _Mapping(arrays, hook)))(*rt.cache.export_sequence(seq))),
+        lambda rt, seq, new: rt.cache.seq_len(new, 1) == 3),
+}
+
+READERS = {"seq_len": lambda rt, seq: rt.seq_len(seq, 1), "stats": lambda rt, seq: rt.stats(),
+           "get_kv": lambda rt, seq: rt.get_kv(seq, 1)}
+
+
+def _race(rt, seq, call, reader):
+    """Thread A runs call(rt, seq, hook); the first time an argument's conversion runs
+    hook(), it lets thread B into reader(rt, seq) and waits until B holds the runtime's state
+    lock (B next needs the KV cache's lock), then reads the runtime itself (memory_bytes: the
+    state lock). Returns (A's result, B's result, what A read)."""
+    a_converting, b_holds_state = threading.Event(), threading.Event()
+    b_thread, results, errors = [], {}, []
+    check_open = rt._check_open
+
+    def check_open_and_say_so():      # runs under the state lock in every reader
+        check_open()
+        if threading.get_ident() in b_thread:
+            b_holds_state.set()
+
+    def hook():
+        if a_converting.is_set():
+            return
+        a_converting.set()
+        assert b_holds_state.wait(JOIN_SECONDS), "B never took the state lock"
+        results["a read"] = rt.memory_bytes()
+
+    def a():
+        try:
+            results["a"] = call(rt, seq, hook)
+        except BaseException as exc:       # reported below
+            errors.append(exc)
+
+    def b():
+        b_thread.append(threading.get_ident())
+        try:
+            assert a_converting.wait(JOIN_SECONDS), "A's argument was never converted"
+            results["b"] = reader(rt, seq)
+        except BaseException as exc:       # reported below
+            errors.append(exc)
+
+    rt._check_open = check_open_and_say_so
+    threads = [threading.Thread(target=a, daemon=True), threading.Thread(target=b, daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(JOIN_SECONDS)
+    hung = [name for name, t in zip("AB", threads) if t.is_alive()]
+    assert not hung, (f"threads {hung} deadlocked: A's argument conversion called back into "
+                      f"the runtime while holding the KV cache's lock, B held the state lock")
+    del rt._check_open
+    assert not errors, errors[0]
+    return results["a"], results["b"], results["a read"]
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_a_conversion_calling_back_while_another_thread_reads_does_not_deadlock(call, reader):
+    rt, seq = make_runtime()
+    do, check = CALLS[call]
+    try:
+        result, read, memory = _race(rt, seq, do, READERS[reader])
+    finally:
+        EvilId.callback = EvilCount.callback = None
+    assert check(rt, seq, result)
+    assert memory["kv"] > 0
+    if reader == "seq_len":
+        assert read in (3, 4)           # before or after A's step
+    elif reader == "get_kv":
+        assert read[0].shape[0] in (3, 4)
+    else:
+        assert read.kv["tokens"] >= 3
+    rt.close()                          # (not after a deadlock: its threads hold the locks)
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "two-tier"])
+def test_the_scale_race_on_both_caches(kv_cache):
+    """The defect as found, on both caches, with stats() as the other thread's read."""
+    rt, seq = make_runtime(kv_cache)
+    out, read, _ = _race(rt, seq, _attend_with_a_scale, READERS["stats"])
+    np.testing.assert_array_equal(out, np.full_like(out, 0.5))
+    assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [4, 4]
+    assert rt.position(seq) == 4 and not rt._step_lock.locked()
+    rt.close()
+
+
+# ----------------------------------------------------------------------------------------
+# 2. caller code calling back from the same thread
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_cache", ["paged", "two-tier"])
+def test_a_scale_reading_the_runtime_from_inside_a_step_works(kv_cache):
+    rt, seq = make_runtime(kv_cache)
+    seen = {}
+
+    def read_everything():
+        seen["seq_len"] = rt.seq_len(seq, 0)
+        seen["cache"] = rt.cache.seq_len(seq, 0)
+        seen["kv"] = rt.get_kv(seq, 1)[0].shape[0]
+        seen["bytes"] = rt.memory_bytes()["kv"]
+        seen["stats"] = rt.stats().kv["tokens"]
+
+    with rt:
+        with rt.step([seq], [1]) as step:
+            out = step.attention(0, *qkv(rt.config, 1), scale=Evil(0.125, read_everything))
+            np.testing.assert_array_equal(out, np.full_like(out, 0.5))
+            step.attention(1, *qkv(rt.config, 1))
+        assert seen["seq_len"] == seen["cache"] == seen["kv"] == 3 and seen["bytes"] > 0
+        assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [4, 4]
+
+
+def test_a_scale_attending_the_same_layer_again_is_refused_and_the_step_stays_whole():
+    rt, seq = make_runtime()
+    cfg = rt.config
+    with rt:
+        with rt.step([seq], [1]) as step:
+            inner = Evil(0.125, lambda: step.attention(0, *qkv(cfg, 1)))
+            with pytest.raises(ValueError, match="layer 0 was already attended"):
+                step.attention(0, *qkv(cfg, 1), scale=inner)
+            assert step.attended_layers == [0]          # the inner call's, once
+            step.attention(1, *qkv(cfg, 1))
+        # one token in every layer, not two in layer 0
+        assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [4, 4] and rt.position(seq) == 4
+
+
+def test_a_scale_attending_another_layer_works():
+    rt, seq = make_runtime()
+    cfg = rt.config
+    with rt:
+        with rt.step([seq], [1]) as step:
+            step.attention(0, *qkv(cfg, 1), scale=Evil(0.125, lambda: step.attention(1, *qkv(cfg, 1))))
+        assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [4, 4] and rt.position(seq) == 4
+
+
+@pytest.mark.parametrize("swallow", [False, True])
+def test_a_scale_ending_its_own_step_leaves_it_rolled_back(swallow):
+    """The conversion ends the step (an incomplete step: rolled back). Whether or not it lets
+    that error out, the attention call that converted it writes nothing."""
+    rt, seq = make_runtime()
+    cfg = rt.config
+    before = runtime_snapshot(rt)
+
+    def end_step():
+        try:
+            step.__exit__(None, None, None)
+        except IncompleteStepError:
+            if not swallow:
+                raise
+
+    with rt:
+        with pytest.raises(IncompleteStepError if not swallow else RuntimeError,
+                           match="rolled back" if not swallow else "the step has ended"):
+            with rt.step([seq], [1]) as step:
+                step.attention(0, *qkv(cfg, 1), scale=Evil(0.125, end_step))
+        assert runtime_snapshot(rt) == before and not rt._step_lock.locked()
+        with rt.step([seq], [1]) as step:           # usable
+            for layer in (0, 1):
+                step.attention(layer, *qkv(cfg, 1))
+        assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [4, 4]
+
+
+def test_a_scale_closing_the_runtime_raises_the_runtimes_error():
+    rt, seq = make_runtime()
+    with pytest.raises(RuntimeError, match="is closed"):
+        with rt.step([seq], [1]) as step:
+            step.attention(0, *qkv(rt.config, 1), scale=Evil(0.125, rt.close))
+    assert rt.closed and not rt._step_lock.locked()
+
+
+# ----------------------------------------------------------------------------------------
+# 3. a step ended from another thread
+# ----------------------------------------------------------------------------------------
+
+def _in_another_thread(fn):
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = fn()
+        except BaseException as exc:        # returned
+            outcome["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(JOIN_SECONDS)
+    assert not t.is_alive()
+    return outcome.get("error")
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "two-tier"])
+@pytest.mark.parametrize("exc_type", [None, RuntimeError])
+def test_a_step_exited_from_another_thread_raises_and_changes_nothing(kv_cache, exc_type):
+    rt, seq = make_runtime(kv_cache)
+    cfg = rt.config
+    before = runtime_snapshot(rt)
+    with rt:
+        with rt.step([seq], [2]) as step:
+            step.attention(0, *qkv(cfg, 2))
+            arena_used = rt.arena.stats().used
+            error = _in_another_thread(lambda: step.__exit__(exc_type, None, None))
+            assert isinstance(error, RuntimeError), error
+            assert "only by the thread that entered it" in str(error)
+            # the step, its slot, its transaction and its arena are as they were
+            assert rt._step_lock.locked() and rt._step is step and step._state == "open"
+            assert rt.cache.in_transaction(seq) and rt.arena.stats().used == arena_used
+            assert rt.cache.seq_len(seq, 0) == 5 and rt.cache.seq_len(seq, 1) == 3
+            out = step.attention(1, *qkv(cfg, 2))       # the owner carries on
+            np.testing.assert_array_equal(out, np.full_like(out, 0.5))
+        assert not rt._step_lock.locked() and rt.stats().steps == 2
+        assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [5, 5] and rt.position(seq) == 5
+        assert runtime_snapshot(rt) != before
+        # and a rollback by the owner still rolls back
+        with pytest.raises(KeyError):
+            with rt.step([seq], [1]) as step:
+                step.attention(0, *qkv(cfg, 1))
+                assert isinstance(_in_another_thread(lambda: step.__exit__(None, None, None)),
+                                  RuntimeError)
+                raise KeyError("the application's own error")
+        assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [5, 5]
+
+
+def test_an_abandoned_step_exited_from_another_thread_raises_too():
+    """close() from another thread abandons the step; that thread (or a third one) cannot end
+    it either: the owner does, and gets the runtime's "closed by another thread"."""
+    rt, seq = make_runtime()
+    with pytest.raises(RuntimeError, match="closed by another thread while this step was open"):
+        with rt.step([seq], [1]) as step:
+            step.attention(0, *qkv(rt.config, 1))
+            assert _in_another_thread(rt.close) is None
+            error = _in_another_thread(lambda: step.__exit__(None, None, None))
+            assert "only by the thread that entered it" in str(error)
+            assert rt._step_lock.locked(), "another thread released the step's slot"
+    assert rt.closed and not rt._step_lock.locked()
+
+
+def test_attached_weights_are_read_outside_the_state_lock():
+    """stats() reads the attached weights object (the caller's code: resident_bytes()) before
+    it takes the state lock. Weights with a lock of their own: thread B holds it and reads the
+    runtime (the state lock) while thread A's stats() needs it. Run under the state lock, A's
+    read deadlocked with B."""
+    rt, seq = make_runtime()
+    a_inside, b_holds_lock, b_thread, errors = threading.Event(), threading.Event(), [], []
+
+    class Weights:
+        path, mapped_bytes, nbytes = "weights.gguf", 4096, 4096
+
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def resident_bytes(self):
+            a_inside.set()
+            with self.lock:
+                return 1024
+
+    weights = Weights()
+    rt.attach_weights(weights)
+    check_open = rt._check_open
+
+    def check_open_and_say_so():            # A holds the state lock here
+        check_open()
+        if threading.get_ident() not in b_thread:
+            a_inside.set()
+
+    def b():
+        b_thread.append(threading.get_ident())
+        with weights.lock:
+            b_holds_lock.set()
+            try:
+                assert a_inside.wait(JOIN_SECONDS)
+                out["b"] = rt.memory_bytes()
+            except BaseException as exc:    # reported below
+                errors.append(exc)
+
+    def a():
+        try:
+            out["a"] = rt.stats()
+        except BaseException as exc:        # reported below
+            errors.append(exc)
+
+    out = {}
+    rt._check_open = check_open_and_say_so
+    threads = [threading.Thread(target=b, daemon=True), threading.Thread(target=a, daemon=True)]
+    threads[0].start()
+    assert b_holds_lock.wait(JOIN_SECONDS)  # B holds the weights' lock before A starts
+    threads[1].start()
+    for t in threads:
+        t.join(JOIN_SECONDS)
+    assert not any(t.is_alive() for t in threads), "stats() and the weights' reader deadlocked"
+    del rt._check_open
+    assert not errors, errors[0]
+    assert out["a"].weights == {"path": "weights.gguf", "mapped_bytes": 4096,
+                                "resident_bytes": 1024, "nbytes": 4096}
+    assert out["b"]["kv"] > 0
+    rt.close()
