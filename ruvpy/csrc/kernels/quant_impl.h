@@ -658,8 +658,9 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, const f
  * zero term is a float dot per (row, group). A 128-bit lane of codes holds 16 channels of one
  * group (group_size and ceil(d / 2) multiples of 16), so one weight vector per four tokens
  * carries each lane's group. Every weight is off by at most S / 510 (half a step): the tests'
- * references bound that (q4_value_weight_bound in tests/_helpers.py). Heads with outlier value
- * channels and other shapes take the float path (qk_values). ---- */
+ * references bound that (q4_kernel_reference_bound in tests/_helpers.py). Outlier value
+ * channels' lanes are then recomputed exactly (qk_raw_values); other shapes take the float
+ * path (qk_values). ---- */
 #if defined(RV_ISA_AVX512)
 #define QK_VCH 4                      /* chunks of 64 channels a row has at most (d <= 256) */
 #define QK_VB 64                      /* tokens per weight block (a multiple of 16) */
