@@ -64,8 +64,8 @@ _POLICIES = ("error", "evict-oldest")
 
 
 def _mapped_bytes():
-    """Bytes the caches' large blocks (a paged pool of 4 MiB or more) hold in mappings of their
-    own: malloc's counts (mallinfo2) do not see them."""
+    """Bytes the caches hold in mappings of their own (a paged pool of 4 MiB or more, a
+    two-tier cache's cold-group slabs): malloc's counts (mallinfo2) do not see them."""
     return rv_kv_mapped_bytes()
 
 
@@ -1683,7 +1683,8 @@ cdef class TwoTierKVCache(_KVCache):
         return 0
 
     cdef size_t _h_nbytes(self):
-        return self.c.hot_bytes + self.c.cold_bytes + self.c.meta_bytes
+        # the slabs' slack too: every byte the cache holds (cold_bytes stays the groups' own)
+        return self.c.hot_bytes + self.c.cold_bytes + self.c.meta_bytes + rv_tt_slab_slack_bytes(self.c)
 
     cdef object _h_stats(self):
         cdef rv_tt_usage u
@@ -1704,7 +1705,8 @@ cdef class TwoTierKVCache(_KVCache):
             hot_bytes=self.c.hot_bytes, cold_bytes=self.c.cold_bytes,
             metadata_bytes=self.c.meta_bytes, pooled_cold_bytes=self.c.cold_pooled_bytes,
             cold_groups=self.c.cold_groups, cold_groups_shared=self.c.shared_groups,
-            evicted_tokens=self.c.evicted)
+            evicted_tokens=self.c.evicted, slab_cold_bytes=self.c.cold_slab_bytes,
+            slab_mapped_bytes=rv_tt_slab_mapped_bytes(self.c))
 
     cdef dict _config_fields(self):
         fields = {"kind": "two-tier", "num_layers": self.num_layers,
