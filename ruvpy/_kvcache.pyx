@@ -1566,6 +1566,18 @@ cdef class TwoTierKVCache(_KVCache):
         return rv_tt_group_alloc_bytes(&p, 1)
 
     @classmethod
+    def uses_slabs(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                   group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                   max_tokens=None, pool=None):
+        """Whether such a cache, without a pool, takes its cold groups from its own huge-page
+        slabs: when its capacity (max_tokens in every layer, in the largest groups) fills at
+        least one slab (2 MiB or more). Smaller caches take them from malloc. Arithmetic."""
+        cdef rv_tt_params p
+        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                   migration_batch, max_tokens, turbo_bits)
+        return bool(rv_tt_uses_slabs(&p))
+
+    @classmethod
     def fixed_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                     group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
                     max_tokens=None, pool=None):

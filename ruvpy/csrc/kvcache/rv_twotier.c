@@ -69,6 +69,32 @@ size_t rv_tt_fixed_bytes(const rv_tt_params *p)
            rv_kv_alloc_size(sizeof(float) * work_floats(p, &sz));
 }
 
+/* the most bytes the cache's cold groups can take (saturating) */
+static size_t cold_capacity_bytes(const rv_tt_params *p, const rv_codec_sizes *sz)
+{
+    const size_t groups = (size_t)((p->max_tokens + p->group_tokens - 1) / p->group_tokens);
+    size_t layer_groups, bytes;
+    if (rv_kv_mul(groups, (size_t)p->num_layers, &layer_groups) ||
+        rv_kv_mul(layer_groups, rv_kv_alloc_size(RV_TT_GROUP_HDR + sz->blob_max), &bytes))
+        return SIZE_MAX;
+    return bytes;
+}
+
+/* the slab classes of p's groups; whether the capacity fills a slab (the policy: see the
+ * header) */
+static int slab_init(rv_slab_heap *h, const rv_tt_params *p, const rv_codec_sizes *sz)
+{
+    return rv_slab_init(h, RV_TT_GROUP_HDR + sz->blob_min, RV_TT_GROUP_HDR + sz->blob_max) == RV_OK &&
+           cold_capacity_bytes(p, sz) >= h->slab_bytes;
+}
+
+int rv_tt_uses_slabs(const rv_tt_params *p)
+{
+    rv_codec_sizes sz;
+    rv_slab_heap h;
+    return codec_sizes(p, &sz) == RV_OK && slab_init(&h, p, &sz);
+}
+
 int rv_tt_create(rv_tt **out, const rv_tt_params *p)
 {
     *out = NULL;
@@ -89,7 +115,7 @@ int rv_tt_create(rv_tt **out, const rv_tt_params *p)
     c->codec = rv_codecs[p->cold];
     c->pool_class = -1;
     c->work_floats = work_floats(p, &sz);
-    c->slabs_ok = rv_slab_init(&c->slabs, RV_TT_GROUP_HDR + sz.blob_min, RV_TT_GROUP_HDR + sz.blob_max) == RV_OK;
+    c->use_slabs = slab_init(&c->slabs, p, &sz);
     rv_codec_cfg cfg = codec_cfg(p);
     rc = c->codec->create(&cfg, &c->codec_state);
     if (rc == RV_OK)
@@ -118,12 +144,6 @@ _Static_assert(sizeof(rv_tt_group) <= RV_TT_GROUP_HDR, "the group header outgrew
 size_t rv_tt_slab_mapped_bytes(const rv_tt *c) { return c->slabs.mapped_bytes; }
 size_t rv_tt_slab_slack_bytes(const rv_tt *c) { return c->slabs.mapped_bytes - c->cold_slab_bytes; }
 
-/* Once the cache is large, or already has slabs (their free blocks come first). */
-static int use_slabs(const rv_tt *c, size_t n)
-{
-    return c->slabs_ok && (c->slabs.nslabs > 0 || c->cold_bytes + n >= RV_TT_SLAB_START);
-}
-
 /* a new group with one reference and no holder yet: stored 0 until its list holds it */
 static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
 {
@@ -137,7 +157,7 @@ static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
         taken = c->pool->cls[c->pool_class].nbytes;
         origin = RV_TT_FROM_POOL;
     } else {
-        if (use_slabs(c, n))
+        if (c->use_slabs)
             g = (rv_tt_group *)rv_slab_alloc(&c->slabs, n, &slab, &cls);
         if (g)
             origin = RV_TT_FROM_SLAB;

@@ -22,11 +22,13 @@
  * reuses slots that a rollback would need), so rollback is exact; commit migrates.
  *
  * Memory: hot rings K then V, each [kv head][hot_cap][head_dim] binary16; cold groups from a
- * buffer pool's size class when one is attached (rv_tt_use_pool), else from the C allocator
- * while the cache's cold bytes are under RV_TT_SLAB_START, and from then on from the cache's
- * own huge-page slabs (kvcache/rv_slab.h: the decode kernels stream every group, and on the
- * 4 KiB pages malloc hands out they miss the TLB; a small cache must not pay 2 MiB for one
- * group). A slab that cannot be mapped falls back to the C allocator. One work buffer for
+ * buffer pool's size class when one is attached (rv_tt_use_pool), else from the cache's own
+ * huge-page slabs (kvcache/rv_slab.h: the decode kernels stream every group, and on the 4 KiB
+ * pages malloc hands out they miss the TLB) when its capacity (max_tokens in every layer, in
+ * the largest groups) fills at least one slab, else from the C allocator (a small cache must
+ * not pay 2 MiB for one group; like a paged pool, whose size is its capacity, a large one
+ * pays for what it was sized for). A slab that cannot be mapped falls back to the C
+ * allocator. One work buffer for
  * migration and inspection, allocated with the cache. Every byte is counted: hot_bytes,
  * cold_bytes (what each group's allocation really takes: header + blob, aligned), meta_bytes
  * (everything else) and the slabs' slack (their mapped bytes not in groups: class rounding,
@@ -95,7 +97,7 @@ typedef struct {
     size_t cold_pooled_bytes;     /* of cold_bytes: pool buffers */
     size_t cold_slab_bytes;       /* of cold_bytes: slab blocks */
     rv_slab_heap slabs;
-    int slabs_ok;            /* the codec's group sizes gave valid slab classes */
+    int use_slabs;           /* cold groups from slabs (the policy above) */
     int64_t cold_groups;     /* distinct groups allocated */
     int64_t evicted;         /* tokens evicted, all sequences (a rollback takes its own back) */
     int64_t shared_groups;   /* distinct groups with more than one reference */
@@ -126,16 +128,16 @@ void rv_tt_destroy(rv_tt *c);
 size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most);
 /* bytes of a hot ring holding `tokens` tokens (aligned allocation) */
 size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens);
+/* whether a cache of p takes its cold groups from slabs (when no pool is attached) */
+int rv_tt_uses_slabs(const rv_tt_params *p);
 /* bytes the cache allocates at creation (its struct, counters, codec tables, work buffer) */
 size_t rv_tt_fixed_bytes(const rv_tt_params *p);
 
-/* cold bytes from which new groups come from slabs (below: the C allocator) */
-#define RV_TT_SLAB_START ((size_t)4 << 20)
 /* the slabs' mapped bytes, and of them those not in cold groups */
 size_t rv_tt_slab_mapped_bytes(const rv_tt *c);
 size_t rv_tt_slab_slack_bytes(const rv_tt *c);
 
-/* Take cold groups from `pool`'s class `cls` when they fit its buffers (the pool must outlive
+/* Take cold groups from `pool`'s class `cls` when they fit its buffers, slabs or not (the pool must outlive
  * the cache's groups: the Python wrapper keeps it alive). */
 void rv_tt_use_pool(rv_tt *c, rv_pool *pool, int cls);
 
