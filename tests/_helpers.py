@@ -151,10 +151,25 @@ def assert_cache_attention_close(cache, seq, layer, q, out, causal=True):
     k, v = cache.get_kv(seq, layer)
     if cold is None:
         return assert_attention_close(out, q, k, v, causal)
-    ref = q4_kernel_reference(cache, seq, layer, q, causal) if cold == "q4" else reference_attention(q, k, v, causal)
+    if cold == "q4":
+        ref, bound = q4_kernel_reference_bound(cache, seq, layer, q, causal)
+        assert_q4_close(out, ref, bound, v)
+        return ref
+    ref = reference_attention(q, k, v, causal)
     err = attention_error(out, ref, v)
     assert err <= CODES_EVALUATION_ORDER_BOUND, f"{cold} attention error {err:.3g} * max|v|"
     return ref
+
+
+def assert_q4_close(out, ref, bound, v):
+    """q4 attention out [q_len, H, d] against q4_kernel_reference_bound's (ref, bound): per row
+    within CODES_EVALUATION_ORDER_BOUND * max|v| plus the row's bound."""
+    if np.size(out) == 0:
+        return
+    scale = float(np.abs(np.asarray(v, np.float64)).max()) or 1.0
+    err = np.abs(np.asarray(out, np.float64) - ref).max(-1)
+    over = err - (CODES_EVALUATION_ORDER_BOUND * scale + bound)
+    assert np.all(over <= 0), f"q4 attention error over its bound by {over.max() / scale:.3g} * max|v|"
 
 
 def cosine(a, b):
@@ -430,11 +445,33 @@ def q4_int8_weights(qs, d):
     return out
 
 
+# the avx512vnni table sums 4-bit values as integers (quant_impl.h, qk_values_int) for cold
+# group heads without outlier value channels, head_dim a multiple of 64, group_size a multiple
+# of 16 and at most 8 groups: per block of 64 tokens of a group and row, u8 weights of
+# w * scale with the step S / 255, S = max w * max scale of the block, each off by at most
+# S / 510; a channel's error is then at most sum over blocks of S / 510 * 15 * (tokens seen
+# in the block), over the row's sum of weights
+Q4_VALUE_BLOCK = 64
+
+
+def q4_int_values(d, gs, nv):
+    """Whether a q4 cold group head's values are summed with 8-bit weights (avx512vnni)."""
+    import ruvpy
+    return (ruvpy.get_isa() == "avx512vnni" and nv == 0 and d % 64 == 0 and gs % 16 == 0
+            and -(-d // gs) <= 8)
+
+
 def q4_kernel_reference(cache, seq, layer, q, causal=True):
+    """q4_kernel_reference_bound's reference alone."""
+    return q4_kernel_reference_bound(cache, seq, layer, q, causal)[0]
+
+
+def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
     """float64 attention of q over `seq` in `layer` of a q4 TwoTierKVCache as its kernels define
     it: cold key scores from the codes (rv_coldq.h layout, read from the exported blobs) with
     the int8 query weights of q4_int8_weights, plus q . zero; values and hot tokens from
-    get_kv."""
+    get_kv. Returns (out, bound): bound [q_len, H] is what the value sums' 8-bit weights may
+    add (0 unless q4_int_values)."""
     import math
     meta, arrays = cache.export_sequence(seq)
     kvh, d, G, gs = cache.num_kv_heads, cache.head_dim, cache.migration_batch, min(cache.group_size, cache.head_dim)
@@ -448,8 +485,9 @@ def q4_kernel_reference(cache, seq, layer, q, causal=True):
     g = H // kvh
     scale = np.float32(1.0 / math.sqrt(d))
     out = np.zeros((q_len, H, d))
+    bound = np.zeros((q_len, H))
     for h in range(kvh):
-        parts = []                           # per cold group: (kscale, kzero, codes [G][d], hi [G][nk], kidx)
+        parts = []     # per cold group: (kscale, kzero, codes [G][d + nk], kidx, value scales if summed in int)
         off = 0
         for size in sizes:
             blob = blobs[off:off + size]
@@ -466,14 +504,15 @@ def q4_kernel_reference(cache, seq, layer, q, causal=True):
             rows = seg[o:o + (d + nk) * kb].reshape(d + nk, kb).astype(np.int64)
             t = np.arange(G)
             codes = np.where(t < half, rows[:, np.minimum(t, kb - 1)] & 15, rows[:, np.clip(t - half, 0, kb - 1)] >> 4)
-            parts.append((ks, kz, codes.T, kidx))
+            vs = np.frombuffer(seg[4 * d:4 * d + 2 * G * ng].tobytes(), np.float16).astype(np.float64).reshape(G, ng)
+            parts.append((ks, kz, codes.T, kidx, vs if q4_int_values(d, gs, nv) else None))
         for i in range(q_len):
             seen = n if not causal else n - q_len + i + 1
             for j in range(g):
                 qs = q[i, h * g + j] * scale
                 s = np.empty(n)
                 n_cold = len(parts) * G - skip - cut       # the last group lost `cut` tokens
-                for gi, (ks, kz, codes, kidx) in enumerate(parts):
+                for gi, (ks, kz, codes, kidx, _) in enumerate(parts):
                     w = q4_int8_weights(np.concatenate([qs * ks, np.float32(16.0) * (qs * ks)[kidx]]), d)
                     a = gi * G - skip
                     lo, hi = max(a, 0), min(a + G, n_cold)
@@ -482,7 +521,17 @@ def q4_kernel_reference(cache, seq, layer, q, causal=True):
                 s = s[:seen]
                 p = np.exp(s - s.max())
                 out[i, h * g + j] = p @ vv[:seen, h] / p.sum()
-    return out
+                err = 0.0
+                for gi, (*_, vs) in enumerate(parts):
+                    a = gi * G - skip
+                    if vs is None:
+                        continue
+                    for b0 in range(0, G, Q4_VALUE_BLOCK):
+                        lo, hi = max(a + b0, 0), min(a + b0 + Q4_VALUE_BLOCK, n_cold, seen)
+                        if hi > lo:
+                            err += p[lo:hi].max() * vs[b0:b0 + Q4_VALUE_BLOCK].max() / 510 * 15 * (hi - lo)
+                bound[i, h * g + j] = 1.01 * err / p.sum()
+    return out, bound
 
 
 class HoldingCacheLock:

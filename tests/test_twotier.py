@@ -13,7 +13,8 @@ from ruvpy import KVCacheFull, PagedKVCache, TwoTierKVCache
 
 from _helpers import (CODES_EVALUATION_ORDER_BOUND, COLD_LEVELS, FP32_ATTENTION_BOUND, as_stored_fp16,
                       assert_attention_close, assert_cache_attention_close, attention_error, cosine, heap_bytes_in_use, indexed_kv, outlier_kv,
-                      q4_kernel_reference, quantization_bound, random_kv, reference_attention, turbo_mse)
+                      assert_q4_close, q4_int_values, q4_kernel_reference, q4_kernel_reference_bound, quantization_bound,
+                      random_kv, reference_attention, turbo_mse)
 import turbo_format
 from _helpers import cache_snapshot as snapshot
 
@@ -62,8 +63,10 @@ def test_attention_over_codes_equals_attention_over_their_values(isa, cold):
             assert np.all(np.abs(out - ref).max(-1) <= bound)
             continue
         # q4 scores with int8 query weights per 16 channels: its reference does the same
-        ref = q4_kernel_reference(cache, seq, 0, q, causal) if cold == "q4" else reference_attention(q, kk, vv, causal)
-        err = attention_error(out, ref, vv)
+        if cold == "q4":
+            assert_q4_close(out, *q4_kernel_reference_bound(cache, seq, 0, q, causal), vv)
+            continue
+        err = attention_error(out, reference_attention(q, kk, vv, causal), vv)
         assert err <= CODES_EVALUATION_ORDER_BOUND
 
 
@@ -79,6 +82,40 @@ def test_quality_with_outlier_channels(cold, bound):
     q = rng.standard_normal((32, H, d)).astype(np.float32)
     out = cache.attention(seq, 0, q, causal=False)
     assert cosine(out, reference_attention(q, k, v, causal=False)) >= bound
+
+
+@pytest.mark.parametrize("d,group_size", [(128, 32), (64, 32), (128, 16), (128, 64), (256, 32), (128, 48),
+                                          (64, 16), (40, 16), (96, 32)])
+def test_q4_value_sums_against_their_reference(isa, d, group_size):
+    """q4 values over codes: with avx512vnni, heads without outlier value channels sum them with
+    8-bit weights (quant_impl.h qk_values_int); every table stays within the reference's bound.
+    Channel groups of different ranges and offsets (short of the outlier ratio, so the int path
+    runs): a lane read with another group's weights or zero, or channels permuted, is off by a
+    large fraction of max|v|."""
+    rng = np.random.default_rng(d * 1000 + group_size)
+    kvh, G = 2, 40                                   # groups of 40 tokens: blocks not multiples of 16
+    for rows in (1, 2, 3, 4):
+        H = kvh * rows
+        cache = TwoTierKVCache(1, kvh, d, hot_tokens=24, migration_batch=G, group_size=group_size, cold="q4",
+                               max_tokens=800)
+        seq = cache.add_sequence()
+        k, v = random_kv(rng, 333, kvh, d)
+        grp = np.arange(d) // group_size
+        v *= np.array([1.0, 1.6, 1.2, 2.0])[grp % 4]          # per-group ranges
+        v += np.array([0.0, 6.0, -4.0, 2.0])[grp % 4] + np.arange(d) * 0.02   # and offsets
+        cache.append(seq, 0, k, v)
+        _, vv = cache.get_kv(seq, 0)
+        for q_len, causal in ((1, True), (7, True), (50, True), (3, False)):
+            q = (rng.standard_normal((q_len, H, d)) * 0.3).astype(np.float32)
+            out = cache.attention(seq, 0, q, causal=causal)
+            ref, bound = q4_kernel_reference_bound(cache, seq, 0, q, causal)
+            assert_q4_close(out, ref, bound, vv)
+            if q4_int_values(d, min(group_size, d), 0):
+                assert bound.max() > 0
+                # the bound is far below what a wrong lane would cost
+                assert bound.max() < 0.05 * np.abs(vv).max(), bound.max() / np.abs(vv).max()
+            else:
+                assert not bound.any()
 
 
 @pytest.mark.parametrize("bits", [2.5, 3.5, 4.5])

@@ -14,6 +14,7 @@
 #define RV_QUANT_IMPL_H
 
 #include <string.h>
+#include <stdlib.h>
 #include "rv_simd.h"
 #include "kernels/rv_ops.h"
 #include "kernels/basic_impl.h"
@@ -647,12 +648,334 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, const f
     }
 }
 
+/* ---- 4-bit values as integer sums (the avx512vnni table: VPDPBUSD). A value is
+ * scale[t][g] code + zero[t][g], so
+ *     sum_t w[r][t] v_tc = sum_t (w[r][t] scale[t][g]) code_tc + sum_t w[r][t] zero[t][g]:
+ * per block of QK_VB tokens (from a multiple of QK_VB in the group) and row, the products
+ * w scale of every (token, channel group) go to u8 weights round(w scale 255 / S) with
+ * S = max w * max scale over the block (>= every product), and four tokens' codes of a channel,
+ * interleaved byte by byte in an int32 lane, meet their four weights in one instruction. The
+ * zero term is a float dot per (row, group). A 128-bit lane of codes holds 16 channels of one
+ * group (group_size and ceil(d / 2) multiples of 16), so one weight vector per four tokens
+ * carries each lane's group. Every weight is off by at most S / 510 (half a step): the tests'
+ * references bound that (q4_value_weight_bound in tests/_helpers.py). Heads with outlier value
+ * channels and other shapes take the float path (qk_values). ---- */
+#if defined(RV_ISA_AVX512)
+#define QK_VCH 4                      /* chunks of 64 channels a row has at most (d <= 256) */
+#define QK_VB 64                      /* tokens per weight block (a multiple of 16) */
+#define QK_VNG 8                      /* channel groups a head may have for the integer path */
+
+/* acc + u (u8) . s (s8) per int32 lane (without VNNI, VPMADDUBSW + VPMADDWD: 2 * 255 * 15 fits
+ * int16; the avx512 table does not take this path: QK_VALUES_INT) */
+RV_INLINE __m512i qk_dp(__m512i acc, __m512i u, __m512i s)
+{
+#if defined(RV_HAVE_VNNI)
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+/* How a row's codes split into chunks of 64 channels (one vector per token): with ceil(d/2) a
+ * multiple of 64, 64 bytes of low or of high nibbles; with a multiple of 32, 32 bytes' low
+ * nibbles then their high nibbles. */
+typedef struct {
+    int nch, ng;
+    int off[QK_VCH], kind[QK_VCH];        /* byte offset; 0 low nibbles, 1 high, 2 both of 32 */
+    int chan0[QK_VCH][4];                 /* first channel of each 128-bit lane */
+    int sel[QK_VCH][4];                   /* the four groups whose weights a chunk's vector holds */
+    __m512i idx[QK_VCH][4];               /* per quad of tokens: int32 lane <- weight int32 */
+    /* transposing [16 tokens][ng] parameters: group g's lanes from flat pieces k, k + 1 */
+    __m512i tidx[QK_VNG / 2][QK_VNG];
+    __mmask16 tmask[QK_VNG / 2][QK_VNG];
+} qk_vplan;
+
+/* 0 when the integer path does not apply (the float path then runs) */
+static int qk_vplan_init(qk_vplan *p, const struct rv_qhead *h, int a, int n)
+{
+    const int d = h->head_dim, gs = h->group_size, half = (d + 1) / 2;
+    if (gs % 16 || d % 32)
+        return 0;
+    const int ng = (d + gs - 1) / gs;
+    if (ng > QK_VNG)
+        return 0;
+    /* u8 weights need scales >= 0 (finite): what the codec writes; anything else stays float */
+    const float *vs = h->vscale + (size_t)a * ng;
+    __mmask16 bad = 0;
+    const int np = n * ng;
+    for (int i = 0; i < np; i += 16) {
+        const __mmask16 m = (__mmask16)(np - i >= 16 ? 0xFFFF : (1u << (np - i)) - 1u);
+        const __m512 x = _mm512_maskz_loadu_ps(m, vs + i);
+        bad |= _mm512_mask_cmp_ps_mask(m, x, _mm512_set1_ps(0.0f), _CMP_LT_OQ) |
+               _mm512_mask_cmp_ps_mask(m, x, _mm512_set1_ps(65504.0f), _CMP_NLE_UQ);
+    }
+    if (bad)
+        return 0;
+    p->ng = ng;
+    p->nch = 0;
+    {
+        const __m512i tng = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(ng));
+        for (int k = 0; k < ng; k += 2)
+            for (int g = 0; g < ng; g++) {
+                const __m512i f = _mm512_add_epi32(tng, _mm512_set1_epi32(g - 16 * k));
+                p->tidx[k / 2][g] = f;
+                p->tmask[k / 2][g] = _mm512_cmplt_epu32_mask(f, _mm512_set1_epi32(k + 1 < ng ? 32 : 16));
+            }
+    }
+    if (half % 64 == 0) {
+        for (int side = 0; side < 2; side++)
+            for (int o = 0; o < half; o += 64, p->nch++) {
+                p->off[p->nch] = o;
+                p->kind[p->nch] = side;
+                for (int L = 0; L < 4; L++)
+                    p->chan0[p->nch][L] = side * half + o + 16 * L;
+            }
+    } else {
+        if (half % 32)
+            return 0;
+        for (int o = 0; o < half; o += 32, p->nch++) {
+            p->off[p->nch] = o;
+            p->kind[p->nch] = 2;
+            for (int L = 0; L < 4; L++)
+                p->chan0[p->nch][L] = (L < 2 ? 0 : half) + o + 16 * (L & 1);
+        }
+    }
+    for (int ch = 0; ch < p->nch; ch++) {
+        const int gl = p->chan0[ch][0] / gs, gh = p->chan0[ch][2] / gs;
+        int slot[4];
+        for (int j = 0; j < 4; j++)
+            p->sel[ch][j] = ng <= 4 ? j : (p->kind[ch] == 2 ? (j < 2 ? gl : gh) + (j & 1) : gl + j);
+        for (int L = 0; L < 4; L++) {
+            const int g = p->chan0[ch][L] / gs;
+            slot[L] = -1;
+            for (int j = 3; j >= 0; j--)
+                if (p->sel[ch][j] == g)
+                    slot[L] = j;
+            if (slot[L] < 0)
+                return 0;
+        }
+        const __m512i sv = _mm512_setr_epi32(slot[0], slot[0], slot[0], slot[0], slot[1], slot[1], slot[1], slot[1],
+                                             slot[2], slot[2], slot[2], slot[2], slot[3], slot[3], slot[3], slot[3]);
+        for (int qd = 0; qd < 4; qd++)
+            p->idx[ch][qd] = _mm512_add_epi32(sv, _mm512_set1_epi32(4 * qd));
+    }
+    return 1;
+}
+
+/* token t's chunk ch as 64 code bytes (lane L: channels chan0[L] ..) */
+RV_INLINE __m512i qk_vchunk(const qk_vplan *p, const uint8_t *row, int ch)
+{
+    const __m512i m15 = _mm512_set1_epi8(15);
+    if (p->kind[ch] == 2)
+        return qk_i8_codes(row + p->off[ch]);
+    const __m512i x = _mm512_loadu_si512(row + p->off[ch]);
+    return _mm512_and_si512(p->kind[ch] ? _mm512_srli_epi16(x, 4) : x, m15);
+}
+
+/* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1 (w[r][t - a]), as
+ * qk_values, in blocks of QK_VB tokens from a multiple of QK_VB (one weight scale per block
+ * and row); scratch: RV_QATTN_ROWS * 2d + 8d floats */
+RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk_vplan *p,
+                             const struct rv_qhead *h, int a, int n, const float *w, int w_stride, float *acc,
+                             float *scratch)
+{
+    const int d = h->head_dim, G = h->G;
+    const int one_z = ng <= 4;           /* every chunk's four groups are groups 0..3 */
+    float *facc = scratch;                          /* [NR][nch][4][16], lanes permuted */
+    float *zacc = facc + (size_t)NR * nch * 64;     /* [NR][ng][16] */
+    float *vsT = zacc + (size_t)NR * ng * 16;       /* [QK_VB / 16][ng][16] per block */
+    float *vzT = vsT + (size_t)(QK_VB / 16) * ng * 16;
+    memset(facc, 0, sizeof(float) * ((size_t)NR * nch * 64 + (size_t)NR * ng * 16));
+    for (int b0 = a / QK_VB * QK_VB; b0 < a + n; b0 += QK_VB) {
+        const int sb0 = a > b0 ? (a - b0) / 16 : 0;
+        const int sb1 = a + n - b0 >= QK_VB ? QK_VB / 16 : (a + n - b0 + 15) / 16;
+        __mmask16 in[QK_VB / 16];
+        __m512 vmax = _mm512_setzero_ps();
+        /* the sub-blocks' parameters group-major: vsT[sb][g][i] = vscale[b0 + 16 sb + i][g] (0
+         * outside [a, a + n)) */
+        for (int sb = sb0; sb < sb1; sb++) {
+            const int s0 = b0 + 16 * sb;
+            const int lo = a > s0 ? a - s0 : 0, hi = a + n - s0 < 16 ? a + n - s0 : 16;
+            in[sb] = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+            const float *ps = h->vscale + (size_t)s0 * ng, *pz = h->vzero + (size_t)s0 * ng;
+            float *ts = vsT + (size_t)sb * ng * 16, *tz = vzT + (size_t)sb * ng * 16;
+            if (ng == 1) {
+                const __m512 x = _mm512_maskz_loadu_ps(in[sb], ps);
+                vmax = _mm512_max_ps(vmax, x);
+                _mm512_storeu_ps(ts, x);
+                _mm512_storeu_ps(tz, _mm512_maskz_loadu_ps(in[sb], pz));
+                continue;
+            }
+            const int f_lo = lo * ng, f_hi = hi * ng;     /* flat elements to read */
+            __m512 xs[QK_VNG], xz[QK_VNG];
+            for (int k = 0; k < ng; k++) {
+                if (lo == 0 && hi == 16) {
+                    xs[k] = _mm512_loadu_ps(ps + 16 * k);
+                    xz[k] = _mm512_loadu_ps(pz + 16 * k);
+                    continue;
+                }
+                const int e0 = f_lo - 16 * k, e1 = f_hi - 16 * k;
+                const unsigned m1 = e1 >= 16 ? 0xFFFFu : (e1 <= 0 ? 0u : (1u << e1) - 1u);
+                const unsigned m0 = e0 <= 0 ? 0u : (e0 >= 16 ? 0xFFFFu : (1u << e0) - 1u);
+                const __mmask16 m = (__mmask16)(m1 & ~m0);
+                xs[k] = _mm512_maskz_loadu_ps(m, ps + 16 * k);
+                xz[k] = _mm512_maskz_loadu_ps(m, pz + 16 * k);
+            }
+            for (int k = 0; k < ng; k++)
+                vmax = _mm512_max_ps(vmax, xs[k]);
+            for (int g = 0; g < ng; g++) {
+                __m512 os = _mm512_setzero_ps(), oz = _mm512_setzero_ps();
+                for (int k = 0; k < ng; k += 2) {
+                    const __mmask16 m = p->tmask[k / 2][g];
+                    os = _mm512_mask_mov_ps(os, m, _mm512_permutex2var_ps(xs[k], p->tidx[k / 2][g], xs[k + 1 < ng ? k + 1 : k]));
+                    oz = _mm512_mask_mov_ps(oz, m, _mm512_permutex2var_ps(xz[k], p->tidx[k / 2][g], xz[k + 1 < ng ? k + 1 : k]));
+                }
+                _mm512_storeu_ps(ts + 16 * g, os);
+                _mm512_storeu_ps(tz + 16 * g, oz);
+            }
+        }
+        /* per row: the block's step S / 255 with S = max w * max scale (>= every w * scale),
+         * then u8 weights per sub-block (four groups per chunk, quads of tokens); the scales
+         * are prescaled to 255 / max scale once for every row */
+        const float vsm = _mm512_reduce_max_ps(vmax);
+        const float vinv = vsm > 0.0f ? 255.0f / vsm : 0.0f;
+        for (int i = sb0 * ng * 16; i < sb1 * ng * 16; i += 16)
+            _mm512_storeu_ps(vsT + i, _mm512_mul_ps(_mm512_loadu_ps(vsT + i), _mm512_set1_ps(vinv)));
+        __m512i Z[QK_NR][QK_VB / 16][QK_VCH];
+        float sc[QK_NR];
+        for (int r = 0; r < NR; r++) {
+            const float *wr = w + r * w_stride + (b0 - a);
+            __m512 mw = _mm512_setzero_ps();
+            for (int sb = sb0; sb < sb1; sb++)
+                mw = _mm512_max_ps(mw, _mm512_maskz_loadu_ps(in[sb], wr + 16 * sb));
+            const float M = _mm512_reduce_max_ps(mw);
+            const __m512 winv = _mm512_set1_ps(M > 0.0f ? 1.0f / M : 0.0f);
+            sc[r] = M * vsm / 255.0f;
+            float *za = zacc + (size_t)r * ng * 16;
+            __m512 zr[QK_VNG];
+            for (int g = 0; g < ng; g++)
+                zr[g] = _mm512_loadu_ps(za + 16 * g);
+            for (int sb = sb0; sb < sb1; sb++) {
+                const __m512 wv = _mm512_maskz_loadu_ps(in[sb], wr + 16 * sb), wn = _mm512_mul_ps(wv, winv);
+                const float *ts = vsT + (size_t)sb * ng * 16, *tz = vzT + (size_t)sb * ng * 16;
+                __m512i qv[QK_VNG + 4];
+                for (int g = 0; g < ng; g++) {
+                    qv[g] = _mm512_cvtps_epi32(_mm512_mul_ps(wn, _mm512_loadu_ps(ts + 16 * g)));
+                    zr[g] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(tz + 16 * g), zr[g]);
+                }
+                for (int g = ng; g < ng + 4; g++)
+                    qv[g] = _mm512_setzero_si512();
+                if (one_z)
+                    Z[r][sb][0] = _mm512_packus_epi16(_mm512_packs_epi32(qv[0], qv[1]), _mm512_packs_epi32(qv[2], qv[3]));
+                else
+                    for (int ch = 0; ch < nch; ch++) {
+                        const int *sl = p->sel[ch];
+                        Z[r][sb][ch] = _mm512_packus_epi16(_mm512_packs_epi32(qv[sl[0]], qv[sl[1]]),
+                                                           _mm512_packs_epi32(qv[sl[2]], qv[sl[3]]));
+                    }
+            }
+            for (int g = 0; g < ng; g++)
+                _mm512_storeu_ps(za + 16 * g, zr[g]);
+        }
+        /* the sums: per chunk, four tokens at a time, one flush per block */
+        for (int ch = 0; ch < nch; ch++) {
+            const __m512i ix[4] = {p->idx[ch][0], p->idx[ch][1], p->idx[ch][2], p->idx[ch][3]};
+            __m512i ia[QK_NR][4];
+            for (int r = 0; r < NR; r++)
+                for (int m = 0; m < 4; m++)
+                    ia[r][m] = _mm512_setzero_si512();
+            for (int sb = sb0; sb < sb1; sb++)
+                for (int qd = 0; qd < 4; qd++) {
+                    const int t = b0 + 16 * sb + 4 * qd;
+                    if (t + 4 <= a || t >= a + n)
+                        continue;                      /* four tokens no row weighs */
+                    __m512i T[4];
+                    if (t + 4 <= G)
+                        for (int i = 0; i < 4; i++)
+                            T[i] = qk_vchunk(p, h->vcodes + (size_t)(t + i) * h->vrow, ch);
+                    else                               /* past the group's end: nothing to read */
+                        for (int i = 0; i < 4; i++)
+                            T[i] = t + i < G ? qk_vchunk(p, h->vcodes + (size_t)(t + i) * h->vrow, ch) : _mm512_setzero_si512();
+                    const __m512i ablo = _mm512_unpacklo_epi8(T[0], T[1]), abhi = _mm512_unpackhi_epi8(T[0], T[1]);
+                    const __m512i celo = _mm512_unpacklo_epi8(T[2], T[3]), cehi = _mm512_unpackhi_epi8(T[2], T[3]);
+                    const __m512i X[4] = {_mm512_unpacklo_epi16(ablo, celo), _mm512_unpackhi_epi16(ablo, celo),
+                                          _mm512_unpacklo_epi16(abhi, cehi), _mm512_unpackhi_epi16(abhi, cehi)};
+                    for (int r = 0; r < NR; r++) {
+                        const __m512i W = _mm512_permutexvar_epi32(ix[qd], Z[r][sb][one_z ? 0 : ch]);
+                        for (int m = 0; m < 4; m++)
+                            ia[r][m] = qk_dp(ia[r][m], W, X[m]);
+                    }
+                }
+            for (int r = 0; r < NR; r++)
+                for (int m = 0; m < 4; m++) {
+                    float *fa = facc + (((size_t)r * nch + ch) * 4 + m) * 16;
+                    _mm512_storeu_ps(fa, _mm512_fmadd_ps(_mm512_set1_ps(sc[r]), _mm512_cvtepi32_ps(ia[r][m]), _mm512_loadu_ps(fa)));
+                }
+        }
+    }
+    /* back to channel order (lane L of the four X[m] sums: channels chan0[L] .. + 15), plus the
+     * zero terms */
+    for (int r = 0; r < NR; r++) {
+        float *ar = acc + r * d;
+        for (int ch = 0; ch < nch; ch++) {
+            const float *fa = facc + ((size_t)r * nch + ch) * 64;
+            const __m512i i0 = _mm512_loadu_si512(fa), i1 = _mm512_loadu_si512(fa + 16);
+            const __m512i i2 = _mm512_loadu_si512(fa + 32), i3 = _mm512_loadu_si512(fa + 48);
+            const __m512i u01a = _mm512_shuffle_i32x4(i0, i1, 0x44), u01b = _mm512_shuffle_i32x4(i0, i1, 0xEE);
+            const __m512i u23a = _mm512_shuffle_i32x4(i2, i3, 0x44), u23b = _mm512_shuffle_i32x4(i2, i3, 0xEE);
+            const __m512i nl[4] = {_mm512_shuffle_i32x4(u01a, u23a, 0x88), _mm512_shuffle_i32x4(u01a, u23a, 0xDD),
+                                   _mm512_shuffle_i32x4(u01b, u23b, 0x88), _mm512_shuffle_i32x4(u01b, u23b, 0xDD)};
+            for (int L = 0; L < 4; L++) {
+                float *dst = ar + p->chan0[ch][L];
+                _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_castsi512_ps(nl[L])));
+            }
+        }
+        for (int g = 0; g < ng; g++) {
+            const __m512 z = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_loadu_ps(zacc + ((size_t)r * ng + g) * 16)));
+            const int c1 = (g + 1) * h->group_size < d ? (g + 1) * h->group_size : d;
+            for (int c0 = g * h->group_size; c0 < c1; c0 += 16)
+                _mm512_storeu_ps(ar + c0, _mm512_add_ps(_mm512_loadu_ps(ar + c0), z));
+        }
+    }
+}
+#endif
+
+/* the values of qk_rows: integer sums where they apply (QK_VALUES_INT), else floats */
+#if defined(RV_ISA_AVX512) && defined(RV_HAVE_VNNI)
+#define QK_VALUES_INT 1
+#else
+#define QK_VALUES_INT 0
+#endif
+RV_INLINE void qk_values_sum(const int NR, const int RAW, const struct rv_qhead *h, int a, int n, const float *w,
+                             int w_stride, float *acc, const uint8_t *raw, float *scratch)
+{
+#if defined(RV_ISA_AVX512)
+    /* (heads with outlier value channels stay in floats: blending the raw channels' own
+     * weights into their lanes measured slower than the float path) */
+    qk_vplan p;
+    if (QK_VALUES_INT && !RAW && h->bits == 4 && qk_vplan_init(&p, h, a, n)) {
+        /* the common shapes with their loops unrolled */
+        switch (p.ng * 8 + p.nch) {
+        case 4 * 8 + 2: qk_values_int(NR, 4, 2, &p, h, a, n, w, w_stride, acc, scratch); break;   /* d 128, groups 32 */
+        case 2 * 8 + 1: qk_values_int(NR, 2, 1, &p, h, a, n, w, w_stride, acc, scratch); break;   /* d 64, groups 32 */
+        case 2 * 8 + 2: qk_values_int(NR, 2, 2, &p, h, a, n, w, w_stride, acc, scratch); break;   /* d 128, groups 64 */
+        default: qk_values_int(NR, p.ng, p.nch, &p, h, a, n, w, w_stride, acc, scratch); break;
+        }
+        return;
+    }
+#endif
+    (void)scratch;
+    qk_values(NR, RAW, h, a, n, w, w_stride, acc, raw);
+}
+
 RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_qhead *h, int a, int n,
                        const int *visible, float *scratch, qk_pf *pf)
 {
     const int d = h->head_dim, G = h->G, dk = d + h->nk;
     const int s_stride = (G + 2 * RV_VW - 1) / RV_VW * RV_VW;   /* room for the softmax padding */
     float *s = scratch, *qs = s + (size_t)QK_NR * s_stride;      /* qs [NR][dk] */
+    float *vscr = qs + (size_t)QK_NR * (d + RV_MAX_OUTLIERS);   /* qk_values_int's */
     float bias[QK_NR], corr[QK_NR];
     int vis[QK_NR], n_eff = 0;
     for (int r = 0; r < NR; r++) {
@@ -694,7 +1017,7 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
     }
     float *acc = st->acc + (size_t)r0 * d;
     if (!h->nv) {
-        qk_values(NR, 0, h, a, n_eff, s + a, s_stride, acc, NULL);
+        qk_values_sum(NR, 0, h, a, n_eff, s + a, s_stride, acc, NULL, vscr);
         return;
     }
     /* outlier value channels: their slots summed raw from 0 (qk_outlier_values) */
@@ -708,7 +1031,7 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
             acc[r * d + h->vidx[o]] = 0.0f;
         }
     }
-    qk_values(NR, 1, h, a, n_eff, s + a, s_stride, acc, raw);
+    qk_values_sum(NR, 1, h, a, n_eff, s + a, s_stride, acc, raw, vscr);
     /* every token of the group weighs in the high nibbles' dot: 0 outside [a, a + n_eff) */
     for (int r = 0; r < NR; r++) {
         memset(s + r * s_stride, 0, sizeof(float) * (size_t)a);

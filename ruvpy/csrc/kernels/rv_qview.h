@@ -38,7 +38,7 @@ struct rv_qhead {
 /* query rows the fused kernel keeps in registers at once, and the scratch it needs */
 #define RV_QATTN_ROWS 4
 #define RV_QATTN_SCRATCH_FLOATS(G, d) \
-    ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + (size_t)(d) + RV_MAX_OUTLIERS) + 64)
+    ((size_t)RV_QATTN_ROWS * ((size_t)(G) + 32 + 3 * (size_t)(d) + RV_MAX_OUTLIERS) + 8 * (size_t)(d) + 64)
 
 /* ---- a TurboQuant group head ----
  * The attention state it folds into has head_dim D (the padded head_dim): accumulators in the
