@@ -14,7 +14,8 @@ import pytest
 from ruvpy import BufferPool, Runtime, RuntimeConfig, TwoTierKVCache
 from ruvpy._kvcache import _mapped_bytes
 
-from _helpers import assert_cache_attention_close, heap_bytes_in_use, outlier_kv, random_kv
+from _helpers import (assert_cache_attention_close, heap_bytes_in_use, outlier_kv, process_mappings,
+                      random_kv)
 
 HUGE_PAGE = 2 << 20
 SMAPS = "/proc/self/smaps"
@@ -24,18 +25,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(SMAPS), reason="reads the map
 KVH, D, G = 4, 128, 64
 
 
-def mappings():
-    """{(start, end): VmFlags} of every mapping of this process."""
-    out, key = {}, None
-    with open(SMAPS) as f:
-        for line in f:
-            head = line.split(None, 1)[0]
-            if not head.endswith(":"):
-                key = tuple(int(x, 16) for x in head.split("-"))
-                out[key] = set()
-            elif head == "VmFlags:":
-                out[key] = set(line.split()[1:])
-    return out
+mappings = process_mappings
 
 
 def slab_mappings(before):
