@@ -28,10 +28,19 @@ KVH, D, G = 4, 128, 64
 mappings = process_mappings
 
 
+def named_mappings():
+    """(start, end) of the mappings with a name (the heap, files): never a slab."""
+    with open("/proc/self/maps") as f:
+        rows = [line.split() for line in f]
+    return {tuple(int(x, 16) for x in row[0].split("-")) for row in rows if len(row) > 5}
+
+
 def slab_mappings(before):
-    """The mappings made since `before` (2 MiB multiples: a slab is one)."""
-    now = mappings()
-    return {r: f for r, f in now.items() if r not in before and (r[1] - r[0]) % HUGE_PAGE == 0}
+    """The anonymous mappings made since `before` of 2 MiB multiples (a slab is one; the
+    heap, which may grow meanwhile, is not anonymous in /proc/self/maps)."""
+    now, named = mappings(), named_mappings()
+    return {r: f for r, f in now.items()
+            if r not in before and r not in named and (r[1] - r[0]) % HUGE_PAGE == 0}
 
 
 def large(cold="q4", tokens=8192, layers=2, **kw):
