@@ -85,6 +85,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
         int open_txns
         size_t hot_bytes, cold_bytes, meta_bytes
         size_t cold_pooled_bytes
+        size_t cold_slab_bytes
         int64_t cold_groups
         int64_t evicted
         int64_t shared_groups
@@ -104,6 +105,9 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
     size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most)
     size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens)
     size_t rv_tt_fixed_bytes(const rv_tt_params *p)
+    int rv_tt_uses_slabs(const rv_tt_params *p)
+    size_t rv_tt_slab_mapped_bytes(const rv_tt *c)
+    size_t rv_tt_slab_slack_bytes(const rv_tt *c)
     void rv_tt_use_pool(rv_tt *c, rv_pool *pool, int cls)
     int rv_tt_add(rv_tt *c, int *slot)
     int rv_tt_fork(rv_tt *c, int parent, int *child)

@@ -64,8 +64,8 @@ _POLICIES = ("error", "evict-oldest")
 
 
 def _mapped_bytes():
-    """Bytes the caches' large blocks (a paged pool of 4 MiB or more) hold in mappings of their
-    own: malloc's counts (mallinfo2) do not see them."""
+    """Bytes the caches hold in mappings of their own (a paged pool of 4 MiB or more, a
+    two-tier cache's cold-group slabs): malloc's counts (mallinfo2) do not see them."""
     return rv_kv_mapped_bytes()
 
 
@@ -1566,6 +1566,18 @@ cdef class TwoTierKVCache(_KVCache):
         return rv_tt_group_alloc_bytes(&p, 1)
 
     @classmethod
+    def uses_slabs(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                   group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                   max_tokens=None, pool=None):
+        """Whether such a cache, without a pool, takes its cold groups from its own huge-page
+        slabs: when its capacity (max_tokens in every layer, in the largest groups) fills at
+        least one slab (2 MiB or more). Smaller caches take them from malloc. Arithmetic."""
+        cdef rv_tt_params p
+        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                   migration_batch, max_tokens, turbo_bits)
+        return bool(rv_tt_uses_slabs(&p))
+
+    @classmethod
     def fixed_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                     group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
                     max_tokens=None, pool=None):
@@ -1683,7 +1695,8 @@ cdef class TwoTierKVCache(_KVCache):
         return 0
 
     cdef size_t _h_nbytes(self):
-        return self.c.hot_bytes + self.c.cold_bytes + self.c.meta_bytes
+        # the slabs' slack too: every byte the cache holds (cold_bytes stays the groups' own)
+        return self.c.hot_bytes + self.c.cold_bytes + self.c.meta_bytes + rv_tt_slab_slack_bytes(self.c)
 
     cdef object _h_stats(self):
         cdef rv_tt_usage u
@@ -1704,7 +1717,8 @@ cdef class TwoTierKVCache(_KVCache):
             hot_bytes=self.c.hot_bytes, cold_bytes=self.c.cold_bytes,
             metadata_bytes=self.c.meta_bytes, pooled_cold_bytes=self.c.cold_pooled_bytes,
             cold_groups=self.c.cold_groups, cold_groups_shared=self.c.shared_groups,
-            evicted_tokens=self.c.evicted)
+            evicted_tokens=self.c.evicted, slab_cold_bytes=self.c.cold_slab_bytes,
+            slab_mapped_bytes=rv_tt_slab_mapped_bytes(self.c))
 
     cdef dict _config_fields(self):
         fields = {"kind": "two-tier", "num_layers": self.num_layers,

@@ -42,7 +42,10 @@ class TwoTierKVStats(KVCacheStats):
     """KVCacheStats of a TwoTierKVCache, plus: cold ("q8", "q4", "turbo"), hot_tokens_limit,
     migration_batch, group_size, policy, cold_groups (allocated), cold_groups_shared (held by
     more than one sequence, or kept for a rollback), hot_bytes, cold_bytes, metadata_bytes,
-    pooled_cold_bytes (of cold_bytes: buffers of an attached BufferPool), stored_tokens,
+    pooled_cold_bytes (of cold_bytes: buffers of an attached BufferPool), slab_cold_bytes (of
+    cold_bytes: blocks of the cache's huge-page slabs), slab_mapped_bytes (those slabs'
+    mappings), slab_slack_bytes (their bytes not in cold groups: slab_mapped_bytes -
+    slab_cold_bytes; counted in `bytes`, not in cold_bytes), stored_tokens,
     cold_bytes_per_token (cold bytes / stored cold tokens, all layers), fp16
     bytes_per_token (what a token costs in the hot tier's format), compression_ratio (fp16
     bytes of the stored cold tokens / their cold bytes), cold_bits_per_value, evicted_tokens
@@ -99,7 +102,7 @@ def paged_stats(*, shape, dtype, block_size, capacity_tokens, nbytes, block_byte
 
 def twotier_stats(*, shape, config, capacity_tokens, nbytes, used, usage, hot_bytes, cold_bytes,
                   metadata_bytes, pooled_cold_bytes, cold_groups, cold_groups_shared,
-                  evicted_tokens):
+                  evicted_tokens, slab_cold_bytes=0, slab_mapped_bytes=0):
     """TwoTierKVStats from the cache's counters. config: cold, hot_tokens_limit,
     migration_batch, group_size, policy. used: tokens stored per layer. usage: {id: [(hot
     tokens, cold tokens, hot bytes, cold bytes) per layer]}."""
@@ -132,6 +135,8 @@ def twotier_stats(*, shape, config, capacity_tokens, nbytes, used, usage, hot_by
         layers=layer_rows, sequences=seqs, cold_groups=cold_groups,
         cold_groups_shared=cold_groups_shared, hot_bytes=hot_bytes, cold_bytes=cold_bytes,
         metadata_bytes=metadata_bytes, pooled_cold_bytes=pooled_cold_bytes,
+        slab_cold_bytes=slab_cold_bytes, slab_mapped_bytes=slab_mapped_bytes,
+        slab_slack_bytes=slab_mapped_bytes - slab_cold_bytes,
         fp16_bytes_per_token=fp16_token * num_layers,
         cold_bytes_per_token=(cold_bytes / cold_token_layers * num_layers)
         if cold_token_layers else 0.0,

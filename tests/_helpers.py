@@ -349,6 +349,21 @@ def _load_mallinfo2():
 _MALLINFO2 = _load_mallinfo2()
 
 
+def process_mappings():
+    """{(start, end): VmFlags} of every mapping of this process, from Linux's /proc/self/smaps
+    (independent of the caches' own counts of what they mapped)."""
+    out, key = {}, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):
+                key = tuple(int(x, 16) for x in head.split("-"))
+                out[key] = set()
+            elif head == "VmFlags:":
+                out[key] = set(line.split()[1:])
+    return out
+
+
 def heap_bytes_in_use():
     """Bytes malloc has handed out and not got back (glibc's mallinfo2: heap chunks in use
     plus mmapped chunks), plus the mappings of the caches' large blocks (a paged pool of

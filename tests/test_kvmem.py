@@ -13,7 +13,7 @@ import pytest
 from ruvpy import KVCacheFull, PagedKVCache
 from ruvpy._kvcache import _mapped_bytes
 
-from _helpers import assert_cache_attention_close, heap_bytes_in_use, random_kv
+from _helpers import assert_cache_attention_close, heap_bytes_in_use, process_mappings, random_kv
 
 HUGE_PAGE = 2 << 20
 SMAPS = "/proc/self/smaps"
@@ -21,18 +21,7 @@ THP = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
 pytestmark = pytest.mark.skipif(not os.path.exists(SMAPS), reason="reads the mappings from Linux's /proc/self/smaps")
 
 
-def mappings():
-    """{(start, end): VmFlags} of every mapping of this process."""
-    out, key = {}, None
-    with open(SMAPS) as f:
-        for line in f:
-            head = line.split(None, 1)[0]
-            if not head.endswith(":"):
-                key = tuple(int(x, 16) for x in head.split("-"))
-                out[key] = set()
-            elif head == "VmFlags:":
-                out[key] = set(line.split()[1:])
-    return out
+mappings = process_mappings
 
 
 def new_mappings(before, after):

@@ -34,11 +34,10 @@ size_t rv_kv_alloc_large_size(size_t nbytes)
     return nbytes > SIZE_MAX - page ? 0 : (nbytes + page - 1) & ~(page - 1);
 }
 
-/* A large block is mapped on its own, its start 2 MiB-aligned (the excess of an over-sized
- * mapping is unmapped again, so the block takes exactly its page-rounded size) and advised
- * to use transparent huge pages. From malloc it could be heap that an earlier allocation
- * freed, already faulted in 4 KiB pages that the advice no longer changes: the same paged
- * decode then ran 25-50% slower depending on what the process had allocated before. */
+/* A large block is mapped on its own (rv_kv_map_huge). From malloc it could be heap that an
+ * earlier allocation freed, already faulted in 4 KiB pages that the advice no longer changes:
+ * the same paged decode then ran 25-50% slower depending on what the process had allocated
+ * before. */
 void *rv_kv_alloc_large(size_t nbytes, size_t *allocated)
 {
     if (!own_mapping(nbytes)) {
@@ -46,9 +45,28 @@ void *rv_kv_alloc_large(size_t nbytes, size_t *allocated)
         *allocated = p ? rv_kv_alloc_size(nbytes) : 0;
         return p;
     }
-    *allocated = 0;
     const size_t size = rv_kv_alloc_large_size(nbytes);
-    if (!size || size > SIZE_MAX - HUGE_PAGE)
+    void *p = size ? rv_kv_map_huge(size) : NULL;
+    *allocated = p ? size : 0;
+    return p;
+}
+
+void rv_kv_free_large(void *p, size_t nbytes)
+{
+    if (!p)
+        return;
+    if (!own_mapping(nbytes)) {
+        rv_kv_free(p);
+        return;
+    }
+    rv_kv_unmap_huge(p, rv_kv_alloc_large_size(nbytes));
+}
+
+/* The start is 2 MiB-aligned (the excess of an over-sized mapping is unmapped again, so the
+ * mapping takes exactly `size`) and advised to use transparent huge pages. */
+void *rv_kv_map_huge(size_t size)
+{
+    if (!size || size % page_size() || size > SIZE_MAX - HUGE_PAGE)
         return NULL;
     const size_t span = size + HUGE_PAGE;
     unsigned char *base = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -63,19 +81,11 @@ void *rv_kv_alloc_large(size_t nbytes, size_t *allocated)
     madvise(p, size, MADV_HUGEPAGE);   /* a hint: the streaming kernels miss the TLB less */
 #endif
     __atomic_add_fetch(&mapped_bytes, size, __ATOMIC_RELAXED);
-    *allocated = size;
     return p;
 }
 
-void rv_kv_free_large(void *p, size_t nbytes)
+void rv_kv_unmap_huge(void *p, size_t size)
 {
-    if (!p)
-        return;
-    if (!own_mapping(nbytes)) {
-        rv_kv_free(p);
-        return;
-    }
-    const size_t size = rv_kv_alloc_large_size(nbytes);
     munmap(p, size);
     __atomic_sub_fetch(&mapped_bytes, size, __ATOMIC_RELAXED);
 }

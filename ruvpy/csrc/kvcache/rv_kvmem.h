@@ -34,7 +34,11 @@ void *rv_kv_alloc_large(size_t nbytes, size_t *allocated);
 void rv_kv_free_large(void *p, size_t nbytes);
 /* what rv_kv_alloc_large(nbytes) takes (0 if too large) */
 size_t rv_kv_alloc_large_size(size_t nbytes);
-/* bytes in the own mappings of large blocks now (malloc's counts do not see them) */
+/* A fresh private mapping of `size` bytes (a multiple of the page size), 2 MiB-aligned and
+ * advised to use transparent huge pages; NULL when mmap fails. Unmap with rv_kv_unmap_huge. */
+void *rv_kv_map_huge(size_t size);
+void rv_kv_unmap_huge(void *p, size_t size);
+/* bytes in such mappings now (large blocks, two-tier slabs: malloc's counts do not see them) */
 size_t rv_kv_mapped_bytes(void);
 
 /* rv_kv_alloc / rv_kv_free that add / subtract the real size to / from *counter */

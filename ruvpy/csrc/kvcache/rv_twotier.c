@@ -69,6 +69,32 @@ size_t rv_tt_fixed_bytes(const rv_tt_params *p)
            rv_kv_alloc_size(sizeof(float) * work_floats(p, &sz));
 }
 
+/* the most bytes the cache's cold groups can take (saturating) */
+static size_t cold_capacity_bytes(const rv_tt_params *p, const rv_codec_sizes *sz)
+{
+    const size_t groups = (size_t)((p->max_tokens + p->group_tokens - 1) / p->group_tokens);
+    size_t layer_groups, bytes;
+    if (rv_kv_mul(groups, (size_t)p->num_layers, &layer_groups) ||
+        rv_kv_mul(layer_groups, rv_kv_alloc_size(RV_TT_GROUP_HDR + sz->blob_max), &bytes))
+        return SIZE_MAX;
+    return bytes;
+}
+
+/* the slab classes of p's groups; whether the capacity fills a slab (the policy: see the
+ * header) */
+static int slab_init(rv_slab_heap *h, const rv_tt_params *p, const rv_codec_sizes *sz)
+{
+    return rv_slab_init(h, RV_TT_GROUP_HDR + sz->blob_min, RV_TT_GROUP_HDR + sz->blob_max) == RV_OK &&
+           cold_capacity_bytes(p, sz) >= h->slab_bytes;
+}
+
+int rv_tt_uses_slabs(const rv_tt_params *p)
+{
+    rv_codec_sizes sz;
+    rv_slab_heap h;
+    return codec_sizes(p, &sz) == RV_OK && slab_init(&h, p, &sz);
+}
+
 int rv_tt_create(rv_tt **out, const rv_tt_params *p)
 {
     *out = NULL;
@@ -89,6 +115,7 @@ int rv_tt_create(rv_tt **out, const rv_tt_params *p)
     c->codec = rv_codecs[p->cold];
     c->pool_class = -1;
     c->work_floats = work_floats(p, &sz);
+    c->use_slabs = slab_init(&c->slabs, p, &sz);
     rv_codec_cfg cfg = codec_cfg(p);
     rc = c->codec->create(&cfg, &c->codec_state);
     if (rc == RV_OK)
@@ -114,29 +141,41 @@ void rv_tt_use_pool(rv_tt *c, rv_pool *pool, int cls)
 
 _Static_assert(sizeof(rv_tt_group) <= RV_TT_GROUP_HDR, "the group header outgrew its room");
 
+size_t rv_tt_slab_mapped_bytes(const rv_tt *c) { return c->slabs.mapped_bytes; }
+size_t rv_tt_slab_slack_bytes(const rv_tt *c) { return c->slabs.mapped_bytes - c->cold_slab_bytes; }
+
 /* a new group with one reference and no holder yet: stored 0 until its list holds it */
 static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
 {
     const size_t n = RV_TT_GROUP_HDR + blob_bytes;
     rv_tt_group *g = NULL;
     size_t taken = rv_kv_alloc_size(n);
-    int pooled = 0;
+    int origin = RV_TT_FROM_HEAP, cls = -1;
+    struct rv_slab *slab = NULL;
     if (c->pool && c->pool_class >= 0 && n <= c->pool->cls[c->pool_class].nbytes) {
         g = (rv_tt_group *)rv_pool_acquire(c->pool, c->pool_class);
         taken = c->pool->cls[c->pool_class].nbytes;
-        pooled = 1;
+        origin = RV_TT_FROM_POOL;
     } else {
-        g = (rv_tt_group *)rv_kv_alloc(n);
+        if (c->use_slabs)
+            g = (rv_tt_group *)rv_slab_alloc(&c->slabs, n, &slab, &cls);
+        if (g)
+            origin = RV_TT_FROM_SLAB;
+        else                  /* small cache, or no slab could be mapped */
+            g = (rv_tt_group *)rv_kv_alloc(n);
     }
     if (!g)
         return NULL;
     memset(g, 0, sizeof *g);
     g->refs = 1;
-    g->pooled = pooled;
+    g->origin = origin;
+    g->slab_class = cls;
+    g->slab = slab;
     g->blob_bytes = blob_bytes;
     g->alloc_bytes = taken;
     c->cold_bytes += taken;
-    c->cold_pooled_bytes += pooled ? taken : 0;
+    c->cold_pooled_bytes += origin == RV_TT_FROM_POOL ? taken : 0;
+    c->cold_slab_bytes += origin == RV_TT_FROM_SLAB ? taken : 0;
     c->cold_groups++;
     return g;
 }
@@ -154,9 +193,12 @@ static void group_drop(rv_tt *c, rv_tt_group *g)
     if (g->refs == 0) {
         c->cold_bytes -= g->alloc_bytes;
         c->cold_groups--;
-        if (g->pooled) {
+        if (g->origin == RV_TT_FROM_POOL) {
             c->cold_pooled_bytes -= g->alloc_bytes;
             rv_pool_release(c->pool, c->pool_class, g);
+        } else if (g->origin == RV_TT_FROM_SLAB) {
+            c->cold_slab_bytes -= g->alloc_bytes;
+            rv_slab_free(&c->slabs, g->slab, g->slab_class, g);
         } else {
             rv_kv_free(g);
         }
@@ -599,6 +641,7 @@ void rv_tt_destroy(rv_tt *c)
     meta_free(c, c->victims, sizeof(int) * (size_t)c->victims_cap);
     rv_kv_free(c->used);
     rv_kv_free(c->work);
+    rv_slab_destroy(&c->slabs);     /* empty by now: every group was dropped */
     if (c->codec_state)
         c->codec->destroy(c->codec_state);
     free(c);

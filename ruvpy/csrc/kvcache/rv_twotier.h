@@ -22,10 +22,17 @@
  * reuses slots that a rollback would need), so rollback is exact; commit migrates.
  *
  * Memory: hot rings K then V, each [kv head][hot_cap][head_dim] binary16; cold groups from a
- * buffer pool's size class when one is attached (rv_tt_use_pool; the Runtime's pool, sized by
- * arithmetic from the codec's largest blob) or else the C allocator; one work buffer for
+ * buffer pool's size class when one is attached (rv_tt_use_pool), else from the cache's own
+ * huge-page slabs (kvcache/rv_slab.h: the decode kernels stream every group, and on the 4 KiB
+ * pages malloc hands out they miss the TLB) when its capacity (max_tokens in every layer, in
+ * the largest groups) fills at least one slab, else from the C allocator (a small cache must
+ * not pay 2 MiB for one group; like a paged pool, whose size is its capacity, a large one
+ * pays for what it was sized for). A slab that cannot be mapped falls back to the C
+ * allocator. One work buffer for
  * migration and inspection, allocated with the cache. Every byte is counted: hot_bytes,
- * cold_bytes (what each group's allocation really takes), meta_bytes (everything else).
+ * cold_bytes (what each group's allocation really takes: header + blob, aligned), meta_bytes
+ * (everything else) and the slabs' slack (their mapped bytes not in groups: class rounding,
+ * free blocks, uncarved tails; rv_tt_slab_slack_bytes).
  * Not synchronised: the Python wrapper serialises all calls on one cache. */
 #ifndef RV_TWOTIER_H
 #define RV_TWOTIER_H
@@ -37,6 +44,7 @@
 #include "kernels/rv_ops.h"
 #include "memory/rv_memory.h"
 #include "kvcache/rv_codec.h"
+#include "kvcache/rv_slab.h"
 
 /* A cold group: this header, then its blob (the format's bytes) at RV_TT_GROUP_HDR. */
 #define RV_TT_GROUP_HDR 64
@@ -45,11 +53,14 @@ typedef struct {
     int32_t full;            /* live holders that see all of it (no skip, no cut) */
     int32_t stored;          /* its tokens counted in `used`: those some holder sees */
     int32_t tmp, tmp_end, tmp_mid;   /* scratch of rv_tt_stored_without (while mark == epoch) */
-    int32_t pooled;          /* its memory is a pool buffer */
+    int32_t origin;          /* RV_TT_FROM_*: where its memory came from */
+    int32_t slab_class;      /* from a slab: its size class there */
     uint64_t mark;
     size_t blob_bytes;
     size_t alloc_bytes;      /* what the allocation really takes (header + blob, aligned) */
+    struct rv_slab *slab;    /* from a slab: which one */
 } rv_tt_group;
+enum { RV_TT_FROM_HEAP = 0, RV_TT_FROM_POOL = 1, RV_TT_FROM_SLAB = 2 };
 #define RV_TT_BLOB(g) ((unsigned char *)(g) + RV_TT_GROUP_HDR)
 
 typedef struct {
@@ -84,6 +95,9 @@ typedef struct {
     int open_txns;
     size_t hot_bytes, cold_bytes, meta_bytes;
     size_t cold_pooled_bytes;     /* of cold_bytes: pool buffers */
+    size_t cold_slab_bytes;       /* of cold_bytes: slab blocks */
+    rv_slab_heap slabs;
+    int use_slabs;           /* cold groups from slabs (the policy above) */
     int64_t cold_groups;     /* distinct groups allocated */
     int64_t evicted;         /* tokens evicted, all sequences (a rollback takes its own back) */
     int64_t shared_groups;   /* distinct groups with more than one reference */
@@ -114,10 +128,16 @@ void rv_tt_destroy(rv_tt *c);
 size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most);
 /* bytes of a hot ring holding `tokens` tokens (aligned allocation) */
 size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens);
+/* whether a cache of p takes its cold groups from slabs (when no pool is attached) */
+int rv_tt_uses_slabs(const rv_tt_params *p);
 /* bytes the cache allocates at creation (its struct, counters, codec tables, work buffer) */
 size_t rv_tt_fixed_bytes(const rv_tt_params *p);
 
-/* Take cold groups from `pool`'s class `cls` when they fit its buffers (the pool must outlive
+/* the slabs' mapped bytes, and of them those not in cold groups */
+size_t rv_tt_slab_mapped_bytes(const rv_tt *c);
+size_t rv_tt_slab_slack_bytes(const rv_tt *c);
+
+/* Take cold groups from `pool`'s class `cls` when they fit its buffers, slabs or not (the pool must outlive
  * the cache's groups: the Python wrapper keeps it alive). */
 void rv_tt_use_pool(rv_tt *c, rv_pool *pool, int cls);
 
