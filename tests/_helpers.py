@@ -162,12 +162,12 @@ def assert_cache_attention_close(cache, seq, layer, q, out, causal=True):
 
 
 def assert_q4_close(out, ref, bound, v):
-    """q4 attention out [q_len, H, d] against q4_kernel_reference_bound's (ref, bound): per row
-    within CODES_EVALUATION_ORDER_BOUND * max|v| plus the row's bound."""
+    """q4 attention out [q_len, H, d] against q4_kernel_reference_bound's (ref, bound): per
+    channel within CODES_EVALUATION_ORDER_BOUND * max|v| plus the channel's bound."""
     if np.size(out) == 0:
         return
     scale = float(np.abs(np.asarray(v, np.float64)).max()) or 1.0
-    err = np.abs(np.asarray(out, np.float64) - ref).max(-1)
+    err = np.abs(np.asarray(out, np.float64) - ref)
     over = err - (CODES_EVALUATION_ORDER_BOUND * scale + bound)
     assert np.all(over <= 0), f"q4 attention error over its bound by {over.max() / scale:.3g} * max|v|"
 
@@ -461,19 +461,18 @@ def q4_int8_weights(qs, d):
 
 
 # the avx512vnni table sums 4-bit values as integers (quant_impl.h, qk_values_int) for cold
-# group heads without outlier value channels, head_dim a multiple of 64, group_size a multiple
-# of 16 and at most 8 groups: per block of 64 tokens of a group and row, u8 weights of
-# w * scale with the step S / 255, S = max w * max scale of the block, each off by at most
-# S / 510; a channel's error is then at most sum over blocks of S / 510 * 15 * (tokens seen
-# in the block), over the row's sum of weights
+# group heads with head_dim a multiple of 64, group_size a multiple of 16 and at most 8 groups:
+# per block of 64 tokens of a group and row, u8 weights of w * scale with the step S / 255,
+# S = max w * max scale of the block, each off by at most S / 510; a channel's error is then
+# at most sum over blocks of S / 510 * 15 * (tokens seen in the block), over the row's sum of
+# weights. Outlier value channels are recomputed exactly in floats (qk_raw_values): no bound.
 Q4_VALUE_BLOCK = 64
 
 
-def q4_int_values(d, gs, nv):
+def q4_int_values(d, gs):
     """Whether a q4 cold group head's values are summed with 8-bit weights (avx512vnni)."""
     import ruvpy
-    return (ruvpy.get_isa() == "avx512vnni" and nv == 0 and d % 64 == 0 and gs % 16 == 0
-            and -(-d // gs) <= 8)
+    return ruvpy.get_isa() == "avx512vnni" and d % 64 == 0 and gs % 16 == 0 and -(-d // gs) <= 8
 
 
 def q4_kernel_reference(cache, seq, layer, q, causal=True):
@@ -485,8 +484,8 @@ def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
     """float64 attention of q over `seq` in `layer` of a q4 TwoTierKVCache as its kernels define
     it: cold key scores from the codes (rv_coldq.h layout, read from the exported blobs) with
     the int8 query weights of q4_int8_weights, plus q . zero; values and hot tokens from
-    get_kv. Returns (out, bound): bound [q_len, H] is what the value sums' 8-bit weights may
-    add (0 unless q4_int_values)."""
+    get_kv. Returns (out, bound): bound [q_len, H, d] is what the value sums' 8-bit weights
+    may add (0 unless q4_int_values, and 0 in outlier value channels, which stay exact)."""
     import math
     meta, arrays = cache.export_sequence(seq)
     kvh, d, G, gs = cache.num_kv_heads, cache.head_dim, cache.migration_batch, min(cache.group_size, cache.head_dim)
@@ -500,9 +499,10 @@ def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
     g = H // kvh
     scale = np.float32(1.0 / math.sqrt(d))
     out = np.zeros((q_len, H, d))
-    bound = np.zeros((q_len, H))
+    bound = np.zeros((q_len, H, d))
     for h in range(kvh):
-        parts = []     # per cold group: (kscale, kzero, codes [G][d + nk], kidx, value scales if summed in int)
+        parts = []     # per cold group: (kscale, kzero, codes [G][d + nk], kidx, value scales if
+        #                summed in int, the channels that carry their error: all but its outlier ones)
         off = 0
         for size in sizes:
             blob = blobs[off:off + size]
@@ -513,6 +513,8 @@ def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
             counts = 4 * d + 4 * G * ng + G * vb
             nk, nv = int(seg[counts]), int(seg[counts + 1])
             kidx = seg[counts + 2:counts + 2 + nk].astype(int)
+            inexact = np.ones(d)
+            inexact[seg[counts + 2 + nk:counts + 2 + nk + nv].astype(int)] = 0.0
             o = counts + 2 + nk + nv
             o += o & 1
             o += 4 * nv + nv * kb                # voscale, vozero, vhi [nv][kb]
@@ -520,14 +522,14 @@ def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
             t = np.arange(G)
             codes = np.where(t < half, rows[:, np.minimum(t, kb - 1)] & 15, rows[:, np.clip(t - half, 0, kb - 1)] >> 4)
             vs = np.frombuffer(seg[4 * d:4 * d + 2 * G * ng].tobytes(), np.float16).astype(np.float64).reshape(G, ng)
-            parts.append((ks, kz, codes.T, kidx, vs if q4_int_values(d, gs, nv) else None))
+            parts.append((ks, kz, codes.T, kidx, vs if q4_int_values(d, gs) else None, inexact))
         for i in range(q_len):
             seen = n if not causal else n - q_len + i + 1
             for j in range(g):
                 qs = q[i, h * g + j] * scale
                 s = np.empty(n)
                 n_cold = len(parts) * G - skip - cut       # the last group lost `cut` tokens
-                for gi, (ks, kz, codes, kidx, _) in enumerate(parts):
+                for gi, (ks, kz, codes, kidx, *_) in enumerate(parts):
                     w = q4_int8_weights(np.concatenate([qs * ks, np.float32(16.0) * (qs * ks)[kidx]]), d)
                     a = gi * G - skip
                     lo, hi = max(a, 0), min(a + G, n_cold)
@@ -536,15 +538,15 @@ def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
                 s = s[:seen]
                 p = np.exp(s - s.max())
                 out[i, h * g + j] = p @ vv[:seen, h] / p.sum()
-                err = 0.0
-                for gi, (*_, vs) in enumerate(parts):
+                err = np.zeros(d)
+                for gi, (*_, vs, inexact) in enumerate(parts):
                     a = gi * G - skip
                     if vs is None:
                         continue
                     for b0 in range(0, G, Q4_VALUE_BLOCK):
                         lo, hi = max(a + b0, 0), min(a + b0 + Q4_VALUE_BLOCK, n_cold, seen)
                         if hi > lo:
-                            err += p[lo:hi].max() * vs[b0:b0 + Q4_VALUE_BLOCK].max() / 510 * 15 * (hi - lo)
+                            err += inexact * (p[lo:hi].max() * vs[b0:b0 + Q4_VALUE_BLOCK].max() / 510 * 15 * (hi - lo))
                 bound[i, h * g + j] = 1.01 * err / p.sum()
     return out, bound
 

@@ -84,15 +84,18 @@ def test_quality_with_outlier_channels(cold, bound):
     assert cosine(out, reference_attention(q, k, v, causal=False)) >= bound
 
 
+@pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("d,group_size", [(128, 32), (64, 32), (128, 16), (128, 64), (256, 32), (128, 48),
                                           (64, 16), (40, 16), (96, 32)])
-def test_q4_value_sums_against_their_reference(isa, d, group_size):
-    """q4 values over codes: with avx512vnni, heads without outlier value channels sum them with
-    8-bit weights (quant_impl.h qk_values_int); every table stays within the reference's bound.
-    Channel groups of different ranges and offsets (short of the outlier ratio, so the int path
-    runs): a lane read with another group's weights or zero, or channels permuted, is off by a
-    large fraction of max|v|."""
-    rng = np.random.default_rng(d * 1000 + group_size)
+def test_q4_value_sums_against_their_reference(isa, d, group_size, outliers):
+    """q4 values over codes: with avx512vnni, they are summed with 8-bit weights (quant_impl.h
+    qk_values_int), and outlier value channels' lanes recomputed exactly (qk_raw_values); every
+    table stays within the reference's bound, which is 0 in the outlier channels. Channel
+    groups of different ranges and offsets (short of the outlier ratio, so only the chosen
+    channels are outliers): a lane read with another group's weights or zero, or channels
+    permuted, is off by a large fraction of max|v|; an outlier lane summed with 8-bit or
+    scaled weights, or with its group's zero, is off by far more than the float bound."""
+    rng = np.random.default_rng(d * 1000 + group_size + outliers)
     kvh, G = 2, 40                                   # groups of 40 tokens: blocks not multiples of 16
     for rows in (1, 2, 3, 4):
         H = kvh * rows
@@ -103,6 +106,10 @@ def test_q4_value_sums_against_their_reference(isa, d, group_size):
         grp = np.arange(d) // group_size
         v *= np.array([1.0, 1.6, 1.2, 2.0])[grp % 4]          # per-group ranges
         v += np.array([0.0, 6.0, -4.0, 2.0])[grp % 4] + np.arange(d) * 0.02   # and offsets
+        if outliers:      # value channels at either end of a row and inside both halves
+            chans = [0, d // 2 - 1, d // 2 + 3, d - 1]      # d / 16 at most
+            v[:, :, chans] = v[:, :, chans] * 20 + 30
+            k[:, :, [1, d - 2]] *= 20
         cache.append(seq, 0, k, v)
         _, vv = cache.get_kv(seq, 0)
         for q_len, causal in ((1, True), (7, True), (50, True), (3, False)):
@@ -110,8 +117,10 @@ def test_q4_value_sums_against_their_reference(isa, d, group_size):
             out = cache.attention(seq, 0, q, causal=causal)
             ref, bound = q4_kernel_reference_bound(cache, seq, 0, q, causal)
             assert_q4_close(out, ref, bound, vv)
-            if q4_int_values(d, min(group_size, d), 0):
+            if q4_int_values(d, min(group_size, d)):
                 assert bound.max() > 0
+                if outliers:      # outlier channels (in every group) exact: the float bound alone
+                    assert not bound[..., chans].any()
                 # the bound is far below what a wrong lane would cost
                 assert bound.max() < 0.05 * np.abs(vv).max(), bound.max() / np.abs(vv).max()
             else:

@@ -867,10 +867,13 @@ def cases_attend_qgroup(rng):
             tol_out, tol_lse = attention_tolerance(q_aug, np.abs(k_aug[a:a + n]),
                                                    np.pad(values_abs, ((0, 0), (0, nk + d)))[a:a + n], vis)
             tol_out = tol_out[:, :d]
-            if nv == 0 and d % 64 == 0 and gs % 16 == 0 and -(-d // gs) <= 8:
+            if d % 64 == 0 and gs % 16 == 0 and -(-d // gs) <= 8:
                 # avx512vnni sums these values with 8-bit weights (quant_impl.h qk_values_int):
                 # per 64-token block and row each weight is off by at most S / 510, S = max w *
-                # max scale of the block (the bound of tests/_helpers.py q4_kernel_reference_bound)
+                # max scale of the block (the bound of tests/_helpers.py q4_kernel_reference_bound);
+                # outlier value channels are recomputed exactly (qk_raw_values): no bound there
+                inexact = np.ones(d)
+                inexact[vidx] = 0.0
                 for r in range(rows):
                     if vis[r] <= 0:
                         continue
@@ -880,7 +883,7 @@ def cases_attend_qgroup(rng):
                     for b0 in range(a // 64 * 64, a + vis[r], 64):
                         lo, hi = max(b0, a), min(b0 + 64, a + vis[r])
                         err += p[lo - a:hi - a].max() * float(vscale[b0:b0 + 64].max()) / 510 * 15 * (hi - lo)
-                    tol_out[r] += 1.01 * err / p.sum()
+                    tol_out[r] += inexact * (1.01 * err / p.sum())
         else:
             out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
             # the kernel sums (q * scale) . code and q . zero apart: bound by |terms|, not |key|

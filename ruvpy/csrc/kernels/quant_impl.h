@@ -658,8 +658,9 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, const f
  * zero term is a float dot per (row, group). A 128-bit lane of codes holds 16 channels of one
  * group (group_size and ceil(d / 2) multiples of 16), so one weight vector per four tokens
  * carries each lane's group. Every weight is off by at most S / 510 (half a step): the tests'
- * references bound that (q4_value_weight_bound in tests/_helpers.py). Heads with outlier value
- * channels and other shapes take the float path (qk_values). ---- */
+ * references bound that (q4_kernel_reference_bound in tests/_helpers.py). Outlier value
+ * channels' lanes are then recomputed exactly (qk_raw_values); other shapes take the float
+ * path (qk_values). ---- */
 #if defined(RV_ISA_AVX512)
 #define QK_VCH 4                      /* chunks of 64 channels a row has at most (d <= 256) */
 #define QK_VB 64                      /* tokens per weight block (a multiple of 16) */
@@ -941,6 +942,40 @@ RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk
 }
 #endif
 
+#if defined(RV_ISA_AVX512)
+/* acc[r][c] = sum_t w[r][t] lo_tc exactly (floats) for each raw channel c of the head: after
+ * qk_values_int ran over every lane as if none were raw, the raw lanes hold the wrong sum (their
+ * codes weighed by w * scale, plus the group's zero term) and are overwritten here. 16 tokens'
+ * codes of a channel per gather (dword-aligned, inside the row: ceil(d / 2) is a multiple of 32
+ * on this path). */
+RV_INLINE void qk_raw_values(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
+                             float *acc)
+{
+    const int d = h->head_dim, half = (d + 1) / 2;
+    const __m512i m15 = _mm512_set1_epi32(15);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)h->vrow));
+    for (int o = 0; o < h->nv; o++) {
+        const int c = h->vidx[o], byte = c < half ? c : c - half;
+        const __m128i sh = _mm_cvtsi32_si128(8 * (byte & 3) + (c < half ? 0 : 4));
+        const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(byte & ~3));
+        __m512 sum[QK_NR];
+        for (int r = 0; r < NR; r++)
+            sum[r] = _mm512_setzero_ps();
+        for (int t = 0; t < n; t += 16) {
+            const __mmask16 m = (__mmask16)(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);
+            const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx,
+                                                          h->vcodes + (size_t)(a + t) * h->vrow, 1);
+            const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(x, sh), m15));
+            for (int r = 0; r < NR; r++)
+                sum[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + r * w_stride + t), code, sum[r]);
+        }
+        for (int r = 0; r < NR; r++)
+            acc[r * d + c] = _mm512_reduce_add_ps(sum[r]);
+    }
+}
+#endif
+
 /* the values of qk_rows: integer sums where they apply (QK_VALUES_INT), else floats */
 #if defined(RV_ISA_AVX512) && defined(RV_HAVE_VNNI)
 #define QK_VALUES_INT 1
@@ -951,10 +986,10 @@ RV_INLINE void qk_values_sum(const int NR, const int RAW, const struct rv_qhead 
                              int w_stride, float *acc, const uint8_t *raw, float *scratch)
 {
 #if defined(RV_ISA_AVX512)
-    /* (heads with outlier value channels stay in floats: blending the raw channels' own
-     * weights into their lanes measured slower than the float path) */
+    /* heads with outlier value channels: every lane summed as integers, then the raw lanes
+     * recomputed exactly (blending their own weights into the integer loop measured slower) */
     qk_vplan p;
-    if (QK_VALUES_INT && !RAW && h->bits == 4 && qk_vplan_init(&p, h, a, n)) {
+    if (QK_VALUES_INT && h->bits == 4 && qk_vplan_init(&p, h, a, n)) {
         /* the common shapes with their loops unrolled */
         switch (p.ng * 8 + p.nch) {
         case 4 * 8 + 2: qk_values_int(NR, 4, 2, &p, h, a, n, w, w_stride, acc, scratch); break;   /* d 128, groups 32 */
@@ -962,6 +997,8 @@ RV_INLINE void qk_values_sum(const int NR, const int RAW, const struct rv_qhead 
         case 2 * 8 + 2: qk_values_int(NR, 2, 2, &p, h, a, n, w, w_stride, acc, scratch); break;   /* d 128, groups 64 */
         default: qk_values_int(NR, p.ng, p.nch, &p, h, a, n, w, w_stride, acc, scratch); break;
         }
+        if (RAW)
+            qk_raw_values(NR, h, a, n, w, w_stride, acc);
         return;
     }
 #endif
