@@ -52,7 +52,6 @@ def test_interleaved_medians_times_every_call_in_the_rotated_order():
     assert calls == list("abc") + list("abc") + list("bca") + list("cab") + list("abc")
 
 
-@pytest.mark.skipif(not os.path.exists(SMAPS), reason="reads the mappings from Linux's /proc/self/smaps")
 def test_contiguous_kv_is_a_private_aligned_huge_page_copy():
     a = np.random.default_rng(0).standard_normal((300, 3, 64)).astype(np.float16)
     b = bench_kvcache.placed_like_kv(a)
@@ -67,8 +66,6 @@ def test_contiguous_kv_is_a_private_aligned_huge_page_copy():
     assert 0.0 <= share <= 1.0
 
 
-@pytest.mark.skipif(not os.path.exists(SMAPS) or not hasattr(mmap, "MADV_NOHUGEPAGE"),
-                    reason="reads the mappings from Linux's /proc/self/smaps")
 def test_huge_page_share_of_small_pages_is_zero():
     region = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE)
     region.madvise(mmap.MADV_NOHUGEPAGE)

@@ -16,9 +16,7 @@ from ruvpy._kvcache import _mapped_bytes
 from _helpers import assert_cache_attention_close, heap_bytes_in_use, process_mappings, random_kv
 
 HUGE_PAGE = 2 << 20
-SMAPS = "/proc/self/smaps"
 THP = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
-pytestmark = pytest.mark.skipif(not os.path.exists(SMAPS), reason="reads the mappings from Linux's /proc/self/smaps")
 
 
 mappings = process_mappings

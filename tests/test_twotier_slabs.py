@@ -18,9 +18,7 @@ from _helpers import (assert_cache_attention_close, heap_bytes_in_use, outlier_k
                       random_kv)
 
 HUGE_PAGE = 2 << 20
-SMAPS = "/proc/self/smaps"
 THP = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
-pytestmark = pytest.mark.skipif(not os.path.exists(SMAPS), reason="reads the mappings from Linux's /proc/self/smaps")
 
 KVH, D, G = 4, 128, 64
 
