@@ -16,19 +16,13 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import bench_kvcache  # noqa: E402
 
-SMAPS = "/proc/self/smaps"
+from _helpers import process_mappings  # noqa: E402
 
 
 def vm_flags(address):
-    with open(SMAPS) as f:
-        inside = False
-        for line in f:
-            head = line.split(None, 1)[0]
-            if not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return set(line.split()[1:])
+    for (lo, hi), flags in process_mappings().items():
+        if lo <= address < hi:
+            return flags
     raise AssertionError(f"{address:#x} is in no mapping")
 
 
