@@ -176,7 +176,10 @@ class RuvpyCache(Cache):
     model's attention implementation to "ruvpy" (see the module docstring).
 
     `cache.runtime` is the Runtime (`cache.runtime.stats()`); `cache.sequences` the ruvpy
-    sequence of each batch row. Use it from one thread at a time, like the model.
+    sequence of each batch row. Use it from one thread at a time, like the model: while a
+    forward is part-way, its step belongs to its thread, and from another thread a layer's
+    update/attention, a row edit, crop, reset or deepcopy raises RuntimeError and changes
+    nothing (close() is the way to stop it from there).
     """
 
     def __init__(self, model, kv_cache="paged", **runtime_options):
@@ -258,14 +261,14 @@ class RuvpyCache(Cache):
         pending = getattr(_local, "pending", None)
         if pending is not None and pending[0] is self:
             _local.pending = None
-            self._abandon_forward()
+            self._abandon_forward("RuvpyCache.update")
             raise RuntimeError(f"the attention of layer {pending[1]} did not run through the "
                                f"{ATTENTION!r} attention function after cache.update(); the "
                                f"forward was rolled back")
         if type(layer_idx) is not int or not 0 <= layer_idx < self.num_layers:
             layer_idx = self._layer_index(layer_idx)
         if self._plan is not None and self._attended[layer_idx]:
-            self._abandon_forward()           # the previous forward stopped part-way
+            self._abandon_forward("RuvpyCache.update")   # the previous forward stopped part-way
         if self._plan is None:                # the first layer of a forward
             self._check_usable()
             if self._config._attn_implementation != ATTENTION:
@@ -290,6 +293,7 @@ class RuvpyCache(Cache):
     def _attend(self, layer, query, key, value, mask, *, dropout, scaling, is_causal, extra):
         """Append `key`/`value` of every row to `layer` and attend `query` (one Step.attention
         call); returns [batch, q_len, num_heads, head_dim] in the query's dtype."""
+        self._check_forward_thread("ruvpy_attention_forward")
         try:
             if dropout or is_causal is False or extra and self._unsupported(extra) or \
                     (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)) or \
@@ -307,7 +311,7 @@ class RuvpyCache(Cache):
                                  f"forward's batch {plan.batch} x {plan.q_len} tokens")
             output = self._attend_rows(plan, layer, query, key, value, scaling)
         except BaseException:
-            self._abandon_forward()
+            self._abandon_forward("ruvpy_attention_forward")
             raise
         self._attended[layer] = True
         plan.remaining -= 1
@@ -407,8 +411,17 @@ class RuvpyCache(Cache):
                 raise
         self._append_columns(plan.valid, plan.batch, plan.q_len)
 
-    def _abandon_forward(self):
-        """Roll back the open forward's step, if any (its sequences are as before it)."""
+    def _check_forward_thread(self, what):
+        """Refuse `what` while the forward open on this cache is another thread's: its step
+        is that thread's (Step's own check), and nothing here is changed."""
+        plan = self._plan
+        if plan is not None and plan.step is not None:
+            plan.step._check_thread(what)
+
+    def _abandon_forward(self, what):
+        """Roll back the open forward's step, if any (its sequences are as before it); `what`
+        (the call doing it) is refused while that forward is another thread's."""
+        self._check_forward_thread(what)
         pending = getattr(_local, "pending", None)
         if pending is not None and pending[0] is self:
             _local.pending = None
@@ -483,18 +496,21 @@ class RuvpyCache(Cache):
     def reorder_cache(self, beam_idx):
         """Row i becomes old row beam_idx[i] (beam search): repeated rows are forks sharing
         storage copy-on-write, rows left out are freed."""
-        self._select_rows(self._row_indices(beam_idx, "reorder_cache"))
+        self._select_rows(self._row_indices(beam_idx, "reorder_cache"),
+                          "RuvpyCache.reorder_cache")
 
     def batch_select_indices(self, indices):
         """Keep the rows `indices` selects (int indices or a boolean mask), in that order."""
-        self._select_rows(self._row_indices(indices, "batch_select_indices"))
+        self._select_rows(self._row_indices(indices, "batch_select_indices"),
+                          "RuvpyCache.batch_select_indices")
 
     def batch_repeat_interleave(self, repeats):
         """Repeat each row `repeats` times in place (row r becomes rows r*repeats...)."""
         if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
             raise ValueError(f"batch_repeat_interleave: repeats must be an int >= 1, got "
                              f"{repeats!r}")
-        self._select_rows([r for r in range(len(self._seqs)) for _ in range(int(repeats))])
+        self._select_rows([r for r in range(len(self._seqs)) for _ in range(int(repeats))],
+                          "RuvpyCache.batch_repeat_interleave")
 
     def _row_indices(self, indices, what):
         rows = len(self._seqs)
@@ -518,9 +534,9 @@ class RuvpyCache(Cache):
             raise IndexError(f"{what}: row indices {bad[:8]} out of range for {rows} rows")
         return out
 
-    def _select_rows(self, rows):
+    def _select_rows(self, rows, what):
         self._check_usable()
-        self._abandon_forward()
+        self._abandon_forward(what)
         if not self._seqs:
             return                       # nothing cached: the next forward makes the rows
         runtime, forks, kept = self.runtime, [], set()
@@ -559,7 +575,7 @@ class RuvpyCache(Cache):
                              f"supported. Please use a negative integer to remove that number "
                              f"of tokens from the cache instead.")
         self._check_usable()
-        self._abandon_forward()
+        self._abandon_forward("RuvpyCache.crop")
         truncate = getattr(self.runtime, "truncate_sequence", None)
         if truncate is None:
             raise NotImplementedError("RuvpyCache.crop needs Runtime.truncate_sequence, which "
@@ -579,7 +595,7 @@ class RuvpyCache(Cache):
     def reset(self):
         """Drop every row (their KV storage is freed); the next forward starts a new batch."""
         self._check_usable()
-        self._abandon_forward()
+        self._abandon_forward("RuvpyCache.reset")
         for seq in self._seqs:
             self.runtime.remove_sequence(seq)
         self._seqs = []
@@ -592,7 +608,7 @@ class RuvpyCache(Cache):
         (`copy.deepcopy(prompt_cache)`). Both caches share the Runtime: close() closes it for
         both."""
         self._check_usable()
-        self._abandon_forward()
+        self._abandon_forward("copy.deepcopy(RuvpyCache)")
         forks = []
         try:
             for seq in self._seqs:

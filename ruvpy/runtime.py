@@ -84,6 +84,10 @@ class Step:
     slice of a fused QKV projection) and k, v are [num_tokens, num_kv_heads, head_dim]
     float32 or float16: the concatenation over the step's sequences in order (rows
     seq_offsets[i]:seq_offsets[i+1] belong to seqs[i]).
+
+    A step belongs to the thread that entered it: attention(), alloc() and the end of the
+    block from any other thread raise RuntimeError and change nothing (its plan -- seqs,
+    n_tokens, seq_offsets, positions, attended_layers -- may be read from any thread).
     """
 
     __slots__ = ("_runtime", "_arena", "_seqs", "_n_tokens", "num_tokens", "_starts",
@@ -150,6 +154,7 @@ class Step:
     def alloc(self, shape, dtype=np.float32):
         """Step-scoped arena memory: a C-contiguous, 64-byte aligned, uninitialised array,
         reclaimed when the step ends. ArenaExhausted when it does not fit."""
+        self._check_thread("step.alloc")
         self._check_open()
         return self._arena.alloc(shape, dtype)
 
@@ -158,6 +163,8 @@ class Step:
         over each sequence's whole context, causally; returns [num_tokens, num_heads,
         head_dim] float32 (`out` if given, else step-scoped arena memory). One call per
         layer per step. Bad input raises before anything is written."""
+        # another thread's step: refused before the caller's code below runs
+        self._check_thread("step.attention")
         # the caller's scalars first: their conversions (__index__, __float__) run its code,
         # which may call back into the runtime (from this thread or, waiting on it, another)
         # or even end this step; the step's checks come after them, and no lock is held here
@@ -192,6 +199,23 @@ class Step:
         self._remaining -= 1
         self._calls += 1
         return out
+
+    # -- the owning thread ------------------------------------------------------------------
+    def _check_thread(self, what):
+        """Refuse `what` (a call that uses or ends the step) from a thread other than the one
+        that entered it, before anything is converted or touched: the step's transaction, its
+        arena memory and its thread count belong to that thread, which may still be using
+        them. A step nobody entered has no owner (its own checks say it is not open)."""
+        if self._owner is not None and not self._entered_here():
+            raise RuntimeError(
+                f"{self._runtime.name}: {what} from another thread: a step can be used and "
+                f"ended only by the thread that entered it (sequences {list(self._seqs)}); "
+                f"nothing was changed (to stop it from this thread, close() the runtime: the "
+                f"step's own thread then gets a RuntimeError from it)")
+
+    def _entered_here(self):
+        """Whether the calling thread is the one that entered the step (only it uses it)."""
+        return self._owner == threading.get_ident()
 
     # -- checks (off the hot path) ----------------------------------------------------------
     def _check_open(self):
@@ -247,13 +271,10 @@ class Step:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        self._check_thread("step.__exit__")
         if self._state is _OPEN or self._state is _ABANDONED:
             self._runtime._close_step(self, exc_type is None)
         return False         # (closed: the runtime was closed inside the step, by its thread)
-
-    def _entered_here(self):
-        """Whether the calling thread is the one that entered the step (only it ends it)."""
-        return self._owner == threading.get_ident()
 
     def __repr__(self):
         return (f"<ruvpy.Step {self._state}: sequences {list(self._seqs)}, tokens "
@@ -634,6 +655,8 @@ class Runtime(Closing):
                 abandoned = step._state is _ABANDONED
                 if abandoned:
                     step._state = _CLOSED
+                else:
+                    step._owner = None  # never entered (it may be entered again): no owner
                 self._step = None
                 self._step_lock.release()
             if abandoned:           # e.g. the cache's "closed": say what happened
@@ -679,15 +702,10 @@ class Runtime(Closing):
         fails on the way, the step ends rolled back (unless it committed), the slot is freed
         and the thread count restored; the first failure is raised after that. Under the
         state lock: a close() from another thread waits for it (and never frees the arena or
-        cache under it). Only the thread that entered the step ends it: from another thread
-        this raises and changes nothing (its slot, its thread count, its transaction and the
-        arena its arrays view all belong to the stepping thread, which may still be using
-        them); close() from another thread abandons the step instead."""
-        if not step._entered_here():
-            raise RuntimeError(f"{self.name}: a step can be ended only by the thread that "
-                               f"entered it (sequences {list(step._seqs)}); nothing was changed "
-                               f"(to stop it from this thread, close() the runtime: the step's "
-                               f"own thread then gets a RuntimeError from it)")
+        cache under it). Only the thread that entered the step ends it (Step.__exit__ refused
+        any other: its slot, its thread count, its transaction and the arena its arrays view
+        all belong to the stepping thread, which may still be using them); close() from
+        another thread abandons the step instead."""
         with self._state_lock:
             if step._state is _ABANDONED:
                 self._end_abandoned_step(step, ok)

@@ -5,6 +5,8 @@ sdpa attention. With float32 K/V in ruvpy both compute the same float32 attentio
 summation orders, ~1e-7 apart), so greedy tokens, beams and batched left-padded generations must
 be identical. (The real SmolLM2 model is checked in test_hf_smollm2.py.)
 """
+import copy
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,8 @@ import ruvpy  # noqa: E402
 import ruvpy.hf  # noqa: E402
 from ruvpy import KVCacheFull, Step  # noqa: E402
 from ruvpy.hf import RuvpyCache  # noqa: E402
+
+from _helpers import runtime_snapshot  # noqa: E402
 
 VOCAB = 96
 PAD = 0
@@ -650,6 +654,95 @@ def test_closing_the_cache_from_another_thread_during_a_forward(model):
     assert not seen["alive"] and "error" not in seen, seen
     assert seen["slot held"], "close() from another thread released the forward's step slot"
     assert cache.runtime.closed and not cache.runtime._step_lock.locked()
+
+
+def _calls_from_another_thread(model, cache):
+    """name -> (call on `cache` from a thread other than the one whose forward is part-way,
+    the call the refusal names)."""
+    q, k = _hf_layout(2, 1, 4, 16), _hf_layout(2, 1, 2, 16)
+
+    def update_and_attend(layer):
+        def call():
+            with torch.inference_mode():
+                cache.update(k, k, layer)
+                ruvpy.hf.ruvpy_attention_forward(model.model.layers[layer].self_attn, q, k, k,
+                                                 None)
+        return call
+
+    return {
+        "a forward": (lambda: _next_logits(model, cache, torch.tensor([[11], [12]]), None),
+                      "RuvpyCache.update"),
+        "update of an attended layer": (lambda: cache.update(k, k, 0), "RuvpyCache.update"),
+        "attention of a layer not attended yet": (update_and_attend(2),
+                                                  "ruvpy_attention_forward"),
+        "reorder_cache": (lambda: cache.reorder_cache(torch.tensor([1, 0])),
+                          "RuvpyCache.reorder_cache"),
+        "batch_select_indices": (lambda: cache.batch_select_indices(torch.tensor([0])),
+                                 "RuvpyCache.batch_select_indices"),
+        "batch_repeat_interleave": (lambda: cache.batch_repeat_interleave(2),
+                                    "RuvpyCache.batch_repeat_interleave"),
+        "crop": (lambda: cache.crop(-1), "RuvpyCache.crop"),
+        "reset": (lambda: cache.reset(), "RuvpyCache.reset"),
+        "deepcopy": (lambda: copy.deepcopy(cache), "copy.deepcopy(RuvpyCache)"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_calls_from_another_thread(None, None)))
+def test_a_forward_part_way_is_refused_to_other_threads(model, name):
+    """While a forward is part-way (layer 1 attended), a call from another thread that would
+    join or end it (the forward's step is its thread's) raises a RuntimeError naming the call
+    and changes nothing: the forward then finishes with the logits, rows and K/V of the same
+    forward on a twin cache nobody interrupted. (It used to drop the forward from the cache
+    and then fail ending its step from the wrong thread: the forward failed at its next
+    layer and its step stayed open, the runtime unusable.)"""
+    import threading
+
+    ids, mask = left_pad(prompts([4, 7], seed=6))
+    options = dict(kv_dtype="float32", threads=1)
+    cache = _prefilled(model, ids, mask, RuvpyCache(model, **options))
+    twin = _prefilled(model, ids, mask, RuvpyCache(model, **options))
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    tokens = torch.tensor([[9], [10]])
+    call, refused_call = _calls_from_another_thread(model, cache)[name]
+    seen = {}
+
+    def state():
+        return (cache._plan, cache.sequences, cache.get_seq_length(), list(cache._attended),
+                runtime_snapshot(cache.runtime), cache.runtime.arena.stats())
+
+    def call_elsewhere(*_):
+        seen["before"] = state()
+        outcome = {}
+
+        def other():
+            try:
+                call()
+            except BaseException as exc:      # reported below
+                outcome["error"] = exc
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(300)                           # a deadlock guard, not a timing
+        seen["alive"] = t.is_alive()
+        seen["error"] = outcome.get("error")
+        seen["after"] = state()
+
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(call_elsewhere)
+    try:
+        got = _next_logits(model, cache, tokens, step_mask)
+    finally:
+        hook.remove()
+    assert not seen["alive"]
+    error = seen["error"]
+    assert type(error) is RuntimeError, repr(error)
+    assert f"{refused_call} from another thread" in str(error), str(error)
+    assert "only by the thread that entered it" in str(error) and "nothing was changed" in \
+        str(error)
+    assert seen["after"] == seen["before"]
+    assert torch.equal(got, _next_logits(model, twin, tokens, step_mask))
+    assert cache.sequences == twin.sequences and cache.get_seq_length() == twin.get_seq_length()
+    assert runtime_snapshot(cache.runtime) == runtime_snapshot(twin.runtime)
+    assert not cache.runtime._step_lock.locked()
 
 
 def test_closing_the_cache_from_the_forwards_own_thread_during_a_forward(model):

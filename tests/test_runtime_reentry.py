@@ -13,13 +13,16 @@
   ended), and the step's outcome is consistent.
 - Step.__exit__ from a thread that did not enter the step raises and leaves the step, its
   slot and its sequences as they were; the owning thread then ends it normally.
+- So does every other Step call that touches the arena, the KV cache or the step (attention,
+  alloc), open or being opened, before it converts an argument; the step's plan (seqs,
+  positions, ...) reads from any thread.
 """
 import threading
 
 import numpy as np
 import pytest
 
-from ruvpy import Runtime, RuntimeConfig
+from ruvpy import KVCacheFull, Runtime, RuntimeConfig
 from ruvpy.runtime import IncompleteStepError
 
 from _helpers import Evil, EvilCount, EvilId, runtime_snapshot
@@ -411,3 +414,182 @@ def test_attached_weights_are_read_outside_the_state_lock():
                                 "resident_bytes": 1024, "nbytes": 4096}
     assert out["b"]["kv"] > 0
     rt.close()
+
+
+# ----------------------------------------------------------------------------------------
+# 4. a step used from another thread
+# ----------------------------------------------------------------------------------------
+
+def _foreign_calls(cfg, witness, out):
+    """name -> call(step) made from a thread that did not enter the step. witness() is the
+    caller's code in an argument's conversion (an int's __index__ runs EvilCount.callback,
+    which _witnessed sets to it; it must not run); `out` an output array (it must not be
+    written)."""
+    q, k, v = qkv(cfg, 2, 0.25)
+    return {
+        "step.attention": lambda step: step.attention(1, q, k, v),
+        "step.attention out=": lambda step: step.attention(1, q, k, v, out=out),
+        "step.attention layer __index__": lambda step: step.attention(EvilCount(1), q, k, v),
+        "step.attention scale __float__":
+            lambda step: step.attention(1, q, k, v, scale=Evil(0.125, witness)),
+        "step.attention attended layer": lambda step: step.attention(0, q, k, v),
+        "step.alloc": lambda step: step.alloc((64,)),
+        "step.alloc shape __index__": lambda step: step.alloc((EvilCount(64),)),
+        "step.__exit__": lambda step: step.__exit__(None, None, None),
+        "step.__exit__ exception": lambda step: step.__exit__(RuntimeError, None, None),
+    }
+
+
+FOREIGN_CALLS = sorted(_foreign_calls(RuntimeConfig(**CFG), None, None))
+
+
+class _witnessed:
+    """Within it, EvilCount's conversions record that they ran in `ran`."""
+
+    def __init__(self):
+        self.ran = []
+
+    def __call__(self):
+        self.ran.append("converted")
+
+    def __enter__(self):
+        EvilCount.callback = self
+        return self
+
+    def __exit__(self, *exc):
+        EvilCount.callback = None
+
+
+def _step_state(rt, step):
+    """What a refused call must leave as it was: the runtime's sequences, lengths, K/V and KV
+    statistics (runtime_snapshot), the step, its slot and transaction, the arena and the
+    buffer pool."""
+    return {"runtime": runtime_snapshot(rt), "step": (step._state, step.attended_layers,
+                                                      step._remaining, step._failed, step._calls),
+            "slot": (rt._step_lock.locked(), rt._step is step),
+            "transaction": [rt.cache.in_transaction(s) for s in step.seqs],
+            "arena": rt.arena.stats(), "pool": rt.pool.stats()}
+
+
+def _refused(error, name):
+    """The error a call from another thread raises: RuntimeError naming the call and why."""
+    assert type(error) is RuntimeError, repr(error)
+    text = str(error)
+    assert f"{name} from another thread" in text, text
+    assert "only by the thread that entered it" in text and "nothing was changed" in text, text
+
+
+def _stepped_twin(kv_cache):
+    """The runtime a test's steps make without the refused call: what they must end as."""
+    twin, seq = make_runtime(kv_cache)
+    with twin.step([seq], [2]) as step:
+        for layer in range(twin.config.num_layers):
+            step.attention(layer, *qkv(twin.config, 2))
+    return twin
+
+
+def _same_as_twin(rt, kv_cache):
+    twin = _stepped_twin(kv_cache)
+    with twin:
+        assert runtime_snapshot(rt) == runtime_snapshot(twin)
+        counts = ("steps", "rollbacks", "attention_calls", "arena_fallbacks")
+        assert [getattr(rt.stats(), c) for c in counts] == \
+            [getattr(twin.stats(), c) for c in counts]
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "two-tier", "turbo"])
+@pytest.mark.parametrize("name", FOREIGN_CALLS)
+def test_a_step_used_from_another_thread_is_refused_and_changes_nothing(kv_cache, name):
+    """Every Step call that touches the arena, the KV cache or the step itself, made from a
+    thread that did not enter the step, raises a RuntimeError saying so before it converts an
+    argument or writes anything: the cache, arena, pool, step and its slot are as they were,
+    and the owner's step then ends exactly as it would have without the call."""
+    rt, seq = make_runtime(kv_cache)
+    cfg = rt.config
+    out = np.full((2, cfg.num_heads, cfg.head_dim), np.nan, np.float32)
+    with rt, _witnessed() as witness:
+        call = _foreign_calls(cfg, witness, out)[name]
+        with rt.step([seq], [2]) as step:
+            step.attention(0, *qkv(cfg, 2))
+            before = _step_state(rt, step)
+            _refused(_in_another_thread(lambda: call(step)), name.split()[0])
+            assert witness.ran == [], "the caller's conversion ran for a refused call"
+            assert np.isnan(out).all(), "a refused attention wrote its output"
+            assert _step_state(rt, step) == before
+            step.attention(1, *qkv(cfg, 2))         # the owner carries on
+        _same_as_twin(rt, kv_cache)
+
+
+@pytest.mark.parametrize("name", FOREIGN_CALLS)
+def test_a_step_being_opened_is_refused_to_other_threads_too(name):
+    """Thread A is inside Step.__enter__ (its transaction begun, its plan being made) when
+    thread B calls the step: B is refused as the thread that did not enter it (not told the
+    step is "not open", and no __exit__ passes silently), and A's step opens and commits as if
+    B had not called."""
+    rt, seq = make_runtime()
+    cfg = rt.config
+    seen = {}
+    out = np.full((2, cfg.num_heads, cfg.head_dim), np.nan, np.float32)
+    witness = _witnessed()
+    call = _foreign_calls(cfg, witness, out)[name]
+    plan_in_transaction = rt._plan_in_transaction
+
+    def paused(seqs, n_tokens):
+        plan = plan_in_transaction(seqs, n_tokens)      # the transaction is open now
+        step = rt._step
+        seen["before"] = runtime_snapshot(rt), step._state
+        seen["error"] = _in_another_thread(lambda: call(step))
+        seen["after"] = runtime_snapshot(rt), step._state
+        return plan
+
+    rt._plan_in_transaction = paused
+    with rt, witness:
+        with rt.step([seq], [2]) as step:
+            del rt._plan_in_transaction
+            for layer in range(cfg.num_layers):
+                step.attention(layer, *qkv(cfg, 2))
+        _refused(seen["error"], name.split()[0])
+        assert seen["after"] == seen["before"] and seen["before"][1] == "planned"
+        assert witness.ran == [] and np.isnan(out).all()
+        _same_as_twin(rt, "paged")
+
+
+def test_a_steps_plan_reads_from_another_thread_and_a_second_enter_is_refused():
+    """What a step plans (seqs, n_tokens, seq_offsets, positions, attended_layers) touches no
+    arena, cache or sequence: any thread may read it and sees the owner's values. Entering
+    the step again from another thread is refused ("only once") and changes nothing."""
+    rt, seq = make_runtime()
+    cfg = rt.config
+    with rt:
+        with rt.step([seq], [2]) as step:
+            step.attention(0, *qkv(cfg, 2))
+            before = _step_state(rt, step)
+
+            def read():
+                return (step.seqs, step.n_tokens, step.seq_offsets.tolist(),
+                        step.positions.tolist(), step.attended_layers, repr(step))
+
+            theirs = {}
+            assert _in_another_thread(lambda: theirs.setdefault("plan", read())) is None
+            assert theirs["plan"] == read() == ((seq,), (2,), [0, 2], [3, 4], [0], repr(step))
+            error = _in_another_thread(step.__enter__)
+            assert type(error) is RuntimeError and "entered only once" in str(error)
+            assert _step_state(rt, step) == before
+            step.attention(1, *qkv(cfg, 2))
+        _same_as_twin(rt, "paged")
+
+
+def test_a_step_that_failed_to_open_has_no_owner():
+    """A step whose __enter__ failed (KVCacheFull) was never entered: to any thread it says it
+    is not open (it has no owning thread to refuse others for)."""
+    rt, seq = make_runtime()
+    cfg = rt.config
+    with rt:
+        step = rt.step([seq], [cfg.max_tokens])          # more than the cache has room for
+        with pytest.raises(KVCacheFull):
+            step.__enter__()
+        for call in (lambda: step.alloc((4,)), lambda: step.attention(0, *qkv(cfg, 1))):
+            error = _in_another_thread(call)
+            assert type(error) is RuntimeError and "the step is not open" in str(error), error
+        assert _in_another_thread(lambda: step.__exit__(None, None, None)) is None
+        assert not rt._step_lock.locked() and rt.seq_len(seq, 0) == 3
