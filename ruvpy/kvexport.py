@@ -4,7 +4,7 @@ ruvpy._kvcache gathers and writes the raw data; this module decides what an expo
 checks what comes in (everything is fetched from `arrays` first, then validated, so a
 mapping's code cannot run between a check and the use of what it checked).
 
-    meta   {"format": "ruvpy.kvcache", "version": 5, "kind": "paged" | "two-tier",
+    meta   {"format": "ruvpy.kvcache", "version": 6, "kind": "paged" | "two-tier",
             <the cache's configuration fields>, "lengths": [tokens per layer],
             two-tier: "skip": [evicted leading tokens of the first cold group, per layer],
                       "cut": [truncated trailing tokens of the last cold group, per layer]}
@@ -14,8 +14,9 @@ mapping's code cannot run between a check and the use of what it checked).
                      "hot_k.<layer>", "hot_v.<layer>" float16 [hot tokens, kv heads, head_dim]
 Version 2 (before truncation) had no "cut"; it still imports. Version 4 changed the TurboQuant
 cold groups (fixed-size groups: key means, int8 codebooks, no QJL signs), version 5 the q4
-groups (outlier value channels channel-major): an export whose cold groups have an older
-layout than its format's latest is refused, the others still import.
+groups (outlier value channels channel-major), version 6 the q4 groups again (outlier value
+channels' 8-bit codes in rows of their own): an export whose cold groups have an older layout
+than its format's latest is refused, the others still import.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ __all__ = ["FORMAT", "VERSION", "meta_for", "pack_paged", "pack_twotier", "unpac
            "unpack_twotier"]
 
 FORMAT = "ruvpy.kvcache"
-VERSION = 5   # 5: q4 outlier value channels channel-major (rv_coldq.h); 4: TurboQuant groups
-              # v3 (rv_turbo.h); 3: "cut" (truncation inside a cold group); 2: q4 outliers as
-              # split nibbles, turbo outlier channels (2026-11-23)
-READABLE = (2, 3, 4, 5)
+VERSION = 6   # 6: q4 outlier value channels as 8-bit rows (rv_coldq.h); 5: q4 outlier value
+              # channels channel-major; 4: TurboQuant groups v3 (rv_turbo.h); 3: "cut"
+              # (truncation inside a cold group); 2: q4 outliers as split nibbles, turbo
+              # outlier channels (2026-11-23)
+READABLE = (2, 3, 4, 5, 6)
 # the versions whose cold groups a format reads (formats not named: every readable version)
-COLD_READABLE = {"turbo": (4, 5), "q4": (5,)}
+COLD_READABLE = {"turbo": (4, 5, 6), "q4": (6,)}
 _COLD_NAMES = {"turbo": "TurboQuant", "q4": "q4"}
 
 _F16 = np.dtype(np.float16)

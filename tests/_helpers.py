@@ -465,7 +465,7 @@ def q4_int8_weights(qs, d):
 # per block of 64 tokens of a group and row, u8 weights of w * scale with the step S / 255,
 # S = max w * max scale of the block, each off by at most S / 510; a channel's error is then
 # at most sum over blocks of S / 510 * 15 * (tokens seen in the block), over the row's sum of
-# weights. Outlier value channels are recomputed exactly in floats (qk_raw_values): no bound.
+# weights. Outlier value channels are replaced by float sums (qk_outlier_values): no bound.
 Q4_VALUE_BLOCK = 64
 
 
@@ -517,7 +517,7 @@ def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
             inexact[seg[counts + 2 + nk:counts + 2 + nk + nv].astype(int)] = 0.0
             o = counts + 2 + nk + nv
             o += o & 1
-            o += 4 * nv + nv * kb                # voscale, vozero, vhi [nv][kb]
+            o += 4 * nv + nv * G                 # voscale, vozero, vocodes [nv][G]
             rows = seg[o:o + (d + nk) * kb].reshape(d + nk, kb).astype(np.int64)
             t = np.arange(G)
             codes = np.where(t < half, rows[:, np.minimum(t, kb - 1)] & 15, rows[:, np.clip(t - half, 0, kb - 1)] >> 4)

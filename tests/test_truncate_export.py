@@ -251,23 +251,23 @@ def test_a_version_2_kv_export_still_imports():
     for layer in range(2):
         cache.append(a, layer, *kv(rng, 30))
     meta, arrays = cache.export_sequence(a)
-    assert meta["version"] == VERSION == 5 and meta["cut"] == [0, 0]
+    assert meta["version"] == VERSION == 6 and meta["cut"] == [0, 0]
     old = {k: v for k, v in meta.items() if k != "cut"}
     old["version"] = 2
     b = q8().import_sequence(old, arrays)
     assert b == 0
-    for version in (3, 4):
+    for version in (3, 4, 5):
         target = q8()
         assert target.import_sequence(dict(meta, version=version), arrays) == 0
         assert target.get_kv(0, 1)[0].tobytes() == cache.get_kv(a, 1)[0].tobytes()
-    with pytest.raises(ValueError, match="v5"):
-        q8().import_sequence(dict(meta, version=6), arrays)
+    with pytest.raises(ValueError, match="v6"):
+        q8().import_sequence(dict(meta, version=7), arrays)
 
 
-@pytest.mark.parametrize("cold, name, versions", [("turbo", "TurboQuant", [2, 3]), ("q4", "q4", [2, 3, 4])])
+@pytest.mark.parametrize("cold, name, versions", [("turbo", "TurboQuant", [2, 3]), ("q4", "q4", [2, 3, 4, 5])])
 def test_exports_with_an_older_group_layout_are_refused(cold, name, versions):
-    """Version 4 changed the TurboQuant groups' layout, version 5 the q4 groups' (outlier value
-    channels channel-major): older blobs are not read as new ones (q8 exports of those
+    """Version 4 changed the TurboQuant groups' layout, versions 5 and 6 the q4 groups' (outlier
+    value channels channel-major, then as 8-bit rows): older blobs are not read as new ones (q8 exports of those
     versions still import, above). The cache stays empty; the current version imports."""
     rng = np.random.default_rng(12)
     cache = caches()[cold]

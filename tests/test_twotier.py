@@ -89,7 +89,7 @@ def test_quality_with_outlier_channels(cold, bound):
                                           (64, 16), (40, 16), (96, 32)])
 def test_q4_value_sums_against_their_reference(isa, d, group_size, outliers):
     """q4 values over codes: with avx512vnni, they are summed with 8-bit weights (quant_impl.h
-    qk_values_int), and outlier value channels' lanes recomputed exactly (qk_raw_values); every
+    qk_values_int), and outlier value channels' lanes replaced by float sums (qk_outlier_values); every
     table stays within the reference's bound, which is 0 in the outlier channels. Channel
     groups of different ranges and offsets (short of the outlier ratio, so only the chosen
     channels are outliers): a lane read with another group's weights or zero, or channels
@@ -181,7 +181,9 @@ def test_turbo_keeps_token_order():
 def test_q4_stored_bytes_per_token(kvh, d):
     """Codes + scales + outliers, from what was allocated, against fp16 K/V; the outlier data
     takes the most outlier channels a head may have (head_dim / 16 of K and of V), which
-    weigh most at head_dim 64."""
+    weigh most at head_dim 64: 0.324x there (the fp16 per-token value-group scales alone cost
+    a bit per value, and an outlier value channel's 8-bit row leaves its 4-bit slot in the
+    token rows unused, rv_coldq.h), 0.306x at 128."""
     rng = np.random.default_rng(3)
     cache = TwoTierKVCache(2, kvh, d, hot_tokens=0, cold="q4", max_tokens=4096)
     seq = cache.add_sequence()
@@ -191,7 +193,7 @@ def test_q4_stored_bytes_per_token(kvh, d):
     assert st.tiers["cold"]["tokens"] == 1024 and st.tiers["hot"]["tokens"] == 0
     fp16 = 2 * 2 * kvh * d * 2                       # K and V, two layers
     assert st.cold_bytes_per_token == st.tiers["cold"]["bytes"] / 1024
-    assert st.cold_bytes_per_token <= 0.32 * fp16
+    assert st.cold_bytes_per_token <= 0.33 * fp16
     assert st.compression_ratio == pytest.approx(fp16 / st.cold_bytes_per_token)
     assert cache.nbytes == st.hot_bytes + st.cold_bytes + st.metadata_bytes + st.slab_slack_bytes == st.bytes
     # the classmethod is the same allocation size (groups without outliers), per token

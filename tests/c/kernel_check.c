@@ -608,7 +608,7 @@ static int run_attn_finalize(const rv_ops *ops, rv_case *c)
 static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
 {
     size_t nq = 0, nkc = 0, nks = 0, nkz = 0, nki = 0, nvc = 0, nvs = 0, nvz = 0;
-    size_t nvi = 0, nos = 0, noz = 0, nvh = 0, nvis = 0;
+    size_t nvi = 0, nos = 0, noz = 0, nvo = 0, nvis = 0;
     int rows = (int)param(c, "rows"), d = (int)param(c, "head_dim"), G = (int)param(c, "G");
     int bits = (int)param(c, "bits"), gs = (int)param(c, "group_size");
     int a = (int)param(c, "a"), n = (int)param(c, "n");
@@ -618,7 +618,7 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
     const float *kscale = in_f32(c, "kscale", &nks), *kzero = in_f32(c, "kzero", &nkz);
     const float *vscale = in_f32(c, "vscale", &nvs), *vzero = in_f32(c, "vzero", &nvz);
     const uint8_t *kidx = input(c, "kidx", DT_U8, &nki, 0), *vidx = input(c, "vidx", DT_U8, &nvi, 0);
-    const uint8_t *vhi = input(c, "vhi", DT_U8, &nvh, 0);
+    const uint8_t *vocodes = input(c, "vocodes", DT_U8, &nvo, 0);
     const float *voscale = input(c, "voscale", DT_F32, &nos, 0), *vozero = input(c, "vozero", DT_F32, &noz, 0);
     const int32_t *visible = in_i32_opt(c, "visible", &nvis);
     int ng = gs > 0 ? (d + gs - 1) / gs : 0;
@@ -630,14 +630,14 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
         nkz != (size_t)d || nvs != (size_t)G * ng || nvz != (size_t)G * ng ||
         nki > RV_MAX_OUTLIERS || nvi > RV_MAX_OUTLIERS || ((nki || nvi) && bits != 4) ||
         nos != nvi || noz != nvi ||
-        (nvi && nvh < (size_t)((nvi - 1) * krow + (G + 1) / 2)) || (visible && nvis != (size_t)rows) ||
+        nvo != nvi * (size_t)G || (visible && nvis != (size_t)rows) ||
         alloc_state(c, rows, d, &s))
         return fail(c, "%s: malformed case", "attend_qgroup");
     float *scratch = output(c, "_qscratch", DT_F32, RV_QATTN_SCRATCH_FLOATS(G, d), 64);
     if (!scratch)
         return -1;
     struct rv_qhead h = {G, d, bits, gs, kcodes, krow, kscale, kzero, (int)nki, kidx,
-                         vcodes, vrow, vscale, vzero, (int)nvi, vidx, voscale, vozero, vhi, NULL, 0};
+                         vcodes, vrow, vscale, vzero, (int)nvi, vidx, voscale, vozero, vocodes, NULL, 0};
     for (int r = 0; r < rows; r++)
         s.m[r] = -INFINITY;
     rv_attn_state st = {rows, d, q, d, s.m, s.l, s.acc, s.scratch};

@@ -842,13 +842,12 @@ def cases_attend_qgroup(rng):
         v_prod = vc * vscale[:, per_channel].astype(np.float64)
         vz64 = vzero[:, per_channel].astype(np.float64)
         values, values_abs = v_prod + vz64, np.abs(v_prod) + np.abs(vz64)
-        # an outlier channel's value is an 8-bit code of its own per-channel parameters: low
-        # nibble in its slot, high nibbles channel-major in vhi (a 4-bit row of the G tokens
-        # per outlier, rows krow bytes apart like the keys'); the kernel sums the slot's codes
-        # raw and the high nibbles as a dot product
+        # an outlier channel's value is an 8-bit code of its own per-channel parameters, in a
+        # row of the G tokens per outlier (vocodes); its slot in the token rows holds junk here
+        # (the format writes 0) that must not count
         vos64, voz64 = voscale.astype(np.float64), vozero.astype(np.float64)
-        vhi, hi = quant_rows(rng, nv, G, 4, krow)                      # hi [nv][G]
-        o_code = (vc[:, vidx] + 16 * hi.T).astype(np.float64)
+        vocodes, o_codes = quant_rows(rng, nv, G, 8, G)                # o_codes [nv][G]
+        o_code = o_codes.T.astype(np.float64)
         values[:, vidx] = o_code * vos64 + voz64
         values_abs[:, vidx] = np.abs(o_code * vos64) + np.abs(voz64)
         q = (rng.standard_normal((rows, d)) * 2.0 / np.sqrt(d)).astype(np.float32)
@@ -871,7 +870,7 @@ def cases_attend_qgroup(rng):
                 # avx512vnni sums these values with 8-bit weights (quant_impl.h qk_values_int):
                 # per 64-token block and row each weight is off by at most S / 510, S = max w *
                 # max scale of the block (the bound of tests/_helpers.py q4_kernel_reference_bound);
-                # outlier value channels are recomputed exactly (qk_raw_values): no bound there
+                # outlier value channels are replaced by float sums (qk_outlier_values): no bound there
                 inexact = np.ones(d)
                 inexact[vidx] = 0.0
                 for r in range(rows):
@@ -895,7 +894,7 @@ def cases_attend_qgroup(rng):
         if nk:
             arrays.update(kidx=kidx)
         if nv:
-            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vhi=vhi)
+            arrays.update(vidx=vidx, voscale=voscale, vozero=vozero, vocodes=vocodes)
         if visible is not None:
             arrays["visible"] = visible
         yield f"bits={bits} d={d} G={G} group={gs} rows={rows} outliers={nk}/{nv} tokens={a}+{n} {vis_kind}", arrays

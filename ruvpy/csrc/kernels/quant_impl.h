@@ -405,53 +405,10 @@ RV_INLINE int qk_scores_i8(const int NR, const struct rv_qhead *h, const float *
 }
 #endif
 
-/* ---- decoding values with some lanes left raw: x = raw lane ? code : code * scale + zero.
- * A 4-bit head's outlier value channels hold the low nibble of their own 8-bit codes in their
- * slots: summing those raw while decoding the rows costs one masked FMA on AVX-512 (a blend
- * elsewhere) and no load of its own. raw[c] is 0xFF for such a channel c, else 0. ---- */
-#if defined(RV_ISA_AVX512)
-typedef __mmask16 qk_raw;
-RV_INLINE qk_raw qk_raw_at(const uint8_t *raw) { return (qk_raw)_mm_movemask_epi8(_mm_loadu_si128((const __m128i *)raw)); }
-RV_INLINE rv_vf qk_dequant_raw(rv_vf code, rv_vf scale, rv_vf zero, qk_raw m)
-{
-    return _mm512_mask_fmadd_ps(code, (__mmask16)~m, scale, zero);
-}
-#elif defined(RV_ISA_AVX2)
-typedef __m256 qk_raw;
-RV_INLINE qk_raw qk_raw_at(const uint8_t *raw)
-{
-    return _mm256_castsi256_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)raw)));
-}
-RV_INLINE rv_vf qk_dequant_raw(rv_vf code, rv_vf scale, rv_vf zero, qk_raw m)
-{
-    return _mm256_blendv_ps(rv_vf_fmadd(code, scale, zero), code, m);
-}
-#elif defined(RV_ISA_NEON)
-typedef uint32x4_t qk_raw;
-RV_INLINE qk_raw qk_raw_at(const uint8_t *raw)
-{
-    uint32_t w;
-    memcpy(&w, raw, 4);
-    return vreinterpretq_u32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u32(vcreate_u32(w))))));
-}
-RV_INLINE rv_vf qk_dequant_raw(rv_vf code, rv_vf scale, rv_vf zero, qk_raw m)
-{
-    return vbslq_f32(m, code, rv_vf_fmadd(code, scale, zero));
-}
-#else
-typedef uint8_t qk_raw;
-RV_INLINE qk_raw qk_raw_at(const uint8_t *raw) { return *raw; }
-RV_INLINE rv_vf qk_dequant_raw(rv_vf code, rv_vf scale, rv_vf zero, qk_raw m)
-{
-    return m ? code : rv_vf_fmadd(code, scale, zero);
-}
-#endif
-
 /* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1, values dequantized in
- * registers (token-major codes, per-token channel-group parameters as floats); with RAW (4-bit
- * only), the channels c with raw[c] sum their codes as they are. */
-RV_INLINE void qk_values(const int NR, const int RAW, const struct rv_qhead *h, int a, int n, const float *w,
-                         int w_stride, float *acc, const uint8_t *raw)
+ * registers (token-major codes, per-token channel-group parameters as floats) */
+RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
+                         float *acc)
 {
     const int d = h->head_dim, gs = h->group_size, ng = (d + gs - 1) / gs;
     const float *vs = h->vscale, *vz = h->vzero;
@@ -475,12 +432,6 @@ RV_INLINE void qk_values(const int NR, const int RAW, const struct rv_qhead *h, 
                         al[r][u] = rv_vf_load(acc + r * d + j + u * RV_VW);
                         ah[r][u] = rv_vf_load(acc + r * d + half + j + u * RV_VW);
                     }
-                qk_raw rl[QK_SW], rh[QK_SW];
-                for (int u = 0; u < QK_SW; u++)
-                    if (RAW) {
-                        rl[u] = qk_raw_at(raw + j + u * RV_VW);
-                        rh[u] = qk_raw_at(raw + half + j + u * RV_VW);
-                    }
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
                     const uint8_t *b = h->vcodes + tok * h->vrow + j;
@@ -489,10 +440,8 @@ RV_INLINE void qk_values(const int NR, const int RAW, const struct rv_qhead *h, 
                     for (int u = 0; u < QK_SW; u++) {
                         const rv_vf sl = rv_vf_set1(ps[gl[u]]), zl = rv_vf_set1(pz[gl[u]]);
                         const rv_vf sh = rv_vf_set1(ps[gh[u]]), zh = rv_vf_set1(pz[gh[u]]);
-                        xl[u] = RAW ? qk_dequant_raw(qk_lo4(b + u * RV_VW), sl, zl, rl[u])
-                                    : rv_vf_fmadd(qk_lo4(b + u * RV_VW), sl, zl);
-                        xh[u] = RAW ? qk_dequant_raw(qk_hi4(b + u * RV_VW), sh, zh, rh[u])
-                                    : rv_vf_fmadd(qk_hi4(b + u * RV_VW), sh, zh);
+                        xl[u] = rv_vf_fmadd(qk_lo4(b + u * RV_VW), sl, zl);
+                        xh[u] = rv_vf_fmadd(qk_hi4(b + u * RV_VW), sh, zh);
                     }
                     for (int r = 0; r < NR; r++) {
                         rv_vf p = rv_vf_set1(w[r * w_stride + t]);
@@ -515,19 +464,14 @@ RV_INLINE void qk_values(const int NR, const int RAW, const struct rv_qhead *h, 
                     al[r] = rv_vf_load(acc + r * d + j);
                     ah[r] = rv_vf_load(acc + r * d + half + j);
                 }
-                qk_raw rl, rh;
-                if (RAW) {
-                    rl = qk_raw_at(raw + j);
-                    rh = qk_raw_at(raw + half + j);
-                }
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
                     const uint8_t *b = h->vcodes + tok * h->vrow + j;
                     const float *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
                     const rv_vf sl = rv_vf_set1(ps[gl]), zl = rv_vf_set1(pz[gl]);
                     const rv_vf sh = rv_vf_set1(ps[gh]), zh = rv_vf_set1(pz[gh]);
-                    rv_vf xl = RAW ? qk_dequant_raw(qk_lo4(b), sl, zl, rl) : rv_vf_fmadd(qk_lo4(b), sl, zl);
-                    rv_vf xh = RAW ? qk_dequant_raw(qk_hi4(b), sh, zh, rh) : rv_vf_fmadd(qk_hi4(b), sh, zh);
+                    rv_vf xl = rv_vf_fmadd(qk_lo4(b), sl, zl);
+                    rv_vf xh = rv_vf_fmadd(qk_hi4(b), sh, zh);
                     for (int r = 0; r < NR; r++) {
                         rv_vf p = rv_vf_set1(w[r * w_stride + t]);
                         al[r] = rv_vf_fmadd(p, xl, al[r]);
@@ -551,10 +495,8 @@ RV_INLINE void qk_values(const int NR, const int RAW, const struct rv_qhead *h, 
                 float sum = 0.0f;
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
-                    float x = qk_code(h->vcodes + tok * h->vrow, c, d, 4);
-                    if (!(RAW && raw[c]))
-                        x = x * vs[(size_t)tok * ng + gi] + vz[(size_t)tok * ng + gi];
-                    sum += w[r * w_stride + t] * x;
+                    sum += w[r * w_stride + t] * ((float)qk_code(h->vcodes + tok * h->vrow, c, d, 4) * vs[(size_t)tok * ng + gi] +
+                                                  vz[(size_t)tok * ng + gi]);
                 }
                 acc[r * d + c] += sum;
             }
@@ -593,57 +535,58 @@ RV_INLINE void qk_values(const int NR, const int RAW, const struct rv_qhead *h, 
     }
 }
 
-/* Outlier value channels, after qk_values summed the low nibbles of their codes raw into
- * acc[r][vidx[o]] (which held 0 for it; `held` is what the row had before): their values are
- * voscale * (lo + 16 hi) + vozero, so
- *     acc = held + voscale * (sum_t w lo) + sum_t w (16 voscale hi + vozero),
- * the last a dot product over the channel's contiguous row of high nibbles (a 4-bit row of
- * the G tokens: weights w[r][t] for every t < G, 0 outside the tokens folded). QK_VO
- * channels per pass share the weight loads. */
-#if defined(RV_ISA_AVX2)
-#define QK_VO 2                  /* 16 registers: NR x 2 sums, 2 x NR weights and the codes */
+/* Outlier value channels, after the rows' decoding put whatever it did into their slots
+ * (which hold code 0: the format keeps these channels apart): their values are
+ * voscale * code + vozero with 8-bit codes in a contiguous row of the G tokens, so
+ *     acc[r][vidx[o]] = held[r][o] + sum_t w[r][t] (voscale code_t + vozero)
+ * over tokens [a, a + n) (w[r][t - a]), `held` being what the row had before this group. */
+/* out[r] = the lane sum of v[r] for r < NR (AVX-512: four vectors' lanes folded together at
+ * once, a quarter of the shuffles of one reduction each) */
+RV_INLINE void qk_row_sums(const int NR, const rv_vf *v, float *out)
+{
+#if defined(RV_ISA_AVX512)
+    const __m512 z = _mm512_setzero_ps();
+    const __m512 a = v[0], b = NR > 1 ? v[1] : z, c = NR > 2 ? v[2] : z, e = NR > 3 ? v[3] : z;
+    /* per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], then [sum a, sum b, sum c, sum e] */
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+    const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, ce, 0x44), _mm512_shuffle_ps(ab, ce, 0xEE));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    float sums[4];
+    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    for (int r = 0; r < NR; r++)
+        out[r] = sums[r];
 #else
-#define QK_VO 4
+    for (int r = 0; r < NR; r++)
+        out[r] = rv_vf_hsum(v[r]);
 #endif
-RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, const float *w, int w_stride,
+}
+
+RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
                                  float held[QK_NR][RV_MAX_OUTLIERS], float *acc)
 {
-    const int d = h->head_dim, G = h->G, half = (G + 1) / 2, hi_n = G - half;
-    for (int o0 = 0; o0 < h->nv; o0 += QK_VO) {
-        const int no = h->nv - o0 < QK_VO ? h->nv - o0 : QK_VO;
-        const uint8_t *row[QK_VO];
-        rv_vf sum[QK_NR][QK_VO], scale[QK_VO], zero[QK_VO];
-        for (int o = 0; o < no; o++) {
-            row[o] = h->vhi + (size_t)(o0 + o) * h->krow;
-            scale[o] = rv_vf_set1(16.0f * h->voscale[o0 + o]);
-            zero[o] = rv_vf_set1(h->vozero[o0 + o]);
+    const int d = h->head_dim;
+    for (int o = 0; o < h->nv; o++) {
+        const uint8_t *row = h->vocodes + (size_t)o * h->G + a;
+        const float so = h->voscale[o], zo = h->vozero[o];
+        const rv_vf scale = rv_vf_set1(so), zero = rv_vf_set1(zo);
+        rv_vf sum[QK_NR];
+        for (int r = 0; r < NR; r++)
+            sum[r] = rv_vf_zero();
+        int t = 0;
+        for (; t + RV_VW <= n; t += RV_VW) {
+            const rv_vf x = rv_vf_fmadd(qk_u8(row + t), scale, zero);
             for (int r = 0; r < NR; r++)
-                sum[r][o] = rv_vf_zero();
+                sum[r] = rv_vf_fmadd(rv_vf_load(w + r * w_stride + t), x, sum[r]);
         }
-        int j = 0;
-        for (; j + RV_VW <= hi_n; j += RV_VW) {      /* tokens j.. (low) and half + j.. (high) */
-            rv_vf pl[QK_NR], ph[QK_NR];
-            for (int r = 0; r < NR; r++) {
-                pl[r] = rv_vf_load(w + r * w_stride + j);
-                ph[r] = rv_vf_load(w + r * w_stride + half + j);
-            }
-            for (int o = 0; o < no; o++) {
-                const rv_vf xl = rv_vf_fmadd(qk_lo4(row[o] + j), scale[o], zero[o]);
-                const rv_vf xh = rv_vf_fmadd(qk_hi4(row[o] + j), scale[o], zero[o]);
-                for (int r = 0; r < NR; r++)
-                    sum[r][o] = rv_vf_fmadd(ph[r], xh, rv_vf_fmadd(pl[r], xl, sum[r][o]));
-            }
-        }
-        for (int o = 0; o < no; o++) {
-            const float so = h->voscale[o0 + o], zo = h->vozero[o0 + o];
-            float *dst = acc + h->vidx[o0 + o];
-            for (int r = 0; r < NR; r++) {
-                float tail = 0.0f;
-                if (j < half)      /* tokens the vectors left: [j, half) and [half + j, G) */
-                    for (int t = j; t < G; t = t + 1 == half ? half + j : t + 1)
-                        tail += w[r * w_stride + t] * (16.0f * so * (float)qk_code(row[o], t, G, 4) + zo);
-                dst[r * d] = held[r][o0 + o] + so * dst[r * d] + (rv_vf_hsum(sum[r][o]) + tail);
-            }
+        float *dst = acc + h->vidx[o], total[QK_NR];
+        qk_row_sums(NR, sum, total);
+        for (int r = 0; r < NR; r++) {
+            float tail = 0.0f;
+            for (int u = t; u < n; u++)
+                tail += w[r * w_stride + u] * (so * (float)row[u] + zo);
+            dst[r * d] = held[r][o] + (total[r] + tail);
         }
     }
 }
@@ -659,7 +602,7 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, const f
  * group (group_size and ceil(d / 2) multiples of 16), so one weight vector per four tokens
  * carries each lane's group. Every weight is off by at most S / 510 (half a step): the tests'
  * references bound that (q4_kernel_reference_bound in tests/_helpers.py). Outlier value
- * channels' lanes are then recomputed exactly (qk_raw_values); other shapes take the float
+ * channels' lanes are replaced afterwards (qk_outlier_values); other shapes take the float
  * path (qk_values). ---- */
 #if defined(RV_ISA_AVX512)
 #define QK_VCH 4                      /* chunks of 64 channels a row has at most (d <= 256) */
@@ -942,52 +885,16 @@ RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk
 }
 #endif
 
-#if defined(RV_ISA_AVX512)
-/* acc[r][c] = sum_t w[r][t] lo_tc exactly (floats) for each raw channel c of the head: after
- * qk_values_int ran over every lane as if none were raw, the raw lanes hold the wrong sum (their
- * codes weighed by w * scale, plus the group's zero term) and are overwritten here. 16 tokens'
- * codes of a channel per gather (dword-aligned, inside the row: ceil(d / 2) is a multiple of 32
- * on this path). */
-RV_INLINE void qk_raw_values(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
-                             float *acc)
-{
-    const int d = h->head_dim, half = (d + 1) / 2;
-    const __m512i m15 = _mm512_set1_epi32(15);
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)h->vrow));
-    for (int o = 0; o < h->nv; o++) {
-        const int c = h->vidx[o], byte = c < half ? c : c - half;
-        const __m128i sh = _mm_cvtsi32_si128(8 * (byte & 3) + (c < half ? 0 : 4));
-        const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(byte & ~3));
-        __m512 sum[QK_NR];
-        for (int r = 0; r < NR; r++)
-            sum[r] = _mm512_setzero_ps();
-        for (int t = 0; t < n; t += 16) {
-            const __mmask16 m = (__mmask16)(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);
-            const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx,
-                                                          h->vcodes + (size_t)(a + t) * h->vrow, 1);
-            const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(x, sh), m15));
-            for (int r = 0; r < NR; r++)
-                sum[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + r * w_stride + t), code, sum[r]);
-        }
-        for (int r = 0; r < NR; r++)
-            acc[r * d + c] = _mm512_reduce_add_ps(sum[r]);
-    }
-}
-#endif
-
 /* the values of qk_rows: integer sums where they apply (QK_VALUES_INT), else floats */
 #if defined(RV_ISA_AVX512) && defined(RV_HAVE_VNNI)
 #define QK_VALUES_INT 1
 #else
 #define QK_VALUES_INT 0
 #endif
-RV_INLINE void qk_values_sum(const int NR, const int RAW, const struct rv_qhead *h, int a, int n, const float *w,
-                             int w_stride, float *acc, const uint8_t *raw, float *scratch)
+RV_INLINE void qk_values_sum(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
+                             float *acc, float *scratch)
 {
 #if defined(RV_ISA_AVX512)
-    /* heads with outlier value channels: every lane summed as integers, then the raw lanes
-     * recomputed exactly (blending their own weights into the integer loop measured slower) */
     qk_vplan p;
     if (QK_VALUES_INT && h->bits == 4 && qk_vplan_init(&p, h, a, n)) {
         /* the common shapes with their loops unrolled */
@@ -997,13 +904,11 @@ RV_INLINE void qk_values_sum(const int NR, const int RAW, const struct rv_qhead 
         case 2 * 8 + 2: qk_values_int(NR, 2, 2, &p, h, a, n, w, w_stride, acc, scratch); break;   /* d 128, groups 64 */
         default: qk_values_int(NR, p.ng, p.nch, &p, h, a, n, w, w_stride, acc, scratch); break;
         }
-        if (RAW)
-            qk_raw_values(NR, h, a, n, w, w_stride, acc);
         return;
     }
 #endif
     (void)scratch;
-    qk_values(NR, RAW, h, a, n, w, w_stride, acc, raw);
+    qk_values(NR, h, a, n, w, w_stride, acc);
 }
 
 RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_qhead *h, int a, int n,
@@ -1053,28 +958,13 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
             scale_f32((size_t)d, corr[r], st->acc + (size_t)(r0 + r) * d);
     }
     float *acc = st->acc + (size_t)r0 * d;
-    if (!h->nv) {
-        qk_values_sum(NR, 0, h, a, n_eff, s + a, s_stride, acc, NULL, vscr);
-        return;
-    }
-    /* outlier value channels: their slots summed raw from 0 (qk_outlier_values) */
+    /* outlier value channels: what the rows had before, their slots replaced after */
     float held[QK_NR][RV_MAX_OUTLIERS];
-    uint8_t raw[RV_MAX_HEAD_DIM];
-    memset(raw, 0, (size_t)d);
-    for (int o = 0; o < h->nv; o++) {
-        raw[h->vidx[o]] = 0xFF;
-        for (int r = 0; r < NR; r++) {
+    for (int o = 0; o < h->nv; o++)
+        for (int r = 0; r < NR; r++)
             held[r][o] = acc[r * d + h->vidx[o]];
-            acc[r * d + h->vidx[o]] = 0.0f;
-        }
-    }
-    qk_values_sum(NR, 1, h, a, n_eff, s + a, s_stride, acc, raw, vscr);
-    /* every token of the group weighs in the high nibbles' dot: 0 outside [a, a + n_eff) */
-    for (int r = 0; r < NR; r++) {
-        memset(s + r * s_stride, 0, sizeof(float) * (size_t)a);
-        memset(s + r * s_stride + a + n_eff, 0, sizeof(float) * (size_t)(G - a - n_eff));
-    }
-    qk_outlier_values(NR, h, s, s_stride, held, acc);
+    qk_values_sum(NR, h, a, n_eff, s + a, s_stride, acc, vscr);
+    qk_outlier_values(NR, h, a, n_eff, s + a, s_stride, held, acc);
 }
 
 /* Fold tokens [a, a + n) of one KV head's quantized group into st. Row r sees tokens

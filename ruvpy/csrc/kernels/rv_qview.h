@@ -26,9 +26,8 @@ struct rv_qhead {
     int nv;
     const uint8_t *vidx;          /* [nv] outlier value channels, ascending */
     const float *voscale, *vozero;/* [nv] their per-channel 8-bit parameters */
-    const uint8_t *vhi;           /* their codes' high nibbles, channel-major: outlier o's G as a
-                                     4-bit row at vhi + o * krow; the low nibbles sit in their
-                                     slots in vcodes */
+    const uint8_t *vocodes;       /* their 8-bit codes channel-major: outlier o's G codes at
+                                     vocodes + o * G (what their slots in vcodes hold does not count) */
     /* what the caller reads next (the next group's segment of this head): the kernel
      * prefetches it into L2 while it computes, NULL for nothing */
     const unsigned char *prefetch;

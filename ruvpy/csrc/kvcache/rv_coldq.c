@@ -25,11 +25,11 @@ typedef struct {
     int nk, nv;
     const uint8_t *kidx, *vidx;
     const uint16_t *voscale, *vozero;
-    const uint8_t *vhi;
+    const uint8_t *vocodes;
 } rv_coldq_head;
 
 typedef struct {
-    size_t kscale, kzero, vscale, vzero, vcodes, counts, idx, voscale, vozero, vhi, kcodes, total;
+    size_t kscale, kzero, vscale, vzero, vcodes, counts, idx, voscale, vozero, vocodes, kcodes, total;
 } seg_layout;
 
 /* bytes of a row of n codes */
@@ -53,7 +53,7 @@ static void layout(const rv_coldq_cfg *cfg, int nk, int nv, seg_layout *L)
     o = (o + 1) & ~(size_t)1;
     L->voscale = o; o += 2 * (size_t)nv;
     L->vozero = o;  o += 2 * (size_t)nv;
-    L->vhi = o;     o += (size_t)nv * kb;      /* a 4-bit row of G codes per outlier */
+    L->vocodes = o; o += (size_t)nv * G;       /* a row of G 8-bit codes per outlier */
     L->kcodes = o;  o += ((size_t)d + (size_t)nk) * kb;
     L->total = (o + 1) & ~(size_t)1;
 }
@@ -218,7 +218,7 @@ static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, i
     uint16_t *vscale = (uint16_t *)(seg + S.vscale), *vzero = (uint16_t *)(seg + S.vzero);
     uint8_t *kcodes = seg + S.kcodes, *vcodes = seg + S.vcodes;
     uint16_t *voscale = (uint16_t *)(seg + S.voscale), *vozero = (uint16_t *)(seg + S.vozero);
-    uint8_t *vhi = seg + S.vhi;
+    uint8_t *vocodes = seg + S.vocodes;
     signed char kslot[RV_MAX_HEAD_DIM], vslot[RV_MAX_HEAD_DIM];   /* channel -> outlier number, or -1 */
     memset(kslot, -1, sizeof kslot);
     memset(vslot, -1, sizeof vslot);
@@ -270,17 +270,15 @@ static void rv_coldq_encode_head(const rv_coldq_cfg *cfg, unsigned char *blob, i
                     put_code(vcodes + (size_t)t * vb, c, code_of(x[c], sf, zf, L), bits, vhalf);
         }
     }
-    /* outlier value channels: 8 bits per channel over the G tokens, low nibble in the slot,
-     * high nibble in the channel's row of vhi */
+    /* outlier value channels: 8 bits per channel over the G tokens, in the channel's row of
+     * vocodes (its slots in the token rows stay 0) */
     for (int o = 0; o < nv; o++) {
         const int c = vidx[o];
         float mn, mx, sf, zf;
         strided_range(vf + c, G, (size_t)d, &mn, &mx);
         params(mn, mx, 255, &voscale[o], &vozero[o], &sf, &zf);
         for (int t = 0; t < G; t++) {
-            int code = code_of(vf[(size_t)t * d + c], sf, zf, 255);
-            put_code(vcodes + (size_t)t * vb, c, code & 15, bits, vhalf);
-            put_code(vhi + (size_t)o * kb, t, code >> 4, 4, khalf);
+            vocodes[(size_t)o * G + t] = (uint8_t)code_of(vf[(size_t)t * d + c], sf, zf, 255);
         }
     }
 }
@@ -304,12 +302,12 @@ static void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blo
     h->vidx = seg + S.idx + nk;
     h->voscale = (const uint16_t *)(seg + S.voscale);
     h->vozero = (const uint16_t *)(seg + S.vozero);
-    h->vhi = seg + S.vhi;
+    h->vocodes = seg + S.vocodes;
 }
 
 /* Where head `head`'s segment of the blob that comes next starts, and the bytes of it worth
- * prefetching: all of it, outlier rows included (the key outlier rows and the values' high
- * nibbles sit at its end, and were demand-missed when the span stopped before them). Within the
+ * prefetching: all of it, outlier rows included (the key outlier rows and the values' outlier
+ * codes sit at its end, and were demand-missed when the span stopped before them). Within the
  * blob being read (`same_blob`) the header is in cache and gives the segment's size, up to its
  * last head; otherwise reading the segment's outlier counts, or the header of a group not yet
  * touched, would wait for memory before the kernel could start (14% of q4 decode), so the span
@@ -347,7 +345,7 @@ static void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, floa
                            .kcodes = v->kcodes, .krow = key_row(cfg), .kscale = kscale, .kzero = kzero,
                            .nk = v->nk, .kidx = v->kidx, .vcodes = v->vcodes, .vrow = value_row(cfg),
                            .vscale = vscale, .vzero = vzero, .nv = v->nv, .vidx = v->vidx, .voscale = vos,
-                           .vozero = voz, .vhi = v->vhi};
+                           .vozero = voz, .vocodes = v->vocodes};
 }
 
 static size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg)
@@ -374,11 +372,8 @@ static void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, fl
                             value_groups(cfg), vf);
     for (int o = 0; o < q.nv; o++) {
         const int c = q.vidx[o];
-        for (int t = 0; t < G; t++) {
-            int code = code_at(q.vcodes + (size_t)t * q.vrow, c, d, 4) |
-                       code_at(q.vhi + (size_t)o * q.krow, t, G, 4) << 4;
-            vf[(size_t)t * d + c] = q.voscale[o] * (float)code + q.vozero[o];
-        }
+        for (int t = 0; t < G; t++)
+            vf[(size_t)t * d + c] = q.voscale[o] * (float)q.vocodes[(size_t)o * G + t] + q.vozero[o];
     }
 }
 

@@ -13,8 +13,8 @@
  *   nk, nv                   u8   outlier channels of keys / values (4-bit only)
  *   kidx[nk], vidx[nv]       u8   their channel numbers (ascending), then 1 pad byte if odd
  *   voscale[nv], vozero[nv]  f16  values' outliers: 8 bits per channel over the G tokens
- *   vhi[nv][kb]              u8   their codes' high nibbles, a 4-bit row of the G tokens per
- *                                 outlier (as key rows); the low nibbles sit in their slots
+ *   vocodes[nv][G]           u8   their 8-bit codes, a row of the G tokens per outlier (their
+ *                                 slots in vcodes hold 0)
  *   kcodes[d + nk][kb]       u8   keys channel-major: kb = G (8 bits) or ceil(G/2) (4 bits);
  *                                 rows d.. hold the high nibbles of the outlier channels
  *
@@ -27,9 +27,11 @@
  * group's range (a x20 channel in a per-token group would flatten the other channels of the
  * group); an outlier value channel gets 8-bit codes per channel over the G tokens (4 bits
  * would not do: the attention output of such data is dominated by these channels, and q4
- * cosine fell from 0.998 to 0.978): low nibble in its slot of the token rows, which attention
- * sums as raw codes while it decodes the rows, high nibble channel-major, which it sums as a
- * dot product over contiguous codes (token-major high nibbles took a gather per 16 tokens). */
+ * cosine fell from 0.998 to 0.978), in a row of its own over the G tokens, which attention
+ * sums as one dot product per channel after it decoded the token rows (whose slot for the
+ * channel, code 0, it overwrites). An outlier value channel costs 4 bits per token more than
+ * the split it replaced (low nibble in the slot, high nibble channel-major): summing the low
+ * nibbles out of the token rows took a gather per 16 tokens, 11% of q4 decode at 9/3/64. */
 #ifndef RV_COLDQ_H
 #define RV_COLDQ_H
 
