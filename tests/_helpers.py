@@ -462,11 +462,11 @@ def q4_int8_weights(qs, d):
 
 # the avx512vnni table sums 4-bit values as integers (quant_impl.h, qk_values_int) for cold
 # group heads with head_dim a multiple of 64, group_size a multiple of 16 and at most 8 groups:
-# per block of 64 tokens of a group and row, u8 weights of w * scale with the step S / 255,
+# per block of 16 tokens (QK_VB) of a group and row, u8 weights of w * scale with the step S / 255,
 # S = max w * max scale of the block, each off by at most S / 510; a channel's error is then
 # at most sum over blocks of S / 510 * 15 * (tokens seen in the block), over the row's sum of
 # weights. Outlier value channels are replaced by float sums (qk_outlier_values): no bound.
-Q4_VALUE_BLOCK = 64
+Q4_VALUE_BLOCK = 16                 # quant_impl.h QK_VB
 
 
 def q4_int_values(d, gs):

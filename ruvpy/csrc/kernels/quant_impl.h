@@ -606,7 +606,12 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, int a, 
  * path (qk_values). ---- */
 #if defined(RV_ISA_AVX512)
 #define QK_VCH 4                      /* chunks of 64 channels a row has at most (d <= 256) */
-#define QK_VB 64                      /* tokens per weight block (a multiple of 16) */
+/* tokens per weight block (a multiple of 16): its step is set by its largest weight, so a block
+ * sharing a strongly attended token rounds its other tokens' weights coarsely. On SmolLM2's
+ * own K/V, blocks of 64 took the least layer's attention cosine from 0.989 (the float path) to
+ * 0.978, blocks of 32 to 0.988, blocks of 16 kept 0.989; 16 costs a flush per 16 tokens
+ * (tools/eval_kv_quality.py, tools/bench_kvcache.py). */
+#define QK_VB 16
 #define QK_VNG 8                      /* channel groups a head may have for the integer path */
 
 /* acc + u (u8) . s (s8) per int32 lane (without VNNI, VPMADDUBSW + VPMADDWD: 2 * 255 * 15 fits
@@ -734,7 +739,7 @@ RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk
     for (int b0 = a / QK_VB * QK_VB; b0 < a + n; b0 += QK_VB) {
         const int sb0 = a > b0 ? (a - b0) / 16 : 0;
         const int sb1 = a + n - b0 >= QK_VB ? QK_VB / 16 : (a + n - b0 + 15) / 16;
-        __mmask16 in[QK_VB / 16];
+        __mmask16 in[QK_VB / 16] = {0};      /* (set for [sb0, sb1) below) */
         __m512 vmax = _mm512_setzero_ps();
         /* the sub-blocks' parameters group-major: vsT[sb][g][i] = vscale[b0 + 16 sb + i][g] (0
          * outside [a, a + n)) */
