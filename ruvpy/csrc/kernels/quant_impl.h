@@ -545,6 +545,7 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
 RV_INLINE void qk_row_sums(const int NR, const rv_vf *v, float *out)
 {
 #if defined(RV_ISA_AVX512)
+    _Static_assert(QK_NR <= 4, "qk_row_sums folds at most four rows");
     const __m512 z = _mm512_setzero_ps();
     const __m512 a = v[0], b = NR > 1 ? v[1] : z, c = NR > 2 ? v[2] : z, e = NR > 3 ? v[3] : z;
     /* per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], then [sum a, sum b, sum c, sum e] */
