@@ -35,10 +35,13 @@ def named_mappings():
 
 def slab_mappings(before):
     """The anonymous mappings made since `before` of 2 MiB multiples (a slab is one; the
-    heap, which may grow meanwhile, is not anonymous in /proc/self/maps)."""
+    heap, which may grow meanwhile, is not anonymous in /proc/self/maps). glibc's thread-arena
+    heaps are anonymous too, but mapped MAP_NORESERVE ("nr"), which ruvpy's mappings are not:
+    numpy's huge-page advice on a large array there splits them into pieces that may be 2 MiB
+    multiples (an 8 MiB get_kv result once failed the fork test below)."""
     now, named = mappings(), named_mappings()
     return {r: f for r, f in now.items()
-            if r not in before and r not in named and (r[1] - r[0]) % HUGE_PAGE == 0}
+            if r not in before and r not in named and (r[1] - r[0]) % HUGE_PAGE == 0 and "nr" not in f}
 
 
 def large(cold="q4", tokens=8192, layers=2, **kw):
