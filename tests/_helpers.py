@@ -461,12 +461,24 @@ def q4_int8_weights(qs, d):
 
 
 # the avx512vnni table sums 4-bit values as integers (quant_impl.h, qk_values_int) for cold
-# group heads with head_dim a multiple of 64, group_size a multiple of 16 and at most 8 groups:
-# per block of 16 tokens (QK_VB) of a group and row, u8 weights of w * scale with the step S / 255,
-# S = max w * max scale of the block, each off by at most S / 510; a channel's error is then
-# at most sum over blocks of S / 510 * 15 * (tokens seen in the block), over the row's sum of
-# weights. Outlier value channels are replaced by float sums (qk_outlier_values): no bound.
+# group heads with head_dim a multiple of 64, group_size a multiple of 16 and at most 8 groups.
+# Outlier value channels are replaced by float sums (qk_outlier_values): no bound there.
 Q4_VALUE_BLOCK = 16                 # quant_impl.h QK_VB
+
+
+def q4_value_weight_error(p, vscale, lo, hi):
+    """What qk_values_int's 8-bit weights may add to a channel of sum_t p_t v_t over a group's
+    tokens [lo, hi) (group-local; p[t - lo] is token t's weight, vscale the group's [G, ng] value
+    scales). Per Q4_VALUE_BLOCK-token block from a multiple of it, the u8 weights of p * scale
+    have the step S / 255, S = max p * max scale of the block, so each is off by at most S / 510
+    and the block's sum by S / 510 * 15 (the largest code) per token. The scale maximum is over
+    the whole stored block: the kernel's covers every row's tokens, not only this row's."""
+    vb = Q4_VALUE_BLOCK
+    err = 0.0
+    for b0 in range(lo // vb * vb, hi, vb):
+        t0, t1 = max(b0, lo), min(b0 + vb, hi)
+        err += float(p[t0 - lo:t1 - lo].max()) * float(np.max(vscale[b0:b0 + vb])) / 510 * 15 * (t1 - t0)
+    return err
 
 
 def q4_int_values(d, gs):
@@ -540,13 +552,10 @@ def q4_kernel_reference_bound(cache, seq, layer, q, causal=True):
                 out[i, h * g + j] = p @ vv[:seen, h] / p.sum()
                 err = np.zeros(d)
                 for gi, (*_, vs, inexact) in enumerate(parts):
-                    a = gi * G - skip
-                    if vs is None:
-                        continue
-                    for b0 in range(0, G, Q4_VALUE_BLOCK):
-                        lo, hi = max(a + b0, 0), min(a + b0 + Q4_VALUE_BLOCK, n_cold, seen)
-                        if hi > lo:
-                            err += inexact * (p[lo:hi].max() * vs[b0:b0 + Q4_VALUE_BLOCK].max() / 510 * 15 * (hi - lo))
+                    a = gi * G - skip                  # the group's token 0, in the sequence
+                    lo, hi = max(-a, 0), min(G, n_cold - a, seen - a)
+                    if vs is not None and hi > lo:
+                        err += inexact * q4_value_weight_error(p[a + lo:a + hi], vs, lo, hi)
                 bound[i, h * g + j] = 1.01 * err / p.sum()
     return out, bound
 

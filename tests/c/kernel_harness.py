@@ -856,7 +856,7 @@ def cases_attend_qgroup(rng):
             # 4-bit keys score with int8 weights per 16 channels (quant_impl.h): the reference
             # scores the codes with exactly those weights, q_aug = [w(q * scale), q] against
             # k_aug = [codes (and the outliers' high nibbles), zero]
-            from _helpers import q4_int8_weights, Q4_VALUE_BLOCK as VB
+            from _helpers import q4_int8_weights, q4_value_weight_error
             w = np.stack([q4_int8_weights(np.concatenate([q[r] * kscale, np.float32(16.0) * (q[r] * kscale)[kidx]]), d)
                           for r in range(rows)]).astype(np.float64)
             q_aug = np.concatenate([w, q.astype(np.float64)], 1)
@@ -867,10 +867,9 @@ def cases_attend_qgroup(rng):
                                                    np.pad(values_abs, ((0, 0), (0, nk + d)))[a:a + n], vis)
             tol_out = tol_out[:, :d]
             if d % 64 == 0 and gs % 16 == 0 and -(-d // gs) <= 8:
-                # avx512vnni sums these values with 8-bit weights (quant_impl.h qk_values_int):
-                # per VB-token block and row each weight is off by at most S / 510, S = max w *
-                # max scale of the block (the bound of tests/_helpers.py q4_kernel_reference_bound);
-                # outlier value channels are replaced by float sums (qk_outlier_values): no bound there
+                # avx512vnni sums these values with 8-bit weights (quant_impl.h qk_values_int,
+                # tests/_helpers.py q4_value_weight_error); outlier value channels are replaced
+                # by float sums (qk_outlier_values): no bound there
                 inexact = np.ones(d)
                 inexact[vidx] = 0.0
                 for r in range(rows):
@@ -878,10 +877,7 @@ def cases_attend_qgroup(rng):
                         continue
                     s = k_aug[a:a + vis[r]] @ q_aug[r]
                     p = np.exp(s - s.max())
-                    err = 0.0
-                    for b0 in range(a // VB * VB, a + vis[r], VB):
-                        lo, hi = max(b0, a), min(b0 + VB, a + vis[r])
-                        err += p[lo - a:hi - a].max() * float(vscale[b0:b0 + VB].max()) / 510 * 15 * (hi - lo)
+                    err = q4_value_weight_error(p, vscale, a, a + vis[r])
                     tol_out[r] += inexact * (1.01 * err / p.sum())
         else:
             out, lse = attention_reference(q, keys[a:a + n], values[a:a + n], vis)
