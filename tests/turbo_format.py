@@ -17,9 +17,12 @@ def lloyd_max_gauss(bits, iters=3000, grid=400001):
     p = np.exp(-0.5 * x * x)
     p /= p.sum()
     c = np.interp((np.arange(1 << bits) + 0.5) / (1 << bits), np.cumsum(p), x)
+    # a cell's mass and first moment as differences of prefix sums: the grid is sorted, so a
+    # cell is the run of points between two boundaries (x on a boundary goes to the lower cell)
+    mass, moment = np.concatenate([[0.0], np.cumsum(p)]), np.concatenate([[0.0], np.cumsum(p * x)])
     for _ in range(iters):
-        cell = np.searchsorted((c[1:] + c[:-1]) / 2, x)
-        c = np.bincount(cell, p * x, 1 << bits) / np.bincount(cell, p, 1 << bits)
+        ends = np.concatenate([[0], np.searchsorted(x, (c[1:] + c[:-1]) / 2, side="right"), [grid]])
+        c = np.diff(moment[ends]) / np.diff(mass[ends])
     return c
 
 
