@@ -8,6 +8,8 @@ import platform
 
 import pytest
 
+from ruvpy import _kernels
+
 from _helpers import kernel_harness as kh
 from _helpers import require_tool
 
@@ -54,9 +56,13 @@ def _check(build, cases, isa, prefix=None):
 
 @pytest.mark.parametrize("isa", kh.native_target().isas)
 def test_native_kernel_table(native, cases, isa):
+    """Every table built: checked where this CPU runs it, and refused (exit 77, naming the
+    best table here) where it does not."""
     result = _check(native, cases, isa)
-    if result.unsupported:
-        pytest.skip(f"this CPU cannot run {isa}")
+    runnable = isa in _kernels.available_isas()
+    assert result.unsupported == (not runnable), f"{isa}: runs here {runnable}, the check said {result.stdout[:200]!r}"
+    if not runnable:
+        assert result.best == _kernels.available_isas()[-1]
 
 
 @pytest.mark.parametrize("isa", ["scalar", "neon"])
