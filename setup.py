@@ -21,6 +21,7 @@ Environment knobs:
                         one run lists every finding. Python itself is not instrumented: run
                         it with the sanitizer runtimes preloaded (tools/sanitize.sh does).
 """
+import concurrent.futures
 import os
 import platform
 import shutil
@@ -144,24 +145,47 @@ def make_extensions():
             extra_link_args=OPENMP_FLAGS + SANITIZE_LDFLAGS + ["-lm"],
         ))
     from Cython.Build import cythonize
-    return cythonize(exts, language_level=3, include_path=["."], compiler_directives={
+    return cythonize(exts, language_level=3, include_path=["."], nthreads=os.cpu_count() or 1, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True,
         "initializedcheck": False, "embedsignature": True,
     })
 
 
 class BuildExt(build_ext):
-    """Adds each ISA translation unit's own flags (the rest of the extension stays baseline)."""
+    """Adds each ISA translation unit's own flags (the rest of the extension stays baseline),
+    and compiles an extension's sources on every CPU (`-j N` / `--parallel N` sets the number):
+    setuptools compiles them one after another, and `pip install -e .` spent minutes on the
+    kernel tables alone."""
 
     def build_extensions(self):
-        compile_one = self.compiler._compile
+        compiler = self.compiler
+        compile_one = compiler._compile
 
         def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
             isa = isa_of(src)
             extra = list(extra_postargs) + (ISA_FLAGS[isa] if isa else [])
             return compile_one(obj, src, ext, cc_args, extra, pp_opts)
 
-        self.compiler._compile = _compile
+        jobs = self.parallel if isinstance(self.parallel, int) and self.parallel > 0 else (os.cpu_count() or 1)
+
+        def compile_sources(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                            extra_preargs=None, extra_postargs=None, depends=None):
+            # CCompiler.compile's steps, its objects compiled concurrently (each one a compiler
+            # process); only the out-of-date ones (`build`), as there
+            macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+                output_dir, macros, include_dirs, sources, depends, extra_postargs)
+            cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+            todo = [(obj, *build[obj]) for obj in objects if obj in build]
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(jobs, len(todo)))) as pool:
+                for done in [pool.submit(_compile, obj, src, ext, cc_args, extra_postargs, pp_opts)
+                             for obj, src, ext in todo]:
+                    done.result()
+            return objects
+
+        compiler._compile = _compile
+        compiler.compile = compile_sources
+        # extensions one after another: their sources already use every CPU
+        self.parallel = None
         super().build_extensions()
 
 
