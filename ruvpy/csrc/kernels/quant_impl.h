@@ -271,6 +271,33 @@ RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query
                     w->sc[r][blk] = sc;
                 }
 #else
+#if defined(RV_ISA_AVX2)
+                if (c1 - c0 == 16) {   /* a whole block: the scalar code's operations, 8 lanes at once */
+                    const __m256 sign = _mm256_set1_ps(-0.0f);
+                    const __m256 x0 = _mm256_loadu_ps(q + c0), x1 = _mm256_loadu_ps(q + c0 + 8);
+                    /* max(|x|, m) keeps m where |x| is NaN, as the scalar comparison does */
+                    const __m256 a = _mm256_max_ps(_mm256_andnot_ps(sign, x1),
+                                                   _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_setzero_ps()));
+                    const float mx = rv_vf_hmax(a);
+                    const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+                    const __m256 vi = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f);
+                    __m256 k[2];
+                    for (int i = 0; i < 2; i++) {
+                        const __m256 y = rv_vf_round(_mm256_mul_ps(i ? x1 : x0, vi));
+                        /* clamp to +-127 and NaN to 0 (min / max return their second operand
+                         * for NaN) */
+                        k[i] = _mm256_and_ps(_mm256_max_ps(_mm256_min_ps(y, lim), _mm256_sub_ps(sign, lim)),
+                                             _mm256_cmp_ps(y, y, _CMP_ORD_Q));
+                        _mm256_storeu_ps(q + c0 + 8 * i, _mm256_mul_ps(_mm256_set1_ps(sc), k[i]));
+                    }
+                    const __m256i k16 = _mm256_packs_epi32(_mm256_cvtps_epi32(k[0]), _mm256_cvtps_epi32(k[1]));
+                    const __m128i k8 = _mm_packs_epi16(_mm256_castsi256_si128(k16), _mm256_extracti128_si256(k16, 1));
+                    /* packs works per 128-bit lane: channels 0-3 8-11 4-7 12-15 -> reorder */
+                    _mm_storeu_si128((__m128i *)(w->w[r] + c0), _mm_shuffle_epi32(k8, _MM_SHUFFLE(3, 1, 2, 0)));
+                    w->sc[r][blk] = sc;
+                    continue;
+                }
+#endif
                 float mx = 0.0f;
                 for (int c = c0; c < c1; c++)
                     mx = fabsf(q[c]) > mx ? fabsf(q[c]) : mx;
