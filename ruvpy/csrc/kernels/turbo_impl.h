@@ -100,6 +100,60 @@ RV_INLINE __m512i tq_hsum16(const __m512i *x)
 }
 #endif
 
+#if defined(RV_ISA_AVX2)
+/* coordinates [32 m, 32 m + 32) of a token (D a multiple of 32): the crumbs shifted into
+ * place, the planes' bits spread to bytes, then one table per 16 coordinates (the two
+ * 128-bit lanes' tables are tab's 32 bytes there: vpshufb stays in its lane) */
+RV_INLINE __m256i tq_chunk32(const uint8_t *tok, int D, int n3, int n4, const uint8_t *tab, int m)
+{
+    const int Q = D / 4, lo = 32 * m;
+    __m256i src;
+    if (Q >= 32) {
+        src = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(tok + lo % Q)), _mm_cvtsi32_si128(2 * (lo / Q)));
+    } else if (Q == 16) {     /* D 64: both lanes the 16 bytes, shifted for their coordinates */
+        const __m128i x = _mm_loadu_si128((const __m128i *)tok);
+        src = _mm256_srlv_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(x), x, 1),
+                                _mm256_setr_epi32(4 * m, 4 * m, 4 * m, 4 * m, 4 * m + 2, 4 * m + 2, 4 * m + 2, 4 * m + 2));
+    } else {                  /* D 32: the 8 bytes four times, one shift each */
+        long long w;
+        memcpy(&w, tok, 8);
+        src = _mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_setr_epi64x(0, 2, 4, 6));
+    }
+    __m256i code = _mm256_and_si256(src, _mm256_set1_epi8(3));
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    for (int p = 0; p < 2; p++) {
+        const int n = p ? n4 : n3;
+        if (n > lo) {
+            /* bits [lo, min(lo + 32, n)) of the plane: n is a multiple of 16, never read past it */
+            const uint8_t *pl = tok + Q + (p ? n3 / 8 : 0) + lo / 8;
+            uint32_t w;
+            if (n - lo >= 32) {
+                memcpy(&w, pl, 4);
+            } else {          /* (fixed-size loads: a variable memcpy became a byte loop) */
+                uint16_t half;
+                memcpy(&half, pl, 2);
+                w = half;
+            }
+            __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), spread);
+            b = _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+            code = _mm256_add_epi8(code, _mm256_and_si256(b, _mm256_set1_epi8(p ? 8 : 4)));
+        }
+    }
+    return _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tab + lo)), code);
+}
+
+/* the 8 int32 sums of 8 vectors, in order */
+RV_INLINE __m256i tq_hsum8(const __m256i *x)
+{
+    const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(x[0], x[1]), _mm256_hadd_epi32(x[2], x[3]));
+    const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(x[4], x[5]), _mm256_hadd_epi32(x[6], x[7]));
+    /* u0 lane 0: x0..x3's sums over their low lanes, lane 1 over their high ones; u1 x4..x7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+#endif
+
 /* generic: one token to bytes (D any multiple of 16) */
 RV_INLINE void tq_unpack_bytes(const uint8_t *tok, int D, int n3, int n4, const uint8_t *tab, uint8_t *out)
 {
