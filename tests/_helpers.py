@@ -460,8 +460,9 @@ def q4_int8_weights(qs, d):
     return out
 
 
-# the avx512vnni table sums 4-bit values as integers (quant_impl.h, qk_values_int) for cold
-# group heads with head_dim a multiple of 64, group_size a multiple of 16 and at most 8 groups.
+# the avx512vnni and avx2 tables sum 4-bit values as integers (quant_impl.h, qk_values_int) for
+# cold group heads with head_dim a multiple of 64, group_size a multiple of 16 and at most 8
+# groups.
 # Outlier value channels are replaced by float sums (qk_outlier_values): no bound there.
 Q4_VALUE_BLOCK = 16                 # quant_impl.h QK_VB
 
@@ -482,9 +483,9 @@ def q4_value_weight_error(p, vscale, lo, hi):
 
 
 def q4_int_values(d, gs):
-    """Whether a q4 cold group head's values are summed with 8-bit weights (avx512vnni)."""
+    """Whether a q4 cold group head's values are summed with 8-bit weights (avx512vnni, avx2)."""
     import ruvpy
-    return ruvpy.get_isa() == "avx512vnni" and d % 64 == 0 and gs % 16 == 0 and -(-d // gs) <= 8
+    return ruvpy.get_isa() in ("avx512vnni", "avx2") and d % 64 == 0 and gs % 16 == 0 and -(-d // gs) <= 8
 
 
 def q4_kernel_reference(cache, seq, layer, q, causal=True):

@@ -88,7 +88,7 @@ def test_quality_with_outlier_channels(cold, bound):
 @pytest.mark.parametrize("d,group_size", [(128, 32), (64, 32), (128, 16), (128, 64), (256, 32), (128, 48),
                                           (64, 16), (40, 16), (96, 32)])
 def test_q4_value_sums_against_their_reference(isa, d, group_size, outliers):
-    """q4 values over codes: with avx512vnni, they are summed with 8-bit weights (quant_impl.h
+    """q4 values over codes: with avx512vnni and avx2, they are summed with 8-bit weights (quant_impl.h
     qk_values_int), and outlier value channels' lanes replaced by float sums (qk_outlier_values); every
     table stays within the reference's bound, which is 0 in the outlier channels. Channel
     groups of different ranges and offsets (short of the outlier ratio, so only the chosen

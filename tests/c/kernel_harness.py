@@ -867,7 +867,7 @@ def cases_attend_qgroup(rng):
                                                    np.pad(values_abs, ((0, 0), (0, nk + d)))[a:a + n], vis)
             tol_out = tol_out[:, :d]
             if d % 64 == 0 and gs % 16 == 0 and -(-d // gs) <= 8:
-                # avx512vnni sums these values with 8-bit weights (quant_impl.h qk_values_int,
+                # avx512vnni and avx2 sum these values with 8-bit weights (quant_impl.h qk_values_int,
                 # tests/_helpers.py q4_value_weight_error); outlier value channels are replaced
                 # by float sums (qk_outlier_values): no bound there
                 inexact = np.ones(d)

@@ -619,7 +619,8 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, int a, 
     }
 }
 
-/* ---- 4-bit values as integer sums (the avx512vnni table: VPDPBUSD). A value is
+/* ---- 4-bit values as integer sums (the avx512vnni table: VPDPBUSD; the avx2 table: see its own
+ * version below). A value is
  * scale[t][g] code + zero[t][g], so
  *     sum_t w[r][t] v_tc = sum_t (w[r][t] scale[t][g]) code_tc + sum_t w[r][t] zero[t][g]:
  * per block of QK_VB tokens (from a multiple of QK_VB in the group) and row, the products
@@ -632,8 +633,6 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, int a, 
  * references bound that (q4_kernel_reference_bound in tests/_helpers.py). Outlier value
  * channels' lanes are replaced afterwards (qk_outlier_values); other shapes take the float
  * path (qk_values). ---- */
-#if defined(RV_ISA_AVX512)
-#define QK_VCH 4                      /* chunks of 64 channels a row has at most (d <= 256) */
 /* tokens per weight block (a multiple of 16): its step is set by its largest weight, so a block
  * sharing a strongly attended token rounds its other tokens' weights coarsely. On SmolLM2's
  * own K/V, blocks of 64 took the least layer's attention cosine from 0.989 (the float path) to
@@ -641,6 +640,8 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, int a, 
  * (tools/eval_kv_quality.py, tools/bench_kvcache.py). */
 #define QK_VB 16
 #define QK_VNG 8                      /* channel groups a head may have for the integer path */
+#if defined(RV_ISA_AVX512)
+#define QK_VCH 4                      /* chunks of 64 channels a row has at most (d <= 256) */
 
 /* acc + u (u8) . s (s8) per int32 lane (without VNNI, VPMADDUBSW + VPMADDWD: 2 * 255 * 15 fits
  * int16; the avx512 table does not take this path: QK_VALUES_INT) */
@@ -918,8 +919,170 @@ RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk
 }
 #endif
 
+#if defined(RV_ISA_AVX2)
+/* ---- 4-bit values as integer sums on AVX2 (VPMADDUBSW + VPMADDWD): the same weights as the
+ * avx512vnni path above (per block of QK_VB tokens and row, u8 round(w scale 255 / S) with
+ * S = max w * max scale of the block; zero terms as float dots), 256 bits at a time. A load
+ * of 32 code bytes gives 32 channels' low nibbles and the 32 channels `half` further on's high
+ * nibbles; four tokens' codes of a channel interleaved in an int32 lane meet their four
+ * weights in one VPMADDUBSW (pairs: 2 * 255 * 15 fits int16) and one VPMADDWD. A 128-bit lane
+ * holds 16 channels of one group (group_size a multiple of 16). The block's interleaved codes
+ * go to scratch once and every row reads them there (AVX2 has 16 registers). ---- */
+/* 0 when the integer path does not apply to these tokens (the float path then runs): the
+ * shapes above, and u8 weights need scales >= 0 (finite), what the codec writes */
+static int qk_values_int_applies(const struct rv_qhead *h, int a, int n)
+{
+    const int d = h->head_dim, gs = h->group_size, ng = (d + gs - 1) / gs;
+    if (h->bits != 4 || d % 64 || gs % 16 || ng > QK_VNG)
+        return 0;
+    const float *vs = h->vscale + (size_t)a * ng;
+    const int np = n * ng;
+    int i = 0;
+    __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (; i + 8 <= np; i += 8) {
+        const __m256 x = _mm256_loadu_ps(vs + i);        /* (NaN fails both) */
+        ok = _mm256_and_ps(ok, _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ),
+                                             _mm256_cmp_ps(x, _mm256_set1_ps(65504.0f), _CMP_LE_OQ)));
+    }
+    for (; i < np; i++)
+        if (!(vs[i] >= 0.0f && vs[i] <= 65504.0f))
+            return 0;
+    return _mm256_movemask_ps(ok) == 0xFF;
+}
+
+/* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1 (w[r][t - a]);
+ * scratch: NR d + 4 d + NR 8 ng + 4 QK_VNG 16 floats (within RV_QATTN_ROWS * 2d + 8d) */
+RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
+                             float *acc, float *scratch)
+{
+    const int d = h->head_dim, G = h->G, gs = h->group_size, ng = (d + gs - 1) / gs, half = d / 2;
+    const int nch = d / 32;                        /* chunks of 32 channels: lo nibbles, then hi */
+    float *facc = scratch;                         /* [NR][nch][4][8], channels permuted */
+    __m256i *xb = (__m256i *)(facc + (size_t)NR * d);   /* [nch][4 quads][4], only float-aligned */
+    float *zacc = facc + (size_t)NR * d + 4 * (size_t)d;         /* [NR][ng][8] */
+    float *ts = zacc + (size_t)NR * ng * 8;                       /* [ng][16] scales, then zeros */
+    float *tz = ts + (size_t)QK_VNG * 16;
+    uint8_t w8[QK_NR][QK_VNG][QK_VB];
+    memset(facc, 0, sizeof(float) * (size_t)NR * d);
+    memset(zacc, 0, sizeof(float) * (size_t)NR * ng * 8);
+    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int b0 = a / QK_VB * QK_VB; b0 < a + n; b0 += QK_VB) {
+        const int lo = a > b0 ? a - b0 : 0, hi = a + n - b0 < QK_VB ? a + n - b0 : QK_VB;
+        /* the block's tokens in [lo, hi), its parameters gathered group-major (0 outside), and
+         * its largest scale */
+        const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i in[2];
+        for (int e = 0; e < 2; e++) {
+            const __m256i t = _mm256_add_epi32(iota, _mm256_set1_epi32(8 * e));
+            in[e] = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), t),
+                                        _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), t));
+        }
+        const float *ps = h->vscale + (size_t)b0 * ng, *pz = h->vzero + (size_t)b0 * ng;
+        __m256 vmax = _mm256_setzero_ps();
+        for (int g = 0; g < ng; g++)
+            for (int e = 0; e < 2; e++) {
+                const __m256i idx = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8 * e)),
+                                                                        _mm256_set1_epi32(ng)), _mm256_set1_epi32(g));
+                const __m256 m = _mm256_castsi256_ps(in[e]);
+                const __m256 x = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), ps, idx, m, 4);
+                _mm256_storeu_ps(ts + g * 16 + 8 * e, x);
+                _mm256_storeu_ps(tz + g * 16 + 8 * e, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), pz, idx, m, 4));
+                vmax = _mm256_max_ps(vmax, x);
+            }
+        const float vsm = rv_vf_hmax(vmax);
+        const __m256 vinv = _mm256_set1_ps(vsm > 0.0f ? 255.0f / vsm : 0.0f);
+        for (int i = 0; i < ng * 16; i += 8)
+            _mm256_storeu_ps(ts + i, _mm256_mul_ps(_mm256_loadu_ps(ts + i), vinv));
+        /* per row: the step S / 255, the u8 weights, the zero terms */
+        float sc[QK_NR];
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (int r = 0; r < NR; r++) {
+            const float *wr = w + r * w_stride + (b0 - a);      /* (masked: read in [lo, hi) only) */
+            const __m256 w0 = _mm256_maskload_ps(wr, in[0]), w1 = _mm256_maskload_ps(wr + 8, in[1]);
+            const float M = rv_vf_hmax(_mm256_max_ps(w0, w1));     /* weights are >= 0 */
+            const __m256 winv = _mm256_set1_ps(M > 0.0f ? 1.0f / M : 0.0f);
+            const __m256 n0 = _mm256_mul_ps(w0, winv), n1 = _mm256_mul_ps(w1, winv);
+            sc[r] = M * vsm / 255.0f;
+            for (int g = 0; g < ng; g++) {
+                const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(n0, _mm256_loadu_ps(ts + g * 16)));
+                const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(n1, _mm256_loadu_ps(ts + g * 16 + 8)));
+                /* packs work per 128-bit lane: dwords t0-3 t8-11 | t4-7 t12-15, reordered */
+                const __m256i p = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_setzero_si256());
+                _mm_storeu_si128((__m128i *)w8[r][g], _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(p, order)));
+                float *z = zacc + ((size_t)r * ng + g) * 8;
+                _mm256_storeu_ps(z, _mm256_fmadd_ps(w0, _mm256_loadu_ps(tz + g * 16),
+                                                    _mm256_fmadd_ps(w1, _mm256_loadu_ps(tz + g * 16 + 8), _mm256_loadu_ps(z))));
+            }
+        }
+        /* the block's codes, four tokens interleaved per int32 lane (lane L of X[k]: channels
+         * c0 + 16 L + 4 k ..  + 3) */
+        for (int o = 0; o < half; o += 32)
+            for (int qd = 0; qd < 4; qd++) {
+                const int t = b0 + 4 * qd;
+                __m256i T[2][4];
+                for (int i = 0; i < 4; i++) {
+                    const __m256i x = t + i < G ? _mm256_loadu_si256((const __m256i *)(h->vcodes + (size_t)(t + i) * h->vrow + o))
+                                                : _mm256_setzero_si256();    /* past the group: nothing to read */
+                    T[0][i] = _mm256_and_si256(x, m15);
+                    T[1][i] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m15);
+                }
+                for (int side = 0; side < 2; side++) {
+                    const __m256i *U = T[side];
+                    const __m256i ablo = _mm256_unpacklo_epi8(U[0], U[1]), abhi = _mm256_unpackhi_epi8(U[0], U[1]);
+                    const __m256i celo = _mm256_unpacklo_epi8(U[2], U[3]), cehi = _mm256_unpackhi_epi8(U[2], U[3]);
+                    __m256i *X = xb + ((size_t)(side * half + o) / 32 * 4 + qd) * 4;
+                    _mm256_storeu_si256(X, _mm256_unpacklo_epi16(ablo, celo));
+                    _mm256_storeu_si256(X + 1, _mm256_unpackhi_epi16(ablo, celo));
+                    _mm256_storeu_si256(X + 2, _mm256_unpacklo_epi16(abhi, cehi));
+                    _mm256_storeu_si256(X + 3, _mm256_unpackhi_epi16(abhi, cehi));
+                }
+            }
+        /* the sums, row by row: four int32 accumulators per chunk, one flush per block */
+        for (int r = 0; r < NR; r++)
+            for (int ch = 0; ch < nch; ch++) {
+                const int c0 = 32 * ch, g0 = c0 / gs, g1 = (c0 + 16) / gs;
+                __m256i ia[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                 _mm256_setzero_si256()};
+                for (int qd = 0; qd < 4; qd++) {
+                    if (4 * qd + 4 <= lo || 4 * qd >= hi)
+                        continue;                          /* four tokens no row weighs */
+                    int32_t u0, u1;
+                    memcpy(&u0, &w8[r][g0][4 * qd], 4);
+                    memcpy(&u1, &w8[r][g1][4 * qd], 4);
+                    const __m256i W = _mm256_setr_m128i(_mm_set1_epi32(u0), _mm_set1_epi32(u1));
+                    const __m256i *X = xb + ((size_t)ch * 4 + qd) * 4;
+                    for (int k = 0; k < 4; k++)
+                        ia[k] = _mm256_add_epi32(ia[k], _mm256_madd_epi16(_mm256_maddubs_epi16(W, _mm256_loadu_si256(X + k)), ones));
+                }
+                float *fa = facc + ((size_t)r * nch + ch) * 32;
+                const __m256 s = _mm256_set1_ps(sc[r]);
+                for (int k = 0; k < 4; k++)
+                    _mm256_storeu_ps(fa + 8 * k, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(ia[k]), _mm256_loadu_ps(fa + 8 * k)));
+            }
+    }
+    /* back to channel order, plus the zero terms */
+    for (int r = 0; r < NR; r++) {
+        float *ar = acc + (size_t)r * d;
+        for (int ch = 0; ch < nch; ch++) {
+            const float *fa = facc + ((size_t)r * nch + ch) * 32;
+            for (int k = 0; k < 4; k++)
+                for (int L = 0; L < 2; L++) {
+                    float *dst = ar + 32 * ch + 16 * L + 4 * k;
+                    _mm_storeu_ps(dst, _mm_add_ps(_mm_loadu_ps(dst), _mm_loadu_ps(fa + 8 * k + 4 * L)));
+                }
+        }
+        for (int g = 0; g < ng; g++) {
+            const __m256 z = _mm256_set1_ps(rv_vf_hsum(_mm256_loadu_ps(zacc + ((size_t)r * ng + g) * 8)));
+            const int c1 = (g + 1) * gs < d ? (g + 1) * gs : d;
+            for (int c0 = g * gs; c0 < c1; c0 += 8)
+                _mm256_storeu_ps(ar + c0, _mm256_add_ps(_mm256_loadu_ps(ar + c0), z));
+        }
+    }
+}
+#endif
+
 /* the values of qk_rows: integer sums where they apply (QK_VALUES_INT), else floats */
-#if defined(RV_ISA_AVX512) && defined(RV_HAVE_VNNI)
+#if (defined(RV_ISA_AVX512) && defined(RV_HAVE_VNNI)) || defined(RV_ISA_AVX2)
 #define QK_VALUES_INT 1
 #else
 #define QK_VALUES_INT 0
@@ -937,6 +1100,11 @@ RV_INLINE void qk_values_sum(const int NR, const struct rv_qhead *h, int a, int 
         case 2 * 8 + 2: qk_values_int(NR, 2, 2, &p, h, a, n, w, w_stride, acc, scratch); break;   /* d 128, groups 64 */
         default: qk_values_int(NR, p.ng, p.nch, &p, h, a, n, w, w_stride, acc, scratch); break;
         }
+        return;
+    }
+#elif defined(RV_ISA_AVX2)
+    if (qk_values_int_applies(h, a, n)) {
+        qk_values_int(NR, h, a, n, w, w_stride, acc, scratch);
         return;
     }
 #endif
