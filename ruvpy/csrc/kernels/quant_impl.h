@@ -393,7 +393,9 @@ RV_INLINE void qk_i8_rows(const int NR, const struct rv_qhead *h, const qk_i8_qu
             const qk_iv X0 = qk_iv_unpacklo8(A, B), X1 = qk_iv_unpackhi8(A, B);
             qk_pf_lines(pf, 2);            /* spread: a burst of prefetches stalls on fill buffers */
             for (int r = 0; r < NR; r++) {
-                const qk_iv W = qk_iv_set1_16((short)((uint8_t)w->w[r][c] | ((uint16_t)(uint8_t)w->w[r][c + 1] << 8)));
+                short pair;                /* w[r][c], w[r][c + 1]: one 16-bit load and broadcast */
+                memcpy(&pair, &w->w[r][c], 2);
+                const qk_iv W = qk_iv_set1_16(pair);
                 a0[r] = qk_iv_add16(a0[r], qk_iv_maddubs(X0, W));
                 a1[r] = qk_iv_add16(a1[r], qk_iv_maddubs(X1, W));
             }
@@ -1037,27 +1039,30 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
                     _mm256_storeu_si256(X + 3, _mm256_unpackhi_epi16(abhi, cehi));
                 }
             }
-        /* the sums, row by row: four int32 accumulators per chunk, one flush per block */
+        /* the sums, row by row: per chunk four int16 accumulators over the block (a pair is
+         * at most 2 * 255 * 15, four quads' 30600 < 32768), to int32 once, one flush */
         for (int r = 0; r < NR; r++)
             for (int ch = 0; ch < nch; ch++) {
                 const int c0 = 32 * ch, g0 = c0 / gs, g1 = (c0 + 16) / gs;
-                __m256i ia[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                                 _mm256_setzero_si256()};
+                __m256i i16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                  _mm256_setzero_si256()};
                 for (int qd = 0; qd < 4; qd++) {
                     if (4 * qd + 4 <= lo || 4 * qd >= hi)
                         continue;                          /* four tokens no row weighs */
                     int32_t u0, u1;
                     memcpy(&u0, &w8[r][g0][4 * qd], 4);
                     memcpy(&u1, &w8[r][g1][4 * qd], 4);
-                    const __m256i W = _mm256_setr_m128i(_mm_set1_epi32(u0), _mm_set1_epi32(u1));
+                    const __m256i W = g0 == g1 ? _mm256_set1_epi32(u0)
+                                               : _mm256_setr_m128i(_mm_set1_epi32(u0), _mm_set1_epi32(u1));
                     const __m256i *X = xb + ((size_t)ch * 4 + qd) * 4;
                     for (int k = 0; k < 4; k++)
-                        ia[k] = _mm256_add_epi32(ia[k], _mm256_madd_epi16(_mm256_maddubs_epi16(W, _mm256_loadu_si256(X + k)), ones));
+                        i16[k] = _mm256_add_epi16(i16[k], _mm256_maddubs_epi16(W, _mm256_loadu_si256(X + k)));
                 }
                 float *fa = facc + ((size_t)r * nch + ch) * 32;
                 const __m256 s = _mm256_set1_ps(sc[r]);
                 for (int k = 0; k < 4; k++)
-                    _mm256_storeu_ps(fa + 8 * k, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(ia[k]), _mm256_loadu_ps(fa + 8 * k)));
+                    _mm256_storeu_ps(fa + 8 * k, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_madd_epi16(i16[k], ones)),
+                                                                 _mm256_loadu_ps(fa + 8 * k)));
             }
     }
     /* back to channel order, plus the zero terms */
