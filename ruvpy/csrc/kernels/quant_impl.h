@@ -965,6 +965,10 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
     float *ts = zacc + (size_t)NR * ng * 8;                       /* [ng][16] scales, then zeros */
     float *tz = ts + (size_t)QK_VNG * 16;
     uint8_t w8[QK_NR][QK_VNG][QK_VB];
+    int lane_group[RV_MAX_HEAD_DIM / 32][2];       /* each chunk's two 16-channel lanes' groups */
+    for (int ch = 0; ch < nch; ch++)
+        for (int L = 0; L < 2; L++)
+            lane_group[ch][L] = (32 * ch + 16 * L) / gs;
     memset(facc, 0, sizeof(float) * (size_t)NR * d);
     memset(zacc, 0, sizeof(float) * (size_t)NR * ng * 8);
     const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
@@ -1043,7 +1047,7 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
          * at most 2 * 255 * 15, four quads' 30600 < 32768), to int32 once, one flush */
         for (int r = 0; r < NR; r++)
             for (int ch = 0; ch < nch; ch++) {
-                const int c0 = 32 * ch, g0 = c0 / gs, g1 = (c0 + 16) / gs;
+                const int g0 = lane_group[ch][0], g1 = lane_group[ch][1];
                 __m256i i16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                                   _mm256_setzero_si256()};
                 for (int qd = 0; qd < 4; qd++) {
