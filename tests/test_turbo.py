@@ -127,8 +127,8 @@ def test_attention_is_the_codes_attention(isa, bits, H, kvh, d, G):
     """Decode, prefill (causal) and non-causal attention over cold groups (some of the first
     one evicted) and a hot tail equal float64 attention over the codes as the format defines it,
     with the int8 rotated query the kernels score with (turbo_format.kernel_reference; its bound
-    holds the float32 evaluation order and, with the avx512vnni table only, the 8-bit weights
-    of the value sums: every other table, plain avx512 included, uses no VNNI)."""
+    holds the float32 evaluation order and, with the avx512vnni and avx2 tables, the 8-bit
+    weights of their integer value sums)."""
     rng = np.random.default_rng(d + G + int(bits))
     n = 4 * G + 11
     cache = TwoTierKVCache(1, kvh, d, hot_tokens=5, migration_batch=G, cold="turbo", turbo_bits=bits,
@@ -142,20 +142,22 @@ def test_attention_is_the_codes_attention(isa, bits, H, kvh, d, G):
     for q_len, causal in ((1, True), (5, True), (n, True), (3, False)):
         q = (rng.standard_normal((q_len, H, d)) * 2).astype(np.float32)
         out = cache.attention(seq, 0, q, causal=causal)
-        ref, bound = tf.kernel_reference(cache, seq, 0, q, causal=causal, vnni=isa == "avx512vnni")
+        ref, bound = tf.kernel_reference(cache, seq, 0, q, causal=causal,
+                                         value_weights_8bit=isa in tf.VALUE_WEIGHTS_8BIT_TABLES)
         err = np.abs(out - ref).max(-1)
         assert np.all(err <= bound), (q_len, float((err / bound).max()))
 
 
 def test_the_selected_table_decides_vnni_for_the_turbo_kernels(isa):
-    """One VNNI switch: the kernel table. With the avx512vnni table the TurboQuant kernels sum
-    values with 8-bit weights (vpdpbusd); with any other, plain avx512 included (RUVPY_ISA /
-    set_isa("avx512")), they do not, and attention meets the bound without the 8-bit weights'
-    term (avx512 used to take the VNNI body whenever the CPU had it: 84x over that bound).
-    ruvpy.info() reports the active table's choice. (The C harness checks both tables'
-    kernels against float64: tests/test_neon.py::test_native_kernel_table.)"""
-    vnni = isa == "avx512vnni"
-    assert ruvpy.info()["avx512_vnni"] is vnni
+    """One switch: the kernel table. With the avx512vnni table the TurboQuant kernels sum values
+    with 8-bit weights through VNNI (vpdpbusd), with the avx2 table through vpmaddubsw; with any
+    other, plain avx512 included (RUVPY_ISA / set_isa("avx512")), they sum floats and attention
+    meets the bound without the 8-bit weights' term (avx512 used to take the VNNI body whenever
+    the CPU had it: 84x over that bound). ruvpy.info() reports whether the active table is the
+    VNNI one. (The C harness checks every table's kernels against float64:
+    tests/test_neon.py::test_native_kernel_table.)"""
+    assert ruvpy.info()["avx512_vnni"] is (isa == "avx512vnni")
+    eight_bit = isa in tf.VALUE_WEIGHTS_8BIT_TABLES
     rng = np.random.default_rng(5)
     kvh, d, G, H = 3, 64, 64, 9
     n = 4 * G + 11
@@ -165,11 +167,11 @@ def test_the_selected_table_decides_vnni_for_the_turbo_kernels(isa):
     cache.append(seq, 0, *random_kv(rng, n, kvh, d))
     q = (rng.standard_normal((1, H, d)) * 2).astype(np.float32)
     out = cache.attention(seq, 0, q)
-    ref, tight = tf.kernel_reference(cache, seq, 0, q, vnni=False)
+    ref, tight = tf.kernel_reference(cache, seq, 0, q, value_weights_8bit=False)
     err = np.abs(out - ref).max(-1)
-    if vnni:       # the 8-bit weights show (and stay within their own bound)
+    if eight_bit:       # the 8-bit weights show (and stay within their own bound)
         assert np.any(err > tight)
-        assert np.all(err <= tf.kernel_reference(cache, seq, 0, q, vnni=True)[1])
+        assert np.all(err <= tf.kernel_reference(cache, seq, 0, q, value_weights_8bit=True)[1])
     else:
         assert np.all(err <= tight), float((err / tight).max())
 

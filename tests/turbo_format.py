@@ -224,13 +224,18 @@ def int8_rotated_query(q_scaled, D):
     return float(sc), q8.astype(np.float64)
 
 
-def kernel_reference(cache, seq, layer, q, causal=True, bits=None, vnni=True):
+# the kernel tables whose TurboQuant value sums are integer, with 8-bit weights per 16-token
+# block and row (turbo_body.h: VPDPBUSD under VNNI, VPMADDUBSW + VPMADDWD on AVX2)
+VALUE_WEIGHTS_8BIT_TABLES = ("avx512vnni", "avx2")
+
+
+def kernel_reference(cache, seq, layer, q, causal=True, bits=None, value_weights_8bit=True):
     """float64 attention of q [q_len, H, d] over `seq` in `layer` exactly as the kernels define
     it: cold keys scored by the int8 rotated query (int8_rotated_query) against their codes
     plus the mean term, hot tokens in fp16; cold values decoded. Returns (out, bound): bound
     [q_len, H] is what the kernels' float32 arithmetic may add (1e-5 * max|v|, as every cold
-    format) plus, with vnni (the avx512vnni table's kernels), the 8-bit weights of the VNNI
-    value sums: half of max/255 per 16-token block and row (the sum over blocks of
+    format) plus, with value_weights_8bit (the avx512vnni and avx2 tables' kernels,
+    VALUE_WEIGHTS_8BIT_TABLES), the 8-bit weights of their integer value sums: half of max/255 per 16-token block and row (the sum over blocks of
     max w / 510 * sum |v_t|, over the row's sum of weights)."""
     bits = cache.turbo_bits if bits is None else bits
     meta, arrays = cache.export_sequence(seq)
@@ -285,5 +290,5 @@ def kernel_reference(cache, seq, layer, q, causal=True, bits=None, vnni=True):
                     for blk in np.unique(pg // 16):
                         sel = pg // 16 == blk
                         err += wg[sel].max() / 510 * vg[sel].sum()
-                bound[i, h * g + j] = 1e-5 * vmax + (1.01 * err / p.sum() / math.sqrt(D) if vnni else 0.0)
+                bound[i, h * g + j] = 1e-5 * vmax + (1.01 * err / p.sum() / math.sqrt(D) if value_weights_8bit else 0.0)
     return out, bound

@@ -908,7 +908,7 @@ def cases_attend_tgroup(rng):
     """A TurboQuant group head (rv_turbo.h) built from random codes with tests/turbo_format.py:
     scores a_t qscale (q8 . c_t) + flag_t (q . mu), values b_t c_t in the rotated domain, against
     float64 attention over exactly those vectors (the int8 query is an input: the kernels'
-    integer dot products are exact). With AVX512-VNNI the values are summed with 8-bit weights
+    integer dot products are exact). With AVX512-VNNI and on AVX2 the values are summed with 8-bit weights
     per 16-token block and row: a weight's error is at most half of max/255 of its block, which
     the tolerance adds: sum over blocks of max_b (p_t b_t) / 510 * sum_t in b |c_t| / l."""
     import turbo_format as tf
@@ -944,7 +944,7 @@ def cases_attend_tgroup(rng):
         out, lse = attention_reference(q_aug, k_aug[a:a + n], vwide[a:a + n], vis)
         tol_out, tol_lse = attention_tolerance(q_aug, np.abs(k_aug[a:a + n]) * 1.0, np.abs(vwide[a:a + n]), vis)
         out, tol_out = out[:, :D], tol_out[:, :D]
-        # 8-bit weights (VNNI): per 16-token block (from token a // 16 * 16) and row
+        # 8-bit weights (avx512vnni, avx2): per 16-token block (from token a // 16 * 16) and row
         cabs = np.abs(tf.centroids(vc, vn3, vn4))
         for r in range(rows):
             if vis[r] <= 0:

@@ -208,38 +208,80 @@ RV_INLINE void tq_scores256(const int NR, const struct rv_thead *h, int r0, cons
     }
 }
 
-/* Values in float, D a multiple of 32: per block of TQ_TB tokens their codebook values
- * unpacked once, then per 16 coordinates every row's accumulators in registers over the block */
+/* Values as integers, D a multiple of 32 (VPMADDUBSW + VPMADDWD), with the VNNI body's 8-bit
+ * weights: per 16-token block and row w8 = round(255 w / max) (u8), four tokens' codebook
+ * values of a coordinate interleaved into one int32 lane (a pair of products is at most
+ * 2 * 255 * 63 < 32768), so one VPMADDUBSW + VPMADDWD adds four tokens; each block's sums go
+ * into the float accumulators scaled back. The interleave permutes coordinates within 32
+ * (int32 m of 128-bit lane L <- coordinates 16 L + 4 m ..); the flush puts them back. ub:
+ * the block's interleaved codes (TQ_TB D bytes). */
 RV_INLINE void tq_values256(const int NR, const struct rv_thead *h, const float *w, int w_stride, int t0, int t1,
                             float *acc, int acc_stride, uint8_t *ub, qk_pf *pf)
 {
     const int D = h->D, nc = D / 32;
+    const __m256i ones = _mm256_set1_epi16(1), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int b0 = t0 / TQ_TB * TQ_TB; b0 < t1; b0 += TQ_TB) {
-        const int lo = b0 > t0 ? b0 : t0, hi = b0 + TQ_TB < t1 ? b0 + TQ_TB : t1;
-        for (int t = lo; t < hi; t++) {
-            const uint8_t *tok = h->vcodes + (size_t)t * h->vbytes;
-            for (int m = 0; m < nc; m++)
-                _mm256_storeu_si256((__m256i *)(ub + (size_t)(t - b0) * D + 32 * m),
-                                    tq_chunk32(tok, D, h->v_n3, h->v_n4, h->vtab, m));
+        const int lo = b0 > t0 ? 0 : t0 - b0, hi = t1 - b0 < TQ_TB ? t1 - b0 : TQ_TB;
+        __m256i in[2];
+        for (int e = 0; e < 2; e++) {
+            const __m256i t = _mm256_add_epi32(iota, _mm256_set1_epi32(8 * e));
+            in[e] = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), t),
+                                        _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), t));
+        }
+        uint8_t w8[RV_TATTN_ROWS][TQ_TB];
+        float wsc[RV_TATTN_ROWS];
+        for (int r = 0; r < NR; r++) {
+            const float *wr = w + r * w_stride + b0;           /* (masked: read in [lo, hi) only) */
+            const __m256 w0 = _mm256_maskload_ps(wr, in[0]), w1 = _mm256_maskload_ps(wr + 8, in[1]);
+            const float mx = rv_vf_hmax(_mm256_max_ps(w0, w1));   /* weights are >= 0 */
+            const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 255.0f / mx : 0.0f);
+            const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(w0, inv)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(w1, inv));
+            /* packs work per 128-bit lane: dwords t0-3 t8-11 | t4-7 t12-15, reordered */
+            const __m256i p = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_setzero_si256());
+            _mm_storeu_si128((__m128i *)w8[r], _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(p, order)));
+            wsc[r] = mx / 255.0f;
+        }
+        for (int qd = 0; qd < TQ_TB / 4; qd++) {
+            if (4 * qd + 4 <= lo || 4 * qd >= hi)
+                continue;                                  /* four tokens no row weighs */
+            const uint8_t *tok = h->vcodes + (size_t)(b0 + 4 * qd) * h->vbytes;
+            for (int m = 0; m < nc; m++) {
+                __m256i T[4];
+                for (int i = 0; i < 4; i++)
+                    T[i] = tq_chunk32(tok + (size_t)i * h->vbytes, D, h->v_n3, h->v_n4, h->vtab, m);
+                const __m256i ablo = _mm256_unpacklo_epi8(T[0], T[1]), abhi = _mm256_unpackhi_epi8(T[0], T[1]);
+                const __m256i celo = _mm256_unpacklo_epi8(T[2], T[3]), cehi = _mm256_unpackhi_epi8(T[2], T[3]);
+                __m256i *X = (__m256i *)ub + ((size_t)m * 4 + qd) * 4;
+                _mm256_storeu_si256(X, _mm256_unpacklo_epi16(ablo, celo));
+                _mm256_storeu_si256(X + 1, _mm256_unpackhi_epi16(ablo, celo));
+                _mm256_storeu_si256(X + 2, _mm256_unpacklo_epi16(abhi, cehi));
+                _mm256_storeu_si256(X + 3, _mm256_unpackhi_epi16(abhi, cehi));
+            }
         }
         qk_pf_lines(pf, 1);
-        for (int i = 0; i < D; i += 16) {
-            rv_vf a[RV_TATTN_ROWS][2];
-            for (int r = 0; r < NR; r++)
-                for (int k = 0; k < 2; k++)
-                    a[r][k] = rv_vf_load(acc + r * acc_stride + i + 8 * k);
-            for (int t = lo; t < hi; t++) {
-                const int8_t *c = (const int8_t *)ub + (size_t)(t - b0) * D + i;
-                const rv_vf x0 = tq_s8(c), x1 = tq_s8(c + 8);
-                for (int r = 0; r < NR; r++) {
-                    const rv_vf p = rv_vf_set1(w[r * w_stride + t]);
-                    a[r][0] = rv_vf_fmadd(p, x0, a[r][0]);
-                    a[r][1] = rv_vf_fmadd(p, x1, a[r][1]);
+        for (int r = 0; r < NR; r++) {
+            const __m256 sc = _mm256_set1_ps(wsc[r]);
+            for (int m = 0; m < nc; m++) {
+                __m256i ia[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                 _mm256_setzero_si256()};
+                for (int qd = 0; qd < TQ_TB / 4; qd++) {
+                    if (4 * qd + 4 <= lo || 4 * qd >= hi)
+                        continue;
+                    int32_t u;
+                    memcpy(&u, &w8[r][4 * qd], 4);
+                    const __m256i W = _mm256_set1_epi32(u);
+                    const __m256i *X = (const __m256i *)ub + ((size_t)m * 4 + qd) * 4;
+                    for (int k = 0; k < 4; k++)
+                        ia[k] = _mm256_add_epi32(ia[k], _mm256_madd_epi16(_mm256_maddubs_epi16(W, _mm256_loadu_si256(X + k)), ones));
                 }
+                /* back to coordinate order: ia[k] holds 4k.. | 16 + 4k.. */
+                const __m256i n[4] = {_mm256_permute2x128_si256(ia[0], ia[1], 0x20), _mm256_permute2x128_si256(ia[2], ia[3], 0x20),
+                                      _mm256_permute2x128_si256(ia[0], ia[1], 0x31), _mm256_permute2x128_si256(ia[2], ia[3], 0x31)};
+                float *ap = acc + r * acc_stride + 32 * m;
+                for (int k = 0; k < 4; k++)
+                    _mm256_storeu_ps(ap + 8 * k, _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(n[k]), _mm256_loadu_ps(ap + 8 * k)));
             }
-            for (int r = 0; r < NR; r++)
-                for (int k = 0; k < 2; k++)
-                    rv_vf_store(acc + r * acc_stride + i + 8 * k, a[r][k]);
         }
     }
 }
