@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import signal
 import threading
 
 import numpy as np
@@ -267,19 +268,68 @@ class Step:
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self):
-        self._runtime._open_step(self)
+        opened = False
+        try:
+            with _InterruptsHeld() as held:
+                self._runtime._open_step(self)
+                opened = True
+            if held.pending:
+                raise KeyboardInterrupt
+        except BaseException:
+            if opened and self._state is _OPEN:    # opened here, then Ctrl-C: rolled back whole
+                with _InterruptsHeld():
+                    self._runtime._close_step(self, False)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self._check_thread("step.__exit__")
-        if self._state is _OPEN or self._state is _ABANDONED:
-            self._runtime._close_step(self, exc_type is None)
+        try:
+            self._check_thread("step.__exit__")
+            if self._state is _OPEN or self._state is _ABANDONED:
+                with _InterruptsHeld() as held:
+                    self._runtime._close_step(self, exc_type is None)
+                if held.pending:     # after the step committed or rolled back whole
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            # Ctrl-C before the hold began: the step has not ended, so it is rolled back
+            if (self._state is _OPEN or self._state is _ABANDONED) and self._owner == threading.get_ident():
+                with _InterruptsHeld():
+                    self._runtime._close_step(self, False)
+            raise
         return False         # (closed: the runtime was closed inside the step, by its thread)
 
     def __repr__(self):
         return (f"<ruvpy.Step {self._state}: sequences {list(self._seqs)}, tokens "
                 f"{list(self._n_tokens)}, {self._num_layers - self._remaining}/"
                 f"{self._num_layers} layers attended>")
+
+
+class _InterruptsHeld:
+    """Holds Ctrl-C off while a step opens or ends. Python raises KeyboardInterrupt between any
+    two bytecodes of the main thread; in the middle of that bookkeeping (the step slot, the KV
+    transaction, the positions) it left the slot taken for good, a transaction open, or tokens
+    committed without their position (a hostile SIGINT timer found each). While held, a SIGINT
+    is only recorded (`pending`); the caller finishes, then raises KeyboardInterrupt. Only in
+    the main thread (the one Python delivers signals to) and only over Python's default
+    handler: a program's own SIGINT handler is left alone."""
+
+    __slots__ = ("pending", "_previous")
+
+    def __enter__(self):
+        self.pending = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        self.pending = True
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 # ----------------------------------------------------------------------------------------

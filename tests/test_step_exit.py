@@ -2,6 +2,8 @@
 freed, the stepping thread's count restored, the first failure raised -- and the Runtime
 stays usable. The failures: the arena closed by hand inside the step, a cache commit that
 raises (an error, or Ctrl-C), a rollback that raises."""
+import signal
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,65 @@ def test_a_rollback_that_raises_still_frees_the_step():
         full_step(rt, a, 2, rng)              # ... the next step finishes it first
         assert rt.position(a) == 2 and not cache.in_transaction(a)
         assert [rt.seq_len(a, layer) for layer in range(3)] == [2, 2, 2]
+
+
+class Interrupting:
+    """An object's stand-in whose `method` returns normally, then Ctrl-C arrives (SIGINT,
+    handled by Python's default handler at its next chance): the moment where a
+    KeyboardInterrupt inside the Runtime's bookkeeping used to leave the step slot taken, the
+    KV transaction open, or tokens committed without their position."""
+
+    def __init__(self, target, method):
+        self._target, self._method = target, method
+
+    def __getattr__(self, name):
+        attr = getattr(self._target, name)
+        if name == "plan":                  # the step's commit / rollback go through its plan
+            def planned(*args, **kwargs):
+                plan = Interrupting(attr(*args, **kwargs), self._method)
+                if self._method == "plan":
+                    signal.raise_signal(signal.SIGINT)
+                return plan
+            return planned
+        if name == self._method:
+            def interrupted(*args, **kwargs):
+                result = attr(*args, **kwargs)
+                signal.raise_signal(signal.SIGINT)
+                return result
+            return interrupted
+        return attr
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("method,body_fails", [("plan", False), ("commit", False), ("rollback", True)])
+def test_ctrl_c_as_a_step_opens_or_ends_loses_nothing(kind, method, body_fails):
+    """Ctrl-C right after the KV cache planned (opened the transaction), committed or rolled
+    back: the step ends whole -- rolled back, or committed with its position -- then
+    KeyboardInterrupt is raised, and the next step runs. (Before the hold, 4 of these 6
+    failed: "another step is open", "already inside a transaction", or a position behind
+    its tokens.)"""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    rng = np.random.default_rng(3)
+    with Runtime(RuntimeConfig(**SMALL, threads=1, **KINDS[kind])) as rt:
+        a = rt.add_sequence()
+        full_step(rt, a, 20, rng)
+        before = state(rt, a)
+        cache = rt._cache
+        rt._cache = Interrupting(cache, method)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with rt.step([a], [3]) as step:
+                    for layer in range(3):
+                        step.attention(layer, *qkv(rng, 3))
+                    if body_fails:
+                        raise ValueError("the model failed")
+        finally:
+            rt._cache = cache
+        after = state(rt, a)
+        if method == "commit":                            # committed whole, position included
+            assert after[0] == before[0] + 3 and after[1] == [23] * 3
+        else:                                             # rolled back whole
+            assert after == before
+        assert not cache.in_transaction(a)
+        full_step(rt, a, 2, rng)                          # the step slot is free again
+        assert rt.position(a) == after[0] + 2 and [rt.seq_len(a, layer) for layer in range(3)] == [after[0] + 2] * 3
