@@ -93,6 +93,8 @@ cdef float softmax_scale(object scale, int head_dim) except? -1:
     cdef double s
     if scale is None:
         return <float>(1.0 / sqrt(<double>head_dim))
+    if isinstance(scale, (str, bytes, bytearray)):     # float() would parse it
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}")
     s = float(scale)
     if not isfinite(s) or abs(s) > FLT_MAX:
         raise ValueError(f"scale must be finite in float32, got {scale!r}")

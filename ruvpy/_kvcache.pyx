@@ -88,9 +88,10 @@ cdef int _positive_int(object value, str name) except -1:
         return <int>value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0 or value > MAX_INT:
-        raise ValueError(f"{name} must be a positive int (< 2**31), got {value}")
-    return <int>value
+    v = _index(value)     # an exact int: an int subclass's own comparisons are not called
+    if v <= 0 or v > MAX_INT:
+        raise ValueError(f"{name} must be a positive int (< 2**31), got {v}")
+    return <int>v
 
 
 cdef int64_t _token_count(object value, str what) except -1:

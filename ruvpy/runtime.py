@@ -362,6 +362,8 @@ def _layer_number(layer, num_layers, what):
 
 def _scale_value(scale, what):
     try:
+        if isinstance(scale, (str, bytes, bytearray)):     # float() would parse it
+            raise TypeError
         return float(scale)
     except TypeError:
         raise TypeError(f"{what}: scale must be a float or None, got "

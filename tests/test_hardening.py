@@ -733,3 +733,50 @@ def test_in_place_kernels_update_a_subclass_through_its_memory():
     strided = np.ones((10, 20), np.float32)[:, ::2].view(Elsewhere)
     _kernels.scale(4.0, strided)
     np.testing.assert_array_equal(strided.view(np.ndarray), 4.0)
+
+
+class LyingInt(int):
+    """An int whose comparisons lie: every `<` and `>` false, `>=` true, `<=` true past 1000."""
+
+    def __lt__(self, other):
+        return False
+
+    def __gt__(self, other):
+        return False
+
+    def __le__(self, other):
+        return other > 1000
+
+    def __ge__(self, other):
+        return True
+
+
+@pytest.mark.parametrize("value", [-1, 0])
+def test_a_lying_int_subclass_is_checked_by_its_value(value):
+    """Sizes are compared as exact ints: -1 and 0 dressed as an int subclass whose comparisons
+    lie are refused with the value named (they used to reach the C helper's error marker
+    without an exception: SystemError)."""
+    with pytest.raises(ValueError, match=f"got {value}"):
+        ruvpy.PagedKVCache(LyingInt(value), 2, 16, max_tokens=64)
+
+
+@pytest.mark.parametrize("scale", ["1", b"1", bytearray(b"1")])
+def test_a_string_scale_is_refused_not_parsed(scale):
+    """float("1") is 1.0: a scale given as text is a TypeError on every attention entry."""
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((4, 2, 16)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((1, 4, 16)).astype(np.float32)
+    with pytest.raises(TypeError, match="scale"):
+        ruvpy.attention(q, k, v, scale=scale)
+    cache = ruvpy.PagedKVCache(1, 2, 16, max_tokens=64)
+    seq = cache.add_sequence()
+    cache.append(seq, 0, k, v)
+    with pytest.raises(TypeError, match="scale"):
+        cache.attention(seq, 0, q, scale=scale)
+    with ruvpy.Runtime(ruvpy.RuntimeConfig(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                                           max_tokens=64)) as rt:
+        s = rt.add_sequence()
+        with pytest.raises(TypeError, match="scale"):
+            with rt.step([s], [1]) as step:
+                step.attention(0, q, k[:1], v[:1], scale=scale)
+        assert rt.position(s) == 0 and rt.seq_len(s) == 0
