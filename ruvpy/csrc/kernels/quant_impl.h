@@ -974,8 +974,8 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
     const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     for (int b0 = a / QK_VB * QK_VB; b0 < a + n; b0 += QK_VB) {
         const int lo = a > b0 ? a - b0 : 0, hi = a + n - b0 < QK_VB ? a + n - b0 : QK_VB;
-        /* the block's tokens in [lo, hi), its parameters gathered group-major (0 outside), and
-         * its largest scale */
+        /* the block's tokens in [lo, hi), its parameters group-major (0 outside), and its
+         * largest scale */
         const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         __m256i in[2];
         for (int e = 0; e < 2; e++) {
@@ -984,18 +984,21 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
                                         _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), t));
         }
         const float *ps = h->vscale + (size_t)b0 * ng, *pz = h->vzero + (size_t)b0 * ng;
-        __m256 vmax = _mm256_setzero_ps();
-        for (int g = 0; g < ng; g++)
-            for (int e = 0; e < 2; e++) {
-                const __m256i idx = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8 * e)),
-                                                                        _mm256_set1_epi32(ng)), _mm256_set1_epi32(g));
-                const __m256 m = _mm256_castsi256_ps(in[e]);
-                const __m256 x = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), ps, idx, m, 4);
-                _mm256_storeu_ps(ts + g * 16 + 8 * e, x);
-                _mm256_storeu_ps(tz + g * 16 + 8 * e, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), pz, idx, m, 4));
-                vmax = _mm256_max_ps(vmax, x);
+        /* by plain loads: AVX2 gathers (masked, or clamped and zeroed) gave wrong scales under
+         * qemu's Haswell (tests/test_neon.py), though right on this Zen 3 */
+        float vsm = 0.0f;
+        for (int g = 0; g < ng; g++) {
+            for (int e = 0; e < QK_VB; e += 8) {
+                _mm256_storeu_ps(ts + g * 16 + e, _mm256_setzero_ps());
+                _mm256_storeu_ps(tz + g * 16 + e, _mm256_setzero_ps());
             }
-        const float vsm = rv_vf_hmax(vmax);
+            for (int t = lo; t < hi; t++) {
+                const float x = ps[t * ng + g];
+                ts[g * 16 + t] = x;
+                tz[g * 16 + t] = pz[t * ng + g];
+                vsm = x > vsm ? x : vsm;
+            }
+        }
         const __m256 vinv = _mm256_set1_ps(vsm > 0.0f ? 255.0f / vsm : 0.0f);
         for (int i = 0; i < ng * 16; i += 8)
             _mm256_storeu_ps(ts + i, _mm256_mul_ps(_mm256_loadu_ps(ts + i), vinv));
