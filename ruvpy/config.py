@@ -4,6 +4,7 @@ checks (head_dim, TurboQuant bit widths, cold formats) are C's, read from the ex
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import numpy as np
 
@@ -23,21 +24,25 @@ MiB = 1 << 20
 INT64_MAX = 2 ** 63 - 1
 
 
-def _int_field(name, value, *, minimum=1, maximum=INT64_MAX, optional=False):
-    """value must be an int (numpy ints too; not bool, float or str) in [minimum, maximum]:
-    every count and size is a 64-bit number in C, so a larger one is a ValueError here
-    rather than an OverflowError later."""
+def _int_field(config, name, *, minimum=1, maximum=INT64_MAX, optional=False):
+    """config.<name> must be an int (numpy ints too; not bool, float or str) in [minimum,
+    maximum]: every count and size is a 64-bit number in C, so a larger one is a ValueError
+    here rather than an OverflowError later. It is stored back as an exact int, so that neither
+    this check nor any later one calls an int subclass's own comparisons."""
+    value = getattr(config, name)
     if value is None and optional:
         return
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         kind = "an int or None" if optional else "an int"
         raise TypeError(f"RuntimeConfig.{name} must be {kind}, got {type(value).__name__} "
                         f"{value!r}")
+    value = operator.index(value)
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum == INT64_MAX else f"in [{minimum}, {maximum}]"
         if value > maximum == INT64_MAX:
             bound = f"below 2**63"
         raise ValueError(f"RuntimeConfig.{name} must be {bound}, got {value}")
+    object.__setattr__(config, name, value)
 
 
 def _choice_field(name, value, choices, *, optional=False):
@@ -101,24 +106,24 @@ class RuntimeConfig:
     pool_buffers_per_class: int = 32
 
     def __post_init__(self):
-        _int_field("num_layers", self.num_layers)
-        _int_field("num_heads", self.num_heads)
-        _int_field("num_kv_heads", self.num_kv_heads)
-        _int_field("head_dim", self.head_dim, maximum=MAX_HEAD_DIM)
+        _int_field(self, "num_layers")
+        _int_field(self, "num_heads")
+        _int_field(self, "num_kv_heads")
+        _int_field(self, "head_dim", maximum=MAX_HEAD_DIM)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"RuntimeConfig: num_heads ({self.num_heads}) must be a multiple "
                              f"of num_kv_heads ({self.num_kv_heads})")
-        _int_field("max_tokens", self.max_tokens, optional=True)
-        _int_field("memory_budget", self.memory_budget, optional=True)
-        _int_field("threads", self.threads, optional=True)
-        _int_field("max_sequences", self.max_sequences, optional=True)
-        _int_field("block_size", self.block_size)
-        _int_field("hot_tokens", self.hot_tokens)
-        _int_field("group_size", self.group_size)
-        _int_field("migration_batch", self.migration_batch)
-        _int_field("arena_bytes", self.arena_bytes)
-        _int_field("scratch_bytes_per_thread", self.scratch_bytes_per_thread)
-        _int_field("pool_buffers_per_class", self.pool_buffers_per_class)
+        _int_field(self, "max_tokens", optional=True)
+        _int_field(self, "memory_budget", optional=True)
+        _int_field(self, "threads", optional=True)
+        _int_field(self, "max_sequences", optional=True)
+        _int_field(self, "block_size")
+        _int_field(self, "hot_tokens")
+        _int_field(self, "group_size")
+        _int_field(self, "migration_batch")
+        _int_field(self, "arena_bytes")
+        _int_field(self, "scratch_bytes_per_thread")
+        _int_field(self, "pool_buffers_per_class")
         _choice_field("kv_cache", self.kv_cache, KV_CACHE_KINDS)
         _choice_field("kv_dtype", self.kv_dtype, KV_DTYPES)
         _choice_field("cold", self.cold, COLD_FORMATS, optional=True)

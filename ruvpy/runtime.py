@@ -660,13 +660,16 @@ class Runtime(Closing):
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"step: sequences {seqs} repeat an id (each sequence appears "
                              f"once; give it all its tokens)")
+        counts = []
         for seq, n in zip(seqs, n_tokens):
             if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
                 raise TypeError(f"step: token count of sequence {seq} must be an int, got "
                                 f"{type(n).__name__} {n!r}")
+            n = operator.index(n)       # an exact int: a subclass's own comparisons are not called
             if n < 1:
                 raise ValueError(f"step: token count of sequence {seq} must be >= 1, got {n}")
-        return Step(self, seqs, [operator.index(n) for n in n_tokens])
+            counts.append(n)
+        return Step(self, seqs, counts)
 
     def _open_step(self, step):
         """Step.__enter__: take the step slot, reserve KV room, begin the transaction, plan

@@ -780,3 +780,28 @@ def test_a_string_scale_is_refused_not_parsed(scale):
             with rt.step([s], [1]) as step:
                 step.attention(0, q, k[:1], v[:1], scale=scale)
         assert rt.position(s) == 0 and rt.seq_len(s) == 0
+
+
+@pytest.mark.parametrize("field", ["num_layers", "max_tokens", "threads", "max_sequences", "block_size",
+                                   "hot_tokens", "arena_bytes", "scratch_bytes_per_thread",
+                                   "pool_buffers_per_class"])
+def test_a_lying_int_config_field_is_checked_and_stored_by_its_value(field):
+    """RuntimeConfig compares and stores sizes as exact ints: -1 dressed as a lying int
+    subclass is refused at once (it used to pass the config, and max_sequences=-1 or
+    scratch_bytes_per_thread=-1 even built a Runtime), and an accepted one is stored as int."""
+    base = dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_tokens=64)
+    with pytest.raises(ValueError, match=f"RuntimeConfig.{field} must be"):
+        ruvpy.RuntimeConfig(**{**base, field: LyingInt(-1)})
+    cfg = ruvpy.RuntimeConfig(**{**base, field: LyingInt(8)})
+    assert type(getattr(cfg, field)) is int and getattr(cfg, field) == 8
+
+
+def test_a_lying_int_token_count_is_checked_by_its_value():
+    """A step's token count 0 as a lying int subclass is refused like 0 (it ran a 0-token
+    step), and nothing changes."""
+    with ruvpy.Runtime(ruvpy.RuntimeConfig(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                                           max_tokens=64)) as rt:
+        a, b = rt.add_sequence(), rt.add_sequence()
+        with pytest.raises(ValueError, match=">= 1, got 0"):
+            rt.step([a, b], [LyingInt(0), 2])
+        assert rt.position(a) == rt.position(b) == 0 and rt.stats().steps == 0
