@@ -156,6 +156,40 @@ RV_INLINE rv_vf rv_vf_exp(rv_vf x) { return expf(x); }
 #error "define one of RV_ISA_SCALAR, RV_ISA_AVX2, RV_ISA_AVX512, RV_ISA_NEON before rv_simd.h"
 #endif
 
+/* Byte lanes for the integer dot kernels (VPMADDUBSW / VPDPBUSD take four u8 x s8 or u8 x u8
+ * pairs per int32 lane). rv_interleave4_epi8: from four tokens' bytes T[0..3], X[k] holds in
+ * each int32 lane one channel's four tokens; per 128-bit lane L, X[k] covers that lane's
+ * channels 4k .. 4k + 3. */
+#if defined(RV_ISA_AVX512)
+RV_INLINE void rv_interleave4_epi8(const __m512i T[4], __m512i X[4])
+{
+    const __m512i ablo = _mm512_unpacklo_epi8(T[0], T[1]), abhi = _mm512_unpackhi_epi8(T[0], T[1]);
+    const __m512i celo = _mm512_unpacklo_epi8(T[2], T[3]), cehi = _mm512_unpackhi_epi8(T[2], T[3]);
+    X[0] = _mm512_unpacklo_epi16(ablo, celo);
+    X[1] = _mm512_unpackhi_epi16(ablo, celo);
+    X[2] = _mm512_unpacklo_epi16(abhi, cehi);
+    X[3] = _mm512_unpackhi_epi16(abhi, cehi);
+}
+#elif defined(RV_ISA_AVX2)
+RV_INLINE void rv_interleave4_epi8(const __m256i T[4], __m256i X[4])
+{
+    const __m256i ablo = _mm256_unpacklo_epi8(T[0], T[1]), abhi = _mm256_unpackhi_epi8(T[0], T[1]);
+    const __m256i celo = _mm256_unpacklo_epi8(T[2], T[3]), cehi = _mm256_unpackhi_epi8(T[2], T[3]);
+    X[0] = _mm256_unpacklo_epi16(ablo, celo);
+    X[1] = _mm256_unpackhi_epi16(ablo, celo);
+    X[2] = _mm256_unpacklo_epi16(abhi, cehi);
+    X[3] = _mm256_unpackhi_epi16(abhi, cehi);
+}
+
+/* 16 int32 in [0, 255] (q0 then q1) to 16 bytes in the same order; the packs work per
+ * 128-bit lane (dwords t0-3 t8-11 | t4-7 t12-15), so one permute puts them back */
+RV_INLINE __m128i rv256_pack_u8x16(__m256i q0, __m256i q1)
+{
+    const __m256i p = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_setzero_si256());
+    return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+#endif
+
 #ifndef RV_HAVE_NATIVE_EXP
 /* exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 (two-part ln2), exp(r) by a
  * degree-6 polynomial on |r| <= ln2/2. Inputs below -87.3 (including -inf) give exactly 0;

@@ -877,10 +877,8 @@ RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk
                     else                               /* past the group's end: nothing to read */
                         for (int i = 0; i < 4; i++)
                             T[i] = t + i < G ? qk_vchunk(p, h->vcodes + (size_t)(t + i) * h->vrow, ch) : _mm512_setzero_si512();
-                    const __m512i ablo = _mm512_unpacklo_epi8(T[0], T[1]), abhi = _mm512_unpackhi_epi8(T[0], T[1]);
-                    const __m512i celo = _mm512_unpacklo_epi8(T[2], T[3]), cehi = _mm512_unpackhi_epi8(T[2], T[3]);
-                    const __m512i X[4] = {_mm512_unpacklo_epi16(ablo, celo), _mm512_unpackhi_epi16(ablo, celo),
-                                          _mm512_unpacklo_epi16(abhi, cehi), _mm512_unpackhi_epi16(abhi, cehi)};
+                    __m512i X[4];
+                    rv_interleave4_epi8(T, X);
                     for (int r = 0; r < NR; r++) {
                         const __m512i W = _mm512_permutexvar_epi32(ix[qd], Z[r][sb][one_z ? 0 : ch]);
                         for (int m = 0; m < 4; m++)
@@ -1004,7 +1002,6 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
             _mm256_storeu_ps(ts + i, _mm256_mul_ps(_mm256_loadu_ps(ts + i), vinv));
         /* per row: the step S / 255, the u8 weights, the zero terms */
         float sc[QK_NR];
-        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for (int r = 0; r < NR; r++) {
             const float *wr = w + r * w_stride + (b0 - a);      /* (masked: read in [lo, hi) only) */
             const __m256 w0 = _mm256_maskload_ps(wr, in[0]), w1 = _mm256_maskload_ps(wr + 8, in[1]);
@@ -1015,9 +1012,7 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
             for (int g = 0; g < ng; g++) {
                 const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(n0, _mm256_loadu_ps(ts + g * 16)));
                 const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(n1, _mm256_loadu_ps(ts + g * 16 + 8)));
-                /* packs work per 128-bit lane: dwords t0-3 t8-11 | t4-7 t12-15, reordered */
-                const __m256i p = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_setzero_si256());
-                _mm_storeu_si128((__m128i *)w8[r][g], _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(p, order)));
+                _mm_storeu_si128((__m128i *)w8[r][g], rv256_pack_u8x16(q0, q1));
                 float *z = zacc + ((size_t)r * ng + g) * 8;
                 _mm256_storeu_ps(z, _mm256_fmadd_ps(w0, _mm256_loadu_ps(tz + g * 16),
                                                     _mm256_fmadd_ps(w1, _mm256_loadu_ps(tz + g * 16 + 8), _mm256_loadu_ps(z))));
@@ -1036,14 +1031,10 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
                     T[1][i] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m15);
                 }
                 for (int side = 0; side < 2; side++) {
-                    const __m256i *U = T[side];
-                    const __m256i ablo = _mm256_unpacklo_epi8(U[0], U[1]), abhi = _mm256_unpackhi_epi8(U[0], U[1]);
-                    const __m256i celo = _mm256_unpacklo_epi8(U[2], U[3]), cehi = _mm256_unpackhi_epi8(U[2], U[3]);
-                    __m256i *X = xb + ((size_t)(side * half + o) / 32 * 4 + qd) * 4;
-                    _mm256_storeu_si256(X, _mm256_unpacklo_epi16(ablo, celo));
-                    _mm256_storeu_si256(X + 1, _mm256_unpackhi_epi16(ablo, celo));
-                    _mm256_storeu_si256(X + 2, _mm256_unpacklo_epi16(abhi, cehi));
-                    _mm256_storeu_si256(X + 3, _mm256_unpackhi_epi16(abhi, cehi));
+                    __m256i X[4], *dst = xb + ((size_t)(side * half + o) / 32 * 4 + qd) * 4;
+                    rv_interleave4_epi8(T[side], X);
+                    for (int k = 0; k < 4; k++)
+                        _mm256_storeu_si256(dst + k, X[k]);
                 }
             }
         /* the sums, row by row: per chunk four int16 accumulators over the block (a pair is

@@ -95,10 +95,9 @@ TQ_ATTR RV_INLINE void TQ_FN(tq_values512)(const int NR, const int nc, const str
                 const uint8_t *p = h->vcodes + (size_t)t * h->vbytes;
                 __m512i A = tq_chunk(&up, p, j), B = tq_chunk(&up, p + h->vbytes, j);
                 __m512i C = tq_chunk(&up, p + 2 * (size_t)h->vbytes, j), E = tq_chunk(&up, p + 3 * (size_t)h->vbytes, j);
-                __m512i ablo = _mm512_unpacklo_epi8(A, B), abhi = _mm512_unpackhi_epi8(A, B);
-                __m512i celo = _mm512_unpacklo_epi8(C, E), cehi = _mm512_unpackhi_epi8(C, E);
-                __m512i X[4] = {_mm512_unpacklo_epi16(ablo, celo), _mm512_unpackhi_epi16(ablo, celo),
-                                _mm512_unpacklo_epi16(abhi, cehi), _mm512_unpackhi_epi16(abhi, cehi)};
+                const __m512i T[4] = {A, B, C, E};
+                __m512i X[4];
+                rv_interleave4_epi8(T, X);
                 for (int r = 0; r < NR; r++) {
                     int32_t ww;
                     memcpy(&ww, w8 + ((size_t)r * nb + b) * TQ_TB + (t - s0), 4);
@@ -220,7 +219,6 @@ RV_INLINE void tq_values256(const int NR, const struct rv_thead *h, const float 
 {
     const int D = h->D, nc = D / 32;
     const __m256i ones = _mm256_set1_epi16(1), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int b0 = t0 / TQ_TB * TQ_TB; b0 < t1; b0 += TQ_TB) {
         const int lo = b0 > t0 ? 0 : t0 - b0, hi = t1 - b0 < TQ_TB ? t1 - b0 : TQ_TB;
         __m256i in[2];
@@ -237,9 +235,7 @@ RV_INLINE void tq_values256(const int NR, const struct rv_thead *h, const float 
             const float mx = rv_vf_hmax(_mm256_max_ps(w0, w1));   /* weights are >= 0 */
             const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 255.0f / mx : 0.0f);
             const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(w0, inv)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(w1, inv));
-            /* packs work per 128-bit lane: dwords t0-3 t8-11 | t4-7 t12-15, reordered */
-            const __m256i p = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_setzero_si256());
-            _mm_storeu_si128((__m128i *)w8[r], _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(p, order)));
+            _mm_storeu_si128((__m128i *)w8[r], rv256_pack_u8x16(q0, q1));
             wsc[r] = mx / 255.0f;
         }
         for (int qd = 0; qd < TQ_TB / 4; qd++) {
@@ -250,13 +246,10 @@ RV_INLINE void tq_values256(const int NR, const struct rv_thead *h, const float 
                 __m256i T[4];
                 for (int i = 0; i < 4; i++)
                     T[i] = tq_chunk32(tok + (size_t)i * h->vbytes, D, h->v_n3, h->v_n4, h->vtab, m);
-                const __m256i ablo = _mm256_unpacklo_epi8(T[0], T[1]), abhi = _mm256_unpackhi_epi8(T[0], T[1]);
-                const __m256i celo = _mm256_unpacklo_epi8(T[2], T[3]), cehi = _mm256_unpackhi_epi8(T[2], T[3]);
-                __m256i *X = (__m256i *)ub + ((size_t)m * 4 + qd) * 4;
-                _mm256_storeu_si256(X, _mm256_unpacklo_epi16(ablo, celo));
-                _mm256_storeu_si256(X + 1, _mm256_unpackhi_epi16(ablo, celo));
-                _mm256_storeu_si256(X + 2, _mm256_unpacklo_epi16(abhi, cehi));
-                _mm256_storeu_si256(X + 3, _mm256_unpackhi_epi16(abhi, cehi));
+                __m256i X[4], *dst = (__m256i *)ub + ((size_t)m * 4 + qd) * 4;
+                rv_interleave4_epi8(T, X);
+                for (int k = 0; k < 4; k++)
+                    _mm256_storeu_si256(dst + k, X[k]);
             }
         }
         qk_pf_lines(pf, 1);
