@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
-import signal
+import _signal     # signal's C functions: signal.signal and getsignal add enum wrapping per call
 import threading
 
 import numpy as np
@@ -318,9 +318,9 @@ class _InterruptsHeld:
     def __enter__(self):
         self.pending = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._record)
+        if threading.get_ident() == threading.main_thread().ident and \
+                _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+            self._previous = _signal.signal(_signal.SIGINT, self._record)
         return self
 
     def _record(self, signum, frame):
@@ -328,7 +328,7 @@ class _InterruptsHeld:
 
     def __exit__(self, exc_type, exc, tb):
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            _signal.signal(_signal.SIGINT, self._previous)
         return False
 
 
