@@ -242,7 +242,8 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
  * so every ISA computes the same scores. */
 #define QK_I8_BLOCKS ((256 + RV_MAX_OUTLIERS + 15) / 16)
 typedef struct {
-    int8_t w[QK_NR][16 * QK_I8_BLOCKS + 2];   /* [row][channel] (outlier rows after head_dim) */
+    int8_t w[QK_NR][16 * QK_I8_BLOCKS + 4];   /* [row][channel] (outlier rows after head_dim; a
+                                                 * pair or quad past the end meets zero codes) */
     float sc[QK_NR][QK_I8_BLOCKS];              /* the blocks' scales */
 } qk_i8_query;
 
@@ -334,6 +335,21 @@ RV_INLINE qk_iv qk_i8_codes(const uint8_t *row)    /* [lo nibbles | hi nibbles] 
 #define qk_iv_set1_16(x) _mm512_set1_epi16(x)
 RV_INLINE rv_vf qk_iv_lo_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(x))); }
 RV_INLINE rv_vf qk_iv_hi_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x, 1))); }
+#if defined(RV_HAVE_VNNI)
+/* with VNNI (qk_i8_rows below): S[k] 128-bit lane L holds tokens 4k .. 4k + 3 of lane L's 16
+ * (lanes: low-nibble tokens j.., j + 16.., high-nibble tokens half + j.., half + j + 16..), so
+ * a 4 x 4 transpose of 128-bit lanes puts them back */
+RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, float *s_hi)
+{
+    const __m512 t0 = _mm512_shuffle_f32x4(S[0], S[1], 0x44), t1 = _mm512_shuffle_f32x4(S[2], S[3], 0x44);
+    const __m512 t2 = _mm512_shuffle_f32x4(S[0], S[1], 0xEE), t3 = _mm512_shuffle_f32x4(S[2], S[3], 0xEE);
+    const rv_vf T[4] = {_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD),
+                        _mm512_shuffle_f32x4(t2, t3, 0x88), _mm512_shuffle_f32x4(t2, t3, 0xDD)};
+    float *dst[4] = {s_lo, s_lo + 16, s_hi, s_hi + 16};
+    for (int k = 0; k < 4; k++)
+        rv_vf_store(dst[k], rv_vf_add(T[k], add ? rv_vf_load(dst[k]) : rv_vf_set1(bias)));
+}
+#else
 /* the four token subsets' sums back in token order, plus bias (or added to s): S0 = A-bytes
  * [0..7, 16..23], S1 = [32..39, 48..55], S2 = [8..15, 24..31], S3 = [40..47, 56..63] (A-byte
  * b < 32: token j + b, else half + j + b - 32) */
@@ -347,6 +363,7 @@ RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, flo
     for (int k = 0; k < 4; k++)
         rv_vf_store(dst[k], rv_vf_add(T[k], add ? rv_vf_load(dst[k]) : rv_vf_set1(bias)));
 }
+#endif
 #else
 #define QK_I8_BLOCK 16
 typedef __m256i qk_iv;
@@ -379,6 +396,52 @@ RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, flo
 RV_INLINE void qk_i8_rows(const int NR, const struct rv_qhead *h, const qk_i8_query *w, int c0, int c1, int blk0,
                           int j, rv_vf S[QK_NR][4], qk_pf *pf)
 {
+#if defined(RV_HAVE_VNNI)
+    /* VPDPBUSD: four channels' codes of a token interleaved in an int32 lane meet the row's
+     * four weights in one instruction, summed in int32. A channel's 32 code bytes are loaded
+     * into both halves and masked: the low half keeps the low nibbles, the high half the high
+     * nibbles in place (16 x their value, at most 16 * 240 * 127 per block: exact in int32
+     * and float), so the high half's scale is sc / 16 (exact: the same products as sc) */
+    const __m512i nib = _mm512_inserti64x4(_mm512_set1_epi8(15), _mm256_set1_epi8((char)0xF0), 1);
+    for (int r = 0; r < NR; r++)
+        for (int k = 0; k < 4; k++)
+            S[r][k] = rv_vf_zero();
+    for (int p0 = c0, blk = blk0; p0 < c1; p0 += 16, blk++) {
+        __m512i ia[QK_NR][4];
+        for (int r = 0; r < NR; r++)
+            for (int k = 0; k < 4; k++)
+                ia[r][k] = _mm512_setzero_si512();
+        const int p1 = p0 + 16 < c1 ? p0 + 16 : c1;
+        for (int c = p0; c < p1; c += 4) {
+            __m512i T[4], X[4];
+            for (int i = 0; i < 4; i++)        /* (a channel past the block: zero codes) */
+                T[i] = c + i < p1 ? _mm512_and_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256(
+                                                         (const __m256i *)(h->kcodes + (c + i) * h->krow + j))), nib)
+                                  : _mm512_setzero_si512();
+            rv_interleave4_epi8(T, X);
+            qk_pf_lines(pf, 2);                /* spread: a burst of prefetches stalls on fill buffers */
+            for (int r = 0; r < NR; r++) {
+                int32_t quad;                  /* w[r][c .. c + 3]: one 32-bit load and broadcast */
+                memcpy(&quad, &w->w[r][c], 4);
+                const __m512i W = _mm512_set1_epi32(quad);
+                for (int k = 0; k < 4; k++)
+                    ia[r][k] = _mm512_dpbusd_epi32(ia[r][k], X[k], W);
+            }
+            qk_pf_lines(pf, 2);
+        }
+        for (int r = 0; r < NR; r++) {
+            const float sc = w->sc[r][blk], sc16 = sc * 0.0625f;
+            __m512 sv = _mm512_set1_ps(sc);
+            if (sc16 * 16.0f == sc)            /* (not when sc / 16 is subnormal: then the sums / 16) */
+                sv = _mm512_mask_mov_ps(sv, 0xFF00, _mm512_set1_ps(sc16));
+            else
+                for (int k = 0; k < 4; k++)
+                    ia[r][k] = _mm512_mask_srai_epi32(ia[r][k], 0xFF00, ia[r][k], 4);
+            for (int k = 0; k < 4; k++)
+                S[r][k] = rv_vf_fmadd(sv, _mm512_cvtepi32_ps(ia[r][k]), S[r][k]);
+        }
+    }
+#else
     for (int r = 0; r < NR; r++)
         for (int k = 0; k < 4; k++)
             S[r][k] = rv_vf_zero();
@@ -408,6 +471,7 @@ RV_INLINE void qk_i8_rows(const int NR, const struct rv_qhead *h, const qk_i8_qu
             S[r][3] = rv_vf_fmadd(sc, qk_iv_hi_ps(a1[r]), S[r][3]);
         }
     }
+#endif
 }
 
 /* scores of every token the blocks cover; returns the first token (low-nibble side) they do
