@@ -395,7 +395,9 @@ RV_INLINE float att_stream_softmax_row(float *s, int vis, int n, float *m, float
         mx = rv_vf_max(mx, rv_vf_load(s + j));
     float m_blk = rv_vf_hmax(mx);
     float m_new = m_blk > *m ? m_blk : *m;
-    float corr = expf(*m - m_new);      /* 0 when the row had no key yet (m = -inf) */
+    /* 0 when the row had no key yet (m = -inf); 1 when the maximum stays (most blocks of a
+     * long decode: no expf call) */
+    float corr = m_new == *m && isfinite(m_new) ? 1.0f : expf(*m - m_new);
     rv_vf vm = rv_vf_set1(m_new), sum = rv_vf_zero();
     for (int j = 0; j < nv; j += RV_VW) {
         rv_vf e = rv_vf_exp(rv_vf_sub(rv_vf_load(s + j), vm));
