@@ -1197,18 +1197,30 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
     /* q . (scale * code + zero) = (q * scale) . code + q . zero: scale the queries once per
      * group (vectorised: per token it is d / G of the work); an outlier channel's high nibble
      * row weighs 16 times its low nibble row */
+    rv_vf bsum[QK_NR];                /* q . zero in the same pass, the rows' sums folded at once */
+    float btail[QK_NR];
     for (int r = 0; r < NR; r++) {
         const float *q = st->q + (r0 + r) * st->q_stride;
         float *qr = qs + r * dk;
+        rv_vf b = rv_vf_zero();
         int c = 0;
-        for (; c + RV_VW <= d; c += RV_VW)
-            rv_vf_store(qr + c, rv_vf_mul(rv_vf_load(q + c), rv_vf_load(h->kscale + c)));
-        for (; c < d; c++)
+        for (; c + RV_VW <= d; c += RV_VW) {
+            const rv_vf qv = rv_vf_load(q + c);
+            rv_vf_store(qr + c, rv_vf_mul(qv, rv_vf_load(h->kscale + c)));
+            b = rv_vf_fmadd(qv, rv_vf_load(h->kzero + c), b);
+        }
+        btail[r] = 0.0f;
+        for (; c < d; c++) {
             qr[c] = q[c] * h->kscale[c];
-        bias[r] = dot_f32(q, h->kzero, (size_t)d);
+            btail[r] += q[c] * h->kzero[c];
+        }
+        bsum[r] = b;
         for (int o = 0; o < h->nk; o++)
             qr[d + o] = 16.0f * qr[h->kidx[o]];
     }
+    qk_row_sums(NR, bsum, bias);
+    for (int r = 0; r < NR; r++)
+        bias[r] += btail[r];
     int j0 = 0;
     qk_i8_query w8;
     if (h->bits == 4) {
