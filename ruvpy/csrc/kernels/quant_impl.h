@@ -323,9 +323,9 @@ RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query
 typedef __m512i qk_iv;
 RV_INLINE qk_iv qk_i8_codes(const uint8_t *row)    /* [lo nibbles | hi nibbles] of 32 bytes */
 {
-    const __m256i m = _mm256_set1_epi8(15), x = _mm256_loadu_si256((const __m256i *)row);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(x, m)),
-                              _mm256_and_si256(_mm256_srli_epi16(x, 4), m), 1);
+    /* the bytes in both halves, the high half shifted: a load and two operations */
+    const __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)row));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(x, (__mmask32)0xFFFF0000u, x, 4), _mm512_set1_epi8(15));
 }
 #define qk_iv_zero _mm512_setzero_si512
 #define qk_iv_add16 _mm512_add_epi16
