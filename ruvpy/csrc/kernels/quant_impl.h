@@ -657,30 +657,51 @@ RV_INLINE void qk_row_sums(const int NR, const rv_vf *v, float *out)
 #endif
 }
 
+/* outlier value channels taken QK_OG at a time: a row's weights are loaded once for them,
+ * and (AVX-512) their sums folded together */
+#if defined(RV_ISA_AVX512)
+#define QK_OG 4
+#else
+#define QK_OG 1
+#endif
 RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
                                  float held[QK_NR][RV_MAX_OUTLIERS], float *acc)
 {
     const int d = h->head_dim;
-    for (int o = 0; o < h->nv; o++) {
-        const uint8_t *row = h->vocodes + (size_t)o * h->G + a;
-        const float so = h->voscale[o], zo = h->vozero[o];
-        const rv_vf scale = rv_vf_set1(so), zero = rv_vf_set1(zo);
-        rv_vf sum[QK_NR];
-        for (int r = 0; r < NR; r++)
-            sum[r] = rv_vf_zero();
+    for (int o0 = 0; o0 < h->nv; o0 += QK_OG) {
+        const int no = h->nv - o0 < QK_OG ? h->nv - o0 : QK_OG;
+        const uint8_t *row[QK_OG];
+        rv_vf scale[QK_OG], zero[QK_OG], sum[QK_NR][QK_OG];
+        for (int i = 0; i < QK_OG; i++) {
+            const int o = o0 + (i < no ? i : 0);         /* (past nv: a copy, not stored) */
+            row[i] = h->vocodes + (size_t)o * h->G + a;
+            scale[i] = rv_vf_set1(h->voscale[o]);
+            zero[i] = rv_vf_set1(h->vozero[o]);
+            for (int r = 0; r < NR; r++)
+                sum[r][i] = rv_vf_zero();
+        }
         int t = 0;
         for (; t + RV_VW <= n; t += RV_VW) {
-            const rv_vf x = rv_vf_fmadd(qk_u8(row + t), scale, zero);
-            for (int r = 0; r < NR; r++)
-                sum[r] = rv_vf_fmadd(rv_vf_load(w + r * w_stride + t), x, sum[r]);
+            rv_vf x[QK_OG];
+            for (int i = 0; i < QK_OG; i++)
+                x[i] = rv_vf_fmadd(qk_u8(row[i] + t), scale[i], zero[i]);
+            for (int r = 0; r < NR; r++) {
+                const rv_vf wv = rv_vf_load(w + r * w_stride + t);
+                for (int i = 0; i < QK_OG; i++)
+                    sum[r][i] = rv_vf_fmadd(wv, x[i], sum[r][i]);
+            }
         }
-        float *dst = acc + h->vidx[o], total[QK_NR];
-        qk_row_sums(NR, sum, total);
         for (int r = 0; r < NR; r++) {
-            float tail = 0.0f;
-            for (int u = t; u < n; u++)
-                tail += w[r * w_stride + u] * (so * (float)row[u] + zo);
-            dst[r * d] = held[r][o] + (total[r] + tail);
+            float total[QK_OG];
+            qk_row_sums(QK_OG, sum[r], total);
+            for (int i = 0; i < no; i++) {
+                const int o = o0 + i;
+                const float so = h->voscale[o], zo = h->vozero[o];
+                float tail = 0.0f;
+                for (int u = t; u < n; u++)
+                    tail += w[r * w_stride + u] * (so * (float)row[i][u] + zo);
+                acc[r * d + h->vidx[o]] = held[r][o] + (total[i] + tail);
+            }
         }
     }
 }
