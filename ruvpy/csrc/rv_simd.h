@@ -161,6 +161,18 @@ RV_INLINE rv_vf rv_vf_exp(rv_vf x) { return expf(x); }
  * each int32 lane one channel's four tokens; per 128-bit lane L, X[k] covers that lane's
  * channels 4k .. 4k + 3. */
 #if defined(RV_ISA_AVX512)
+/* a 4 x 4 transpose of 128-bit lanes: lane L of out[k] = lane k of in[L] (the sums of a 4-way
+ * interleave come out as lane L of in[k] = elements 4k .. 4k + 3 of slice L) */
+RV_INLINE void rv512_transpose_lanes4(const __m512i in[4], __m512i out[4])
+{
+    const __m512i a = _mm512_shuffle_i32x4(in[0], in[1], 0x44), b = _mm512_shuffle_i32x4(in[0], in[1], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(in[2], in[3], 0x44), e = _mm512_shuffle_i32x4(in[2], in[3], 0xEE);
+    out[0] = _mm512_shuffle_i32x4(a, c, 0x88);
+    out[1] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    out[2] = _mm512_shuffle_i32x4(b, e, 0x88);
+    out[3] = _mm512_shuffle_i32x4(b, e, 0xDD);
+}
+
 RV_INLINE void rv_interleave4_epi8(const __m512i T[4], __m512i X[4])
 {
     const __m512i ablo = _mm512_unpacklo_epi8(T[0], T[1]), abhi = _mm512_unpackhi_epi8(T[0], T[1]);

@@ -341,13 +341,13 @@ RV_INLINE rv_vf qk_iv_hi_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16
  * a 4 x 4 transpose of 128-bit lanes puts them back */
 RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, float *s_hi)
 {
-    const __m512 t0 = _mm512_shuffle_f32x4(S[0], S[1], 0x44), t1 = _mm512_shuffle_f32x4(S[2], S[3], 0x44);
-    const __m512 t2 = _mm512_shuffle_f32x4(S[0], S[1], 0xEE), t3 = _mm512_shuffle_f32x4(S[2], S[3], 0xEE);
-    const rv_vf T[4] = {_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD),
-                        _mm512_shuffle_f32x4(t2, t3, 0x88), _mm512_shuffle_f32x4(t2, t3, 0xDD)};
+    const __m512i in[4] = {_mm512_castps_si512(S[0]), _mm512_castps_si512(S[1]), _mm512_castps_si512(S[2]),
+                           _mm512_castps_si512(S[3])};
+    __m512i T[4];
+    rv512_transpose_lanes4(in, T);
     float *dst[4] = {s_lo, s_lo + 16, s_hi, s_hi + 16};
     for (int k = 0; k < 4; k++)
-        rv_vf_store(dst[k], rv_vf_add(T[k], add ? rv_vf_load(dst[k]) : rv_vf_set1(bias)));
+        rv_vf_store(dst[k], rv_vf_add(_mm512_castsi512_ps(T[k]), add ? rv_vf_load(dst[k]) : rv_vf_set1(bias)));
 }
 #else
 /* the four token subsets' sums back in token order, plus bias (or added to s): S0 = A-bytes
@@ -983,12 +983,10 @@ RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk
         float *ar = acc + r * d;
         for (int ch = 0; ch < nch; ch++) {
             const float *fa = facc + ((size_t)r * nch + ch) * 64;
-            const __m512i i0 = _mm512_loadu_si512(fa), i1 = _mm512_loadu_si512(fa + 16);
-            const __m512i i2 = _mm512_loadu_si512(fa + 32), i3 = _mm512_loadu_si512(fa + 48);
-            const __m512i u01a = _mm512_shuffle_i32x4(i0, i1, 0x44), u01b = _mm512_shuffle_i32x4(i0, i1, 0xEE);
-            const __m512i u23a = _mm512_shuffle_i32x4(i2, i3, 0x44), u23b = _mm512_shuffle_i32x4(i2, i3, 0xEE);
-            const __m512i nl[4] = {_mm512_shuffle_i32x4(u01a, u23a, 0x88), _mm512_shuffle_i32x4(u01a, u23a, 0xDD),
-                                   _mm512_shuffle_i32x4(u01b, u23b, 0x88), _mm512_shuffle_i32x4(u01b, u23b, 0xDD)};
+            const __m512i in[4] = {_mm512_loadu_si512(fa), _mm512_loadu_si512(fa + 16), _mm512_loadu_si512(fa + 32),
+                                   _mm512_loadu_si512(fa + 48)};
+            __m512i nl[4];
+            rv512_transpose_lanes4(in, nl);
             for (int L = 0; L < 4; L++) {
                 float *dst = ar + p->chan0[ch][L];
                 _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_castsi512_ps(nl[L])));

@@ -111,18 +111,10 @@ TQ_ATTR RV_INLINE void TQ_FN(tq_values512)(const int NR, const int nc, const str
             /* back to coordinate order: natural 16-block L = lane L of ia[0..3] */
             for (int r = 0; r < NR; r++) {
                 const rv_vf sc = rv_vf_set1(wsc[r * nb + b]);
-                __m512i u01a = _mm512_shuffle_i32x4(ia[r][0], ia[r][1], 0x44);   /* 0L0 0L1 1L0 1L1 */
-                __m512i u01b = _mm512_shuffle_i32x4(ia[r][0], ia[r][1], 0xEE);   /* 0L2 0L3 1L2 1L3 */
-                __m512i u23a = _mm512_shuffle_i32x4(ia[r][2], ia[r][3], 0x44);
-                __m512i u23b = _mm512_shuffle_i32x4(ia[r][2], ia[r][3], 0xEE);
-                __m512i n0 = _mm512_shuffle_i32x4(u01a, u23a, 0x88);             /* m0..3 of lane 0 */
-                __m512i n1 = _mm512_shuffle_i32x4(u01a, u23a, 0xDD);
-                __m512i n2 = _mm512_shuffle_i32x4(u01b, u23b, 0x88);
-                __m512i n3 = _mm512_shuffle_i32x4(u01b, u23b, 0xDD);
-                a[r][0] = rv_vf_fmadd(sc, _mm512_cvtepi32_ps(n0), a[r][0]);
-                a[r][1] = rv_vf_fmadd(sc, _mm512_cvtepi32_ps(n1), a[r][1]);
-                a[r][2] = rv_vf_fmadd(sc, _mm512_cvtepi32_ps(n2), a[r][2]);
-                a[r][3] = rv_vf_fmadd(sc, _mm512_cvtepi32_ps(n3), a[r][3]);
+                __m512i nl[4];                                                    /* m0..3 of lane L */
+                rv512_transpose_lanes4(ia[r], nl);
+                for (int k = 0; k < 4; k++)
+                    a[r][k] = rv_vf_fmadd(sc, _mm512_cvtepi32_ps(nl[k]), a[r][k]);
             }
         }
         for (int r = 0; r < NR; r++)
