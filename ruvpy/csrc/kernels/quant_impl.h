@@ -247,13 +247,60 @@ typedef struct {
     float sc[QK_NR][QK_I8_BLOCKS];              /* the blocks' scales */
 } qk_i8_query;
 
+#if defined(RV_ISA_AVX512)
+/* The outliers' block of every row at once, when each row's fits a 128-bit lane (nk <= 4):
+ * lane r holds row r's nk weights, their maximum taken within the lane, so the rows share one
+ * chain of reduction, divisions and conversion where each had its own. The same operations
+ * as the per-row block below, lane by lane. */
+RV_INLINE void qk_i8_outlier_rows(const int NR, float *qs, int d, int nk, qk_i8_query *w)
+{
+    _Static_assert(QK_NR <= 4, "a row per 128-bit lane");
+    const int dk = d + nk, blk = (d + 15) / 16;
+    const __m512i lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i slot = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const __mmask16 m = _mm512_cmplt_epi32_mask(slot, _mm512_set1_epi32(nk)) &
+                        _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(NR));
+    const __m512i at = _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(dk)), _mm512_add_epi32(slot, _mm512_set1_epi32(d)));
+    const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, at, qs, 4);
+    __m512 a = _mm512_abs_ps(x);
+    a = _mm512_max_ps(a, _mm512_permute_ps(a, 0x4E));
+    a = _mm512_max_ps(a, _mm512_permute_ps(a, 0xB1));          /* every float of lane r: row r's max */
+    const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_LT_OQ) &
+                         _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 sc = _mm512_maskz_div_ps(ok, a, _mm512_set1_ps(127.0f));
+    const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sc, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                           _mm512_set1_ps(1.0f), sc);
+    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv));
+    k = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    int8_t k8[16];
+    float qk[16], scs[16];
+    _mm_storeu_si128((__m128i *)k8, _mm512_cvtepi32_epi8(k));
+    _mm512_storeu_ps(qk, _mm512_mul_ps(sc, _mm512_cvtepi32_ps(k)));
+    _mm512_storeu_ps(scs, sc);
+    for (int r = 0; r < NR; r++) {
+        memcpy(w->w[r] + d, k8 + 4 * r, 4);             /* (past nk: zeros, as the masked block) */
+        memcpy(qs + r * dk + d, qk + 4 * r, sizeof(float) * (size_t)nk);
+        w->sc[r][blk] = scs[4 * r];
+        if (dk & 1)
+            w->w[r][dk] = 0;                      /* the odd row's partner weighs nothing */
+    }
+}
+#endif
+
 RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w)
 {
     const int dk = d + nk;
+#if defined(RV_ISA_AVX512)
+    const int rows_at_once = nk > 0 && nk <= 4;
+    if (rows_at_once)
+        qk_i8_outlier_rows(NR, qs, d, nk, w);
+#else
+    const int rows_at_once = 0;
+#endif
     for (int r = 0; r < NR; r++) {
         float *q = qs + r * dk;
         int blk = 0;
-        for (int part = 0; part < 2; part++) {
+        for (int part = 0; part < 2 - rows_at_once; part++) {
             const int p0 = part ? d : 0, p1 = part ? dk : d;
             for (int c0 = p0; c0 < p1; c0 += 16, blk++) {
                 const int c1 = c0 + 16 < p1 ? c0 + 16 : p1;
