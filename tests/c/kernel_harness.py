@@ -812,6 +812,8 @@ QGROUP_SHAPES = [  # (bits, head_dim, G, group_size, rows, key outliers, value o
     (4, 40, 16, 16, 6, 1, 2, 3, 13, "random"), (4, 17, 33, 7, 5, 1, 1, 0, 33, "random"),
     (8, 3, 5, 2, 1, 0, 0, 1, 4, "all"), (4, 256, 64, 64, 9, 8, 8, 0, 64, "causal"),
     (4, 1, 2, 1, 2, 1, 0, 1, 1, "all"),
+    # an odd head_dim whose keys take the int8 path (G 64) with outlier rows right after it
+    (4, 33, 64, 16, 3, 2, 1, 0, 64, "all"), (4, 63, 64, 32, 3, 4, 2, 0, 64, "causal"),
 ]
 
 

@@ -358,7 +358,7 @@ RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query
                 w->sc[r][blk] = sc;
 #endif
             }
-            if (p1 & 1)
+            if ((p1 & 1) && !(part == 0 && rows_at_once))    /* (w[d] is the outliers' then) */
                 w->w[r][p1] = 0;                      /* the odd row's partner weighs nothing */
         }
     }
