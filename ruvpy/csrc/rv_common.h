@@ -16,10 +16,12 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define RV_INLINE static inline __attribute__((always_inline))
+#define RV_NOINLINE __attribute__((noinline))
 #define RV_LIKELY(x) __builtin_expect(!!(x), 1)
 #define RV_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
 #define RV_INLINE static inline
+#define RV_NOINLINE
 #define RV_LIKELY(x) (x)
 #define RV_UNLIKELY(x) (x)
 #endif

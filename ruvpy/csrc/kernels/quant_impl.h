@@ -247,121 +247,175 @@ typedef struct {
     float sc[QK_NR][QK_I8_BLOCKS];              /* the blocks' scales */
 } qk_i8_query;
 
-#if defined(RV_ISA_AVX512)
-/* The outliers' block of every row at once, when each row's fits a 128-bit lane (nk <= 4):
- * lane r holds row r's nk weights, their maximum taken within the lane, so the rows share one
- * chain of reduction, divisions and conversion where each had its own. The same operations
- * as the per-row block below, lane by lane. */
-RV_INLINE void qk_i8_outlier_rows(const int NR, float *qs, int d, int nk, qk_i8_query *w)
+/* out[i] = the lane sum (take_max 0) or maximum (1) of v[i], i < 4: the four vectors' lanes
+ * folded together at once, a quarter of the shuffles of one reduction each (a constant
+ * take_max: inlined, one operation) */
+RV_INLINE void qk_fold4(const rv_vf *v, const int take_max, float *out)
 {
-    _Static_assert(QK_NR <= 4, "a row per 128-bit lane");
-    const int dk = d + nk, blk = (d + 15) / 16;
-    const __m512i lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    const __m512i slot = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
-    const __mmask16 m = _mm512_cmplt_epi32_mask(slot, _mm512_set1_epi32(nk)) &
-                        _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(NR));
-    const __m512i at = _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(dk)), _mm512_add_epi32(slot, _mm512_set1_epi32(d)));
-    const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, at, qs, 4);
-    __m512 a = _mm512_abs_ps(x);
-    a = _mm512_max_ps(a, _mm512_permute_ps(a, 0x4E));
-    a = _mm512_max_ps(a, _mm512_permute_ps(a, 0xB1));          /* every float of lane r: row r's max */
-    const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_LT_OQ) &
-                         _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
-    const __m512 sc = _mm512_maskz_div_ps(ok, a, _mm512_set1_ps(127.0f));
-    const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sc, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                           _mm512_set1_ps(1.0f), sc);
-    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv));
-    k = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-    int8_t k8[16];
-    float qk[16], scs[16];
-    _mm_storeu_si128((__m128i *)k8, _mm512_cvtepi32_epi8(k));
-    _mm512_storeu_ps(qk, _mm512_mul_ps(sc, _mm512_cvtepi32_ps(k)));
-    _mm512_storeu_ps(scs, sc);
-    for (int r = 0; r < NR; r++) {
-        memcpy(w->w[r] + d, k8 + 4 * r, 4);             /* (past nk: zeros, as the masked block) */
-        memcpy(qs + r * dk + d, qk + 4 * r, sizeof(float) * (size_t)nk);
-        w->sc[r][blk] = scs[4 * r];
-        if (dk & 1)
-            w->w[r][dk] = 0;                      /* the odd row's partner weighs nothing */
-    }
+#if defined(RV_ISA_AVX512)
+#define QK_FOLD(x, y, w) (take_max ? _mm##w##_max_ps(x, y) : _mm##w##_add_ps(x, y))
+    /* per 128-bit lane: [v0 0|2, v1 0|2, v0 1|3, v1 1|3], then [v0, v1, v2, v3] folded */
+    const __m512 ab = QK_FOLD(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]), 512);
+    const __m512 ce = QK_FOLD(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]), 512);
+    const __m512 x = QK_FOLD(_mm512_shuffle_ps(ab, ce, 0x44), _mm512_shuffle_ps(ab, ce, 0xEE), 512);
+    const __m256 h = QK_FOLD(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)), 256);
+    _mm_storeu_ps(out, QK_FOLD(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1), ));
+#undef QK_FOLD
+#elif defined(RV_ISA_AVX2)
+#define QK_FOLD(x, y, w) (take_max ? _mm##w##_max_ps(x, y) : _mm##w##_add_ps(x, y))
+    const __m256 ab = QK_FOLD(_mm256_unpacklo_ps(v[0], v[1]), _mm256_unpackhi_ps(v[0], v[1]), 256);
+    const __m256 ce = QK_FOLD(_mm256_unpacklo_ps(v[2], v[3]), _mm256_unpackhi_ps(v[2], v[3]), 256);
+    const __m256 x = QK_FOLD(_mm256_shuffle_ps(ab, ce, 0x44), _mm256_shuffle_ps(ab, ce, 0xEE), 256);
+    _mm_storeu_ps(out, QK_FOLD(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1), ));
+#undef QK_FOLD
+#else
+    for (int i = 0; i < 4; i++)
+        out[i] = take_max ? rv_vf_hmax(v[i]) : rv_vf_hsum(v[i]);
+#endif
 }
-#endif
 
-RV_INLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w)
+/* out[r] = the lane sum of v[r] for r < NR (AVX-512: folded together, qk_fold4) */
+RV_INLINE void qk_row_sums(const int NR, const rv_vf *v, float *out)
 {
-    const int dk = d + nk;
 #if defined(RV_ISA_AVX512)
-    const int rows_at_once = nk > 0 && nk <= 4;
-    if (rows_at_once)
-        qk_i8_outlier_rows(NR, qs, d, nk, w);
+    _Static_assert(QK_NR <= 4, "qk_row_sums folds at most four rows");
+    const rv_vf four[4] = {v[0], NR > 1 ? v[1] : rv_vf_zero(), NR > 2 ? v[2] : rv_vf_zero(), NR > 3 ? v[3] : rv_vf_zero()};
+    float sums[4];
+    qk_fold4(four, 0, sums);
+    for (int r = 0; r < NR; r++)
+        out[r] = sums[r];
 #else
-    const int rows_at_once = 0;
+    for (int r = 0; r < NR; r++)
+        out[r] = rv_vf_hsum(v[r]);
 #endif
-    for (int r = 0; r < NR; r++) {
-        float *q = qs + r * dk;
-        int blk = 0;
-        for (int part = 0; part < 2 - rows_at_once; part++) {
-            const int p0 = part ? d : 0, p1 = part ? dk : d;
-            for (int c0 = p0; c0 < p1; c0 += 16, blk++) {
-                const int c1 = c0 + 16 < p1 ? c0 + 16 : p1;
+}
+
+/* |x| of a block's channels [c0, c1) of one row as a vector whose lane maximum is the
+ * block's (c1 - c0 <= 16; NaN, and lanes past c1, 0: the comparisons of the C code skip NaN) */
+RV_INLINE rv_vf qk_i8_block_abs(const float *q, int c0, int c1)
+{
 #if defined(RV_ISA_AVX512)
-                {   /* the same operations, 16 lanes at once (a partial block -- the outliers'
-                     * high-nibble rows -- masked: its lanes past c1 read and write nothing) */
-                    const __mmask16 m = (__mmask16)((1u << (c1 - c0)) - 1u);
-                    const __m512 x = _mm512_maskz_loadu_ps(m, q + c0);
-                    const float mx = _mm512_reduce_max_ps(_mm512_abs_ps(x));
-                    const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f;
-                    const float inv = sc > 0.0f ? 1.0f / sc : 0.0f;
-                    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv)));
-                    k = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-                    _mm_mask_storeu_epi8(w->w[r] + c0, m, _mm512_cvtepi32_epi8(k));
-                    _mm512_mask_storeu_ps(q + c0, m, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
-                    w->sc[r][blk] = sc;
-                }
+    const __m512 x = _mm512_maskz_loadu_ps((__mmask16)((1u << (c1 - c0)) - 1u), q + c0);
+    return _mm512_max_ps(_mm512_abs_ps(x), _mm512_setzero_ps());     /* (max: the second for NaN) */
+#elif defined(RV_ISA_AVX2)
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 x0, x1;
+    if (c1 - c0 == 16) {
+        x0 = _mm256_loadu_ps(q + c0);
+        x1 = _mm256_loadu_ps(q + c0 + 8);
+    } else {                                   /* (masked: nothing past c1 is read) */
+        const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), n = _mm256_set1_epi32(c1 - c0);
+        x0 = _mm256_maskload_ps(q + c0, _mm256_cmpgt_epi32(n, iota));
+        x1 = _mm256_maskload_ps(q + c0 + 8, _mm256_cmpgt_epi32(n, _mm256_add_epi32(iota, _mm256_set1_epi32(8))));
+    }
+    /* max(|x|, m) keeps m where |x| is NaN */
+    return _mm256_max_ps(_mm256_andnot_ps(sign, x1), _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_setzero_ps()));
 #else
-#if defined(RV_ISA_AVX2)
-                if (c1 - c0 == 16) {   /* a whole block: the scalar code's operations, 8 lanes at once */
-                    const __m256 sign = _mm256_set1_ps(-0.0f);
-                    const __m256 x0 = _mm256_loadu_ps(q + c0), x1 = _mm256_loadu_ps(q + c0 + 8);
-                    /* max(|x|, m) keeps m where |x| is NaN, as the scalar comparison does */
-                    const __m256 a = _mm256_max_ps(_mm256_andnot_ps(sign, x1),
-                                                   _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_setzero_ps()));
-                    const float mx = rv_vf_hmax(a);
-                    const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
-                    const __m256 vi = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f);
-                    __m256 k[2];
-                    for (int i = 0; i < 2; i++) {
-                        const __m256 y = rv_vf_round(_mm256_mul_ps(i ? x1 : x0, vi));
-                        /* clamp to +-127 and NaN to 0 (min / max return their second operand
-                         * for NaN) */
-                        k[i] = _mm256_and_ps(_mm256_max_ps(_mm256_min_ps(y, lim), _mm256_sub_ps(sign, lim)),
-                                             _mm256_cmp_ps(y, y, _CMP_ORD_Q));
-                        _mm256_storeu_ps(q + c0 + 8 * i, _mm256_mul_ps(_mm256_set1_ps(sc), k[i]));
-                    }
-                    const __m256i k16 = _mm256_packs_epi32(_mm256_cvtps_epi32(k[0]), _mm256_cvtps_epi32(k[1]));
-                    const __m128i k8 = _mm_packs_epi16(_mm256_castsi256_si128(k16), _mm256_extracti128_si256(k16, 1));
-                    /* packs works per 128-bit lane: channels 0-3 8-11 4-7 12-15 -> reorder */
-                    _mm_storeu_si128((__m128i *)(w->w[r] + c0), _mm_shuffle_epi32(k8, _MM_SHUFFLE(3, 1, 2, 0)));
-                    w->sc[r][blk] = sc;
-                    continue;
-                }
+    float mx = 0.0f;
+    for (int c = c0; c < c1; c++)
+        mx = fabsf(q[c]) > mx ? fabsf(q[c]) : mx;
+    return rv_vf_set1(mx);
 #endif
-                float mx = 0.0f;
-                for (int c = c0; c < c1; c++)
-                    mx = fabsf(q[c]) > mx ? fabsf(q[c]) : mx;
-                const float sc = isfinite(mx) && mx > 0.0f ? mx / 127.0f : 0.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
-                for (int c = c0; c < c1; c++) {
-                    float k = rintf(q[c] * inv);
-                    w->w[r][c] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (int)k));   /* NaN: 0 */
-                    q[c] = sc * (float)w->w[r][c];
-                }
-                w->sc[r][blk] = sc;
+}
+
+/* four blocks' scales and their inverses from their maxima (one division each for the four;
+ * the order of operations is the contract above):
+ *     sc = max / 127 (0 unless finite and > 0), inv = 1 / sc (0 for sc 0) */
+RV_INLINE void qk_i8_scales4(const float *mx, float *sc, float *inv)
+{
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+    const __m128 a = _mm_loadu_ps(mx);
+    const __m128 ok = _mm_and_ps(_mm_cmplt_ps(a, _mm_set1_ps(INFINITY)), _mm_cmpgt_ps(a, _mm_setzero_ps()));
+    const __m128 s = _mm_and_ps(ok, _mm_div_ps(a, _mm_set1_ps(127.0f)));
+    _mm_storeu_ps(sc, s);
+    /* (where s is 0 the quotient is inf, masked away) */
+    _mm_storeu_ps(inv, _mm_and_ps(_mm_cmpgt_ps(s, _mm_setzero_ps()), _mm_div_ps(_mm_set1_ps(1.0f), s)));
+#else
+    for (int i = 0; i < 4; i++) {
+        sc[i] = isfinite(mx[i]) && mx[i] > 0.0f ? mx[i] / 127.0f : 0.0f;
+        inv[i] = sc[i] > 0.0f ? 1.0f / sc[i] : 0.0f;
+    }
 #endif
+}
+
+/* w8 = rint(q * inv) clamped to +-127 (NaN: 0) for channels [c0, c1) of one row, and q set
+ * to sc * w8 (c1 - c0 <= 16; w8 may be written up to c0 + 16, zeros past c1) */
+RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float inv, int8_t *w8)
+{
+#if defined(RV_ISA_AVX512)
+    const __mmask16 m = (__mmask16)((1u << (c1 - c0)) - 1u);
+    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, q + c0), _mm512_set1_ps(inv)));
+    k = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    /* all 16 bytes (zeros past c1): the scores' 32-bit loads of them are forwarded from a
+     * plain store, never from a masked one */
+    _mm_storeu_si128((__m128i *)(w8 + c0), _mm512_cvtepi32_epi8(k));
+    _mm512_mask_storeu_ps(q + c0, m, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
+#elif defined(RV_ISA_AVX2)
+    const __m256 sign = _mm256_set1_ps(-0.0f), vi = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), n = _mm256_set1_epi32(c1 - c0);
+    const int full = c1 - c0 == 16;
+    __m256 k[2];
+    for (int i = 0; i < 2; i++) {
+        const __m256i in = _mm256_cmpgt_epi32(n, _mm256_add_epi32(iota, _mm256_set1_epi32(8 * i)));
+        const __m256 x = full ? _mm256_loadu_ps(q + c0 + 8 * i) : _mm256_maskload_ps(q + c0 + 8 * i, in);
+        const __m256 y = rv_vf_round(_mm256_mul_ps(x, vi));
+        /* clamp to +-127 and NaN to 0 (min / max return their second operand for NaN) */
+        k[i] = _mm256_and_ps(_mm256_max_ps(_mm256_min_ps(y, lim), _mm256_sub_ps(sign, lim)), _mm256_cmp_ps(y, y, _CMP_ORD_Q));
+        const __m256 back = _mm256_mul_ps(_mm256_set1_ps(sc), k[i]);
+        if (full)
+            _mm256_storeu_ps(q + c0 + 8 * i, back);
+        else
+            _mm256_maskstore_ps(q + c0 + 8 * i, in, back);
+    }
+    const __m256i k16 = _mm256_packs_epi32(_mm256_cvtps_epi32(k[0]), _mm256_cvtps_epi32(k[1]));
+    const __m128i k8 = _mm_packs_epi16(_mm256_castsi256_si128(k16), _mm256_extracti128_si256(k16, 1));
+    /* packs works per 128-bit lane: channels 0-3 8-11 4-7 12-15 -> reorder */
+    _mm_storeu_si128((__m128i *)(w8 + c0), _mm_shuffle_epi32(k8, _MM_SHUFFLE(3, 1, 2, 0)));
+#else
+    for (int c = c0; c < c1; c++) {
+        float k = rintf(q[c] * inv);
+        w8[c] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (int)k));   /* NaN: 0 */
+        q[c] = sc * (float)w8[c];
+    }
+#endif
+}
+
+/* The rows' int8 weights: blocks of 16 channels over head_dim, then the outliers' rows as
+ * blocks of their own, four blocks (of any rows) at a time: their maxima folded together,
+ * their scales from one division each, then their weights. Not inlined: once per group, and
+ * inlined into qk_rows' four instances it made decode 2% slower (alternated builds). */
+static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w)
+{
+    const int dk = d + nk, nb = (d + 15) / 16 + (nk + 15) / 16, n = NR * nb;
+    int start[QK_I8_BLOCKS + 1];                  /* block b: channels [start[b], start[b + 1]) */
+    for (int b = 0, c0 = 0; b <= nb; b++) {
+        start[b] = c0;
+        const int end = c0 < d ? d : dk;
+        c0 = c0 + 16 < end ? c0 + 16 : end;
+    }
+    for (int i0 = 0, r = 0, b = 0; i0 < n; i0 += 4) {    /* blocks i0 .. i0 + 3 of the rows' */
+        rv_vf v[4];
+        int row[4], blk[4];
+        for (int u = 0; u < 4; u++) {
+            row[u] = r;
+            blk[u] = b;
+            v[u] = qk_i8_block_abs(qs + r * dk, start[b], start[b + 1]);
+            if (i0 + u + 1 < n && ++b == nb) {     /* (past the last block: it again, unused) */
+                b = 0;
+                r++;
             }
-            if ((p1 & 1) && !(part == 0 && rows_at_once))    /* (w[d] is the outliers' then) */
-                w->w[r][p1] = 0;                      /* the odd row's partner weighs nothing */
+        }
+        float mx[4], sc[4], inv[4];
+        qk_fold4(v, 1, mx);
+        qk_i8_scales4(mx, sc, inv);
+        for (int u = 0; u < 4 && i0 + u < n; u++) {
+            qk_i8_block_quantize(qs + row[u] * dk, start[blk[u]], start[blk[u] + 1], sc[u], inv[u], w->w[row[u]]);
+            w->sc[row[u]][blk[u]] = sc[u];
         }
     }
+    if (dk & 1)
+        for (int r = 0; r < NR; r++)
+            w->w[r][dk] = 0;                          /* the odd row's partner weighs nothing */
 }
 
 #if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
@@ -680,30 +734,6 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
  * voscale * code + vozero with 8-bit codes in a contiguous row of the G tokens, so
  *     acc[r][vidx[o]] = held[r][o] + sum_t w[r][t] (voscale code_t + vozero)
  * over tokens [a, a + n) (w[r][t - a]), `held` being what the row had before this group. */
-/* out[r] = the lane sum of v[r] for r < NR (AVX-512: four vectors' lanes folded together at
- * once, a quarter of the shuffles of one reduction each) */
-RV_INLINE void qk_row_sums(const int NR, const rv_vf *v, float *out)
-{
-#if defined(RV_ISA_AVX512)
-    _Static_assert(QK_NR <= 4, "qk_row_sums folds at most four rows");
-    const __m512 z = _mm512_setzero_ps();
-    const __m512 a = v[0], b = NR > 1 ? v[1] : z, c = NR > 2 ? v[2] : z, e = NR > 3 ? v[3] : z;
-    /* per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], then [sum a, sum b, sum c, sum e] */
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
-    const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, ce, 0x44), _mm512_shuffle_ps(ab, ce, 0xEE));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    float sums[4];
-    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    for (int r = 0; r < NR; r++)
-        out[r] = sums[r];
-#else
-    for (int r = 0; r < NR; r++)
-        out[r] = rv_vf_hsum(v[r]);
-#endif
-}
-
 /* outlier value channels taken QK_OG at a time: a row's weights are loaded once for them,
  * and (AVX-512) their sums folded together */
 #if defined(RV_ISA_AVX512)
