@@ -13,6 +13,9 @@ cdef extern from "kvcache/rv_codec.h" nogil:
         const char *name
     const rv_codec *rv_codecs[3]
 
+cdef extern from "rv_fp16.h" nogil:
+    int64_t rv_first_unstorable(const void *src, int64_t n, int src_is_f16, int to_f16)
+
 cdef extern from "kvcache/rv_kvmem.h" nogil:
     size_t rv_kv_mapped_bytes()
 

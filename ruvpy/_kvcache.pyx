@@ -251,6 +251,7 @@ cdef class _KVCache:
     cdef unsigned long _owner    # the thread inside a call (0: none); read under the GIL
     cdef bint _closed
     cdef bint _initialized
+    cdef bint _stores_f16        # K/V are kept as float16 (a paged cache of float32: not)
 
     def __cinit__(self, *args, **kwargs):
         self._mutex = PyThread_allocate_lock()
@@ -260,6 +261,7 @@ cdef class _KVCache:
         self._txn = set()
         self._next_id = 0
         self._closed = True      # until the subclass's C cache exists
+        self._stores_f16 = True
 
     def __dealloc__(self):
         if self._mutex != NULL:
@@ -383,7 +385,30 @@ cdef class _KVCache:
                 cnp.PyArray_TYPE(<cnp.ndarray>k) != cnp.PyArray_TYPE(<cnp.ndarray>v):
             raise ValueError(f"k and v must have the same shape and dtype, got k {k.shape} "
                              f"{k.dtype} and v {v.shape} {v.dtype}")
+        self._check_storable(k, "k")
+        self._check_storable(v, "v")
         return k, v
+
+    cdef int _check_storable(self, cnp.ndarray x, str name) except -1:
+        """ValueError naming the first value of x (C-contiguous, from _kv_array) the cache
+        cannot keep: a NaN or an infinity, or beyond float16's range where it stores float16
+        (it would be infinite there, and a cold group's scales with it)"""
+        cdef int64_t i
+        cdef const void *data = cnp.PyArray_DATA(x)
+        cdef int64_t n = cnp.PyArray_SIZE(x)
+        cdef int src_is_f16 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16
+        cdef int to_f16 = self._stores_f16
+        with nogil:
+            i = rv_first_unstorable(data, n, src_is_f16, to_f16)
+        if i < 0:
+            return 0
+        per_token = self.num_kv_heads * self.head_dim
+        where = f"{name}[{i // per_token}, {(i // self.head_dim) % self.num_kv_heads}, {i % self.head_dim}]"
+        value = float(x.reshape(-1)[i])
+        if math.isfinite(value):
+            raise ValueError(f"{where} = {value!r} is beyond float16's range: this cache keeps K/V as "
+                             f"float16, whose largest value is 65504")
+        raise ValueError(f"{where} is {value!r}: K/V must be finite")
 
     cdef int _check_known(self, list ids) except -1:
         """KeyError unless every id of `ids` (plain ints, from _id_list) is live (under the lock)"""
@@ -519,7 +544,9 @@ cdef class _KVCache:
     # ---- writing ----
     def append(self, seq, layer, k, v):
         """Append tokens to `seq` in `layer`: k, v [n, num_kv_heads, head_dim], float32 or
-        float16. KVCacheFull (or an eviction, by policy) before anything is written."""
+        float16, finite and (where the cache keeps float16) |x| <= 65504: ValueError names the
+        first value that is not. KVCacheFull (or an eviction, by policy) before anything is
+        written."""
         cdef int slot
         cdef int lay = self._layer(layer)
         cdef int64_t n
@@ -1217,6 +1244,7 @@ cdef class PagedKVCache(_KVCache):
         self.c = created
         self.block_size = bs
         self.dtype = "float16" if code == RV_KV_F16 else "float32"
+        self._stores_f16 = code == RV_KV_F16
         self._initialized = True
         self._closed = False
 

@@ -3,6 +3,7 @@ were appended (a float16 cache stores exactly k.astype(float16)), forks with cop
 the pool's accounting under random operation sequences, transactions, export/import, bytes
 against the heap, and bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -248,6 +249,54 @@ def test_export_import_round_trip():
     with pytest.raises(KVCacheFull):
         PagedKVCache(3, 2, 8, block_size=4, max_tokens=8).import_sequence(meta, arrays)
     assert snapshot(other) == before
+
+
+UNSTORABLE_CACHES = {
+    "paged fp16": lambda: PagedKVCache(1, 2, 16, block_size=4, max_tokens=256),
+    "paged fp32": lambda: PagedKVCache(1, 2, 16, block_size=4, max_tokens=256, dtype="float32"),
+    "two-tier q4": lambda: TwoTierKVCache(1, 2, 16, hot_tokens=8, migration_batch=16, cold="q4", max_tokens=256),
+    "two-tier turbo": lambda: TwoTierKVCache(1, 2, 16, hot_tokens=8, migration_batch=16, cold="turbo",
+                                             max_tokens=256),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNSTORABLE_CACHES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_values_a_cache_cannot_keep_are_refused_by_name(kind, dtype):
+    """A NaN or an infinity in K or V, or a float32 whose float16 would be infinite in a cache
+    that keeps float16 (|x| >= 65520: a q4 / turbo group's scales would be infinite with it),
+    raises a ValueError naming the value and its [token, head, channel], through append and
+    append_attend, and nothing changes; the largest values that do fit are kept as float16
+    keeps them (65519 -> 65504), and a float32 paged cache keeps 1e5 exactly."""
+    rng = np.random.default_rng(3)
+    cache = UNSTORABLE_CACHES[kind]()
+    stores_f16 = kind != "paged fp32"
+    a = cache.add_sequence()
+    cache.append(a, 0, *(x.astype(dtype) for x in random_kv(rng, 40, 2, 16)))   # some cold groups
+    before = snapshot(cache)
+    bad = [np.nan, np.inf, -np.inf]
+    if dtype == np.float32 and stores_f16:
+        bad += [65520.0, -65520.0, 1e5, 3e38]
+    for value in bad:
+        for which in ("k", "v"):
+            for where in ((0, 0, 0), (2, 1, 7), (36, 1, 15)):       # first, inside, last
+                k, v = (x.astype(dtype) for x in random_kv(rng, 37, 2, 16))
+                (k if which == "k" else v)[where] = value
+                name = f"{which}[{where[0]}, {where[1]}, {where[2]}]"
+                with pytest.raises(ValueError, match=re.escape(name)) as info:
+                    cache.append(a, 0, k, v)
+                assert ("finite" if not np.isfinite(value) else "65504") in str(info.value)
+                with pytest.raises(ValueError, match=re.escape(name)):
+                    cache.append_attend(0, [a], [37], np.zeros((37, 4, 16), np.float32), k, v)
+    assert snapshot(cache) == before
+    # the edges that fit
+    k, v = (x.astype(dtype) for x in random_kv(rng, 3, 2, 16))
+    fits = 65504.0 if dtype == np.float16 else (65519.0 if stores_f16 else 1e5)
+    k[1, 0, 2], v[2, 1, 3] = fits, -fits
+    cache.append(a, 0, k, v)
+    kk, vv = cache.get_kv(a, 0)
+    kept = min(fits, 65504.0) if stores_f16 else fits
+    assert kk[-2, 0, 2] == kept and vv[-1, 1, 3] == -kept
 
 
 def test_bad_input_leaves_cache_unchanged():

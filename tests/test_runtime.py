@@ -580,7 +580,11 @@ def test_bad_step_input_raises_clearly_and_changes_nothing():
             rt.step([], [])
         with rt.step([a, b], [1, 2]) as step:
             q, k, v = random_step_qkv(feed.rng, 3, rt.config)
+            k_huge, v_nan = k.copy(), v.copy()
+            k_huge[1, 0, 3], v_nan[2, 1, 5] = 1e5, np.nan
             bad_calls = [
+                ((0, q, k_huge, v), ValueError, r"k\[1, 0, 3\] = 100000.0 is beyond float16's range"),
+                ((0, q, k, v_nan), ValueError, r"v\[2, 1, 5\] is nan: K/V must be finite"),
                 ((0, q[:2], k, v), ValueError, r"q has shape \[2, 4, 16\], expected \[3, 4, 16\]"),
                 ((0, q, k[:, :1], v), ValueError, r"k has shape \[3, 1, 16\]"),
                 ((0, q, k, v[..., :8]), ValueError, r"v has shape"),

@@ -67,4 +67,39 @@ static inline uint16_t rv_f32_to_f16(float f)
     return sign | (uint16_t)code;
 }
 
+/* value i's magnitude as bits: float32, or float16 bits when src_is_f16 */
+static inline uint32_t rv_magnitude_bits(const void *src, int64_t i, int src_is_f16)
+{
+    if (src_is_f16) {
+        uint16_t h;
+        memcpy(&h, (const uint16_t *)src + i, 2);
+        return h & 0x7fffu;
+    }
+    uint32_t bits;
+    memcpy(&bits, (const float *)src + i, 4);
+    return bits & 0x7fffffffu;
+}
+
+/* The index of the first of n values (float32, or float16 bits when src_is_f16) that a KV
+ * cache cannot keep, -1 if none: a NaN or an infinity, or (to_f16) a float32 whose float16 is
+ * infinite, |x| >= 65520 (65504 is float16's largest; below 65520 rounds to it). Chunks of
+ * 256 values are screened with branch-free compares (they vectorise), and only a chunk that
+ * holds one is searched. */
+static inline int64_t rv_first_unstorable(const void *src, int64_t n, int src_is_f16, int to_f16)
+{
+    /* magnitudes' bits at or above this are out: 65520.0f's, or infinity's (NaNs are above) */
+    const uint32_t limit = src_is_f16 ? 0x7c00u : (to_f16 ? 0x477ff000u : 0x7f800000u);
+    for (int64_t i0 = 0; i0 < n; i0 += 256) {
+        const int64_t i1 = n - i0 < 256 ? n : i0 + 256;
+        uint32_t out = 0;
+        for (int64_t i = i0; i < i1; i++)
+            out |= rv_magnitude_bits(src, i, src_is_f16) >= limit;
+        if (out)
+            for (int64_t i = i0; i < i1; i++)
+                if (rv_magnitude_bits(src, i, src_is_f16) >= limit)
+                    return i;
+    }
+    return -1;
+}
+
 #endif
