@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import sys
 import _signal     # signal's C functions: signal.signal and getsignal add enum wrapping per call
 import threading
 
@@ -273,12 +274,12 @@ class Step:
             with _InterruptsHeld() as held:
                 self._runtime._open_step(self)
                 opened = True
-            if held.pending:
-                raise KeyboardInterrupt
+            held.deliver()
         except BaseException:
             if opened and self._state is _OPEN:    # opened here, then Ctrl-C: rolled back whole
-                with _InterruptsHeld():
+                with _InterruptsHeld() as held:
                     self._runtime._close_step(self, False)
+                held.deliver(raising=True)
             raise
         return self
 
@@ -288,13 +289,13 @@ class Step:
             if self._state is _OPEN or self._state is _ABANDONED:
                 with _InterruptsHeld() as held:
                     self._runtime._close_step(self, exc_type is None)
-                if held.pending:     # after the step committed or rolled back whole
-                    raise KeyboardInterrupt
+                held.deliver()       # after the step committed or rolled back whole
         except KeyboardInterrupt:
             # Ctrl-C before the hold began: the step has not ended, so it is rolled back
             if (self._state is _OPEN or self._state is _ABANDONED) and self._owner == threading.get_ident():
-                with _InterruptsHeld():
+                with _InterruptsHeld() as held:
                     self._runtime._close_step(self, False)
+                held.deliver(raising=True)
             raise
         return False         # (closed: the runtime was closed inside the step, by its thread)
 
@@ -309,18 +310,21 @@ class _InterruptsHeld:
     two bytecodes of the main thread; in the middle of that bookkeeping (the step slot, the KV
     transaction, the positions) it left the slot taken for good, a transaction open, or tokens
     committed without their position (a hostile SIGINT timer found each). While held, a SIGINT
-    is only recorded (`pending`); the caller finishes, then raises KeyboardInterrupt. Only in
-    the main thread (the one Python delivers signals to) and only over Python's default
-    handler: a program's own SIGINT handler is left alone."""
+    is only recorded (`pending`); the caller finishes, then `deliver` runs the handler that was
+    installed: Python's default raises KeyboardInterrupt, a program's own does what it does,
+    now at a point where it cannot cut the bookkeeping in two. Only in the main thread (the
+    one Python delivers signals to) and only over a handler set from Python (SIG_IGN and
+    SIG_DFL have nothing to defer)."""
 
     __slots__ = ("pending", "_previous")
 
     def __enter__(self):
         self.pending = False
         self._previous = None
-        if threading.get_ident() == threading.main_thread().ident and \
-                _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
-            self._previous = _signal.signal(_signal.SIGINT, self._record)
+        if threading.get_ident() == threading.main_thread().ident:
+            handler = _signal.getsignal(_signal.SIGINT)
+            if callable(handler):
+                self._previous = _signal.signal(_signal.SIGINT, self._record)
         return self
 
     def _record(self, signum, frame):
@@ -330,6 +334,14 @@ class _InterruptsHeld:
         if self._previous is not None:
             _signal.signal(_signal.SIGINT, self._previous)
         return False
+
+    def deliver(self, raising=False):
+        """Run the held SIGINT's handler, once the hold has ended. raising: an exception is
+        already on its way out, which the default handler's KeyboardInterrupt would only
+        replace (a program's own handler still runs)."""
+        if self.pending and not (raising and self._previous is _signal.default_int_handler):
+            self.pending = False
+            self._previous(_signal.SIGINT, sys._getframe(1))
 
 
 # ----------------------------------------------------------------------------------------
