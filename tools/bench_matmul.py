@@ -83,7 +83,9 @@ def copies(m, count):
     from ruvpy._linear import QMatrix
     src = np.frombuffer(m.data, np.uint8, count=m.nbytes)
     stride = -(-m.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
-    region = mmap.mmap(-1, stride * count)
+    # private and anonymous, as malloc's large blocks and the weights' own copies are (the
+    # default, MAP_SHARED, is shmem memory, which THP and reclaim treat differently)
+    region = mmap.mmap(-1, stride * count, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         region.madvise(mmap.MADV_NOHUGEPAGE)
     whole = np.frombuffer(region, np.uint8)
