@@ -164,6 +164,13 @@ class _ForwardPlan:
         return buf
 
 
+def _foreign_forward(what):
+    return RuntimeError(f"{what} from another thread: a forward of this RuvpyCache can be used and "
+                        f"ended only by the thread that began it, which is part-way through it; "
+                        f"nothing was changed (use the cache from one thread at a time, or give "
+                        f"each thread its own)")
+
+
 class RuvpyCache(Cache):
     """A transformers Cache whose K/V live in a ruvpy Runtime, and whose attention runs in ruvpy.
 
@@ -210,6 +217,10 @@ class RuvpyCache(Cache):
         self._columns = 0                            # columns seen (pads included)
         self._plan = None                            # the open forward, if any
         self._attended = [False] * self.num_layers
+        # the thread whose forward is open (from its first layer until it ends): claimed under
+        # the lock, so that two threads starting forwards at once cannot both create rows
+        self._forward_thread = None
+        self._claim = threading.Lock()
 
     # -- what generate() and the model ask ----------------------------------------------------
     def get_seq_length(self, layer_idx=0):
@@ -370,7 +381,25 @@ class RuvpyCache(Cache):
         return buf
 
     # -- one forward = one Runtime step -----------------------------------------------------------
+    def _claim_forward(self, what):
+        """This thread's forward from now until it ends; RuntimeError (nothing changed) while
+        another thread's is open, including one still creating its rows and step."""
+        me = threading.get_ident()
+        with self._claim:
+            owner = self._forward_thread
+            if owner is not None and owner != me:
+                raise _foreign_forward(what)
+            self._forward_thread = me
+
     def _begin_forward(self, batch, q_len, mask):
+        self._claim_forward("ruvpy_attention_forward")
+        try:
+            self._open_forward(batch, q_len, mask)
+        except BaseException:
+            self._forward_thread = None
+            raise
+
+    def _open_forward(self, batch, q_len, mask):
         created = []
         if not self._seqs:
             try:
@@ -403,20 +432,27 @@ class RuvpyCache(Cache):
 
     def _finish_forward(self):
         plan, self._plan = self._plan, None
-        if plan.step is not None:
-            try:
-                plan.step.__exit__(None, None, None)     # commits
-            except BaseException:
-                self._drop_created(plan.created)
-                raise
-        self._append_columns(plan.valid, plan.batch, plan.q_len)
+        try:
+            if plan.step is not None:
+                try:
+                    plan.step.__exit__(None, None, None)     # commits
+                except BaseException:
+                    self._drop_created(plan.created)
+                    raise
+            self._append_columns(plan.valid, plan.batch, plan.q_len)
+        finally:
+            self._forward_thread = None
 
     def _check_forward_thread(self, what):
-        """Refuse `what` while the forward open on this cache is another thread's: its step
-        is that thread's (Step's own check), and nothing here is changed."""
+        """Refuse `what` while the forward open on this cache is another thread's, and change
+        nothing: one being opened or whose rows are all pads (this cache's claim), or one with
+        a step (that thread's, Step's own check; after close() it says so)."""
         plan = self._plan
         if plan is not None and plan.step is not None:
             plan.step._check_thread(what)
+        owner = self._forward_thread
+        if owner is not None and owner != threading.get_ident() and not self.runtime.closed:
+            raise _foreign_forward(what)
 
     def _abandon_forward(self, what):
         """Roll back the open forward's step, if any (its sequences are as before it); `what`
@@ -428,11 +464,14 @@ class RuvpyCache(Cache):
         plan, self._plan = self._plan, None
         if plan is None:
             return
-        if plan.step is not None:
-            # rolls back (a step the runtime's close() abandoned: gives back its slot; one
-            # closed by this thread: nothing)
-            plan.step.__exit__(RuntimeError, None, None)
-        self._drop_created(plan.created)
+        try:
+            if plan.step is not None:
+                # rolls back (a step the runtime's close() abandoned: gives back its slot; one
+                # closed by this thread: nothing)
+                plan.step.__exit__(RuntimeError, None, None)
+            self._drop_created(plan.created)
+        finally:
+            self._forward_thread = None
 
     def _drop_created(self, created):
         if not created:
@@ -623,6 +662,8 @@ class RuvpyCache(Cache):
         twin._seqs = forks
         twin._stored = self._stored.copy()
         twin._attended = [False] * self.num_layers
+        twin._forward_thread = None
+        twin._claim = threading.Lock()
         memo[id(self)] = twin
         return twin
 

@@ -745,6 +745,57 @@ def test_a_forward_part_way_is_refused_to_other_threads(model, name):
     assert not cache.runtime._step_lock.locked()
 
 
+def test_two_threads_starting_forwards_at_once_on_one_cache(model):
+    """Thread B runs a whole forward on the cache while thread A's first forward is still
+    creating its rows (B runs inside A's first add_sequence): B gets a RuntimeError naming the
+    call and changes nothing; A's forward ends with the logits, rows and K/V of the same
+    forward on a twin cache nobody disturbed, and the runtime holds A's rows only. (Before, B
+    made rows of its own and committed a step on them, then A overwrote the cache's row list:
+    B's rows stayed in the runtime, held by no row of the cache.)"""
+    import threading
+
+    ids, mask = left_pad(prompts([4, 7], seed=6))
+    cache = RuvpyCache(model, kv_dtype="float32", threads=1)
+    twin = RuvpyCache(model, kv_dtype="float32", threads=1)
+    runtime = cache.runtime
+    real_add = runtime.add_sequence
+    seen = {}
+
+    def add_sequence():
+        seq = real_add()
+        if "error" not in seen:
+            seen["error"] = None
+
+            def other():
+                try:
+                    _next_logits(model, cache, ids, mask)
+                except BaseException as exc:      # reported below
+                    seen["error"] = exc
+
+            t = threading.Thread(target=other)
+            t.start()
+            t.join(300)                           # a deadlock guard, not a timing
+            seen["alive"] = t.is_alive()
+        return seq
+
+    runtime.add_sequence = add_sequence
+    try:
+        got = _next_logits(model, cache, ids, mask)
+    finally:
+        del runtime.add_sequence
+    assert not seen["alive"]
+    error = seen["error"]
+    assert type(error) is RuntimeError, repr(error)
+    assert "ruvpy_attention_forward from another thread" in str(error) and \
+        "nothing was changed" in str(error), str(error)
+    assert torch.equal(got, _next_logits(model, twin, ids, mask))
+    assert sorted(runtime.sequences) == sorted(cache.sequences) == sorted(twin.sequences)
+    assert cache.get_seq_length() == twin.get_seq_length()
+    assert runtime_snapshot(runtime) == runtime_snapshot(twin.runtime)
+    cache.close()
+    twin.close()
+
+
 def test_closing_the_cache_from_the_forwards_own_thread_during_a_forward(model):
     """RuvpyCache.close() inside a forward, from its own thread (a hook between layers): the
     Runtime ends the forward's step there (close() knows whose step it is: one owner check,
