@@ -1110,6 +1110,53 @@ static int qk_values_int_applies(const struct rv_qhead *h, int a, int n)
     return _mm256_movemask_ps(ok) == 0xFF;
 }
 
+/* A whole block's per-token value parameters, token-major [16][ng] (ng 1, 2 or 4), to
+ * group-major ts / tz [ng][16] by in-register transposes (the scalar moves of the general
+ * case were 64-128 loads and stores per block); returns the largest scale (scales are >= 0). */
+RV_INLINE float qk_vparams16(int ng, const float *ps, const float *pz, float *ts, float *tz)
+{
+    __m128 mx = _mm_setzero_ps();
+    for (int which = 0; which < 2; which++) {
+        const float *src = which ? pz : ps;
+        float *dst = which ? tz : ts;
+        __m128 m = _mm_setzero_ps();
+        if (ng == 1) {
+            for (int e = 0; e < 16; e += 4) {
+                const __m128 x = _mm_loadu_ps(src + e);
+                _mm_storeu_ps(dst + e, x);
+                m = _mm_max_ps(m, x);
+            }
+        } else if (ng == 2) {
+            for (int e = 0; e < 16; e += 8) {
+                /* a: tokens e .. e + 3, b: e + 4 .. e + 7 (two groups each); the even / odd
+                 * floats per 128-bit lane are tokens (e, e+1, e+4, e+5 | e+2, e+3, e+6, e+7) */
+                const __m256 a = _mm256_loadu_ps(src + 2 * e), b = _mm256_loadu_ps(src + 2 * e + 8);
+                const __m256 g0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+                const __m256 g1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+                _mm256_storeu_ps(dst + e, g0);
+                _mm256_storeu_ps(dst + 16 + e, g1);
+                const __m256 g = _mm256_max_ps(g0, g1);
+                m = _mm_max_ps(m, _mm_max_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
+            }
+        } else {
+            for (int e = 0; e < 16; e += 4) {          /* tokens e .. e + 3, four groups each */
+                __m128 r0 = _mm_loadu_ps(src + 4 * e), r1 = _mm_loadu_ps(src + 4 * e + 4);
+                __m128 r2 = _mm_loadu_ps(src + 4 * e + 8), r3 = _mm_loadu_ps(src + 4 * e + 12);
+                _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+                _mm_storeu_ps(dst + e, r0);
+                _mm_storeu_ps(dst + 16 + e, r1);
+                _mm_storeu_ps(dst + 32 + e, r2);
+                _mm_storeu_ps(dst + 48 + e, r3);
+                m = _mm_max_ps(m, _mm_max_ps(_mm_max_ps(r0, r1), _mm_max_ps(r2, r3)));
+            }
+        }
+        if (!which)
+            mx = m;
+    }
+    mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
+    return _mm_cvtss_f32(_mm_max_ss(mx, _mm_movehdup_ps(mx)));
+}
+
 /* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1 (w[r][t - a]);
  * scratch: NR d + 4 d + NR 8 ng + 4 QK_VNG 16 floats (within RV_QATTN_ROWS * 2d + 8d) */
 RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
@@ -1145,16 +1192,20 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
         /* by plain loads: AVX2 gathers (masked, or clamped and zeroed) gave wrong scales under
          * qemu's Haswell (tests/test_neon.py), though right on this Zen 3 */
         float vsm = 0.0f;
-        for (int g = 0; g < ng; g++) {
-            for (int e = 0; e < QK_VB; e += 8) {
-                _mm256_storeu_ps(ts + g * 16 + e, _mm256_setzero_ps());
-                _mm256_storeu_ps(tz + g * 16 + e, _mm256_setzero_ps());
-            }
-            for (int t = lo; t < hi; t++) {
-                const float x = ps[t * ng + g];
-                ts[g * 16 + t] = x;
-                tz[g * 16 + t] = pz[t * ng + g];
-                vsm = x > vsm ? x : vsm;
+        if (lo == 0 && hi == QK_VB && (ng == 1 || ng == 2 || ng == 4)) {
+            vsm = qk_vparams16(ng, ps, pz, ts, tz);
+        } else {
+            for (int g = 0; g < ng; g++) {
+                for (int e = 0; e < QK_VB; e += 8) {
+                    _mm256_storeu_ps(ts + g * 16 + e, _mm256_setzero_ps());
+                    _mm256_storeu_ps(tz + g * 16 + e, _mm256_setzero_ps());
+                }
+                for (int t = lo; t < hi; t++) {
+                    const float x = ps[t * ng + g];
+                    ts[g * 16 + t] = x;
+                    tz[g * 16 + t] = pz[t * ng + g];
+                    vsm = x > vsm ? x : vsm;
+                }
             }
         }
         const __m256 vinv = _mm256_set1_ps(vsm > 0.0f ? 255.0f / vsm : 0.0f);
