@@ -683,6 +683,23 @@ class Runtime(Closing):
             counts.append(n)
         return Step(self, seqs, counts)
 
+    def _reclaim_orphaned_step(self):
+        """Roll back this thread's open step if nothing can end it any more, and take the step
+        slot for the caller (True). Ctrl-C can land at the very start of Step.__exit__, before
+        any of it runs (Python handles a pending signal when a function starts): the step
+        stays open, and once the exception is handled no Python code holds it. Only a step
+        that no code can reach (this runtime's reference and this check's are its only ones)
+        counts: one still reachable (a `with` nested in its body, a kept traceback) is left
+        alone, and the caller gets "another step is open" as before."""
+        old = self._step
+        if old is None or old._owner != threading.get_ident() or old._state is not _OPEN or \
+                sys.getrefcount(old) > 3:         # self._step, old, getrefcount's argument
+            return False
+        with _InterruptsHeld() as held:
+            self._close_step(old, False)       # rolled back whole, its slot given back
+        held.deliver()
+        return self._step_lock.acquire(blocking=False)
+
     def _open_step(self, step):
         """Step.__enter__: take the step slot, reserve KV room, begin the transaction, plan
         the step's attention into the runtime's scratch."""
@@ -690,7 +707,7 @@ class Runtime(Closing):
         if step._state is not _PLANNED:
             raise RuntimeError("a Step can be entered only once; make a new one with "
                                "runtime.step(...)")
-        if not self._step_lock.acquire(blocking=False):
+        if not self._step_lock.acquire(blocking=False) and not self._reclaim_orphaned_step():
             raise RuntimeError(f"{self.name}: another step is open (sequences "
                                f"{list(self._step._seqs) if self._step else '?'}); steps of "
                                f"one runtime run one at a time")
