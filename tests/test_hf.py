@@ -656,6 +656,24 @@ def test_closing_the_cache_from_another_thread_during_a_forward(model):
     assert cache.runtime.closed and not cache.runtime._step_lock.locked()
 
 
+def _in_another_thread(call):
+    """Run call() in a thread of its own and wait for it (a deadlock guard, not a timing):
+    (whether it is still running, what it raised or None)."""
+    import threading
+    outcome = {}
+
+    def other():
+        try:
+            call()
+        except BaseException as exc:          # reported to the caller
+            outcome["error"] = exc
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(300)
+    return t.is_alive(), outcome.get("error")
+
+
 def _calls_from_another_thread(model, cache):
     """name -> (call on `cache` from a thread other than the one whose forward is part-way,
     the call the refusal names)."""
@@ -695,7 +713,6 @@ def test_a_forward_part_way_is_refused_to_other_threads(model, name):
     forward on a twin cache nobody interrupted. (It used to drop the forward from the cache
     and then fail ending its step from the wrong thread: the forward failed at its next
     layer and its step stayed open, the runtime unusable.)"""
-    import threading
 
     ids, mask = left_pad(prompts([4, 7], seed=6))
     options = dict(kv_dtype="float32", threads=1)
@@ -712,19 +729,7 @@ def test_a_forward_part_way_is_refused_to_other_threads(model, name):
 
     def call_elsewhere(*_):
         seen["before"] = state()
-        outcome = {}
-
-        def other():
-            try:
-                call()
-            except BaseException as exc:      # reported below
-                outcome["error"] = exc
-
-        t = threading.Thread(target=other)
-        t.start()
-        t.join(300)                           # a deadlock guard, not a timing
-        seen["alive"] = t.is_alive()
-        seen["error"] = outcome.get("error")
+        seen["alive"], seen["error"] = _in_another_thread(call)
         seen["after"] = state()
 
     hook = model.model.layers[1].mlp.register_forward_pre_hook(call_elsewhere)
@@ -752,7 +757,6 @@ def test_two_threads_starting_forwards_at_once_on_one_cache(model):
     forward on a twin cache nobody disturbed, and the runtime holds A's rows only. (Before, B
     made rows of its own and committed a step on them, then A overwrote the cache's row list:
     B's rows stayed in the runtime, held by no row of the cache.)"""
-    import threading
 
     ids, mask = left_pad(prompts([4, 7], seed=6))
     cache = RuvpyCache(model, kv_dtype="float32", threads=1)
@@ -765,17 +769,7 @@ def test_two_threads_starting_forwards_at_once_on_one_cache(model):
         seq = real_add()
         if "error" not in seen:
             seen["error"] = None
-
-            def other():
-                try:
-                    _next_logits(model, cache, ids, mask)
-                except BaseException as exc:      # reported below
-                    seen["error"] = exc
-
-            t = threading.Thread(target=other)
-            t.start()
-            t.join(300)                           # a deadlock guard, not a timing
-            seen["alive"] = t.is_alive()
+            seen["alive"], seen["error"] = _in_another_thread(lambda: _next_logits(model, cache, ids, mask))
         return seq
 
     runtime.add_sequence = add_sequence

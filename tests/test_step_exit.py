@@ -33,6 +33,17 @@ def state(rt, seq):
             [tuple(a.tobytes() for a in rt.get_kv(seq, layer)) for layer in range(3)])
 
 
+@contextlib.contextmanager
+def fed_runtime(kind, seed):
+    """A runtime of `kind` whose one sequence holds 20 tokens: (runtime, sequence, rng, the
+    sequence's state)."""
+    rng = np.random.default_rng(seed)
+    with Runtime(RuntimeConfig(**SMALL, threads=1, **KINDS[kind])) as rt:
+        a = rt.add_sequence()
+        full_step(rt, a, 20, rng)
+        yield rt, a, rng, state(rt, a)
+
+
 class Failing:
     """An object's stand-in whose `method` raises `error` once (then it is the object again);
     on a cache, the step plans it makes fail that way."""
@@ -170,11 +181,7 @@ def test_ctrl_c_as_a_step_opens_or_ends_loses_nothing(kind, method, body_fails, 
     open", "already inside a transaction", or a position behind its tokens.)"""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     own = None if handler == "default" else OwnHandler(raises=handler == "own raising")
-    rng = np.random.default_rng(3)
-    with Runtime(RuntimeConfig(**SMALL, threads=1, **KINDS[kind])) as rt:
-        a = rt.add_sequence()
-        full_step(rt, a, 20, rng)
-        before = state(rt, a)
+    with fed_runtime(kind, seed=3) as (rt, a, rng, before):
         cache = rt._cache
         rt._cache = Interrupting(cache, method)
         if own is not None:
@@ -213,11 +220,7 @@ def test_ctrl_c_at_the_very_start_of_step_exit_loses_nothing(kind, monkeypatch):
     random-SIGINT storm under a program's own handler, once in about 430 interrupted
     steps.)"""
     from ruvpy.runtime import Step
-    rng = np.random.default_rng(5)
-    with Runtime(RuntimeConfig(**SMALL, threads=1, **KINDS[kind])) as rt:
-        a = rt.add_sequence()
-        full_step(rt, a, 20, rng)
-        before = state(rt, a)
+    with fed_runtime(kind, seed=5) as (rt, a, rng, before):
         real_exit = Step.__exit__
 
         def interrupted_exit(self, *exc):
