@@ -193,6 +193,14 @@ RV_INLINE void rv_interleave4_epi8(const __m256i T[4], __m256i X[4])
     X[3] = _mm256_unpackhi_epi16(abhi, cehi);
 }
 
+/* the lanes i of 8 int32 whose index first + i lies in [lo, hi), as an all-ones mask (for
+ * _mm256_maskload_ps / maskstore: a block's part that may be read or written) */
+RV_INLINE __m256i rv256_lanes_in(int first, int lo, int hi)
+{
+    const __m256i t = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(first));
+    return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), t), _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), t));
+}
+
 /* 16 int32 in [0, 255] (q0 then q1) to 16 bytes in the same order; the packs work per
  * 128-bit lane (dwords t0-3 t8-11 | t4-7 t12-15), so one permute puts them back */
 RV_INLINE __m128i rv256_pack_u8x16(__m256i q0, __m256i q1)

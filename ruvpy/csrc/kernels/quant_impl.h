@@ -252,26 +252,24 @@ typedef struct {
  * take_max: inlined, one operation) */
 RV_INLINE void qk_fold4(const rv_vf *v, const int take_max, float *out)
 {
-#if defined(RV_ISA_AVX512)
 #define QK_FOLD(x, y, w) (take_max ? _mm##w##_max_ps(x, y) : _mm##w##_add_ps(x, y))
+#if defined(RV_ISA_AVX512)
     /* per 128-bit lane: [v0 0|2, v1 0|2, v0 1|3, v1 1|3], then [v0, v1, v2, v3] folded */
     const __m512 ab = QK_FOLD(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]), 512);
     const __m512 ce = QK_FOLD(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]), 512);
     const __m512 x = QK_FOLD(_mm512_shuffle_ps(ab, ce, 0x44), _mm512_shuffle_ps(ab, ce, 0xEE), 512);
     const __m256 h = QK_FOLD(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)), 256);
     _mm_storeu_ps(out, QK_FOLD(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1), ));
-#undef QK_FOLD
 #elif defined(RV_ISA_AVX2)
-#define QK_FOLD(x, y, w) (take_max ? _mm##w##_max_ps(x, y) : _mm##w##_add_ps(x, y))
     const __m256 ab = QK_FOLD(_mm256_unpacklo_ps(v[0], v[1]), _mm256_unpackhi_ps(v[0], v[1]), 256);
     const __m256 ce = QK_FOLD(_mm256_unpacklo_ps(v[2], v[3]), _mm256_unpackhi_ps(v[2], v[3]), 256);
     const __m256 x = QK_FOLD(_mm256_shuffle_ps(ab, ce, 0x44), _mm256_shuffle_ps(ab, ce, 0xEE), 256);
     _mm_storeu_ps(out, QK_FOLD(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1), ));
-#undef QK_FOLD
 #else
     for (int i = 0; i < 4; i++)
         out[i] = take_max ? rv_vf_hmax(v[i]) : rv_vf_hsum(v[i]);
 #endif
+#undef QK_FOLD
 }
 
 /* out[r] = the lane sum of v[r] for r < NR (AVX-512: folded together, qk_fold4) */
@@ -304,9 +302,8 @@ RV_INLINE rv_vf qk_i8_block_abs(const float *q, int c0, int c1)
         x0 = _mm256_loadu_ps(q + c0);
         x1 = _mm256_loadu_ps(q + c0 + 8);
     } else {                                   /* (masked: nothing past c1 is read) */
-        const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), n = _mm256_set1_epi32(c1 - c0);
-        x0 = _mm256_maskload_ps(q + c0, _mm256_cmpgt_epi32(n, iota));
-        x1 = _mm256_maskload_ps(q + c0 + 8, _mm256_cmpgt_epi32(n, _mm256_add_epi32(iota, _mm256_set1_epi32(8))));
+        x0 = _mm256_maskload_ps(q + c0, rv256_lanes_in(0, 0, c1 - c0));
+        x1 = _mm256_maskload_ps(q + c0 + 8, rv256_lanes_in(8, 0, c1 - c0));
     }
     /* max(|x|, m) keeps m where |x| is NaN */
     return _mm256_max_ps(_mm256_andnot_ps(sign, x1), _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_setzero_ps()));
@@ -352,20 +349,19 @@ RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float in
     _mm512_mask_storeu_ps(q + c0, m, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
 #elif defined(RV_ISA_AVX2)
     const __m256 sign = _mm256_set1_ps(-0.0f), vi = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f);
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), n = _mm256_set1_epi32(c1 - c0);
     const int full = c1 - c0 == 16;
     __m256 k[2];
     for (int i = 0; i < 2; i++) {
-        const __m256i in = _mm256_cmpgt_epi32(n, _mm256_add_epi32(iota, _mm256_set1_epi32(8 * i)));
-        const __m256 x = full ? _mm256_loadu_ps(q + c0 + 8 * i) : _mm256_maskload_ps(q + c0 + 8 * i, in);
+        float *qi = q + c0 + 8 * i;
+        const __m256 x = full ? _mm256_loadu_ps(qi) : _mm256_maskload_ps(qi, rv256_lanes_in(8 * i, 0, c1 - c0));
         const __m256 y = rv_vf_round(_mm256_mul_ps(x, vi));
         /* clamp to +-127 and NaN to 0 (min / max return their second operand for NaN) */
         k[i] = _mm256_and_ps(_mm256_max_ps(_mm256_min_ps(y, lim), _mm256_sub_ps(sign, lim)), _mm256_cmp_ps(y, y, _CMP_ORD_Q));
         const __m256 back = _mm256_mul_ps(_mm256_set1_ps(sc), k[i]);
         if (full)
-            _mm256_storeu_ps(q + c0 + 8 * i, back);
+            _mm256_storeu_ps(qi, back);
         else
-            _mm256_maskstore_ps(q + c0 + 8 * i, in, back);
+            _mm256_maskstore_ps(qi, rv256_lanes_in(8 * i, 0, c1 - c0), back);
     }
     const __m256i k16 = _mm256_packs_epi32(_mm256_cvtps_epi32(k[0]), _mm256_cvtps_epi32(k[1]));
     const __m128i k8 = _mm_packs_epi16(_mm256_castsi256_si128(k16), _mm256_extracti128_si256(k16, 1));
@@ -1181,13 +1177,7 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
         const int lo = a > b0 ? a - b0 : 0, hi = a + n - b0 < QK_VB ? a + n - b0 : QK_VB;
         /* the block's tokens in [lo, hi), its parameters group-major (0 outside), and its
          * largest scale */
-        const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        __m256i in[2];
-        for (int e = 0; e < 2; e++) {
-            const __m256i t = _mm256_add_epi32(iota, _mm256_set1_epi32(8 * e));
-            in[e] = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), t),
-                                        _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), t));
-        }
+        const __m256i in[2] = {rv256_lanes_in(0, lo, hi), rv256_lanes_in(8, lo, hi)};
         const float *ps = h->vscale + (size_t)b0 * ng, *pz = h->vzero + (size_t)b0 * ng;
         /* by plain loads: AVX2 gathers (masked, or clamped and zeroed) gave wrong scales under
          * qemu's Haswell (tests/test_neon.py), though right on this Zen 3 */

@@ -210,15 +210,10 @@ RV_INLINE void tq_values256(const int NR, const struct rv_thead *h, const float 
                             float *acc, int acc_stride, uint8_t *ub, qk_pf *pf)
 {
     const int D = h->D, nc = D / 32;
-    const __m256i ones = _mm256_set1_epi16(1), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int b0 = t0 / TQ_TB * TQ_TB; b0 < t1; b0 += TQ_TB) {
         const int lo = b0 > t0 ? 0 : t0 - b0, hi = t1 - b0 < TQ_TB ? t1 - b0 : TQ_TB;
-        __m256i in[2];
-        for (int e = 0; e < 2; e++) {
-            const __m256i t = _mm256_add_epi32(iota, _mm256_set1_epi32(8 * e));
-            in[e] = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), t),
-                                        _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), t));
-        }
+        const __m256i in[2] = {rv256_lanes_in(0, lo, hi), rv256_lanes_in(8, lo, hi)};
         uint8_t w8[RV_TATTN_ROWS][TQ_TB];
         float wsc[RV_TATTN_ROWS];
         for (int r = 0; r < NR; r++) {
