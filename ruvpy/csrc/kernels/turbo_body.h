@@ -161,19 +161,21 @@ TQ_ATTR RV_INLINE void TQ_FN(tq_values512)(const int NR, const int nc, const str
 #endif /* RV_ISA_AVX512 */
 
 #if defined(RV_ISA_AVX2)
-/* K scores, D a multiple of 32: a block's tokens unpacked once, dot products for every row
+/* K scores, D = 32 nc: a block's tokens unpacked once, dot products for every row
  * (vpmaddubsw: (c + 64) unsigned times q8 signed), 8 tokens' sums transposed into one vector */
-RV_INLINE void tq_scores256(const int NR, const struct rv_thead *h, int r0, const float *kn, const float *fl,
-                            const float *qmu, float *s, int s_stride, int tb0, int tb1, uint8_t *ub, qk_pf *pf)
+RV_INLINE void tq_scores256(const int NR, const int nc, const struct rv_thead *h, int r0, const float *kn,
+                            const float *fl, const float *qmu, float *s, int s_stride, int tb0, int tb1, uint8_t *ub,
+                            qk_pf *pf)
 {
-    const int D = h->D, nc = D / 32;
+    const int D = 32 * nc;
     const __m256i ones = _mm256_set1_epi16(1);
+    tq_unpacker256 up;
+    tq_unpacker256_init(&up, nc, h->k_n3, h->k_n4, h->ktab);
     for (int t0 = tb0; t0 < tb1; t0 += TQ_TB) {
         for (int t = 0; t < TQ_TB; t++) {
             const uint8_t *tok = h->kcodes + (size_t)(t0 + t) * h->kbytes;
             for (int m = 0; m < nc; m++)
-                _mm256_storeu_si256((__m256i *)(ub + (size_t)t * D + 32 * m),
-                                    tq_chunk32(tok, D, h->k_n3, h->k_n4, h->ktab, m));
+                _mm256_storeu_si256((__m256i *)(ub + (size_t)t * D + 32 * m), tq_chunk32(&up, tok, nc, m));
             qk_pf_lines(pf, (D + 63) / 64);   /* spread: a burst of prefetches stalls on fill buffers */
         }
         for (int r = 0; r < NR; r++) {
@@ -199,18 +201,19 @@ RV_INLINE void tq_scores256(const int NR, const struct rv_thead *h, int r0, cons
     }
 }
 
-/* Values as integers, D a multiple of 32 (VPMADDUBSW + VPMADDWD), with the VNNI body's 8-bit
+/* Values as integers, D = 32 nc (VPMADDUBSW + VPMADDWD), with the VNNI body's 8-bit
  * weights: per 16-token block and row w8 = round(255 w / max) (u8), four tokens' codebook
  * values of a coordinate interleaved into one int32 lane (a pair of products is at most
  * 2 * 255 * 63 < 32768), so one VPMADDUBSW + VPMADDWD adds four tokens; each block's sums go
  * into the float accumulators scaled back. The interleave permutes coordinates within 32
  * (int32 m of 128-bit lane L <- coordinates 16 L + 4 m ..); the flush puts them back. ub:
  * the block's interleaved codes (TQ_TB D bytes). */
-RV_INLINE void tq_values256(const int NR, const struct rv_thead *h, const float *w, int w_stride, int t0, int t1,
-                            float *acc, int acc_stride, uint8_t *ub, qk_pf *pf)
+RV_INLINE void tq_values256(const int NR, const int nc, const struct rv_thead *h, const float *w, int w_stride,
+                            int t0, int t1, float *acc, int acc_stride, uint8_t *ub, qk_pf *pf)
 {
-    const int D = h->D, nc = D / 32;
     const __m256i ones = _mm256_set1_epi16(1);
+    tq_unpacker256 up;
+    tq_unpacker256_init(&up, nc, h->v_n3, h->v_n4, h->vtab);
     for (int b0 = t0 / TQ_TB * TQ_TB; b0 < t1; b0 += TQ_TB) {
         const int lo = b0 > t0 ? 0 : t0 - b0, hi = t1 - b0 < TQ_TB ? t1 - b0 : TQ_TB;
         const __m256i in[2] = {rv256_lanes_in(0, lo, hi), rv256_lanes_in(8, lo, hi)};
@@ -232,7 +235,7 @@ RV_INLINE void tq_values256(const int NR, const struct rv_thead *h, const float 
             for (int m = 0; m < nc; m++) {
                 __m256i T[4];
                 for (int i = 0; i < 4; i++)
-                    T[i] = tq_chunk32(tok + (size_t)i * h->vbytes, D, h->v_n3, h->v_n4, h->vtab, m);
+                    T[i] = tq_chunk32(&up, tok + (size_t)i * h->vbytes, nc, m);
                 __m256i X[4], *dst = (__m256i *)ub + ((size_t)m * 4 + qd) * 4;
                 rv_interleave4_epi8(T, X);
                 for (int k = 0; k < 4; k++)
@@ -330,10 +333,13 @@ TQ_ATTR RV_INLINE void TQ_FN(tq_rows)(const int NR, rv_attn_state *st, int r0, c
     default: tq_scores_any(NR, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf); break;
     }
 #elif defined(RV_ISA_AVX2)
-    if (D % 32 == 0)
-        tq_scores256(NR, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf);
-    else
-        tq_scores_any(NR, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf);
+    switch (D) {              /* (D is a power of two, 16 to RV_MAX_HEAD_DIM) */
+    case 32: tq_scores256(NR, 1, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf); break;
+    case 64: tq_scores256(NR, 2, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf); break;
+    case 128: tq_scores256(NR, 4, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf); break;
+    case 256: tq_scores256(NR, 8, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf); break;
+    default: tq_scores_any(NR, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf); break;
+    }
 #else
     tq_scores_any(NR, h, r0, kn, fl, qmu, s, s_stride, tb0, tb1, ub, pf);
 #endif
@@ -358,10 +364,13 @@ TQ_ATTR RV_INLINE void TQ_FN(tq_rows)(const int NR, rv_attn_state *st, int r0, c
     default: tq_values_any(NR, h, s, s_stride, a, a + n_eff, acc, D, (int8_t *)ub, pf); break;
     }
 #elif defined(RV_ISA_AVX2)
-    if (D % 32 == 0)
-        tq_values256(NR, h, s, s_stride, a, a + n_eff, acc, D, ub, pf);
-    else
-        tq_values_any(NR, h, s, s_stride, a, a + n_eff, acc, D, (int8_t *)ub, pf);
+    switch (D) {
+    case 32: tq_values256(NR, 1, h, s, s_stride, a, a + n_eff, acc, D, ub, pf); break;
+    case 64: tq_values256(NR, 2, h, s, s_stride, a, a + n_eff, acc, D, ub, pf); break;
+    case 128: tq_values256(NR, 4, h, s, s_stride, a, a + n_eff, acc, D, ub, pf); break;
+    case 256: tq_values256(NR, 8, h, s, s_stride, a, a + n_eff, acc, D, ub, pf); break;
+    default: tq_values_any(NR, h, s, s_stride, a, a + n_eff, acc, D, (int8_t *)ub, pf); break;
+    }
 #else
     tq_values_any(NR, h, s, s_stride, a, a + n_eff, acc, D, (int8_t *)ub, pf);
 #endif

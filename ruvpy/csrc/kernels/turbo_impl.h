@@ -101,47 +101,77 @@ RV_INLINE __m512i tq_hsum16(const __m512i *x)
 #endif
 
 #if defined(RV_ISA_AVX2)
-/* coordinates [32 m, 32 m + 32) of a token (D a multiple of 32): the crumbs shifted into
- * place, the planes' bits spread to bytes, then one table per 16 coordinates (the two
- * 128-bit lanes' tables are tab's 32 bytes there: vpshufb stays in its lane) */
-RV_INLINE __m256i tq_chunk32(const uint8_t *tok, int D, int n3, int n4, const uint8_t *tab, int m)
+/* What unpacking a 32-coordinate chunk m of a token needs, worked out once per call (the
+ * per-token code is then loads and vector ops only: computed per token, the planes' offsets
+ * and bounds were most of the scalar work of the AVX2 key scores). nc = D / 32 <= 8. */
+typedef struct {
+    __m256i cnt[8];          /* chunk m's crumbs: shift per qword (then & 3) */
+    __m256i tab[8];          /* its two 16-entry tables */
+    __m256i spread, bit, three, step[2];
+    int plane[2][8];         /* byte offset in the token of its bits of plane p (bit 2 / bit 3), or -1 */
+    int half[2][8];          /* 1: only the chunk's first 16 coordinates are in that plane */
+} tq_unpacker256;
+
+RV_INLINE void tq_unpacker256_init(tq_unpacker256 *u, const int nc, int n3, int n4, const uint8_t *tab)
 {
-    const int Q = D / 4, lo = 32 * m;
-    __m256i src;
-    if (Q >= 32) {
-        src = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(tok + lo % Q)), _mm_cvtsi32_si128(2 * (lo / Q)));
-    } else if (Q == 16) {     /* D 64: both lanes the 16 bytes, shifted for their coordinates */
-        const __m128i x = _mm_loadu_si128((const __m128i *)tok);
-        src = _mm256_srlv_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(x), x, 1),
-                                _mm256_setr_epi32(4 * m, 4 * m, 4 * m, 4 * m, 4 * m + 2, 4 * m + 2, 4 * m + 2, 4 * m + 2));
-    } else {                  /* D 32: the 8 bytes four times, one shift each */
-        long long w;
-        memcpy(&w, tok, 8);
-        src = _mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_setr_epi64x(0, 2, 4, 6));
-    }
-    __m256i code = _mm256_and_si256(src, _mm256_set1_epi8(3));
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
-    for (int p = 0; p < 2; p++) {
-        const int n = p ? n4 : n3;
-        if (n > lo) {
-            /* bits [lo, min(lo + 32, n)) of the plane: n is a multiple of 16, never read past it */
-            const uint8_t *pl = tok + Q + (p ? n3 / 8 : 0) + lo / 8;
-            uint32_t w;
-            if (n - lo >= 32) {
-                memcpy(&w, pl, 4);
-            } else {          /* (fixed-size loads: a variable memcpy became a byte loop) */
-                uint16_t half;
-                memcpy(&half, pl, 2);
-                w = half;
-            }
-            __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), spread);
-            b = _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
-            code = _mm256_add_epi8(code, _mm256_and_si256(b, _mm256_set1_epi8(p ? 8 : 4)));
+    const int D = 32 * nc, Q = D / 4;
+    for (int m = 0; m < nc; m++) {
+        const int lo = 32 * m;
+        if (Q >= 32)          /* coordinate i at byte i % Q, bits 2 (i / Q): one shift per chunk */
+            u->cnt[m] = _mm256_set1_epi64x(2 * (lo / Q));
+        else if (Q == 16)     /* D 64: both 128-bit lanes the 16 bytes, a shift per lane */
+            u->cnt[m] = _mm256_setr_epi64x(4 * m, 4 * m, 4 * m + 2, 4 * m + 2);
+        else                  /* D 32: the 8 bytes in every qword, a shift per qword */
+            u->cnt[m] = _mm256_setr_epi64x(0, 2, 4, 6);
+        u->tab[m] = _mm256_loadu_si256((const __m256i *)(tab + lo));
+        for (int p = 0; p < 2; p++) {
+            const int n = p ? n4 : n3;    /* a multiple of 16 */
+            u->plane[p][m] = n > lo ? Q + (p ? n3 / 8 : 0) + lo / 8 : -1;
+            u->half[p][m] = n - lo == 16;
         }
     }
-    return _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tab + lo)), code);
+    u->spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
+                                 3, 3, 3, 3, 3);
+    u->bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    u->three = _mm256_set1_epi8(3);
+    u->step[0] = _mm256_set1_epi8(4);
+    u->step[1] = _mm256_set1_epi8(8);
+}
+
+/* coordinates [32 m, 32 m + 32) of a token as table bytes: the crumbs shifted into place, the
+ * planes' bits spread to bytes, then one table per 16 coordinates (vpshufb stays in its lane).
+ * nc is a constant at every call (the loads and loops fold). */
+RV_INLINE __m256i tq_chunk32(const tq_unpacker256 *u, const uint8_t *tok, const int nc, int m)
+{
+    const int Q = 8 * nc;
+    __m256i src;
+    if (Q >= 32) {
+        src = _mm256_loadu_si256((const __m256i *)(tok + (32 * m) % Q));
+    } else if (Q == 16) {
+        src = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tok));
+    } else {
+        long long w;
+        memcpy(&w, tok, 8);
+        src = _mm256_set1_epi64x(w);
+    }
+    __m256i code = _mm256_and_si256(_mm256_srlv_epi64(src, u->cnt[m]), u->three);
+    for (int p = 0; p < 2; p++) {
+        const int off = u->plane[p][m];
+        if (off >= 0) {
+            uint32_t w;
+            if (u->half[p][m]) {      /* fixed-size loads, never past the plane */
+                uint16_t h;
+                memcpy(&h, tok + off, 2);
+                w = h;
+            } else {
+                memcpy(&w, tok + off, 4);
+            }
+            __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), u->spread);
+            b = _mm256_cmpeq_epi8(_mm256_and_si256(b, u->bit), u->bit);
+            code = _mm256_add_epi8(code, _mm256_and_si256(b, u->step[p]));
+        }
+    }
+    return _mm256_shuffle_epi8(u->tab[m], code);
 }
 
 /* the 8 int32 sums of 8 vectors, in order */
