@@ -107,9 +107,11 @@ RV_INLINE __m512i tq_hsum16(const __m512i *x)
 typedef struct {
     __m256i cnt[8];          /* chunk m's crumbs: shift per qword (then & 3) */
     __m256i tab[8];          /* its two 16-entry tables */
-    __m256i spread, bit, three, step[2];
-    int plane[2][8];         /* byte offset in the token of its bits of plane p (bit 2 / bit 3), or -1 */
-    int half[2][8];          /* 1: only the chunk's first 16 coordinates are in that plane */
+    __m256i spread[2][8];    /* plane p's word: which byte each coordinate's bit is in */
+    __m256i step[2][8];      /* and what the bit adds to the code (4 / 8; 0 past the plane) */
+    __m256i bit, three;
+    int plane[2][8];         /* byte offset in the token of the word holding chunk m's bits of
+                              * plane p, or -1 */
 } tq_unpacker256;
 
 RV_INLINE void tq_unpacker256_init(tq_unpacker256 *u, const int nc, int n3, int n4, const uint8_t *tab)
@@ -126,16 +128,19 @@ RV_INLINE void tq_unpacker256_init(tq_unpacker256 *u, const int nc, int n3, int 
         u->tab[m] = _mm256_loadu_si256((const __m256i *)(tab + lo));
         for (int p = 0; p < 2; p++) {
             const int n = p ? n4 : n3;    /* a multiple of 16 */
-            u->plane[p][m] = n > lo ? Q + (p ? n3 / 8 : 0) + lo / 8 : -1;
-            u->half[p][m] = n - lo == 16;
+            const int8_t v = (int8_t)(p ? 8 : 4);
+            const int half = n - lo == 16;
+            /* a 32-bit word always: when the plane has only the chunk's first 16 coordinates,
+             * the word ending with their 2 bytes (reading past them could leave the group) */
+            u->plane[p][m] = n > lo ? Q + (p ? n3 / 8 : 0) + lo / 8 - (half ? 2 : 0) : -1;
+            const int8_t b0 = (int8_t)(half ? 2 : 0);
+            u->spread[p][m] = _mm256_setr_epi8(b0, b0, b0, b0, b0, b0, b0, b0, b0 + 1, b0 + 1, b0 + 1, b0 + 1, b0 + 1,
+                                               b0 + 1, b0 + 1, b0 + 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+            u->step[p][m] = half ? _mm256_setr_m128i(_mm_set1_epi8(v), _mm_setzero_si128()) : _mm256_set1_epi8(v);
         }
     }
-    u->spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
-                                 3, 3, 3, 3, 3);
     u->bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
     u->three = _mm256_set1_epi8(3);
-    u->step[0] = _mm256_set1_epi8(4);
-    u->step[1] = _mm256_set1_epi8(8);
 }
 
 /* coordinates [32 m, 32 m + 32) of a token as table bytes: the crumbs shifted into place, the
@@ -158,17 +163,11 @@ RV_INLINE __m256i tq_chunk32(const tq_unpacker256 *u, const uint8_t *tok, const 
     for (int p = 0; p < 2; p++) {
         const int off = u->plane[p][m];
         if (off >= 0) {
-            uint32_t w;
-            if (u->half[p][m]) {      /* fixed-size loads, never past the plane */
-                uint16_t h;
-                memcpy(&h, tok + off, 2);
-                w = h;
-            } else {
-                memcpy(&w, tok + off, 4);
-            }
-            __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), u->spread);
+            int32_t w;
+            memcpy(&w, tok + off, 4);
+            __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(w), u->spread[p][m]);
             b = _mm256_cmpeq_epi8(_mm256_and_si256(b, u->bit), u->bit);
-            code = _mm256_add_epi8(code, _mm256_and_si256(b, u->step[p]));
+            code = _mm256_add_epi8(code, _mm256_and_si256(b, u->step[p][m]));
         }
     }
     return _mm256_shuffle_epi8(u->tab[m], code);
