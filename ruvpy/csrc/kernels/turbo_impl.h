@@ -21,35 +21,21 @@
 
 #define TQ_TB 16          /* tokens per score block */
 
-/* bits [lo, min(lo + 64, n)) of a plane of n bits (n, lo multiples of 16), as a word */
-RV_INLINE uint64_t tq_plane_bits(const uint8_t *plane, int lo, int n)
-{
-    const uint8_t *p = plane + lo / 8;       /* little-endian: bit i of the plane = bit i */
-    uint64_t m;
-    uint32_t w;
-    uint16_t h;
-    switch (n - lo < 64 ? n - lo : 64) {    /* fixed-size loads, never past the plane */
-    case 64: memcpy(&m, p, 8); return m;
-    case 48: memcpy(&w, p, 4); memcpy(&h, p + 4, 2); return w | (uint64_t)h << 32;
-    case 32: memcpy(&w, p, 4); return w;
-    case 16: memcpy(&h, p, 2); return h;
-    default: return 0;
-    }
-}
-
 /* ---- a token's D codes -> D bytes tab[i / 16 * 16 + code_i] ---- */
 #if defined(RV_ISA_AVX512)
-/* per 64-coordinate chunk j: the crumbs' shift counts and the four tables */
+/* per 64-coordinate chunk j, worked out once per call: the crumbs' shift counts, the four
+ * tables, and where chunk j's bits of each plane are */
 typedef struct {
     __m512i cnt[4], tab[4];
-    int D, n3, n4;
+    int plane[2][4];         /* byte offset in the token of the 64-bit word ending with chunk j's
+                              * bits of plane p (bit 2 / bit 3), or -1 */
+    int shift[2][4];         /* those bits are the word's top 64 - shift */
+    int D;
 } tq_unpacker;
 
 RV_INLINE void tq_unpacker_init(tq_unpacker *u, int D, int n3, int n4, const uint8_t *tab)
 {
     u->D = D;
-    u->n3 = n3;
-    u->n4 = n4;
     const int Q = D / 4;
     for (int j = 0; j < D / 64 && j < 4; j++) {
         int c[4];
@@ -58,6 +44,15 @@ RV_INLINE void tq_unpacker_init(tq_unpacker *u, int D, int n3, int n4, const uin
         u->cnt[j] = _mm512_setr_epi32(c[0], c[0], c[0], c[0], c[1], c[1], c[1], c[1], c[2], c[2], c[2], c[2], c[3],
                                       c[3], c[3], c[3]);
         u->tab[j] = _mm512_loadu_si512(tab + 64 * j);
+        const int lo = 64 * j;
+        for (int p = 0; p < 2; p++) {
+            const int n = p ? n4 : n3;            /* a multiple of 16 */
+            const int bits = n - lo < 64 ? n - lo : 64;
+            /* the word ends where the chunk's bits end (reading past them could leave the
+             * group); it starts at most 6 bytes before the plane, in the crumbs (Q >= 16) */
+            u->plane[p][j] = bits > 0 ? Q + (p ? n3 / 8 : 0) + (lo + bits) / 8 - 8 : -1;
+            u->shift[p][j] = 64 - bits;
+        }
     }
 }
 
@@ -73,13 +68,14 @@ RV_INLINE __m512i tq_chunk(const tq_unpacker *u, const uint8_t *tok, int j)
     else
         src = _mm512_loadu_si512(tok + (64 * j) % Q);
     __m512i code = _mm512_and_si512(_mm512_srlv_epi32(src, u->cnt[j]), _mm512_set1_epi8(3));
-    const int lo = 64 * j;
-    if (u->n3 > lo)
-        code = _mm512_mask_add_epi8(code, _cvtu64_mask64(tq_plane_bits(tok + Q, lo, u->n3)), code,
-                                    _mm512_set1_epi8(4));
-    if (u->n4 > lo)
-        code = _mm512_mask_add_epi8(code, _cvtu64_mask64(tq_plane_bits(tok + Q + u->n3 / 8, lo, u->n4)), code,
-                                    _mm512_set1_epi8(8));
+    for (int p = 0; p < 2; p++) {
+        const int off = u->plane[p][j];
+        if (off >= 0) {
+            uint64_t w;
+            memcpy(&w, tok + off, 8);
+            code = _mm512_mask_add_epi8(code, _cvtu64_mask64(w >> u->shift[p][j]), code, _mm512_set1_epi8(p ? 8 : 4));
+        }
+    }
     return _mm512_shuffle_epi8(u->tab[j], code);
 }
 
