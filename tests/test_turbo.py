@@ -118,7 +118,9 @@ def test_codes_are_the_best_fit_of_the_scales_tried(bits, d):
     assert stored.mean() < 0.99 * plain.mean()
 
 
-SHAPES = [(9, 3, 64, 64), (8, 2, 128, 64), (6, 2, 40, 16), (4, 1, 256, 32), (3, 3, 16, 24)]
+# head_dims padded to D 64, 128, 256, 32 and 16: every chunk count of the AVX2 and AVX-512
+# kernels (D 32 is one 32-coordinate AVX2 chunk) and the generic path below them
+SHAPES = [(9, 3, 64, 64), (8, 2, 128, 64), (6, 2, 40, 16), (4, 1, 256, 32), (4, 2, 24, 16), (3, 3, 16, 24)]
 
 
 @pytest.mark.parametrize("bits", TURBO_BITS)
