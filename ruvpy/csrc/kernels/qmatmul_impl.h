@@ -31,15 +31,18 @@
 #define QM_X86 1
 #endif
 
-/* Matrix-vector software prefetch distance and locality (see wmatmul). Swept on the Zen 4 VM
- * (tools/bench_matmul.py, paired cold Q4_1 rows): 4, 8 and 16 KiB, T0 / T1, every other line
- * or only each page's first lines were no better than 2 KiB NTA over every line (8 KiB and
- * more, or only page starts, were worse); no prefetch at all was clearly worse. */
+/* Matrix-vector software prefetch distance and locality (see wmatmul): 2 KiB ahead over every
+ * line, into L1 (T0). On the Zen 4 VM (tools/bench_matmul.py, paired cold Q4_1 rows) 4, 8 and
+ * 16 KiB, T0 / T1 / NTA, every other line or only each page's first lines were no better than
+ * 2 KiB (8 KiB and more, or only page starts, were worse), and no prefetch was clearly worse.
+ * On the Intel Xeon of stops 23-25 NTA was the worst of all: SmolLM2 decode spent most of the
+ * row kernel stalled on its prefetchnta (10.6 ms a token with 2 threads; no prefetch 6.9 ms,
+ * T2 / T1 / T0 4.6-5.4 ms), so T0, which the Zen 4 measured as good as NTA. */
 #ifndef QM_PF_BYTES
 #define QM_PF_BYTES 2048
 #endif
 #ifndef QM_PF_LOCALITY
-#define QM_PF_LOCALITY 0
+#define QM_PF_LOCALITY 3
 #endif
 
 /* ---- half / bfloat16 scalars ---- */
