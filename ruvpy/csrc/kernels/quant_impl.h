@@ -288,6 +288,16 @@ RV_INLINE void qk_row_sums(const int NR, const rv_vf *v, float *out)
 #endif
 }
 
+#if defined(RV_ISA_AVX2)
+/* channels [c0 + 8 i, c0 + 8 i + 8) of a block [c0, c1) of one row (c1 - c0 <= 16), lanes past
+ * c1 0 (masked: nothing past c1 is read) */
+RV_INLINE __m256 qk_i8_block_load8(const float *q, int c0, int c1, int i)
+{
+    return c1 - c0 == 16 ? _mm256_loadu_ps(q + c0 + 8 * i)
+                         : _mm256_maskload_ps(q + c0 + 8 * i, rv256_lanes_in(8 * i, 0, c1 - c0));
+}
+#endif
+
 /* |x| of a block's channels [c0, c1) of one row as a vector whose lane maximum is the
  * block's (c1 - c0 <= 16; NaN, and lanes past c1, 0: the comparisons of the C code skip NaN) */
 RV_INLINE rv_vf qk_i8_block_abs(const float *q, int c0, int c1)
@@ -297,14 +307,7 @@ RV_INLINE rv_vf qk_i8_block_abs(const float *q, int c0, int c1)
     return _mm512_max_ps(_mm512_abs_ps(x), _mm512_setzero_ps());     /* (max: the second for NaN) */
 #elif defined(RV_ISA_AVX2)
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 x0, x1;
-    if (c1 - c0 == 16) {
-        x0 = _mm256_loadu_ps(q + c0);
-        x1 = _mm256_loadu_ps(q + c0 + 8);
-    } else {                                   /* (masked: nothing past c1 is read) */
-        x0 = _mm256_maskload_ps(q + c0, rv256_lanes_in(0, 0, c1 - c0));
-        x1 = _mm256_maskload_ps(q + c0 + 8, rv256_lanes_in(8, 0, c1 - c0));
-    }
+    const __m256 x0 = qk_i8_block_load8(q, c0, c1, 0), x1 = qk_i8_block_load8(q, c0, c1, 1);
     /* max(|x|, m) keeps m where |x| is NaN */
     return _mm256_max_ps(_mm256_andnot_ps(sign, x1), _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_setzero_ps()));
 #else
@@ -353,7 +356,7 @@ RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float in
     __m256 k[2];
     for (int i = 0; i < 2; i++) {
         float *qi = q + c0 + 8 * i;
-        const __m256 x = full ? _mm256_loadu_ps(qi) : _mm256_maskload_ps(qi, rv256_lanes_in(8 * i, 0, c1 - c0));
+        const __m256 x = qk_i8_block_load8(q, c0, c1, i);
         const __m256 y = rv_vf_round(_mm256_mul_ps(x, vi));
         /* clamp to +-127 and NaN to 0 (min / max return their second operand for NaN) */
         k[i] = _mm256_and_ps(_mm256_max_ps(_mm256_min_ps(y, lim), _mm256_sub_ps(sign, lim)), _mm256_cmp_ps(y, y, _CMP_ORD_Q));
@@ -1106,49 +1109,51 @@ static int qk_values_int_applies(const struct rv_qhead *h, int a, int n)
     return _mm256_movemask_ps(ok) == 0xFF;
 }
 
-/* A whole block's per-token value parameters, token-major [16][ng] (ng 1, 2 or 4), to
- * group-major ts / tz [ng][16] by in-register transposes (the scalar moves of the general
- * case were 64-128 loads and stores per block); returns the largest scale (scales are >= 0). */
+/* One parameter array of a whole block, token-major [16][ng] (ng 1, 2 or 4), to group-major
+ * [ng][16] by in-register transposes (the scalar moves of the general case were 64-128 loads
+ * and stores per block); returns its lanes' maxima (a lane maximum is the array's). */
+RV_INLINE __m128 qk_params16(int ng, const float *src, float *dst)
+{
+    __m128 m = _mm_setzero_ps();
+    if (ng == 1) {
+        for (int e = 0; e < 16; e += 4) {
+            const __m128 x = _mm_loadu_ps(src + e);
+            _mm_storeu_ps(dst + e, x);
+            m = _mm_max_ps(m, x);
+        }
+    } else if (ng == 2) {
+        for (int e = 0; e < 16; e += 8) {
+            /* a: tokens e .. e + 3, b: e + 4 .. e + 7 (two groups each); the even / odd
+             * floats per 128-bit lane are tokens (e, e+1, e+4, e+5 | e+2, e+3, e+6, e+7) */
+            const __m256 a = _mm256_loadu_ps(src + 2 * e), b = _mm256_loadu_ps(src + 2 * e + 8);
+            const __m256 g0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+            const __m256 g1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+            _mm256_storeu_ps(dst + e, g0);
+            _mm256_storeu_ps(dst + 16 + e, g1);
+            const __m256 g = _mm256_max_ps(g0, g1);
+            m = _mm_max_ps(m, _mm_max_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
+        }
+    } else {
+        for (int e = 0; e < 16; e += 4) {          /* tokens e .. e + 3, four groups each */
+            __m128 r0 = _mm_loadu_ps(src + 4 * e), r1 = _mm_loadu_ps(src + 4 * e + 4);
+            __m128 r2 = _mm_loadu_ps(src + 4 * e + 8), r3 = _mm_loadu_ps(src + 4 * e + 12);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            _mm_storeu_ps(dst + e, r0);
+            _mm_storeu_ps(dst + 16 + e, r1);
+            _mm_storeu_ps(dst + 32 + e, r2);
+            _mm_storeu_ps(dst + 48 + e, r3);
+            m = _mm_max_ps(m, _mm_max_ps(_mm_max_ps(r0, r1), _mm_max_ps(r2, r3)));
+        }
+    }
+    return m;
+}
+
+/* A whole block's per-token value scales and zeros to group-major ts / tz [ng][16]; returns
+ * the largest scale (scales are >= 0). */
 RV_INLINE float qk_vparams16(int ng, const float *ps, const float *pz, float *ts, float *tz)
 {
-    __m128 mx = _mm_setzero_ps();
-    for (int which = 0; which < 2; which++) {
-        const float *src = which ? pz : ps;
-        float *dst = which ? tz : ts;
-        __m128 m = _mm_setzero_ps();
-        if (ng == 1) {
-            for (int e = 0; e < 16; e += 4) {
-                const __m128 x = _mm_loadu_ps(src + e);
-                _mm_storeu_ps(dst + e, x);
-                m = _mm_max_ps(m, x);
-            }
-        } else if (ng == 2) {
-            for (int e = 0; e < 16; e += 8) {
-                /* a: tokens e .. e + 3, b: e + 4 .. e + 7 (two groups each); the even / odd
-                 * floats per 128-bit lane are tokens (e, e+1, e+4, e+5 | e+2, e+3, e+6, e+7) */
-                const __m256 a = _mm256_loadu_ps(src + 2 * e), b = _mm256_loadu_ps(src + 2 * e + 8);
-                const __m256 g0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
-                const __m256 g1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
-                _mm256_storeu_ps(dst + e, g0);
-                _mm256_storeu_ps(dst + 16 + e, g1);
-                const __m256 g = _mm256_max_ps(g0, g1);
-                m = _mm_max_ps(m, _mm_max_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
-            }
-        } else {
-            for (int e = 0; e < 16; e += 4) {          /* tokens e .. e + 3, four groups each */
-                __m128 r0 = _mm_loadu_ps(src + 4 * e), r1 = _mm_loadu_ps(src + 4 * e + 4);
-                __m128 r2 = _mm_loadu_ps(src + 4 * e + 8), r3 = _mm_loadu_ps(src + 4 * e + 12);
-                _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-                _mm_storeu_ps(dst + e, r0);
-                _mm_storeu_ps(dst + 16 + e, r1);
-                _mm_storeu_ps(dst + 32 + e, r2);
-                _mm_storeu_ps(dst + 48 + e, r3);
-                m = _mm_max_ps(m, _mm_max_ps(_mm_max_ps(r0, r1), _mm_max_ps(r2, r3)));
-            }
-        }
-        if (!which)
-            mx = m;
-    }
+    __m128 mx = qk_params16(ng, ps, ts);
+    qk_params16(ng, pz, tz);
     mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
     return _mm_cvtss_f32(_mm_max_ss(mx, _mm_movehdup_ps(mx)));
 }
