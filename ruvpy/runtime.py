@@ -277,9 +277,7 @@ class Step:
             held.deliver()
         except BaseException:
             if opened and self._state is _OPEN:    # opened here, then Ctrl-C: rolled back whole
-                with _InterruptsHeld() as held:
-                    self._runtime._close_step(self, False)
-                held.deliver(raising=True)
+                self._roll_back_held()
             raise
         return self
 
@@ -293,11 +291,16 @@ class Step:
         except KeyboardInterrupt:
             # Ctrl-C before the hold began: the step has not ended, so it is rolled back
             if (self._state is _OPEN or self._state is _ABANDONED) and self._owner == threading.get_ident():
-                with _InterruptsHeld() as held:
-                    self._runtime._close_step(self, False)
-                held.deliver(raising=True)
+                self._roll_back_held()
             raise
         return False         # (closed: the runtime was closed inside the step, by its thread)
+
+    def _roll_back_held(self):
+        """Roll the step back whole with Ctrl-C held, on the way out of an exception (a held
+        SIGINT's handler runs after, unless it is Python's default one)."""
+        with _InterruptsHeld() as held:
+            self._runtime._close_step(self, False)
+        held.deliver(raising=True)
 
     def __repr__(self):
         return (f"<ruvpy.Step {self._state}: sequences {list(self._seqs)}, tokens "
@@ -347,6 +350,22 @@ class _InterruptsHeld:
 # ----------------------------------------------------------------------------------------
 # the runtime
 # ----------------------------------------------------------------------------------------
+
+def _refs_held_by_runtime_only():
+    """What sys.getrefcount says in Runtime._reclaim_orphaned_step of a step nothing but the
+    runtime holds (the runtime's attribute, the local copy, getrefcount's argument), measured
+    the same way on this interpreter: CPython's counts of borrowed references differ between
+    versions."""
+    class Holder:
+        pass
+    holder = Holder()
+    holder.item = object()
+    old = holder.item
+    return sys.getrefcount(old)
+
+
+_UNREACHABLE_REFS = _refs_held_by_runtime_only()
+
 
 # The caller's scalars and ids become plain ints / floats (these helpers) before the runtime
 # takes its state lock or a KV cache its own: their conversions may run the caller's code,
@@ -693,12 +712,10 @@ class Runtime(Closing):
         alone, and the caller gets "another step is open" as before."""
         old = self._step
         if old is None or old._owner != threading.get_ident() or old._state is not _OPEN or \
-                sys.getrefcount(old) > 3:         # self._step, old, getrefcount's argument
+                sys.getrefcount(old) > _UNREACHABLE_REFS:
             return False
-        with _InterruptsHeld() as held:
-            self._close_step(old, False)       # rolled back whole, its slot given back
-        held.deliver()
-        return self._step_lock.acquire(blocking=False)
+        self._close_step(old, False)    # rolled back whole, its slot given back (Ctrl-C is
+        return self._step_lock.acquire(blocking=False)     # held: only Step.__enter__ calls)
 
     def _open_step(self, step):
         """Step.__enter__: take the step slot, reserve KV room, begin the transaction, plan
