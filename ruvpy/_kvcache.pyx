@@ -61,6 +61,10 @@ _F16 = np.dtype(np.float16)
 # the codec table's formats, in its order (csrc/kvcache/rv_codec.c)
 COLD_FORMATS = tuple([rv_codecs[i].name.decode() for i in range(RV_CODEC_COUNT)])
 _POLICIES = ("error", "evict-oldest")
+# K/V screened for unstorable values without the GIL from this many values on: a decode step's
+# few hundred take less time than releasing and retaking it (twice per layer, each a chance
+# for another thread to hold it for a switch interval)
+cdef int64_t _SCREEN_WITHOUT_GIL = 1 << 16
 
 
 def _mapped_bytes():
@@ -398,8 +402,11 @@ cdef class _KVCache:
         cdef int64_t n = cnp.PyArray_SIZE(x)
         cdef int src_is_f16 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16
         cdef int to_f16 = self._stores_f16
-        with nogil:
+        if n < _SCREEN_WITHOUT_GIL:
             i = rv_first_unstorable(data, n, src_is_f16, to_f16)
+        else:
+            with nogil:
+                i = rv_first_unstorable(data, n, src_is_f16, to_f16)
         if i < 0:
             return 0
         per_token = self.num_kv_heads * self.head_dim
