@@ -288,8 +288,9 @@ class Step:
                 with _InterruptsHeld() as held:
                     self._runtime._close_step(self, exc_type is None)
                 held.deliver()       # after the step committed or rolled back whole
-        except KeyboardInterrupt:
-            # Ctrl-C before the hold began: the step has not ended, so it is rolled back
+        except BaseException:
+            # before the hold began (Ctrl-C, or whatever a program's own SIGINT handler raises:
+            # SystemExit, its own exception): the step has not ended, so it is rolled back
             if (self._state is _OPEN or self._state is _ABANDONED) and self._owner == threading.get_ident():
                 self._roll_back_held()
             raise

@@ -242,3 +242,30 @@ def test_ctrl_c_at_the_very_start_of_step_exit_loses_nothing(kind, monkeypatch):
         after = state(rt, a)
         assert after[0] == before[0] + 2 and after[1] == [before[0] + 2] * 3
         assert not rt._cache.in_transaction(a)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()])
+def test_whatever_a_sigint_handler_raises_before_the_exit_hold_rolls_the_step_back(kind, error, monkeypatch):
+    """A program's own SIGINT handler may raise anything (SystemExit from sys.exit, its own
+    exception) when the signal lands in Step.__exit__ before its hold begins: the step is
+    rolled back there and then, not left open for the thread's next step to find (while the
+    step is still reachable, that next step was refused with "another step is open")."""
+    from ruvpy.runtime import Step
+    with fed_runtime(kind, seed=6) as (rt, a, rng, before):
+        real_check = Step._check_thread
+
+        def interrupted_check(self, what):
+            monkeypatch.setattr(Step, "_check_thread", real_check)   # once
+            raise error
+
+        with pytest.raises(type(error)):
+            with rt.step([a], [3]) as step:
+                for layer in range(3):
+                    step.attention(layer, *qkv(rng, 3))
+                monkeypatch.setattr(Step, "_check_thread", interrupted_check)   # __exit__'s
+        assert rt._step is None and state(rt, a) == before   # rolled back whole, still reachable
+        assert not rt._cache.in_transaction(a)
+        full_step(rt, a, 2, rng)                             # the slot is free
+        assert rt.position(a) == before[0] + 2
+        assert step is not None
