@@ -20,7 +20,6 @@
 
 #if defined(RV_ISA_AVX512)
 #include <immintrin.h>
-#define RV_ISA_NAME "avx512"
 #define RV_VW 16
 typedef __m512 rv_vf;
 RV_INLINE rv_vf rv_vf_zero(void) { return _mm512_setzero_ps(); }
@@ -57,7 +56,6 @@ RV_INLINE rv_vf rv_vf_zero_below(rv_vf r, rv_vf x, float lo)
 
 #elif defined(RV_ISA_AVX2)
 #include <immintrin.h>
-#define RV_ISA_NAME "avx2"
 #define RV_VW 8
 typedef __m256 rv_vf;
 RV_INLINE rv_vf rv_vf_zero(void) { return _mm256_setzero_ps(); }
@@ -104,7 +102,6 @@ RV_INLINE rv_vf rv_vf_zero_below(rv_vf r, rv_vf x, float lo)
 
 #elif defined(RV_ISA_NEON)
 #include <arm_neon.h>
-#define RV_ISA_NAME "neon"
 #define RV_VW 4
 typedef float32x4_t rv_vf;
 RV_INLINE rv_vf rv_vf_zero(void) { return vdupq_n_f32(0.0f); }
@@ -132,7 +129,6 @@ RV_INLINE rv_vf rv_vf_zero_below(rv_vf r, rv_vf x, float lo)
 }
 
 #elif defined(RV_ISA_SCALAR)
-#define RV_ISA_NAME "scalar"
 #define RV_VW 1
 typedef float rv_vf;
 RV_INLINE rv_vf rv_vf_zero(void) { return 0.0f; }

@@ -1,16 +1,5 @@
 /* The neon kernel table: every kernel template compiled with this ISA's flags (see setup.py). */
 #define RV_ISA_NEON 1
-#include "kernels/basic_impl.h"
-#include "kernels/attention_impl.h"
-#include "kernels/quant_impl.h"
-#include "kernels/qmatmul_impl.h"
+#include "kernels/ops_table.h"
 
-void rv_fill_ops_neon(rv_ops *ops)
-{
-    ops->isa = RV_ISA_NAME;
-    ops->lanes = RV_VW;
-    fill_basic_ops(ops);
-    fill_attention_ops(ops);
-    fill_quant_ops(ops);
-    fill_qmatmul_ops(ops);
-}
+RV_OPS_TABLE(neon)
