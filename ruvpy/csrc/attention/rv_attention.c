@@ -7,6 +7,7 @@
 
 #include "attention/rv_attention.h"
 #include "rv_limits.h"
+#include "rv_thread_block.h"
 #include "rv_threads.h"
 
 #ifdef _OPENMP
@@ -263,54 +264,10 @@ int rv_attn_plan_make(rv_attn_plan *p, const rv_kv_source *src, const rv_kv_quer
     return RV_OK;
 }
 
-/* ---- the calling thread's cached scratch (when the caller gives none) ----
- * One block per thread, registered with a pthread key whose destructor frees it at thread
- * exit. Header: capacity in bytes; the data starts RV_ALIGN bytes in. */
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-static int scratch_key_ok;
+/* ---- the calling thread's cached scratch (when the caller gives none): rv_thread_block.h ---- */
+void rv_attention_release_scratch(void) { rv_thread_block_release(); }
 
-static void scratch_destroy(void *block) { free(block); }
-static void scratch_key_create(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_destroy) == 0; }
-
-static unsigned char *thread_cached(size_t need)
-{
-    pthread_once(&scratch_once, scratch_key_create);
-    if (!scratch_key_ok)
-        return NULL;
-    char *block = pthread_getspecific(scratch_key);
-    if (block && *(size_t *)block >= need)
-        return (unsigned char *)block + RV_ALIGN;
-    size_t cap = (need + need / 4 + RV_ALIGN - 1) / RV_ALIGN * RV_ALIGN;   /* room to grow */
-    char *fresh = aligned_alloc(RV_ALIGN, cap + RV_ALIGN);
-    if (!fresh)
-        return NULL;
-    *(size_t *)fresh = cap;
-    if (pthread_setspecific(scratch_key, fresh) != 0) {
-        free(fresh);
-        return NULL;
-    }
-    free(block);
-    return (unsigned char *)fresh + RV_ALIGN;
-}
-
-void rv_attention_release_scratch(void)
-{
-    pthread_once(&scratch_once, scratch_key_create);
-    if (!scratch_key_ok)
-        return;
-    free(pthread_getspecific(scratch_key));
-    pthread_setspecific(scratch_key, NULL);
-}
-
-size_t rv_attention_scratch_bytes(void)
-{
-    pthread_once(&scratch_once, scratch_key_create);
-    if (!scratch_key_ok)
-        return 0;
-    char *block = pthread_getspecific(scratch_key);
-    return block ? *(size_t *)block + RV_ALIGN : 0;
-}
+size_t rv_attention_scratch_bytes(void) { return rv_thread_block_bytes(); }
 
 /* ---- running ---- */
 
@@ -355,7 +312,7 @@ int rv_attn_run(const rv_attn_plan *p, const rv_kv_source *src, const rv_kv_quer
         stride = scratch->thread_stride;
     } else {
         stride = (p->thread_bytes + RV_ALIGN - 1) / RV_ALIGN * RV_ALIGN;
-        shared = thread_cached(p->shared_bytes + stride * (size_t)T);
+        shared = rv_thread_block(p->shared_bytes + stride * (size_t)T);
         if (!shared)
             return RV_ENOMEM;
         threads = shared + p->shared_bytes;

@@ -1,6 +1,7 @@
 /* Drivers of the GGUF block matmuls (see rv_linear.h): chunking, threads, phases. All
  * arithmetic goes through the kernel table. */
 #include "linear/rv_linear.h"
+#include "rv_thread_block.h"
 #include "rv_threads.h"
 
 #include <math.h>
@@ -322,40 +323,7 @@ void rv_rope_angles(const int64_t *positions, int n, int dim, double base, float
         }
 }
 
-/* ---- per-thread cached work (header: capacity; data RV_ALIGN bytes in) ---- */
-static pthread_key_t work_key;
-static pthread_once_t work_once = PTHREAD_ONCE_INIT;
-static int work_key_ok;
+/* ---- per-thread cached work: rv_thread_block.h ---- */
+void *rv_linear_thread_work(size_t bytes) { return rv_thread_block(bytes); }
 
-static void work_destroy(void *block) { free(block); }
-static void work_key_create(void) { work_key_ok = pthread_key_create(&work_key, work_destroy) == 0; }
-
-void *rv_linear_thread_work(size_t bytes)
-{
-    pthread_once(&work_once, work_key_create);
-    if (!work_key_ok)
-        return NULL;
-    char *block = pthread_getspecific(work_key);
-    if (block && *(size_t *)(void *)block >= bytes)
-        return block + RV_ALIGN;
-    const size_t cap = align64(bytes + bytes / 4);
-    char *fresh = aligned_alloc(RV_ALIGN, cap + RV_ALIGN);
-    if (!fresh)
-        return NULL;
-    *(size_t *)(void *)fresh = cap;
-    if (pthread_setspecific(work_key, fresh) != 0) {
-        free(fresh);
-        return NULL;
-    }
-    free(block);
-    return fresh + RV_ALIGN;
-}
-
-void rv_linear_release_work(void)
-{
-    pthread_once(&work_once, work_key_create);
-    if (!work_key_ok)
-        return;
-    free(pthread_getspecific(work_key));
-    pthread_setspecific(work_key, NULL);
-}
+void rv_linear_release_work(void) { rv_thread_block_release(); }
