@@ -186,7 +186,9 @@ class Step:
                 out = np.empty(self._q_shape, np.float32)
                 self._fallbacks += 1
         try:
-            self._plan.attend(layer, q, k, v, out=out, scale=scale)
+            # the state lock before the cache's (the runtime's one lock order): see _cache_call
+            with self._runtime._state_lock:
+                self._plan.attend(layer, q, k, v, out=out, scale=scale)
         except (ValueError, TypeError, KeyError):
             # the plan checks before writing: this layer is unchanged; say it in step terms
             self._check_inputs(q, k, v)
@@ -736,7 +738,7 @@ class Runtime(Closing):
             self._step = step       # from here on, sequence changes are refused
             step._owner = threading.get_ident()
         try:
-            self._finish_rollbacks()
+            self._cache_call(self._finish_rollbacks)
             try:
                 step._starts = [self._positions[s] for s in step._seqs]
             except KeyError:        # removed since step() checked it
@@ -750,7 +752,7 @@ class Runtime(Closing):
                 if not plan.bound:      # more than the scratch holds: it grows (once)
                     plan.use_scratch(self._ensure_scratch(*plan.scratch_needed))
             except BaseException:
-                plan.rollback()
+                self._cache_call(plan.rollback)
                 raise
         except BaseException as exc:
             with self._state_lock:
@@ -791,13 +793,28 @@ class Runtime(Closing):
         options = dict(num_heads=self.config.num_heads, threads=self.config.threads,
                        scratch=self._scratch, begin=True)
         try:
-            return self._cache.plan(seqs, n_tokens, **options)
+            return self._cache_call(lambda: self._cache.plan(seqs, n_tokens, **options))
         except KVCacheFull:
             if self.config.policy != "evict-oldest" or len(self._positions) == len(seqs):
                 raise
         mine = set(seqs)
-        return self._cache.plan(seqs, n_tokens, cover=[s for s in self._positions if s not in mine],
-                                **options)
+        return self._cache_call(lambda: self._cache.plan(
+            seqs, n_tokens, cover=[s for s in self._positions if s not in mine], **options))
+
+    def _cache_call(self, call):
+        """call() (a KV cache call) under the state lock, on an open runtime. Every cache call
+        of the runtime holds the state lock around the cache's lock: one lock order. Code
+        Python runs inside a cache call -- a finalizer or weakref callback of a collection an
+        allocation under the cache's lock triggers -- may call back into the runtime. Were
+        the cache's lock ever held without the state lock, that code would wait for the state
+        lock while another thread holding it (stats(), seq_len(), close() ...) waits for the
+        cache's lock: both threads deadlocked. Holding both, it re-enters the state lock (an
+        RLock) and a cache call from it is refused at once (the cache's re-entry check).
+        Short holds: close() and sequence changes from other threads still wait only for a
+        cache call in progress, never for a step being opened."""
+        with self._state_lock:
+            self._check_open()          # closed by another thread: no cache to call
+            return call()
 
     def _close_step(self, step, ok):
         """Step.__exit__: reset the arena, commit (or roll back), free the step slot. Whatever

@@ -207,6 +207,114 @@ def test_the_scale_race_on_both_caches(kv_cache):
 
 
 # ----------------------------------------------------------------------------------------
+# 1b. a finalizer run by the GC inside a KV cache call, while another thread reads
+# ----------------------------------------------------------------------------------------
+
+def _under_cache_lock(rt, seq):
+    """Whether the calling thread is inside a call of rt's KV cache (it refuses re-entry)."""
+    try:
+        rt.cache.sequences()
+        return False
+    except RuntimeError as exc:
+        return "re-entered" in str(exc)
+
+
+def _open_step(rt, seq):
+    with rt.step([seq], [1]) as step:        # its cache.plan() collects
+        for layer in range(rt.config.num_layers):
+            step.attention(layer, *qkv(rt.config, 1))
+
+
+def _attend_refused_input(rt, seq):
+    with rt.step([seq], [1]) as step:
+        q, k, v = qkv(rt.config, 1)
+        with pytest.raises(TypeError):       # refused under the cache's lock: it collects
+            step.attention(0, q, k.astype(np.float64), v.astype(np.float64))
+        for layer in range(rt.config.num_layers):
+            step.attention(layer, q, k, v)
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "two-tier"])
+@pytest.mark.parametrize("call", [_open_step, _attend_refused_input])
+def test_a_finalizer_calling_back_from_inside_a_cache_call_does_not_deadlock(call, kv_cache):
+    """Thread A's step allocates under the KV cache's lock; with gen-0 threshold 1 that runs a
+    collection there, and a collected object's __del__ reads the runtime (memory_bytes: the
+    state lock). Thread B's stats() is let in first (the state lock, then the cache's). The
+    runtime's opening and attention used to take the cache's lock without the state lock: A
+    waited for B's state lock, B for A's cache lock, forever. Now A holds the state lock
+    around every cache call: B waits for A, A's read re-enters the state lock and its cache
+    read is refused (the cache's re-entry check), and both finish."""
+    import gc
+    rt, seq = make_runtime(kv_cache)
+    a_inside, b_holds_state = threading.Event(), threading.Event()
+    threads, seen, errors = {}, {}, []
+    check_open = rt._check_open
+
+    def check_open_and_say_so():          # under the state lock in stats()
+        check_open()
+        if threading.get_ident() == threads.get("b"):
+            b_holds_state.set()
+
+    class Garbage:
+        def __init__(self):
+            self.me = self                # a cycle: only the GC frees it
+
+        def __del__(self):
+            if a_inside.is_set() or threading.get_ident() != threads.get("a"):
+                return
+            if not _under_cache_lock(rt, seq):
+                Garbage()                 # not there yet: one more for the next collection
+                return
+            a_inside.set()
+            try:
+                if not rt._state_lock._is_owned():     # else B cannot take it before A is done
+                    assert b_holds_state.wait(JOIN_SECONDS), "B never took the state lock"
+                seen["a read"] = rt.memory_bytes()
+            except RuntimeError as exc:   # the cache's refusal of a re-entering call
+                seen["a read"] = exc
+            except BaseException as exc:  # (a finalizer's exceptions are only printed)
+                errors.append(exc)
+
+    def a():
+        threads["a"] = threading.get_ident()
+        old = gc.get_threshold()
+        gc.collect()
+        Garbage()
+        gc.set_threshold(1)
+        try:
+            call(rt, seq)
+        except BaseException as exc:      # reported below
+            errors.append(exc)
+        finally:
+            gc.set_threshold(*old)
+
+    def b():
+        threads["b"] = threading.get_ident()
+        try:
+            assert a_inside.wait(JOIN_SECONDS), "no collection ran inside a KV cache call"
+            seen["b"] = rt.stats()
+        except BaseException as exc:      # reported below
+            errors.append(exc)
+
+    rt._check_open = check_open_and_say_so
+    both = [threading.Thread(target=a, daemon=True), threading.Thread(target=b, daemon=True)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(JOIN_SECONDS)
+    hung = [name for name, t in zip("AB", both) if t.is_alive()]
+    assert not hung, (f"threads {hung} deadlocked: A's finalizer, run under the KV cache's "
+                      f"lock, waited for the state lock B held while B waited for the cache")
+    del rt._check_open
+    assert not errors, errors[0]
+    assert "re-entered" in str(seen["a read"]) or seen["a read"]["kv"] > 0
+    assert seen["b"].kv["tokens"] in (3, 4)
+    assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [4, 4]
+    assert rt.position(seq) == 4 and not rt._step_lock.locked()
+    rt.close()
+
+
+# ----------------------------------------------------------------------------------------
 # 2. caller code calling back from the same thread
 # ----------------------------------------------------------------------------------------
 
