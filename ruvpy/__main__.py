@@ -40,12 +40,28 @@ def _byte_size(text):
 
 
 # -- generate -----------------------------------------------------------------------------
+def _cold_tier_mismatch(args):
+    """What is wrong with cold-tier options given to a cache that has no use for them, or
+    None (the config cannot tell a default turbo_bits from one asked for)."""
+    if args.turbo_bits is not None and args.kv != "turbo" and args.cold != "turbo":
+        return (f"--turbo-bits applies to the TurboQuant cold tier: add --kv turbo (or --kv "
+                f"two-tier --cold turbo); --kv {args.kv}" + (f" --cold {args.cold}" if args.cold else "")
+                + " has none")
+    if args.hot_tokens is not None and args.kv == "paged":
+        return "--hot-tokens applies to the two-tier caches (--kv two-tier or turbo), not --kv paged"
+    return None
+
+
 def _runtime_options(args):
     options = {}
     if args.kv_dtype is not None:
         options["kv_dtype"] = args.kv_dtype
     if args.cold is not None:
         options["cold"] = args.cold
+    if args.turbo_bits is not None:
+        options["turbo_bits"] = args.turbo_bits
+    if args.hot_tokens is not None:
+        options["hot_tokens"] = args.hot_tokens
     if args.memory_budget is not None:
         options["memory_budget"] = args.memory_budget
     if args.max_tokens is not None:
@@ -63,6 +79,9 @@ def _stream_to_stdout(piece):
 def cmd_generate(args):
     from ruvpy import models
 
+    mismatch = _cold_tier_mismatch(args)
+    if mismatch:
+        return _fail(mismatch)
     started = time.perf_counter()
     try:
         model = models.load(args.model, kv_cache=args.kv, **_runtime_options(args))
@@ -87,7 +106,8 @@ def cmd_generate(args):
             sys.stdout.write("\n")
             sys.stdout.flush()
         stats = model.last_generation
-        kv = args.kv + (f" ({args.cold})" if args.cold else "")
+        kv = args.kv + (f" ({args.cold})" if args.cold else "") + \
+            (f" {args.turbo_bits} bits" if args.turbo_bits is not None else "")
         print(f"[{model.config.name} | kv {kv} | load {load_seconds:.1f} s] {stats.summary()}",
               file=sys.stderr)
         runtime_stats = model.runtime.stats()
@@ -180,6 +200,7 @@ def cmd_bench(args, passthrough):
 
 # -- entry point --------------------------------------------------------------------------
 def build_parser():
+    from ruvpy.config import COLD_FORMATS, TURBO_BITS
     from ruvpy.models import KV_CACHE_KINDS
 
     parser = argparse.ArgumentParser(prog="python -m ruvpy", description=__doc__.split("\n")[0])
@@ -198,8 +219,14 @@ def build_parser():
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt in the model's ChatML user/assistant turn")
     gen.add_argument("--kv-dtype", choices=("float16", "float32"), default=None)
-    gen.add_argument("--cold", choices=("q8", "q4"), default=None,
-                     help="cold-tier format of the two-tier cache")
+    gen.add_argument("--cold", choices=COLD_FORMATS, default=None,
+                     help="cold-tier format of the two-tier cache (default q4)")
+    gen.add_argument("--turbo-bits", type=float, choices=TURBO_BITS, default=None, metavar="B",
+                     help=f"bits per value of the TurboQuant cold tier (--kv turbo or --cold "
+                          f"turbo): one of {', '.join(map(str, TURBO_BITS))} (default 3.5)")
+    gen.add_argument("--hot-tokens", type=int, default=None, metavar="N",
+                     help="newest tokens per sequence the two-tier caches keep in fp16 "
+                          "(default 256)")
     gen.add_argument("--memory-budget", type=_byte_size, default=None, metavar="BYTES",
                      help="cap on KV memory, e.g. 64M")
     gen.add_argument("--max-tokens", type=int, default=None, metavar="N",

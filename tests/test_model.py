@@ -538,6 +538,10 @@ def cli(model, monkeypatch, capsys):
     ([], {}),
     (["--kv", "two-tier", "--cold", "q8"], dict(kv_cache="two-tier", cold="q8")),
     (["--kv", "turbo"], dict(kv_cache="turbo")),
+    (["--kv", "turbo", "--turbo-bits", "2.5", "--hot-tokens", "4"],
+     dict(kv_cache="turbo", turbo_bits=2.5, hot_tokens=4)),
+    (["--kv", "two-tier", "--cold", "turbo", "--turbo-bits", "4.5"],
+     dict(kv_cache="two-tier", cold="turbo", turbo_bits=4.5)),
     (["--temperature", "0.9", "--top-p", "0.8", "--seed", "5"],
      dict(temperature=0.9, top_p=0.8, seed=5)),
     (["--chat"], dict(chat=True)),
@@ -551,7 +555,7 @@ def test_cli_generate_options_reach_the_model(cli, model, reference, args, api):
     code, out, err, loaded = cli(reference["text"], "-n", "6", *args)
     assert code == 0, err
     runtime_options = {k: v for k, v in api.items()
-                       if k in ("cold", "kv_dtype", "max_tokens", "threads")}
+                       if k in ("cold", "kv_dtype", "max_tokens", "threads", "turbo_bits", "hot_tokens")}
     assert loaded["kv_cache"] == api.get("kv_cache", "paged")
     assert {k: loaded[k] for k in runtime_options} == runtime_options
     sampling = {k: api[k] for k in ("temperature", "top_p", "seed") if k in api}
@@ -598,6 +602,8 @@ def test_cli_memory_budget_too_small_is_a_clean_error(cli, reference):
     ("--memory-budget", "abc", "not a byte size"), ("--memory-budget", "0", "must be positive"),
     ("--memory-budget=-5M", None, "must be positive"), ("--memory-budget", "12Q", "not a byte size"),
     ("--kv", "flat", "invalid choice"), ("--temperature", "hot", "invalid float"),
+    ("--turbo-bits", "3", "invalid choice"), ("--cold", "int3", "invalid choice"),
+    ("--hot-tokens", "many", "invalid int"),
 ])
 def test_cli_rejects_bad_option_values(capsys, option, value, words):
     from ruvpy.__main__ import main
@@ -605,6 +611,20 @@ def test_cli_rejects_bad_option_values(capsys, option, value, words):
         main(["generate", "hi", option] + ([] if value is None else [value]))
     assert exit_info.value.code == 2
     assert words in capsys.readouterr().err
+
+
+@requires_model
+@pytest.mark.parametrize("args,words", [
+    (["--turbo-bits", "2.5"], "--turbo-bits applies to the TurboQuant cold tier"),
+    (["--kv", "two-tier", "--cold", "q8", "--turbo-bits", "4.5"], "--kv two-tier --cold q8 has none"),
+    (["--hot-tokens", "32"], "--hot-tokens applies to the two-tier caches"),
+    (["--kv", "two-tier", "--hot-tokens", "0"], "hot_tokens must be >= 1"),
+])
+def test_cli_cold_tier_options_a_cache_cannot_use_are_clean_errors(cli, reference, args, words):
+    """A turbo bit rate for a cache without a TurboQuant tier, or a hot tier for the paged
+    cache, is refused by name rather than silently ignored."""
+    code, out, err, _ = cli(reference["text"], "-n", "1", *args)
+    assert code == 2 and words in err and "Traceback" not in err and out == ""
 
 
 @requires_model
