@@ -159,8 +159,11 @@ cdef list _count_list(object n_tokens, Py_ssize_t nseq, str what):
 # array checks (validate, then take pointers right away)
 # ---------------------------------------------------------------------------------------
 
-cdef inline bint _is_f32(cnp.ndarray a):
-    return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+cdef inline int _native_type(cnp.ndarray a):
+    """a's numpy type number for the fast paths, -1 unless its bytes are in this machine's
+    order: a '>f4' array has NPY_FLOAT32's number too, and C would read it as native floats
+    (the slow paths compare whole dtypes, which refuse it by name)"""
+    return cnp.PyArray_TYPE(a) if cnp.PyArray_ISNOTSWAPPED(a) else -1
 
 
 cdef inline bint _rows_layout(cnp.ndarray a):
@@ -199,7 +202,7 @@ cdef cnp.ndarray _q_rows(object q, int head_dim, int num_kv_heads):
     cdef cnp.ndarray a
     if type(q) is np.ndarray:
         a = <cnp.ndarray>q
-        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_NDIM(a) == 3 and a.shape[2] == head_dim and \
+        if _native_type(a) == cnp.NPY_FLOAT32 and cnp.PyArray_NDIM(a) == 3 and a.shape[2] == head_dim and \
                 a.shape[1] > 0 and a.shape[1] % num_kv_heads == 0:
             return a if _rows_layout(a) else np.ascontiguousarray(a)
     a = _plain(q, "q")
@@ -217,7 +220,7 @@ cdef cnp.ndarray _out_rows(object out, tuple shape, cnp.ndarray q, cnp.ndarray k
     cdef cnp.ndarray o
     if out is None:
         return np.empty(shape, dtype=np.float32)
-    if type(out) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_FLOAT32 and \
+    if type(out) is np.ndarray and _native_type(<cnp.ndarray>out) == cnp.NPY_FLOAT32 and \
             cnp.PyArray_NDIM(<cnp.ndarray>out) == 3:
         o = <cnp.ndarray>out
         if o.shape[0] == q.shape[0] and o.shape[1] == q.shape[1] and o.shape[2] == q.shape[2] and \
@@ -366,7 +369,7 @@ cdef class _KVCache:
         cdef int t
         if type(x) is np.ndarray:       # the usual case, checked at C level
             a = <cnp.ndarray>x
-            t = cnp.PyArray_TYPE(a)
+            t = _native_type(a)
             if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT16) and cnp.PyArray_NDIM(a) == 3 and \
                     a.shape[1] == self.num_kv_heads and a.shape[2] == self.head_dim and \
                     cnp.PyArray_IS_C_CONTIGUOUS(a):

@@ -414,6 +414,43 @@ def test_step_attention_refuses_out_overlapping_q():
         assert runtime_snapshot(rt) == before
 
 
+@pytest.mark.parametrize("kind", list(CACHES))
+@pytest.mark.parametrize("order", [">", "<"])
+def test_arrays_in_the_other_byte_order_are_refused_by_dtype(kind, order):
+    """A '>f4' array has float32's type number; the fast checks compared only that, so a
+    C-contiguous big-endian k, v, q or out was read (written) as little-endian floats:
+    garbage K/V stored, garbage attention, no error. Contiguous or not, it is refused now,
+    naming its dtype; the same values in native order still work."""
+    rng = np.random.default_rng(9)
+    cache = filled_cache(kind, rng)
+    q, k, v = qkv(rng, 2)
+    swapped = lambda a: a.astype(a.dtype.newbyteorder(order))     # same values
+    if order == "<" and sys.byteorder == "little":                    # native: accepted
+        cache.append_attend(0, [0], [2], swapped(q), swapped(k), swapped(v), out=swapped(q))
+        return
+    before = cache_snapshot(cache)
+    for kk, vv in ((swapped(k), swapped(v)), (swapped(k.astype(np.float16)), swapped(v.astype(np.float16)))):
+        with pytest.raises(TypeError, match="k must be float32 or float16, got >f"):
+            cache.append(0, 0, kk, vv)
+    with pytest.raises(TypeError, match="q must be float32, got >f4"):
+        cache.attention(0, 0, swapped(q))
+    with pytest.raises(TypeError, match="out must be a float32 numpy array, got >f4"):
+        cache.attention(0, 0, q, out=swapped(np.empty_like(q)))
+    with pytest.raises(TypeError, match="got >f"):
+        cache.plan([0], [2], num_heads=H).attend(0, q, swapped(k), v)
+    assert cache_snapshot(cache) == before
+    cfg = ruvpy.RuntimeConfig(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_tokens=64,
+                              **({"kv_cache": "two-tier", "hot_tokens": 4, "migration_batch": 4}
+                                 if kind == "two-tier" else {}))
+    with ruvpy.Runtime(cfg) as rt:
+        s = rt.add_sequence()
+        before = runtime_snapshot(rt)
+        with pytest.raises(TypeError, match=">f2"):
+            with rt.step([s], [2]) as step:
+                step.attention(0, q, swapped(k.astype(np.float16)), swapped(v.astype(np.float16)))
+        assert runtime_snapshot(rt) == before
+
+
 @pytest.mark.parametrize("scale", [1e300, -1e39, float("inf"), float("nan")])
 def test_a_scale_overflowing_float32_is_refused(scale):
     rng = np.random.default_rng(9)
