@@ -85,7 +85,7 @@ def cmd_generate(args):
     started = time.perf_counter()
     try:
         model = models.load(args.model, kv_cache=args.kv, **_runtime_options(args))
-    except (FileNotFoundError, ValueError, TypeError) as exc:
+    except (FileNotFoundError, ValueError, TypeError, MemoryError) as exc:   # (KVCacheFull too)
         return _fail(str(exc))
     except ImportError as exc:
         if exc.name not in ("gguf", "tokenizers"):
@@ -100,7 +100,7 @@ def cmd_generate(args):
             model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, on_token=_stream_to_stdout,
                            seq=seq)
-        except ValueError as exc:
+        except (ValueError, MemoryError) as exc:     # KVCacheFull: the prompt does not fit
             return _fail(str(exc))
         finally:
             sys.stdout.write("\n")

@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ruvpy._closing import Closing
+from ruvpy._kvcache import KVCacheFull
 
 try:
     import ray
@@ -398,7 +399,11 @@ class Worker:
             if position >= limit:
                 reason = "context"
                 break
-            logits, position = step([token])
+            try:
+                logits, position = step([token])
+            except KVCacheFull:         # refused before anything was written, as locally
+                reason = "kv_full"
+                break
         yield ("done", reason, position, model.detokenize(generated), stream.flush())
 
     def _check_prompt(self, ids, position, limit):

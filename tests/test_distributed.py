@@ -257,6 +257,17 @@ def test_generate_is_the_local_models_text_and_keeps_the_sequence(paged_cluster,
     assert paged_cluster.generate_many(prompts, 6) == [model.generate(p, 6) for p in prompts]
 
 
+def test_generation_stops_where_a_workers_kv_cache_is_full(local_ray, reference):
+    """A worker whose KV cache holds 16 tokens: the generation ends there with the local
+    model's text and stop reason ("kv_full"), as LlamaModel.generate does."""
+    prompt = "The capital of France is"
+    with reference["paged"].with_kv_cache(max_tokens=16) as model, \
+            Cluster(1, kv_cache="paged", max_tokens=16) as cluster:
+        text = cluster.generate(prompt, 40)
+        assert text == model.generate(prompt, 40)
+        assert cluster.last_generation.stop_reason == model.last_generation.stop_reason == "kv_full"
+
+
 def test_an_abandoned_generation_leaves_what_was_generated(paged_cluster, reference):
     """on_token raising stops the generation: the sequence holds the prompt and the tokens
     before the one being shown, and goes on exactly like a local sequence fed those."""

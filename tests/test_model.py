@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import ruvpy.models as models
+from ruvpy import KVCacheFull
 from ruvpy.models.sampling import Sampler
 
 from _helpers import REPO, model_path
@@ -414,6 +415,57 @@ def test_generate_stops_when_the_context_is_full(model, reference, monkeypatch):
 
 
 @requires_model
+def test_generate_stops_when_the_kv_cache_is_full(model, reference):
+    """A KV cache smaller than the context: generation ends where the cache refuses the next
+    token (stop_reason "kv_full") with the text so far returned, the same tokens greedy
+    decoding gives there; it used to raise KVCacheFull mid-way, the text lost and a kept
+    sequence already grown."""
+    prompt = reference["prompt_ids"]
+    with variant(model, max_tokens=16) as m:          # one paged block of 16 tokens
+        seq = m.new_sequence()
+        text = m.generate(prompt, 64, seq=seq)
+        stats = m.last_generation
+        assert stats.stop_reason == "kv_full"
+        assert m.runtime.position(seq) == 16          # prompt + every generated token but the last
+        assert stats.generated_tokens == 16 - len(prompt) + 1
+        m.remove_sequence(seq)                        # (its room, for the reference run)
+        assert stats.token_ids == greedy_by_hand(m, prompt, stats.generated_tokens)
+        assert text == m.detokenize(stats.token_ids)
+
+
+@requires_model
+def test_a_prompt_the_kv_cache_cannot_hold_leaves_a_kept_sequence_as_it_was(model, reference):
+    """KVCacheFull from the prefill, with the chunks before it already stored: the kept
+    sequence is cut back to where it was (position and K/V), the error raised."""
+    with variant(model, max_tokens=16) as m:
+        m.prefill_chunk = 4
+        seq = m.new_sequence()
+        m.forward(seq, reference["prompt_ids"][:3])
+        before = [tuple(a.tobytes() for a in m.runtime.get_kv(seq, layer)) for layer in (0, 1)]
+        with pytest.raises(KVCacheFull):
+            m.generate(reference["prompt_ids"] * 4, 4, seq=seq)     # 3 + 4 + 4 + 4 fit, then not
+        assert m.runtime.position(seq) == 3
+        assert [tuple(a.tobytes() for a in m.runtime.get_kv(seq, layer)) for layer in (0, 1)] == before
+        assert m.generate(reference["prompt_ids"][3:], 2, seq=seq)   # and it goes on from there
+
+
+@requires_model
+def test_last_generation_is_the_calls_own_when_generate_nests(model, reference):
+    """A generate() inside another's on_token: once the outer returns, last_generation
+    describes the outer call, not the inner one that ran last."""
+    inner = []
+
+    def on_token(piece):
+        if not inner:
+            inner.append(model.generate("Hello", 1))
+
+    text = model.generate(reference["text"], 4, on_token=on_token)
+    stats = model.last_generation
+    assert inner and stats.prompt_tokens == len(reference["prompt_ids"])
+    assert model.detokenize(stats.token_ids) == text and stats.generated_tokens == 4
+
+
+@requires_model
 def test_generate_continues_a_kept_sequence(model, reference):
     """generate(seq=s) appends to s and keeps it: a second turn continues the context."""
     first, second = reference["prompt_ids"], reference["greedy_ids"][:4]
@@ -453,7 +505,14 @@ def test_generate_rejects_bad_arguments(model):
         model.generate("hi", 4, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate("hi", -1)
+    for count in (2.5, True, "3"):
+        with pytest.raises(TypeError, match="max_new_tokens must be an int"):
+            model.generate("hi", count)
+    for prompt in (b"hi", bytearray(b"hi")):                # not token ids 104, 105
+        with pytest.raises(TypeError, match="prompt must be text"):
+            model.generate(prompt, 2)
     assert model.generate("hi", 0) == ""
+    assert model.generate("hi", np.int64(1))
 
 
 def test_sampler_distribution_matches_softmax_top_p():
@@ -468,6 +527,20 @@ def test_sampler_distribution_matches_softmax_top_p():
     draws = np.bincount([sampler(logits) for _ in range(20000)], minlength=5) / 20000
     np.testing.assert_allclose(draws, [0.05, 0.4, 0.1, 0.3, 0.15], atol=0.015)
     assert Sampler()(np.array([1.0, 3.0, 3.0])) == 1     # greedy: first of the ties
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-310, 5e-324])
+def test_a_tiny_temperature_samples_the_most_likely_token(temperature):
+    """logits / T overflowed to +-inf for a tiny T (check_sampling accepts any T > 0) and
+    inf - inf made the probabilities NaN: the draw picked an arbitrary token."""
+    import warnings
+    logits = np.array([0.5, 2.0, -1.0, 1.9], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler = Sampler(temperature=temperature, top_p=0.9, seed=1)
+        assert [sampler(logits) for _ in range(5)] == [1] * 5
+        ids, probs = Sampler(temperature=temperature).distribution(logits)
+        assert probs[list(ids).index(1)] == 1.0 and np.isfinite(probs).all()
 
 
 # -- loading and the command line -----------------------------------------------------------
@@ -625,6 +698,22 @@ def test_cli_cold_tier_options_a_cache_cannot_use_are_clean_errors(cli, referenc
     cache, is refused by name rather than silently ignored."""
     code, out, err, _ = cli(reference["text"], "-n", "1", *args)
     assert code == 2 and words in err and "Traceback" not in err and out == ""
+
+
+@requires_model
+@pytest.mark.parametrize("args,words", [
+    (["--kv", "two-tier", "--max-tokens", "3"], "KV cache full"),            # the prompt
+    (["--max-tokens", "1000000000"], "cannot allocate"),                    # the cache itself
+])
+def test_cli_a_kv_cache_too_small_or_too_large_is_a_clean_error(cli, reference, args, words):
+    code, out, err, _ = cli(reference["text"], "-n", "2", *args)
+    assert code == 2 and words in err and "Traceback" not in err
+
+
+@requires_model
+def test_cli_generation_stops_cleanly_when_the_kv_cache_fills(cli, reference):
+    code, out, err, _ = cli(reference["text"], "-n", "40", "--max-tokens", "16")
+    assert code == 0 and "stop: kv_full" in err and "Traceback" not in err and out.strip()
 
 
 @requires_model

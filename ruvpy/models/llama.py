@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ruvpy._kvcache import KVCacheFull
 from ruvpy._linear import DecoderBlocks, StepBuffers
 from ruvpy.models.gguf_loader import LlamaWeights, ModelConfig
 from ruvpy.models.sampling import Sampler
@@ -35,7 +36,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0          # forward passes of one token each
-    stop_reason: str = ""          # "eos", "length" or "context"
+    stop_reason: str = ""          # "eos", "length", "context" or "kv_full" (the KV cache)
     token_ids: list = dataclasses.field(default_factory=list)   # the generated tokens
 
     @property
@@ -176,10 +177,17 @@ class LlamaModel:
 
         seq: None runs on a fresh sequence that is removed afterwards; a sequence id appends
         the prompt and the generated tokens (but the last) to that sequence and keeps it (a
-        conversation can go on without recomputing its context)."""
+        conversation can go on without recomputing its context). If the prompt does not fit
+        the KV cache, KVCacheFull is raised with that sequence as it was; when the cache fills
+        while generating, generation stops there (stop_reason "kv_full")."""
         sampler = Sampler(temperature, top_p, seed)
+        if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise TypeError(f"prompt must be text (str) or token ids, got {type(prompt).__name__} "
+                            f"(decode it first)")
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("the prompt is empty: there is nothing to continue")
@@ -188,9 +196,11 @@ class LlamaModel:
         if position + len(ids) > self.config.context_length:
             raise ValueError(f"the prompt has {len(ids)} tokens after {position}: more than the "
                              f"model's context length {self.config.context_length}")
-        stats = self.last_generation = GenerationStats(prompt_tokens=len(ids),
-                                                       stop_reason="length")
+        # this call's statistics, published when it ends (a generate() nested in on_token
+        # publishes its own first)
+        stats = GenerationStats(prompt_tokens=len(ids), stop_reason="length")
         if max_new_tokens == 0:
+            self.last_generation = stats
             return ""
         own_sequence = seq is None
         if own_sequence:
@@ -198,6 +208,7 @@ class LlamaModel:
         try:
             self._generate(seq, ids, position, max_new_tokens, sampler, on_token, stats)
         finally:
+            self.last_generation = stats
             if own_sequence:
                 self.remove_sequence(seq)
         return self.detokenize(stats.token_ids)
@@ -206,8 +217,17 @@ class LlamaModel:
         stream = self.tokenizer.stream()
         generated = stats.token_ids
         start = time.perf_counter()
-        for begin in range(0, len(ids), self.prefill_chunk):
-            logits = self.forward_last(seq, ids[begin:begin + self.prefill_chunk])
+        try:
+            for begin in range(0, len(ids), self.prefill_chunk):
+                logits = self.forward_last(seq, ids[begin:begin + self.prefill_chunk])
+        except BaseException:
+            # a prompt prefilled in part is no context to go on from: back to where it was
+            try:
+                if self.runtime.position(seq) > position:
+                    self.runtime.truncate_sequence(seq, position)
+            except Exception:           # (closed meanwhile: nothing left to restore)
+                pass
+            raise
         stats.prefill_seconds = time.perf_counter() - start
         position += len(ids)
         while True:
@@ -226,7 +246,11 @@ class LlamaModel:
                 stats.stop_reason = "context"
                 break
             start = time.perf_counter()
-            logits = self.forward_last(seq, [token])
+            try:
+                logits = self.forward_last(seq, [token])
+            except KVCacheFull:         # refused before anything was written
+                stats.stop_reason = "kv_full"
+                break
             stats.decode_seconds += time.perf_counter() - start
             stats.decode_steps += 1
             position += 1

@@ -33,7 +33,11 @@ class Sampler:
 
     def distribution(self, logits):
         """(ids, probabilities) the next draw picks from (temperature > 0)."""
-        scaled = np.asarray(logits, dtype=np.float64).reshape(-1) / self.temperature
+        x = np.asarray(logits, dtype=np.float64).reshape(-1)
+        # shifted before the division: x / T alone overflows for a tiny T (1e-310: +-inf,
+        # then inf - inf = NaN probabilities); shifted, the largest is 0 and the rest -inf
+        with np.errstate(over="ignore"):
+            scaled = (x - x.max()) / self.temperature
         if self.top_p < 1.0:
             ids = np.argsort(-scaled, kind="stable")
             scaled = scaled[ids]
