@@ -136,5 +136,6 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
     int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
     int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs,
                            const int64_t *sizes, int64_t ngroups, int32_t skip, int32_t cut,
-                           const uint16_t *hot_k, const uint16_t *hot_v, int64_t hot_len)
+                           const uint16_t *hot_k, const uint16_t *hot_v, int64_t hot_len,
+                           const rv_ops *ops)
     void rv_tt_seq_usage(const rv_tt *c, int slot, int layer, rv_tt_usage *u)

@@ -420,6 +420,15 @@ cdef class _KVCache:
                              f"float16, whose largest value is 65504")
         raise ValueError(f"{where} is {value!r}: K/V must be finite")
 
+    cdef int _check_imported(self, cnp.ndarray x, str name) except -1:
+        """_check_storable for an imported array (named as in the export): a crafted file
+        may hold what append refuses"""
+        try:
+            self._check_storable(x, name)
+        except ValueError as exc:
+            raise ValueError(f"import_sequence: {exc}") from None
+        return 0
+
     cdef int _check_known(self, list ids) except -1:
         """KeyError unless every id of `ids` (plain ints, from _id_list) is live (under the lock)"""
         for s in ids:
@@ -1431,10 +1440,11 @@ cdef class PagedKVCache(_KVCache):
             raise KVCacheFull(f"import_sequence: {n} tokens need {need} free blocks, only "
                               f"{self.c.nfree} are free; nothing was written")
         for l in range(self.num_layers):      # our own arrays: checked again before their pointers
-            for a in layers[l]:
+            for name, a in zip("kv", layers[l]):
                 if type(a) is not np.ndarray or a.dtype != dt or not a.flags.c_contiguous or \
                         a.shape != (lengths[l], self.num_kv_heads, self.head_dim):
                     raise ValueError("import_sequence: malformed arrays")
+                self._check_imported(a, f"{name}.{l}")
         slot = self._h_add()
         try:
             for l in range(self.num_layers):
@@ -1810,6 +1820,13 @@ cdef class TwoTierKVCache(_KVCache):
                 off += size
             if off != blobs.shape[0]:
                 raise ValueError(f"import_sequence: layer {l}'s cold blobs are malformed")
+            if type(hot_k) is not np.ndarray or type(hot_v) is not np.ndarray or \
+                    (<object>hot_k).shape != (hot_len, self.num_kv_heads, self.head_dim) or \
+                    (<object>hot_v).shape != (<object>hot_k).shape or hot_k.dtype != _F16 or hot_v.dtype != _F16 or \
+                    not hot_k.flags.c_contiguous or not hot_v.flags.c_contiguous:
+                raise ValueError("import_sequence: malformed arrays")
+            self._check_imported(hot_k, f"hot_k.{l}")
+            self._check_imported(hot_v, f"hot_v.{l}")
         for l in range(self.num_layers):
             length = layers[l][0]
             if self.c.used[l] + length > self.max_tokens:
@@ -1820,15 +1837,11 @@ cdef class TwoTierKVCache(_KVCache):
         try:
             for l in range(self.num_layers):
                 length, skip, cut, blobs, sizes, hot_k, hot_v, hot_len = layers[l]
-                if (<object>hot_k).shape != (hot_len, self.num_kv_heads, self.head_dim) or \
-                        (<object>hot_v).shape != (<object>hot_k).shape or hot_k.dtype != _F16 or hot_v.dtype != _F16 or \
-                        not hot_k.flags.c_contiguous or not hot_v.flags.c_contiguous:
-                    raise ValueError("import_sequence: malformed arrays")
                 _check_status(rv_tt_import_layer(
                     self.c, slot, l, <const unsigned char *>cnp.PyArray_DATA(blobs),
                     <const int64_t *>cnp.PyArray_DATA(sizes), sizes.shape[0], skip, cut,
                     <const uint16_t *>cnp.PyArray_DATA(hot_k), <const uint16_t *>cnp.PyArray_DATA(hot_v),
-                    hot_len), "import_sequence")
+                    hot_len, active_ops()), "import_sequence")
         except BaseException:
             rv_tt_release(self.c, slot)
             raise

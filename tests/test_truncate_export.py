@@ -219,6 +219,79 @@ def test_export_import_bytes_round_trip(kind, tmp_path):
         np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("cold", ["q8", "q4", "turbo"])
+def test_a_larger_hot_tier_imported_migrates_into_this_caches_cold_store(cold):
+    """hot_tokens is not a storage field: a sequence exported with a larger hot tier imports
+    into a cache with a smaller one. Its whole fp16 tier used to arrive hot, past
+    hot_tokens + migration_batch (the bound a memory budget reserves per sequence); now the
+    excess is quantized on import, as an append would have, and the tokens read back as the
+    cold format holds them."""
+    rng = np.random.default_rng(12)
+    big = TwoTierKVCache(2, KVH, D, hot_tokens=64, migration_batch=G, cold=cold, max_tokens=400)
+    small = TwoTierKVCache(2, KVH, D, hot_tokens=5, migration_batch=G, cold=cold, max_tokens=400)
+    a = big.add_sequence()
+    for layer in range(2):
+        big.append(a, layer, *kv(rng, 50))
+    assert big.stats().sequences[a]["hot_tokens"] == 50             # all of it hot there
+    b = small.import_sequence(*big.export_sequence(a))
+    usage = small.stats().sequences[b]
+    assert usage["tokens"] == 50 and usage["hot_tokens"] <= 5 + G - 1
+    for layer in range(2):
+        (k0, v0), (k1, v1) = big.get_kv(a, layer), small.get_kv(b, layer)
+        assert small.seq_len(b, layer) == 50
+        np.testing.assert_array_equal(k1[-usage["hot_tokens"]:], k0[-usage["hot_tokens"]:])
+        scale = np.abs(k0).max()
+        assert np.abs(k1 - k0).max() <= (0.02 if cold == "q8" else 0.5) * scale
+    # and it goes on like a sequence appended here
+    for layer in range(2):
+        small.append(b, layer, *kv(rng, 3))
+    assert small.stats().sequences[b]["hot_tokens"] <= 5 + G - 1
+
+
+@pytest.mark.parametrize("kind", ["paged", "q4"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_an_import_holding_non_finite_kv_is_refused(kind, bad):
+    """append refuses NaN and infinite K/V; a crafted export could carry them in past it
+    (attention then returned NaN). Refused by name, nothing changed."""
+    rng = np.random.default_rng(13)
+    cache = caches()[kind]
+    a = cache.add_sequence()
+    for layer in range(2):
+        cache.append(a, layer, *kv(rng, 20))
+    meta, arrays = cache.export_sequence(a)
+    name = "k.1" if kind == "paged" else "hot_v.1"
+    arrays = dict(arrays)
+    arrays[name] = arrays[name].copy()
+    arrays[name][1, 0, 3] = bad
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match=rf"import_sequence: {name}\[1, 0, 3\] is {bad}: K/V must be finite"):
+        cache.import_sequence(meta, arrays)
+    assert snapshot(cache) == before
+
+
+@pytest.mark.parametrize("cold", ["q8", "q4"])
+@pytest.mark.parametrize("half", [0x7C00, 0xFE00])           # +inf, a NaN
+def test_a_cold_group_with_a_non_finite_scale_is_refused(cold, half):
+    """The q8 / q4 group check looked at offsets, counts and outlier channels only (turbo's
+    also checks its parameters): a NaN or infinite key scale in a crafted export imported
+    and made attention NaN. Every scale and zero of every head must be finite."""
+    rng = np.random.default_rng(14)
+    cache = TwoTierKVCache(2, KVH, D, hot_tokens=5, migration_batch=G, cold=cold, max_tokens=400)
+    a = cache.add_sequence()
+    for layer in range(2):
+        cache.append(a, layer, *kv(rng, 20))
+    meta, arrays = cache.export_sequence(a)
+    good = cache.import_sequence(meta, arrays)          # as exported: fine
+    cache.free(good)
+    blob = arrays["cold.0"].copy()
+    head1 = int(np.frombuffer(blob[4:8].tobytes(), np.uint32)[0])   # head 1's segment
+    blob[head1 + 2:head1 + 4] = np.frombuffer(np.uint16(half).tobytes(), np.uint8)   # kscale[1]
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match="cold group 0 of layer 0 is malformed"):
+        cache.import_sequence(meta, {**arrays, "cold.0": blob})
+    assert snapshot(cache) == before
+
+
 def test_bad_sequence_bytes_change_nothing():
     rng = np.random.default_rng(10)
     with runtime("two-tier") as rt:

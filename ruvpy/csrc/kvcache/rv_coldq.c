@@ -385,6 +385,21 @@ int rv_coldq_valid_channels(const uint8_t *idx, int n, int d)
     return 1;
 }
 
+/* whether n binary16 values at p (any alignment) are all finite (exponent not all ones) */
+static int halves_finite(const unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * i, 2);
+        if ((h & 0x7C00) == 0x7C00)
+            return 0;
+    }
+    return 1;
+}
+
+/* 0 if a blob is well formed: offsets, counts, outlier channels, and every scale and zero
+ * finite (a crafted file could hold what the encoder never writes, and attention would
+ * return NaN) */
 static int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob, size_t bytes)
 {
     size_t expect = header_bytes(cfg);
@@ -399,9 +414,13 @@ static int rv_coldq_validate(const rv_coldq_cfg *cfg, const unsigned char *blob,
         int nk = seg[S.counts], nv = seg[S.counts + 1];
         if (nk > cfg->max_outliers || nv > cfg->max_outliers)
             return -1;
-        size_t seg_bytes = rv_coldq_segment_bytes(cfg, nk, nv);
+        seg_layout P;                 /* the parameters' places with these counts */
+        layout(cfg, nk, nv, &P);
+        size_t seg_bytes = P.total;
         if (expect + seg_bytes > bytes || !rv_coldq_valid_channels(seg + S.idx, nk, cfg->head_dim) ||
-            !rv_coldq_valid_channels(seg + S.idx + nk, nv, cfg->head_dim))
+            !rv_coldq_valid_channels(seg + S.idx + nk, nv, cfg->head_dim) ||
+            !halves_finite(seg + P.kscale, (P.vcodes - P.kscale) / 2) ||     /* k/v scales, zeros */
+            !halves_finite(seg + P.voscale, (P.vocodes - P.voscale) / 2))    /* the outliers' */
             return -1;
         expect += seg_bytes;
     }

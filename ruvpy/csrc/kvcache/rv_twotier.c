@@ -1151,7 +1151,7 @@ int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
 
 int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,
                        int64_t ngroups, int32_t skip, int32_t cut, const uint16_t *hot_k, const uint16_t *hot_v,
-                       int64_t hot_len)
+                       int64_t hot_len, const rv_ops *ops)
 {
     rv_tt_seq *s = &c->seqs[slot];
     rv_tt_layer *L = &s->layers[layer];
@@ -1181,6 +1181,9 @@ int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs
     hold_groups(c, L, 0, L->ngroups, +1);       /* counted only now that nothing can fail */
     restat_groups(c, layer, L, 0, L->ngroups);
     c->used[layer] += hot_len;
+    /* a hot tier saved by a cache with more hot_tokens: what this one keeps hot, the rest
+     * quantized as an append would (out of memory: the tokens stay hot, still correct) */
+    migrate(c, layer, L, ops);
     return RV_OK;
 fail:
     layer_clear(c, L);

@@ -205,10 +205,11 @@ void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blob
                         int32_t *skip, int32_t *cut, uint16_t *hot_k, uint16_t *hot_v);
 /* 0 if the blob is well formed for this cache */
 int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes);
-/* Fill layer `layer` of an empty sequence (validated data). RV_ENOMEM (the layer stays empty). */
+/* Fill layer `layer` of an empty sequence (validated data), then migrate what exceeds this
+ * cache's hot tier (saved by one with more hot_tokens). RV_ENOMEM (the layer stays empty). */
 int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,
                        int64_t ngroups, int32_t skip, int32_t cut, const uint16_t *hot_k,
-                       const uint16_t *hot_v, int64_t hot_len);
+                       const uint16_t *hot_v, int64_t hot_len, const rv_ops *ops);
 
 typedef struct {
     int64_t hot_tokens, cold_tokens;   /* summed over layers */
