@@ -108,6 +108,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
     size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most)
     size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens)
     size_t rv_tt_fixed_bytes(const rv_tt_params *p)
+    size_t rv_tt_cold_store_bytes(const rv_tt_params *p, int slabs)
     int rv_tt_uses_slabs(const rv_tt_params *p)
     size_t rv_tt_slab_mapped_bytes(const rv_tt *c)
     size_t rv_tt_slab_slack_bytes(const rv_tt *c)

@@ -1638,6 +1638,18 @@ cdef class TwoTierKVCache(_KVCache):
         return rv_tt_fixed_bytes(&p)
 
     @classmethod
+    def cold_store_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                         group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                         max_tokens=None, pool=None, slabs=True):
+        """The most bytes the cold store takes with max_tokens in every layer, in full groups
+        of the largest size: whole 2 MiB-multiple slabs when `slabs` and the cache uses them
+        (uses_slabs), else the groups' own allocations (a pool's, arithmetic)."""
+        cdef rv_tt_params p
+        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                   migration_batch, max_tokens, turbo_bits)
+        return rv_tt_cold_store_bytes(&p, 1 if slabs else 0)
+
+    @classmethod
     def hot_tier_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                        group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
                        max_tokens=None, pool=None):

@@ -454,9 +454,9 @@ class Runtime(Closing):
         options = dict(sizing.options)
         # a two-tier cache large enough for its own huge-page slabs takes its cold groups from
         # them (the decode kernels stream every group: on the pool's malloc'd 4 KiB pages they
-        # ran 15-25% slower at 32/8/128); a smaller one from the pool's class for them
-        cold_from_pool = bool(sizing.group_bytes) and not sizing.cache_class.uses_slabs(
-            *sizing.shape, max_tokens=sizing.capacity_tokens, **options)
+        # ran 15-25% slower at 32/8/128); a smaller one, or one whose budget the slabs'
+        # rounding would cost too many tokens (sizing), from the pool's class for them
+        cold_from_pool = bool(sizing.group_bytes) and not sizing.cold_slabs
         self._pool = self._make_pool(sizing, cold_from_pool)
         if cold_from_pool:
             options["pool"] = self._pool

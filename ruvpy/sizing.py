@@ -4,7 +4,9 @@ nothing is built to find out.
 
 A memory budget holds the token storage at its worst-case cost per token, the hot tiers a
 two-tier cache keeps per sequence, and a metadata allowance (1/64 of the budget, 8 KiB .. 1
-MiB) for the bookkeeping that grows with the sequences.
+MiB) for the bookkeeping that grows with the sequences. A two-tier cache's budget also holds
+what it allocates when created (the migration work buffer, the format's tables) and its cold
+store as allocated: whole 2 MiB-multiple slabs when it uses them, the last partly empty.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ class KVSizing:
     tier at most between steps; capacity_tokens: tokens per layer, all sequences; max_sequences:
     live sequences at once (None: as many as fit); group_bytes: the most one cold group
     takes (two-tier), the size class a Runtime's pool keeps for them; cold_groups: how many
-    of those the capacity holds (all layers)."""
+    of those the capacity holds (all layers); cold_slabs: the cold groups come from the
+    cache's own huge-page slabs (else from the Runtime's pool)."""
     cache_class: type
     shape: tuple
     options: dict
@@ -39,6 +42,7 @@ class KVSizing:
     max_sequences: int | None
     group_bytes: int
     cold_groups: int
+    cold_slabs: bool = False
 
 
 def metadata_allowance(budget):
@@ -58,23 +62,31 @@ def size_kv(cfg):
         group = int(cache_class.group_bytes_max(*shape, **options))
         if cfg.memory_budget is not None:
             budget_per_token = max(per_token, cfg.num_layers * group / cfg.migration_batch)
-    capacity = _capacity(cfg, budget_per_token, hot)
-    if cfg.memory_budget is not None:
-        capacity = _fit_creation(cfg, cache_class, shape, options, capacity, budget_per_token)
-    max_sequences = _sequence_limit(cfg, capacity, budget_per_token, hot)
+    fixed = 0 if paged else int(cache_class.fixed_bytes(*shape, **options))
+    capacity = _capacity(cfg, budget_per_token, hot, fixed)
+    slabs = False
+    if paged:
+        if cfg.memory_budget is not None:
+            capacity = _fit_creation(cfg, cache_class, shape, options, capacity, budget_per_token)
+    elif cfg.memory_budget is not None:
+        capacity, slabs = _fit_two_tier(cfg, cache_class, shape, options, capacity, hot, fixed)
+    else:
+        slabs = bool(cache_class.uses_slabs(*shape, max_tokens=capacity, **options))
+    max_sequences = _sequence_limit(cfg, cache_class, shape, options, capacity, slabs, hot, fixed)
     cold_groups = 0 if paged else -(-capacity // cfg.migration_batch) * cfg.num_layers
     return KVSizing(cache_class, shape, options, per_token, budget_per_token, hot, capacity,
-                    max_sequences, group, cold_groups)
+                    max_sequences, group, cold_groups, slabs)
 
 
-def _capacity(cfg, per_token, hot):
+def _capacity(cfg, per_token, hot, fixed):
     """Tokens the KV cache is built for: max_tokens, and what fits in the memory budget less
-    a metadata allowance (block tables, bookkeeping) and the reserved hot tiers."""
+    a metadata allowance (block tables, bookkeeping), the reserved hot tiers and what a
+    two-tier cache allocates when created (`fixed`), at the worst cost per token."""
     capacity = cfg.max_tokens
     if cfg.memory_budget is not None:
         allowance = metadata_allowance(cfg.memory_budget)
         tiers = hot * (cfg.max_sequences or 1)
-        fitting = int(max(0, cfg.memory_budget - allowance - tiers) // per_token)
+        fitting = int(max(0, cfg.memory_budget - allowance - tiers - fixed) // per_token)
         if cfg.kv_cache == "paged":
             fitting -= fitting % cfg.block_size
         if fitting < 1:
@@ -85,22 +97,17 @@ def _capacity(cfg, per_token, hot):
                 + (f" (blocks of {cfg.block_size})" if cfg.kv_cache == "paged" else
                    f", after fp16 hot tiers of {tiers} bytes for {cfg.max_sequences or 1} "
                    f"sequence(s)")
+                + (f", the {fixed} bytes it allocates when created" if fixed else "")
                 + f" and a {allowance}-byte metadata allowance")
         capacity = fitting if capacity is None else min(capacity, fitting)
     return DEFAULT_MAX_TOKENS if capacity is None else capacity
 
 
-def _creation_bytes(cache_class, shape, options, capacity):
-    if cache_class is _kvcache.PagedKVCache:
-        return cache_class.bytes_for(*shape, max_tokens=capacity, **options)
-    return cache_class.fixed_bytes(*shape, **options)
-
-
 def _fit_creation(cfg, cache_class, shape, options, capacity, per_token):
-    """The capacity, lowered until what the cache allocates when created fits the budget
-    (its metadata may outgrow the allowance for small budgets)."""
+    """A paged cache's capacity, lowered until what it allocates when created (its pool and
+    metadata, which may outgrow the allowance for small budgets) fits the budget."""
     for _ in range(64):
-        excess = _creation_bytes(cache_class, shape, options, capacity) - cfg.memory_budget
+        excess = cache_class.bytes_for(*shape, max_tokens=capacity, **options) - cfg.memory_budget
         if excess <= 0:
             return capacity
         capacity -= max(1, math.ceil(excess / per_token))
@@ -112,11 +119,48 @@ def _fit_creation(cfg, cache_class, shape, options, capacity, per_token):
                      f"{cfg.kv_cache} KV cache of even one token with its metadata")
 
 
-def _sequence_limit(cfg, capacity, per_token, hot):
+# Slabs (huge pages: decode 15-25% faster over the cold groups) round the cold store up to
+# whole 2 MiB multiples; under a tight budget the pool's groups then hold more tokens. Slabs
+# unless they would cost more than this share of the capacity.
+SLAB_CAPACITY_LOSS_MAX = 1 / 8
+
+
+def _largest(upper, fits):
+    """The largest capacity in [1, upper] that fits (fits is monotonic), or 0."""
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _fit_two_tier(cfg, cache_class, shape, options, upper, hot, fixed):
+    """(capacity, slabs) of a two-tier cache under a budget: the most tokens whose cold store,
+    as allocated, fits next to the fixed part, the metadata allowance and the reserved hot
+    tiers; from slabs unless they would hold SLAB_CAPACITY_LOSS_MAX fewer tokens than pool
+    groups (the last slab's empty part)."""
+    room = cfg.memory_budget - metadata_allowance(cfg.memory_budget) - hot * (cfg.max_sequences or 1) - fixed
+
+    def store(capacity, slabs):
+        return cache_class.cold_store_bytes(*shape, max_tokens=capacity, slabs=slabs, **options)
+
+    pooled = _largest(upper, lambda c: store(c, False) <= room)
+    slabbed = _largest(upper, lambda c: store(c, True) <= room)
+    if pooled < 1:
+        raise ValueError(f"RuntimeConfig.memory_budget={cfg.memory_budget} bytes cannot hold a "
+                         f"{cfg.kv_cache} KV cache of even one token with its metadata")
+    if cache_class.uses_slabs(*shape, max_tokens=slabbed, **options) and \
+            slabbed >= (1 - SLAB_CAPACITY_LOSS_MAX) * pooled:
+        return slabbed, True
+    return pooled, False
+
+
+def _sequence_limit(cfg, cache_class, shape, options, capacity, slabs, hot, fixed):
     """Live sequences allowed at once: max_sequences, and for a two-tier cache under a
     budget, as many hot tiers as the budget holds next to a full cold store."""
     if cfg.memory_budget is None or not hot:
         return cfg.max_sequences
-    spare = cfg.memory_budget - metadata_allowance(cfg.memory_budget) - capacity * per_token
+    spare = cfg.memory_budget - metadata_allowance(cfg.memory_budget) - fixed - \
+        cache_class.cold_store_bytes(*shape, max_tokens=capacity, slabs=slabs, **options)
     fitting = max(1, int(spare // hot))
     return fitting if cfg.max_sequences is None else min(fitting, cfg.max_sequences)

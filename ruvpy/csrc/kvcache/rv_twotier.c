@@ -95,6 +95,22 @@ int rv_tt_uses_slabs(const rv_tt_params *p)
     return codec_sizes(p, &sz) == RV_OK && slab_init(&h, p, &sz);
 }
 
+size_t rv_tt_cold_store_bytes(const rv_tt_params *p, int slabs)
+{
+    rv_codec_sizes sz;
+    rv_slab_heap h;
+    if (codec_sizes(p, &sz) != RV_OK)
+        return 0;
+    const size_t pooled = cold_capacity_bytes(p, &sz);
+    if (!slabs || !slab_init(&h, p, &sz) || pooled == SIZE_MAX)
+        return pooled;
+    /* whole slabs of the largest blocks (block_max: the last class) */
+    const size_t block = h.class_bytes[h.nclasses - 1], per_slab = (h.slab_bytes - RV_SLAB_HDR) / block;
+    const size_t groups = pooled / rv_kv_alloc_size(RV_TT_GROUP_HDR + sz.blob_max);
+    size_t bytes;
+    return rv_kv_mul((groups + per_slab - 1) / per_slab, h.slab_bytes, &bytes) ? SIZE_MAX : bytes;
+}
+
 int rv_tt_create(rv_tt **out, const rv_tt_params *p)
 {
     *out = NULL;

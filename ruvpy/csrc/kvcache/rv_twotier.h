@@ -132,6 +132,11 @@ size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens);
 int rv_tt_uses_slabs(const rv_tt_params *p);
 /* bytes the cache allocates at creation (its struct, counters, codec tables, work buffer) */
 size_t rv_tt_fixed_bytes(const rv_tt_params *p);
+/* The most bytes the cold store takes with max_tokens in every layer in full groups of the
+ * largest size: whole slabs when `slabs` and the cache uses them (rv_tt_uses_slabs), else
+ * the groups' own allocations (a pool's or malloc's). (Freed blocks of smaller size classes
+ * can make a slab heap take more.) */
+size_t rv_tt_cold_store_bytes(const rv_tt_params *p, int slabs);
 
 /* the slabs' mapped bytes, and of them those not in cold groups */
 size_t rv_tt_slab_mapped_bytes(const rv_tt *c);
