@@ -192,6 +192,9 @@ def test_streamed_pieces_rebuild_multibyte_characters(model):
 def test_detokenize_rejects_bad_ids(model):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.detokenize([model.config.vocab_size])
+    for ids, bad in (([1, 2 ** 63], 2 ** 63), ([-1, 2 ** 63], -1), ([5, 2 ** 70], 2 ** 70)):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            model.detokenize(ids)             # (numpy holds them as float64 or object, not ints)
     with pytest.raises(TypeError):
         model.detokenize([1.5])
     with pytest.raises(TypeError):

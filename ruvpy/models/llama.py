@@ -61,6 +61,12 @@ def token_id_array(token_ids, vocab_size=None):
         raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape "
                          f"{list(ids.shape)}")
     if ids.dtype.kind not in "iu":
+        if ids.dtype.kind in "fO" and isinstance(token_ids, (list, tuple)) and all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in token_ids):
+            # ints that no 64-bit type holds together (numpy made them float or object)
+            bad = next(t for t in token_ids if not 0 <= t < (vocab_size or 2 ** 63))
+            raise ValueError(f"token id {bad} is outside the vocabulary"
+                             + (f" (0..{vocab_size - 1})" if vocab_size else ""))
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = ids[(ids < 0) | (ids >= vocab_size)][0]
