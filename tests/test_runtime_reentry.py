@@ -126,6 +126,22 @@ READERS = {"seq_len": lambda rt, seq: rt.seq_len(seq, 1), "stats": lambda rt, se
            "get_kv": lambda rt, seq: rt.get_kv(seq, 1)}
 
 
+def _run_both(rt, check_open, a, b, errors, deadlock):
+    """Run a and b in two daemon threads with rt._check_open replaced by `check_open` (the
+    state-lock hook the tests synchronise on); fail naming `deadlock` if either never ends,
+    then with the first error either collected."""
+    rt._check_open = check_open
+    both = [threading.Thread(target=a, daemon=True), threading.Thread(target=b, daemon=True)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(JOIN_SECONDS)
+    hung = [name for name, t in zip("AB", both) if t.is_alive()]
+    assert not hung, f"threads {hung} deadlocked: {deadlock}"
+    del rt._check_open
+    assert not errors, errors[0]
+
+
 def _race(rt, seq, call, reader):
     """Thread A runs call(rt, seq, hook); the first time an argument's conversion runs
     hook(), it lets thread B into reader(rt, seq) and waits until B holds the runtime's state
@@ -161,17 +177,9 @@ def _race(rt, seq, call, reader):
         except BaseException as exc:       # reported below
             errors.append(exc)
 
-    rt._check_open = check_open_and_say_so
-    threads = [threading.Thread(target=a, daemon=True), threading.Thread(target=b, daemon=True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(JOIN_SECONDS)
-    hung = [name for name, t in zip("AB", threads) if t.is_alive()]
-    assert not hung, (f"threads {hung} deadlocked: A's argument conversion called back into "
-                      f"the runtime while holding the KV cache's lock, B held the state lock")
-    del rt._check_open
-    assert not errors, errors[0]
+    _run_both(rt, check_open_and_say_so, a, b, errors,
+              "A's argument conversion called back into the runtime while holding the KV cache's "
+              "lock, B held the state lock")
     return results["a"], results["b"], results["a read"]
 
 
@@ -296,17 +304,9 @@ def test_a_finalizer_calling_back_from_inside_a_cache_call_does_not_deadlock(cal
         except BaseException as exc:      # reported below
             errors.append(exc)
 
-    rt._check_open = check_open_and_say_so
-    both = [threading.Thread(target=a, daemon=True), threading.Thread(target=b, daemon=True)]
-    for t in both:
-        t.start()
-    for t in both:
-        t.join(JOIN_SECONDS)
-    hung = [name for name, t in zip("AB", both) if t.is_alive()]
-    assert not hung, (f"threads {hung} deadlocked: A's finalizer, run under the KV cache's "
-                      f"lock, waited for the state lock B held while B waited for the cache")
-    del rt._check_open
-    assert not errors, errors[0]
+    _run_both(rt, check_open_and_say_so, a, b, errors,
+              "A's finalizer, run under the KV cache's lock, waited for the state lock B held "
+              "while B waited for the cache")
     assert "re-entered" in str(seen["a read"]) or seen["a read"]["kv"] > 0
     assert seen["b"].kv["tokens"] in (3, 4)
     assert [rt.seq_len(seq, layer) for layer in (0, 1)] == [4, 4]

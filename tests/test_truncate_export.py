@@ -28,6 +28,14 @@ def snapshot(cache):
     return state
 
 
+def exported(cache, rng, n):
+    """A sequence of n random tokens in both layers of `cache`, and its export."""
+    a = cache.add_sequence()
+    for layer in range(2):
+        cache.append(a, layer, *kv(rng, n))
+    return a, cache.export_sequence(a)
+
+
 def caches():
     return {"paged": PagedKVCache(2, KVH, D, block_size=4, max_tokens=400),
             "q4": TwoTierKVCache(2, KVH, D, hot_tokens=5, migration_batch=G, cold="q4", max_tokens=400),
@@ -255,10 +263,7 @@ def test_an_import_holding_non_finite_kv_is_refused(kind, bad):
     (attention then returned NaN). Refused by name, nothing changed."""
     rng = np.random.default_rng(13)
     cache = caches()[kind]
-    a = cache.add_sequence()
-    for layer in range(2):
-        cache.append(a, layer, *kv(rng, 20))
-    meta, arrays = cache.export_sequence(a)
+    _, (meta, arrays) = exported(cache, rng, 20)
     name = "k.1" if kind == "paged" else "hot_v.1"
     arrays = dict(arrays)
     arrays[name] = arrays[name].copy()
@@ -277,10 +282,7 @@ def test_a_cold_group_with_a_non_finite_scale_is_refused(cold, half):
     and made attention NaN. Every scale and zero of every head must be finite."""
     rng = np.random.default_rng(14)
     cache = TwoTierKVCache(2, KVH, D, hot_tokens=5, migration_batch=G, cold=cold, max_tokens=400)
-    a = cache.add_sequence()
-    for layer in range(2):
-        cache.append(a, layer, *kv(rng, 20))
-    meta, arrays = cache.export_sequence(a)
+    _, (meta, arrays) = exported(cache, rng, 20)
     good = cache.import_sequence(meta, arrays)          # as exported: fine
     cache.free(good)
     blob = arrays["cold.0"].copy()
@@ -344,10 +346,7 @@ def test_exports_with_an_older_group_layout_are_refused(cold, name, versions):
     versions still import, above). The cache stays empty; the current version imports."""
     rng = np.random.default_rng(12)
     cache = caches()[cold]
-    a = cache.add_sequence()
-    for layer in range(2):
-        cache.append(a, layer, *kv(rng, 30))
-    meta, arrays = cache.export_sequence(a)
+    _, (meta, arrays) = exported(cache, rng, 30)
     for version in versions:
         target = caches()[cold]
         with pytest.raises(ValueError, match=f"v{version} export's {name} groups"):
