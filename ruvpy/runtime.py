@@ -576,6 +576,22 @@ class Runtime(Closing):
                            f"{sorted(self._positions)})")
         return seq
 
+    def _whole(self, change):
+        """change() under the state lock with Ctrl-C held until it has returned: a KV cache
+        call and the runtime's record of it (its positions) happen both or neither. Between
+        the two, a KeyboardInterrupt left the cache holding a sequence the runtime did not
+        know (a fork or import: its storage lost for good) or the runtime listing one the
+        cache had freed (a remove: a sequence nothing could use or remove)."""
+        with _InterruptsHeld() as held:
+            try:
+                with self._state_lock:
+                    result = change()
+            except BaseException:
+                held.deliver(raising=True)
+                raise
+        held.deliver()
+        return result
+
     # -- sequences --------------------------------------------------------------------------
     @property
     def sequences(self):
@@ -585,33 +601,37 @@ class Runtime(Closing):
 
     def add_sequence(self):
         """A new, empty sequence; returns its id."""
-        with self._state_lock:
+        def add():
             self._check_no_step("add a sequence")
             self._check_room_for_sequence("add a sequence")
             seq = self._cache.add_sequence()
             self._positions[seq] = 0
             return seq
+        return self._whole(add)
 
     def fork_sequence(self, seq):
         """A new sequence with the same context as `seq` (sharing its storage until either
         one appends); returns its id."""
         seq = _sequence_id(seq)       # user code (an int subclass) runs outside the lock
-        with self._state_lock:
+
+        def fork():
             self._check_no_step("fork a sequence")
-            seq = self._known(seq)
+            parent = self._known(seq)
             self._check_room_for_sequence("fork a sequence")
-            child = self._cache.fork(seq)
-            self._positions[child] = self._positions[seq]
+            child = self._cache.fork(parent)
+            self._positions[child] = self._positions[parent]
             return child
+        return self._whole(fork)
 
     def remove_sequence(self, seq):
         """Free `seq`'s KV storage; its id becomes unknown."""
         seq = _sequence_id(seq)
-        with self._state_lock:
+
+        def remove():
             self._check_no_step("remove a sequence")
-            seq = self._known(seq)
-            self._cache.free(seq)
+            self._cache.free(self._known(seq))
             del self._positions[seq]
+        self._whole(remove)
 
     def truncate_sequence(self, seq, n_tokens):
         """Cut `seq` back to its first n_tokens positions: the tokens after them leave the KV
@@ -620,15 +640,16 @@ class Runtime(Closing):
         position: nothing changes). What transformers' Cache.crop does."""
         n = _token_count(n_tokens, "truncate_sequence: n_tokens")
         seq = _sequence_id(seq)
-        with self._state_lock:
+
+        def truncate():
             self._check_no_step("truncate a sequence")
-            seq = self._known(seq)
-            drop = self._positions[seq] - n
+            drop = self._positions[self._known(seq)] - n
             if drop <= 0:
                 return
             held = max(self._cache.seq_len(seq, layer) for layer in range(self.config.num_layers))
             self._cache.truncate(seq, max(0, held - drop))
             self._positions[seq] = n
+        self._whole(truncate)
 
     def position(self, seq):
         """Tokens ever appended to `seq`: the position its next token takes."""
@@ -898,12 +919,13 @@ class Runtime(Closing):
     # -- whole runtime ----------------------------------------------------------------------
     def reset(self):
         """Drop every sequence (their KV storage is freed) and reset the arena."""
-        with self._state_lock:
+        def reset():
             self._check_no_step("reset")
             for seq in list(self._positions):
                 self._cache.free(seq)
                 del self._positions[seq]
             self._live_arena().reset()
+        self._whole(reset)
 
     def close(self):
         """Free the KV cache, arena, pool and scratch. Idempotent; afterwards every method
@@ -986,9 +1008,11 @@ class Runtime(Closing):
         the state lock."""
         self._check_no_step(action)
         header, arrays = read()
-        with self._state_lock:
+
+        def restore():
             self._check_no_step(action)
             return self._restore_checked(header, arrays, where)
+        return self._whole(restore)
 
     def _restore_checked(self, header, arrays, where):
         mine = self.config.storage_fields()
