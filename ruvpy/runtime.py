@@ -95,7 +95,7 @@ class Step:
     __slots__ = ("_runtime", "_arena", "_seqs", "_n_tokens", "num_tokens", "_starts",
                  "_positions", "_offsets", "_attended", "_remaining", "_q_shape", "_kv_shape",
                  "_num_layers", "_state", "_failed", "_calls", "_fallbacks", "_plan",
-                 "_threads_before", "_txn_seqs", "_owner")
+                 "_threads_before", "_txn_seqs", "_owner", "_owner_thread")
 
     def __init__(self, runtime, seqs, n_tokens):
         cfg = runtime.config
@@ -116,6 +116,7 @@ class Step:
         self._threads_before = None
         self._txn_seqs = self._seqs      # the sequences its KV transaction covers
         self._owner = None               # the thread that entered it (threading.get_ident())
+        self._owner_thread = None        # and its Thread (is_alive: idents are reused)
 
     # -- the plan ---------------------------------------------------------------------------
     @property
@@ -186,7 +187,7 @@ class Step:
                 out = np.empty(self._q_shape, np.float32)
                 self._fallbacks += 1
         try:
-            # the state lock before the cache's (the runtime's one lock order): see _cache_call
+            # the state lock before the cache's (the runtime's one lock order): see _while_open
             with self._runtime._state_lock:
                 self._plan.attend(layer, q, k, v, out=out, scale=scale)
         except (ValueError, TypeError, KeyError):
@@ -220,6 +221,11 @@ class Step:
     def _entered_here(self):
         """Whether the calling thread is the one that entered the step (only it uses it)."""
         return self._owner == threading.get_ident()
+
+    def _owner_gone(self):
+        """Whether the thread that entered the step has ended: nothing can use the step any
+        more, so any thread may roll it back (a generator holding it, finalized elsewhere)."""
+        return self._owner_thread is not None and not self._owner_thread.is_alive()
 
     # -- checks (off the hot path) ----------------------------------------------------------
     def _check_open(self):
@@ -284,6 +290,16 @@ class Step:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if not self._entered_here() and self._owner_gone():
+            # its thread ended with the step open (a generator finalized in another thread:
+            # GeneratorExit here): rolled back, or the runtime refused every step after it;
+            # already ended (the next step reclaimed it): nothing to do
+            if self._state is _OPEN or self._state is _ABANDONED:
+                self._roll_back_held()
+                if exc_type is None:
+                    raise RuntimeError(f"{self._runtime.name}: step.__exit__ from another thread "
+                                       f"after the step's own thread ended: it was rolled back")
+            return False
         try:
             self._check_thread("step.__exit__")
             if self._state is _OPEN or self._state is _ABANDONED:
@@ -657,20 +673,32 @@ class Runtime(Closing):
         return self._positions[self._known(seq)]
 
     def seq_len(self, seq, layer=0):
-        """Tokens of `seq` held in the KV cache now (less than position() after evictions)."""
+        """Tokens of `seq` held in the KV cache now (less than position() after evictions).
+        From another thread while a step covers `seq`: RuntimeError (see get_kv)."""
         seq = _sequence_id(seq)
         layer = _layer_number(layer, self.config.num_layers, "seq_len")
         with self._state_lock:      # a close() from another thread: before or after, not during
             self._check_open()
-            return self._cache.seq_len(self._known(seq), layer)
+            return self._cache.seq_len(self._readable(seq, "read the length of"), layer)
 
     def get_kv(self, seq, layer):
-        """(k, v) float32 copies [seq_len, num_kv_heads, head_dim] of `seq` in `layer`."""
+        """(k, v) float32 copies [seq_len, num_kv_heads, head_dim] of `seq` in `layer`. The
+        stepping thread reads its step's tokens as they are; another thread is refused
+        (RuntimeError) while a step covers `seq`: those tokens are not committed (a rollback
+        takes them back) and a layer not yet attended is shorter than one that was."""
         seq = _sequence_id(seq)
         layer = _layer_number(layer, self.config.num_layers, "get_kv")
         with self._state_lock:
             self._check_open()
-            return self._cache.get_kv(self._known(seq), layer)
+            return self._cache.get_kv(self._readable(seq, "read the K/V of"), layer)
+
+    def _readable(self, seq, action):
+        """seq, known, and not covered by a step another thread is in (under _state_lock)."""
+        seq = self._known(seq)
+        step = self._step
+        if step is not None and not step._entered_here():
+            self._check_not_stepped(seq, action)
+        return seq
 
     @property
     def cache(self):
@@ -733,10 +761,12 @@ class Runtime(Closing):
         stays open, and once the exception is handled no Python code holds it. Only a step
         that no code can reach (this runtime's reference and this check's are its only ones)
         counts: one still reachable (a `with` nested in its body, a kept traceback) is left
-        alone, and the caller gets "another step is open" as before."""
+        alone, and the caller gets "another step is open" as before. A step whose own thread
+        has ended is reclaimed by any thread: nothing can use it any more (a generator that
+        holds it would have to resume in that thread)."""
         old = self._step
-        if old is None or old._owner != threading.get_ident() or old._state is not _OPEN or \
-                sys.getrefcount(old) > _UNREACHABLE_REFS:
+        if old is None or old._state is not _OPEN or (not old._owner_gone() and (
+                old._owner != threading.get_ident() or sys.getrefcount(old) > _UNREACHABLE_REFS)):
             return False
         self._close_step(old, False)    # rolled back whole, its slot given back (Ctrl-C is
         return self._step_lock.acquire(blocking=False)     # held: only Step.__enter__ calls)
@@ -758,22 +788,23 @@ class Runtime(Closing):
                 self._check_open()
             self._step = step       # from here on, sequence changes are refused
             step._owner = threading.get_ident()
+            step._owner_thread = threading.current_thread()
         try:
-            self._cache_call(self._finish_rollbacks)
+            self._while_open(self._finish_rollbacks)
             try:
                 step._starts = [self._positions[s] for s in step._seqs]
             except KeyError:        # removed since step() checked it
                 for seq in step._seqs:
                     self._known(seq)
                 raise
-            self._live_arena()
+            self._while_open(self._live_arena)
             plan = self._plan_in_transaction(step._seqs, step._n_tokens)
             step._txn_seqs = plan.transaction_seqs
             try:
                 if not plan.bound:      # more than the scratch holds: it grows (once)
-                    plan.use_scratch(self._ensure_scratch(*plan.scratch_needed))
+                    plan.use_scratch(self._while_open(lambda: self._ensure_scratch(*plan.scratch_needed)))
             except BaseException:
-                self._cache_call(plan.rollback)
+                self._while_open(plan.rollback)
                 raise
         except BaseException as exc:
             with self._state_lock:
@@ -781,7 +812,8 @@ class Runtime(Closing):
                 if abandoned:
                     step._state = _CLOSED
                 else:
-                    step._owner = None  # never entered (it may be entered again): no owner
+                    step._owner = step._owner_thread = None   # never entered (it may be
+                                                              # entered again): no owner
                 self._step = None
                 self._step_lock.release()
             if abandoned:           # e.g. the cache's "closed": say what happened
@@ -814,16 +846,18 @@ class Runtime(Closing):
         options = dict(num_heads=self.config.num_heads, threads=self.config.threads,
                        scratch=self._scratch, begin=True)
         try:
-            return self._cache_call(lambda: self._cache.plan(seqs, n_tokens, **options))
+            return self._while_open(lambda: self._cache.plan(seqs, n_tokens, **options))
         except KVCacheFull:
             if self.config.policy != "evict-oldest" or len(self._positions) == len(seqs):
                 raise
         mine = set(seqs)
-        return self._cache_call(lambda: self._cache.plan(
+        return self._while_open(lambda: self._cache.plan(
             seqs, n_tokens, cover=[s for s in self._positions if s not in mine], **options))
 
-    def _cache_call(self, call):
-        """call() (a KV cache call) under the state lock, on an open runtime. Every cache call
+    def _while_open(self, call):
+        """call() under the state lock, on an open runtime: a KV cache call, or making the
+        arena or scratch a step needs (a close() from another thread in between left new ones
+        on the closed runtime). Every cache call
         of the runtime holds the state lock around the cache's lock: one lock order. Code
         Python runs inside a cache call -- a finalizer or weakref callback of a collection an
         allocation under the cache's lock triggers -- may call back into the runtime. Were
@@ -857,7 +891,7 @@ class Runtime(Closing):
         the stepping thread's own parts are undone here (thread count, the step slot)."""
         step._state = _CLOSED
         step._plan = None
-        if step._threads_before is not None:
+        if step._threads_before is not None and step._entered_here():
             _kernels._swap_thread_count(step._threads_before)
         self._step_lock.release()
         if ok:      # the block ended normally: it must not look committed
@@ -899,8 +933,8 @@ class Runtime(Closing):
         finally:
             self._attention_calls += step._calls
             self._arena_fallbacks += step._fallbacks
-            if step._threads_before is not None:
-                _kernels._swap_thread_count(step._threads_before)
+            if step._threads_before is not None and step._entered_here():
+                _kernels._swap_thread_count(step._threads_before)   # (that thread's own count)
             step._plan = None
             self._step = None
             self._step_lock.release()

@@ -409,3 +409,117 @@ def test_close_from_another_thread_waits_for_a_read_of_the_runtimes_memory(reade
     else:
         assert result.total_bytes == sum(result.memory.values()) > 0
     assert rt._arena.closed, "the read left a live arena behind on the closed runtime"
+
+
+@pytest.mark.parametrize("making", ["_live_arena", "_ensure_scratch"])
+def test_a_close_while_a_step_makes_its_arena_or_scratch_leaves_none_behind(making):
+    """close() from another thread just as a step opening makes the arena (a closed one is
+    replaced) or grows the scratch (a large prefill): they were made outside the state lock,
+    so a close() that ran first left a new arena or scratch on the closed runtime (2-6 of 300
+    random races). Now they are made under it on an open runtime: the close waits, frees
+    them, and the step is abandoned with the runtime's RuntimeError."""
+    cfg = RuntimeConfig(**{**CLOSE_CFG, "max_tokens": 2048, "threads": 2})
+    rt = Runtime(cfg)
+    seq = rt.add_sequence()
+    real = getattr(rt, making)
+    closer = threading.Thread(target=rt.close)
+
+    def close_first(*args):
+        if not closer.is_alive() and not rt.closed:
+            closer.start()
+            closer.join(0.5)        # the whole close, unless it waits for this call
+        return real(*args)
+
+    def finish_close():             # where the opening holds no lock: the close goes first
+        closer.join(JOIN_SECONDS)
+
+    setattr(rt, making, close_first)
+    if making == "_live_arena":
+        plan_in_transaction = rt._plan_in_transaction
+        rt._plan_in_transaction = lambda *args: (finish_close(), plan_in_transaction(*args))[1]
+    with pytest.raises(RuntimeError, match="closed"):
+        with rt.step([seq], [1500]) as step:      # (more than the scratch made for decode)
+            finish_close()
+            for layer in range(cfg.num_layers):
+                step.attention(layer, *_qkv(1500, cfg))
+    assert rt.closed and rt._arena.closed and rt._scratch is None
+
+
+def test_another_threads_reads_of_a_stepped_sequence_are_refused():
+    """While a step covers a sequence, its K/V are the step's (a rollback takes them back) and
+    a layer not yet attended is shorter than one that was: another thread's seq_len / get_kv
+    of it used to return exactly that. They are refused now, as export is; the stepping
+    thread still reads them, other sequences and stats() are read as before."""
+    cfg = RuntimeConfig(**CLOSE_CFG)
+    rt = Runtime(cfg)
+    a, b = rt.add_sequence(), rt.add_sequence()
+    with rt.step([b], [2]) as step:
+        for layer in range(cfg.num_layers):
+            step.attention(layer, *_qkv(2, cfg))
+    seen = {}
+
+    def other_thread():
+        for name, read in (("seq_len", lambda s: rt.seq_len(s, 0)), ("get_kv", lambda s: rt.get_kv(s, 0))):
+            try:
+                seen[name, "a"] = read(a)
+            except RuntimeError as exc:
+                seen[name, "a"] = str(exc)
+            seen[name, "b"] = read(b)
+        seen["stats"] = rt.stats().kv["tokens"]
+
+    with pytest.raises(ValueError, match="the model failed"):
+        with rt.step([a], [5]) as step:
+            step.attention(0, *_qkv(5, cfg))        # layer 0 attended, layer 1 not
+            assert rt.seq_len(a, 0) == 5 and rt.seq_len(a, 1) == 0    # its own thread: as they are
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join(JOIN_SECONDS)
+            raise ValueError("the model failed")    # rolled back: those 5 tokens never were
+    assert "cannot read the length of sequence" in seen["seq_len", "a"]
+    assert "cannot read the K/V of sequence" in seen["get_kv", "a"]
+    assert seen["seq_len", "b"] == 2 and seen["get_kv", "b"][0].shape[0] == 2
+    assert seen["stats"] >= 2
+    assert rt.seq_len(a, 0) == rt.seq_len(a, 1) == 0
+    rt.close()
+
+
+def _held_in_a_generator(rt, seq, cfg):
+    with rt.step([seq], [1]) as step:
+        step.attention(0, *_qkv(1, cfg))
+        yield "half-way"
+        step.attention(1, *_qkv(1, cfg))
+
+
+@pytest.mark.parametrize("dropped", [True, False])
+def test_a_step_whose_thread_ended_does_not_wedge_the_runtime(dropped):
+    """A step entered by a generator running in a worker thread that ends with the generator
+    suspended inside it: dropped in the main thread, the generator's GeneratorExit ran
+    Step.__exit__ there, which refused to end another thread's step, so the step stayed open
+    and every later step or sequence change was refused until close(). Now a step whose own
+    thread has ended is rolled back by whichever thread ends it (dropped), or by the next
+    step from any thread (kept: nothing can use it, it could only resume in that thread)."""
+    cfg = RuntimeConfig(**CLOSE_CFG)
+    rt = Runtime(cfg)
+    seq = rt.add_sequence()
+    with rt.step([seq], [2]) as step:
+        for layer in range(cfg.num_layers):
+            step.attention(layer, *_qkv(2, cfg))
+    box = {}
+
+    def worker():
+        box["gen"] = gen = _held_in_a_generator(rt, seq, cfg)
+        next(gen)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(JOIN_SECONDS)
+    gen = box.pop("gen")
+    if dropped:
+        del gen                                     # GeneratorExit -> Step.__exit__ here
+        assert rt._step is None
+    with rt.step([seq], [3]) as step:               # (kept: the orphan rolled back first)
+        for layer in range(cfg.num_layers):
+            step.attention(layer, *_qkv(3, cfg))
+    assert rt.position(seq) == 5 and [rt.seq_len(seq, layer) for layer in range(2)] == [5, 5]
+    rt.add_sequence()
+    rt.close()
