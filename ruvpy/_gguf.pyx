@@ -57,6 +57,12 @@ cdef str _text(const char *p, uint64_t n):
     return PyUnicode_DecodeUTF8(p, <Py_ssize_t>n, "replace")
 
 
+cdef str _key_text(const char *p, uint64_t n):
+    """A metadata key as text that encodes back to its exact bytes (_find): invalid UTF-8
+    becomes lone surrogates, not U+FFFD (under which get() could not find the key keys() named)"""
+    return PyUnicode_DecodeUTF8(p, <Py_ssize_t>n, "surrogateescape")
+
+
 cdef class GGUFFile:
     """GGUFFile(path, *, populate=False): a GGUF file mapped read-only and indexed in place.
     populate=True reads the whole file in at open (MAP_POPULATE). A missing file raises
@@ -174,10 +180,10 @@ cdef class GGUFFile:
 
     def keys(self):
         self._check()
-        return [_text(self.g.kv[i].key, self.g.kv[i].key_len) for i in range(self.g.n_kv)]
+        return [_key_text(self.g.kv[i].key, self.g.kv[i].key_len) for i in range(self.g.n_kv)]
 
     cdef const rv_gguf_kv *_find(self, str key):
-        cdef bytes k = key.encode()
+        cdef bytes k = key.encode("utf-8", "surrogateescape")
         cdef uint64_t i
         for i in range(self.g.n_kv):
             if self.g.kv[i].key_len == <uint64_t>len(k) and self.g.kv[i].key[:len(k)] == k:

@@ -927,7 +927,7 @@ cdef class _SeqArrays:
     cdef int64_t *counts
     cdef int n
 
-    def __cinit__(self, _KVCache cache, list ids, list counts):
+    def __cinit__(self, _KVCache cache not None, list ids not None, list counts not None):
         cdef int i
         self.n = len(ids)
         self.slots = <int *>PyMem_Malloc(sizeof(int) * (self.n + 1))

@@ -23,6 +23,7 @@ from libc.stdlib cimport malloc, free
 
 from ruvpy.c_ops cimport (rv_ops, rv_wmat, rv_qact, rv_qact_bind, rv_wtype_block_values,
                           rv_wtype_block_bytes, RV_QACT_BYTES)
+from ruvpy._attention cimport overlap
 from ruvpy._kernels cimport active_ops, num_threads
 from ruvpy._kernels import _converted_first
 from ruvpy._linear cimport (rv_linear_out, rv_linear_work_bytes, rv_linear, rv_linear_team, rv_block_dims,
@@ -155,6 +156,9 @@ cdef class QMatrix:
                     not o.flags.c_contiguous or not o.flags.writeable:
                 raise ValueError(f"out must be a writeable C-contiguous float32 [{n}, "
                                  f"{self.m.rows}] array")
+            if overlap(o, xa):     # rows written while x is still read (float weights)
+                raise ValueError("out overlaps x: the product would overwrite its own input; "
+                                 "pass another array")
         if n == 0:
             return out if out is not None else o
         cdef rv_linear_out job
@@ -290,13 +294,16 @@ def quantize_activations(x):
 
 
 def rmsnorm(x, gain=None, eps=1e-5):
-    """x / sqrt(mean(x^2) + eps) * gain, per row of x [n, dim] float32."""
+    """x / sqrt(mean(x^2) + eps) * gain, per row of x [n, dim] (or of one row [dim]) float32."""
     cdef float e = eps          # first: its __float__ may run Python code
     x, gain = _converted_first(x, gain)
     cdef cnp.ndarray xa = np.asarray(x, dtype=np.float32)
     if xa.ndim == 0:
         raise TypeError("x must be [n, dim] float32, got a scalar")
-    xa = np.ascontiguousarray(xa.reshape(xa.shape[0], -1))
+    if xa.ndim > 2:        # (its trailing axes were flattened into one row each)
+        raise ValueError(f"x must be [n, dim] (or one row [dim]), got shape {list((<object>xa).shape)}")
+    one_row = xa.ndim == 1    # one vector, not dim rows of one value
+    xa = np.ascontiguousarray(xa.reshape(1 if one_row else xa.shape[0], -1))
     cdef int n = <int>xa.shape[0], dim = <int>xa.shape[1], t
     cdef cnp.ndarray g
     cdef const float *gp = NULL
@@ -312,7 +319,7 @@ def rmsnorm(x, gain=None, eps=1e-5):
     with nogil:
         for t in range(n):
             ops.rmsnorm_f32(xp + t * dim, gp, e, op + t * dim, dim)
-    return out
+    return out.reshape(dim) if one_row else out
 
 
 def rope_pairs(x, cos, sin):
@@ -409,12 +416,18 @@ cdef class DecoderBlocks:
     cdef readonly int num_layers, vocab
     cdef readonly double rope_base
     cdef list _keep
+    cdef bint _init_started, _ready
 
     def __cinit__(self):
         self.layers = NULL
 
     def __init__(self, int hidden, int heads, int kv_heads, int head_dim, int ffn, float eps,
                  double rope_base, layers, embedding, output, output_norm):
+        # once: a second __init__ replaced the kept matrices and the shape under StepBuffers
+        # checked against the first (a failed one left the old embedding freed and in use)
+        if self._init_started:
+            raise RuntimeError("DecoderBlocks is already initialized; make a new one")
+        self._init_started = True
         if hidden < 32 or hidden % 32 or ffn < 32 or ffn % 32 or heads < 1 or kv_heads < 1 or \
                 heads % kv_heads or head_dim < 2 or head_dim % 2 or (heads * head_dim) % 32:
             raise ValueError(f"unsupported block shape: hidden {hidden}, heads {heads}/{kv_heads} "
@@ -451,6 +464,12 @@ cdef class DecoderBlocks:
         self.vocab = self.embed.rows
         self.out = _wmat(output, self.vocab, hidden, "output")
         self.out_norm = _gain(output_norm, hidden, "output_norm", self._keep)
+        self._ready = True
+
+    cdef int _check_ready(self) except -1:
+        if not self._ready:
+            raise RuntimeError("DecoderBlocks: its __init__ did not complete (it raised); make a new one")
+        return 0
 
     def __dealloc__(self):
         if self.layers != NULL:
@@ -472,9 +491,10 @@ cdef class DecoderBlocks:
                                 &self.layers[min(1, self.num_layers - 1)],
                                 &hd if with_head else NULL, n)
 
-    def begin(self, StepBuffers b, ids, positions):
+    def begin(self, StepBuffers b not None, ids, positions):
         """Embed `ids` (int64 [n]) into b.x, RoPE angles of `positions` (int64 [n]), and layer
         0's q, k, v (or, with no layers, the logits)."""
+        self._check_ready()
         if b.blocks is not self:
             raise ValueError("these StepBuffers belong to other DecoderBlocks")
         cdef const int64_t[::1] idv = np.ascontiguousarray(ids, dtype=np.int64)
@@ -500,10 +520,11 @@ cdef class DecoderBlocks:
         if rc != RV_OK:
             _raise(rc, "DecoderBlocks.begin")
 
-    def between(self, StepBuffers b, int layer):
+    def between(self, StepBuffers b not None, int layer):
         """After attention of `layer` (in b.attn): finish it (output projection, MLP,
         residuals) and compute the next layer's q, k, v -- or, after the last layer, the
         logits (if b has a logits array)."""
+        self._check_ready()
         if layer < 0 or layer >= self.num_layers:
             raise IndexError(f"layer {layer} out of range (0..{self.num_layers - 1})")
         if b.blocks is not self:
@@ -547,8 +568,9 @@ cdef class StepBuffers:
     cdef readonly DecoderBlocks blocks
     cdef readonly object x, q, k, v, attn, rope, work, logits
 
-    def __init__(self, DecoderBlocks blocks, int n, x, q, k, v, attn, rope, work, logits=None,
+    def __init__(self, DecoderBlocks blocks not None, int n, x, q, k, v, attn, rope, work, logits=None,
                  int first=0):
+        blocks._check_ready()
         cdef rv_block_dims d = blocks.dims
         if n < 1:
             raise ValueError("a step has at least one token")

@@ -693,7 +693,7 @@ cdef void pool_release(BufferPool pool, void *buffer, size_t nbytes) noexcept no
     rv_pool_release(pool.pool, rv_pool_class_for(pool.pool, nbytes), buffer)
 
 
-def _hammer_pool(BufferPool pool, int threads, int iterations):
+def _hammer_pool(BufferPool pool not None, int threads, int iterations):
     """Test hook: `threads` OpenMP threads each take two buffers, tag them, check the tags and
     give them back, `iterations` times, entirely without the GIL (the most concurrency the
     pool can see). Returns how many tags were found overwritten by another thread."""

@@ -249,3 +249,16 @@ def test_threads_give_identical_logits(tiny_files):
     finally:
         _kernels.set_num_threads(before)
     assert np.array_equal(out[0], out[1])
+
+
+def test_a_key_that_is_not_utf8_is_found_by_the_name_keys_gives(tmp_path):
+    """keys() decoded a metadata key's invalid UTF-8 bytes to U+FFFD, under which get() and
+    length() then found nothing; the name keys() gives now encodes back to the exact bytes."""
+    import struct
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2) + b"\xff\xfe" + struct.pack("<II", 4, 7)
+    path = tmp_path / "badkey.gguf"
+    path.write_bytes(data + b"\0" * (-len(data) % 32))
+    with _gguf.GGUFFile(str(path)) as f:
+        (key,) = f.keys()
+        assert key.encode("utf-8", "surrogateescape") == b"\xff\xfe"
+        assert f.get(key) == 7 and f.length(key) == 1

@@ -414,6 +414,50 @@ def test_step_attention_refuses_out_overlapping_q():
         assert runtime_snapshot(rt) == before
 
 
+def _tiny_blocks(hidden=32, vocab=16):
+    from ruvpy._linear import DecoderBlocks, QMatrix
+
+    def qm(rows, cols):
+        return QMatrix(np.full(rows * cols, 0.5, np.float32).view(np.uint8), "F32", rows, cols)
+    return DecoderBlocks(hidden, 1, 1, 32, 32, 1e-5, 1e4, [], qm(vocab, hidden), qm(vocab, hidden),
+                         np.ones(hidden, np.float32))
+
+
+def _step_buffers(blocks, hidden=32):
+    from ruvpy._linear import StepBuffers
+    work = np.zeros(blocks.work_bytes(1) + 64, np.uint8)
+    work = work[(-work.ctypes.data) & 63:][:blocks.work_bytes(1)]
+    z = lambda *shape: np.zeros(shape, np.float32)
+    return StepBuffers(blocks, 1, z(1, hidden), z(1, 1, 32), z(1, 1, 32), z(1, 1, 32), z(1, 1, 32),
+                       z(2, 1, 16), work)
+
+
+def test_decoder_blocks_refuse_a_second_init():
+    """DecoderBlocks.__init__ called again replaced the kept matrices: failing, it left the
+    old embedding in use but no longer kept alive (begin() read freed memory: a segfault);
+    succeeding with a larger hidden size, StepBuffers checked against the first shape were
+    written 2016 floats past their end. A second __init__ is refused, a failed first one
+    leaves an object that refuses to run, and None is no DecoderBlocks or StepBuffers."""
+    from ruvpy._linear import DecoderBlocks, StepBuffers
+    blocks = _tiny_blocks()
+    b = _step_buffers(blocks)
+    with pytest.raises(RuntimeError, match="already initialized"):
+        blocks.__init__(2048, 1, 1, 32, 32, 1e-5, 1e4, [], None, None, None)
+    blocks.begin(b, [3], [0])                                   # still the first shape
+    np.testing.assert_array_equal(b.x, np.full((1, 32), 0.5, np.float32))
+    broken = DecoderBlocks.__new__(DecoderBlocks)
+    with pytest.raises(ValueError, match="embedding"):
+        broken.__init__(32, 1, 1, 32, 32, 1e-5, 1e4, [], "not a QMatrix", None, np.ones(32, np.float32))
+    with pytest.raises(RuntimeError, match="did not complete"):
+        _step_buffers(broken)
+    with pytest.raises(RuntimeError, match="did not complete"):
+        broken.begin(b, [3], [0])
+    with pytest.raises(TypeError):
+        StepBuffers(None, 1, *([None] * 7))
+    with pytest.raises(TypeError):
+        blocks.begin(None, [3], [0])
+
+
 @pytest.mark.parametrize("kind", list(CACHES))
 @pytest.mark.parametrize("order", [">", "<"])
 def test_arrays_in_the_other_byte_order_are_refused_by_dtype(kind, order):

@@ -208,3 +208,54 @@ def test_bad_input_is_refused():
     assert m.matmul(np.zeros((0, 64), np.float32)).shape == (0, 4)
     assert set(SUPPORTED_TYPES) == set(qblocks.ALL_TYPES)
     assert block_shape("Q6_K") == (256, 210) and block_shape(14) == (256, 210)
+
+
+@pytest.mark.parametrize("name", [n for n in qblocks.ALL_TYPES if n not in ("F32", "F16", "BF16")])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_activation_gives_nan_on_every_isa(isa, name, bad):
+    """Quantized weights meet int8 activations: the block maximum skipped a NaN and the codes
+    alone gave a finite sum that differed between ISAs (63 on scalar, 62 on AVX2/AVX-512 for
+    a row of ones). A block holding a NaN or an infinity now has scale NaN, so every row of
+    that column is NaN, as float arithmetic gives; the other columns are untouched."""
+    rng = np.random.default_rng([len(isa), len(name), int(np.isnan(bad))])
+    rows, cols, _ = _shape(name, 5, 96, 1)
+    data, w = qblocks.random_matrix(rng, name, rows, cols)
+    m = QMatrix(data.reshape(-1), name, rows, cols)
+    x = rng.standard_normal((5, cols)).astype(np.float32)    # 5 columns: the packed GEMM too
+    clean = m.matmul(x)
+    x[2, cols // 2] = bad
+    y = m.matmul(x)
+    assert np.isnan(y[2]).all()
+    np.testing.assert_array_equal(np.delete(y, 2, axis=0), np.delete(clean, 2, axis=0))
+    assert np.isnan(m.matmul(x[2:3])).all()                  # and one column (matrix-vector)
+
+
+def test_matmul_refuses_out_overlapping_x(isa):
+    """out=x (or a view sharing its memory) was accepted: float weights read x while its rows
+    were written, garbage of order 1e8 (quantized weights hid it: x is quantized first)."""
+    rng = np.random.default_rng(5)
+    for name in ("F32", "Q8_0"):
+        data, _ = qblocks.random_matrix(rng, name, 64, 64)
+        m = QMatrix(data.reshape(-1), name, 64, 64)
+        x = rng.standard_normal((4, 64)).astype(np.float32)
+        before = x.copy()
+        with pytest.raises(ValueError, match="out overlaps x"):
+            m.matmul(x, out=x)
+        block = np.zeros((5, 64), np.float32)
+        block[:4] = x
+        with pytest.raises(ValueError, match="out overlaps x"):
+            m.matmul(block[:4], out=block[1:])
+        np.testing.assert_array_equal(x, before)
+        np.testing.assert_array_equal(m.matmul(x, out=np.empty_like(x)), m.matmul(before))
+
+
+def test_rmsnorm_takes_one_row_or_rows_and_refuses_more_axes():
+    """A 1-D x was read as dim rows of one value ([[1.], [1.]] for [3, 4]) and a 3-D one was
+    flattened into rows silently; now [dim] is one row and more than 2 axes are refused."""
+    x = np.array([3.0, 4.0], np.float32)
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean() + 1e-5)
+    np.testing.assert_allclose(rmsnorm(x), want, rtol=1e-6)
+    np.testing.assert_allclose(rmsnorm(x, np.array([2.0, 0.5], np.float32)), want * [2.0, 0.5], rtol=1e-6)
+    assert rmsnorm(x[None]).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"x must be \[n, dim\]"):
+        rmsnorm(np.ones((2, 3, 4), np.float32))

@@ -216,7 +216,16 @@ static float qm_dot_blocks_ref(int type, const uint8_t *row, int b0, int b1, con
     return acc;
 }
 
-/* ---- quantizing activations (Q8 per block of 32, round to nearest even) ---- */
+/* ---- quantizing activations (Q8 per block of 32, round to nearest even) ----
+ * A block holding a NaN or an infinity gets scale NaN (its codes 0), so every product it
+ * enters is NaN, as in float arithmetic: the maximum skips NaN, and the codes alone would
+ * give a finite, ISA-dependent sum. `nonfinite` is the sum of x - x over the block (NaN iff
+ * one is not finite). */
+RV_INLINE float qm_block_scale(float amax, float nonfinite)
+{
+    return nonfinite == nonfinite ? amax / 127.0f : NAN;
+}
+
 RV_INLINE void qm_finish_block(const rv_qact *a, int c, int b, float d, int32_t sum_lo, int32_t sum_hi)
 {
     const size_t nb = (size_t)a->k / 32, at = (size_t)c * nb + b;
@@ -232,10 +241,12 @@ static void qm_quantize_block_ref(const rv_qact *a, int c, int b)
 {
     const float *x = a->x + (ptrdiff_t)c * a->x_stride + 32 * b;
     int8_t *q = a->q + (size_t)c * a->k + 32 * b;
-    float amax = 0.0f;
-    for (int i = 0; i < 32; i++)
+    float amax = 0.0f, nonfinite = 0.0f;
+    for (int i = 0; i < 32; i++) {
         amax = fmaxf(amax, fabsf(x[i]));
-    const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        nonfinite += x[i] - x[i];
+    }
+    const float d = qm_block_scale(amax, nonfinite), id = d > 0.0f ? 1.0f / d : 0.0f;
     int32_t sums[2] = {0, 0};
     for (int i = 0; i < 32; i++) {
         float v = nearbyintf(x[i] * id);
@@ -531,7 +542,9 @@ static void qm_quantize_cols(rv_qact *a, int c0, int c1)
         for (int b = 0; b < a->k / 32; b++) {
             const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            const __m512 z = _mm512_add_ps(_mm512_sub_ps(x0, x0), _mm512_sub_ps(x1, x1));
+            const float d = qm_block_scale(amax, _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q) ? NAN : 0.0f);
+            const float id = d > 0.0f ? 1.0f / d : 0.0f;
             const __m512 vid = _mm512_set1_ps(id);
             const __m512i i0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), lo), hi);
             const __m512i i1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x1, vid)), lo), hi);
@@ -711,15 +724,18 @@ static void qm_quantize_cols(rv_qact *a, int c0, int c1)
         const float *x = a->x + (ptrdiff_t)c * a->x_stride;
         int8_t *q = a->q + (size_t)c * a->k;
         for (int b = 0; b < a->k / 32; b++) {
-            __m256 v[4], m = _mm256_setzero_ps();
+            __m256 v[4], m = _mm256_setzero_ps(), z = _mm256_setzero_ps();
             for (int i = 0; i < 4; i++) {
                 v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
                 m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+                z = _mm256_add_ps(z, _mm256_sub_ps(v[i], v[i]));
             }
             __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
             m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
             m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            const float d = _mm_cvtss_f32(m4) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            const float d = qm_block_scale(_mm_cvtss_f32(m4),
+                                           _mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q)) ? NAN : 0.0f);
+            const float id = d > 0.0f ? 1.0f / d : 0.0f;
             __m256i iv[4];
             for (int i = 0; i < 4; i++)
                 iv[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id))), lo), hi);
@@ -875,12 +891,14 @@ static void qm_quantize_cols(rv_qact *a, int c0, int c1)
         const float *x = a->x + (ptrdiff_t)c * a->x_stride;
         int8_t *q = a->q + (size_t)c * a->k;
         for (int b = 0; b < a->k / 32; b++) {
-            float32x4_t v[8], m = vdupq_n_f32(0.0f);
+            float32x4_t v[8], m = vdupq_n_f32(0.0f), z = vdupq_n_f32(0.0f);
             for (int i = 0; i < 8; i++) {
                 v[i] = vld1q_f32(x + 32 * b + 4 * i);
                 m = vmaxq_f32(m, vabsq_f32(v[i]));
+                z = vaddq_f32(z, vsubq_f32(v[i], v[i]));
             }
-            const float d = vmaxvq_f32(m) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            const float d = qm_block_scale(vmaxvq_f32(m), vminvq_u32(vceqq_f32(z, z)) ? 0.0f : NAN);
+            const float id = d > 0.0f ? 1.0f / d : 0.0f;
             int32_t sums[2] = {0, 0};
             for (int i = 0; i < 8; i++) {
                 int32x4_t iv = vcvtnq_s32_f32(vmulq_n_f32(v[i], id));
