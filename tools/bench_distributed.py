@@ -74,19 +74,11 @@ def thread_options(threads):
 # ----------------------------------------------------------------------------------------
 
 def weight_bytes_per_step(model):
-    """Bytes of weights one decode step reads: every weight array but the embedding table
-    (a step gathers one row of it)."""
-    def size(obj):
-        if isinstance(obj, np.ndarray):
-            return obj.nbytes
-        if isinstance(obj, dict):
-            return sum(map(size, obj.values()))
-        if isinstance(obj, (list, tuple)):
-            return sum(map(size, obj))
-        return sum(map(size, vars(obj).values())) if hasattr(obj, "__dict__") else 0
-
+    """Bytes of weights one decode step reads: every matrix in its GGUF format, the
+    embedding once (a step gathers one row of it, but a tied LM head reads all of it; an
+    untied model's embedding rows are left out)."""
     weights = model.weights
-    return size(weights) - weights.embedding_t.nbytes
+    return weights.nbytes - (0 if weights.tied else weights.embedding.nbytes)
 
 
 def bench_throughput(args):

@@ -362,6 +362,9 @@ def main():
     args = ap.parse_args()
     q = args.quick
     n_tok = args.tokens or (512 if q else 1536)
+    if n_tok < args.hot + MIGRATION:       # bits per value are measured on the cold store
+        ap.error(f"--tokens ({n_tok}) must be at least --hot ({args.hot}) + one cold group "
+                 f"({MIGRATION}) for any token to reach the cold tier")
     n_gen = args.gen or (64 if q else 256)
     lengths = args.passkey if args.passkey is not None else ([1024, 2048] if q else [1024, 2048, 4096, 6144])
     depths = args.depths or ([0.5] if q else [0.1, 0.5, 0.9])
@@ -394,8 +397,9 @@ def main():
                     ppl, bits = perplexity(model, ids, args.chunk)
                     row[f"ppl {tname}"] = ppl
                     row["bits/value"] = bits
+                    shown = "no cold tokens" if bits is None else f"{bits:.3f} bits/value"
                     log(f"[{i + 1}/{len(names)}] {name:9s} perplexity {tname}: {ppl:.4f} "
-                        f"({len(ids)} tokens, {time.perf_counter() - t:.0f} s, {bits:.3f} bits/value)")
+                        f"({len(ids)} tokens, {time.perf_counter() - t:.0f} s, {shown})")
             if "gen" not in args.skip:
                 t = time.perf_counter()
                 if ref_tokens is None:

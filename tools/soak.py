@@ -10,7 +10,9 @@ The run (defaults): a two-tier Runtime (q4 cold, 64 hot tokens, groups of 32, po
 step decodes one token for each live sequence (1..4 of them, all in one step); now and then
 a sequence arrives with a prefill of 8..96 tokens (that step is mixed prefill + decode), is
 forked, or leaves after a random lifetime of 50..3,000 tokens. When the budget is reached
-the oldest cold groups are evicted (the documented policy). Every 9,973 steps a step raises
+the oldest cold groups are evicted (the documented policy); a paged cache (--kv paged) keeps
+every token, so there the step is refused (KVCacheFull, nothing changed) and the longest
+sequence leaves. Every 9,973 steps a step raises
 midway (after attending one layer); the step must roll back: every position, length and the
 eviction count are as before it.
 
@@ -94,7 +96,7 @@ def soak(steps, sample_every, warmup, kv="two-tier", budget=384 * 1024, seed=0, 
     kv_pool = rng.standard_normal((256, KVH, D)).astype(np.float32)
     process = psutil.Process()
     samples, problems = [], []
-    counts = {"steps": 0, "tokens_fed": 0, "prefills": 0, "forks": 0, "removed": 0,
+    counts = {"steps": 0, "tokens_fed": 0, "prefills": 0, "forks": 0, "removed": 0, "retired_full": 0,
               "injected_failures": 0, "refused_full": 0}
     lifetime, inherited = {}, {}        # seq -> tokens to live; lost tokens it was born with
     lost_by_removed = 0                 # tokens evicted from sequences since removed
@@ -185,6 +187,20 @@ def soak(steps, sample_every, warmup, kv="two-tier", budget=384 * 1024, seed=0, 
                             raise InjectedFailure(f"step {i}")
                         if not np.isfinite(out).all():
                             problems.append(f"step {i}: non-finite attention output")
+            except KVCacheFull:
+                # the paged cache keeps every token (no eviction policy): when it is full the
+                # longest sequence leaves, after the refused step changed nothing
+                if kv != "paged":
+                    raise
+                after = {s: (rt.position(s), rt.seq_len(s, 0)) for s in seqs}
+                if after != before:
+                    problems.append(f"step {i}: a refused (full) step changed the sequences")
+                victim = max(seqs, key=lambda s: rt.seq_len(s, 0))
+                rt.remove_sequence(victim)
+                del lifetime[victim], inherited[victim]
+                counts["retired_full"] += 1
+                live_new = [(s, n) for s, n in prefill.items() if s in before and s != victim]
+                continue
             except InjectedFailure:
                 counts["injected_failures"] += 1
                 after = {s: (rt.position(s), rt.seq_len(s, 0)) for s in seqs}
