@@ -363,7 +363,7 @@ static int op_import(state *s, const op_t *o, const rv_ops *ops)
     if (s->tt->used[layer] + length > s->tt->max_tokens)
         return RV_EFULL;
     return rv_tt_import_layer(s->tt, slot, layer, e.blobs, e.sizes, e.ngroups, e.skip, e.cut, e.hot_k, e.hot_v,
-                              e.hot_len);
+                              e.hot_len, ops);
 }
 
 static void op_stats(state *s)
