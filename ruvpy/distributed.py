@@ -526,7 +526,9 @@ class Cluster(Closing):
     it comes back empty). replay: "exact" (the default) replays the tokens recorded after a
     snapshot in the chunks they were appended in, so that a restored sequence is
     bit-identical; "prefill" replays them in prefill-sized chunks (faster; the next logits
-    then differ by up to ~1e-2: 3.3e-3 to 8.1e-3 measured by tools/bench_distributed.py).
+    then differ by up to ~0.75 of a logit scale of ~34, 0.49-0.74 measured by
+    tools/bench_distributed.py: a chunk's activations are quantized to int8 in the blocked
+    matmul, a single token's in the matrix-vector kernel, and the two round differently).
     max_concurrency: calls a worker serves at once (generations in flight + control calls).
     worker_options: extra Ray actor options (num_cpus, resources, scheduling_strategy --
     "SPREAD" by default --, ...). restart_timeout: seconds a call waits for Ray to restart
