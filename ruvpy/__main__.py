@@ -171,14 +171,14 @@ def cmd_bench(args, passthrough):
                      "checkout; this ruvpy is an installed copy without tools/ (run `python -m "
                      "ruvpy bench` with the repository installed editable: pip install -e .)")
     scripts = {p.stem.removeprefix("bench_"): p for p in sorted(tools.glob("bench_*.py"))}
-    if args.list:
-        print("\n".join(scripts) if scripts else f"no bench_*.py in {tools}")
-        return 0
     chosen = args.only or list(scripts)
     unknown = [name for name in chosen if name not in scripts]
     if unknown:
         return _fail(f"no benchmark named {', '.join(unknown)}; available: "
                      f"{', '.join(scripts) or 'none'}")
+    if args.list:                        # (of the --only ones, if given)
+        print("\n".join(chosen) if chosen else f"no bench_*.py in {tools}")
+        return 0
     if not chosen:
         return _fail(f"no bench_*.py scripts in {tools}")
     if passthrough[:1] == ["--"]:        # `bench -- --help`: everything after is the scripts'

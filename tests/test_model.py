@@ -758,6 +758,10 @@ def test_cli_bench_lists_and_selects_the_tools_scripts():
     assert listed.stdout.split() == scripts or (not scripts and "no bench_" in listed.stdout)
     unknown = _run_cli("bench", "--only", "no-such-bench")
     assert unknown.returncode == 2 and "no benchmark named no-such-bench" in unknown.stderr
+    if len(scripts) >= 2:                  # --list with --only lists those (it ignored them)
+        some = _run_cli("bench", "--list", "--only", scripts[1], "--only", scripts[0])
+        assert some.returncode == 0 and some.stdout.split() == [scripts[1], scripts[0]]
+        assert _run_cli("bench", "--list", "--only", "no-such-bench").returncode == 2
 
 
 def test_cli_info():
