@@ -39,6 +39,7 @@ prefill go through per-forward buffers from the step arena.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -80,7 +81,8 @@ def ruvpy_attention_forward(module, query, key, value, attention_mask, dropout=0
     _local.pending = None
     cache, layer = pending[0], pending[1]
     return cache._attend(layer, query, key, value, attention_mask, dropout=dropout,
-                         scaling=scaling, is_causal=is_causal, extra=kwargs), None
+                         scaling=scaling, is_causal=is_causal, extra=kwargs,
+                         model_layers=getattr(getattr(module, "config", None), "num_hidden_layers", None)), None
 
 
 AttentionInterface.register(ATTENTION, ruvpy_attention_forward)
@@ -217,6 +219,8 @@ class RuvpyCache(Cache):
         self._columns = 0                            # columns seen (pads included)
         self._plan = None                            # the open forward, if any
         self._attended = [False] * self.num_layers
+        # shared with every twin (deepcopy: same Runtime): which one has a forward open
+        self._runtime_forward = {"open": None}       # a weakref to that cache
         # the thread whose forward is open (from its first layer until it ends): claimed under
         # the lock, so that two threads starting forwards at once cannot both create rows
         self._forward_thread = None
@@ -301,10 +305,16 @@ class RuvpyCache(Cache):
         return key_states, value_states
 
     # -- the attention --------------------------------------------------------------------------
-    def _attend(self, layer, query, key, value, mask, *, dropout, scaling, is_causal, extra):
+    def _attend(self, layer, query, key, value, mask, *, dropout, scaling, is_causal, extra,
+                model_layers=None):
         """Append `key`/`value` of every row to `layer` and attend `query` (one Step.attention
         call); returns [batch, q_len, num_heads, head_dim] in the query's dtype."""
         self._check_forward_thread("ruvpy_attention_forward")
+        if model_layers is not None and model_layers != self.num_layers and self._plan is None:
+            # its forwards would never reach the last layer, never commit, and each next one
+            # would roll the last back: wrong attention, no error
+            raise ValueError(f"this RuvpyCache was made for a model of {self.num_layers} layers; "
+                             f"the model using it has {model_layers}")
         try:
             if dropout or is_causal is False or extra and self._unsupported(extra) or \
                     (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)) or \
@@ -391,7 +401,20 @@ class RuvpyCache(Cache):
                 raise _foreign_forward(what)
             self._forward_thread = me
 
+    def _abandon_twins_forward(self, what):
+        """Roll back a forward another cache sharing this Runtime (a deepcopy twin) left open in
+        this thread: a forward runs to its end before this thread does anything else with the
+        Runtime, so one still open failed part-way (an exception, Ctrl-C). Left to that cache's
+        next use, its open step refused every other cache's forward and row change, and for
+        good once that cache was dropped. Another thread's is that thread's."""
+        ref = self._runtime_forward["open"]
+        other = ref() if ref is not None else None
+        if other is not None and other is not self and other._plan is not None and \
+                other._forward_thread == threading.get_ident():
+            other._abandon_forward(what)
+
     def _begin_forward(self, batch, q_len, mask):
+        self._abandon_twins_forward("ruvpy_attention_forward")
         self._claim_forward("ruvpy_attention_forward")
         try:
             self._open_forward(batch, q_len, mask)
@@ -429,9 +452,16 @@ class RuvpyCache(Cache):
             raise
         self._plan = _ForwardPlan(step, batch, q_len, valid, created, self.num_layers)
         self._attended = [False] * self.num_layers
+        self._runtime_forward["open"] = weakref.ref(self)
+
+    def _forward_closed(self):
+        ref = self._runtime_forward["open"]
+        if ref is not None and ref() is self:
+            self._runtime_forward["open"] = None
 
     def _finish_forward(self):
         plan, self._plan = self._plan, None
+        self._forward_closed()
         try:
             if plan.step is not None:
                 try:
@@ -458,10 +488,12 @@ class RuvpyCache(Cache):
         """Roll back the open forward's step, if any (its sequences are as before it); `what`
         (the call doing it) is refused while that forward is another thread's."""
         self._check_forward_thread(what)
+        self._abandon_twins_forward(what)
         pending = getattr(_local, "pending", None)
         if pending is not None and pending[0] is self:
             _local.pending = None
         plan, self._plan = self._plan, None
+        self._forward_closed()
         if plan is None:
             return
         try:

@@ -601,6 +601,11 @@ class Runtime(Closing):
         with _InterruptsHeld() as held:
             try:
                 with self._state_lock:
+                    # a step of this thread nothing can end any more (its owner object was
+                    # dropped mid-step, or its thread ended) would refuse the change: rolled
+                    # back first, as the next step would (the slot is not kept: no step here)
+                    if self._step is not None and not self._closed and self._reclaim_orphaned_step():
+                        self._step_lock.release()
                     result = change()
             except BaseException:
                 held.deliver(raising=True)

@@ -532,6 +532,49 @@ def test_a_forward_failing_part_way_rolls_back(model, exc):
     assert cache.runtime.stats().rollbacks == 1
 
 
+@pytest.mark.parametrize("copy_kept", [True, False])
+def test_a_copy_whose_forward_failed_part_way_blocks_no_other_cache(model, copy_kept):
+    """The prompt-reuse recipe with Ctrl-C: a deepcopy's forward raised part-way, its step
+    left open on the shared Runtime until that copy's next use. The prompt cache's generate
+    ("another step is open") and its next deepcopy ("cannot fork a sequence while a step is
+    open") were refused, for good once the copy was dropped. The next call on any cache of the
+    Runtime in that thread rolls the failed forward back first."""
+    import copy
+    import gc
+    prompt = prompts([12], seed=8)[0][None]
+    prompt_cache = _prefilled(model, prompt, None, RuvpyCache(model, kv_dtype="float32"))
+    ids = torch.cat([prompt, torch.tensor([[5, 6]])], 1)
+    first = copy.deepcopy(prompt_cache)
+    hook = model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(model, ids, cache=first, n=4)
+    finally:
+        hook.remove()
+    if not copy_kept:
+        del first
+        gc.collect()
+    second = copy.deepcopy(prompt_cache)                      # refused before
+    assert torch.equal(generate(model, ids, cache=second, n=6),
+                       generate(model, ids, cache=dynamic(model), n=6))
+    assert prompt_cache.get_seq_length() == 12
+    assert torch.equal(generate(model, ids, cache=prompt_cache, n=6),   # refused before
+                       generate(model, ids, cache=dynamic(model), n=6))
+
+
+def test_a_cache_made_for_another_number_of_layers_is_refused():
+    """A 3-layer model's RuvpyCache used by a 2-layer model: its forwards never reached the
+    last layer, so none committed, and each next one silently rolled the last back (wrong
+    logits, get_seq_length 0)."""
+    three, two = tiny_model(layers=3), tiny_model(layers=2)
+    cache = RuvpyCache(three, kv_dtype="float32")
+    two.set_attn_implementation("ruvpy")                      # (as RuvpyCache(two) would)
+    with pytest.raises(ValueError, match="made for a model of 3 layers; the model using it has 2"):
+        generate(two, prompts([6])[0][None], cache=cache, n=2)
+    assert cache.runtime.sequences == [] and cache.get_seq_length() == 0
+
+
 def test_a_mask_that_hides_a_cached_token_is_refused(model):
     ids, mask = left_pad(prompts([4, 7], seed=6))
     cache = _prefilled(model, ids, mask, RuvpyCache(model))
