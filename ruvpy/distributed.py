@@ -436,13 +436,47 @@ class _Slot:
         self.watcher = None
 
 
+class _SequenceLock:
+    """One call on a sequence at a time. A call from the thread already inside one (an
+    on_token callback of the sequence's own generate()) raises instead of waiting for
+    itself forever; a non-blocking attempt from it says busy."""
+
+    __slots__ = ("_seq", "_lock", "_owner")
+
+    def __init__(self, seq):
+        self._seq, self._lock, self._owner = seq, threading.Lock(), None
+
+    def acquire(self, blocking=True):
+        if self._owner == threading.get_ident():
+            if not blocking:
+                return False
+            raise RuntimeError(f"sequence {self._seq} is in a call of this same thread (its "
+                               f"generate()'s on_token?): it cannot be used until that call "
+                               f"returns")
+        if not self._lock.acquire(blocking):
+            return False
+        self._owner = threading.get_ident()
+        return True
+
+    def release(self):
+        self._owner = None
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class _Record:
     """The driver's record of one sequence: its worker, every token appended to it in the
     chunks they were appended in, and its last snapshot (an ObjectRef the driver owns)."""
 
     def __init__(self, seq, worker):
         self.seq, self.worker = seq, worker
-        self.lock = threading.Lock()      # one call on a sequence at a time
+        self.lock = _SequenceLock(seq)    # one call on a sequence at a time
         self.tokens = array.array("i")
         self.ends = array.array("q")      # cumulative chunk ends
         self.snapshot = None              # ObjectRef, or None: the empty sequence
@@ -888,7 +922,8 @@ class Cluster(Closing):
             rec.removed = True
             self._records.pop(rec.seq, None)
             slot = self._slots[rec.worker]
-            alive = slot.state == ALIVE
+            alive = slot.state == ALIVE and not self._closed   # (Ray may be down: a remote
+                                                                # call would start a new one)
         rec.snapshot = None        # the object store frees it
         if alive:
             try:
@@ -1045,6 +1080,8 @@ class Cluster(Closing):
         rec = self._record(seq)
         target = self._worker_index(worker)
         with rec.lock:
+            if rec.removed:            # while this call waited for the lock
+                raise KeyError(f"sequence {rec.seq} was removed")
             self._check_target(target)
             source = rec.worker
             start = time.perf_counter()
@@ -1183,6 +1220,9 @@ class Cluster(Closing):
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty: there is nothing to continue")
+        elif isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise TypeError(f"prompt must be text (str) or token ids, got {type(prompt).__name__} "
+                            f"(decode it first)")
         else:
             prompt = _token_list(prompt)
         self._check_open()
@@ -1286,6 +1326,9 @@ class Cluster(Closing):
                 # stops the job at its next step; the next use restores the sequence to what
                 # the driver recorded
                 rec.dirty = True
+                if self._closed:       # shut down (by on_token, say): the worker is gone, and
+                    raise RuntimeError("the Cluster was shut down during the generation") \
+                        from None      # a call through Ray now would start a new Ray
                 handle.remove.remote(rec.seq)
                 raise
 
@@ -1293,6 +1336,10 @@ class Cluster(Closing):
         """generate() of every prompt at once, each on its own sequence (placed by free KV
         memory), from `threads` driver threads (default: one per prompt, at most 64).
         Returns the texts in order."""
+        if isinstance(prompts, (str, bytes, bytearray)):
+            raise TypeError(f"generate_many takes a list of prompts, got one "
+                            f"{type(prompts).__name__} (generate() takes one)")
+        self._check_open()
         prompts = list(prompts)
         if not prompts:
             return []

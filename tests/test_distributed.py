@@ -491,3 +491,68 @@ def test_lost_workers_lose_no_token(local_ray, reference, ids, caplog):
     with pytest.raises(RuntimeError, match="shut down"):
         with cluster:
             pass
+
+
+def _worker_rows(cluster):
+    """Cluster sequence ids every worker's runtime holds."""
+    return sorted(r["cluster_seq"] for stats in cluster.stats() for r in stats["kv"]["sequences"])
+
+
+def test_on_token_using_its_own_sequence_raises_instead_of_hanging(paged_cluster):
+    """on_token calling forward / remove_sequence on the sequence being generated waited for
+    the sequence's lock, which its own generate() held: the driver thread hung for good.
+    It raises now; the generation is abandoned as when on_token raises, the sequence kept."""
+    for call in ("forward", "remove_sequence"):
+        seq = paged_cluster.new_sequence()
+        act = {"forward": lambda: paged_cluster.forward(seq, [13]),
+               "remove_sequence": lambda: paged_cluster.remove_sequence(seq)}[call]
+        try:
+            with pytest.raises(RuntimeError, match="in a call of this same thread"):
+                paged_cluster.generate("The capital of France is", 8, seq=seq,
+                                       on_token=lambda piece: act())
+            assert paged_cluster.position(seq) >= 5          # the prompt at least
+            paged_cluster.forward(seq, [13])                 # usable again
+        finally:
+            paged_cluster.remove_sequence(seq)
+    assert seq not in _worker_rows(paged_cluster)
+
+
+def test_a_migrate_waiting_for_a_removed_sequence_does_not_bring_it_back(paged_cluster):
+    """remove_sequence and migrate of one sequence both waiting for its generation: when the
+    remove went first, the migrate found the source's copy gone and rebuilt the sequence on
+    the target from its record, a sequence no one could reach or free. It raises KeyError."""
+    seq = paged_cluster.new_sequence()
+    target = 1 - paged_cluster.worker_of(seq)
+    results = {}
+    started = threading.Event()
+
+    def in_turn(name, call):
+        try:
+            results[name] = call()
+        except KeyError as exc:
+            results[name] = exc
+
+    def on_token(piece):
+        if started.is_set():
+            return
+        started.set()
+        for name, call in (("remove", lambda: paged_cluster.remove_sequence(seq)),
+                           ("migrate", lambda: paged_cluster.migrate(seq, target))):
+            t = threading.Thread(target=in_turn, args=(name, call))
+            t.start()
+            results.setdefault("threads", []).append(t)
+            time.sleep(0.2)            # (the remove waits for the lock first, as a rule)
+
+    paged_cluster.generate("The capital of France is", 4, seq=seq, on_token=on_token)
+    for t in results.pop("threads"):
+        t.join(60)
+    assert seq not in paged_cluster.sequences and seq not in _worker_rows(paged_cluster)
+    if isinstance(results["migrate"], KeyError):
+        assert "was removed" in str(results["migrate"]) or "unknown sequence" in str(results["migrate"])
+
+
+def test_prompts_of_the_wrong_kind_are_refused(paged_cluster):
+    with pytest.raises(TypeError, match="list of prompts"):
+        paged_cluster.generate_many("ab", 2)        # (was: two one-character prompts)
+    with pytest.raises(TypeError, match="prompt must be text"):
+        paged_cluster.generate(b"abc", 2)
