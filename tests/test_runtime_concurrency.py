@@ -257,6 +257,16 @@ def _qkv(n, cfg, value=1.0):
                  for h in (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads))
 
 
+def _fed_runtime(cfg, n):
+    """A Runtime of cfg with one sequence that holds n tokens (one full step)."""
+    rt = Runtime(cfg)
+    seq = rt.add_sequence()
+    with rt.step([seq], [n]) as step:
+        for layer in range(cfg.num_layers):
+            step.attention(layer, *_qkv(n, cfg))
+    return rt, seq
+
+
 def _close_in_another_thread(rt):
     """rt.close() run (to its end) in a new thread that has its own kernel thread count set
     (close() must not touch it); returns (error or None, that thread's count after)."""
@@ -289,11 +299,7 @@ def test_close_from_another_thread_while_a_step_is_being_opened(kv_cache):
     raises a RuntimeError saying the runtime was closed by another thread (not the cache's
     "closed", not "release unlocked lock"), and A gives its step slot back itself."""
     cfg = RuntimeConfig(**{**CLOSE_CFG, "kv_cache": kv_cache})
-    rt = Runtime(cfg)
-    seq = rt.add_sequence()
-    with rt.step([seq], [3]) as step:
-        for layer in range(cfg.num_layers):
-            step.attention(layer, *_qkv(3, cfg))
+    rt, seq = _fed_runtime(cfg, 3)
     seen = {}
     plan_in_transaction = rt._plan_in_transaction
 
@@ -499,11 +505,7 @@ def test_a_step_whose_thread_ended_does_not_wedge_the_runtime(dropped):
     thread has ended is rolled back by whichever thread ends it (dropped), or by the next
     step from any thread (kept: nothing can use it, it could only resume in that thread)."""
     cfg = RuntimeConfig(**CLOSE_CFG)
-    rt = Runtime(cfg)
-    seq = rt.add_sequence()
-    with rt.step([seq], [2]) as step:
-        for layer in range(cfg.num_layers):
-            step.attention(layer, *_qkv(2, cfg))
+    rt, seq = _fed_runtime(cfg, 2)
     box = {}
 
     def worker():
