@@ -104,12 +104,12 @@ cdef extern from "kernels/rv_ops.h" nogil:
         void (*dequant_rows_group)(const uint8_t *codes, ptrdiff_t row_bytes, int n, int d, int bits,
                                    int group, const uint16_t *scale, const uint16_t *zero,
                                    ptrdiff_t param_stride, float *out) noexcept nogil
-        void (*attend_heads_f32)(rv_attn_state *states, int num_heads, const float *k,
-                                 ptrdiff_t k_tok, ptrdiff_t k_head, const float *v, ptrdiff_t v_tok,
-                                 ptrdiff_t v_head, int n, const int *visible) noexcept nogil
-        void (*attend_heads_f16)(rv_attn_state *states, int num_heads, const uint16_t *k,
-                                 ptrdiff_t k_tok, ptrdiff_t k_head, const uint16_t *v, ptrdiff_t v_tok,
-                                 ptrdiff_t v_head, int n, const int *visible) noexcept nogil
+        void (*attend_heads_f32)(rv_attn_state *states, int num_heads, const rv_kv_span *spans,
+                                 int nspans, ptrdiff_t k_head, ptrdiff_t v_head,
+                                 const int *visible) noexcept nogil
+        void (*attend_heads_f16)(rv_attn_state *states, int num_heads, const rv_kv_span *spans,
+                                 int nspans, ptrdiff_t k_head, ptrdiff_t v_head,
+                                 const int *visible) noexcept nogil
         void (*attend_qgroup)(rv_attn_state *st, const rv_qhead *h, int a, int n,
                               const int *visible, float *scratch) noexcept nogil
         void (*attend_tgroup)(rv_attn_state *st, const rv_thead *h, int a, int n,

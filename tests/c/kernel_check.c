@@ -499,9 +499,11 @@ SPANS_RUNNER(attend_spans_f16, uint16_t, in_u16)
 ROWS_RUNNER(attend_rows_f32, float, in_f32)
 ROWS_RUNNER(attend_rows_f16, uint16_t, in_u16)
 
-/* attend_heads_*: num_heads states over token-major K/V (key j of head h at
- * k + j*k_tok + h*k_head). Head h's query rows start at q + h*rows*q_stride; states sit one
- * after another in (m, l, acc) and share one scratch, so out / lse list head 0's rows first. */
+/* attend_heads_*: num_heads states over token-major K/V (head h's row of a key k_head after
+ * head 0's), the keys a span list over the stored token rows ("span_starts" / "span_lens",
+ * k_tok / v_tok apart: blocks in any order). Head h's query rows start at q + h*rows*q_stride;
+ * states sit one after another in (m, l, acc) and share one scratch, so out / lse list head
+ * 0's rows first. */
 #define HEADS_RUNNER(NAME, T_KV, IN_KV)                                                         \
     static int run_##NAME(const rv_ops *ops, rv_case *c)                                        \
     {                                                                                           \
@@ -528,7 +530,20 @@ ROWS_RUNNER(attend_rows_f16, uint16_t, in_u16)
         for (int h = 0; h < heads; h++)                                                         \
             st[h] = (rv_attn_state){rows, d, q + (ptrdiff_t)h * rows * qs, qs, s.m + h * rows,  \
                                     s.l + h * rows, s.acc + (size_t)h * rows * d, s.scratch};   \
-        ops->NAME(st, heads, k, kt, kh, v, vt, vh, n, visible);                                 \
+        int nspans = 0, keys = 0;                                                               \
+        rv_kv_span *spans = case_spans(c, k, nk, v, nv, kt, vt, d, sizeof(T_KV), &nspans);      \
+        if (!spans)                                                                             \
+            return -1;                                                                          \
+        for (int i = 0; i < nspans; i++) {     /* every head of a span's last row is stored */  \
+            const ptrdiff_t last = ((const T_KV *)spans[i].k - k) / kt + spans[i].n - 1;       \
+            if (spans[i].n > 0 && (nk < (size_t)(last * kt + (heads - 1) * kh + d) ||          \
+                                   nv < (size_t)(last * vt + (heads - 1) * vh + d)))           \
+                return fail(c, "%s: a span's heads reach past k or v", #NAME);                  \
+            keys += spans[i].n > 0 ? spans[i].n : 0;                                            \
+        }                                                                                       \
+        if (keys != n)                                                                          \
+            return fail(c, "%s: the spans do not hold n keys", #NAME);                          \
+        ops->NAME(st, heads, spans, nspans, kh, vh, visible);                                   \
         return report_state(c, heads * rows, d, s.m, s.l, s.acc);                               \
     }
 HEADS_RUNNER(attend_heads_f32, float, in_f32)

@@ -690,8 +690,10 @@ HEADS_SHAPES = [  # (heads, rows, head_dim, keys, visible, dense token rows)
 
 def _heads_cases(rng, kv_dtype):
     """Several KV heads of token-major ("NHD") storage: dense (heads fill the token's row) or
-    with gaps between heads and tokens (NaN, never to be read)."""
-    for heads, rows, d, n, vis, dense in HEADS_SHAPES:
+    with gaps between heads and tokens (NaN, never to be read); the tokens in one span, or in
+    blocks of 16 stored in a random order with an unused row between them (a paged cache's)."""
+    for (heads, rows, d, n, vis, dense), layout in [(shape, layout) for shape in HEADS_SHAPES
+                                                    for layout in ("one", "blocks")]:
         k_head = d if dense else d + 1
         k_tok = heads * k_head + (0 if dense else 2)
         v_head, v_tok = (d, heads * d) if dense else (d + 2, heads * (d + 2) + 1)
@@ -703,23 +705,33 @@ def _heads_cases(rng, kv_dtype):
                    "random": np.r_[0, rng.integers(0, n + 1, rows - 1)][:rows]}[vis]
         q_store = np.full((heads * rows, q_stride), np.nan, np.float32)
         q_store[:, :d] = q.reshape(heads * rows, d)
+        lens = [n] if layout == "one" else [16] * (n // 16) + ([n % 16] if n % 16 else [])
+        starts, row = [0] * len(lens), 0
+        for i in (range(len(lens)) if layout == "one" else rng.permutation(len(lens))):
+            starts[i] = row
+            row += lens[i] + (layout != "one")       # one unused row between stored blocks
+        logical = np.concatenate([[0], np.cumsum(lens)]).astype(int)
+        stored_rows = max(starts[i] + lens[i] for i in range(len(lens)))
         stores = []
         for data, tok, head in ((k, k_tok, k_head), (v, v_tok, v_head)):
-            store = np.full(n * tok, np.nan, kv_dtype)
-            for h in range(heads):
-                store.reshape(n, tok)[:, h * head:h * head + d] = data[:, h]
-            stores.append(store[:(n - 1) * tok + (heads - 1) * head + d])
+            store = np.full(stored_rows * tok, np.nan, kv_dtype)
+            for i in range(len(lens)):
+                for h in range(heads):
+                    store.reshape(stored_rows, tok)[starts[i]:starts[i] + lens[i], h * head:h * head + d] = \
+                        data[logical[i]:logical[i + 1], h]
+            stores.append(store[:(stored_rows - 1) * tok + (heads - 1) * head + d])
         seen = np.full(rows, n) if visible is None else visible
         refs = [attention_reference(q[h], k[:, h], v[:, h], seen) for h in range(heads)]
         tols = [attention_tolerance(q[h], k[:, h], v[:, h], seen) for h in range(heads)]
         arrays = {"rows": rows, "head_dim": d, "num_heads": heads, "n": n, "q_stride": q_stride,
                   "k_tok": k_tok, "k_head": k_head, "v_tok": v_tok, "v_head": v_head,
+                  "span_starts": np.array(starts, np.int32), "span_lens": np.array(lens, np.int32),
                   "q": q_store.reshape(-1)[:(heads * rows - 1) * q_stride + d], "k": stores[0], "v": stores[1],
                   "expect:out": np.concatenate([r[0] for r in refs]), "tol:out": np.concatenate([t[0] for t in tols]),
                   "expect:lse": np.concatenate([r[1] for r in refs]), "tol:lse": np.concatenate([t[1] for t in tols])}
         if visible is not None:
             arrays["visible"] = visible.astype(np.int32)
-        yield f"heads={heads} rows={rows} d={d} n={n} {vis}{' dense' if dense else ''}", arrays
+        yield f"heads={heads} rows={rows} d={d} n={n} {vis}{' dense' if dense else ''} {layout}", arrays
 
 
 def cases_attend_heads_f32(rng):

@@ -106,12 +106,8 @@ static void tensors_fold(const rv_kv_source *src, int seq, int h0, int nh, int64
     const void *v = elem_at(T->v, T->f16, h0 * T->v_head + (ptrdiff_t)t0 * T->v_tok);
     if (rows <= RV_STREAM_MAX_ROWS) {
         /* decode: every head of a block of tokens together (heads interleave in NHD pages) */
-        if (T->f16)
-            ops->attend_heads_f16(states, nh, (const uint16_t *)k, T->k_tok, T->k_head, (const uint16_t *)v,
-                                  T->v_tok, T->v_head, n, vv);
-        else
-            ops->attend_heads_f32(states, nh, (const float *)k, T->k_tok, T->k_head, (const float *)v,
-                                  T->v_tok, T->v_head, n, vv);
+        const rv_kv_span span = {k, v, T->k_tok, T->v_tok, n};
+        (T->f16 ? ops->attend_heads_f16 : ops->attend_heads_f32)(states, nh, &span, 1, T->k_head, T->v_head, vv);
         return;
     }
     for (int j = 0; j < nh; j++) {

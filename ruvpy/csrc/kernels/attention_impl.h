@@ -485,59 +485,98 @@ RV_INLINE void att_stream_spans(rv_attn_state *st, const rv_kv_span *spans, int 
 }
 
 /* Several KV heads of token-major storage at once (see attend_heads_* in rv_ops.h): blocks of
- * ATT_HB tokens, every head per block, the next block prefetched in memory order. */
-#ifndef ATT_HB
-#define ATT_HB 32
-#endif
-#ifndef ATT_PF_AHEAD
-#define ATT_PF_AHEAD 1
-#endif
-RV_INLINE void att_stream_heads(rv_attn_state *states, int nh, const void *k, ptrdiff_t k_tok,
-                                ptrdiff_t k_head, const void *v, ptrdiff_t v_tok, ptrdiff_t v_head,
-                                int n, const int *visible, const int f16)
+ * ATT_HB keys counted across the spans, every head per block, the next block prefetched in
+ * memory order. */
+#define ATT_HB RV_ATTN_HEAD_BLOCK
+_Static_assert(ATT_HB <= ATT_KB, "a head block is one streaming block");
+/* whether every span's tokens are rows of nh heads filling the token stride exactly (NHD
+ * without gaps: a block of tokens is then one range of memory per span) */
+RV_INLINE int att_heads_dense(const rv_kv_span *spans, int nspans, int nh, ptrdiff_t k_head,
+                              ptrdiff_t v_head, int d)
+{
+    if (k_head != d || v_head != d)
+        return 0;
+    for (int i = 0; i < nspans; i++)
+        if (spans[i].n > 0 && (spans[i].k_stride != nh * k_head || spans[i].v_stride != nh * v_head))
+            return 0;
+    return 1;
+}
+
+RV_INLINE void att_stream_heads(rv_attn_state *states, int nh, const rv_kv_span *spans, int nspans,
+                                ptrdiff_t k_head, ptrdiff_t v_head, const int *visible, const int f16)
 {
     const ptrdiff_t es = f16 ? 2 : 4;
-    const int row_bytes = (int)(states[0].head_dim * es);
-    const char *kc = (const char *)k, *vc = (const char *)v;
-    const void *kp[ATT_KB + 16], *vp[ATT_KB + 16];
+    const int d = states[0].head_dim, row_bytes = (int)(d * es);
+    const void *k0[2][ATT_HB], *v0[2][ATT_HB];     /* head 0's rows: this block, the next */
+    const void *kp[ATT_KB + 16], *vp[ATT_KB + 16];   /* head h's rows of this block (+ padding) */
+    const void *pk[ATT_HB], *pv[ATT_HB];             /* what head h prefetches of the next */
     if (nh <= 0)
         return;
-    /* heads fill each token's stride: the next block is one contiguous range of memory */
-    const int dense = k_head * es == row_bytes && v_head * es == row_bytes &&
-                      k_tok == nh * k_head && v_tok == nh * v_head;
-    n = att_visible_limit(visible, states[0].rows, n);
-    for (int b = 0; b < n; b += ATT_HB) {
-        /* prefetch the block ATT_PF_AHEAD blocks on (the first ones come on demand) */
-        const int nb = att_min(ATT_HB, n - b), e = att_min(n, b + ATT_PF_AHEAD * ATT_HB),
-                  nn = att_max(0, att_min(ATT_HB, n - e));
-        const char *kn = kc + e * k_tok * es, *vn = vc + e * v_tok * es;
+    int total = 0;
+    for (int i = 0; i < nspans; i++)
+        total += spans[i].n > 0 ? spans[i].n : 0;
+    const int n = att_visible_limit(visible, states[0].rows, total);
+    /* dense: head h prefetches the h-th share of the next block's token rows, so the whole
+     * block streams in memory order; otherwise its own rows of it */
+    const int dense = att_heads_dense(spans, nspans, nh, k_head, v_head, d);
+    att_cursor cur = {spans, nspans, 0, 0};
+    int cb = 0, base = 0;
+    int nb = att_gather(&cur, att_min(ATT_HB, n), f16, k0[0], v0[0]);
+    while (nb > 0) {
+        const int nn = att_gather(&cur, att_min(ATT_HB, n - base - nb), f16, k0[cb ^ 1], v0[cb ^ 1]);
+        /* the next block in one range of token rows (one span, the usual case): its rows
+         * evenly spaced, no list to build */
+        const char *nk0 = nn ? (const char *)k0[cb ^ 1][0] : NULL, *nv0 = nn ? (const char *)v0[cb ^ 1][0] : NULL;
+        const ptrdiff_t ktb = nn > 1 ? (const char *)k0[cb ^ 1][1] - nk0 : 0;
+        const ptrdiff_t vtb = nn > 1 ? (const char *)v0[cb ^ 1][1] - nv0 : 0;
+        const int one_range = nn > 0 && (const char *)k0[cb ^ 1][nn - 1] == nk0 + (nn - 1) * ktb &&
+                              (const char *)v0[cb ^ 1][nn - 1] == nv0 + (nn - 1) * vtb;
         for (int h = 0; h < nh; h++) {
-            /* dense: head h prefetches the h-th share of the next block's memory; otherwise
-             * its own rows of the next block */
-            att_pf pf = {NULL, NULL, kn + h * (dense ? (ptrdiff_t)nn * row_bytes : k_head * es),
-                         vn + h * (dense ? (ptrdiff_t)nn * row_bytes : v_head * es),
-                         dense ? row_bytes : k_tok * es, dense ? row_bytes : v_tok * es, nn, row_bytes};
-            for (int j = 0; j < nb; j++) {
-                kp[j] = kc + ((ptrdiff_t)(b + j) * k_tok + h * k_head) * es;
-                vp[j] = vc + ((ptrdiff_t)(b + j) * v_tok + h * v_head) * es;
+            att_pf pf = {pk, pv, NULL, NULL, 0, 0, nn, row_bytes};
+            if (one_range) {
+                /* dense: the h-th share of the block's memory; else head h's own rows */
+                pf = dense ? (att_pf){NULL, NULL, nk0 + (ptrdiff_t)h * nn * row_bytes,
+                                      nv0 + (ptrdiff_t)h * nn * row_bytes, row_bytes, row_bytes, nn, row_bytes}
+                           : (att_pf){NULL, NULL, nk0 + h * k_head * es, nv0 + h * v_head * es, ktb, vtb,
+                                      nn, row_bytes};
+            } else if (dense) {                /* rows h * nn .. of the next block's nh * nn */
+                int tok = h * nn / nh, sub = h * nn % nh;
+                for (int j = 0; j < nn; j++) {
+                    pk[j] = (const char *)k0[cb ^ 1][tok] + (ptrdiff_t)sub * row_bytes;
+                    pv[j] = (const char *)v0[cb ^ 1][tok] + (ptrdiff_t)sub * row_bytes;
+                    if (++sub == nh) {
+                        sub = 0;
+                        tok++;
+                    }
+                }
+            } else {
+                for (int j = 0; j < nn; j++) {
+                    pk[j] = (const char *)k0[cb ^ 1][j] + h * k_head * es;
+                    pv[j] = (const char *)v0[cb ^ 1][j] + h * v_head * es;
+                }
             }
-            att_stream_block(&states[h], kp, vp, nb, &pf, visible, b, f16);
+            for (int j = 0; j < nb; j++) {
+                kp[j] = (const char *)k0[cb][j] + h * k_head * es;
+                vp[j] = (const char *)v0[cb][j] + h * v_head * es;
+            }
+            att_stream_block(&states[h], kp, vp, nb, &pf, visible, base, f16);
         }
+        base += nb;
+        nb = nn;
+        cb ^= 1;
     }
 }
 
-static void attend_heads_f32(rv_attn_state *states, int num_heads, const float *k, ptrdiff_t k_tok,
-                             ptrdiff_t k_head, const float *v, ptrdiff_t v_tok, ptrdiff_t v_head,
-                             int n, const int *visible)
+static void attend_heads_f32(rv_attn_state *states, int num_heads, const rv_kv_span *spans, int nspans,
+                             ptrdiff_t k_head, ptrdiff_t v_head, const int *visible)
 {
-    att_stream_heads(states, num_heads, k, k_tok, k_head, v, v_tok, v_head, n, visible, 0);
+    att_stream_heads(states, num_heads, spans, nspans, k_head, v_head, visible, 0);
 }
 
-static void attend_heads_f16(rv_attn_state *states, int num_heads, const uint16_t *k,
-                             ptrdiff_t k_tok, ptrdiff_t k_head, const uint16_t *v, ptrdiff_t v_tok,
-                             ptrdiff_t v_head, int n, const int *visible)
+static void attend_heads_f16(rv_attn_state *states, int num_heads, const rv_kv_span *spans, int nspans,
+                             ptrdiff_t k_head, ptrdiff_t v_head, const int *visible)
 {
-    att_stream_heads(states, num_heads, k, k_tok, k_head, v, v_tok, v_head, n, visible, 1);
+    att_stream_heads(states, num_heads, spans, nspans, k_head, v_head, visible, 1);
 }
 
 static void attend_spans_f32(rv_attn_state *st, const rv_kv_span *spans, int nspans, const int *visible)

@@ -31,6 +31,9 @@ typedef enum {
  * attend_chunk_*; split contexts are combined with attn_merge, then attn_finalize divides.
  * Start state: m = -INFINITY, l = 0, acc = 0. */
 #define RV_ATTN_CHUNK 64
+/* keys per block of attend_heads_* (a caller that splits a key range into several calls
+ * splits it at multiples of this from the range's start, so the blocks stay the same) */
+#define RV_ATTN_HEAD_BLOCK 32
 /* floats of scratch one state needs: scores/weights of every row for a chunk plus partial dot
  * products (head_dim does not matter now; it stays an argument so callers need not change) */
 #define RV_ATTN_SCRATCH_FLOATS(rows, head_dim) ((size_t)(rows) * (RV_ATTN_CHUNK + 16) + 2048 + 64)
@@ -156,18 +159,20 @@ typedef struct rv_ops {
 
     /* ---- attention, appended (attention_impl.h) ----
      * attend_heads_*: attend_spans_* for num_heads KV heads of token-major storage at once:
-     * states[h] folds keys [0, n), key j of head h at k + j*k_tok + h*k_head elements (values
-     * likewise). Tokens are walked in small blocks, every head per block, and the next block is
-     * prefetched in memory order: NHD data (heads interleaved in every page) streams at close to
-     * full bandwidth this way, ~4x faster than one head at a time. visible[r] as for
-     * attend_spans_* (the same for every state; all states have the same rows and head_dim and
-     * may share one scratch). Use it for decode over token-major K/V. */
-    void (*attend_heads_f32)(rv_attn_state *states, int num_heads, const float *k,
-                             ptrdiff_t k_tok, ptrdiff_t k_head, const float *v, ptrdiff_t v_tok,
-                             ptrdiff_t v_head, int n, const int *visible);
-    void (*attend_heads_f16)(rv_attn_state *states, int num_heads, const uint16_t *k,
-                             ptrdiff_t k_tok, ptrdiff_t k_head, const uint16_t *v, ptrdiff_t v_tok,
-                             ptrdiff_t v_head, int n, const int *visible);
+     * the spans list head 0's rows (one logical key sequence, as for attend_spans_*), and
+     * head h's row of a key is k_head (v_head) elements after head 0's. Keys are walked in
+     * blocks of RV_ATTN_HEAD_BLOCK counted from the list's first key, across span boundaries,
+     * every head per block, and the next block is prefetched in memory order: NHD data (heads
+     * interleaved in every page) streams at close to full bandwidth this way, ~4x faster than
+     * one head at a time. The blocks do not depend on where the spans break, so the same keys
+     * give the same result bit for bit however they are laid out (a paged cache's blocks in
+     * any order, a ring's wrap anywhere). visible[r] as for attend_spans_* (the same for every
+     * state; all states have the same rows and head_dim and may share one scratch). Use it for
+     * decode over token-major K/V. */
+    void (*attend_heads_f32)(rv_attn_state *states, int num_heads, const rv_kv_span *spans,
+                             int nspans, ptrdiff_t k_head, ptrdiff_t v_head, const int *visible);
+    void (*attend_heads_f16)(rv_attn_state *states, int num_heads, const rv_kv_span *spans,
+                             int nspans, ptrdiff_t k_head, ptrdiff_t v_head, const int *visible);
 
     /* ---- KV quantization, appended (quant_impl.h) ----
      * attend_qgroup: fold tokens [a, a + n) of one KV head of a quantized cold group (q8/q4,

@@ -402,23 +402,36 @@ static void paged_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t
     const int bs = c->block_size, d = c->head_dim, f16 = c->dtype == RV_KV_F16, rows = states[0].rows;
     const ptrdiff_t tok = (ptrdiff_t)c->row_elems;
     const size_t head_bytes = (size_t)d * c->elem;
+    rv_kv_span spans[PAGED_SPANS];
     if (rows <= RV_STREAM_MAX_ROWS) {
-        /* decode: every head of a run of blocks at once, in memory order */
+        /* decode: every head of the runs of blocks at once, in memory order. A call that stops
+         * inside the range stops at a multiple of RV_ATTN_HEAD_BLOCK keys from t0 (itself one,
+         * split_align): the kernel's blocks are then those of one call over the whole range,
+         * whichever blocks hold the tokens, so the result does not depend on the block ids */
         for (int64_t t = t0; t < t1;) {
-            int64_t n = run_tokens(c, s, t, t1);
-            const unsigned char *k = slot_ptr(c, src->layer, 0, s->blocks[t / bs], t % bs) + h0 * head_bytes;
-            const unsigned char *v = slot_ptr(c, src->layer, 1, s->blocks[t / bs], t % bs) + h0 * head_bytes;
-            const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
-            if (f16)
-                ops->attend_heads_f16(states, nh, (const uint16_t *)k, tok, d, (const uint16_t *)v, tok, d, (int)n, vv);
-            else
-                ops->attend_heads_f32(states, nh, (const float *)k, tok, d, (const float *)v, tok, d, (int)n, vv);
-            t += n;
+            const int64_t start = t;
+            int ns = 0;
+            while (t < t1 && ns < PAGED_SPANS) {
+                const int64_t n = run_tokens(c, s, t, t1);
+                spans[ns++] = (rv_kv_span){slot_ptr(c, src->layer, 0, s->blocks[t / bs], t % bs) + h0 * head_bytes,
+                                           slot_ptr(c, src->layer, 1, s->blocks[t / bs], t % bs) + h0 * head_bytes,
+                                           tok, tok, (int)n};
+                t += n;
+            }
+            for (int64_t over = t < t1 ? (t - start) % RV_ATTN_HEAD_BLOCK : 0; over > 0;) {
+                rv_kv_span *last = &spans[ns - 1];
+                const int64_t cut = over < last->n ? over : last->n;
+                last->n -= (int)cut;
+                t -= cut;
+                over -= cut;
+                ns -= last->n == 0;
+            }
+            (f16 ? ops->attend_heads_f16 : ops->attend_heads_f32)(states, nh, spans, ns, d, d,
+                                                                 rv_kv_visible(row_pos, rows, start, t - start, vis));
         }
         return;
     }
     /* prefill: the tiled kernel per head over the runs */
-    rv_kv_span spans[PAGED_SPANS];
     for (int j = 0; j < nh; j++) {
         for (int64_t t = t0; t < t1;) {
             const int64_t start = t;

@@ -1094,22 +1094,28 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
         }
         c->codec->attend_end(c->codec_state, states, nh, extra, ops);
     }
-    /* hot: the ring's part of the range, at most two runs (it wraps) */
-    while (t < t1) {
-        const int64_t pos = (L->hot_head + (t - ncold)) % L->hot_cap;
-        const int64_t n = L->hot_cap - pos < t1 - t ? L->hot_cap - pos : t1 - t;
-        const int *vv = rv_kv_visible(row_pos, rows, t, n, vis);
+    /* hot: the ring's part of the range, at most two runs (it wraps), in one call: the
+     * kernel's blocks then do not depend on where the ring wraps */
+    if (t < t1) {
         const ptrdiff_t head_stride = (ptrdiff_t)L->hot_cap * d;
-        if (rows <= RV_STREAM_MAX_ROWS) {
-            ops->attend_heads_f16(states, nh, ring_row(c, L, 0, h0, pos), d, head_stride,
-                                  ring_row(c, L, 1, h0, pos), d, head_stride, (int)n, vv);
-        } else {
-            for (int j = 0; j < nh; j++) {
-                rv_kv_span sp = {ring_row(c, L, 0, h0 + j, pos), ring_row(c, L, 1, h0 + j, pos), d, d, (int)n};
-                rv_kv_fold_spans(&states[j], &sp, 1, vv, 1, sscratch, ops);
-            }
+        const int *vv = rv_kv_visible(row_pos, rows, t, t1 - t, vis);
+        int64_t pos[2], len[2];
+        int nruns = 0;
+        for (int64_t u = t; u < t1; nruns++) {
+            pos[nruns] = (L->hot_head + (u - ncold)) % L->hot_cap;
+            len[nruns] = L->hot_cap - pos[nruns] < t1 - u ? L->hot_cap - pos[nruns] : t1 - u;
+            u += len[nruns];
         }
-        t += n;
+        for (int j = 0; j < (rows <= RV_STREAM_MAX_ROWS ? 1 : nh); j++) {
+            rv_kv_span sp[2];
+            for (int r = 0; r < nruns; r++)
+                sp[r] = (rv_kv_span){ring_row(c, L, 0, h0 + j, pos[r]), ring_row(c, L, 1, h0 + j, pos[r]), d, d,
+                                     (int)len[r]};
+            if (rows <= RV_STREAM_MAX_ROWS)
+                ops->attend_heads_f16(states, nh, sp, nruns, head_stride, head_stride, vv);
+            else
+                rv_kv_fold_spans(&states[j], sp, nruns, vv, 1, sscratch, ops);
+        }
     }
 }
 
