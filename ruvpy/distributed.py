@@ -591,6 +591,11 @@ class Cluster(Closing):
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < -1:
             raise ValueError(f"max_restarts must be an int >= -1 (-1: always), got "
                              f"{max_restarts!r}")
+        if restart_timeout is not None and (isinstance(restart_timeout, bool) or
+                                            not isinstance(restart_timeout, (int, float)) or
+                                            not 0 < restart_timeout < float("inf")):
+            raise ValueError(f"restart_timeout must be a number of seconds > 0 (or None: no "
+                             f"limit), got {restart_timeout!r}")
         self._check_runtime_options(kv_cache, runtime_options)
         self.checkpoint_every = checkpoint_every
         self.replay = replay
@@ -1173,6 +1178,9 @@ class Cluster(Closing):
         the sequence is checkpointed right away. Corrupt data raises SequenceFileError and
         nothing changes."""
         self._check_open()
+        if not isinstance(data, (bytes, bytearray, memoryview)):   # (bytes(5) is five zeros)
+            raise TypeError(f"import_sequence takes the bytes of export_sequence, got "
+                            f"{type(data).__name__}")
         arr = _as_snapshot_array(bytes(data))
         target = self._place() if worker is None else self._worker_index(worker)
         self._check_target(target)

@@ -228,7 +228,10 @@ class RuvpyCache(Cache):
 
     # -- what generate() and the model ask ----------------------------------------------------
     def get_seq_length(self, layer_idx=0):
-        """Columns seen so far, pads included (DynamicCache's count)."""
+        """Columns seen so far, pads included (DynamicCache's count); 0 for a layer the
+        model does not have, as DynamicCache says."""
+        if type(layer_idx) is int and not 0 <= layer_idx < self.num_layers:
+            return 0
         return self._columns
 
     def get_mask_sizes(self, query_length, layer_idx=0):

@@ -551,6 +551,16 @@ def test_a_migrate_waiting_for_a_removed_sequence_does_not_bring_it_back(paged_c
         assert "was removed" in str(results["migrate"]) or "unknown sequence" in str(results["migrate"])
 
 
+def test_arguments_of_the_wrong_kind_are_refused(paged_cluster):
+    """restart_timeout="x" was taken and failed only when a worker had to restart;
+    import_sequence(5) read bytes(5) (five zeros) and said "bad magic"."""
+    for bad in ("x", 0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="restart_timeout"):
+            Cluster(1, restart_timeout=bad)
+    with pytest.raises(TypeError, match="bytes of export_sequence"):
+        paged_cluster.import_sequence(5)
+
+
 def test_prompts_of_the_wrong_kind_are_refused(paged_cluster):
     with pytest.raises(TypeError, match="list of prompts"):
         paged_cluster.generate_many("ab", 2)        # (was: two one-character prompts)

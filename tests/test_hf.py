@@ -447,6 +447,8 @@ def test_get_mask_sizes_and_seq_length_follow_dynamic_cache(model):
     for q_len in (1, 3):
         assert ours.get_mask_sizes(q_len, 0) == theirs.get_mask_sizes(q_len, 0)
     assert ours.get_seq_length() == theirs.get_seq_length() == 6
+    for layer in (0, 2, 3, 7):          # a layer the 3-layer model has not: 0, as DynamicCache
+        assert ours.get_seq_length(layer) == theirs.get_seq_length(layer)
     assert ours.get_max_length() == theirs.get_max_length() == -1
     assert ours.batch_size == 2 and not ours.is_compileable and ours.is_initialized
 
