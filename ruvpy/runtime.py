@@ -774,7 +774,8 @@ class Runtime(Closing):
                 old._owner != threading.get_ident() or sys.getrefcount(old) > _UNREACHABLE_REFS)):
             return False
         self._close_step(old, False)    # rolled back whole, its slot given back (Ctrl-C is
-        return self._step_lock.acquire(blocking=False)     # held: only Step.__enter__ calls)
+        return self._step_lock.acquire(blocking=False)     # held by both callers: Step.__enter__
+                                                           # and _whole)
 
     def _open_step(self, step):
         """Step.__enter__: take the step slot, reserve KV room, begin the transaction, plan
