@@ -213,6 +213,7 @@ class RuvpyCache(Cache):
         self.num_kv_heads = shape["num_kv_heads"]
         self.head_dim = shape["head_dim"]
         self._config = config
+        self._model_dtype = model.dtype              # of the K/V that iteration gives out
         super().__init__(layers=[_RuvpyLayer(self) for _ in range(self.num_layers)])
         self._seqs = []                              # ruvpy sequence of each batch row
         self._stored = np.zeros((0, 0), np.bool_)    # [rows, capacity]: column c of row b stored
@@ -675,6 +676,36 @@ class RuvpyCache(Cache):
         self._seqs = []
         self._stored = np.zeros((0, 0), np.bool_)
         self._columns = 0
+
+    def __iter__(self):
+        """Per layer, (keys, values, None) as DynamicCache yields them: [batch, num_kv_heads,
+        columns, head_dim] copies in the model's dtype ((None, None, None) per layer before
+        the first forward). ruvpy stores no pads, so a pad's column holds zeros, as does the
+        column of a token a two-tier cache evicted. len(cache) is the number of layers."""
+        self._check_usable()
+        self._abandon_forward("iter(RuvpyCache)")
+        return self._layers_kv(list(self._seqs), self._stored[:, :self._columns].copy())
+
+    def _layers_kv(self, seqs, stored):
+        if not seqs:
+            for _ in range(self.num_layers):
+                yield None, None, None
+            return
+        shape = (len(seqs), self.num_kv_heads, stored.shape[1], self.head_dim)
+        # a row's columns holding tokens; eviction drops the oldest, so the K/V it still
+        # holds are those of its last columns
+        columns = [np.flatnonzero(row) for row in stored]
+        for layer in range(self.num_layers):
+            keys = torch.zeros(shape, dtype=self._model_dtype)
+            values = torch.zeros(shape, dtype=self._model_dtype)
+            for row, seq in enumerate(seqs):
+                k, v = self.runtime.get_kv(seq, layer)           # [held, heads, head_dim]
+                held = torch.from_numpy(columns[row][columns[row].size - len(k):])
+                keys[row].index_copy_(1, held, torch.from_numpy(k).transpose(0, 1).to(
+                    self._model_dtype))
+                values[row].index_copy_(1, held, torch.from_numpy(v).transpose(0, 1).to(
+                    self._model_dtype))
+            yield keys, values, None
 
     def __deepcopy__(self, memo):
         """A cache holding the same rows as forks in the same Runtime (copy-on-write: nothing is

@@ -453,6 +453,33 @@ def test_get_mask_sizes_and_seq_length_follow_dynamic_cache(model):
     assert ours.batch_size == 2 and not ours.is_compileable and ours.is_initialized
 
 
+def test_iteration_gives_the_kv_dynamic_cache_holds(model):
+    """iter(cache) raised TypeError; DynamicCache yields (keys, values, sliding window) per
+    layer. The same K/V at every stored column (layer 0's bit-identical; the later layers'
+    come from attention outputs summed in another order, within the logits' 1e-5); a pad's
+    column, which ruvpy does not store, holds zeros."""
+    ours, theirs = RuvpyCache(model, kv_dtype="float32"), dynamic(model)
+    assert len(ours) == len(theirs) == 3
+    assert list(ours) == list(theirs) == [(None, None, None)] * 3
+    ids, mask = left_pad(prompts([3, 6], seed=5))
+    for cache in (ours, theirs):
+        _prefilled(model, ids, mask, cache)
+        _next_logits(model, cache, torch.tensor([[7], [8]]),
+                     torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1))
+    stored = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1).bool()
+    layers = list(ours)
+    assert len(layers) == 3
+    for (k, v, window), (k_ref, v_ref, window_ref) in zip(layers, theirs):
+        assert window is window_ref is None
+        assert k.shape == k_ref.shape == (2, 2, 7, 16) and k.dtype == v.dtype == k_ref.dtype
+        for got, expected in ((k, k_ref), (v, v_ref)):
+            assert_same_float32_logits(got.transpose(1, 2)[stored],
+                                       expected.transpose(1, 2)[stored])
+            assert not got.transpose(1, 2)[~stored].any()
+    assert torch.equal(layers[0][0].transpose(1, 2)[stored],
+                       next(iter(theirs))[0].transpose(1, 2)[stored])
+
+
 def test_reset_drops_every_row_and_the_cache_is_reusable(model):
     ids = prompts([7])[0][None]
     cache = RuvpyCache(model, kv_dtype="float32")
