@@ -166,6 +166,60 @@ class _ForwardPlan:
         return buf
 
 
+class _Rows:
+    """A cache's rows (the ruvpy sequence of each batch row) in a holder its finalizer reads:
+    assigning cache._seqs replaces holder.seqs, so the rows freed when the cache is dropped
+    are the ones it holds then."""
+
+    __slots__ = ("seqs",)
+
+    def __init__(self, seqs):
+        self.seqs = seqs
+
+
+def _free_rows(runtime, pending):
+    """Remove the sequences listed in `pending` (rows of dropped caches) from `runtime`. Those
+    it refuses now (a step is open) stay listed for the next try; a closed runtime has
+    nothing left to free."""
+    refused = []
+    try:
+        while pending:
+            seq = pending.pop()
+            try:
+                runtime.remove_sequence(seq)
+            except KeyError:            # removed already (runtime.reset(), a cut-short reset)
+                pass
+            except RuntimeError:        # a step is open, or the runtime is closed
+                refused.append(seq)
+                break
+    finally:
+        if runtime.closed:
+            pending.clear()
+        else:
+            pending.extend(refused)
+
+
+def _free_rows_of_dropped_cache(runtime, rows, pending):
+    """weakref.finalize of a RuvpyCache: its rows leave the Runtime its twins may still use.
+    It runs wherever the cache is collected: in any thread, or in a GC inside a runtime call
+    of this thread, whose change may be half-way (the state lock is an RLock: a remove here
+    would re-enter it). So the rows are freed here only when no thread holds the state lock;
+    otherwise, or while a step is open, they stay listed in `pending`, shared by the twins,
+    and the next use of one of them frees them. Never waits: a finalizer must not block."""
+    pending.extend(rows.seqs)
+    rows.seqs = []
+    if runtime.closed:
+        pending.clear()
+        return
+    lock = runtime._state_lock
+    if lock._is_owned() or not lock.acquire(blocking=False):
+        return
+    try:
+        _free_rows(runtime, pending)
+    finally:
+        lock.release()
+
+
 def _foreign_forward(what):
     return RuntimeError(f"{what} from another thread: a forward of this RuvpyCache can be used and "
                         f"ended only by the thread that began it, which is part-way through it; "
@@ -215,7 +269,9 @@ class RuvpyCache(Cache):
         self._config = config
         self._model_dtype = model.dtype              # of the K/V that iteration gives out
         super().__init__(layers=[_RuvpyLayer(self) for _ in range(self.num_layers)])
-        self._seqs = []                              # ruvpy sequence of each batch row
+        # rows of dropped caches of this Runtime not freed yet (shared with every twin)
+        self._dropped_rows = []
+        self._track_rows([])                         # _seqs: ruvpy sequence of each batch row
         self._stored = np.zeros((0, 0), np.bool_)    # [rows, capacity]: column c of row b stored
         self._columns = 0                            # columns seen (pads included)
         self._plan = None                            # the open forward, if any
@@ -226,6 +282,28 @@ class RuvpyCache(Cache):
         # the lock, so that two threads starting forwards at once cannot both create rows
         self._forward_thread = None
         self._claim = threading.Lock()
+
+    def _track_rows(self, seqs):
+        """Hold `seqs` as this cache's rows, freed from the shared Runtime when the cache is
+        dropped (a deepcopy dropped without reset() kept them until close())."""
+        self._rows = _Rows(seqs)
+        finalizer = weakref.finalize(self, _free_rows_of_dropped_cache, self.runtime,
+                                     self._rows, self._dropped_rows)
+        finalizer.atexit = False        # at exit the Runtime goes as a whole
+
+    @property
+    def _seqs(self):
+        return self._rows.seqs
+
+    @_seqs.setter
+    def _seqs(self, seqs):
+        self._rows.seqs = seqs
+
+    def _free_dropped_rows(self):
+        """Free what dropped caches of this Runtime left listed (see
+        _free_rows_of_dropped_cache); called where no forward of this cache is open."""
+        if self._dropped_rows:
+            _free_rows(self.runtime, self._dropped_rows)
 
     # -- what generate() and the model ask ----------------------------------------------------
     def get_seq_length(self, layer_idx=0):
@@ -419,6 +497,7 @@ class RuvpyCache(Cache):
 
     def _begin_forward(self, batch, q_len, mask):
         self._abandon_twins_forward("ruvpy_attention_forward")
+        self._free_dropped_rows()
         self._claim_forward("ruvpy_attention_forward")
         try:
             self._open_forward(batch, q_len, mask)
@@ -498,16 +577,16 @@ class RuvpyCache(Cache):
             _local.pending = None
         plan, self._plan = self._plan, None
         self._forward_closed()
-        if plan is None:
-            return
-        try:
-            if plan.step is not None:
-                # rolls back (a step the runtime's close() abandoned: gives back its slot; one
-                # closed by this thread: nothing)
-                plan.step.__exit__(RuntimeError, None, None)
-            self._drop_created(plan.created)
-        finally:
-            self._forward_thread = None
+        if plan is not None:
+            try:
+                if plan.step is not None:
+                    # rolls back (a step the runtime's close() abandoned: gives back its slot;
+                    # one closed by this thread: nothing)
+                    plan.step.__exit__(RuntimeError, None, None)
+                self._drop_created(plan.created)
+            finally:
+                self._forward_thread = None
+        self._free_dropped_rows()
 
     def _drop_created(self, created):
         if not created:
@@ -711,7 +790,7 @@ class RuvpyCache(Cache):
         """A cache holding the same rows as forks in the same Runtime (copy-on-write: nothing is
         copied until one of them appends), e.g. to reuse a prefilled prompt
         (`copy.deepcopy(prompt_cache)`). Both caches share the Runtime: close() closes it for
-        both."""
+        both. A cache that is dropped frees its rows (reset() does it at once)."""
         self._check_usable()
         self._abandon_forward("copy.deepcopy(RuvpyCache)")
         forks = []
@@ -725,13 +804,18 @@ class RuvpyCache(Cache):
         twin = object.__new__(type(self))
         twin.__dict__.update(self.__dict__)
         twin.layers = [_RuvpyLayer(twin) for _ in range(self.num_layers)]
-        twin._seqs = forks
+        twin._track_rows(forks)         # its own holder: `twin._seqs = ` would set ours
         twin._stored = self._stored.copy()
         twin._attended = [False] * self.num_layers
         twin._forward_thread = None
         twin._claim = threading.Lock()
         memo[id(self)] = twin
         return twin
+
+    def __copy__(self):
+        raise TypeError("copy.copy(RuvpyCache) would make two caches of the same rows; "
+                        "copy.deepcopy(cache) makes one with rows of its own (copy-on-write "
+                        "forks)")
 
     def close(self):
         """Free the Runtime (all KV storage) now; the cache cannot be used afterwards. A

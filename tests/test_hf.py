@@ -19,6 +19,7 @@ import ruvpy  # noqa: E402
 import ruvpy.hf  # noqa: E402
 from ruvpy import KVCacheFull, Step  # noqa: E402
 from ruvpy.hf import RuvpyCache  # noqa: E402
+from ruvpy.runtime import IncompleteStepError  # noqa: E402
 
 from _helpers import runtime_snapshot  # noqa: E402
 
@@ -506,6 +507,77 @@ def test_deepcopy_reuses_a_prompt_through_forks(model):
         cache.reset()                         # frees the copy's rows only
     assert prompt_cache.get_seq_length() == 20
     assert prompt_cache.runtime.sequences == prompt_cache.sequences
+
+
+def test_a_dropped_copy_frees_its_rows_and_only_its_own(model, monkeypatch):
+    """A deepcopy dropped without reset() kept its rows in the shared Runtime until close().
+    Dropping a cache frees the rows it holds then (after its rows were reassigned too), never
+    another cache's. Dropped where the runtime cannot free them -- a step open, a runtime call
+    in progress in this thread (a GC inside it) or in another -- they are freed by the next
+    use of a cache of the Runtime; dropped after close(), nothing happens."""
+    import gc
+    import sys
+    import threading
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    prompt = prompts([10], seed=3)[0][None]
+    prompt_cache = _prefilled(model, prompt, None, RuvpyCache(model, kv_dtype="float32"))
+    runtime = prompt_cache.runtime
+    first = copy.deepcopy(prompt_cache)
+    first.batch_repeat_interleave(2)                # rows reassigned since the copy
+    second = copy.deepcopy(first)
+    assert len(runtime.sequences) == 5
+    del first
+    gc.collect()
+    assert runtime.sequences == prompt_cache.sequences + second.sequences
+    ids = torch.cat([prompt.repeat(2, 1), torch.tensor([[5], [6]])], 1)
+    assert torch.equal(generate(model, ids, cache=second, n=4),
+                       generate(model, ids, cache=dynamic(model), n=4))
+    kept = runtime.sequences
+
+    def drop_where_it_cannot_be_freed(hold):
+        gc.disable()                                # collected in the hold, not before it
+        try:
+            copy.deepcopy(prompt_cache)             # dropped at once: a cycle, left to GC
+            with hold():
+                gc.collect()
+                assert len(runtime.sequences) == len(kept) + 1
+        finally:
+            gc.enable()
+
+    def stepping():
+        other = runtime.add_sequence()
+        kept.append(other)
+        return runtime.step([other], [1])
+
+    def collected_in_another_thread():                  # while this one is in a runtime call
+        class Hold:
+            def __enter__(self):
+                runtime._state_lock.acquire()
+                thread = threading.Thread(target=gc.collect)
+                thread.start()
+                thread.join()
+
+            def __exit__(self, *exc):
+                runtime._state_lock.release()
+        return Hold()
+
+    for hold in (lambda: runtime._state_lock, collected_in_another_thread):
+        drop_where_it_cannot_be_freed(hold)
+        prompt_cache.crop(0)                        # a use of a cache: freed
+        assert runtime.sequences == kept
+    with pytest.raises(IncompleteStepError):       # (the step attended nothing)
+        drop_where_it_cannot_be_freed(stepping)
+    prompt_cache.crop(0)
+    assert runtime.sequences == kept
+    assert prompt_cache.get_seq_length() == 10 and second.get_seq_length() == 14
+    with pytest.raises(TypeError, match="deepcopy"):
+        copy.copy(prompt_cache)                     # two caches of the same rows
+    last = copy.deepcopy(prompt_cache)
+    prompt_cache.close()
+    del last
+    gc.collect()
+    assert not unraisable
 
 
 def test_generate_continues_a_filled_cache_as_dynamic_cache_does(model):
