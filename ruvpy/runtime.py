@@ -95,7 +95,7 @@ class Step:
     __slots__ = ("_runtime", "_arena", "_seqs", "_n_tokens", "num_tokens", "_starts",
                  "_positions", "_offsets", "_attended", "_remaining", "_q_shape", "_kv_shape",
                  "_num_layers", "_state", "_failed", "_calls", "_fallbacks", "_plan",
-                 "_threads_before", "_txn_seqs", "_owner", "_owner_thread")
+                 "_threads_before", "_txn_seqs", "_owner_ident", "_owner_thread")
 
     def __init__(self, runtime, seqs, n_tokens):
         cfg = runtime.config
@@ -115,8 +115,7 @@ class Step:
         self._starts = self._positions = self._offsets = self._plan = None
         self._threads_before = None
         self._txn_seqs = self._seqs      # the sequences its KV transaction covers
-        self._owner = None               # the thread that entered it (threading.get_ident())
-        self._owner_thread = None        # and its Thread (is_alive: idents are reused)
+        self._set_owner(None)
 
     # -- the plan ---------------------------------------------------------------------------
     @property
@@ -206,12 +205,19 @@ class Step:
         return out
 
     # -- the owning thread ------------------------------------------------------------------
+    def _set_owner(self, thread):
+        """The step belongs to `thread` (None: nobody entered it). Its ident is kept beside
+        it: _entered_here() compares it per layer, without a lookup through the Thread. The
+        Thread says whether it ended (an ident alone is reused by the next thread)."""
+        self._owner_thread = thread
+        self._owner_ident = None if thread is None else thread.ident
+
     def _check_thread(self, what):
         """Refuse `what` (a call that uses or ends the step) from a thread other than the one
         that entered it, before anything is converted or touched: the step's transaction, its
         arena memory and its thread count belong to that thread, which may still be using
         them. A step nobody entered has no owner (its own checks say it is not open)."""
-        if self._owner is not None and not self._entered_here():
+        if self._owner_ident is not None and not self._entered_here():
             raise RuntimeError(
                 f"{self._runtime.name}: {what} from another thread: a step can be used and "
                 f"ended only by the thread that entered it (sequences {list(self._seqs)}); "
@@ -220,7 +226,7 @@ class Step:
 
     def _entered_here(self):
         """Whether the calling thread is the one that entered the step (only it uses it)."""
-        return self._owner == threading.get_ident()
+        return self._owner_ident == threading.get_ident()
 
     def _owner_gone(self):
         """Whether the thread that entered the step has ended: nothing can use the step any
@@ -309,7 +315,7 @@ class Step:
         except BaseException:
             # before the hold began (Ctrl-C, or whatever a program's own SIGINT handler raises:
             # SystemExit, its own exception): the step has not ended, so it is rolled back
-            if (self._state is _OPEN or self._state is _ABANDONED) and self._owner == threading.get_ident():
+            if (self._state is _OPEN or self._state is _ABANDONED) and self._entered_here():
                 self._roll_back_held()
             raise
         return False         # (closed: the runtime was closed inside the step, by its thread)
@@ -603,9 +609,9 @@ class Runtime(Closing):
                 with self._state_lock:
                     # a step of this thread nothing can end any more (its owner object was
                     # dropped mid-step, or its thread ended) would refuse the change: rolled
-                    # back first, as the next step would (the slot is not kept: no step here)
-                    if self._step is not None and not self._closed and self._reclaim_orphaned_step():
-                        self._step_lock.release()
+                    # back first, as the next step would (no step here: the slot stays free)
+                    if self._step is not None and not self._closed:
+                        self._reclaim_orphaned_step(take_slot=False)
                     result = change()
             except BaseException:
                 held.deliver(raising=True)
@@ -759,11 +765,12 @@ class Runtime(Closing):
             counts.append(n)
         return Step(self, seqs, counts)
 
-    def _reclaim_orphaned_step(self):
-        """Roll back this thread's open step if nothing can end it any more, and take the step
-        slot for the caller (True). Ctrl-C can land at the very start of Step.__exit__, before
-        any of it runs (Python handles a pending signal when a function starts): the step
-        stays open, and once the exception is handled no Python code holds it. Only a step
+    def _reclaim_orphaned_step(self, take_slot):
+        """Roll back this thread's open step if nothing can end it any more (True); with
+        take_slot, also take the step slot it frees, for the caller (Step.__enter__; False if
+        another thread took it first). Ctrl-C can land at the very start of Step.__exit__,
+        before any of it runs (Python handles a pending signal when a function starts): the
+        step stays open, and once the exception is handled no Python code holds it. Only a step
         that no code can reach (this runtime's reference and this check's are its only ones)
         counts: one still reachable (a `with` nested in its body, a kept traceback) is left
         alone, and the caller gets "another step is open" as before. A step whose own thread
@@ -771,11 +778,12 @@ class Runtime(Closing):
         holds it would have to resume in that thread)."""
         old = self._step
         if old is None or old._state is not _OPEN or (not old._owner_gone() and (
-                old._owner != threading.get_ident() or sys.getrefcount(old) > _UNREACHABLE_REFS)):
+                not old._entered_here() or sys.getrefcount(old) > _UNREACHABLE_REFS)):
             return False
-        self._close_step(old, False)    # rolled back whole, its slot given back (Ctrl-C is
-        return self._step_lock.acquire(blocking=False)     # held by both callers: Step.__enter__
-                                                           # and _whole)
+        # rolled back whole, its slot given back (Ctrl-C is held by both callers:
+        # Step.__enter__ and _whole)
+        self._close_step(old, False)
+        return not take_slot or self._step_lock.acquire(blocking=False)
 
     def _open_step(self, step):
         """Step.__enter__: take the step slot, reserve KV room, begin the transaction, plan
@@ -784,7 +792,8 @@ class Runtime(Closing):
         if step._state is not _PLANNED:
             raise RuntimeError("a Step can be entered only once; make a new one with "
                                "runtime.step(...)")
-        if not self._step_lock.acquire(blocking=False) and not self._reclaim_orphaned_step():
+        if not self._step_lock.acquire(blocking=False) and \
+                not self._reclaim_orphaned_step(take_slot=True):
             raise RuntimeError(f"{self.name}: another step is open (sequences "
                                f"{list(self._step._seqs) if self._step else '?'}); steps of "
                                f"one runtime run one at a time")
@@ -793,8 +802,7 @@ class Runtime(Closing):
                 self._step_lock.release()
                 self._check_open()
             self._step = step       # from here on, sequence changes are refused
-            step._owner = threading.get_ident()
-            step._owner_thread = threading.current_thread()
+            step._set_owner(threading.current_thread())
         try:
             self._while_open(self._finish_rollbacks)
             try:
@@ -818,8 +826,7 @@ class Runtime(Closing):
                 if abandoned:
                     step._state = _CLOSED
                 else:
-                    step._owner = step._owner_thread = None   # never entered (it may be
-                                                              # entered again): no owner
+                    step._set_owner(None)   # never entered (it may be entered again)
                 self._step = None
                 self._step_lock.release()
             if abandoned:           # e.g. the cache's "closed": say what happened

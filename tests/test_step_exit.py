@@ -276,6 +276,38 @@ def test_ctrl_c_at_the_very_start_of_step_exit_loses_nothing(kind, monkeypatch):
         assert not rt._cache.in_transaction(a)
 
 
+@pytest.mark.parametrize("take_slot", [True, False])
+def test_reclaiming_an_orphaned_step_takes_its_slot_only_when_asked(take_slot, monkeypatch):
+    """The orphan of an interrupted Step.__exit__ (as above) is rolled back by whoever finds
+    it; Step.__enter__ asks for the step slot it frees, a sequence change (_whole) does not
+    (before, the reclaim always took the slot and _whole released it again). The step's
+    owner is one fact: its Thread, the ident compared per layer derived from it."""
+    import threading
+
+    from ruvpy.runtime import Step
+    with fed_runtime("paged", seed=7) as (rt, a, rng, before):
+        real_exit = Step.__exit__
+
+        def interrupted_exit(self, *exc):
+            monkeypatch.setattr(Step, "__exit__", real_exit)      # once
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Step, "__exit__", interrupted_exit)
+        with pytest.raises(KeyboardInterrupt):
+            with rt.step([a], [3]) as step:
+                assert step._owner_thread is threading.current_thread()
+                assert step._owner_ident == threading.get_ident()
+                for layer in range(3):
+                    step.attention(layer, *qkv(rng, 3))
+        del step
+        assert rt._reclaim_orphaned_step(take_slot=take_slot)
+        assert rt._step is None and state(rt, a) == before
+        assert rt._step_lock.locked() == take_slot
+        if take_slot:
+            rt._step_lock.release()
+        full_step(rt, a, 2, rng)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()])
 def test_whatever_a_sigint_handler_raises_before_the_exit_hold_rolls_the_step_back(kind, error, monkeypatch):
