@@ -407,14 +407,20 @@ class Worker:
         yield ("done", reason, position, model.detokenize(generated), stream.flush())
 
     def _check_prompt(self, ids, position, limit):
-        from ruvpy.models.llama import token_id_array
+        _check_prompt(ids, position, self.model.config.vocab_size, limit)
 
-        if not ids:
-            raise ValueError("the prompt is empty: there is nothing to continue")
-        token_id_array(ids, self.model.config.vocab_size)
-        if position + len(ids) > limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens after {position}: more than "
-                             f"the model's context length {limit}")
+
+def _check_prompt(ids, position, vocab_size, limit):
+    """The prompt's token ids fit the model, appended at `position`: the worker checks them
+    before its generation steps, the driver those of a generation of 0 tokens."""
+    from ruvpy.models.llama import token_id_array
+
+    if not ids:
+        raise ValueError("the prompt is empty: there is nothing to continue")
+    token_id_array(ids, vocab_size)
+    if position + len(ids) > limit:
+        raise ValueError(f"the prompt has {len(ids)} tokens after {position}: more than "
+                         f"the model's context length {limit}")
 
 
 _RemoteWorker = ray.remote(Worker)
@@ -1234,10 +1240,12 @@ class Cluster(Closing):
         else:
             prompt = _token_list(prompt)
         self._check_open()
-        if max_new_tokens == 0:
-            if seq is not None:
-                self._record(seq)
-            self.last_generation = GenerationStats(stop_reason="length")
+        if max_new_tokens == 0:          # nothing to generate: the prompt is checked all the same
+            position = 0 if seq is None else self._record(seq).position
+            ids = self.tokenize(prompt) if isinstance(prompt, str) else prompt
+            _check_prompt(ids, position, self.model_config["vocab_size"],
+                          self.model_config["context_length"])
+            self.last_generation = GenerationStats(prompt_tokens=len(ids), stop_reason="length")
             return ""
         own = seq is None
         rec = self._record(self.new_sequence() if own else seq)

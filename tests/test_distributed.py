@@ -566,3 +566,30 @@ def test_prompts_of_the_wrong_kind_are_refused(paged_cluster):
         paged_cluster.generate_many("ab", 2)        # (was: two one-character prompts)
     with pytest.raises(TypeError, match="prompt must be text"):
         paged_cluster.generate(b"abc", 2)
+
+
+def test_a_generation_of_no_tokens_checks_its_prompt(paged_cluster):
+    """generate(prompt, 0) returned "" for any prompt; it refuses a bad one as a generation
+    of more tokens does (and as LlamaModel.generate does for 0)."""
+    limit = paged_cluster.model_config["context_length"]
+    seq = paged_cluster.new_sequence()
+    try:
+        paged_cluster.forward(seq, [1, 2, 3])
+        for n in (0, 2):
+            for prompt, error, match in (([5, 10 ** 6], ValueError, "outside the vocabulary"),
+                                         ([1.5], TypeError, "integers"),
+                                         ([], ValueError, "non-empty"),
+                                         (b"abc", TypeError, "prompt must be text"),
+                                         ([7] * (limit + 1), ValueError, "context length")):
+                with pytest.raises(error, match=match):
+                    paged_cluster.generate(prompt, n)
+            with pytest.raises(ValueError, match="tokens after 3: more than"):
+                paged_cluster.generate([7] * (limit - 2), n, seq=seq)
+        assert paged_cluster.generate("The capital of France is", 0) == ""
+        assert paged_cluster.last_generation.prompt_tokens == len(
+            paged_cluster.tokenize("The capital of France is"))
+        assert paged_cluster.generate([7] * (limit - 3), 0, seq=seq) == ""
+        assert paged_cluster.position(seq) == 3
+    finally:
+        paged_cluster.remove_sequence(seq)
+
