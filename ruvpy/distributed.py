@@ -665,12 +665,16 @@ class Cluster(Closing):
 
     def worker_states(self):
         """[(state, reason)] per worker: "alive", "restarting" (failed; Ray may restart it)
-        or "dropped" (Ray cannot restart it; reason says why)."""
+        or "dropped" (Ray cannot restart it; reason says why). After shutdown() there are no
+        workers: RuntimeError, as from every other call."""
         with self._lock:
+            self._check_open()
             return [(slot.state, slot.reason) for slot in self._slots]
 
     def live_workers(self):
+        """Indexes of the "alive" workers (RuntimeError after shutdown())."""
         with self._lock:
+            self._check_open()
             return [slot.index for slot in self._slots if slot.state == ALIVE]
 
     def wait_for_workers(self, timeout=None):
@@ -711,7 +715,7 @@ class Cluster(Closing):
         says it is gone for good."""
         with self._lock:
             slot = self._slots[index]
-            if slot.state != ALIVE:
+            if slot.state != ALIVE or self._closed:    # closed: shutdown() killed it
                 return
             slot.state = RESTARTING
             slot.reason = _death_reason(exc)
@@ -721,10 +725,9 @@ class Cluster(Closing):
                 rec.dirty = True
             log.warning("ruvpy.distributed: worker %d failed (%s); restoring its %d "
                         "sequence(s) on live workers", index, slot.reason, len(orphans))
-            if not self._closed:
-                slot.watcher = threading.Thread(target=self._watch, args=(slot, orphans),
-                                                name=f"ruvpy-worker-{index}-watch", daemon=True)
-                slot.watcher.start()
+            slot.watcher = threading.Thread(target=self._watch, args=(slot, orphans),
+                                            name=f"ruvpy-worker-{index}-watch", daemon=True)
+            slot.watcher.start()
 
     def _on_restarted(self, index, incarnation):
         """Worker `index` answered with a new incarnation: it restarted and lost every
@@ -773,7 +776,8 @@ class Cluster(Closing):
         try:
             ray.get(slot.handle.retain.remote(keep))   # stale copies of restored sequences
         except RayError as exc:
-            log.warning("ruvpy.distributed: worker %d failed again (%s)", slot.index, exc)
+            if not self._closed:
+                log.warning("ruvpy.distributed: worker %d failed again (%s)", slot.index, exc)
             with self._lock:
                 slot.state = DROPPED
                 slot.reason = _death_reason(exc)
@@ -885,6 +889,7 @@ class Cluster(Closing):
         seq = next(self._ids)
         tried = set()
         while True:
+            self._check_open()         # shut down meanwhile: no remote call (Ray may be down)
             worker = self._place(exclude=tried, reserve=True)
             slot = self._slots[worker]
             try:
@@ -1374,6 +1379,7 @@ class Cluster(Closing):
     def _any_worker(self, submit):
         self._check_open()
         for index in self.live_workers():
+            self._check_open()         # shut down meanwhile: no remote call (Ray may be down)
             try:
                 return ray.get(submit(self._slots[index].handle))
             except RayActorError as exc:
@@ -1432,7 +1438,8 @@ class Cluster(Closing):
     # -- lifetime --------------------------------------------------------------------------------
     def shutdown(self):
         """Kill the workers and drop every snapshot; shuts Ray down if the Cluster started
-        it. Idempotent."""
+        it. Idempotent. Calls in flight in other threads raise RuntimeError ("shut down");
+        their workers' deaths are not reported as failures."""
         if self._closed:
             return
         self._closed = True

@@ -593,3 +593,34 @@ def test_a_generation_of_no_tokens_checks_its_prompt(paged_cluster):
     finally:
         paged_cluster.remove_sequence(seq)
 
+
+def test_a_shutdown_is_no_worker_failure(local_ray, caplog):
+    """A shutdown() while a generation streams: the generation raises "shut down", and the
+    workers it killed were logged and counted as failed ("killed by ray.kill"). After it,
+    worker_states() said every worker was alive; it raises, as every other call does."""
+    caplog.set_level(logging.INFO, logger="ruvpy.distributed")
+    cluster = Cluster(1, kv_cache="paged", max_tokens=1024)
+    streaming, shut_down, outcome = threading.Event(), threading.Event(), {}
+
+    def on_token(piece):
+        streaming.set()
+        shut_down.wait(60)           # the worker goes on generating meanwhile
+
+    def generate():
+        try:
+            outcome["text"] = cluster.generate("Once upon a time", 400, on_token=on_token)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    assert streaming.wait(120)
+    cluster.shutdown()
+    shut_down.set()
+    thread.join(60)
+    assert "shut down" in str(outcome.get("error")), outcome
+    assert cluster.counters["worker_failures"] == 0
+    assert "failed" not in caplog.text
+    for call in (cluster.worker_states, cluster.live_workers, cluster.wait_for_workers):
+        with pytest.raises(RuntimeError, match="shut down"):
+            call()
