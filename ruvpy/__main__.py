@@ -154,6 +154,9 @@ def cmd_info(args):
 
 
 # -- bench --------------------------------------------------------------------------------
+NOT_BENCHMARKS = ("compare",)     # tools/bench_<name>.py that `bench` runs only when named
+
+
 def _tools_dir():
     """tools/ of the source checkout this ruvpy was imported from, or None."""
     import ruvpy
@@ -171,7 +174,9 @@ def cmd_bench(args, passthrough):
                      "checkout; this ruvpy is an installed copy without tools/ (run `python -m "
                      "ruvpy bench` with the repository installed editable: pip install -e .)")
     scripts = {p.stem.removeprefix("bench_"): p for p in sorted(tools.glob("bench_*.py"))}
-    chosen = args.only or list(scripts)
+    # bench_compare.py is no benchmark but a harness that runs one against two checkouts (it
+    # requires --old and a script): run by name only, or `bench` alone would fail on it.
+    chosen = args.only or [name for name in scripts if name not in NOT_BENCHMARKS]
     unknown = [name for name in chosen if name not in scripts]
     if unknown:
         return _fail(f"no benchmark named {', '.join(unknown)}; available: "
@@ -242,7 +247,9 @@ def build_parser():
                                 "arguments (or all after --) are passed to each script")
     bench.add_argument("--only", action="append", metavar="NAME",
                        help="run only bench_NAME.py (repeatable)")
-    bench.add_argument("--list", action="store_true", help="list the benchmarks")
+    bench.add_argument("--list", action="store_true",
+                       help="list the benchmarks that would run (bench_compare.py, a harness "
+                            "over two checkouts, runs only with --only compare)")
     return parser
 
 

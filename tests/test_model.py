@@ -752,7 +752,8 @@ def test_cli_missing_model_file():
 
 
 def test_cli_bench_lists_and_selects_the_tools_scripts():
-    scripts = sorted(p.stem.removeprefix("bench_") for p in (REPO / "tools").glob("bench_*.py"))
+    scripts = sorted(p.stem.removeprefix("bench_") for p in (REPO / "tools").glob("bench_*.py")
+                     if p.stem != "bench_compare")       # a harness, run only by name
     listed = _run_cli("bench", "--list")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == scripts or (not scripts and "no bench_" in listed.stdout)
@@ -762,6 +763,29 @@ def test_cli_bench_lists_and_selects_the_tools_scripts():
         some = _run_cli("bench", "--list", "--only", scripts[1], "--only", scripts[0])
         assert some.returncode == 0 and some.stdout.split() == [scripts[1], scripts[0]]
         assert _run_cli("bench", "--list", "--only", "no-such-bench").returncode == 2
+
+
+def test_cli_bench_alone_runs_every_benchmark_and_not_the_compare_harness(monkeypatch, capsys):
+    """`python -m ruvpy bench` (README: runs tools/bench_*.py) ran bench_compare.py too, which
+    requires --old and a script: the run ended in its usage error and exit status 2. It is
+    still there by name (`--only compare`)."""
+    import ruvpy.__main__ as cli
+
+    ran = []
+
+    def fake_run(command, **kwargs):
+        ran.append(os.path.basename(command[1]))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    assert cli.main(["bench"]) == 0
+    every = sorted(p.name for p in (REPO / "tools").glob("bench_*.py"))
+    assert "bench_compare.py" in every
+    assert ran == [name for name in every if name != "bench_compare.py"]
+    ran.clear()
+    assert cli.main(["bench", "--only", "compare", "--", "--help"]) == 0
+    assert ran == ["bench_compare.py"]
+    capsys.readouterr()
 
 
 def test_cli_info():
