@@ -41,14 +41,20 @@ def _byte_size(text):
 
 # -- generate -----------------------------------------------------------------------------
 def _cold_tier_mismatch(args):
-    """What is wrong with cold-tier options given to a cache that has no use for them, or
-    None (the config cannot tell a default turbo_bits from one asked for)."""
+    """What is wrong with cold-tier options given to a cache that has no use for them, named
+    as the user typed them, or None (the config cannot tell a default turbo_bits from one
+    asked for; its own messages name RuntimeConfig fields, not options)."""
     if args.turbo_bits is not None and args.kv != "turbo" and args.cold != "turbo":
         return (f"--turbo-bits applies to the TurboQuant cold tier: add --kv turbo (or --kv "
                 f"two-tier --cold turbo); --kv {args.kv}" + (f" --cold {args.cold}" if args.cold else "")
                 + " has none")
     if args.hot_tokens is not None and args.kv == "paged":
         return "--hot-tokens applies to the two-tier caches (--kv two-tier or turbo), not --kv paged"
+    if args.cold is not None and args.kv == "paged":
+        return f"--cold applies to the two-tier cache (--kv two-tier --cold {args.cold}), not --kv paged"
+    if args.cold not in (None, "turbo") and args.kv == "turbo":
+        return (f"--cold {args.cold} contradicts --kv turbo, whose cold tier is TurboQuant "
+                f"(for a {args.cold} cold tier: --kv two-tier --cold {args.cold})")
     return None
 
 

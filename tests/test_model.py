@@ -697,10 +697,15 @@ def test_cli_rejects_bad_option_values(capsys, option, value, words):
     (["--kv", "two-tier", "--cold", "q8", "--turbo-bits", "4.5"], "--kv two-tier --cold q8 has none"),
     (["--hot-tokens", "32"], "--hot-tokens applies to the two-tier caches"),
     (["--kv", "two-tier", "--hot-tokens", "0"], "hot_tokens must be >= 1"),
+    # --cold was refused as "RuntimeConfig.cold='q8' applies to ..." / "cold='q8' contradicts
+    # it": the config's field, not the option that was typed
+    (["--cold", "q8"], "--cold applies to the two-tier cache (--kv two-tier --cold q8)"),
+    (["--kv", "turbo", "--cold", "q4"], "--cold q4 contradicts --kv turbo"),
 ])
 def test_cli_cold_tier_options_a_cache_cannot_use_are_clean_errors(cli, reference, args, words):
-    """A turbo bit rate for a cache without a TurboQuant tier, or a hot tier for the paged
-    cache, is refused by name rather than silently ignored."""
+    """A turbo bit rate for a cache without a TurboQuant tier, a hot tier or a cold format for
+    the paged cache, or a cold format other than TurboQuant for the turbo cache, is refused by
+    the option's name rather than silently ignored."""
     code, out, err, _ = cli(reference["text"], "-n", "1", *args)
     assert code == 2 and words in err and "Traceback" not in err and out == ""
 
