@@ -322,14 +322,18 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fp16 = next((r for r in rows if r["format"] == "fp16"), None)
+    if fp16 is None:
+        log("no plot: it shows perplexity against fp16 KV's, and fp16 was not measured")
+        return
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    text_names = [k[len("ppl "):] for k in rows[0] if k.startswith("ppl ")]
+    text_names = [k[len("ppl "):] for k in fp16 if k.startswith("ppl ")]
     for tname, marker in zip(text_names, "os^D"):
-        xs = [r["bits/value"] for r in rows]
-        ys = [100 * (r[f"ppl {tname}"] / next(q for q in rows if q["format"] == "fp16")[f"ppl {tname}"] - 1)
-              for r in rows]
+        shown = [r for r in rows if r.get("bits/value") is not None and f"ppl {tname}" in r]
+        xs = [r["bits/value"] for r in shown]
+        ys = [100 * (r[f"ppl {tname}"] / fp16[f"ppl {tname}"] - 1) for r in shown]
         ax.plot(xs, ys, marker, label=tname, alpha=0.8)
-        for r, x, y in zip(rows, xs, ys):
+        for r, x, y in zip(shown, xs, ys):
             ax.annotate(r["format"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.axhline(0, color="grey", lw=0.6)
     ax.axhline(1, color="grey", lw=0.6, ls=":")
@@ -362,13 +366,18 @@ def main():
     args = ap.parse_args()
     q = args.quick
     n_tok = args.tokens or (512 if q else 1536)
-    if n_tok < args.hot + MIGRATION:       # bits per value are measured on the cold store
-        ap.error(f"--tokens ({n_tok}) must be at least --hot ({args.hot}) + one cold group "
-                 f"({MIGRATION}) for any token to reach the cold tier")
+    # bits per value are measured on the cold store; the last token is only a target, not fed
+    if n_tok - 1 < args.hot + MIGRATION:
+        ap.error(f"--tokens ({n_tok}) must be more than --hot ({args.hot}) + one cold group "
+                 f"({MIGRATION}) for any token to reach the cold tier (the last token is not fed)")
     n_gen = args.gen or (64 if q else 256)
     lengths = args.passkey if args.passkey is not None else ([1024, 2048] if q else [1024, 2048, 4096, 6144])
     depths = args.depths or ([0.5] if q else [0.1, 0.5, 0.9])
     n_cap = args.capture or (512 if q else 1024)
+    if "cosine" not in args.skip and n_cap <= args.hot + MIGRATION:
+        # the cosine is taken over the rows after the first group, and with the hot tier some
+        # group must be cold
+        ap.error(f"--capture ({n_cap}) must be more than --hot ({args.hot}) + one cold group ({MIGRATION})")
     names = ["fp32", *[n for n in args.formats if n != "fp32"]]    # fp32 is the reference
     t_start = time.perf_counter()
 
