@@ -64,9 +64,13 @@ def quantize_q8(x):
     n, k = x.shape
     xb = x.reshape(n, k // 32, 32)
     d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int8)
+        # 1 / d overflows for a block below ~3.7e-37: its values and d are scaled by 2^64 first
+        tiny = np.isinf(inv)
+        pre = np.where(tiny, np.float32(2.0 ** 64), np.float32(1)).astype(np.float32)
+        inv = np.where(tiny, np.float32(1) / (d * pre), inv).astype(np.float32)
+    q = np.clip(np.rint((xb * pre[..., None]) * inv[..., None]), -127, 127).astype(np.int8)
     halves = q.reshape(n, k // 32, 2, 16).astype(np.int32).sum(-1)
     s16 = (d[..., None] * halves.astype(np.float32)).astype(np.float32).reshape(n, k // 16)
     s32 = (d * halves.sum(-1).astype(np.float32)).astype(np.float32)

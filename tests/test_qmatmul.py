@@ -230,6 +230,36 @@ def test_a_non_finite_activation_gives_nan_on_every_isa(isa, name, bad):
     assert np.isnan(m.matmul(x[2:3])).all()                  # and one column (matrix-vector)
 
 
+@pytest.mark.parametrize("name", [n for n in qblocks.ALL_TYPES if n not in ("F32", "F16", "BF16")])
+def test_activation_blocks_whose_inverse_scale_overflows(isa, name):
+    """A block of 32 activations with max |x| below ~3.7e-37 has a scale d = max / 127 whose
+    inverse 1 / d is infinite in float32: every code became x * inf, the sign alone on the
+    scalar table (+-127) and -127 whatever the sign (cvtps2dq's integer indefinite) on AVX2
+    and AVX-512 -- products 2x to 13x off float64, and the tables disagreeing. Such blocks are
+    now quantized as any other (their values scaled by 2^64 first, exactly): the product is the
+    float64 one within the int8 rounding, on every table, and the codes keep the values' signs."""
+    rng = np.random.default_rng([len(isa), len(name), 7])
+    rows, cols, _ = _shape(name, 6, 128, 1)
+    data, w = qblocks.random_matrix(rng, name, rows, cols)
+    m = QMatrix(data.reshape(-1), name, rows, cols)
+    w64 = w.astype(np.float64)
+    for tiny in (1e-37, 1e-38, 1e-39):
+        x = (rng.standard_normal((5, cols)) * tiny).astype(np.float32)   # normal and subnormal
+        x[1, :32] = rng.standard_normal(32)                 # a normal block among tiny ones
+        x[3, :cols // 2] = 0.0                              # and zero blocks
+        y = m.matmul(x).astype(np.float64)
+        ref = x.astype(np.float64) @ w64.T
+        # int8 rounding: half a step (max |x| of the block / 127) per value, plus the float32
+        # rounding of a subnormal scale (within 2^-9 of its value for these blocks)
+        step = np.repeat(np.abs(x).reshape(5, -1, 32).max(-1).astype(np.float64) / 127, 32, axis=1)
+        bound = (0.5 * step + 2.0 ** -9 * np.abs(x)) @ np.abs(w64).T * 1.01
+        assert np.all(np.abs(y - ref) <= bound), f"{tiny}: worst {np.max(np.abs(y - ref) / bound):.3g} x the bound"
+        assert np.all(np.abs(m.matmul(x[2:3]).astype(np.float64) - ref[2:3]) <= bound[2:3])   # matrix-vector
+        q = quantize_activations(x)[0].reshape(x.shape)
+        assert np.all(q * np.sign(x) >= 0), "a code of the other sign"
+        assert np.array_equal(q, qblocks.quantize_q8(x)[0])
+
+
 def test_matmul_refuses_out_overlapping_x(isa):
     """out=x (or a view sharing its memory) was accepted: float weights read x while its rows
     were written, garbage of order 1e8 (quantized weights hid it: x is quantized first)."""

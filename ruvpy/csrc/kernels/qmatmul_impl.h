@@ -21,6 +21,7 @@
 #ifndef RV_QMATMUL_IMPL_H
 #define RV_QMATMUL_IMPL_H
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 #include "rv_simd.h"
@@ -226,6 +227,14 @@ RV_INLINE float qm_block_scale(float amax, float nonfinite)
     return nonfinite == nonfinite ? amax / 127.0f : NAN;
 }
 
+/* A block whose maximum is below 127 / FLT_MAX (~3.7e-37) has a scale whose inverse is
+ * infinite in float32: x * (1 / d) made every code +-inf, which the scalar path clamped to the
+ * sign alone and cvtps2dq turned into -127 whatever the sign. Such blocks (id = 1 / d > FLT_MAX)
+ * go through qm_quantize_block_ref, which scales the values and d by 2^64 first (exact: powers
+ * of two), so their codes are those of any other block; the vector paths keep their one
+ * multiply for every other block. */
+RV_INLINE int qm_tiny_block(float id) { return id > FLT_MAX; }
+
 RV_INLINE void qm_finish_block(const rv_qact *a, int c, int b, float d, int32_t sum_lo, int32_t sum_hi)
 {
     const size_t nb = (size_t)a->k / 32, at = (size_t)c * nb + b;
@@ -246,10 +255,15 @@ static void qm_quantize_block_ref(const rv_qact *a, int c, int b)
         amax = fmaxf(amax, fabsf(x[i]));
         nonfinite += x[i] - x[i];
     }
-    const float d = qm_block_scale(amax, nonfinite), id = d > 0.0f ? 1.0f / d : 0.0f;
+    const float d = qm_block_scale(amax, nonfinite);
+    float pre = 1.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+    if (id > FLT_MAX) {         /* see qm_tiny_block: x * 2^64 * (1 / (d * 2^64)), all exact scalings */
+        pre = 0x1p64f;
+        id = 1.0f / (d * pre);
+    }
     int32_t sums[2] = {0, 0};
     for (int i = 0; i < 32; i++) {
-        float v = nearbyintf(x[i] * id);
+        float v = nearbyintf(x[i] * pre * id);
         v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);   /* NaN stays NaN: cast below */
         q[i] = v == v ? (int8_t)v : 0;
         sums[i / 16] += q[i];
@@ -545,6 +559,10 @@ static void qm_quantize_cols(rv_qact *a, int c0, int c1)
             const __m512 z = _mm512_add_ps(_mm512_sub_ps(x0, x0), _mm512_sub_ps(x1, x1));
             const float d = qm_block_scale(amax, _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q) ? NAN : 0.0f);
             const float id = d > 0.0f ? 1.0f / d : 0.0f;
+            if (qm_tiny_block(id)) {
+                qm_quantize_block_ref(a, c, b);
+                continue;
+            }
             const __m512 vid = _mm512_set1_ps(id);
             const __m512i i0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), lo), hi);
             const __m512i i1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x1, vid)), lo), hi);
@@ -736,6 +754,10 @@ static void qm_quantize_cols(rv_qact *a, int c0, int c1)
             const float d = qm_block_scale(_mm_cvtss_f32(m4),
                                            _mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q)) ? NAN : 0.0f);
             const float id = d > 0.0f ? 1.0f / d : 0.0f;
+            if (qm_tiny_block(id)) {
+                qm_quantize_block_ref(a, c, b);
+                continue;
+            }
             __m256i iv[4];
             for (int i = 0; i < 4; i++)
                 iv[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id))), lo), hi);
@@ -899,6 +921,10 @@ static void qm_quantize_cols(rv_qact *a, int c0, int c1)
             }
             const float d = qm_block_scale(vmaxvq_f32(m), vminvq_u32(vceqq_f32(z, z)) ? 0.0f : NAN);
             const float id = d > 0.0f ? 1.0f / d : 0.0f;
+            if (qm_tiny_block(id)) {
+                qm_quantize_block_ref(a, c, b);
+                continue;
+            }
             int32_t sums[2] = {0, 0};
             for (int i = 0; i < 8; i++) {
                 int32x4_t iv = vcvtnq_s32_f32(vmulq_n_f32(v[i], id));
