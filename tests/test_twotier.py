@@ -652,6 +652,36 @@ def test_stored_kv_against_what_was_appended(isa, cold):
         assert far > 10 * attention_error(out, reference_attention(q, k, v), v)
 
 
+@pytest.mark.parametrize("cold", ["q8", "q4"])
+def test_cold_groups_of_small_range_stay_within_half_a_step(cold):
+    """A min-max group's binary16 step (range / L) is subnormal below a range of L * 6.1e-5
+    (0.016 for q8) and was rounded to the nearest multiple of 2^-24: rounded down, the top
+    code stopped short of the group's maximum by up to L * 2^-25, so a q8 value group
+    spanning 1e-4 came back up to ~19 steps off (7.5e-6 of a 1e-4 range). The step is now
+    rounded up where rounding to nearest would not reach the maximum: every cold value is
+    within half of its stored step, at most half a step of its range plus half of 2^-24."""
+    L = COLD_LEVELS[cold]
+    kvh, d, G = 2, 32, 32
+    rng = np.random.default_rng(31)
+    for span in (3e-2, 1e-3, 3e-4, 1e-4, 1e-5):
+        cache = TwoTierKVCache(1, kvh, d, hot_tokens=16, migration_batch=G, group_size=32, cold=cold,
+                               max_tokens=256)
+        seq = cache.add_sequence()
+        k = as_stored_fp16(rng.uniform(-span / 2, span / 2, (2 * G + 16, kvh, d)))
+        v = as_stored_fp16(rng.uniform(0, span, (2 * G + 16, kvh, d)))
+        cache.append(seq, 0, k, v)
+        kk, vv = cache.get_kv(seq, 0)
+        n = cache.stats().sequences[seq]["cold_tokens"]
+        assert n == 2 * G
+        for got, x, axis in ((kk, k, 0), (vv, v, -1)):
+            for g0 in range(0, n, G):
+                xs = x[g0:g0 + G].astype(np.float64)
+                step = (xs.max(axis, keepdims=True) - xs.min(axis, keepdims=True)) / L
+                err = np.abs(got[g0:g0 + G] - xs)
+                assert np.all(err <= 0.5 * step * (1 + 2.0 ** -9) + 2.0 ** -25), \
+                    f"span {span}: {np.max(err / step):.2f} steps off"
+
+
 def test_bad_input_leaves_cache_unchanged():
     rng = np.random.default_rng(11)
     cache = TwoTierKVCache(2, 2, 8, hot_tokens=4, migration_batch=4, max_tokens=64)

@@ -161,13 +161,18 @@ static uint32_t head_offset(const unsigned char *blob, int head)
 }
 
 /* Asymmetric quantization parameters of [mn, mx] with levels 0..L, rounded to binary16 (the
- * codes are computed against the rounded values, so decoding matches encoding). */
+ * codes are computed against the rounded values, so decoding matches encoding). The step is
+ * rounded up where the nearest binary16 would leave the top code short of mx: below a range of
+ * L * 6.1e-5 the step is subnormal, its rounding up to 2^-25 absolute, and a q8 group spanning
+ * 1e-4 decoded up to ~19 steps off its maximum; now every value is within half a stored step. */
 static void params(float mn, float mx, int L, uint16_t *s16, uint16_t *z16, float *sf, float *zf)
 {
     *s16 = rv_f32_to_f16((mx - mn) / (float)L);
     *z16 = rv_f32_to_f16(mn);
-    *sf = rv_f16_to_f32(*s16);
     *zf = rv_f16_to_f32(*z16);
+    while (*s16 < 0x7BFF && *zf + (float)L * rv_f16_to_f32(*s16) < mx)   /* finite, positive steps */
+        ++*s16;
+    *sf = rv_f16_to_f32(*s16);
 }
 
 static int code_of(float x, float sf, float zf, int L)
