@@ -179,6 +179,25 @@ def test_elementwise_kernels(isa):
     np.testing.assert_allclose(swiglu(gate, up), g64 / (1 + np.exp(-g64)) * up, rtol=2e-6, atol=1e-30)
 
 
+def test_rmsnorm_of_rows_whose_squares_overflow(isa):
+    """rmsnorm summed x^2 in float32: a row past ~1.8e19 / sqrt(dim) overflowed the sum to
+    inf and came back all zeros (1 / sqrt(inf)), where x / rms(x) is as defined as for any
+    row. Such a row's sum is now taken over x * 2^-96 (exact scaling), on every table; an
+    infinity in the row still gives NaN there and zeros elsewhere, as before."""
+    rng = np.random.default_rng(41)
+    g = rng.uniform(0.5, 2, 576).astype(np.float32)
+    for dim in (576, 37):
+        x = rng.standard_normal((4, dim)).astype(np.float32)
+        x[0] *= np.float32(1e19)
+        x[1] *= np.float32(1e30)
+        x[2, 3] = np.float32(3e38)                     # one huge value among small ones
+        x64 = x.astype(np.float64)
+        want = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5) * g[:dim]
+        np.testing.assert_allclose(rmsnorm(x, g[:dim], 1e-5), want, rtol=4e-6, atol=1e-7)
+    y = rmsnorm(np.array([1.0, np.inf, 2.0], np.float32))
+    assert np.isnan(y[1]) and y[0] == 0 and y[2] == 0
+
+
 def test_bad_input_is_refused():
     data = np.zeros(4 * 34 * 2, np.uint8)
     with pytest.raises(ValueError, match="unsupported weight type 'Q5_0'"):

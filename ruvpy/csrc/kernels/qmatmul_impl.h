@@ -1212,7 +1212,17 @@ static void rmsnorm_f32(const float *x, const float *gain, float eps, float *out
     float ss = rv_vf_hsum(rv_vf_add(s0, s1));
     for (; i < n; i++)
         ss += x[i] * x[i];
-    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    if (ss > FLT_MAX) {
+        /* the squares overflowed (a row past ~1.8e19 / sqrt(n)), which made r 0 and the row
+         * zeros: sum them over x * 2^-96 instead (exact scaling; eps is negligible there) */
+        float t = 0.0f;
+        for (i = 0; i < n; i++) {
+            const float y = x[i] * 0x1p-96f;
+            t += y * y;
+        }
+        r = 0x1p-96f / sqrtf(t / (float)n);
+    }
     const rv_vf vr = rv_vf_set1(r);
     for (i = 0; i + RV_VW <= n; i += RV_VW) {
         const rv_vf v = rv_vf_mul(rv_vf_load(x + i), vr);
