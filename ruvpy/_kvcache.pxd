@@ -139,4 +139,5 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
                            const int64_t *sizes, int64_t ngroups, int32_t skip, int32_t cut,
                            const uint16_t *hot_k, const uint16_t *hot_v, int64_t hot_len,
                            const rv_ops *ops)
-    void rv_tt_seq_usage(const rv_tt *c, int slot, int layer, rv_tt_usage *u)
+    void rv_tt_usage_begin(rv_tt *c)
+    void rv_tt_seq_usage(rv_tt *c, int slot, int layer, rv_tt_usage *u)

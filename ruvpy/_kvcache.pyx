@@ -1393,6 +1393,7 @@ cdef class PagedKVCache(_KVCache):
         rv_paged_get_stats(self.c, &st)
         bb = self.c.block_bytes
         seqs = {}
+        holders = {}     # shared block -> its holders counted so far
         for seq, slot in self._slot_of.items():
             s = &self.c.seqs[<int>slot]
             shared = 0
@@ -1401,6 +1402,12 @@ cdef class PagedKVCache(_KVCache):
                 r = self.c.refcount[s.blocks[b]]
                 shared += r > 1
                 share_bytes += bb // r
+                if r > 1 and bb % r:
+                    # whole bytes that add up to the block's over its holders: the first
+                    # bb % r of them take one more (floor alone fell short of bytes_in_use)
+                    seen = holders.get(s.blocks[b], 0)
+                    share_bytes += seen < bb % r
+                    holders[s.blocks[b]] = seen + 1
             seqs[seq] = (s.nblocks, shared, share_bytes, [s.ntok[l] for l in range(self.num_layers)])
         return paged_stats(
             shape=(self.num_layers, self.num_kv_heads, self.head_dim), dtype=self.dtype,
@@ -1762,6 +1769,7 @@ cdef class TwoTierKVCache(_KVCache):
     cdef object _h_stats(self):
         cdef rv_tt_usage u
         usage = {}
+        rv_tt_usage_begin(self.c)       # shared groups' bytes split in whole bytes that add up
         for seq, slot in self._slot_of.items():
             rows = []
             for l in range(self.num_layers):

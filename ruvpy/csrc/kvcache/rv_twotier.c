@@ -1212,13 +1212,25 @@ fail:
     return RV_ENOMEM;
 }
 
-void rv_tt_seq_usage(const rv_tt *c, int slot, int layer, rv_tt_usage *u)
+void rv_tt_usage_begin(rv_tt *c) { c->epoch++; }
+
+void rv_tt_seq_usage(rv_tt *c, int slot, int layer, rv_tt_usage *u)
 {
     const rv_tt_layer *L = &c->seqs[slot].layers[layer];
     u->hot_tokens = L->hot_len;
     u->cold_tokens = cold_len(c, L);
     u->hot_bytes = L->hot ? rv_kv_alloc_size(ring_bytes(c->num_kv_heads, c->head_dim, L->hot_cap)) : 0;
     u->cold_bytes = 0;
-    for (int64_t g = 0; g < L->ngroups; g++)
-        u->cold_bytes += L->groups[g]->alloc_bytes / (size_t)L->groups[g]->refs;
+    for (int64_t i = 0; i < L->ngroups; i++) {
+        rv_tt_group *g = L->groups[i];
+        if (g->mark != c->epoch) {      /* the pass's first holder of g */
+            g->mark = c->epoch;
+            g->tmp = 0;
+        }
+        const size_t refs = (size_t)g->refs;
+        /* whole bytes that add up to alloc_bytes over its holders (floor alone lost up to
+         * refs - 1 bytes a group: the sequences' bytes fell short of the cache's) */
+        u->cold_bytes += g->alloc_bytes / refs + ((size_t)g->tmp < g->alloc_bytes % refs);
+        g->tmp++;
+    }
 }

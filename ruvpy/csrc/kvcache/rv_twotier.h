@@ -52,7 +52,8 @@ typedef struct {
     int32_t refs;            /* group lists holding it (live or evicted awaiting a commit) */
     int32_t full;            /* live holders that see all of it (no skip, no cut) */
     int32_t stored;          /* its tokens counted in `used`: those some holder sees */
-    int32_t tmp, tmp_end, tmp_mid;   /* scratch of rv_tt_stored_without (while mark == epoch) */
+    int32_t tmp, tmp_end, tmp_mid;   /* scratch of rv_tt_stored_without and of a usage pass
+                                        (rv_tt_usage_begin: holders counted) while mark == epoch */
     int32_t origin;          /* RV_TT_FROM_*: where its memory came from */
     int32_t slab_class;      /* from a slab: its size class there */
     uint64_t mark;
@@ -101,7 +102,7 @@ typedef struct {
     int64_t cold_groups;     /* distinct groups allocated */
     int64_t evicted;         /* tokens evicted, all sequences (a rollback takes its own back) */
     int64_t shared_groups;   /* distinct groups with more than one reference */
-    uint64_t epoch;          /* marks of rv_tt_stored_without */
+    uint64_t epoch;          /* marks of rv_tt_stored_without and of usage passes */
     uint64_t births;
     rv_pool *pool;           /* cold groups from its class pool_class, or NULL */
     int pool_class;
@@ -220,7 +221,12 @@ typedef struct {
     int64_t hot_tokens, cold_tokens;   /* summed over layers */
     size_t hot_bytes, cold_bytes;      /* allocations (a shared group's bytes split by refs) */
 } rv_tt_usage;
-/* usage of one sequence in one layer */
-void rv_tt_seq_usage(const rv_tt *c, int slot, int layer, rv_tt_usage *u);
+/* A usage pass: rv_tt_usage_begin, then rv_tt_seq_usage for every (live slot, layer), with no
+ * other call in between. A shared group's alloc_bytes are split among its holders in whole
+ * bytes that add up to it: each takes alloc_bytes / refs and the first alloc_bytes % refs
+ * holders the pass visits one more (so the sequences' bytes add up to the cache's). */
+void rv_tt_usage_begin(rv_tt *c);
+/* usage of one sequence in one layer, within a usage pass */
+void rv_tt_seq_usage(rv_tt *c, int slot, int layer, rv_tt_usage *u);
 
 #endif
