@@ -98,6 +98,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
         int hot_tokens, group_tokens, group_size, cold
         double turbo_bits
         int64_t max_tokens
+        int uniform_slabs
 
     ctypedef struct rv_tt_usage:
         int64_t hot_tokens, cold_tokens

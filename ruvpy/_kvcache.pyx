@@ -1478,7 +1478,8 @@ cdef class PagedKVCache(_KVCache):
 
 
 cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tokens, cold,
-                    group_size, migration_batch, max_tokens, turbo_bits) except -1:
+                    group_size, migration_batch, max_tokens, turbo_bits,
+                    uniform_slabs=False) except -1:
     p.num_layers = _positive_int(num_layers, "num_layers")
     p.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
     p.head_dim = _positive_int(head_dim, "head_dim")
@@ -1507,6 +1508,7 @@ cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tok
     if cold == "turbo" and float(turbo_bits) not in TURBO_BITS:
         raise ValueError(f"turbo_bits must be one of {TURBO_BITS} (bits per value), got {turbo_bits}")
     p.turbo_bits = float(turbo_bits)
+    p.uniform_slabs = 1 if uniform_slabs else 0
     return 0
 
 
@@ -1545,7 +1547,14 @@ cdef class TwoTierKVCache(_KVCache):
 
     pool: a BufferPool with a size class at least group_bytes_max(...) bytes: cold groups
     take their memory from its smallest such class (the Runtime sizes and prewarms one), so
-    migration never calls the allocator while the class has free buffers."""
+    migration never calls the allocator while the class has free buffers.
+
+    uniform_slabs: without a pool, a large cache's cold groups come from its own huge-page
+    slabs in blocks of a few size classes (a group takes the smallest that holds it); with
+    uniform_slabs every block is of the largest group's size, so a block freed by any group
+    serves any later one and the slabs never take more than cold_store_bytes(...) (a Runtime
+    under a memory_budget sets it: with size classes, groups growing over time -- q4 outlier
+    channels appearing -- could not reuse the smaller blocks freed and mapped more slabs)."""
 
     cdef rv_tt *c
     cdef readonly int hot_tokens
@@ -1558,7 +1567,7 @@ cdef class TwoTierKVCache(_KVCache):
 
     def __init__(self, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                  group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5,
-                 pool=None):
+                 pool=None, uniform_slabs=False):
         cdef rv_tt_params p
         cdef rv_tt *created = NULL
         cdef int cls = -1
@@ -1566,7 +1575,7 @@ cdef class TwoTierKVCache(_KVCache):
         self._refuse_reinit()
         shape = self._check_shape(num_layers, num_kv_heads, head_dim, max_tokens)
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, shape[3], turbo_bits)
+                   migration_batch, shape[3], turbo_bits, uniform_slabs)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
         if pool is not None:
@@ -1600,72 +1609,72 @@ cdef class TwoTierKVCache(_KVCache):
     @classmethod
     def bytes_per_token(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                         group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
-                        max_tokens=None, pool=None):
+                        max_tokens=None, pool=None, uniform_slabs=False):
         """Bytes one cold token of one sequence costs across all layers: a cold group's
         allocation (without outlier channels) divided by its tokens. A sequence's hot tier
         adds up to hot_tier_bytes(...)."""
         cdef rv_tt_params p
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits)
+                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
         return p.num_layers * rv_tt_group_alloc_bytes(&p, 0) / p.group_tokens
 
     @classmethod
     def group_bytes_max(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                         group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
-                        max_tokens=None, pool=None):
+                        max_tokens=None, pool=None, uniform_slabs=False):
         """Bytes one cold group (one layer, migration_batch tokens) takes at most: its
         format's largest blob (every outlier channel it allows) with the group's header,
         as allocated. Arithmetic from the codec, nothing is built."""
         cdef rv_tt_params p
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits)
+                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
         return rv_tt_group_alloc_bytes(&p, 1)
 
     @classmethod
     def uses_slabs(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                    group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
-                   max_tokens=None, pool=None):
+                   max_tokens=None, pool=None, uniform_slabs=False):
         """Whether such a cache, without a pool, takes its cold groups from its own huge-page
         slabs: when its capacity (max_tokens in every layer, in the largest groups) fills at
         least one slab (2 MiB or more). Smaller caches take them from malloc. Arithmetic."""
         cdef rv_tt_params p
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits)
+                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
         return bool(rv_tt_uses_slabs(&p))
 
     @classmethod
     def fixed_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                     group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
-                    max_tokens=None, pool=None):
+                    max_tokens=None, pool=None, uniform_slabs=False):
         """Bytes the cache allocates when created, before any token: its counters, the
         format's tables and the migration work buffer (arithmetic)."""
         cdef rv_tt_params p
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits)
+                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
         return rv_tt_fixed_bytes(&p)
 
     @classmethod
     def cold_store_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                          group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
-                         max_tokens=None, pool=None, slabs=True):
+                         max_tokens=None, pool=None, slabs=True, uniform_slabs=False):
         """The most bytes the cold store takes with max_tokens in every layer, in full groups
         of the largest size: whole 2 MiB-multiple slabs when `slabs` and the cache uses them
         (uses_slabs), else the groups' own allocations (a pool's, arithmetic)."""
         cdef rv_tt_params p
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits)
+                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
         return rv_tt_cold_store_bytes(&p, 1 if slabs else 0)
 
     @classmethod
     def hot_tier_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                        group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
-                       max_tokens=None, pool=None):
+                       max_tokens=None, pool=None, uniform_slabs=False):
         """The most one sequence's hot tier holds between steps, all layers: fp16 rings of
         hot_tokens + migration_batch tokens. (A step that appends more grows them until it
         ends.)"""
         cdef rv_tt_params p
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits)
+                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
         return p.num_layers * rv_tt_hot_alloc_bytes(&p, p.hot_tokens + p.group_tokens)
 
     @property

@@ -165,6 +165,10 @@ class RuntimeConfig:
         options = {"hot_tokens": self.hot_tokens, "cold": self.cold_format,
                    "group_size": self.group_size, "migration_batch": self.migration_batch,
                    "policy": self.policy}
+        if self.memory_budget is not None:
+            # the budget's sizing counts cold slabs holding the capacity's largest groups: with
+            # blocks of one size any freed block serves any group, and the slabs stay within it
+            options["uniform_slabs"] = True
         if self.cold_format == "turbo":
             options["turbo_bits"] = self.turbo_bits
         return options

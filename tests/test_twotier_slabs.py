@@ -213,3 +213,36 @@ def test_a_large_runtime_cache_takes_cold_groups_from_slabs():
         assert rt.memory_bytes()["kv"] == st.bytes
         rt.close()
         assert _mapped_bytes() == counted
+
+
+@pytest.mark.parametrize("cold", ["q4", "turbo"])
+def test_a_budget_holds_when_slab_groups_grow(cold):
+    """Under a memory_budget the sizing counts the cold store as whole slabs of the capacity's
+    largest groups. With blocks of several size classes, groups that grow over time (q4's
+    outlier channels appearing after a fill without them) could not reuse the smaller blocks
+    the evicted groups freed while their slabs still held live ones: the heap mapped a slab
+    more than the sizing counted, and the KV cache stood at 106-119% of its budget between
+    steps (181% here). Under a budget every slab block is of the largest size; the budget
+    holds. (TurboQuant groups are all of one size: a control.)"""
+    L, H, kvh, d, group = 1, 8, 8, 128, 64
+    cfg = RuntimeConfig(num_layers=L, num_heads=H, num_kv_heads=kvh, head_dim=d, hot_tokens=16,
+                        migration_batch=group, memory_budget=5_000_000, max_sequences=1,
+                        policy="evict-oldest", arena_bytes=1 << 20,
+                        **(dict(kv_cache="turbo") if cold == "turbo" else
+                           dict(kv_cache="two-tier", cold="q4")))
+    rng = np.random.default_rng(17)
+    with Runtime(cfg) as rt:
+        assert rt.cache.stats().slab_mapped_bytes == 0 and rt._sizing.cold_slabs
+        seq, most = rt.add_sequence(), 0
+        # a fill without outlier channels (the smallest groups), then with (the largest), twice
+        for outliers in (False, True, False, True):
+            for _ in range(2 * rt.capacity_tokens // group):
+                if outliers:
+                    k, v = outlier_kv(rng, group, kvh, d, channels=8)
+                else:
+                    k, v = random_kv(rng, group, kvh, d)
+                with rt.step([seq], [group]) as step:
+                    step.attention(0, rng.standard_normal((group, H, d)).astype(np.float32), k, v)
+                most = max(most, rt.stats().kv["bytes"])
+        assert rt.stats().kv["details"]["slab_mapped_bytes"] > 0
+        assert most <= cfg.memory_budget, (most, cfg.memory_budget)

@@ -84,7 +84,8 @@ static size_t cold_capacity_bytes(const rv_tt_params *p, const rv_codec_sizes *s
  * header) */
 static int slab_init(rv_slab_heap *h, const rv_tt_params *p, const rv_codec_sizes *sz)
 {
-    return rv_slab_init(h, RV_TT_GROUP_HDR + sz->blob_min, RV_TT_GROUP_HDR + sz->blob_max) == RV_OK &&
+    const size_t smallest = p->uniform_slabs ? sz->blob_max : sz->blob_min;
+    return rv_slab_init(h, RV_TT_GROUP_HDR + smallest, RV_TT_GROUP_HDR + sz->blob_max) == RV_OK &&
            cold_capacity_bytes(p, sz) >= h->slab_bytes;
 }
 

@@ -118,6 +118,12 @@ typedef struct {
     int cold;                /* index into rv_codecs */
     double turbo_bits;
     int64_t max_tokens;
+    /* slab blocks all of the largest group's size (one class): a block any group freed
+     * serves any later one, so the slabs never take more than the largest groups of the
+     * capacity would (rv_tt_cold_store_bytes) -- what a memory budget's sizing counts. With
+     * classes by size (0) a heap whose groups grow (q4 outlier channels coming) could not
+     * reuse the smaller blocks freed and mapped slabs past that. */
+    int uniform_slabs;
 } rv_tt_params;
 
 /* RV_OK, RV_EINVAL (parameters: see rv_limits.h and the codec), RV_ENOMEM. */
@@ -135,8 +141,8 @@ int rv_tt_uses_slabs(const rv_tt_params *p);
 size_t rv_tt_fixed_bytes(const rv_tt_params *p);
 /* The most bytes the cold store takes with max_tokens in every layer in full groups of the
  * largest size: whole slabs when `slabs` and the cache uses them (rv_tt_uses_slabs), else
- * the groups' own allocations (a pool's or malloc's). (Freed blocks of smaller size classes
- * can make a slab heap take more.) */
+ * the groups' own allocations (a pool's or malloc's). (Without p->uniform_slabs, freed
+ * blocks of smaller size classes can make a slab heap take more.) */
 size_t rv_tt_cold_store_bytes(const rv_tt_params *p, int slabs);
 
 /* the slabs' mapped bytes, and of them those not in cold groups */
