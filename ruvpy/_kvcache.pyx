@@ -1670,7 +1670,8 @@ cdef class TwoTierKVCache(_KVCache):
                        group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
                        max_tokens=None, pool=None, uniform_slabs=False):
         """The most one sequence's hot tier holds between steps, all layers: fp16 rings of
-        hot_tokens + migration_batch tokens. (A step that appends more grows them until it
+        hot_tokens + migration_batch tokens. (Inside a transaction nothing migrates: a step
+        appending n tokens grows them to up to hot_tokens + migration_batch - 1 + n until it
         ends.)"""
         cdef rv_tt_params p
         _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,

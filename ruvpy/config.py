@@ -72,8 +72,14 @@ class RuntimeConfig:
     fp16 hot tier per sequence: the budget reserves hot tiers for max_sequences sequences
     (1 if None) and sizes the cold store at its worst-case bytes per token (q4 outlier
     channels included); adding a sequence whose hot tier no longer fits raises KVCacheFull.
-    (A step appending more than hot_tokens + migration_batch tokens to one sequence holds
-    them in fp16 until it ends: chunk long prefills to stay inside a tight budget.)
+    (Inside a step nothing migrates -- a rollback needs the sequence as it was: every token
+    the step appends stays in fp16 until it ends, next to the up to hot_tokens +
+    migration_batch - 1 the sequence held hot before, and cold groups it evicts keep their
+    memory until then. Only one-token (decode) steps stay inside the budget throughout; a
+    step appending n tokens to a sequence may exceed it by up to n - 1 of that sequence's
+    fp16 tokens (all layers) and the groups it evicts -- with n = hot_tokens +
+    migration_batch, 3 sequences of a 300 kB q4 budget reached 117%. Chunk long prefills
+    small to stay close to a tight budget.)
     max_sequences: live sequences at once (None: as many as fit). policy: when the cache is
     full, "error" raises KVCacheFull before anything is written; "evict-oldest" drops the
     oldest tokens (two-tier/turbo only; the paged cache keeps every token). block_size:

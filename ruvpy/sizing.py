@@ -27,7 +27,8 @@ class KVSizing:
     """A KV cache's plan. bytes_per_token: a token of all layers at the storage's usual cost
     (a paged block / a cold group without outliers, per token); budget_bytes_per_token: at
     its worst (the most a cold group takes); hot_tier_bytes: one two-tier sequence's fp16
-    tier at most between steps; capacity_tokens: tokens per layer, all sequences; max_sequences:
+    tier at most between steps (a step appending n tokens holds up to n - 1 more until it
+    ends: nothing migrates inside one); capacity_tokens: tokens per layer, all sequences; max_sequences:
     live sequences at once (None: as many as fit); group_bytes: the most one cold group
     takes (two-tier), the size class a Runtime's pool keeps for them; cold_groups: how many
     of those the capacity holds (all layers); cold_slabs: the cold groups come from the

@@ -220,8 +220,8 @@ def test_a_budget_holds_when_slab_groups_grow(cold):
     """Under a memory_budget the sizing counts the cold store as whole slabs of the capacity's
     largest groups. With blocks of several size classes, groups that grow over time (q4's
     outlier channels appearing after a fill without them) could not reuse the smaller blocks
-    the evicted groups freed while their slabs still held live ones: the heap mapped a slab
-    more than the sizing counted, and the KV cache stood at 106-119% of its budget between
+    the evicted groups freed while their slabs still held live ones: the heap mapped slabs
+    past the sizing's count, and the KV cache stood at 106-119% of its budget between
     steps (181% here). Under a budget every slab block is of the largest size; the budget
     holds. (TurboQuant groups are all of one size: a control.)"""
     L, H, kvh, d, group = 1, 8, 8, 128, 64
