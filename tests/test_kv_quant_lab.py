@@ -105,3 +105,44 @@ def test_test_channel_distortion():
     for gap in (0.0, 2.0):
         out = lab.test_channel(Y, rates, gap, np.random.default_rng(3))
         assert float(((out - Y) ** 2).mean()) == pytest.approx(2.0 ** -6 * 10 ** (gap / 10), rel=0.02)
+
+
+def _anisotropic_queries(d, rng):
+    """A query second moment whose energy sits in a few directions, as real heads' does."""
+    U, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    lam = 2.0 ** -np.arange(d, dtype=float)[::-1] ** 0.5 * 10
+    return (U * lam) @ U.T, U, lam
+
+
+@pytest.mark.parametrize("diag", [False, True])
+def test_query_weighted_keys_cut_the_score_error(diag):
+    """Coding M^p k instead of k (M: the queries' second moment) spends the bits where the
+    queries look: the mean squared score error (q . (k - k_hat))^2 over queries drawn from M
+    falls at the same bits, and the transform is undone (8-bit codes reconstruct k)."""
+    rng = np.random.default_rng(7)
+    d = 64
+    if diag:    # channel energies (RoPE pairs alike) instead of a full metric
+        e = np.tile(10.0 * 2.0 ** -np.arange(d // 2) ** 0.7, 2)
+        M, Q = np.diag(e), rng.standard_normal((4096, d)) * np.sqrt(e)
+    else:
+        M, U, lam = _anisotropic_queries(d, rng)
+        Q = (rng.standard_normal((4096, d)) * np.sqrt(lam)) @ U.T
+    K = rng.standard_normal((lab.G, d)) * np.linspace(0.5, 2.0, d)
+    err = {}
+    for qw in (0.0, 0.25):
+        part = lab.Part(bits=3, norm="log8", rescale="lsq", qweight=qw, qweight_diag=diag)
+        Kh = lab.code_group(K, part, seed=1, metric=M)
+        err[qw] = float((((K - Kh) @ Q.T) ** 2).mean())
+    assert err[0.25] < 0.8 * err[0.0], err
+    exact = lab.code_group(K, lab.Part(bits=8, norm="exact", rescale="lsq", qweight=0.25, qweight_diag=diag),
+                           seed=1, metric=M)
+    assert np.linalg.norm(exact - K) < 0.02 * np.linalg.norm(K)
+    with pytest.raises(ValueError, match="query metric"):
+        lab.code_group(K, lab.Part(bits=3, qweight=0.25), seed=1)
+
+
+def test_query_weighted_variant_names_parse():
+    var = lab.parse_variant("c-k3.5v3.25-search-qw0.3-sink")
+    assert (var.k.qweight, var.k.qweight_diag, var.v.qweight, var.sink) == (0.3, False, 0.0, 1)
+    assert lab.parse_variant("tcq8-k3.75v3-qd").k.qweight_diag
+    assert lab.parse_variant("c-k3.75v3-search").k.qweight == 0.0

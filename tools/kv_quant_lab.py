@@ -18,13 +18,16 @@ values apart). Two measurements per variant:
   KL divergence of the next-token distributions from fp32 KV (less noisy than perplexity).
 
 Variants beyond the named ones (--list) are parsed from their names:
-{c|tcqS|idealGAP}-kBITSvBITS[-search][-ks][-sink[N]] - the C format's metadata (4-bit key group
+{c|tcqS|idealGAP}-kBITSvBITS[-search][-ks][-qw[P]|-qd[P]][-sink[N]] - the C format's metadata (4-bit key group
 mean, 8-bit log scales, least-squares scales) with scalar Lloyd-Max codes and the encoder's
 7-scale search (c), trellis-coded quantization with S states and the same search (tcqS), or the
 Gaussian rate-distortion bound's test channel GAP dB above the bound (idealGAP: what any code of
 the rotated coordinates at that rate could at best do, give or take how far they are from
-Gaussian); -ks adds 2-bit per-channel key scales, -sink keeps the sequence's first N (1) tokens
-exact in a binary16 slot (its bits spread over the 1,024 captured tokens).
+Gaussian); -ks adds 2-bit per-channel key scales, -qw codes M^P r for the key residual r
+(M: the layer's query second moment per KV head, calibrated on a text no result is measured
+on; P 0.25 unless given) and undoes it after the codes, -qd the same with M's diagonal only (a
+scale per RoPE channel pair); -sink keeps the sequence's first N (1) tokens exact in a binary16
+slot (its bits spread over the 1,024 captured tokens).
 
 Bits per value are the variant's storage per token and head, metadata included (norms,
 per-group means, outlier channel lists), as a formula: the C format's bytes are measured
@@ -319,6 +322,9 @@ class Part:
     code: str = "scalar"            # "scalar" Lloyd-Max, "tcq" trellis-coded (Viterbi), "ideal" R-D test channel
     states: int = 8                 # "tcq": trellis states
     gap_db: float = 0.0             # "ideal": distortion this many dB above the Gaussian R-D bound
+    qweight: float = 0.0            # keys: multiply by M^qweight before the rotation (M: the layer's
+                                    # query second moment per KV head, from a calibration text)
+    qweight_diag: bool = False      # ... only M's diagonal, averaged over each RoPE channel pair
 
 
 def _quantize_coords(Y, bits_per_coord, book, D):
@@ -359,8 +365,11 @@ def _code_norms(norms, how):
     raise ValueError(how)
 
 
-def _code_vectors(X, bits_pc, part, seed):
-    """X [n, m] -> X_hat: norm, rotation, scalar codes (and QJL), rescale."""
+def _code_vectors(X, bits_pc, part, seed, weight=None):
+    """X [n, m] -> X_hat: norm, rotation, scalar codes (and QJL), rescale. `weight` (m x m,
+    symmetric, invertible) is applied before the rotation and undone after the codes."""
+    if weight is not None:
+        return _code_vectors(X @ weight, bits_pc, part, seed) @ np.linalg.inv(weight)
     n, m = X.shape
     norms = np.linalg.norm(X, axis=1)
     safe = np.where(norms > 0, norms, 1.0)
@@ -430,8 +439,28 @@ def _code_mean(mu, how):
     raise ValueError(how)
 
 
-def code_group(X, part, seed=0):
-    """One head's group X [G, d] (float64) quantized and dequantized by `part`."""
+def query_weight(M, part):
+    """The key transform M^qweight (M: a KV head's query second moment, d x d): a key error e
+    costs the scores (q . e)^2 on average e' M e, so coding M^p k spends the bits where the
+    queries look. Regularized so that directions the calibration never queried stay coded."""
+    d = len(M)
+    if part.qweight_diag:
+        e = np.diag(M).copy()
+        e = np.tile((e[:d // 2] + e[d // 2:]) / 2, 2)       # RoPE pairs (c, c + d/2) alike
+        return np.diag((e + 0.01 * e.mean()) ** part.qweight)
+    w, U = np.linalg.eigh(M)
+    w = np.maximum(w, 0) + 0.01 * max(w.mean(), 1e-30)
+    return (U * w ** part.qweight) @ U.T
+
+
+# {layer: [query second moment per KV head]} from a calibration text no result is measured on
+# (main() fills it: Apache-2.0 from Debian's common licenses)
+QUERY_METRIC = {}
+
+
+def code_group(X, part, seed=0, metric=None):
+    """One head's group X [G, d] (float64) quantized and dequantized by `part`; `metric` is the
+    head's query second moment (needed when part.qweight)."""
     X = np.asarray(X, np.float64)
     n, d = X.shape
     out = np.zeros_like(X)
@@ -486,7 +515,12 @@ def code_group(X, part, seed=0):
                 sub = dataclasses.replace(part, rot="dense" if part.rot == "hadamard" else part.rot)
                 coded[:, idx] = _code_vectors(rest[:, idx], np.full(len(idx), b), sub, seed + len(idx))
     else:
-        coded = _code_vectors(rest, _bits_per_coord(part.bits, d), part, seed)
+        weight = None
+        if part.qweight:
+            if metric is None:
+                raise ValueError("a query-weighted part needs the layer's query metric (QUERY_METRIC)")
+            weight = query_weight(metric, part)
+        coded = _code_vectors(rest, _bits_per_coord(part.bits, d), part, seed, weight)
     return out + coded * sc + np.where(flags[:, None], mu, 0.0)
 
 
@@ -523,13 +557,14 @@ class Variant:
         return (part_bits(self.k, d, n_dense[0]) + part_bits(self.v, d, n_dense[1])) / 2 + 16 * self.sink / context
 
 
-def qdq_kv(variant, k, v):
-    """k, v [n, kvh, d] in groups of G tokens (a partial last group stays exact)."""
+def qdq_kv(variant, k, v, layer=None):
+    """k, v [n, kvh, d] of `layer` in groups of G tokens (a partial last group stays exact)."""
     k2, v2 = np.array(k, np.float64), np.array(v, np.float64)
     n, kvh, d = k.shape
+    metrics = QUERY_METRIC.get(layer, [None] * kvh)
     for a in range(0, n - G + 1, G):
         for h in range(kvh):
-            k2[a:a + G, h] = code_group(k[a:a + G, h], variant.k, seed=h)
+            k2[a:a + G, h] = code_group(k[a:a + G, h], variant.k, seed=h, metric=metrics[h])
             v2[a:a + G, h] = code_group(v[a:a + G, h], variant.v, seed=100 + h)
     return k2, v2
 
@@ -614,7 +649,7 @@ class CodecRuntime:
         ce = self.cold_end[seq][layer]
         while self.codec not in (None, "fp16") and len(K) - ce >= self.hot + G:
             kq, vq = apply_sink(self.codec, K[ce:ce + G], V[ce:ce + G],
-                                *qdq_kv(self.codec, K[ce:ce + G], V[ce:ce + G]), start=ce)
+                                *qdq_kv(self.codec, K[ce:ce + G], V[ce:ce + G], layer), start=ce)
             K[ce:ce + G], V[ce:ce + G] = kq, vq
             ce += G
         self.cold_end[seq][layer] = ce
@@ -755,10 +790,11 @@ def parse_variant(name):
     """Variants named by their parts, beyond the list: {c|tcqS|idealGAP}-kBITSvBITS[-ks][-sink]
     (c: the C format's scalar codes; all with the encoder search and the C format's metadata)."""
     import re
-    m = re.fullmatch(r"(c|tcq(\d+)|ideal([\d.]+))-k([\d.]+)v([\d.]+)(-search)?(-ks)?(-sink(\d*))?", name)
+    m = re.fullmatch(r"(c|tcq(\d+)|ideal([\d.]+))-k([\d.]+)v([\d.]+)(-search)?(-ks)?(-q(w|d)([\d.]*))?(-sink(\d*))?",
+                     name)
     if not m:
         raise SystemExit(f"unknown variant {name!r} (--list shows the named ones)")
-    kind, S, gap, kb, vb, _, ks, sink, ns = m.groups()
+    kind, S, gap, kb, vb, _, ks, qw, qkind, qp, sink, ns = m.groups()
     code = dict(search=7)
     if S:
         code = dict(search=7, code="tcq", states=int(S))
@@ -766,8 +802,32 @@ def parse_variant(name):
         code = dict(code="ideal", gap_db=float(gap))
     kc = dict(mean="q4", mean_flag=True, norm="log8", rescale="lsq")
     kx = dict(scale_channels=0.5, scale_codes=2) if ks else {}
+    if qw:
+        kx.update(qweight=float(qp or 0.25), qweight_diag=qkind == "d")
     return Variant(name, Part(bits=float(kb), **code, **kx, **kc), Part(bits=float(vb), **code, norm="log8", rescale="lsq"),
                    kind, (int(ns) if ns else 1) if sink else 0)
+
+
+CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"
+
+
+def calibration_metric(model, n=1024):
+    """{layer: [E[q q^T] over the query heads of each KV head]} from the model's own queries on
+    a text none of the results is measured on."""
+    cache = f"/tmp/kvlab_calibration_{n}.npz"
+    if os.path.exists(cache):
+        z = np.load(cache)
+        return {int(k.split("_")[1]): list(z[k]) for k in z.files}
+    with open(CALIBRATION_TEXT, encoding="utf-8") as f:
+        ids = model.tokenize(f.read())[:n]
+    out = {}
+    for layer, (q, k, _) in capture_qkv(model, ids).items():
+        g = q.shape[1] // k.shape[1]
+        qs = np.asarray(q, np.float64).reshape(len(q), k.shape[1], g, -1)
+        out[layer] = [np.einsum("ngd,nge->de", qs[:, h], qs[:, h]) / (len(q) * g) for h in range(k.shape[1])]
+    np.savez(cache, **{f"m_{l}": np.stack(ms) for l, ms in out.items()})
+    log(f"query metric calibrated on {len(ids)} tokens of {CALIBRATION_TEXT}")
+    return out
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -808,6 +868,8 @@ def main():
         ids = model.tokenize(texts()["GPL-3"])[:args.capture]
         captured = capture_qkv(model, ids)
         np.savez(cache, **{f"{n}_{l}": x for l, qkv in captured.items() for n, x in zip("qkv", qkv)})
+    if any(var.k.qweight for var in chosen):
+        QUERY_METRIC.update(calibration_metric(model))
     refs = {l: reference_attention(*qkv) for l, qkv in captured.items()}
     log(f"captured {args.capture} tokens x {len(captured)} layers")
 
@@ -829,15 +891,16 @@ def main():
     results = []
     for var in chosen:
         t = time.perf_counter()
-        cos = []
+        cos, layers = [], []
         for l, (q, k, v) in captured.items():
             if args.layers and l not in args.layers:
                 continue
-            kq, vq = apply_sink(var, k, v, *qdq_kv(var, k, v))
+            layers.append(l)
+            kq, vq = apply_sink(var, k, v, *qdq_kv(var, k, v, l))
             out = reference_attention(q, kq, vq)
             cos.append(float(row_cosines(out, refs[l])[G:].mean()))
         row = {"variant": var.name, "bits": var.bits(64), "min cos": min(cos), "mean cos": float(np.mean(cos)),
-               "worst layer": int(np.argmin(cos))}
+               "worst layer": layers[int(np.argmin(cos))]}
         for tname, ids in tok.items() if not args.no_ppl else ():
             ppl, lp = model_run(model, var, ids)
             ppl32, lp32, ppl16 = base[tname]
