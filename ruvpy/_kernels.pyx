@@ -100,7 +100,12 @@ def set_isa(name):
     """Switch every kernel to ISA `name` ("scalar", "avx2", "avx512", "avx512vnni", "neon")."""
     if not isinstance(name, str):
         raise TypeError(f"ISA name must be a str, got {type(name).__name__}")
-    cdef int isa = rv_isa_from_name(name.encode())
+    # the str's own characters, once: a subclass's encode / __repr__ / __eq__ are never asked
+    # (an overridden encode() used to pick another table than the name says)
+    name = str.__str__(name)
+    # C compares up to a NUL: "scalar\0junk" used to select scalar; and a name that is not
+    # ASCII is no ISA's (a lone surrogate used to raise UnicodeEncodeError)
+    cdef int isa = rv_isa_from_name(name.encode()) if name.isascii() and "\0" not in name else -1
     if isa < 0:
         raise ValueError(f"unknown ISA {name!r}; known: scalar, avx2, avx512, avx512vnni, neon")
     if not rv_isa_built(isa):

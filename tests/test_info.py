@@ -124,6 +124,34 @@ def test_set_isa_rejects_bad_names_and_keeps_the_active_isa():
     assert ruvpy.get_isa() == before
 
 
+def test_set_isa_takes_the_whole_name_and_only_the_str_itself():
+    """The name as its characters say: C compares up to a NUL, so "scalar\\0junk" used to
+    select scalar; a str subclass's encode() used to pick the table (another one than the
+    name's), its __repr__ was asked for the error message; a lone surrogate raised a codec
+    error. All are unknown names now, and the active ISA stays."""
+    before = ruvpy.get_isa()
+    other = "scalar" if before != "scalar" else ruvpy.available_isas()[-1]
+
+    class Encodes(str):
+        def encode(self, *args, **kwargs):
+            return other.encode()
+
+    class BadRepr(str):
+        def __repr__(self):
+            raise RuntimeError("__repr__ asked")
+
+    for bad in (other + "\0junk", other + "\0", Encodes("bogus"), BadRepr("bogus"), "\ud800",
+                other + "\u0131"):
+        with pytest.raises(ValueError, match="unknown ISA"):
+            ruvpy.set_isa(bad)
+        assert ruvpy.get_isa() == before, repr(str.__str__(bad))
+    with pytest.raises(RuntimeError, match="not compiled|not supported"):    # not its __repr__
+        ruvpy.set_isa(BadRepr("neon" if IS_X86_64 else "avx2"))
+    ruvpy.set_isa(Encodes(other))          # a subclass with the right characters is that name
+    assert ruvpy.get_isa() == other
+    ruvpy.set_isa(before)
+
+
 # ---- RUVPY_ISA ----
 
 @pytest.mark.parametrize("value", ["scalar", " Scalar "])
