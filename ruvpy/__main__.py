@@ -78,7 +78,14 @@ def _runtime_options(args):
 
 
 def _stream_to_stdout(piece):
-    sys.stdout.write(piece)
+    try:
+        sys.stdout.write(piece)
+    except UnicodeEncodeError:
+        # a stdout that cannot encode the text (PYTHONIOENCODING=ascii, a legacy code page):
+        # those characters escaped. The error used to end the generation as a usage error
+        # (exit 2, "ruvpy: error: 'ascii' codec ..."), the rest of the text lost.
+        encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+        sys.stdout.write(piece.encode(encoding, "backslashreplace").decode(encoding))
     sys.stdout.flush()
 
 

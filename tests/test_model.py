@@ -774,6 +774,20 @@ def _run_cli(*args):
 
 
 @requires_model
+def test_cli_streams_text_its_stdout_cannot_encode(monkeypatch):
+    """A stdout without the characters (PYTHONIOENCODING=ascii): they are written escaped and
+    the generation goes on (the UnicodeEncodeError used to end it as a usage error, exit 2,
+    the rest of the text lost)."""
+    import io
+    from ruvpy.__main__ import _stream_to_stdout
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    for piece in ("Bien s", "\u00fbr", " \ufffd!"):
+        _stream_to_stdout(piece)
+    assert raw.getvalue() == b"Bien s\\xfbr \\ufffd!"
+
+
 def test_cli_generate_end_to_end(reference):
     """A real process: stdout holds only the generated text (llama.cpp's greedy
     continuation) and a newline; the speed line and the memory table are on stderr."""
