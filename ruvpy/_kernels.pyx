@@ -47,8 +47,34 @@ cdef extern from *:
     int rv_thread_count_override
 
 
+cdef extern from *:
+    """
+    /* The kernel table the calling thread's kernel calls use while a Runtime step runs in it
+     * (NULL: none, the process-wide table applies): a step runs on one table, the one active
+     * when it opened, whatever set_isa() another thread calls meanwhile. */
+    static _Thread_local const void *rv_thread_ops_override = 0;
+    """
+    const void *rv_thread_ops_override
+
+
 cdef const rv_ops *active_ops() noexcept nogil:
+    if rv_thread_ops_override != NULL:
+        return <const rv_ops *>rv_thread_ops_override
     return rv_active_ops()
+
+
+def _swap_pinned_table(pin):
+    """Runtime hook: pin=True pins the calling thread's kernel table to the process-wide one
+    active now (its calls keep using it whatever set_isa() does meanwhile), False unpins;
+    returns whether it was pinned before (pass that back to restore). Other threads are
+    untouched."""
+    global rv_thread_ops_override
+    previous = rv_thread_ops_override != NULL
+    if not pin:
+        rv_thread_ops_override = NULL
+    elif not previous:
+        rv_thread_ops_override = <const void *>rv_active_ops()
+    return previous
 
 
 cdef int num_threads() noexcept nogil:

@@ -95,7 +95,7 @@ class Step:
     __slots__ = ("_runtime", "_arena", "_seqs", "_n_tokens", "num_tokens", "_starts",
                  "_positions", "_offsets", "_attended", "_remaining", "_q_shape", "_kv_shape",
                  "_num_layers", "_state", "_failed", "_calls", "_fallbacks", "_plan",
-                 "_threads_before", "_txn_seqs", "_owner_ident", "_owner_thread")
+                 "_threads_before", "_table_before", "_txn_seqs", "_owner_ident", "_owner_thread")
 
     def __init__(self, runtime, seqs, n_tokens):
         cfg = runtime.config
@@ -114,6 +114,7 @@ class Step:
         self._calls = self._fallbacks = 0
         self._starts = self._positions = self._offsets = self._plan = None
         self._threads_before = None
+        self._table_before = None        # whether the thread's table was pinned (None: not set)
         self._txn_seqs = self._seqs      # the sequences its KV transaction covers
         self._set_owner(None)
 
@@ -375,6 +376,15 @@ class _InterruptsHeld:
 # ----------------------------------------------------------------------------------------
 # the runtime
 # ----------------------------------------------------------------------------------------
+
+def _restore_thread_settings(step):
+    """The stepping thread's own thread count and kernel table as they were before `step`
+    opened (call in that thread)."""
+    if step._threads_before is not None:
+        _kernels._swap_thread_count(step._threads_before)
+    if step._table_before is not None:
+        _kernels._swap_pinned_table(step._table_before)
+
 
 def _refs_held_by_runtime_only():
     """What sys.getrefcount says in Runtime._reclaim_orphaned_step of a step nothing but the
@@ -843,6 +853,9 @@ class Runtime(Closing):
                 # only the stepping thread's own count (for ruvpy calls inside the step): other
                 # threads and the process-wide setting are untouched
                 step._threads_before = _kernels._swap_thread_count(self.config.threads)
+            # one kernel table for the whole step: set_isa() from another thread meanwhile
+            # used to switch it between layers, a step computed half with each table
+            step._table_before = _kernels._swap_pinned_table(True)
             step._state = _OPEN
 
     def _abandoned_error(self, when="open"):
@@ -904,8 +917,8 @@ class Runtime(Closing):
         the stepping thread's own parts are undone here (thread count, the step slot)."""
         step._state = _CLOSED
         step._plan = None
-        if step._threads_before is not None and step._entered_here():
-            _kernels._swap_thread_count(step._threads_before)
+        if step._entered_here():
+            _restore_thread_settings(step)
         self._step_lock.release()
         if ok:      # the block ended normally: it must not look committed
             raise self._abandoned_error()
@@ -946,8 +959,8 @@ class Runtime(Closing):
         finally:
             self._attention_calls += step._calls
             self._arena_fallbacks += step._fallbacks
-            if step._threads_before is not None and step._entered_here():
-                _kernels._swap_thread_count(step._threads_before)   # (that thread's own count)
+            if step._entered_here():
+                _restore_thread_settings(step)      # (that thread's own count and table)
             step._plan = None
             self._step = None
             self._step_lock.release()
@@ -989,8 +1002,7 @@ class Runtime(Closing):
             if step is not None:
                 if step._state is _OPEN and step._entered_here():
                     step._state = _CLOSED       # inside its own step: ended here
-                    if step._threads_before is not None:
-                        _kernels._swap_thread_count(step._threads_before)
+                    _restore_thread_settings(step)
                     self._step_lock.release()
                 else:
                     step._state = _ABANDONED    # its own thread ends it

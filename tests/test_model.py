@@ -296,6 +296,42 @@ def small_context(model, monkeypatch, context_length, **options):
 
 
 @requires_model
+def test_a_step_runs_on_the_table_it_opened_with(model, reference, monkeypatch):
+    """set_isa() from another thread while a forward runs takes effect from the next step:
+    the step's layers all use the table active when it opened (they used to take whichever
+    was active when each kernel call started: logits of neither table)."""
+    import threading
+    import ruvpy
+    from ruvpy.runtime import Step
+
+    isas = ruvpy.available_isas()
+    if len(isas) < 2:
+        pytest.skip("one kernel table on this CPU")
+    first, other = isas[-1], isas[0]
+    ids = reference["prompt_ids"]
+    before = ruvpy.get_isa()
+    real_attention = Step.attention
+
+    def switch_midway(step, layer, *args, **kwargs):   # set_isa from a thread at layer 3
+        if layer == 3:
+            t = threading.Thread(target=ruvpy.set_isa, args=(other,))
+            t.start()
+            t.join()
+        return real_attention(step, layer, *args, **kwargs)
+
+    try:
+        ruvpy.set_isa(first)
+        want = model.forward_last(seq := model.new_sequence(), ids)
+        model.remove_sequence(seq)
+        monkeypatch.setattr(Step, "attention", switch_midway)
+        got = model.forward_last(seq := model.new_sequence(), ids)
+        model.remove_sequence(seq)
+        assert ruvpy.get_isa() == other             # the switch itself happened
+        assert np.array_equal(got, want)
+    finally:
+        ruvpy.set_isa(before)
+
+
 def test_forward_rejects_bad_input_and_keeps_the_sequence(model, reference, monkeypatch):
     ids = reference["prompt_ids"]
     with small_context(model, monkeypatch, len(ids) + 2, kv_dtype="float32") as m:
