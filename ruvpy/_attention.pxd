@@ -57,7 +57,7 @@ cdef extern from "attention/rv_attention.h" nogil:
     int rv_attention_threads(int nthreads, const rv_attn_args *a)
     void rv_attention_release_scratch()
     size_t rv_attention_scratch_bytes()
-    uint64_t rv_stream_read(const void *buf, size_t bytes, int nthreads)
+    int rv_stream_read(const void *buf, size_t bytes, int nthreads, uint64_t *sum)
 
 # argument conversions shared with ruvpy._kvcache (scalars are converted before any array is
 # looked at: their conversions may run Python code)

@@ -14,9 +14,12 @@ from libc.stdint cimport uint16_t, uint64_t
 from libc.string cimport memset
 
 from ruvpy.c_ops cimport rv_ops
-from ruvpy._kernels cimport active_ops, num_threads
+from ruvpy._kernels cimport active_ops, num_threads, team_check, raise_team_error
+from ruvpy._openmp_helpers cimport rv_team_bind
 from ruvpy._kernels import MAX_HEAD_DIM, MAX_KV_LEN, MAX_INT
-from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL
+from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL, RV_ETHREAD
+
+rv_team_bind(team_check)   # this extension's regions check through the process's record
 
 cnp.import_array()
 
@@ -201,6 +204,8 @@ def attention(q, k, v, *, causal=True, scale=None, out=None, threads=None):
         status = rv_attention(active_ops(), nthreads, &args, NULL)
     if status == RV_ENOMEM:
         raise MemoryError("attention: could not allocate its scratch buffer")
+    if status == RV_ETHREAD:
+        raise_team_error("attention")
     if status != RV_OK:
         raise ValueError(f"attention: invalid arguments (q {qs}, k {ks})")
     return oa
@@ -240,9 +245,12 @@ def _stream_read(buf, int nthreads=0):
     cdef int nt = nthreads if nthreads > 0 else num_threads()
     cdef uint64_t r = 0
     cdef size_t n = view.shape[0]
+    cdef int rc = RV_OK
     if n:
         with nogil:
-            r = rv_stream_read(&view[0], n, nt)
+            rc = rv_stream_read(&view[0], n, nt, &r)
+    if rc == RV_ETHREAD:
+        raise_team_error("_stream_read")
     return r
 
 

@@ -5,3 +5,4 @@ cdef extern from "rv_common.h" nogil:
         RV_ENOMEM
         RV_EINVAL
         RV_EFULL
+        RV_ETHREAD

@@ -9,7 +9,8 @@ from libc.stdint cimport uint16_t
 from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, rv_isa_name,
                           rv_isa_from_name, rv_best_isa, rv_set_active_isa, rv_active_ops,
                           rv_set_num_threads, rv_get_num_threads)
-from ruvpy._openmp_helpers cimport effective_n_threads, RV_OPENMP_ENABLED, omp_get_max_threads
+from ruvpy._openmp_helpers cimport (effective_n_threads, RV_OPENMP_ENABLED, omp_get_max_threads,
+                                    rv_team_check_here, rv_team_here, rv_team_state)
 from ruvpy._limits cimport (RV_MAX_HEAD_DIM, RV_MAX_KV_LEN, RV_MAX_INT, RV_MAX_GROUP_TOKENS,
                             RV_MAX_GROUP_VALUES, RV_MAX_HOT_TOKENS, RV_MAX_OUTLIERS)
 
@@ -75,6 +76,22 @@ def _swap_pinned_table(pin):
     elif not previous:
         rv_thread_ops_override = <const void *>rv_active_ops()
     return previous
+
+
+cdef int team_check(int nthreads) noexcept nogil:
+    """The process's check before a parallel region of nthreads threads (csrc/rv_threads.h):
+    RV_OK, or RV_ETHREAD when its OpenMP workers cannot be started. Instantiated here only, so
+    its per-thread record of libgomp's pool is one for every extension (they bind to it)."""
+    return rv_team_check_here(nthreads)
+
+
+cdef int raise_team_error(str what) except -1:
+    """Raise the MemoryError of the calling thread's last failed team_check."""
+    cdef rv_team_state *st = rv_team_here()
+    raise MemoryError(
+        f"{what}: cannot start {st.missing} OpenMP worker thread(s) for a {st.threads}-thread "
+        f"parallel region (pthread_create: {os.strerror(st.err)}): out of memory or address "
+        f"space for their stacks; the region did not run (fewer threads, e.g. threads=1, need fewer)")
 
 
 cdef int num_threads() noexcept nogil:

@@ -4,7 +4,7 @@ from ruvpy.c_ops cimport rv_ops
 from ruvpy._memory cimport rv_pool, rv_scratch
 from ruvpy._attention cimport rv_kv_query, rv_kv_source, rv_attn_plan
 
-from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL, RV_EFULL
+from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL, RV_EFULL, RV_ETHREAD
 
 cdef extern from "kvcache/rv_codec.h" nogil:
     enum:

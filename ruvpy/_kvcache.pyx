@@ -31,7 +31,8 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThr
 from libc.stdint cimport int32_t, int64_t, uint16_t
 from libc.string cimport memset
 
-from ruvpy._kernels cimport active_ops, num_threads
+from ruvpy._kernels cimport active_ops, num_threads, team_check, raise_team_error
+from ruvpy._openmp_helpers cimport rv_team_bind
 from ruvpy._attention cimport (rv_kv_query, rv_kv_source, rv_attn_plan, rv_attn_plan_make,
                                rv_attn_run, thread_count, softmax_scale, elem_stride, overlap)
 from ruvpy._memory cimport BufferPool, ScratchSpace, rv_scratch, rv_scratch_fits
@@ -39,6 +40,8 @@ from ruvpy.c_ops cimport rv_ops
 
 from ruvpy._kernels import MAX_HEAD_DIM, MAX_GROUP_TOKENS, MAX_GROUP_VALUES, MAX_HOT_TOKENS, MAX_INT, TURBO_BITS
 from ruvpy import kvexport
+
+rv_team_bind(team_check)   # this extension's regions check through the process's record
 from ruvpy.kvstats import (KVCacheStats, PagedKVStats, TwoTierKVStats, paged_stats,
                            twotier_stats)
 
@@ -84,6 +87,8 @@ cdef inline int _check_status(int rc, str what) except -1:
         raise MemoryError(f"{what}: out of memory")
     if rc == RV_EFULL:
         raise KVCacheFull(f"{what}: the cache is full")
+    if rc == RV_ETHREAD:
+        raise_team_error(what)
     raise ValueError(f"{what}: invalid arguments (status {rc})")
 
 

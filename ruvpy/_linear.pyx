@@ -24,14 +24,16 @@ from libc.stdlib cimport malloc, free
 from ruvpy.c_ops cimport (rv_ops, rv_wmat, rv_qact, rv_qact_bind, rv_wtype_block_values,
                           rv_wtype_block_bytes, RV_QACT_BYTES)
 from ruvpy._attention cimport overlap
-from ruvpy._kernels cimport active_ops, num_threads
+from ruvpy._kernels cimport active_ops, num_threads, team_check, raise_team_error
 from ruvpy._kernels import _converted_first
 from ruvpy._linear cimport (rv_linear_out, rv_linear_work_bytes, rv_linear, rv_linear_team, rv_block_dims,
                             rv_block_weights, rv_block_head, rv_block_step, rv_block_work_bytes,
                             rv_block_between, rv_rope_angles, rv_linear_thread_work,
                             rv_block_threads)
-from ruvpy._openmp_helpers cimport omp_get_max_threads
-from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL
+from ruvpy._openmp_helpers cimport omp_get_max_threads, rv_team_bind
+from ruvpy._common cimport RV_OK, RV_ENOMEM, RV_EINVAL, RV_ETHREAD
+
+rv_team_bind(team_check)   # this extension's regions check through the process's record
 
 cnp.import_array()
 
@@ -65,6 +67,8 @@ cdef int _type_id(object type) except -1:
 cdef _raise(int rc, str what):
     if rc == RV_ENOMEM:
         raise MemoryError(f"{what}: out of memory")
+    if rc == RV_ETHREAD:
+        raise_team_error(what)
     raise ValueError(f"{what}: inconsistent arguments (error {rc})")
 
 

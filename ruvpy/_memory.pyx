@@ -31,6 +31,7 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset
 
 from ruvpy._openmp_helpers cimport omp_get_max_threads
+from ruvpy._kernels cimport team_check, raise_team_error
 
 cnp.import_array()
 
@@ -702,6 +703,8 @@ def _hammer_pool(BufferPool pool not None, int threads, int iterations):
     cdef int64_t *second
     if threads < 1 or iterations < 0:
         raise ValueError("threads must be >= 1 and iterations >= 0")
+    if team_check(threads) != 0:      # the workers cannot be started: MemoryError, not an exit
+        raise_team_error("_hammer_pool")
     with nogil:
         for t in prange(threads, num_threads=threads, schedule="static", chunksize=1):
             for i in range(iterations):

@@ -17,6 +17,23 @@ cdef extern from *:
     int omp_get_num_threads() noexcept nogil
 
 
+# Starting a team (csrc/rv_threads.h): rv_team_start(T) before a region of T threads gives
+# RV_ETHREAD instead of libgomp exiting the process when T's workers cannot be started. Each
+# extension binds its rv_team_check to ruvpy._kernels.team_check at import (one record per
+# process); without OpenMP all of it is a no-op returning RV_OK.
+cdef extern from "rv_threads.h" nogil:
+    ctypedef int (*rv_team_check_fn)(int nthreads) noexcept nogil
+    ctypedef struct rv_team_state:
+        int pool_workers
+        int threads
+        int missing
+        int err
+    void rv_team_bind(rv_team_check_fn check)
+    int rv_team_start(int nthreads)
+    int rv_team_check_here(int nthreads)
+    rv_team_state *rv_team_here()
+
+
 cdef inline int effective_n_threads(int requested) noexcept nogil:
     """Threads a parallel region should use: `requested` if > 0 (capped at the OpenMP
     maximum), else the OpenMP maximum (OMP_NUM_THREADS or the core count); 1 without OpenMP."""

@@ -11,6 +11,8 @@
 #define RV_ENOMEM (-1)   /* allocation failed */
 #define RV_EINVAL (-2)   /* bad argument (checked again in C, after Python's checks) */
 #define RV_EFULL (-3)    /* a fixed-size store has no room */
+/* (-4 is rv_gguf.h's RV_EIO) */
+#define RV_ETHREAD (-5)  /* a parallel region's OpenMP workers could not be started (rv_threads.h) */
 
 #define RV_ALIGN 64      /* cache line; also the widest SIMD register */
 

@@ -300,6 +300,9 @@ int rv_attn_run(const rv_attn_plan *p, const rv_kv_source *src, const rv_kv_quer
     const int g = p->group, d = src->head_dim, T = p->nthreads;
     unsigned char *shared, *threads;
     size_t stride;
+    const int team = rv_team_start(T);
+    if (team != RV_OK)
+        return team;
     if (scratch) {
         if (!rv_scratch_fits(scratch, p->shared_bytes, p->thread_bytes, T))
             return RV_EINVAL;
@@ -420,13 +423,16 @@ int rv_attention(const rv_ops *ops, int nthreads, const rv_attn_args *a, const r
     return rv_kv_attend(&src, &q, 1, a->scale, a->causal, ops, nthreads, scratch);
 }
 
-uint64_t rv_stream_read(const void *buf, size_t bytes, int nthreads)
+int rv_stream_read(const void *buf, size_t bytes, int nthreads, uint64_t *sum)
 {
     const uint64_t *p = (const uint64_t *)buf;
     const size_t n = bytes / sizeof(uint64_t);
     uint64_t total = 0;
     if (nthreads < 1)
         nthreads = 1;
+    const int team = rv_team_start(nthreads);
+    if (team != RV_OK)
+        return team;
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
     {
 #ifdef _OPENMP
@@ -444,5 +450,6 @@ uint64_t rv_stream_read(const void *buf, size_t bytes, int nthreads)
         for (int j = 0; j < 8; j++)
             total += s[j];
     }
-    return total;
+    *sum = total;
+    return RV_OK;
 }

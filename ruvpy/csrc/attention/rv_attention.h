@@ -101,7 +101,8 @@ int rv_attn_plan_make(rv_attn_plan *plan, const rv_kv_source *src, const rv_kv_q
 /* out of every query = softmax(scale q k^T + causal mask) v over the source's keys, as
  * planned (the queries' q_len / kv_len must be those planned). scratch: at least the plan's
  * bytes (RV_EINVAL if it is smaller), or NULL for the calling thread's cached buffer
- * (RV_ENOMEM if that cannot grow). */
+ * (RV_ENOMEM if that cannot grow). RV_ETHREAD (nothing computed): the plan's OpenMP workers
+ * could not be started (rv_threads.h). */
 int rv_attn_run(const rv_attn_plan *plan, const rv_kv_source *src, const rv_kv_query *queries, int nq,
                 float scale, int causal, const rv_ops *ops, const rv_scratch *scratch);
 
@@ -149,7 +150,8 @@ typedef struct rv_attn_args {
     float scale;
 } rv_attn_args;
 
-/* RV_OK, RV_EINVAL (inconsistent arguments) or RV_ENOMEM (scratch). scratch as rv_attn_run. */
+/* RV_OK, RV_EINVAL (inconsistent arguments), RV_ENOMEM (scratch) or RV_ETHREAD (workers, as
+ * rv_attn_run). scratch as rv_attn_run. */
 int rv_attention(const rv_ops *ops, int nthreads, const rv_attn_args *a, const rv_scratch *scratch);
 
 /* Threads rv_attention uses for a (its shape fields only) when given nthreads. */
@@ -159,8 +161,8 @@ int rv_attention_threads(int nthreads, const rv_attn_args *a);
 void rv_attention_release_scratch(void);
 size_t rv_attention_scratch_bytes(void);
 
-/* Reads `bytes` of buf with nthreads threads (each a contiguous share) and returns a checksum;
- * time it to measure the machine's read bandwidth. */
-uint64_t rv_stream_read(const void *buf, size_t bytes, int nthreads);
+/* Reads `bytes` of buf with nthreads threads (each a contiguous share) into a checksum *sum;
+ * time it to measure the machine's read bandwidth. RV_OK, or RV_ETHREAD (workers). */
+int rv_stream_read(const void *buf, size_t bytes, int nthreads, uint64_t *sum);
 
 #endif

@@ -81,6 +81,9 @@ static int linear_run(const rv_ops *ops, int nthreads, int team, const float *x,
     const int T = team > 0 ? team : rv_team_size(nthreads, ns);
     if (work_bytes < rv_linear_work_bytes(n, k, T) || ((uintptr_t)work & 63))
         return RV_EINVAL;
+    const int started = rv_team_start(T);
+    if (started != RV_OK)
+        return started;
     char *base = (char *)work;
     rv_qact act;
     rv_qact_bind(&act, base, n, k);
@@ -198,6 +201,9 @@ int rv_block_between(const rv_ops *ops, int nthreads, const rv_block_dims *d,
     const int T = rv_block_threads(nthreads, d, prev, next, head, n);
     if (s->work_bytes < rv_block_work_bytes(d, n, T))
         return RV_EINVAL;
+    const int started = rv_team_start(T);
+    if (started != RV_OK)
+        return started;
     char *p = (char *)s->work;
     float *xn = (float *)p;
     p += align64((size_t)n * H * sizeof(float));

@@ -35,7 +35,8 @@ typedef struct rv_linear_out {
 size_t rv_linear_work_bytes(int n, int k, int nthreads);
 
 /* y_i = W_i x for every out (all W_i have k = cols columns; x is n columns of k floats, column c
- * at x + c * x_stride). RV_OK, RV_EINVAL (shapes, unsupported type, small work). */
+ * at x + c * x_stride). RV_OK, RV_EINVAL (shapes, unsupported type, small work), RV_ETHREAD
+ * (the OpenMP workers could not be started: nothing computed; rv_threads.h). */
 int rv_linear(const rv_ops *ops, int nthreads, const float *x, ptrdiff_t x_stride, int n, int k,
               const rv_linear_out *outs, int nouts, void *work, size_t work_bytes);
 
@@ -82,7 +83,8 @@ size_t rv_block_work_bytes(const rv_block_dims *dims, int n, int nthreads);
 /* prev != NULL: x += O attn; x += Down(SwiGLU(Gate n(x), Up n(x))), n = RMSNorm with ffn_norm.
  * next != NULL: (q, k, v) = (Q, K, V) n(x) with attn_norm, RoPE (adjacent pairs) on q and k.
  * head != NULL: logits = Out n(x) with head->norm, for tokens head->first..n-1.
- * (next and head exclude each other.) RV_OK or RV_EINVAL. */
+ * (next and head exclude each other.) RV_OK, RV_EINVAL, or RV_ETHREAD (the OpenMP workers
+ * could not be started: nothing computed, x untouched; rv_threads.h). */
 int rv_block_between(const rv_ops *ops, int nthreads, const rv_block_dims *dims,
                      const rv_block_weights *prev, const rv_block_weights *next,
                      const rv_block_head *head, const rv_block_step *s);
