@@ -1,0 +1,154 @@
+"""A parallel region whose OpenMP workers cannot be started raises MemoryError instead of
+ending the process (csrc/rv_threads.h): libgomp exits ("libgomp: Thread creation failed")
+when pthread_create of a worker fails, as it does under an address-space limit (RLIMIT_AS)
+that leaves no room for the worker's stack. Each scenario runs in a fresh child process --
+where no region has run yet, so libgomp has no workers -- that caps its address space a
+little above what it uses, so the first 2-thread region finds no room for a worker stack,
+then checks that the state is intact: the call under the cap on one thread, and with the cap
+lifted on two, give the results a serial run gave before the cap."""
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ruvpy import _build_info
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(not _build_info.BUILD_INFO["openmp"] or _build_info.BUILD_INFO.get("sanitize"),
+                                reason="needs an OpenMP build without sanitizers (ASan reserves terabytes "
+                                       "of address space: no RLIMIT_AS fits)")
+
+MiB = 1 << 20
+# room the cap leaves above the child's current size: plenty for the calls' own buffers, far
+# less than one worker stack (STACKS)
+MARGIN = 16 * MiB
+
+PRELUDE = """
+import os, resource, sys
+import numpy as np
+import ruvpy
+
+SOFT, HARD = resource.getrlimit(resource.RLIMIT_AS)
+
+def vsize():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+def cap():
+    resource.setrlimit(resource.RLIMIT_AS, (vsize() + MARGIN, HARD))
+
+def uncap():
+    resource.setrlimit(resource.RLIMIT_AS, (SOFT, HARD))
+
+def refused(call):
+    try:
+        call()
+    except MemoryError as e:
+        assert "OpenMP worker thread" in str(e) and "2-thread" in str(e), e
+        print("refused:", e, flush=True)
+        return
+    raise AssertionError("the 2-thread call under the cap did not raise MemoryError")
+"""
+
+SCENARIOS = {
+    # the functional attention (csrc/attention rv_attention, the calling thread's scratch)
+    "attention": """
+        H, KV, D, L = 32, 8, 128, 1024
+        assert ruvpy._attention._threads_for(1, L, H, KV, D, np.float16, True, 2) == 2
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((1, H, D), dtype=np.float32)
+        k = rng.standard_normal((L, KV, D)).astype(np.float16)
+        v = rng.standard_normal((L, KV, D)).astype(np.float16)
+        ref = ruvpy.attention(q, k, v, threads=1)
+        cap()
+        refused(lambda: ruvpy.attention(q, k, v, threads=2))
+        np.testing.assert_allclose(ruvpy.attention(q, k, v, threads=1), ref, atol=1e-5)
+        uncap()
+        np.testing.assert_allclose(ruvpy.attention(q, k, v, threads=2), ref, atol=1e-5)
+        cap()     # libgomp keeps the worker it now has: no new stack, no refusal
+        np.testing.assert_allclose(ruvpy.attention(q, k, v, threads=2), ref, atol=1e-5)
+    """,
+    # a quantized-weight matmul (csrc/linear rv_linear_team: exactly 2 threads)
+    "matmul": """
+        from ruvpy._linear import QMatrix
+        rng = np.random.default_rng(0)
+        w = QMatrix(rng.standard_normal((256, 512), dtype=np.float32).tobytes(), "F32", 256, 512)
+        x = rng.standard_normal((4, 512), dtype=np.float32)
+        ref = w.matmul(x, threads=1)
+        cap()
+        refused(lambda: w.matmul(x, threads=2))
+        np.testing.assert_array_equal(w.matmul(x, threads=1), ref)
+        uncap()
+        np.testing.assert_allclose(w.matmul(x, threads=2), ref, rtol=1e-6)
+    """,
+    # a Runtime step (the KV cache's AttentionPlan): the step rolls back, the runtime goes on
+    "runtime-step": """
+        from ruvpy import Runtime, RuntimeConfig
+        shape = dict(num_layers=2, num_heads=32, num_kv_heads=8, head_dim=128, max_tokens=1024)
+        n = 512
+        assert ruvpy._attention._threads_for(n, n, 32, 8, 128, np.float16, True, 2) == 2
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((n, 32, 128), dtype=np.float32)
+        k = rng.standard_normal((n, 8, 128), dtype=np.float32)
+        v = rng.standard_normal((n, 8, 128), dtype=np.float32)
+
+        def prefill(rt, seq):
+            with rt.step([seq], [n]) as step:
+                return [step.attention(layer, q, k, v).copy() for layer in range(2)]
+
+        with Runtime(RuntimeConfig(**shape, threads=1)) as serial:
+            ref = prefill(serial, serial.add_sequence())
+        with Runtime(RuntimeConfig(**shape, threads=2)) as rt:
+            seq = rt.add_sequence()
+            cap()
+            refused(lambda: prefill(rt, seq))
+            assert rt.position(seq) == 0 and rt.seq_len(seq, 0) == 0 and rt.seq_len(seq, 1) == 0
+            uncap()
+            for got, want in zip(prefill(rt, seq), ref):
+                np.testing.assert_allclose(got, want, atol=1e-5)
+            assert rt.seq_len(seq, 1) == n
+    """,
+    # the read-bandwidth probe of the benchmarks (its region has no other failure)
+    "stream_read": """
+        buf = bytes(range(256)) * 4096
+        ref = ruvpy._attention._stream_read(buf, 1)
+        cap()
+        refused(lambda: ruvpy._attention._stream_read(buf, 2))
+        uncap()
+        assert ruvpy._attention._stream_read(buf, 2) == ref
+    """,
+}
+
+# how the child's workers get their stack size: OMP_STACKSIZE (which libgomp reads), or the
+# pthread default, which glibc takes from the stack limit the process started with
+STACKS = {"OMP_STACKSIZE": ({"OMP_STACKSIZE": "64M"}, None),
+          "default": ({}, 32 * MiB)}
+
+
+def run_child(scenario, stack):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_STACKSIZE", "GOMP_STACKSIZE", "OMP_DYNAMIC", "OMP_THREAD_LIMIT")}
+    extra, stack_limit = STACKS[stack]
+    env.update(extra, OMP_NUM_THREADS="2")    # two threads on any machine
+
+    def start():
+        if stack_limit is not None:
+            resource.setrlimit(resource.RLIMIT_STACK, (stack_limit, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
+    code = f"MARGIN = {MARGIN}\n" + PRELUDE + textwrap.dedent(SCENARIOS[scenario]) + "\nprint('done')\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, preexec_fn=start,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_workers_that_cannot_start_raise_memory_error(scenario, stack):
+    proc = run_child(scenario, stack)
+    report = f"exit status {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Thread creation failed" not in proc.stderr, report
+    assert proc.returncode == 0, report
+    assert "refused: " in proc.stdout and proc.stdout.rstrip().endswith("done"), report
