@@ -238,13 +238,19 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
  * and score = sum over blocks of sc * sum w8 code, + bias. Two channels' codes interleaved
  * byte by byte make vpmaddubsw add both channels' products per token (|sum| <= 2 * 15 * 127);
  * a block's eight pairs accumulate in int16 (<= 30480), then go to float times its scale.
- * qs gets sc * w8 back: the float paths (other ISAs, tails) score with exactly these weights,
- * so every ISA computes the same scores. */
+ * Where the float path scores tokens (other ISAs, tails), qs gets sc * w8 back, so that every
+ * ISA computes the same scores. */
 #define QK_I8_BLOCKS ((256 + RV_MAX_OUTLIERS + 15) / 16)
 typedef struct {
     int8_t w[QK_NR][16 * QK_I8_BLOCKS + 4];   /* [row][channel] (outlier rows after head_dim; a
                                                  * pair or quad past the end meets zero codes) */
     float sc[QK_NR][QK_I8_BLOCKS];              /* the blocks' scales */
+#if (defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)) && !defined(RV_HAVE_VNNI)
+    /* pair p of row r's weights twice over (w[r][2p], w[r][2p + 1], w[r][2p], w[r][2p + 1]):
+     * a 32-bit broadcast from memory is a load alone, where a 16-bit one also takes the
+     * shuffle port the codes' unpacking needs */
+    int32_t pairs[QK_NR][(16 * QK_I8_BLOCKS + 4) / 2];
+#endif
 } qk_i8_query;
 
 /* out[i] = the lane sum (take_max 0) or maximum (1) of v[i], i < 4: the four vectors' lanes
@@ -338,9 +344,9 @@ RV_INLINE void qk_i8_scales4(const float *mx, float *sc, float *inv)
 #endif
 }
 
-/* w8 = rint(q * inv) clamped to +-127 (NaN: 0) for channels [c0, c1) of one row, and q set
- * to sc * w8 (c1 - c0 <= 16; w8 may be written up to c0 + 16, zeros past c1) */
-RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float inv, int8_t *w8)
+/* w8 = rint(q * inv) clamped to +-127 (NaN: 0) for channels [c0, c1) of one row, and (back)
+ * q set to sc * w8 (c1 - c0 <= 16; w8 may be written up to c0 + 16, zeros past c1) */
+RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float inv, int8_t *w8, const int back)
 {
 #if defined(RV_ISA_AVX512)
     const __mmask16 m = (__mmask16)((1u << (c1 - c0)) - 1u);
@@ -349,7 +355,8 @@ RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float in
     /* all 16 bytes (zeros past c1): the scores' 32-bit loads of them are forwarded from a
      * plain store, never from a masked one */
     _mm_storeu_si128((__m128i *)(w8 + c0), _mm512_cvtepi32_epi8(k));
-    _mm512_mask_storeu_ps(q + c0, m, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
+    if (back)
+        _mm512_mask_storeu_ps(q + c0, m, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
 #elif defined(RV_ISA_AVX2)
     const __m256 sign = _mm256_set1_ps(-0.0f), vi = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f);
     const int full = c1 - c0 == 16;
@@ -360,11 +367,13 @@ RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float in
         const __m256 y = rv_vf_round(_mm256_mul_ps(x, vi));
         /* clamp to +-127 and NaN to 0 (min / max return their second operand for NaN) */
         k[i] = _mm256_and_ps(_mm256_max_ps(_mm256_min_ps(y, lim), _mm256_sub_ps(sign, lim)), _mm256_cmp_ps(y, y, _CMP_ORD_Q));
-        const __m256 back = _mm256_mul_ps(_mm256_set1_ps(sc), k[i]);
+        if (!back)
+            continue;
+        const __m256 qb = _mm256_mul_ps(_mm256_set1_ps(sc), k[i]);
         if (full)
-            _mm256_storeu_ps(qi, back);
+            _mm256_storeu_ps(qi, qb);
         else
-            _mm256_maskstore_ps(qi, rv256_lanes_in(8 * i, 0, c1 - c0), back);
+            _mm256_maskstore_ps(qi, rv256_lanes_in(8 * i, 0, c1 - c0), qb);
     }
     const __m256i k16 = _mm256_packs_epi32(_mm256_cvtps_epi32(k[0]), _mm256_cvtps_epi32(k[1]));
     const __m128i k8 = _mm_packs_epi16(_mm256_castsi256_si128(k16), _mm256_extracti128_si256(k16, 1));
@@ -374,7 +383,8 @@ RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float in
     for (int c = c0; c < c1; c++) {
         float k = rintf(q[c] * inv);
         w8[c] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (int)k));   /* NaN: 0 */
-        q[c] = sc * (float)w8[c];
+        if (back)
+            q[c] = sc * (float)w8[c];
     }
 #endif
 }
@@ -383,7 +393,7 @@ RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float in
  * blocks of their own, four blocks (of any rows) at a time: their maxima folded together,
  * their scales from one division each, then their weights. Not inlined: once per group, and
  * inlined into qk_rows' four instances it made decode 2% slower (alternated builds). */
-static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w)
+static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w, const int back)
 {
     const int dk = d + nk, nb = (d + 15) / 16 + (nk + 15) / 16, n = NR * nb;
     int start[QK_I8_BLOCKS + 1];                  /* block b: channels [start[b], start[b + 1]) */
@@ -408,13 +418,33 @@ static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk
         qk_fold4(v, 1, mx);
         qk_i8_scales4(mx, sc, inv);
         for (int u = 0; u < 4 && i0 + u < n; u++) {
-            qk_i8_block_quantize(qs + row[u] * dk, start[blk[u]], start[blk[u] + 1], sc[u], inv[u], w->w[row[u]]);
+            qk_i8_block_quantize(qs + row[u] * dk, start[blk[u]], start[blk[u] + 1], sc[u], inv[u], w->w[row[u]], back);
             w->sc[row[u]][blk[u]] = sc[u];
         }
     }
     if (dk & 1)
         for (int r = 0; r < NR; r++)
             w->w[r][dk] = 0;                          /* the odd row's partner weighs nothing */
+#if (defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)) && !defined(RV_HAVE_VNNI)
+    /* the pairs in qk_i8_rows' order: from channel 0, then (head_dim odd) from head_dim */
+    if (!(d & 1)) {
+        for (int r = 0; r < NR; r++)
+            for (int c = 0; c < dk; c += 16) {        /* eight pairs (past dk: unused) */
+                const __m128i x = _mm_loadu_si128((const __m128i *)&w->w[r][c]);
+                _mm_storeu_si128((__m128i *)&w->pairs[r][c / 2], _mm_unpacklo_epi16(x, x));
+                _mm_storeu_si128((__m128i *)&w->pairs[r][c / 2 + 4], _mm_unpackhi_epi16(x, x));
+            }
+    } else {
+        const int head_pairs = (d + 1) / 2;           /* the last one (d - 1, d) */
+        for (int r = 0; r < NR; r++)
+            for (int k = 0; k < head_pairs + (nk + 1) / 2; k++) {
+                const int c = k < head_pairs ? 2 * k : d + 2 * (k - head_pairs);
+                uint16_t pair;
+                memcpy(&pair, &w->w[r][c], 2);
+                w->pairs[r][k] = (int32_t)((uint32_t)pair * 0x10001u);
+            }
+    }
+#endif
 }
 
 #if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
@@ -432,7 +462,7 @@ RV_INLINE qk_iv qk_i8_codes(const uint8_t *row)    /* [lo nibbles | hi nibbles] 
 #define qk_iv_maddubs _mm512_maddubs_epi16
 #define qk_iv_unpacklo8 _mm512_unpacklo_epi8
 #define qk_iv_unpackhi8 _mm512_unpackhi_epi8
-#define qk_iv_set1_16(x) _mm512_set1_epi16(x)
+#define qk_iv_set1_32(x) _mm512_set1_epi32(x)
 RV_INLINE rv_vf qk_iv_lo_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(x))); }
 RV_INLINE rv_vf qk_iv_hi_ps(qk_iv x) { return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x, 1))); }
 #if defined(RV_HAVE_VNNI)
@@ -469,16 +499,17 @@ RV_INLINE void qk_i8_store(const rv_vf *S, float bias, int add, float *s_lo, flo
 typedef __m256i qk_iv;
 RV_INLINE qk_iv qk_i8_codes(const uint8_t *row)
 {
-    const __m128i m = _mm_set1_epi8(15), x = _mm_loadu_si128((const __m128i *)row);
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(x, m)),
-                                   _mm_and_si128(_mm_srli_epi16(x, 4), m), 1);
+    /* the 16 bytes in both halves (a load alone), the high half shifted: no shuffle, whose
+     * port the unpacking of the pairs already keeps busy */
+    const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)row));
+    return _mm256_and_si256(_mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
 }
 #define qk_iv_zero _mm256_setzero_si256
 #define qk_iv_add16 _mm256_add_epi16
 #define qk_iv_maddubs _mm256_maddubs_epi16
 #define qk_iv_unpacklo8 _mm256_unpacklo_epi8
 #define qk_iv_unpackhi8 _mm256_unpackhi_epi8
-#define qk_iv_set1_16(x) _mm256_set1_epi16(x)
+#define qk_iv_set1_32(x) _mm256_set1_epi32(x)
 RV_INLINE rv_vf qk_iv_lo_ps(qk_iv x) { return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(x))); }
 RV_INLINE rv_vf qk_iv_hi_ps(qk_iv x) { return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(x, 1))); }
 /* S0 = A-bytes 0..7, S1 = 16..23, S2 = 8..15, S3 = 24..31: already token order per 8 */
@@ -556,9 +587,7 @@ RV_INLINE void qk_i8_rows(const int NR, const struct rv_qhead *h, const qk_i8_qu
             const qk_iv X0 = qk_iv_unpacklo8(A, B), X1 = qk_iv_unpackhi8(A, B);
             qk_pf_lines(pf, 2);            /* spread: a burst of prefetches stalls on fill buffers */
             for (int r = 0; r < NR; r++) {
-                short pair;                /* w[r][c], w[r][c + 1]: one 16-bit load and broadcast */
-                memcpy(&pair, &w->w[r][c], 2);
-                const qk_iv W = qk_iv_set1_16(pair);
+                const qk_iv W = qk_iv_set1_32(w->pairs[r][c0 / 2 + (c0 & 1) + (c - c0) / 2]);
                 a0[r] = qk_iv_add16(a0[r], qk_iv_maddubs(X0, W));
                 a1[r] = qk_iv_add16(a1[r], qk_iv_maddubs(X1, W));
             }
@@ -1366,7 +1395,14 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
     int j0 = 0;
     qk_i8_query w8;
     if (h->bits == 4) {
-        qk_i8_weights(NR, qs, d, h->nk, &w8);
+        /* qs back as the weights' floats only for tokens the float path scores (every token
+         * on the scalar table; on SIMD ones, an odd group's or blocks' remainder) */
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+        const int float_tail = G % 2 || (G / 2) % QK_I8_BLOCK;
+#else
+        const int float_tail = 1;
+#endif
+        qk_i8_weights(NR, qs, d, h->nk, &w8, float_tail);
 #if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
         j0 = qk_scores_i8(NR, h, bias, s, s_stride, pf, &w8);
 #endif
