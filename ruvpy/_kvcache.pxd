@@ -85,6 +85,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
         int hot_tokens, group_tokens
         int64_t max_tokens
         int64_t *used
+        int64_t *stored
         int open_txns
         size_t hot_bytes, cold_bytes, meta_bytes
         size_t cold_pooled_bytes
@@ -120,7 +121,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
     int64_t rv_tt_len(const rv_tt *c, int slot, int layer)
     int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer)
     void rv_tt_evict(rv_tt *c, int slot, int64_t n)
-    int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
+    int64_t rv_tt_used_without(rv_tt *c, int layer, const int *slots, int n)
     int rv_tt_truncate(rv_tt *c, int slot, int64_t n)
     int rv_tt_make_room(rv_tt *c, const int *slots, const int64_t *n, int nseq, int layer,
                         int evict, int *bind)

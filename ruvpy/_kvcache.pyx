@@ -1531,12 +1531,16 @@ cdef class TwoTierKVCache(_KVCache):
     the group. Attention reads the cold codes in place inside the kernel and folds them and
     the hot tokens into one online softmax.
 
-    max_tokens bounds the tokens stored per layer, all sequences together: each sequence's hot
-    tokens plus the cold tokens, a cold token shared by forks counted once. fork() shares the
+    max_tokens bounds the token slots stored per layer, all sequences together: each
+    sequence's hot tokens plus migration_batch for every cold group some sequence holds, a
+    group shared by forks counted once. A group is counted whole while any of its tokens is
+    held (its memory is freed only with its last token): the oldest tokens evicted or the
+    newest truncated inside a group free no room. fork() shares the
     cold groups and copies the hot tail, so a fork costs only its hot tokens (KVCacheFull, and
     nothing changes, if they do not fit; fork never evicts). Policy "error": appends past
     max_tokens raise KVCacheFull (nothing written); "evict-oldest": the oldest tokens are
-    dropped until exactly the room asked for is free -- first of the sequences being appended
+    dropped until the room asked for is free, cold ones with the rest of their group (up to
+    migration_batch - 1 more than asked), hot ones exactly -- first of the sequences being appended
     to (so each keeps its newest tokens), then of the others, longest first; while a
     transaction is open, a request from its sequences evicts only from them and a request
     from other sequences only from sequences outside it (so a rollback never goes over the
@@ -1544,7 +1548,8 @@ cdef class TwoTierKVCache(_KVCache):
     frees no room, so its other holders drop it next: the oldest shared tokens go from every
     holder, and a fork that appends loses about as many tokens as it adds, not its whole
     shared prefix. A shared cold group's memory is freed when its last holder drops it.
-    import_sequence() stores its own copy of everything (it costs all its tokens).
+    import_sequence() stores its own copy of everything (it costs all its tokens, its cold
+    groups whole).
 
     cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value, metadata included
     (rotated codes with Lloyd-Max codebooks, the keys' group mean taken out; values get
@@ -1797,7 +1802,8 @@ cdef class TwoTierKVCache(_KVCache):
                     "migration_batch": self.migration_batch, "group_size": self.group_size,
                     "policy": self.policy},
             capacity_tokens=self.max_tokens, nbytes=self._h_nbytes(),
-            used=[self.c.used[l] for l in range(self.num_layers)], usage=usage,
+            used=[self.c.used[l] for l in range(self.num_layers)],
+            stored=[self.c.stored[l] for l in range(self.num_layers)], usage=usage,
             hot_bytes=self.c.hot_bytes, cold_bytes=self.c.cold_bytes,
             metadata_bytes=self.c.meta_bytes, pooled_cold_bytes=self.c.cold_pooled_bytes,
             cold_groups=self.c.cold_groups, cold_groups_shared=self.c.shared_groups,
@@ -1863,9 +1869,12 @@ cdef class TwoTierKVCache(_KVCache):
             self._check_imported(hot_k, f"hot_k.{l}")
             self._check_imported(hot_v, f"hot_v.{l}")
         for l in range(self.num_layers):
-            length = layers[l][0]
-            if self.c.used[l] + length > self.max_tokens:
-                raise KVCacheFull(f"import_sequence: {length} tokens do not fit layer {l} "
+            length, sizes, hot_len = layers[l][0], layers[l][4], layers[l][7]
+            # its own copy of every group, each charged whole (a skip or cut frees no slot of it)
+            charged = sizes.shape[0] * self.migration_batch + hot_len
+            if self.c.used[l] + charged > self.max_tokens:
+                raise KVCacheFull(f"import_sequence: {length} tokens ({charged} slots: cold groups "
+                                  f"count whole) do not fit layer {l} "
                                   f"({self.max_tokens - self.c.used[l]} free of {self.max_tokens}); "
                                   f"nothing was written")
         slot = self._h_add()

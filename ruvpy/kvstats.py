@@ -45,7 +45,7 @@ class TwoTierKVStats(KVCacheStats):
     pooled_cold_bytes (of cold_bytes: buffers of an attached BufferPool), slab_cold_bytes (of
     cold_bytes: blocks of the cache's huge-page slabs), slab_mapped_bytes (those slabs'
     mappings), slab_slack_bytes (their bytes not in cold groups: slab_mapped_bytes -
-    slab_cold_bytes; counted in `bytes`, not in cold_bytes), stored_tokens,
+    slab_cold_bytes; counted in `bytes`, not in cold_bytes), stored_tokens, budget_tokens,
     cold_bytes_per_token (cold bytes / stored cold tokens, all layers), fp16
     bytes_per_token (what a token costs in the hot tier's format), compression_ratio (fp16
     bytes of the stored cold tokens / their cold bytes), cold_bits_per_value, evicted_tokens
@@ -54,11 +54,14 @@ class TwoTierKVStats(KVCacheStats):
 
     Stored vs held: forks share cold groups. `tokens` and the per-sequence counts are what
     each sequence holds (a shared token counts for every sequence holding it, as in the paged
-    cache's stats). `stored_tokens` -- what max_tokens bounds -- the tiers' tokens and each
-    layer's tokens count a shared cold token ONCE: every sequence's hot tokens (a fork copies
-    its parent's) plus each cold group's tokens that some sequence still holds. stored_tokens
-    and the tiers are those of the fullest layer (stored_tokens == hot + cold tokens there);
-    bytes are allocations, a shared group's counted once (split among holders per sequence)."""
+    cache's stats). `stored_tokens`, the tiers' tokens and each layer's tokens count a shared
+    cold token ONCE: every sequence's hot tokens (a fork copies its parent's) plus each cold
+    group's tokens that some sequence still holds. stored_tokens and the tiers are those of
+    the fullest layer (stored_tokens == hot + cold tokens there). `budget_tokens` -- what
+    max_tokens bounds, in the layer it binds -- counts a cold group whole (migration_batch
+    slots) while any of its tokens is held, since its allocation is: it exceeds the tokens
+    stored by the slots of groups partly evicted or truncated. bytes are allocations, a
+    shared group's counted once (split among holders per sequence)."""
 
 
 def _jsonable(x):
@@ -100,14 +103,15 @@ def paged_stats(*, shape, dtype, block_size, capacity_tokens, nbytes, block_byte
         internal_fragmentation=(1.0 - tokens_stored / slots_used) if slots_used else 0.0)
 
 
-def twotier_stats(*, shape, config, capacity_tokens, nbytes, used, usage, hot_bytes, cold_bytes,
+def twotier_stats(*, shape, config, capacity_tokens, nbytes, used, stored, usage, hot_bytes, cold_bytes,
                   metadata_bytes, pooled_cold_bytes, cold_groups, cold_groups_shared,
                   evicted_tokens, slab_cold_bytes=0, slab_mapped_bytes=0):
     """TwoTierKVStats from the cache's counters. config: cold, hot_tokens_limit,
-    migration_batch, group_size, policy. used: tokens stored per layer. usage: {id: [(hot
+    migration_batch, group_size, policy. used: slots charged against the capacity per layer;
+    stored: tokens stored per layer. usage: {id: [(hot
     tokens, cold tokens, hot bytes, cold bytes) per layer]}."""
     num_layers, num_kv_heads, head_dim = shape
-    layer_rows = [{"layer": layer, "tokens": used[layer], "bytes": 0} for layer in range(num_layers)]
+    layer_rows = [{"layer": layer, "tokens": stored[layer], "bytes": 0} for layer in range(num_layers)]
     layer_hot = [0] * num_layers
     seqs, tokens = {}, 0
     for seq, layers in sorted(usage.items()):
@@ -121,14 +125,15 @@ def twotier_stats(*, shape, config, capacity_tokens, nbytes, used, usage, hot_by
             layer_hot[layer] += hot
         seqs[seq] = entry
         tokens += entry["tokens"]
-    fullest = max(range(num_layers), key=lambda layer: used[layer])
+    fullest = max(range(num_layers), key=lambda layer: stored[layer])
     hot_tokens = layer_hot[fullest]
-    cold_tokens = used[fullest] - hot_tokens
-    cold_token_layers = sum(used[layer] - layer_hot[layer] for layer in range(num_layers))
+    cold_tokens = stored[fullest] - hot_tokens
+    cold_token_layers = sum(stored[layer] - layer_hot[layer] for layer in range(num_layers))
     fp16_token = 2 * 2 * num_kv_heads * head_dim      # K and V, one layer
     return TwoTierKVStats(
         kind="two-tier", num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        **config, capacity_tokens=capacity_tokens, tokens=tokens, stored_tokens=used[fullest],
+        **config, capacity_tokens=capacity_tokens, tokens=tokens, stored_tokens=stored[fullest],
+        budget_tokens=max(used),
         bytes=nbytes,
         tiers={"hot": {"tokens": hot_tokens, "bytes": hot_bytes},
                "cold": {"tokens": cold_tokens, "bytes": cold_bytes}},

@@ -194,10 +194,11 @@ def kv_summary(kv):
 def kv_free_tokens(kv):
     """Tokens per layer a cache (its stats `kv`) still has room for: a paged cache's free
     blocks (the unused slots of sequences' last blocks are theirs alone), a two-tier cache's
-    capacity less the tokens its fullest layer stores (a shared cold group counts once)."""
+    capacity less the slots its fullest layer is charged (a shared cold group counts once, a
+    partly dropped one whole)."""
     if kv.kind == "paged":
         return int(kv.blocks_free) * int(kv.block_size)
-    return max(0, int(kv.capacity_tokens) - int(kv.stored_tokens))
+    return max(0, int(kv.capacity_tokens) - int(kv.budget_tokens))
 
 
 def _kv_tiers(kv):

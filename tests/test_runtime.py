@@ -749,7 +749,8 @@ def test_a_failed_step_gives_back_what_eviction_took(kind, tmp_path):
             for layer in range(3):
                 step.attention(layer, *random_step_qkv(feed.rng, 8, rt.config))
         assert sum(rt.seq_len(s) for s in rt.sequences) <= 64
-        assert rt.seq_len(b_short) == 8 and rt.seq_len(a) + rt.seq_len(b) == 56
+        # a's oldest cold group goes whole (8 of its 16 tokens would free none of its memory)
+        assert rt.seq_len(b_short) == 8 and rt.seq_len(a) + rt.seq_len(b) == 64 - 16
 
 
 # ----------------------------------------------------------------------------------------
@@ -887,6 +888,47 @@ def test_a_full_budget_raises_kvcachefull_and_changes_nothing():
         assert rt.position(a) == capacity - 16 and rt.position(b) == 16
         with pytest.raises(KVCacheFull):
             feed.step([b], [1])
+
+
+def test_cut_cold_groups_stay_within_the_groups_a_budget_planned():
+    """A cold group truncated or partly evicted keeps its whole allocation. The budget counted
+    only the tokens it still held, so the slots it had freed went to new groups: 7 sequences
+    truncated to 1 token of a group of 64 left room for 7 more groups per layer than the
+    sizing planned (the pool's 34 prewarmed groups), and the pool allocated past them (random
+    steps and cuts of 8 sequences reached 103% of the budget). Counted whole, the
+    cache's groups never need a buffer beyond those (the pool's own count of buffers it
+    allocated), and the KV cache's bytes stay within the budget."""
+    budget, G = 1_000_000, 64
+    cfg = RuntimeConfig(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, kv_cache="two-tier",
+                        cold="q4", hot_tokens=1, migration_batch=G, memory_budget=budget,
+                        max_sequences=8, policy="evict-oldest", arena_bytes=1 << 20)
+    rng = np.random.default_rng(23)
+    with Runtime(cfg) as rt:
+        assert not rt._sizing.cold_slabs
+        planned = rt.pool.stats().allocations      # the prewarmed cold groups
+        assert planned == rt._sizing.cold_groups
+
+        def step(seq, n):
+            k = rng.uniform(-1, 1, (n, 2, 64)).astype(np.float32)
+            k[:, :, :4] *= 20                      # outlier channels: q4's largest groups
+            with rt.step([seq], [n]) as s:
+                for layer in range(2):
+                    s.attention(layer, rng.standard_normal((n, 4, 64)).astype(np.float32), k, -k)
+            assert rt.pool.stats().allocations == planned
+            assert rt.stats().kv["bytes"] <= budget
+
+        cut = [rt.add_sequence() for _ in range(7)]
+        for seq in cut:
+            step(seq, G + 2)                       # a cold group and 2 hot tokens
+            rt.truncate_sequence(seq, 1)           # 1 token of the group left, all its memory
+        filler = rt.add_sequence()
+        while rt.position(filler) < 2 * rt.capacity_tokens:
+            step(filler, G)                        # fills the rest, then evicts its own oldest
+        for _ in range(2 * G):
+            step(filler, 1)                        # decoding: one token of room at a time
+        assert [rt.seq_len(seq) for seq in cut] == [1] * 7
+        assert rt.stats().kv["details"]["evicted_tokens"] > 0
+        assert_close_gives_back_what_it_reported(rt)
 
 
 def test_evict_oldest_keeps_decoding_within_the_budget():

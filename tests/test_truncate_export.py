@@ -364,11 +364,14 @@ class GroupModel:
     lead tokens and G - lead hot ones form a new group (the lead tokens get new identities:
     the old group may still serve a fork), if the budget holds it. A fork shares the cold
     tokens and copies the hot ones; eviction drops the oldest; truncation keeps the first n.
-    Stored = distinct cold identities + every hot token."""
+    Stored = distinct cold identities + every hot token. Charged (what the budget bounds) =
+    G x the distinct groups some cold token is held of (a cut group keeps its memory) + every
+    hot token."""
 
     def __init__(self, hot_tokens, group, budget):
         self.hot_tokens, self.group, self.budget = hot_tokens, group, budget
         self.seqs, self.next_id = {}, 0
+        self.group_of, self.groups = {}, 0     # cold identity -> the migration that made it
 
     def ids(self, n):
         self.next_id += n
@@ -376,6 +379,10 @@ class GroupModel:
 
     def stored(self):
         return (len({i for toks, cold, _ in self.seqs.values() for i, _ in toks[:cold]}) +
+                sum(len(toks) - cold for toks, cold, _ in self.seqs.values()))
+
+    def charged(self):
+        return (self.group * len({self.group_of[i] for toks, cold, _ in self.seqs.values() for i, _ in toks[:cold]}) +
                 sum(len(toks) - cold for toks, cold, _ in self.seqs.values()))
 
     def append(self, seq, values):
@@ -393,12 +400,19 @@ class GroupModel:
                 moved = [(i, v) for i, (_, v) in zip(self.ids(lead), toks[cold - lead:cold])]
                 new = [toks[:cold - lead] + moved + toks[cold:], cold + G - lead,
                        0 if cold == lead else offset]
+                self.grouped(new[0][cold - lead:cold - lead + G])
                 before, self.seqs[seq] = self.seqs[seq], new
-                if self.stored() > self.budget:     # its other holders keep the old group
+                if self.charged() > self.budget:    # its other holders keep the old group
                     self.seqs[seq] = before
                     return
             else:
+                self.grouped(toks[cold:cold + G])
                 self.seqs[seq] = [toks, cold + G, offset]
+
+    def grouped(self, toks):
+        for i, _ in toks:
+            self.group_of[i] = self.groups
+        self.groups += 1
 
     def fork(self, seq, child):
         toks, cold, offset = self.seqs[seq]
@@ -429,7 +443,8 @@ def test_truncation_accounting_matches_a_model(prompt, ops, policy, cold):
     """After any mix of appends, forks, frees, evictions and truncations (cuts in shared and
     unshared cold groups, reopened by later migrations) the cache stores what the model says,
     in every layer and in stats, each sequence holds the model's values in order, an append
-    fits exactly when the model says it does, and freeing everything gives back every byte."""
+    fits exactly when the model says it does (cut groups charged whole), and freeing
+    everything gives back every byte."""
     rng = np.random.default_rng(1)
     H, G, MAX = 3, 4, 40
     cache = TwoTierKVCache(2, 1, 4, hot_tokens=H, migration_batch=G, cold=cold, max_tokens=MAX, policy=policy)
@@ -442,7 +457,7 @@ def test_truncation_accounting_matches_a_model(prompt, ops, policy, cold):
     def append(seq, n):
         vals = [next(values) for _ in range(n)]
         lens = {s: cache.seq_len(s, 0) for s in model.seqs}
-        fits = model.stored() + n <= MAX
+        fits = model.charged() + n <= MAX
         if not fits and (policy == "error" or n > MAX):
             snap = snapshot(cache)
             with pytest.raises(KVCacheFull):
@@ -468,7 +483,7 @@ def test_truncation_accounting_matches_a_model(prompt, ops, policy, cold):
         elif op == "append" and n:
             append(target, n)
         elif op == "fork":
-            if model.stored() + len(model.seqs[target][0]) - model.seqs[target][1] <= MAX:
+            if model.charged() + len(model.seqs[target][0]) - model.seqs[target][1] <= MAX:
                 model.fork(target, cache.fork(target))
             else:
                 with pytest.raises(KVCacheFull):
@@ -485,7 +500,7 @@ def test_truncation_accounting_matches_a_model(prompt, ops, policy, cold):
             cache.reserve([target], [n])
             for s in model.seqs:
                 model.drop_oldest(s, lens[s] - cache.seq_len(s, 0))
-            assert model.stored() + n <= MAX
+            assert model.charged() + n <= MAX
         agree(cache, model, MAX)
     for s in list(model.seqs):
         cache.free(s)
@@ -495,11 +510,13 @@ def test_truncation_accounting_matches_a_model(prompt, ops, policy, cold):
 
 
 def agree(cache, model, budget):
-    """the cache holds what the model says: stored tokens per layer, each sequence's cold
-    tokens and its values in order (the value of token i is in channel 0 of its V)"""
+    """the cache holds what the model says: stored tokens per layer, the slots charged, each
+    sequence's cold tokens and its values in order (the value of token i is in channel 0 of
+    its V)"""
     st_ = cache.stats()
     stored = model.stored()
     assert stored <= budget and st_.stored_tokens == stored
+    assert st_.budget_tokens == model.charged() <= budget
     assert {r["layer"]: r["tokens"] for r in st_.layers} == {0: stored, 1: stored}
     held = {s: (st_.sequences[s]["cold_tokens"], [cache.get_kv(s, layer)[1][:, 0, 0].tolist() for layer in (0, 1)])
             for s in model.seqs}

@@ -356,7 +356,8 @@ static int op_import(state *s, const op_t *o, const rv_ops *ops)
             return RV_EINVAL;
         off += (size_t)e.sizes[g];
     }
-    int64_t length = e.ngroups * s->tt->group_tokens - e.skip - e.cut + e.hot_len;
+    /* the slots it is charged: its own copy of every group, whole (a skip or cut frees none) */
+    int64_t length = e.ngroups * s->tt->group_tokens + e.hot_len;
     int bind;
     if (room && rv_tt_make_room(s->tt, &slot, &length, 1, layer, 1, &bind) != RV_TT_ROOM_OK)
         return RV_EFULL;

@@ -65,7 +65,7 @@ size_t rv_tt_fixed_bytes(const rv_tt_params *p)
     rv_codec_sizes sz;
     if (codec_sizes(p, &sz) != RV_OK)
         return 0;
-    return sizeof(rv_tt) + rv_kv_alloc_size(sizeof(int64_t) * (size_t)p->num_layers) + sz.state_bytes +
+    return sizeof(rv_tt) + rv_kv_alloc_size(2 * sizeof(int64_t) * (size_t)p->num_layers) + sz.state_bytes +
            rv_kv_alloc_size(sizeof(float) * work_floats(p, &sz));
 }
 
@@ -137,13 +137,14 @@ int rv_tt_create(rv_tt **out, const rv_tt_params *p)
     rc = c->codec->create(&cfg, &c->codec_state);
     if (rc == RV_OK)
         c->meta_bytes += sz.state_bytes;
-    c->used = (int64_t *)meta_alloc(c, sizeof(int64_t) * (size_t)p->num_layers);
+    c->used = (int64_t *)meta_alloc(c, 2 * sizeof(int64_t) * (size_t)p->num_layers);
     c->work = (float *)meta_alloc(c, sizeof(float) * c->work_floats);
     if (rc != RV_OK || !c->used || !c->work) {
         rv_tt_destroy(c);
         return rc != RV_OK ? rc : RV_ENOMEM;
     }
-    memset(c->used, 0, sizeof(int64_t) * (size_t)p->num_layers);
+    memset(c->used, 0, 2 * sizeof(int64_t) * (size_t)p->num_layers);
+    c->stored = c->used + p->num_layers;
     *out = c;
     return RV_OK;
 }
@@ -263,7 +264,18 @@ RV_INLINE void seen_range(const rv_tt *c, const rv_tt_layer *L, int64_t i, int32
     *b = i == L->ngroups - 1 ? c->group_tokens - L->cut : c->group_tokens;
 }
 
-/* ---- the budget: tokens stored (rv_twotier.h) ---- */
+/* ---- the budget: slots charged, tokens stored (rv_twotier.h) ---- */
+
+/* n more hot tokens in `layer` (n < 0: fewer), or tokens moving between the tiers: each is
+ * a slot charged and a token stored */
+RV_INLINE void count_tokens(rv_tt *c, int layer, int64_t n)
+{
+    c->used[layer] += n;
+    c->stored[layer] += n;
+}
+
+/* what a group storing `stored` tokens is charged: its whole allocation while it stores any */
+RV_INLINE int32_t group_charge(const rv_tt *c, int32_t stored) { return stored > 0 ? c->group_tokens : 0; }
 
 /* Count (sign +1) or uncount (-1) L as a full holder of its live groups in [lo, hi). */
 static void hold_groups(const rv_tt *c, rv_tt_layer *L, int64_t lo, int64_t hi, int sign)
@@ -299,11 +311,10 @@ RV_INLINE void cover_add(rv_tt_cover *cv, int32_t a, int32_t b, int32_t G)
         cv->middles = 1;
 }
 
-/* whether a live holder of g in `layer` other than those in slots[0..n) sees token t of it */
-static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t, const int *slots, int n);
+/* whether a live holder of g in `layer` sees token t of it */
+static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t);
 
-static int32_t cover_count(const rv_tt *c, int layer, const rv_tt_group *g, const rv_tt_cover *cv,
-                           const int *slots, int n)
+static int32_t cover_count(const rv_tt *c, int layer, const rv_tt_group *g, const rv_tt_cover *cv)
 {
     const int32_t G = c->group_tokens, P = cv->prefix_end, S = cv->suffix_start;
     if (P >= S)
@@ -312,7 +323,7 @@ static int32_t cover_count(const rv_tt *c, int layer, const rv_tt_group *g, cons
         return P + (G - S);
     int32_t held = P + (G - S);
     for (int32_t t = P; t < S; t++)
-        held += token_held(c, layer, g, t, slots, n);
+        held += token_held(c, layer, g, t);
     return held;
 }
 
@@ -339,13 +350,14 @@ static int32_t group_stored(const rv_tt *c, int layer, const rv_tt_group *g)
             cover_add(&cv, a, b, c->group_tokens);
         }
     }
-    return cover_count(c, layer, g, &cv, NULL, 0);
+    return cover_count(c, layer, g, &cv);
 }
 
 static void restat_group(rv_tt *c, int layer, rv_tt_group *g)
 {
     const int32_t stored = group_stored(c, layer, g);
-    c->used[layer] += stored - g->stored;
+    c->stored[layer] += stored - g->stored;
+    c->used[layer] += group_charge(c, stored) - group_charge(c, g->stored);
     g->stored = stored;
 }
 
@@ -385,11 +397,11 @@ static int slot_listed(int slot, const int *slots, int n)
     return 0;
 }
 
-static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t, const int *slots, int n)
+static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t)
 {
     for (int i = 0; i < c->nslots; i++) {
         const rv_tt_seq *s = &c->seqs[i];
-        if (!s->live || slot_listed(i, slots, n))
+        if (!s->live)
             continue;
         const rv_tt_layer *L = &s->layers[layer];
         for (int64_t gi = L->first; gi < L->ngroups; gi++) {
@@ -404,43 +416,25 @@ static int token_held(const rv_tt *c, int layer, const rv_tt_group *g, int32_t t
     return 0;
 }
 
-int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n)
+int64_t rv_tt_used_without(rv_tt *c, int layer, const int *slots, int n)
 {
-    int64_t stored = 0;
+    int64_t used = 0;
     c->epoch++;
-    /* pass 0: each group's cover among the remaining holders; pass 1: count it once */
-    for (int pass = 0; pass < 2; pass++)
-        for (int i = 0; i < c->nslots; i++) {
-            const rv_tt_seq *s = &c->seqs[i];
-            if (!s->live || slot_listed(i, slots, n))
-                continue;
-            const rv_tt_layer *L = &s->layers[layer];
-            if (pass == 0)
-                stored += L->hot_len;
-            for (int64_t gi = L->first; gi < L->ngroups; gi++) {
-                rv_tt_group *g = L->groups[gi];
-                if (pass == 0) {
-                    if (g->mark != c->epoch) {
-                        g->mark = c->epoch;
-                        g->tmp = c->group_tokens;     /* suffix start */
-                        g->tmp_end = 0;               /* prefix end */
-                        g->tmp_mid = 0;
-                    }
-                    int32_t a, b;
-                    seen_range(c, L, gi, &a, &b);
-                    rv_tt_cover cv = {g->tmp_end, g->tmp, g->tmp_mid};
-                    cover_add(&cv, a, b, c->group_tokens);
-                    g->tmp_end = cv.prefix_end;
-                    g->tmp = cv.suffix_start;
-                    g->tmp_mid = cv.middles;
-                } else if (g->tmp >= 0) {
-                    rv_tt_cover cv = {g->tmp_end, g->tmp, g->tmp_mid};
-                    stored += cover_count(c, layer, g, &cv, slots, n);
-                    g->tmp = -1;
-                }
+    for (int i = 0; i < c->nslots; i++) {
+        const rv_tt_seq *s = &c->seqs[i];
+        if (!s->live || slot_listed(i, slots, n))
+            continue;
+        const rv_tt_layer *L = &s->layers[layer];
+        used += L->hot_len;
+        for (int64_t gi = L->first; gi < L->ngroups; gi++) {
+            rv_tt_group *g = L->groups[gi];
+            if (g->mark != c->epoch) {      /* held by a remaining sequence: charged once, whole */
+                g->mark = c->epoch;
+                used += c->group_tokens;
             }
         }
-    return stored;
+    }
+    return used;
 }
 
 /* ---- the hot ring ---- */
@@ -593,11 +587,11 @@ static int migrate(rv_tt *c, int layer, rv_tt_layer *L, const rv_ops *ops)
             int32_t b;
             seen_range(c, L, L->ngroups - 1, &a, &b);
             lead = b - a;
-            /* the new group stores G; what the old one stores without L must leave room */
+            /* the new group is charged G; what the old one is charged without L must leave room */
             rv_tt_group *old = L->groups[L->ngroups - 1];
-            const int32_t before = old->stored;
+            const int32_t before = group_charge(c, old->stored);
             L->ngroups--;
-            const int32_t after = group_stored(c, layer, old);
+            const int32_t after = group_charge(c, group_stored(c, layer, old));
             L->ngroups++;
             if (c->used[layer] + lead - (before - after) > c->max_tokens) {
                 rc = RV_EFULL;    /* its other holders keep it: the tokens stay hot for now */
@@ -619,7 +613,8 @@ static int migrate(rv_tt *c, int layer, rv_tt_layer *L, const rv_ops *ops)
         }
         g->full = 1;          /* G tokens move from the hot count to the cold one */
         g->stored = (int32_t)G;
-        c->used[layer] += lead;
+        count_tokens(c, layer, lead);   /* the reopened ones, counted again (the old group's
+                                           restat uncounted them) */
         L->hot_head = (L->hot_head + G - lead) % L->hot_cap;
         L->hot_len -= G - lead;
     }
@@ -712,7 +707,7 @@ void rv_tt_release(rv_tt *c, int slot)
     for (int l = 0; l < c->num_layers && s->layers; l++) {
         rv_tt_layer *L = &s->layers[l];
         move_view(c, l, L, L->ngroups, 0, 0);      /* sees none of its groups any more */
-        c->used[l] -= L->hot_len;
+        count_tokens(c, l, -L->hot_len);
     }
     if (s->in_txn)
         c->open_txns--;
@@ -753,7 +748,7 @@ int rv_tt_fork(rv_tt *c, int parent, int *child)
                 for (int h = 0; h < c->num_kv_heads; h++)
                     ring_gather(c, P, kv, h, P->hot_head, P->hot_len, ring_row(c, L, kv, h, 0));
             L->hot_len = P->hot_len;
-            c->used[l] += L->hot_len;
+            count_tokens(c, l, L->hot_len);
         }
     }
     *child = i;
@@ -772,7 +767,7 @@ static void evict_layer(rv_tt *c, rv_tt_seq *s, rv_tt_layer *L, int layer, int64
         move_view(c, layer, L, L->first + (L->skip + from_cold) / G, (int32_t)((L->skip + from_cold) % G), L->cut);
     n -= from_cold;
     if (n > 0) {
-        c->used[layer] -= n;
+        count_tokens(c, layer, -n);
         L->hot_head = (L->hot_head + n) % L->hot_cap;
         L->hot_len -= n;
         if (s->in_txn)
@@ -807,11 +802,11 @@ int rv_tt_truncate(rv_tt *c, int slot, int64_t n)
         if (n >= cold + L->hot_len)
             continue;
         if (n >= cold) {                      /* the newest hot tokens go */
-            c->used[l] -= cold + L->hot_len - n;
+            count_tokens(c, l, -(cold + L->hot_len - n));
             L->hot_len = n - cold;
             continue;
         }
-        c->used[l] -= L->hot_len;
+        count_tokens(c, l, -L->hot_len);
         L->hot_len = 0;
         L->hot_head = 0;
         /* the groups past the n-th cold token go; the cut falls inside the last one kept */
@@ -825,6 +820,18 @@ int rv_tt_truncate(rv_tt *c, int slot, int64_t n)
 }
 
 /* ---- room for appends: the eviction policy ---- */
+
+/* The oldest tokens L must drop to give up its oldest n (n <= its length): a cold one goes
+ * with the rest of its group, whose allocation -- and charge -- goes only with its last token
+ * (dropping part of a group would free no room). */
+static int64_t evict_extent(const rv_tt *c, const rv_tt_layer *L, int64_t n)
+{
+    const int64_t G = c->group_tokens, cold = cold_len(c, L);
+    if (n >= cold)
+        return n;                         /* every group goes, then hot tokens one by one */
+    const int64_t to_group_end = (L->skip + n + G - 1) / G * G - L->skip;
+    return to_group_end < cold ? to_group_end : cold;
+}
 
 /* the fullest layer in [lo, hi) */
 static int fullest_layer(const rv_tt *c, int lo, int hi)
@@ -890,13 +897,13 @@ int rv_tt_make_room(rv_tt *c, const int *slots, const int64_t *n, int nseq, int 
      * one, emptying every sequence frees everything) */
     if (side >= 0)
         for (int l = lo; l < hi; l++)
-            if (rv_tt_stored_without(c, l, c->victims, nv) + requested > c->max_tokens)
+            if (rv_tt_used_without(c, l, c->victims, nv) + requested > c->max_tokens)
                 return RV_TT_ROOM_TXN_SIDE;
     while (over > 0) {
         int evicted = 0;
         for (int i = 0; i < nv; i++) {
             const int64_t len = rv_tt_len(c, c->victims[i], *bind);
-            const int64_t take = over < len ? over : len;
+            const int64_t take = evict_extent(c, &c->seqs[c->victims[i]].layers[*bind], over < len ? over : len);
             if (take <= 0)
                 continue;
             const int64_t before = c->used[*bind];
@@ -944,7 +951,7 @@ int rv_tt_append(rv_tt *c, int slot, int layer, const void *k, const void *v, in
         }
     }
     L->hot_len += n;
-    c->used[layer] += n;
+    count_tokens(c, layer, n);
     if (!s->in_txn)
         migrate(c, layer, L, ops);   /* out of memory: the tokens stay hot, still correct */
     return RV_OK;
@@ -997,7 +1004,7 @@ void rv_tt_rollback(rv_tt *c, int slot)
         rv_tt_layer *L = &s->layers[l];
         /* the groups it sees store as before */
         move_view(c, l, L, L->s_first, L->s_skip, L->s_cut);
-        c->used[l] += L->s_hot_len - L->hot_len;
+        count_tokens(c, l, L->s_hot_len - L->hot_len);
         L->hot_head = L->s_hot_head;
         L->hot_len = L->s_hot_len;
         L->txn_hot_evicted = 0;
@@ -1203,7 +1210,7 @@ int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs
     }
     hold_groups(c, L, 0, L->ngroups, +1);       /* counted only now that nothing can fail */
     restat_groups(c, layer, L, 0, L->ngroups);
-    c->used[layer] += hot_len;
+    count_tokens(c, layer, hot_len);
     /* a hot tier saved by a cache with more hot_tokens: what this one keeps hot, the rest
      * quantized as an append would (out of memory: the tokens stay hot, still correct) */
     migrate(c, layer, L, ops);

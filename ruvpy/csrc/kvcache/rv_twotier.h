@@ -9,13 +9,17 @@
  * a new cold group (migration). Cold groups are reference counted: fork shares them and copies
  * only the hot ring.
  *
- * Budget (max_tokens, per layer): `used` counts the tokens stored, not the tokens each
- * sequence sees: every sequence's hot tokens (its own copies) plus, once, each cold group's
- * tokens that some sequence still holds. A holder sees a range of each of its groups (all of
+ * Budget (max_tokens, per layer): `used` counts token slots, not the tokens each sequence
+ * sees: every sequence's hot tokens (its own copies) plus, once, group_tokens for each cold
+ * group that some sequence still holds. A holder sees a range of each of its groups (all of
  * it, but for `skip` evicted tokens of its first live one and `cut` truncated tokens of its
- * last), so a group stores the union of its holders' ranges: a fork costs only its hot tail,
- * and evicting a shared token frees room only once no sequence holds it any more (the group's
- * memory goes with its last reference).
+ * last), and a group keeps its whole allocation while any token of it is held, so it is
+ * charged whole: charging only the tokens still held let a cut group's empty slots go to new
+ * groups, and the live groups outgrew the cold store a memory budget sized (about a group
+ * per sequence and layer). A fork costs only its hot tail; evicting a shared token frees room
+ * only once no sequence holds it any more, and evicting part of a group frees none (the
+ * eviction policy drops whole groups). `stored` counts the tokens themselves (each group's
+ * union of its holders' ranges, once), for the stats.
  *
  * Transactions: inside one a sequence never migrates (its hot ring grows instead) and
  * evictions only move its counters (dropped groups are freed at commit, and the ring never
@@ -51,9 +55,10 @@
 typedef struct {
     int32_t refs;            /* group lists holding it (live or evicted awaiting a commit) */
     int32_t full;            /* live holders that see all of it (no skip, no cut) */
-    int32_t stored;          /* its tokens counted in `used`: those some holder sees */
-    int32_t tmp, tmp_end, tmp_mid;   /* scratch of rv_tt_stored_without and of a usage pass
-                                        (rv_tt_usage_begin: holders counted) while mark == epoch */
+    int32_t stored;          /* its tokens some holder sees (counted in `stored`; while > 0
+                                `used` charges it group_tokens) */
+    int32_t tmp;             /* scratch of a usage pass (rv_tt_usage_begin: holders counted)
+                                while mark == epoch */
     int32_t origin;          /* RV_TT_FROM_*: where its memory came from */
     int32_t slab_class;      /* from a slab: its size class there */
     uint64_t mark;
@@ -90,7 +95,9 @@ typedef struct {
     const rv_codec *codec;   /* the cold format */
     void *codec_state;
     int64_t max_tokens;
-    int64_t *used;           /* [num_layers] tokens stored (see the budget above) */
+    int64_t *used;           /* [num_layers] slots charged against max_tokens (the budget above) */
+    int64_t *stored;         /* [num_layers] tokens stored (the budget above; one allocation
+                                with `used`) */
     rv_tt_seq *seqs;
     int nslots, slot_cap;
     int open_txns;
@@ -102,7 +109,7 @@ typedef struct {
     int64_t cold_groups;     /* distinct groups allocated */
     int64_t evicted;         /* tokens evicted, all sequences (a rollback takes its own back) */
     int64_t shared_groups;   /* distinct groups with more than one reference */
-    uint64_t epoch;          /* marks of rv_tt_stored_without and of usage passes */
+    uint64_t epoch;          /* marks of rv_tt_used_without and of usage passes */
     uint64_t births;
     rv_pool *pool;           /* cold groups from its class pool_class, or NULL */
     int pool_class;
@@ -163,12 +170,12 @@ void rv_tt_release(rv_tt *c, int slot);
 int64_t rv_tt_len(const rv_tt *c, int slot, int layer);
 int64_t rv_tt_cold_len(const rv_tt *c, int slot, int layer);
 
-/* Drop the oldest min(n, length) tokens of slot in every layer (the room they free: only
- * those no other sequence holds). */
+/* Drop the oldest min(n, length) tokens of slot in every layer (the room they free: the
+ * groups no other sequence holds any token of, and hot tokens). */
 void rv_tt_evict(rv_tt *c, int slot, int64_t n);
-/* The tokens `layer` would store if the n sequences `slots` held nothing (recounted from the
- * group lists; with n == 0 it equals used[layer]). */
-int64_t rv_tt_stored_without(rv_tt *c, int layer, const int *slots, int n);
+/* The slots `layer` would charge (its `used`) if the n sequences `slots` held nothing
+ * (recounted from the group lists; with n == 0 it equals used[layer]). */
+int64_t rv_tt_used_without(rv_tt *c, int layer, const int *slots, int n);
 /* Keep the first n tokens of slot in every layer (those past it are dropped: hot ones, whole
  * cold groups, and the tail of the cold group the cut falls in, which stays shared). Refused
  * (RV_EINVAL) inside a transaction. */
@@ -183,10 +190,11 @@ int rv_tt_truncate(rv_tt *c, int slot, int64_t n);
 #define RV_TT_ROOM_NOMEM 5         /* out of memory for the eviction order */
 /* Make sure appending n[i] tokens to slots[i] (distinct, live) in `layer` (< 0: every layer)
  * fits max_tokens. evict == 0: just check. evict != 0 ("evict-oldest"): drop the oldest tokens
- * until exactly the room asked for is free -- first of the requesting sequences (so each keeps
- * its newest tokens), then of the others, longest first (older sequences first among equals);
- * a dropped token another sequence still holds frees no room, so its other holders drop it
- * next. While a transaction is open only sequences on the requesters' side of it may give up
+ * until the room asked for is free -- first of the requesting sequences (so each keeps its
+ * newest tokens), then of the others, longest first (older sequences first among equals);
+ * cold tokens go with the rest of their group (part of a group frees no room: up to
+ * group_tokens - 1 tokens more than asked may go), hot ones exactly; a dropped token another
+ * sequence still holds frees no room, so its other holders drop it next. While a transaction is open only sequences on the requesters' side of it may give up
  * tokens (a rollback must not bring back tokens whose room was given away). Returns an
  * RV_TT_ROOM_* code; nothing changes unless it is RV_TT_ROOM_OK. *bind: the fullest layer. */
 int rv_tt_make_room(rv_tt *c, const int *slots, const int64_t *n, int nseq, int layer, int evict, int *bind);
