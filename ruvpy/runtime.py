@@ -523,10 +523,12 @@ class Runtime(Closing):
         groups come from it) one class of the most a cold group takes, holding the capacity's
         cold groups ready so that migration never calls the allocator."""
         cfg = self.config
+        self._cold_class = None      # the pool's class of the cold groups, if they come from it
         if not cold_groups:
             return BufferPool(cfg.pool_buffers_per_class)
         classes = {size: cfg.pool_buffers_per_class for size in BufferPool.SIZE_CLASSES}
         group = -(-sizing.group_bytes // 64) * 64
+        self._cold_class = group
         classes[group] = max(classes.get(group, 0), sizing.cold_groups + cfg.num_layers)
         pool = BufferPool(cfg.pool_buffers_per_class,
                           size_classes=sorted(classes.items()))
@@ -1121,19 +1123,29 @@ class Runtime(Closing):
     # -- statistics -------------------------------------------------------------------------
     def memory_bytes(self):
         """{part: bytes} of everything the runtime holds: "kv" (the cache's storage and
-        metadata), "arena", "pool" (free and handed-out buffers that are not the cache's cold
-        groups, and the pool's own lists), "scratch". Their sum is RuntimeStats.total_bytes."""
+        metadata, and the buffers the pool holds ready for its cold groups), "arena", "pool"
+        (the other free and handed-out buffers, and the pool's own lists), "scratch". Their
+        sum is RuntimeStats.total_bytes."""
         with self._state_lock:      # reads the cache, arena and pool that close() frees
             self._check_open()
             return self._memory_bytes()
 
-    def _memory_bytes(self):
-        pool = self._pool.stats()
-        kv = int(self._cache.nbytes)
-        return {"kv": kv, "arena": int(self._live_arena().capacity),
-                "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes +
-                            self._pool.metadata_bytes),
+    def _memory_bytes(self, pool=None):
+        pool = self._pool.stats() if pool is None else pool
+        reserved = self._reserved_cold_bytes(pool)
+        return {"kv": int(self._cache.nbytes) + reserved, "arena": int(self._live_arena().capacity),
+                "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes -
+                            reserved + self._pool.metadata_bytes),
                 "scratch": int(self._scratch.nbytes)}
+
+    def _reserved_cold_bytes(self, pool):
+        """Bytes of the free buffers of the pool's cold-group class (`pool`: its stats): the
+        groups prewarmed for the cache, or given back by it, not in use now. The budget sized
+        them as the KV cache's cold store, and they are allocated: they count as KV."""
+        if self._cold_class is None:
+            return 0
+        free = pool.free_buffers[self._pool.size_classes.index(self._cold_class)]
+        return int(free) * self._cold_class
 
     def stats(self):
         """A RuntimeStats snapshot (see its docstring); .format() for a table."""
@@ -1154,11 +1166,11 @@ class Runtime(Closing):
         arena = self._live_arena().stats()
         pool = self._pool.stats()
         kv = self._cache.stats()
-        kv_bytes = int(self._cache.nbytes)
+        memory = self._memory_bytes(pool)
+        kv_bytes = memory["kv"]
         tiers, layers, details = kv_summary(kv)
         budget = self.config.memory_budget
         rss = _process_rss()
-        memory = self._memory_bytes()
         free_tokens = kv_free_tokens(kv)
         return RuntimeStats(
             arena=arena._asdict(),
@@ -1167,6 +1179,7 @@ class Runtime(Closing):
             kv={"kind": self.config.kv_cache, "capacity_tokens": self.capacity_tokens,
                 "tokens": int(kv.tokens), "bytes": kv_bytes,
                 "bytes_in_use": sum(t["bytes"] for t in tiers.values()),
+                "reserved_bytes": self._reserved_cold_bytes(pool),
                 "bytes_per_token": self.bytes_per_token, "free_tokens": free_tokens,
                 "free_bytes": int(free_tokens * self.bytes_per_token),
                 "free_sequences": None if self.max_sequences is None else

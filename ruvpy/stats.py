@@ -52,9 +52,13 @@ class RuntimeStats:
     arena: capacity, used, remaining, high_water_mark, allocation_count, reset_count;
     pool: hits, misses, allocations, returns, drops, pooled_bytes, outstanding_bytes;
     scratch_bytes; kv: kind, capacity_tokens, tokens (held now), bytes (allocated now, all
-    tiers and metadata: what the budget caps), bytes_in_use (token storage in use),
+    tiers and metadata, reserved_bytes included: what the budget caps), bytes_in_use (token
+    storage in use), reserved_bytes (of bytes: buffers the buffer pool holds ready for a
+    two-tier cache's cold groups -- prewarmed to its capacity, or given back -- not in use;
+    bytes = bytes_in_use + the cache's metadata and slab slack + reserved_bytes),
     bytes_per_token, free_tokens (tokens per layer that still fit: a paged cache's free
-    blocks, a two-tier cache's capacity less the tokens it stores), free_bytes (free_tokens
+    blocks, a two-tier cache's capacity less the slots it is charged: the tokens it stores,
+    a partly dropped cold group counted whole), free_bytes (free_tokens
     at bytes_per_token), free_sequences (sequences that may still be added; None: no limit
     but the tokens), details (the cache's own counters: blocks, fragmentation, ...), tiers
     {name: {tokens, bytes}}, layers [{layer, tokens, bytes}], sequences [{seq, position,
@@ -65,10 +69,10 @@ class RuntimeStats:
     created); steps (committed), rollbacks, attention_calls, arena_fallbacks (attention
     outputs that did not fit the arena and were allocated by numpy); total_bytes: every byte
     the Runtime holds (the KV cache's storage and metadata, the arena, the buffer pool's free
-    and handed-out buffers, the scratch), and memory: those parts {name: bytes} (a cold group
-    in a pool buffer counts once, as KV); weights: None, or the model's memory-mapped GGUF
-    weights (path, mapped_bytes, resident_bytes: pages in RAM now, nbytes: tensor bytes),
-    file-backed pages outside total_bytes.
+    and handed-out buffers, the scratch), and memory: those parts {name: bytes} (a pool
+    buffer holding a cold group, or held ready for one, counts once, as KV); weights: None,
+    or the model's memory-mapped GGUF weights (path, mapped_bytes, resident_bytes: pages in
+    RAM now, nbytes: tensor bytes), file-backed pages outside total_bytes.
     """
 
     arena: dict
@@ -98,7 +102,9 @@ class RuntimeStats:
                   f"{_human_bytes(self.budget_bytes)}, {self.budget_used_pct:.1f}% used")
         summary = [
             ("KV cache", f"{kv['kind']}, capacity {kv['capacity_tokens']} tokens, "
-                         f"{_human_bytes(kv['bytes'])} allocated"),
+                         f"{_human_bytes(kv['bytes'])} allocated"
+                         + (f" ({_human_bytes(kv['reserved_bytes'])} of it cold-group buffers "
+                            f"held ready, unused)" if kv.get("reserved_bytes") else "")),
             ("KV in use", f"{kv['tokens']} tokens held ("
                           f"{100 * kv['tokens'] / max(1, kv['capacity_tokens']):.1f}% of "
                           f"capacity), {_human_bytes(kv['bytes_in_use'])} of token storage"

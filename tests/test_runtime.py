@@ -779,9 +779,10 @@ HEAP_SLACK = 16 * 1024
 
 
 def reported_heap(rt):
-    """The heap bytes a runtime says it holds: KV cache, arena, scratch and pooled buffers."""
-    s = rt.stats()
-    return s.kv["bytes"] + s.arena["capacity"] + s.scratch_bytes + s.pool["pooled_bytes"]
+    """The heap bytes a runtime says it holds and close() gives back: all of total_bytes
+    (KV cache with the cold-group buffers its pool holds ready, arena, scratch, the pool's
+    other buffers) but the pool's own lists, which outlive close()."""
+    return rt.stats().total_bytes - rt.pool.metadata_bytes
 
 
 def assert_close_gives_back_what_it_reported(rt):
@@ -888,6 +889,54 @@ def test_a_full_budget_raises_kvcachefull_and_changes_nothing():
         assert rt.position(a) == capacity - 16 and rt.position(b) == 16
         with pytest.raises(KVCacheFull):
             feed.step([b], [1])
+
+
+@pytest.mark.parametrize("cold", ["q4", "turbo"])
+def test_a_pool_mode_budget_counts_the_cold_groups_held_ready(cold):
+    """Under a budget a small two-tier cache's cold groups come from a pool class prewarmed
+    with all of them: memory the budget sized as KV and that is allocated from the start.
+    kv["bytes"] and budget_used_pct left the unused ones out (a fresh runtime reported 5 KB
+    of KV, its fixed part, while creating it took 273 KB); they count now, as reserved_bytes:
+    kv["bytes"] is what creating the
+    runtime took from the heap (glibc's count) but the arena, the scratch and the pool's own
+    lists, and a step moves bytes from reserved to in use without changing it."""
+    cfg = RuntimeConfig(**{**SMALL, **KINDS["two-tier-q4" if cold == "q4" else "turbo"]},
+                        max_tokens=None, memory_budget=300_000, max_sequences=2, arena_bytes=1 << 16)
+    with Runtime(cfg) as warm:            # process-wide first-use state (kernel tables, threads)
+        warm_feed = Feeder(warm, seed=29)
+        warm_feed.step([warm_feed.add(), warm_feed.add()], [70, 40], check=False)
+    gc.collect()
+    before = heap_bytes_in_use()
+    rt = Runtime(cfg)
+    gc.collect()
+    grown = heap_bytes_in_use() - before
+    assert not rt._sizing.cold_slabs and rt._sizing.cold_groups > 0
+    s = rt.stats()
+    others = s.arena["capacity"] + s.scratch_bytes + rt.pool.metadata_bytes
+    assert abs(s.kv["bytes"] - (grown - others)) <= HEAP_SLACK, (s.kv["bytes"], grown - others)
+    assert s.kv["reserved_bytes"] >= 0.5 * s.kv["bytes"] > 0       # the cold store, unused
+    assert s.budget_used_pct == pytest.approx(100 * s.kv["bytes"] / cfg.memory_budget)
+    feed = Feeder(rt, seed=29)
+    a, b = feed.add(), feed.add()
+    feed.step([a, b], [70, 40], check=False)
+    feed.fed.clear()
+    gc.collect()
+    t = rt.stats()
+    assert t.kv["details"]["cold_groups"] > 0
+    # the groups came from the reserve: the heap grew by the hot rings and metadata only
+    others = t.arena["capacity"] + t.scratch_bytes + rt.pool.metadata_bytes   # (scratch grew)
+    assert abs(t.kv["bytes"] - (heap_bytes_in_use() - before - others)) <= HEAP_SLACK
+    assert t.kv["reserved_bytes"] == s.kv["reserved_bytes"] - t.kv["details"]["pooled_cold_bytes"]
+    assert t.kv["bytes"] == (t.kv["bytes_in_use"] + t.kv["details"]["metadata_bytes"] +
+                             t.kv["details"]["slab_slack_bytes"] + t.kv["reserved_bytes"])
+    assert t.kv["bytes"] <= cfg.memory_budget
+    assert t.budget_used_pct == pytest.approx(100 * t.kv["bytes"] / cfg.memory_budget)
+    # the parts still add up to every byte, and the shares of sequences / layers to those in use
+    assert t.memory["kv"] == t.kv["bytes"] and sum(t.memory.values()) == t.total_bytes
+    assert sum(r["bytes"] for r in t.kv["sequences"]) == t.kv["bytes_in_use"]
+    assert sum(r["bytes"] for r in t.kv["layers"]) == t.kv["bytes_in_use"]
+    assert "held ready" in t.format()
+    assert_close_gives_back_what_it_reported(rt)
 
 
 def test_cut_cold_groups_stay_within_the_groups_a_budget_planned():
