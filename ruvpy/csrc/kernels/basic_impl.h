@@ -105,13 +105,23 @@ static void f16_to_f32(const uint16_t *src, float *dst, size_t n)
 {
     size_t i = 0;
 #if RV_VW > 1
-    rv_vf special = rv_vf_zero();
+    /* v - v is 0, or NaN for inf and NaN (then the exact scalar path redoes it all); four
+     * sums, so that the check is not one chain of dependent adds (it was the conversion's
+     * bound, 3% of q4 decode) */
+    rv_vf special[4] = {rv_vf_zero(), rv_vf_zero(), rv_vf_zero(), rv_vf_zero()};
+    for (; i + 4 * RV_VW <= n; i += 4 * RV_VW)
+        for (int u = 0; u < 4; u++) {
+            const rv_vf v = rv_vf_load_f16(src + i + u * RV_VW);
+            rv_vf_store(dst + i + u * RV_VW, v);
+            special[u] = rv_vf_add(special[u], rv_vf_sub(v, v));
+        }
     for (; i + RV_VW <= n; i += RV_VW) {
-        rv_vf v = rv_vf_load_f16(src + i);
+        const rv_vf v = rv_vf_load_f16(src + i);
         rv_vf_store(dst + i, v);
-        special = rv_vf_add(special, rv_vf_sub(v, v));
+        special[0] = rv_vf_add(special[0], rv_vf_sub(v, v));
     }
-    if (RV_UNLIKELY(rv_vf_hsum(special) != 0.0f))
+    const rv_vf all = rv_vf_add(rv_vf_add(special[0], special[1]), rv_vf_add(special[2], special[3]));
+    if (RV_UNLIKELY(rv_vf_hsum(all) != 0.0f))
         i = 0;
 #endif
     for (; i < n; i++)
