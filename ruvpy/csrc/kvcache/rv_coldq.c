@@ -9,6 +9,10 @@
 #include "rv_limits.h"
 #include "kvcache/rv_coldq.h"
 
+typedef struct {
+    size_t kscale, kzero, vscale, vzero, vcodes, counts, idx, voscale, vozero, vocodes, kcodes, total;
+} seg_layout;
+
 /* the state of a q8 / q4 codec: one cache shape */
 typedef struct {
     int num_kv_heads, head_dim;
@@ -16,6 +20,8 @@ typedef struct {
     int group_size;         /* value channel group */
     int bits;               /* 8 or 4 */
     int max_outliers;       /* per head, group and K / V (0 for 8 bits) */
+    seg_layout fixed;       /* a segment's places up to its outlier counts (they fix the rest):
+                             * worked out once, not per head and group read */
 } rv_coldq_cfg;
 
 /* Pointers into one head's segment. */
@@ -28,27 +34,31 @@ typedef struct {
     const uint8_t *vocodes;
 } rv_coldq_head;
 
-typedef struct {
-    size_t kscale, kzero, vscale, vzero, vcodes, counts, idx, voscale, vozero, vocodes, kcodes, total;
-} seg_layout;
-
 /* bytes of a row of n codes */
 static int row_bytes(const rv_coldq_cfg *cfg, int n) { return cfg->bits == 8 ? n : (n + 1) / 2; }
 static int key_row(const rv_coldq_cfg *cfg) { return row_bytes(cfg, cfg->group_tokens); }     /* a channel */
 static int value_row(const rv_coldq_cfg *cfg) { return row_bytes(cfg, cfg->head_dim); }      /* a token */
 static int value_groups(const rv_coldq_cfg *cfg) { return (cfg->head_dim + cfg->group_size - 1) / cfg->group_size; }
 
-static void layout(const rv_coldq_cfg *cfg, int nk, int nv, seg_layout *L)
+/* the places that do not depend on the outlier counts (cfg->fixed) */
+static void layout_fixed(const rv_coldq_cfg *cfg, seg_layout *L)
 {
     const size_t d = (size_t)cfg->head_dim, G = (size_t)cfg->group_tokens;
-    const size_t ng = (size_t)value_groups(cfg), kb = (size_t)key_row(cfg), vb = (size_t)value_row(cfg);
+    const size_t ng = (size_t)value_groups(cfg), vb = (size_t)value_row(cfg);
     size_t o = 0;
     L->kscale = o;  o += 2 * d;
     L->kzero = o;   o += 2 * d;
     L->vscale = o;  o += 2 * G * ng;
     L->vzero = o;   o += 2 * G * ng;
     L->vcodes = o;  o += G * vb;
-    L->counts = o;  o += 2;           /* where the counts sit does not depend on them */
+    L->counts = o;                    /* where the counts sit does not depend on them */
+}
+
+static void layout(const rv_coldq_cfg *cfg, int nk, int nv, seg_layout *L)
+{
+    const size_t d = (size_t)cfg->head_dim, G = (size_t)cfg->group_tokens, kb = (size_t)key_row(cfg);
+    *L = cfg->fixed;
+    size_t o = L->counts + 2;
     L->idx = o;     o += (size_t)(nk + nv);
     o = (o + 1) & ~(size_t)1;
     L->voscale = o; o += 2 * (size_t)nv;
@@ -292,8 +302,7 @@ static void rv_coldq_head_view(const rv_coldq_cfg *cfg, const unsigned char *blo
 {
     const unsigned char *seg = blob + head_offset(blob, head);
     seg_layout S;
-    layout(cfg, 0, 0, &S);
-    int nk = seg[S.counts], nv = seg[S.counts + 1];
+    const int nk = seg[cfg->fixed.counts], nv = seg[cfg->fixed.counts + 1];
     layout(cfg, nk, nv, &S);
     h->kscale = (const uint16_t *)(seg + S.kscale);
     h->kzero = (const uint16_t *)(seg + S.kzero);
@@ -447,6 +456,7 @@ static int coldq_configure(const rv_codec_cfg *in, int bits, rv_coldq_cfg *cfg)
     cfg->bits = bits;
     /* dense-and-sparse keys and values (4 bits): up to max(1, head_dim / 16) outlier channels */
     cfg->max_outliers = bits == 8 ? 0 : RV_OUTLIERS_FOR(in->head_dim);
+    layout_fixed(cfg, &cfg->fixed);
     return RV_OK;
 }
 
