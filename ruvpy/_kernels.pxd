@@ -7,4 +7,5 @@ from ruvpy.c_ops cimport rv_ops
 cdef const rv_ops *active_ops() noexcept nogil
 cdef int num_threads() noexcept nogil
 cdef int team_check(int nthreads) noexcept nogil
+cdef int team_precheck(int nthreads) noexcept nogil
 cdef int raise_team_error(str what) except -1

@@ -10,7 +10,8 @@ from ruvpy.c_ops cimport (rv_ops, RV_ISA_COUNT, rv_isa_supported, rv_isa_built, 
                           rv_isa_from_name, rv_best_isa, rv_set_active_isa, rv_active_ops,
                           rv_set_num_threads, rv_get_num_threads)
 from ruvpy._openmp_helpers cimport (effective_n_threads, RV_OPENMP_ENABLED, omp_get_max_threads,
-                                    rv_team_check_here, rv_team_here, rv_team_state)
+                                    rv_team_check_here, rv_team_precheck_here, rv_team_here,
+                                    rv_team_state)
 from ruvpy._limits cimport (RV_MAX_HEAD_DIM, RV_MAX_KV_LEN, RV_MAX_INT, RV_MAX_GROUP_TOKENS,
                             RV_MAX_GROUP_VALUES, RV_MAX_HOT_TOKENS, RV_MAX_OUTLIERS)
 
@@ -83,6 +84,13 @@ cdef int team_check(int nthreads) noexcept nogil:
     RV_OK, or RV_ETHREAD when its OpenMP workers cannot be started. Instantiated here only, so
     its per-thread record of libgomp's pool is one for every extension (they bind to it)."""
     return rv_team_check_here(nthreads)
+
+
+cdef int team_precheck(int nthreads) noexcept nogil:
+    """team_check asked ahead of work that must not be done unless the region can run (a
+    cache's appends before its attention): records nothing, so the region's own check probes
+    again rather than trust workers libgomp may never have started."""
+    return rv_team_precheck_here(nthreads)
 
 
 cdef int raise_team_error(str what) except -1:

@@ -31,7 +31,7 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThr
 from libc.stdint cimport int32_t, int64_t, uint16_t
 from libc.string cimport memset
 
-from ruvpy._kernels cimport active_ops, num_threads, team_check, raise_team_error
+from ruvpy._kernels cimport active_ops, num_threads, team_check, team_precheck, raise_team_error
 from ruvpy._openmp_helpers cimport rv_team_bind
 from ruvpy._attention cimport (rv_kv_query, rv_kv_source, rv_attn_plan, rv_attn_plan_make,
                                rv_attn_run, thread_count, softmax_scale, elem_stride, overlap)
@@ -1160,6 +1160,10 @@ cdef class AttentionPlan:
             oa = _out_rows(out, (<object>qa).shape, qa, ka, va)
             if self.num_tokens == 0:
                 return oa
+            # the planned team's workers before anything changes (room made by eviction
+            # included): their failure leaves the cache as it was (MemoryError)
+            if team_precheck(self.cplan.nthreads) != RV_OK:
+                raise_team_error("attention")
             cache._h_room(self.seqs, self.slots, self.counts, self.nseq, lay)
             # what a layer call can change: the sequences' lengths in this layer
             for i in range(self.nseq):
@@ -1181,10 +1185,6 @@ cdef class AttentionPlan:
             krow = ka.strides[0] if ka.shape[0] > 1 else 0
             qtok = qa.strides[0] if qa.shape[0] > 1 else 0
             otok = oa.strides[0] if oa.shape[0] > 1 else 0
-            for i in range(self.nseq):
-                if self.counts[i]:
-                    cache._h_append(self.slots[i], lay, kp + self.offsets[i] * krow,
-                                    vp + self.offsets[i] * krow, self.counts[i], dtype)
             self._fill_lengths(lengths)
             nq = 0
             for i in range(self.nseq):
@@ -1199,9 +1199,17 @@ cdef class AttentionPlan:
                 nq += 1
             cache._h_source(lay, self.num_heads, &src)
             cplan = self.cplan
-            if lengths != NULL:          # re-plan this layer for its own lengths
+            if lengths != NULL:          # re-plan this layer for its own lengths (the plan reads
+                                         # the source's shape, not its tokens: before the appends)
                 rc = rv_attn_plan_make(&cplan, &src, self.queries, nq, self.causal, self.threads)
                 _check_status(rc, "attention")
+            if cplan.nthreads > self.cplan.nthreads and team_precheck(cplan.nthreads) != RV_OK:
+                raise_team_error("attention")      # (a re-plan's larger team: before the appends)
+            for i in range(self.nseq):
+                if self.counts[i]:
+                    cache._h_append(self.slots[i], lay, kp + self.offsets[i] * krow,
+                                    vp + self.offsets[i] * krow, self.counts[i], dtype)
+            cache._h_source(lay, self.num_heads, &src)
             if self.scratch is not None:
                 work = &self.scratch.view
                 if not rv_scratch_fits(work, cplan.shared_bytes, cplan.thread_bytes, cplan.nthreads):

@@ -31,6 +31,7 @@ cdef extern from "rv_threads.h" nogil:
     void rv_team_bind(rv_team_check_fn check)
     int rv_team_start(int nthreads)
     int rv_team_check_here(int nthreads)
+    int rv_team_precheck_here(int nthreads)
     rv_team_state *rv_team_here()
 
 

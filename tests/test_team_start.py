@@ -112,6 +112,32 @@ SCENARIOS = {
                 np.testing.assert_allclose(got, want, atol=1e-5)
             assert rt.seq_len(seq, 1) == n
     """,
+    # a cache's own append_attend, outside any step: the workers are checked before the
+    # appends, so the refused call leaves the sequences as they were (paged and two-tier)
+    "append_attend": """
+        from ruvpy import PagedKVCache, TwoTierKVCache
+        n = 512
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((n, 32, 128), dtype=np.float32)
+        k = rng.standard_normal((n, 8, 128), dtype=np.float32)
+        v = rng.standard_normal((n, 8, 128), dtype=np.float32)
+        ref = ruvpy.attention(q, k, v, threads=1)
+        paged = PagedKVCache(1, 8, 128, max_tokens=2048)
+        make_two_tier = lambda: TwoTierKVCache(1, 8, 128, hot_tokens=64, cold="q4", max_tokens=2048)
+        serial = make_two_tier()
+        ref_two_tier = serial.append_attend(0, [serial.add_sequence()], [n], q, k, v, threads=1)
+        two_tier = make_two_tier()
+        seqs = [paged.add_sequence(), two_tier.add_sequence()]
+        cap()
+        for cache, s in zip((paged, two_tier), seqs):
+            refused(lambda: cache.append_attend(0, [s], [n], q, k, v, threads=2))
+            assert cache.seq_len(s, 0) == 0, cache.seq_len(s, 0)
+        uncap()
+        np.testing.assert_allclose(paged.append_attend(0, [seqs[0]], [n], q, k, v, threads=2), ref, atol=1e-4)
+        np.testing.assert_allclose(two_tier.append_attend(0, [seqs[1]], [n], q, k, v, threads=2), ref_two_tier,
+                                   atol=1e-5)
+        assert paged.seq_len(seqs[0], 0) == n and two_tier.seq_len(seqs[1], 0) == n
+    """,
     # the read-bandwidth probe of the benchmarks (its region has no other failure)
     "stream_read": """
         buf = bytes(range(256)) * 4096

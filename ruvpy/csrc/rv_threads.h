@@ -110,7 +110,8 @@ RV_WEAK rv_team_check_fn rv_team_check;
 static inline void rv_team_bind(rv_team_check_fn check) { rv_team_check = check; }
 
 /* RV_OK, or RV_ETHREAD if the workers of a `nthreads`-thread region cannot be started; call
- * right before the region (nothing of the region's may be done yet) */
+ * right before the region: nothing of the region's may be done yet, and nothing may fail
+ * between the two (the check records the pool the region will leave) */
 RV_INLINE int rv_team_start(int nthreads)
 {
 #ifdef _OPENMP
@@ -205,10 +206,12 @@ out:
 }
 #endif
 
-/* The check behind rv_team_check: RV_OK when the calling thread's libgomp can field a team of
- * `nthreads` without creating a thread, or the threads it must create could be created just
- * now; else RV_ETHREAD, the reason in rv_team_here(). */
-static inline int rv_team_check_here(int nthreads)
+/* RV_OK when the calling thread's libgomp can field a team of `nthreads` without creating a
+ * thread, or the threads it must create could be created just now; else RV_ETHREAD, the
+ * reason in rv_team_here(). `record`: the region runs next, so the pool is taken to be what
+ * it leaves; 0 for a check ahead of work that must not start unless the region can (nothing
+ * recorded: the region's own check probes again). */
+static inline int rv_team_check_impl(int nthreads, int record)
 {
 #ifdef _OPENMP
     rv_team_state *st = rv_team_here();
@@ -223,7 +226,8 @@ static inline int rv_team_check_here(int nthreads)
         pooled = 0;
     } else if (omp_get_dynamic() || omp_get_thread_limit() < INT_MAX) {
         missing = want;         /* libgomp sizes the team: assume no worker is kept */
-        st->pool_workers = 0;
+        if (record)
+            st->pool_workers = 0;
         pooled = 0;
     } else {
         missing = want - st->pool_workers;
@@ -237,13 +241,21 @@ static inline int rv_team_check_here(int nthreads)
             return RV_ETHREAD;
         }
     }
-    if (pooled)
+    if (pooled && record)
         st->pool_workers = want;   /* the region grows or shrinks the pool to this */
     return RV_OK;
 #else
     (void)nthreads;
+    (void)record;
     return RV_OK;
 #endif
 }
+
+/* the check behind rv_team_check: right before the region (nothing may fail in between, or
+ * the record would count workers libgomp never started) */
+static inline int rv_team_check_here(int nthreads) { return rv_team_check_impl(nthreads, 1); }
+
+/* the same question asked ahead of work the region's failure must not leave done */
+static inline int rv_team_precheck_here(int nthreads) { return rv_team_check_impl(nthreads, 0); }
 
 #endif

@@ -300,9 +300,6 @@ int rv_attn_run(const rv_attn_plan *p, const rv_kv_source *src, const rv_kv_quer
     const int g = p->group, d = src->head_dim, T = p->nthreads;
     unsigned char *shared, *threads;
     size_t stride;
-    const int team = rv_team_start(T);
-    if (team != RV_OK)
-        return team;
     if (scratch) {
         if (!rv_scratch_fits(scratch, p->shared_bytes, p->thread_bytes, T))
             return RV_EINVAL;
@@ -325,6 +322,9 @@ int rv_attn_run(const rv_attn_plan *p, const rv_kv_source *src, const rv_kv_quer
     const int64_t ntasks = p->ntasks;
     const size_t qpack_max = p->qpack_max, states_max = p->states_max, st_structs = p->st_structs;
     const size_t rows_max = (size_t)p->rows_max;
+    const int team = rv_team_start(T);       /* last: nothing may fail after it (rv_threads.h) */
+    if (team != RV_OK)
+        return team;
 
 #pragma omp parallel num_threads(T) if (T > 1)
     {
