@@ -126,21 +126,27 @@ SHAPES = [(9, 3, 64, 64), (8, 2, 128, 64), (6, 2, 40, 16), (4, 1, 256, 32), (4, 
 @pytest.mark.parametrize("bits", TURBO_BITS)
 @pytest.mark.parametrize("H,kvh,d,G", SHAPES)
 def test_attention_is_the_codes_attention(isa, bits, H, kvh, d, G):
-    """Decode, prefill (causal) and non-causal attention over cold groups (some of the first
-    one evicted) and a hot tail equal float64 attention over the codes as the format defines it,
+    """Decode, prefill (causal) and non-causal attention over cold groups (the first one's
+    first tokens skipped) and a hot tail equal float64 attention over the codes as the format defines it,
     with the int8 rotated query the kernels score with (turbo_format.kernel_reference; its bound
     holds the float32 evaluation order and, with the avx512vnni and avx2 tables, the 8-bit
     weights of their integer value sums)."""
     rng = np.random.default_rng(d + G + int(bits))
     n = 4 * G + 11
-    cache = TwoTierKVCache(1, kvh, d, hot_tokens=5, migration_batch=G, cold="turbo", turbo_bits=bits,
-                           max_tokens=n, policy="evict-oldest")
-    seq = cache.add_sequence()
+    make = lambda max_tokens: TwoTierKVCache(1, kvh, d, hot_tokens=5, migration_batch=G, cold="turbo",
+                                             turbo_bits=bits, max_tokens=max_tokens, policy="evict-oldest")
+    whole = make(n + 7)
     k, v = random_kv(rng, n + 7, kvh, d)
     k[:, :, :3] += 4.0
-    cache.append(seq, 0, k[:n], v[:n])
-    cache.append(seq, 0, k[n:], v[n:])                 # evicts 7: a skip in the first group
+    whole.append(whole.add_sequence(), 0, k[:n], v[:n])
+    whole.append(0, 0, k[n:], v[n:])
+    # a skip of 7 in the first group: evict-oldest now drops whole groups, but an export can
+    # carry one (made by an earlier version's eviction, same format)
+    meta, arrays = whole.export_sequence(0)
+    cache = make(n + 7)          # (the first group counts whole: n + 7 slots)
+    seq = cache.import_sequence(dict(meta, skip=[7], lengths=[n]), arrays)
     assert cache.seq_len(seq, 0) == n
+    assert np.array_equal(cache.get_kv(seq, 0)[0], whole.get_kv(0, 0)[0][7:])
     for q_len, causal in ((1, True), (5, True), (n, True), (3, False)):
         q = (rng.standard_normal((q_len, H, d)) * 2).astype(np.float32)
         out = cache.attention(seq, 0, q, causal=causal)

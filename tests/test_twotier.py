@@ -518,7 +518,7 @@ def test_export_import_round_trip(cold):
                                        max_tokens=kw.pop("max_tokens", 200), **kw)
     cache = make(policy="evict-oldest", max_tokens=60)
     a = cache.add_sequence()
-    for n in (50, 21):                       # evicts 11: a skip in the first cold group
+    for n in (50, 21):                       # evicts the oldest cold groups, whole
         for layer in range(2):
             cache.append(a, layer, *outlier_kv(rng, n, 2, 16))
     meta, arrays = cache.export_sequence(a)
