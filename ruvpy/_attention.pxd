@@ -36,6 +36,7 @@ cdef extern from "attention/rv_attention.h" nogil:
                           int nq, int causal, int nthreads)
     int rv_attn_run(const rv_attn_plan *plan, const rv_kv_source *src, const rv_kv_query *queries,
                     int nq, float scale, int causal, const rv_ops *ops, const rv_scratch *scratch)
+    int rv_attn_reserve(const rv_attn_plan *plan)
     int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, float scale,
                      int causal, const rv_ops *ops, int nthreads, const rv_scratch *scratch)
 

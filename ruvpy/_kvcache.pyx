@@ -34,7 +34,8 @@ from libc.string cimport memset
 from ruvpy._kernels cimport active_ops, num_threads, team_check, team_precheck, raise_team_error
 from ruvpy._openmp_helpers cimport rv_team_bind
 from ruvpy._attention cimport (rv_kv_query, rv_kv_source, rv_attn_plan, rv_attn_plan_make,
-                               rv_attn_run, thread_count, softmax_scale, elem_stride, overlap)
+                               rv_attn_run, rv_attn_reserve, thread_count, softmax_scale, elem_stride,
+                               overlap)
 from ruvpy._memory cimport BufferPool, ScratchSpace, rv_scratch, rv_scratch_fits
 from ruvpy.c_ops cimport rv_ops
 
@@ -1164,6 +1165,7 @@ cdef class AttentionPlan:
             # included): their failure leaves the cache as it was (MemoryError)
             if team_precheck(self.cplan.nthreads) != RV_OK:
                 raise_team_error("attention")
+            self._work(&self.cplan)
             cache._h_room(self.seqs, self.slots, self.counts, self.nseq, lay)
             # what a layer call can change: the sequences' lengths in this layer
             for i in range(self.nseq):
@@ -1205,15 +1207,12 @@ cdef class AttentionPlan:
                 _check_status(rc, "attention")
             if cplan.nthreads > self.cplan.nthreads and team_precheck(cplan.nthreads) != RV_OK:
                 raise_team_error("attention")      # (a re-plan's larger team: before the appends)
+            work = self._work(&cplan)
             for i in range(self.nseq):
                 if self.counts[i]:
                     cache._h_append(self.slots[i], lay, kp + self.offsets[i] * krow,
                                     vp + self.offsets[i] * krow, self.counts[i], dtype)
             cache._h_source(lay, self.num_heads, &src)
-            if self.scratch is not None:
-                work = &self.scratch.view
-                if not rv_scratch_fits(work, cplan.shared_bytes, cplan.thread_bytes, cplan.nthreads):
-                    work = NULL          # grown past what was planned: the scheduler's own buffer
             with nogil:
                 rc = rv_attn_run(&cplan, &src, self.queries, nq, sc, self.causal, active_ops(), work)
             _check_status(rc, "attention")
@@ -1221,6 +1220,18 @@ cdef class AttentionPlan:
         finally:
             PyMem_Free(lengths)
             cache._leave()
+
+    cdef const rv_scratch *_work(self, const rv_attn_plan *cplan) except? NULL:
+        """The scratch a run of cplan takes: the plan's ScratchSpace when it fits, else NULL
+        for the scheduler's per-thread buffer, grown here (MemoryError) so that the run
+        cannot fail for it after the appends."""
+        cdef const rv_scratch *work
+        if self.scratch is not None:
+            work = &self.scratch.view
+            if rv_scratch_fits(work, cplan.shared_bytes, cplan.thread_bytes, cplan.nthreads):
+                return work
+        _check_status(rv_attn_reserve(cplan), "attention")
+        return NULL
 
     def __repr__(self):
         return (f"<ruvpy.AttentionPlan sequences {list(self.seqs)}, tokens {list(self.n_tokens)}, "

@@ -163,7 +163,7 @@ STACKS = {"OMP_STACKSIZE": ({"OMP_STACKSIZE": "64M"}, None),
           "default": ({}, 32 * MiB)}
 
 
-def run_child(scenario, stack):
+def run_child(scenario, stack, margin=MARGIN):
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_STACKSIZE", "GOMP_STACKSIZE", "OMP_DYNAMIC", "OMP_THREAD_LIMIT")}
     extra, stack_limit = STACKS[stack]
@@ -173,7 +173,8 @@ def run_child(scenario, stack):
         if stack_limit is not None:
             resource.setrlimit(resource.RLIMIT_STACK, (stack_limit, resource.getrlimit(resource.RLIMIT_STACK)[1]))
 
-    code = f"MARGIN = {MARGIN}\n" + PRELUDE + textwrap.dedent(SCENARIOS[scenario]) + "\nprint('done')\n"
+    body = SCENARIOS.get(scenario, scenario)
+    code = f"MARGIN = {margin}\n" + PRELUDE + textwrap.dedent(body) + "\nprint('done')\n"
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, preexec_fn=start,
                           capture_output=True, text=True, timeout=300)
 
@@ -184,5 +185,63 @@ def test_workers_that_cannot_start_raise_memory_error(scenario, stack):
     proc = run_child(scenario, stack)
     report = f"exit status {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Thread creation failed" not in proc.stderr, report
+    assert proc.returncode == 0, report
+    assert "refused: " in proc.stdout and proc.stdout.rstrip().endswith("done"), report
+
+
+# append_attend outside a step on one thread: no workers, but the scheduler's per-thread
+# scratch (about 400 KB for this shape) must be had before the appends. It used to be taken
+# after them, so its MemoryError left the 512 rows appended.
+SCRATCH_SCENARIO = """
+    import ctypes
+    from ruvpy import PagedKVCache
+    n = 512
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((n, 32, 128), dtype=np.float32)
+    k = rng.standard_normal((n, 8, 128), dtype=np.float32)
+    v = rng.standard_normal((n, 8, 128), dtype=np.float32)
+    out = np.empty_like(q)
+    make = lambda: PagedKVCache(1, 8, 128, max_tokens=2048)
+    cache = make()
+    seq = cache.add_sequence()
+    shared, per_thread, team = cache.plan([seq], [n], num_heads=32, threads=1).scratch_needed
+    assert team == 1
+    # The scratch must need fresh address space, not free room in this thread's heap (glibc's
+    # main arena) that the interpreter happened to leave: blocks of the plan's size are taken
+    # from the heap until one has to extend it (without padding), so no free chunk and no top
+    # of the heap is left that could serve the scratch's (larger) block.
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+    libc.sbrk.argtypes = [ctypes.c_ssize_t]
+    M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3
+    assert libc.mallopt(M_TOP_PAD, 0) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+    while True:
+        end = libc.sbrk(0)
+        assert libc.malloc(shared + per_thread)
+        if libc.sbrk(0) != end:
+            break
+    # no attention has run on this thread: its scratch is still to be taken (a reference run
+    # first, even on another Python thread, would leave room the cap cannot account for)
+    cap()
+    try:
+        cache.append_attend(0, [seq], [n], q, k, v, out=out, threads=1)
+        raise AssertionError("append_attend under the cap found room for its scratch")
+    except MemoryError as e:
+        assert str(e) == "attention: out of memory", e
+        print("refused:", e, flush=True)
+    assert cache.seq_len(seq, 0) == 0, cache.seq_len(seq, 0)
+    uncap()
+    got = cache.append_attend(0, [seq], [n], q, k, v, threads=1)
+    serial = make()
+    np.testing.assert_array_equal(got, serial.append_attend(0, [serial.add_sequence()], [n], q, k, v, threads=1))
+    assert cache.seq_len(seq, 0) == n
+"""
+
+
+def test_a_scratch_that_cannot_grow_leaves_the_sequences_as_they_were():
+    # a cap below the child's size: no new mapping at all, even after the interpreter frees
+    # one of its arenas (1 MiB) between the cap and the scratch
+    proc = run_child(SCRATCH_SCENARIO, "default", margin=-8 * MiB)
+    report = f"exit status {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report
     assert "refused: " in proc.stdout and proc.stdout.rstrip().endswith("done"), report

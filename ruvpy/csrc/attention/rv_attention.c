@@ -265,6 +265,20 @@ void rv_attention_release_scratch(void) { rv_thread_block_release(); }
 
 size_t rv_attention_scratch_bytes(void) { return rv_thread_block_bytes(); }
 
+/* the plan's scratch in the calling thread's cached block: its shared part, and the threads'
+ * parts `*stride` bytes apart after it; NULL when the block cannot grow */
+static unsigned char *own_scratch(const rv_attn_plan *p, size_t *stride)
+{
+    *stride = (p->thread_bytes + RV_ALIGN - 1) / RV_ALIGN * RV_ALIGN;
+    return rv_thread_block(p->shared_bytes + *stride * (size_t)p->nthreads);
+}
+
+int rv_attn_reserve(const rv_attn_plan *p)
+{
+    size_t stride;
+    return p->ntasks == 0 || own_scratch(p, &stride) ? RV_OK : RV_ENOMEM;
+}
+
 /* ---- running ---- */
 
 /* pack and scale the query rows of KV heads h0.. of tokens [i0, i1): rows (token, head in group) */
@@ -307,8 +321,7 @@ int rv_attn_run(const rv_attn_plan *p, const rv_kv_source *src, const rv_kv_quer
         threads = scratch->threads;
         stride = scratch->thread_stride;
     } else {
-        stride = (p->thread_bytes + RV_ALIGN - 1) / RV_ALIGN * RV_ALIGN;
-        shared = rv_thread_block(p->shared_bytes + stride * (size_t)T);
+        shared = own_scratch(p, &stride);
         if (!shared)
             return RV_ENOMEM;
         threads = shared + p->shared_bytes;

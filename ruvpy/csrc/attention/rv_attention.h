@@ -106,6 +106,11 @@ int rv_attn_plan_make(rv_attn_plan *plan, const rv_kv_source *src, const rv_kv_q
 int rv_attn_run(const rv_attn_plan *plan, const rv_kv_source *src, const rv_kv_query *queries, int nq,
                 float scale, int causal, const rv_ops *ops, const rv_scratch *scratch);
 
+/* Grow the calling thread's cached buffer to what rv_attn_run(plan, ..., scratch NULL) takes,
+ * so a caller can fail (RV_ENOMEM) before it changes anything: a run on this thread then
+ * needs no allocation. RV_OK or RV_ENOMEM. */
+int rv_attn_reserve(const rv_attn_plan *plan);
+
 /* rv_attn_plan_make + rv_attn_run. */
 int rv_kv_attend(const rv_kv_source *src, const rv_kv_query *queries, int nq, float scale, int causal,
                  const rv_ops *ops, int nthreads, const rv_scratch *scratch);
