@@ -168,6 +168,8 @@ class Worker:
         self.index = index
         self.incarnation = uuid.uuid4().hex
         self._seqs = {}                  # driver's sequence id -> runtime sequence id
+        self._epochs = {}                # driver's sequence id -> the driver's number of
+                                         # that copy (0 if absent; see remove)
         self._lock = TurnLock()
         self.model = self.runtime = None
         # a failed load is kept and raised by info() and ping(): an exception escaping a
@@ -234,6 +236,7 @@ class Worker:
             raise SequenceNotOnWorker(seq, self.incarnation) from None
 
     def _drop(self, seq):
+        self._epochs.pop(seq, None)
         local = self._seqs.pop(seq, None)
         if local is not None:
             self.runtime.remove_sequence(local)
@@ -245,11 +248,15 @@ class Worker:
             self._seqs[seq] = self.model.new_sequence()
         return self.incarnation
 
-    def remove(self, seq):
+    def remove(self, seq, epoch=None):
+        """Drop `seq`; with `epoch`, only a copy no newer than that one. The remove of an
+        abandoned generation is not waited for, and this actor is threaded: it may run
+        after the restore the driver sent next, whose copy it must not drop."""
         with self._lock(urgent=True):
-            held = seq in self._seqs
-            self._drop(seq)
-        return held
+            dropped = seq in self._seqs and (epoch is None or self._epochs.get(seq, 0) <= epoch)
+            if dropped:
+                self._drop(seq)
+        return dropped
 
     def retain(self, seqs):
         """Drop every sequence but `seqs` (copies the driver has restored elsewhere)."""
@@ -283,25 +290,26 @@ class Worker:
             position = self.runtime.position(local)
         return (data.nbytes, position), data
 
-    def import_sequence(self, seq, data):
+    def import_sequence(self, seq, data, epoch=0):
         """Hold `seq` from a snapshot; returns its position. A corrupt or mismatched snapshot
         raises SequenceFileError and changes nothing."""
         with self._lock:
             if seq in self._seqs:
                 raise ValueError(f"worker {self.index} already holds sequence {seq}")
             local = self.runtime.import_sequence(data)
-            self._seqs[seq] = local
+            self._seqs[seq], self._epochs[seq] = local, epoch
             return self.runtime.position(local)
 
-    def restore(self, seq, data, chunks, merge=False):
+    def restore(self, seq, data, chunks, merge=False, epoch=0):
         """Rebuild `seq` from a snapshot (None: empty) and the token chunks appended after
         it, replayed one step per chunk (merge=True: in prefill chunks instead -- faster,
-        not bit-identical). A copy of `seq` held here is replaced. Returns its position."""
+        not bit-identical). A copy of `seq` held here is replaced; `epoch` is the driver's
+        number of the new copy. Returns its position."""
         with self._lock:
             self._drop(seq)
             local = self.model.new_sequence() if data is None else \
                 self.runtime.import_sequence(data)
-            self._seqs[seq] = local
+            self._seqs[seq], self._epochs[seq] = local, epoch
         try:
             if merge:
                 flat = [t for chunk in chunks for t in chunk]
@@ -493,6 +501,7 @@ class _Record:
         self.restores = 0
         self.last_restore = None          # {worker, seconds, replayed_tokens, ...}
         self.base = 0                     # tokens known only through the snapshot (imported)
+        self.epoch = 0                    # the worker copy's number: +1 per restore attempt
 
     @property
     def position(self):
@@ -980,9 +989,10 @@ class Cluster(Closing):
             else:
                 data, chunks = None, rec.chunks_after(0)
             start = time.perf_counter()
+            rec.epoch += 1             # a remove sent for an older copy leaves this one alone
             try:
                 position = ray.get(slot.handle.restore.remote(
-                    rec.seq, data, chunks, self.replay == "prefill"))
+                    rec.seq, data, chunks, self.replay == "prefill", rec.epoch))
             except RayActorError as exc:
                 self._on_worker_error(worker, exc)
                 tried.add(worker)
@@ -1136,7 +1146,8 @@ class Cluster(Closing):
                                    f"from its record")
             data_ref = self._in_transit(data_ref)
             try:
-                ray.get(self._slots[target].handle.import_sequence.remote(rec.seq, data_ref))
+                ray.get(self._slots[target].handle.import_sequence.remote(rec.seq, data_ref,
+                                                                          rec.epoch))
             except RayActorError as exc:
                 self._on_worker_error(target, exc)
                 raise RuntimeError(f"worker {target} failed while importing sequence "
@@ -1350,7 +1361,9 @@ class Cluster(Closing):
                 if self._closed:       # shut down (by on_token, say): the worker is gone, and
                     raise RuntimeError("the Cluster was shut down during the generation") \
                         from None      # a call through Ray now would start a new Ray
-                handle.remove.remote(rec.seq)
+                # not waited for (the worker may run it after the next call's restore):
+                # the epoch makes it drop only the copy this job ran on
+                handle.remove.remote(rec.seq, rec.epoch)
                 raise
 
     def generate_many(self, prompts, max_new_tokens=64, *, threads=None, **options):

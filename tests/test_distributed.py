@@ -517,6 +517,104 @@ def test_on_token_using_its_own_sequence_raises_instead_of_hanging(paged_cluster
     assert seq not in _worker_rows(paged_cluster)
 
 
+def _late_remove_worker():
+    """A Worker that holds back the remove() of the armed sequence until the next restore of
+    it has replayed its chunks, then lets that remove take the worker's lock before the
+    restore reads its position: the order a threaded actor may run the abandoned generation's
+    remove (sent, not waited for) and the restore of the call after it. Made in a function:
+    Ray pickles the class by value (its workers cannot import this test module)."""
+    from ruvpy.distributed import Worker
+
+    class Bindings(dict):
+        def __init__(self, on_bind):
+            super().__init__()
+            self.on_bind = on_bind
+
+        def __setitem__(self, seq, local):
+            super().__setitem__(seq, local)
+            self.on_bind(seq, local)
+
+    class LateRemoveWorker(Worker):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self._seqs = Bindings(self._bound)
+            self._hold_remove = self._watch = self._restored = None
+            self._replayed = threading.Event()
+            self._forced = 0
+            forward_last = self.model.forward_last
+
+            def forward_last_then_the_remove(local, token_ids):
+                logits = forward_last(local, token_ids)
+                if local == self._restored:       # (the lock held: the restore's replay)
+                    self._restored = None
+                    self._replayed.set()
+                    deadline = time.monotonic() + 60
+                    while not self._lock._waiting[1]:     # the remove, waiting (urgent)
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("the held-back remove never came")
+                        time.sleep(0.001)
+                    self._forced += 1
+                return logits
+
+            self.model.forward_last = forward_last_then_the_remove
+
+        def arm(self, seq):
+            self._hold_remove = self._watch = seq
+
+        def forced(self):
+            return self._forced
+
+        def _bound(self, seq, local):
+            if seq == self._watch:                # the restore's new copy
+                self._watch, self._restored = None, local
+
+        def remove(self, seq, *args, **kwargs):
+            if seq == self._hold_remove:
+                self._hold_remove = None
+                if not self._replayed.wait(60):
+                    raise TimeoutError("no restore replayed the sequence")
+            return super().remove(seq, *args, **kwargs)
+
+    return LateRemoveWorker
+
+
+def test_the_late_remove_of_an_abandoned_generation_spares_the_restored_copy(
+        local_ray, reference, monkeypatch):
+    """An abandoned generation sends its worker a remove of the sequence and does not wait
+    for it; the next call restores the sequence on that worker. The actor is threaded, so
+    the remove could run after the restore had made its new copy, and dropped that copy: the
+    restore then failed reading it ("KeyError: unknown sequence 19 (Runtime#1 has sequences
+    [])", once in 7 fresh-clone CI runs of the on_token test above). Forced here: the remove
+    runs right after the restore's replay. It must leave the restored copy alone."""
+    from ruvpy import distributed
+
+    class Stop(Exception):
+        pass
+
+    def stop(piece):
+        raise Stop
+
+    monkeypatch.setattr(distributed, "_RemoteWorker", ray.remote(_late_remove_worker()))
+    model = reference["paged"]
+    prompt = model.tokenize("The capital of France is")
+    with Cluster(1, kv_cache="paged", checkpoint_every=None, max_tokens=MAX_TOKENS) as cluster:
+        # no checkpoints: the abandoned job takes no urgent turn (only the remove waits so)
+        worker = cluster.workers[0]
+        seq, mine = cluster.new_sequence(), model.new_sequence()
+        try:
+            ray.get(worker.arm.remote(seq))
+            with pytest.raises(Stop):
+                cluster.generate(prompt, 8, seq=seq, on_token=stop)
+            assert cluster.tokens(seq) == prompt        # restored as one chunk
+            model.forward_last(mine, prompt)
+            _same(cluster.forward(seq, [13]), model.forward_last(mine, [13]))
+            assert ray.get(worker.forced.remote()) == 1   # the remove did come in between
+            assert cluster.sequence_info(seq)["restores"] == 1
+            assert cluster.position(seq) == len(prompt) + 1
+        finally:
+            model.remove_sequence(mine)
+
+
 def test_a_migrate_waiting_for_a_removed_sequence_does_not_bring_it_back(paged_cluster):
     """remove_sequence and migrate of one sequence both waiting for its generation: when the
     remove went first, the migrate found the source's copy gone and rebuilt the sequence on
