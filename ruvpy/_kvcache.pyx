@@ -18,6 +18,7 @@ format are plain Python (ruvpy.kvstats, ruvpy.kvexport). Calls on one cache are 
 by a lock (attention runs without the GIL).
 """
 import math
+import weakref
 from operator import index as _index
 
 import numpy as np
@@ -260,6 +261,8 @@ cdef class _KVCache:
     cdef dict _slot_of           # sequence id -> C slot
     cdef int64_t _next_id
     cdef set _txn                # ids inside an open transaction
+    cdef dict _txn_owner         # id -> weakref to the plan whose transaction holds it
+                                 # (plan(..., begin=True): only that plan closes it)
     cdef PyThread_type_lock _mutex
     cdef unsigned long _owner    # the thread inside a call (0: none); read under the GIL
     cdef bint _closed
@@ -272,6 +275,7 @@ cdef class _KVCache:
             raise MemoryError("KV cache: cannot allocate its lock")
         self._slot_of = {}
         self._txn = set()
+        self._txn_owner = {}
         self._next_id = 0
         self._closed = True      # until the subclass's C cache exists
         self._stores_f16 = True
@@ -499,6 +503,23 @@ cdef class _KVCache:
         self._slot_of[seq] = slot
         return seq
 
+    cdef int _check_unowned(self, list ids, str what, object plan=None) except -1:
+        """Refuse ids inside the transaction of a live plan other than `plan`: a Runtime
+        step's sequences change only through its plan, or the runtime's count of them and the
+        cache's disagree (a raw commit mid-step kept half a step)."""
+        if not self._txn_owner:
+            return 0
+        held = []
+        for s in ids:
+            ref = self._txn_owner.get(s)
+            if ref is not None and ref() is not None and ref() is not plan:
+                held.append(s)
+        if held:
+            raise RuntimeError(f"{what}: sequences {held} are inside the transaction of an "
+                               f"AttentionPlan (plan(..., begin=True), as a Runtime step opens); "
+                               f"only that plan changes them until its commit() or rollback()")
+        return 0
+
     cdef int _no_open_transaction(self, str what) except -1:
         if self._txn:
             raise RuntimeError(f"cannot {what} while a transaction is open on sequences "
@@ -579,6 +600,7 @@ cdef class _KVCache:
         self._enter()
         try:
             slot = self._slot(seq)
+            self._check_unowned([seq], "append")
             k, v = self._kv_pair(k, v)
             n = k.shape[0]
             if n == 0:
@@ -599,6 +621,7 @@ cdef class _KVCache:
         self._enter()
         try:
             self._check_known(ids)
+            self._check_unowned(ids, "reserve")
             arr = _SeqArrays(self, ids, counts)
             self._h_room(ids, arr.slots, arr.counts, arr.n, -1)
         finally:
@@ -697,8 +720,10 @@ cdef class _KVCache:
         self._enter()
         try:
             plan._resolve(self, ids, counts, heads, _what)
+            self._check_unowned(ids, _what)
             if begin:
                 self._check_known(others)
+                self._check_unowned(others, _what)
                 mine = set(plan.seqs)
                 txn = list(plan.seqs) + [s for s in others if s not in mine]
                 again = [s for s in txn if s in self._txn]
@@ -713,6 +738,9 @@ cdef class _KVCache:
                             self._h_commit(slots[j])     # nothing happened in them yet
                         raise
                 self._txn.update(txn)
+                owner = weakref.ref(plan)
+                for s in txn:
+                    self._txn_owner[s] = owner
                 plan.txn = tuple(txn)
                 try:
                     self._h_room(plan.seqs, plan.slots, plan.counts, plan.nseq, -1)
@@ -720,6 +748,8 @@ cdef class _KVCache:
                     for slot in slots:
                         self._h_rollback(slot)
                     self._txn.difference_update(txn)
+                    for s in txn:
+                        del self._txn_owner[s]
                     plan.txn = ()
                     raise
             plan._measure()
@@ -797,6 +827,7 @@ cdef class _KVCache:
     cdef list _txn_list(self, list ids, str what):
         """ids (plain ints, from _id_list) checked live and inside the transaction (under the lock)"""
         self._check_known(ids)
+        self._check_unowned(ids, what)
         outside = [s for s in ids if s not in self._txn]
         if outside:
             raise ValueError(f"{what}: sequences {outside} are not inside a transaction")
@@ -810,6 +841,7 @@ cdef class _KVCache:
             for s in self._txn_list(ids, "commit"):
                 self._h_commit(self._slot_of[s])
                 self._txn.discard(s)
+                self._txn_owner.pop(s, None)      # (a plan dropped with it open)
         finally:
             self._leave()
 
@@ -821,6 +853,7 @@ cdef class _KVCache:
             for s in self._txn_list(ids, "rollback"):
                 self._h_rollback(self._slot_of[s])
                 self._txn.discard(s)
+                self._txn_owner.pop(s, None)
         finally:
             self._leave()
 
@@ -903,6 +936,7 @@ cdef class _KVCache:
                 self._closed = True
                 self._slot_of = {}
                 self._txn = set()
+                self._txn_owner = {}
         finally:
             self._leave()
 
@@ -979,6 +1013,7 @@ cdef class AttentionPlan:
     cdef rv_attn_plan cplan             # the scheduler's plan for the base lengths
     cdef ScratchSpace scratch
     cdef tuple txn                      # the sequences of its open transaction (begin=True)
+    cdef object __weakref__             # the cache's record of the transaction's owner
 
     def __init__(self, *args, **kwargs):
         raise TypeError("AttentionPlan objects come from cache.plan(...)")
@@ -1063,15 +1098,17 @@ cdef class AttentionPlan:
         cache._enter()
         try:
             for seq in self.txn:             # the cache's own ids: plain ints
-                if seq in cache._txn:
-                    if keep:
-                        cache._h_commit(cache._slot_of[seq])
-                    else:
-                        cache._h_rollback(cache._slot_of[seq])
-                    cache._txn.discard(seq)
-            self.txn = ()
+                cache._txn_owner.pop(seq, None)
+            ids = [seq for seq in self.txn if seq in cache._txn]
         finally:
             cache._leave()
+        # the cache's own commit / rollback (a subclass's too), the plan's claim given up: a
+        # failure in it (Ctrl-C) leaves self.txn, so that rollback() can finish the job
+        if keep:
+            cache.commit(ids)
+        else:
+            cache.rollback(ids)
+        self.txn = ()
         return 0
 
     cdef inline int _nq(self) noexcept:
@@ -1149,6 +1186,8 @@ cdef class AttentionPlan:
             for i in range(self.nseq):     # still alive, at the same slot
                 if cache._slot_of.get(self.seqs[i]) != self.slots[i]:
                     raise KeyError(f"the plan's sequence {self.seqs[i]!r} is gone")
+            if cache._txn_owner and not self.txn:     # (its own transaction holds its sequences)
+                cache._check_unowned(list(self.seqs), "attend", self)
             qa = _q_rows(q, cache.head_dim, cache.num_kv_heads)
             k, v = cache._kv_pair(k, v)
             ka, va = k, v

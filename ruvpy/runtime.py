@@ -512,7 +512,7 @@ class Runtime(Closing):
         self._step = None
         self._steps = self._rollbacks = self._attention_calls = self._arena_fallbacks = 0
         self._scratch_growths = 0
-        self._unrolled = []          # sequences a failed step exit could not roll back
+        self._unrolled = None        # the plan whose rollback a failed step exit left undone
         self._rss_at_start = _process_rss()
         self._weights = None
         self._closed = False
@@ -598,10 +598,9 @@ class Runtime(Closing):
     def _finish_rollbacks(self):
         """Roll back what a failed step exit left inside its transaction (its rollback raised,
         e.g. Ctrl-C): before anything else uses the cache."""
-        if self._unrolled:
-            pending = [s for s in self._unrolled if s in self._positions and self._cache.in_transaction(s)]
-            self._cache.rollback(pending)
-            self._unrolled = []
+        if self._unrolled is not None:
+            self._unrolled.rollback()       # (the plan's: only it closes its transaction)
+            self._unrolled = None
 
     def _known(self, seq):
         seq = _sequence_id(seq)
@@ -927,7 +926,6 @@ class Runtime(Closing):
 
     def _end_step(self, step, ok):
         step._state = _CLOSED
-        seqs = step._txn_seqs
         error, committed = None, False
         try:
             try:
@@ -942,18 +940,19 @@ class Runtime(Closing):
                     pass                        # the next step tries again
             except BaseException as exc:        # Ctrl-C: rolled back, then raised
                 error = exc
-            cache = self._cache
+            # through the plan: the cache lets only the plan that opened a transaction close it
+            plan = step._plan
             if ok and error is None and not step._failed and step._remaining == 0:
                 try:
-                    cache.commit(seqs)
+                    plan.commit()
                     committed = True
                 except BaseException as exc:
                     error = exc
             if not committed:
                 self._rollbacks += 1
-                self._unrolled = list(seqs)      # until the rollback is done
-                cache.rollback([s for s in seqs if cache.in_transaction(s)])
-                self._unrolled = []
+                self._unrolled = plan            # until the rollback is done
+                plan.rollback()
+                self._unrolled = None
             else:
                 for seq, n in zip(step._seqs, step._n_tokens):
                     self._positions[seq] += n

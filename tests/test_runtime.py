@@ -560,6 +560,57 @@ def test_a_commit_that_fails_falls_back_to_rollback(kind, monkeypatch):
         feed.step([a, b], [20, 1])
 
 
+# raw calls on rt.cache that would change a stepping sequence behind the runtime's back
+RAW_CACHE_CALLS = {
+    "commit": lambda cache, seq, kv, made: cache.commit([seq]),
+    "rollback": lambda cache, seq, kv, made: cache.rollback([seq]),
+    "append": lambda cache, seq, kv, made: cache.append(seq, 1, kv[1], kv[2]),
+    "reserve": lambda cache, seq, kv, made: cache.reserve([seq], [4]),
+    "append_attend": lambda cache, seq, kv, made: cache.append_attend(1, [seq], [2], *kv),
+    "plan": lambda cache, seq, kv, made: cache.plan([seq], [2], num_heads=kv[0].shape[1]),
+    "a plan made before": lambda cache, seq, kv, made: made.attend(1, *kv),
+}
+
+
+@pytest.mark.parametrize("call", sorted(RAW_CACHE_CALLS))
+@pytest.mark.parametrize("kind", ["paged16", "two-tier-q8"])
+def test_raw_cache_calls_on_a_stepping_sequence_are_refused(kind, call):
+    """rt.cache is the raw cache: a commit() on it in the middle of a step used to keep half
+    the step (the cache's lengths ran ahead of the runtime's positions for good), a raw
+    append added tokens the runtime never counted. The step's transaction belongs to its
+    plan: such calls raise RuntimeError, and the step goes on to commit exactly what a step
+    without them commits."""
+    def run(interfere):
+        with make_runtime(kind) as rt:
+            feed = Feeder(rt, seed=31)
+            a = feed.add()
+            feed.step([a], [20])
+            made = rt.cache.plan([a], [2], num_heads=rt.config.num_heads)
+            rng = np.random.default_rng(5)
+            outs = []
+            with rt.step([a], [2]) as step:
+                outs.append(step.attention(0, *random_step_qkv(rng, 2, rt.config)).copy())
+                if interfere:
+                    with pytest.raises(RuntimeError, match=rf"sequences \[{a}\] are inside the "
+                                                           r"transaction of an AttentionPlan"):
+                        RAW_CACHE_CALLS[call](rt.cache, a, random_step_qkv(np.random.default_rng(6), 2,
+                                                                           rt.config), made)
+                for layer in (1, 2):
+                    outs.append(step.attention(layer, *random_step_qkv(rng, 2, rt.config)).copy())
+            assert rt.position(a) == 22
+            assert [rt.seq_len(a, layer) for layer in range(3)] == [22] * 3
+            with rt.step([a], [1]) as step:      # the next step sees the same history
+                outs += [step.attention(layer, *random_step_qkv(rng, 1, rt.config)).copy()
+                         for layer in range(3)]
+            made.attend(0, *random_step_qkv(rng, 2, rt.config))   # outside a step: allowed
+            return outs, runtime_snapshot(rt)
+
+    (quiet, quiet_state), (loud, loud_state) = run(False), run(True)
+    assert loud_state == quiet_state
+    for got, want in zip(loud, quiet):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_bad_step_input_raises_clearly_and_changes_nothing():
     with make_runtime() as rt:
         feed = Feeder(rt, seed=4)
