@@ -241,11 +241,18 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
  * Where the float path scores tokens (other ISAs, tails), qs gets sc * w8 back, so that every
  * ISA computes the same scores. */
 #define QK_I8_BLOCKS ((256 + RV_MAX_OUTLIERS + 15) / 16)
+/* the integer path without VNNI (VPMADDUBSW) broadcasts the weights a pair at a time: the
+ * query keeps them as 32-bit pairs too (qk_i8_query.pairs, qk_i8_rows) */
+#if (defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)) && !defined(RV_HAVE_VNNI)
+#define QK_I8_PAIRS 1
+#else
+#define QK_I8_PAIRS 0
+#endif
 typedef struct {
     int8_t w[QK_NR][16 * QK_I8_BLOCKS + 4];   /* [row][channel] (outlier rows after head_dim; a
                                                  * pair or quad past the end meets zero codes) */
     float sc[QK_NR][QK_I8_BLOCKS];              /* the blocks' scales */
-#if (defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)) && !defined(RV_HAVE_VNNI)
+#if QK_I8_PAIRS
     /* pair p of row r's weights twice over (w[r][2p], w[r][2p + 1], w[r][2p], w[r][2p + 1]):
      * a 32-bit broadcast from memory is a load alone, where a 16-bit one also takes the
      * shuffle port the codes' unpacking needs */
@@ -425,7 +432,7 @@ static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk
     if (dk & 1)
         for (int r = 0; r < NR; r++)
             w->w[r][dk] = 0;                          /* the odd row's partner weighs nothing */
-#if (defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)) && !defined(RV_HAVE_VNNI)
+#if QK_I8_PAIRS
     /* the pairs in qk_i8_rows' order: from channel 0, then (head_dim odd) from head_dim */
     if (!(d & 1)) {
         for (int r = 0; r < NR; r++)
