@@ -1129,9 +1129,11 @@ class Runtime(Closing):
             self._check_open()
             return self._memory_bytes()
 
-    def _memory_bytes(self, pool=None):
+    def _memory_bytes(self, pool=None, reserved=None):
+        """memory_bytes() from `pool` (the pool's stats) and `reserved` (its
+        _reserved_cold_bytes), each taken now where not given."""
         pool = self._pool.stats() if pool is None else pool
-        reserved = self._reserved_cold_bytes(pool)
+        reserved = self._reserved_cold_bytes(pool) if reserved is None else reserved
         return {"kv": int(self._cache.nbytes) + reserved, "arena": int(self._live_arena().capacity),
                 "pool": int(pool.pooled_bytes + pool.outstanding_bytes - self._cache.pooled_bytes -
                             reserved + self._pool.metadata_bytes),
@@ -1165,7 +1167,8 @@ class Runtime(Closing):
         arena = self._live_arena().stats()
         pool = self._pool.stats()
         kv = self._cache.stats()
-        memory = self._memory_bytes(pool)
+        reserved = self._reserved_cold_bytes(pool)
+        memory = self._memory_bytes(pool, reserved)
         kv_bytes = memory["kv"]
         tiers, layers, details = kv_summary(kv)
         budget = self.config.memory_budget
@@ -1178,7 +1181,7 @@ class Runtime(Closing):
             kv={"kind": self.config.kv_cache, "capacity_tokens": self.capacity_tokens,
                 "tokens": int(kv.tokens), "bytes": kv_bytes,
                 "bytes_in_use": sum(t["bytes"] for t in tiers.values()),
-                "reserved_bytes": self._reserved_cold_bytes(pool),
+                "reserved_bytes": reserved,
                 "bytes_per_token": self.bytes_per_token, "free_tokens": free_tokens,
                 "free_bytes": int(free_tokens * self.bytes_per_token),
                 "free_sequences": None if self.max_sequences is None else
