@@ -138,6 +138,14 @@ static inline rv_team_state *rv_team_here(void)
 }
 
 #ifdef _OPENMP
+/* s past its white space (isspace's in the C locale, as libgomp skips it) */
+static inline const char *rv_skip_space(const char *s)
+{
+    while (*s == ' ' || (*s >= '\t' && *s <= '\r'))
+        s++;
+    return s;
+}
+
 /* libgomp's parse_stacksize: a number, optional space, an optional unit B, K (default), M or
  * G, optional space; 0 if unset or malformed (libgomp then keeps the default too) */
 static inline size_t rv_env_stacksize(const char *name)
@@ -147,28 +155,23 @@ static inline size_t rv_env_stacksize(const char *name)
     unsigned long shift = 10;
     if (!s)
         return 0;
-    while (*s == ' ' || (*s >= '\t' && *s <= '\r'))
-        s++;
+    s = rv_skip_space(s);
     if (!*s)
         return 0;
     errno = 0;
     const unsigned long v = strtoul(s, &end, 10);
     if (errno || end == s)
         return 0;
-    while (*end == ' ' || (*end >= '\t' && *end <= '\r'))
-        end++;
-    if (*end) {
-        switch (*end | 0x20) {
+    const char *unit = rv_skip_space(end);
+    if (*unit) {
+        switch (*unit | 0x20) {
         case 'b': shift = 0; break;
         case 'k': break;
         case 'm': shift = 20; break;
         case 'g': shift = 30; break;
         default: return 0;
         }
-        end++;
-        while (*end == ' ' || (*end >= '\t' && *end <= '\r'))
-            end++;
-        if (*end)
+        if (*rv_skip_space(unit + 1))
             return 0;
     }
     return ((v << shift) >> shift) == v ? (size_t)(v << shift) : 0;
