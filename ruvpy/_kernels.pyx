@@ -65,17 +65,22 @@ cdef const rv_ops *active_ops() noexcept nogil:
     return rv_active_ops()
 
 
+cdef void set_pinned_table(bint pin) noexcept nogil:
+    """_swap_pinned_table's change, which cannot fail"""
+    global rv_thread_ops_override
+    if not pin:
+        rv_thread_ops_override = NULL
+    elif rv_thread_ops_override == NULL:
+        rv_thread_ops_override = <const void *>rv_active_ops()
+
+
 def _swap_pinned_table(pin):
     """Runtime hook: pin=True pins the calling thread's kernel table to the process-wide one
     active now (its calls keep using it whatever set_isa() does meanwhile), False unpins;
     returns whether it was pinned before (pass that back to restore). Other threads are
     untouched."""
-    global rv_thread_ops_override
     previous = rv_thread_ops_override != NULL
-    if not pin:
-        rv_thread_ops_override = NULL
-    elif not previous:
-        rv_thread_ops_override = <const void *>rv_active_ops()
+    set_pinned_table(pin)
     return previous
 
 
@@ -108,13 +113,38 @@ cdef int num_threads() noexcept nogil:
     return effective_n_threads(rv_get_num_threads())
 
 
+cdef void set_thread_count(int n) noexcept nogil:
+    """_swap_thread_count's change, which cannot fail"""
+    global rv_thread_count_override
+    rv_thread_count_override = max(n, 0)
+
+
 def _swap_thread_count(int n):
     """Test and Runtime hook: the calling thread's own thread count becomes n (0: the
     process-wide setting again); returns the previous override (0: none). Other threads and
     the process-wide setting are untouched."""
-    global rv_thread_count_override
     previous = rv_thread_count_override
-    rv_thread_count_override = max(n, 0)
+    set_thread_count(n)
+    return previous
+
+
+def _swap_thread_settings(threads, pin):
+    """Runtime hook, a step's two swaps in one call: _swap_thread_count(threads) and
+    _swap_pinned_table(pin), each skipped where its argument is None; returns the pair of
+    previous values (None for a skipped one), which passed back restores both. All that can
+    fail (the arguments' conversion, the result) comes first: an exception swaps neither."""
+    cdef int n = 0
+    cdef bint p = False
+    if threads is not None:
+        n = threads
+    if pin is not None:
+        p = pin
+    previous = (None if threads is None else rv_thread_count_override,
+                None if pin is None else rv_thread_ops_override != NULL)
+    if threads is not None:
+        set_thread_count(n)
+    if pin is not None:
+        set_pinned_table(p)
     return previous
 
 

@@ -380,10 +380,7 @@ class _InterruptsHeld:
 def _restore_thread_settings(step):
     """The stepping thread's own thread count and kernel table as they were before `step`
     opened (call in that thread)."""
-    if step._threads_before is not None:
-        _kernels._swap_thread_count(step._threads_before)
-    if step._table_before is not None:
-        _kernels._swap_pinned_table(step._table_before)
+    _kernels._swap_thread_settings(step._threads_before, step._table_before)
 
 
 def _refs_held_by_runtime_only():
@@ -850,13 +847,12 @@ class Runtime(Closing):
                 raise self._abandoned_error("being opened")
             step._plan = plan
             step._arena = self._arena
-            if self.config.threads is not None:
-                # only the stepping thread's own count (for ruvpy calls inside the step): other
-                # threads and the process-wide setting are untouched
-                step._threads_before = _kernels._swap_thread_count(self.config.threads)
-            # one kernel table for the whole step: set_isa() from another thread meanwhile
+            # only the stepping thread's own count (for ruvpy calls inside the step; threads
+            # None: left as it is): other threads and the process-wide setting are untouched;
+            # and one kernel table for the whole step: set_isa() from another thread meanwhile
             # used to switch it between layers, a step computed half with each table
-            step._table_before = _kernels._swap_pinned_table(True)
+            step._threads_before, step._table_before = _kernels._swap_thread_settings(
+                self.config.threads, True)
             step._state = _OPEN
 
     def _abandoned_error(self, when="open"):
