@@ -701,8 +701,11 @@ cdef class _KVCache:
         scheduler's own. begin=True: also open a transaction on its sequences (as begin) and
         then make room for the step inside it in every layer (as reserve: what eviction takes
         comes back at a rollback), all or nothing; plan.commit() or plan.rollback() closes it
-        -- one validated call for the start of a model step. cover: more sequences the
-        transaction covers (inside a transaction only its sequences may give up tokens)."""
+        -- one validated call for the start of a model step. The transaction is the plan's:
+        until it closes, commit, rollback, append, reserve and plan on its sequences raise
+        RuntimeError (a plan dropped unclosed gives them back to cache.commit / rollback).
+        cover: more sequences the transaction covers (inside a transaction only its
+        sequences may give up tokens)."""
         cdef AttentionPlan plan = AttentionPlan.__new__(AttentionPlan)
         cdef int heads, i
         plan.causal = bool(causal)
@@ -726,6 +729,8 @@ cdef class _KVCache:
                 self._check_unowned(others, _what)
                 mine = set(plan.seqs)
                 txn = list(plan.seqs) + [s for s in others if s not in mine]
+                txn_ids = tuple(txn)             # (allocated before anything is begun)
+                owner = weakref.ref(plan)
                 again = [s for s in txn if s in self._txn]
                 if again:
                     raise ValueError(f"begin: sequences {again} are already inside a transaction")
@@ -737,13 +742,21 @@ cdef class _KVCache:
                         for j in range(i):
                             self._h_commit(slots[j])     # nothing happened in them yet
                         raise
-                self._txn.update(txn)
-                owner = weakref.ref(plan)
-                for s in txn:
-                    self._txn_owner[s] = owner
-                plan.txn = tuple(txn)
+                try:
+                    self._txn.update(txn)
+                    for s in txn:
+                        self._txn_owner[s] = owner
+                    plan.txn = txn_ids
+                except BaseException:            # (a MemoryError): as if never begun
+                    for s in txn:
+                        self._txn.discard(s)
+                        self._txn_owner.pop(s, None)
+                    for slot in slots:
+                        self._h_commit(slot)     # nothing happened in them yet
+                    raise
                 try:
                     self._h_room(plan.seqs, plan.slots, plan.counts, plan.nseq, -1)
+                    plan._measure()              # (its ValueError too: no transaction left open)
                 except BaseException:
                     for slot in slots:
                         self._h_rollback(slot)
@@ -752,7 +765,8 @@ cdef class _KVCache:
                         del self._txn_owner[s]
                     plan.txn = ()
                     raise
-            plan._measure()
+            else:
+                plan._measure()
         finally:
             self._leave()
         if scratch is not None and rv_scratch_fits(&(<ScratchSpace>scratch).view, plan.cplan.shared_bytes,
@@ -1080,16 +1094,19 @@ cdef class AttentionPlan:
         return self.txn or ()
 
     def commit(self):
-        """Close the transaction plan(..., begin=True) opened, keeping the step (as
-        cache.commit on its sequences)."""
+        """Close the transaction plan(..., begin=True) opened, keeping the step. Only the
+        plan closes it: cache.commit / rollback on its sequences are refused meanwhile."""
         self._close_txn(True)
 
     def rollback(self):
         """Close the transaction plan(..., begin=True) opened, undoing the step (as
-        cache.rollback on its sequences). Idempotent."""
+        cache.rollback on its sequences would). Idempotent."""
         self._close_txn(False)
 
     cdef int _close_txn(self, bint keep) except -1:
+        """Commit or roll back the sequences this plan's claim still holds, each with its claim
+        in one hold of the cache's lock: no moment where a raw call could take them. A failure
+        part way (a commit's C error) leaves the rest claimed and self.txn set, for rollback()."""
         cdef _KVCache cache = self.cache
         if not self.txn:
             if keep:
@@ -1098,17 +1115,18 @@ cdef class AttentionPlan:
         cache._enter()
         try:
             for seq in self.txn:             # the cache's own ids: plain ints
-                cache._txn_owner.pop(seq, None)
-            ids = [seq for seq in self.txn if seq in cache._txn]
+                ref = cache._txn_owner.get(seq)
+                if seq not in cache._txn or ref is None or ref() is not self:
+                    continue                 # closed already (or by cache.close())
+                if keep:
+                    cache._h_commit(cache._slot_of[seq])
+                else:
+                    cache._h_rollback(cache._slot_of[seq])
+                cache._txn.discard(seq)
+                del cache._txn_owner[seq]
+            self.txn = ()
         finally:
             cache._leave()
-        # the cache's own commit / rollback (a subclass's too), the plan's claim given up: a
-        # failure in it (Ctrl-C) leaves self.txn, so that rollback() can finish the job
-        if keep:
-            cache.commit(ids)
-        else:
-            cache.rollback(ids)
-        self.txn = ()
         return 0
 
     cdef inline int _nq(self) noexcept:

@@ -532,17 +532,30 @@ def test_a_commit_that_fails_falls_back_to_rollback(kind, monkeypatch):
     """Ctrl-C arriving as the step commits: the step is rolled back instead, every sequence
     is as it was, the interrupt propagates, and the next step works. A commit fails only
     so (a migration that cannot allocate leaves its tokens hot), so the cache class the
-    runtime builds is swapped for one whose first commit is interrupted."""
+    runtime builds is swapped for one whose plans' second commit is interrupted."""
     import ruvpy._kvcache as kvcache
     base = kvcache.PagedKVCache if kind == "paged16" else kvcache.TwoTierKVCache
     commits = []
 
-    class InterruptedOnce(base):
-        def commit(self, seqs):
-            commits.append(list(seqs))
+    class CommitInterrupted:
+        """The step's plan, whose second commit is interrupted (the runtime commits through
+        its plan; the plan commits under the cache's lock, with no Python in between)."""
+
+        def __init__(self, plan):
+            self._plan = plan
+
+        def __getattr__(self, name):
+            return getattr(self._plan, name)
+
+        def commit(self):
+            commits.append(list(self._plan.transaction_seqs))
             if len(commits) == 2:
                 raise KeyboardInterrupt
-            return super().commit(seqs)
+            return self._plan.commit()
+
+    class InterruptedOnce(base):
+        def plan(self, *args, **kwargs):
+            return CommitInterrupted(super().plan(*args, **kwargs))
 
     monkeypatch.setattr(kvcache, base.__name__, InterruptedOnce)
     with make_runtime(kind) as rt:
@@ -609,6 +622,75 @@ def test_raw_cache_calls_on_a_stepping_sequence_are_refused(kind, call):
     assert loud_state == quiet_state
     for got, want in zip(loud, quiet):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+def test_a_raw_commit_from_another_thread_never_lands_inside_a_step(ending):
+    """A thread calling rt.cache.commit([a]) over and over while this one steps `a`. The plan
+    used to give up its claim, let go of the cache's lock, and then close the transaction:
+    a raw commit landing in between kept the step's rows behind the runtime (found within
+    4-88 steps), and on the rollback path half a step. Each raw commit must be refused."""
+    class ModelFailed(Exception):
+        pass
+
+    with make_runtime(threads=1) as rt:
+        a = rt.add_sequence()
+        rng = np.random.default_rng(3)
+        stop, accepted = threading.Event(), []
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    rt.cache.commit([a])
+                    accepted.append(1)
+                except (RuntimeError, ValueError):
+                    pass
+
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        try:
+            for _ in range(300):
+                try:
+                    with rt.step([a], [1]) as step:
+                        step.attention(0, *random_step_qkv(rng, 1, rt.config))
+                        if ending == "rollback":
+                            raise ModelFailed
+                        for layer in (1, 2):
+                            step.attention(layer, *random_step_qkv(rng, 1, rt.config))
+                except ModelFailed:
+                    pass
+        finally:
+            stop.set()
+            worker.join()
+        assert accepted == []
+        want = 300 if ending == "commit" else 0
+        assert rt.position(a) == want
+        assert [rt.seq_len(a, layer) for layer in range(3)] == [want] * 3
+
+
+def test_a_step_whose_transaction_cannot_be_recorded_leaves_none_open(monkeypatch):
+    """plan(..., begin=True) records the transaction after it opens it in C: a MemoryError
+    there (the claim's weak reference, the id set growing) used to leave the sequences inside
+    a transaction no one could close, and every later step refused."""
+    import ruvpy._kvcache as kvcache
+
+    class NoMemory:
+        @staticmethod
+        def ref(obj):
+            raise MemoryError("no memory for the weak reference")
+
+    with make_runtime() as rt:
+        feed = Feeder(rt, seed=8)
+        a = feed.add()
+        feed.step([a], [5])
+        before = runtime_snapshot(rt)
+        with monkeypatch.context() as patch:
+            patch.setattr(kvcache, "weakref", NoMemory)
+            with pytest.raises(MemoryError, match="weak reference"):
+                rt.step([a], [1]).__enter__()
+        assert not rt.cache.in_transaction(a)
+        assert runtime_snapshot(rt) == before
+        feed.step([a], [2])
 
 
 def test_bad_step_input_raises_clearly_and_changes_nothing():
