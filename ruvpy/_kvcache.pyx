@@ -520,6 +520,19 @@ cdef class _KVCache:
                                f"only that plan changes them until its commit() or rollback()")
         return 0
 
+    cdef int _check_no_rival_transaction(self, str what) except -1:
+        """Refuse a second transaction while a live plan's is open on a cache that evicts:
+        inside transactions any of them may give up tokens for another (rv_tt_make_room), so
+        a step's sequences would lose tokens to it."""
+        if not self._txn_owner or getattr(self, "policy", None) != "evict-oldest":
+            return 0
+        held = sorted(s for s, ref in self._txn_owner.items() if ref() is not None)
+        if held:
+            raise RuntimeError(f"{what}: an AttentionPlan's transaction is open on sequences "
+                               f"{held}, and with policy 'evict-oldest' another transaction "
+                               f"could take their tokens; close it first")
+        return 0
+
     cdef int _no_open_transaction(self, str what) except -1:
         if self._txn:
             raise RuntimeError(f"cannot {what} while a transaction is open on sequences "
@@ -731,6 +744,7 @@ cdef class _KVCache:
                 txn = list(plan.seqs) + [s for s in others if s not in mine]
                 txn_ids = tuple(txn)             # (allocated before anything is begun)
                 owner = weakref.ref(plan)
+                self._check_no_rival_transaction(_what)
                 again = [s for s in txn if s in self._txn]
                 if again:
                     raise ValueError(f"begin: sequences {again} are already inside a transaction")
@@ -740,19 +754,20 @@ cdef class _KVCache:
                         self._h_begin(slots[i])
                     except BaseException:
                         for j in range(i):
-                            self._h_commit(slots[j])     # nothing happened in them yet
+                            self._h_rollback(slots[j])   # as they were (a commit could migrate)
                         raise
                 try:
                     self._txn.update(txn)
                     for s in txn:
                         self._txn_owner[s] = owner
+                    plan._claim = owner
                     plan.txn = txn_ids
                 except BaseException:            # (a MemoryError): as if never begun
                     for s in txn:
                         self._txn.discard(s)
                         self._txn_owner.pop(s, None)
                     for slot in slots:
-                        self._h_commit(slot)     # nothing happened in them yet
+                        self._h_rollback(slot)   # as they were
                     raise
                 try:
                     self._h_room(plan.seqs, plan.slots, plan.counts, plan.nseq, -1)
@@ -822,6 +837,7 @@ cdef class _KVCache:
         self._enter()
         try:
             self._check_known(ids)
+            self._check_no_rival_transaction("begin")
             again = [s for s in ids if s in self._txn]
             if again:
                 raise ValueError(f"begin: sequences {again} are already inside a transaction")
@@ -832,7 +848,7 @@ cdef class _KVCache:
                     done.append(s)
             except BaseException:
                 for s in done:
-                    self._h_commit(self._slot_of[s])
+                    self._h_rollback(self._slot_of[s])   # as they were
                 raise
             self._txn.update(ids)
         finally:
@@ -1028,6 +1044,7 @@ cdef class AttentionPlan:
     cdef ScratchSpace scratch
     cdef tuple txn                      # the sequences of its open transaction (begin=True)
     cdef object __weakref__             # the cache's record of the transaction's owner
+    cdef object _claim                  # that record (a weak reference to this plan)
 
     def __init__(self, *args, **kwargs):
         raise TypeError("AttentionPlan objects come from cache.plan(...)")
@@ -1104,20 +1121,21 @@ cdef class AttentionPlan:
         self._close_txn(False)
 
     cdef int _close_txn(self, bint keep) except -1:
-        """Commit or roll back the sequences this plan's claim still holds, each with its claim
-        in one hold of the cache's lock: no moment where a raw call could take them. A failure
-        part way (a commit's C error) leaves the rest claimed and self.txn set, for rollback()."""
+        """Commit or roll back the sequences this plan's claim holds, each with its claim in
+        one hold of the cache's lock: no moment where another call could take them (nothing
+        in the loop runs Python code or can fail)."""
         cdef _KVCache cache = self.cache
-        if not self.txn:
-            if keep:
-                raise RuntimeError("commit: the plan has no open transaction (plan(..., begin=True))")
-            return 0
+        if not self.txn and not keep:
+            return 0                         # (idempotent, even on a closed cache)
         cache._enter()
         try:
+            if not self.txn:                 # (checked again: another thread may have closed it)
+                if keep:
+                    raise RuntimeError("commit: the plan has no open transaction (plan(..., begin=True))")
+                return 0
             for seq in self.txn:             # the cache's own ids: plain ints
-                ref = cache._txn_owner.get(seq)
-                if seq not in cache._txn or ref is None or ref() is not self:
-                    continue                 # closed already (or by cache.close())
+                if seq not in cache._txn or cache._txn_owner.get(seq) is not self._claim:
+                    continue                 # (not its claim: never so while the cache is open)
                 if keep:
                     cache._h_commit(cache._slot_of[seq])
                 else:
@@ -1125,6 +1143,7 @@ cdef class AttentionPlan:
                 cache._txn.discard(seq)
                 del cache._txn_owner[seq]
             self.txn = ()
+            self._claim = None
         finally:
             cache._leave()
         return 0

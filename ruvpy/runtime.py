@@ -941,17 +941,18 @@ class Runtime(Closing):
             if ok and error is None and not step._failed and step._remaining == 0:
                 try:
                     plan.commit()
-                    committed = True
-                except BaseException as exc:
-                    error = exc
+                except BaseException as exc:     # (an exception from a signal handler can
+                    error = exc                  # arrive after the commit itself is done)
+                committed = not plan.in_transaction
             if not committed:
-                self._rollbacks += 1
                 self._unrolled = plan            # until the rollback is done
+                self._rollbacks += 1
                 plan.rollback()
                 self._unrolled = None
             else:
-                for seq, n in zip(step._seqs, step._n_tokens):
-                    self._positions[seq] += n
+                # one call: an exception between bytecodes cannot advance only some positions
+                self._positions.update({seq: self._positions[seq] + n
+                                        for seq, n in zip(step._seqs, step._n_tokens)})
                 self._steps += 1
         finally:
             self._attention_calls += step._calls

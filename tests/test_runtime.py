@@ -636,15 +636,21 @@ def test_a_raw_commit_from_another_thread_never_lands_inside_a_step(ending):
     with make_runtime(threads=1) as rt:
         a = rt.add_sequence()
         rng = np.random.default_rng(3)
-        stop, accepted = threading.Event(), []
+        stop, accepted, refused, unexpected = threading.Event(), [], [], []
 
         def hammer():
             while not stop.is_set():
                 try:
                     rt.cache.commit([a])
                     accepted.append(1)
-                except (RuntimeError, ValueError):
+                except RuntimeError as exc:      # inside a step: the plan's claim
+                    refused.append(1)
+                    if "AttentionPlan" not in str(exc):
+                        unexpected.append(exc)
+                except ValueError:               # between steps: no transaction
                     pass
+                except BaseException as exc:
+                    unexpected.append(exc)
 
         worker = threading.Thread(target=hammer)
         worker.start()
@@ -662,16 +668,18 @@ def test_a_raw_commit_from_another_thread_never_lands_inside_a_step(ending):
         finally:
             stop.set()
             worker.join()
-        assert accepted == []
+        assert accepted == [] and unexpected == []
+        assert refused          # the thread did reach the cache while a step was open
         want = 300 if ending == "commit" else 0
         assert rt.position(a) == want
         assert [rt.seq_len(a, layer) for layer in range(3)] == [want] * 3
 
 
 def test_a_step_whose_transaction_cannot_be_recorded_leaves_none_open(monkeypatch):
-    """plan(..., begin=True) records the transaction after it opens it in C: a MemoryError
-    there (the claim's weak reference, the id set growing) used to leave the sequences inside
-    a transaction no one could close, and every later step refused."""
+    """A MemoryError while plan(..., begin=True) makes the transaction's claim (a weak
+    reference to the plan) used to come after the transaction was opened in C, and left the
+    sequences inside a transaction no one could close: every later step was refused. The
+    claim is made first now, and the recording after the begin is undone as a whole."""
     import ruvpy._kvcache as kvcache
 
     class NoMemory:
@@ -691,6 +699,102 @@ def test_a_step_whose_transaction_cannot_be_recorded_leaves_none_open(monkeypatc
         assert not rt.cache.in_transaction(a)
         assert runtime_snapshot(rt) == before
         feed.step([a], [2])
+
+
+def test_an_exception_arriving_after_the_commit_keeps_the_step_counted():
+    """A signal handler's exception (SIGTERM -> sys.exit, say) can arrive just after the
+    step's commit returned. The runtime used to count the step rolled back while the cache
+    had committed it: its positions fell behind the cache's lengths for good."""
+    import ruvpy._kvcache as kvcache
+
+    class LateSignal(Exception):
+        pass
+
+    class SignalAfterCommit:
+        def __init__(self, plan):
+            self._plan = plan
+
+        def __getattr__(self, name):
+            return getattr(self._plan, name)
+
+        def commit(self):
+            self._plan.commit()
+            raise LateSignal
+
+    class Cache(kvcache.PagedKVCache):
+        armed = False
+
+        def plan(self, *args, **kwargs):
+            made = super().plan(*args, **kwargs)
+            return SignalAfterCommit(made) if Cache.armed else made
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kvcache, "PagedKVCache", Cache)
+        with make_runtime() as rt:
+            feed = Feeder(rt, seed=12)
+            a = feed.add()
+            feed.step([a], [4])
+            Cache.armed = True
+            with pytest.raises(LateSignal):
+                with rt.step([a], [3]) as step:
+                    for layer in range(3):
+                        step.attention(layer, *random_step_qkv(feed.rng, 3, rt.config))
+            Cache.armed = False
+            assert rt.position(a) == 7 and rt.stats().rollbacks == 0
+            assert [rt.seq_len(a, layer) for layer in range(3)] == [7] * 3
+            feed.step([a], [1], check=False)
+            assert rt.position(a) == 8
+
+
+def test_a_plan_closed_by_its_own_finalizer_closes_its_transaction():
+    """A finalizer of a reference cycle holding a plan rolls it back: the cycle's weak
+    references are cleared before finalizers run, so the plan no longer recognised its own
+    claim, skipped every sequence and still reported itself closed -- the sequences stayed
+    inside a transaction, and every new plan on them was refused."""
+    import gc
+    from ruvpy import PagedKVCache
+    cache = PagedKVCache(1, 2, 16, max_tokens=256)
+    seq = cache.add_sequence()
+    closed = []
+
+    class Holder:
+        def __del__(self):
+            self.plan.rollback()
+            closed.append(self.plan.in_transaction)
+
+    holder = Holder()
+    holder.plan = cache.plan([seq], [1], num_heads=2, begin=True)
+    holder.cycle = holder
+    del holder
+    gc.collect()
+    assert closed == [False]
+    assert not cache.in_transaction(seq)
+    cache.plan([seq], [1], num_heads=2, begin=True).rollback()
+
+
+def test_a_second_transaction_cannot_take_tokens_from_a_plans_sequences():
+    """Inside transactions any sequence may give up tokens for another (evict-oldest): a
+    second plan's room evicted tokens of a sequence a Runtime step's plan held, and after
+    both closed the cache held more tokens than max_tokens. While a live plan's transaction
+    is open on an evicting cache, another transaction is refused."""
+    from ruvpy import TwoTierKVCache
+    rng = np.random.default_rng(0)
+    kv = lambda n: (rng.standard_normal((n, 2, 16)).astype(np.float32),
+                    rng.standard_normal((n, 2, 16)).astype(np.float32))
+    cache = TwoTierKVCache(1, 2, 16, hot_tokens=64, cold="q8", max_tokens=128,
+                           policy="evict-oldest")
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(a, 0, *kv(100))
+    cache.append(b, 0, *kv(20))
+    held = cache.plan([a], [1], num_heads=2, begin=True)
+    with pytest.raises(RuntimeError, match=r"transaction is open on sequences \[0\].*evict-oldest"):
+        cache.plan([b], [60], num_heads=2, begin=True)
+    with pytest.raises(RuntimeError, match="evict-oldest"):
+        cache.begin([b])
+    assert [cache.seq_len(s) for s in (a, b)] == [100, 20]
+    assert not cache.in_transaction(b)
+    held.rollback()
+    cache.plan([b], [8], num_heads=2, begin=True).rollback()      # alone: allowed
 
 
 def test_bad_step_input_raises_clearly_and_changes_nothing():
