@@ -503,34 +503,31 @@ cdef class _KVCache:
         self._slot_of[seq] = slot
         return seq
 
-    cdef int _check_unowned(self, list ids, str what, object plan=None) except -1:
-        """Refuse ids inside the transaction of a live plan other than `plan`: a Runtime
+    cdef int _check_unowned(self, object ids, str what, object plan=None) except -1:
+        """Refuse sequences inside the transaction of a live plan other than `plan`: those of
+        ids, or (ids None: a new transaction on an evicting cache) any, since inside
+        transactions any sequence may give up tokens for another (rv_tt_make_room). A Runtime
         step's sequences change only through its plan, or the runtime's count of them and the
         cache's disagree (a raw commit mid-step kept half a step)."""
         if not self._txn_owner:
             return 0
         held = []
-        for s in ids:
+        for s in (self._txn_owner if ids is None else ids):
             ref = self._txn_owner.get(s)
             if ref is not None and ref() is not None and ref() is not plan:
                 held.append(s)
         if held:
-            raise RuntimeError(f"{what}: sequences {held} are inside the transaction of an "
-                               f"AttentionPlan (plan(..., begin=True), as a Runtime step opens); "
-                               f"only that plan changes them until its commit() or rollback()")
+            raise RuntimeError(
+                f"{what}: sequences {held} are inside the transaction of an AttentionPlan "
+                f"(plan(..., begin=True), as a Runtime step opens); " +
+                ("only that plan changes them until its commit() or rollback()" if ids is not None
+                 else "with policy 'evict-oldest' another transaction could take their tokens, "
+                      "so none opens until it closes"))
         return 0
 
     cdef int _check_no_rival_transaction(self, str what) except -1:
-        """Refuse a second transaction while a live plan's is open on a cache that evicts:
-        inside transactions any of them may give up tokens for another (rv_tt_make_room), so
-        a step's sequences would lose tokens to it."""
-        if not self._txn_owner or getattr(self, "policy", None) != "evict-oldest":
-            return 0
-        held = sorted(s for s, ref in self._txn_owner.items() if ref() is not None)
-        if held:
-            raise RuntimeError(f"{what}: an AttentionPlan's transaction is open on sequences "
-                               f"{held}, and with policy 'evict-oldest' another transaction "
-                               f"could take their tokens; close it first")
+        if getattr(self, "policy", None) == "evict-oldest":
+            self._check_unowned(None, what)
         return 0
 
     cdef int _no_open_transaction(self, str what) except -1:

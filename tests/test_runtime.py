@@ -787,7 +787,7 @@ def test_a_second_transaction_cannot_take_tokens_from_a_plans_sequences():
     cache.append(a, 0, *kv(100))
     cache.append(b, 0, *kv(20))
     held = cache.plan([a], [1], num_heads=2, begin=True)
-    with pytest.raises(RuntimeError, match=r"transaction is open on sequences \[0\].*evict-oldest"):
+    with pytest.raises(RuntimeError, match=r"sequences \[0\] are inside the transaction.*evict-oldest"):
         cache.plan([b], [60], num_heads=2, begin=True)
     with pytest.raises(RuntimeError, match="evict-oldest"):
         cache.begin([b])
