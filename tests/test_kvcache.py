@@ -123,6 +123,40 @@ def test_append_attend_matches_per_sequence_attention(isa):
         off += n
 
 
+@pytest.mark.parametrize("end", ["rollback", "commit"])
+def test_a_rollback_after_copy_on_write_gets_the_shared_block_back_as_it_was(end):
+    """Two forks share a block; inside one transaction the longer one writes into it first
+    (a copy) and the shorter one then found it unshared and wrote in place -- into a slot the
+    longer one's snapshot still held: its rollback came back to a block with another token in
+    it (found by test_stateful). The block a copy leaves stays held until the transaction
+    ends, so the second writer copies too."""
+    rng = np.random.default_rng(9)
+    cache = PagedKVCache(1, 2, 8, block_size=4, max_tokens=32)
+    first = cache.add_sequence()
+    fed = random_kv(rng, 3, 2, 8)
+    cache.append(first, 0, *fed)
+    longer, shorter = cache.fork(first), cache.fork(first)
+    cache.free(first)
+    cache.truncate(shorter, 1)
+    before = {s: cache.get_kv(s, 0) for s in (longer, shorter)}
+    used = cache.stats().blocks_used
+    cache.begin([longer, shorter])
+    new = {s: random_kv(rng, 1, 2, 8) for s in (longer, shorter)}
+    for s in (longer, shorter):
+        cache.append(s, 0, *new[s])
+    held = cache.stats().blocks_used                      # both copied; the old block held
+    getattr(cache, end)([longer, shorter])
+    for s in (longer, shorter):
+        k, v = cache.get_kv(s, 0)
+        if end == "rollback":
+            want = before[s]
+        else:
+            want = [np.concatenate([a, as_stored_fp16(b)]) for a, b in zip(before[s], new[s])]
+        assert np.array_equal(k, want[0]) and np.array_equal(v, want[1]), s
+    assert held == used + 2
+    assert cache.stats().blocks_used == (used if end == "rollback" else used + 1)
+
+
 def test_fork_copy_on_write_leaves_parent_untouched(isa):
     rng = np.random.default_rng(4)
     cache = PagedKVCache(2, 2, 8, block_size=16, max_tokens=160)

@@ -130,7 +130,9 @@ class RuntimeMachine(RuleBasedStateMachine):
             for b in model.blocks[model.length // BLOCK:]:
                 if refs[b] > 1:
                     writers[b] = writers.get(b, 0) + 1
-        need += sum(k - (1 if k >= refs[b] else 0) for b, k in writers.items())
+        # every writer of a shared block copies it: inside the step's transaction the block a
+        # writer leaves stays held for a rollback, so the last writer does not find it unshared
+        need += sum(writers.values())
         free = self.total_blocks - len(refs)
         return need <= free
 
@@ -145,12 +147,13 @@ class RuntimeMachine(RuleBasedStateMachine):
         return self.next_block
 
     def apply_step(self, seqs, counts, ks, vs):
-        """The model after a committed step (paged: copy-on-write of shared written blocks
-        in step order, then new blocks)."""
+        """The model after a committed step (paged: copy-on-write of the written blocks shared
+        when the step began -- every writer copies, the transaction holding the block it
+        leaves -- then new blocks)."""
+        refs = self.refcounts()
         for s, n, k, v in zip(seqs, counts, ks, vs):
             model = self.seqs[s]
             if self.KV_CACHE == "paged":
-                refs = self.refcounts()
                 for i in range(model.length // BLOCK, len(model.blocks)):
                     if refs[model.blocks[i]] > 1:
                         model.blocks[i] = self.new_block()

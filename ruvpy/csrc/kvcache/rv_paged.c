@@ -198,6 +198,13 @@ void rv_paged_release(rv_paged *c, int slot)
 
 /* ---- appends ---- */
 
+/* whether table index b of s held `block` when its transaction began (the snapshot then holds
+ * a reference of its own to it, once the table has moved off it) */
+RV_INLINE int in_snapshot(const rv_paged_seq *s, int64_t b, int32_t block)
+{
+    return s->in_txn && b < s->snap_nblocks && s->snap_blocks[b] == block;
+}
+
 /* The first table index a write of this many tokens lands in (layer < 0: any layer). */
 static int64_t first_written_block(const rv_paged *c, const rv_paged_seq *s, int layer)
 {
@@ -212,6 +219,10 @@ static int64_t blocks_for(const rv_paged *c, int64_t tokens)
 {
     return (tokens + c->block_size - 1) / c->block_size;
 }
+
+/* rv_paged_blocks_needed's tally of a block: its writers, plus this once per writer inside a
+ * transaction */
+#define TALLY_TXN (INT64_C(1) << 32)
 
 int64_t rv_paged_blocks_needed(const rv_paged *c, int nseq, const int *slots, const int64_t *n, int layer)
 {
@@ -235,13 +246,15 @@ int64_t rv_paged_blocks_needed(const rv_paged *c, int nseq, const int *slots, co
                 if (c->refcount[id] <= 1)
                     continue;
                 if (pass == 0) {
-                    c->tally[id]++;
+                    c->tally[id] += s->in_txn ? TALLY_TXN + 1 : 1;
                     ncand++;
                 } else if (c->tally[id] > 0) {
-                    /* Copy-on-write: the k writers of a block shared by r sequences copy it k
-                     * times, except that when all r write, the last one finds it unshared */
-                    const int64_t k = c->tally[id];
-                    need += k - (k >= c->refcount[id] ? 1 : 0);
+                    /* Copy-on-write: the k writers of a block shared by r holders copy it k
+                     * times, except that when all r write, the last one finds it unshared --
+                     * unless a writer is inside a transaction: its snapshot keeps the block
+                     * (rv_paged_append), so every writer copies */
+                    const int64_t k = c->tally[id] % TALLY_TXN, in_txn = c->tally[id] >= TALLY_TXN;
+                    need += k - (k >= c->refcount[id] && !in_txn ? 1 : 0);
                     c->tally[id] = 0;
                 }
             }
@@ -274,7 +287,9 @@ int rv_paged_append(rv_paged *c, int slot, int layer, const void *k, const void 
     const int64_t want = blocks_for(c, end);
     if (table_reserve(c, s, want))
         return RV_ENOMEM;
-    /* copy-on-write of shared blocks the write lands in */
+    /* copy-on-write of shared blocks the write lands in. Inside a transaction the snapshot
+     * keeps its reference to the block left (dropped at commit): another holder must not
+     * write into it in place, since a rollback brings this sequence back to it */
     for (int64_t b = start / c->block_size; b < s->nblocks; b++) {
         int32_t old = s->blocks[b];
         if (c->refcount[old] > 1) {
@@ -283,7 +298,8 @@ int rv_paged_append(rv_paged *c, int slot, int layer, const void *k, const void 
                 for (int kv = 0; kv < 2; kv++)
                     memcpy(slot_ptr(c, l, kv, fresh, 0), slot_ptr(c, l, kv, old, 0),
                            (size_t)c->block_size * c->row_elems * c->elem);
-            c->refcount[old]--;
+            if (!in_snapshot(s, b, old))
+                c->refcount[old]--;
             s->blocks[b] = fresh;
         }
     }
@@ -320,11 +336,12 @@ void rv_paged_read(const rv_paged *c, int slot, int layer, void *k, void *v, int
 }
 
 /* ---- transactions ----
- * begin keeps a copy of the table and counts. During a transaction a sequence only grows:
- * its old blocks are either still in its table or were left by a copy-on-write, which only
- * happens to blocks another sequence still holds, so they stay alive (fork and release are
- * refused while any transaction is open). Rollback takes a reference on the snapshot's
- * blocks again and drops the current table's. */
+ * begin keeps a copy of the table and counts. During a transaction a sequence only grows, and
+ * a block its table leaves by copy-on-write keeps the reference the table had, now the
+ * snapshot's: it stays alive and shared, so no other holder writes into it in place (fork and
+ * release are refused while any transaction is open). Commit drops the snapshot's references
+ * to blocks the table left; rollback drops the table's blocks the snapshot does not have and
+ * takes the snapshot back. */
 
 int rv_paged_begin(rv_paged *c, int slot)
 {
@@ -350,8 +367,12 @@ static void snapshot_free(rv_paged *c, rv_paged_seq *s)
 void rv_paged_commit(rv_paged *c, int slot)
 {
     rv_paged_seq *s = &c->seqs[slot];
-    if (s->in_txn)
-        snapshot_free(c, s);
+    if (!s->in_txn)
+        return;
+    for (int64_t b = s->snap_nblocks - 1; b >= 0; b--)
+        if (s->blocks[b] != s->snap_blocks[b])
+            block_drop(c, s->snap_blocks[b]);
+    snapshot_free(c, s);
 }
 
 void rv_paged_rollback(rv_paged *c, int slot)
@@ -360,9 +381,9 @@ void rv_paged_rollback(rv_paged *c, int slot)
     if (!s->in_txn)
         return;
     /* the snapshot never has more blocks than the table (it only grew), so it fits */
-    for (int64_t b = 0; b < s->snap_nblocks; b++)
-        c->refcount[s->snap_blocks[b]]++;
-    blocks_drop_all(c, s->blocks, s->nblocks);
+    for (int64_t b = s->nblocks - 1; b >= 0; b--)
+        if (b >= s->snap_nblocks || s->blocks[b] != s->snap_blocks[b])
+            block_drop(c, s->blocks[b]);
     if (s->snap_nblocks)
         memcpy(s->blocks, s->snap_blocks, sizeof(int32_t) * (size_t)s->snap_nblocks);
     s->nblocks = s->snap_nblocks;
