@@ -32,7 +32,9 @@ class KVCacheStats:
 
 class PagedKVStats(KVCacheStats):
     """KVCacheStats of a PagedKVCache, plus: dtype, block_size, bytes_per_block,
-    blocks_total, blocks_used, blocks_shared (held by more than one sequence), blocks_free,
+    blocks_total, blocks_used, blocks_shared (held by more than one sequence, or kept for a
+    rollback: inside a transaction a block left by copy-on-write stays held, counted in the
+    cache's bytes and blocks_used but in no sequence's), blocks_free,
     pool_bytes, metadata_bytes, internal_fragmentation (fraction of the used blocks' token
     slots, over all layers, that hold no token; shared blocks counted once); per sequence
     also "blocks" and "shared_blocks"."""

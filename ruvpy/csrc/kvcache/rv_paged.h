@@ -68,12 +68,14 @@ void rv_paged_destroy(rv_paged *c);
 int rv_paged_add(rv_paged *c, int *slot);
 /* child shares every block of parent (RV_ENOMEM; RV_EINVAL while a transaction is open) */
 int rv_paged_fork(rv_paged *c, int parent, int *child);
-/* Drops the sequence's blocks. Callers must not release while a transaction is open (a
- * rollback may need blocks the released sequence held). */
+/* Drops the sequence's blocks (inside its own transaction: committed first). A block another
+ * sequence's snapshot needs keeps that snapshot's reference. */
 void rv_paged_release(rv_paged *c, int slot);
 
 /* Free blocks that appending n[i] tokens to slots[i] (distinct) would take, in `layer` or
- * (layer < 0) in every layer: new blocks plus exact copy-on-write copies. */
+ * (layer < 0) in every layer: new blocks plus copy-on-write copies. Exact when the writers of a
+ * shared block are all inside transactions (a Runtime step) or none is; with both, one more
+ * than needed when the only writer inside comes after all the block's other holders. */
 int64_t rv_paged_blocks_needed(const rv_paged *c, int nseq, const int *slots, const int64_t *n, int layer);
 
 /* Append n tokens, k/v [n, kv heads, head_dim] contiguous, float32 (src_dtype RV_KV_F32) or
