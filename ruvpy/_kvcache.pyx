@@ -1238,7 +1238,7 @@ cdef class AttentionPlan:
             # included): their failure leaves the cache as it was (MemoryError)
             if team_precheck(self.cplan.nthreads) != RV_OK:
                 raise_team_error("attention")
-            self._work(&self.cplan)
+            work = self._work(&self.cplan)
             cache._h_room(self.seqs, self.slots, self.counts, self.nseq, lay)
             # what a layer call can change: the sequences' lengths in this layer
             for i in range(self.nseq):
@@ -1278,9 +1278,10 @@ cdef class AttentionPlan:
                                          # the source's shape, not its tokens: before the appends)
                 rc = rv_attn_plan_make(&cplan, &src, self.queries, nq, self.causal, self.threads)
                 _check_status(rc, "attention")
-            if cplan.nthreads > self.cplan.nthreads and team_precheck(cplan.nthreads) != RV_OK:
-                raise_team_error("attention")      # (a re-plan's larger team: before the appends)
-            work = self._work(&cplan)
+                # its larger team and its scratch, before the appends too
+                if cplan.nthreads > self.cplan.nthreads and team_precheck(cplan.nthreads) != RV_OK:
+                    raise_team_error("attention")
+                work = self._work(&cplan)
             for i in range(self.nseq):
                 if self.counts[i]:
                     cache._h_append(self.slots[i], lay, kp + self.offsets[i] * krow,
