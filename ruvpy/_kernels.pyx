@@ -66,22 +66,14 @@ cdef const rv_ops *active_ops() noexcept nogil:
 
 
 cdef void set_pinned_table(bint pin) noexcept nogil:
-    """_swap_pinned_table's change, which cannot fail"""
+    """pin=True pins the calling thread's kernel table to the process-wide one active now (its
+    calls keep using it whatever set_isa() does meanwhile), False unpins; other threads are
+    untouched. Cannot fail."""
     global rv_thread_ops_override
     if not pin:
         rv_thread_ops_override = NULL
     elif rv_thread_ops_override == NULL:
         rv_thread_ops_override = <const void *>rv_active_ops()
-
-
-def _swap_pinned_table(pin):
-    """Runtime hook: pin=True pins the calling thread's kernel table to the process-wide one
-    active now (its calls keep using it whatever set_isa() does meanwhile), False unpins;
-    returns whether it was pinned before (pass that back to restore). Other threads are
-    untouched."""
-    previous = rv_thread_ops_override != NULL
-    set_pinned_table(pin)
-    return previous
 
 
 cdef int team_check(int nthreads) noexcept nogil:
@@ -129,8 +121,8 @@ def _swap_thread_count(int n):
 
 
 def _swap_thread_settings(threads, pin):
-    """Runtime hook, a step's two swaps in one call: _swap_thread_count(threads) and
-    _swap_pinned_table(pin), each skipped where its argument is None; returns the pair of
+    """Runtime hook, a step's two swaps in one call: _swap_thread_count(threads) and the
+    table pin (set_pinned_table(pin)), each skipped where its argument is None; returns the pair of
     previous values (None for a skipped one), which passed back restores both. All that can
     fail (the arguments' conversion, the result) comes first: an exception swaps neither."""
     cdef int n = 0
