@@ -618,7 +618,7 @@ static int run_attn_finalize(const rv_ops *ops, rv_case *c)
 }
 
 /* attend_qgroup: one KV head of a quantized group, arrays named after struct rv_qhead's
- * fields (outlier arrays omitted when there are none), tokens [a, a + n) folded into a fresh
+ * fields (kscale, kzero, vscale, vzero as binary16; outlier arrays omitted when there are none), tokens [a, a + n) folded into a fresh
  * state of `rows` query rows; optional "visible" counts tokens from a. */
 static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
 {
@@ -630,8 +630,8 @@ static int run_attend_qgroup(const rv_ops *ops, rv_case *c)
     ptrdiff_t krow = (ptrdiff_t)param(c, "krow"), vrow = (ptrdiff_t)param(c, "vrow");
     const float *q = in_f32(c, "q", &nq);
     const uint8_t *kcodes = in_u8(c, "kcodes", &nkc), *vcodes = in_u8(c, "vcodes", &nvc);
-    const float *kscale = in_f32(c, "kscale", &nks), *kzero = in_f32(c, "kzero", &nkz);
-    const float *vscale = in_f32(c, "vscale", &nvs), *vzero = in_f32(c, "vzero", &nvz);
+    const uint16_t *kscale = in_u16(c, "kscale", &nks), *kzero = in_u16(c, "kzero", &nkz);
+    const uint16_t *vscale = in_u16(c, "vscale", &nvs), *vzero = in_u16(c, "vzero", &nvz);
     const uint8_t *kidx = input(c, "kidx", DT_U8, &nki, 0), *vidx = input(c, "vidx", DT_U8, &nvi, 0);
     const uint8_t *vocodes = input(c, "vocodes", DT_U8, &nvo, 0);
     const float *voscale = input(c, "voscale", DT_F32, &nos, 0), *vozero = input(c, "vozero", DT_F32, &noz, 0);

@@ -838,11 +838,13 @@ def cases_attend_qgroup(rng):
         vrow = (d if bits == 8 else (d + 1) // 2) + 1
         kbytes, kc = quant_rows(rng, d + nk, G, bits, krow)            # kc [d + nk][G]
         vbytes, vc = quant_rows(rng, G, d, bits, vrow)                 # vc [G][d]
-        kscale = rng.uniform(1e-3, 1.5 / levels, d).astype(np.float32)
-        kzero = (rng.standard_normal(d) * 0.5).astype(np.float32)
+        # the scales and zeros are binary16, as the format stores them (the kernel reads them
+        # in place); float32 copies of the same values for the reference
+        kscale = rng.uniform(1e-3, 1.5 / levels, d).astype(np.float16).astype(np.float32)
+        kzero = (rng.standard_normal(d) * 0.5).astype(np.float16).astype(np.float32)
         ng = -(-d // gs)
-        vscale = rng.uniform(1e-3, 1.5 / levels, (G, ng)).astype(np.float32)
-        vzero = (rng.standard_normal((G, ng)) * 0.5).astype(np.float32)
+        vscale = rng.uniform(1e-3, 1.5 / levels, (G, ng)).astype(np.float16).astype(np.float32)
+        vzero = (rng.standard_normal((G, ng)) * 0.5).astype(np.float16).astype(np.float32)
         kidx = np.sort(rng.choice(d, nk, replace=False)).astype(np.uint8)
         vidx = np.sort(rng.choice(d, nv, replace=False)).astype(np.uint8)
         voscale = rng.uniform(1e-3, 0.02, nv).astype(np.float32)
@@ -898,8 +900,9 @@ def cases_attend_qgroup(rng):
             # the kernel sums (q * scale) . code and q . zero apart: bound by |terms|, not |key|
             tol_out, tol_lse = attention_tolerance(q, keys_abs[a:a + n], values_abs[a:a + n], vis)
         arrays = {"rows": rows, "head_dim": d, "G": G, "bits": bits, "group_size": gs, "a": a, "n": n,
-                  "krow": krow, "vrow": vrow, "q": q, "kcodes": kbytes, "kscale": kscale, "kzero": kzero,
-                  "vcodes": vbytes, "vscale": vscale, "vzero": vzero,
+                  "krow": krow, "vrow": vrow, "q": q, "kcodes": kbytes, "kscale": kscale.astype(np.float16),
+                  "kzero": kzero.astype(np.float16), "vcodes": vbytes, "vscale": vscale.astype(np.float16),
+                  "vzero": vzero.astype(np.float16),
                   "expect:out": out, "tol:out": 2 * tol_out, "expect:lse": lse, "tol:lse": 2 * tol_lse}
         if nk:
             arrays.update(kidx=kidx)

@@ -20,6 +20,30 @@
 #include "kernels/basic_impl.h"
 #include "kernels/attention_impl.h"
 #include "kernels/rv_qview.h"
+#include "rv_fp16.h"
+
+/* element i of a head's binary16 parameters as a float (exact: they are finite, which the
+ * codec checks of every group it stores or imports) */
+RV_INLINE float qk_param(const uint16_t *p, size_t i)
+{
+#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
+    return _cvtsh_ss(p[i]);
+#else
+    return rv_f16_to_f32(p[i]);
+#endif
+}
+#if defined(RV_ISA_AVX512)
+/* the parameters of the lanes in m (others 0, not read) */
+RV_INLINE __m512 qk_param16(__mmask16 m, const uint16_t *p)
+{
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+#elif defined(RV_ISA_AVX2)
+RV_INLINE __m128 qk_param4(const uint16_t *p)
+{
+    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+}
+#endif
 
 /* ---- RV_VW unsigned bytes as floats: whole bytes, low nibbles, high nibbles ---- */
 #if defined(RV_ISA_AVX512)
@@ -640,7 +664,7 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                          float *acc)
 {
     const int d = h->head_dim, gs = h->group_size, ng = (d + gs - 1) / gs;
-    const float *vs = h->vscale, *vz = h->vzero;
+    const uint16_t *vs = h->vscale, *vz = h->vzero;
     if (h->bits == 4) {
         const int half = (d + 1) / 2, hi_n = d - half;
         int covered_lo = 0, covered_hi_from = half;   /* the vector loop did [0, covered_lo) and
@@ -664,11 +688,11 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
                     const uint8_t *b = h->vcodes + tok * h->vrow + j;
-                    const float *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
+                    const uint16_t *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
                     rv_vf xl[QK_SW], xh[QK_SW];
                     for (int u = 0; u < QK_SW; u++) {
-                        const rv_vf sl = rv_vf_set1(ps[gl[u]]), zl = rv_vf_set1(pz[gl[u]]);
-                        const rv_vf sh = rv_vf_set1(ps[gh[u]]), zh = rv_vf_set1(pz[gh[u]]);
+                        const rv_vf sl = rv_vf_set1(qk_param(ps, gl[u])), zl = rv_vf_set1(qk_param(pz, gl[u]));
+                        const rv_vf sh = rv_vf_set1(qk_param(ps, gh[u])), zh = rv_vf_set1(qk_param(pz, gh[u]));
                         xl[u] = rv_vf_fmadd(qk_lo4(b + u * RV_VW), sl, zl);
                         xh[u] = rv_vf_fmadd(qk_hi4(b + u * RV_VW), sh, zh);
                     }
@@ -696,9 +720,9 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
                     const uint8_t *b = h->vcodes + tok * h->vrow + j;
-                    const float *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
-                    const rv_vf sl = rv_vf_set1(ps[gl]), zl = rv_vf_set1(pz[gl]);
-                    const rv_vf sh = rv_vf_set1(ps[gh]), zh = rv_vf_set1(pz[gh]);
+                    const uint16_t *ps = vs + (size_t)tok * ng, *pz = vz + (size_t)tok * ng;
+                    const rv_vf sl = rv_vf_set1(qk_param(ps, gl)), zl = rv_vf_set1(qk_param(pz, gl));
+                    const rv_vf sh = rv_vf_set1(qk_param(ps, gh)), zh = rv_vf_set1(qk_param(pz, gh));
                     rv_vf xl = rv_vf_fmadd(qk_lo4(b), sl, zl);
                     rv_vf xh = rv_vf_fmadd(qk_hi4(b), sh, zh);
                     for (int r = 0; r < NR; r++) {
@@ -724,8 +748,8 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                 float sum = 0.0f;
                 for (int t = 0; t < n; t++) {
                     const int tok = a + t;
-                    sum += w[r * w_stride + t] * ((float)qk_code(h->vcodes + tok * h->vrow, c, d, 4) * vs[(size_t)tok * ng + gi] +
-                                                  vz[(size_t)tok * ng + gi]);
+                    sum += w[r * w_stride + t] * ((float)qk_code(h->vcodes + tok * h->vrow, c, d, 4) * qk_param(vs, (size_t)tok * ng + gi) +
+                                                  qk_param(vz, (size_t)tok * ng + gi));
                 }
                 acc[r * d + c] += sum;
             }
@@ -741,8 +765,8 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
                 av[r] = rv_vf_load(acc + r * d + j);
             for (int t = 0; t < n; t++) {
                 const int tok = a + t;
-                rv_vf x = rv_vf_fmadd(qk_u8(h->vcodes + tok * h->vrow + j), rv_vf_set1(vs[(size_t)tok * ng + g]),
-                                      rv_vf_set1(vz[(size_t)tok * ng + g]));
+                rv_vf x = rv_vf_fmadd(qk_u8(h->vcodes + tok * h->vrow + j), rv_vf_set1(qk_param(vs, (size_t)tok * ng + g)),
+                                      rv_vf_set1(qk_param(vz, (size_t)tok * ng + g)));
                 for (int r = 0; r < NR; r++)
                     av[r] = rv_vf_fmadd(rv_vf_set1(w[r * w_stride + t]), x, av[r]);
             }
@@ -756,8 +780,8 @@ RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, c
             float sum = 0.0f;
             for (int t = 0; t < n; t++) {
                 const int tok = a + t;
-                sum += w[r * w_stride + t] * ((float)h->vcodes[tok * h->vrow + c] * vs[(size_t)tok * ng + gi] +
-                                              vz[(size_t)tok * ng + gi]);
+                sum += w[r * w_stride + t] * ((float)h->vcodes[tok * h->vrow + c] * qk_param(vs, (size_t)tok * ng + gi) +
+                                              qk_param(vz, (size_t)tok * ng + gi));
             }
             acc[r * d + c] += sum;
         }
@@ -877,12 +901,12 @@ static int qk_vplan_init(qk_vplan *p, const struct rv_qhead *h, int a, int n)
     if (ng > QK_VNG)
         return 0;
     /* u8 weights need scales >= 0 (finite): what the codec writes; anything else stays float */
-    const float *vs = h->vscale + (size_t)a * ng;
+    const uint16_t *vs = h->vscale + (size_t)a * ng;
     __mmask16 bad = 0;
     const int np = n * ng;
     for (int i = 0; i < np; i += 16) {
         const __mmask16 m = (__mmask16)(np - i >= 16 ? 0xFFFF : (1u << (np - i)) - 1u);
-        const __m512 x = _mm512_maskz_loadu_ps(m, vs + i);
+        const __m512 x = qk_param16(m, vs + i);
         bad |= _mm512_mask_cmp_ps_mask(m, x, _mm512_set1_ps(0.0f), _CMP_LT_OQ) |
                _mm512_mask_cmp_ps_mask(m, x, _mm512_set1_ps(65504.0f), _CMP_NLE_UQ);
     }
@@ -975,29 +999,29 @@ RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk
             const int s0 = b0 + 16 * sb;
             const int lo = a > s0 ? a - s0 : 0, hi = a + n - s0 < 16 ? a + n - s0 : 16;
             in[sb] = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
-            const float *ps = h->vscale + (size_t)s0 * ng, *pz = h->vzero + (size_t)s0 * ng;
+            const uint16_t *ps = h->vscale + (size_t)s0 * ng, *pz = h->vzero + (size_t)s0 * ng;
             float *ts = vsT + (size_t)sb * ng * 16, *tz = vzT + (size_t)sb * ng * 16;
             if (ng == 1) {
-                const __m512 x = _mm512_maskz_loadu_ps(in[sb], ps);
+                const __m512 x = qk_param16(in[sb], ps);
                 vmax = _mm512_max_ps(vmax, x);
                 _mm512_storeu_ps(ts, x);
-                _mm512_storeu_ps(tz, _mm512_maskz_loadu_ps(in[sb], pz));
+                _mm512_storeu_ps(tz, qk_param16(in[sb], pz));
                 continue;
             }
             const int f_lo = lo * ng, f_hi = hi * ng;     /* flat elements to read */
             __m512 xs[QK_VNG], xz[QK_VNG];
             for (int k = 0; k < ng; k++) {
                 if (lo == 0 && hi == 16) {
-                    xs[k] = _mm512_loadu_ps(ps + 16 * k);
-                    xz[k] = _mm512_loadu_ps(pz + 16 * k);
+                    xs[k] = rv_vf_load_f16(ps + 16 * k);
+                    xz[k] = rv_vf_load_f16(pz + 16 * k);
                     continue;
                 }
                 const int e0 = f_lo - 16 * k, e1 = f_hi - 16 * k;
                 const unsigned m1 = e1 >= 16 ? 0xFFFFu : (e1 <= 0 ? 0u : (1u << e1) - 1u);
                 const unsigned m0 = e0 <= 0 ? 0u : (e0 >= 16 ? 0xFFFFu : (1u << e0) - 1u);
                 const __mmask16 m = (__mmask16)(m1 & ~m0);
-                xs[k] = _mm512_maskz_loadu_ps(m, ps + 16 * k);
-                xz[k] = _mm512_maskz_loadu_ps(m, pz + 16 * k);
+                xs[k] = qk_param16(m, ps + 16 * k);
+                xz[k] = qk_param16(m, pz + 16 * k);
             }
             for (int k = 0; k < ng; k++)
                 vmax = _mm512_max_ps(vmax, xs[k]);
@@ -1130,17 +1154,17 @@ static int qk_values_int_applies(const struct rv_qhead *h, int a, int n)
     const int d = h->head_dim, gs = h->group_size, ng = (d + gs - 1) / gs;
     if (h->bits != 4 || d % 64 || gs % 16 || ng > QK_VNG)
         return 0;
-    const float *vs = h->vscale + (size_t)a * ng;
+    const uint16_t *vs = h->vscale + (size_t)a * ng;
     const int np = n * ng;
     int i = 0;
     __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (; i + 8 <= np; i += 8) {
-        const __m256 x = _mm256_loadu_ps(vs + i);        /* (NaN fails both) */
+        const __m256 x = rv_vf_load_f16(vs + i);         /* (NaN fails both) */
         ok = _mm256_and_ps(ok, _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ),
                                              _mm256_cmp_ps(x, _mm256_set1_ps(65504.0f), _CMP_LE_OQ)));
     }
     for (; i < np; i++)
-        if (!(vs[i] >= 0.0f && vs[i] <= 65504.0f))
+        if (!(qk_param(vs, i) >= 0.0f && qk_param(vs, i) <= 65504.0f))
             return 0;
     return _mm256_movemask_ps(ok) == 0xFF;
 }
@@ -1148,12 +1172,12 @@ static int qk_values_int_applies(const struct rv_qhead *h, int a, int n)
 /* One parameter array of a whole block, token-major [16][ng] (ng 1, 2 or 4), to group-major
  * [ng][16] by in-register transposes (the scalar moves of the general case were 64-128 loads
  * and stores per block); returns its lanes' maxima (a lane maximum is the array's). */
-RV_INLINE __m128 qk_params16(int ng, const float *src, float *dst)
+RV_INLINE __m128 qk_params16(int ng, const uint16_t *src, float *dst)
 {
     __m128 m = _mm_setzero_ps();
     if (ng == 1) {
         for (int e = 0; e < 16; e += 4) {
-            const __m128 x = _mm_loadu_ps(src + e);
+            const __m128 x = qk_param4(src + e);
             _mm_storeu_ps(dst + e, x);
             m = _mm_max_ps(m, x);
         }
@@ -1161,7 +1185,7 @@ RV_INLINE __m128 qk_params16(int ng, const float *src, float *dst)
         for (int e = 0; e < 16; e += 8) {
             /* a: tokens e .. e + 3, b: e + 4 .. e + 7 (two groups each); the even / odd
              * floats per 128-bit lane are tokens (e, e+1, e+4, e+5 | e+2, e+3, e+6, e+7) */
-            const __m256 a = _mm256_loadu_ps(src + 2 * e), b = _mm256_loadu_ps(src + 2 * e + 8);
+            const __m256 a = rv_vf_load_f16(src + 2 * e), b = rv_vf_load_f16(src + 2 * e + 8);
             const __m256 g0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
             const __m256 g1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
             _mm256_storeu_ps(dst + e, g0);
@@ -1171,8 +1195,8 @@ RV_INLINE __m128 qk_params16(int ng, const float *src, float *dst)
         }
     } else {
         for (int e = 0; e < 16; e += 4) {          /* tokens e .. e + 3, four groups each */
-            __m128 r0 = _mm_loadu_ps(src + 4 * e), r1 = _mm_loadu_ps(src + 4 * e + 4);
-            __m128 r2 = _mm_loadu_ps(src + 4 * e + 8), r3 = _mm_loadu_ps(src + 4 * e + 12);
+            __m128 r0 = qk_param4(src + 4 * e), r1 = qk_param4(src + 4 * e + 4);
+            __m128 r2 = qk_param4(src + 4 * e + 8), r3 = qk_param4(src + 4 * e + 12);
             _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
             _mm_storeu_ps(dst + e, r0);
             _mm_storeu_ps(dst + 16 + e, r1);
@@ -1186,7 +1210,7 @@ RV_INLINE __m128 qk_params16(int ng, const float *src, float *dst)
 
 /* A whole block's per-token value scales and zeros to group-major ts / tz [ng][16]; returns
  * the largest scale (scales are >= 0). */
-RV_INLINE float qk_vparams16(int ng, const float *ps, const float *pz, float *ts, float *tz)
+RV_INLINE float qk_vparams16(int ng, const uint16_t *ps, const uint16_t *pz, float *ts, float *tz)
 {
     __m128 mx = qk_params16(ng, ps, ts);
     qk_params16(ng, pz, tz);
@@ -1219,7 +1243,7 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
         /* the block's tokens in [lo, hi), its parameters group-major (0 outside), and its
          * largest scale */
         const __m256i in[2] = {rv256_lanes_in(0, lo, hi), rv256_lanes_in(8, lo, hi)};
-        const float *ps = h->vscale + (size_t)b0 * ng, *pz = h->vzero + (size_t)b0 * ng;
+        const uint16_t *ps = h->vscale + (size_t)b0 * ng, *pz = h->vzero + (size_t)b0 * ng;
         /* by plain loads: AVX2 gathers (masked, or clamped and zeroed) gave wrong scales under
          * qemu's Haswell (tests/test_neon.py), though right on this Zen 3 */
         float vsm = 0.0f;
@@ -1232,9 +1256,9 @@ RV_INLINE void qk_values_int(const int NR, const struct rv_qhead *h, int a, int 
                     _mm256_storeu_ps(tz + g * 16 + e, _mm256_setzero_ps());
                 }
                 for (int t = lo; t < hi; t++) {
-                    const float x = ps[t * ng + g];
+                    const float x = qk_param(ps, (size_t)t * ng + g);
                     ts[g * 16 + t] = x;
-                    tz[g * 16 + t] = pz[t * ng + g];
+                    tz[g * 16 + t] = qk_param(pz, (size_t)t * ng + g);
                     vsm = x > vsm ? x : vsm;
                 }
             }
@@ -1384,13 +1408,13 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
         int c = 0;
         for (; c + RV_VW <= d; c += RV_VW) {
             const rv_vf qv = rv_vf_load(q + c);
-            rv_vf_store(qr + c, rv_vf_mul(qv, rv_vf_load(h->kscale + c)));
-            b = rv_vf_fmadd(qv, rv_vf_load(h->kzero + c), b);
+            rv_vf_store(qr + c, rv_vf_mul(qv, rv_vf_load_f16(h->kscale + c)));
+            b = rv_vf_fmadd(qv, rv_vf_load_f16(h->kzero + c), b);
         }
         btail[r] = 0.0f;
         for (; c < d; c++) {
-            qr[c] = q[c] * h->kscale[c];
-            btail[r] += q[c] * h->kzero[c];
+            qr[c] = q[c] * qk_param(h->kscale, c);
+            btail[r] += q[c] * qk_param(h->kzero, c);
         }
         bsum[r] = b;
         for (int o = 0; o < h->nk; o++)

@@ -1,6 +1,7 @@
 /* What the fused quantized-attention kernels (rv_ops.attend_qgroup / attend_tgroup,
- * kernels/quant_impl.h) read: one KV head of a cold group, its codes in place and its
- * parameters as floats. The cold formats themselves (how a group's blob is laid out, how it is
+ * kernels/quant_impl.h) read: one KV head of a cold group, its codes and its binary16
+ * parameters in place (the kernels convert them as they load them: a conversion pass into
+ * floats per group and head was 4% of q4 decode). The cold formats themselves (how a group's blob is laid out, how it is
  * encoded) belong to the two-tier cache's codec table; each fills its view. Kernels know
  * nothing else of caches. */
 #ifndef RV_QVIEW_H
@@ -17,12 +18,12 @@ struct rv_qhead {
     const uint8_t *kcodes;        /* channel-major: row c's G codes at kcodes + c * krow for the
                                      head_dim channels, then nk rows of outlier high nibbles */
     ptrdiff_t krow;
-    const float *kscale, *kzero;  /* [head_dim] (outlier channels: their 8-bit parameters) */
+    const uint16_t *kscale, *kzero; /* binary16 [head_dim] (outlier channels: their 8-bit parameters) */
     int nk;                       /* outliers (4 bits only) */
     const uint8_t *kidx;          /* [nk] outlier key channels, ascending */
     const uint8_t *vcodes;        /* token-major: token t's head_dim codes at vcodes + t * vrow */
     ptrdiff_t vrow;
-    const float *vscale, *vzero;  /* [G][ceil(head_dim / group_size)] */
+    const uint16_t *vscale, *vzero; /* binary16 [G][ceil(head_dim / group_size)] */
     int nv;
     const uint8_t *vidx;          /* [nv] outlier value channels, ascending */
     const float *voscale, *vozero;/* [nv] their per-channel 8-bit parameters */

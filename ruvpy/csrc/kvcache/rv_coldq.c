@@ -335,30 +335,26 @@ static size_t rv_coldq_prefetch_span(const rv_coldq_cfg *cfg, const unsigned cha
     return rv_coldq_segment_bytes(cfg, cfg->max_outliers, cfg->max_outliers);
 }
 
+/* the floats a head's view converts: the outlier value channels' parameters (the kernel reads
+ * the others as binary16 in place), then room for the keys' scales and zeros as floats (only
+ * dequantizing needs them: dequant_rows_channel takes floats) */
 static size_t rv_coldq_param_floats(const rv_coldq_cfg *cfg)
 {
-    return 2 * (size_t)cfg->head_dim + 2 * (size_t)cfg->group_tokens * value_groups(cfg) + 2 * RV_MAX_OUTLIERS;
+    return 2 * RV_MAX_OUTLIERS + 2 * (size_t)cfg->head_dim;
 }
 
-static void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *params, struct rv_qhead *q,
-                    const rv_ops *ops)
+static void rv_coldq_qhead(const rv_coldq_cfg *cfg, const rv_coldq_head *v, float *params, struct rv_qhead *q)
 {
-    const int d = cfg->head_dim;
-    const size_t nparam = (size_t)cfg->group_tokens * value_groups(cfg);
-    float *kscale = params, *kzero = kscale + d, *vscale = kzero + d, *vzero = vscale + nparam;
-    float *vos = vzero + nparam, *voz = vos + RV_MAX_OUTLIERS;
-    /* the segment holds the four arrays back to back in this order (layout), as params does:
-     * one conversion (four calls' function pointer and NaN check were 4% of q4 decode) */
-    ops->f16_to_f32(v->kscale, kscale, 2 * (size_t)d + 2 * nparam);
+    float *vos = params, *voz = vos + RV_MAX_OUTLIERS;
     for (int o = 0; o < v->nv; o++) {
         vos[o] = rv_f16_to_f32(v->voscale[o]);
         voz[o] = rv_f16_to_f32(v->vozero[o]);
     }
-    *q = (struct rv_qhead){.G = cfg->group_tokens, .head_dim = d, .bits = cfg->bits, .group_size = cfg->group_size,
-                           .kcodes = v->kcodes, .krow = key_row(cfg), .kscale = kscale, .kzero = kzero,
-                           .nk = v->nk, .kidx = v->kidx, .vcodes = v->vcodes, .vrow = value_row(cfg),
-                           .vscale = vscale, .vzero = vzero, .nv = v->nv, .vidx = v->vidx, .voscale = vos,
-                           .vozero = voz, .vocodes = v->vocodes};
+    *q = (struct rv_qhead){.G = cfg->group_tokens, .head_dim = cfg->head_dim, .bits = cfg->bits,
+                           .group_size = cfg->group_size, .kcodes = v->kcodes, .krow = key_row(cfg),
+                           .kscale = v->kscale, .kzero = v->kzero, .nk = v->nk, .kidx = v->kidx,
+                           .vcodes = v->vcodes, .vrow = value_row(cfg), .vscale = v->vscale, .vzero = v->vzero,
+                           .nv = v->nv, .vidx = v->vidx, .voscale = vos, .vozero = voz, .vocodes = v->vocodes};
 }
 
 static size_t rv_coldq_dequant_floats(const rv_coldq_cfg *cfg)
@@ -371,7 +367,10 @@ static void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, fl
 {
     const int d = cfg->head_dim, G = cfg->group_tokens;
     struct rv_qhead q;
-    rv_coldq_qhead(cfg, v, params, &q, ops);
+    rv_coldq_qhead(cfg, v, params, &q);
+    /* the segment holds kscale and kzero back to back (layout): one conversion */
+    float *kscale = params + 2 * RV_MAX_OUTLIERS, *kzero = kscale + d;
+    ops->f16_to_f32(v->kscale, kscale, 2 * (size_t)d);
     /* keys are stored channel-major: transpose the codes to token-major bytes first */
     uint8_t *codes = (uint8_t *)(params + rv_coldq_param_floats(cfg));
     for (int c = 0; c < d; c++)
@@ -380,7 +379,7 @@ static void rv_coldq_dequant(const rv_coldq_cfg *cfg, const rv_coldq_head *v, fl
     for (int o = 0; o < q.nk; o++)      /* outliers: the high nibble from row d + o */
         for (int t = 0; t < G; t++)
             codes[(size_t)t * d + q.kidx[o]] |= (uint8_t)(code_at(q.kcodes + (size_t)(d + o) * q.krow, t, G, 4) << 4);
-    ops->dequant_rows_channel(codes, d, G, d, 8, q.kscale, q.kzero, kf);
+    ops->dequant_rows_channel(codes, d, G, d, 8, kscale, kzero, kf);
     ops->dequant_rows_group(q.vcodes, q.vrow, G, d, cfg->bits, cfg->group_size, v->vscale, v->vzero,
                             value_groups(cfg), vf);
     for (int o = 0; o < q.nv; o++) {
@@ -555,7 +554,8 @@ static void coldq_decode_head(const void *state, const unsigned char *blob, int 
     rv_coldq_dequant(cfg, &view, k, v, scratch, ops);
 }
 
-/* attention scratch: a head's parameters as floats, then the fused kernel's scratch */
+/* attention scratch: a head's converted parameters (rv_coldq_param_floats), then the fused
+ * kernel's scratch */
 static size_t coldq_attend_floats(const void *state, int rows, int nh)
 {
     (void)rows;
@@ -579,7 +579,7 @@ static void coldq_attend_group(const void *state, const unsigned char *blob, int
     rv_coldq_head view;
     struct rv_qhead qh;
     rv_coldq_head_view(cfg, blob, head, &view);
-    rv_coldq_qhead(cfg, &view, params, &qh, ops);
+    rv_coldq_qhead(cfg, &view, params, &qh);
     if (next_blob)
         qh.prefetch_bytes = rv_coldq_prefetch_span(cfg, next_blob, next_head, next_blob == blob, &qh.prefetch);
     ops->attend_qgroup(&states[j], &qh, a, n, visible, qscratch);
