@@ -863,6 +863,7 @@ RV_INLINE void qk_outlier_values(const int NR, const struct rv_qhead *h, int a, 
  * (tools/eval_kv_quality.py, tools/bench_kvcache.py). */
 #define QK_VB 16
 #define QK_VNG 8                      /* channel groups a head may have for the integer path */
+#define QK_VFOLD 4                    /* blocks whose steps the integer path sets at once (qk_fold4) */
 #if defined(RV_ISA_AVX512)
 #define QK_VCH 4                      /* chunks of 64 channels a row has at most (d <= 256) */
 
@@ -976,7 +977,7 @@ RV_INLINE __m512i qk_vchunk(const qk_vplan *p, const uint8_t *row, int ch)
 
 /* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1 (w[r][t - a]), as
  * qk_values, in blocks of QK_VB tokens from a multiple of QK_VB (one weight scale per block
- * and row); scratch: RV_QATTN_ROWS * 2d + 8d floats */
+ * and row); scratch: RV_QATTN_ROWS * 2d + 8d floats (vsT and vzT, QK_VFOLD blocks': 8d at most) */
 RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk_vplan *p,
                              const struct rv_qhead *h, int a, int n, const float *w, int w_stride, float *acc,
                              float *scratch)
@@ -985,132 +986,161 @@ RV_INLINE void qk_values_int(const int NR, const int ng, const int nch, const qk
     const int one_z = ng <= 4;           /* every chunk's four groups are groups 0..3 */
     float *facc = scratch;                          /* [NR][nch][4][16], lanes permuted */
     float *zacc = facc + (size_t)NR * nch * 64;     /* [NR][ng][16] */
-    float *vsT = zacc + (size_t)NR * ng * 16;       /* [QK_VB / 16][ng][16] per block */
-    float *vzT = vsT + (size_t)(QK_VB / 16) * ng * 16;
+    float *vsT = zacc + (size_t)NR * ng * 16;       /* [QK_VFOLD][QK_VB / 16][ng][16] */
+    float *vzT = vsT + (size_t)QK_VFOLD * (QK_VB / 16) * ng * 16;
+    const size_t tstride = (size_t)(QK_VB / 16) * ng * 16;    /* a block's in vsT, vzT */
     memset(facc, 0, sizeof(float) * ((size_t)NR * nch * 64 + (size_t)NR * ng * 16));
-    for (int b0 = a / QK_VB * QK_VB; b0 < a + n; b0 += QK_VB) {
-        const int sb0 = a > b0 ? (a - b0) / 16 : 0;
-        const int sb1 = a + n - b0 >= QK_VB ? QK_VB / 16 : (a + n - b0 + 15) / 16;
-        __mmask16 in[QK_VB / 16] = {0};      /* (set for [sb0, sb1) below) */
-        __m512 vmax = _mm512_setzero_ps();
-        /* the sub-blocks' parameters group-major: vsT[sb][g][i] = vscale[b0 + 16 sb + i][g] (0
-         * outside [a, a + n)) */
-        for (int sb = sb0; sb < sb1; sb++) {
-            const int s0 = b0 + 16 * sb;
-            const int lo = a > s0 ? a - s0 : 0, hi = a + n - s0 < 16 ? a + n - s0 : 16;
-            in[sb] = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
-            const uint16_t *ps = h->vscale + (size_t)s0 * ng, *pz = h->vzero + (size_t)s0 * ng;
-            float *ts = vsT + (size_t)sb * ng * 16, *tz = vzT + (size_t)sb * ng * 16;
-            if (ng == 1) {
-                const __m512 x = qk_param16(in[sb], ps);
-                vmax = _mm512_max_ps(vmax, x);
-                _mm512_storeu_ps(ts, x);
-                _mm512_storeu_ps(tz, qk_param16(in[sb], pz));
+    /* QK_VFOLD blocks at a time: first their parameters and the maxima that set their steps,
+     * the maxima of all of them folded together and their quotients in one division each (one
+     * reduction and division per block and row were 3% of q4 decode); then block by block */
+    for (int c0 = a / QK_VB * QK_VB; c0 < a + n; c0 += QK_VFOLD * QK_VB) {
+        const int nb = (a + n - c0 + QK_VB - 1) / QK_VB < QK_VFOLD ? (a + n - c0 + QK_VB - 1) / QK_VB : QK_VFOLD;
+        __mmask16 in[QK_VFOLD][QK_VB / 16] = {{0}};      /* (set for a block's [sb0, sb1) below) */
+        int sb0[QK_VFOLD], sb1[QK_VFOLD];
+        __m512 vmax[QK_VFOLD], wmax[QK_NR][QK_VFOLD];
+        for (int u = 0; u < QK_VFOLD; u++) {
+            vmax[u] = _mm512_setzero_ps();
+            for (int r = 0; r < NR; r++)
+                wmax[r][u] = _mm512_setzero_ps();
+            if (u >= nb)
                 continue;
-            }
-            const int f_lo = lo * ng, f_hi = hi * ng;     /* flat elements to read */
-            __m512 xs[QK_VNG], xz[QK_VNG];
-            for (int k = 0; k < ng; k++) {
-                if (lo == 0 && hi == 16) {
-                    xs[k] = rv_vf_load_f16(ps + 16 * k);
-                    xz[k] = rv_vf_load_f16(pz + 16 * k);
+            const int b0 = c0 + u * QK_VB;
+            sb0[u] = a > b0 ? (a - b0) / 16 : 0;
+            sb1[u] = a + n - b0 >= QK_VB ? QK_VB / 16 : (a + n - b0 + 15) / 16;
+            /* the sub-blocks' parameters group-major: vsT[u][sb][g][i] = vscale[b0 + 16 sb + i][g]
+             * (0 outside [a, a + n)) */
+            for (int sb = sb0[u]; sb < sb1[u]; sb++) {
+                const int s0 = b0 + 16 * sb;
+                const int lo = a > s0 ? a - s0 : 0, hi = a + n - s0 < 16 ? a + n - s0 : 16;
+                in[u][sb] = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+                for (int r = 0; r < NR; r++)
+                    wmax[r][u] = _mm512_max_ps(wmax[r][u], _mm512_maskz_loadu_ps(in[u][sb], w + r * w_stride + (s0 - a)));
+                const uint16_t *ps = h->vscale + (size_t)s0 * ng, *pz = h->vzero + (size_t)s0 * ng;
+                float *ts = vsT + u * tstride + (size_t)sb * ng * 16, *tz = vzT + u * tstride + (size_t)sb * ng * 16;
+                if (ng == 1) {
+                    const __m512 x = qk_param16(in[u][sb], ps);
+                    vmax[u] = _mm512_max_ps(vmax[u], x);
+                    _mm512_storeu_ps(ts, x);
+                    _mm512_storeu_ps(tz, qk_param16(in[u][sb], pz));
                     continue;
                 }
-                const int e0 = f_lo - 16 * k, e1 = f_hi - 16 * k;
-                const unsigned m1 = e1 >= 16 ? 0xFFFFu : (e1 <= 0 ? 0u : (1u << e1) - 1u);
-                const unsigned m0 = e0 <= 0 ? 0u : (e0 >= 16 ? 0xFFFFu : (1u << e0) - 1u);
-                const __mmask16 m = (__mmask16)(m1 & ~m0);
-                xs[k] = qk_param16(m, ps + 16 * k);
-                xz[k] = qk_param16(m, pz + 16 * k);
-            }
-            for (int k = 0; k < ng; k++)
-                vmax = _mm512_max_ps(vmax, xs[k]);
-            for (int g = 0; g < ng; g++) {
-                __m512 os = _mm512_setzero_ps(), oz = _mm512_setzero_ps();
-                for (int k = 0; k < ng; k += 2) {
-                    const __mmask16 m = p->tmask[k / 2][g];
-                    os = _mm512_mask_mov_ps(os, m, _mm512_permutex2var_ps(xs[k], p->tidx[k / 2][g], xs[k + 1 < ng ? k + 1 : k]));
-                    oz = _mm512_mask_mov_ps(oz, m, _mm512_permutex2var_ps(xz[k], p->tidx[k / 2][g], xz[k + 1 < ng ? k + 1 : k]));
+                const int f_lo = lo * ng, f_hi = hi * ng;     /* flat elements to read */
+                __m512 xs[QK_VNG], xz[QK_VNG];
+                for (int k = 0; k < ng; k++) {
+                    if (lo == 0 && hi == 16) {
+                        xs[k] = rv_vf_load_f16(ps + 16 * k);
+                        xz[k] = rv_vf_load_f16(pz + 16 * k);
+                        continue;
+                    }
+                    const int e0 = f_lo - 16 * k, e1 = f_hi - 16 * k;
+                    const unsigned m1 = e1 >= 16 ? 0xFFFFu : (e1 <= 0 ? 0u : (1u << e1) - 1u);
+                    const unsigned m0 = e0 <= 0 ? 0u : (e0 >= 16 ? 0xFFFFu : (1u << e0) - 1u);
+                    const __mmask16 m = (__mmask16)(m1 & ~m0);
+                    xs[k] = qk_param16(m, ps + 16 * k);
+                    xz[k] = qk_param16(m, pz + 16 * k);
                 }
-                _mm512_storeu_ps(ts + 16 * g, os);
-                _mm512_storeu_ps(tz + 16 * g, oz);
-            }
-        }
-        /* per row: the block's step S / 255 with S = max w * max scale (>= every w * scale),
-         * then u8 weights per sub-block (four groups per chunk, quads of tokens); the scales
-         * are prescaled to 255 / max scale once for every row */
-        const float vsm = _mm512_reduce_max_ps(vmax);
-        const float vinv = vsm > 0.0f ? 255.0f / vsm : 0.0f;
-        for (int i = sb0 * ng * 16; i < sb1 * ng * 16; i += 16)
-            _mm512_storeu_ps(vsT + i, _mm512_mul_ps(_mm512_loadu_ps(vsT + i), _mm512_set1_ps(vinv)));
-        __m512i Z[QK_NR][QK_VB / 16][QK_VCH];
-        float sc[QK_NR];
-        for (int r = 0; r < NR; r++) {
-            const float *wr = w + r * w_stride + (b0 - a);
-            __m512 mw = _mm512_setzero_ps();
-            for (int sb = sb0; sb < sb1; sb++)
-                mw = _mm512_max_ps(mw, _mm512_maskz_loadu_ps(in[sb], wr + 16 * sb));
-            const float M = _mm512_reduce_max_ps(mw);
-            const __m512 winv = _mm512_set1_ps(M > 0.0f ? 1.0f / M : 0.0f);
-            sc[r] = M * vsm / 255.0f;
-            float *za = zacc + (size_t)r * ng * 16;
-            __m512 zr[QK_VNG];
-            for (int g = 0; g < ng; g++)
-                zr[g] = _mm512_loadu_ps(za + 16 * g);
-            for (int sb = sb0; sb < sb1; sb++) {
-                const __m512 wv = _mm512_maskz_loadu_ps(in[sb], wr + 16 * sb), wn = _mm512_mul_ps(wv, winv);
-                const float *ts = vsT + (size_t)sb * ng * 16, *tz = vzT + (size_t)sb * ng * 16;
-                __m512i qv[QK_VNG + 4];
+                for (int k = 0; k < ng; k++)
+                    vmax[u] = _mm512_max_ps(vmax[u], xs[k]);
                 for (int g = 0; g < ng; g++) {
-                    qv[g] = _mm512_cvtps_epi32(_mm512_mul_ps(wn, _mm512_loadu_ps(ts + 16 * g)));
-                    zr[g] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(tz + 16 * g), zr[g]);
+                    __m512 os = _mm512_setzero_ps(), oz = _mm512_setzero_ps();
+                    for (int k = 0; k < ng; k += 2) {
+                        const __mmask16 m = p->tmask[k / 2][g];
+                        os = _mm512_mask_mov_ps(os, m, _mm512_permutex2var_ps(xs[k], p->tidx[k / 2][g], xs[k + 1 < ng ? k + 1 : k]));
+                        oz = _mm512_mask_mov_ps(oz, m, _mm512_permutex2var_ps(xz[k], p->tidx[k / 2][g], xz[k + 1 < ng ? k + 1 : k]));
+                    }
+                    _mm512_storeu_ps(ts + 16 * g, os);
+                    _mm512_storeu_ps(tz + 16 * g, oz);
                 }
-                for (int g = ng; g < ng + 4; g++)
-                    qv[g] = _mm512_setzero_si512();
-                if (one_z)
-                    Z[r][sb][0] = _mm512_packus_epi16(_mm512_packs_epi32(qv[0], qv[1]), _mm512_packs_epi32(qv[2], qv[3]));
-                else
-                    for (int ch = 0; ch < nch; ch++) {
-                        const int *sl = p->sel[ch];
-                        Z[r][sb][ch] = _mm512_packus_epi16(_mm512_packs_epi32(qv[sl[0]], qv[sl[1]]),
-                                                           _mm512_packs_epi32(qv[sl[2]], qv[sl[3]]));
+            }
+        }
+        /* per block: the largest scale vsm and the scales' prescale 255 / vsm; per block and
+         * row: the largest weight M, 1 / M, and the step S / 255 with S = M vsm (>= every
+         * w * scale), each as the scalar expression would give it */
+        float vinv[QK_VFOLD], winv[QK_NR][QK_VFOLD], sc[QK_NR][QK_VFOLD];
+        __m128 vsm;
+        {
+            float mx[QK_VFOLD];
+            qk_fold4(vmax, 1, mx);
+            vsm = _mm_loadu_ps(mx);
+            _mm_storeu_ps(vinv, _mm_and_ps(_mm_cmpgt_ps(vsm, _mm_setzero_ps()), _mm_div_ps(_mm_set1_ps(255.0f), vsm)));
+        }
+        for (int r = 0; r < NR; r++) {
+            float mx[QK_VFOLD];
+            qk_fold4(wmax[r], 1, mx);
+            const __m128 M = _mm_loadu_ps(mx);
+            _mm_storeu_ps(winv[r], _mm_and_ps(_mm_cmpgt_ps(M, _mm_setzero_ps()), _mm_div_ps(_mm_set1_ps(1.0f), M)));
+            _mm_storeu_ps(sc[r], _mm_div_ps(_mm_mul_ps(M, vsm), _mm_set1_ps(255.0f)));
+        }
+        for (int u = 0; u < nb; u++) {
+            const int b0 = c0 + u * QK_VB;
+            float *vsTu = vsT + u * tstride, *vzTu = vzT + u * tstride;
+            /* the scales prescaled once for every row, then per row the u8 weights per sub-block
+             * (four groups per chunk, quads of tokens) */
+            for (int i = sb0[u] * ng * 16; i < sb1[u] * ng * 16; i += 16)
+                _mm512_storeu_ps(vsTu + i, _mm512_mul_ps(_mm512_loadu_ps(vsTu + i), _mm512_set1_ps(vinv[u])));
+            __m512i Z[QK_NR][QK_VB / 16][QK_VCH];
+            for (int r = 0; r < NR; r++) {
+                const float *wr = w + r * w_stride + (b0 - a);
+                const __m512 wi = _mm512_set1_ps(winv[r][u]);
+                float *za = zacc + (size_t)r * ng * 16;
+                __m512 zr[QK_VNG];
+                for (int g = 0; g < ng; g++)
+                    zr[g] = _mm512_loadu_ps(za + 16 * g);
+                for (int sb = sb0[u]; sb < sb1[u]; sb++) {
+                    const __m512 wv = _mm512_maskz_loadu_ps(in[u][sb], wr + 16 * sb), wn = _mm512_mul_ps(wv, wi);
+                    const float *ts = vsTu + (size_t)sb * ng * 16, *tz = vzTu + (size_t)sb * ng * 16;
+                    __m512i qv[QK_VNG + 4];
+                    for (int g = 0; g < ng; g++) {
+                        qv[g] = _mm512_cvtps_epi32(_mm512_mul_ps(wn, _mm512_loadu_ps(ts + 16 * g)));
+                        zr[g] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(tz + 16 * g), zr[g]);
+                    }
+                    for (int g = ng; g < ng + 4; g++)
+                        qv[g] = _mm512_setzero_si512();
+                    if (one_z)
+                        Z[r][sb][0] = _mm512_packus_epi16(_mm512_packs_epi32(qv[0], qv[1]), _mm512_packs_epi32(qv[2], qv[3]));
+                    else
+                        for (int ch = 0; ch < nch; ch++) {
+                            const int *sl = p->sel[ch];
+                            Z[r][sb][ch] = _mm512_packus_epi16(_mm512_packs_epi32(qv[sl[0]], qv[sl[1]]),
+                                                               _mm512_packs_epi32(qv[sl[2]], qv[sl[3]]));
+                        }
+                }
+                for (int g = 0; g < ng; g++)
+                    _mm512_storeu_ps(za + 16 * g, zr[g]);
+            }
+            /* the sums: per chunk, four tokens at a time, one flush per block */
+            for (int ch = 0; ch < nch; ch++) {
+                const __m512i ix[4] = {p->idx[ch][0], p->idx[ch][1], p->idx[ch][2], p->idx[ch][3]};
+                __m512i ia[QK_NR][4];
+                for (int r = 0; r < NR; r++)
+                    for (int m = 0; m < 4; m++)
+                        ia[r][m] = _mm512_setzero_si512();
+                for (int sb = sb0[u]; sb < sb1[u]; sb++)
+                    for (int qd = 0; qd < 4; qd++) {
+                        const int t = b0 + 16 * sb + 4 * qd;
+                        if (t + 4 <= a || t >= a + n)
+                            continue;                      /* four tokens no row weighs */
+                        __m512i T[4];
+                        if (t + 4 <= G)
+                            for (int i = 0; i < 4; i++)
+                                T[i] = qk_vchunk(p, h->vcodes + (size_t)(t + i) * h->vrow, ch);
+                        else                               /* past the group's end: nothing to read */
+                            for (int i = 0; i < 4; i++)
+                                T[i] = t + i < G ? qk_vchunk(p, h->vcodes + (size_t)(t + i) * h->vrow, ch) : _mm512_setzero_si512();
+                        __m512i X[4];
+                        rv_interleave4_epi8(T, X);
+                        for (int r = 0; r < NR; r++) {
+                            const __m512i W = _mm512_permutexvar_epi32(ix[qd], Z[r][sb][one_z ? 0 : ch]);
+                            for (int m = 0; m < 4; m++)
+                                ia[r][m] = qk_dp(ia[r][m], W, X[m]);
+                        }
+                    }
+                for (int r = 0; r < NR; r++)
+                    for (int m = 0; m < 4; m++) {
+                        float *fa = facc + (((size_t)r * nch + ch) * 4 + m) * 16;
+                        _mm512_storeu_ps(fa, _mm512_fmadd_ps(_mm512_set1_ps(sc[r][u]), _mm512_cvtepi32_ps(ia[r][m]), _mm512_loadu_ps(fa)));
                     }
             }
-            for (int g = 0; g < ng; g++)
-                _mm512_storeu_ps(za + 16 * g, zr[g]);
-        }
-        /* the sums: per chunk, four tokens at a time, one flush per block */
-        for (int ch = 0; ch < nch; ch++) {
-            const __m512i ix[4] = {p->idx[ch][0], p->idx[ch][1], p->idx[ch][2], p->idx[ch][3]};
-            __m512i ia[QK_NR][4];
-            for (int r = 0; r < NR; r++)
-                for (int m = 0; m < 4; m++)
-                    ia[r][m] = _mm512_setzero_si512();
-            for (int sb = sb0; sb < sb1; sb++)
-                for (int qd = 0; qd < 4; qd++) {
-                    const int t = b0 + 16 * sb + 4 * qd;
-                    if (t + 4 <= a || t >= a + n)
-                        continue;                      /* four tokens no row weighs */
-                    __m512i T[4];
-                    if (t + 4 <= G)
-                        for (int i = 0; i < 4; i++)
-                            T[i] = qk_vchunk(p, h->vcodes + (size_t)(t + i) * h->vrow, ch);
-                    else                               /* past the group's end: nothing to read */
-                        for (int i = 0; i < 4; i++)
-                            T[i] = t + i < G ? qk_vchunk(p, h->vcodes + (size_t)(t + i) * h->vrow, ch) : _mm512_setzero_si512();
-                    __m512i X[4];
-                    rv_interleave4_epi8(T, X);
-                    for (int r = 0; r < NR; r++) {
-                        const __m512i W = _mm512_permutexvar_epi32(ix[qd], Z[r][sb][one_z ? 0 : ch]);
-                        for (int m = 0; m < 4; m++)
-                            ia[r][m] = qk_dp(ia[r][m], W, X[m]);
-                    }
-                }
-            for (int r = 0; r < NR; r++)
-                for (int m = 0; m < 4; m++) {
-                    float *fa = facc + (((size_t)r * nch + ch) * 4 + m) * 16;
-                    _mm512_storeu_ps(fa, _mm512_fmadd_ps(_mm512_set1_ps(sc[r]), _mm512_cvtepi32_ps(ia[r][m]), _mm512_loadu_ps(fa)));
-                }
         }
     }
     /* back to channel order (lane L of the four X[m] sums: channels chan0[L] .. + 15), plus the
