@@ -659,7 +659,8 @@ RV_INLINE int qk_scores_i8(const int NR, const struct rv_qhead *h, const float *
 #endif
 
 /* acc rows [0, NR) (stride d) += sum_t w[r][t] v_t for tokens a..a+n-1, values dequantized in
- * registers (token-major codes, per-token channel-group parameters as floats) */
+ * registers (token-major codes, per-token channel-group parameters converted from binary16 as
+ * they are loaded) */
 RV_INLINE void qk_values(const int NR, const struct rv_qhead *h, int a, int n, const float *w, int w_stride,
                          float *acc)
 {
