@@ -335,97 +335,122 @@ RV_INLINE __m256 qk_i8_block_load8(const float *q, int c0, int c1, int i)
 }
 #endif
 
-/* |x| of a block's channels [c0, c1) of one row as a vector whose lane maximum is the
- * block's (c1 - c0 <= 16; NaN, and lanes past c1, 0: the comparisons of the C code skip NaN) */
-RV_INLINE rv_vf qk_i8_block_abs(const float *q, int c0, int c1)
+/* A block's channels [c0, c1) of one row (c1 - c0 <= 16) into x[16], zeros past c1 (so that the
+ * later passes load whole vectors), and |x| as a vector whose lane maximum is the block's (NaN
+ * 0: the comparisons of the C code skip NaN) */
+RV_INLINE rv_vf qk_i8_block_copy(const float *q, int c0, int c1, float *x)
 {
 #if defined(RV_ISA_AVX512)
-    const __m512 x = _mm512_maskz_loadu_ps((__mmask16)((1u << (c1 - c0)) - 1u), q + c0);
-    return _mm512_max_ps(_mm512_abs_ps(x), _mm512_setzero_ps());     /* (max: the second for NaN) */
+    const __m512 v = c1 - c0 == 16 ? _mm512_loadu_ps(q + c0)
+                                   : _mm512_maskz_loadu_ps((__mmask16)((1u << (c1 - c0)) - 1u), q + c0);
+    _mm512_store_ps(x, v);
+    return _mm512_max_ps(_mm512_abs_ps(v), _mm512_setzero_ps());     /* (max: the second for NaN) */
 #elif defined(RV_ISA_AVX2)
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256 x0 = qk_i8_block_load8(q, c0, c1, 0), x1 = qk_i8_block_load8(q, c0, c1, 1);
+    _mm256_store_ps(x, x0);
+    _mm256_store_ps(x + 8, x1);
     /* max(|x|, m) keeps m where |x| is NaN */
     return _mm256_max_ps(_mm256_andnot_ps(sign, x1), _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_setzero_ps()));
 #else
     float mx = 0.0f;
-    for (int c = c0; c < c1; c++)
-        mx = fabsf(q[c]) > mx ? fabsf(q[c]) : mx;
+    for (int i = 0; i < 16; i++) {
+        x[i] = i < c1 - c0 ? q[c0 + i] : 0.0f;
+        mx = fabsf(x[i]) > mx ? fabsf(x[i]) : mx;
+    }
     return rv_vf_set1(mx);
 #endif
 }
 
-/* four blocks' scales and their inverses from their maxima (one division each for the four;
- * the order of operations is the contract above):
+/* blocks' scales and their inverses from their maxima, QK_I8_SCALES at a time (one division
+ * each for all of them; the order of operations is the contract above):
  *     sc = max / 127 (0 unless finite and > 0), inv = 1 / sc (0 for sc 0) */
-RV_INLINE void qk_i8_scales4(const float *mx, float *sc, float *inv)
+#if defined(RV_ISA_AVX512)
+#define QK_I8_SCALES 16
+RV_INLINE void qk_i8_scales(const float *mx, float *sc, float *inv)
 {
-#if defined(RV_ISA_AVX512) || defined(RV_ISA_AVX2)
-    const __m128 a = _mm_loadu_ps(mx);
-    const __m128 ok = _mm_and_ps(_mm_cmplt_ps(a, _mm_set1_ps(INFINITY)), _mm_cmpgt_ps(a, _mm_setzero_ps()));
-    const __m128 s = _mm_and_ps(ok, _mm_div_ps(a, _mm_set1_ps(127.0f)));
-    _mm_storeu_ps(sc, s);
-    /* (where s is 0 the quotient is inf, masked away) */
-    _mm_storeu_ps(inv, _mm_and_ps(_mm_cmpgt_ps(s, _mm_setzero_ps()), _mm_div_ps(_mm_set1_ps(1.0f), s)));
-#else
-    for (int i = 0; i < 4; i++) {
-        sc[i] = isfinite(mx[i]) && mx[i] > 0.0f ? mx[i] / 127.0f : 0.0f;
-        inv[i] = sc[i] > 0.0f ? 1.0f / sc[i] : 0.0f;
-    }
-#endif
+    const __m512 a = _mm512_loadu_ps(mx);
+    const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_LT_OQ) &
+                         _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 s = _mm512_maskz_div_ps(ok, a, _mm512_set1_ps(127.0f));
+    _mm512_storeu_ps(sc, s);
+    _mm512_storeu_ps(inv, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                              _mm512_set1_ps(1.0f), s));
 }
+#elif defined(RV_ISA_AVX2)
+#define QK_I8_SCALES 8
+RV_INLINE void qk_i8_scales(const float *mx, float *sc, float *inv)
+{
+    const __m256 a = _mm256_loadu_ps(mx);
+    const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(a, _mm256_set1_ps(INFINITY), _CMP_LT_OQ),
+                                    _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ));
+    const __m256 s = _mm256_and_ps(ok, _mm256_div_ps(a, _mm256_set1_ps(127.0f)));
+    _mm256_storeu_ps(sc, s);
+    /* (where s is 0 the quotient is inf, masked away) */
+    _mm256_storeu_ps(inv, _mm256_and_ps(_mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                        _mm256_div_ps(_mm256_set1_ps(1.0f), s)));
+}
+#else
+#define QK_I8_SCALES 1
+RV_INLINE void qk_i8_scales(const float *mx, float *sc, float *inv)
+{
+    *sc = isfinite(*mx) && *mx > 0.0f ? *mx / 127.0f : 0.0f;
+    *inv = *sc > 0.0f ? 1.0f / *sc : 0.0f;
+}
+#endif
 
-/* w8 = rint(q * inv) clamped to +-127 (NaN: 0) for channels [c0, c1) of one row, and (back)
- * q set to sc * w8 (c1 - c0 <= 16; w8 may be written up to c0 + 16, zeros past c1) */
-RV_INLINE void qk_i8_block_quantize(float *q, int c0, int c1, float sc, float inv, int8_t *w8, const int back)
+/* w8[0 .. 16) = rint(x * inv) clamped to +-127 (NaN: 0) for a block copied by qk_i8_block_copy
+ * (zeros past its end), and (back) q[c0 .. c1) set to sc * w8 */
+RV_INLINE void qk_i8_block_quantize(const float *x, float sc, float inv, int8_t *w8, float *q, int c0, int c1,
+                                    const int back)
 {
 #if defined(RV_ISA_AVX512)
-    const __mmask16 m = (__mmask16)((1u << (c1 - c0)) - 1u);
-    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, q + c0), _mm512_set1_ps(inv)));
+    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(x), _mm512_set1_ps(inv)));
     k = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
     /* all 16 bytes (zeros past c1): the scores' 32-bit loads of them are forwarded from a
      * plain store, never from a masked one */
-    _mm_storeu_si128((__m128i *)(w8 + c0), _mm512_cvtepi32_epi8(k));
+    _mm_storeu_si128((__m128i *)w8, _mm512_cvtepi32_epi8(k));
     if (back)
-        _mm512_mask_storeu_ps(q + c0, m, _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
+        _mm512_mask_storeu_ps(q + c0, (__mmask16)((1u << (c1 - c0)) - 1u),
+                              _mm512_mul_ps(_mm512_set1_ps(sc), _mm512_cvtepi32_ps(k)));
 #elif defined(RV_ISA_AVX2)
     const __m256 sign = _mm256_set1_ps(-0.0f), vi = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f);
-    const int full = c1 - c0 == 16;
     __m256 k[2];
     for (int i = 0; i < 2; i++) {
-        float *qi = q + c0 + 8 * i;
-        const __m256 x = qk_i8_block_load8(q, c0, c1, i);
-        const __m256 y = rv_vf_round(_mm256_mul_ps(x, vi));
+        const __m256 y = rv_vf_round(_mm256_mul_ps(_mm256_load_ps(x + 8 * i), vi));
         /* clamp to +-127 and NaN to 0 (min / max return their second operand for NaN) */
         k[i] = _mm256_and_ps(_mm256_max_ps(_mm256_min_ps(y, lim), _mm256_sub_ps(sign, lim)), _mm256_cmp_ps(y, y, _CMP_ORD_Q));
         if (!back)
             continue;
         const __m256 qb = _mm256_mul_ps(_mm256_set1_ps(sc), k[i]);
-        if (full)
-            _mm256_storeu_ps(qi, qb);
+        if (c1 - c0 == 16)
+            _mm256_storeu_ps(q + c0 + 8 * i, qb);
         else
-            _mm256_maskstore_ps(qi, rv256_lanes_in(8 * i, 0, c1 - c0), qb);
+            _mm256_maskstore_ps(q + c0 + 8 * i, rv256_lanes_in(8 * i, 0, c1 - c0), qb);
     }
     const __m256i k16 = _mm256_packs_epi32(_mm256_cvtps_epi32(k[0]), _mm256_cvtps_epi32(k[1]));
     const __m128i k8 = _mm_packs_epi16(_mm256_castsi256_si128(k16), _mm256_extracti128_si256(k16, 1));
     /* packs works per 128-bit lane: channels 0-3 8-11 4-7 12-15 -> reorder */
-    _mm_storeu_si128((__m128i *)(w8 + c0), _mm_shuffle_epi32(k8, _MM_SHUFFLE(3, 1, 2, 0)));
+    _mm_storeu_si128((__m128i *)w8, _mm_shuffle_epi32(k8, _MM_SHUFFLE(3, 1, 2, 0)));
 #else
-    for (int c = c0; c < c1; c++) {
-        float k = rintf(q[c] * inv);
-        w8[c] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (int)k));   /* NaN: 0 */
-        if (back)
-            q[c] = sc * (float)w8[c];
+    for (int i = 0; i < 16; i++) {
+        const float k = rintf(x[i] * inv);
+        w8[i] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (int)k));   /* NaN: 0 */
+        if (back && i < c1 - c0)
+            q[c0 + i] = sc * (float)w8[i];
     }
 #endif
 }
 
 /* The rows' int8 weights: blocks of 16 channels over head_dim, then the outliers' rows as
- * blocks of their own, four blocks (of any rows) at a time: their maxima folded together,
- * their scales from one division each, then their weights. Not inlined: once per group, and
- * inlined into qk_rows' four instances it made decode 2% slower (alternated builds). */
+ * blocks of their own, in three passes over all the rows' blocks: each block copied whole
+ * with its |x| maxima, four blocks' folded at once; every scale and inverse, QK_I8_SCALES at a
+ * time; then the weights from the copies (block by block, with masked loads, folds and
+ * divisions in between, it took 1.6x the time on AVX2 and 1.05x on AVX-512). Not inlined: once per group,
+ * and inlined into qk_rows' four instances it made decode 2% slower (alternated builds). */
 static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w, const int back)
 {
+    enum { MAXB = QK_NR * QK_I8_BLOCKS, PAD = MAXB + 16 };   /* (16: past the last fold and scales) */
     const int dk = d + nk, nb = (d + 15) / 16 + (nk + 15) / 16, n = NR * nb;
     int start[QK_I8_BLOCKS + 1];                  /* block b: channels [start[b], start[b + 1]) */
     for (int b = 0, c0 = 0; b <= nb; b++) {
@@ -433,26 +458,32 @@ static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk
         const int end = c0 < d ? d : dk;
         c0 = c0 + 16 < end ? c0 + 16 : end;
     }
+    _Alignas(64) float x[MAXB][16];
+    float mx[PAD], sc[PAD], inv[PAD];
     for (int i0 = 0, r = 0, b = 0; i0 < n; i0 += 4) {    /* blocks i0 .. i0 + 3 of the rows' */
         rv_vf v[4];
-        int row[4], blk[4];
         for (int u = 0; u < 4; u++) {
-            row[u] = r;
-            blk[u] = b;
-            v[u] = qk_i8_block_abs(qs + r * dk, start[b], start[b + 1]);
-            if (i0 + u + 1 < n && ++b == nb) {     /* (past the last block: it again, unused) */
+            if (i0 + u >= n) {
+                v[u] = rv_vf_zero();              /* (past the last block: folded, unused) */
+                continue;
+            }
+            v[u] = qk_i8_block_copy(qs + r * dk, start[b], start[b + 1], x[i0 + u]);
+            if (++b == nb) {
                 b = 0;
                 r++;
             }
         }
-        float mx[4], sc[4], inv[4];
-        qk_fold4(v, 1, mx);
-        qk_i8_scales4(mx, sc, inv);
-        for (int u = 0; u < 4 && i0 + u < n; u++) {
-            qk_i8_block_quantize(qs + row[u] * dk, start[blk[u]], start[blk[u] + 1], sc[u], inv[u], w->w[row[u]], back);
-            w->sc[row[u]][blk[u]] = sc[u];
-        }
+        qk_fold4(v, 1, mx + i0);
     }
+    for (int i = (n + 3) / 4 * 4; i < n + QK_I8_SCALES; i++)
+        mx[i] = 0.0f;                             /* (the last scales' lanes past n: unused) */
+    for (int i = 0; i < n; i += QK_I8_SCALES)
+        qk_i8_scales(mx + i, sc + i, inv + i);
+    for (int r = 0, i = 0; r < NR; r++)
+        for (int b = 0; b < nb; b++, i++) {
+            qk_i8_block_quantize(x[i], sc[i], inv[i], w->w[r] + start[b], qs + r * dk, start[b], start[b + 1], back);
+            w->sc[r][b] = sc[i];
+        }
     if (dk & 1)
         for (int r = 0; r < NR; r++)
             w->w[r][dk] = 0;                          /* the odd row's partner weighs nothing */
