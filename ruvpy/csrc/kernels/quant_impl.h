@@ -263,7 +263,10 @@ RV_INLINE void qk_scores(const int NR, const struct rv_qhead *h, const float *qs
  * byte by byte make vpmaddubsw add both channels' products per token (|sum| <= 2 * 15 * 127);
  * a block's eight pairs accumulate in int16 (<= 30480), then go to float times its scale.
  * Where the float path scores tokens (other ISAs, tails), qs gets sc * w8 back, so that every
- * ISA computes the same scores. */
+ * ISA computes the same scores. (Not for a NaN or infinite product, which AVX-512's conversion
+ * turns into -127 where the others give 0 or +-127: a NaN query, or a block whose values are
+ * all below about 3.7e-37, whose inverse scale overflows; there the block's part of a score,
+ * 16 channels of at most sc * 127 * 15 < 6e-36, stays below 1e-34 either way.) */
 #define QK_I8_BLOCKS ((256 + RV_MAX_OUTLIERS + 15) / 16)
 /* the integer path without VNNI (VPMADDUBSW) broadcasts the weights a pair at a time: the
  * query keeps them as 32-bit pairs too (qk_i8_query.pairs, qk_i8_rows) */
@@ -399,8 +402,9 @@ RV_INLINE void qk_i8_scales(const float *mx, float *sc, float *inv)
 }
 #endif
 
-/* w8[0 .. 16) = rint(x * inv) clamped to +-127 (NaN: 0) for a block copied by qk_i8_block_copy
- * (zeros past its end), and (back) q[c0 .. c1) set to sc * w8 */
+/* w8[0 .. 16) = rint(x * inv) clamped to +-127 (NaN: 0, but see the contract above for
+ * AVX-512) for a block copied by qk_i8_block_copy (zeros past its end), and (back) q[c0 .. c1)
+ * set to sc * w8 */
 RV_INLINE void qk_i8_block_quantize(const float *x, float sc, float inv, int8_t *w8, float *q, int c0, int c1,
                                     const int back)
 {
@@ -435,7 +439,7 @@ RV_INLINE void qk_i8_block_quantize(const float *x, float sc, float inv, int8_t 
 #else
     for (int i = 0; i < 16; i++) {
         const float k = rintf(x[i] * inv);
-        w8[i] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (int)k));   /* NaN: 0 */
+        w8[i] = (int8_t)(k >= 127.0f ? 127 : (k <= -127.0f ? -127 : (k == k ? (int)k : 0)));   /* NaN: 0 */
         if (back && i < c1 - c0)
             q[c0 + i] = sc * (float)w8[i];
     }
@@ -445,9 +449,10 @@ RV_INLINE void qk_i8_block_quantize(const float *x, float sc, float inv, int8_t 
 /* The rows' int8 weights: blocks of 16 channels over head_dim, then the outliers' rows as
  * blocks of their own, in three passes over all the rows' blocks: each block copied whole
  * with its |x| maxima, four blocks' folded at once; every scale and inverse, QK_I8_SCALES at a
- * time; then the weights from the copies (block by block, with masked loads, folds and
- * divisions in between, it took 1.6x the time on AVX2 and 1.05x on AVX-512). Not inlined: once per group,
- * and inlined into qk_rows' four instances it made decode 2% slower (alternated builds). */
+ * time; then the weights from the copies (four blocks at a time, each group's masked loads,
+ * fold and divisions waiting on the last, then masked loads again to quantize, it took 1.6x
+ * the time on AVX2 and 1.05x on AVX-512). Not inlined: once per group, and inlined into
+ * qk_rows' four instances it made decode 2% slower (alternated builds). */
 static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk_i8_query *w, const int back)
 {
     enum { MAXB = QK_NR * QK_I8_BLOCKS, PAD = MAXB + 16 };   /* (16: past the last fold and scales) */
@@ -492,9 +497,9 @@ static RV_NOINLINE void qk_i8_weights(const int NR, float *qs, int d, int nk, qk
     if (!(d & 1)) {
         for (int r = 0; r < NR; r++)
             for (int c = 0; c < dk; c += 16) {        /* eight pairs (past dk: unused) */
-                const __m128i x = _mm_loadu_si128((const __m128i *)&w->w[r][c]);
-                _mm_storeu_si128((__m128i *)&w->pairs[r][c / 2], _mm_unpacklo_epi16(x, x));
-                _mm_storeu_si128((__m128i *)&w->pairs[r][c / 2 + 4], _mm_unpackhi_epi16(x, x));
+                const __m128i w16 = _mm_loadu_si128((const __m128i *)&w->w[r][c]);
+                _mm_storeu_si128((__m128i *)&w->pairs[r][c / 2], _mm_unpacklo_epi16(w16, w16));
+                _mm_storeu_si128((__m128i *)&w->pairs[r][c / 2 + 4], _mm_unpackhi_epi16(w16, w16));
             }
     } else {
         const int head_pairs = (d + 1) / 2;           /* the last one (d - 1, d) */
