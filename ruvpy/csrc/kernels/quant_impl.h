@@ -1468,22 +1468,27 @@ RV_INLINE void qk_rows(const int NR, rv_attn_state *st, int r0, const struct rv_
      * row weighs 16 times its low nibble row */
     rv_vf bsum[QK_NR];                /* q . zero in the same pass, the rows' sums folded at once */
     float btail[QK_NR];
+    for (int r = 0; r < NR; r++)
+        bsum[r] = rv_vf_zero();
+    /* channels outermost: each vector of the binary16 scales and zeros converted once for all
+     * the rows (each row's sums still go in channel order) */
+    int c = 0;
+    for (; c + RV_VW <= d; c += RV_VW) {
+        const rv_vf ks = rv_vf_load_f16(h->kscale + c), kz = rv_vf_load_f16(h->kzero + c);
+        for (int r = 0; r < NR; r++) {
+            const rv_vf qv = rv_vf_load(st->q + (r0 + r) * st->q_stride + c);
+            rv_vf_store(qs + r * dk + c, rv_vf_mul(qv, ks));
+            bsum[r] = rv_vf_fmadd(qv, kz, bsum[r]);
+        }
+    }
     for (int r = 0; r < NR; r++) {
         const float *q = st->q + (r0 + r) * st->q_stride;
         float *qr = qs + r * dk;
-        rv_vf b = rv_vf_zero();
-        int c = 0;
-        for (; c + RV_VW <= d; c += RV_VW) {
-            const rv_vf qv = rv_vf_load(q + c);
-            rv_vf_store(qr + c, rv_vf_mul(qv, rv_vf_load_f16(h->kscale + c)));
-            b = rv_vf_fmadd(qv, rv_vf_load_f16(h->kzero + c), b);
-        }
         btail[r] = 0.0f;
-        for (; c < d; c++) {
-            qr[c] = q[c] * qk_param(h->kscale, c);
-            btail[r] += q[c] * qk_param(h->kzero, c);
+        for (int ct = c; ct < d; ct++) {
+            qr[ct] = q[ct] * qk_param(h->kscale, ct);
+            btail[r] += q[ct] * qk_param(h->kzero, ct);
         }
-        bsum[r] = b;
         for (int o = 0; o < h->nk; o++)
             qr[d + o] = 16.0f * qr[h->kidx[o]];
     }
