@@ -13,7 +13,7 @@ from ruvpy._openmp_helpers cimport (effective_n_threads, RV_OPENMP_ENABLED, omp_
                                     rv_team_check_here, rv_team_precheck_here, rv_team_here,
                                     rv_team_state)
 from ruvpy._limits cimport (RV_MAX_HEAD_DIM, RV_MAX_KV_LEN, RV_MAX_INT, RV_MAX_GROUP_TOKENS,
-                            RV_MAX_GROUP_VALUES, RV_MAX_HOT_TOKENS, RV_MAX_OUTLIERS)
+                            RV_MAX_GROUP_VALUES, RV_MAX_HOT_TOKENS, RV_MAX_OUTLIERS, RV_TURBO_MAX_BITS)
 
 cdef extern from *:
     """
@@ -32,11 +32,12 @@ MAX_GROUP_TOKENS = RV_MAX_GROUP_TOKENS
 MAX_GROUP_VALUES = RV_MAX_GROUP_VALUES
 MAX_HOT_TOKENS = RV_MAX_HOT_TOKENS
 MAX_OUTLIERS = RV_MAX_OUTLIERS
+TURBO_MAX_BITS = RV_TURBO_MAX_BITS
 TURBO_BITS = tuple([rv_turbo_bits_exported[i] for i in range(RV_TURBO_BITS_COUNT)])
 LIMITS = {"max_head_dim": MAX_HEAD_DIM, "max_kv_len": MAX_KV_LEN, "max_int": MAX_INT,
           "max_group_tokens": MAX_GROUP_TOKENS, "max_group_values": MAX_GROUP_VALUES,
           "max_hot_tokens": MAX_HOT_TOKENS, "max_outliers": MAX_OUTLIERS,
-          "turbo_bits": TURBO_BITS}
+          "turbo_bits": TURBO_BITS, "turbo_max_bits": TURBO_MAX_BITS}
 
 
 cdef extern from *:

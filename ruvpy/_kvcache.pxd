@@ -98,6 +98,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
         int num_layers, num_kv_heads, head_dim
         int hot_tokens, group_tokens, group_size, cold
         double turbo_bits
+        const double *turbo_widths
         int64_t max_tokens
         int uniform_slabs
 
@@ -108,6 +109,8 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
     int rv_tt_create(rv_tt **out, const rv_tt_params *p)
     void rv_tt_destroy(rv_tt *c)
     size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most)
+    size_t rv_tt_layer_group_alloc_bytes(const rv_tt_params *p, int layer, int most)
+    size_t rv_tt_groups_alloc_bytes(const rv_tt_params *p, int most)
     size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens)
     size_t rv_tt_fixed_bytes(const rv_tt_params *p)
     size_t rv_tt_cold_store_bytes(const rv_tt_params *p, int slabs)
@@ -136,7 +139,7 @@ cdef extern from "kvcache/rv_twotier.h" nogil:
     size_t rv_tt_export_bytes(const rv_tt *c, int slot, int layer)
     void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blobs, int64_t *sizes,
                             int32_t *skip, int32_t *cut, uint16_t *hot_k, uint16_t *hot_v)
-    int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
+    int rv_tt_validate_blob(const rv_tt *c, int layer, const unsigned char *blob, size_t bytes)
     int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs,
                            const int64_t *sizes, int64_t ngroups, int32_t skip, int32_t cut,
                            const uint16_t *hot_k, const uint16_t *hot_v, int64_t hot_len,

@@ -40,7 +40,8 @@ from ruvpy._attention cimport (rv_kv_query, rv_kv_source, rv_attn_plan, rv_attn_
 from ruvpy._memory cimport BufferPool, ScratchSpace, rv_scratch, rv_scratch_fits
 from ruvpy.c_ops cimport rv_ops
 
-from ruvpy._kernels import MAX_HEAD_DIM, MAX_GROUP_TOKENS, MAX_GROUP_VALUES, MAX_HOT_TOKENS, MAX_INT, TURBO_BITS
+from ruvpy._kernels import (MAX_HEAD_DIM, MAX_GROUP_TOKENS, MAX_GROUP_VALUES, MAX_HOT_TOKENS, MAX_INT, TURBO_BITS,
+                            TURBO_MAX_BITS)
 from ruvpy import kvexport
 
 rv_team_bind(team_check)   # this extension's regions check through the process's record
@@ -1575,9 +1576,47 @@ cdef class PagedKVCache(_KVCache):
                 f"{len(self._slot_of)} sequences>")
 
 
-cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tokens, cold,
-                    group_size, migration_batch, max_tokens, turbo_bits,
-                    uniform_slabs=False) except -1:
+def turbo_widths_tuple(turbo_widths, num_layers, head_dim):
+    """turbo_widths checked: a (key_bits, value_bits) pair of floats per layer, or None.
+    Each is the code bits per rotated coordinate, 2 to 4 in steps of 16 / D (D: head_dim
+    padded to a power of two, at least 16; 0.25 at head_dim 64). TypeError / ValueError naming
+    what is wrong."""
+    if turbo_widths is None:
+        return None
+    if isinstance(turbo_widths, (str, bytes)) or not isinstance(turbo_widths, (list, tuple, np.ndarray)):
+        raise TypeError(f"turbo_widths must be a sequence of (key_bits, value_bits) pairs, one per "
+                        f"layer, got {type(turbo_widths).__name__}")
+    rows = list(turbo_widths)
+    if len(rows) != num_layers:
+        raise ValueError(f"turbo_widths must have one (key_bits, value_bits) pair per layer "
+                         f"({num_layers}), got {len(rows)}")
+    padded = 16
+    while padded < head_dim:
+        padded *= 2
+    out = []
+    for layer, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not isinstance(row, (list, tuple, np.ndarray)) or len(row) != 2:
+            raise TypeError(f"turbo_widths[{layer}] must be a (key_bits, value_bits) pair, got {row!r}")
+        pair = []
+        for x in row:
+            if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+                raise TypeError(f"turbo_widths[{layer}] must hold numbers, got {type(x).__name__}")
+            bits = float(x)
+            units = (bits - 2.0) * padded / 16.0
+            if not (2.0 <= bits <= TURBO_MAX_BITS) or units != int(units):
+                raise ValueError(f"turbo_widths[{layer}]: code bits per coordinate must be 2 to "
+                                 f"{TURBO_MAX_BITS} in steps of {16 / padded} at head_dim {head_dim}, "
+                                 f"got {x!r}")
+            pair.append(bits)
+        out.append(tuple(pair))
+    return tuple(out)
+
+
+cdef object _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tokens, cold,
+                       group_size, migration_batch, max_tokens, turbo_bits,
+                       uniform_slabs=False, turbo_widths=None):
+    """Fill p; returns the array p.turbo_widths points into (keep it while p is used), or
+    None."""
     p.num_layers = _positive_int(num_layers, "num_layers")
     p.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
     p.head_dim = _positive_int(head_dim, "head_dim")
@@ -1607,12 +1646,21 @@ cdef int _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tok
         raise ValueError(f"turbo_bits must be one of {TURBO_BITS} (bits per value), got {turbo_bits}")
     p.turbo_bits = float(turbo_bits)
     p.uniform_slabs = 1 if uniform_slabs else 0
-    return 0
+    p.turbo_widths = NULL
+    widths = turbo_widths_tuple(turbo_widths, p.num_layers, p.head_dim)
+    if widths is None:
+        return None
+    if cold != "turbo":
+        raise ValueError(f"turbo_widths apply to cold='turbo' only, got cold={cold!r}")
+    held = np.array(widths, dtype=np.float64)
+    p.turbo_widths = <const double *>cnp.PyArray_DATA(held)
+    return held
 
 
 cdef class TwoTierKVCache(_KVCache):
     """TwoTierKVCache(num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-    group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5, pool=None)
+    group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5,
+    turbo_widths=None, pool=None)
 
     Per sequence and layer, the most recent tokens stay in an fp16 hot ring; once it holds
     hot_tokens + migration_batch tokens, its oldest migration_batch tokens are quantized into
@@ -1647,6 +1695,11 @@ cdef class TwoTierKVCache(_KVCache):
     cold="turbo": TurboQuant at turbo_bits 2.5 / 3.5 / 4.5 bits per value, metadata included
     (rotated codes with Lloyd-Max codebooks, the keys' group mean taken out; values get
     floor(bits - 0.5) bits per coordinate, keys the rest; see csrc/kvcache/rv_turbo.h).
+    turbo_widths: instead, each layer's own code widths, a (key_bits, value_bits) pair per
+    layer of bits per rotated coordinate, 2 to 4 in steps of 16 / D (0.25 at head_dim 64):
+    layers whose attention needs more bits get more (ruvpy.kvplan.plan_turbo_widths picks them
+    on a calibration text). Each layer's groups then have a size of their own; exports record
+    the widths and load only into a cache with the same.
 
     pool: a BufferPool with a size class at least group_bytes_max(...) bytes: cold groups
     take their memory from its smallest such class (the Runtime sizes and prewarms one), so
@@ -1666,30 +1719,33 @@ cdef class TwoTierKVCache(_KVCache):
     cdef readonly str cold
     cdef readonly str policy
     cdef readonly double turbo_bits
+    cdef readonly object turbo_widths
     cdef readonly object pool
 
     def __init__(self, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
                  group_size=32, migration_batch=64, max_tokens, policy="error", turbo_bits=3.5,
-                 pool=None, uniform_slabs=False):
+                 turbo_widths=None, pool=None, uniform_slabs=False):
         cdef rv_tt_params p
         cdef rv_tt *created = NULL
         cdef int cls = -1
         cdef size_t largest
         self._refuse_reinit()
         shape = self._check_shape(num_layers, num_kv_heads, head_dim, max_tokens)
-        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, shape[3], turbo_bits, uniform_slabs)
+        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                          migration_batch, shape[3], turbo_bits, uniform_slabs, turbo_widths)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
         if pool is not None:
             if not isinstance(pool, BufferPool):
                 raise TypeError(f"pool must be a ruvpy.BufferPool, got {type(pool).__name__}")
+            # groups take the smallest class that holds them, from the one of the smallest
+            # layer's largest group on
             largest = rv_tt_group_alloc_bytes(&p, 1)
-            fitting = [i for i, size in enumerate(pool.size_classes) if size >= largest]
-            if not fitting:
+            if not any(size >= largest for size in pool.size_classes):
                 raise ValueError(f"pool has no size class of {largest} bytes or more (a cold group at "
                                  f"most); its classes are {pool.size_classes}")
-            cls = fitting[0]
+            smallest = min(rv_tt_layer_group_alloc_bytes(&p, l, 1) for l in range(p.num_layers))
+            cls = [i for i, size in enumerate(pool.size_classes) if size >= smallest][0]
         _check_status(rv_tt_create(&created, &p), "TwoTierKVCache")
         if pool is not None:
             rv_tt_use_pool(created, (<BufferPool>pool).pool, cls)
@@ -1702,6 +1758,7 @@ cdef class TwoTierKVCache(_KVCache):
         self.cold = cold
         self.policy = policy
         self.turbo_bits = p.turbo_bits
+        self.turbo_widths = turbo_widths_tuple(turbo_widths, p.num_layers, p.head_dim)
         self._initialized = True
         self._closed = False
 
@@ -1711,74 +1768,85 @@ cdef class TwoTierKVCache(_KVCache):
 
     @classmethod
     def bytes_per_token(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-                        group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                        group_size=32, migration_batch=64, turbo_bits=3.5, turbo_widths=None, policy=None,
                         max_tokens=None, pool=None, uniform_slabs=False):
         """Bytes one cold token of one sequence costs across all layers: a cold group's
         allocation (without outlier channels) divided by its tokens. A sequence's hot tier
         adds up to hot_tier_bytes(...)."""
         cdef rv_tt_params p
-        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
-        return p.num_layers * rv_tt_group_alloc_bytes(&p, 0) / p.group_tokens
+        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+        return rv_tt_groups_alloc_bytes(&p, 0) / p.group_tokens
 
     @classmethod
     def group_bytes_max(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-                        group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                        group_size=32, migration_batch=64, turbo_bits=3.5, turbo_widths=None, policy=None,
                         max_tokens=None, pool=None, uniform_slabs=False):
         """Bytes one cold group (one layer, migration_batch tokens) takes at most: its
         format's largest blob (every outlier channel it allows) with the group's header,
         as allocated. Arithmetic from the codec, nothing is built."""
         cdef rv_tt_params p
-        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
+        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
         return rv_tt_group_alloc_bytes(&p, 1)
 
     @classmethod
+    def layer_group_bytes_max(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
+                              group_size=32, migration_batch=64, turbo_bits=3.5, turbo_widths=None,
+                              policy=None, max_tokens=None, pool=None, uniform_slabs=False):
+        """group_bytes_max(...) of each layer's groups (they differ with turbo_widths), a
+        tuple. Arithmetic."""
+        cdef rv_tt_params p
+        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+        return tuple(rv_tt_layer_group_alloc_bytes(&p, l, 1) for l in range(p.num_layers))
+
+    @classmethod
     def uses_slabs(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-                   group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                   group_size=32, migration_batch=64, turbo_bits=3.5, turbo_widths=None, policy=None,
                    max_tokens=None, pool=None, uniform_slabs=False):
         """Whether such a cache, without a pool, takes its cold groups from its own huge-page
         slabs: when its capacity (max_tokens in every layer, in the largest groups) fills at
         least one slab (2 MiB or more). Smaller caches take them from malloc. Arithmetic."""
         cdef rv_tt_params p
-        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
+        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
         return bool(rv_tt_uses_slabs(&p))
 
     @classmethod
     def fixed_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-                    group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                    group_size=32, migration_batch=64, turbo_bits=3.5, turbo_widths=None, policy=None,
                     max_tokens=None, pool=None, uniform_slabs=False):
         """Bytes the cache allocates when created, before any token: its counters, the
         format's tables and the migration work buffer (arithmetic)."""
         cdef rv_tt_params p
-        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
+        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
         return rv_tt_fixed_bytes(&p)
 
     @classmethod
     def cold_store_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-                         group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                         group_size=32, migration_batch=64, turbo_bits=3.5, turbo_widths=None, policy=None,
                          max_tokens=None, pool=None, slabs=True, uniform_slabs=False):
         """The most bytes the cold store takes with max_tokens in every layer, in full groups
         of the largest size: whole 2 MiB-multiple slabs when `slabs` and the cache uses them
         (uses_slabs), else the groups' own allocations (a pool's, arithmetic)."""
         cdef rv_tt_params p
-        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
+        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
         return rv_tt_cold_store_bytes(&p, 1 if slabs else 0)
 
     @classmethod
     def hot_tier_bytes(cls, num_layers, num_kv_heads, head_dim, *, hot_tokens=256, cold="q4",
-                       group_size=32, migration_batch=64, turbo_bits=3.5, policy=None,
+                       group_size=32, migration_batch=64, turbo_bits=3.5, turbo_widths=None, policy=None,
                        max_tokens=None, pool=None, uniform_slabs=False):
         """The most one sequence's hot tier holds between steps, all layers: fp16 rings of
         hot_tokens + migration_batch tokens. (Inside a transaction nothing migrates: a step
         appending n tokens grows them to up to hot_tokens + migration_batch - 1 + n until it
         ends.)"""
         cdef rv_tt_params p
-        _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                   migration_batch, max_tokens, turbo_bits, uniform_slabs)
+        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
         return p.num_layers * rv_tt_hot_alloc_bytes(&p, p.hot_tokens + p.group_tokens)
 
     @property
@@ -1909,6 +1977,8 @@ cdef class TwoTierKVCache(_KVCache):
                   "migration_batch": self.migration_batch, "group_size": self.group_size}
         if self.cold == "turbo":
             fields["turbo_bits"] = self.turbo_bits
+            # exports of caches without per-layer widths (and older ones) have none
+            fields["turbo_widths"] = None if self.turbo_widths is None else [list(w) for w in self.turbo_widths]
         return fields
 
     cdef tuple _h_export(self, int slot):
@@ -1948,7 +2018,7 @@ cdef class TwoTierKVCache(_KVCache):
             base = <const unsigned char *>cnp.PyArray_DATA(blobs)
             for g in range(sizes.shape[0]):
                 size = (<const int64_t *>cnp.PyArray_DATA(sizes))[g]
-                if size <= 0 or size > blobs.shape[0] - off or rv_tt_validate_blob(self.c, base + off, size) != 0:
+                if size <= 0 or size > blobs.shape[0] - off or rv_tt_validate_blob(self.c, l, base + off, size) != 0:
                     raise ValueError(f"import_sequence: cold group {g} of layer {l} is malformed "
                                      f"({size} bytes)")
                 off += size

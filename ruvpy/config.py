@@ -9,7 +9,7 @@ import operator
 import numpy as np
 
 from ruvpy._kernels import MAX_HEAD_DIM, MAX_INT, TURBO_BITS
-from ruvpy._kvcache import COLD_FORMATS
+from ruvpy._kvcache import COLD_FORMATS, turbo_widths_tuple
 
 __all__ = ["RuntimeConfig", "KV_CACHE_KINDS", "KV_DTYPES", "COLD_FORMATS", "POLICIES", "TURBO_BITS",
            "DEFAULT_MAX_TOKENS", "MAX_HEAD_DIM", "MiB"]
@@ -64,8 +64,9 @@ class RuntimeConfig:
 
     KV cache: kv_cache "paged" (fp16/fp32 blocks), "two-tier" (recent hot_tokens in fp16,
     older tokens packed as cold "q8"/"q4") or "turbo" (two-tier with TurboQuant cold store of
-    turbo_bits 2.5/3.5/4.5 bits per value). max_tokens: token capacity of the cache (all
-    sequences together, per layer). memory_budget: bytes the KV cache may allocate (storage
+    turbo_bits 2.5/3.5/4.5 bits per value, or turbo_widths: each layer's own code widths, a
+    (key_bits, value_bits) pair per layer, as ruvpy.kvplan.plan_turbo_widths picks them).
+    max_tokens: token capacity of the cache (all sequences together, per layer). memory_budget: bytes the KV cache may allocate (storage
     and metadata) -- the capacity becomes what fits in it, capped by max_tokens when both are
     given; neither: 8192 tokens. A paged cache preallocates it: budget less a metadata
     allowance (1/64, 8 KiB..1 MiB) over its bytes_per_token. A two-tier cache also keeps an
@@ -107,6 +108,7 @@ class RuntimeConfig:
     group_size: int = 32
     migration_batch: int = 64
     turbo_bits: float = 3.5
+    turbo_widths: tuple | None = None
     policy: str = "error"
     arena_bytes: int = 64 * MiB
     scratch_bytes_per_thread: int = 256 * 1024
@@ -138,6 +140,15 @@ class RuntimeConfig:
         if self.turbo_bits not in TURBO_BITS or isinstance(self.turbo_bits, bool):
             raise ValueError(f"RuntimeConfig.turbo_bits must be one of {TURBO_BITS}, "
                              f"got {self.turbo_bits!r}")
+        if self.turbo_widths is not None:
+            if self.cold_format != "turbo":
+                raise ValueError("RuntimeConfig.turbo_widths apply to the TurboQuant cold store "
+                                 "(kv_cache 'turbo', or 'two-tier' with cold 'turbo') only")
+            try:
+                widths = turbo_widths_tuple(self.turbo_widths, self.num_layers, self.head_dim)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"RuntimeConfig.{e}") from None
+            object.__setattr__(self, "turbo_widths", widths)    # hashable, exact floats
         if self.kv_cache == "paged":
             if self.policy != "error":
                 raise ValueError("RuntimeConfig.policy 'evict-oldest' needs kv_cache "
@@ -177,6 +188,8 @@ class RuntimeConfig:
             options["uniform_slabs"] = True
         if self.cold_format == "turbo":
             options["turbo_bits"] = self.turbo_bits
+            if self.turbo_widths is not None:
+                options["turbo_widths"] = self.turbo_widths
         return options
 
     def storage_fields(self):
@@ -191,6 +204,8 @@ class RuntimeConfig:
             fields.update(cold=self.cold_format, group_size=self.group_size)
             if self.cold_format == "turbo":
                 fields["turbo_bits"] = self.turbo_bits
+                if self.turbo_widths is not None:
+                    fields["turbo_widths"] = [list(w) for w in self.turbo_widths]
         return fields
 
     def as_dict(self):

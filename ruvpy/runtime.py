@@ -21,6 +21,7 @@ The parts live beside this module: RuntimeConfig (config.py), the sequence-file 
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import operator
 import os
@@ -520,16 +521,21 @@ class Runtime(Closing):
         groups come from it) one class of the most a cold group takes, holding the capacity's
         cold groups ready so that migration never calls the allocator."""
         cfg = self.config
-        self._cold_class = None      # the pool's class of the cold groups, if they come from it
+        self._cold_classes = ()      # the pool's classes of the cold groups, if they come from it
         if not cold_groups:
             return BufferPool(cfg.pool_buffers_per_class)
         classes = {size: cfg.pool_buffers_per_class for size in BufferPool.SIZE_CLASSES}
-        group = -(-sizing.group_bytes // 64) * 64
-        self._cold_class = group
-        classes[group] = max(classes.get(group, 0), sizing.cold_groups + cfg.num_layers)
+        # a class per size of group (one, unless layers have TurboQuant widths of their own),
+        # holding the capacity's groups of the layers of that size
+        groups_per_layer = sizing.cold_groups // cfg.num_layers
+        layers_of = collections.Counter(-(-b // 64) * 64 for b in sizing.layer_group_bytes)
+        for size, layers in layers_of.items():
+            classes[size] = max(classes.get(size, 0), (groups_per_layer + 1) * layers)
+        self._cold_classes = tuple(sorted(layers_of))
         pool = BufferPool(cfg.pool_buffers_per_class,
                           size_classes=sorted(classes.items()))
-        pool.prewarm(group, sizing.cold_groups)
+        for size, layers in layers_of.items():
+            pool.prewarm(size, groups_per_layer * layers)
         return pool
 
     def _live_arena(self):
@@ -1137,13 +1143,11 @@ class Runtime(Closing):
                 "scratch": int(self._scratch.nbytes)}
 
     def _reserved_cold_bytes(self, pool):
-        """Bytes of the free buffers of the pool's cold-group class (`pool`: its stats): the
+        """Bytes of the free buffers of the pool's cold-group classes (`pool`: its stats): the
         groups prewarmed for the cache, or given back by it, not in use now. The budget sized
         them as the KV cache's cold store, and they are allocated: they count as KV."""
-        if self._cold_class is None:
-            return 0
-        free = pool.free_buffers[self._pool.size_classes.index(self._cold_class)]
-        return int(free) * self._cold_class
+        return sum(int(pool.free_buffers[self._pool.size_classes.index(size)]) * size
+                   for size in self._cold_classes)
 
     def stats(self):
         """A RuntimeStats snapshot (see its docstring); .format() for a table."""

@@ -30,9 +30,10 @@ class KVSizing:
     tier at most between steps (a step appending n tokens holds up to n - 1 more until it
     ends: nothing migrates inside one); capacity_tokens: tokens per layer, all sequences; max_sequences:
     live sequences at once (None: as many as fit); group_bytes: the most one cold group
-    takes (two-tier), the size class a Runtime's pool keeps for them; cold_groups: how many
-    of those the capacity holds (all layers); cold_slabs: the cold groups come from the
-    cache's own huge-page slabs (else from the Runtime's pool)."""
+    takes (two-tier); layer_group_bytes: the most one of each layer's takes (they differ when
+    layers have TurboQuant widths of their own), the size classes a Runtime's pool keeps for
+    them; cold_groups: how many cold groups the capacity holds (all layers); cold_slabs: the
+    cold groups come from the cache's own huge-page slabs (else from the Runtime's pool)."""
     cache_class: type
     shape: tuple
     options: dict
@@ -44,6 +45,7 @@ class KVSizing:
     group_bytes: int
     cold_groups: int
     cold_slabs: bool = False
+    layer_group_bytes: tuple = ()
 
 
 def metadata_allowance(budget):
@@ -57,12 +59,13 @@ def size_kv(cfg):
     options = cfg.cache_options()
     shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     per_token = float(cache_class.bytes_per_token(*shape, **options))
-    budget_per_token, hot, group = per_token, 0, 0
+    budget_per_token, hot, group, layer_groups = per_token, 0, 0, ()
     if not paged:
         hot = int(cache_class.hot_tier_bytes(*shape, **options))
         group = int(cache_class.group_bytes_max(*shape, **options))
+        layer_groups = tuple(int(b) for b in cache_class.layer_group_bytes_max(*shape, **options))
         if cfg.memory_budget is not None:
-            budget_per_token = max(per_token, cfg.num_layers * group / cfg.migration_batch)
+            budget_per_token = max(per_token, sum(layer_groups) / cfg.migration_batch)
     fixed = 0 if paged else int(cache_class.fixed_bytes(*shape, **options))
     capacity = _capacity(cfg, budget_per_token, hot, fixed)
     slabs = False
@@ -76,7 +79,7 @@ def size_kv(cfg):
     max_sequences = _sequence_limit(cfg, cache_class, shape, options, capacity, slabs, hot, fixed)
     cold_groups = 0 if paged else -(-capacity // cfg.migration_batch) * cfg.num_layers
     return KVSizing(cache_class, shape, options, per_token, budget_per_token, hot, capacity,
-                    max_sequences, group, cold_groups, slabs)
+                    max_sequences, group, cold_groups, slabs, layer_groups)
 
 
 def _capacity(cfg, per_token, hot, fixed):

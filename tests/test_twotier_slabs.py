@@ -211,7 +211,7 @@ def test_a_large_runtime_cache_takes_cold_groups_from_slabs():
             assert st.slab_mapped_bytes == 0 and st.pooled_cold_bytes == st.cold_bytes
         assert _mapped_bytes() - counted == st.slab_mapped_bytes
         # the pool's class holds the groups not in use ready (prewarmed): KV too
-        class_bytes = 0 if slabs else rt._cold_class
+        (class_bytes,) = (0,) if slabs else rt._cold_classes
         reserved = (rt._sizing.cold_groups - st.cold_groups) * class_bytes
         assert rt.memory_bytes()["kv"] == st.bytes + reserved
         assert rt.stats().kv["reserved_bytes"] == reserved

@@ -34,9 +34,14 @@ def padded_dim(d):
 
 
 def widths(bits, d, G):
-    """(k_n3, k_n4, v_n3, v_n4): values floor(bits - 0.5) bits per coordinate, keys what the
-    budget (bits + 0.06 per value, metadata included) leaves, in blocks of 16, 2..4 bits."""
+    """(k_n3, k_n4, v_n3, v_n4) of a rate `bits`: values floor(bits - 0.5) bits per
+    coordinate, keys what the budget (bits + 0.06 per value, metadata included) leaves, in
+    blocks of 16, 2..4 bits. `bits` a (key_bits, value_bits) pair (a layer's turbo_widths):
+    (b - 2) D coordinates above 2 bits each, all of them at 3 before any gets 4."""
     D, Gp = padded_dim(d), -(-G // 16) * 16
+    if isinstance(bits, tuple):
+        extra = [round((b - 2) * D) for b in bits]
+        return min(D, extra[0]), extra[0] - min(D, extra[0]), min(D, extra[1]), extra[1] - min(D, extra[1])
     vb = 2 if bits < 3 else (3 if bits < 4 else 4)
     meta = 17.0 + (96.0 + 8.0 * ((d + 1) // 2)) / G
     extra = ((bits + 0.06) * 2.0 * d - meta) * G / Gp - vb * D - 2.0 * D
@@ -237,7 +242,8 @@ def kernel_reference(cache, seq, layer, q, causal=True, bits=None, value_weights
     format) plus, with value_weights_8bit (the avx512vnni and avx2 tables' kernels,
     VALUE_WEIGHTS_8BIT_TABLES), the 8-bit weights of their integer value sums: half of max/255 per 16-token block and row (the sum over blocks of
     max w / 510 * sum |v_t|, over the row's sum of weights)."""
-    bits = cache.turbo_bits if bits is None else bits
+    if bits is None:
+        bits = cache.turbo_bits if cache.turbo_widths is None else cache.turbo_widths[layer]
     meta, arrays = cache.export_sequence(seq)
     kvh, d, G = cache.num_kv_heads, cache.head_dim, cache.migration_batch
     D = padded_dim(d)

@@ -352,7 +352,7 @@ static int op_import(state *s, const op_t *o, const rv_ops *ops)
     size_t off = 0;
     for (int64_t g = 0; g < e.ngroups; g++) {
         const int64_t bytes = e.sizes[g] - (g == 0 ? shorten : 0);   /* a damaged file: cut short */
-        if (rv_tt_validate_blob(s->tt, e.blobs + off, (size_t)bytes) != 0)
+        if (rv_tt_validate_blob(s->tt, layer, e.blobs + off, (size_t)bytes) != 0)
             return RV_EINVAL;
         off += (size_t)e.sizes[g];
     }

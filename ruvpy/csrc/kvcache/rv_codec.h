@@ -47,6 +47,10 @@ typedef struct rv_codec_cfg {
     int group_tokens;       /* G */
     int group_size;         /* value channel group of the integer formats */
     double bits;            /* TurboQuant: bits per value (RV_TURBO_BITS_LIST) */
+    /* TurboQuant: the code widths themselves, bits per rotated coordinate of keys and of
+     * values (2 to RV_TURBO_MAX_BITS in steps of 16 / D, D the padded head_dim), which then
+     * replace the widths `bits` would give; 0 and 0: from `bits` */
+    double key_bits, value_bits;
 } rv_codec_cfg;
 
 typedef struct rv_codec_sizes {

@@ -20,6 +20,13 @@ struct rv_slab_node {                /* at the start of a free block */
     int cls;
 };
 
+/* slabs for h's classes: 16 blocks of the largest at least */
+static void size_slabs(rv_slab_heap *h)
+{
+    const size_t want = RV_SLAB_HDR + MIN_BLOCKS_PER_SLAB * h->class_bytes[h->nclasses - 1];
+    h->slab_bytes = (want + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+}
+
 int rv_slab_init(rv_slab_heap *h, size_t block_min, size_t block_max)
 {
     memset(h, 0, sizeof *h);
@@ -40,8 +47,22 @@ int rv_slab_init(rv_slab_heap *h, size_t block_min, size_t block_max)
             continue;
         h->class_bytes[h->nclasses++] = b;
     }
-    const size_t want = RV_SLAB_HDR + MIN_BLOCKS_PER_SLAB * block_max;
-    h->slab_bytes = (want + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    size_slabs(h);
+    return RV_OK;
+}
+
+int rv_slab_init_sizes(rv_slab_heap *h, const size_t *sizes, int n)
+{
+    memset(h, 0, sizeof *h);
+    if (n <= 0 || n > RV_SLAB_MAX_CLASSES)
+        return RV_EINVAL;
+    for (int i = 0; i < n; i++) {
+        const size_t b = rv_kv_alloc_size(sizes[i]);
+        if (!b || b > SIZE_MAX / (4 * MIN_BLOCKS_PER_SLAB) || (i > 0 && b <= h->class_bytes[h->nclasses - 1]))
+            return RV_EINVAL;
+        h->class_bytes[h->nclasses++] = b;
+    }
+    size_slabs(h);
     return RV_OK;
 }
 

@@ -38,6 +38,9 @@ typedef struct {
 /* The classes for blocks of block_min .. block_max bytes (RV_OK; RV_EINVAL if block_min is 0,
  * block_min > block_max or a slab could not hold 16 of the largest). Maps nothing yet. */
 int rv_slab_init(rv_slab_heap *h, size_t block_min, size_t block_max);
+/* Classes of exactly these block sizes (n of them, ascending once aligned to RV_ALIGN): for an
+ * owner whose blocks come in a few known sizes. RV_EINVAL otherwise. Maps nothing yet. */
+int rv_slab_init_sizes(rv_slab_heap *h, const size_t *sizes, int n);
 void rv_slab_destroy(rv_slab_heap *h);   /* unmaps every slab (blocks still out included) */
 
 /* An RV_ALIGN-aligned block of at least nbytes, or NULL when out of memory (a slab could not

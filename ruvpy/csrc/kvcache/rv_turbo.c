@@ -69,6 +69,32 @@ static void choose_widths(rv_turbo *t, double bits)
     t->v_n4 = vb >= 4 ? D : 0;
 }
 
+/* Coordinates above 2 bits for `bits` per rotated coordinate, or -1 if that is no width the
+ * format has: 2 <= bits <= RV_TURBO_MAX_BITS, (bits - 2) D a multiple of 16 (the tables are per
+ * 16 coordinates). Exact in double: D <= RV_MAX_HEAD_DIM, the steps are multiples of 1/16. */
+static int extra_coordinates(double bits, int D)
+{
+    if (!(bits >= 2.0 && bits <= RV_TURBO_MAX_BITS))
+        return -1;
+    const double extra = (bits - 2.0) * D;
+    return extra == 16.0 * floor(extra / 16.0) ? (int)extra : -1;
+}
+
+/* The widths of explicit code bits per coordinate (cfg.key_bits / value_bits): n3 the
+ * coordinates with 3 bits or more, n4 those with 4, the widest first. RV_EINVAL unless both
+ * are widths the format has. */
+static int given_widths(rv_turbo *t, double key_bits, double value_bits)
+{
+    const int ke = extra_coordinates(key_bits, t->D), ve = extra_coordinates(value_bits, t->D);
+    if (ke < 0 || ve < 0)
+        return RV_EINVAL;
+    t->k_n3 = ke < t->D ? ke : t->D;
+    t->k_n4 = ke - t->k_n3;
+    t->v_n3 = ve < t->D ? ve : t->D;
+    t->v_n4 = ve - t->v_n3;
+    return RV_OK;
+}
+
 static int token_bytes(int D, int n3, int n4) { return D / 4 + n3 / 8 + n4 / 8; }
 
 /* width of rotated coordinate i */
@@ -95,7 +121,12 @@ static int turbo_shape(rv_turbo *t, const rv_codec_cfg *cfg)
         t->D *= 2;
     t->G = cfg->group_tokens;
     t->Gp = (t->G + 15) / 16 * 16;
-    choose_widths(t, cfg->bits);
+    if (cfg->key_bits != 0.0 || cfg->value_bits != 0.0) {
+        if (given_widths(t, cfg->key_bits, cfg->value_bits) != RV_OK)
+            return RV_EINVAL;
+    } else {
+        choose_widths(t, cfg->bits);
+    }
     t->kbytes = token_bytes(t->D, t->k_n3, t->k_n4);
     t->vbytes = token_bytes(t->D, t->v_n3, t->v_n4);
     size_t o = 2 * P_COUNT;

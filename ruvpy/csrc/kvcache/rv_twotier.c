@@ -19,18 +19,58 @@ static int params_valid(const rv_tt_params *p)
            p->cold < RV_CODEC_COUNT;
 }
 
-static rv_codec_cfg codec_cfg(const rv_tt_params *p)
+/* whether p gives layers code widths of their own (else one codec state serves every layer) */
+static int per_layer(const rv_tt_params *p) { return p->turbo_widths != NULL; }
+
+static rv_codec_cfg codec_cfg(const rv_tt_params *p, int layer)
 {
-    return (rv_codec_cfg){p->num_kv_heads, p->head_dim, p->group_tokens, p->group_size, p->turbo_bits};
+    rv_codec_cfg cfg = {p->num_kv_heads, p->head_dim, p->group_tokens, p->group_size, p->turbo_bits, 0.0, 0.0};
+    if (per_layer(p)) {
+        cfg.key_bits = p->turbo_widths[2 * layer];
+        cfg.value_bits = p->turbo_widths[2 * layer + 1];
+    }
+    return cfg;
 }
 
-/* the codec's sizes for p, or RV_EINVAL */
+/* the codec's sizes for layer `layer` of p, or RV_EINVAL */
+static int layer_sizes(const rv_tt_params *p, int layer, rv_codec_sizes *sz)
+{
+    rv_codec_cfg cfg = codec_cfg(p, layer);
+    return rv_codecs[p->cold]->sizes(&cfg, sz);
+}
+
+/* The codec's sizes over every layer: the smallest blob of any layer, the largest, the
+ * largest scratches and the states' bytes together; RV_EINVAL for invalid parameters (widths
+ * only with TurboQuant). */
 static int codec_sizes(const rv_tt_params *p, rv_codec_sizes *sz)
 {
-    if (!params_valid(p))
+    if (!params_valid(p) || (per_layer(p) && rv_codecs[p->cold] != &rv_codec_turbo))
         return RV_EINVAL;
-    rv_codec_cfg cfg = codec_cfg(p);
-    return rv_codecs[p->cold]->sizes(&cfg, sz);
+    int rc = layer_sizes(p, 0, sz);
+    for (int l = 1; rc == RV_OK && per_layer(p) && l < p->num_layers; l++) {
+        rv_codec_sizes one;
+        rc = layer_sizes(p, l, &one);
+        sz->state_bytes += one.state_bytes;
+        sz->blob_min = one.blob_min < sz->blob_min ? one.blob_min : sz->blob_min;
+        sz->blob_max = one.blob_max > sz->blob_max ? one.blob_max : sz->blob_max;
+        sz->encode_floats = one.encode_floats > sz->encode_floats ? one.encode_floats : sz->encode_floats;
+        sz->decode_floats = one.decode_floats > sz->decode_floats ? one.decode_floats : sz->decode_floats;
+    }
+    return rc;
+}
+
+/* bytes of one group of every layer, each its smallest (largest) blob plus header; 0 for
+ * invalid parameters */
+static size_t layers_alloc_bytes(const rv_tt_params *p, int most)
+{
+    size_t total = 0;
+    for (int l = 0; l < p->num_layers; l++) {
+        rv_codec_sizes sz;
+        if (layer_sizes(p, per_layer(p) ? l : 0, &sz) != RV_OK)
+            return 0;
+        total += rv_kv_alloc_size(RV_TT_GROUP_HDR + (most ? sz.blob_max : sz.blob_min));
+    }
+    return total;
 }
 
 static size_t ring_bytes(int kvh, int d, int64_t cap) { return 2 * 2 * (size_t)kvh * (size_t)cap * (size_t)d; }
@@ -55,6 +95,21 @@ size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most)
     return rv_kv_alloc_size(RV_TT_GROUP_HDR + (most ? sz.blob_max : sz.blob_min));
 }
 
+size_t rv_tt_layer_group_alloc_bytes(const rv_tt_params *p, int layer, int most)
+{
+    rv_codec_sizes sz;
+    if (codec_sizes(p, &sz) != RV_OK || layer < 0 || layer >= p->num_layers ||
+        layer_sizes(p, per_layer(p) ? layer : 0, &sz) != RV_OK)
+        return 0;
+    return rv_kv_alloc_size(RV_TT_GROUP_HDR + (most ? sz.blob_max : sz.blob_min));
+}
+
+size_t rv_tt_groups_alloc_bytes(const rv_tt_params *p, int most)
+{
+    rv_codec_sizes sz;
+    return codec_sizes(p, &sz) == RV_OK ? layers_alloc_bytes(p, most) : 0;
+}
+
 size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens)
 {
     return tokens > 0 ? rv_kv_alloc_size(ring_bytes(p->num_kv_heads, p->head_dim, tokens)) : 0;
@@ -66,27 +121,54 @@ size_t rv_tt_fixed_bytes(const rv_tt_params *p)
     if (codec_sizes(p, &sz) != RV_OK)
         return 0;
     return sizeof(rv_tt) + rv_kv_alloc_size(2 * sizeof(int64_t) * (size_t)p->num_layers) + sz.state_bytes +
+           rv_kv_alloc_size(sizeof(void *) * (size_t)p->num_layers) +
            rv_kv_alloc_size(sizeof(float) * work_floats(p, &sz));
 }
 
-/* the most bytes the cache's cold groups can take (saturating) */
-static size_t cold_capacity_bytes(const rv_tt_params *p, const rv_codec_sizes *sz)
+/* the most bytes the cache's cold groups can take (saturating): max_tokens of every layer in
+ * its largest groups */
+static size_t cold_capacity_bytes(const rv_tt_params *p)
 {
     const size_t groups = (size_t)((p->max_tokens + p->group_tokens - 1) / p->group_tokens);
-    size_t layer_groups, bytes;
-    if (rv_kv_mul(groups, (size_t)p->num_layers, &layer_groups) ||
-        rv_kv_mul(layer_groups, rv_kv_alloc_size(RV_TT_GROUP_HDR + sz->blob_max), &bytes))
-        return SIZE_MAX;
-    return bytes;
+    size_t bytes;
+    return rv_kv_mul(groups, layers_alloc_bytes(p, 1), &bytes) ? SIZE_MAX : bytes;
 }
 
-/* the slab classes of p's groups; whether the capacity fills a slab (the policy: see the
- * header) */
+/* The distinct largest group sizes (header included) of p's layers, ascending, into
+ * sizes[RV_SLAB_MAX_CLASSES]: how many, or 0 if there are more. */
+static int layer_group_sizes(const rv_tt_params *p, size_t *sizes)
+{
+    int n = 0;
+    for (int l = 0; l < p->num_layers; l++) {
+        rv_codec_sizes sz;
+        if (layer_sizes(p, l, &sz) != RV_OK)
+            return 0;
+        const size_t b = rv_kv_alloc_size(RV_TT_GROUP_HDR + sz.blob_max);
+        int i = 0;
+        while (i < n && sizes[i] < b)
+            i++;
+        if (i < n && sizes[i] == b)
+            continue;
+        if (n == RV_SLAB_MAX_CLASSES)
+            return 0;
+        memmove(sizes + i + 1, sizes + i, sizeof(size_t) * (size_t)(n - i));
+        sizes[i] = b;
+        n++;
+    }
+    return n;
+}
+
+/* The slab classes of p's groups; whether the capacity fills a slab (the policy: see the
+ * header). Layers with code widths of their own have groups of one size each: a class of
+ * each size (unless uniform_slabs), so that no group takes a block larger than itself. */
 static int slab_init(rv_slab_heap *h, const rv_tt_params *p, const rv_codec_sizes *sz)
 {
+    size_t sizes[RV_SLAB_MAX_CLASSES];
+    const int n = per_layer(p) && !p->uniform_slabs ? layer_group_sizes(p, sizes) : 0;
     const size_t smallest = p->uniform_slabs ? sz->blob_max : sz->blob_min;
-    return rv_slab_init(h, RV_TT_GROUP_HDR + smallest, RV_TT_GROUP_HDR + sz->blob_max) == RV_OK &&
-           cold_capacity_bytes(p, sz) >= h->slab_bytes;
+    const int rc = n > 0 ? rv_slab_init_sizes(h, sizes, n)
+                         : rv_slab_init(h, RV_TT_GROUP_HDR + smallest, RV_TT_GROUP_HDR + sz->blob_max);
+    return rc == RV_OK && cold_capacity_bytes(p) >= h->slab_bytes;
 }
 
 int rv_tt_uses_slabs(const rv_tt_params *p)
@@ -102,12 +184,12 @@ size_t rv_tt_cold_store_bytes(const rv_tt_params *p, int slabs)
     rv_slab_heap h;
     if (codec_sizes(p, &sz) != RV_OK)
         return 0;
-    const size_t pooled = cold_capacity_bytes(p, &sz);
+    const size_t pooled = cold_capacity_bytes(p);
     if (!slabs || !slab_init(&h, p, &sz) || pooled == SIZE_MAX)
         return pooled;
-    /* whole slabs of the largest blocks (block_max: the last class) */
+    /* whole slabs of the largest blocks (block_max: the last class), a block per group */
     const size_t block = h.class_bytes[h.nclasses - 1], per_slab = (h.slab_bytes - RV_SLAB_HDR) / block;
-    const size_t groups = pooled / rv_kv_alloc_size(RV_TT_GROUP_HDR + sz.blob_max);
+    const size_t groups = (size_t)((p->max_tokens + p->group_tokens - 1) / p->group_tokens) * (size_t)p->num_layers;
     size_t bytes;
     return rv_kv_mul((groups + per_slab - 1) / per_slab, h.slab_bytes, &bytes) ? SIZE_MAX : bytes;
 }
@@ -133,13 +215,22 @@ int rv_tt_create(rv_tt **out, const rv_tt_params *p)
     c->pool_class = -1;
     c->work_floats = work_floats(p, &sz);
     c->use_slabs = slab_init(&c->slabs, p, &sz);
-    rv_codec_cfg cfg = codec_cfg(p);
-    rc = c->codec->create(&cfg, &c->codec_state);
+    c->codec_per_layer = per_layer(p);
+    c->codec_states = (void **)meta_alloc(c, sizeof(void *) * (size_t)p->num_layers);
+    if (c->codec_states) {
+        memset(c->codec_states, 0, sizeof(void *) * (size_t)p->num_layers);
+        for (int l = 0; rc == RV_OK && l < (c->codec_per_layer ? p->num_layers : 1); l++) {
+            rv_codec_cfg cfg = codec_cfg(p, l);
+            rc = c->codec->create(&cfg, &c->codec_states[l]);
+        }
+        for (int l = 1; rc == RV_OK && !c->codec_per_layer && l < p->num_layers; l++)
+            c->codec_states[l] = c->codec_states[0];
+    }
     if (rc == RV_OK)
         c->meta_bytes += sz.state_bytes;
     c->used = (int64_t *)meta_alloc(c, 2 * sizeof(int64_t) * (size_t)p->num_layers);
     c->work = (float *)meta_alloc(c, sizeof(float) * c->work_floats);
-    if (rc != RV_OK || !c->used || !c->work) {
+    if (rc != RV_OK || !c->codec_states || !c->used || !c->work) {
         rv_tt_destroy(c);
         return rc != RV_OK ? rc : RV_ENOMEM;
     }
@@ -170,10 +261,14 @@ static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
     size_t taken = rv_kv_alloc_size(n);
     int origin = RV_TT_FROM_HEAP, cls = -1;
     struct rv_slab *slab = NULL;
-    if (c->pool && c->pool_class >= 0 && n <= c->pool->cls[c->pool_class].nbytes) {
-        g = (rv_tt_group *)rv_pool_acquire(c->pool, c->pool_class);
-        taken = c->pool->cls[c->pool_class].nbytes;
+    int pool_cls = c->pool ? c->pool_class : -1;
+    while (pool_cls >= 0 && pool_cls < c->pool->nclasses && n > c->pool->cls[pool_cls].nbytes)
+        pool_cls++;
+    if (pool_cls >= 0 && pool_cls < c->pool->nclasses) {
+        g = (rv_tt_group *)rv_pool_acquire(c->pool, pool_cls);
+        taken = c->pool->cls[pool_cls].nbytes;
         origin = RV_TT_FROM_POOL;
+        cls = pool_cls;
     } else {
         if (c->use_slabs)
             g = (rv_tt_group *)rv_slab_alloc(&c->slabs, n, &slab, &cls);
@@ -213,7 +308,7 @@ static void group_drop(rv_tt *c, rv_tt_group *g)
         c->cold_groups--;
         if (g->origin == RV_TT_FROM_POOL) {
             c->cold_pooled_bytes -= g->alloc_bytes;
-            rv_pool_release(c->pool, c->pool_class, g);
+            rv_pool_release(c->pool, g->slab_class, g);
         } else if (g->origin == RV_TT_FROM_SLAB) {
             c->cold_slab_bytes -= g->alloc_bytes;
             rv_slab_free(&c->slabs, g->slab, g->slab_class, g);
@@ -522,8 +617,8 @@ static void ring_shrink(rv_tt *c, rv_tt_layer *L)
 /* The first `lead` rows of every head of the gather buffer, k and v [kvh][G][d] binary16: the
  * tokens [a, a + lead) of L's last (truncated) group, decoded (so that a new group can take
  * them after a truncation inside a group; they are quantized again once). */
-static void gather_reopened(const rv_tt *c, const rv_tt_layer *L, int32_t a, int32_t lead, uint16_t *k, uint16_t *v,
-                            const rv_ops *ops)
+static void gather_reopened(const rv_tt *c, int layer, const rv_tt_layer *L, int32_t a, int32_t lead, uint16_t *k,
+                            uint16_t *v, const rv_ops *ops)
 {
     const int G = c->group_tokens, d = c->head_dim;
     const size_t rows = (size_t)G * d;
@@ -531,29 +626,30 @@ static void gather_reopened(const rv_tt *c, const rv_tt_layer *L, int32_t a, int
     float *scratch = vf + rv_pad16(rows);
     const unsigned char *blob = RV_TT_BLOB(L->groups[L->ngroups - 1]);
     for (int h = 0; h < c->num_kv_heads; h++) {
-        c->codec->decode_head(c->codec_state, blob, h, kf, vf, scratch, ops);
+        c->codec->decode_head(c->codec_states[layer], blob, h, kf, vf, scratch, ops);
         ops->f32_to_f16(kf + (size_t)a * d, k + (size_t)h * rows, (size_t)lead * d);
         ops->f32_to_f16(vf + (size_t)a * d, v + (size_t)h * rows, (size_t)lead * d);
     }
 }
 
 /* A group of the lead reopened tokens (above) and the oldest G - lead hot tokens. */
-static rv_tt_group *encode_group(rv_tt *c, const rv_tt_layer *L, int32_t a, int32_t lead, const rv_ops *ops)
+static rv_tt_group *encode_group(rv_tt *c, int layer, const rv_tt_layer *L, int32_t a, int32_t lead, const rv_ops *ops)
 {
     const int kvh = c->num_kv_heads, d = c->head_dim, G = c->group_tokens;
     const size_t rows = (size_t)G * d;
     uint16_t *k = (uint16_t *)c->work, *v = k + (size_t)kvh * rows;
     float *scratch = c->work + rv_pad16((size_t)kvh * rows);
     if (lead > 0)
-        gather_reopened(c, L, a, lead, k, v, ops);
+        gather_reopened(c, layer, L, a, lead, k, v, ops);
     for (int h = 0; h < kvh; h++) {
         ring_gather(c, L, 0, h, L->hot_head, G - lead, k + (size_t)h * rows + (size_t)lead * d);
         ring_gather(c, L, 1, h, L->hot_head, G - lead, v + (size_t)h * rows + (size_t)lead * d);
     }
     /* the size depends on the outlier channels the data has */
-    rv_tt_group *g = group_new(c, c->codec->encoded_bytes(c->codec_state, k, v, scratch, ops));
+    const void *state = c->codec_states[layer];
+    rv_tt_group *g = group_new(c, c->codec->encoded_bytes(state, k, v, scratch, ops));
     if (g)
-        c->codec->encode(c->codec_state, k, v, RV_TT_BLOB(g), scratch, ops);
+        c->codec->encode(state, k, v, RV_TT_BLOB(g), scratch, ops);
     return g;
 }
 
@@ -598,7 +694,7 @@ static int migrate(rv_tt *c, int layer, rv_tt_layer *L, const rv_ops *ops)
                 break;
             }
         }
-        rv_tt_group *g = encode_group(c, L, a, lead, ops);
+        rv_tt_group *g = encode_group(c, layer, L, a, lead, ops);
         if (!g) {
             rc = RV_ENOMEM;
             break;
@@ -654,8 +750,10 @@ void rv_tt_destroy(rv_tt *c)
     rv_kv_free(c->used);
     rv_kv_free(c->work);
     rv_slab_destroy(&c->slabs);     /* empty by now: every group was dropped */
-    if (c->codec_state)
-        c->codec->destroy(c->codec_state);
+    for (int l = 0; c->codec_states && l < (c->codec_per_layer ? c->num_layers : 1); l++)
+        if (c->codec_states[l])
+            c->codec->destroy(c->codec_states[l]);
+    meta_free(c, c->codec_states, sizeof(void *) * (size_t)c->num_layers);
     free(c);
 }
 
@@ -1032,7 +1130,7 @@ void rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const r
         int32_t a, b;
         seen_range(c, L, gi, &a, &b);
         for (int h = 0; h < kvh; h++) {
-            c->codec->decode_head(c->codec_state, RV_TT_BLOB(L->groups[gi]), h, kf, vf, scratch, ops);
+            c->codec->decode_head(c->codec_states[layer], RV_TT_BLOB(L->groups[gi]), h, kf, vf, scratch, ops);
             for (int j = a; j < b; j++) {
                 size_t o = ((size_t)(t + j - a) * kvh + h) * d;
                 memcpy(k + o, kf + (size_t)j * d, sizeof(float) * d);
@@ -1055,12 +1153,13 @@ void rv_tt_read(const rv_tt *c, int slot, int layer, float *k, float *v, const r
 
 /* the codec's scratch for a task of `rows` rows: decode tasks fold every head (at most
  * RV_STREAM_MAX_ROWS rows), prefill tasks one */
-static size_t tt_cold_floats(const rv_tt *c, int rows)
+static size_t tt_cold_floats(const rv_tt *c, int layer, int rows)
 {
-    const size_t many = c->codec->attend_scratch_floats(c->codec_state,
+    const void *state = c->codec_states[layer];
+    const size_t many = c->codec->attend_scratch_floats(state,
                                                         rows < RV_STREAM_MAX_ROWS ? rows : RV_STREAM_MAX_ROWS,
                                                         c->num_kv_heads);
-    const size_t one = c->codec->attend_scratch_floats(c->codec_state, rows, 1);
+    const size_t one = c->codec->attend_scratch_floats(state, rows, 1);
     return rv_pad16(many > one ? many : one);
 }
 
@@ -1068,7 +1167,7 @@ static size_t tt_cold_floats(const rv_tt *c, int rows)
 static size_t tt_extra_floats(const rv_kv_source *src, int rows)
 {
     const rv_tt *c = (const rv_tt *)src->data;
-    return tt_cold_floats(c, rows) + rv_kv_span_scratch_floats(rows, c->head_dim);
+    return tt_cold_floats(c, src->layer, rows) + rv_kv_span_scratch_floats(rows, c->head_dim);
 }
 
 static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0, int64_t t1,
@@ -1079,13 +1178,14 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
     const rv_tt_layer *L = &c->seqs[seq].layers[src->layer];
     const int d = c->head_dim, G = c->group_tokens, rows = states[0].rows;
     const int64_t ncold = cold_len(c, L);
-    float *sscratch = extra + tt_cold_floats(c, rows);
+    float *sscratch = extra + tt_cold_floats(c, src->layer, rows);
+    const void *state = c->codec_states[src->layer];
     /* cold: group by group, every head of a group in turn (memory order), the codec reading
      * the codes in place and prefetching the segment that comes next */
     int64_t t = t0;
     const int64_t cold_end = t1 < ncold ? t1 : ncold;
     if (t < cold_end) {
-        c->codec->attend_begin(c->codec_state, states, nh, extra, ops);
+        c->codec->attend_begin(state, states, nh, extra, ops);
         while (t < cold_end) {
             const int64_t gi = L->first + (t + L->skip) / G;
             const int a = (int)((t + L->skip) % G);
@@ -1095,12 +1195,12 @@ static void tt_fold(const rv_kv_source *src, int seq, int h0, int nh, int64_t t0
             for (int j = 0; j < nh; j++) {
                 /* the segment that comes next in memory: the next head, or the next group's first */
                 const unsigned char *next = j + 1 < nh ? blob : (t + n < cold_end ? RV_TT_BLOB(L->groups[gi + 1]) : NULL);
-                c->codec->attend_group(c->codec_state, blob, h0 + j, j, nh, a, n, vv, states, next,
+                c->codec->attend_group(state, blob, h0 + j, j, nh, a, n, vv, states, next,
                                        j + 1 < nh ? h0 + j + 1 : h0, extra, ops);
             }
             t += n;
         }
-        c->codec->attend_end(c->codec_state, states, nh, extra, ops);
+        c->codec->attend_end(state, states, nh, extra, ops);
     }
     /* hot: the ring's part of the range, at most two runs (it wraps), in one call: the
      * kernel's blocks then do not depend on where the ring wraps */
@@ -1174,9 +1274,9 @@ void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blob
     }
 }
 
-int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes)
+int rv_tt_validate_blob(const rv_tt *c, int layer, const unsigned char *blob, size_t bytes)
 {
-    return c->codec->validate(c->codec_state, blob, bytes);
+    return c->codec->validate(c->codec_states[layer], blob, bytes);
 }
 
 int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,

@@ -60,7 +60,7 @@ typedef struct {
     int32_t tmp;             /* scratch of a usage pass (rv_tt_usage_begin: holders counted)
                                 while mark == epoch */
     int32_t origin;          /* RV_TT_FROM_*: where its memory came from */
-    int32_t slab_class;      /* from a slab: its size class there */
+    int32_t slab_class;      /* from a slab or the pool: its size class there */
     uint64_t mark;
     size_t blob_bytes;
     size_t alloc_bytes;      /* what the allocation really takes (header + blob, aligned) */
@@ -93,7 +93,9 @@ typedef struct {
     int num_layers, num_kv_heads, head_dim;
     int hot_tokens, group_tokens;
     const rv_codec *codec;   /* the cold format */
-    void *codec_state;
+    void **codec_states;     /* [num_layers] each layer's state: one shared by every layer
+                                unless they have widths of their own */
+    int codec_per_layer;     /* codec_states are distinct (each destroyed) */
     int64_t max_tokens;
     int64_t *used;           /* [num_layers] slots charged against max_tokens (the budget above) */
     int64_t *stored;         /* [num_layers] tokens stored (the budget above; one allocation
@@ -111,7 +113,8 @@ typedef struct {
     int64_t shared_groups;   /* distinct groups with more than one reference */
     uint64_t epoch;          /* marks of rv_tt_used_without and of usage passes */
     uint64_t births;
-    rv_pool *pool;           /* cold groups from its class pool_class, or NULL */
+    rv_pool *pool;           /* cold groups from its classes, or NULL: each from the smallest
+                                class from pool_class on that holds it */
     int pool_class;
     float *work;             /* migration / inspection scratch: work_floats */
     size_t work_floats;
@@ -124,6 +127,10 @@ typedef struct {
     int hot_tokens, group_tokens, group_size;
     int cold;                /* index into rv_codecs */
     double turbo_bits;
+    /* TurboQuant only: per layer the code bits per rotated coordinate of keys and of values
+     * ([num_layers][2], rv_codec_cfg.key_bits / value_bits: layers whose attention needs more
+     * bits get more), or NULL: every layer from turbo_bits. Read at creation only. */
+    const double *turbo_widths;
     int64_t max_tokens;
     /* slab blocks all of the largest group's size (one class): a block any group freed
      * serves any later one, so the slabs never take more than the largest groups of the
@@ -138,8 +145,13 @@ int rv_tt_create(rv_tt **out, const rv_tt_params *p);
 void rv_tt_destroy(rv_tt *c);
 
 /* ---- sizes, by arithmetic (0 for invalid parameters) ---- */
-/* bytes a cold group's allocation takes: its smallest blob (largest: most != 0) plus header */
+/* bytes a cold group's allocation takes: its smallest blob (largest: most != 0) plus header,
+ * the smallest (largest) of any layer's */
 size_t rv_tt_group_alloc_bytes(const rv_tt_params *p, int most);
+/* the same of layer `layer`'s groups */
+size_t rv_tt_layer_group_alloc_bytes(const rv_tt_params *p, int layer, int most);
+/* bytes a group of every layer takes together (the cost of group_tokens tokens of a sequence) */
+size_t rv_tt_groups_alloc_bytes(const rv_tt_params *p, int most);
 /* bytes of a hot ring holding `tokens` tokens (aligned allocation) */
 size_t rv_tt_hot_alloc_bytes(const rv_tt_params *p, int64_t tokens);
 /* whether a cache of p takes its cold groups from slabs (when no pool is attached) */
@@ -156,8 +168,9 @@ size_t rv_tt_cold_store_bytes(const rv_tt_params *p, int slabs);
 size_t rv_tt_slab_mapped_bytes(const rv_tt *c);
 size_t rv_tt_slab_slack_bytes(const rv_tt *c);
 
-/* Take cold groups from `pool`'s class `cls` when they fit its buffers, slabs or not (the pool must outlive
- * the cache's groups: the Python wrapper keeps it alive). */
+/* Take cold groups from `pool`: each from the smallest of its classes cls, cls + 1, ... that
+ * holds it (the classes ascend; one that holds none: slabs or the allocator as without a
+ * pool). The pool must outlive the cache's groups: the Python wrapper keeps it alive. */
 void rv_tt_use_pool(rv_tt *c, rv_pool *pool, int cls);
 
 int rv_tt_add(rv_tt *c, int *slot);
@@ -223,8 +236,8 @@ size_t rv_tt_export_bytes(const rv_tt *c, int slot, int layer);     /* their blo
  * [hot_len, kv heads, head_dim]) */
 void rv_tt_export_layer(const rv_tt *c, int slot, int layer, unsigned char *blobs, int64_t *sizes,
                         int32_t *skip, int32_t *cut, uint16_t *hot_k, uint16_t *hot_v);
-/* 0 if the blob is well formed for this cache */
-int rv_tt_validate_blob(const rv_tt *c, const unsigned char *blob, size_t bytes);
+/* 0 if the blob is well formed for layer `layer` of this cache */
+int rv_tt_validate_blob(const rv_tt *c, int layer, const unsigned char *blob, size_t bytes);
 /* Fill layer `layer` of an empty sequence (validated data), then migrate what exceeds this
  * cache's hot tier (saved by one with more hot_tokens). RV_ENOMEM (the layer stays empty). */
 int rv_tt_import_layer(rv_tt *c, int slot, int layer, const unsigned char *blobs, const int64_t *sizes,
