@@ -47,7 +47,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common  # noqa: E402,F401  (puts the checkout on sys.path)
-from eval_kv_quality import capture_qkv, log, log_softmax_nll, reference_attention, row_cosines, texts  # noqa: E402
+from eval_kv_quality import (CALIBRATION, capture_qkv, log, log_softmax_nll, reference_attention,  # noqa: E402
+                             row_cosines, texts)
 
 G = 64          # tokens per cold group
 HOT = 128       # hot-tier tokens in the perplexity runs
@@ -808,7 +809,7 @@ def parse_variant(name):
                    kind, (int(ns) if ns else 1) if sink else 0)
 
 
-CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"
+CALIBRATION_TEXT = CALIBRATION
 
 
 def calibration_metric(model, n=1024):
@@ -844,6 +845,8 @@ def main():
     ap.add_argument("--gauss", action="store_true",
                     help="MSE of scalar / TCQ codes on iid N(0, 1) against the rate-distortion bound, and exit")
     ap.add_argument("--layers", type=int, nargs="*", help="attention cosine on these layers only")
+    ap.add_argument("--capture-text", choices=("GPL-3", "calibration"), default="GPL-3",
+                    help="the text whose Q/K/V the attention cosine is measured on")
     args = ap.parse_args()
     allv = variants()
     if args.gauss:
@@ -860,12 +863,18 @@ def main():
     all_texts = dict(list(texts().items())[:args.texts])
     tok = {name: model.tokenize(t)[:args.tokens] for name, t in all_texts.items()}
     cache = f"/tmp/kvlab_capture_{args.capture}.npz"
+    if args.capture_text != "GPL-3":
+        cache = f"/tmp/kvlab_capture_{args.capture_text}_{args.capture}.npz"
     if os.path.exists(cache):
         z = np.load(cache)
         captured = {int(k.split("_")[1]): (z[k], z[k.replace("q_", "k_")], z[k.replace("q_", "v_")])
                     for k in z.files if k.startswith("q_")}
     else:
-        ids = model.tokenize(texts()["GPL-3"])[:args.capture]
+        if args.capture_text == "GPL-3":
+            ids = model.tokenize(texts()["GPL-3"])[:args.capture]
+        else:
+            with open(CALIBRATION_TEXT, encoding="utf-8") as f:
+                ids = model.tokenize(f.read())[:args.capture]
         captured = capture_qkv(model, ids)
         np.savez(cache, **{f"{n}_{l}": x for l, qkv in captured.items() for n, x in zip("qkv", qkv)})
     if any(var.k.qweight for var in chosen):
