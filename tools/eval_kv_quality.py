@@ -47,9 +47,14 @@ from _bench_common import emit_json, machine_info, print_table  # noqa: E402
 import ruvpy  # noqa: E402
 import ruvpy.models  # noqa: E402
 from ruvpy import PagedKVCache, TwoTierKVCache  # noqa: E402
+from ruvpy.kvplan import capture_qkv, plan_turbo_widths, row_cosines  # noqa: E402
+from ruvpy.kvplan import exact_attention as reference_attention  # noqa: E402
 
 GPL3 = "/usr/share/common-licenses/GPL-3"
+# the text the per-layer widths are calibrated on: neither of the two measured on
+CALIBRATION = "/usr/share/common-licenses/Apache-2.0"
 MIGRATION = 64
+PLANNED = "plan"        # a format's turbo_widths, chosen at the start of the run (plan_formats)
 
 # name -> (Runtime options, one-layer cache constructor for the cosine test)
 FORMATS = {
@@ -60,19 +65,48 @@ FORMATS = {
     "turbo2.5": dict(kv_cache="turbo", turbo_bits=2.5),
     "turbo3.5": dict(kv_cache="turbo", turbo_bits=3.5),
     "turbo4.5": dict(kv_cache="turbo", turbo_bits=4.5),
+    # per-layer widths at turbo 3.5's bytes, calibrated on CALIBRATION (ruvpy.kvplan)
+    "turbo3.5-plan": dict(kv_cache="turbo", turbo_bits=3.5, turbo_widths=PLANNED),
 }
+
+
+def plan_formats(names, model, tokens):
+    """Choose the per-layer widths of the planned formats among `names` on `tokens` tokens
+    of the calibration text: {name: the plan as JSON}."""
+    plans = {}
+    for name in names:
+        opts = FORMATS[name]
+        if opts.get("turbo_widths") != PLANNED:
+            continue
+        t = time.perf_counter()
+        with open(CALIBRATION, encoding="utf-8") as f:
+            plan = plan_turbo_widths(model, f.read(), bits=opts["turbo_bits"], tokens=tokens,
+                                     migration_batch=MIGRATION, progress=lambda m: log(f"  plan {name}: {m}"))
+        opts["turbo_widths"] = plan.widths
+        layer, worst = plan.worst
+        log(f"planned {name} on {tokens} tokens of {CALIBRATION}: worst layer {layer} at {worst:.4f} "
+            f"(uniform: {min(plan.uniform_cosines):.4f}), {plan.group_bytes} of {plan.uniform_group_bytes} "
+            f"bytes per group of every layer ({time.perf_counter() - t:.0f} s)")
+        plans[name] = {"calibration": CALIBRATION, "tokens": tokens, "widths": [list(w) for w in plan.widths],
+                       "calibration_cosines": list(plan.cosines),
+                       "calibration_uniform_cosines": list(plan.uniform_cosines),
+                       "group_bytes": plan.group_bytes, "uniform_group_bytes": plan.uniform_group_bytes}
+    return plans
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def one_layer_cache(name, kvh, d, max_tokens, hot_tokens=0):
+def one_layer_cache(name, kvh, d, max_tokens, hot_tokens=0, layer=0):
+    """A one-layer cache of format `name` as the model's layer `layer` has it."""
     opts = FORMATS[name]
     if opts["kv_cache"] == "paged":
         return PagedKVCache(1, kvh, d, block_size=16, max_tokens=max_tokens, dtype=opts["kv_dtype"])
     cold = opts.get("cold", "turbo")
     extra = {"turbo_bits": opts["turbo_bits"]} if cold == "turbo" else {}
+    if opts.get("turbo_widths") is not None:
+        extra["turbo_widths"] = [opts["turbo_widths"][layer]]
     return TwoTierKVCache(1, kvh, d, hot_tokens=hot_tokens, migration_batch=MIGRATION, cold=cold,
                           max_tokens=max_tokens, **extra)
 
@@ -199,80 +233,6 @@ def passkey(model, length, depth, key):
 
 # ---- attention cosine on captured K/V -------------------------------------------------------
 
-class _CaptureStep:
-    def __init__(self, step, store):
-        self._step, self._store = step, store
-
-    def __enter__(self):
-        self._step.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._step.__exit__(*exc)
-
-    @property
-    def positions(self):
-        return self._step.positions
-
-    def attention(self, layer, q, k, v, **kw):
-        self._store.setdefault(layer, []).append((q.copy(), k.copy(), v.copy()))
-        return self._step.attention(layer, q, k, v, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self._step, name)
-
-
-class _CaptureRuntime:
-    """Wraps the Runtime the model drives and records every layer's q, k, v (the model is
-    not touched: it calls runtime.step(...).attention(layer, q, k, v) as always)."""
-
-    def __init__(self, runtime):
-        self._runtime, self.store = runtime, {}
-
-    def step(self, seqs, n_tokens):
-        return _CaptureStep(self._runtime.step(seqs, n_tokens), self.store)
-
-    def __getattr__(self, name):
-        return getattr(self._runtime, name)
-
-
-def capture_qkv(model, ids, chunk=256):
-    """{layer: (q [n, H, d], k [n, KVH, d], v)} float32 of the model over ids (fp32 KV)."""
-    real = model.runtime
-    cap = _CaptureRuntime(real)
-    model.runtime = cap
-    try:
-        seq = model.new_sequence()
-        for a in range(0, len(ids), chunk):
-            model.forward_last(seq, ids[a:a + chunk])
-        model.remove_sequence(seq)
-    finally:
-        model.runtime = real
-    return {layer: tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
-            for layer, parts in sorted(cap.store.items())}
-
-
-def reference_attention(q, k, v):
-    """Causal float64 attention, q/k/v all of length n, GQA."""
-    n, H, d = q.shape
-    g = H // k.shape[1]
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    out = np.empty((n, H, d))
-    mask = np.triu(np.ones((n, n), bool), 1)
-    for h in range(H):
-        s = q[:, h] @ k[:, h // g].T / np.sqrt(d)
-        s[mask] = -np.inf
-        s -= s.max(axis=1, keepdims=True)
-        p = np.exp(s)
-        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // g]
-    return out
-
-
-def row_cosines(out, ref):
-    out = np.asarray(out, np.float64)
-    return (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-300)
-
-
 def layer_cosines(captured, names, refs, hot_tokens=0):
     """{name: [mean cosine per layer]} of each format's cache attention against refs."""
     res = {}
@@ -280,7 +240,7 @@ def layer_cosines(captured, names, refs, hot_tokens=0):
         per_layer = []
         for layer, (q, k, v) in captured.items():
             n, kvh, d = k.shape
-            cache = one_layer_cache(name, kvh, d, n, hot_tokens=hot_tokens)
+            cache = one_layer_cache(name, kvh, d, n, hot_tokens=hot_tokens, layer=layer)
             seq = cache.add_sequence()
             cache.append(seq, 0, k, v)
             out = cache.attention(seq, 0, q, causal=True)
@@ -306,7 +266,8 @@ def synthetic_bits(names, n=4096):
                 v[:, :, rng.choice(d, 4, replace=False)] *= 20
             row = {"shape": f"{H}/{kvh}/{d}", "data": data}
             for name in names:
-                if FORMATS[name]["kv_cache"] == "paged":
+                # (a model's per-layer widths are its own, not these shapes')
+                if FORMATS[name]["kv_cache"] == "paged" or FORMATS[name].get("turbo_widths") is not None:
                     continue
                 cache = one_layer_cache(name, kvh, d, n)
                 cache.append(cache.add_sequence(), 0, k, v)
@@ -391,6 +352,7 @@ def main():
         "generated": n_gen, "passkey_lengths": lengths, "passkey_depths": depths, "captured": n_cap,
         "texts": {k: len(v) for k, v in tok.items()}}}
     rows = {name: {"format": name} for name in names}
+    result["turbo_plans"] = plan_formats(names, models.base, 512 if q else 1024)
 
     gen_prompt = generation_prompt(models.base, all_texts.get("GPL-3", next(iter(all_texts.values()))))
     ref_tokens = None
