@@ -44,10 +44,11 @@ def _cold_tier_mismatch(args):
     """What is wrong with cold-tier options given to a cache that has no use for them, named
     as the user typed them, or None (the config cannot tell a default turbo_bits from one
     asked for; its own messages name RuntimeConfig fields, not options)."""
-    if args.turbo_bits is not None and args.kv != "turbo" and args.cold != "turbo":
-        return (f"--turbo-bits applies to the TurboQuant cold tier: add --kv turbo (or --kv "
-                f"two-tier --cold turbo); --kv {args.kv}" + (f" --cold {args.cold}" if args.cold else "")
-                + " has none")
+    for given, option in ((args.turbo_bits, "--turbo-bits"), (args.turbo_widths, "--turbo-widths")):
+        if given is not None and args.kv != "turbo" and args.cold != "turbo":
+            return (f"{option} applies to the TurboQuant cold tier: add --kv turbo (or --kv "
+                    f"two-tier --cold turbo); --kv {args.kv}" + (f" --cold {args.cold}" if args.cold else "")
+                    + " has none")
     if args.hot_tokens is not None and args.kv == "paged":
         return "--hot-tokens applies to the two-tier caches (--kv two-tier or turbo), not --kv paged"
     if args.cold is not None and args.kv == "paged":
@@ -66,6 +67,8 @@ def _runtime_options(args):
         options["cold"] = args.cold
     if args.turbo_bits is not None:
         options["turbo_bits"] = args.turbo_bits
+    if args.turbo_widths is not None:
+        options["turbo_widths"] = _read_widths(args.turbo_widths)
     if args.hot_tokens is not None:
         options["hot_tokens"] = args.hot_tokens
     if args.memory_budget is not None:
@@ -75,6 +78,21 @@ def _runtime_options(args):
     if args.threads is not None:
         options["threads"] = args.threads
     return options
+
+
+def _read_widths(path):
+    """The per-layer widths of a `plan-turbo` file (or a JSON list of pairs). ValueError
+    naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--turbo-widths {path}: {exc}") from None
+    widths = data.get("widths") if isinstance(data, dict) else data
+    if not isinstance(widths, list):
+        raise ValueError(f"--turbo-widths {path}: expected `python -m ruvpy plan-turbo`'s JSON "
+                         f"(an object with \"widths\") or a list of [key_bits, value_bits] pairs")
+    return widths
 
 
 def _stream_to_stdout(piece):
@@ -120,7 +138,8 @@ def cmd_generate(args):
             sys.stdout.flush()
         stats = model.last_generation
         kv = args.kv + (f" ({args.cold})" if args.cold else "") + \
-            (f" {args.turbo_bits} bits" if args.turbo_bits is not None else "")
+            (f" {args.turbo_bits} bits" if args.turbo_bits is not None else "") + \
+            (f" widths {args.turbo_widths}" if args.turbo_widths is not None else "")
         print(f"[{model.config.name} | kv {kv} | load {load_seconds:.1f} s] {stats.summary()}",
               file=sys.stderr)
         runtime_stats = model.runtime.stats()
@@ -131,6 +150,44 @@ def cmd_generate(args):
                                      "decode_tokens_per_s": stats.decode_tokens_per_s},
                       "runtime": runtime_stats.as_dict()}
             print(json.dumps(report, indent=2, default=str), file=sys.stderr)
+    return 0
+
+
+# -- plan-turbo ---------------------------------------------------------------------------
+def cmd_plan_turbo(args):
+    from ruvpy import kvplan, models
+
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return _fail(f"plan-turbo: cannot read the calibration text: {exc}")
+    if args.tokens < 128:
+        return _fail(f"plan-turbo: --tokens must be at least 128 (two cold groups), got {args.tokens}")
+    try:
+        model = models.load(args.model, kv_cache="paged", kv_dtype="float32", max_tokens=args.tokens + 64)
+    except (FileNotFoundError, ValueError, TypeError, MemoryError) as exc:
+        return _fail(str(exc))
+    with model:
+        try:
+            plan = kvplan.plan_turbo_widths(model, text, bits=args.bits, tokens=args.tokens,
+                                            progress=lambda m: print(m, file=sys.stderr, flush=True))
+        except ValueError as exc:
+            return _fail(f"plan-turbo: {exc}")
+    layer, worst = plan.worst
+    report = {"model": model.config.name, "calibration": os.path.abspath(args.text), "tokens": args.tokens,
+              "bits": plan.bits, "widths": [list(w) for w in plan.widths],
+              "cosines": list(plan.cosines), "uniform_cosines": list(plan.uniform_cosines),
+              "group_bytes": plan.group_bytes, "uniform_group_bytes": plan.uniform_group_bytes}
+    print(f"worst layer {layer}: attention cosine {worst:.4f} on the calibration text "
+          f"(uniform {plan.bits} bits: {min(plan.uniform_cosines):.4f}), {plan.group_bytes} of "
+          f"{plan.uniform_group_bytes} bytes per cold group of every layer", file=sys.stderr)
+    out = json.dumps(report, indent=1)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(out + "\n")
+    else:
+        print(out)
     return 0
 
 
@@ -242,6 +299,8 @@ def build_parser():
     gen.add_argument("--turbo-bits", type=float, choices=TURBO_BITS, default=None, metavar="B",
                      help=f"bits per value of the TurboQuant cold tier (--kv turbo or --cold "
                           f"turbo): one of {', '.join(map(str, TURBO_BITS))} (default 3.5)")
+    gen.add_argument("--turbo-widths", default=None, metavar="FILE",
+                     help="per-layer TurboQuant code widths: the JSON `plan-turbo` writes")
     gen.add_argument("--hot-tokens", type=int, default=None, metavar="N",
                      help="newest tokens per sequence the two-tier caches keep in fp16 "
                           "(default 256)")
@@ -253,6 +312,14 @@ def build_parser():
     gen.add_argument("--stats", action="store_true",
                      help="also print generation and runtime statistics as JSON")
 
+    plan = commands.add_parser("plan-turbo", help="per-layer TurboQuant widths for the model at "
+                               "the bytes of --bits, calibrated on a text (JSON for --turbo-widths)")
+    plan.add_argument("text", help="calibration text file (not the text you will measure on)")
+    plan.add_argument("--model", metavar="PATH", help="Llama-family GGUF file (default: SmolLM2)")
+    plan.add_argument("--bits", type=float, choices=TURBO_BITS, default=3.5,
+                      help="the uniform rate whose bytes the plan keeps (default 3.5)")
+    plan.add_argument("--tokens", type=int, default=1024, metavar="N", help="calibration tokens (1024)")
+    plan.add_argument("-o", "--output", metavar="FILE", help="write the JSON here (default: stdout)")
     info = commands.add_parser("info", help="version, SIMD path, OpenMP, threads, build")
     info.add_argument("--json", action="store_true")
 
@@ -276,6 +343,8 @@ def main(argv=None):
             return cmd_generate(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "plan-turbo":
+            return cmd_plan_turbo(args)
         return cmd_bench(args, passthrough)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -751,6 +751,64 @@ def test_cli_cold_tier_options_a_cache_cannot_use_are_clean_errors(cli, referenc
 
 
 @requires_model
+def test_cli_plan_turbo_writes_widths_that_generate_uses(model, monkeypatch, capsys, tmp_path, reference):
+    """`plan-turbo TEXT -o FILE` writes a plan (a width pair per layer, within turbo 3.5's
+    bytes, what kvplan gives on the same text); `generate --kv turbo --turbo-widths FILE`
+    loads the model with those widths and prints what the API prints with them."""
+    from ruvpy import kvplan
+    from ruvpy.__main__ import main
+    text = tmp_path / "calibration.txt"
+    text.write_text(open("/usr/share/common-licenses/Apache-2.0", encoding="utf-8").read(), encoding="utf-8")
+    monkeypatch.setattr(models, "load", lambda path=None, *, kv_cache="paged", **options:
+                        variant(model, kv_cache, **options))
+    out = tmp_path / "plan.json"
+    assert main(["plan-turbo", str(text), "--tokens", "160", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "worst layer" in err and "layer 29:" in err
+    plan = json.loads(out.read_text())
+    assert len(plan["widths"]) == model.config.num_layers
+    assert plan["group_bytes"] <= plan["uniform_group_bytes"]
+    with variant(model, "paged", kv_dtype="float32", max_tokens=300) as m:
+        want = kvplan.plan_turbo_widths(m, text.read_text(encoding="utf-8"), tokens=160)
+    assert plan["widths"] == [list(w) for w in want.widths]
+    calls = []
+    monkeypatch.setattr(models, "load", lambda path=None, *, kv_cache="paged", **options:
+                        calls.append(options) or variant(model, kv_cache, **options))
+    code = main(["generate", reference["text"], "-n", "5", "--kv", "turbo", "--turbo-widths", str(out)])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert calls[-1]["turbo_widths"] == plan["widths"]
+    with variant(model, "turbo", turbo_widths=plan["widths"]) as m:
+        assert printed == m.generate(reference["text"], 5) + "\n"
+
+
+@requires_model
+@pytest.mark.parametrize("content,args,words", [
+    (None, ["--kv", "turbo"], "No such file"),
+    ("{not json", ["--kv", "turbo"], "--turbo-widths"),
+    ('{"bits": 3.5}', ["--kv", "turbo"], "expected `python -m ruvpy plan-turbo`"),
+    ("[[3.75, 3.0]]", ["--kv", "turbo"], "one (key_bits, value_bits) pair per layer (30)"),
+    ("[[3.75, 3.0]]", [], "--turbo-widths applies to the TurboQuant cold tier"),
+    ("[[3.75, 3.0]]", ["--kv", "two-tier", "--cold", "q4"], "--kv two-tier --cold q4 has none"),
+])
+def test_cli_bad_turbo_widths_are_clean_errors(cli, reference, tmp_path, content, args, words):
+    path = tmp_path / "widths.json"
+    if content is not None:
+        path.write_text(content)
+    code, out, err, _ = cli(reference["text"], "-n", "1", "--turbo-widths", str(path), *args)
+    assert code == 2 and words in err and "Traceback" not in err and out == ""
+
+
+def test_cli_plan_turbo_refuses_what_it_cannot_use(capsys, tmp_path):
+    from ruvpy.__main__ import main
+    assert main(["plan-turbo", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read the calibration text" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("hello")
+    assert main(["plan-turbo", str(tmp_path / "t.txt"), "--tokens", "100"]) == 2
+    assert "at least 128" in capsys.readouterr().err
+
+
+@requires_model
 @pytest.mark.parametrize("args,words", [
     (["--kv", "two-tier", "--max-tokens", "3"], "KV cache full"),            # the prompt
     (["--max-tokens", "1000000000"], "cannot allocate"),                    # the cache itself
