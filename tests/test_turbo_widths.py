@@ -118,11 +118,15 @@ def test_export_import_keeps_the_widths_and_refuses_others():
     kvh, d, G = 3, 64, 64
     make = lambda widths: TwoTierKVCache(len(WIDTHS_64), kvh, d, hot_tokens=16, migration_batch=G,
                                          cold="turbo", max_tokens=800, turbo_widths=widths)
-    cache = make(WIDTHS_64)
-    seq = cache.add_sequence()
-    for layer in range(len(WIDTHS_64)):
-        cache.append(seq, layer, *random_kv(rng, 300, kvh, d))
-    meta, arrays = cache.export_sequence(seq)
+
+    def exported(widths, n):
+        cache = make(widths)
+        seq = cache.add_sequence()
+        for layer in range(len(WIDTHS_64)):
+            cache.append(seq, layer, *random_kv(rng, n, kvh, d))
+        return cache, seq, *cache.export_sequence(seq)
+
+    cache, seq, meta, arrays = exported(WIDTHS_64, 300)
     other = make(WIDTHS_64)
     b = other.import_sequence(meta, arrays)
     meta2, arrays2 = other.export_sequence(b)
@@ -139,11 +143,7 @@ def test_export_import_keeps_the_widths_and_refuses_others():
         with pytest.raises(ValueError, match="turbo_widths"):
             target.import_sequence(meta, arrays)
         assert snapshot(target) == before
-    plain = make(None)
-    p = plain.add_sequence()
-    for layer in range(len(WIDTHS_64)):
-        plain.append(p, layer, *random_kv(rng, 200, kvh, d))
-    pmeta, parrays = plain.export_sequence(p)
+    _, _, pmeta, parrays = exported(None, 200)
     before = snapshot(other)
     with pytest.raises(ValueError, match="turbo_widths"):
         other.import_sequence(pmeta, parrays)
