@@ -154,6 +154,7 @@ def cmd_generate(args):
 
 
 # -- plan-turbo ---------------------------------------------------------------------------
+PLAN_MAX_TOKENS = 4096
 def cmd_plan_turbo(args):
     from ruvpy import kvplan, models
 
@@ -162,8 +163,9 @@ def cmd_plan_turbo(args):
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         return _fail(f"plan-turbo: cannot read the calibration text: {exc}")
-    if args.tokens < 128:
-        return _fail(f"plan-turbo: --tokens must be at least 128 (two cold groups), got {args.tokens}")
+    if not 128 <= args.tokens <= PLAN_MAX_TOKENS:
+        return _fail(f"plan-turbo: --tokens must be 128 (two cold groups) to {PLAN_MAX_TOKENS} (the "
+                     f"float64 reference holds tokens x tokens scores per head), got {args.tokens}")
     try:
         model = models.load(args.model, kv_cache="paged", kv_dtype="float32", max_tokens=args.tokens + 64)
     except (FileNotFoundError, ValueError, TypeError, MemoryError) as exc:
@@ -175,7 +177,7 @@ def cmd_plan_turbo(args):
         except ValueError as exc:
             return _fail(f"plan-turbo: {exc}")
     layer, worst = plan.worst
-    report = {"model": model.config.name, "calibration": os.path.abspath(args.text), "tokens": args.tokens,
+    report = {"model": model.config.name, "calibration": os.path.abspath(args.text), "tokens": plan.tokens,
               "bits": plan.bits, "widths": [list(w) for w in plan.widths],
               "cosines": list(plan.cosines), "uniform_cosines": list(plan.uniform_cosines),
               "group_bytes": plan.group_bytes, "uniform_group_bytes": plan.uniform_group_bytes}
@@ -184,8 +186,11 @@ def cmd_plan_turbo(args):
           f"{plan.uniform_group_bytes} bytes per cold group of every layer", file=sys.stderr)
     out = json.dumps(report, indent=1)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(out + "\n")
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(out + "\n")
+        except OSError as exc:
+            return _fail(f"plan-turbo: cannot write the plan: {exc}")
     else:
         print(out)
     return 0

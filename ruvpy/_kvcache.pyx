@@ -1583,7 +1583,8 @@ def turbo_widths_tuple(turbo_widths, num_layers, head_dim):
     what is wrong."""
     if turbo_widths is None:
         return None
-    if isinstance(turbo_widths, (str, bytes)) or not isinstance(turbo_widths, (list, tuple, np.ndarray)):
+    if isinstance(turbo_widths, (str, bytes)) or not isinstance(turbo_widths, (list, tuple, np.ndarray)) or \
+            (isinstance(turbo_widths, np.ndarray) and turbo_widths.ndim != 2):
         raise TypeError(f"turbo_widths must be a sequence of (key_bits, value_bits) pairs, one per "
                         f"layer, got {type(turbo_widths).__name__}")
     rows = list(turbo_widths)
@@ -1595,13 +1596,19 @@ def turbo_widths_tuple(turbo_widths, num_layers, head_dim):
         padded *= 2
     out = []
     for layer, row in enumerate(rows):
-        if isinstance(row, (str, bytes)) or not isinstance(row, (list, tuple, np.ndarray)) or len(row) != 2:
+        if isinstance(row, (str, bytes)) or not isinstance(row, (list, tuple, np.ndarray)):
+            raise TypeError(f"turbo_widths[{layer}] must be a (key_bits, value_bits) pair, got {row!r}")
+        row = tuple(row)            # a copy: converting a number below may run code that edits the row
+        if len(row) != 2:
             raise TypeError(f"turbo_widths[{layer}] must be a (key_bits, value_bits) pair, got {row!r}")
         pair = []
         for x in row:
             if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
                 raise TypeError(f"turbo_widths[{layer}] must hold numbers, got {type(x).__name__}")
-            bits = float(x)
+            try:
+                bits = float(x)
+            except OverflowError:
+                bits = math.inf
             units = (bits - 2.0) * padded / 16.0
             if not (2.0 <= bits <= TURBO_MAX_BITS) or units != int(units):
                 raise ValueError(f"turbo_widths[{layer}]: code bits per coordinate must be 2 to "
@@ -1612,11 +1619,12 @@ def turbo_widths_tuple(turbo_widths, num_layers, head_dim):
     return tuple(out)
 
 
-cdef object _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tokens, cold,
-                       group_size, migration_batch, max_tokens, turbo_bits,
-                       uniform_slabs=False, turbo_widths=None):
-    """Fill p; returns the array p.turbo_widths points into (keep it while p is used), or
-    None."""
+cdef tuple _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_tokens, cold,
+                      group_size, migration_batch, max_tokens, turbo_bits,
+                      uniform_slabs=False, turbo_widths=None):
+    """Fill p; returns (the array p.turbo_widths points into: keep it while p is used, the
+    checked widths as turbo_widths_tuple gives them), both None without widths. The widths are
+    read from the caller's objects once, here."""
     p.num_layers = _positive_int(num_layers, "num_layers")
     p.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
     p.head_dim = _positive_int(head_dim, "head_dim")
@@ -1649,12 +1657,14 @@ cdef object _tt_params(rv_tt_params *p, num_layers, num_kv_heads, head_dim, hot_
     p.turbo_widths = NULL
     widths = turbo_widths_tuple(turbo_widths, p.num_layers, p.head_dim)
     if widths is None:
-        return None
+        return None, None
     if cold != "turbo":
         raise ValueError(f"turbo_widths apply to cold='turbo' only, got cold={cold!r}")
     held = np.array(widths, dtype=np.float64)
+    if held.shape != (p.num_layers, 2):     # (turbo_widths_tuple's promise; C reads 2 per layer)
+        raise ValueError(f"turbo_widths must be {p.num_layers} pairs")
     p.turbo_widths = <const double *>cnp.PyArray_DATA(held)
-    return held
+    return held, widths
 
 
 cdef class TwoTierKVCache(_KVCache):
@@ -1701,9 +1711,10 @@ cdef class TwoTierKVCache(_KVCache):
     on a calibration text). Each layer's groups then have a size of their own; exports record
     the widths and load only into a cache with the same.
 
-    pool: a BufferPool with a size class at least group_bytes_max(...) bytes: cold groups
-    take their memory from its smallest such class (the Runtime sizes and prewarms one), so
-    migration never calls the allocator while the class has free buffers.
+    pool: a BufferPool with a size class at least group_bytes_max(...) bytes: each cold group
+    takes its memory from the smallest class that holds it (of the classes from the smallest
+    that holds some layer's largest group on; the Runtime sizes and prewarms them), so
+    migration never calls the allocator while those classes have free buffers.
 
     uniform_slabs: without a pool, a large cache's cold groups come from its own huge-page
     slabs in blocks of a few size classes (a group takes the smallest that holds it); with
@@ -1731,8 +1742,8 @@ cdef class TwoTierKVCache(_KVCache):
         cdef size_t largest
         self._refuse_reinit()
         shape = self._check_shape(num_layers, num_kv_heads, head_dim, max_tokens)
-        held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                          migration_batch, shape[3], turbo_bits, uniform_slabs, turbo_widths)
+        held, widths = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
+                                  migration_batch, shape[3], turbo_bits, uniform_slabs, turbo_widths)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
         if pool is not None:
@@ -1746,6 +1757,9 @@ cdef class TwoTierKVCache(_KVCache):
                                  f"most); its classes are {pool.size_classes}")
             smallest = min(rv_tt_layer_group_alloc_bytes(&p, l, 1) for l in range(p.num_layers))
             cls = [i for i, size in enumerate(pool.size_classes) if size >= smallest][0]
+        # the checks above may run the caller's code (a number's __float__, a pool subclass's
+        # properties), which could have initialized this object meanwhile
+        self._refuse_reinit()
         _check_status(rv_tt_create(&created, &p), "TwoTierKVCache")
         if pool is not None:
             rv_tt_use_pool(created, (<BufferPool>pool).pool, cls)
@@ -1758,7 +1772,7 @@ cdef class TwoTierKVCache(_KVCache):
         self.cold = cold
         self.policy = policy
         self.turbo_bits = p.turbo_bits
-        self.turbo_widths = turbo_widths_tuple(turbo_widths, p.num_layers, p.head_dim)
+        self.turbo_widths = widths       # what the C cache was built with
         self._initialized = True
         self._closed = False
 
@@ -1775,7 +1789,7 @@ cdef class TwoTierKVCache(_KVCache):
         adds up to hot_tier_bytes(...)."""
         cdef rv_tt_params p
         held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)[0]
         return rv_tt_groups_alloc_bytes(&p, 0) / p.group_tokens
 
     @classmethod
@@ -1787,7 +1801,7 @@ cdef class TwoTierKVCache(_KVCache):
         as allocated. Arithmetic from the codec, nothing is built."""
         cdef rv_tt_params p
         held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)[0]
         return rv_tt_group_alloc_bytes(&p, 1)
 
     @classmethod
@@ -1798,7 +1812,7 @@ cdef class TwoTierKVCache(_KVCache):
         tuple. Arithmetic."""
         cdef rv_tt_params p
         held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)[0]
         return tuple(rv_tt_layer_group_alloc_bytes(&p, l, 1) for l in range(p.num_layers))
 
     @classmethod
@@ -1810,7 +1824,7 @@ cdef class TwoTierKVCache(_KVCache):
         least one slab (2 MiB or more). Smaller caches take them from malloc. Arithmetic."""
         cdef rv_tt_params p
         held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)[0]
         return bool(rv_tt_uses_slabs(&p))
 
     @classmethod
@@ -1821,7 +1835,7 @@ cdef class TwoTierKVCache(_KVCache):
         format's tables and the migration work buffer (arithmetic)."""
         cdef rv_tt_params p
         held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)[0]
         return rv_tt_fixed_bytes(&p)
 
     @classmethod
@@ -1833,7 +1847,7 @@ cdef class TwoTierKVCache(_KVCache):
         (uses_slabs), else the groups' own allocations (a pool's, arithmetic)."""
         cdef rv_tt_params p
         held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)[0]
         return rv_tt_cold_store_bytes(&p, 1 if slabs else 0)
 
     @classmethod
@@ -1846,7 +1860,7 @@ cdef class TwoTierKVCache(_KVCache):
         ends.)"""
         cdef rv_tt_params p
         held = _tt_params(&p, num_layers, num_kv_heads, head_dim, hot_tokens, cold, group_size,
-                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)
+                          migration_batch, max_tokens, turbo_bits, uniform_slabs, turbo_widths)[0]
         return p.num_layers * rv_tt_hot_alloc_bytes(&p, p.hot_tokens + p.group_tokens)
 
     @property

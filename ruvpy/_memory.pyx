@@ -564,6 +564,7 @@ cdef class BufferPool:
     Thread-safe: one C mutex per class, taken with the GIL released."""
 
     SIZE_CLASSES = _SIZE_CLASSES
+    MAX_CLASSES = RV_POOL_MAX_CLASSES
 
     def __cinit__(self, max_buffers_per_class=32, *, size_classes=None):
         cdef size_t limit = RV_POOL_MAX_BUFFERS_PER_CLASS

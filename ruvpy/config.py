@@ -146,8 +146,10 @@ class RuntimeConfig:
                                  "(kv_cache 'turbo', or 'two-tier' with cold 'turbo') only")
             try:
                 widths = turbo_widths_tuple(self.turbo_widths, self.num_layers, self.head_dim)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"RuntimeConfig.{e}") from None
+            except TypeError as e:
+                raise TypeError(f"RuntimeConfig.{e}") from None
+            except ValueError as e:
+                raise ValueError(f"RuntimeConfig.{e}") from None
             object.__setattr__(self, "turbo_widths", widths)    # hashable, exact floats
         if self.kv_cache == "paged":
             if self.policy != "error":

@@ -147,13 +147,15 @@ class TurboPlan:
     """widths: per layer (key_bits, value_bits), for turbo_widths. bits: the uniform
     turbo_bits whose cold bytes it does not exceed; group_bytes / uniform_group_bytes: one
     cold group of every layer, the plan's and turbo_bits'. cosines / uniform_cosines: per
-    layer the calibration's mean attention cosine at the plan's widths and at turbo_bits'."""
+    layer the calibration's mean attention cosine at the plan's widths and at turbo_bits';
+    tokens: how many tokens the calibration captured."""
     widths: tuple
     bits: float
     group_bytes: int
     uniform_group_bytes: int
     cosines: tuple
     uniform_cosines: tuple
+    tokens: int = 0
 
     @property
     def worst(self):
@@ -207,9 +209,15 @@ def plan_from_captured(captured, *, bits=3.5, migration_batch=64, candidates=Non
     """The TurboPlan of captured Q/K/V ({layer: (q, k, v)}, capture_qkv's), at no more cold
     bytes than uniform turbo_bits. progress(message): called as layers are measured."""
     layers = sorted(captured)
-    if layers != list(range(len(layers))):
+    if not layers or layers != list(range(len(layers))):
         raise ValueError(f"captured must hold layers 0 .. n-1, got {layers}")
     n, kvh, d = captured[0][1].shape
+    for layer in layers:
+        q, k, v = captured[layer]
+        if k.shape != (n, kvh, d) or v.shape != k.shape or q.ndim != 3 or q.shape[0] != n or \
+                q.shape[2] != d or q.shape[1] % kvh:
+            raise ValueError(f"captured layer {layer}'s q, k, v have shapes {q.shape}, {k.shape}, "
+                             f"{v.shape}; layer 0's k is {(n, kvh, d)}")
     if n < 2 * migration_batch:
         raise ValueError(f"captured holds {n} tokens: at least 2 x migration_batch ({2 * migration_batch}) "
                          f"are needed for one cold group and queries past it")
@@ -233,7 +241,7 @@ def plan_from_captured(captured, *, bits=3.5, migration_batch=64, candidates=Non
     return TurboPlan(widths=tuple(tuple(candidates[j]) for j in picks), bits=float(bits),
                      group_bytes=int(cost[picks].sum()), uniform_group_bytes=uniform * len(layers),
                      cosines=tuple(float(cos[l, j]) for l, j in enumerate(picks)),
-                     uniform_cosines=tuple(uniform_cos))
+                     uniform_cosines=tuple(uniform_cos), tokens=int(n))
 
 
 def plan_turbo_widths(model, text, *, bits=3.5, tokens=1024, migration_batch=64, progress=None):
@@ -241,6 +249,9 @@ def plan_turbo_widths(model, text, *, bits=3.5, tokens=1024, migration_batch=64,
     `text` (a str, or token ids)."""
     ids = model.tokenize(text) if isinstance(text, str) else list(text)
     ids = ids[:tokens]
+    if len(ids) < 2 * migration_batch:
+        raise ValueError(f"the calibration text has {len(ids)} tokens (of the {tokens} asked for): at "
+                         f"least 2 x migration_batch ({2 * migration_batch}) are needed")
     captured = capture_qkv(model, ids)
     if progress:
         progress(f"captured Q/K/V of {len(ids)} tokens, {len(captured)} layers")

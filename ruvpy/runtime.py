@@ -518,7 +518,8 @@ class Runtime(Closing):
 
     def _make_pool(self, sizing, cold_groups):
         """The buffer pool: the default size classes, plus (cold_groups: a two-tier cache's
-        groups come from it) one class of the most a cold group takes, holding the capacity's
+        groups come from it) a class of the most a layer's cold group takes for each size they
+        have (one, unless TurboQuant layers have widths of their own), holding the capacity's
         cold groups ready so that migration never calls the allocator."""
         cfg = self.config
         self._cold_classes = ()      # the pool's classes of the cold groups, if they come from it

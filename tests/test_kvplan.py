@@ -71,3 +71,8 @@ def test_the_plan_lifts_the_worst_layer_within_the_uniform_bytes():
     assert plan.worst == (int(np.argmin(plan.cosines)), min(plan.cosines))
     with pytest.raises(ValueError, match="2 x migration_batch"):
         kvplan.plan_from_captured({0: (q[:100], k[:100], v[:100])})
+    # (found by review: an empty capture raised KeyError, and layers' shapes went unchecked)
+    with pytest.raises(ValueError, match="layers 0 .. n-1"):
+        kvplan.plan_from_captured({})
+    with pytest.raises(ValueError, match="captured layer 1"):
+        kvplan.plan_from_captured({0: captured[0], 1: (q[:, :, :32], k[:, :, :32], v[:, :, :32])})

@@ -804,8 +804,22 @@ def test_cli_plan_turbo_refuses_what_it_cannot_use(capsys, tmp_path):
     assert main(["plan-turbo", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read the calibration text" in capsys.readouterr().err
     (tmp_path / "t.txt").write_text("hello")
-    assert main(["plan-turbo", str(tmp_path / "t.txt"), "--tokens", "100"]) == 2
-    assert "at least 128" in capsys.readouterr().err
+    for tokens in ("100", "5000"):
+        assert main(["plan-turbo", str(tmp_path / "t.txt"), "--tokens", tokens]) == 2
+        assert "--tokens must be 128" in capsys.readouterr().err
+
+
+@requires_model
+def test_cli_plan_turbo_on_too_short_a_text_is_a_clean_error(model, monkeypatch, capsys, tmp_path):
+    """(found by review: an empty text ended in a KeyError traceback)"""
+    from ruvpy.__main__ import main
+    monkeypatch.setattr(models, "load", lambda path=None, *, kv_cache="paged", **options:
+                        variant(model, kv_cache, **options))
+    for text in ("", "hello there"):
+        (tmp_path / "t.txt").write_text(text)
+        assert main(["plan-turbo", str(tmp_path / "t.txt")]) == 2
+        err = capsys.readouterr().err
+        assert "at least 2 x migration_batch" in err and "Traceback" not in err
 
 
 @requires_model

@@ -187,6 +187,55 @@ def test_bad_widths_are_refused(widths, error):
                       turbo_widths=widths)
 
 
+def test_widths_are_read_once_from_the_callers_objects():
+    """A number whose __float__ edits its own row, or answers differently each time, cannot
+    make the cache read past its widths or report widths other than the ones it was built
+    with (found by review: the row was iterated live after its length was checked, and the
+    widths were checked a second time after the C cache existed)."""
+    class Shrink(float):
+        def __float__(self):
+            if len(self.row) == 2:
+                self.row.pop()
+            return 3.0
+
+    s = Shrink(3.0)
+    row = [s, 2.0]
+    s.row = row
+    cache = TwoTierKVCache(1, 1, 64, max_tokens=256, cold="turbo", turbo_widths=[row])
+    assert cache.turbo_widths == ((3.0, 2.0),) and row == [s]
+    cache.close()
+
+    class Fickle(float):
+        calls = 0
+
+        def __float__(self):
+            Fickle.calls += 1
+            return 2.0 if Fickle.calls == 1 else 4.0
+
+    rng = np.random.default_rng(9)
+    cache = TwoTierKVCache(1, 1, 64, hot_tokens=0, max_tokens=256, cold="turbo", turbo_widths=[(Fickle(2.0), 2.0)])
+    assert Fickle.calls == 1 and cache.turbo_widths == ((2.0, 2.0),)
+    seq = cache.add_sequence()
+    cache.append(seq, 0, *random_kv(rng, 128, 1, 64))
+    meta, arrays = cache.export_sequence(seq)
+    assert meta["turbo_widths"] == [[2.0, 2.0]]
+    same = TwoTierKVCache(1, 1, 64, hot_tokens=0, max_tokens=256, cold="turbo", turbo_widths=[(2.0, 2.0)])
+    same.import_sequence(meta, arrays)
+
+
+@pytest.mark.parametrize("widths,error,words", [
+    ([[10 ** 400, 3.0]], ValueError, "turbo_widths\\[0\\]"),
+    (np.array(3.0), TypeError, "turbo_widths must be a sequence"),
+    (np.zeros((1, 2, 2)), TypeError, "turbo_widths must be a sequence"),
+])
+def test_odd_widths_are_refused_by_name(widths, error, words):
+    with pytest.raises(error, match=words):
+        TwoTierKVCache(1, 1, 64, max_tokens=256, cold="turbo", turbo_widths=widths)
+    with pytest.raises(error, match="RuntimeConfig"):
+        RuntimeConfig(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64, kv_cache="turbo",
+                      turbo_widths=widths)
+
+
 def test_widths_need_the_turbo_format():
     with pytest.raises(ValueError, match="cold='turbo'"):
         TwoTierKVCache(2, 3, 64, cold="q4", max_tokens=256, turbo_widths=[(3.75, 3.0)] * 2)
@@ -237,3 +286,24 @@ def test_a_runtime_keeps_a_pool_class_per_group_size():
     assert other.stats().kv["tokens"] == before
     rt.close()
     other.close()
+
+
+def test_a_runtime_with_every_group_size_keeps_a_class_for_each():
+    """Widths of 17 different sizes (every key + value sum at head_dim 64) in a Runtime whose
+    cold groups come from its pool: a class each beside the five defaults (found by review:
+    the pool allowed 8 classes, and such a Runtime could not be built), every group in its own
+    size's class."""
+    widths = [(2.0 + i / 4, 2.0) if i <= 8 else (4.0, 2.0 + (i - 8) / 4) for i in range(17)]
+    cfg = RuntimeConfig(num_layers=17, num_heads=3, num_kv_heads=1, head_dim=64, kv_cache="turbo",
+                        max_tokens=256, hot_tokens=16, turbo_widths=widths)
+    rt = Runtime(cfg)
+    assert not rt._sizing.cold_slabs and len(rt._cold_classes) == 17
+    seq = rt.add_sequence()
+    rng = np.random.default_rng(4)
+    with rt.step([seq], [100]) as step:
+        for layer in range(17):
+            step.attention(layer, rng.standard_normal((100, 3, 64)).astype(np.float32),
+                           *random_kv(rng, 100, 1, 64))
+    st = rt.cache.stats()
+    assert st.cold_bytes == sum(rt._cold_classes)          # one group per layer, each its own size
+    rt.close()

@@ -37,8 +37,8 @@ int rv_slab_init(rv_slab_heap *h, size_t block_min, size_t block_max)
     /* classes evenly spaced over [min, max]: a block wastes under 1/15 of the span */
     const size_t span = block_max - block_min;
     int n = (int)(span / RV_ALIGN) + 1;
-    if (n > RV_SLAB_MAX_CLASSES)
-        n = RV_SLAB_MAX_CLASSES;
+    if (n > RV_SLAB_SPACED_CLASSES)
+        n = RV_SLAB_SPACED_CLASSES;
     for (int i = 0; i < n; i++) {
         size_t b = n == 1 ? block_max : rv_kv_alloc_size(block_min + span * (size_t)i / (size_t)(n - 1));
         if (i == n - 1)

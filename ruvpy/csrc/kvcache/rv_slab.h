@@ -18,7 +18,10 @@
 
 #include "rv_common.h"
 
-#define RV_SLAB_MAX_CLASSES 16
+/* classes evenly spaced over a range of sizes (rv_slab_init); of given sizes (rv_slab_init_sizes),
+ * up to the 65 sizes TurboQuant layers with widths of their own can have */
+#define RV_SLAB_SPACED_CLASSES 16
+#define RV_SLAB_MAX_CLASSES 72
 #define RV_SLAB_HDR RV_ALIGN        /* a slab's own header, at its start */
 
 typedef struct rv_slab rv_slab;

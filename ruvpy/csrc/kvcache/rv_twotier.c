@@ -160,7 +160,8 @@ static int layer_group_sizes(const rv_tt_params *p, size_t *sizes)
 
 /* The slab classes of p's groups; whether the capacity fills a slab (the policy: see the
  * header). Layers with code widths of their own have groups of one size each: a class of
- * each size (unless uniform_slabs), so that no group takes a block larger than itself. */
+ * each size (unless uniform_slabs), so that a group takes a block of its own size (while its
+ * class has one to give: else a free block of a larger class, as rv_slab_alloc does). */
 static int slab_init(rv_slab_heap *h, const rv_tt_params *p, const rv_codec_sizes *sz)
 {
     size_t sizes[RV_SLAB_MAX_CLASSES];

@@ -99,7 +99,10 @@ RV_INLINE int rv_scratch_fits(const rv_scratch *s, size_t shared, size_t per_thr
  * whole capacity of them on the free list, so migration never calls the allocator. */
 
 #define RV_POOL_CLASSES 5               /* the default classes */
-#define RV_POOL_MAX_CLASSES 8
+/* the defaults and a class for each size a two-tier cache's cold groups can have: TurboQuant
+ * layers with widths of their own have one of up to 65 sizes (key + value code bits from 4 to
+ * 8 in steps of 1/16 at head_dim 256) */
+#define RV_POOL_MAX_CLASSES 72
 #define RV_POOL_MAX_BUFFERS_PER_CLASS ((size_t)1 << 24)
 
 typedef struct {
