@@ -154,7 +154,9 @@ def cmd_generate(args):
 
 
 # -- plan-turbo ---------------------------------------------------------------------------
-PLAN_MAX_TOKENS = 4096
+PLAN_MAX_TOKENS = 4096      # the float64 reference holds tokens x tokens scores per head
+
+
 def cmd_plan_turbo(args):
     from ruvpy import kvplan, models
 

@@ -66,10 +66,11 @@ class RuntimeConfig:
     older tokens packed as cold "q8"/"q4") or "turbo" (two-tier with TurboQuant cold store of
     turbo_bits 2.5/3.5/4.5 bits per value, or turbo_widths: each layer's own code widths, a
     (key_bits, value_bits) pair per layer, as ruvpy.kvplan.plan_turbo_widths picks them).
-    max_tokens: token capacity of the cache (all sequences together, per layer). memory_budget: bytes the KV cache may allocate (storage
-    and metadata) -- the capacity becomes what fits in it, capped by max_tokens when both are
-    given; neither: 8192 tokens. A paged cache preallocates it: budget less a metadata
-    allowance (1/64, 8 KiB..1 MiB) over its bytes_per_token. A two-tier cache also keeps an
+    max_tokens: token capacity of the cache (all sequences together, per layer).
+    memory_budget: bytes the KV cache may allocate (storage and metadata) -- the capacity
+    becomes what fits in it, capped by max_tokens when both are given; neither: 8192 tokens.
+    A paged cache preallocates it: budget less a metadata allowance (1/64, 8 KiB..1 MiB) over
+    its bytes_per_token. A two-tier cache also keeps an
     fp16 hot tier per sequence: the budget reserves hot tiers for max_sequences sequences
     (1 if None) and sizes the cold store at its worst-case bytes per token (q4 outlier
     channels included); adding a sequence whose hot tier no longer fits raises KVCacheFull.
