@@ -168,6 +168,11 @@ def cmd_plan_turbo(args):
     if not 128 <= args.tokens <= PLAN_MAX_TOKENS:
         return _fail(f"plan-turbo: --tokens must be 128 (two cold groups) to {PLAN_MAX_TOKENS} (the "
                      f"float64 reference holds tokens x tokens scores per head), got {args.tokens}")
+    if args.output:     # before minutes of planning
+        try:
+            open(args.output, "a", encoding="utf-8").close()
+        except OSError as exc:
+            return _fail(f"plan-turbo: cannot write the plan: {exc}")
     try:
         model = models.load(args.model, kv_cache="paged", kv_dtype="float32", max_tokens=args.tokens + 64)
     except (FileNotFoundError, ValueError, TypeError, MemoryError) as exc:
@@ -325,7 +330,8 @@ def build_parser():
     plan.add_argument("--model", metavar="PATH", help="Llama-family GGUF file (default: SmolLM2)")
     plan.add_argument("--bits", type=float, choices=TURBO_BITS, default=3.5,
                       help="the uniform rate whose bytes the plan keeps (default 3.5)")
-    plan.add_argument("--tokens", type=int, default=1024, metavar="N", help="calibration tokens (1024)")
+    plan.add_argument("--tokens", type=int, default=1024, metavar="N",
+                      help="calibration tokens, 128 to 4096 (1024)")
     plan.add_argument("-o", "--output", metavar="FILE", help="write the JSON here (default: stdout)")
     info = commands.add_parser("info", help="version, SIMD path, OpenMP, threads, build")
     info.add_argument("--json", action="store_true")

@@ -1576,6 +1576,16 @@ cdef class PagedKVCache(_KVCache):
                 f"{len(self._slot_of)} sequences>")
 
 
+def turbo_width_steps(head_dim):
+    """The code widths TurboQuant has at head_dim, in bits per rotated coordinate: 2 to
+    TURBO_MAX_BITS in steps of 16 / D (D: head_dim padded to a power of two, at least 16), as
+    exact floats."""
+    padded = 16
+    while padded < head_dim:
+        padded *= 2
+    return [2.0 + 16.0 * i / padded for i in range((TURBO_MAX_BITS - 2) * padded // 16 + 1)]
+
+
 def turbo_widths_tuple(turbo_widths, num_layers, head_dim):
     """turbo_widths checked: a (key_bits, value_bits) pair of floats per layer, or None.
     Each is the code bits per rotated coordinate, 2 to 4 in steps of 16 / D (D: head_dim
@@ -1591,9 +1601,7 @@ def turbo_widths_tuple(turbo_widths, num_layers, head_dim):
     if len(rows) != num_layers:
         raise ValueError(f"turbo_widths must have one (key_bits, value_bits) pair per layer "
                          f"({num_layers}), got {len(rows)}")
-    padded = 16
-    while padded < head_dim:
-        padded *= 2
+    steps = turbo_width_steps(head_dim)
     out = []
     for layer, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not isinstance(row, (list, tuple, np.ndarray)):
@@ -1609,11 +1617,11 @@ def turbo_widths_tuple(turbo_widths, num_layers, head_dim):
                 bits = float(x)
             except OverflowError:
                 bits = math.inf
-            units = (bits - 2.0) * padded / 16.0
-            if not (2.0 <= bits <= TURBO_MAX_BITS) or units != int(units):
+            if bits not in steps:
+                shown = repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..."
                 raise ValueError(f"turbo_widths[{layer}]: code bits per coordinate must be 2 to "
-                                 f"{TURBO_MAX_BITS} in steps of {16 / padded} at head_dim {head_dim}, "
-                                 f"got {x!r}")
+                                 f"{TURBO_MAX_BITS} in steps of {steps[1] - steps[0]} at head_dim "
+                                 f"{head_dim}, got {shown}")
             pair.append(bits)
         out.append(tuple(pair))
     return tuple(out)

@@ -32,9 +32,9 @@ cdef extern from "memory/rv_memory.h" nogil:
         size_t max_buffers
 
     ctypedef struct rv_pool:
-        rv_pool_class cls[8]
         int nclasses
         size_t max_buffers
+        rv_pool_class cls[1]        # nclasses of them (a flexible array member in C)
 
     # a driver's work memory: one shared region, one region per thread
     ctypedef struct rv_scratch:

@@ -560,7 +560,8 @@ cdef class BufferPool:
     takes the smallest class that fits (a free one if any: a hit; else a new allocation: a
     miss). A buffer given back to a class already holding its limit of free ones is freed (a
     drop). size_classes: ascending buffer sizes (rounded up to 64 bytes), each an int or an
-    (nbytes, max_free_buffers) pair (an int keeps max_buffers_per_class), at most 8 classes.
+    (nbytes, max_free_buffers) pair (an int keeps max_buffers_per_class), at most MAX_CLASSES
+    (72: the defaults and a class for each size a two-tier cache's cold groups can have).
     Thread-safe: one C mutex per class, taken with the GIL released."""
 
     SIZE_CLASSES = _SIZE_CLASSES

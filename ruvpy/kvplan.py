@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from ruvpy._kvcache import TwoTierKVCache
+from ruvpy._kvcache import TwoTierKVCache, turbo_width_steps
 
 __all__ = ["TurboPlan", "candidate_widths", "capture_qkv", "exact_attention", "row_cosines",
            "attention_cosines", "plan_turbo_widths", "plan_from_captured"]
@@ -112,10 +112,7 @@ def row_cosines(out, ref):
 def candidate_widths(head_dim):
     """Every (key_bits, value_bits) the format has at head_dim: 2 to 4 bits per rotated
     coordinate in steps of 16 / D."""
-    padded = 16
-    while padded < head_dim:
-        padded *= 2
-    steps = [2.0 + 16.0 * i / padded for i in range(padded // 8 + 1)]
+    steps = turbo_width_steps(head_dim)
     return [(k, v) for k in steps for v in steps]
 
 

@@ -351,6 +351,20 @@ def test_bad_dtypes(dtype):
 # BufferPool
 # ---------------------------------------------------------------------------------------
 
+def test_a_pool_holds_up_to_max_classes_and_pays_for_its_own():
+    """72 classes (the defaults and every size a two-tier cache's cold groups can have); a
+    pool's metadata is its own classes', not room for the most."""
+    assert BufferPool.MAX_CLASSES == 72
+    many = BufferPool(1, size_classes=[64 * (i + 1) for i in range(72)])
+    with many.acquire(64 * 72) as buf:
+        assert buf.capacity == 64 * 72
+    assert len(many.stats().free_buffers) == 72
+    with pytest.raises(ValueError, match="1 to 72 classes"):
+        BufferPool(1, size_classes=[64 * (i + 1) for i in range(73)])
+    one = BufferPool(1, size_classes=[64])
+    assert one.metadata_bytes < BufferPool(1).metadata_bytes < many.metadata_bytes
+
+
 def test_size_classes():
     assert BufferPool.SIZE_CLASSES == (1 * KIB, 4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB)
     pool = BufferPool()

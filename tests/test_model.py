@@ -807,6 +807,9 @@ def test_cli_plan_turbo_refuses_what_it_cannot_use(capsys, tmp_path):
     for tokens in ("100", "5000"):
         assert main(["plan-turbo", str(tmp_path / "t.txt"), "--tokens", tokens]) == 2
         assert "--tokens must be 128" in capsys.readouterr().err
+    # an output it cannot write is found before minutes of planning (no model is loaded)
+    assert main(["plan-turbo", str(tmp_path / "t.txt"), "-o", str(tmp_path / "no" / "plan.json")]) == 2
+    assert "cannot write the plan" in capsys.readouterr().err
 
 
 @requires_model

@@ -4,8 +4,9 @@
  * malloc hands out) each group costs TLB misses that huge pages avoid (measured 15-25% of
  * q4 / turbo decode at 16384 tokens, 32/8/128).
  *
- * Mechanism only: the owner decides when to use it. Sizes are `nclasses` classes spanning
- * [block_min, block_max] (multiples of RV_ALIGN); a request takes the smallest class holding
+ * Mechanism only: the owner decides when to use it. Sizes are `nclasses` classes, spanning
+ * [block_min, block_max] evenly or of sizes the owner gives (multiples of RV_ALIGN, ascending:
+ * rv_slab_init / rv_slab_init_sizes); a request takes the smallest class holding
  * it, from that class's free list, else any larger class's, else carved from the newest slab's
  * tail, else from a new slab (the old one's uncarved tail stays slack). O(nclasses) a step. A slab whose blocks are all free again
  * is unmapped at once (its free blocks leave their lists: O(its blocks)); destroy unmaps every

@@ -95,8 +95,9 @@ RV_INLINE int rv_scratch_fits(const rv_scratch *s, size_t shared, size_t per_thr
 /* ---- buffer pool: per-size-class free lists, one mutex per class ------------------------
  * The classes are the five defaults (1, 4, 16, 64, 256 KiB) or the caller's own (at most
  * RV_POOL_MAX_CLASSES, ascending), each with its own limit of free buffers: a Runtime adds a
- * class sized for its two-tier cache's cold groups (the codec's largest blob) and keeps its
- * whole capacity of them on the free list, so migration never calls the allocator. */
+ * class for each size its two-tier cache's cold groups have (the codec's largest blob of a
+ * layer) and keeps its whole capacity of them on the free list, so migration never calls the
+ * allocator. A pool's allocation holds its own classes only. */
 
 #define RV_POOL_CLASSES 5               /* the default classes */
 /* the defaults and a class for each size a two-tier cache's cold groups can have: TurboQuant
@@ -118,9 +119,9 @@ typedef struct {
 } __attribute__((aligned(RV_ALIGN))) rv_pool_class;  /* own cache line: no false sharing */
 
 typedef struct {
-    rv_pool_class cls[RV_POOL_MAX_CLASSES];
     int nclasses;
     size_t max_buffers;         /* the default limit per class */
+    rv_pool_class cls[];        /* nclasses of them */
 } rv_pool;
 
 typedef struct {

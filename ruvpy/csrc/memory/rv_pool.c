@@ -1,4 +1,5 @@
 /* Aligned blocks and the size-classed buffer pool (see rv_memory.h). */
+#include <stddef.h>
 #include <stdlib.h>
 
 #include "memory/rv_memory.h"
@@ -36,10 +37,11 @@ rv_pool *rv_pool_create_classes(const size_t *bytes, const size_t *max_buffers, 
         if (bytes[c] == 0 || bytes[c] % RV_ALIGN || (c && bytes[c] <= bytes[c - 1]) ||
             max_buffers[c] > RV_POOL_MAX_BUFFERS_PER_CLASS || bytes[c] > (size_t)PTRDIFF_MAX)
             return NULL;
-    rv_pool *p = rv_aligned_alloc(sizeof(rv_pool));
+    const size_t size = offsetof(rv_pool, cls) + (size_t)n * sizeof(rv_pool_class);
+    rv_pool *p = rv_aligned_alloc(size);
     if (!p)
         return NULL;
-    memset(p, 0, sizeof(*p));
+    memset(p, 0, size);
     p->nclasses = n;
     p->max_buffers = max_buffers[0];
     int c = 0;
@@ -178,7 +180,7 @@ void rv_pool_get_stats(rv_pool *p, rv_pool_stats *out)
 
 size_t rv_pool_meta_bytes(const rv_pool *p)
 {
-    size_t n = rv_align_up(sizeof(rv_pool));
+    size_t n = rv_align_up(offsetof(rv_pool, cls) + (size_t)p->nclasses * sizeof(rv_pool_class));
     for (int c = 0; c < p->nclasses; c++)
         n += (p->cls[c].max_buffers + 1) * sizeof(void *);
     return n;
