@@ -249,6 +249,17 @@ def test_widths_need_the_turbo_format():
     assert hash(cfg) == hash(cfg)
 
 
+def stepped(rt, n, rng):
+    """A new sequence of rt given n tokens of random Q/K/V in every layer, in one step."""
+    cfg = rt.config
+    seq = rt.add_sequence()
+    with rt.step([seq], [n]) as step:
+        for layer in range(cfg.num_layers):
+            step.attention(layer, rng.standard_normal((n, cfg.num_heads, cfg.head_dim)).astype(np.float32),
+                           *random_kv(rng, n, cfg.num_kv_heads, cfg.head_dim))
+    return seq
+
+
 def test_a_runtime_keeps_a_pool_class_per_group_size():
     """A Runtime whose cold groups come from its pool keeps a class for each layer size,
     prewarmed with the capacity's groups of those layers; its memory report counts the free
@@ -263,12 +274,7 @@ def test_a_runtime_keeps_a_pool_class_per_group_size():
     groups_per_layer = rt._sizing.cold_groups // 3
     free = dict(zip(rt._pool.size_classes, rt._pool.stats().free_buffers))
     assert free[sizes[0]] >= groups_per_layer and free[sizes[1]] >= 2 * groups_per_layer
-    seq = rt.add_sequence()
-    rng = np.random.default_rng(5)
-    with rt.step([seq], [200]) as step:
-        for layer in range(3):
-            step.attention(layer, rng.standard_normal((200, 9, 64)).astype(np.float32),
-                           *random_kv(rng, 200, 3, 64))
+    seq = stepped(rt, 200, np.random.default_rng(5))
     st = rt.cache.stats()
     assert st.pooled_cold_bytes == st.cold_bytes == 2 * (sizes[0] + 2 * sizes[1])
     reserved = sum(int(f) * s for s, f in zip(rt._pool.size_classes, rt._pool.stats().free_buffers)
@@ -298,12 +304,7 @@ def test_a_runtime_with_every_group_size_keeps_a_class_for_each():
                         max_tokens=256, hot_tokens=16, turbo_widths=widths)
     rt = Runtime(cfg)
     assert not rt._sizing.cold_slabs and len(rt._cold_classes) == 17
-    seq = rt.add_sequence()
-    rng = np.random.default_rng(4)
-    with rt.step([seq], [100]) as step:
-        for layer in range(17):
-            step.attention(layer, rng.standard_normal((100, 3, 64)).astype(np.float32),
-                           *random_kv(rng, 100, 1, 64))
+    stepped(rt, 100, np.random.default_rng(4))
     st = rt.cache.stats()
     assert st.cold_bytes == sum(rt._cold_classes)          # one group per layer, each its own size
     rt.close()
