@@ -283,7 +283,7 @@ static rv_tt_group *group_new(rv_tt *c, size_t blob_bytes)
     memset(g, 0, sizeof *g);
     g->refs = 1;
     g->origin = origin;
-    g->slab_class = cls;
+    g->size_class = cls;
     g->slab = slab;
     g->blob_bytes = blob_bytes;
     g->alloc_bytes = taken;
@@ -309,10 +309,10 @@ static void group_drop(rv_tt *c, rv_tt_group *g)
         c->cold_groups--;
         if (g->origin == RV_TT_FROM_POOL) {
             c->cold_pooled_bytes -= g->alloc_bytes;
-            rv_pool_release(c->pool, g->slab_class, g);
+            rv_pool_release(c->pool, g->size_class, g);
         } else if (g->origin == RV_TT_FROM_SLAB) {
             c->cold_slab_bytes -= g->alloc_bytes;
-            rv_slab_free(&c->slabs, g->slab, g->slab_class, g);
+            rv_slab_free(&c->slabs, g->slab, g->size_class, g);
         } else {
             rv_kv_free(g);
         }

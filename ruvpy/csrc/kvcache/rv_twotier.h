@@ -60,7 +60,7 @@ typedef struct {
     int32_t tmp;             /* scratch of a usage pass (rv_tt_usage_begin: holders counted)
                                 while mark == epoch */
     int32_t origin;          /* RV_TT_FROM_*: where its memory came from */
-    int32_t slab_class;      /* from a slab or the pool: its size class there */
+    int32_t size_class;      /* from a slab or the pool: its size class there */
     uint64_t mark;
     size_t blob_bytes;
     size_t alloc_bytes;      /* what the allocation really takes (header + blob, aligned) */
